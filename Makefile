@@ -1,0 +1,38 @@
+# Understudy: `make demo` runs the whole thing on embedded defaults; `make test` runs every test
+# against real Triton and a real Kafka broker. Both build their own virtualenv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint bench load models kafka-start kafka-stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: install  ## regenerate the demo models (deterministic)
+	$(PY) deploy/triton/generate_models.py
+
+demo: install
+	$(PY) -m gateway.demo.run
+
+test: install
+	bash tests/run.sh
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	bash loadtests/bench.sh
+
+load: install
+	bash loadtests/load.sh
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache

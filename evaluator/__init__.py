@@ -1,0 +1,1 @@
+"""Understudy evaluator: joins deferred labels to the inference log and decides promotions."""

@@ -1,0 +1,72 @@
+"""The joined, columnar view of one route's labelled requests that every statistic consumes.
+
+The store (ingest + join) produces an `EvalDataset`; metrics, tests, off-policy estimators,
+guardrails and the report only read it. Keeping it numpy-only makes the statistics easy to test
+on simulated data without touching the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Task = Literal["classification", "regression"]
+
+# Outcome status codes stored in ModelColumn.status (see gateway.records.OutcomeStatus).
+STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "timeout": 2, "shed": 3, "skipped": 4}
+
+
+@dataclass
+class ModelColumn:
+    """One model's view of the joined requests, aligned row-for-row with the dataset."""
+
+    name: str
+    role: Literal["champion", "challenger"]
+    scores: np.ndarray  # float64 [n]; NaN where status != ok (score = first element of the output)
+    status: np.ndarray  # int8 [n], codes from STATUS_CODES
+    latency_ms: np.ndarray  # float64 [n]; NaN where unknown
+    modes: tuple[str, ...] = ()  # served / shadow / explore modes seen for this model
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.status == STATUS_CODES["ok"]
+
+
+@dataclass
+class JoinStats:
+    """Bookkeeping the report shows so nobody mistakes a thin join for a thin effect."""
+
+    inferences: int = 0  # distinct inference records in the window
+    duplicate_inferences: int = 0  # at-least-once re-deliveries dropped
+    labels: int = 0  # label records read
+    duplicate_labels: int = 0  # second+ label for an id (policy: last wins)
+    orphan_labels: int = 0  # labels whose id has no inference record (yet)
+    expired_orphans: int = 0  # orphans dropped after the join window
+    joined: int = 0  # requests with both an inference and a label
+
+
+@dataclass
+class EvalDataset:
+    route: str
+    task: Task
+    champion: str  # the model that was champion for these requests (most recent if it changed)
+    request_ids: np.ndarray  # object [n]
+    ts: np.ndarray  # float64 [n], unix seconds of the inference
+    labels: np.ndarray  # float64 [n]; 0/1 for classification
+    rewards: np.ndarray  # float64 [n]; NaN where no reward was given
+    served: np.ndarray  # object [n], model that answered the client
+    propensity: np.ndarray  # float64 [n], probability of the served arm at decision time
+    arm_probs: dict[str, np.ndarray]  # model -> float64 [n], its probability under the policy
+    policy_types: np.ndarray  # object [n], logging policy type per request
+    models: dict[str, ModelColumn]  # champion and every challenger that scored these requests
+    threshold: float = 0.5
+    stats: JoinStats = field(default_factory=JoinStats)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def challengers(self) -> list[str]:
+        return [m for m in self.models if m != self.champion]

@@ -1,0 +1,83 @@
+"""The application factory: builds every part from the config and wires them explicitly.
+
+Resources live in aiohttp `cleanup_ctx` so they open on start-up and close, in reverse order,
+on shutdown: the Triton pools, then the log sink, then the request recorder. On SIGTERM
+aiohttp runs the cleanups: pending shadow copies finish (or time out), their records are
+emitted, the sink flushes, and only then do the upstream pools close.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.feedback import FeedbackService
+from gateway.http import FEEDBACK, ROUTES, SERVICE, UPSTREAM, add_routes, error_middleware
+from gateway.logsink import LogSink
+from gateway.logsink.files import FileSink
+from gateway.recorder import Recorder
+from gateway.routes import RouteTable
+from gateway.service import InferenceService
+from gateway.upstream import TritonUpstream
+
+log = logging.getLogger(__name__)
+
+
+def build_sink(config: GatewayConfig) -> LogSink:
+    """The configured inference-log sink (file by default, Kafka when `log.sink: kafka`)."""
+    if config.log.sink == "kafka":
+        from gateway.logsink.kafka import KafkaSink  # imported lazily: aiokafka is heavy
+
+        return KafkaSink(config.log.kafka, Path(config.log.path) / "spill")
+    return FileSink(
+        config.log.path,
+        segment_bytes=config.log.segment_bytes,
+        fsync=config.log.fsync,
+        fsync_interval_ms=config.log.fsync_interval_ms,
+    )
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    sink_factory: Callable[[GatewayConfig], LogSink] = build_sink,
+) -> web.Application:
+    app = web.Application(
+        client_max_size=config.listen.max_body_bytes, middlewares=[error_middleware]
+    )
+    upstream = TritonUpstream(
+        config.triton.url,
+        timeout_ms=config.triton.timeout_ms,
+        max_connections=config.triton.max_connections,
+    )
+    routes = RouteTable(upstream)
+    sink = sink_factory(config)
+    recorder = Recorder(sink)
+    service = InferenceService(routes, upstream, recorder)
+    app[UPSTREAM] = upstream
+    app[ROUTES] = routes
+    app[SERVICE] = service
+    app[FEEDBACK] = FeedbackService(sink)
+
+    async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
+        routes.apply_all(config.routes)
+        yield
+        await upstream.close()
+
+    async def sink_ctx(_: web.Application) -> AsyncIterator[None]:
+        await sink.start()
+        yield
+        await sink.close()
+
+    async def recorder_ctx(_: web.Application) -> AsyncIterator[None]:
+        yield
+        log.info("draining %d pending records", recorder.pending)
+        await recorder.drain()
+
+    app.cleanup_ctx.extend([upstream_ctx, sink_ctx, recorder_ctx])
+    add_routes(app)
+    return app

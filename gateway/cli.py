@@ -1,0 +1,119 @@
+"""`python -m gateway …`: serve, run the bundled Triton, and drive the admin API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+
+log = logging.getLogger("gateway")
+
+
+def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None) -> None:
+    from aiohttp import web
+
+    from gateway.app import create_app
+
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        pass
+    if worker is not None:
+        # One segment directory per worker process: file appends never interleave.
+        config = replace(config, log=replace(config.log, path=str(Path(config.log.path) /
+                                                                   f"worker-{worker}")))
+    web.run_app(
+        create_app(config), host=host, port=port, reuse_port=worker is not None,
+        access_log=None, print=None, shutdown_timeout=30,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or config.listen.host
+    port = args.port if args.port is not None else config.listen.port
+    print(f"understudy gateway on http://{host}:{port} -> Triton {config.triton.url} "
+          f"({len(config.routes)} route(s), log sink {config.log.sink}, "
+          f"{args.workers} worker(s))", flush=True)
+    if args.workers <= 1:
+        _serve_one(config, host, port, None)
+        return 0
+    # SO_REUSEPORT lets every worker accept on the same port; the kernel spreads connections.
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    probe.close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_serve_one, args=(config, host, port, i), daemon=False)
+             for i in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join()
+    return max((proc.exitcode or 0) for proc in procs)
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from gateway.triton import main as triton_main
+
+    return triton_main(
+        [Path(p) for p in args.model_repository], args.http_port, args.grpc_port, args.metrics_port
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=os.environ.get("UNDERSTUDY_CONFIG"),
+                       help="YAML config (default: $UNDERSTUDY_CONFIG, else built-in defaults)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port via SO_REUSEPORT")
+    serve.set_defaults(func=cmd_serve)
+
+    triton = sub.add_parser("triton", help="run the Triton server bundled in nvidia-pytriton")
+    triton.add_argument("--model-repository", action="append", required=True)
+    triton.add_argument("--http-port", type=int, default=8000)
+    triton.add_argument("--grpc-port", type=int, default=8001)
+    triton.add_argument("--metrics-port", type=int, default=8002)
+    triton.set_defaults(func=cmd_triton)
+
+    try:
+        from gateway.admin_cli import add_admin_commands
+    except ImportError:  # the admin CLI lands with the control plane
+        pass
+    else:
+        add_admin_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("UNDERSTUDY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

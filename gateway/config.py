@@ -1,0 +1,309 @@
+"""Typed gateway configuration: YAML file + `UNDERSTUDY_<SECTION>_<KEY>` environment overrides.
+
+Everything is validated once at start-up (or when the admin API changes a route) so the request
+path can trust it. Dataclasses are frozen: a route change replaces the route object atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gateway.errors import ConfigError
+
+PolicyType = Literal["champion", "epsilon_greedy", "thompson"]
+ChallengerMode = Literal["shadow", "explore"]
+POLICY_TYPES: tuple[str, ...] = ("champion", "epsilon_greedy", "thompson")
+CHALLENGER_MODES: tuple[str, ...] = ("shadow", "explore")
+MIN_LOG_SAMPLE_RATE = 0.01
+ENV_PREFIX = "UNDERSTUDY_"
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    url: str = "http://127.0.0.1:8000"
+    timeout_ms: int = 1000
+    max_connections: int = 256
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "0.0.0.0"  # noqa: S104 - a gateway listens on all interfaces by default
+    port: int = 8080
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str = "127.0.0.1:9092"
+    topic: str = "understudy.inferences"
+    labels_topic: str = "understudy.labels"
+    audit_topic: str = "understudy.audit"
+    registry_topic: str = "understudy.registry"
+    linger_ms: int = 5
+    compression: str = "gzip"
+    max_request_bytes: int = 1024 * 1024
+    spill_budget_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    sink: Literal["file", "kafka"] = "file"
+    path: str = "./var/log"
+    segment_bytes: int = 64 * 1024 * 1024
+    fsync: Literal["always", "interval", "never"] = "interval"
+    fsync_interval_ms: int = 200
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"
+    read_token_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN"
+    state_path: str = "./var/state/registry.json"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    model: str
+    version: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.version}" if self.version else self.model
+
+
+@dataclass(frozen=True)
+class ChallengerConfig:
+    model: str
+    version: str = ""
+    mode: ChallengerMode = "shadow"
+    sample_rate: float = 1.0
+    timeout_ms: int = 1000
+    max_concurrency: int = 16
+    max_queue: int = 64
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model, self.version)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    type: PolicyType = "champion"
+    epsilon: float = 0.1
+    prior_alpha: float = 1.0
+    prior_beta: float = 1.0
+    sticky_header: str | None = None
+    reward: Literal["correct", "label", "reward"] = "correct"
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    champion: ModelRef
+    challengers: tuple[ChallengerConfig, ...] = ()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    log_sample_rate: float = 1.0
+    sample_key_header: str | None = None
+    fallback: str | None = None
+    threshold: float = 0.5
+    task: Literal["classification", "regression"] = "classification"
+
+    def challenger(self, model: str) -> ChallengerConfig | None:
+        return next((c for c in self.challengers if c.model == model), None)
+
+    @property
+    def explore_arms(self) -> tuple[str, ...]:
+        """Arms an exploration policy chooses among: champion first, then explore challengers."""
+        return (self.champion.model, *(c.model for c in self.challengers if c.mode == "explore"))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    triton: TritonConfig = field(default_factory=TritonConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    routes: Mapping[str, RouteConfig] = field(default_factory=dict)
+
+    def with_routes(self, routes: Mapping[str, RouteConfig]) -> GatewayConfig:
+        return replace(self, routes=dict(routes))
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build a flat dataclass from a mapping, rejecting unknown keys with their location."""
+    if raw is None:
+        raw = {}
+    _check(isinstance(raw, Mapping), f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = _default(known[name])
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            try:
+                kwargs[name] = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}") from None
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def parse_model_ref(raw: Any, where: str) -> ModelRef:
+    if isinstance(raw, str):
+        model, _, version = raw.partition(":")
+        raw = {"model": model, "version": version}
+    ref = _build(ModelRef, raw, where)
+    _check(bool(ref.model), f"{where}.model: required")
+    return ModelRef(str(ref.model), str(ref.version or ""))
+
+
+def parse_challenger(raw: Any, where: str) -> ChallengerConfig:
+    ch = _build(ChallengerConfig, raw, where)
+    _check(bool(ch.model), f"{where}.model: required")
+    _check(ch.mode in CHALLENGER_MODES, f"{where}.mode: must be one of {CHALLENGER_MODES}")
+    _check(0.0 <= ch.sample_rate <= 1.0, f"{where}.sample_rate: must be in [0, 1]")
+    _check(ch.timeout_ms > 0, f"{where}.timeout_ms: must be positive")
+    _check(ch.max_concurrency > 0, f"{where}.max_concurrency: must be positive")
+    _check(ch.max_queue >= 0, f"{where}.max_queue: must be >= 0")
+    return replace(ch, model=str(ch.model), version=str(ch.version or ""))
+
+
+def parse_policy(raw: Any, where: str) -> PolicyConfig:
+    policy = _build(PolicyConfig, raw, where)
+    _check(policy.type in POLICY_TYPES, f"{where}.type: must be one of {POLICY_TYPES}")
+    _check(0.0 <= policy.epsilon <= 1.0, f"{where}.epsilon: must be in [0, 1]")
+    _check(policy.prior_alpha > 0 and policy.prior_beta > 0, f"{where}: priors must be > 0")
+    _check(policy.reward in ("correct", "label", "reward"), f"{where}.reward: correct|label|reward")
+    return policy
+
+
+def parse_route(name: str, raw: Any) -> RouteConfig:
+    where = f"routes.{name}"
+    _check(isinstance(raw, Mapping), f"{where}: expected a mapping")
+    allowed = {f.name for f in fields(RouteConfig)} - {"name"}
+    unknown = sorted(set(raw) - allowed)
+    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    _check("champion" in raw, f"{where}.champion: required")
+    champion = parse_model_ref(raw["champion"], f"{where}.champion")
+    challengers = tuple(
+        parse_challenger(c, f"{where}.challengers[{i}]")
+        for i, c in enumerate(raw.get("challengers") or [])
+    )
+    models = [champion.model, *(c.model for c in challengers)]
+    dupes = sorted({m for m in models if models.count(m) > 1})
+    _check(not dupes, f"{where}: model(s) listed twice: {', '.join(dupes)}")
+    rate = float(raw.get("log_sample_rate", 1.0))
+    _check(
+        MIN_LOG_SAMPLE_RATE <= rate <= 1.0,
+        f"{where}.log_sample_rate: must be in [{MIN_LOG_SAMPLE_RATE}, 1]",
+    )
+    fallback = raw.get("fallback")
+    _check(
+        fallback is None or fallback in models[1:],
+        f"{where}.fallback: {fallback!r} is not one of the route's challengers",
+    )
+    return RouteConfig(
+        name=name,
+        champion=champion,
+        challengers=challengers,
+        policy=parse_policy(raw.get("policy"), f"{where}.policy"),
+        log_sample_rate=rate,
+        sample_key_header=raw.get("sample_key_header"),
+        fallback=fallback,
+        threshold=float(raw.get("threshold", 0.5)),
+        task=_task(raw.get("task", "classification"), where),
+    )
+
+
+def _task(value: Any, where: str) -> Literal["classification", "regression"]:
+    _check(value in ("classification", "regression"), f"{where}.task: classification|regression")
+    return value  # type: ignore[no-any-return]
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Apply `UNDERSTUDY_<SECTION>_<KEY>` overrides; nested keys continue with `_`.
+
+    `UNDERSTUDY_LOG_KAFKA_BOOTSTRAP=h:9092` sets log.kafka.bootstrap. Values are parsed as YAML
+    scalars so numbers and booleans keep their types.
+    """
+    sections = {
+        "triton": TritonConfig, "listen": ListenConfig, "log": LogConfig, "admin": AdminConfig,
+    }
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            continue
+        key = rest[len(section) + 1:]
+        target = raw.setdefault(section, {}) or {}
+        raw[section] = target
+        if section == "log" and key.startswith("kafka_"):
+            target = target.setdefault("kafka", {}) or {}
+            raw["log"]["kafka"] = target
+            key = key[len("kafka_"):]
+        target[key] = yaml.safe_load(value) if value != "" else ""
+
+
+def parse_config(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    data: dict[str, Any] = dict(raw or {})
+    allowed = {"triton", "listen", "log", "admin", "routes"}
+    unknown = sorted(set(data) - allowed)
+    _check(not unknown, f"unknown top-level key(s): {', '.join(map(str, unknown))}")
+    for section in ("triton", "listen", "log", "admin"):
+        data[section] = dict(data.get(section) or {})
+    if isinstance(data["log"].get("kafka"), Mapping):
+        data["log"]["kafka"] = dict(data["log"]["kafka"])
+    _apply_env(data, os.environ if env is None else env)
+    log_raw = dict(data["log"])
+    kafka = _build(KafkaConfig, log_raw.pop("kafka", None), "log.kafka")
+    log = replace(_build(LogConfig, log_raw, "log"), kafka=kafka)
+    _check(log.sink in ("file", "kafka"), "log.sink: must be file or kafka")
+    _check(log.fsync in ("always", "interval", "never"), "log.fsync: always|interval|never")
+    routes_raw = data.get("routes") or {}
+    _check(isinstance(routes_raw, Mapping), "routes: expected a mapping of route name to route")
+    return GatewayConfig(
+        triton=_build(TritonConfig, data["triton"], "triton"),
+        listen=_build(ListenConfig, data["listen"], "listen"),
+        log=log,
+        admin=_build(AdminConfig, data["admin"], "admin"),
+        routes={str(n): parse_route(str(n), r) for n, r in routes_raw.items()},
+    )
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    raw: Mapping[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        _check(isinstance(raw, Mapping), f"{path}: top level must be a mapping")
+    return parse_config(raw, env)

@@ -1,0 +1,77 @@
+"""Typed errors for the gateway, each carrying the HTTP status it maps to.
+
+The HTTP layer turns any `GatewayError` into a KServe-style `{"error": "..."}` body in one place
+(`gateway.http.error_middleware`); the core never imports aiohttp's exceptions.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class: `status` is the HTTP status code, `retriable` says whether a retry may help."""
+
+    status: int = 500
+    retriable: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(GatewayError):
+    status = 400
+
+
+class Unauthorized(GatewayError):
+    status = 401
+
+
+class Forbidden(GatewayError):
+    status = 403
+
+
+class NotFound(GatewayError):
+    status = 404
+
+
+class Conflict(GatewayError):
+    status = 409
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+
+
+class UpstreamBadGateway(GatewayError):
+    """Triton answered with something that is not a valid response (or a 5xx of its own)."""
+
+    status = 502
+    retriable = True
+
+
+class UpstreamUnavailable(GatewayError):
+    """Triton could not be reached or the model is not ready."""
+
+    status = 503
+    retriable = True
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    retriable = True
+
+
+class UpstreamClientError(GatewayError):
+    """Triton rejected the request as malformed: pass its status and message through."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConfigError(Exception):
+    """A configuration file or override is invalid; raised at start-up, never per request."""

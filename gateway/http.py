@@ -1,0 +1,140 @@
+"""aiohttp handlers: the thin HTTP adapter over the transport-independent core.
+
+Errors are mapped to KServe-style `{"error": "..."}` bodies in exactly one place,
+`error_middleware`; handlers and the core raise `GatewayError` subclasses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import metrics
+from gateway.errors import GatewayError, NotFound, PayloadTooLarge
+from gateway.feedback import FeedbackService
+from gateway.protocol import error_body
+from gateway.routes import RouteTable
+from gateway.service import REQUEST_ID_HEADER, InferenceService
+from gateway.upstream import TritonUpstream
+
+log = logging.getLogger(__name__)
+
+SERVICE = web.AppKey("service", InferenceService)
+ROUTES = web.AppKey("routes", RouteTable)
+UPSTREAM = web.AppKey("upstream", TritonUpstream)
+FEEDBACK = web.AppKey("feedback", FeedbackService)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(payload: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), status=status, content_type="application/json"
+    )
+
+
+def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=error_body(message), status=status, content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        headers = {}
+        if (request_id := getattr(exc, "request_id", None)) is not None:
+            headers[REQUEST_ID_HEADER] = request_id
+        if (served := getattr(exc, "served_model", None)) is not None:
+            headers["X-Served-Model"] = served
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        return _error_response(exc.status, exc.message, headers)
+    except web.HTTPRequestEntityTooLarge as exc:
+        message = PayloadTooLarge(
+            f"request body exceeds the limit of {exc.max_size} bytes (listen.max_body_bytes)"
+        ).message
+        return _error_response(413, message)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return _error_response(exc.status, exc.reason or exc.text or "error")
+        raise
+
+
+async def infer(request: web.Request) -> web.Response:
+    body = await request.read()
+    result = await request.app[SERVICE].infer(request.match_info["route"], body, request.headers)
+    return web.Response(body=result.body, status=result.status, headers=result.headers)
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    routes = request.app[ROUTES]
+    runtime = routes.get(request.match_info["route"])
+    champion = runtime.config.champion
+    metadata = await request.app[UPSTREAM].metadata(champion.model, champion.version)
+    metadata["name"] = runtime.name
+    return json_response(metadata)
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    runtime = request.app[ROUTES].get(request.match_info["route"])
+    champion = runtime.config.champion
+    if await request.app[UPSTREAM].model_ready(champion.model, champion.version):
+        return web.Response(status=200)
+    return _error_response(503, f"champion '{champion}' of route '{runtime.name}' is not ready")
+
+
+async def health_live(_: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    if await request.app[UPSTREAM].server_ready():
+        return web.Response(status=200)
+    return _error_response(503, "Triton is not ready")
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": "understudy", "version": "0.1.0", "extensions": [
+        "binary_tensor_data", "model_repository"
+    ]})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response([{"name": rt.name, "state": "READY"} for rt in request.app[ROUTES]])
+
+
+async def feedback(request: web.Request) -> web.Response:
+    body = await request.read()
+    status, payload = await request.app[FEEDBACK].accept(body)
+    return json_response(payload, status)
+
+
+async def prometheus(_: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"no such endpoint: {request.method} {request.path}")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v2/models/{route}/infer", infer)
+    app.router.add_post("/v2/models/{route}/versions/{version}/infer", infer)
+    app.router.add_get("/v2/models/{route}", model_metadata)
+    app.router.add_get("/v2/models/{route}/versions/{version}", model_metadata)
+    app.router.add_get("/v2/models/{route}/ready", model_ready)
+    app.router.add_get("/v2/models/{route}/versions/{version}/ready", model_ready)
+    app.router.add_get("/v2/health/live", health_live)
+    app.router.add_get("/v2/health/ready", health_ready)
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_post("/v2/repository/index", list_models)
+    app.router.add_post("/v2/feedback", feedback)
+    app.router.add_get("/metrics", prometheus)
+    _ = metrics  # collectors register on import; /metrics exports them

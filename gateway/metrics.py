@@ -1,0 +1,131 @@
+"""Prometheus collectors for the gateway.
+
+Collectors are module-level (the one kind of global the codebase allows): prometheus_client's
+registry is process-wide anyway, and every replica exports the same families. Label values are
+route and model names, never request ids. Every family is documented in docs/METRICS.md, and the
+deploy tests check that alert rules and the dashboard only use families defined here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Latency buckets in seconds: dense below 10 ms where the gateway's overhead lives.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)
+SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
+
+REQUESTS = Counter(
+    "understudy_requests",
+    "Inference requests answered, by route, served model and HTTP status code.",
+    ["route", "model", "code"],
+)
+REQUEST_ERRORS = Counter(
+    "understudy_request_errors",
+    "Inference requests answered with an error, by route and error kind.",
+    ["route", "kind"],
+)
+REQUEST_LATENCY = Histogram(
+    "understudy_request_latency_seconds",
+    "End-to-end gateway latency as the client sees it.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+MODEL_LATENCY = Histogram(
+    "understudy_model_latency_seconds",
+    "Upstream (Triton) latency per model; role is champion|challenger, mode served|shadow|explore.",
+    ["route", "model", "role", "mode"],
+    buckets=LATENCY_BUCKETS,
+)
+OVERHEAD = Histogram(
+    "understudy_gateway_overhead_seconds",
+    "Gateway latency minus the served model's upstream latency.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+SHADOW_COPIES = Counter(
+    "understudy_shadow_copies",
+    "Copies of requests for challengers by outcome: sent, ok, error, timeout, shed, skipped.",
+    ["route", "model", "outcome"],
+)
+SHADOW_INFLIGHT = Gauge(
+    "understudy_shadow_inflight",
+    "Shadow copies in flight or queued per challenger (bounded by its limits).",
+    ["route", "model"],
+)
+AGREEMENT = Counter(
+    "understudy_agreement",
+    "Champion–challenger comparisons on the same request: agree / disagree on the predicted class.",
+    ["route", "model", "result"],
+)
+SCORE = Histogram(
+    "understudy_prediction_score",
+    "Prediction scores (first element of the first output) per model, for prediction drift.",
+    ["route", "model"],
+    buckets=SCORE_BUCKETS,
+)
+PREDICTED_CLASS = Counter(
+    "understudy_predicted_class",
+    "Predicted class counts per model (score >= threshold), for class-share drift.",
+    ["route", "model", "predicted_class"],
+)
+ARM_SELECTIONS = Counter(
+    "understudy_arm_selections",
+    "Exploration decisions: which arm served the request.",
+    ["route", "model", "policy"],
+)
+PROPENSITY = Histogram(
+    "understudy_propensity",
+    "Propensity of the served arm at decision time.",
+    ["route", "policy"],
+    buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0),
+)
+POSTERIOR_MEAN = Gauge(
+    "understudy_posterior_mean",
+    "Thompson sampling: current Beta posterior mean reward per arm.",
+    ["route", "model"],
+)
+REWARDS = Counter(
+    "understudy_rewards",
+    "Rewards received through the feedback path: matched, unknown (id not remembered), late.",
+    ["route", "outcome"],
+)
+LOG_RECORDS = Counter(
+    "understudy_log_records",
+    "Log records by stream and outcome: produced, written, spilled, replayed, dropped, oversized.",
+    ["stream", "outcome"],
+)
+LOG_BUFFERED = Gauge(
+    "understudy_log_buffered_records",
+    "Records accepted by the log sink but not yet durable.",
+    ["sink"],
+)
+LOG_SPILL_BYTES = Gauge(
+    "understudy_log_spill_bytes",
+    "Bytes held in the local spill buffer waiting for Kafka.",
+)
+LOG_SPILL_FULL = Gauge(
+    "understudy_log_spill_full",
+    "1 while the spill buffer is at its disk budget.",
+)
+KAFKA_PRODUCER_ERRORS = Counter(
+    "understudy_kafka_producer_errors",
+    "Kafka produce failures by error type.",
+    ["error"],
+)
+KAFKA_UP = Gauge(
+    "understudy_kafka_connected",
+    "1 when the Kafka producer is connected and delivering, else 0.",
+)
+FEEDBACK_ITEMS = Counter(
+    "understudy_feedback_items",
+    "Feedback items received: accepted or rejected.",
+    ["outcome"],
+)
+REGISTRY_CHANGES = Counter(
+    "understudy_registry_changes",
+    "Control-plane changes applied, by route and action.",
+    ["route", "action"],
+)

@@ -1,0 +1,93 @@
+"""The inference log record, schema v1: the contract between the gateway and the evaluator.
+
+One record per served request, JSON-encoded with orjson, keyed by request id. Field reference
+(also in docs/RECORD_SCHEMA.md):
+
+    schema_version   1
+    kind             "inference"
+    request_id       str, the client's `id`, its X-Request-Id header, or a generated uuid4 hex
+    ts               float, unix seconds when the gateway received the request
+    route            str, the logical endpoint the client called
+    policy           {"type": "champion"|"epsilon_greedy"|"thompson", ...its parameters}
+    served           {"model": str, "version": str}   the arm whose answer the client got
+    propensity       float in (0, 1], probability the policy gave the served arm at decision time
+    arms             {model: probability} for every arm the policy chose among (champion policy:
+                     {champion: 1.0})
+    key              str | null, the sticky/sampling key (e.g. a user id) when one was given
+    inputs           {name: Tensor} the request's input tensors (binary tensors decoded)
+    outputs          {model: ModelOutcome} for the served model and every challenger
+    status           int, the HTTP status the client got
+    gateway_latency_ms  float, receipt of the request to the response being handed to the client
+
+    Tensor        = {"datatype": str, "shape": [int], "data": [number | str | bool]}  (flat, row-major)
+    ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
+                     "version": str, "status": "ok"|"error"|"timeout"|"shed"|"skipped",
+                     "latency_ms": float | null, "outputs": {name: Tensor} | null,
+                     "error": str | null}
+
+Labels (stream "labels") are `{"schema_version": 1, "kind": "label", "request_id", "label",
+"reward", "event_time", "received_ts", "index"}`; audit entries (stream "audit") are
+`{"schema_version": 1, "kind": "audit", ...}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+SCHEMA_VERSION = 1
+
+INFERENCES = "inferences"
+LABELS = "labels"
+AUDIT = "audit"
+STREAMS = (INFERENCES, LABELS, AUDIT)
+
+OutcomeStatus = Literal["ok", "error", "timeout", "shed", "skipped"]
+
+
+class Tensor(TypedDict):
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+
+
+class ModelOutcome(TypedDict):
+    role: Literal["champion", "challenger"]
+    mode: Literal["served", "shadow", "explore"]
+    version: str
+    status: OutcomeStatus
+    latency_ms: float | None
+    outputs: dict[str, Tensor] | None
+    error: str | None
+
+
+class ServedModel(TypedDict):
+    model: str
+    version: str
+
+
+class InferenceRecord(TypedDict):
+    schema_version: int
+    kind: Literal["inference"]
+    request_id: str
+    ts: float
+    route: str
+    policy: dict[str, Any]
+    served: ServedModel
+    propensity: float
+    arms: dict[str, float]
+    key: str | None
+    inputs: dict[str, Tensor]
+    outputs: dict[str, ModelOutcome]
+    status: int
+    gateway_latency_ms: float
+
+
+class LabelRecord(TypedDict):
+    schema_version: int
+    kind: Literal["label"]
+    request_id: str
+    label: float | int | None
+    reward: float | None
+    event_time: float
+    received_ts: float
+    index: NotRequired[int]

@@ -1,0 +1,117 @@
+"""The live route table: each route's config plus the runtime parts built from it.
+
+A route's runtime (policy object, shadow lanes, cached champion signature) is rebuilt when its
+config changes and swapped in atomically, so a request always sees one consistent version.
+Requests in flight keep the runtime they started with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from gateway.config import RouteConfig
+from gateway.errors import NotFound
+from gateway.policies import Policy, build_policy
+from gateway.protocol import TensorSpec, parse_metadata_inputs
+from gateway.shadow import ShadowLane
+from gateway.upstream import TritonUpstream
+
+
+@dataclass
+class RouteRuntime:
+    config: RouteConfig
+    policy: Policy
+    lanes: dict[str, ShadowLane]  # every model of the route that can be scored as a copy
+    champion_inputs: tuple[TensorSpec, ...] | None = None
+    version_of: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class RouteTable:
+    """Routes by name; `apply` and `remove` are the only writers (the registry calls them)."""
+
+    def __init__(self, upstream: TritonUpstream) -> None:
+        self.upstream = upstream
+        self._routes: dict[str, RouteRuntime] = {}
+
+    def __iter__(self) -> Iterator[RouteRuntime]:
+        return iter(list(self._routes.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._routes
+
+    def get(self, name: str) -> RouteRuntime:
+        runtime = self._routes.get(name)
+        if runtime is None:
+            raise NotFound(f"unknown route '{name}'")
+        return runtime
+
+    def configs(self) -> dict[str, RouteConfig]:
+        return {name: rt.config for name, rt in self._routes.items()}
+
+    def apply(self, config: RouteConfig) -> RouteRuntime:
+        previous = self._routes.get(config.name)
+        policy = build_policy(config.policy)
+        if previous is not None and previous.config.policy == config.policy:
+            policy.load_state(previous.policy.state())
+        self._routes[config.name] = runtime = RouteRuntime(
+            config=config,
+            policy=policy,
+            lanes=self._lanes(config, previous),
+            champion_inputs=(
+                previous.champion_inputs
+                if previous is not None and previous.config.champion == config.champion
+                else None
+            ),
+            version_of={
+                config.champion.model: config.champion.version,
+                **{c.model: c.version for c in config.challengers},
+            },
+        )
+        return runtime
+
+    def apply_all(self, configs: Mapping[str, RouteConfig]) -> None:
+        for name in set(self._routes) - set(configs):
+            self.remove(name)
+        for config in configs.values():
+            self.apply(config)
+
+    def remove(self, name: str) -> None:
+        self._routes.pop(name, None)
+
+    def _lanes(self, config: RouteConfig, previous: RouteRuntime | None) -> dict[str, ShadowLane]:
+        lanes: dict[str, ShadowLane] = {}
+        champion_timeout = 0
+        for ch in config.challengers:
+            champion_timeout = max(champion_timeout, ch.timeout_ms)
+            old = previous.lanes.get(ch.model) if previous else None
+            same = (
+                old is not None
+                and previous is not None
+                and previous.config.challenger(ch.model) == ch
+            )
+            lanes[ch.model] = old if same and old is not None else ShadowLane(
+                self.upstream, config.name, ch.model, ch.version,
+                max_concurrency=ch.max_concurrency, max_queue=ch.max_queue,
+                timeout_ms=ch.timeout_ms,
+            )
+        # Under exploration the champion may not be served; it is then scored as a copy too.
+        lanes[config.champion.model] = ShadowLane(
+            self.upstream, config.name, config.champion.model, config.champion.version,
+            max_concurrency=64, max_queue=256,
+            timeout_ms=max(champion_timeout, int(self.upstream.timeout_s * 1000)),
+        ) if previous is None or previous.config.champion != config.champion else \
+            previous.lanes[config.champion.model]
+        return lanes
+
+    async def champion_inputs(self, runtime: RouteRuntime) -> tuple[TensorSpec, ...]:
+        """The champion's input signature, fetched from Triton once and cached."""
+        if runtime.champion_inputs is None:
+            champion = runtime.config.champion
+            metadata = await self.upstream.metadata(champion.model, champion.version)
+            runtime.champion_inputs = parse_metadata_inputs(metadata)
+        return runtime.champion_inputs

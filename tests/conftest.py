@@ -1,0 +1,98 @@
+"""Shared fixtures: real Triton and Kafka (tests/support), and in-process gateways on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, parse_config
+from gateway.logsink.files import segment_paths
+
+pytest_plugins = ["tests.support.triton", "tests.support.kafka"]
+
+
+def read_stream(log_dir: Path, stream: str) -> list[dict[str, Any]]:
+    """Every complete record of one stream under a file-sink directory (all workers)."""
+    records: list[dict[str, Any]] = []
+    for directory in sorted(p for p in log_dir.rglob(stream) if p.is_dir()):
+        for segment in segment_paths(directory):
+            data = segment.read_bytes()
+            complete = data[: data.rfind(b"\n") + 1]
+            records.extend(orjson.loads(line) for line in complete.splitlines() if line)
+    return records
+
+
+@dataclass
+class GatewayHandle:
+    url: str
+    app: web.Application
+    config: GatewayConfig
+    server: TestServer
+    session: aiohttp.ClientSession
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.config.log.path)
+
+    async def stop(self) -> None:
+        """Shut down like SIGTERM does: drain shadows, flush the sink."""
+        await self.server.close()
+
+    def records(self, stream: str = "inferences") -> list[dict[str, Any]]:
+        return read_stream(self.log_dir, stream)
+
+    async def post_json(self, path: str, payload: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+        resp = await self.session.post(self.url + path, data=orjson.dumps(payload),
+                                       headers={"Content-Type": "application/json"}, **kwargs)
+        await resp.read()
+        return resp
+
+
+GatewayFactory = Callable[..., Awaitable[GatewayHandle]]
+
+
+def fraud_body(rows: list[list[float]], request_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": [{"name": "features", "datatype": "FP32",
+                                        "shape": [len(rows), 8],
+                                        "data": [x for r in rows for x in r]}]}
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
+@pytest.fixture
+async def make_gateway(triton: Any, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    handles: list[GatewayHandle] = []
+
+    async def factory(routes: dict[str, Any], **sections: Any) -> GatewayHandle:
+        raw: dict[str, Any] = {
+            "triton": {"url": triton.url, "timeout_ms": 5000},
+            "log": {"path": str(tmp_path / f"log{len(handles)}"), "fsync": "never"},
+            "routes": routes,
+        }
+        for name, value in sections.items():
+            raw[name] = {**raw.get(name, {}), **value}
+        config = parse_config(raw, env={})
+        app = create_app(config)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        handle = GatewayHandle(str(server.make_url("")).rstrip("/"), app, config, server,
+                               aiohttp.ClientSession())
+        handles.append(handle)
+        return handle
+
+    yield factory
+    for handle in handles:
+        await handle.session.close()
+        await handle.server.close()
+    await asyncio.sleep(0)

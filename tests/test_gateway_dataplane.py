@@ -1,0 +1,220 @@
+"""The data plane through real HTTP and real Triton: transparency, isolation, errors, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as triton_http
+
+from gateway.demo.traffic import FraudTraffic
+from tests.conftest import GatewayFactory, fraud_body
+
+pytestmark = pytest.mark.triton
+
+FRAUD = {"champion": {"model": "fraud_v3"},
+         "challengers": [{"model": "fraud_v4", "sample_rate": 1.0}]}
+
+
+def _client_infer(url: str, model: str, x: np.ndarray, binary: bool) -> np.ndarray:
+    client = triton_http.InferenceServerClient(url.removeprefix("http://"))
+    try:
+        inp = triton_http.InferInput("features", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = triton_http.InferRequestedOutput("score", binary_data=binary)
+        result = client.infer(model, [inp], outputs=[out])
+        return result.as_numpy("score")
+    finally:
+        client.close()
+
+
+async def test_tritonclient_binary_and_json_match_direct_triton(make_gateway: GatewayFactory,
+                                                                triton) -> None:
+    gw = await make_gateway({"fraud": FRAUD})
+    x, _ = FraudTraffic(seed=1).sample(16)
+    direct = await asyncio.to_thread(_client_infer, triton.url, "fraud_v3", x, True)
+    for binary in (True, False):
+        via_gateway = await asyncio.to_thread(_client_infer, gw.url, "fraud", x, binary)
+        np.testing.assert_array_equal(via_gateway, direct)
+    # The route's metadata looks like a Triton model's, under the route name.
+    client = triton_http.InferenceServerClient(gw.url.removeprefix("http://"))
+    try:
+        meta = await asyncio.to_thread(client.get_model_metadata, "fraud")
+        assert meta["name"] == "fraud"
+        assert meta["inputs"][0]["name"] == "features"
+        assert await asyncio.to_thread(client.is_model_ready, "fraud")
+        assert await asyncio.to_thread(client.is_server_ready)
+    finally:
+        client.close()
+
+
+async def test_response_headers_and_request_id(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway({"fraud": FRAUD})
+    x, _ = FraudTraffic(seed=2).sample(1)
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body(x.tolist(), "abc-1"))
+    assert resp.status == 200
+    assert resp.headers["X-Request-Id"] == "abc-1"
+    assert resp.headers["X-Served-Model"] == "fraud_v3"
+    assert resp.headers["X-Route-Policy"] == "champion"
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body(x.tolist()),
+                              headers={"X-Request-Id": "hdr-7"})
+    assert resp.headers["X-Request-Id"] == "hdr-7"
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body(x.tolist()))
+    assert len(resp.headers["X-Request-Id"]) == 32
+
+
+@pytest.mark.parametrize("challenger", ["fraud_sleepy", "fraud_faulty"])
+async def test_slow_or_failing_challenger_never_touches_the_champion(
+    make_gateway: GatewayFactory, triton, challenger: str
+) -> None:
+    gw = await make_gateway({"fraud": {
+        "champion": {"model": "fraud_v3"},
+        "challengers": [{"model": challenger, "timeout_ms": 600, "max_concurrency": 2,
+                         "max_queue": 2}],
+    }})
+    sleepy_delay_s = 2.0  # tests/triton_models/fraud_sleepy sleeps this long
+    x, _ = FraudTraffic(seed=3).sample(8)
+    expected = await asyncio.to_thread(_client_infer, triton.url, "fraud_v3", x, False)
+    started = time.perf_counter()
+    bodies = []
+    for i in range(8):
+        resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([x[i].tolist()], f"r{i}"))
+        assert resp.status == 200
+        bodies.append(orjson.loads(await resp.read()))
+    took = time.perf_counter() - started
+    # Eight sequential champion calls finish long before one challenger answer would.
+    assert took * 4 < sleepy_delay_s
+    got = np.array([b["outputs"][0]["data"][0] for b in bodies], dtype=np.float32)
+    np.testing.assert_allclose(got, expected.ravel(), rtol=1e-6)
+    await gw.stop()
+    records = {r["request_id"]: r for r in gw.records()}
+    assert set(records) == {f"r{i}" for i in range(8)}
+    statuses = [r["outputs"][challenger]["status"] for r in records.values()]
+    if challenger == "fraud_sleepy":
+        # Two in flight + two queued: the rest are shed at once, the admitted ones time out.
+        assert set(statuses) <= {"timeout", "shed"} and "timeout" in statuses
+        assert statuses.count("shed") == 4
+    else:
+        assert set(statuses) == {"error"}
+        assert all(r["outputs"][challenger]["error"] for r in records.values())
+    assert all(r["outputs"]["fraud_v3"]["status"] == "ok" for r in records.values())
+
+
+async def test_every_served_request_has_exactly_one_record(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway({"fraud": FRAUD})
+    x, _ = FraudTraffic(seed=4).sample(300)
+
+    async def one(i: int) -> int:
+        resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([x[i].tolist()], f"q{i}"))
+        return resp.status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(300)))
+    assert statuses == [200] * 300
+    await gw.stop()
+    records = gw.records()
+    ids = [r["request_id"] for r in records]
+    assert len(ids) == 300 and set(ids) == {f"q{i}" for i in range(300)}
+    for r in records:
+        assert r["schema_version"] == 1 and r["route"] == "fraud"
+        assert r["served"]["model"] == "fraud_v3" and r["propensity"] == 1.0
+        assert r["outputs"]["fraud_v4"]["status"] == "ok"
+        assert len(r["inputs"]["features"]["data"]) == 8
+        champion_score = r["outputs"]["fraud_v3"]["outputs"]["score"]["data"][0]
+        assert 0.0 <= champion_score <= 1.0
+
+
+BAD_INPUTS = [
+    (b"{not json", "malformed JSON"),
+    (b"[1,2]", "must be a JSON object"),
+    (orjson.dumps({"inputs": []}), "non-empty list"),
+    (orjson.dumps({"inputs": [{"name": "feat", "datatype": "FP32", "shape": [1, 8],
+                               "data": [0.0] * 8}]}), "unexpected input(s) 'feat'"),
+    (orjson.dumps({"inputs": [{"name": "features", "datatype": "INT32", "shape": [1, 8],
+                               "data": [0] * 8}]}), "datatype INT32 does not match"),
+    (orjson.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 7],
+                               "data": [0.0] * 7}]}), "shape [1, 7] does not match"),
+    (orjson.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 8],
+                               "data": [0.0] * 5}]}), "needs 8 elements, 'data' has 5"),
+]
+
+
+async def test_bad_input_gets_a_clear_4xx_and_the_gateway_keeps_serving(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway({"fraud": FRAUD}, listen={"max_body_bytes": 4096})
+    for body, message in BAD_INPUTS:
+        resp = await gw.session.post(gw.url + "/v2/models/fraud/infer", data=body)
+        payload = orjson.loads(await resp.read())
+        assert resp.status == 400, (body, payload)
+        assert message in payload["error"], (message, payload)
+    resp = await gw.post_json("/v2/models/nope/infer", fraud_body([[0.0] * 8]))
+    assert resp.status == 404
+    assert "unknown route 'nope'" in orjson.loads(await resp.read())["error"]
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([[0.0] * 8] * 200))
+    assert resp.status == 413
+    assert "4096" in orjson.loads(await resp.read())["error"]
+    # Binary extension: header declares 32 bytes of tensor data, only 12 arrive.
+    header = orjson.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 8],
+                                       "parameters": {"binary_data_size": 32}}]})
+    resp = await gw.session.post(
+        gw.url + "/v2/models/fraud/infer", data=header + b"\0" * 12,
+        headers={"Inference-Header-Content-Length": str(len(header)),
+                 "Content-Type": "application/octet-stream"},
+    )
+    payload = orjson.loads(await resp.read())
+    assert resp.status == 400 and "truncated" in payload["error"]
+    resp = await gw.session.post(
+        gw.url + "/v2/models/fraud/infer", data=header,
+        headers={"Inference-Header-Content-Length": "9999"},
+    )
+    assert resp.status == 400
+    assert "Inference-Header-Content-Length" in orjson.loads(await resp.read())["error"]
+    # Still serving, and the rejected requests were never mirrored to the challenger.
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([[0.1] * 8], "ok-after"))
+    assert resp.status == 200
+    await gw.stop()
+    records = gw.records()
+    ok = [r for r in records if r["request_id"] == "ok-after"]
+    assert len(ok) == 1 and ok[0]["outputs"]["fraud_v4"]["status"] == "ok"
+    rejected = [r for r in records if r["status"] == 400]
+    assert len(rejected) == len(BAD_INPUTS) + 2
+    assert all(r["outputs"]["fraud_v4"]["status"] == "skipped" for r in rejected)
+
+
+async def test_champion_down_is_a_fast_5xx_and_fallback_serves(make_gateway: GatewayFactory,
+                                                               triton) -> None:
+    gw = await make_gateway(
+        {"fraud": {"champion": {"model": "fraud_faulty"},
+                   "challengers": [{"model": "fraud_v4"}], "fallback": "fraud_v4"},
+         "nofb": {"champion": {"model": "fraud_faulty"}}},
+    )
+    resp = await gw.post_json("/v2/models/nofb/infer", fraud_body([[0.0] * 8]))
+    assert resp.status == 502
+    assert "fraud_faulty" in orjson.loads(await resp.read())["error"]
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([[0.0] * 8], "fb"))
+    assert resp.status == 200 and resp.headers["X-Served-Model"] == "fraud_v4"
+    dead = await make_gateway({"fraud": FRAUD}, triton={"url": "http://127.0.0.1:1",
+                                                         "timeout_ms": 500})
+    resp = await dead.post_json("/v2/models/fraud/infer", fraud_body([[0.0] * 8]))
+    assert resp.status == 503
+    resp = await dead.session.get(dead.url + "/v2/health/ready")
+    assert resp.status == 503
+    resp = await dead.session.get(dead.url + "/v2/health/live")
+    assert resp.status == 200
+
+
+async def test_metrics_label_shadow_traffic(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway({"fraud": FRAUD})
+    x, _ = FraudTraffic(seed=5).sample(20)
+    for row in x:
+        await gw.post_json("/v2/models/fraud/infer", fraud_body([row.tolist()]))
+    await gw.app["recorder_drain"]() if "recorder_drain" in gw.app else None
+    await asyncio.sleep(0.3)
+    text = await (await gw.session.get(gw.url + "/metrics")).text()
+    assert 'understudy_shadow_copies_total{model="fraud_v4",outcome="sent",route="fraud"}' in text
+    assert 'understudy_requests_total{code="200",model="fraud_v3",route="fraud"}' in text
+    assert "understudy_agreement_total" in text
+    assert 'understudy_prediction_score_bucket{le="0.5",model="fraud_v4",route="fraud"}' in text
