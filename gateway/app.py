@@ -16,7 +16,15 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.feedback import FeedbackService
-from gateway.http import FEEDBACK, ROUTES, SERVICE, UPSTREAM, add_routes, error_middleware
+from gateway.http import (
+    FEEDBACK,
+    MAX_BODY,
+    ROUTES,
+    SERVICE,
+    UPSTREAM,
+    add_routes,
+    error_middleware,
+)
 from gateway.logsink import LogSink
 from gateway.logsink.files import FileSink
 from gateway.recorder import Recorder
@@ -62,6 +70,7 @@ def create_app(
     app[ROUTES] = routes
     app[SERVICE] = service
     app[FEEDBACK] = FeedbackService(sink)
+    app[MAX_BODY] = config.listen.max_body_bytes
 
     async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
         routes.apply_all(config.routes)

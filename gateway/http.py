@@ -13,8 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import metrics
-from gateway.errors import GatewayError, NotFound, PayloadTooLarge
+from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.feedback import FeedbackService
 from gateway.protocol import error_body
 from gateway.routes import RouteTable
@@ -27,6 +26,7 @@ SERVICE = web.AppKey("service", InferenceService)
 ROUTES = web.AppKey("routes", RouteTable)
 UPSTREAM = web.AppKey("upstream", TritonUpstream)
 FEEDBACK = web.AppKey("feedback", FeedbackService)
+MAX_BODY = web.AppKey("max_body_bytes", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,11 +56,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         return _error_response(exc.status, exc.message, headers)
-    except web.HTTPRequestEntityTooLarge as exc:
-        message = PayloadTooLarge(
-            f"request body exceeds the limit of {exc.max_size} bytes (listen.max_body_bytes)"
-        ).message
-        return _error_response(413, message)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY]
+        error = PayloadTooLarge(
+            f"request body exceeds the limit of {limit} bytes (listen.max_body_bytes)"
+        )
+        return _error_response(error.status, error.message)
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             return _error_response(exc.status, exc.reason or exc.text or "error")
@@ -120,10 +121,6 @@ async def prometheus(_: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def not_found(request: web.Request) -> web.Response:
-    raise NotFound(f"no such endpoint: {request.method} {request.path}")
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v2/models/{route}/infer", infer)
     app.router.add_post("/v2/models/{route}/versions/{version}/infer", infer)
@@ -137,4 +134,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v2/repository/index", list_models)
     app.router.add_post("/v2/feedback", feedback)
     app.router.add_get("/metrics", prometheus)
-    _ = metrics  # collectors register on import; /metrics exports them

@@ -43,7 +43,12 @@ from typing import IO, Any, Self
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 STUB_NAME = "triton_python_backend_stub"
 _COMPLETE_MARKER = ".understudy-complete"
-_BIND_ERRORS = ("address already in use", "failed to start", "failed to listen", "bind")
+_BIND_ERRORS = (
+    "already in use",
+    "failed to start http",
+    "failed to start grpc",
+    "failed to start metrics",
+)
 
 
 class TritonStartupError(RuntimeError):
@@ -126,6 +131,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on host:port.
+
+    Triton binds with SO_REUSEPORT, so a second tritonserver on a busy port starts "fine" and
+    the kernel splits connections between the two: check before launching instead.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for tritonserver and its Python backend stubs, from the running interpreter."""
     env = dict(os.environ if base is None else base)
@@ -181,9 +201,11 @@ def _die_with_parent() -> Callable[[], None] | None:
 class TritonServer:
     """One tritonserver process serving plain model repositories on CPU.
 
-    Ports left as None are picked free (and re-picked if Triton loses a bind race). Use as a
-    context manager, or call start() and stop(). The log (stdout and stderr of Triton and of the
-    Python models) goes to `log_file` (a temporary file if not given).
+    Ports left as None are picked free (and re-picked if taken meanwhile); fixed ports must be
+    free. Use as a context manager, or call start() and stop(). The log (stdout and stderr of
+    Triton and of the Python models) goes to `log_file` (a temporary file if not given).
+    `die_with_parent` makes Linux SIGTERM Triton if the starting *thread* dies: start it from a
+    long-lived thread (the main one), or pass False.
     """
 
     def __init__(
@@ -267,7 +289,7 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            "--disable-auto-complete-config",  # our configs are complete; saves a stub per model
+            "--disable-auto-complete-config",  # configs are complete: Triton must not guess
             f"--exit-timeout-secs={max(1, round(self.exit_timeout))}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--log-verbose={self.log_verbose}",
@@ -285,6 +307,7 @@ class TritonServer:
         server_dir = self.server_dir or prepare_server_dir()
         began = time.monotonic()
         for attempt in range(1, attempts + 1):
+            self._check_ports()
             self._launch(server_dir)
             try:
                 self.wait_ready(timeout)
@@ -307,6 +330,16 @@ class TritonServer:
                 port = free_port(self.host)
             picked.append(port)
         return picked[0], picked[1], picked[2]
+
+    def _check_ports(self) -> None:
+        """Re-pick auto ports that got taken; refuse fixed ports that are busy."""
+        ports = [self.http_port, self.grpc_port, self.metrics_port]
+        for k, fixed in enumerate(self._fixed_ports):
+            while not port_is_free(ports[k], self.host):
+                if fixed:
+                    raise TritonStartupError(f"port {self.host}:{fixed} is already in use")
+                ports[k] = free_port(self.host)
+        self.http_port, self.grpc_port, self.metrics_port = ports
 
     def _launch(self, server_dir: Path) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ class TritonUpstream:
         )
         # No total timeout here: each call sets its own, and response bodies are small.
         return aiohttp.ClientSession(
-            self.base_url, connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            self.base_url, connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
 
     def pool(self, name: str, limit: int | None = None) -> aiohttp.ClientSession:

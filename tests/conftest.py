@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.logsink.files import segment_paths
 
-pytest_plugins = ["tests.support.triton", "tests.support.kafka"]
+pytest_plugins = ["tests.support.triton"]
 
 
 def read_stream(log_dir: Path, stream: str) -> list[dict[str, Any]]:
@@ -51,9 +51,11 @@ class GatewayHandle:
     def records(self, stream: str = "inferences") -> list[dict[str, Any]]:
         return read_stream(self.log_dir, stream)
 
-    async def post_json(self, path: str, payload: Any, **kwargs: Any) -> aiohttp.ClientResponse:
+    async def post_json(self, path: str, payload: Any,
+                        headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
         resp = await self.session.post(self.url + path, data=orjson.dumps(payload),
-                                       headers={"Content-Type": "application/json"}, **kwargs)
+                                       headers={"Content-Type": "application/json",
+                                                **(headers or {})})
         await resp.read()
         return resp
 

@@ -40,13 +40,18 @@ async def test_tritonclient_binary_and_json_match_direct_triton(make_gateway: Ga
         via_gateway = await asyncio.to_thread(_client_infer, gw.url, "fraud", x, binary)
         np.testing.assert_array_equal(via_gateway, direct)
     # The route's metadata looks like a Triton model's, under the route name.
-    client = triton_http.InferenceServerClient(gw.url.removeprefix("http://"))
+    meta, model_ready, server_ready = await asyncio.to_thread(_client_metadata, gw.url, "fraud")
+    assert meta["name"] == "fraud"
+    assert meta["inputs"][0]["name"] == "features"
+    assert model_ready and server_ready
+
+
+def _client_metadata(url: str, model: str) -> tuple[dict, bool, bool]:
+    """tritonclient.http is gevent-based: create, use and close it on one thread."""
+    client = triton_http.InferenceServerClient(url.removeprefix("http://"))
     try:
-        meta = await asyncio.to_thread(client.get_model_metadata, "fraud")
-        assert meta["name"] == "fraud"
-        assert meta["inputs"][0]["name"] == "features"
-        assert await asyncio.to_thread(client.is_model_ready, "fraud")
-        assert await asyncio.to_thread(client.is_server_ready)
+        return (client.get_model_metadata(model), client.is_model_ready(model),
+                client.is_server_ready())
     finally:
         client.close()
 
@@ -73,7 +78,7 @@ async def test_slow_or_failing_challenger_never_touches_the_champion(
     gw = await make_gateway({"fraud": {
         "champion": {"model": "fraud_v3"},
         "challengers": [{"model": challenger, "timeout_ms": 600, "max_concurrency": 2,
-                         "max_queue": 2}],
+                         "max_queue": 2 if challenger == "fraud_sleepy" else 8}],
     }})
     sleepy_delay_s = 2.0  # tests/triton_models/fraud_sleepy sleeps this long
     x, _ = FraudTraffic(seed=3).sample(8)
@@ -104,7 +109,10 @@ async def test_slow_or_failing_challenger_never_touches_the_champion(
 
 
 async def test_every_served_request_has_exactly_one_record(make_gateway: GatewayFactory) -> None:
-    gw = await make_gateway({"fraud": FRAUD})
+    gw = await make_gateway({"fraud": {
+        "champion": {"model": "fraud_v3"},
+        "challengers": [{"model": "fraud_v4", "max_queue": 300, "timeout_ms": 10_000}],
+    }})
     x, _ = FraudTraffic(seed=4).sample(300)
 
     async def one(i: int) -> int:
@@ -211,9 +219,11 @@ async def test_metrics_label_shadow_traffic(make_gateway: GatewayFactory) -> Non
     x, _ = FraudTraffic(seed=5).sample(20)
     for row in x:
         await gw.post_json("/v2/models/fraud/infer", fraud_body([row.tolist()]))
-    await gw.app["recorder_drain"]() if "recorder_drain" in gw.app else None
-    await asyncio.sleep(0.3)
-    text = await (await gw.session.get(gw.url + "/metrics")).text()
+    for _ in range(50):  # shadow copies complete in the background
+        text = await (await gw.session.get(gw.url + "/metrics")).text()
+        if "understudy_agreement_total" in text:
+            break
+        await asyncio.sleep(0.1)
     assert 'understudy_shadow_copies_total{model="fraud_v4",outcome="sent",route="fraud"}' in text
     assert 'understudy_requests_total{code="200",model="fraud_v3",route="fraud"}' in text
     assert "understudy_agreement_total" in text

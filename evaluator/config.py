@@ -1,0 +1,358 @@
+"""Typed evaluator configuration: `configs/evaluator.yaml` + `UNDERSTUDY_<SECTION>_<KEY>` overrides.
+
+Validated once at start-up so the ingest loop and the report can trust every value; a typo in a
+key fails loudly with its location instead of silently using a default.
+
+Sections (see configs/evaluator.yaml for every key with its default):
+
+- `source`: where records come from. `type: file` reads the gateway's segment files under `path`
+  (the gateway's `log.path`); `type: kafka` joins consumer group `kafka.group_id` on
+  `kafka.inferences_topic` and `kafka.labels_topic`.
+- `store`: the embedded store (`path`, `engine`), the `join_window` an orphan label waits for its
+  inference, and the `duplicate_labels` policy. The only policy is `last_wins`: of several labels
+  for one prediction the one the gateway received last (`received_ts`; ties go to the one read
+  last) is used, and every extra one is counted in `JoinStats.duplicate_labels`. Corrections
+  ("that was not fraud after all") are the common cause of a second label, hence last, not first.
+- `routes`: optional per-route settings (`task`, `threshold`, `score_output`).
+- `features`: optional names for the columns of multi-element input tensors (for drift).
+- `decision`: a plain mapping handed to the decision policy (`primary_metric`, `alpha`,
+  `margin`, `min_samples`, `min_effect`, `max_latency_p99_ratio`, `max_error_rate_delta`,
+  `sequential`); known keys are type-checked here, extra keys pass through untouched.
+- `report`: default output directory and window. `gateway`: the admin API `promote` calls.
+
+Environment overrides: `UNDERSTUDY_STORE_JOIN_WINDOW=7d` sets store.join_window,
+`UNDERSTUDY_SOURCE_KAFKA_BOOTSTRAP=h:9092` sets source.kafka.bootstrap (nested keys continue
+with `_`). Values are parsed as YAML scalars so numbers and booleans keep their types. Variables
+whose section the evaluator does not have (e.g. the gateway's `UNDERSTUDY_LOG_PATH` or the admin
+token `UNDERSTUDY_ADMIN_TOKEN`) are ignored, so both programs can share one environment. `routes`
+and `features` are structured and only set from YAML.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_PREFIX = "UNDERSTUDY_"
+DEFAULT_CONFIG_PATH = "configs/evaluator.yaml"
+
+SourceType = Literal["file", "kafka"]
+Engine = Literal["duckdb", "sqlite"]
+TaskSetting = Literal["auto", "classification", "regression"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+class ConfigError(ValueError):
+    """An invalid evaluator configuration; the message names the offending key."""
+
+
+def parse_duration(value: Any, where: str = "duration") -> float:
+    """'14d', '12h', '30m', '45s', '250ms', '1w' or a number of seconds -> seconds (> 0)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration like 14d, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ConfigError(f"{where}: expected a duration like 14d, 12h, 30m or 45s, "
+                              f"got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{where}: must be a positive duration, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration for whole units (14d, 36h, 90s) — for messages and reports."""
+    for unit in ("w", "d", "h", "m", "s"):
+        size = _UNITS[unit]
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _duration_field(default: str) -> Any:
+    return field(default=parse_duration(default), metadata={"duration": True})
+
+
+@dataclass(frozen=True)
+class KafkaSourceConfig:
+    bootstrap: str = "127.0.0.1:9092"
+    inferences_topic: str = "understudy.inferences"
+    labels_topic: str = "understudy.labels"
+    group_id: str = "understudy-evaluator"
+    client_id: str = "understudy-evaluator"
+    # How long `run --once` waits for the group to hand it partitions before giving up.
+    assignment_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: SourceType = "file"
+    path: str = "./var/log"  # the gateway's log.path (file source)
+    batch_records: int = 20_000  # records per store transaction
+    poll_interval_s: float = 1.0  # idle wait between polls once caught up
+    progress_interval_s: float = 10.0  # progress line cadence on long runs
+    kafka: KafkaSourceConfig = field(default_factory=KafkaSourceConfig)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "./var/evaluator/store.duckdb"
+    engine: Engine = "duckdb"  # chosen by evaluator/bench_store.py; see docs/BENCHMARKS.md
+    join_window: float = _duration_field("14d")  # seconds an orphan label waits
+    duplicate_labels: Literal["last_wins"] = "last_wins"
+    score_output: str | None = None  # output tensor holding the score; None = the first one
+    lock_timeout_s: float = 60.0  # a reader waits this long for the ingest loop's file lock
+    expire_interval_s: float = 60.0  # how often the loop expires old orphan labels
+
+
+@dataclass(frozen=True)
+class RouteEvalConfig:
+    task: TaskSetting = "auto"  # auto: classification when every label is 0 or 1
+    threshold: float = 0.5  # score >= threshold is the positive class
+    score_output: str | None = None  # overrides store.score_output for this route
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    out: str = "./var/reports"
+    window: float = _duration_field("7d")
+
+
+@dataclass(frozen=True)
+class GatewayAdminConfig:
+    url: str = "http://127.0.0.1:8080"
+    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"
+    timeout_s: float = 10.0
+
+
+DECISION_DEFAULTS: dict[str, Any] = {
+    "primary_metric": "auroc",
+    "alpha": 0.05,
+    "margin": 0.0,
+    "min_samples": 1000,
+    "min_effect": 0.01,
+    "max_latency_p99_ratio": 1.5,
+    "max_error_rate_delta": 0.01,
+    "sequential": True,
+}
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    routes: Mapping[str, RouteEvalConfig] = field(default_factory=dict)
+    features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    decision: Mapping[str, Any] = field(default_factory=lambda: dict(DECISION_DEFAULTS))
+    report: ReportConfig = field(default_factory=ReportConfig)
+    gateway: GatewayAdminConfig = field(default_factory=GatewayAdminConfig)
+
+    def route(self, name: str) -> RouteEvalConfig:
+        """Per-route settings, defaults when the route is not listed."""
+        return self.routes.get(name) or RouteEvalConfig()
+
+    def score_output(self, route: str) -> str | None:
+        return self.route(route).score_output or self.store.score_output
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def _build(cls: type, raw: Any, where: str, nested: Mapping[str, Any] | None = None) -> Any:
+    """Build a flat dataclass from a mapping: unknown keys rejected, numbers and durations coerced.
+
+    `nested` holds already-built values for sub-sections (e.g. source.kafka).
+    """
+    if raw is None:
+        raw = {}
+    _check(isinstance(raw, Mapping), f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    kwargs: dict[str, Any] = dict(nested or {})
+    for name, value in raw.items():
+        if name in kwargs:
+            continue
+        f = known[name]
+        default = _default(f)
+        if f.metadata.get("duration"):
+            kwargs[name] = parse_duration(value, f"{where}.{name}")
+        elif isinstance(default, bool):
+            _check(isinstance(value, bool), f"{where}.{name}: expected true/false, got {value!r}")
+            kwargs[name] = value
+        elif isinstance(default, int | float):
+            try:
+                kwargs[name] = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}") from None
+        elif isinstance(default, str) or default is None:
+            _check(value is None or isinstance(value, str | int | float),
+                   f"{where}.{name}: expected a string, got {type(value).__name__}")
+            kwargs[name] = None if value is None else str(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _parse_decision(raw: Any) -> dict[str, Any]:
+    _check(raw is None or isinstance(raw, Mapping), "decision: expected a mapping")
+    out = dict(DECISION_DEFAULTS)
+    for key, value in (raw or {}).items():
+        key = str(key)
+        default = DECISION_DEFAULTS.get(key)
+        where = f"decision.{key}"
+        if isinstance(default, bool):
+            _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
+        elif isinstance(default, int | float):
+            try:
+                value = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        elif isinstance(default, str):
+            _check(isinstance(value, str) and bool(value), f"{where}: expected a string")
+        out[key] = value
+    _check(0.0 < out["alpha"] < 1.0, "decision.alpha: must be in (0, 1)")
+    _check(out["margin"] >= 0.0, "decision.margin: must be >= 0 (a non-inferiority margin)")
+    _check(out["min_samples"] >= 1, "decision.min_samples: must be >= 1")
+    _check(out["min_effect"] >= 0.0, "decision.min_effect: must be >= 0")
+    _check(out["max_latency_p99_ratio"] > 0.0, "decision.max_latency_p99_ratio: must be > 0")
+    _check(out["max_error_rate_delta"] >= 0.0, "decision.max_error_rate_delta: must be >= 0")
+    return out
+
+
+def _parse_features(raw: Any) -> dict[str, tuple[str, ...]]:
+    """`features: {names: {tensor: [col, ...]}}` — names for the columns of an input tensor."""
+    _check(raw is None or isinstance(raw, Mapping), "features: expected a mapping")
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - {"names"})
+    _check(not unknown, f"features: unknown key(s) {', '.join(map(str, unknown))}")
+    names = raw.get("names") or {}
+    _check(isinstance(names, Mapping), "features.names: expected {tensor: [column names]}")
+    out: dict[str, tuple[str, ...]] = {}
+    for tensor, cols in names.items():
+        where = f"features.names.{tensor}"
+        _check(isinstance(cols, list | tuple) and all(isinstance(c, str) for c in cols),
+               f"{where}: expected a list of column names")
+        _check(len(set(cols)) == len(cols), f"{where}: duplicate column names")
+        out[str(tensor)] = tuple(cols)
+    return out
+
+
+_SECTIONS: dict[str, type] = {
+    "source": SourceConfig, "store": StoreConfig, "decision": dict, "report": ReportConfig,
+    "gateway": GatewayAdminConfig,
+}
+_NESTED = {("source", "kafka")}
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Apply `UNDERSTUDY_<SECTION>_<KEY>` overrides in place (see the module docstring)."""
+    for var, value in sorted(env.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            continue
+        key = rest[len(section) + 1:]
+        target = raw.setdefault(section, {})
+        for parent, child in _NESTED:
+            if parent == section and key.startswith(child + "_"):
+                target = target.setdefault(child, {})
+                key = key[len(child) + 1:]
+        target[key] = yaml.safe_load(value) if value != "" else ""
+
+
+def parse_config(raw: Mapping[str, Any] | None,
+                 env: Mapping[str, str] | None = None) -> EvaluatorConfig:
+    """Validate a raw mapping (the parsed YAML) plus environment overrides."""
+    data: dict[str, Any] = dict(raw or {})
+    allowed = {*_SECTIONS, "routes", "features"}
+    unknown = sorted(set(data) - allowed)
+    _check(not unknown, f"unknown top-level key(s): {', '.join(map(str, unknown))}")
+    for section in _SECTIONS:
+        value = data.get(section)
+        _check(value is None or isinstance(value, Mapping), f"{section}: expected a mapping")
+        data[section] = dict(value or {})
+    if isinstance(data["source"].get("kafka"), Mapping):
+        data["source"]["kafka"] = dict(data["source"]["kafka"])
+    _apply_env(data, os.environ if env is None else env)
+
+    source_raw = dict(data["source"])
+    kafka = _build(KafkaSourceConfig, source_raw.pop("kafka", None), "source.kafka")
+    source = _build(SourceConfig, source_raw, "source", nested={"kafka": kafka})
+    _check(source.type in ("file", "kafka"), "source.type: must be file or kafka")
+    _check(source.batch_records > 0, "source.batch_records: must be positive")
+    _check(source.poll_interval_s > 0, "source.poll_interval_s: must be positive")
+    _check(bool(kafka.group_id), "source.kafka.group_id: required")
+
+    store = _build(StoreConfig, data["store"], "store")
+    _check(store.engine in ("duckdb", "sqlite"), "store.engine: must be duckdb or sqlite")
+    _check(store.duplicate_labels == "last_wins",
+           "store.duplicate_labels: the only policy is last_wins")
+    _check(bool(store.path), "store.path: required")
+
+    routes_raw = data.get("routes") or {}
+    _check(isinstance(routes_raw, Mapping), "routes: expected {route: {task, threshold, ...}}")
+    routes: dict[str, RouteEvalConfig] = {}
+    for name, route_raw in routes_raw.items():
+        route = _build(RouteEvalConfig, route_raw, f"routes.{name}")
+        _check(route.task in ("auto", "classification", "regression"),
+               f"routes.{name}.task: auto|classification|regression")
+        _check(math.isfinite(route.threshold), f"routes.{name}.threshold: must be finite")
+        routes[str(name)] = route
+
+    return EvaluatorConfig(
+        source=source,
+        store=store,
+        routes=routes,
+        features=_parse_features(data.get("features")),
+        decision=_parse_decision(data["decision"]),
+        report=_build(ReportConfig, data["report"], "report"),
+        gateway=_build(GatewayAdminConfig, data["gateway"], "gateway"),
+    )
+
+
+def load_config(path: str | Path | None = None,
+                env: Mapping[str, str] | None = None) -> EvaluatorConfig:
+    """Read YAML (when a path is given) and apply environment overrides."""
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        _check(isinstance(raw, Mapping), f"{path}: top level must be a mapping")
+    return parse_config(raw, env)
+
+
+def with_store_path(config: EvaluatorConfig, path: str) -> EvaluatorConfig:
+    """A copy pointing at another store file (command-line `--store`)."""
+    return replace(config, store=replace(config.store, path=path))

@@ -1,0 +1,121 @@
+"""The registry's unit of state: one route's full configuration plus its version and history.
+
+A `RouteState` is what the registry stores (state file or compacted Kafka topic, keyed by route)
+and what every replica applies. It carries the *whole* route, not a diff: a replica that has
+missed any number of changes (or starts from a compacted topic) needs only the latest state per
+route. It also carries the audit entry of the change that produced it, so a replica applying a
+change made elsewhere can show it in its own `GET /admin/audit`.
+
+Deleting a route leaves a tombstone (`config=None`) rather than removing the key: otherwise the
+YAML config would seed the deleted route again on the next start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gateway.config import ChallengerConfig, ModelRef, RouteConfig, parse_challenger, parse_route
+from gateway.errors import ConfigError
+
+STATE_FORMAT = 1
+MAX_HISTORY = 20  # promotions remembered per route, i.e. how many rollbacks in a row are possible
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """One promotion, remembered so that `rollback` can undo it.
+
+    `previous` is the champion that was replaced; `promoted` is the challenger entry (mode,
+    rates, limits) of the model that became champion, so a rollback can put it back exactly.
+    """
+
+    previous: ModelRef
+    promoted: ChallengerConfig
+
+    def to_json(self) -> dict[str, Any]:
+        return {"previous": asdict(self.previous), "promoted": asdict(self.promoted)}
+
+    @staticmethod
+    def from_json(raw: Mapping[str, Any]) -> Promotion:
+        prev = raw["previous"]
+        return Promotion(
+            ModelRef(str(prev["model"]), str(prev.get("version") or "")),
+            parse_challenger(raw["promoted"], "history.promoted"),
+        )
+
+
+@dataclass(frozen=True)
+class RouteState:
+    """The versioned state of one route; `config is None` marks a deleted route (tombstone)."""
+
+    name: str
+    version: int
+    config: RouteConfig | None
+    history: tuple[Promotion, ...] = ()
+    change: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def change_id(self) -> str:
+        return str(self.change.get("id", ""))
+
+    @property
+    def deleted(self) -> bool:
+        return self.config is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "route": self.name,
+            "version": self.version,
+            "config": route_to_raw(self.config) if self.config is not None else None,
+            "history": [p.to_json() for p in self.history],
+            "change": dict(self.change),
+        }
+
+    @staticmethod
+    def from_json(raw: Mapping[str, Any]) -> RouteState:
+        """Parse a stored state; raises ConfigError when it is not a valid route state."""
+        try:
+            name = str(raw["route"])
+            config_raw = raw.get("config")
+            return RouteState(
+                name=name,
+                version=int(raw["version"]),
+                config=parse_route(name, config_raw) if config_raw is not None else None,
+                history=tuple(Promotion.from_json(p) for p in raw.get("history") or ()),
+                change=dict(raw.get("change") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid registry state: {exc!r}") from None
+
+
+def route_to_raw(config: RouteConfig) -> dict[str, Any]:
+    """A route as the plain mapping `parse_route` accepts (the YAML shape, minus the name)."""
+    raw = asdict(config)
+    raw.pop("name")
+    return raw
+
+
+def route_view(state: RouteState) -> dict[str, Any]:
+    """The admin API's JSON view of a route: its config plus version and last change."""
+    assert state.config is not None
+    last = state.history[-1] if state.history else None
+    return {
+        "name": state.name,
+        "version": state.version,
+        **route_to_raw(state.config),
+        "rollback_to": asdict(last.previous) if last is not None else None,
+        "updated_at": state.change.get("ts"),
+        "updated_by": state.change.get("actor"),
+        "last_action": state.change.get("action"),
+    }
+
+
+# Keys of `route_view` that are not part of a route's config: accepted (and ignored) in a PUT
+# body so that GET -> edit -> PUT works.
+READ_ONLY_KEYS = frozenset(
+    {"name", "version", "rollback_to", "updated_at", "updated_by", "last_action",
+     "expected_version"}
+)
