@@ -115,30 +115,45 @@ def midranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _structural_components(
-    scores: np.ndarray, positive: np.ndarray, order: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """DeLong's placement values from one sort of ``scores`` (``order`` = its argsort).
+def placement_values(scores: np.ndarray, positive: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """DeLong's structural components ("placement values") of every row, in row order.
 
-    V10 (one per positive) is the fraction of negatives ranked below it, ties counting half;
-    V01 (one per negative) the fraction of positives ranked above it. Both come out in row order,
-    so components of two models on the same rows line up for the covariance. Sun & Xu's trick is
-    that all of them follow from midranks over all rows minus midranks within each class, and the
-    within-class orders are subsequences of the overall order: one sort per model, the rest O(n).
+    For a positive: the fraction of negatives scored below it (ties count half) — V10 in
+    DeLong's notation; for a negative: the fraction of positives scored above it — V01. The AUROC
+    is the mean of either set, and its variance comes from their spreads. Sun & Xu (2014) get
+    them from midranks over all rows minus midranks within each class; the same thing is
+    computed here from one sort (``order`` = argsort of ``scores``) and running class counts:
+    within a run of tied scores every positive gets (negatives before the run + half the
+    negatives in the run) / n_neg. One O(n log n) sort, everything else O(n), and a caller that
+    evaluates prefixes of the same data (the sequential test) can reuse the sort.
     """
-    n = scores.size
+    k = scores.size
     s_sorted = scores[order]
     pos_sorted = positive[order]
     n_pos = int(np.count_nonzero(pos_sorted))
-    n_neg = n - n_pos
-    tz = np.empty(n, dtype=np.float64)
-    tz[order] = _sorted_midranks(s_sorted)
-    tx = np.empty(n, dtype=np.float64)
-    tx[order[pos_sorted]] = _sorted_midranks(s_sorted[pos_sorted])
-    tx[order[~pos_sorted]] = _sorted_midranks(s_sorted[~pos_sorted])
-    v10 = (tz[positive] - tx[positive]) / n_neg
-    v01 = 1.0 - (tz[~positive] - tx[~positive]) / n_pos
-    return v10, v01
+    n_neg = k - n_pos
+    neg_before = np.zeros(k + 1)
+    np.cumsum(~pos_sorted, out=neg_before[1:])
+    new_run = np.empty(k, dtype=bool)
+    new_run[:1] = True
+    np.not_equal(s_sorted[1:], s_sorted[:-1], out=new_run[1:])
+    if new_run.all():  # no ties: the common case for continuous scores
+        negs = neg_before[:-1]
+        poss = np.arange(k, dtype=np.float64) - negs
+    else:
+        starts = np.flatnonzero(new_run)
+        ends = np.append(starts[1:], k)
+        lengths = ends - starts
+        neg_b = neg_before[starts]
+        neg_in = neg_before[ends] - neg_b
+        pos_b = starts - neg_b
+        pos_in = lengths - neg_in
+        negs = np.repeat(neg_b + neg_in / 2.0, lengths)
+        poss = np.repeat(pos_b + pos_in / 2.0, lengths)
+    placed = np.where(pos_sorted, negs / max(n_neg, 1), 1.0 - poss / max(n_pos, 1))
+    out = np.empty(k, dtype=np.float64)
+    out[order] = placed
+    return out
 
 
 def delong_covariance(
@@ -165,7 +180,9 @@ def delong_covariance(
     v01 = np.empty((k, n_neg))
     for i in range(k):
         order = orders[i] if orders is not None else np.argsort(scores[i])
-        v10[i], v01[i] = _structural_components(scores[i], positive, order)
+        placed = placement_values(scores[i], positive, order)
+        v10[i] = placed[positive]
+        v01[i] = placed[~positive]
     aucs = v10.mean(axis=1)
     c10 = v10 - aucs[:, None]
     c01 = v01 - v01.mean(axis=1)[:, None]

@@ -301,7 +301,7 @@ class KafkaStore:
     async def _connect(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-        await self._ensure_topic()
+        partitions = await self._ensure_topic()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.kafka.bootstrap,
             group_id=None,
@@ -309,7 +309,6 @@ class KafkaStore:
             auto_offset_reset="earliest",
         )
         await self._consumer.start()
-        partitions = await self._partitions()
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
@@ -323,36 +322,35 @@ class KafkaStore:
         self._connected = True
         log.info("registry: %d route state(s) read from topic %s", len(self._states), self.topic)
 
-    async def _partitions(self) -> set[int]:
-        for _ in range(50):
-            partitions = self._consumer.partitions_for_topic(self.topic)
-            if partitions:
-                return set(partitions)
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001
-            await asyncio.sleep(0.1)
-        raise UpstreamUnavailable(f"registry topic {self.topic} has no partitions")
-
-    async def _ensure_topic(self) -> None:
-        """Create the topic compacted if missing (auto-creation would make it non-compacted)."""
+    async def _ensure_topic(self) -> set[int]:
+        """Create the topic compacted if missing (auto-creation would make it non-compacted);
+        return its partition ids."""
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-        from aiokafka.errors import TopicAlreadyExistsError
 
         admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap)
         await admin.start()
         try:
-            topics = await admin.list_topics()
-            if self.topic in topics:
-                return
-            topic = NewTopic(
-                self.topic, num_partitions=1, replication_factor=-1,
-                topic_configs={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
-            )
-            try:
-                await admin.create_topics([topic])
-            except TopicAlreadyExistsError:
-                pass
-            else:
+            if self.topic not in await admin.list_topics():
+                topic = NewTopic(
+                    self.topic, num_partitions=1, replication_factor=-1,
+                    topic_configs={"cleanup.policy": "compact"},
+                )
+                response = await admin.create_topics([topic])
+                for error in getattr(response, "topic_errors", ()):
+                    code = error[1]
+                    if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another replica won)
+                        raise UpstreamUnavailable(
+                            f"cannot create registry topic {self.topic}: {error}"
+                        )
                 log.info("registry: created compacted topic %s", self.topic)
+            for _ in range(100):  # creation is asynchronous: wait for the partitions to exist
+                for desc in await admin.describe_topics([self.topic]):
+                    partitions = {int(p["partition"]) for p in desc.get("partitions") or ()}
+                    if desc.get("topic") == self.topic and not desc.get("error_code") \
+                            and partitions:
+                        return partitions
+                await asyncio.sleep(0.1)
+            raise UpstreamUnavailable(f"registry topic {self.topic} has no partitions")
         finally:
             await admin.close()
 

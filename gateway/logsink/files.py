@@ -68,13 +68,25 @@ class _SegmentWriter:
             self.size += 1
 
     def write(self, lines: list[bytes]) -> None:
-        if self.size >= self.segment_bytes:
-            self.file.close()
-            self._open(self._path_for(self.sequence))
-        payload = b"\n".join(lines) + b"\n"
-        self.file.write(payload)
-        self.size += len(payload)
-        self.sequence += len(lines)
+        """Append lines, starting a new segment whenever the current one reaches its size."""
+        chunk: list[bytes] = []
+        chunk_bytes = 0
+        for line in lines:
+            if chunk and self.size + chunk_bytes >= self.segment_bytes:
+                self._append(chunk, chunk_bytes)
+                chunk, chunk_bytes = [], 0
+            if not chunk and self.size >= self.segment_bytes:
+                self.file.close()
+                self._open(self._path_for(self.sequence))
+            chunk.append(line)
+            chunk_bytes += len(line) + 1
+        if chunk:
+            self._append(chunk, chunk_bytes)
+
+    def _append(self, chunk: list[bytes], chunk_bytes: int) -> None:
+        self.file.write(b"\n".join(chunk) + b"\n")
+        self.size += chunk_bytes
+        self.sequence += len(chunk)
 
     def sync(self) -> None:
         self.file.flush()

@@ -1,0 +1,701 @@
+"""The Kafka sink: every record to Kafka, none lost, never on the client's critical path.
+
+How a record travels
+--------------------
+`emit()` (synchronous, called from the gateway's record task) appends `(seq, stream, key,
+value)` to an in-memory FIFO and returns. A single *pump* task takes the queue in *flights*
+(up to `flight_records` records / `flight_bytes` bytes), hands each record to aiokafka's
+`producer.send()` (which batches per partition, compresses and pipelines; never
+`send_and_wait` per record) and then waits for all of the flight's delivery futures. Streams map
+to topics (`inferences` -> `topic`, `labels` -> `labels_topic`, `audit` -> `audit_topic`), the
+key is the request id, the producer is idempotent with `acks="all"`.
+
+No loss
+-------
+A record leaves the sink's responsibility only when Kafka acknowledged it, it was written and
+fsynced to the local spill (gateway/logsink/spill.py, under `<log.path>/spill/`), or it was
+set aside visibly (oversized, see below). Concretely:
+
+- A flight whose delivery fails or is not confirmed within `request_timeout_ms` of no progress:
+  its unconfirmed records go to the spill (in their emit order), the producer is discarded
+  (after a failed batch an idempotent producer's sequence numbers are no longer trustworthy, so
+  a fresh one, with a fresh producer id, is cheaper than repairing it), the sink is *down*.
+- While down, a background task moves the queue to the spill as records arrive, so an outage
+  costs memory only for milliseconds and a crash during it loses nothing already emitted
+  (up to the last fsync). The pump reconnects with exponential backoff (`retry_backoff_ms`
+  up to `reconnect_backoff_max_ms`).
+- Whenever the spill is not empty the pump replays it, oldest first, before sending anything
+  from the queue: replay order is spill order, and the spill receives records in emit order, so
+  consumers see the emit order (with at-least-once duplicates, below). Delivered spill segments
+  are deleted. A spill left by a previous run (e.g. SIGTERM during an outage) is replayed the
+  same way when the next sink starts.
+- `close()` (SIGTERM) gives in-flight and queued records up to `close_timeout_s` to be
+  acknowledged, then spills whatever is still unconfirmed, fsyncs and returns.
+
+Delivery is at-least-once: a record whose acknowledgement was lost (broker died after writing
+it) is spilled and sent again. Consumers dedupe by key (request id) where it matters; the
+evaluator's join already does.
+
+One ordering caveat: if the in-memory queue overflows (below) while a flight is out and that
+flight then fails, the flight's records land in the spill after the overflowed (newer) ones.
+Nothing is lost; only that swap is possible, and only under overload plus a failure.
+
+Limits (each visible: a metric and an ERROR log, never silent)
+--------------------------------------------------------------
+- In-memory queue full (`max_buffered_records` / `max_buffered_bytes`): `emit` writes the queue
+  and the new record to the spill synchronously (one write + fsync) rather than block on or drop
+  anything. If a background spill write is in progress (it is about to drain the queue anyway),
+  the queue may grow to twice the bound first, so two writers never interleave.
+- Spill at its disk budget (`spill_budget_bytes`): ERROR log once per episode,
+  `understudy_log_spill_full` = 1. The sink then keeps records in memory up to **twice** the
+  queue bound and beyond that **drops the newest record**, counting it in
+  `understudy_log_records{outcome="dropped"}` with a (rate-limited) ERROR log.
+  Why not block: `emit` runs on the gateway's event loop, so blocking it would turn a Kafka
+  outage into a gateway outage, against the first rule that the client never waits for the log;
+  the disk budget is the operator's own statement of how much outage to absorb. Why drop the
+  newest: what is already buffered is older, already ordered and (on disk) durable; evicting it
+  would reorder and lose data that is closer to being delivered.
+- A record larger than the producer's `max_request_bytes` (or refused by the broker as too
+  large) can never be delivered, so it is neither retried nor spilled (it would block the
+  replay forever): it is written to `<log.path>/oversized/<stream>/<ns>-<key>.json` (fsynced),
+  counted in `understudy_log_records{outcome="oversized"}`, and logged as an ERROR with its path.
+
+Metrics: `understudy_log_records{stream, outcome}` with outcome `produced` (acknowledged by
+Kafka, replays included), `replayed` (the part of `produced` that came from the spill),
+`spilled`, `oversized`, `dropped`; `understudy_log_buffered_records{sink="kafka"}` (queued +
+in flight, i.e. not yet durable anywhere), `understudy_log_spill_bytes`,
+`understudy_log_spill_full`, `understudy_kafka_producer_errors{error}` (per record that failed
+to produce, by exception type), `understudy_kafka_connected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from gateway import metrics
+from gateway.config import KafkaConfig
+from gateway.logsink.spill import SpillBatch, SpillBuffer, SpillRecord, is_placeholder
+from gateway.records import AUDIT, INFERENCES, LABELS
+
+log = logging.getLogger(__name__)
+
+_Queued = tuple[int, str, str, bytes]  # (seq, stream, key, value)
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+_SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class _Flight:
+    """Records handed to the producer and not yet settled (acked, spilled or set aside)."""
+
+    records: list[SpillRecord]
+    seqs: list[int]  # emit sequence numbers; empty for a replay flight
+    batch: SpillBatch | None = None  # set for a replay flight
+    futures: list[asyncio.Future[Any] | None] = field(default_factory=list)
+
+
+class KafkaSink:
+    """LogSink that produces to Kafka with a durable local spill; see the module docstring."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        spill_dir: str | Path,
+        *,
+        oversized_dir: str | Path | None = None,
+        max_buffered_records: int = 50_000,
+        max_buffered_bytes: int = 64 * 1024 * 1024,
+        flight_records: int = 5_000,
+        flight_bytes: int = 8 * 1024 * 1024,
+        max_batch_bytes: int = 512 * 1024,
+        request_timeout_ms: int = 30_000,
+        retry_backoff_ms: int = 200,
+        reconnect_backoff_max_ms: int = 5_000,
+        metadata_max_age_ms: int = 60_000,
+        close_timeout_s: float = 10.0,
+        client_id: str = "understudy-gateway",
+        spill_fsync: bool = True,
+    ) -> None:
+        self.config = config
+        self.spill_dir = Path(spill_dir)
+        self.oversized_dir = (
+            Path(oversized_dir) if oversized_dir else self.spill_dir.parent / "oversized")
+        self.topics = {
+            INFERENCES: config.topic, LABELS: config.labels_topic, AUDIT: config.audit_topic,
+        }
+        self.max_buffered_records = max_buffered_records
+        self.max_buffered_bytes = max_buffered_bytes
+        self.flight_records = flight_records
+        self.flight_bytes = flight_bytes
+        self.close_timeout = close_timeout_s
+        self._request_timeout = request_timeout_ms / 1000
+        self._backoff_base = retry_backoff_ms / 1000
+        self._backoff_max = max(reconnect_backoff_max_ms, retry_backoff_ms) / 1000
+        compression = (config.compression or "none").lower()
+        self._producer_kwargs: dict[str, Any] = {
+            "bootstrap_servers": config.bootstrap,
+            "client_id": client_id,
+            "acks": "all",
+            "enable_idempotence": True,
+            "compression_type": None if compression == "none" else compression,
+            "linger_ms": config.linger_ms,
+            "max_request_size": config.max_request_bytes,
+            "max_batch_size": min(max_batch_bytes, config.max_request_bytes),
+            "request_timeout_ms": request_timeout_ms,
+            "retry_backoff_ms": retry_backoff_ms,
+            "metadata_max_age_ms": metadata_max_age_ms,
+        }
+        self.spill = SpillBuffer(self.spill_dir, config.spill_budget_bytes, fsync=spill_fsync)
+
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._queue_bytes = 0
+        self._seq = 0
+        self._flight: _Flight | None = None
+        self._spilling: list[_Queued] | None = None  # chunk being written by the spiller
+        self._producer: AIOKafkaProducer | None = None
+        self._retiring: set[AIOKafkaProducer] = set()
+        self._down = False
+        self._closing = False
+        self._closed = False
+        self._started = False
+        self._pump: asyncio.Task[None] | None = None
+        self._spiller: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._spill_wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._order_lock = asyncio.Lock()
+        self._dropped_since_log = 0
+        self._last_drop_log = 0.0
+        self._buffered_gauge = metrics.LOG_BUFFERED.labels("kafka")
+
+    # ------------------------------------------------------------------ LogSink
+
+    async def start(self) -> None:
+        """Open the spill (replaying a previous run's leftovers first) and start the pump.
+
+        Never fails because Kafka is unreachable: the sink starts *down* and spills until the
+        broker answers. It does fail if the spill directory is unusable or owned by another
+        process, since then the no-loss promise could not be kept.
+        """
+        if self._started:
+            return
+        await asyncio.to_thread(self.spill.open)
+        metrics.KAFKA_UP.set(0)
+        self._started = True
+        self._pump = asyncio.create_task(self._run_pump(), name="kafka-sink-pump")
+        self._spiller = asyncio.create_task(self._run_spiller(), name="kafka-sink-spiller")
+
+    def emit(self, stream: str, key: str, value: bytes) -> None:
+        """Queue one record; never waits on the network. See the module docstring for limits."""
+        if self._closed:
+            raise RuntimeError("KafkaSink is closed")
+        if stream not in self.topics:
+            raise ValueError(f"unknown log stream {stream!r}; expected one of {list(self.topics)}")
+        size = len(key) + len(value)
+        if size + 128 > self.config.max_request_bytes and self._too_large(key, value):
+            self._set_aside(SpillRecord(stream, key, value), "larger than max_request_bytes")
+            return
+        self._seq += 1
+        record = (self._seq, stream, key, value)
+        if (len(self._queue) < self.max_buffered_records
+                and self._queue_bytes < self.max_buffered_bytes):
+            self._enqueue(record)
+            return
+        self._overflow(record)
+
+    async def flush(self) -> None:
+        """Return once every record emitted before the call is acknowledged or on local disk.
+
+        When the broker is down, or the spill has a backlog the queue would wait behind, the
+        queue goes to the spill now instead of waiting for Kafka. Returns early (with a
+        warning) only when neither Kafka nor the spill can take more: the spill is full.
+        """
+        self._check_pump()
+        target = self._seq
+        if self._down or not self.spill.is_empty():
+            await self._spill_queue()
+        self._wake.set()
+        while not self._settled_before(target):
+            if self.spill.full and self._down:
+                log.warning("flush: Kafka is down and the spill is full; %d records are only "
+                            "in memory", len(self._queue))
+                return
+            self._check_pump()
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout=1.0)
+
+    async def close(self) -> None:
+        """Deliver what can be delivered within `close_timeout_s`, spill the rest, fsync, stop."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closing = True
+        self._wake.set()
+        self._spill_wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.close_timeout
+        if self._spiller is not None:
+            # Not cancelled: a cancelled spill write would lose track of the chunk it took.
+            await self._spiller
+        if self._pump is not None:
+            done, _ = await asyncio.wait({self._pump}, timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            if self._pump.done() and not self._pump.cancelled() and self._pump.exception():
+                log.error("kafka sink pump had crashed", exc_info=self._pump.exception())
+        leftovers: list[SpillRecord] = []
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            leftovers.extend(await self._settle_abandoned(flight))
+        queued = self._take_all()
+        leftovers.extend(SpillRecord(s, k, v) for _, s, k, v in queued)
+        if leftovers:
+            written = await asyncio.to_thread(self.spill.append, leftovers)
+            self._count("spilled", leftovers[:written])
+            if written < len(leftovers):
+                lost = leftovers[written:]
+                self._count("dropped", lost)
+                log.error("kafka sink closing: spill is full; %d records DROPPED", len(lost))
+        for producer in [self._producer, *self._retiring]:
+            if producer is not None:
+                await self._stop_producer(producer)
+        self._producer = None
+        self._retiring.clear()
+        await asyncio.to_thread(self.spill.close)
+        metrics.KAFKA_UP.set(0)
+        self._buffered_gauge.set(0)
+        self._closed = True
+        self._progress.set()
+
+    # ------------------------------------------------------------------ emit helpers
+
+    def _enqueue(self, record: _Queued) -> None:
+        self._queue.append(record)
+        self._queue_bytes += len(record[2]) + len(record[3])
+        self._buffered_gauge.set(len(self._queue))
+        if len(self._queue) == 1:
+            if self._down:
+                self._spill_wake.set()
+            else:
+                self._wake.set()
+
+    def _overflow(self, record: _Queued) -> None:
+        """The queue is at its bound: spill synchronously, or hold, or drop (docstring)."""
+        hard = (len(self._queue) >= 2 * self.max_buffered_records
+                or self._queue_bytes >= 2 * self.max_buffered_bytes)
+        if not hard and (self._spilling is not None or self.spill.full):
+            self._enqueue(record)
+            return
+        if not self.spill.full and not self._closing:
+            self._enqueue(record)
+            chunk = self._take_all()
+            records = [SpillRecord(s, k, v) for _, s, k, v in chunk]
+            written = self.spill.append(records)
+            self._count("spilled", records[:written])
+            self._requeue_front(chunk[written:])
+            self._progress.set()
+            if written:
+                return
+        if not hard:
+            self._enqueue(record)
+            return
+        if record in self._queue:  # it went in above and the spill would not take it
+            self._queue.remove(record)
+            self._queue_bytes -= len(record[2]) + len(record[3])
+        self._drop(SpillRecord(record[1], record[2], record[3]))
+
+    def _drop(self, record: SpillRecord) -> None:
+        self._count("dropped", [record])
+        self._dropped_since_log += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= 10.0:
+            log.error(
+                "kafka sink DROPPED %d record(s) (latest: %s key=%s): Kafka is not taking them, "
+                "the spill is at its budget of %d bytes and the memory queue is at its bound",
+                self._dropped_since_log, record.stream, record.key,
+                self.config.spill_budget_bytes)
+            self._dropped_since_log = 0
+            self._last_drop_log = now
+
+    def _too_large(self, key: str, value: bytes) -> bool:
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key.encode(), value, [])
+        return size > self.config.max_request_bytes
+
+    def _set_aside(self, record: SpillRecord, reason: str) -> None:
+        """Write an undeliverable record to `oversized/` (fsynced) and say so loudly."""
+        directory = self.oversized_dir / (record.stream or "unknown")
+        safe_key = _SAFE_KEY.sub("_", record.key)[:80] or "nokey"
+        path = directory / f"{time.time_ns():020d}-{safe_key}.json"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(record.value)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            log.exception("could not write oversized record %s key=%s (%d bytes) to %s: DROPPED",
+                          record.stream, record.key, len(record.value), path)
+            self._count("dropped", [record])
+            return
+        self._count("oversized", [record])
+        log.error("log record %s key=%s is %d bytes, %s; it cannot go to Kafka and was written "
+                  "to %s", record.stream, record.key, len(record.value), reason, path)
+
+    def _count(self, outcome: str, records: Iterable[SpillRecord]) -> None:
+        per_stream = collections.Counter(r.stream for r in records if not is_placeholder(r))
+        for stream, n in per_stream.items():
+            metrics.LOG_RECORDS.labels(stream, outcome).inc(n)
+
+    # ------------------------------------------------------------------ queue helpers
+
+    def _take(self, max_records: int, max_bytes: int) -> list[_Queued]:
+        taken: list[_Queued] = []
+        size = 0
+        while self._queue and len(taken) < max_records and (not taken or size < max_bytes):
+            record = self._queue.popleft()
+            size += len(record[2]) + len(record[3])
+            taken.append(record)
+        self._queue_bytes -= size
+        self._buffered_gauge.set(len(self._queue) + len(taken))
+        return taken
+
+    def _take_all(self) -> list[_Queued]:
+        taken = list(self._queue)
+        self._queue.clear()
+        self._queue_bytes = 0
+        return taken
+
+    def _requeue_front(self, records: Sequence[_Queued]) -> None:
+        """Put records back at the head (they are older than anything queued)."""
+        for record in reversed(records):
+            self._queue.appendleft(record)
+            self._queue_bytes += len(record[2]) + len(record[3])
+        self._buffered_gauge.set(len(self._queue))
+
+    def _settled_before(self, target: int) -> bool:
+        if self._queue and self._queue[0][0] <= target:
+            return False
+        if self._flight is not None and self._flight.seqs and self._flight.seqs[0] <= target:
+            return False
+        return not (self._spilling and self._spilling[0][0] <= target)
+
+    def _check_pump(self) -> None:
+        if self._pump is not None and self._pump.done() and not self._closing:
+            exc = None if self._pump.cancelled() else self._pump.exception()
+            raise RuntimeError("kafka sink pump is not running") from exc
+
+    async def _spill_queue(self) -> None:
+        """Move the whole queue to the spill now (order kept; what does not fit stays)."""
+        async with self._order_lock:
+            chunk = self._take_all()
+            if not chunk:
+                return
+            self._spilling = chunk
+            try:
+                records = [SpillRecord(s, k, v) for _, s, k, v in chunk]
+                written = await asyncio.to_thread(self.spill.append, records)
+            finally:
+                self._spilling = None
+            self._count("spilled", records[:written])
+            self._requeue_front(chunk[written:])
+            self._progress.set()
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _run_spiller(self) -> None:
+        """While Kafka is down, keep the queue on disk so a crash cannot take it."""
+        while not self._closing:
+            await self._spill_wake.wait()
+            self._spill_wake.clear()
+            while self._down and self._queue and not self._closing:
+                before = len(self._queue)
+                await self._spill_queue()
+                if len(self._queue) >= before:  # spill full: wait for replay to free space
+                    break
+                await asyncio.sleep(0)  # let emit() run between chunks
+
+    async def _run_pump(self) -> None:
+        backoff = self._backoff_base
+        while True:
+            if self._producer is None:
+                if self._closing:
+                    return
+                if not await self._connect():
+                    self._set_down("cannot connect")
+                    await self._pause(backoff)
+                    backoff = min(backoff * 2, self._backoff_max)
+                    continue
+            if not self.spill.is_empty():
+                if self._closing:
+                    return  # the queue waits behind the spill: close() spills it
+                ok = await self._replay_once()
+            else:
+                async with self._order_lock:
+                    chunk = (self._take(self.flight_records, self.flight_bytes)
+                             if self.spill.is_empty() else [])
+                if chunk:
+                    ok = await self._send_queued(chunk)
+                elif not self.spill.is_empty():
+                    continue
+                else:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    if not self._queue:
+                        await self._wake.wait()
+                    continue
+            if ok:
+                backoff = self._backoff_base
+            else:
+                await self._retire_producer()
+                await self._pause(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep for a backoff, but wake at once for close()."""
+        if self._closing:
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    def _set_down(self, why: str) -> None:
+        metrics.KAFKA_UP.set(0)
+        if not self._down:
+            log.warning("Kafka at %s unreachable (%s); spilling log records to %s",
+                        self.config.bootstrap, why, self.spill_dir)
+            self._down = True
+        self._spill_wake.set()
+        self._progress.set()
+
+    def _set_up(self) -> None:
+        metrics.KAFKA_UP.set(1)
+        if self._down:
+            log.warning("Kafka at %s is delivering again; spill backlog %d bytes",
+                        self.config.bootstrap, self.spill.pending_bytes)
+            self._down = False
+
+    # ------------------------------------------------------------------ producer
+
+    async def _connect(self) -> bool:
+        producer = AIOKafkaProducer(**self._producer_kwargs)
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                await producer.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            metrics.KAFKA_PRODUCER_ERRORS.labels(type(exc).__name__).inc()
+            log.debug("kafka producer start failed: %r", exc)
+            await self._stop_producer(producer)
+            return False
+        except asyncio.CancelledError:
+            await self._stop_producer(producer)
+            raise
+        self._producer = producer
+        return True
+
+    async def _retire_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        self._retiring.add(producer)
+        await self._stop_producer(producer)
+        self._retiring.discard(producer)
+
+    async def _stop_producer(self, producer: AIOKafkaProducer) -> None:
+        """Stop a producer within a bounded time, even with undeliverable batches pending.
+
+        `producer.stop()` waits for every pending batch; with the broker gone they only expire
+        after `request_timeout_ms`. Their records are already spilled by then, so the batches
+        are failed at once through the accumulator (aiokafka has no public call for this).
+        """
+        task = asyncio.ensure_future(producer.stop())
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        if not done:
+            accumulator = getattr(producer, "_message_accumulator", None)
+            if accumulator is not None:
+                accumulator.fail_all(KafkaTimeoutError("kafka sink abandoned this producer"))
+            done, _ = await asyncio.wait({task}, timeout=max(2.0, self._request_timeout))
+        if not done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            with contextlib.suppress(Exception):
+                await producer.client.close()
+        elif task.exception() is not None:
+            log.debug("kafka producer stop: %r", task.exception())
+
+    # ------------------------------------------------------------------ delivery
+
+    async def _send_queued(self, chunk: list[_Queued]) -> bool:
+        flight = _Flight([SpillRecord(s, k, v) for _, s, k, v in chunk], [q[0] for q in chunk])
+        self._flight = flight
+        outcomes = await self._deliver(flight)
+        failed: list[_Queued] = []
+        delivered: list[SpillRecord] = []
+        for queued, record, outcome in zip(chunk, flight.records, outcomes, strict=True):
+            if outcome is None:
+                delivered.append(record)
+            elif isinstance(outcome, _TOO_LARGE):
+                self._set_aside(record, f"refused by Kafka ({type(outcome).__name__})")
+            else:
+                failed.append(queued)
+                metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
+        self._count("produced", delivered)
+        if failed:
+            first = next(o for o in outcomes if o is not None and not isinstance(o, _TOO_LARGE))
+            self._set_down(f"{len(failed)} of {len(chunk)} records not confirmed: {first!r}")
+            async with self._order_lock:
+                records = [SpillRecord(s, k, v) for _, s, k, v in failed]
+                written = await asyncio.to_thread(self.spill.append, records)
+                self._count("spilled", records[:written])
+                self._requeue_front(failed[written:])
+        elif delivered:
+            self._set_up()
+        self._flight = None
+        self._buffered_gauge.set(len(self._queue))
+        self._progress.set()
+        return not failed
+
+    async def _replay_once(self) -> bool:
+        batch = await asyncio.to_thread(self.spill.peek, self.flight_records, self.flight_bytes)
+        if not batch.records:
+            return True
+        flight = _Flight(batch.records, [], batch)
+        self._flight = flight
+        outcomes = await self._deliver(flight)
+        settled = 0
+        delivered: list[SpillRecord] = []
+        for record, outcome in zip(batch.records, outcomes, strict=True):
+            if outcome is None or isinstance(outcome, _TOO_LARGE):
+                if outcome is not None:
+                    self._set_aside(record, f"refused by Kafka ({type(outcome).__name__})")
+                elif not is_placeholder(record):
+                    delivered.append(record)
+                settled += 1 if settled == len(delivered) + (settled - len(delivered)) else 0
+            else:
+                metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
+        settled = _settled_prefix(batch.records, outcomes)
+        self._count("produced", delivered)
+        self._count("replayed", delivered)
+        await asyncio.to_thread(self.spill.commit, batch, settled)
+        self._flight = None
+        self._progress.set()
+        self._spill_wake.set()
+        if settled < len(batch.records):
+            first = outcomes[settled]
+            self._set_down(f"replay not confirmed: {first!r}")
+            return False
+        self._set_up()
+        return True
+
+    async def _deliver(self, flight: _Flight) -> list[BaseException | None]:
+        """Send a flight; return per record None (acked) or the exception that stopped it.
+
+        Waits while deliveries make progress; gives up after `request_timeout_ms` without any
+        (the broker is gone, or aiokafka is stuck on it), marking the rest as timed out.
+        """
+        producer = self._producer
+        assert producer is not None
+        n = len(flight.records)
+        outcomes: list[BaseException | None] = [None] * n
+        flight.futures = [None] * n
+        loop = asyncio.get_running_loop()
+        sent = 0
+        try:
+            async with asyncio.timeout(self._request_timeout) as window:
+                for i, record in enumerate(flight.records):
+                    if is_placeholder(record):
+                        sent = i + 1
+                        continue
+                    topic = self.topics.get(record.stream)
+                    if topic is None:
+                        outcomes[i] = RecordTooLargeError(f"unknown stream {record.stream!r}")
+                    else:
+                        try:
+                            flight.futures[i] = await producer.send(
+                                topic, record.value, record.key.encode())
+                        except _TOO_LARGE as exc:
+                            outcomes[i] = exc
+                    sent = i + 1
+                    window.reschedule(loop.time() + self._request_timeout)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            error = exc if not isinstance(exc, TimeoutError) else KafkaTimeoutError(
+                "send not accepted within request_timeout_ms")
+            for i in range(sent, n):
+                outcomes[i] = error
+        pending = {f for f in flight.futures if f is not None}
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=self._request_timeout)
+            if not done:
+                break
+        for i, fut in enumerate(flight.futures):
+            if fut is None:
+                continue
+            if not fut.done():
+                fut.add_done_callback(_retrieve)
+                outcomes[i] = KafkaTimeoutError("delivery not confirmed within request_timeout_ms")
+            elif fut.cancelled():
+                outcomes[i] = KafkaTimeoutError("delivery cancelled")
+            else:
+                outcomes[i] = fut.exception()
+        return outcomes
+
+    async def _settle_abandoned(self, flight: _Flight) -> list[SpillRecord]:
+        """At close: what of an interrupted flight still needs the spill (in order)."""
+        acked = [
+            i < len(flight.futures) and (f := flight.futures[i]) is not None and f.done()
+            and not f.cancelled() and f.exception() is None
+            for i in range(len(flight.records))
+        ]
+        for fut in flight.futures:
+            if fut is not None and not fut.done():
+                fut.add_done_callback(_retrieve)
+        if flight.batch is not None:
+            prefix = 0
+            while prefix < len(acked) and (acked[prefix] or is_placeholder(
+                    flight.records[prefix])):
+                prefix += 1
+            delivered = [r for r, a in zip(flight.records[:prefix], acked, strict=False) if a]
+            self._count("produced", delivered)
+            self._count("replayed", delivered)
+            await asyncio.to_thread(self.spill.commit, flight.batch, prefix)
+            return []
+        delivered = [r for r, a in zip(flight.records, acked, strict=True) if a]
+        self._count("produced", delivered)
+        return [r for r, a in zip(flight.records, acked, strict=True) if not a]
+
+
+def _settled_prefix(records: Sequence[SpillRecord], outcomes: Sequence[BaseException | None]) -> int:
+    """How many leading records of a replay flight are done with (acked or set aside)."""
+    for i, outcome in enumerate(outcomes):
+        if outcome is not None and not isinstance(outcome, _TOO_LARGE):
+            return i
+    return len(records)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a late future's exception as seen: its record was already spilled."""
+    if not fut.cancelled():
+        fut.exception()
