@@ -133,7 +133,7 @@ class ReportConfig:
 @dataclass(frozen=True)
 class GatewayAdminConfig:
     url: str = "http://127.0.0.1:8080"
-    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"
+    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
     timeout_s: float = 10.0
 
 

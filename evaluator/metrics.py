@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from evaluator.dataset import EvalDataset
 from evaluator.significance import _dataclass_dict, delong_covariance, jsonable, midranks
@@ -151,7 +151,7 @@ def per_request_loss(
 
 
 def _zcrit(alpha: float) -> float:
-    return float(stats.norm.ppf(1.0 - alpha / 2.0))
+    return float(special.ndtri(1.0 - alpha / 2.0))
 
 
 def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.admin import install_admin
 from gateway.config import GatewayConfig
 from gateway.feedback import FeedbackService
 from gateway.http import (
@@ -87,6 +88,10 @@ def create_app(
         log.info("draining %d pending records", recorder.pending)
         await recorder.drain()
 
-    app.cleanup_ctx.extend([upstream_ctx, sink_ctx, recorder_ctx])
+    # Control plane: challenger registry + /admin API (gateway/admin.py). Its context starts
+    # after the sink (audit entries go there) and stops before it.
+    registry_ctx = install_admin(app, config, routes, sink)
+
+    app.cleanup_ctx.extend([upstream_ctx, sink_ctx, registry_ctx, recorder_ctx])
     add_routes(app)
     return app

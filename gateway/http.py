@@ -53,6 +53,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             headers[REQUEST_ID_HEADER] = request_id
         if (served := getattr(exc, "served_model", None)) is not None:
             headers["X-Served-Model"] = served
+        headers.update(getattr(exc, "headers", None) or {})  # e.g. the admin API's WWW-Authenticate
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         return _error_response(exc.status, exc.message, headers)

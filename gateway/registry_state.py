@@ -95,6 +95,7 @@ def route_to_raw(config: RouteConfig) -> dict[str, Any]:
     """A route as the plain mapping `parse_route` accepts (the YAML shape, minus the name)."""
     raw = asdict(config)
     raw.pop("name")
+    raw["challengers"] = list(raw["challengers"])  # JSON-shaped: equal after a round trip
     return raw
 
 

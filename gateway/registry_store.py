@@ -29,7 +29,7 @@ import fcntl
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +45,7 @@ OnChange = Callable[[RouteState], None]
 FILE_FORMAT = "understudy.registry/1"
 
 
-class StaleWrite(Exception):  # noqa: N818 - it is a condition the caller handles, not a bug
+class StaleWrite(Exception):
     """The stored version of a route is not the one the write was based on."""
 
     def __init__(self, route: str, expected: int, actual: int) -> None:
@@ -266,6 +266,10 @@ class KafkaStore:
         self._connected = False
         self._write_lock = asyncio.Lock()
         self._cache_task: asyncio.Task[None] | None = None
+        self._hooks: set[asyncio.Task[None]] = set()
+        # Set by the registry: run once the store becomes reachable after a degraded start
+        # (it seeds the routes it could not seed then).
+        self.on_connected: Callable[[], Awaitable[None]] | None = None
 
     @property
     def connected(self) -> bool:
@@ -276,7 +280,7 @@ class KafkaStore:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 await self._connect()
-        except (TimeoutError, OSError, Exception) as exc:  # noqa: BLE001 - any broker failure
+        except (TimeoutError, OSError, Exception) as exc:
             await self._disconnect()
             cached = await asyncio.to_thread(self._read_cache)
             log.error(
@@ -332,9 +336,12 @@ class KafkaStore:
         try:
             if self.topic not in await admin.list_topics():
                 topic = NewTopic(
-                    self.topic, num_partitions=1, replication_factor=-1,
+                    self.topic, num_partitions=1, replication_factor=1,
                     topic_configs={"cleanup.policy": "compact"},
                 )
+                # -1: the cluster's default.replication.factor (CreateTopics v4+), which
+                # NewTopic's own argument check does not allow to say directly.
+                topic.replication_factor = -1
                 response = await admin.create_topics([topic])
                 for error in getattr(response, "topic_errors", ()):
                     code = error[1]
@@ -368,11 +375,15 @@ class KafkaStore:
             try:
                 async with asyncio.timeout(self.connect_timeout_s):
                     await self._connect()
-            except Exception as exc:  # noqa: BLE001 - keep retrying whatever the failure
+            except Exception as exc:
                 log.warning("registry topic still unreachable: %s", exc or type(exc).__name__)
                 await self._disconnect()
                 continue
             log.info("registry topic %s reachable again; following it", self.topic)
+            if self.on_connected is not None:
+                hook = asyncio.create_task(self.on_connected())
+                self._hooks.add(hook)
+                hook.add_done_callback(self._hooks.discard)
             await self._follow()
             return
 
@@ -423,7 +434,7 @@ class KafkaStore:
                 await self._poll_once(500)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the follower must survive broker hiccups
+            except Exception:
                 log.exception("registry: error following topic %s; retrying", self.topic)
                 await asyncio.sleep(self.retry_interval_s)
 

@@ -80,6 +80,8 @@ async def make_gateway(triton: Any, tmp_path: Path) -> AsyncIterator[GatewayFact
         raw: dict[str, Any] = {
             "triton": {"url": triton.url, "timeout_ms": 5000},
             "log": {"path": str(tmp_path / f"log{len(handles)}"), "fsync": "never"},
+            # Each gateway its own registry state unless a test shares one on purpose.
+            "admin": {"state_path": str(tmp_path / f"state{len(handles)}" / "registry.json")},
             "routes": routes,
         }
         for name, value in sections.items():

@@ -315,14 +315,27 @@ def _java_cmd(jars: Path, directory: Path, heap: str, main: str, *args: str) -> 
     ]
 
 
-def _read_state(directory: Path) -> BrokerState | None:
+def read_state(directory: str | Path) -> BrokerState | None:
+    """What the last `start` on this dir recorded (running or not), or None."""
+    directory = Path(directory).resolve()
     try:
         return BrokerState(**json.loads((directory / "broker.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
+# Brokers started by this process: kept referenced so that Popen does not warn about a child it
+# thinks was forgotten, and polled (reaped) through Popen so no zombie lingers after `stop`.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _children[pid]
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -360,7 +373,7 @@ def status(directory: str | Path = DEFAULT_DIR) -> BrokerState | None:
     """The running broker's state for this dir, or None when none runs."""
     directory = Path(directory).resolve()
     pid = _running_pid(directory)
-    state = _read_state(directory)
+    state = read_state(directory)
     if pid is None or state is None:
         return None
     state.pid = pid
@@ -397,7 +410,7 @@ def start(
         else:
             return running
     jars = fetch(version)
-    previous = _read_state(directory)
+    previous = read_state(directory)
     if fresh:
         shutil.rmtree(directory / "data", ignore_errors=True)
         shutil.rmtree(directory / "logs", ignore_errors=True)
@@ -443,6 +456,7 @@ def start(
         )
     finally:
         out.close()
+    _children[proc.pid] = proc
     (directory / "broker.pid").write_text(f"{proc.pid}\n")
     state = BrokerState(pid=proc.pid, port=port, controller_port=controller_port,
                         version=version, dir=str(directory), cluster_id=cluster_id)
@@ -502,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     p_status = sub.add_parser("status", help="print the broker's state; exit 1 if not running")
     for p in (p_fetch, p_start):
         p.add_argument("--version", default=DEFAULT_VERSION)
+    p_fetch.add_argument("--verbose", action="store_true", help="show Maven's output")
     for p in (p_start, p_stop, p_status):
         p.add_argument("--dir", default=DEFAULT_DIR)
     p_start.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -517,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             began = time.monotonic()
-            jars = fetch(args.version, quiet=False)
+            if not (jars_dir(args.version).parent / ".complete").exists():
+                print(f"fetching kafka_2.13:{args.version} and its dependencies with Maven...",
+                      file=sys.stderr)
+            jars = fetch(args.version, quiet=not args.verbose)
             print(f"{jars} ({len(list(jars.glob('*.jar')))} jars, "
                   f"{time.monotonic() - began:.1f}s)")
         elif args.command == "start":
@@ -551,5 +569,5 @@ if __name__ == "__main__":
 
 __all__ = [
     "DEFAULT_VERSION", "BrokerError", "BrokerState", "fetch", "free_port", "is_ready",
-    "jars_dir", "main", "start", "status", "stop",
+    "jars_dir", "main", "read_state", "start", "status", "stop",
 ]

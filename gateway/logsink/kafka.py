@@ -99,7 +99,14 @@ from gateway.records import AUDIT, INFERENCES, LABELS
 log = logging.getLogger(__name__)
 
 _Queued = tuple[int, str, str, bytes]  # (seq, stream, key, value)
-_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
+class UndeliverableError(KafkaError):
+    """A spilled record that no retry can deliver (e.g. its stream has no topic any more)."""
+
+
+# Errors no retry can fix: the record is set aside (oversized/), never spilled or retried.
+_PERMANENT = (MessageSizeTooLargeError, RecordTooLargeError, UndeliverableError)
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -265,6 +272,7 @@ class KafkaSink:
                 await self._pump
             if self._pump.done() and not self._pump.cancelled() and self._pump.exception():
                 log.error("kafka sink pump had crashed", exc_info=self._pump.exception())
+        self._closed = True  # emit() refuses from here: nothing can slip past the final spill
         leftovers: list[SpillRecord] = []
         flight, self._flight = self._flight, None
         if flight is not None:
@@ -286,7 +294,6 @@ class KafkaSink:
         await asyncio.to_thread(self.spill.close)
         metrics.KAFKA_UP.set(0)
         self._buffered_gauge.set(0)
-        self._closed = True
         self._progress.set()
 
     # ------------------------------------------------------------------ emit helpers
@@ -302,28 +309,27 @@ class KafkaSink:
                 self._wake.set()
 
     def _overflow(self, record: _Queued) -> None:
-        """The queue is at its bound: spill synchronously, or hold, or drop (docstring)."""
+        """The queue is at its bound: spill synchronously, hold, or drop (module docstring)."""
         hard = (len(self._queue) >= 2 * self.max_buffered_records
                 or self._queue_bytes >= 2 * self.max_buffered_bytes)
         if not hard and (self._spilling is not None or self.spill.full):
-            self._enqueue(record)
+            self._enqueue(record)  # a spill write is draining the queue / the disk is full
             return
-        if not self.spill.full and not self._closing:
-            self._enqueue(record)
+        if not self.spill.full:
             chunk = self._take_all()
+            chunk.append(record)
             records = [SpillRecord(s, k, v) for _, s, k, v in chunk]
             written = self.spill.append(records)
             self._count("spilled", records[:written])
             self._requeue_front(chunk[written:])
             self._progress.set()
-            if written:
+            if written == len(chunk) or not hard:
                 return
-        if not hard:
+            self._queue.pop()  # the new record, last of the chunk, did not fit
+            self._queue_bytes -= len(record[2]) + len(record[3])
+        elif not hard:
             self._enqueue(record)
             return
-        if record in self._queue:  # it went in above and the spill would not take it
-            self._queue.remove(record)
-            self._queue_bytes -= len(record[2]) + len(record[3])
         self._drop(SpillRecord(record[1], record[2], record[3]))
 
     def _drop(self, record: SpillRecord) -> None:
@@ -437,6 +443,29 @@ class KafkaSink:
                 await asyncio.sleep(0)  # let emit() run between chunks
 
     async def _run_pump(self) -> None:
+        """Deliver forever; an unexpected error is logged and retried, never the end of the log."""
+        while True:
+            try:
+                await self._pump_loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("kafka sink pump failed; restarting it")
+                flight, self._flight = self._flight, None
+                if flight is not None:
+                    leftovers = await self._settle_abandoned(flight)
+                    if leftovers:
+                        written = await asyncio.to_thread(self.spill.append, leftovers)
+                        self._count("spilled", leftovers[:written])
+                        if written < len(leftovers):
+                            self._requeue_front([(0, r.stream, r.key, r.value)
+                                                 for r in leftovers[written:]])
+                await self._retire_producer()
+                self._set_down("internal error")
+                await self._pause(self._backoff_max)
+
+    async def _pump_loop(self) -> None:
         backoff = self._backoff_base
         while True:
             if self._producer is None:
@@ -557,14 +586,14 @@ class KafkaSink:
         for queued, record, outcome in zip(chunk, flight.records, outcomes, strict=True):
             if outcome is None:
                 delivered.append(record)
-            elif isinstance(outcome, _TOO_LARGE):
-                self._set_aside(record, f"refused by Kafka ({type(outcome).__name__})")
+            elif isinstance(outcome, _PERMANENT):
+                self._set_aside(record, _reason(outcome))
             else:
                 failed.append(queued)
                 metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
         self._count("produced", delivered)
         if failed:
-            first = next(o for o in outcomes if o is not None and not isinstance(o, _TOO_LARGE))
+            first = next(o for o in outcomes if o is not None and not isinstance(o, _PERMANENT))
             self._set_down(f"{len(failed)} of {len(chunk)} records not confirmed: {first!r}")
             async with self._order_lock:
                 records = [SpillRecord(s, k, v) for _, s, k, v in failed]
@@ -585,18 +614,17 @@ class KafkaSink:
         flight = _Flight(batch.records, [], batch)
         self._flight = flight
         outcomes = await self._deliver(flight)
-        settled = 0
+        settled = _settled_prefix(batch.records, outcomes)
         delivered: list[SpillRecord] = []
-        for record, outcome in zip(batch.records, outcomes, strict=True):
-            if outcome is None or isinstance(outcome, _TOO_LARGE):
-                if outcome is not None:
-                    self._set_aside(record, f"refused by Kafka ({type(outcome).__name__})")
-                elif not is_placeholder(record):
-                    delivered.append(record)
-                settled += 1 if settled == len(delivered) + (settled - len(delivered)) else 0
+        for i, (record, outcome) in enumerate(zip(batch.records, outcomes, strict=True)):
+            if outcome is None:
+                if not is_placeholder(record):
+                    delivered.append(record)  # after a failure too: it will be a duplicate
+            elif isinstance(outcome, _PERMANENT):
+                if i < settled:  # else it is read again next time; set it aside then
+                    self._set_aside(record, _reason(outcome))
             else:
                 metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
-        settled = _settled_prefix(batch.records, outcomes)
         self._count("produced", delivered)
         self._count("replayed", delivered)
         await asyncio.to_thread(self.spill.commit, batch, settled)
@@ -613,44 +641,95 @@ class KafkaSink:
     async def _deliver(self, flight: _Flight) -> list[BaseException | None]:
         """Send a flight; return per record None (acked) or the exception that stopped it.
 
+        A batch the *broker* refuses as too large (topic `max.message.bytes` below our
+        `max_request_bytes`) fails every record in it, small ones too. Those records are re-sent
+        in halves until the refusal is pinned on single records, so only a record that is too
+        large on its own is set aside; the rest are delivered (after the flight's other records).
+        Each refusal also poisons the idempotent producer's sequence numbers, so each round of
+        re-sending starts on a fresh producer.
+        """
+        n = len(flight.records)
+        outcomes: list[BaseException | None] = [None] * n
+        flight.futures = [None] * n
+        await self._send_group(flight, list(range(n)), outcomes)
+        first = self._refused(flight, range(n), outcomes)
+        groups: collections.deque[list[int]] = collections.deque([first] if first else [])
+        refused_last = bool(first)
+        while groups:
+            group = groups.popleft()
+            await self._retire_producer()
+            if not await self._connect():
+                error = KafkaTimeoutError("reconnect failed while isolating an oversized record")
+                for rest in (group, *groups):
+                    for i in rest:
+                        outcomes[i] = error
+                return outcomes
+            await self._send_group(flight, group, outcomes)
+            refused = self._refused(flight, group, outcomes)
+            refused_last = bool(refused)
+            if not refused or len(group) == 1:
+                continue  # delivered, or refused on its own: set aside by the caller
+            if len(refused) < len(group):
+                groups.append(refused)
+            else:
+                half = len(group) // 2
+                groups.extend((group[:half], group[half:]))
+        if refused_last:
+            await self._retire_producer()  # the next flight must not inherit broken sequences
+        return outcomes
+
+    @staticmethod
+    def _refused(flight: _Flight, indices: Iterable[int],
+                 outcomes: Sequence[BaseException | None]) -> list[int]:
+        """Records a broker refused as too large (not the client-side size check)."""
+        return [i for i in indices
+                if flight.futures[i] is not None and isinstance(outcomes[i], _PERMANENT)]
+
+    async def _send_group(self, flight: _Flight, indices: list[int],
+                          outcomes: list[BaseException | None]) -> None:
+        """Send `flight.records[i]` for i in indices; fill `outcomes` (None = acknowledged).
+
         Waits while deliveries make progress; gives up after `request_timeout_ms` without any
         (the broker is gone, or aiokafka is stuck on it), marking the rest as timed out.
         """
         producer = self._producer
-        assert producer is not None
-        n = len(flight.records)
-        outcomes: list[BaseException | None] = [None] * n
-        flight.futures = [None] * n
+        if producer is None:
+            raise KafkaTimeoutError("no producer")
         loop = asyncio.get_running_loop()
+        for i in indices:
+            flight.futures[i] = None
+            outcomes[i] = None
         sent = 0
         try:
             async with asyncio.timeout(self._request_timeout) as window:
-                for i, record in enumerate(flight.records):
+                for pos, i in enumerate(indices):
+                    record = flight.records[i]
+                    sent = pos
                     if is_placeholder(record):
-                        sent = i + 1
                         continue
                     topic = self.topics.get(record.stream)
                     if topic is None:
-                        outcomes[i] = RecordTooLargeError(f"unknown stream {record.stream!r}")
-                    else:
-                        try:
-                            flight.futures[i] = await producer.send(
-                                topic, record.value, record.key.encode())
-                        except _TOO_LARGE as exc:
-                            outcomes[i] = exc
-                    sent = i + 1
+                        outcomes[i] = UndeliverableError(f"unknown stream {record.stream!r}")
+                        continue
+                    try:
+                        flight.futures[i] = await producer.send(
+                            topic, record.value, record.key.encode())
+                    except _PERMANENT as exc:
+                        outcomes[i] = exc
                     window.reschedule(loop.time() + self._request_timeout)
+                sent = len(indices)
         except (KafkaError, OSError, TimeoutError) as exc:
             error = exc if not isinstance(exc, TimeoutError) else KafkaTimeoutError(
                 "send not accepted within request_timeout_ms")
-            for i in range(sent, n):
+            for i in indices[sent:]:
                 outcomes[i] = error
-        pending = {f for f in flight.futures if f is not None}
+        pending = {f for i in indices if (f := flight.futures[i]) is not None}
         while pending:
             done, pending = await asyncio.wait(pending, timeout=self._request_timeout)
             if not done:
                 break
-        for i, fut in enumerate(flight.futures):
+        for i in indices:
+            fut = flight.futures[i]
             if fut is None:
                 continue
             if not fut.done():
@@ -660,7 +739,6 @@ class KafkaSink:
                 outcomes[i] = KafkaTimeoutError("delivery cancelled")
             else:
                 outcomes[i] = fut.exception()
-        return outcomes
 
     async def _settle_abandoned(self, flight: _Flight) -> list[SpillRecord]:
         """At close: what of an interrupted flight still needs the spill (in order)."""
@@ -687,12 +765,20 @@ class KafkaSink:
         return [r for r, a in zip(flight.records, acked, strict=True) if not a]
 
 
-def _settled_prefix(records: Sequence[SpillRecord], outcomes: Sequence[BaseException | None]) -> int:
+def _settled_prefix(
+    records: Sequence[SpillRecord], outcomes: Sequence[BaseException | None]
+) -> int:
     """How many leading records of a replay flight are done with (acked or set aside)."""
     for i, outcome in enumerate(outcomes):
-        if outcome is not None and not isinstance(outcome, _TOO_LARGE):
+        if outcome is not None and not isinstance(outcome, _PERMANENT):
             return i
     return len(records)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UndeliverableError):
+        return str(exc)
+    return f"refused as too large ({type(exc).__name__})"
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

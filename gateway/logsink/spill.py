@@ -299,7 +299,15 @@ class SpillBuffer:
                 size = self._sizes[seg]
                 if start >= size:
                     continue
-                with open(self._path(seg), "rb") as fh:
+                try:
+                    fh = open(self._path(seg), "rb")  # noqa: SIM115 - closed below
+                except OSError as exc:
+                    log.error("spill: cannot read segment %s (%s); skipping its %d bytes",
+                              self._path(seg).name, exc, size - start)
+                    batch.ends.append((seg, size))
+                    batch.records.append(SpillRecord("", "", b""))  # placeholder
+                    continue
+                with fh:
                     fh.seek(start)
                     pos = start
                     while pos < size:

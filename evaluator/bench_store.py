@@ -1,0 +1,236 @@
+"""Benchmark: which embedded engine backs the evaluator store (`python -m evaluator.bench_store`).
+
+Loads N synthetic requests (default 1M) — a champion and two shadow challengers scoring every
+request, an 8-feature input tensor, 1% re-delivered inference records, labels arriving two
+chunks late with 2% duplicates — into a DuckDB store and a SQLite store through the very same
+`Store` code, then times what the evaluator does with them:
+
+- parse: record bytes -> batches (shared by both engines, timed once);
+- ingest: `Store.ingest` of every batch (20k records per transaction, as `run` does);
+- load_dataset: the joined, labelled EvalDataset of the route (what every report waits on);
+- join_stats and feature_columns (drift), and the store's size on disk.
+
+It also checks whether a second process can open the store while the writer has it open.
+
+Result on the 2-core dev VM (Python 3.11, DuckDB 2.0.1, SQLite 3.40.1), N = 1,000,000:
+
+    engine  ingest (store)  load_dataset  join_stats  feature_columns  size    reader while writing
+    duckdb      49.0 s          1.3 s        0.03 s       0.9 s         218 MB  blocked (file lock)
+    sqlite      54.1 s         19.6 s        0.87 s      16.9 s         694 MB  yes (WAL)
+    (parse, shared: 43.4 s)
+
+Decision: DuckDB. Ingest is a wash (the Python parse dominates either way), but load_dataset —
+on the path of every report, whose budget for 1M requests is 20 s in total — is ~15x faster,
+because DuckDB hands back numpy columns while sqlite3 builds ~5M Python tuples first. DuckDB's
+price is its single-process file lock; the ingest loop releases the file whenever it is caught
+up and readers wait up to `store.lock_timeout_s` (see evaluator/store.py). SQLite remains
+selectable (`store.engine: sqlite`) for deployments that need concurrent readers more than a
+fast report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from evaluator.ingest import RecordParser
+from evaluator.store import Batch, Store
+
+ROUTE = "fraud"
+CHAMPION = "fraud_v3"
+CHALLENGERS = ("fraud_v4", "fraud_v5")
+N_FEATURES = 8
+
+
+def synthetic_chunks(n: int, *, seed: int = 0, chunk: int = 50_000, challengers: int = 2,
+                     dup_rate: float = 0.01, dup_label_rate: float = 0.02,
+                     start_ts: float = 1.7e9, label_lag_chunks: int = 2,
+                     ) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    """(inference lines, label lines) per chunk; labels for chunk k arrive with chunk k+lag."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=N_FEATURES)
+    models = (CHAMPION, *CHALLENGERS[:challengers])
+    pending: list[list[bytes]] = []
+    for first in range(0, n, chunk):
+        m = min(chunk, n - first)
+        x = rng.normal(size=(m, N_FEATURES)).astype(np.float32)
+        logit = x @ w - 1.5
+        y = (rng.random(m) < 1 / (1 + np.exp(-logit))).astype(int)
+        scores = {name: 1 / (1 + np.exp(-(logit + rng.normal(scale=0.5 + 0.3 * k, size=m))))
+                  for k, name in enumerate(models)}
+        ts = start_ts + (first + np.arange(m)) * 0.01
+        lat = rng.gamma(2.0, 2.0, size=(len(models), m))
+        inf_lines: list[bytes] = []
+        label_lines: list[bytes] = []
+        for i in range(m):
+            rid = f"req-{first + i:09d}"
+            outputs = {
+                name: {"role": "champion" if k == 0 else "challenger",
+                       "mode": "served" if k == 0 else "shadow", "version": "1", "status": "ok",
+                       "latency_ms": float(lat[k, i]),
+                       "outputs": {"score": {"datatype": "FP32", "shape": [1, 1],
+                                             "data": [float(scores[name][i])]}},
+                       "error": None}
+                for k, name in enumerate(models)
+            }
+            record = {
+                "schema_version": 1, "kind": "inference", "request_id": rid,
+                "ts": float(ts[i]), "route": ROUTE, "policy": {"type": "champion"},
+                "served": {"model": CHAMPION, "version": "1"}, "propensity": 1.0,
+                "arms": {CHAMPION: 1.0}, "key": None,
+                "inputs": {"features": {"datatype": "FP32", "shape": [1, N_FEATURES],
+                                        "data": x[i].tolist()}},
+                "outputs": outputs, "status": 200, "gateway_latency_ms": float(lat[0, i]) + 0.4,
+            }
+            line = orjson.dumps(record)
+            inf_lines.append(line)
+            if rng.random() < dup_rate:
+                inf_lines.append(line)  # at-least-once re-delivery
+            label = orjson.dumps({"schema_version": 1, "kind": "label", "request_id": rid,
+                                  "label": int(y[i]), "reward": None,
+                                  "event_time": float(ts[i]) + 3600,
+                                  "received_ts": float(ts[i]) + 86400})
+            label_lines.append(label)
+            if rng.random() < dup_label_rate:
+                label_lines.append(label)
+        pending.append(label_lines)
+        due = pending.pop(0) if len(pending) > label_lag_chunks else []
+        yield inf_lines, due
+    for rest in pending:
+        yield [], rest
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    ingest_s: float = 0.0
+    load_s: float = math.nan
+    join_stats_s: float = math.nan
+    features_s: float = math.nan
+    size_mb: float = math.nan
+    rows: int = 0
+    concurrent_reader: str = "?"
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _batches(lines: list[bytes], parser: RecordParser, size: int) -> list[Batch]:
+    out = []
+    for start in range(0, len(lines), size):
+        batch = Batch()
+        for line in lines[start:start + size]:
+            parser.parse(batch, line)
+        out.append(batch)
+    return out
+
+
+def _dir_size(path: Path) -> float:
+    files = [path] if path.is_file() else list(path.parent.glob(path.name + "*"))
+    return sum(f.stat().st_size for f in files if f.exists()) / 1e6
+
+
+def _probe_reader(path: Path, engine: str) -> str:
+    """Can another process read the store while this one holds it open for writing?"""
+    code = ("import sys; from evaluator.store import Store; "
+            "s = Store(sys.argv[1], engine=sys.argv[2], read_only=True, lock_timeout_s=0.5); "
+            "print(s.routes())")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), engine], capture_output=True,
+                          text=True, timeout=60, check=False)
+    if proc.returncode == 0:
+        return "yes"
+    return "blocked (file lock)" if "lock" in proc.stderr.lower() else \
+        f"failed: {proc.stderr.strip().splitlines()[-1:]}"
+
+
+def run_bench(n: int, engines: list[str], workdir: Path, batch_records: int = 20_000,
+              seed: int = 0) -> tuple[float, list[EngineResult]]:
+    parser = RecordParser()
+    stores = {e: Store(workdir / f"store.{e}", engine=e) for e in engines}
+    results = {e: EngineResult(e) for e in engines}
+    parse_s = 0.0
+    done = 0
+    t0 = time.perf_counter()
+    for inf_lines, label_lines in synthetic_chunks(n, seed=seed):
+        t = time.perf_counter()
+        batches = _batches(inf_lines, parser, batch_records) + \
+            _batches(label_lines, parser, batch_records)
+        parse_s += time.perf_counter() - t
+        for engine, store in stores.items():
+            t = time.perf_counter()
+            for batch in batches:
+                store.ingest(batch)
+            results[engine].ingest_s += time.perf_counter() - t
+        done += len(inf_lines)
+        print(f"  {done:,} inference lines; parse {parse_s:.1f}s; "
+              + "; ".join(f"{e} ingest {r.ingest_s:.1f}s" for e, r in results.items())
+              + f"; wall {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    for engine, store in stores.items():
+        r = results[engine]
+        r.concurrent_reader = _probe_reader(workdir / f"store.{engine}", engine)
+        store.close()
+        store = Store(workdir / f"store.{engine}", engine=engine, read_only=True)
+        t = time.perf_counter()
+        ds = store.load_dataset(ROUTE)
+        r.load_s = time.perf_counter() - t
+        r.rows = len(ds)
+        t = time.perf_counter()
+        store.join_stats(ROUTE)
+        r.join_stats_s = time.perf_counter() - t
+        t = time.perf_counter()
+        store.feature_columns(ROUTE)
+        r.features_s = time.perf_counter() - t
+        store.close()
+        r.size_mb = _dir_size(workdir / f"store.{engine}")
+    return parse_s, list(results.values())
+
+
+def markdown(n: int, parse_s: float, results: list[EngineResult]) -> str:
+    lines = [
+        f"N = {n:,} requests (champion + 2 shadow challengers, 8 features, 1% duplicate "
+        f"inference records, 2% duplicate labels), {os.cpu_count()} CPUs, "
+        f"batches of 20k records. Parse (shared by both engines): {parse_s:.1f} s.",
+        "",
+        "| engine | ingest (store only) | load_dataset | join_stats | feature_columns | size "
+        "| rows joined | reader while writer open |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r.engine} | {r.ingest_s:.1f} s | {r.load_s:.2f} s | "
+                     f"{r.join_stats_s:.2f} s | {r.features_s:.2f} s | {r.size_mb:.0f} MB | "
+                     f"{r.rows:,} | {r.concurrent_reader} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m evaluator.bench_store", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="synthetic requests")
+    ap.add_argument("--engines", default="duckdb,sqlite")
+    ap.add_argument("--dir", help="work directory (default: a temporary one, removed after)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    workdir = Path(args.dir or tempfile.mkdtemp(prefix="understudy-bench-store-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        parse_s, results = run_bench(args.n, engines, workdir, seed=args.seed)
+    finally:
+        if not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(markdown(args.n, parse_s, results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

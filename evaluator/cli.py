@@ -1,0 +1,399 @@
+"""`python -m evaluator run|report|promote`: the evaluator's command line.
+
+- `run --config C [--once]`: the ingest loop (files or Kafka, per `source.type`); `--once`
+  drains what is there and exits. SIGTERM/Ctrl-C finish the current batch and stop.
+- `report --route R [--window 7d] [--out DIR]`: loads the route's joined dataset for the window
+  (ending at the route's newest inference, so a replayed log and a live one read the same) and
+  hands it to `evaluator.report.write_report(dataset, decisions, out_dir)`. Until that exists,
+  writes `report.json` with the join stats and per-model counts, and no decision.
+- `promote --route R [--out DIR | --report PATH]`: reads the newest `report.json` for the route
+  and, only when its decision is PROMOTE, calls the gateway's admin API
+  `POST {gateway}/admin/routes/{route}/promote` with `{"model": M}` and the bearer token from
+  `$UNDERSTUDY_ADMIN_TOKEN`. Anything else is refused and nothing is called.
+
+Exit status: 0 done; 1 failed (store, gateway refused or unreachable); 2 usage or config error;
+3 nothing to do (empty dataset; decision is not PROMOTE).
+
+Adding a subcommand: write `_add_<name>(sub, common)` that registers its parser and sets
+`func`, and list it in `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from evaluator.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    EvaluatorConfig,
+    format_duration,
+    load_config,
+    parse_duration,
+    with_store_path,
+)
+from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats
+from evaluator.store import EmptyDatasetError, Store, StoreError
+
+log = logging.getLogger("evaluator")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
+REPORT_FILE = "report.json"
+TOKEN_ENV = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+
+
+def _load(args: argparse.Namespace) -> EvaluatorConfig:
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG_PATH).exists():
+        path = DEFAULT_CONFIG_PATH
+    config = load_config(path)
+    if getattr(args, "store", None):
+        config = with_store_path(config, args.store)
+    return config
+
+
+def _fmt_ts(ts: float | None) -> str:
+    if ts is None:
+        return "…"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evaluator import ingest
+
+    config = _load(args)
+    src = config.source
+    where = (f"Kafka {src.kafka.bootstrap} topics {src.kafka.inferences_topic}, "
+             f"{src.kafka.labels_topic} (group {src.kafka.group_id})"
+             if src.type == "kafka" else f"segment files under {src.path}")
+    print(f"evaluator: ingesting from {where} into {config.store.path} ({config.store.engine}); "
+          f"join window {format_duration(config.store.join_window)}"
+          f"{'; draining once' if args.once else ''}", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: finishing the current batch, then stopping", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        progress = ingest.run(config, once=args.once, stop=stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"evaluator: {progress.line()}", flush=True)
+    return EXIT_OK
+
+
+def _add_run(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("run", parents=[common], help="ingest inferences and labels into the store",
+                       description="Consume the gateway's inference log and labels (segment "
+                                   "files or Kafka) and join them in the evaluator's store.")
+    p.add_argument("--once", action="store_true", help="drain what is there now, then exit")
+    p.set_defaults(func=cmd_run)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def compute_decisions(dataset: EvalDataset, config: EvaluatorConfig) -> Any:
+    """The decision per challenger, from `evaluator.decision` once it provides
+    `DecisionPolicy` and `decide(dataset, policy)`; None until then."""
+    try:
+        decision = importlib.import_module("evaluator.decision")
+    except ModuleNotFoundError:
+        return None
+    policy_cls = getattr(decision, "DecisionPolicy", None)
+    decide = getattr(decision, "decide", None)
+    if policy_cls is None or decide is None:
+        return None
+    return decide(dataset, policy_cls(**config.decision))
+
+
+def _report_writer() -> Callable[..., Any] | None:
+    try:
+        report = importlib.import_module("evaluator.report")
+    except ModuleNotFoundError:
+        return None
+    return getattr(report, "write_report", None)
+
+
+def _model_summary(dataset: EvalDataset) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, col in dataset.models.items():
+        scored = col.status != STATUS_CODES["skipped"]
+        counts = {s: int((col.status == code).sum()) for s, code in STATUS_CODES.items()}
+        latency = col.latency_ms[np.isfinite(col.latency_ms)]
+        out[name] = {
+            "role": col.role, "modes": list(col.modes), "scored": int(scored.sum()),
+            "status": counts,
+            "error_rate": (float((scored & ~col.ok).sum() / scored.sum())
+                           if scored.any() else None),
+            "latency_p99_ms": float(np.percentile(latency, 99)) if latency.size else None,
+        }
+    return out
+
+
+def write_summary(out_dir: Path, route: str, since: float | None, until: float | None,
+                  stats: JoinStats, dataset: EvalDataset | None, error: str | None) -> Path:
+    """The stand-in report: join stats and per-model counts, no statistics, no decision."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "route": route,
+        "generated_at": time.time(),
+        "window": {"since": since, "until": until,
+                   "since_iso": _fmt_ts(since), "until_iso": _fmt_ts(until)},
+        "join_stats": asdict(stats),
+        "n": len(dataset) if dataset is not None else 0,
+        "decision": None,
+        "note": "join summary only: the statistical report is not wired in this build",
+    }
+    if dataset is not None:
+        summary.update(task=dataset.task, champion=dataset.champion,
+                       challengers=dataset.challengers, models=_model_summary(dataset))
+    if error:
+        summary["error"] = error
+    path = out_dir / REPORT_FILE
+    path.write_text(json.dumps(summary, indent=2, allow_nan=False, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = _load(args)
+    window = parse_duration(args.window, "--window") if args.window else config.report.window
+    out_dir = Path(args.out or config.report.out)
+    route_cfg = config.route(args.route)
+    store = Store.open(config.store, read_only=True)
+    since: float | None = None
+    try:
+        span = store.time_range(args.route)
+        if span is not None:
+            since = span[1] - window
+        print(f"report: route {args.route!r}, window {format_duration(window)} "
+              f"[{_fmt_ts(since)}, {_fmt_ts(span[1] if span else None)}]", flush=True)
+        try:
+            dataset = store.load_dataset(args.route, since, None, task=route_cfg.task,
+                                         threshold=route_cfg.threshold)
+        except EmptyDatasetError as exc:
+            path = write_summary(out_dir, args.route, since, None, exc.stats, None, str(exc))
+            print(f"report: {exc}\nreport: wrote {path}", file=sys.stderr)
+            return EXIT_NOTHING
+    finally:
+        store.close()  # release the file before the (slow) statistics
+    s = dataset.stats
+    print(f"report: {len(dataset):,} labelled predictions of {s.inferences:,} in the window "
+          f"({s.duplicate_inferences:,} duplicate records, {s.duplicate_labels:,} duplicate "
+          f"labels, {s.orphan_labels:,} orphan / {s.expired_orphans:,} expired labels "
+          f"store-wide); champion {dataset.champion}, challengers "
+          f"{', '.join(dataset.challengers) or 'none'}", flush=True)
+    writer = _report_writer()
+    if writer is None:
+        path = write_summary(out_dir, args.route, since, None, s, dataset, None)
+        print(f"report: wrote {path} (join summary; evaluator.report is not available)")
+        return EXIT_OK
+    writer(dataset, compute_decisions(dataset, config), out_dir)
+    print(f"report: wrote {out_dir}")
+    return EXIT_OK
+
+
+def _add_report(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("report", parents=[common], help="write the evaluation report of a route",
+                       description="Join labels to the route's predictions in the window and "
+                                   "write the report (JSON, Markdown, HTML).")
+    p.add_argument("--route", required=True)
+    p.add_argument("--window", help="e.g. 7d, 36h (default: report.window); ends at the route's "
+                                    "newest inference")
+    p.add_argument("--out", help="output directory (default: report.out)")
+    p.set_defaults(func=cmd_report)
+
+
+# -- promote ----------------------------------------------------------------------------------
+
+
+def _find_report(route: str, out: Path | None, report: Path | None) -> Path | None:
+    """The newest report.json for the route: --report file/dir, else searched under --out."""
+    if report is not None and report.is_file():
+        return report
+    root = report if report is not None else out
+    if root is None or not root.exists():
+        return None
+    candidates = []
+    for path in root.rglob(REPORT_FILE):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("route") == route:
+            candidates.append((path.stat().st_mtime, path))
+    return max(candidates)[1] if candidates else None
+
+
+def read_decision(report: dict[str, Any]) -> tuple[str | None, str | None, str]:
+    """(verdict, model, reason) from a report.json.
+
+    Reads `decision: {"verdict": ..., "model": ...}` (also `"action"`/`"challenger"` spellings,
+    or a bare string), or `decisions: [{...}, ...]` with one entry per challenger: exactly one
+    PROMOTE among them is required.
+    """
+    def one(d: Any) -> tuple[str | None, str | None, str]:
+        if isinstance(d, str):
+            return d.upper(), None, ""
+        if not isinstance(d, dict):
+            return None, None, ""
+        verdict = d.get("verdict") or d.get("action") or d.get("decision")
+        model = d.get("model") or d.get("challenger")
+        reason = d.get("reason") or "; ".join(map(str, d.get("reasons") or []))
+        return (str(verdict).upper() if verdict else None), (str(model) if model else None), \
+            str(reason)
+
+    if report.get("decision") is not None:
+        return one(report["decision"])
+    many = report.get("decisions")
+    if isinstance(many, dict):
+        many = [{"model": k, **v} if isinstance(v, dict) else {"model": k, "verdict": v}
+                for k, v in many.items()]
+    if isinstance(many, list) and many:
+        parsed = [one(d) for d in many]
+        promote = [p for p in parsed if p[0] == "PROMOTE"]
+        if len(promote) == 1:
+            return promote[0]
+        if len(promote) > 1:
+            names = ", ".join(str(p[1]) for p in promote)
+            return "AMBIGUOUS", None, f"several challengers say PROMOTE ({names})"
+        return parsed[0][0], parsed[0][1], "; ".join(p[2] for p in parsed if p[2])
+    return None, None, ""
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    config = _load(args)
+    out = Path(args.out or config.report.out)
+    path = _find_report(args.route, out, Path(args.report) if args.report else None)
+    if path is None:
+        where = args.report or out
+        print(f"promote: no {REPORT_FILE} for route {args.route!r} under {where}; run "
+              f"`python -m evaluator report --route {args.route}` first", file=sys.stderr)
+        return EXIT_NOTHING
+    report = json.loads(path.read_text())
+    verdict, model, reason = read_decision(report)
+    generated = report.get("generated_at")
+    age = (f", generated {_fmt_ts(float(generated))}"
+           if isinstance(generated, int | float) and math.isfinite(generated) else "")
+    print(f"promote: {path}{age}: decision {verdict or 'none'}"
+          f"{f' for {model}' if model else ''}{f' ({reason})' if reason else ''}")
+    if verdict != "PROMOTE":
+        print(f"promote: refused: the report's decision is {verdict or 'missing'}, not PROMOTE; "
+              f"nothing was changed", file=sys.stderr)
+        return EXIT_NOTHING
+    if not model:
+        print("promote: refused: the PROMOTE decision names no model", file=sys.stderr)
+        return EXIT_FAILED
+    gateway = (args.gateway or config.gateway.url).rstrip("/")
+    url = f"{gateway}/admin/routes/{urllib.parse.quote(args.route, safe='')}/promote"
+    if args.dry_run:
+        print(f"promote: dry run: would POST {url} {{\"model\": \"{model}\"}}")
+        return EXIT_OK
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        print(f"promote: refused: set {TOKEN_ENV} to the gateway's admin (write) token",
+              file=sys.stderr)
+        return EXIT_USAGE
+    body = json.dumps({"model": model}).encode()
+    req = urllib.request.Request(url, data=body, method="POST", headers={  # noqa: S310
+        "Content-Type": "application/json", "Accept": "application/json",
+        "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=config.gateway.timeout_s) as resp:  # noqa: S310
+            answer = resp.read().decode("utf-8", "replace")
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace").strip()
+        print(f"promote: the gateway refused ({exc.code}): {detail}", file=sys.stderr)
+        return EXIT_FAILED
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"promote: cannot reach the gateway at {gateway}: "
+              f"{getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"promote: POST {url} -> {status}: promoted {model} to champion of {args.route}")
+    if args.verbose and answer:
+        print(answer)
+    return EXIT_OK
+
+
+def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("promote", parents=[common],
+                       help="apply a report's PROMOTE decision through the gateway admin API",
+                       description="Read the newest report.json of the route; when (and only "
+                                   "when) its decision is PROMOTE, ask the gateway to promote "
+                                   f"the challenger. Token from ${TOKEN_ENV}.")
+    p.add_argument("--route", required=True)
+    p.add_argument("--out", help="directory searched for report.json (default: report.out)")
+    p.add_argument("--report", help="a report.json, or a directory to search")
+    p.add_argument("--gateway", help="gateway base URL (default: gateway.url)")
+    p.add_argument("--dry-run", action="store_true", help="print the call instead of making it")
+    p.set_defaults(func=cmd_promote)
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
+    _add_run, _add_report, _add_promote,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG_PATH} when "
+                                         "present, else built-in defaults)")
+    common.add_argument("--store", help="store path (overrides store.path)")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluator",
+        description="Understudy evaluator: join deferred labels to the inference log, test "
+                    "challengers against the champion, and promote only on evidence.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"store error: {exc}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,358 @@
+"""Monte Carlo checks of the decision procedure, recorded in docs/STATISTICS.md.
+
+Reproduce (about 10 minutes on 2 cores; ``--quick`` for a smaller run)::
+
+    .venv/bin/python -m evaluator.simulate_tests --write docs/STATISTICS.md
+
+What it checks, each with a fixed seed and the Monte Carlo standard error of every rate:
+
+1. **A/A, fixed horizon** — champion and challenger are draws from the same model family; one
+   decision at the end. The promotion rate must be <= alpha (it should be about alpha / 2: the
+   test is two-sided and only the "better" side promotes).
+2. **A/A, daily peeking with the fixed-horizon test** — the same data, but a decision every day
+   and promotion on the first PROMOTE. This exceeds alpha; it is why the sequential test exists.
+3. **A/A, daily peeking with the always-valid sequential test** (``use_sequential``) — back
+   under alpha.
+4. **Power** — the challenger is better by exactly the configured minimum effect; at the sample
+   size the power analysis asks for (computed from a pilot window), the fixed-horizon promotion
+   rate should match the configured power.
+
+Scenarios 1-3 run for log loss (paired t-test) and AUROC (DeLong); 4 for both too.
+
+The data-generating process (``simulate_dataset``): each request has a true log-odds
+``L ~ N(b0, s^2)`` and label ``y ~ Bernoulli(sigmoid(L))``; a model with noise ``sigma`` scores
+``sigmoid(L + e)`` with ``e ~ N(0, sigma^2)``, the champion's and the challenger's noise
+correlated (``rho``) as shadow models trained on the same data are. Equal sigmas give an exact
+A/A; a smaller challenger sigma a better challenger, whose true AUROC / log-loss advantage is
+computed by a large fixed-seed Monte Carlo and solved for to equal the minimum effect. Requests
+are spread evenly over ``days`` days; latencies and statuses are identical in distribution so
+the guardrails pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import optimize
+from scipy.special import expit
+
+from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats, ModelColumn
+from evaluator.decision import DecisionPolicy, decide
+from evaluator.metrics import PROB_EPS
+
+DAY = 86_400.0
+RESULTS_BEGIN = "<!-- simulate_tests:begin -->"
+RESULTS_END = "<!-- simulate_tests:end -->"
+
+
+@dataclass(frozen=True)
+class World:
+    """Parameters of the simulated route (see the module docstring)."""
+
+    b0: float = -1.0  # mean true log-odds (about 30% positives)
+    s: float = 1.5  # spread of the true log-odds
+    sigma_champion: float = 1.0
+    sigma_challenger: float = 1.0
+    rho: float = 0.5  # correlation of the two models' noise
+
+
+def simulate_dataset(
+    rng: np.random.Generator,
+    n: int,
+    world: World,
+    *,
+    days: int = 14,
+    route: str = "sim",
+    challengers: int = 1,
+) -> EvalDataset:
+    """A labelled, paired EvalDataset from ``world`` (``challengers`` exchangeable challengers)."""
+    logit = world.b0 + world.s * rng.standard_normal(n)
+    y = (rng.random(n) < expit(logit)).astype(np.float64)
+    common = rng.standard_normal(n)
+    ts = np.sort(rng.uniform(0.0, days * DAY, n))
+
+    def noise(sigma: float) -> np.ndarray:
+        own = rng.standard_normal(n)
+        return sigma * (math.sqrt(world.rho) * common + math.sqrt(1.0 - world.rho) * own)
+
+    def column(name: str, role: str, sigma: float) -> ModelColumn:
+        scores = np.clip(expit(logit + noise(sigma)), PROB_EPS, 1.0 - PROB_EPS)
+        return ModelColumn(
+            name=name,
+            role=role,  # type: ignore[arg-type]
+            scores=scores,
+            status=np.full(n, STATUS_CODES["ok"], dtype=np.int8),
+            latency_ms=rng.lognormal(math.log(5.0), 0.3, n),
+            modes=("shadow",),
+        )
+
+    models = {"champion": column("champion", "champion", world.sigma_champion)}
+    for i in range(challengers):
+        name = "challenger" if challengers == 1 else f"challenger{i + 1}"
+        models[name] = column(name, "challenger", world.sigma_challenger)
+    ones = np.ones(n)
+    return EvalDataset(
+        route=route,
+        task="classification",
+        champion="champion",
+        request_ids=np.array([f"r{i}" for i in range(n)], dtype=object),
+        ts=ts,
+        labels=y,
+        rewards=np.full(n, np.nan),
+        served=np.full(n, "champion", dtype=object),
+        propensity=ones,
+        arm_probs={"champion": ones},
+        policy_types=np.full(n, "champion", dtype=object),
+        models=models,
+        stats=JoinStats(inferences=n, labels=n, joined=n),
+    )
+
+
+def subset(dataset: EvalDataset, rows: np.ndarray | slice) -> EvalDataset:
+    """The same dataset restricted to ``rows`` (a slice of the time-ordered rows: a past day)."""
+    models = {
+        k: replace(m, scores=m.scores[rows], status=m.status[rows], latency_ms=m.latency_ms[rows])
+        for k, m in dataset.models.items()
+    }
+    return replace(
+        dataset,
+        request_ids=dataset.request_ids[rows],
+        ts=dataset.ts[rows],
+        labels=dataset.labels[rows],
+        rewards=dataset.rewards[rows],
+        served=dataset.served[rows],
+        propensity=dataset.propensity[rows],
+        arm_probs={k: v[rows] for k, v in dataset.arm_probs.items()},
+        policy_types=dataset.policy_types[rows],
+        models=models,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# True effects of a world (large fixed-seed Monte Carlo)
+# ----------------------------------------------------------------------------------------------
+
+
+def true_effects(world: World, n: int = 400_000, seed: int = 99) -> dict[str, float]:
+    """Population AUROC and log-loss of both models (common random numbers across calls)."""
+    from evaluator.metrics import per_request_loss
+    from evaluator.significance import delong_covariance
+
+    ds = simulate_dataset(np.random.default_rng(seed), n, world)
+    y = ds.labels
+    c, h = ds.models["champion"].scores, ds.models["challenger"].scores
+    aucs, _ = delong_covariance(y, np.vstack([c, h]))
+    return {
+        "auroc_champion": float(aucs[0]),
+        "auroc_challenger": float(aucs[1]),
+        "auroc_gain": float(aucs[1] - aucs[0]),
+        "log_loss_champion": float(per_request_loss("log_loss", y, c).mean()),
+        "log_loss_challenger": float(per_request_loss("log_loss", y, h).mean()),
+        "log_loss_gain": float(
+            per_request_loss("log_loss", y, c).mean() - per_request_loss("log_loss", y, h).mean()
+        ),
+    }
+
+
+def world_with_gain(metric: str, gain: float, base: World | None = None) -> World:
+    """The world whose challenger beats the champion by exactly ``gain`` on ``metric``."""
+    base = base or World()
+    key = "auroc_gain" if metric == "auroc" else "log_loss_gain"
+
+    def f(sigma: float) -> float:
+        return true_effects(replace(base, sigma_challenger=sigma))[key] - gain
+
+    sigma = optimize.brentq(f, 0.05, base.sigma_champion, xtol=1e-4)
+    return replace(base, sigma_challenger=float(sigma))
+
+
+# ----------------------------------------------------------------------------------------------
+# Replications
+# ----------------------------------------------------------------------------------------------
+
+
+def _day_ends(ds: EvalDataset, days: int) -> list[int]:
+    return [int(np.searchsorted(ds.ts, (d + 1) * DAY, side="left")) for d in range(days)]
+
+
+def _promoted(ds: EvalDataset, policy: DecisionPolicy) -> bool:
+    return decide(ds, policy)[0].decision == "PROMOTE"
+
+
+def replicate_aa(args: tuple[int, str, int, int, int]) -> tuple[bool, bool, bool]:
+    """One A/A route: (promoted at the end, fixed test read daily, sequential read daily)."""
+    seed, metric, n, days, min_samples = args
+    ds = simulate_dataset(np.random.default_rng(seed), n, World(), days=days)
+    fixed = DecisionPolicy(primary_metric=metric, use_sequential=False, min_samples=min_samples)  # type: ignore[arg-type]
+    seq = replace(fixed, use_sequential=True)
+    final = _promoted(ds, fixed)
+    peek_fixed = peek_seq = False
+    for end in _day_ends(ds, days):
+        day = subset(ds, slice(0, end))
+        decisions = decide(day, fixed)[0], decide(day, seq)[0]
+        peek_fixed = peek_fixed or decisions[0].decision == "PROMOTE"
+        peek_seq = peek_seq or decisions[1].decision == "PROMOTE"
+    return final, peek_fixed, peek_seq
+
+
+def replicate_power(args: tuple[int, str, World, int, int]) -> tuple[bool, bool]:
+    """One route with a true effect: (fixed-horizon promotion at n, sequential read daily)."""
+    seed, metric, world, n, days = args
+    ds = simulate_dataset(np.random.default_rng(seed), n, world, days=days)
+    fixed = DecisionPolicy(primary_metric=metric, use_sequential=False, min_samples=100)  # type: ignore[arg-type]
+    seq = replace(fixed, use_sequential=True)
+    sequential = any(
+        decide(subset(ds, slice(0, end)), seq)[0].decision == "PROMOTE"
+        for end in _day_ends(ds, days)
+    )
+    return _promoted(ds, fixed), sequential
+
+
+def _run(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> list[Any]:
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+
+
+@dataclass(frozen=True)
+class Rate:
+    hits: int
+    reps: int
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.reps
+
+    @property
+    def mcse(self) -> float:
+        p = self.rate
+        return math.sqrt(max(p * (1 - p), 1e-12) / self.reps)
+
+    def __str__(self) -> str:
+        return f"{self.rate:.4f} ± {self.mcse:.4f}"
+
+
+def aa_study(
+    metric: str, reps: int, n: int, days: int, min_samples: int, seed: int, workers: int = 1
+) -> dict[str, Rate]:
+    jobs = [(seed + i, metric, n, days, min_samples) for i in range(reps)]
+    out = np.array(_run(replicate_aa, jobs, workers), dtype=bool)
+    return {
+        "fixed_once": Rate(int(out[:, 0].sum()), reps),
+        "fixed_daily": Rate(int(out[:, 1].sum()), reps),
+        "sequential_daily": Rate(int(out[:, 2].sum()), reps),
+    }
+
+
+def power_study(
+    metric: str,
+    mde: float,
+    reps: int,
+    seed: int,
+    days: int = 14,
+    pilot_n: int = 20_000,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Required n from a pilot window, then the promotion rate at that n."""
+    world = world_with_gain(metric, mde)
+    policy = DecisionPolicy(primary_metric=metric, min_effect=mde, use_sequential=False)  # type: ignore[arg-type]
+    pilot = simulate_dataset(np.random.default_rng(seed - 1), pilot_n, world, days=days)
+    power = decide(pilot, policy)[0].power
+    assert power is not None and power.required_n is not None
+    n = power.required_n
+    jobs = [(seed + i, metric, world, n, days) for i in range(reps)]
+    out = np.array(_run(replicate_power, jobs, workers), dtype=bool)
+    return {
+        "world": world,
+        "true": true_effects(world),
+        "required_n": n,
+        "target_power": policy.power,
+        "fixed": Rate(int(out[:, 0].sum()), reps),
+        "sequential_daily": Rate(int(out[:, 1].sum()), reps),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def run_all(quick: bool, workers: int) -> str:
+    start = time.time()
+    alpha = DecisionPolicy().alpha
+    reps_aa = 200 if quick else 1000
+    reps_pw = 200 if quick else 1000
+    n, days, min_samples = 4200, 14, 200
+    lines = [
+        RESULTS_BEGIN,
+        "",
+        f"Generated by `python -m evaluator.simulate_tests{' --quick' if quick else ''} "
+        f"--write docs/STATISTICS.md` (alpha = {alpha}, seeds fixed; rates ± Monte Carlo SE).",
+        "",
+        f"### A/A: {reps_aa} routes each, {n} labelled requests over {days} days, "
+        f"decision daily from {min_samples} requests",
+        "",
+        "| primary | promoted, one look at the end | promoted, fixed-horizon test read daily "
+        "| promoted, sequential test read daily |",
+        "|---|---|---|---|",
+    ]
+    for metric, seed in (("log_loss", 10_000), ("auroc", 20_000)):
+        r = aa_study(metric, reps_aa, n, days, min_samples, seed, workers)
+        lines.append(
+            f"| {metric} | {r['fixed_once']} | {r['fixed_daily']} | {r['sequential_daily']} |"
+        )
+    lines += [
+        "",
+        f"### Power at the minimum detectable effect ({reps_pw} routes each, {days} daily looks "
+        "for the sequential column)",
+        "",
+        "| primary | effect (true) | n from power analysis | target power "
+        "| fixed-horizon promotion rate | sequential read daily, same n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for metric, mde, seed in (("log_loss", 0.01, 30_000), ("auroc", 0.01, 40_000)):
+        p = power_study(metric, mde, reps_pw, seed, days, workers=workers)
+        gain = p["true"]["auroc_gain" if metric == "auroc" else "log_loss_gain"]
+        lines.append(
+            f"| {metric} | {mde} ({gain:.4f}) | {p['required_n']} | {p['target_power']:.2f} "
+            f"| {p['fixed']} | {p['sequential_daily']} |"
+        )
+    lines += ["", f"Run time: {time.time() - start:.0f} s.", "", RESULTS_END]
+    return "\n".join(lines)
+
+
+def write_results(path: Path, block: str) -> None:
+    """Replace the results block between the markers in ``path`` (append it if missing)."""
+    text = path.read_text() if path.exists() else ""
+    if RESULTS_BEGIN in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        _, tail = rest.split(RESULTS_END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 replications instead of 1000")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--write", type=Path, help="update the results block of this file")
+    args = parser.parse_args(argv)
+    block = run_all(args.quick, args.workers)
+    print(block)
+    if args.write:
+        write_results(args.write, block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,613 @@
+"""Shared plumbing for the load tests and the benchmark: real processes, load generators, parsing.
+
+Everything here starts real servers on 127.0.0.1 (Triton from the nvidia-pytriton wheel, the
+gateway as `python -m gateway serve` subprocesses, nginx, the Kafka broker script) and drives
+them with real load generators (wrk, hey, locust). Every process started is tracked and stopped
+by its own pid; nothing is killed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADTESTS = ROOT / "loadtests"
+DEMO_MODELS = ROOT / "deploy" / "triton" / "models"
+LOADTEST_MODELS = LOADTESTS / "models"
+POST_LUA = LOADTESTS / "post.lua"
+RATE_LUA = LOADTESTS / "rate.lua"
+HOST = "127.0.0.1"
+
+
+# --- ports, HTTP ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def http_status(url: str, data: bytes | None = None, headers: Mapping[str, str] | None = None,
+                timeout: float = 5.0) -> int | None:
+    req = urllib.request.Request(url, data=data, headers=dict(headers or {}),  # noqa: S310
+                                 method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            resp.read()
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def http_json(url: str, data: bytes | None = None, headers: Mapping[str, str] | None = None,
+              timeout: float = 5.0) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=data, headers=dict(headers or {}),  # noqa: S310
+                                 method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return int(resp.status), json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode("utf-8", "replace")
+
+
+def wait_http(url: str, timeout: float = 60.0, ok: Sequence[int] = (200,),
+              proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_status(url, timeout=2.0) in ok:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} was ready")
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready within {timeout:.0f} s")
+
+
+# --- request bodies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Body:
+    """One inference request body as a load generator sends it."""
+
+    data: bytes
+    content_type: str
+    header_length: int | None = None  # binary tensor extension
+
+    @property
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": self.content_type}
+        if self.header_length is not None:
+            headers["Inference-Header-Content-Length"] = str(self.header_length)
+        return headers
+
+
+def fraud_rows(n: int, seed: int = 7) -> tuple[Any, Any]:
+    from gateway.demo.traffic import FraudTraffic
+
+    return FraudTraffic(seed).sample(n)
+
+
+def json_body(row: Any) -> Body:
+    from gateway.demo.traffic import v2_infer_body
+
+    return Body(json.dumps(v2_infer_body(row)).encode(), "application/json")
+
+
+def binary_body(row: Any, input_name: str = "features", output_name: str = "score") -> Body:
+    """A tritonclient-style binary request (what tritonclient.http sends by default)."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    x = np.asarray(row, dtype=np.float32).reshape(1, -1)
+    tensor = httpclient.InferInput(input_name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    out = httpclient.InferRequestedOutput(output_name, binary_data=True)
+    data, header_length = httpclient.InferenceServerClient.generate_request_body([tensor], [out])
+    return Body(bytes(data), "application/octet-stream",
+                int(header_length) if header_length is not None else None)
+
+
+def write_body(body: Body, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body.data)
+    return path
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
+                 grace: float = 30.0) -> None:
+    """Stop one process we started (by its pid), escalating to SIGKILL after `grace` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(10)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def rss_bytes(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """user+system CPU time of the given processes (clock ticks → seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def pin(cpus: str | None) -> list[str]:
+    """A `taskset -c CPUS` prefix, or nothing."""
+    return ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
+
+
+# --- Triton --------------------------------------------------------------------------------
+
+
+def prepare_model_repo(work: Path, slow_delay_s: float | None = None) -> Path:
+    """A copy of the load-test-only models (fraud_slow) under `work`; returns its path."""
+    repo = work / "models"
+    if repo.exists():
+        shutil.rmtree(repo)
+    shutil.copytree(LOADTEST_MODELS, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    if slow_delay_s is not None:
+        set_slow_delay(repo, slow_delay_s)
+    return repo
+
+
+def set_slow_delay(repo: Path, seconds: float) -> None:
+    """fraud_slow re-reads this file on each execute(); no reload needed."""
+    path = repo / "fraud_slow" / "delay_seconds"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{seconds:.6f}\n")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def triton_server(work: Path, extra_repos: Sequence[Path] = ()) -> Iterator[Any]:
+    from gateway.triton import TritonServer
+
+    server = TritonServer([DEMO_MODELS, *extra_repos], log_file=work / "tritonserver.log")
+    with server:
+        yield server
+
+
+# --- the gateway ---------------------------------------------------------------------------
+
+
+def gateway_config(triton_url: str, work: Path, name: str, routes: Mapping[str, Any], *,
+                   sink: str = "file", kafka_bootstrap: str | None = None,
+                   timeout_ms: int = 2000, extra_log: Mapping[str, Any] | None = None) -> Path:
+    """Write a gateway YAML config under `work` and return its path."""
+    log: dict[str, Any] = {"sink": sink, "path": str(work / f"log-{name}")}
+    if kafka_bootstrap:
+        log["kafka"] = {"bootstrap": kafka_bootstrap,
+                        "topic": f"understudy.bench.{name}.inferences",
+                        "labels_topic": f"understudy.bench.{name}.labels"}
+    log.update(extra_log or {})
+    raw = {
+        "triton": {"url": triton_url, "timeout_ms": timeout_ms},
+        "listen": {"host": HOST},
+        "log": log,
+        "admin": {"state_path": str(work / f"state-{name}" / "registry.json")},
+        "routes": dict(routes),
+    }
+    path = work / f"gateway-{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@dataclass
+class Gateway:
+    """`python -m gateway serve` as a subprocess."""
+
+    config: Path
+    port: int = 0
+    workers: int = 1
+    cpus: str | None = None
+    log_file: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> Gateway:
+        self.port = self.port or free_port()
+        cmd = [*pin(self.cpus), sys.executable, "-m", "gateway", "serve", "--config",
+               str(self.config), "--host", HOST, "--port", str(self.port),
+               "--workers", str(self.workers)]
+        # (not UNDERSTUDY_LOG_LEVEL: the config loader reads UNDERSTUDY_LOG_* as `log:` keys)
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_http(self.url + "/v2/health/ready", timeout, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def warm(self, route: str, body: Body, n: int = 20) -> None:
+        """First requests fetch the champion's metadata and open the pools."""
+        for _ in range(n):
+            http_status(f"{self.url}/v2/models/{route}/infer", body.data, body.headers)
+
+    @property
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGINT if self.workers > 1 else signal.SIGTERM)
+        self.proc = None
+
+    def __enter__(self) -> Gateway:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- nginx (peer baseline) -----------------------------------------------------------------
+
+
+NGINX_CONF = """\
+worker_processes {workers};
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/body;
+  proxy_temp_path {work}/proxy;
+  fastcgi_temp_path {work}/fastcgi;
+  uwsgi_temp_path {work}/uwsgi;
+  scgi_temp_path {work}/scgi;
+  keepalive_requests 1000000;
+  client_body_buffer_size 64k;
+  upstream up {{ server {upstream}; keepalive 256; keepalive_requests 1000000; }}
+  server {{
+    listen {host}:{port};
+    location = /mirror {{ internal; proxy_pass http://up/v2/models/{shadow}/infer;
+                         proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    location = /v2/models/{route}/infer {{ mirror /mirror; mirror_request_body on;
+                         proxy_pass http://up/v2/models/{champion}/infer;
+                         proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    location = /v2/models/{route}-plain/infer {{
+                         proxy_pass http://up/v2/models/{champion}/infer;
+                         proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+"""
+
+
+@dataclass
+class Nginx:
+    """nginx with `mirror` in front of Triton: /v2/models/fraud/infer mirrors to the shadow;
+    /v2/models/fraud-plain/infer is a plain reverse proxy (no mirror)."""
+
+    work: Path
+    upstream: str  # host:port of Triton
+    champion: str = "fraud_v3"
+    shadow: str = "fraud_v4"
+    route: str = "fraud"
+    workers: int = 1
+    cpus: str | None = None
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> Nginx:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.port = self.port or free_port()
+        self.work.mkdir(parents=True, exist_ok=True)
+        conf = self.work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(
+            workers=self.workers, work=self.work, upstream=self.upstream, host=HOST,
+            port=self.port, route=self.route, champion=self.champion, shadow=self.shadow,
+        ))
+        self.proc = subprocess.Popen([*pin(self.cpus), binary, "-p", str(self.work), "-c",
+                                      str(conf)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {(self.work / 'error.log').read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 0.5):
+                return self
+            time.sleep(0.1)
+        raise TimeoutError("nginx did not start listening")
+
+    def version(self) -> str:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        out = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+        return (out.stderr or out.stdout).strip().replace("nginx version: ", "")
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGQUIT, grace=10)
+        self.proc = None
+
+    def __enter__(self) -> Nginx:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- Kafka (optional) ----------------------------------------------------------------------
+
+
+BROKER_SCRIPT = ROOT / "deploy" / "kafka" / "broker.py"
+KAFKA_SINK = ROOT / "gateway" / "logsink" / "kafka.py"
+
+
+def kafka_available() -> tuple[bool, str]:
+    """Whether the Kafka sink and the broker script exist and the sink imports."""
+    if not BROKER_SCRIPT.exists():
+        return False, "deploy/kafka/broker.py not present"
+    if not KAFKA_SINK.exists():
+        return False, "gateway/logsink/kafka.py (KafkaSink) not present yet"
+    probe = subprocess.run([sys.executable, "-c", "from gateway.logsink.kafka import KafkaSink"],
+                           cwd=ROOT, capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        return False, f"KafkaSink does not import: {probe.stderr.strip().splitlines()[-1:]}"
+    return True, ""
+
+
+@dataclass
+class KafkaBroker:
+    directory: Path
+    port: int = 0
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> KafkaBroker:
+        self.port = self.port or free_port()
+        subprocess.run([sys.executable, str(BROKER_SCRIPT), "start", "--port", str(self.port),
+                        "--dir", str(self.directory), "--fresh", "--timeout", str(timeout)],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, str(BROKER_SCRIPT), "stop", "--dir",
+                        str(self.directory)], cwd=ROOT, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self) -> KafkaBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- load generators -----------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """Throughput and latency (ms) of one load-generator run."""
+
+    tool: str
+    requests: int
+    seconds: float
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    errors: int = 0      # socket errors + non-2xx
+    mean: float = 0.0
+    max: float = 0.0
+    target_rps: float | None = None
+    cmd: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def wrk(url: str, body_file: Path, body: Body, *, duration: float, connections: int = 16,
+        threads: int = 1, cpus: str | None = None, timeout_s: float = 5.0) -> LoadResult:
+    """Closed-loop capacity run: `connections` keep-alive connections as fast as they go."""
+    args = [str(body_file), body.content_type]
+    if body.header_length is not None:
+        args.append(str(body.header_length))
+    cmd = [*pin(cpus), shutil.which("wrk") or "wrk", f"-t{threads}", f"-c{connections}",
+           f"-d{max(1, round(duration))}s", f"--timeout={timeout_s:g}s", "-s", str(POST_LUA),
+           url, "--", *args]
+    return _run_wrk(cmd, duration)
+
+
+def wrk_rate(url: str, body_file: Path, body: Body, *, rate: float, duration: float,
+             connections: int = 32, cpus: str | None = None,
+             timeout_s: float = 5.0) -> LoadResult:
+    """Latency at a fixed offered rate (Poisson arrivals, loadtests/rate.lua), one wrk thread."""
+    cmd = [*pin(cpus), shutil.which("wrk") or "wrk", "-t1", f"-c{connections}",
+           f"-d{max(1, round(duration))}s", f"--timeout={timeout_s:g}s", "-s", str(RATE_LUA),
+           url, "--", str(body_file), body.content_type,
+           str(body.header_length) if body.header_length is not None else "-", f"{rate:g}"]
+    result = _run_wrk(cmd, duration)
+    result.target_rps = rate
+    return result
+
+
+def _run_wrk(cmd: list[str], duration: float) -> LoadResult:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         timeout=duration + 60).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    s = json.loads(line[len("WRKJSON "):])
+    secs = s["duration_us"] / 1e6
+    return LoadResult(
+        "wrk", s["requests"], secs, s["requests"] / secs, s["p50"] / 1000, s["p90"] / 1000,
+        s["p99"] / 1000, s["errors"] + s["non2xx"], s["mean"] / 1000, s["max"] / 1000,
+        cmd=" ".join(cmd),
+    )
+
+
+def hey(url: str, body_file: Path, body: Body, *, rate: float, duration: float,
+        connections: int = 32, cpus: str | None = None, timeout_s: int = 5) -> LoadResult:
+    """Fixed-rate latency run: `connections` workers, each limited to rate/connections req/s.
+
+    Latencies are computed here from hey's per-request CSV (not its rounded summary).
+    """
+    per_worker = rate / connections
+    cmd = [*pin(cpus), shutil.which("hey") or "hey", "-z", f"{max(1, round(duration))}s",
+           "-c", str(connections), "-q", f"{per_worker:.3f}", "-t", str(timeout_s),
+           "-m", "POST", "-T", body.content_type, "-D", str(body_file), "-o", "csv"]
+    if body.header_length is not None:
+        cmd += ["-H", f"Inference-Header-Content-Length: {body.header_length}"]
+    cmd.append(url)
+    started = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         timeout=duration + 60).stdout
+    wall = time.monotonic() - started
+    latencies: list[float] = []
+    errors = 0
+    first, last = float("inf"), 0.0
+    reader = csv.reader(io.StringIO(out))
+    header = next(reader, None)
+    if header is None:
+        raise RuntimeError("hey printed nothing")
+    col = {name: i for i, name in enumerate(header)}
+    for row in reader:
+        if len(row) < len(header):
+            continue
+        latency = float(row[col["response-time"]])
+        offset = float(row[col["offset"]])
+        status = int(row[col["status-code"]]) if row[col["status-code"]] else 0
+        if not 200 <= status < 300:
+            errors += 1
+            continue
+        latencies.append(latency * 1000)
+        first, last = min(first, offset), max(last, offset + latency)
+    latencies.sort()
+    span = (last - first) if latencies else wall
+    return LoadResult(
+        "hey", len(latencies), span, len(latencies) / span if span else 0.0,
+        percentile(latencies, 50), percentile(latencies, 90), percentile(latencies, 99),
+        errors, sum(latencies) / len(latencies) if latencies else 0.0,
+        latencies[-1] if latencies else 0.0, target_rps=rate, cmd=" ".join(cmd),
+    )
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+# --- environment description ---------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    return {"nproc": str(os.cpu_count()), "cpu": cpu, "memory": mem,
+            "kernel": os.uname().release}
+
+
+def tool_version(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "missing"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("aiohttp", "uvloop", "orjson", "aiokafka", "nvidia-pytriton", "locust"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "missing"
+    out["wrk"] = tool_version(["wrk", "-v"])
+    out["hey"] = "hey (apt: " + tool_version(["dpkg-query", "-W", "-f=${Version}", "hey"]) + ")"
+    out["nginx"] = tool_version(["nginx", "-v"]).replace("nginx version: ", "")
+    return out

@@ -1,0 +1,334 @@
+"""KafkaSink against the real broker: delivery, broker restarts, spill replay, limits.
+
+Timeouts are short (request_timeout_ms=2000) so a broker outage is detected in ~2 s; a broker
+restart itself takes ~5 s on these machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import REGISTRY
+
+from gateway.config import KafkaConfig
+from gateway.logsink.base import LogSink
+from gateway.logsink.kafka import KafkaSink
+from gateway.logsink.spill import SEGMENT_SUFFIX
+from tests.support.kafka import KafkaBroker, consume_all, load_broker_module
+
+pytestmark = pytest.mark.kafka
+
+FAST: dict[str, Any] = {
+    "request_timeout_ms": 2000,
+    "retry_backoff_ms": 100,
+    "reconnect_backoff_max_ms": 500,
+    "metadata_max_age_ms": 2000,
+    "close_timeout_s": 5.0,
+}
+
+
+def config(bootstrap: str, topic: str, **overrides: Any) -> KafkaConfig:
+    return KafkaConfig(bootstrap=bootstrap, topic=topic, labels_topic=f"{topic}.labels",
+                       audit_topic=f"{topic}.audit", linger_ms=5, compression="gzip",
+                       **overrides)
+
+
+def dead_bootstrap() -> str:
+    """An address where nothing listens: a broker that is down from the start."""
+    return f"127.0.0.1:{load_broker_module().free_port()}"
+
+
+def count(outcome: str, stream: str = "inferences") -> float:
+    value = REGISTRY.get_sample_value("understudy_log_records_total",
+                                      {"stream": stream, "outcome": outcome})
+    return value or 0.0
+
+
+def value_for(i: int, size: int = 200) -> bytes:
+    return b'{"i":%d,"pad":"%s"}' % (i, b"x" * size)
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+def keys_of(records: list[Any]) -> list[str]:
+    return [r.key.decode() for r in records]
+
+
+async def test_is_a_log_sink(tmp_path: Path) -> None:
+    sink = KafkaSink(config(dead_bootstrap(), "unused"), tmp_path / "spill")
+    assert isinstance(sink, LogSink)
+
+
+async def test_delivers_every_record_exactly_once(kafka: KafkaBroker, kafka_topic: str,
+                                                  tmp_path: Path) -> None:
+    n = 3000
+    produced = count("produced")
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    await sink.start()
+    for i in range(n):
+        sink.emit("inferences", f"req-{i}", value_for(i))
+    for i in range(10):
+        sink.emit("labels", f"req-{i}", b'{"label":1}')
+    sink.emit("audit", "change-1", b'{"who":"test"}')
+    await sink.flush()
+    await sink.close()
+
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=n)
+    assert len(records) == n
+    assert set(keys_of(records)) == {f"req-{i}" for i in range(n)}
+    assert [r.value for r in records] == [value_for(i) for i in range(n)]  # one partition
+    labels = await consume_all(kafka.bootstrap, f"{kafka_topic}.labels", count=10)
+    assert sorted(keys_of(labels)) == sorted(f"req-{i}" for i in range(10))
+    audit = await consume_all(kafka.bootstrap, f"{kafka_topic}.audit", count=1)
+    assert keys_of(audit) == ["change-1"]
+    assert count("produced") - produced == n
+    assert not list((tmp_path / "spill").glob(f"*{SEGMENT_SUFFIX}"))
+
+
+async def test_broker_restart_mid_stream_loses_nothing(kafka: KafkaBroker, kafka_topic: str,
+                                                       tmp_path: Path) -> None:
+    spilled, replayed = count("spilled"), count("replayed")
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    await sink.start()
+    emitted: list[str] = []
+
+    async def emit(n: int, pause: float) -> None:
+        for _ in range(n):
+            key = f"req-{len(emitted)}"
+            sink.emit("inferences", key, value_for(len(emitted)))
+            emitted.append(key)
+            if len(emitted) % 20 == 0:
+                await asyncio.sleep(pause)
+
+    try:
+        await emit(1000, 0.005)
+        stopping = asyncio.ensure_future(asyncio.to_thread(kafka.stop))
+        while not stopping.done():
+            await emit(20, 0.01)
+        await emit(1000, 0.005)  # broker down
+        starting = asyncio.ensure_future(asyncio.to_thread(kafka.start))
+        while not starting.done():
+            await emit(20, 0.01)
+        await starting
+        await emit(1000, 0.002)
+        await sink.flush()
+        assert await wait_for(sink.spill.is_empty, 60), "spill did not drain after restart"
+    finally:
+        await sink.close()
+        kafka.start()
+
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=len(emitted), wait_s=60)
+    got = keys_of(records)
+    duplicates = len(got) - len(set(got))
+    assert set(got) == set(emitted), f"missing: {sorted(set(emitted) - set(got))[:10]}"
+    assert len(got) == len(emitted) + duplicates  # the only excess is duplicates
+    assert all(n >= 1 for n in Counter(got).values())
+    assert count("spilled") > spilled  # the outage really went through the spill...
+    assert count("replayed") > replayed  # ...and back out of it
+    print(f"emitted={len(emitted)} duplicates={duplicates} "
+          f"spilled={count('spilled') - spilled:.0f} replayed={count('replayed') - replayed:.0f}")
+
+
+async def test_shutdown_during_outage_is_delivered_by_next_start(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    """SIGTERM while the broker is down: close() spills, the next sink replays in order."""
+    spill_dir = tmp_path / "spill"
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    await sink.start()
+    try:
+        for i in range(500):
+            sink.emit("inferences", f"req-{i}", value_for(i))
+        await sink.flush()  # delivered while the broker is up
+        await asyncio.to_thread(kafka.stop)
+        for i in range(500, 1500):
+            sink.emit("inferences", f"req-{i}", value_for(i))
+            if i % 100 == 0:
+                await asyncio.sleep(0.01)
+        began = time.monotonic()
+        await sink.close()  # records still in flight / queued: bounded, then spilled
+        assert time.monotonic() - began < FAST["close_timeout_s"] + 5
+        assert list(spill_dir.glob(f"*{SEGMENT_SUFFIX}")), "nothing was spilled"
+        with pytest.raises(RuntimeError):
+            sink.emit("inferences", "late", b"{}")
+    finally:
+        await asyncio.to_thread(kafka.start)
+
+    replayed = count("replayed")
+    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    await successor.start()
+    try:
+        assert await wait_for(successor.spill.is_empty, 30), "leftover spill was not replayed"
+    finally:
+        await successor.close()
+    assert count("replayed") > replayed
+    assert not list(spill_dir.glob(f"*{SEGMENT_SUFFIX}")), "replayed segments were not deleted"
+
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=1500)
+    got = keys_of(records)
+    assert set(got) == {f"req-{i}" for i in range(1500)}
+    first_seen = list(dict.fromkeys(got))
+    assert first_seen == [f"req-{i}" for i in range(1500)]  # replayed in emit order
+
+
+async def test_spill_left_by_a_dead_broker_run_is_replayed_in_order(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    spill_dir = tmp_path / "spill"
+    down = KafkaSink(config(dead_bootstrap(), kafka_topic), spill_dir, **FAST)
+    await down.start()
+    for i in range(300):
+        down.emit("inferences", f"req-{i}", value_for(i))
+    await down.flush()  # broker down: flush means "on local disk"
+    assert down.spill.pending_bytes > 0
+    assert REGISTRY.get_sample_value("understudy_kafka_connected") == 0
+    await down.close()
+
+    up = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    await up.start()
+    try:
+        assert await wait_for(up.spill.is_empty, 30)
+        assert await wait_for(
+            lambda: REGISTRY.get_sample_value("understudy_kafka_connected") == 1, 5)
+    finally:
+        await up.close()
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=300)
+    assert keys_of(records) == [f"req-{i}" for i in range(300)]  # exactly once, in order
+
+
+async def test_oversized_record_is_set_aside_visibly(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    oversized = count("oversized")
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic, max_request_bytes=64 * 1024),
+                     tmp_path / "spill", **FAST)
+    await sink.start()
+    big = b'{"blob":"' + b"y" * 100_000 + b'"}'
+    for i in range(10):
+        sink.emit("inferences", f"req-{i}", value_for(i))
+    sink.emit("inferences", "big/../1", big)
+    for i in range(10, 20):
+        sink.emit("inferences", f"req-{i}", value_for(i))
+    await sink.flush()
+    await sink.close()
+
+    assert count("oversized") - oversized == 1
+    (path,) = (tmp_path / "oversized" / "inferences").iterdir()
+    assert path.read_bytes() == big
+    assert "big_.._1" in path.name  # key sanitised for the file name
+    assert str(path) in caplog.text
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=20)
+    assert sorted(keys_of(records)) == sorted(f"req-{i}" for i in range(20))
+
+
+async def test_record_refused_by_broker_is_isolated_and_set_aside(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    """A topic with a smaller max.message.bytes than the producer's limit: only the big record
+    is set aside; the small ones that shared its batch are still delivered."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(kafka_topic, 1, 1,
+                                             topic_configs={"max.message.bytes": "20000"})])
+    finally:
+        await admin.close()
+    oversized = count("oversized")
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    await sink.start()
+    incompressible = base64.b64encode(os.urandom(60_000))
+    for i in range(30):
+        sink.emit("inferences", f"req-{i}", value_for(i, size=50))
+        if i == 15:
+            sink.emit("inferences", "huge", incompressible)
+    await sink.flush()
+    await sink.close()
+
+    assert count("oversized") - oversized == 1
+    (path,) = (tmp_path / "oversized" / "inferences").iterdir()
+    assert path.read_bytes() == incompressible
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=30)
+    assert set(keys_of(records)) == {f"req-{i}" for i in range(30)}
+
+
+async def test_spill_at_budget_holds_then_drops_newest_loudly(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Documented limit: spill full -> memory up to 2x the queue bound -> drop the newest."""
+    n, bound = 400, 20
+    spill_dir = tmp_path / "spill"
+    spilled, dropped = count("spilled"), count("dropped")
+    sink = KafkaSink(config(dead_bootstrap(), kafka_topic, spill_budget_bytes=40 * 1024),
+                     spill_dir, max_buffered_records=bound, **FAST)
+    await sink.start()
+    for i in range(n):
+        sink.emit("inferences", f"req-{i}", value_for(i, size=900))
+        if i % 10 == 0:
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.2)
+    on_disk = int(count("spilled") - spilled)
+    held = len(sink._queue)
+    assert 0 < on_disk < n
+    assert held <= 2 * bound
+    assert count("dropped") - dropped == n - on_disk - held
+    assert sink.spill.full
+    assert REGISTRY.get_sample_value("understudy_log_spill_full") == 1
+    assert "spill buffer FULL" in caplog.text
+    assert "DROPPED" in caplog.text
+    await sink.close()  # what is only in memory cannot be spilled either: dropped, counted
+    assert count("dropped") - dropped == n - on_disk
+
+    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    await successor.start()
+    try:
+        assert await wait_for(successor.spill.is_empty, 30)
+    finally:
+        await successor.close()
+    assert REGISTRY.get_sample_value("understudy_log_spill_full") == 0
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=on_disk)
+    assert keys_of(records) == [f"req-{i}" for i in range(on_disk)]  # the oldest survive
+
+
+async def test_queue_overflow_spills_instead_of_blocking(kafka: KafkaBroker, kafka_topic: str,
+                                                         tmp_path: Path) -> None:
+    """A burst far above the memory bound: emit stays fast, overflow goes to disk, then Kafka."""
+    n = 5000
+    spilled = count("spilled")
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill",
+                     max_buffered_records=100, **FAST)
+    await sink.start()
+    began = time.perf_counter()
+    for i in range(n):
+        sink.emit("inferences", f"req-{i}", value_for(i))
+    emit_seconds = time.perf_counter() - began
+    assert len(sink._queue) <= 200
+    await sink.flush()
+    assert await wait_for(sink.spill.is_empty, 30)
+    await sink.close()
+    assert count("spilled") > spilled
+    assert emit_seconds < 5
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=n)
+    assert len(records) == n
+    assert set(keys_of(records)) == {f"req-{i}" for i in range(n)}
+
+
+async def test_emit_rejects_unknown_stream(tmp_path: Path) -> None:
+    sink = KafkaSink(config(dead_bootstrap(), "unused"), tmp_path / "spill")
+    with pytest.raises(ValueError, match="unknown log stream"):
+        sink.emit("nope", "k", b"{}")
