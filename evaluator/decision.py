@@ -297,7 +297,13 @@ def _paired_rows(dataset: EvalDataset, challenger: str) -> _Pair:
     )
 
 
-def _primary(metric: str, pair: _Pair, threshold: float, alpha: float) -> PrimaryResult:
+def _primary(
+    metric: str,
+    pair: _Pair,
+    threshold: float,
+    alpha: float,
+    orders: tuple[np.ndarray, np.ndarray] | None = None,
+) -> PrimaryResult:
     spec = METRICS[metric]
     n = pair.n
     base = PrimaryResult(metric, spec.test, spec.higher_is_better, n)
@@ -311,7 +317,7 @@ def _primary(metric: str, pair: _Pair, threshold: float, alpha: float) -> Primar
                 base, reason=f"{bad} scores outside [0, 1]: {spec.label} needs probabilities"
             )
     if metric == "auroc":
-        r = delong_test(pair.y, pair.champion, pair.challenger, alpha)
+        r = delong_test(pair.y, pair.champion, pair.challenger, alpha, orders)
         if r.reason is not None or r.difference is None or r.se is None:
             return dataclasses.replace(base, reason=r.reason)
         return dataclasses.replace(
@@ -387,7 +393,12 @@ def _primary(metric: str, pair: _Pair, threshold: float, alpha: float) -> Primar
 
 
 def _secondary(
-    metric: str, pair: _Pair, task: str, threshold: float, alpha: float
+    metric: str,
+    pair: _Pair,
+    task: str,
+    threshold: float,
+    alpha: float,
+    orders: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The other paired tests, reported for context; only the primary decides."""
     out: dict[str, Any] = {}
@@ -395,7 +406,7 @@ def _secondary(
         return out
     if task == "classification":
         if metric != "auroc":
-            out["delong"] = delong_test(pair.y, pair.champion, pair.challenger, alpha)
+            out["delong"] = delong_test(pair.y, pair.champion, pair.challenger, alpha, orders)
         correct_c = (pair.champion >= threshold) == (pair.y == 1)
         correct_h = (pair.challenger >= threshold) == (pair.y == 1)
         if metric != "accuracy":
@@ -419,7 +430,11 @@ def _secondary(
 
 
 def _sequential(
-    metric: str, pair: _Pair, policy: DecisionPolicy, threshold: float
+    metric: str,
+    pair: _Pair,
+    policy: DecisionPolicy,
+    threshold: float,
+    orders: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SequentialResult:
     common: dict[str, Any] = {
         "tau": policy.tau,
@@ -435,6 +450,7 @@ def _sequential(
             pair.challenger,
             pair.ts,
             min_per_class=policy.min_per_class,
+            orders=orders,
             **common,
         )
     if metric == "rmse":
@@ -486,15 +502,18 @@ def _analyse(
 ) -> _Analysis:
     metric = policy.primary_metric
     pair = _paired_rows(dataset, challenger)
-    primary = _primary(metric, pair, dataset.threshold, policy.alpha)
+    classification = dataset.task == "classification"
+    # One sort per model, shared by the DeLong test and every look of the sequential path.
+    orders = (np.argsort(pair.champion), np.argsort(pair.challenger)) if classification else None
+    primary = _primary(metric, pair, dataset.threshold, policy.alpha, orders)
     ni = None
     if primary.improvement is not None:
         ni = non_inferiority_test(
             primary.improvement, primary.se, policy.margin, policy.alpha, primary.df
         )
-    sequential = _sequential(metric, pair, policy, dataset.threshold) if pair.n else None
+    sequential = _sequential(metric, pair, policy, dataset.threshold, orders) if pair.n else None
     n_pos = n_neg = None
-    if dataset.task == "classification":
+    if classification:
         n_pos = int(np.count_nonzero(pair.y == 1))
         n_neg = pair.n - n_pos
     return _Analysis(
@@ -503,7 +522,7 @@ def _analyse(
         n_pos,
         n_neg,
         primary,
-        _secondary(metric, pair, dataset.task, dataset.threshold, policy.alpha),
+        _secondary(metric, pair, dataset.task, dataset.threshold, policy.alpha, orders),
         ni,
         sequential,
         _power(primary, policy, n_tests),

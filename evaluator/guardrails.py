@@ -11,7 +11,8 @@ pass/fail against configured limits. Definitions (and why):
 * **p99 latency** is over attempted requests with a known latency — timeouts included, because
   dropping them would flatter exactly the slow model the guardrail exists to catch. Linear
   interpolation between order statistics (numpy's default); the CI shown next to it is the
-  distribution-free order-statistic interval for a quantile (binomial), for information.
+  distribution-free order-statistic interval for a quantile (binomial ranks, normal
+  approximation), for information.
 * Limits apply to point estimates, but only once both models have ``min_requests`` attempted
   requests: p99 from fifty requests is the second-largest value, noise. Below that the guardrail
   is ``insufficient`` — it blocks a promotion without forcing a KEEP.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from evaluator.dataset import STATUS_CODES, ModelColumn
 from evaluator.metrics import wilson_interval
@@ -149,16 +150,23 @@ def latency_summary(
 ) -> LatencySummary:
     """Latency over attempted requests with a finite latency; p99 with an order-statistic CI."""
     lat = np.asarray(latency_ms, dtype=np.float64)
-    attempted = np.isin(np.asarray(status), _ATTEMPTED)
-    x = np.sort(lat[attempted & np.isfinite(lat)])
+    st = np.asarray(status)
+    attempted = (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
+    x = lat[attempted & np.isfinite(lat)]
     n = int(x.size)
     if n == 0:
         return LatencySummary(0, None, None, None, None, None)
+    # 1-based ranks of the order statistics bracketing the 99th percentile: the binomial
+    # count of requests below it, normal approximation (informational; n >= min_requests).
+    half = float(special.ndtri(1 - alpha / 2)) * math.sqrt(n * 0.99 * 0.01)
+    lo_rank = min(max(math.floor(n * 0.99 - half), 1), n)
+    hi_rank = min(max(math.ceil(n * 0.99 + half) + 1, 1), n)
     p50, p99 = (float(v) for v in np.quantile(x, [0.5, 0.99]))
-    ranks = stats.binom.ppf([alpha / 2, 1 - alpha / 2], n, 0.99)  # 1-based order statistics
-    lo_rank, hi_rank = int(ranks[0]), int(ranks[1]) + 1
-    lo = float(x[min(max(lo_rank, 1), n) - 1])
-    hi = float(x[min(max(hi_rank, 1), n) - 1])
+    # inverted_cdf at (r - 0.5) / n is exactly the r-th order statistic (partition, no sort)
+    lo, hi = (
+        float(v)
+        for v in np.quantile(x, [(lo_rank - 0.5) / n, (hi_rank - 0.5) / n], method="inverted_cdf")
+    )
     return LatencySummary(n, float(x.mean()), p50, p99, lo, hi)
 
 

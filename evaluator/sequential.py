@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from evaluator.significance import jsonable, placement_values
+from evaluator.significance import jsonable, placements_sorted
 
 SECONDS_PER_DAY = 86_400.0
 Looks = Literal["daily", "each"] | int | Sequence[int]
@@ -123,6 +123,8 @@ def time_order(ts: np.ndarray | None, n: int) -> np.ndarray:
     t = np.asarray(ts, dtype=np.float64)
     if t.size != n:
         raise ValueError("timestamps and data differ in length")
+    if n and np.isfinite(t).all() and bool(np.all(t[1:] >= t[:-1])):
+        return np.arange(n)  # already in time order (the decision layer sorts once)
     return np.argsort(np.where(np.isfinite(t), t, np.inf), kind="stable")
 
 
@@ -369,31 +371,39 @@ def msprt_delong(
     max_looks: int = 30,
     burn_in: int = 100,
     min_per_class: int = 10,
+    orders: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SequentialResult:
     """mSPRT on the AUROC improvement (auc_challenger - auc_champion) with DeLong variance.
 
-    Each model's scores are sorted once; a look at the first k rows reuses that order filtered
-    to indices < k (still sorted), so each look costs O(n), not O(n log n).
+    Each model's scores are sorted once; a look at the first k rows keeps the sorted entries
+    whose row is < k (a contiguous compress, still sorted), so each look costs O(n), not
+    O(n log n). ``orders`` (argsorts of the two score arrays, for rows already in time order
+    and all valid) lets the caller share the sorts with the fixed-horizon DeLong test.
     """
     y = np.asarray(labels, dtype=np.float64).ravel()
     sc = np.asarray(scores_champion, dtype=np.float64).ravel()
     sh = np.asarray(scores_challenger, dtype=np.float64).ravel()
     t = None if ts is None else np.asarray(ts, dtype=np.float64).ravel()
     order = time_order(t, y.size)
-    y, sc, sh = y[order], sc[order], sh[order]
+    reordered = not np.array_equal(order, np.arange(y.size))
+    if reordered:
+        y, sc, sh = y[order], sc[order], sh[order]
     t_sorted = None if t is None else t[order]
     keep = np.isfinite(sc) & np.isfinite(sh) & ((y == 0) | (y == 1))
-    y, sc, sh = y[keep], sc[keep], sh[keep]
-    if t_sorted is not None:
-        t_sorted = t_sorted[keep]
+    if not keep.all():
+        y, sc, sh = y[keep], sc[keep], sh[keep]
+        if t_sorted is not None:
+            t_sorted = t_sorted[keep]
     method = "msprt-normal-mixture(delong auroc)"
     if y.size == 0:
         return _empty_result(method, alpha, tau, burn_in, "no paired labelled requests")
     points = look_points(t_sorted, y.size, looks, max_looks)
     positive = y == 1
     cum_pos = np.cumsum(positive)
-    order_c = np.argsort(sc)
-    order_h = np.argsort(sh)
+    if orders is None or reordered or not keep.all():
+        orders = (np.argsort(sc), np.argsort(sh))
+    sorted_c = (orders[0], sc[orders[0]], positive[orders[0]])
+    sorted_h = (orders[1], sh[orders[1]], positive[orders[1]])
     est = np.full(points.size, np.nan)
     var = np.full(points.size, np.nan)
     valid = np.zeros(points.size, dtype=bool)
@@ -402,8 +412,14 @@ def msprt_delong(
         if min(n_pos, int(k) - n_pos) < max(min_per_class, 2) or k < burn_in:
             continue
         pos_k = positive[:k]
-        diff = placement_values(sh[:k], pos_k, order_h[order_h < k])
-        diff -= placement_values(sc[:k], pos_k, order_c[order_c < k])
+        diff = np.empty(k)
+        for sign, (o, s_sorted, p_sorted) in ((1.0, sorted_h), (-1.0, sorted_c)):
+            inside = o < k
+            placed = placements_sorted(s_sorted[inside], p_sorted[inside])
+            if sign > 0:
+                diff[o[inside]] = placed
+            else:
+                diff[o[inside]] -= placed
         d10 = diff[pos_k]  # per-positive components of the AUROC difference
         d01 = diff[~pos_k]
         est[j] = float(d10.mean())

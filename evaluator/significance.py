@@ -135,21 +135,9 @@ def midranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def placement_values(scores: np.ndarray, positive: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """DeLong's structural components ("placement values") of every row, in row order.
-
-    For a positive: the fraction of negatives scored below it (ties count half) — V10 in
-    DeLong's notation; for a negative: the fraction of positives scored above it — V01. The AUROC
-    is the mean of either set, and its variance comes from their spreads. Sun & Xu (2014) get
-    them from midranks over all rows minus midranks within each class; the same thing is
-    computed here from one sort (``order`` = argsort of ``scores``) and running class counts:
-    within a run of tied scores every positive gets (negatives before the run + half the
-    negatives in the run) / n_neg. One O(n log n) sort, everything else O(n), and a caller that
-    evaluates prefixes of the same data (the sequential test) can reuse the sort.
-    """
-    k = scores.size
-    s_sorted = scores[order]
-    pos_sorted = positive[order]
+def placements_sorted(s_sorted: np.ndarray, pos_sorted: np.ndarray) -> np.ndarray:
+    """Placement values of already-sorted scores (``pos_sorted``: is each one a positive)."""
+    k = s_sorted.size
     n_pos = int(np.count_nonzero(pos_sorted))
     n_neg = k - n_pos
     neg_before = np.zeros(k + 1)
@@ -170,9 +158,23 @@ def placement_values(scores: np.ndarray, positive: np.ndarray, order: np.ndarray
         pos_in = lengths - neg_in
         negs = np.repeat(neg_b + neg_in / 2.0, lengths)
         poss = np.repeat(pos_b + pos_in / 2.0, lengths)
-    placed = np.where(pos_sorted, negs / max(n_neg, 1), 1.0 - poss / max(n_pos, 1))
-    out = np.empty(k, dtype=np.float64)
-    out[order] = placed
+    return np.where(pos_sorted, negs / max(n_neg, 1), 1.0 - poss / max(n_pos, 1))
+
+
+def placement_values(scores: np.ndarray, positive: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """DeLong's structural components ("placement values") of every row, in row order.
+
+    For a positive: the fraction of negatives scored below it (ties count half) — V10 in
+    DeLong's notation; for a negative: the fraction of positives scored above it — V01. The AUROC
+    is the mean of either set, and its variance comes from their spreads. Sun & Xu (2014) get
+    them from midranks over all rows minus midranks within each class; the same thing is
+    computed here from one sort (``order`` = argsort of ``scores``) and running class counts:
+    within a run of tied scores every positive gets (negatives before the run + half the
+    negatives in the run) / n_neg. One O(n log n) sort, everything else O(n), and a caller that
+    evaluates prefixes of the same data (the sequential test) can reuse the sort.
+    """
+    out = np.empty(scores.size, dtype=np.float64)
+    out[order] = placements_sorted(scores[order], positive[order])
     return out
 
 
@@ -239,21 +241,25 @@ def delong_test(
     scores_champion: np.ndarray,
     scores_challenger: np.ndarray,
     alpha: float = 0.05,
+    orders: Sequence[np.ndarray] | None = None,
 ) -> DeLongResult:
     """DeLong et al. (1988) z-test for two correlated AUROCs, computed the Sun & Xu (2014) way.
 
     Rows with a non-finite score or label are excluded and counted. An undefined AUROC (one class
     only, or fewer than two of a class) returns a result with ``reason`` set instead of raising,
     because a single-class window is a normal state of a young deployment, not a bug.
+    ``orders`` (argsorts of the two score arrays) lets a caller share its sorts.
     """
     y = np.asarray(labels, dtype=np.float64).ravel()
     s1 = np.asarray(scores_champion, dtype=np.float64).ravel()
     s2 = np.asarray(scores_challenger, dtype=np.float64).ravel()
     if not y.size == s1.size == s2.size:
         raise ValueError("labels and scores differ in length")
-    ok = np.isfinite(s1) & np.isfinite(s2) & np.isin(y, (0.0, 1.0))
+    ok = np.isfinite(s1) & np.isfinite(s2) & ((y == 0) | (y == 1))
     excluded = int(y.size - np.count_nonzero(ok))
-    y, s1, s2 = y[ok], s1[ok], s2[ok]
+    if excluded:
+        y, s1, s2 = y[ok], s1[ok], s2[ok]
+        orders = None  # they index the unfiltered rows
     n_pos = int(np.count_nonzero(y == 1))
     n_neg = int(y.size - n_pos)
     empty = DeLongResult(
@@ -261,7 +267,7 @@ def delong_test(
     )
     if n_pos < 2 or n_neg < 2:
         return dataclasses.replace(empty, reason=_auroc_undefined_reason(n_pos, n_neg))
-    aucs, cov = delong_covariance(y, np.vstack([s1, s2]))
+    aucs, cov = delong_covariance(y, np.vstack([s1, s2]), orders)
     return _delong_from_cov(aucs, cov, n_pos, n_neg, excluded, alpha)
 
 
@@ -525,12 +531,16 @@ def wilcoxon_signed_rank(
             p_value=1.0,
             reason="all paired differences are zero",
         )
-    ranks = midranks(np.abs(nonzero))
-    r_plus = float(ranks[nonzero > 0].sum())
-    r_minus = float(ranks[nonzero < 0].sum())
+    magnitude = np.abs(nonzero)
+    order = np.argsort(magnitude)
+    sorted_mag = magnitude[order]
+    ranks_sorted = _sorted_midranks(sorted_mag)
+    r_plus = float(ranks_sorted[nonzero[order] > 0].sum())
+    r_minus = n * (n + 1) / 2.0 - r_plus
     mean_w = n * (n + 1) / 4.0
-    _, tie_counts = np.unique(np.abs(nonzero), return_counts=True)
-    tie_term = float(np.sum(tie_counts.astype(np.float64) ** 3 - tie_counts)) / 48.0
+    run_starts = np.flatnonzero(np.r_[True, sorted_mag[1:] != sorted_mag[:-1]])
+    tie_counts = np.diff(np.append(run_starts, n)).astype(np.float64)
+    tie_term = float(np.sum(tie_counts**3 - tie_counts)) / 48.0
     var_w = n * (n + 1) * (2 * n + 1) / 24.0 - tie_term
     z = (r_plus - mean_w) / math.sqrt(var_w) if var_w > 0 else 0.0
     return dataclasses.replace(

@@ -481,6 +481,8 @@ def _num(col: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     """A fetched column as numbers (SQLite hands back objects; its NULL becomes NaN)."""
     if col.dtype == object:
         return np.asarray(col.tolist(), dtype=dtype)  # numpy maps None to NaN for floats
+    if col.dtype.kind in "iu" and np.dtype(dtype).kind == "i":
+        return col  # any integer width indexes and compares alike: skip the copy
     return col.astype(dtype, copy=False)
 
 
@@ -880,17 +882,18 @@ class Store:
                                         stats)
             where, params = self._window(route, since, until)
             cond = " AND l.has_label" if require_label else ""
-            base = f"FROM inferences i JOIN labels l ON l.inf_id = i.id WHERE {where}{cond}"
             rows = e.columns(
-                "SELECT i.id, i.request_id, i.row_ix, i.ts, l.label, l.reward, i.served, "
-                f"i.propensity, i.policy {base} ORDER BY i.ts, i.id", params)
-            outs = e.columns(
-                "SELECT o.inf_id, o.model, o.role, o.mode, o.status, o.score, o.latency_ms "  # noqa: S608
-                f"FROM outcomes o JOIN inferences i ON i.id = o.inf_id "
-                f"JOIN labels l ON l.inf_id = i.id WHERE {where}{cond}", params)
-            arms = e.columns(
-                "SELECT a.inf_id, a.model, a.prob FROM arms a JOIN inferences i ON i.id = a.inf_id "  # noqa: S608
-                f"JOIN labels l ON l.inf_id = i.id WHERE {where}{cond}", params)
+                "SELECT i.id, i.request_id, i.row_ix, i.ts, l.label, l.reward, i.served, "  # noqa: S608
+                f"i.propensity, i.policy FROM inferences i JOIN labels l ON l.inf_id = i.id "
+                f"WHERE {where}{cond}", params)
+            # Ids are assigned in ingest order, so the window's outcomes sit in one id range:
+            # a range scan plus a numpy lookup is cheaper than joining 3 tables again.
+            index = _RowIndex(_num(rows["id"], np.int64))
+            span = [index.lo, index.hi]
+            outs = e.columns("SELECT inf_id, model, role, mode, status, score, latency_ms "
+                             "FROM outcomes WHERE inf_id BETWEEN ? AND ?", span)
+            arms = e.columns("SELECT inf_id, model, prob FROM arms WHERE inf_id BETWEEN ? AND ?",
+                             span)
             names = self._name_lookup(e)
         return _assemble(route, rows, outs, arms, names, stats, task, threshold)
 
@@ -915,25 +918,29 @@ class Store:
             e = self._connect()
             where, params = self._window(route, since, until)
             rows = e.columns(f"SELECT i.id, i.request_id, i.row_ix, i.ts FROM inferences i "  # noqa: S608
-                             f"WHERE {where} ORDER BY i.ts, i.id", params)
-            inputs = e.columns(
-                "SELECT x.inf_id, x.name, x.datatype, x.width, x.num, x.cat FROM inputs x "  # noqa: S608
-                f"JOIN inferences i ON i.id = x.inf_id WHERE {where}", params)
+                             f"WHERE {where}", params)
+            ids = _num(rows["id"], np.int64)
+            order = np.lexsort((ids, _num(rows["ts"])))
+            rows = {k: v[order] for k, v in rows.items()}
+            index = _RowIndex(ids[order])
+            inputs = e.columns("SELECT inf_id, name, datatype, width, num, cat FROM inputs "
+                               "WHERE inf_id BETWEEN ? AND ?", [index.lo, index.hi])
             lookup = self._name_lookup(e)
-        ids = _num(rows["id"], np.int64)
-        n = ids.size
+        n = index.n
         columns: dict[str, np.ndarray] = {}
-        if inputs["inf_id"].size:
-            pos = _positions(ids, _num(inputs["inf_id"], np.int64))
-            tensor = lookup[_num(inputs["name"], np.int64)]
-            dtype = lookup[_num(inputs["datatype"], np.int64)]
-            width = _num(inputs["width"], np.int64)
-            for t in sorted(set(tensor.tolist())):
-                mask = tensor == t
-                numeric = dtype[mask] != "BYTES"
-                columns.update(_tensor_columns(
-                    str(t), n, pos[mask], width[mask], numeric,
-                    inputs["num"][mask], inputs["cat"][mask], names.get(str(t))))
+        pos = index.positions(inputs["inf_id"])
+        keep = pos >= 0
+        if keep.any():
+            pos = pos[keep]
+            tensor = _num(inputs["name"], np.int64)[keep]
+            numeric = lookup[_num(inputs["datatype"], np.int64)[keep]] != "BYTES"
+            width = _num(inputs["width"], np.int64)[keep]
+            num, cat = inputs["num"][keep], inputs["cat"][keep]
+            for tid in sorted(_present(tensor), key=lambda i: str(lookup[i])):
+                mask = tensor == tid
+                name = str(lookup[tid])
+                columns.update(_tensor_columns(name, n, pos[mask], width[mask], numeric[mask],
+                                               num[mask], cat[mask], names.get(name)))
         return FeatureFrame(route, since, until, _num(rows["ts"]) if n else np.empty(0),
                             _request_ids(rows["request_id"], _num(rows["row_ix"], np.int64)),
                             columns)
@@ -965,10 +972,44 @@ def _fmt_ts(ts: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _positions(sorted_ids_by_row: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Row position of each id (ids come from the same window, so every one is present)."""
-    order = np.argsort(sorted_ids_by_row, kind="stable")
-    return order[np.searchsorted(sorted_ids_by_row[order], ids)]
+class _RowIndex:
+    """Store id -> dataset row position (-1 for ids not in the dataset).
+
+    A dense lookup table over the window's id range when that range is not much wider than the
+    dataset (the usual case: ids follow ingest order); binary search otherwise.
+    """
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.n = int(ids.size)
+        self.lo = int(ids.min()) if self.n else 0
+        self.hi = int(ids.max()) if self.n else -1
+        span = self.hi - self.lo + 1
+        self.lut: np.ndarray | None = None
+        if self.n and span <= 8 * self.n + (1 << 20):
+            self.lut = np.full(span, -1, dtype=np.int64)
+            self.lut[ids - self.lo] = np.arange(self.n)
+        else:
+            self.order = np.argsort(ids, kind="stable")
+            self.sorted = ids[self.order]
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        ids = ids.astype(np.int64, copy=False)
+        out = np.full(ids.size, -1, dtype=np.int64)
+        if not self.n:
+            return out
+        inside = (ids >= self.lo) & (ids <= self.hi)
+        if self.lut is not None:
+            out[inside] = self.lut[ids[inside] - self.lo]
+            return out
+        k = np.minimum(np.searchsorted(self.sorted, ids), self.n - 1)
+        hit = inside & (self.sorted[k] == ids)
+        out[hit] = self.order[k[hit]]
+        return out
+
+
+def _present(codes: np.ndarray) -> np.ndarray:
+    """Distinct small non-negative integer codes, O(n) (np.unique sorts)."""
+    return np.flatnonzero(np.bincount(codes)) if codes.size else np.empty(0, dtype=np.int64)
 
 
 def _request_ids(request_ids: np.ndarray, row_ix: np.ndarray) -> np.ndarray:
@@ -990,26 +1031,33 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
               arms: dict[str, np.ndarray], names: np.ndarray, stats: JoinStats, task: str,
               threshold: float) -> EvalDataset:
     ids = _num(rows["id"], np.int64)
+    ts = _num(rows["ts"])
+    order = np.lexsort((ids, ts))  # rows in time order (ties by ingest order)
+    rows = {k: v[order] for k, v in rows.items()}
+    ids = ids[order]
     n = ids.size
+    index = _RowIndex(ids)
     labels = _num(rows["label"])
-    o_pos = _positions(ids, _num(outs["inf_id"], np.int64))
-    o_model = _num(outs["model"], np.int64)
-    o_role = _num(outs["role"], np.int64)
-    o_mode = _num(outs["mode"], np.int64)
-    o_status = _num(outs["status"], np.int64)
-    o_score = _num(outs["score"])
-    o_latency = _num(outs["latency_ms"])
+
+    o_pos = index.positions(outs["inf_id"])
+    keep = o_pos >= 0  # the id range also holds unlabelled rows and other routes
+    o_pos = o_pos[keep]
+    o_model = _num(outs["model"], np.int64)[keep]
+    o_role = _num(outs["role"], np.int64)[keep]
+    o_mode = _num(outs["mode"], np.int64)[keep]
+    o_status = _num(outs["status"], np.int64)[keep]
+    o_score = _num(outs["score"])[keep]
+    o_latency = _num(outs["latency_ms"])[keep]
 
     # The champion is the model in the champion role on the most recent row.
     champ_rows = np.flatnonzero(o_role == ROLE_CODES["champion"])
     if champ_rows.size:
         champion = str(names[o_model[champ_rows[np.argmax(o_pos[champ_rows])]]])
     else:
-        served_ids = _num(rows["served"], np.int64)
-        champion = str(names[np.bincount(served_ids).argmax()])
+        champion = str(names[np.bincount(_num(rows["served"], np.int64)).argmax()])
 
     models: dict[str, ModelColumn] = {}
-    for mid in np.unique(o_model):
+    for mid in _present(o_model):
         name = str(names[mid])
         mask = o_model == mid
         pos = o_pos[mask]
@@ -1019,7 +1067,7 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
         scores[pos] = o_score[mask]
         status[pos] = o_status[mask]
         latency[pos] = o_latency[mask]
-        modes = tuple(MODE_NAMES.get(int(m), str(m)) for m in np.unique(o_mode[mask]))
+        modes = tuple(MODE_NAMES.get(int(m) - 1, "unknown") for m in _present(o_mode[mask] + 1))
         models[name] = ModelColumn(name=name,
                                    role="champion" if name == champion else "challenger",
                                    scores=scores, status=status, latency_ms=latency, modes=modes)
@@ -1029,10 +1077,12 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
 
     arm_probs: dict[str, np.ndarray] = {}
     if arms["inf_id"].size:
-        a_pos = _positions(ids, _num(arms["inf_id"], np.int64))
-        a_model = _num(arms["model"], np.int64)
-        a_prob = _num(arms["prob"])
-        for mid in np.unique(a_model):
+        a_pos = index.positions(arms["inf_id"])
+        keep = a_pos >= 0
+        a_pos = a_pos[keep]
+        a_model = _num(arms["model"], np.int64)[keep]
+        a_prob = _num(arms["prob"])[keep]
+        for mid in _present(a_model):
             mask = a_model == mid
             col = np.zeros(n)
             col[a_pos[mask]] = a_prob[mask]
@@ -1070,8 +1120,7 @@ def _tensor_columns(tensor: str, n: int, pos: np.ndarray, width: np.ndarray, num
         matrix = np.full((n, w), np.nan)
         uniform = bool((width == w).all()) and all(v is not None for v in num)
         if uniform:
-            matrix[pos] = np.frombuffer(b"".join(bytes(v) for v in num),
-                                        dtype="<f8").reshape(-1, w)
+            matrix[pos] = np.frombuffer(b"".join(num), dtype="<f8").reshape(-1, w)
         else:
             for p, k, v in zip(pos, width, num, strict=True):
                 if v is not None and k:

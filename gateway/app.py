@@ -28,7 +28,9 @@ from gateway.http import (
 )
 from gateway.logsink import LogSink
 from gateway.logsink.files import FileSink
+from gateway.policies import RewardTracker
 from gateway.recorder import Recorder
+from gateway.rewards import FileRewardBus, KafkaRewardBus, PolicyLearner, RewardBus
 from gateway.routes import RouteTable
 from gateway.service import InferenceService
 from gateway.upstream import TritonUpstream
@@ -50,6 +52,14 @@ def build_sink(config: GatewayConfig) -> LogSink:
     )
 
 
+def build_reward_bus(config: GatewayConfig) -> RewardBus:
+    """Where reward events are shared: a Kafka topic with the Kafka sink, else a local file."""
+    if config.log.sink == "kafka":
+        kafka = config.log.kafka
+        return KafkaRewardBus(kafka.bootstrap, kafka.rewards_topic, kafka.labels_topic)
+    return FileRewardBus(config.admin.rewards_path)
+
+
 def create_app(
     config: GatewayConfig,
     *,
@@ -65,12 +75,16 @@ def create_app(
     )
     routes = RouteTable(upstream)
     sink = sink_factory(config)
-    recorder = Recorder(sink)
+    learner = PolicyLearner(routes, build_reward_bus(config), RewardTracker())
+    recorder = Recorder(sink, on_explored=learner.remember)
     service = InferenceService(routes, upstream, recorder)
     app[UPSTREAM] = upstream
     app[ROUTES] = routes
     app[SERVICE] = service
-    app[FEEDBACK] = FeedbackService(sink)
+    # With Kafka every replica reads labels from the topic; locally they go straight in.
+    app[FEEDBACK] = FeedbackService(
+        sink, listeners=[] if config.log.sink == "kafka" else [learner.on_labels]
+    )
     app[MAX_BODY] = config.listen.max_body_bytes
 
     async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
@@ -83,6 +97,12 @@ def create_app(
         yield
         await sink.close()
 
+    async def learner_ctx(_: web.Application) -> AsyncIterator[None]:
+        await learner.bus.start(learner.apply, learner.on_labels)
+        yield
+        await learner.drain()
+        await learner.bus.close()
+
     async def recorder_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
         log.info("draining %d pending records", recorder.pending)
@@ -92,6 +112,6 @@ def create_app(
     # after the sink (audit entries go there) and stops before it.
     registry_ctx = install_admin(app, config, routes, sink)
 
-    app.cleanup_ctx.extend([upstream_ctx, sink_ctx, registry_ctx, recorder_ctx])
+    app.cleanup_ctx.extend([upstream_ctx, sink_ctx, registry_ctx, learner_ctx, recorder_ctx])
     add_routes(app)
     return app

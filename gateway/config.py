@@ -45,6 +45,7 @@ class KafkaConfig:
     labels_topic: str = "understudy.labels"
     audit_topic: str = "understudy.audit"
     registry_topic: str = "understudy.registry"
+    rewards_topic: str = "understudy.rewards"
     linger_ms: int = 5
     compression: str = "gzip"
     max_request_bytes: int = 1024 * 1024
@@ -63,9 +64,10 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
-    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"
-    read_token_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN"
+    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable name, not a secret
+    read_token_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN"  # noqa: S105 - a name, not a secret
     state_path: str = "./var/state/registry.json"
+    rewards_path: str = "./var/state/rewards.jsonl"
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     `UNDERSTUDY_LOG_KAFKA_BOOTSTRAP=h:9092` sets log.kafka.bootstrap. Values are parsed as YAML
     scalars so numbers and booleans keep their types.
     """
-    sections = {
+    sections: dict[str, type] = {
         "triton": TritonConfig, "listen": ListenConfig, "log": LogConfig, "admin": AdminConfig,
     }
     for var, value in env.items():
@@ -263,14 +265,22 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         key = rest[len(section) + 1:]
         target = raw.setdefault(section, {}) or {}
         raw[section] = target
+        cls = sections[section]
         if section == "log" and key.startswith("kafka_"):
             target = target.setdefault("kafka", {}) or {}
             raw["log"]["kafka"] = target
             key = key[len("kafka_"):]
+            cls = KafkaConfig
+        if key not in {f.name for f in fields(cls)}:
+            # The UNDERSTUDY_ namespace also holds secrets (UNDERSTUDY_ADMIN_TOKEN) and other
+            # programs' settings; only names that are config keys are overrides.
+            continue
         target[key] = yaml.safe_load(value) if value != "" else ""
 
 
-def parse_config(raw: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+def parse_config(
+    raw: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
+) -> GatewayConfig:
     data: dict[str, Any] = dict(raw or {})
     allowed = {"triton", "listen", "log", "admin", "routes"}
     unknown = sorted(set(data) - allowed)

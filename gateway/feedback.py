@@ -110,7 +110,7 @@ class FeedbackService:
                 rejected.append({"index": i, "error": str(exc)})
         for record in accepted:
             self.sink.emit(LABELS, record["request_id"], orjson.dumps(record))
-        metrics.LOG_RECORDS.labels(LABELS, "produced").inc(len(accepted))
+        metrics.LOG_RECORDS.labels(LABELS, "accepted").inc(len(accepted))
         metrics.FEEDBACK_ITEMS.labels("accepted").inc(len(accepted))
         metrics.FEEDBACK_ITEMS.labels("rejected").inc(len(rejected))
         for listener in self.listeners:

@@ -37,7 +37,9 @@ def json_response(payload: object, status: int = 200) -> web.Response:
     )
 
 
-def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def _error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=error_body(message), status=status, content_type="application/json", headers=headers
     )

@@ -94,7 +94,8 @@ REWARDS = Counter(
 )
 LOG_RECORDS = Counter(
     "understudy_log_records",
-    "Log records by stream and outcome: produced, written, spilled, replayed, dropped, oversized.",
+    "Log records by stream and outcome: accepted (handed to the sink), produced (acked by "
+    "Kafka), written (file sink), spilled, replayed, dropped, oversized.",
     ["stream", "outcome"],
 )
 LOG_BUFFERED = Gauge(

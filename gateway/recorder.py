@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,10 @@ def stable_fraction(key: str, salt: str = "") -> float:
     """A uniform number in [0, 1) that depends only on (salt, key): hash-stable sampling."""
     digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+# (route, request id, served arm, served score): what exploration needs to credit a label later.
+ExploredHook = Callable[[str, str, str, float | None], None]
 
 
 @dataclass(slots=True)
@@ -65,15 +69,18 @@ def first_score(outputs: Mapping[str, Tensor] | None) -> float | None:
 class Recorder:
     """Turns finished requests into records on the sink and prediction metrics."""
 
-    def __init__(self, sink: LogSink) -> None:
+    def __init__(self, sink: LogSink, on_explored: ExploredHook | None = None) -> None:
         self.sink = sink
+        self.on_explored = on_explored
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
         return len(self._tasks)
 
-    def submit(self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]) -> None:
+    def submit(
+        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
+    ) -> None:
         task = asyncio.create_task(self._complete(ctx, copies))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -90,11 +97,17 @@ class Recorder:
             results = dict(zip(copies, await asyncio.gather(*copies.values()), strict=True))
             record = self.build(ctx, results)
             self._observe(ctx, record)
+            if self.on_explored is not None and ctx.status == 200 and (
+                ctx.runtime.config.policy.type != "champion"
+            ):
+                served = record["outputs"][ctx.served_model]["outputs"]
+                self.on_explored(ctx.runtime.name, ctx.request_id, ctx.served_model,
+                                 first_score(served))
             if ctx.runtime.config.log_sample_rate >= 1.0 or stable_fraction(
                 ctx.key or ctx.request_id, ctx.runtime.name
             ) < ctx.runtime.config.log_sample_rate:
                 self.sink.emit(INFERENCES, ctx.request_id, orjson.dumps(record))
-                metrics.LOG_RECORDS.labels(INFERENCES, "produced").inc()
+                metrics.LOG_RECORDS.labels(INFERENCES, "accepted").inc()
         except Exception:
             log.exception("failed to record request %s", ctx.request_id)
             metrics.LOG_RECORDS.labels(INFERENCES, "dropped").inc()
@@ -163,7 +176,7 @@ def _outcome(result: ShadowResult, *, role: str, mode: str, version: str) -> Mod
             decoded = decode_response(result.response.body, result.response.header_length)
             outputs = decoded["outputs"]
             version = str(decoded.get("model_version") or version)
-        except Exception as exc:  # noqa: BLE001 - a bad upstream body is logged, not fatal
+        except Exception as exc:
             status, error = "error", f"undecodable response: {exc!r}"
     return {
         "role": role,  # type: ignore[typeddict-item]

@@ -19,7 +19,7 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     status           int, the HTTP status the client got
     gateway_latency_ms  float, receipt of the request to the response being handed to the client
 
-    Tensor        = {"datatype": str, "shape": [int], "data": [number | str | bool]}  (flat, row-major)
+    Tensor        = {"datatype": str, "shape": [int], "data": [number | str | bool]}  (flat)
     ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
                      "version": str, "status": "ok"|"error"|"timeout"|"shed"|"skipped",
                      "latency_ms": float | null, "outputs": {name: Tensor} | null,

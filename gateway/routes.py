@@ -55,7 +55,7 @@ class RouteTable:
 
     def apply(self, config: RouteConfig) -> RouteRuntime:
         previous = self._routes.get(config.name)
-        policy = build_policy(config.policy)
+        policy = build_policy(config.policy, salt=config.name)
         if previous is not None and previous.config.policy == config.policy:
             policy.load_state(previous.policy.state())
         self._routes[config.name] = runtime = RouteRuntime(
@@ -100,12 +100,16 @@ class RouteTable:
                 timeout_ms=ch.timeout_ms,
             )
         # Under exploration the champion may not be served; it is then scored as a copy too.
-        lanes[config.champion.model] = ShadowLane(
-            self.upstream, config.name, config.champion.model, config.champion.version,
-            max_concurrency=64, max_queue=256,
-            timeout_ms=max(champion_timeout, int(self.upstream.timeout_s * 1000)),
-        ) if previous is None or previous.config.champion != config.champion else \
-            previous.lanes[config.champion.model]
+        champion = config.champion
+        if previous is not None and previous.config.champion == champion:
+            lanes[champion.model] = previous.lanes[champion.model]
+        else:
+            lanes[champion.model] = ShadowLane(
+                self.upstream, config.name, champion.model, champion.version,
+                max_concurrency=64, max_queue=256,
+                timeout_ms=max(champion_timeout, int(self.upstream.timeout_s * 1000)),
+                role="champion",
+            )
         return lanes
 
     async def champion_inputs(self, runtime: RouteRuntime) -> tuple[TensorSpec, ...]:

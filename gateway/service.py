@@ -44,7 +44,7 @@ class InferenceService:
         self.routes = routes
         self.upstream = upstream
         self.recorder = recorder
-        self.rng = rng or random.Random()  # noqa: S311 - routing, not cryptography
+        self.rng = rng or random.Random()
 
     async def infer(
         self, route_name: str, body: bytes, headers: Mapping[str, str]

@@ -43,8 +43,10 @@ class ShadowLane:
         max_concurrency: int,
         max_queue: int,
         timeout_ms: int,
+        role: str = "challenger",
     ) -> None:
         self.upstream = upstream
+        self.role = role
         self.route = route
         self.model = model
         self.version = version
@@ -99,13 +101,13 @@ class ShadowLane:
             )
         except GatewayError as exc:
             result = ShadowResult("error", time.perf_counter() - started, error=exc.message)
-        except Exception as exc:  # noqa: BLE001 - a shadow must never take the gateway down
+        except Exception as exc:
             result = ShadowResult("error", time.perf_counter() - started, error=repr(exc))
         finally:
             self._admitted -= 1
             self._inflight_gauge.dec()
         self._counters[result.status].inc()
-        metrics.MODEL_LATENCY.labels(self.route, self.model, "challenger", mode).observe(
+        metrics.MODEL_LATENCY.labels(self.route, self.model, self.role, mode).observe(
             result.latency_s or 0.0
         )
         return result

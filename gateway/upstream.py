@@ -67,7 +67,11 @@ class TritonUpstream:
         )
         # No total timeout here: each call sets its own, and response bodies are small.
         return aiohttp.ClientSession(
-            self.base_url, connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            self.base_url,
+            connector=connector,
+            auto_decompress=False,
+            # Never ask Triton to compress: bodies pass through to clients as they are.
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
 
     def pool(self, name: str, limit: int | None = None) -> aiohttp.ClientSession:
@@ -111,9 +115,9 @@ class TritonUpstream:
                     resp_type = resp.headers.get("Content-Type", "application/json")
                     resp_length = resp.headers.get(HEADER_LENGTH)
         except TimeoutError:
-            raise UpstreamTimeout(
-                f"model '{model}' did not answer within {(timeout_s or self.timeout_s) * 1000:.0f} ms"
-            ) from None
+            limit_ms = (timeout_s or self.timeout_s) * 1000
+            message = f"model '{model}' did not answer within {limit_ms:.0f} ms"
+            raise UpstreamTimeout(message) from None
         except aiohttp.ClientConnectionError as exc:
             raise UpstreamUnavailable(f"Triton unreachable for model '{model}': {exc}") from None
         latency = time.perf_counter() - started

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import threading
@@ -48,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests import common, profile_gateway  # noqa: E402
+from loadtests import common, profile_gateway
 
 ROUTE = "fraud"
 CHAMPION = "fraud_v3"
@@ -133,8 +134,7 @@ class Bench:
 
     def note_load(self, when: str) -> None:
         with contextlib.suppress(OSError):
-            self.loadavg.append((when, Path("/proc/loadavg").read_text().split(" ", 3)[:3]
-                                 and " ".join(Path("/proc/loadavg").read_text().split()[:3])))
+            self.loadavg.append((when, " ".join(Path("/proc/loadavg").read_text().split()[:3])))
 
     def measure(self, row: Row, url: str, *, body: common.Body | None = None,
                 body_file: Path | None = None, cpu_pids: Callable[[], list[int]] | None = None,
@@ -171,7 +171,7 @@ class Bench:
         self.rows.append(row)
         try:
             fn(row)
-        except Exception as exc:  # noqa: BLE001 - one broken scenario must not end the run
+        except Exception as exc:
             row.error = f"{type(exc).__name__}: {exc}"
             self.log(f"{row.label}: FAILED {row.error}")
             traceback.print_exc()
@@ -269,7 +269,7 @@ class Bench:
                     for key, (label, routes) in GATEWAY_SCENARIOS.items():
                         self.gateway_row(key, f"{label} [Kafka log]", routes, sink="kafka",
                                          group="gateway-kafka")
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     self.extra["kafka"] = f"failed: {exc}"
                     self.log(f"Kafka rows failed: {exc}")
                 finally:
@@ -331,7 +331,7 @@ class Bench:
                         self.log(f"  {which} round {i + 1}: {r.rps:,.0f} req/s p50 {r.p50:.2f} "
                                  f"p99 {r.p99:.2f} ms errors {r.errors}")
                 result["shadow"] = shadow_counts(gw_b.url)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
             self.log(f"slow challenger FAILED: {result['error']}")
             return result
@@ -402,7 +402,7 @@ class Bench:
                 )
                 result["samples"] = [(round(t, 1), round(b / 2**20, 2)) for t, b in samples]
                 result["shadow"] = shadow_counts(gw.url)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
             self.log(f"overload FAILED: {result['error']}")
             return result
@@ -424,7 +424,7 @@ class Bench:
                 summary, load = profile_gateway.profile_gateway(
                     gw, url, self.body_file, self.body, seconds=a.profile_seconds,
                     out=self.out / "profile", cpus=self.load_cpus)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.log(f"profile FAILED: {exc}")
             return {"error": f"{type(exc).__name__}: {exc}"}
         self.log(f"profile written to {self.out / 'profile' / 'hotspots.txt'}")
@@ -476,23 +476,27 @@ def kafka_count(bootstrap: str, topic: str) -> int | None:
 
     async def count() -> int:
         from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient
 
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        parts = [p["partition"] for t in described if t.get("topic") == topic
+                 for p in t.get("partitions", [])] or [0]
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await consumer.topics()
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in parts]
-            ends = await consumer.end_offsets(tps) if tps else {}
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
             return int(sum(ends.values()))
         finally:
             await consumer.stop()
 
     try:
         return asyncio.run(count())
-    except Exception:  # noqa: BLE001
+    except Exception:
         traceback.print_exc()
         return None
 
@@ -714,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile_seconds = min(args.profile_seconds, 5)
         args.warmup = 1
     for tool in ("wrk", "nginx"):
-        if not common.shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is missing: run loadtests/bench.sh (it installs wrk, hey, nginx)",
                   file=sys.stderr)
             return 2

@@ -243,9 +243,12 @@ def gateway_config(triton_url: str, work: Path, name: str, routes: Mapping[str, 
     """Write a gateway YAML config under `work` and return its path."""
     log: dict[str, Any] = {"sink": sink, "path": str(work / f"log-{name}")}
     if kafka_bootstrap:
+        # topics of their own per config: runs sharing a broker must not share state
         log["kafka"] = {"bootstrap": kafka_bootstrap,
                         "topic": f"understudy.bench.{name}.inferences",
-                        "labels_topic": f"understudy.bench.{name}.labels"}
+                        "labels_topic": f"understudy.bench.{name}.labels",
+                        "audit_topic": f"understudy.bench.{name}.audit",
+                        "registry_topic": f"understudy.bench.{name}.registry"}
     log.update(extra_log or {})
     raw = {
         "triton": {"url": triton_url, "timeout_ms": timeout_ms},

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests import common  # noqa: E402
+from loadtests import common
 
 LOCUSTFILE = common.LOADTESTS / "locustfile.py"
 
@@ -81,7 +81,8 @@ def read_stats(path: Path) -> dict[str, Any]:
 
 
 def summary_table(stats: dict[str, Any]) -> str:
-    cols = ("Request Count", "Failure Count", "Requests/s", "50%", "90%", "99%", "Max Response Time")
+    cols = ("Request Count", "Failure Count", "Requests/s", "50%", "90%", "99%",
+            "Max Response Time")
     lines = [f"{'name':<34}" + "".join(f"{c[:12]:>13}" for c in cols)]
     for name, row in stats["rows"].items():
         lines.append(f"{name[:34]:<34}" + "".join(f"{_fmt(row.get(c)):>13}" for c in cols))

@@ -38,7 +38,7 @@ from locust import FastHttpUser, between, constant, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `gateway.demo` without install
 
-from gateway.demo.traffic import FraudTraffic, PriceTraffic  # noqa: E402
+from gateway.demo.traffic import FraudTraffic, PriceTraffic
 
 SEED = int(os.environ.get("LOADTEST_SEED", "11"))
 LABEL_DELAY_S = float(os.environ.get("LOADTEST_LABEL_DELAY_S", "2"))
@@ -96,7 +96,7 @@ class InferenceUser(FastHttpUser):
     weight = 20
 
     def on_start(self) -> None:
-        self.rng = random.Random(SEED ^ id(self))  # noqa: S311 - traffic mix, not crypto
+        self.rng = random.Random(SEED ^ id(self))
         self.prefix = uuid.uuid4().hex[:8]
         self.counter = itertools.count()
         # (due time, request id, label) of served requests whose label is not yet posted

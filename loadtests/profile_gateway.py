@@ -1,6 +1,7 @@
 """Profile the gateway under load with py-spy and list its hot spots.
 
-    python loadtests/profile_gateway.py [--seconds 20] [--shadows 1] [--sink file] [--out var/bench/profile]
+    python loadtests/profile_gateway.py [--seconds 20] [--shadows 1] [--sink file]
+                                        [--out var/bench/profile]
 
 Starts Triton and one gateway worker (champion fraud_v3 + N shadows, 100% logging), drives it
 with wrk at capacity (16 connections, JSON body) and samples the gateway with
@@ -24,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests import common  # noqa: E402
+from loadtests import common
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 

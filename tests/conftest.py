@@ -1,4 +1,4 @@
-"""Shared fixtures: real Triton and Kafka (tests/support), and in-process gateways on real sockets."""
+"""Shared fixtures: real Triton and Kafka (tests/support), in-process gateways on real sockets."""
 
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ async def make_gateway(triton: Any, tmp_path: Path) -> AsyncIterator[GatewayFact
             "triton": {"url": triton.url, "timeout_ms": 5000},
             "log": {"path": str(tmp_path / f"log{len(handles)}"), "fsync": "never"},
             # Each gateway its own registry state unless a test shares one on purpose.
-            "admin": {"state_path": str(tmp_path / f"state{len(handles)}" / "registry.json")},
+            "admin": {"state_path": str(tmp_path / f"state{len(handles)}" / "registry.json"),
+                      "rewards_path": str(tmp_path / f"state{len(handles)}" / "rewards.jsonl")},
             "routes": routes,
         }
         for name, value in sections.items():

@@ -52,8 +52,8 @@ def demo_config(triton_url: str, log_dir: Path, port: int) -> dict[str, object]:
     }
 
 
-async def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_http(url: str, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             try:
@@ -63,7 +63,7 @@ async def wait_http(url: str, timeout: float = 30.0) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.2)
-    raise TimeoutError(f"{url} did not become ready in {timeout:.0f} s")
+    raise TimeoutError(f"{url} did not become ready in {within_s:.0f} s")
 
 
 async def send_traffic(base: str, n_fraud: int, n_price: int, seed: int) -> dict[str, object]:

@@ -107,6 +107,7 @@ class UndeliverableError(KafkaError):
 
 # Errors no retry can fix: the record is set aside (oversized/), never spilled or retried.
 _PERMANENT = (MessageSizeTooLargeError, RecordTooLargeError, UndeliverableError)
+_YIELD_EVERY = 64  # records handed to aiokafka per event-loop turn (~1-2 ms of work)
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -545,35 +546,39 @@ class KafkaSink:
         return True
 
     async def _retire_producer(self) -> None:
+        """Discard the current producer after a failure; the next attempt starts a fresh one."""
         producer, self._producer = self._producer, None
         if producer is None:
             return
         self._retiring.add(producer)
-        await self._stop_producer(producer)
-        self._retiring.discard(producer)
+        try:
+            await self._stop_producer(producer, abandon=True)
+        finally:
+            self._retiring.discard(producer)
 
-    async def _stop_producer(self, producer: AIOKafkaProducer) -> None:
+    async def _stop_producer(self, producer: AIOKafkaProducer, *, abandon: bool = False) -> None:
         """Stop a producer within a bounded time, even with undeliverable batches pending.
 
         `producer.stop()` waits for every pending batch; with the broker gone they only expire
-        after `request_timeout_ms`. Their records are already spilled by then, so the batches
-        are failed at once through the accumulator (aiokafka has no public call for this).
+        after `request_timeout_ms`. A producer retired after a failure (`abandon`) has had its
+        unconfirmed records spilled already, so its batches are failed at once through the
+        accumulator (aiokafka has no public call for this): delivering them late would only
+        add duplicates. The client is closed explicitly at the end because `stop()` skips that
+        when the sender task died with an error (aiokafka 0.14), which would leak sockets.
         """
+        if abandon:
+            _fail_pending(producer)
         task = asyncio.ensure_future(producer.stop())
         done, _ = await asyncio.wait({task}, timeout=1.0)
         if not done:
-            accumulator = getattr(producer, "_message_accumulator", None)
-            if accumulator is not None:
-                accumulator.fail_all(KafkaTimeoutError("kafka sink abandoned this producer"))
+            _fail_pending(producer)
             done, _ = await asyncio.wait({task}, timeout=max(2.0, self._request_timeout))
         if not done:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            with contextlib.suppress(Exception):
-                await producer.client.close()
-        elif task.exception() is not None:
-            log.debug("kafka producer stop: %r", task.exception())
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        with contextlib.suppress(Exception):
+            await producer.client.close()
 
     # ------------------------------------------------------------------ delivery
 
@@ -716,7 +721,11 @@ class KafkaSink:
                             topic, record.value, record.key.encode())
                     except _PERMANENT as exc:
                         outcomes[i] = exc
-                    window.reschedule(loop.time() + self._request_timeout)
+                    if pos % _YIELD_EVERY == _YIELD_EVERY - 1:
+                        # send() rarely suspends: without this a flight would hold the event
+                        # loop (and every client request behind it) for its whole length.
+                        await asyncio.sleep(0)
+                        window.reschedule(loop.time() + self._request_timeout)
                 sent = len(indices)
         except (KafkaError, OSError, TimeoutError) as exc:
             error = exc if not isinstance(exc, TimeoutError) else KafkaTimeoutError(
@@ -779,6 +788,12 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, UndeliverableError):
         return str(exc)
     return f"refused as too large ({type(exc).__name__})"
+
+
+def _fail_pending(producer: AIOKafkaProducer) -> None:
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is not None:
+        accumulator.fail_all(KafkaTimeoutError("kafka sink abandoned this producer"))
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
