@@ -319,9 +319,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"promote: dry run: would POST {url} {{\"model\": \"{model}\"}}")
         return EXIT_OK
-    token = os.environ.get(TOKEN_ENV)
+    token_env = config.gateway.token_env or TOKEN_ENV
+    token = os.environ.get(token_env)
     if not token:
-        print(f"promote: refused: set {TOKEN_ENV} to the gateway's admin (write) token",
+        print(f"promote: refused: set {token_env} to the gateway's admin (write) token",
               file=sys.stderr)
         return EXIT_USAGE
     body = json.dumps({"model": model}).encode()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -160,8 +161,9 @@ class DecisionPolicy:
         )
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any] | None) -> DecisionPolicy:
-        """Build from a config mapping (accepts the config's key names, e.g. ``sequential``)."""
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> DecisionPolicy:
+        """Build from the config's ``decision:`` mapping (its key names, e.g. ``sequential``, are
+        accepted). Unknown keys raise: a typo must not silently fall back to a default."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in (values or {}).items():
@@ -203,7 +205,19 @@ class PrimaryResult:
 
 @dataclass
 class ChallengerDecision:
-    """The verdict on one challenger and everything that produced it (``to_dict`` for reports)."""
+    """The verdict on one challenger and everything that produced it.
+
+    ``to_dict()`` (strict JSON: NaN/inf become null) has the keys: ``route``, ``champion``,
+    ``challenger``, ``decision`` ("PROMOTE" | "KEEP" | "INCONCLUSIVE"), ``reasons`` (headline
+    first, then one line per check with its numbers), ``primary_metric``, ``n_labelled``,
+    ``n_positive``, ``n_negative``, ``excluded`` (counts by cause), ``checks`` (the booleans the
+    rules used), ``primary`` (metric, test, champion, challenger, difference, improvement, se,
+    statistic, df, p_value, p_adjusted, correction, ci_low, ci_high, ...), ``non_inferiority``,
+    ``sequential`` (p_value, p_adjusted, used_for_decision, confidence sequence and the per-look
+    ``path`` for the cumulative-statistic plot), ``power`` (required_n, achieved_power, ...),
+    ``guardrails`` (status, checks, latency and outcome summaries per model), ``secondary``
+    (the other paired tests, keyed by name) and ``policy``.
+    """
 
     route: str
     champion: str

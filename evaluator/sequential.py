@@ -404,24 +404,22 @@ def msprt_delong(
         orders = (np.argsort(sc), np.argsort(sh))
     sorted_c = (orders[0], sc[orders[0]], positive[orders[0]])
     sorted_h = (orders[1], sh[orders[1]], positive[orders[1]])
+    negative = ~positive
     est = np.full(points.size, np.nan)
     var = np.full(points.size, np.nan)
     valid = np.zeros(points.size, dtype=bool)
+    placed_c = np.empty(y.size)  # placement values in row order, refilled at every look
+    placed_h = np.empty(y.size)
     for j, k in enumerate(points):
         n_pos = int(cum_pos[k - 1])
         if min(n_pos, int(k) - n_pos) < max(min_per_class, 2) or k < burn_in:
             continue
-        pos_k = positive[:k]
-        diff = np.empty(k)
-        for sign, (o, s_sorted, p_sorted) in ((1.0, sorted_h), (-1.0, sorted_c)):
+        for out, (o, s_sorted, p_sorted) in ((placed_c, sorted_c), (placed_h, sorted_h)):
             inside = o < k
-            placed = placements_sorted(s_sorted[inside], p_sorted[inside])
-            if sign > 0:
-                diff[o[inside]] = placed
-            else:
-                diff[o[inside]] -= placed
-        d10 = diff[pos_k]  # per-positive components of the AUROC difference
-        d01 = diff[~pos_k]
+            out[o[inside]] = placements_sorted(s_sorted[inside], p_sorted[inside])
+        diff = placed_h[:k] - placed_c[:k]
+        d10 = diff[positive[:k]]  # per-positive components of the AUROC difference
+        d01 = diff[negative[:k]]
         est[j] = float(d10.mean())
         var[j] = float(d10.var(ddof=1)) / d10.size + float(d01.var(ddof=1)) / d01.size
         valid[j] = True

@@ -89,6 +89,7 @@ def create_app(
 
     async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
         routes.apply_all(config.routes)
+        await routes.warm()
         yield
         await upstream.close()
 

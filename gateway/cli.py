@@ -7,6 +7,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 from dataclasses import replace
@@ -62,15 +63,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
              for i in range(args.workers)]
     for proc in procs:
         proc.start()
-    try:
+
+    def forward(signum: int, _frame: object) -> None:
+        # Each worker drains its shadows and flushes its log on SIGTERM; the parent only relays.
         for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.join()
-    return max((proc.exitcode or 0) for proc in procs)
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    failed = [proc.exitcode for proc in procs if proc.exitcode]
+    if failed:
+        log.error("worker exit codes: %s", [proc.exitcode for proc in procs])
+    return 1 if failed else 0
 
 
 def cmd_triton(args: argparse.Namespace) -> int:

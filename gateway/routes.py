@@ -7,6 +7,8 @@ Requests in flight keep the runtime they started with.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -17,6 +19,8 @@ from gateway.protocol import TensorSpec, parse_metadata_inputs
 from gateway.shadow import ShadowLane
 from gateway.upstream import TritonUpstream
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RouteRuntime:
@@ -24,6 +28,7 @@ class RouteRuntime:
     policy: Policy
     lanes: dict[str, ShadowLane]  # every model of the route that can be scored as a copy
     champion_inputs: tuple[TensorSpec, ...] | None = None
+    inputs_fetch: asyncio.Future[tuple[TensorSpec, ...]] | None = None
     version_of: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -113,9 +118,33 @@ class RouteTable:
         return lanes
 
     async def champion_inputs(self, runtime: RouteRuntime) -> tuple[TensorSpec, ...]:
-        """The champion's input signature, fetched from Triton once and cached."""
-        if runtime.champion_inputs is None:
-            champion = runtime.config.champion
-            metadata = await self.upstream.metadata(champion.model, champion.version)
-            runtime.champion_inputs = parse_metadata_inputs(metadata)
+        """The champion's input signature, fetched from Triton once and cached.
+
+        Single-flight: a burst of first requests shares one metadata call instead of each
+        queueing its own (which, on a cold start under load, timed requests out).
+        """
+        if runtime.champion_inputs is not None:
+            return runtime.champion_inputs
+        if runtime.inputs_fetch is None or runtime.inputs_fetch.done():
+            runtime.inputs_fetch = asyncio.ensure_future(self._fetch_inputs(runtime))
+        try:
+            return await asyncio.shield(runtime.inputs_fetch)
+        finally:
+            if runtime.inputs_fetch.done() and runtime.inputs_fetch.exception() is not None:
+                runtime.inputs_fetch = None  # let the next request retry
+
+    async def _fetch_inputs(self, runtime: RouteRuntime) -> tuple[TensorSpec, ...]:
+        champion = runtime.config.champion
+        metadata = await self.upstream.metadata(champion.model, champion.version)
+        runtime.champion_inputs = parse_metadata_inputs(metadata)
         return runtime.champion_inputs
+
+    async def warm(self) -> None:
+        """Fetch every champion's signature before traffic arrives (best effort)."""
+        results = await asyncio.gather(
+            *(self.champion_inputs(rt) for rt in self), return_exceptions=True
+        )
+        for runtime, result in zip(list(self), results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("route %s: champion signature not available yet: %s",
+                            runtime.name, result)

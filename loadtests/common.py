@@ -273,6 +273,7 @@ class Gateway:
     cpus: str | None = None
     log_file: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    root: Path = ROOT  # a copy of the tree here runs that copy's gateway (for prototypes)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -286,10 +287,16 @@ class Gateway:
                "--workers", str(self.workers)]
         # (not UNDERSTUDY_LOG_LEVEL: the config loader reads UNDERSTUDY_LOG_* as `log:` keys)
         env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root),
+                                                          env.get("PYTHONPATH")]))
+        out = self.log_file.open("ab") if self.log_file else None
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=out or subprocess.DEVNULL,
+                                         stderr=subprocess.STDOUT)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own descriptor
         try:
             wait_http(self.url + "/v2/health/ready", timeout, proc=self.proc)
         except BaseException:

@@ -99,7 +99,9 @@ async def bench(bootstrap: str, args: argparse.Namespace) -> None:
                     sink.emit("inferences", f"bench-{i:08d}", templates[i % 1000])
                 emit_seconds += time.perf_counter() - t0
                 await asyncio.sleep(0)
-                while len(sink._queue) > args.max_queue:
+                for _ in range(60_000):  # back off (at most a minute) while the sink is deep
+                    if sink.queued <= args.max_queue:
+                        break
                     await asyncio.sleep(0.001)
             await sink.flush()
         elapsed = time.perf_counter() - began

@@ -74,7 +74,8 @@ def run_locust(url: str, out: Path, *, duration: float, users: int, spawn_rate: 
 
 
 def read_stats(path: Path) -> dict[str, Any]:
-    rows = list(csv.DictReader(path.open()))
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
     by_name = {f"{r['Type']} {r['Name']}".strip(): r for r in rows}
     aggregated = next(r for r in rows if r["Name"] == "Aggregated")
     return {"aggregated": aggregated, "rows": by_name, "path": str(path)}

@@ -17,7 +17,8 @@ Users:
 
 Environment knobs: LOADTEST_SEED (traffic seed, default 11), LOADTEST_LABEL_DELAY_S (2),
 LOADTEST_FRAUD_ROUTE ("fraud"), LOADTEST_PRICE_ROUTE ("price"; empty disables price calls),
-LOADTEST_ADMIN_PERIOD_S (5).
+LOADTEST_ADMIN_PERIOD_S (5), LOADTEST_SERVED_IDS_FILE (when set, the ids of every inference
+answered with 200 are written there at exit, one a line: tests check each one was logged).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from locust import FastHttpUser, between, constant, task
+from locust import FastHttpUser, between, constant, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `gateway.demo` without install
 
@@ -47,6 +48,7 @@ PRICE_ROUTE = os.environ.get("LOADTEST_PRICE_ROUTE", "price")
 ADMIN_TOKEN = os.environ.get("UNDERSTUDY_ADMIN_TOKEN", "")
 ADMIN_PERIOD_S = float(os.environ.get("LOADTEST_ADMIN_PERIOD_S", "5"))
 ADMIN_METHOD = os.environ.get("LOADTEST_ADMIN_POLICY_METHOD", "PUT").upper()
+SERVED_IDS_FILE = os.environ.get("LOADTEST_SERVED_IDS_FILE", "")
 POOL = 4096  # rows sampled up front, so users spend no CPU on simulation during the run
 
 _fraud_x, _fraud_y = FraudTraffic(SEED).sample(POOL)
@@ -61,6 +63,15 @@ def _inputs_json(row: np.ndarray) -> str:
 # Pre-serialised input tensors; a request only adds its id.
 _FRAUD_JSON = [_inputs_json(r) for r in _fraud_x]
 _PRICE_JSON = [_inputs_json(r) for r in _price_x]
+
+
+_served_ids: list[str] = []
+
+
+@events.quitting.add_listener
+def _write_served_ids(**_: Any) -> None:
+    if SERVED_IDS_FILE:
+        Path(SERVED_IDS_FILE).write_text("".join(f"{rid}\n" for rid in _served_ids))
 
 
 def json_request(inputs_json: str, request_id: str) -> bytes:
@@ -106,6 +117,8 @@ class InferenceUser(FastHttpUser):
         return f"lt-{self.prefix}-{next(self.counter)}"
 
     def _served(self, request_id: str, label: float) -> None:
+        if SERVED_IDS_FILE:
+            _served_ids.append(request_id)
         if len(self.pending) < 10_000:
             self.pending.append((time.monotonic() + LABEL_DELAY_S, request_id, label))
 

@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.logsink.files import segment_paths
 
-pytest_plugins = ["tests.support.triton"]
+pytest_plugins = ["tests.support.triton", "tests.support.kafka"]
 
 
 def read_stream(log_dir: Path, stream: str) -> list[dict[str, Any]]:

@@ -216,12 +216,22 @@ def _regression(seed: int, n: int, sigma_c: float, sigma_h: float) -> EvalDatase
 
     ones = np.ones(n)
     return EvalDataset(
-        "price", "regression", "reg_v1", np.arange(n).astype(object),
-        np.sort(rng.uniform(0, 7 * 86_400, n)), y, np.full(n, np.nan),
-        np.full(n, "reg_v1", dtype=object), ones, {"reg_v1": ones},
+        "price",
+        "regression",
+        "reg_v1",
+        np.arange(n).astype(object),
+        np.sort(rng.uniform(0, 7 * 86_400, n)),
+        y,
+        np.full(n, np.nan),
+        np.full(n, "reg_v1", dtype=object),
+        ones,
+        {"reg_v1": ones},
         np.full(n, "champion", dtype=object),
-        {"reg_v1": col("reg_v1", "champion", sigma_c), "reg_v2": col("reg_v2", "challenger", sigma_h)},
-    )  # fmt: skip
+        {
+            "reg_v1": col("reg_v1", "champion", sigma_c),
+            "reg_v2": col("reg_v2", "challenger", sigma_h),
+        },
+    )
 
 
 @pytest.mark.parametrize("metric", ["rmse", "mae"])
@@ -245,6 +255,7 @@ def test_fast_aa_simulation_controls_false_promotions() -> None:
     rates = aa_study("log_loss", reps=reps, n=1000, days=5, min_samples=150, seed=500)
     mcse = (alpha * (1 - alpha) / reps) ** 0.5
     assert rates["fixed_once"].rate <= alpha + 2 * mcse
+    assert rates["sequential_once"].rate <= alpha + 2 * mcse
     assert rates["sequential_daily"].rate <= alpha + 2 * mcse
     assert rates["fixed_daily"].rate >= rates["fixed_once"].rate
     assert rates["fixed_daily"].rate > rates["sequential_daily"].rate
@@ -256,3 +267,31 @@ def test_fast_power_simulation_matches_power_analysis() -> None:
     )
     rate = study["fixed"]
     assert abs(rate.rate - study["target_power"]) <= 3 * (0.8 * 0.2 / rate.reps) ** 0.5
+
+
+def test_guardrail_summaries_against_numpy() -> None:
+    from evaluator.guardrails import GuardrailLimits, check_guardrails, latency_summary
+
+    rng = _rng(14)
+    n = 2000
+    lat = rng.lognormal(2.0, 0.5, n)
+    status = np.zeros(n, dtype=np.int8)
+    status[:40] = STATUS_CODES["error"]
+    status[40:60] = STATUS_CODES["timeout"]
+    status[60:160] = STATUS_CODES["shed"]
+    lat[60:160] = np.nan  # shed copies have no latency
+    s = latency_summary(lat, status)
+    attempted = lat[160:].tolist() + lat[:60].tolist()
+    assert s.n == n - 100
+    assert s.p99_ms == pytest.approx(np.percentile(attempted, 99))
+    assert s.p99_ci_low_ms <= s.p99_ms <= s.p99_ci_high_ms  # type: ignore[operator]
+    champ = ModelColumn("c", "champion", np.zeros(n), np.zeros(n, dtype=np.int8), lat)
+    chall = ModelColumn("h", "challenger", np.zeros(n), status, lat * 1.2)
+    result = check_guardrails(champ, chall, GuardrailLimits(max_error_rate_delta=0.05))
+    outcome = result.outcomes["h"]
+    assert (outcome.attempted, outcome.error, outcome.timeout, outcome.shed) == (1900, 40, 20, 100)
+    assert outcome.error_rate == pytest.approx(60 / 1900)
+    assert result.status == "pass"
+    ratio = next(c for c in result.checks if c.name == "latency_p99_ratio")
+    assert ratio.observed == pytest.approx(1.2)  # same requests, every latency x 1.2
+    json.dumps(result.to_dict(), allow_nan=False)

@@ -257,10 +257,19 @@ def _dataset() -> EvalDataset:
     }
     ones = np.ones(n)
     return EvalDataset(
-        "fraud", "classification", "a", np.arange(n).astype(object), np.arange(n, dtype=float),
-        y, np.full(n, np.nan), np.full(n, "a", dtype=object), ones, {"a": ones},
-        np.full(n, "champion", dtype=object), models,
-    )  # fmt: skip
+        "fraud",
+        "classification",
+        "a",
+        np.arange(n).astype(object),
+        np.arange(n, dtype=float),
+        y,
+        np.full(n, np.nan),
+        np.full(n, "a", dtype=object),
+        ones,
+        {"a": ones},
+        np.full(n, "champion", dtype=object),
+        models,
+    )
 
 
 def test_dataset_metrics_common_and_own_rows_are_json() -> None:

@@ -41,10 +41,12 @@ def bandit_logs(
     rewards = (rng.random(n) < p_true[np.arange(n), served]).astype(float)
     models = {
         a: ModelColumn(
-            a, "champion" if a == "m0" else "challenger",
+            a,
+            "champion" if a == "m0" else "challenger",
             p_true[:, i] + 0.05 * rng.standard_normal(n),  # each model's (noisy) score
-            np.zeros(n, dtype=np.int8), np.ones(n),
-        )  # fmt: skip
+            np.zeros(n, dtype=np.int8),
+            np.ones(n),
+        )
         for i, a in enumerate(ARMS)
     }
     return EvalDataset(

@@ -181,8 +181,13 @@ def test_holm_and_bh_adjustment() -> None:
     assert S.adjust_pvalues([0.02], 0.05, "holm") == ([0.02], [True])
 
 
-@pytest.mark.parametrize(("sd", "mde", "alpha", "power"), [(0.4, 0.01, 0.05, 0.8), (1.0, 0.3, 0.01, 0.9), (2.0, 1.5, 0.05, 0.8)])  # noqa: E501
-def test_paired_t_sample_size_matches_statsmodels(sd: float, mde: float, alpha: float, power: float) -> None:  # noqa: E501
+@pytest.mark.parametrize(
+    ("sd", "mde", "alpha", "power"),
+    [(0.4, 0.01, 0.05, 0.8), (1.0, 0.3, 0.01, 0.9), (2.0, 1.5, 0.05, 0.8)],
+)
+def test_paired_t_sample_size_matches_statsmodels(
+    sd: float, mde: float, alpha: float, power: float
+) -> None:
     n = S.sample_size_paired_t(sd, mde, alpha, power)
     ref = TTestPower().solve_power(effect_size=mde / sd, alpha=alpha, power=power)
     assert n == math.ceil(ref)

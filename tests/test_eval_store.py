@@ -181,6 +181,26 @@ def test_labels_before_their_inference_join_on_arrival(env, store) -> None:
     assert ds.stats.orphan_labels == 0
 
 
+def test_inference_and_its_labels_in_one_batch(store) -> None:
+    # Kafka batches mix both topics: a label can meet its inference (and a pending orphan
+    # label for it) inside one transaction.
+    from evaluator.ingest import RecordParser
+    from evaluator.store import Batch
+
+    parser = RecordParser()
+    batch = Batch()
+    parser.parse(batch, orjson.dumps(label("x", 1, T0)))
+    store.ingest(batch)
+    batch = Batch()
+    for record in (inference("x", T0 + 1), label("x", 0, T0 + 2), label("y", 1, T0 + 2),
+                   inference("y", T0 + 1)):
+        parser.parse(batch, orjson.dumps(record))
+    store.ingest(batch)
+    ds = store.load_dataset("fraud")
+    assert dict(zip(ds.request_ids, ds.labels, strict=True)) == {"x": 0.0, "y": 1.0}
+    assert (ds.stats.labels, ds.stats.duplicate_labels, ds.stats.orphan_labels) == (3, 1, 0)
+
+
 def test_nan_and_inf_scores_are_stored_as_nan(env, store) -> None:
     log, _ = env
     # orjson writes NaN/inf as null; Python's json writes NaN/Infinity literals: read both.

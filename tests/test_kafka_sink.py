@@ -283,7 +283,7 @@ async def test_spill_at_budget_holds_then_drops_newest_loudly(
             await asyncio.sleep(0.005)
     await asyncio.sleep(0.2)
     on_disk = int(count("spilled") - spilled)
-    held = len(sink._queue)
+    held = sink.queued
     assert 0 < on_disk < n
     assert held <= 2 * bound
     assert count("dropped") - dropped == n - on_disk - held
@@ -317,7 +317,7 @@ async def test_queue_overflow_spills_instead_of_blocking(kafka: KafkaBroker, kaf
     for i in range(n):
         sink.emit("inferences", f"req-{i}", value_for(i))
     emit_seconds = time.perf_counter() - began
-    assert len(sink._queue) <= 200
+    assert sink.queued <= 200
     await sink.flush()
     assert await wait_for(sink.spill.is_empty, 30)
     await sink.close()

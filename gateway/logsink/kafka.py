@@ -132,9 +132,9 @@ class KafkaSink:
         oversized_dir: str | Path | None = None,
         max_buffered_records: int = 50_000,
         max_buffered_bytes: int = 64 * 1024 * 1024,
-        flight_records: int = 5_000,
+        flight_records: int = 2_000,
         flight_bytes: int = 8 * 1024 * 1024,
-        max_batch_bytes: int = 512 * 1024,
+        max_batch_bytes: int = 256 * 1024,
         request_timeout_ms: int = 30_000,
         retry_backoff_ms: int = 200,
         reconnect_backoff_max_ms: int = 5_000,
@@ -194,6 +194,11 @@ class KafkaSink:
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
         self._buffered_gauge = metrics.LOG_BUFFERED.labels("kafka")
+
+    @property
+    def queued(self) -> int:
+        """Records held in memory only (neither acknowledged nor on the spill)."""
+        return len(self._queue)
 
     # ------------------------------------------------------------------ LogSink
 
@@ -313,10 +318,11 @@ class KafkaSink:
         """The queue is at its bound: spill synchronously, hold, or drop (module docstring)."""
         hard = (len(self._queue) >= 2 * self.max_buffered_records
                 or self._queue_bytes >= 2 * self.max_buffered_bytes)
-        if not hard and (self._spilling is not None or self.spill.full):
+        can_spill = self._started and not self.spill.full
+        if not hard and (self._spilling is not None or not can_spill):
             self._enqueue(record)  # a spill write is draining the queue / the disk is full
             return
-        if not self.spill.full:
+        if can_spill:
             chunk = self._take_all()
             chunk.append(record)
             records = [SpillRecord(s, k, v) for _, s, k, v in chunk]
@@ -543,6 +549,8 @@ class KafkaSink:
             await self._stop_producer(producer)
             raise
         self._producer = producer
+        if not self._down:
+            metrics.KAFKA_UP.set(1)
         return True
 
     async def _retire_producer(self) -> None:
