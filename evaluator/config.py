@@ -115,6 +115,7 @@ class StoreConfig:
     score_output: str | None = None  # output tensor holding the score; None = the first one
     lock_timeout_s: float = 60.0  # a reader waits this long for the ingest loop's file lock
     expire_interval_s: float = 60.0  # how often the loop expires old orphan labels
+    release_interval_s: float = 10.0  # a busy ingest loop lets go of a DuckDB file this often
 
 
 @dataclass(frozen=True)

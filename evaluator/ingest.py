@@ -42,7 +42,7 @@ import orjson
 
 from evaluator.config import EvaluatorConfig
 from evaluator.dataset import STATUS_CODES
-from evaluator.store import MODE_CODES, ROLE_CODES, Batch, IngestResult, Store
+from evaluator.store import MODE_CODES, ROLE_CODES, Batch, IngestResult, Store, StoreLockedError
 from gateway.logsink.files import segment_paths
 from gateway.records import LABELS, SCHEMA_VERSION
 
@@ -52,6 +52,7 @@ STREAM_DIRS = ("inferences", LABELS)
 OK = STATUS_CODES["ok"]
 ERROR = STATUS_CODES["error"]
 NAN = math.nan
+HANDOFF_S = 0.5  # how long a busy ingest loop stays off a DuckDB file so a reader can open it
 
 
 class _Bad(Exception):
@@ -458,43 +459,69 @@ class FileIngestor:
         self.source = FileSource(config.source.path)
         self._positions: dict[str, str] | None = None
 
-    def drain(self, stop: threading.Event | None = None) -> int:
-        """Ingest everything readable now; returns the number of lines read."""
+    def drain(self, stop: threading.Event | None = None, budget_s: float | None = None) -> int:
+        """Ingest what is readable now, one batch per stream directory in turn (so a busy
+        inference stream cannot starve the labels); returns the number of lines read.
+
+        With `budget_s`, returns after about that long even if more is waiting
+        (`self.caught_up` tells which).
+        """
         if self._positions is None:
             self._positions = self.store.offsets("file:")
+        deadline = math.inf if budget_s is None else time.monotonic() + budget_s
         total = 0
-        for stream_dir in self.source.stream_dirs():
-            key = self.source.key(stream_dir)
-            while stop is None or not stop.is_set():
-                start = FilePosition.decode(self._positions.get(key))
-                read = self.source.read(stream_dir, start, self.config.source.batch_records)
-                if read.position == start or read.position is None:
-                    break
-                batch = Batch()
-                for line, where in read.lines:
-                    self.parser.parse(batch, line, where)
-                if read.partial_lines:
-                    batch.bad["partial_line"] += read.partial_lines
-                position = read.position.encode()
-                self.progress.add(self.store.ingest(batch, {key: position}))
-                self._positions[key] = position
-                total += len(read.lines) + read.partial_lines
+        self.caught_up = False
+        while stop is None or not stop.is_set():
+            got = sum(self._one_batch(d) for d in self.source.stream_dirs())
+            total += got
+            if got == 0:
+                self.caught_up = True
+                break
+            if time.monotonic() >= deadline:
+                break
         return total
+
+    def _one_batch(self, stream_dir: Path) -> int:
+        assert self._positions is not None
+        key = self.source.key(stream_dir)
+        start = FilePosition.decode(self._positions.get(key))
+        read = self.source.read(stream_dir, start, self.config.source.batch_records)
+        if read.position is None or read.position == start:
+            return 0
+        batch = Batch()
+        for line, where in read.lines:
+            self.parser.parse(batch, line, where)
+        if read.partial_lines:
+            batch.bad["partial_line"] += read.partial_lines
+        position = read.position.encode()
+        self.progress.add(self.store.ingest(batch, {key: position}))
+        self._positions[key] = position
+        return len(read.lines) + read.partial_lines + (0 if read.lines else 1)
 
     def run(self, once: bool = False, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
-        expire_every = self.config.store.expire_interval_s
+        cfg = self.config
         last_expire = -math.inf
         while not stop.is_set():
-            got = self.drain(stop)
-            if (once and got == 0) or time.monotonic() - last_expire >= expire_every:
+            try:
+                self.drain(stop, budget_s=cfg.store.release_interval_s)
+            except StoreLockedError as exc:  # a long report holds the DuckDB file: wait
+                log.warning("%s; retrying", exc)
+                stop.wait(cfg.source.poll_interval_s)
+                continue
+            if (once and self.caught_up) or \
+                    time.monotonic() - last_expire >= cfg.store.expire_interval_s:
                 self.store.expire_orphans()
                 last_expire = time.monotonic()
-            if got == 0:
+            if self.caught_up:
                 if once:
                     break
                 self.store.release()  # idle: let `report`/`promote` open a DuckDB store
-                stop.wait(self.config.source.poll_interval_s)
+                stop.wait(cfg.source.poll_interval_s)
+            elif self.store.exclusive:
+                # Busy for release_interval_s: hand the file to any waiting reader briefly.
+                self.store.release()
+                stop.wait(HANDOFF_S)
         self.progress.maybe_log(force=True)
 
 
@@ -580,7 +607,7 @@ class KafkaIngestor:
         consumer = self._consumer()
         consumer.subscribe([k.inferences_topic, k.labels_topic], listener=self._listener(consumer))
         await consumer.start()
-        started = time.monotonic()
+        started = last_release = time.monotonic()
         last_expire = -math.inf
         poll_ms = int(self.config.source.poll_interval_s * 1000)
         try:
@@ -595,9 +622,12 @@ class KafkaIngestor:
                         await asyncio.to_thread(self.store.expire_orphans)
                         break
                     await asyncio.to_thread(self.store.release)
+                    last_release = time.monotonic()
                     continue
                 batch, positions, commits = self._batch(data)
-                result = await asyncio.to_thread(self.store.ingest, batch, positions)
+                result = await self._ingest(batch, positions, stop)
+                if result is None:
+                    break  # stopped while the store was locked: the batch is re-read next run
                 self.next_offset.update(commits)
                 self.progress.add(result)
                 try:
@@ -606,9 +636,25 @@ class KafkaIngestor:
                     # The store holds the position; the group offset only feeds lag monitoring.
                     log.warning("Kafka offset commit failed (%s); the store has the position, "
                                 "nothing is lost or counted twice", exc)
+                if self.store.exclusive and \
+                        time.monotonic() - last_release >= self.config.store.release_interval_s:
+                    await asyncio.to_thread(self.store.release)  # hand a reader the file
+                    await asyncio.sleep(HANDOFF_S)
+                    last_release = time.monotonic()
         finally:
             await consumer.stop()
             self.progress.maybe_log(force=True)
+
+    async def _ingest(self, batch: Batch, positions: dict[str, str],
+                      stop: asyncio.Event) -> IngestResult | None:
+        """Store the batch, waiting out a reader that holds the DuckDB file (never drop it)."""
+        while not stop.is_set():
+            try:
+                return await asyncio.to_thread(self.store.ingest, batch, positions)
+            except StoreLockedError as exc:
+                log.warning("%s; retrying", exc)
+                await asyncio.sleep(self.config.source.poll_interval_s)
+        return None
 
     def _batch(self, data: dict[Any, list[Any]]) -> tuple[Batch, dict[str, str], dict[Any, int]]:
         batch = Batch()

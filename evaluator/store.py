@@ -365,7 +365,7 @@ class _DuckEngine:
                         f"for more than {lock_timeout_s:g}s; retry, or raise "
                         f"store.lock_timeout_s") from None
                 time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+                delay = min(delay * 2, 0.2)
         if not read_only:
             # Checkpoints (WAL -> file) dominated commit time at the default 16MB; close and
             # release() checkpoint anyway, so a bigger WAL only costs replay after a crash.
@@ -566,6 +566,11 @@ class Store:
             found = row[0][0] if row else "none"
             raise StoreError(f"{self.path}: store schema {found}, this evaluator needs "
                              f"{STORE_SCHEMA_VERSION}; re-ingest into a new store path")
+
+    @property
+    def exclusive(self) -> bool:
+        """True when an open connection locks other processes out (DuckDB)."""
+        return self.engine_name == "duckdb" and self.path != ":memory:"
 
     def release(self) -> None:
         """Close the connection (lets other processes open a DuckDB file); reopens on next use."""

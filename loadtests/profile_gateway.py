@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "profile")
+    parser.add_argument("--root", type=Path, default=common.ROOT,
+                        help="run the gateway of a copy of the tree (to profile a prototype)")
     args = parser.parse_args(argv)
     out: Path = args.out.resolve()
     work = out / "work"
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         with common.triton_server(work) as triton:
             config = common.gateway_config(triton.url, work, "profile", routes, sink=args.sink,
                                            kafka_bootstrap=bootstrap)
-            with common.Gateway(config, log_file=work / "gateway.log") as gateway:
+            with common.Gateway(config, log_file=work / "gateway.log",
+                                root=args.root.resolve()) as gateway:
                 gateway.warm("fraud", body, 50)
                 url = gateway.url + "/v2/models/fraud/infer"
                 common.wrk(url, body_file, body, duration=3, cpus=args.load_cpus or None)

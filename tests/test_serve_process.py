@@ -31,7 +31,8 @@ async def test_sigterm_flushes_every_record(triton, tmp_path: Path, workers: int
         "admin": {"state_path": str(tmp_path / "state.json"),
                   "rewards_path": str(tmp_path / "rewards.jsonl")},
         "routes": {"fraud": {"champion": "fraud_v3",
-                             "challengers": [{"model": "fraud_v4", "max_queue": 400}]}},
+                             "challengers": [{"model": "fraud_v4", "max_queue": 400,
+                                              "timeout_ms": 20_000}]}},
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -59,6 +60,5 @@ async def test_sigterm_flushes_every_record(triton, tmp_path: Path, workers: int
     assert code == 0, (tmp_path / "gateway.log").read_text()[-2000:]
     records = read_stream(tmp_path / "log", "inferences")
     assert sorted(r["request_id"] for r in records) == sorted(f"p{i}" for i in range(200))
-    # Under this burst on 2 cores some copies may time out; each still has its outcome logged.
-    statuses = [r["outputs"]["fraud_v4"]["status"] for r in records]
-    assert set(statuses) <= {"ok", "timeout"} and statuses.count("ok") > 100
+    # Copies still in flight at SIGTERM were awaited, not cut off: every one answered.
+    assert all(r["outputs"]["fraud_v4"]["status"] == "ok" for r in records)

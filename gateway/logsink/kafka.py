@@ -60,6 +60,15 @@ Limits (each visible: a metric and an ERROR log, never silent)
   replay forever): it is written to `<log.path>/oversized/<stream>/<ns>-<key>.json` (fsynced),
   counted in `understudy_log_records{outcome="oversized"}`, and logged as an ERROR with its path.
 
+Compression and the event loop
+------------------------------
+aiokafka compresses each batch on the event loop when it is sent, and its gzip runs at level 9:
+on these machines that is ~4x the CPU of zstd per record and stalls the loop for tens of ms per
+batch. `zstd` (or `lz4`; both need the `cramjam` package) is the better setting for a gateway;
+`gzip` works and is what KafkaConfig defaults to. Batches are capped at `max_batch_bytes`
+(256 KiB) so one compression call stays short, and the pump yields to the loop every
+`_YIELD_EVERY` records while handing a flight to the producer.
+
 Metrics: `understudy_log_records{stream, outcome}` with outcome `produced` (acknowledged by
 Kafka, replays included), `replayed` (the part of `produced` that came from the spill),
 `spilled`, `oversized`, `dropped`; `understudy_log_buffered_records{sink="kafka"}` (queued +
