@@ -3,9 +3,10 @@
 - `run --config C [--once]`: the ingest loop (files or Kafka, per `source.type`); `--once`
   drains what is there and exits. SIGTERM/Ctrl-C finish the current batch and stop.
 - `report --route R [--window 7d] [--out DIR]`: loads the route's joined dataset for the window
-  (ending at the route's newest inference, so a replayed log and a live one read the same) and
-  hands it to `evaluator.report.write_report(dataset, decisions, out_dir)`. Until that exists,
-  writes `report.json` with the join stats and per-model counts, and no decision.
+  (ending at the route's newest inference, so a replayed log and a live one read the same),
+  decides each challenger (`evaluator.decision.decide` under the route's decision policy) and
+  hands both to `evaluator.report.write_report(dataset, decisions, out_dir)`. Until that module
+  exists it writes `report.json` with the join stats, per-model counts and the decisions.
 - `promote --route R [--out DIR | --report PATH]`: reads the newest `report.json` for the route
   and, only when its decision is PROMOTE, calls the gateway's admin API
   `POST {gateway}/admin/routes/{route}/promote` with `{"model": M}` and the bearer token from
@@ -117,18 +118,16 @@ def _add_run(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 # -- report -----------------------------------------------------------------------------------
 
 
-def compute_decisions(dataset: EvalDataset, config: EvaluatorConfig) -> Any:
-    """The decision per challenger, from `evaluator.decision` once it provides
-    `DecisionPolicy` and `decide(dataset, policy)`; None until then."""
+def compute_decisions(dataset: EvalDataset, config: EvaluatorConfig) -> list[Any]:
+    """PROMOTE / KEEP / INCONCLUSIVE per challenger under the route's decision policy."""
+    from evaluator.decision import DecisionPolicy, decide
+
     try:
-        decision = importlib.import_module("evaluator.decision")
-    except ModuleNotFoundError:
-        return None
-    policy_cls = getattr(decision, "DecisionPolicy", None)
-    decide = getattr(decision, "decide", None)
-    if policy_cls is None or decide is None:
-        return None
-    return decide(dataset, policy_cls(**config.decision))
+        policy = DecisionPolicy.from_mapping(config.decision_for(dataset.route))
+        return decide(dataset, policy)
+    except ValueError as exc:  # policy does not fit the route (e.g. auroc on a regression)
+        raise ConfigError(f"decision policy for route {dataset.route!r}: {exc} (set "
+                          f"routes.{dataset.route}.decision)") from None
 
 
 def _report_writer() -> Callable[..., Any] | None:
@@ -156,8 +155,10 @@ def _model_summary(dataset: EvalDataset) -> dict[str, Any]:
 
 
 def write_summary(out_dir: Path, route: str, since: float | None, until: float | None,
-                  stats: JoinStats, dataset: EvalDataset | None, error: str | None) -> Path:
-    """The stand-in report: join stats and per-model counts, no statistics, no decision."""
+                  stats: JoinStats, dataset: EvalDataset | None, error: str | None,
+                  decisions: list[Any] | None = None) -> Path:
+    """The stand-in report.json until evaluator.report exists: join stats, per-model counts
+    and the decisions (`decisions_to_dict` shape), which is what `promote` reads."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "route": route,
@@ -166,8 +167,8 @@ def write_summary(out_dir: Path, route: str, since: float | None, until: float |
                    "since_iso": _fmt_ts(since), "until_iso": _fmt_ts(until)},
         "join_stats": asdict(stats),
         "n": len(dataset) if dataset is not None else 0,
-        "decision": None,
-        "note": "join summary only: the statistical report is not wired in this build",
+        "decisions": [d.to_dict() for d in decisions or []],
+        "note": "summary only: evaluator.report (plots, Markdown, HTML) is not available",
     }
     if dataset is not None:
         summary.update(task=dataset.task, champion=dataset.champion,
@@ -213,12 +214,15 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"labels, {s.orphan_labels:,} orphan / {s.expired_orphans:,} expired labels "
           f"store-wide); champion {dataset.champion}, challengers "
           f"{', '.join(dataset.challengers) or 'none'}", flush=True)
+    decisions = compute_decisions(dataset, config)
+    for d in decisions:
+        print(f"report: {d.challenger}: {d.decision} — {d.reasons[0] if d.reasons else ''}")
     writer = _report_writer()
     if writer is None:
-        path = write_summary(out_dir, args.route, since, None, s, dataset, None)
-        print(f"report: wrote {path} (join summary; evaluator.report is not available)")
+        path = write_summary(out_dir, args.route, since, None, s, dataset, None, decisions)
+        print(f"report: wrote {path} (summary; evaluator.report is not available)")
         return EXIT_OK
-    writer(dataset, compute_decisions(dataset, config), out_dir)
+    writer(dataset, decisions, out_dir)
     print(f"report: wrote {out_dir}")
     return EXIT_OK
 

@@ -13,7 +13,8 @@ Sections (see configs/evaluator.yaml for every key with its default):
   for one prediction the one the gateway received last (`received_ts`; ties go to the one read
   last) is used, and every extra one is counted in `JoinStats.duplicate_labels`. Corrections
   ("that was not fraud after all") are the common cause of a second label, hence last, not first.
-- `routes`: optional per-route settings (`task`, `threshold`, `score_output`).
+- `routes`: optional per-route settings (`task`, `threshold`, `score_output`, and `decision`
+  overrides, e.g. `primary_metric: rmse` for a regression route).
 - `features`: optional names for the columns of multi-element input tensors (for drift).
 - `decision`: a plain mapping handed to the decision policy (`primary_metric`, `alpha`,
   `margin`, `min_samples`, `min_effect`, `max_latency_p99_ratio`, `max_error_rate_delta`,
@@ -123,6 +124,9 @@ class RouteEvalConfig:
     task: TaskSetting = "auto"  # auto: classification when every label is 0 or 1
     threshold: float = 0.5  # score >= threshold is the positive class
     score_output: str | None = None  # overrides store.score_output for this route
+    # the decision mapping for this route: the global `decision:` with this route's overrides
+    # (e.g. a regression route's primary_metric: rmse); empty = the global one
+    decision: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,10 @@ class EvaluatorConfig:
 
     def score_output(self, route: str) -> str | None:
         return self.route(route).score_output or self.store.score_output
+
+    def decision_for(self, route: str) -> dict[str, Any]:
+        """The decision mapping for a route (global values with the route's overrides)."""
+        return dict(self.route(route).decision or self.decision)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -220,15 +228,20 @@ def _build(cls: type, raw: Any, where: str, nested: Mapping[str, Any] | None = N
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _parse_decision(raw: Any) -> dict[str, Any]:
-    _check(raw is None or isinstance(raw, Mapping), "decision: expected a mapping")
+_OPTIONAL_LIMITS = ("max_latency_p99_ratio", "max_error_rate_delta")
+
+
+def _parse_decision(raw: Any, prefix: str = "decision") -> dict[str, Any]:
+    _check(raw is None or isinstance(raw, Mapping), f"{prefix}: expected a mapping")
     out = dict(DECISION_DEFAULTS)
     for key, value in (raw or {}).items():
         key = str(key)
         default = DECISION_DEFAULTS.get(key)
-        where = f"decision.{key}"
+        where = f"{prefix}.{key}"
         if isinstance(default, bool):
             _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
+        elif value is None and key in _OPTIONAL_LIMITS:
+            pass  # null switches that guardrail off
         elif isinstance(default, int | float):
             try:
                 value = type(default)(value)
@@ -237,12 +250,13 @@ def _parse_decision(raw: Any) -> dict[str, Any]:
         elif isinstance(default, str):
             _check(isinstance(value, str) and bool(value), f"{where}: expected a string")
         out[key] = value
-    _check(0.0 < out["alpha"] < 1.0, "decision.alpha: must be in (0, 1)")
-    _check(out["margin"] >= 0.0, "decision.margin: must be >= 0 (a non-inferiority margin)")
-    _check(out["min_samples"] >= 1, "decision.min_samples: must be >= 1")
-    _check(out["min_effect"] >= 0.0, "decision.min_effect: must be >= 0")
-    _check(out["max_latency_p99_ratio"] > 0.0, "decision.max_latency_p99_ratio: must be > 0")
-    _check(out["max_error_rate_delta"] >= 0.0, "decision.max_error_rate_delta: must be >= 0")
+    _check(0.0 < out["alpha"] < 1.0, f"{prefix}.alpha: must be in (0, 1)")
+    _check(out["margin"] >= 0.0, f"{prefix}.margin: must be >= 0 (a non-inferiority margin)")
+    _check(out["min_samples"] >= 1, f"{prefix}.min_samples: must be >= 1")
+    _check(out["min_effect"] >= 0.0, f"{prefix}.min_effect: must be >= 0")
+    ratio, delta = out["max_latency_p99_ratio"], out["max_error_rate_delta"]
+    _check(ratio is None or ratio > 0.0, f"{prefix}.max_latency_p99_ratio: must be > 0")
+    _check(delta is None or delta >= 0.0, f"{prefix}.max_error_rate_delta: must be >= 0")
     return out
 
 
@@ -323,6 +337,10 @@ def parse_config(raw: Mapping[str, Any] | None,
     routes: dict[str, RouteEvalConfig] = {}
     for name, route_raw in routes_raw.items():
         route = _build(RouteEvalConfig, route_raw, f"routes.{name}")
+        if route.decision:
+            _check(isinstance(route.decision, Mapping), f"routes.{name}.decision: a mapping")
+            route = replace(route, decision=_parse_decision(
+                {**data["decision"], **route.decision}, f"routes.{name}.decision"))
         _check(route.task in ("auto", "classification", "regression"),
                f"routes.{name}.task: auto|classification|regression")
         _check(math.isfinite(route.threshold), f"routes.{name}.threshold: must be finite")

@@ -472,22 +472,23 @@ class FileIngestor:
         total = 0
         self.caught_up = False
         while stop is None or not stop.is_set():
-            got = sum(self._one_batch(d) for d in self.source.stream_dirs())
-            total += got
-            if got == 0:
+            moved = [n for d in self.source.stream_dirs() if (n := self._one_batch(d)) is not None]
+            total += sum(moved)
+            if not moved:
                 self.caught_up = True
                 break
             if time.monotonic() >= deadline:
                 break
         return total
 
-    def _one_batch(self, stream_dir: Path) -> int:
+    def _one_batch(self, stream_dir: Path) -> int | None:
+        """Lines read from one stream directory; None when its position did not move."""
         assert self._positions is not None
         key = self.source.key(stream_dir)
         start = FilePosition.decode(self._positions.get(key))
         read = self.source.read(stream_dir, start, self.config.source.batch_records)
         if read.position is None or read.position == start:
-            return 0
+            return None
         batch = Batch()
         for line, where in read.lines:
             self.parser.parse(batch, line, where)
@@ -496,7 +497,7 @@ class FileIngestor:
         position = read.position.encode()
         self.progress.add(self.store.ingest(batch, {key: position}))
         self._positions[key] = position
-        return len(read.lines) + read.partial_lines + (0 if read.lines else 1)
+        return len(read.lines) + read.partial_lines
 
     def run(self, once: bool = False, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

@@ -523,13 +523,15 @@ def table(bench: Bench) -> str:
     dcap = direct.capacity.rps if direct and direct.capacity else None
     ncap = nginx.capacity.rps if nginx and nginx.capacity else None
     dmod = direct.moderate if direct else None
-    head = ("| setup | capacity req/s | × direct | × nginx-mirror | p50 / p99 at capacity (ms) "
+    head = ("| setup | capacity req/s | × direct | × nginx mirror | p50 / p99 at capacity (ms) "
             f"| p50 / p90 / p99 at {bench.rate:,.0f} req/s (ms) | added p50 / p99 vs direct "
-            "(ms) | gateway CPU ms/req | logged / served |")
-    lines = [head, "|" + "---|" * 9]
+            "(ms) | p99 × nginx mirror | gateway CPU ms/req | Triton CPU ms/req "
+            "| logged / served |")
+    nmod = nginx.moderate if nginx else None
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.label} | failed: {r.error[:80]} |" + " |" * 7)
+            lines.append(f"| {r.label} | failed: {r.error[:80]} |" + " |" * 9)
             continue
         cap, mod = r.capacity, r.moderate
         added = "-"
@@ -551,7 +553,9 @@ def table(bench: Bench) -> str:
             f"| {r.label} | {cap.rps:,.0f}" + (f" ({cap.errors} err)" if cap.errors else "")
             + f" | {ratio(cap.rps, dcap)} | {ratio(cap.rps, ncap)} | {cap.p50:.2f} / "
             f"{cap.p99:.2f} | {mod_s} | {added} | "
-            + (f"{r.cpu_ms_per_req:.3f}" if r.cpu_ms_per_req is not None else "-")
+            f"{ratio(mod.p99 if mod else None, nmod.p99 if nmod else None)} | "
+            + (f"{r.cpu_ms_per_req:.3f}" if r.cpu_ms_per_req is not None else "-") + " | "
+            + (f"{r.triton_cpu_ms_per_req:.3f}" if r.triton_cpu_ms_per_req is not None else "-")
             + f" | {logged} |"
         )
     return "\n".join(lines)
@@ -586,8 +590,9 @@ def render(bench: Bench, argv: list[str]) -> str:
         f"wrk pinned with `taskset -c {bench.load_cpus}`." if bench.load_cpus else
         f"- Capacity: `wrk -t1 -c{a.connections} -d{a.duration:g}s`; moderate load "
         f"{bench.rate:,.0f} req/s via loadtests/rate.lua.",
-        "- Gateway CPU ms/req: user+system CPU of the gateway process tree during the capacity "
-        "run divided by the requests served (independent of what else runs on the machine). "
+        "- Gateway (nginx) CPU ms/req and Triton CPU ms/req: user+system CPU of the process "
+        "tree during the capacity run divided by the requests served (much less sensitive to "
+        "other load on the machine than latency is). "
         "logged/served: inference records in the sink after the gateway stopped vs responses "
         "to the load generator (capacity + moderate runs; warm-up requests make logged "
         "slightly larger).",

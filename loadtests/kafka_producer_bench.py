@@ -37,6 +37,7 @@ from gateway.logsink.kafka import KafkaSink  # noqa: E402
 def load_broker():  # deploy/kafka/broker.py is a script: load it by path
     spec = importlib.util.spec_from_file_location("kafka_broker", ROOT / "deploy/kafka/broker.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["kafka_broker"] = module  # dataclasses look their module up while executing
     spec.loader.exec_module(module)
     return module
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,7 +17,7 @@ import orjson
 import pytest
 
 from evaluator import cli
-from evaluator.config import EvaluatorConfig, parse_config
+from evaluator.config import ConfigError, EvaluatorConfig, load_config, parse_config
 from evaluator.ingest import FileIngestor, KafkaIngestor, Progress
 from evaluator.store import IngestResult, Store
 from gateway.logsink.files import FileSink
@@ -126,6 +130,45 @@ def test_progress_reports_rows_and_rate() -> None:
     assert "2 bad" in lines[0]
 
 
+# -- config -----------------------------------------------------------------------------------
+
+
+def test_config_env_overrides_and_validation() -> None:
+    env = {"UNDERSTUDY_STORE_JOIN_WINDOW": "7d", "UNDERSTUDY_SOURCE_TYPE": "kafka",
+           "UNDERSTUDY_SOURCE_KAFKA_GROUP_ID": "eval-2", "UNDERSTUDY_DECISION_ALPHA": "0.01",
+           "UNDERSTUDY_DECISION_SEQUENTIAL": "false", "UNDERSTUDY_ADMIN_TOKEN": "not ours",
+           "UNDERSTUDY_LOG_PATH": "the gateway's"}
+    config = parse_config({"routes": {"price": {"task": "regression",
+                                                "decision": {"primary_metric": "rmse"}}}}, env)
+    assert config.store.join_window == 7 * 86400
+    assert config.source.type == "kafka"
+    assert config.source.kafka.group_id == "eval-2"
+    assert config.decision["alpha"] == 0.01
+    assert config.decision["sequential"] is False
+    assert config.decision_for("price")["primary_metric"] == "rmse"
+    assert config.decision_for("price")["alpha"] == 0.01  # global values still apply
+    assert config.decision_for("fraud")["primary_metric"] == "auroc"
+    for raw, message in [
+        ({"store": {"join_window": "two weeks"}}, "store.join_window"),
+        ({"store": {"duplicate_labels": "first_wins"}}, "last_wins"),
+        ({"source": {"kafka": {"topic": "x"}}}, "source.kafka: unknown key"),
+        ({"decision": {"alpha": 2}}, "decision.alpha"),
+        ({"routes": {"r": {"decision": {"margin": -1}}}}, "routes.r.decision.margin"),
+        ({"stores": {}}, "unknown top-level"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(raw, env={})
+    with pytest.raises(ConfigError, match="store.engine"):
+        parse_config({}, env={"UNDERSTUDY_STORE_ENGINE": "postgres"})
+
+
+def test_shipped_config_loads() -> None:
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "evaluator.yaml",
+                         env={})
+    assert config.store.engine == "duckdb"
+    assert config.features["features"][0] == "amount_z"
+
+
 # -- CLI ----------------------------------------------------------------------------------------
 
 
@@ -156,11 +199,47 @@ def test_cli_run_once_then_report_summary(tmp_path: Path, capsys: pytest.Capture
     assert summary["route"] == "fraud"
     assert summary["n"] == 24  # r251..r299 in the last 2 days; the even ones are labelled
     assert summary["join_stats"]["inferences"] == 49
-    assert summary["decision"] is None
+    assert [d["decision"] for d in summary["decisions"]] == ["INCONCLUSIVE"]  # 24 < min_samples
     assert summary["models"][CHAL]["role"] == "challenger"
 
     assert cli.main(["report", "--config", str(path), "--route", "nope"]) == 3
     assert "Routes in the store: fraud" in capsys.readouterr().err
+
+
+def test_report_while_the_ingest_loop_runs(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # DuckDB lets one process at a time open the file: the loop must hand it over to a report.
+    monkeypatch.setattr(cli, "_report_writer", lambda: None)
+    path = write_config(tmp_path)
+    log = LogDir(tmp_path / "log")
+    log.inferences(*(inference(f"r{i}", T0 + i) for i in range(50)))
+    log.labels(*(label(f"r{i}", 1, T0 + 99) for i in range(50)))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "evaluator", "run", "--config", str(path)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "store.duckdb").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reports = tmp_path / "reports" / "report.json"
+        while time.monotonic() < deadline:
+            if cli.main(["report", "--config", str(path), "--route", "fraud"]) == 0:
+                break
+            time.sleep(0.2)  # not ingested yet
+        assert json.loads(reports.read_text())["n"] == 50
+        log.inferences(inference("late", T0 + 60))
+        log.labels(label("late", 0, T0 + 99))
+        while time.monotonic() < deadline:
+            assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == 0
+            if json.loads(reports.read_text())["n"] == 51:
+                break
+            time.sleep(0.2)
+        assert json.loads(reports.read_text())["n"] == 51
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "ingested 102 records" in out
 
 
 class _Admin(BaseHTTPRequestHandler):

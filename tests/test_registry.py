@@ -346,3 +346,18 @@ async def test_kafka_store_serves_its_cache_while_the_broker_is_down(
         assert seen[-1].version == 2
     finally:
         await store.close()
+
+
+def test_signature_mismatches_name_every_difference() -> None:
+    from gateway.protocol import TensorSpec
+    from gateway.registry import signature_mismatches
+
+    champion = (TensorSpec("features", "FP32", (-1, 8)), TensorSpec("mask", "BOOL", (-1, 8)))
+    assert signature_mismatches(champion, champion, ModelRef("fraud_v3")) == []
+    other = (TensorSpec("features", "FP64", (-1, 9)), TensorSpec("extra", "INT32", (-1,)))
+    assert signature_mismatches(other, champion, ModelRef("fraud_v3")) == [
+        "input 'mask' of champion fraud_v3 is missing",
+        "input 'extra' is not an input of champion fraud_v3",
+        "input 'features' datatype FP64 does not match champion fraud_v3's FP32",
+        "input 'features' shape [-1, 9] does not match champion fraud_v3's [-1, 8]",
+    ]

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -135,6 +136,9 @@ class FileSink:
         self._write_lock = asyncio.Lock()
         self._last_sync = 0.0
         self._closed = False
+        self._stopping = False
+        self._io_lock = threading.Lock()
+        self._stop_requested = asyncio.Event()
 
     def _writer(self, stream: str) -> _SegmentWriter:
         writer = self._writers.get(stream)
@@ -167,6 +171,11 @@ class FileSink:
         return batches
 
     def _write_batches(self, batches: dict[str, list[bytes]], force_sync: bool = False) -> None:
+        # The writer thread and a backpressured emit() on the loop thread may both get here.
+        with self._io_lock:
+            self._write_locked(batches, force_sync)
+
+    def _write_locked(self, batches: dict[str, list[bytes]], force_sync: bool) -> None:
         for stream, lines in batches.items():
             self._writer(stream).write(lines)
             metrics.LOG_RECORDS.labels(stream, "written").inc(len(lines))
@@ -188,23 +197,28 @@ class FileSink:
                 await asyncio.to_thread(self._write_batches, batches, force_sync)
 
     async def _run(self) -> None:
-        while True:
+        # Never cancelled mid-write: a cancelled await would leave its worker thread writing
+        # while close() writes too. close() sets _stopping and waits for the loop to end.
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._drain()
             except OSError:
                 log.exception("file sink write failed; retrying")
-            await asyncio.sleep(self.flush_interval)
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), self.flush_interval)
 
     async def flush(self) -> None:
         await self._drain(force_sync=self.fsync != "never")
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            self._stop_requested.set()
+            self._wake.set()
+            await self._task
             self._task = None
         await self.flush()
         self._closed = True
