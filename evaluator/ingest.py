@@ -174,11 +174,12 @@ class RecordParser:
             else:
                 raise _Bad("unknown_kind", f"unknown kind {kind!r}")
         except _Bad as bad:
-            self._bad(batch, bad.reason, f"{bad}", where)
+            self.count_bad(batch, bad.reason, f"{bad}", where)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            self._bad(batch, "invalid_record", f"{type(exc).__name__}: {exc}", where)
+            self.count_bad(batch, "invalid_record", f"{type(exc).__name__}: {exc}", where)
 
-    def _bad(self, batch: Batch, reason: str, detail: str, where: str) -> None:
+    def count_bad(self, batch: Batch, reason: str, detail: str, where: str) -> None:
+        """Count a bad record in the batch (committed with it) and log it, rate-limited."""
         batch.bad[reason] += 1
         now = time.monotonic()
         last = self._last_logged.get(reason)
@@ -668,7 +669,7 @@ class KafkaIngestor:
                 if m.offset < floor:
                     continue  # already in the store (re-delivered around a rebalance)
                 if m.value is None:
-                    self.parser._bad(batch, "empty_message", f"offset {m.offset}", where)
+                    self.parser.count_bad(batch, "empty_message", f"offset {m.offset}", where)
                     continue
                 self.parser.parse(batch, m.value, f"{where}@{m.offset}")
             last = messages[-1].offset + 1

@@ -138,10 +138,6 @@ class Batch:
     ignored: int = 0  # well-formed records the evaluator does not need (audit)
     watermark: float = -math.inf
 
-    def __len__(self) -> int:
-        return len(self.rec_index) + sum(self.rec_dups.values()) + self.label_records + \
-            sum(self.bad.values()) + self.ignored
-
     @property
     def label_records(self) -> int:
         return sum(v[5] for v in self.labels.values())

@@ -47,7 +47,7 @@ class KafkaConfig:
     registry_topic: str = "understudy.registry"
     rewards_topic: str = "understudy.rewards"
     linger_ms: int = 5
-    compression: str = "gzip"
+    compression: str = "zstd"
     max_request_bytes: int = 1024 * 1024
     spill_budget_bytes: int = 1024 * 1024 * 1024
 

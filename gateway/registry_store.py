@@ -280,7 +280,7 @@ class KafkaStore:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 await self._connect()
-        except (TimeoutError, OSError, Exception) as exc:
+        except Exception as exc:  # timeout, refused connection, broker error: degrade
             await self._disconnect()
             cached = await asyncio.to_thread(self._read_cache)
             log.error(

@@ -158,7 +158,7 @@ def test_config_env_overrides_and_validation() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_config(raw, env={})
-    with pytest.raises(ConfigError, match="store.engine"):
+    with pytest.raises(ConfigError, match=r"store\.engine"):
         parse_config({}, env={"UNDERSTUDY_STORE_ENGINE": "postgres"})
 
 
