@@ -12,6 +12,12 @@
   `POST {gateway}/admin/routes/{route}/promote` with `{"model": M}` and the bearer token from
   `$UNDERSTUDY_ADMIN_TOKEN`. Anything else is refused and nothing is called.
 
+- `drift --route R [--reference FILE | --reference-window 7d] [--window 1d] [--out DIR]
+  [--push URL]`: data and prediction drift of the live window against a training snapshot or a
+  past window of the log (evaluator/drift.py); prints a per-feature table, writes drift.json and
+  drift.md, pushes gauges to a Pushgateway and fires the drift webhook once per episode.
+  `--serve PORT --every 1h` keeps running and serves /metrics instead of exiting.
+
 Exit status: 0 done; 1 failed (store, gateway refused or unreachable); 2 usage or config error;
 3 nothing to do (empty dataset; decision is not PROMOTE).
 
@@ -365,10 +371,47 @@ def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.set_defaults(func=cmd_promote)
 
 
+# -- drift ------------------------------------------------------------------------------------
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from evaluator import drift  # scipy: imported only when drift runs
+
+    return drift.run_command(args, _load(args))
+
+
+def _add_drift(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("drift", parents=[common], help="data and prediction drift of a route",
+                       description="Compare the route's live window with a reference (a "
+                                   "training snapshot file or a past window of the log): PSI, "
+                                   "KS, Wasserstein, chi-squared, Jensen-Shannon, unseen "
+                                   "categories, score drift per model. See docs/DRIFT.md.")
+    p.add_argument("--route", required=True)
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--reference", help="training snapshot: .csv, .jsonl or .parquet "
+                                         "(default: drift.reference)")
+    ref.add_argument("--reference-window",
+                     help="past log window before the live one, e.g. 7d (default: "
+                          "drift.reference_window)")
+    p.add_argument("--window", help="live window ending at the newest inference, e.g. 1d")
+    p.add_argument("--out", help="directory for drift.json / drift.md (default: drift.out)")
+    p.add_argument("--push", help="Pushgateway URL (default: drift.pushgateway)")
+    p.add_argument("--seasonality", choices=["none", "hour_of_day", "day_of_week",
+                                             "day_of_week_hour", "weekday_weekend"],
+                   help="reference segments (default: drift.seasonality)")
+    p.add_argument("--fixed-thresholds", action="store_true",
+                   help="use the fixed PSI/JS conventions, not adaptive thresholds")
+    p.add_argument("--no-webhook", action="store_true", help="do not notify the webhook")
+    p.add_argument("--serve", type=int, metavar="PORT",
+                   help="keep running: recompute every --every and serve /metrics on PORT")
+    p.add_argument("--every", help="recompute interval with --serve (default 1h)")
+    p.set_defaults(func=cmd_drift)
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
-    _add_run, _add_report, _add_promote,
+    _add_run, _add_report, _add_promote, _add_drift,
 )
 
 

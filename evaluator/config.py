@@ -20,6 +20,12 @@ Sections (see configs/evaluator.yaml for every key with its default):
   `margin`, `min_samples`, `min_effect`, `max_latency_p99_ratio`, `max_error_rate_delta`,
   `sequential`); known keys are type-checked here, extra keys pass through untouched.
 - `report`: default output directory and window. `gateway`: the admin API `promote` calls.
+- `drift`: `python -m evaluator drift` (evaluator/drift.py): reference and live windows, PSI
+  bins/epsilon and the 0.1/0.2 conventions, test levels, the drifted-feature share that makes a
+  dataset verdict, day-of-week / hour-of-day reference segments with adaptive thresholds, and
+  where results go (Pushgateway, webhook, metrics port). `UNDERSTUDY_DRIFT_WEBHOOK_URL` and
+  `UNDERSTUDY_DRIFT_PUSHGATEWAY` set the URLs; the webhook's bearer token is read from the
+  variable named by `drift.webhook_token_env`, never from YAML.
 
 Environment overrides: `UNDERSTUDY_STORE_JOIN_WINDOW=7d` sets store.join_window,
 `UNDERSTUDY_SOURCE_KAFKA_BOOTSTRAP=h:9092` sets source.kafka.bootstrap (nested keys continue
@@ -142,6 +148,50 @@ class GatewayAdminConfig:
     timeout_s: float = 10.0
 
 
+Seasonality = Literal["none", "hour_of_day", "day_of_week", "day_of_week_hour",
+                      "weekday_weekend"]
+SEASONALITIES: tuple[str, ...] = ("none", "hour_of_day", "day_of_week", "day_of_week_hour",
+                                  "weekday_weekend")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """`drift:` — see configs/evaluator.yaml for what each key means and evaluator/drift.py."""
+
+    reference: str | None = None  # training snapshot (CSV/JSONL/Parquet); None = past log window
+    reference_window: float = _duration_field("7d")  # past log window ending where live starts
+    window: float = _duration_field("1d")  # live window, ending at the route's newest inference
+    bins: int = 10  # PSI bins (reference quantiles)
+    epsilon: float = 1e-4  # share used for a PSI bin that is empty on one side
+    psi_warn: float = 0.1  # PSI conventions: < 0.1 negligible, 0.1-0.2 investigate,
+    psi_alert: float = 0.2  # > 0.2 significant
+    ks_alpha: float = 0.01  # a numeric feature drifts only if KS p < ks_alpha as well
+    chi2_alpha: float = 0.01  # a categorical feature drifts only if chi-squared p < chi2_alpha
+    js_alert: float = 0.1  # Jensen-Shannon distance (base 2) for a categorical feature
+    unseen_alert: float = 0.01  # share of live rows in categories the reference never saw
+    drift_share: float = 0.3  # dataset drift when this share of the features drifts
+    min_samples: int = 100  # fewer rows on either side: the feature is `insufficient`
+    max_categories: int = 50  # rarer categories are merged into "(other)"
+    categorical: tuple[str, ...] = ()  # features treated as categorical even if numeric
+    seasonality: Seasonality = "none"
+    utc_offset_hours: float = 0.0  # local time of the segments (day boundaries)
+    adaptive: bool = True  # thresholds from the variation between past reference windows
+    adaptive_sigma: float = 3.0  # threshold = max(fixed, mean + sigma * sd of that variation)
+    adaptive_min_periods: int = 3  # fewer past windows: the fixed threshold is used
+    confidence_buckets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+    out: str = "./var/drift"
+    pushgateway: str | None = None  # Prometheus Pushgateway URL for batch runs
+    push_job: str = "understudy_drift"
+    metrics_port: int = 0  # > 0: `drift --serve` exposes /metrics here
+    webhook_url: str | None = None  # set it with UNDERSTUDY_DRIFT_WEBHOOK_URL
+    webhook_token_env: str = "UNDERSTUDY_WEBHOOK_TOKEN"  # noqa: S105 - a variable name
+    webhook_retries: int = 4
+    webhook_backoff_s: float = 0.5
+    webhook_timeout_s: float = 5.0
+    episode_clear_runs: int = 2  # quiet runs in a row that end a drift episode
+    state_path: str = "./var/evaluator/drift_state.json"
+
+
 DECISION_DEFAULTS: dict[str, Any] = {
     "primary_metric": "auroc",
     "alpha": 0.05,
@@ -163,6 +213,7 @@ class EvaluatorConfig:
     decision: Mapping[str, Any] = field(default_factory=lambda: dict(DECISION_DEFAULTS))
     report: ReportConfig = field(default_factory=ReportConfig)
     gateway: GatewayAdminConfig = field(default_factory=GatewayAdminConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     def route(self, name: str) -> RouteEvalConfig:
         """Per-route settings, defaults when the route is not listed."""
@@ -278,9 +329,53 @@ def _parse_features(raw: Any) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _parse_drift(raw: Mapping[str, Any]) -> DriftConfig:
+    """The `drift` section: scalars via _build, then the lists and the ranges."""
+    raw = dict(raw)
+    lists: dict[str, Any] = {}
+    for key in ("categorical", "confidence_buckets"):
+        if key in raw:
+            value = raw.pop(key)
+            value = [] if value is None else value
+            _check(isinstance(value, list | tuple), f"drift.{key}: expected a list")
+            lists[key] = tuple(value)
+    cfg = _build(DriftConfig, raw, "drift")
+    cats = lists.get("categorical", cfg.categorical)
+    _check(all(isinstance(c, str) for c in cats), "drift.categorical: feature names (strings)")
+    buckets = lists.get("confidence_buckets", cfg.confidence_buckets)
+    try:
+        buckets = tuple(float(b) for b in buckets)
+    except (TypeError, ValueError):
+        raise ConfigError("drift.confidence_buckets: expected numbers in [0.5, 1)") from None
+    _check(bool(buckets) and all(0.5 <= b < 1.0 for b in buckets)
+           and list(buckets) == sorted(set(buckets)),
+           "drift.confidence_buckets: increasing numbers in [0.5, 1)")
+    _check(cfg.bins >= 2, "drift.bins: must be >= 2")
+    _check(0.0 < cfg.epsilon < 0.01, "drift.epsilon: must be in (0, 0.01)")
+    _check(0.0 <= cfg.psi_warn <= cfg.psi_alert, "drift: need 0 <= psi_warn <= psi_alert")
+    for key in ("ks_alpha", "chi2_alpha"):
+        _check(0.0 < getattr(cfg, key) < 1.0, f"drift.{key}: must be in (0, 1)")
+    _check(0.0 < cfg.js_alert <= 1.0, "drift.js_alert: must be in (0, 1]")
+    _check(0.0 < cfg.unseen_alert <= 1.0, "drift.unseen_alert: must be in (0, 1]")
+    _check(0.0 < cfg.drift_share <= 1.0, "drift.drift_share: must be in (0, 1]")
+    _check(cfg.min_samples >= 1, "drift.min_samples: must be >= 1")
+    _check(cfg.max_categories >= 2, "drift.max_categories: must be >= 2")
+    _check(cfg.seasonality in SEASONALITIES,
+           f"drift.seasonality: one of {', '.join(SEASONALITIES)}")
+    _check(-14.0 <= cfg.utc_offset_hours <= 14.0, "drift.utc_offset_hours: within +-14")
+    _check(cfg.adaptive_sigma >= 0.0, "drift.adaptive_sigma: must be >= 0")
+    _check(cfg.adaptive_min_periods >= 2, "drift.adaptive_min_periods: must be >= 2")
+    _check(cfg.webhook_retries >= 0, "drift.webhook_retries: must be >= 0")
+    _check(cfg.webhook_backoff_s >= 0.0, "drift.webhook_backoff_s: must be >= 0")
+    _check(cfg.webhook_timeout_s > 0.0, "drift.webhook_timeout_s: must be > 0")
+    _check(cfg.episode_clear_runs >= 1, "drift.episode_clear_runs: must be >= 1")
+    _check(0 <= cfg.metrics_port <= 65535, "drift.metrics_port: a TCP port (0: off)")
+    return replace(cfg, categorical=tuple(cats), confidence_buckets=buckets)
+
+
 _SECTIONS: dict[str, type] = {
     "source": SourceConfig, "store": StoreConfig, "decision": dict, "report": ReportConfig,
-    "gateway": GatewayAdminConfig,
+    "gateway": GatewayAdminConfig, "drift": DriftConfig,
 }
 _NESTED = {("source", "kafka")}
 
@@ -354,6 +449,7 @@ def parse_config(raw: Mapping[str, Any] | None,
         decision=_parse_decision(data["decision"]),
         report=_build(ReportConfig, data["report"], "report"),
         gateway=_build(GatewayAdminConfig, data["gateway"], "gateway"),
+        drift=_parse_drift(data["drift"]),
     )
 
 

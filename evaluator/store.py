@@ -1,17 +1,20 @@
 """The evaluator's embedded store: deduplicated inference log, per-model outcomes and labels.
 
-Engine: DuckDB by default, SQLite selectable (`store.engine`). Both run the same schema and SQL
-through a thin engine layer; `evaluator/bench_store.py` loads 1M synthetic joined requests with
-two challengers into each (numbers in docs/BENCHMARKS.md, "Evaluator store"):
+Engine: DuckDB by default, SQLite selectable (`store.engine`). Both run this same schema and
+SQL through a thin engine layer, and `evaluator/bench_store.py` loads 1M synthetic joined
+requests with two challengers into each (docs/BENCHMARKS.md, "Evaluator store"). On the 2-core
+dev VM (shared and busy: load average ~10, so CPU seconds are the steadier figure), wall (CPU):
 
-    1M requests, 2 challengers, 2-core VM   ingest (store only)   load_dataset   store file
-    DuckDB 2.0                              see BENCHMARKS.md     ~1 s           ...
-    SQLite 3.40                             see BENCHMARKS.md     ~20 s          ...
+    1M requests, 2 challengers   ingest (store only)   load_dataset    feature_columns   on disk
+    DuckDB 2.0.1                 109 s (28 s)          5.5 s (2.0 s)   4.0 s             231 MB
+    SQLite 3.40.1                177 s (45 s)          53 s (20 s)     19 s              474 MB
 
-`load_dataset` is the step a report waits on, and a row store must turn ~5M result rows into
-Python tuples before numpy sees them; DuckDB hands back numpy columns. That decides it. The
-price is DuckDB's single-process file lock: the ingest loop releases the file whenever it is
-caught up, and a reader (`report`, `promote`) waits up to `store.lock_timeout_s` for it.
+`load_dataset` sits on the path of every report (budget: 1M requests -> full report in 20 s);
+SQLite must turn ~5M result rows into Python tuples before numpy sees them, DuckDB hands back
+numpy columns: 10x less CPU. Ingest and disk also favour DuckDB. Its price is a single-process
+file lock: the ingest loop lets go of the file whenever it is caught up and at least every
+`store.release_interval_s` while busy, and a reader (`report`, `promote`) waits up to
+`store.lock_timeout_s` for it. SQLite (WAL: readers never wait) stays selectable.
 
 Schema (one row per *prediction*: an unbatched request is one row, row 0; a batched request of
 n rows gives rows 0..n-1, and a label's `index` names the row):

@@ -344,7 +344,8 @@ def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.
     mean = a / (a + b)
     sd = np.sqrt(a * b / ((a + b) ** 2 * (a + b + 1.0)))
     cuts = np.concatenate(((mean[:, None] + sd[:, None] * _Z).ravel(), _GRADED, [start, stop]))
-    edges = np.unique(cuts[(cuts >= start) & (cuts <= stop)])
+    edges = np.sort(cuts[(cuts >= start) & (cuts <= stop)])
+    edges = edges[np.concatenate(([True], np.diff(edges) > 0.0))]
     left, right = edges[:-1], edges[1:]
     half = (right - left) / 2.0
     x = (left[:, None] + half[:, None] * (1.0 + _GL_X)).ravel()

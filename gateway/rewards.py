@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -172,52 +173,93 @@ class FileRewardBus:
 
 
 class KafkaRewardBus:
-    """Reward events on a Kafka topic; labels followed from the labels topic by every replica."""
+    """Reward events on a Kafka topic; labels followed from the labels topic by every replica.
 
-    def __init__(self, bootstrap: str, rewards_topic: str, labels_topic: str) -> None:
+    Connecting happens in the background with backoff, so a broker that is down when the
+    gateway starts delays reward updates but never the gateway. Events published meanwhile
+    wait in a bounded queue (oldest dropped past `max_pending`, counted).
+    """
+
+    def __init__(self, bootstrap: str, rewards_topic: str, labels_topic: str,
+                 max_pending: int = 100_000) -> None:
         self.bootstrap = bootstrap
         self.rewards_topic = rewards_topic
         self.labels_topic = labels_topic
+        self._pending: deque[RewardEvent] = deque(maxlen=max_pending)
+        self._wake = asyncio.Event()
         self._producer: Any = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, apply: Callable[[RewardEvent], None], on_labels: LabelHandler) -> None:
+        self._tasks = [asyncio.create_task(self._run(apply, on_labels), name="reward-bus")]
+
+    async def _run(self, apply: Callable[[RewardEvent], None], on_labels: LabelHandler) -> None:
         from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import KafkaError
 
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                          enable_idempotence=True, linger_ms=5)
-        await self._producer.start()
-        rewards = await self._consumer(self.rewards_topic, "earliest")
-        # Replay the whole reward history before serving, so posteriors start where they were.
-        await _replay_to_end(rewards, apply)
-        labels = await self._consumer(self.labels_topic, "latest")
-        self._tasks = [
-            asyncio.create_task(_follow(rewards, apply), name="reward-bus-rewards"),
-            asyncio.create_task(_follow(labels, lambda rec: on_labels([rec])),
-                                name="reward-bus-labels"),
-        ]
+        backoff = 0.5
+        while True:
+            async with contextlib.AsyncExitStack() as clients:
+                try:
+                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                                enable_idempotence=True, linger_ms=5)
+                    clients.push_async_callback(producer.stop)
+                    await producer.start()
+                    rewards = await self._consumer(self.rewards_topic, "earliest", clients)
+                    # Replay the reward history first, so posteriors resume where they were.
+                    await _replay_to_end(rewards, apply)
+                    labels = await self._consumer(self.labels_topic, "latest", clients)
+                except (KafkaError, OSError) as exc:
+                    log.warning("reward bus: Kafka not reachable (%s); retrying in %.1f s",
+                                exc, backoff)
+                else:
+                    self._producer = producer
+                    # Runs until close() cancels it; the exit stack then stops every client.
+                    await asyncio.gather(
+                        _follow(rewards, apply),
+                        _follow(labels, lambda rec: on_labels([rec])),
+                        self._send_pending(),
+                    )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
-    async def _consumer(self, topic: str, reset: str) -> Any:
+    async def _send_pending(self) -> None:
+        while True:
+            while self._pending:
+                event = self._pending[0]
+                try:
+                    await self._producer.send_and_wait(
+                        self.rewards_topic, orjson.dumps(event),
+                        key=str(event.get("request_id", "")).encode(),
+                    )
+                except Exception:
+                    log.warning("reward bus: publish failed; will retry", exc_info=True)
+                    await asyncio.sleep(1.0)
+                    continue
+                self._pending.popleft()
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _consumer(self, topic: str, reset: str, clients: contextlib.AsyncExitStack) -> Any:
         from aiokafka import AIOKafkaConsumer
 
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, group_id=None,
                                     auto_offset_reset=reset, enable_auto_commit=False)
+        clients.push_async_callback(consumer.stop)
         await consumer.start()
         return consumer
 
     async def publish(self, event: RewardEvent) -> None:
-        await self._producer.send_and_wait(
-            self.rewards_topic, orjson.dumps(event), key=str(event["request_id"]).encode()
-        )
+        if len(self._pending) == self._pending.maxlen:
+            metrics.REWARDS.labels(str(event.get("route")), "dropped").inc()
+        self._pending.append(event)
+        self._wake.set()
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._producer is not None:
-            await self._producer.stop()
 
 
 async def _replay_to_end(consumer: Any, apply: Callable[[RewardEvent], None]) -> None:
@@ -227,7 +269,7 @@ async def _replay_to_end(consumer: Any, apply: Callable[[RewardEvent], None]) ->
         return
     end = await consumer.end_offsets(list(partitions))
     await consumer.seek_to_beginning(*partitions)
-    while any(await consumer.position(tp) < end[tp] for tp in partitions):
+    while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
         batches = await consumer.getmany(timeout_ms=500)
         for records in batches.values():
             for record in records:
@@ -235,11 +277,8 @@ async def _replay_to_end(consumer: Any, apply: Callable[[RewardEvent], None]) ->
 
 
 async def _follow(consumer: Any, handle: Callable[[Any], None]) -> None:
-    try:
-        async for record in consumer:
-            _deliver(record.value, handle)
-    finally:
-        await consumer.stop()
+    async for record in consumer:
+        _deliver(record.value, handle)
 
 
 def _deliver(value: bytes | None, handle: Callable[[Any], None] | Callable[[Any], Awaitable[None]]

@@ -8,9 +8,11 @@ What it measures (JSON request of one fraud row, route "fraud", champion fraud_v
 
 1. Capacity: `wrk -t1 -c16` (closed loop, keep-alive) for --duration s: throughput and
    p50/p99 at saturation. The first run, direct Triton, defines the capacity C.
-2. Latency at moderate load: a fixed offered rate R = 30% of C (Poisson arrivals,
-   loadtests/rate.lua on wrk, 32 connections) for --rate-duration s: p50/p90/p99.
-   Both for: direct Triton; nginx `mirror` in front of the same Triton (and nginx as a plain
+2. Latency at fixed offered rates (Poisson arrivals, loadtests/rate.lua on wrk, 32
+   connections, --rate-duration s each): "moderate" R = 30% of C (the spec's moderate load) and
+   "light" = 10% of C (a rate a single Python worker sustains on this machine, so the added
+   latency is the gateway's overhead rather than queueing): p50/p90/p99.
+   All three for: direct Triton; nginx `mirror` in front of the same Triton (and nginx as a plain
    proxy); the gateway champion-only, + one shadow, + two shadows, + exploration
    (epsilon_greedy, epsilon 0.1, fraud_v4 as explore arm) with the file sink, and the same four
    with the Kafka sink when gateway/logsink/kafka.py and deploy/kafka/broker.py are present;
@@ -18,7 +20,8 @@ What it measures (JSON request of one fraud row, route "fraud", champion fraud_v
    Gateway rows also report the gateway's CPU time per request (from /proc, robust to other
    load on the machine) and check that every served request was logged.
 3. Slow challenger: champion-only vs champion + `fraud_slow` (a shadow whose every batch sleeps
-   100x the champion's direct p50) at rate R, interleaved A/B/A/B; the champion's p99 change.
+   100x the champion's direct p50 at the light rate) at the light rate (--slow-at), interleaved
+   A/B/B/A; the champion's p99 change next to the A-vs-A spread (noise).
 4. Memory under overload: the gateway with one normal and one slow shadow, offered 2x its
    capacity (512 connections) for --overload-seconds; RSS sampled every second.
 5. A py-spy profile of the gateway (+ one shadow) at capacity (loadtests/profile_gateway.py).
@@ -88,6 +91,7 @@ class Row:
     group: str
     capacity: common.LoadResult | None = None
     moderate: common.LoadResult | None = None
+    light: common.LoadResult | None = None
     cpu_ms_per_req: float | None = None
     triton_cpu_ms_per_req: float | None = None
     logged: int | None = None
@@ -100,6 +104,7 @@ class Row:
         d = dict(self.__dict__)
         d["capacity"] = self.capacity.as_dict() if self.capacity else None
         d["moderate"] = self.moderate.as_dict() if self.moderate else None
+        d["light"] = self.light.as_dict() if self.light else None
         return d
 
 
@@ -115,6 +120,7 @@ class Bench:
         self.extra: dict[str, Any] = {}
         self.load_cpus: str | None = args.load_cpus or None
         self.rate = 0.0
+        self.light_rate = 0.0
         self.triton: Any = None
         self.repo: Path | None = None
         self.kafka: common.KafkaBroker | None = None
@@ -154,18 +160,23 @@ class Bench:
             if pids:
                 row.cpu_ms_per_req = 1000 * (cpu1 - cpu0) / row.capacity.requests
             row.triton_cpu_ms_per_req = 1000 * (tcpu1 - tcpu0) / row.capacity.requests
-        if self.rate:
-            time.sleep(1)
-            row.moderate = common.wrk_rate(url, body_file, body, rate=self.rate,
-                                           duration=a.rate_duration,
-                                           connections=a.rate_connections, cpus=self.load_cpus)
+        self.fixed_rates(row, url, body, body_file)
         self.log(f"{row.label}: capacity {row.capacity.rps:,.0f} req/s "
                  f"(p50 {row.capacity.p50:.2f} ms, p99 {row.capacity.p99:.2f} ms)"
-                 + (f"; at {self.rate:,.0f} req/s p50 {row.moderate.p50:.2f} "
-                    f"p99 {row.moderate.p99:.2f} ms" if row.moderate else "")
-                 + (f"; gateway CPU {row.cpu_ms_per_req:.3f} ms/req" if row.cpu_ms_per_req
-                    else ""))
+                 + "".join(f"; at {r.target_rps:,.0f} req/s p50 {r.p50:.2f} p99 {r.p99:.2f} ms"
+                           for r in (row.moderate, row.light) if r is not None)
+                 + (f"; CPU {row.cpu_ms_per_req:.3f} ms/req" if row.cpu_ms_per_req else ""))
         return row
+
+    def fixed_rates(self, row: Row, url: str, body: common.Body, body_file: Path) -> None:
+        a = self.args
+        for attr, rate in (("moderate", self.rate), ("light", self.light_rate)):
+            if rate:
+                time.sleep(1)
+                setattr(row, attr, common.wrk_rate(url, body_file, body, rate=rate,
+                                                   duration=a.rate_duration,
+                                                   connections=a.rate_connections,
+                                                   cpus=self.load_cpus))
 
     def run_row(self, row: Row, fn: Callable[[Row], None]) -> Row:
         self.rows.append(row)
@@ -200,8 +211,8 @@ class Bench:
                              body_file=self.body_bin_file if binary else None,
                              cpu_pids=lambda: gw.pids)
                 row.shadow = shadow_counts(gw.url)
-                row.served = int(row.capacity.requests if row.capacity else 0) + int(
-                    row.moderate.requests if row.moderate else 0)
+                row.served = sum(int(r.requests) for r in (row.capacity, row.moderate,
+                                                           row.light) if r is not None)
                 topic = f"understudy.bench.{name}.inferences"
             # stopped (SIGTERM): shadows drained, sink flushed
             if sink == "file":
@@ -228,17 +239,20 @@ class Bench:
             self.measure(direct, champion_url)
             assert direct.capacity is not None
             self.rate = round(a.rate_fraction * direct.capacity.rps, -1)
-            self.log(f"moderate rate = {a.rate_fraction:.0%} of {direct.capacity.rps:,.0f} "
-                     f"= {self.rate:,.0f} req/s")
-            direct.moderate = common.wrk_rate(champion_url, self.body_file, self.body,
-                                              rate=self.rate, duration=a.rate_duration,
-                                              connections=a.rate_connections,
-                                              cpus=self.load_cpus)
-            self.log(f"direct Triton at {self.rate:,.0f} req/s: p50 {direct.moderate.p50:.2f} "
-                     f"p99 {direct.moderate.p99:.2f} ms")
-            slow_delay = max(a.slow_factor * direct.moderate.p50 / 1000, 0.01)
+            self.light_rate = round(a.light_fraction * direct.capacity.rps, -1)
+            self.log(f"fixed rates: moderate {a.rate_fraction:.0%} and light "
+                     f"{a.light_fraction:.0%} of {direct.capacity.rps:,.0f} = {self.rate:,.0f} "
+                     f"and {self.light_rate:,.0f} req/s")
+            self.fixed_rates(direct, champion_url, self.body, self.body_file)
+            calm = direct.light or direct.moderate
+            assert calm is not None
+            self.log("direct Triton: " + "; ".join(
+                f"at {r.target_rps:,.0f} req/s p50 {r.p50:.2f} p99 {r.p99:.2f} ms"
+                for r in (direct.moderate, direct.light) if r is not None))
+            slow_delay = max(a.slow_factor * calm.p50 / 1000, 0.01)
             common.set_slow_delay(self.repo, slow_delay)
             self.extra["slow_delay_ms"] = slow_delay * 1000
+            self.extra["champion_p50_ms"] = calm.p50
 
             # 2. nginx mirror (the peer) and nginx as a plain proxy
             upstream = f"{common.HOST}:{triton.http_port}"
@@ -308,23 +322,24 @@ class Bench:
         a = self.args
         routes_a = fraud_route()
         routes_b = fraud_route(("fraud_slow",))
-        result: dict[str, Any] = {"rate": self.rate, "delay_ms": self.extra["slow_delay_ms"],
+        rate = self.light_rate if a.slow_at == "light" and self.light_rate else self.rate
+        result: dict[str, Any] = {"rate": rate, "delay_ms": self.extra["slow_delay_ms"],
                                   "runs": []}
         self.log(f"slow challenger: fraud_slow sleeps {self.extra['slow_delay_ms']:.0f} ms per "
-                 f"batch ({a.slow_factor:.0f}x the champion's direct p50)")
+                 f"batch ({a.slow_factor:.0f}x the champion's direct p50); {rate:,.0f} req/s")
         try:
             with self.gateway("slow-a", routes_a) as gw_a, \
                     self.gateway("slow-b", routes_b) as gw_b:
                 url_a = gw_a.url + f"/v2/models/{ROUTE}/infer"
                 url_b = gw_b.url + f"/v2/models/{ROUTE}/infer"
                 for url in (url_a, url_b):
-                    common.wrk_rate(url, self.body_file, self.body, rate=self.rate,
-                                    duration=a.warmup, connections=a.rate_connections,
+                    common.wrk_rate(url, self.body_file, self.body, rate=rate,
+                                    duration=max(a.warmup, 2), connections=a.rate_connections,
                                     cpus=self.load_cpus)
                 for i in range(a.slow_rounds):
                     for which, url in (("A", url_a), ("B", url_b)) if i % 2 == 0 else \
                             (("B", url_b), ("A", url_a)):
-                        r = common.wrk_rate(url, self.body_file, self.body, rate=self.rate,
+                        r = common.wrk_rate(url, self.body_file, self.body, rate=rate,
                                             duration=a.slow_duration,
                                             connections=a.rate_connections, cpus=self.load_cpus)
                         result["runs"].append({"config": which, **r.as_dict()})
@@ -512,52 +527,62 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
-def ms(v: float | None) -> str:
-    return f"{v:.2f}" if v is not None else "-"
+def ms3(v: float | None) -> str:
+    return f"{v:.3f}" if v is not None else "-"
 
 
-def table(bench: Bench) -> str:
-    rows = bench.rows
-    direct = next((r for r in rows if r.key == "direct"), None)
-    nginx = next((r for r in rows if r.key == "nginx-mirror"), None)
+def _find(bench: Bench, key: str) -> Row | None:
+    return next((r for r in bench.rows if r.key == key and not r.error), None)
+
+
+def capacity_table(bench: Bench) -> str:
+    direct, nginx = _find(bench, "direct"), _find(bench, "nginx-mirror")
     dcap = direct.capacity.rps if direct and direct.capacity else None
     ncap = nginx.capacity.rps if nginx and nginx.capacity else None
-    dmod = direct.moderate if direct else None
-    head = ("| setup | capacity req/s | × direct | × nginx mirror | p50 / p99 at capacity (ms) "
-            f"| p50 / p90 / p99 at {bench.rate:,.0f} req/s (ms) | added p50 / p99 vs direct "
-            "(ms) | p99 × nginx mirror | gateway CPU ms/req | Triton CPU ms/req "
-            "| logged / served |")
-    nmod = nginx.moderate if nginx else None
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.label} | failed: {r.error[:80]} |" + " |" * 9)
+    lines = ["| setup | capacity req/s | × direct | × nginx mirror | p50 / p99 at capacity (ms) "
+             "| CPU ms/req (gateway or nginx) | Triton CPU ms/req | logged / served |",
+             "|" + "---|" * 8]
+    for r in bench.rows:
+        if r.error or r.capacity is None:
+            lines.append(f"| {r.label} | failed: {(r.error or '?')[:90]} |" + " |" * 6)
             continue
-        cap, mod = r.capacity, r.moderate
-        added = "-"
-        if mod and dmod and r.key != "direct":
-            added = f"{mod.p50 - dmod.p50:+.2f} / {mod.p99 - dmod.p99:+.2f}"
-        elif r.key == "direct":
-            added = "0 / 0"
-        mod_s = "-"
-        if mod:
-            mod_s = f"{mod.p50:.2f} / {mod.p90:.2f} / {mod.p99:.2f}"
-            if mod.target_rps and mod.rps < 0.95 * mod.target_rps:
-                mod_s += f" (only {mod.rps:,.0f} req/s)"
-            if mod.errors:
-                mod_s += f", {mod.errors} errors"
-        logged = "-"
-        if r.logged is not None and r.served is not None:
-            logged = f"{r.logged:,} / {r.served:,}"
+        cap = r.capacity
+        logged = f"{r.logged:,} / {r.served:,}" if r.logged is not None and r.served else "-"
         lines.append(
             f"| {r.label} | {cap.rps:,.0f}" + (f" ({cap.errors} err)" if cap.errors else "")
             + f" | {ratio(cap.rps, dcap)} | {ratio(cap.rps, ncap)} | {cap.p50:.2f} / "
-            f"{cap.p99:.2f} | {mod_s} | {added} | "
-            f"{ratio(mod.p99 if mod else None, nmod.p99 if nmod else None)} | "
-            + (f"{r.cpu_ms_per_req:.3f}" if r.cpu_ms_per_req is not None else "-") + " | "
-            + (f"{r.triton_cpu_ms_per_req:.3f}" if r.triton_cpu_ms_per_req is not None else "-")
-            + f" | {logged} |"
+            f"{cap.p99:.2f} | {ms3(r.cpu_ms_per_req)} | {ms3(r.triton_cpu_ms_per_req)} "
+            f"| {logged} |"
         )
+    return "\n".join(lines)
+
+
+def latency_table(bench: Bench) -> str:
+    direct, nginx = _find(bench, "direct"), _find(bench, "nginx-mirror")
+    lines = [f"| setup | p50 / p90 / p99 at {bench.rate:,.0f} req/s (ms) | added p50 / p99 "
+             f"| p99 × nginx mirror | p50 / p90 / p99 at {bench.light_rate:,.0f} req/s (ms) "
+             "| added p50 / p99 | p99 × nginx mirror |",
+             "|" + "---|" * 7]
+    for r in bench.rows:
+        if r.error:
+            continue
+        cells = [r.label]
+        for attr in ("moderate", "light"):
+            res: common.LoadResult | None = getattr(r, attr)
+            base = getattr(direct, attr) if direct else None
+            peer = getattr(nginx, attr) if nginx else None
+            if res is None:
+                cells += ["-", "-", "-"]
+                continue
+            text = f"{res.p50:.2f} / {res.p90:.2f} / {res.p99:.2f}"
+            if res.target_rps and res.rps < 0.95 * res.target_rps:
+                text += f" (saturated: {res.rps:,.0f} req/s)"
+            if res.errors:
+                text += f", {res.errors} errors"
+            added = "-" if base is None or r.key == "direct" else \
+                f"{res.p50 - base.p50:+.2f} / {res.p99 - base.p99:+.2f}"
+            cells += [text, added, ratio(res.p99, peer.p99 if peer else None)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -584,21 +609,28 @@ def render(bench: Bench, argv: list[str]) -> str:
         f"({len(bench.body_bin.data)} bytes). Gateway: `python -m gateway serve` (uvloop), "
         "1 worker unless marked; 100% logging; file sink `fsync: interval`.",
         f"- Capacity: `wrk -t1 -c{a.connections} -d{a.duration:g}s -s loadtests/post.lua` "
-        f"(after a {a.warmup:g} s warm-up). Moderate load: {a.rate_fraction:.0%} of direct "
-        f"capacity = **{bench.rate:,.0f} req/s** offered with Poisson arrivals "
-        f"(`wrk -t1 -c{a.rate_connections} -s loadtests/rate.lua`, {a.rate_duration:g} s). "
-        f"wrk pinned with `taskset -c {bench.load_cpus}`." if bench.load_cpus else
-        f"- Capacity: `wrk -t1 -c{a.connections} -d{a.duration:g}s`; moderate load "
-        f"{bench.rate:,.0f} req/s via loadtests/rate.lua.",
-        "- Gateway (nginx) CPU ms/req and Triton CPU ms/req: user+system CPU of the process "
-        "tree during the capacity run divided by the requests served (much less sensitive to "
-        "other load on the machine than latency is). "
-        "logged/served: inference records in the sink after the gateway stopped vs responses "
-        "to the load generator (capacity + moderate runs; warm-up requests make logged "
-        "slightly larger).",
+        f"(after a {a.warmup:g} s warm-up). Fixed rates: moderate = {a.rate_fraction:.0%} of "
+        f"direct capacity = **{bench.rate:,.0f} req/s** and light = {a.light_fraction:.0%} = "
+        f"**{bench.light_rate:,.0f} req/s**, offered with Poisson arrivals "
+        f"(`wrk -t1 -c{a.rate_connections} -s loadtests/rate.lua`, {a.rate_duration:g} s each; "
+        "`hey -q` is not used: its workers' tickers fire together, so it sends bursts of -c "
+        "requests). Latency is measured from each request's write; \"saturated\" marks a "
+        "setup that could not take the offered rate (its latency is then queueing). "
+        + (f"wrk pinned with `taskset -c {bench.load_cpus}`." if bench.load_cpus else ""),
+        "- CPU ms/req (gateway process tree, or nginx) and Triton CPU ms/req: user+system CPU "
+        "during the capacity run divided by the requests served (much less sensitive to other "
+        "load on the machine than latency is). logged / served: inference records in the sink "
+        "after the gateway stopped (SIGTERM: drained, flushed) vs answers the load generator "
+        "counted (capacity and fixed-rate runs; warm-up requests make `logged` larger).",
         f"- Kafka rows: {bench.extra.get('kafka', '-')}.",
         "",
-        table(bench),
+        "Capacity (closed loop, 16 connections):",
+        "",
+        capacity_table(bench),
+        "",
+        "Latency at fixed offered rates (added = minus direct Triton at the same rate):",
+        "",
+        latency_table(bench),
         "",
     ]
     slow = bench.extra.get("slow")
@@ -611,7 +643,8 @@ def render(bench: Bench, argv: list[str]) -> str:
             out += [
                 f"Champion-only (A) vs champion + shadow `fraud_slow` (B), whose every batch "
                 f"sleeps {slow['delay_ms']:.0f} ms ({a.slow_factor:.0f}× the champion's direct "
-                f"p50), at {slow['rate']:,.0f} req/s, {a.slow_rounds} interleaved rounds of "
+                f"p50 of {bench.extra.get('champion_p50_ms', 0):.2f} ms), at "
+                f"{slow['rate']:,.0f} req/s, {a.slow_rounds} interleaved rounds of "
                 f"{a.slow_duration:g} s each (medians):",
                 "",
                 "| | p50 (ms) | p99 (ms) |",
@@ -691,16 +724,20 @@ def write_markdown(path: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=10, help="capacity run seconds")
-    p.add_argument("--rate-duration", type=float, default=10, help="fixed-rate run seconds")
-    p.add_argument("--warmup", type=float, default=2)
+    p.add_argument("--duration", type=float, default=8, help="capacity run seconds")
+    p.add_argument("--rate-duration", type=float, default=8, help="each fixed-rate run, s")
+    p.add_argument("--warmup", type=float, default=1)
     p.add_argument("--connections", type=int, default=16, help="wrk connections (capacity)")
     p.add_argument("--rate-connections", type=int, default=32)
     p.add_argument("--rate-fraction", type=float, default=0.3,
                    help="moderate load as a fraction of direct-Triton capacity")
+    p.add_argument("--light-fraction", type=float, default=0.1,
+                   help="light load as a fraction of direct-Triton capacity (0 skips it)")
+    p.add_argument("--slow-at", choices=("light", "moderate"), default="light",
+                   help="offered rate of the slow-challenger comparison")
     p.add_argument("--slow-factor", type=float, default=100)
     p.add_argument("--slow-rounds", type=int, default=2)
-    p.add_argument("--slow-duration", type=float, default=15)
+    p.add_argument("--slow-duration", type=float, default=12)
     p.add_argument("--overload-seconds", type=float, default=120,
                    help="overload (RSS) run length; 0 skips it")
     p.add_argument("--overload-connections", type=int, default=512)
@@ -732,8 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.run()
     finally:
-        results = {"argv": argv, "rate": bench.rate, "rows": [r.as_dict() for r in bench.rows],
-                   "extra": bench.extra, "machine": common.machine_info(),
+        results = {"argv": argv, "rate": bench.rate, "light_rate": bench.light_rate,
+                   "rows": [r.as_dict() for r in bench.rows], "extra": bench.extra,
+                   "machine": common.machine_info(),
                    "versions": common.versions(), "loadavg": bench.loadavg}
         (bench.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     section = render(bench, argv)
