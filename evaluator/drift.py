@@ -10,7 +10,7 @@ window of the inference log. Live: the route's newest window of the log.
 Per numeric feature:
 * **PSI** over `bins` bins cut at the reference's quantiles (interior edges; the outer bins are
   open, so live values beyond the reference range land in the first/last bin; intervals are
-  (a, b], ties collapse duplicate edges). A bin empty on one side would make PSI infinite;
+  (a, b]; edges are reference values, so ties collapse into fewer bins). A bin empty on one side would make PSI infinite;
   its share is replaced by `epsilon` (1e-4: a bin empty in the live window then contributes
   about p·ln(p/1e-4), 4.6 for p = 0.5 — "very large", not infinity) and shares are not
   renormalised, so the value stays comparable across runs. Conventions (configurable): < 0.1
@@ -481,9 +481,14 @@ def _read_scores(store: Any, route: str, since: float | None, until: float | Non
 
 
 def quantile_edges(reference: np.ndarray, bins: int) -> np.ndarray:
-    """Interior PSI bin edges at the reference's quantiles (ties collapse into fewer bins)."""
+    """Interior PSI bin edges at the reference's quantiles.
+
+    Edges are reference values (numpy's `lower` quantile, no interpolation), so a discrete
+    feature's bins are its own values and ties collapse into fewer bins instead of edges at
+    values that never occur.
+    """
     ref = np.asarray(reference, dtype=float)
-    qs = np.quantile(ref, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    qs = np.quantile(ref, np.linspace(0.0, 1.0, bins + 1)[1:-1], method="lower")
     return np.unique(qs)
 
 
@@ -754,13 +759,27 @@ def period_ids(ts: np.ndarray, anchor: float, length: float) -> np.ndarray:
 
 
 @dataclass
+class _Null:
+    """Past windows of the reference: the period id and segment key of every reference row.
+
+    Each past window is compared with the rest of *its own* segment(s) (a past Saturday with
+    the other Saturdays, a past Monday with the other Mondays), and those values, pooled over
+    all windows, are the statistic's normal variation. Pooling over segments is what makes the
+    estimate usable: four weeks of history hold four Saturdays but twenty-eight days.
+    """
+
+    periods: np.ndarray
+    keys: np.ndarray
+
+
+@dataclass
 class _Plan:
     """Which reference rows face the live window, and the past windows for thresholds."""
 
-    ref_mask: np.ndarray | None  # rows of the reference features; None = all
-    periods: np.ndarray | None  # period id per selected reference row; None = no adaptive
+    ref_mask: np.ndarray | None  # reference rows in the live window's segments; None = all
+    null: _Null | None  # None: fixed thresholds
     score_masks: dict[str, np.ndarray]
-    score_periods: dict[str, np.ndarray]
+    score_null: dict[str, _Null]
     info: dict[str, Any]
 
 
@@ -770,7 +789,7 @@ def _plan(reference: FeatureData, live: FeatureData, cfg: DriftConfig,
     info: dict[str, Any] = {"mode": mode, "applied": False, "segments": [],
                             "adaptive": False, "utc_offset_hours": cfg.utc_offset_hours}
     ref_ts, live_ts = reference.ts, live.ts
-    have_time = ref_ts is not None and ref_ts.size > 0 and live_ts is not None and live_ts.size
+    have_time = bool(ref_ts is not None and ref_ts.size and live_ts is not None and live_ts.size)
     ref_mask: np.ndarray | None = None
     live_keys: np.ndarray | None = None
     if mode != "none":
@@ -792,16 +811,20 @@ def _plan(reference: FeatureData, live: FeatureData, cfg: DriftConfig,
                 info.update(applied=True, segments=[_segment_name(int(k), mode)
                                                     for k in live_keys],
                             reference_rows=int(mask.sum()))
-    periods: np.ndarray | None = None
+    applied = mode if live_keys is not None else "none"
+    null: _Null | None = None
     score_masks: dict[str, np.ndarray] = {}
-    score_periods: dict[str, np.ndarray] = {}
+    score_null: dict[str, _Null] = {}
     length = _window_length(live)
     anchor = live.since if live.since is not None else (
         float(np.min(live_ts)) if live_ts is not None and live_ts.size else None)
-    if cfg.adaptive and have_time and length and anchor is not None:
+    adaptive = bool(cfg.adaptive and have_time and length and anchor is not None)
+    if adaptive:
         assert ref_ts is not None
-        sel = ref_ts if ref_mask is None else ref_ts[ref_mask]
-        periods = period_ids(sel, anchor, length)
+        assert length is not None
+        assert anchor is not None
+        null = _Null(period_ids(ref_ts, anchor, length),
+                     segment_keys(ref_ts, applied, cfg.utc_offset_hours))
         info.update(adaptive=True, period_s=length)
     elif cfg.adaptive:
         notes.append("adaptive thresholds need timestamps on both sides and a live window "
@@ -810,10 +833,12 @@ def _plan(reference: FeatureData, live: FeatureData, cfg: DriftConfig,
         if live_keys is not None:
             score_masks[model] = np.isin(segment_keys(sts, mode, cfg.utc_offset_hours),
                                          live_keys)
-        if periods is not None and anchor is not None and length:
-            chosen = sts if model not in score_masks else sts[score_masks[model]]
-            score_periods[model] = period_ids(chosen, anchor, length)
-    return _Plan(ref_mask, periods, score_masks, score_periods, info)
+        if adaptive:
+            assert length is not None
+            assert anchor is not None
+            score_null[model] = _Null(period_ids(sts, anchor, length),
+                                      segment_keys(sts, applied, cfg.utc_offset_hours))
+    return _Plan(ref_mask, null, score_masks, score_null, info)
 
 
 def _window_length(live: FeatureData) -> float | None:
@@ -840,55 +865,82 @@ def _segment_name(key: int, mode: str) -> str:
     return "all"
 
 
-def _adaptive(base: float, null: list[float], cfg: DriftConfig) -> Threshold:
-    """max(base, mean + sigma * sd) of the statistic between past windows and the rest."""
-    vals = [v for v in null if math.isfinite(v)]
-    if len(vals) < cfg.adaptive_min_periods:
-        return Threshold(base, "fixed", periods=len(vals))
-    mean = float(np.mean(vals))
-    sd = float(np.std(vals, ddof=1))
+def _adaptive(base: float, null: Sequence[float] | None, cfg: DriftConfig, *,
+              sqrt_scale: bool = False) -> Threshold:
+    """max(base, mean + sigma * sd) of the statistic between past windows and their segment.
+
+    `sqrt_scale` (PSI): the rule is applied to sqrt(PSI) and squared back. PSI behaves like
+    a squared distance (a mean shift of d SDs gives about d²), so under day-to-day noise it is
+    right-skewed like a chi-square and mean + 3 sd on its own scale sits too low in the tail;
+    its square root, like the Jensen–Shannon distance, is close to half-normal.
+    """
+    if null is None:
+        return Threshold(base)
+    vals = np.asarray([v for v in null if math.isfinite(v)], dtype=float)
+    if vals.size < cfg.adaptive_min_periods:
+        return Threshold(base, "fixed", periods=int(vals.size))
+    x = np.sqrt(np.maximum(vals, 0.0)) if sqrt_scale else vals
+    mean = float(np.mean(x))
+    sd = float(np.std(x, ddof=1))
     value = mean + cfg.adaptive_sigma * sd
+    if sqrt_scale:
+        value = value ** 2
+    null_mean, null_sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
     if value > base:
-        return Threshold(value, "adaptive", mean, sd, len(vals))
-    return Threshold(base, "fixed", mean, sd, len(vals))
+        return Threshold(value, "adaptive", null_mean, null_sd, int(vals.size))
+    return Threshold(base, "fixed", null_mean, null_sd, int(vals.size))
 
 
-def _null_psi(values: np.ndarray, periods: np.ndarray, edges: np.ndarray, cfg: DriftConfig
-              ) -> list[float]:
-    """PSI of each past window against the rest of the reference (vectorised bin counts)."""
-    ok = np.isfinite(values)
-    values, periods = values[ok], periods[ok]
-    if values.size == 0:
-        return []
-    uniq, inv = np.unique(periods, return_inverse=True)
-    nb = edges.size + 1
-    b = np.searchsorted(edges, values, side="left")
-    counts = np.bincount(inv * nb + b, minlength=uniq.size * nb).reshape(uniq.size, nb)
-    total = counts.sum(axis=0)
-    out = []
-    for k in range(uniq.size):
-        own = counts[k]
-        rest = total - own
-        if own.sum() >= cfg.min_samples and rest.sum() >= cfg.min_samples:
-            out.append(psi_from_counts(rest, own, cfg.epsilon))
-    return out
-
-
-def _null_js(codes: np.ndarray, periods: np.ndarray, k: int, cfg: DriftConfig) -> list[float]:
+def _null_stat(codes: np.ndarray, null: _Null, nb: int,
+               stat: Callable[[np.ndarray, np.ndarray], float], cfg: DriftConfig) -> list[float]:
+    """`stat(rest, own)` for every past window with enough rows, from per-(window, segment,
+    bin) counts built in one bincount. `codes` is the bin/category of each reference row
+    (-1: missing)."""
     ok = codes >= 0
-    codes, periods = codes[ok], periods[ok]
-    if codes.size == 0:
+    if not ok.any():
         return []
-    uniq, inv = np.unique(periods, return_inverse=True)
-    counts = np.bincount(inv * k + codes, minlength=uniq.size * k).reshape(uniq.size, k)
-    total = counts.sum(axis=0)
+    codes = codes[ok]
+    _, pi = np.unique(null.periods[ok], return_inverse=True)
+    _, ki = np.unique(null.keys[ok], return_inverse=True)
+    n_p, n_k = int(pi.max()) + 1, int(ki.max()) + 1
+    counts = np.bincount((pi * n_k + ki) * nb + codes,
+                         minlength=n_p * n_k * nb).reshape(n_p, n_k, nb)
+    by_key = counts.sum(axis=0)
     out = []
-    for j in range(uniq.size):
-        own = counts[j]
-        rest = total - own
+    for p in range(n_p):
+        present = counts[p].sum(axis=1) > 0
+        own = counts[p][present].sum(axis=0)
+        rest = by_key[present].sum(axis=0) - own
         if own.sum() >= cfg.min_samples and rest.sum() >= cfg.min_samples:
-            out.append(js_distance(rest, own))
+            out.append(stat(rest, own))
     return out
+
+
+def numeric_null(values: np.ndarray, null: _Null, cfg: DriftConfig) -> list[float]:
+    """PSI of each past window of the reference against the rest of its segment(s).
+
+    Binned at the whole reference's quantile edges (one sort per feature rather than one per
+    window; the difference is within sampling noise)."""
+    values = np.asarray(values, dtype=float)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return []
+    edges = quantile_edges(values[finite], cfg.bins)
+    codes = np.where(finite, np.searchsorted(edges, values, side="left"), -1)
+    return _null_stat(codes, null, edges.size + 1,
+                      lambda a, b: psi_from_counts(a, b, cfg.epsilon), cfg)
+
+
+def categorical_null(values: np.ndarray, null: _Null, cfg: DriftConfig) -> list[float]:
+    """Jensen–Shannon distance of each past window against the rest of its segment(s)."""
+    values = np.asarray(values, dtype=object)
+    present = _present_text(values)
+    if not present.any():
+        return []
+    cats, inv = np.unique(values[present].astype(str), return_inverse=True)
+    codes = np.full(values.size, -1, dtype=np.int64)
+    codes[present] = inv
+    return _null_stat(codes, null, int(cats.size), js_distance, cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -912,10 +964,11 @@ def _status_numeric(f: FeatureDrift, cfg: DriftConfig) -> None:
 
 
 def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig,
-                  null: np.ndarray | None = None, periods: np.ndarray | None = None
-                  ) -> FeatureDrift:
-    """PSI, KS, Wasserstein, mean/SD shift of one numeric feature; `periods` give the
-    past-window id of each reference row for an adaptive PSI threshold."""
+                  null: Sequence[float] | None = None) -> FeatureDrift:
+    """PSI, KS, Wasserstein, mean/SD shift of one numeric feature.
+
+    `null`: the PSI of past reference windows against their segment (`numeric_null`), for an
+    adaptive threshold; None keeps `psi_alert`."""
     ref_all = np.asarray(ref, dtype=float)
     live_all = np.asarray(live, dtype=float)
     r, c = _finite(ref_all), _finite(live_all)
@@ -938,9 +991,7 @@ def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig
         f.wasserstein_norm = f.wasserstein / f.std_ref
         f.mean_shift_sd = (f.mean_live - f.mean_ref) / f.std_ref
         f.std_ratio = f.std_live / f.std_ref
-    f.threshold = Threshold(cfg.psi_alert)
-    if periods is not None:
-        f.threshold = _adaptive(cfg.psi_alert, _null_psi(ref_all, periods, edges, cfg), cfg)
+    f.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True)
     _status_numeric(f, cfg)
     return f
 
@@ -955,8 +1006,11 @@ def _present_text(col: np.ndarray) -> np.ndarray:
 
 
 def categorical_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig,
-                      periods: np.ndarray | None = None) -> FeatureDrift:
-    """Chi-squared, Jensen–Shannon, PSI on categories and unseen categories of one feature."""
+                      null: Sequence[float] | None = None) -> FeatureDrift:
+    """Chi-squared, Jensen–Shannon, PSI on categories and unseen categories of one feature.
+
+    `null`: JS distances of past reference windows (`categorical_null`) for an adaptive
+    threshold; None keeps `js_alert`."""
     ref = np.asarray(ref, dtype=object)
     live = np.asarray(live, dtype=object)
     rmask, lmask = _present_text(ref), _present_text(live)
@@ -994,11 +1048,7 @@ def categorical_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftCo
     f.psi = psi_from_counts(rc, lc, cfg.epsilon)
     top = np.argsort(-(rc / rc.sum() + lc / lc.sum()), kind="stable")[:20]
     f.shares = {cats[i]: [float(rc[i] / rc.sum()), float(lc[i] / lc.sum())] for i in top}
-    f.threshold = Threshold(cfg.js_alert)
-    if periods is not None:
-        all_codes = np.full(ref.size, -1, dtype=np.int64)
-        all_codes[rmask] = ref_codes
-        f.threshold = _adaptive(cfg.js_alert, _null_js(all_codes, periods, k, cfg), cfg)
+    f.threshold = _adaptive(cfg.js_alert, null, cfg)
     thr = f.threshold.value
     if f.unseen_share >= cfg.unseen_alert:
         f.status, f.drifted = "drift", True
@@ -1036,7 +1086,7 @@ def confidence_shares(scores: np.ndarray, edges: Sequence[float]) -> np.ndarray:
 
 def prediction_drift(model: str, role: str, ref: np.ndarray, live: np.ndarray,
                      cfg: DriftConfig, threshold: float = 0.5,
-                     periods: np.ndarray | None = None) -> PredictionDrift:
+                     null: Sequence[float] | None = None) -> PredictionDrift:
     """Score distribution, predicted-positive share and confidence buckets of one model."""
     r, c = _finite(ref), _finite(live)
     p = PredictionDrift(model=model, role=role, status="ok", drifted=False,
@@ -1051,10 +1101,7 @@ def prediction_drift(model: str, role: str, ref: np.ndarray, live: np.ndarray,
     p.ks_statistic, p.ks_pvalue = ks_test(r, c)
     p.wasserstein = wasserstein(r, c)
     p.mean_ref, p.mean_live = float(r.mean()), float(c.mean())
-    p.threshold = Threshold(cfg.psi_alert)
-    if periods is not None:
-        ref_all = np.asarray(ref, dtype=float)
-        p.threshold = _adaptive(cfg.psi_alert, _null_psi(ref_all, periods, edges, cfg), cfg)
+    p.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True)
     if r.min() >= 0.0 and r.max() <= 1.0 and c.min() >= 0.0 and c.max() <= 1.0:
         p.positive_share_ref = float((r >= threshold).mean())
         p.positive_share_live = float((c >= threshold).mean())
@@ -1141,10 +1188,17 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
     for name, (kind, ref_col, live_col) in typed.items():
         ref_sel = ref_col if plan.ref_mask is None else ref_col[plan.ref_mask]
         if kind == "numeric":
-            features.append(numeric_drift(name, ref_sel, live_col, cfg, periods=plan.periods))
+            null = numeric_null(ref_col, plan.null, cfg) if plan.null else None
+            features.append(numeric_drift(name, ref_sel, live_col, cfg, null))
         else:
-            features.append(categorical_drift(name, ref_sel, live_col, cfg,
-                                              periods=plan.periods))
+            null = categorical_null(ref_col, plan.null, cfg) if plan.null else None
+            features.append(categorical_drift(name, ref_sel, live_col, cfg, null))
+    if plan.null is not None:
+        used = [f.threshold.periods for f in features if f.threshold is not None]
+        if used and max(used) < cfg.adaptive_min_periods:
+            notes.append(f"adaptive thresholds: the reference holds {max(used)} past "
+                         f"window(s) as long as the live one (need "
+                         f"{cfg.adaptive_min_periods}); fixed thresholds used")
     for name in reference.columns:
         if name not in live.columns:
             features.append(FeatureDrift(
@@ -1166,14 +1220,15 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
         if key not in reference.scores:
             notes.append(f"no reference scores for model {model}: prediction drift skipped")
             continue
-        ref_scores = reference.scores[key]
-        if key in plan.score_masks:
-            ref_scores = ref_scores[plan.score_masks[key]]
-        periods = plan.score_periods.get(key)
-        if periods is not None and periods.size != ref_scores.size:
-            periods = None
+        all_scores = reference.scores[key]
+        ref_scores = all_scores
+        if key in plan.score_masks and plan.score_masks[key].size == all_scores.size:
+            ref_scores = all_scores[plan.score_masks[key]]
+        score_null = plan.score_null.get(key)
+        null = numeric_null(all_scores, score_null, cfg) \
+            if score_null is not None and score_null.periods.size == all_scores.size else None
         predictions.append(prediction_drift(model, role, ref_scores, live.scores[model], cfg,
-                                            threshold, periods))
+                                            threshold, null))
 
     settings = {k: getattr(cfg, k) for k in (
         "bins", "epsilon", "psi_warn", "psi_alert", "ks_alpha", "chi2_alpha", "js_alert",

@@ -371,7 +371,9 @@ class FileSource:
         """Every inferences/labels directory: `<root>/<stream>` and `<root>/worker-N/<stream>`."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.rglob("*") if p.is_dir() and p.name in STREAM_DIRS]
+        # Two levels only: a recursive walk would list every segment file on every pass.
+        found = [p for stream in STREAM_DIRS for pattern in (stream, f"*/{stream}")
+                 for p in self.root.glob(pattern) if p.is_dir()]
         # inferences before labels: most labels then join on arrival instead of waiting
         return sorted(found, key=lambda p: (p.name != "inferences", p.as_posix()))
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -313,6 +314,7 @@ def run_all(quick: bool, workers: int) -> str:
     ]
     for metric, seed in (("log_loss", 10_000), ("auroc", 20_000)):
         r = aa_study(metric, reps_aa, n, days, min_samples, seed, workers)
+        print(f"A/A {metric} done after {time.time() - start:.0f} s", file=sys.stderr)
         lines.append(
             f"| {metric} | {r['fixed_once']} | {r['sequential_once']} | {r['fixed_daily']} "
             f"| {r['sequential_daily']} |"
@@ -328,6 +330,7 @@ def run_all(quick: bool, workers: int) -> str:
     ]
     for metric, mde, seed in (("log_loss", 0.01, 30_000), ("auroc", 0.01, 40_000)):
         p = power_study(metric, mde, reps_pw, seed, days, workers=workers)
+        print(f"power {metric} done after {time.time() - start:.0f} s", file=sys.stderr)
         gain = p["true"]["auroc_gain" if metric == "auroc" else "log_loss_gain"]
         lines.append(
             f"| {metric} | {mde} ({gain:.4f}) | {p['required_n']} | {p['target_power']:.2f} "

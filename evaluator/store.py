@@ -63,6 +63,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from evaluator.config import StoreConfig
 from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats, ModelColumn, Task
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,16 @@ class FeatureFrame:
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
+
+
+@dataclass
+class ScoreSeries:
+    """One model's scores over a window, in time order (for prediction drift)."""
+
+    model: str
+    role: str  # its role on its newest row in the window (a promotion mid-window shows)
+    scores: np.ndarray  # float64; NaN where the model emitted NaN/inf
+    ts: np.ndarray  # float64 unix seconds of each prediction
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,8 +534,8 @@ class Store:
         self._connect()
 
     @classmethod
-    def open(cls, config: Any, *, read_only: bool = False) -> Store:
-        """From a `StoreConfig` (evaluator.config)."""
+    def open(cls, config: StoreConfig, *, read_only: bool = False) -> Store:
+        """From the `store:` section of the evaluator config."""
         return cls(config.path, engine=config.engine, join_window=config.join_window,
                    read_only=read_only, lock_timeout_s=config.lock_timeout_s)
 
@@ -953,20 +964,37 @@ class Store:
                             _request_ids(rows["request_id"], _num(rows["row_ix"], np.int64)),
                             columns)
 
-    def prediction_scores(self, route: str, since: float | None = None,
-                          until: float | None = None) -> dict[str, np.ndarray]:
-        """Scores (status ok) of every model on all of the route's predictions in the window —
-        labelled or not — for prediction drift."""
+    def score_series(self, route: str, since: float | None = None,
+                     until: float | None = None) -> dict[str, ScoreSeries]:
+        """Per model, its ok-status scores on all of the route's predictions in the window —
+        labelled or not — with their times, in time order (prediction drift)."""
         with self._lock:
             e = self._connect()
             where, params = self._window(route, since, until)
             outs = e.columns(
-                "SELECT o.model, o.score FROM outcomes o JOIN inferences i ON i.id = o.inf_id "  # noqa: S608
-                f"WHERE {where} AND o.status = 0 ORDER BY i.ts, i.id", params)
+                "SELECT o.model, o.role, o.score, i.ts, i.id FROM outcomes o "  # noqa: S608
+                f"JOIN inferences i ON i.id = o.inf_id WHERE {where} AND o.status = 0", params)
             lookup = self._name_lookup(e)
-        models = lookup[_num(outs["model"], np.int64)] if outs["model"].size else np.empty(0)
-        scores = _num(outs["score"])
-        return {str(m): scores[models == m] for m in sorted(set(models.tolist()))}
+        models = _num(outs["model"], np.int64)
+        if not models.size:
+            return {}
+        ts = _num(outs["ts"])
+        order = np.lexsort((_num(outs["id"], np.int64), ts))
+        models, ts = models[order], ts[order]
+        roles = _num(outs["role"], np.int64)[order]
+        scores = _num(outs["score"])[order]
+        out: dict[str, ScoreSeries] = {}
+        for mid in sorted(_present(models), key=lambda i: str(lookup[i])):
+            mask = models == mid
+            name = str(lookup[mid])
+            out[name] = ScoreSeries(name, ROLE_NAMES.get(int(roles[mask][-1]), "challenger"),
+                                    scores[mask], ts[mask])
+        return out
+
+    def prediction_scores(self, route: str, since: float | None = None,
+                          until: float | None = None) -> dict[str, np.ndarray]:
+        """`score_series` without the times: model -> scores."""
+        return {m: s.scores for m, s in self.score_series(route, since, until).items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ _GL_X, _GL_W = np.polynomial.legendre.leggauss(_GL_NODES)
 _TAIL = 1e-14
 # Per-arm breakpoints at mean + z * sd, and a graded mesh towards 0 and 1 for boundary layers.
 _Z = np.array([0.0, -1.5, 1.5, -3.0, 3.0, -5.0, 5.0, -8.0, 8.0, -12.0, 12.0, -20.0, 20.0])
-_GRADED = 10.0 ** -np.arange(1, 16, dtype=float)
+_GRADED = 10.0 ** -np.arange(1.0, 15.01, 0.5)
 _GRADED = np.concatenate((_GRADED, 1.0 - _GRADED[:-1]))
 THOMPSON_ABS_TOL = 1e-7
 
@@ -315,7 +315,7 @@ def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.
     p_i = ∫ f_i(x) Π_{j≠i} F_j(x) dx, composite 8-point Gauss–Legendre. The domain is cut to
     [max_j q_j(1e-14), max_j q_j(1 - 1e-14)] (outside it every integrand carries < 1e-14 of
     mass) and split at each arm's mean ± {1.5, 3, 5, 8, 12, 20} sd and on a graded mesh 10^-k /
-    1 - 10^-k, so each panel sees smooth pieces of every density and CDF. 1 - x is taken from the
+    1 - 10^-k (k = 1, 1.5, ..., 15), so each panel sees smooth pieces of every density and CDF. 1 - x is taken from the
     panel's upper edge, not by subtraction, so (1 - x)^(beta-1) stays accurate next to 1.
 
     Precision: absolute error <= THOMPSON_ABS_TOL = 1e-7 per arm for alpha, beta >= 0.5 and

@@ -93,6 +93,8 @@ class Row:
     moderate: common.LoadResult | None = None
     light: common.LoadResult | None = None
     cpu_ms_per_req: float | None = None
+    busy_pct: float | None = None   # CPU time of the gateway (or nginx) / wall time, capacity run
+    starved_pct: float | None = None  # its run-queue wait / wall time (CPU taken by others)
     triton_cpu_ms_per_req: float | None = None
     logged: int | None = None
     served: int | None = None
@@ -152,13 +154,15 @@ class Bench:
         common.wrk(url, body_file, body, duration=a.warmup, cpus=self.load_cpus)
         pids = cpu_pids() if cpu_pids else []
         triton_pids = common.process_tree(self.triton.pid)
-        cpu0, tcpu0 = common.cpu_seconds(pids), common.cpu_seconds(triton_pids)
+        (cpu0, wait0), tcpu0 = common.schedstat(pids), common.schedstat(triton_pids)[0]
         row.capacity = common.wrk(url, body_file, body, duration=a.duration,
                                   connections=a.connections, cpus=self.load_cpus)
-        cpu1, tcpu1 = common.cpu_seconds(pids), common.cpu_seconds(triton_pids)
+        (cpu1, wait1), tcpu1 = common.schedstat(pids), common.schedstat(triton_pids)[0]
         if row.capacity.requests:
             if pids:
                 row.cpu_ms_per_req = 1000 * (cpu1 - cpu0) / row.capacity.requests
+                row.busy_pct = 100 * (cpu1 - cpu0) / row.capacity.seconds
+                row.starved_pct = 100 * (wait1 - wait0) / row.capacity.seconds
             row.triton_cpu_ms_per_req = 1000 * (tcpu1 - tcpu0) / row.capacity.requests
         self.fixed_rates(row, url, body, body_file)
         self.log(f"{row.label}: capacity {row.capacity.rps:,.0f} req/s "
@@ -540,19 +544,21 @@ def capacity_table(bench: Bench) -> str:
     dcap = direct.capacity.rps if direct and direct.capacity else None
     ncap = nginx.capacity.rps if nginx and nginx.capacity else None
     lines = ["| setup | capacity req/s | × direct | × nginx mirror | p50 / p99 at capacity (ms) "
-             "| CPU ms/req (gateway or nginx) | Triton CPU ms/req | logged / served |",
-             "|" + "---|" * 8]
+             "| CPU ms/req (gateway or nginx) | its CPU busy / starved % | Triton CPU ms/req "
+             "| logged / served |",
+             "|" + "---|" * 9]
     for r in bench.rows:
         if r.error or r.capacity is None:
-            lines.append(f"| {r.label} | failed: {(r.error or '?')[:90]} |" + " |" * 6)
+            lines.append(f"| {r.label} | failed: {(r.error or '?')[:90]} |" + " |" * 7)
             continue
         cap = r.capacity
         logged = f"{r.logged:,} / {r.served:,}" if r.logged is not None and r.served else "-"
         lines.append(
             f"| {r.label} | {cap.rps:,.0f}" + (f" ({cap.errors} err)" if cap.errors else "")
             + f" | {ratio(cap.rps, dcap)} | {ratio(cap.rps, ncap)} | {cap.p50:.2f} / "
-            f"{cap.p99:.2f} | {ms3(r.cpu_ms_per_req)} | {ms3(r.triton_cpu_ms_per_req)} "
-            f"| {logged} |"
+            f"{cap.p99:.2f} | {ms3(r.cpu_ms_per_req)} | "
+            + (f"{r.busy_pct:.0f} / {r.starved_pct:.0f}" if r.busy_pct is not None else "-")
+            + f" | {ms3(r.triton_cpu_ms_per_req)} | {logged} |"
         )
     return "\n".join(lines)
 
@@ -617,11 +623,15 @@ def render(bench: Bench, argv: list[str]) -> str:
         "requests). Latency is measured from each request's write; \"saturated\" marks a "
         "setup that could not take the offered rate (its latency is then queueing). "
         + (f"wrk pinned with `taskset -c {bench.load_cpus}`." if bench.load_cpus else ""),
-        "- CPU ms/req (gateway process tree, or nginx) and Triton CPU ms/req: user+system CPU "
-        "during the capacity run divided by the requests served (much less sensitive to other "
-        "load on the machine than latency is). logged / served: inference records in the sink "
-        "after the gateway stopped (SIGTERM: drained, flushed) vs answers the load generator "
-        "counted (capacity and fixed-rate runs; warm-up requests make `logged` larger).",
+        "- CPU ms/req (gateway process tree, or nginx) and Triton CPU ms/req: CPU time "
+        "(/proc/*/task/*/schedstat) during the capacity run divided by the requests served "
+        "(much less sensitive to other load on the machine than latency is). busy / starved: "
+        "that CPU time, and the time its threads waited runnable in the run queue, as % of the "
+        "run's wall time: a single-worker gateway with busy + starved near 100% is CPU-bound, "
+        "and `starved` is CPU other jobs on the machine took from it. logged / served: "
+        "inference records in the sink after the gateway stopped (SIGTERM: drained, flushed) "
+        "vs answers the load generator counted (capacity and fixed-rate runs; warm-up "
+        "requests make `logged` larger).",
         f"- Kafka rows: {bench.extra.get('kafka', '-')}.",
         "",
         "Capacity (closed loop, 16 connections):",

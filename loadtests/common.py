@@ -198,6 +198,28 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / tick
 
 
+def schedstat(pids: Sequence[int]) -> tuple[float, float]:
+    """(CPU seconds, run-queue wait seconds) of all threads of the given processes.
+
+    The wait is time spent runnable but not running: on a machine shared with other jobs it
+    shows how much a process was starved of CPU (0 on an idle machine).
+    """
+    cpu = wait = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                run, queued, _ = (task / "schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue
+            cpu += int(run)
+            wait += int(queued)
+    return cpu / 1e9, wait / 1e9
+
+
 def pin(cpus: str | None) -> list[str]:
     """A `taskset -c CPUS` prefix, or nothing."""
     return ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []

@@ -331,6 +331,10 @@ def test_feature_columns_for_drift(env, store) -> None:
     assert frame.request_ids.tolist() == ["r1", "r2", "r3"]
     scores = store.prediction_scores("fraud")  # all predictions, labelled or not
     assert scores[CHAMP].shape == (5,)
+    series = store.score_series("fraud", since=T0 + 3)
+    assert series[CHAL].role == "challenger"
+    assert series[CHAMP].role == "champion"
+    assert series[CHAMP].ts.tolist() == [T0 + 3, T0 + 4]
 
 
 def test_bad_records_are_counted_never_fatal(env, store) -> None:
