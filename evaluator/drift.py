@@ -1148,16 +1148,28 @@ def _check_types(reference: FeatureData, live: FeatureData, cfg: DriftConfig
         live_numeric = _is_numeric(col) and name not in forced
         if live_numeric:
             if not _is_numeric(ref):
-                bad = next((v for v in ref if v is not None), None)
+                row, bad = _first_text(ref)
                 raise FeatureTypeError(
                     f"feature {name!r} is numeric in the live window but the reference "
-                    f"({reference.source}) holds text (e.g. {bad!r}); fix the reference or "
-                    f"list it in drift.categorical", name)
+                    f"({reference.source}) holds text ({bad!r} in data row {row}); fix the "
+                    f"reference or list it in drift.categorical", name)
             out[name] = ("numeric", ref.astype(float), col.astype(float))
         else:
             out[name] = ("categorical", _as_text(ref, reference.raw_text.get(name)),
                          _as_text(col, None))
     return out
+
+
+def _first_text(col: np.ndarray) -> tuple[int, Any]:
+    """(1-based row, value) of the first value that is not a number."""
+    for i, v in enumerate(col, start=1):
+        if v is None:
+            continue
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return i, v
+    return 0, None
 
 
 def _as_text(col: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
@@ -1553,8 +1565,8 @@ def metrics() -> DriftMetrics:
 def start_metrics_server(port: int, addr: str = "0.0.0.0",  # noqa: S104 - scraped in-cluster
                          registry: Any | None = None) -> tuple[Any, threading.Thread]:
     """Serve /metrics for the evaluator's registry from a daemon thread; returns (server,
-    thread) — call server.shutdown() to stop. For a long-running `evaluator run` / `drift
-    --serve`; batch runs push instead."""
+    thread) — `server.shutdown(); server.server_close()` stops it. For a long-running process
+    (`evaluator run`, `drift --serve`); batch runs push to a Pushgateway instead."""
     from prometheus_client import start_http_server
 
     return start_http_server(port, addr=addr,

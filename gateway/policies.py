@@ -309,6 +309,29 @@ _GRADED = np.concatenate((_GRADED, 1.0 - _GRADED[:-1]))
 THOMPSON_ABS_TOL = 1e-7
 
 
+def _stirling_error(z: np.ndarray) -> np.ndarray:
+    """lgamma(z) - [(z - 1/2) log z - z + log(2 pi) / 2]: series for z >= 15 (error < 1e-13)."""
+    big = z >= 15.0
+    zb = np.where(big, z, 15.0)
+    series = (1.0 / 12.0 - (1.0 / 360.0 - (1.0 / 1260.0 - 1.0 / (1680.0 * zb * zb)) / (zb * zb))
+              / (zb * zb)) / zb
+    zs = np.where(big, 1.0, z)
+    direct = special.gammaln(zs) - (zs - 0.5) * np.log(zs) + zs - 0.5 * math.log(2.0 * math.pi)
+    return np.where(big, series, direct)
+
+
+def _log_beta_scale(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """log of the Beta density's constant once x is measured relative to the mean m = a/(a+b):
+
+    log f(x) = (a-1) log(x/m) + (b-1) log((1-x)/(1-m)) + this, with x/m = 1 + (x-m)/m. Written with Stirling errors so
+    the terms of size ~a that cancel in `(a-1) log x - betaln(a, b)` never appear: with
+    a + b = 1e9 the naive form loses ~1e-6 relative accuracy, this form ~1e-12.
+    """
+    n = a + b
+    return (0.5 * np.log(n * n * n / (2.0 * math.pi * a * b))
+            + _stirling_error(n) - _stirling_error(a) - _stirling_error(b))
+
+
 def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.ndarray:
     """P(X_i = max_j X_j) for independent X_j ~ Beta(alpha_j, beta_j), by numerical integration.
 
@@ -352,8 +375,13 @@ def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.
     one_minus_x = ((1.0 - right)[:, None] + half[:, None] * (1.0 - _GL_X)).ravel()
     w = (half[:, None] * _GL_W).ravel()
     aa, bb = a[:, None], b[:, None]
-    log_pdf = special.xlogy(aa - 1.0, x) + special.xlogy(bb - 1.0, one_minus_x)
-    pdf = np.exp(log_pdf - special.betaln(aa, bb))
+    m, q = mean[:, None], (b / (a + b))[:, None]
+    # log1p of the (exactly computed) offset from the mean: no cancellation for huge a, b.
+    pdf = np.exp(
+        special.xlog1py(aa - 1.0, (x - m) / m)
+        + special.xlog1py(bb - 1.0, (one_minus_x - q) / q)
+        + _log_beta_scale(a, b)[:, None]
+    )
     cdf = special.betainc(aa, bb, x)
     # Π_{j≠i} F_j(x) without dividing by F_i (which may be 0): prefix × suffix products.
     prefix = np.ones_like(cdf)

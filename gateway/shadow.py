@@ -79,11 +79,16 @@ class ShadowLane:
         return asyncio.ensure_future(self._run(request, mode))
 
     async def _run(self, request: InferRequest, mode: str) -> ShadowResult:
+        """One copy. Latency is the challenger's own (from the call, not from the queue), so the
+        evaluator's latency guardrail never blames a challenger for the gateway's queueing; a
+        copy whose time ran out while still queued is reported as shed, not as a timeout."""
         started = time.perf_counter()
+        called: float | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._slots:
-                    remaining = self.timeout_s - (time.perf_counter() - started)
+                    called = time.perf_counter()
+                    remaining = self.timeout_s - (called - started)
                     resp = await self.upstream.infer(
                         self.model,
                         self.version,
@@ -95,21 +100,26 @@ class ShadowLane:
                     )
             result = ShadowResult("ok", resp.latency_s, resp)
         except (TimeoutError, UpstreamTimeout):
-            result = ShadowResult(
-                "timeout", time.perf_counter() - started,
-                error=f"no answer within {self.timeout_s * 1000:.0f} ms",
-            )
+            if called is None:
+                result = ShadowResult("shed", error=f"queued in the lane for the whole "
+                                                    f"{self.timeout_s * 1000:.0f} ms timeout")
+            else:
+                result = ShadowResult(
+                    "timeout", time.perf_counter() - called,
+                    error=f"no answer within {self.timeout_s * 1000:.0f} ms",
+                )
         except GatewayError as exc:
-            result = ShadowResult("error", time.perf_counter() - started, error=exc.message)
-        except Exception as exc:
-            result = ShadowResult("error", time.perf_counter() - started, error=repr(exc))
+            result = ShadowResult("error", _since(called, started), error=exc.message)
+        except Exception as exc:  # a shadow must never take the gateway down
+            result = ShadowResult("error", _since(called, started), error=repr(exc))
         finally:
             self._admitted -= 1
             self._inflight_gauge.dec()
         self._counters[result.status].inc()
-        metrics.MODEL_LATENCY.labels(self.route, self.model, self.role, mode).observe(
-            result.latency_s or 0.0
-        )
+        if result.latency_s is not None:
+            metrics.MODEL_LATENCY.labels(self.route, self.model, self.role, mode).observe(
+                result.latency_s
+            )
         return result
 
     def skipped(self) -> asyncio.Future[ShadowResult]:
@@ -118,3 +128,7 @@ class ShadowLane:
         done: asyncio.Future[ShadowResult] = asyncio.get_running_loop().create_future()
         done.set_result(ShadowResult("skipped"))
         return done
+
+
+def _since(called: float | None, started: float) -> float:
+    return time.perf_counter() - (called if called is not None else started)

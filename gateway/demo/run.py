@@ -69,7 +69,7 @@ async def wait_http(url: str, within_s: float = 30.0) -> None:
 async def send_traffic(base: str, n_fraud: int, n_price: int, seed: int) -> dict[str, object]:
     fraud_x, fraud_y = FraudTraffic(seed).sample(n_fraud)
     price_x, price_y = PriceTraffic(seed).sample(n_price)
-    limit = asyncio.Semaphore(32)
+    limit = asyncio.Semaphore(8)  # moderate load: the demo is about the loop, not capacity
     statuses: dict[int, int] = {}
     labels: list[dict[str, object]] = []
 
@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         if report.exists():
             data = orjson.loads(report.read_bytes())
             for decision in data.get("decisions", []):
-                print(f"  {route}: {decision.get('challenger')}: {decision.get('verdict')} "
-                      f"({'; '.join(decision.get('reasons', [])[:2])})")
+                reasons = decision.get("reasons", [])
+                print(f"  {route}: {decision.get('challenger')}: {decision.get('decision')}"
+                      f" — {reasons[0] if reasons else ''}")
         print(f"report: {reports / route / 'report.html'}")
     print("nothing left running.")
     return 0
