@@ -10,11 +10,12 @@ window of the inference log. Live: the route's newest window of the log.
 Per numeric feature:
 * **PSI** over `bins` bins cut at the reference's quantiles (interior edges; the outer bins are
   open, so live values beyond the reference range land in the first/last bin; intervals are
-  (a, b]; edges are reference values, so ties collapse into fewer bins). A bin empty on one side would make PSI infinite;
-  its share is replaced by `epsilon` (1e-4: a bin empty in the live window then contributes
-  about p·ln(p/1e-4), 4.6 for p = 0.5 — "very large", not infinity) and shares are not
-  renormalised, so the value stays comparable across runs. Conventions (configurable): < 0.1
-  negligible, 0.1–0.2 investigate (`warn`), > 0.2 significant.
+  (a, b]; edges are reference values, so ties collapse into fewer bins). A bin empty on one
+  side would make PSI infinite; its share is replaced by `epsilon` (1e-4: a bin empty in the
+  live window then contributes about p·ln(p/1e-4), 4.6 for p = 0.5 — "very large", not
+  infinity) and shares are not renormalised, so the value stays comparable across runs.
+  Conventions (configurable): < 0.1 negligible, 0.1–0.2 investigate (`warn`), > 0.2
+  significant.
 * **Kolmogorov–Smirnov** (scipy `ks_2samp`): statistic and p-value.
 * **Wasserstein-1** (scipy), also divided by the reference SD so features compare.
 * mean and SD of both windows, the mean shift in reference SDs and the SD ratio.
@@ -44,13 +45,16 @@ on weekday traffic sees "drift" every Saturday. Two remedies, both configurable:
 * `seasonality`: the reference is cut into segments (hour of day, day of week, both, or
   weekday/weekend, in local time `utc_offset_hours`) and the live window is compared only with
   the reference rows of the segments it covers: Saturday with past Saturdays.
-* `adaptive`: the reference (after that matching) is cut into past windows as long as the live
-  window, aligned to it (e.g. each past Saturday). Each past window is compared with the rest of
-  the reference exactly as the live window is, which gives the statistic's normal variation; the
-  threshold becomes max(fixed threshold, mean + `adaptive_sigma` x SD) of those values. It never
-  goes below the fixed convention, so it only removes pages caused by a feature that is always
-  this variable. (Past windows are binned at the whole reference's quantile edges — one sort per
-  feature instead of one per window; the difference is within sampling noise.) Fewer than
+* `adaptive`: the reference is cut into past windows as long as the live window and aligned
+  to it (with a 1-day live window: each past day). Each past window is compared with the rest
+  of *its own* segment exactly as the live window is with its segment (a past Saturday with the
+  other Saturdays, a past Tuesday with the other Tuesdays); pooled over all windows, those values
+  are the statistic's normal variation, and the threshold becomes max(fixed convention,
+  mean + `adaptive_sigma` x SD) of them — for PSI on the square-root scale, where a noise shift
+  is close to half-normal (PSI itself is chi-square-like and skewed). It never goes below the
+  fixed convention, so it only removes pages caused by a feature that is always this variable.
+  Past windows are binned at the whole reference's quantile edges (one sort per feature rather
+  than one per window; the difference is within sampling noise). Fewer than
   `adaptive_min_periods` usable past windows keeps the fixed thresholds, and the result says so.
 `evaluator/simulate_drift.py` measures both on a weekly-seasonal stream (docs/DRIFT.md).
 

@@ -320,6 +320,14 @@ def _stirling_error(z: np.ndarray) -> np.ndarray:
     return np.where(big, series, direct)
 
 
+def _xlog_ratio(c: np.ndarray, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """c * log(x / m), 0 where c == 0; near x = m via log1p of the exact offset (x - m) / m, so
+    a huge c (1e9 observations) does not amplify the rounding of x / m."""
+    r = (x - m) / m
+    near = special.xlog1py(c, np.clip(r, -0.5, 0.5))
+    return np.where(np.abs(r) < 0.5, near, special.xlogy(c, x / m))
+
+
 def _log_beta_scale(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """log of the Beta density's constant once x is measured relative to the mean m = a/(a+b):
 
@@ -376,10 +384,9 @@ def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.
     w = (half[:, None] * _GL_W).ravel()
     aa, bb = a[:, None], b[:, None]
     m, q = mean[:, None], (b / (a + b))[:, None]
-    # log1p of the (exactly computed) offset from the mean: no cancellation for huge a, b.
     pdf = np.exp(
-        special.xlog1py(aa - 1.0, (x - m) / m)
-        + special.xlog1py(bb - 1.0, (one_minus_x - q) / q)
+        _xlog_ratio(aa - 1.0, x, m)
+        + _xlog_ratio(bb - 1.0, one_minus_x, q)
         + _log_beta_scale(a, b)[:, None]
     )
     cdf = special.betainc(aa, bb, x)

@@ -414,7 +414,7 @@ async def test_metrics_own_registry_scrape_and_pushgateway() -> None:
         url = f"http://127.0.0.1:{server.server_port}/metrics"
 
         def scrape() -> bytes:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310
                 return resp.read()
 
         body = await asyncio.to_thread(scrape)

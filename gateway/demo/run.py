@@ -135,7 +135,8 @@ def run_evaluator(log_dir: Path, out_dir: Path, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=4000, help="fraud requests")
+    parser.add_argument("--price-requests", type=int, default=1500)
     parser.add_argument("--work", default=str(ROOT / "var" / "demo"))
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(wait_http(f"{base}/v2/health/ready"))
             print(f"  gateway ready at {base} (metrics at {base}/metrics)")
-            result = asyncio.run(send_traffic(base, args.requests, args.requests // 4, args.seed))
+            result = asyncio.run(send_traffic(base, args.requests, args.price_requests, args.seed))
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(timeout=60)
