@@ -640,6 +640,11 @@ def _verdict(
             f"power analysis: {pw.required_n} paired labelled requests give {pw.power:.0%} power "
             f"to detect a {spec.label} difference of {pw.mde:g} "
             f"at alpha {pw.alpha:.3g} (pilot sd {_f(pw.sd_per_request, '.4g')}); have {a.pair.n}"
+            + (
+                " (fixed-horizon figure: the always-valid test needs more; see STATISTICS.md)"
+                if policy.use_sequential
+                else ""
+            )
         )
     elif pw.reason:
         reasons.append(f"power analysis: {pw.reason}")

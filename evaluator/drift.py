@@ -1212,9 +1212,10 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
     if plan.null is not None:
         used = [f.threshold.periods for f in features if f.threshold is not None]
         if used and max(used) < cfg.adaptive_min_periods:
-            notes.append(f"adaptive thresholds: the reference holds {max(used)} past "
+            notes.append(f"adaptive thresholds: the reference holds {max(used)} usable past "
                          f"window(s) as long as the live one (need "
-                         f"{cfg.adaptive_min_periods}); fixed thresholds used")
+                         f"{cfg.adaptive_min_periods}, each with min_samples rows and the "
+                         f"rest of its segment to compare with); fixed thresholds used")
     for name in reference.columns:
         if name not in live.columns:
             features.append(FeatureDrift(
@@ -1360,14 +1361,14 @@ def _status(row: Mapping[str, Any]) -> str:
 def feature_table(result: DriftResult | Mapping[str, Any]) -> str:
     """The per-feature table the CLI prints (plain text, fixed width)."""
     d = _as_dict(result)
-    head = (f"{'feature':<22} {'kind':<5} {'n_ref':>7} {'n_live':>7} {'PSI':>7} {'thr':>6} "
+    head = (f"{'feature':<22} {'kind':<11} {'n_ref':>7} {'n_live':>7} {'PSI':>7} {'thr':>6} "
             f"{'KS p':>8} {'W1/sd':>6} {'dmean':>6} {'JS':>6} {'chi2 p':>8} {'unseen':>7} "
             f"status")
     lines = [head, "-" * len(head)]
     for f in d.get("features", []):
         thr = (f.get("threshold") or {}).get("value")
         lines.append(
-            f"{f['name'][:22]:<22} {f['kind'][:5]:<5} {f['n_ref']:>7} {f['n_live']:>7} "
+            f"{f['name'][:22]:<22} {f['kind']:<11} {f['n_ref']:>7} {f['n_live']:>7} "
             f"{_f(f.get('psi')):>7} {_f(thr, '.2f'):>6} {_f(f.get('ks_pvalue'), '.1e'):>8} "
             f"{_f(f.get('wasserstein_norm'), '.2f'):>6} {_f(f.get('mean_shift_sd'), '+.2f'):>6} "
             f"{_f(f.get('js_distance')):>6} {_f(f.get('chi2_pvalue'), '.1e'):>8} "
@@ -1795,12 +1796,22 @@ def run_command(args: argparse.Namespace, config: EvaluatorConfig) -> int:
         start_metrics_server(serve_port)
         print(f"drift: serving /metrics on :{serve_port}, every {format_duration(every)}",
               flush=True)
-    while True:
-        code = _run_once(args.route, config, cfg, reference_path, ref_window, window, out_dir,
+    if not serve_port:
+        return _run_once(args.route, config, cfg, reference_path, ref_window, window, out_dir,
                          push_url, notifier, Store)
-        if not serve_port:
-            return code
-        time.sleep(every)
+    from evaluator.store import StoreError
+
+    try:
+        while True:
+            try:
+                _run_once(args.route, config, cfg, reference_path, ref_window, window, out_dir,
+                          push_url, notifier, Store)
+            except StoreError as exc:  # e.g. the ingest loop held the file: try next round
+                print(f"drift: store error: {exc}; retrying in {format_duration(every)}",
+                      file=sys.stderr, flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _run_once(route: str, config: EvaluatorConfig, cfg: DriftConfig, reference_path: str | None,

@@ -131,7 +131,8 @@ def simulate(
     tasks = [(s, tuple(rates), pulls, seed, r, points, batch) for s in specs for r in range(runs)]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_run_task, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
+            chunk = max(1, len(tasks) // (8 * workers))
+            results = list(pool.map(_run_task, tasks, chunksize=chunk))
     else:
         results = [_run_task(t) for t in tasks]
     out: dict[str, dict[str, list[float]]] = {}

@@ -304,8 +304,16 @@ _GL_X, _GL_W = np.polynomial.legendre.leggauss(_GL_NODES)
 _TAIL = 1e-14
 # Per-arm breakpoints at mean + z * sd, and a graded mesh towards 0 and 1 for boundary layers.
 _Z = np.array([0.0, -1.5, 1.5, -3.0, 3.0, -5.0, 5.0, -8.0, 8.0, -12.0, 12.0, -20.0, 20.0])
-_GRADED = 10.0 ** -np.arange(1.0, 15.01, 0.5)
-_GRADED = np.concatenate((_GRADED, 1.0 - _GRADED[:-1]))
+
+
+def _graded(step: float) -> np.ndarray:
+    """Cut points 10^-k and 1 - 10^-k for k = 1, 1 + step, ..., 15."""
+    g = 10.0 ** -np.arange(1.0, 15.01, step)
+    return np.concatenate((g, 1.0 - g[:-1]))
+
+
+_GRADED = _graded(1.0)  # smooth end behaviour (all alpha, beta >= 1)
+_GRADED_FINE = _graded(0.5)  # (1-x)^(beta-1) or x^(alpha-1) singular: finer steps
 THOMPSON_ABS_TOL = 1e-7
 
 
@@ -331,9 +339,9 @@ def _xlog_ratio(c: np.ndarray, x: np.ndarray, m: np.ndarray) -> np.ndarray:
 def _log_beta_scale(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """log of the Beta density's constant once x is measured relative to the mean m = a/(a+b):
 
-    log f(x) = (a-1) log(x/m) + (b-1) log((1-x)/(1-m)) + this, with x/m = 1 + (x-m)/m. Written with Stirling errors so
-    the terms of size ~a that cancel in `(a-1) log x - betaln(a, b)` never appear: with
-    a + b = 1e9 the naive form loses ~1e-6 relative accuracy, this form ~1e-12.
+    log f(x) = (a-1) log(x/m) + (b-1) log((1-x)/(1-m)) + this. Written with Stirling errors, the
+    terms of size ~a that cancel in `(a-1) log x - betaln(a, b)` never appear: at a + b = 1e9
+    the naive form is off by ~1e-6 relative, this one by ~1e-12.
     """
     n = a + b
     return (0.5 * np.log(n * n * n / (2.0 * math.pi * a * b))
@@ -343,16 +351,20 @@ def _log_beta_scale(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.ndarray:
     """P(X_i = max_j X_j) for independent X_j ~ Beta(alpha_j, beta_j), by numerical integration.
 
-    p_i = ∫ f_i(x) Π_{j≠i} F_j(x) dx, composite 8-point Gauss–Legendre. The domain is cut to
-    [max_j q_j(1e-14), max_j q_j(1 - 1e-14)] (outside it every integrand carries < 1e-14 of
-    mass) and split at each arm's mean ± {1.5, 3, 5, 8, 12, 20} sd and on a graded mesh 10^-k /
-    1 - 10^-k (k = 1, 1.5, ..., 15), so each panel sees smooth pieces of every density and CDF. 1 - x is taken from the
-    panel's upper edge, not by subtraction, so (1 - x)^(beta-1) stays accurate next to 1.
+    p_i = ∫ f_i(x) Π_{j≠i} F_j(x) dx by composite 8-point Gauss–Legendre. The domain is cut to
+    [max_j q_j(1e-14), max_j q_j(1 - 1e-14)] (outside it every integrand holds < 1e-14) and split
+    into panels at each arm's mean ± {0, 1.5, 3, 5, 8, 12, 20} sd and on a graded mesh 10^-k,
+    1 - 10^-k (k = 1..15; half steps when some alpha or beta < 1 makes a density singular), so
+    every panel sees smooth pieces of every density and CDF. The density is evaluated relative
+    to the mean with Stirling-form constants, and 1 - x comes from the panel edge rather than a
+    subtraction, so neither 1e9 observations nor x next to 1 lose accuracy.
 
     Precision: absolute error <= THOMPSON_ABS_TOL = 1e-7 per arm for alpha, beta >= 0.5 and
-    alpha + beta <= 1e9 (measured <= 1e-8 against adaptive quadrature on regular and extreme
-    posteriors, see tests/test_policies.py). The vector is renormalised to sum to 1. Cost: a few
-    hundred microseconds for 3 arms, which is why callers cache it.
+    alpha + beta <= 1e9; the largest error measured against independent high-order references
+    over ~450 random and extreme posteriors was 4e-9 (tests/test_policies.py checks the bound
+    against a reference quadrature and Monte Carlo). Below 0.5 (e.g. a 0.1 prior and no data)
+    it degrades (~5e-3 at 0.1). The result is renormalised to sum to 1. Cost: roughly 0.1–0.5 ms
+    for 3 arms (more for huge posteriors, where the incomplete beta is slow): callers cache it.
     """
     a = np.asarray(alpha, dtype=float)
     b = np.asarray(beta, dtype=float)
@@ -374,8 +386,14 @@ def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.
         start, stop = 0.0, 1.0
     mean = a / (a + b)
     sd = np.sqrt(a * b / ((a + b) ** 2 * (a + b + 1.0)))
-    cuts = np.concatenate(((mean[:, None] + sd[:, None] * _Z).ravel(), _GRADED, [start, stop]))
-    edges = np.sort(cuts[(cuts >= start) & (cuts <= stop)])
+    bulk = np.sort((mean[:, None] + sd[:, None] * _Z).ravel())
+    bulk = bulk[(bulk > start) & (bulk < stop)]
+    if k > 1 and bulk.size:
+        # Overlapping arms give near-duplicate cuts: keep one per 0.3 of the smallest sd.
+        bulk = bulk[np.concatenate(([True], np.diff(np.floor(bulk / (0.3 * sd.min()))) > 0))]
+    graded = _GRADED if a.min() >= 1.0 and b.min() >= 1.0 else _GRADED_FINE
+    cuts = np.concatenate((bulk, graded[(graded > start) & (graded < stop)], [start, stop]))
+    edges = np.sort(cuts)
     edges = edges[np.concatenate(([True], np.diff(edges) > 0.0))]
     left, right = edges[:-1], edges[1:]
     half = (right - left) / 2.0
