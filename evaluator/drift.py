@@ -1335,7 +1335,9 @@ def _as_dict(result: DriftResult | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def drift_section(result: DriftResult | Mapping[str, Any]) -> dict[str, Any]:
-    """The drift part of a report, JSON-safe (a DriftResult or a loaded drift.json)."""
+    """The drift part of a report, JSON-safe (a DriftResult or a loaded drift.json).
+
+    `drift_markdown(drift_section(r))` renders the same as `drift_markdown(r)`."""
     d = _as_dict(result)
     return {
         "route": d.get("route"),
@@ -1348,6 +1350,7 @@ def drift_section(result: DriftResult | Mapping[str, Any]) -> dict[str, Any]:
         "reference": d.get("reference"),
         "live": d.get("live"),
         "seasonal": d.get("seasonal"),
+        "settings": d.get("settings"),
         "features": d.get("features", []),
         "predictions": d.get("predictions", []),
         "notes": d.get("notes", []),

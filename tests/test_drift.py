@@ -378,6 +378,8 @@ def test_drift_section_and_markdown_from_result_and_from_json() -> None:
     again = drift.drift_section(json.loads(json.dumps(result.to_dict())))
     assert again == json.loads(json.dumps(section))
     md = drift.drift_markdown(result)
+    assert md == drift.drift_markdown(section)  # the report renders the section it embeds
+    assert "dataset drift at 30%" in md
     assert md.startswith("## Drift: DRIFT")
     assert "| a | numeric |" in md
     assert "| m_champ | champion |" in md
