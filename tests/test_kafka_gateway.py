@@ -52,7 +52,7 @@ async def test_n_concurrent_requests_give_n_records_with_every_models_outputs(
     x, _ = FraudTraffic(seed=31).sample(400)
     await send(gw, x, "k", concurrency=100)
     labels = [{"request_id": f"k{i}", "label": 1} for i in range(10)]
-    resp = await gw.post_json("/v2/feedback", labels + [{"request_id": "bad"}])
+    resp = await gw.post_json("/v2/feedback", [*labels, {"request_id": "bad"}])
     assert resp.status == 400
     await gw.stop()
     records = await consume_all(kafka.bootstrap, log["kafka"]["topic"], count=400)

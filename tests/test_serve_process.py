@@ -37,7 +37,7 @@ async def test_sigterm_flushes_every_record(triton, tmp_path: Path, workers: int
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     with open(tmp_path / "gateway.log", "wb") as log_file:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a long-lived child, not awaited here
             [sys.executable, "-m", "gateway", "serve", "--config", str(path),
              "--workers", str(workers)],
             stdout=subprocess.DEVNULL, stderr=log_file,
