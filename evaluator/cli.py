@@ -228,9 +228,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = write_summary(out_dir, args.route, since, None, s, dataset, None, decisions)
         print(f"report: wrote {path} (summary; evaluator.report is not available)")
         return EXIT_OK
-    writer(dataset, decisions, out_dir)
-    print(f"report: wrote {out_dir}")
+    paths = writer(dataset, decisions, out_dir, drift=_drift_for_report(config, args.route),
+                   window=(since, span[1] if span else None))
+    print(f"report: wrote {', '.join(str(p) for p in paths.values())}")
     return EXIT_OK
+
+
+def _drift_for_report(config: EvaluatorConfig, route: str) -> dict[str, Any] | None:
+    """The route's latest drift.json (from `evaluator drift`), shown as a report section; a
+    missing or unreadable file, or one for another route, just leaves the section out."""
+    path = Path(config.drift.out) / "drift.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("route") == route else None
 
 
 def _add_report(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -194,10 +194,9 @@ def test_k8s_manifests_match_the_kubernetes_schemas(k8s_docs, version: str) -> N
                         f"{str(exc).splitlines()[0]} at {list(exc.path)}")
 
 
-def test_kustomize_build_when_kubectl_is_available(k8s_docs) -> None:
+def test_kustomize_build(k8s_docs) -> None:
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the manifests are still validated one by one")
+    assert kubectl is not None, "kubectl (on this machine image) builds the kustomization"
     out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     built = [d for d in yaml.safe_load_all(out) if d]
