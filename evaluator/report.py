@@ -172,6 +172,8 @@ def _value_counts(values: np.ndarray, known: Sequence[str]) -> dict[str, int]:
     rest = np.ones(arr.size, dtype=bool)
     out: dict[str, int] = {}
     for name in dict.fromkeys(known):
+        if not rest.any():
+            break  # the usual case after the first value: one arm, one policy type
         hit = arr == name
         count = int(np.count_nonzero(hit))
         if count:
@@ -216,13 +218,13 @@ def _exploration(dataset: EvalDataset) -> dict[str, Any]:
     """Arm shares and whether the window explored (propensity < 1 anywhere, or more than one
     arm served): off-policy estimates only make sense on exploration logs."""
     n = len(dataset)
-    served = _value_counts(dataset.served, list(dataset.models))
+    served = _value_counts(dataset.served, [dataset.champion, *dataset.models])
     prop = np.asarray(dataset.propensity, dtype=np.float64)
     finite = prop[np.isfinite(prop)]
     below_one = int(np.count_nonzero(finite < 1.0))
     policy_types = _value_counts(
         dataset.policy_types,
-        [*KNOWN_POLICY_TYPES, *(dataset.policy_types[:1].tolist() if n else [])],
+        [*(dataset.policy_types[:1].tolist() if n else []), *KNOWN_POLICY_TYPES],
     )
     exploring = below_one > 0 or len(served) > 1
     if not n:

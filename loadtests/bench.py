@@ -222,7 +222,7 @@ class Bench:
             if sink == "file":
                 row.logged = count_file_records(self.work / f"log-{name}")
             elif self.kafka:
-                row.logged = kafka_count(self.kafka.bootstrap, topic)
+                row.logged = common.kafka_count(self.kafka.bootstrap, topic)
 
         return self.run_row(Row(name, label, group), run)
 
@@ -499,37 +499,6 @@ def count_file_records(log_dir: Path, stream: str = "inferences") -> int:
             for segment in directory.glob("*.jsonl"):
                 total += segment.read_bytes().count(b"\n")
     return total
-
-
-def kafka_count(bootstrap: str, topic: str) -> int | None:
-    """Messages in a topic (sum of end offsets; the bench topics are fresh)."""
-    import asyncio
-
-    async def count() -> int:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
-            described = await admin.describe_topics([topic])
-        finally:
-            await admin.close()
-        parts = [p["partition"] for t in described if t.get("topic") == topic
-                 for p in t.get("partitions", [])] or [0]
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-        await consumer.start()
-        try:
-            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
-            return int(sum(ends.values()))
-        finally:
-            await consumer.stop()
-
-    try:
-        return asyncio.run(count())
-    except Exception:
-        traceback.print_exc()
-        return None
 
 
 def nginx_pids(nginx: common.Nginx) -> list[int]:

@@ -484,6 +484,39 @@ class KafkaBroker:
         self.stop()
 
 
+def kafka_count(bootstrap: str, topic: str) -> int | None:
+    """Messages in a topic (sum of end offsets; the bench topics are fresh)."""
+    import asyncio
+
+    async def count() -> int:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        parts = [p["partition"] for t in described if t.get("topic") == topic
+                 for p in t.get("partitions", [])] or [0]
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+            return int(sum(ends.values()))
+        finally:
+            await consumer.stop()
+
+    try:
+        return asyncio.run(count())
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        return None
+
+
 # --- load generators -----------------------------------------------------------------------
 
 

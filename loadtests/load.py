@@ -137,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                                    spawn_rate=args.spawn_rate)
                 elapsed = time.monotonic() - started
             # the gateway has drained and flushed on SIGTERM: count what it logged
-            records = {s: count_records(work / "log-load", s) for s in ("inferences", "labels")}
+            if bootstrap:
+                records = {s: common.kafka_count(bootstrap, f"understudy.bench.load.{s}")
+                           for s in ("inferences", "labels")}
+                where = f"Kafka topics understudy.bench.load.* on {bootstrap}"
+            else:
+                records = {s: count_records(work / "log-load", s)
+                           for s in ("inferences", "labels")}
+                where = str(work / "log-load")
     finally:
         if broker is not None:
             broker.stop()
@@ -145,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlocust summary ({elapsed:.0f} s, stats: {stats['path']}, "
           f"report: {out / 'locust.html'})")
     print(summary_table(stats))
-    if args.sink == "file":
-        print(f"\ngateway logged {records['inferences']} inference and {records['labels']} "
-              f"label records ({work / 'log-load'})")
+    print(f"\ngateway logged {records['inferences']} inference and {records['labels']} "
+          f"label records ({where})")
     failures = int(agg["Failure Count"])
     print(f"\n{agg['Request Count']} requests, {failures} failures, "
           f"{float(agg['Requests/s']):.0f} req/s")

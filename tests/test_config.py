@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_config_loads() -> None:
     config = load_config(ROOT / "configs" / "gateway.yaml", env={})
     assert config.routes["fraud"].champion.model == "fraud_v3"
-    assert [c.model for c in config.routes["fraud"].challengers] == ["fraud_v4", "fraud_v5"]
+    assert [c.model for c in config.routes["fraud"].challengers] == ["fraud_v4"]
     assert config.routes["price"].task == "regression"
 
 
