@@ -79,6 +79,7 @@ def test_locust_smoke(triton: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_locust_long_run_with_admin_changes(triton: Any, tmp_path: Path) -> None:
     stats, log_dir = _run(triton, tmp_path, duration=60, users=20,
                           admin_token="long-run-token" if ADMIN_AVAILABLE else None)
@@ -86,6 +87,7 @@ def test_locust_long_run_with_admin_changes(triton: Any, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the quick benchmark alone takes 4-6 minutes
 def test_bench_quick(tmp_path: Path) -> None:
     """The whole benchmark in --quick mode: every scenario runs and nothing served is unlogged."""
     out = tmp_path / "bench"
