@@ -8,7 +8,6 @@ the critical path. Each wait is bounded by the lane's timeout, so these tasks ca
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,19 +17,13 @@ import orjson
 
 from gateway import metrics
 from gateway.logsink import LogSink
-from gateway.policies import Decision
+from gateway.policies import Decision, sticky_uniform
 from gateway.protocol import InferRequest, decode_inputs, decode_response
 from gateway.records import INFERENCES, SCHEMA_VERSION, ModelOutcome, Tensor
 from gateway.routes import RouteRuntime
 from gateway.shadow import ShadowResult
 
 log = logging.getLogger(__name__)
-
-
-def stable_fraction(key: str, salt: str = "") -> float:
-    """A uniform number in [0, 1) that depends only on (salt, key): hash-stable sampling."""
-    digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 # (route, request id, served arm, served score): what exploration needs to credit a label later.
@@ -103,8 +96,9 @@ class Recorder:
                 served = record["outputs"][ctx.served_model]["outputs"]
                 self.on_explored(ctx.runtime.name, ctx.request_id, ctx.served_model,
                                  first_score(served))
-            if ctx.runtime.config.log_sample_rate >= 1.0 or stable_fraction(
-                ctx.key or ctx.request_id, ctx.runtime.name
+            # Sampling below 100% is hash-stable: the same key is always in, or always out.
+            if ctx.runtime.config.log_sample_rate >= 1.0 or sticky_uniform(
+                f"log:{ctx.runtime.name}", ctx.key or ctx.request_id
             ) < ctx.runtime.config.log_sample_rate:
                 self.sink.emit(INFERENCES, ctx.request_id, orjson.dumps(record))
                 metrics.LOG_RECORDS.labels(INFERENCES, "accepted").inc()

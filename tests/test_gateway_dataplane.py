@@ -228,3 +228,17 @@ async def test_metrics_label_shadow_traffic(make_gateway: GatewayFactory) -> Non
     assert 'understudy_requests_total{code="200",model="fraud_v3",route="fraud"}' in text
     assert "understudy_agreement_total" in text
     assert 'understudy_prediction_score_bucket{le="0.5",model="fraud_v4",route="fraud"}' in text
+
+
+async def test_log_sampling_is_stable_per_key(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway({"fraud": {"champion": {"model": "fraud_v3"}, "log_sample_rate": 0.5,
+                                       "sample_key_header": "X-User-Id"}})
+    for i in range(120):
+        resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([[0.0] * 8], f"s{i}"),
+                                  headers={"X-User-Id": f"user-{i % 40}"})
+        assert resp.status == 200
+    await gw.stop()
+    logged_users = [r["key"] for r in gw.records()]
+    counts = {u: logged_users.count(u) for u in set(logged_users)}
+    assert set(counts.values()) == {3}  # each user: all three of its requests, or none
+    assert 8 <= len(counts) <= 32  # Binomial(40, 0.5), > 3 standard deviations of margin
