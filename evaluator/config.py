@@ -41,11 +41,13 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from gateway.config import field_default
 
 ENV_PREFIX = "UNDERSTUDY_"
 DEFAULT_CONFIG_PATH = "configs/evaluator.yaml"
@@ -232,14 +234,6 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _default(f: Field[Any]) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
-
-
 def _build(cls: type, raw: Any, where: str, nested: Mapping[str, Any] | None = None) -> Any:
     """Build a flat dataclass from a mapping: unknown keys rejected, numbers and durations coerced.
 
@@ -256,7 +250,7 @@ def _build(cls: type, raw: Any, where: str, nested: Mapping[str, Any] | None = N
         if name in kwargs:
             continue
         f = known[name]
-        default = _default(f)
+        default = field_default(f)
         if f.metadata.get("duration"):
             kwargs[name] = parse_duration(value, f"{where}.{name}")
         elif isinstance(default, bool):

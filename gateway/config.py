@@ -142,7 +142,8 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _default(f: Field[Any]) -> Any:
+def field_default(f: Field[Any]) -> Any:
+    """A dataclass field's default value (calling its factory), or None when it has none."""
     if f.default is not MISSING:
         return f.default
     if f.default_factory is not MISSING:
@@ -160,7 +161,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     _check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
-        default = _default(known[name])
+        default = field_default(known[name])
         if isinstance(default, int | float) and not isinstance(default, bool):
             try:
                 kwargs[name] = type(default)(value)
