@@ -460,6 +460,7 @@ def kafka_available() -> tuple[bool, str]:
 class KafkaBroker:
     directory: Path
     port: int = 0
+    version: str = "?"
 
     @property
     def bootstrap(self) -> str:
@@ -467,9 +468,13 @@ class KafkaBroker:
 
     def start(self, timeout: float = 120.0) -> KafkaBroker:
         self.port = self.port or free_port()
-        subprocess.run([sys.executable, str(BROKER_SCRIPT), "start", "--port", str(self.port),
-                        "--dir", str(self.directory), "--fresh", "--timeout", str(timeout)],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        out = subprocess.run([sys.executable, str(BROKER_SCRIPT), "start", "--port",
+                              str(self.port), "--dir", str(self.directory), "--fresh",
+                              "--timeout", str(timeout)],
+                             cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        words = out.split()  # "kafka 4.1.1 pid N dir D (ready in S s)"
+        if len(words) > 1 and words[0] == "kafka":
+            self.version = words[1]
         return self
 
     def stop(self) -> None:
@@ -672,7 +677,8 @@ def versions() -> dict[str, str]:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
             out[dist] = "missing"
-    out["wrk"] = tool_version(["wrk", "-v"])
-    out["hey"] = "hey (apt: " + tool_version(["dpkg-query", "-W", "-f=${Version}", "hey"]) + ")"
+    wrk_v = tool_version(["wrk", "-v"])  # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."
+    out["wrk"] = wrk_v.split(" [", 1)[0].removeprefix("wrk ").removeprefix("debian/")
+    out["hey"] = tool_version(["dpkg-query", "-W", "-f=${Version}", "hey"])
     out["nginx"] = tool_version(["nginx", "-v"]).replace("nginx version: ", "")
     return out

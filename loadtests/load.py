@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.out.resolve()
     work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists():  # a previous run's logs would be counted as this run's records
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     broker = None
     bootstrap = None
     try:

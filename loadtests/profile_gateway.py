@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out: Path = args.out.resolve()
     work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     x, _ = common.fraud_rows(1)
     body = common.binary_body(x[0]) if args.binary else common.json_body(x[0])
     body_file = common.write_body(body, work / ("body.bin" if args.binary else "body.json"))
