@@ -128,6 +128,19 @@ def time_order(ts: np.ndarray | None, n: int) -> np.ndarray:
     return np.argsort(np.where(np.isfinite(t), t, np.inf), kind="stable")
 
 
+def _time_ordered_finite(
+    columns: Sequence[np.ndarray], ts: np.ndarray | None
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Columns (and timestamps) in time order, keeping only rows finite in every column."""
+    cols = [np.asarray(c, dtype=np.float64).ravel() for c in columns]
+    t = None if ts is None else np.asarray(ts, dtype=np.float64).ravel()
+    order = time_order(t, cols[0].size)
+    cols = [c[order] for c in cols]
+    keep = np.logical_and.reduce([np.isfinite(c) for c in cols])
+    t_sorted = None if t is None else t[order][keep]
+    return [c[keep] for c in cols], t_sorted
+
+
 def look_points(
     ts_sorted: np.ndarray | None, n: int, looks: Looks = "daily", max_looks: int = 30
 ) -> np.ndarray:
@@ -269,15 +282,7 @@ def msprt_paired(
     overall mean first so the variance does not cancel catastrophically at a million rows.
     Non-finite improvements are dropped.
     """
-    d = np.asarray(improvements, dtype=np.float64).ravel()
-    t = None if ts is None else np.asarray(ts, dtype=np.float64).ravel()
-    order = time_order(t, d.size)
-    d = d[order]
-    t_sorted = None if t is None else t[order]
-    keep = np.isfinite(d)
-    d = d[keep]
-    if t_sorted is not None:
-        t_sorted = t_sorted[keep]
+    (d,), t_sorted = _time_ordered_finite([improvements], ts)
     method = "msprt-normal-mixture(paired mean)"
     if d.size == 0:
         return _empty_result(method, alpha, tau, burn_in, "no paired requests")
@@ -314,16 +319,7 @@ def msprt_rmse(
     burn_in: int = 100,
 ) -> SequentialResult:
     """mSPRT on the RMSE improvement (rmse_champion - rmse_challenger), delta-method variance."""
-    ec = np.asarray(err_champion, dtype=np.float64).ravel()
-    eh = np.asarray(err_challenger, dtype=np.float64).ravel()
-    t = None if ts is None else np.asarray(ts, dtype=np.float64).ravel()
-    order = time_order(t, ec.size)
-    ec, eh = ec[order], eh[order]
-    t_sorted = None if t is None else t[order]
-    keep = np.isfinite(ec) & np.isfinite(eh)
-    ec, eh = ec[keep], eh[keep]
-    if t_sorted is not None:
-        t_sorted = t_sorted[keep]
+    (ec, eh), t_sorted = _time_ordered_finite([err_champion, err_challenger], ts)
     method = "msprt-normal-mixture(rmse delta method)"
     if ec.size == 0:
         return _empty_result(method, alpha, tau, burn_in, "no paired requests")

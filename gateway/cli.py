@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from gateway.admin_cli import add_admin_commands
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 
@@ -108,12 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--metrics-port", type=int, default=8002)
     triton.set_defaults(func=cmd_triton)
 
-    try:
-        from gateway.admin_cli import add_admin_commands
-    except ImportError:  # the admin CLI lands with the control plane
-        pass
-    else:
-        add_admin_commands(sub)
+    add_admin_commands(sub)
     return parser
 
 

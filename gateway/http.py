@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import __version__
 from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.feedback import FeedbackService
 from gateway.protocol import error_body
@@ -105,7 +106,7 @@ async def health_ready(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "understudy", "version": "0.1.0", "extensions": [
+    return json_response({"name": "understudy", "version": __version__, "extensions": [
         "binary_tensor_data", "model_repository"
     ]})
 
