@@ -46,6 +46,9 @@ def test_env_overrides_keep_types() -> None:
     ({"routes": {"r": {"champion": "a", "policy": {"type": "ucb"}}}}, "policy.type"),
     ({"routes": {"r": {"champion": "a", "fallback": "z"}}}, "fallback"),
     ({"routes": {"r": {"champion": "a", "colour": 1}}}, "unknown key(s) colour"),
+    ({"triton": {"url": "https://triton:8000"}}, "triton.url: expected http://host:port"),
+    ({"triton": {"url": "triton:8000"}}, "triton.url: expected http://host:port"),
+    ({"triton": {"max_connections": 0}}, "triton.max_connections: must be positive"),
 ])
 def test_errors_name_the_problem(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:

@@ -1,0 +1,226 @@
+"""The inference connection pool (gateway/keepalive.py) against a scripted HTTP/1.1 server.
+
+A real socket server whose behaviour each test controls: keep-alive reuse, an idle connection
+the server dropped, `Connection: close`, chunked bodies, slow answers, malformed answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.keepalive import ConnectionClosed, KeepAlivePool
+from gateway.upstream import TritonUpstream
+
+Answer = Callable[[bytes, int], Awaitable[bytes | None]]  # (request body, n) -> raw response
+
+
+@dataclass
+class ScriptedServer:
+    answer: Answer
+    port: int = 0
+    connections: int = 0
+    requests: list[tuple[bytes, bytes]] = field(default_factory=list)  # (head, body)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    close_after_answer: bool = False
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = next(
+                    int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    raw = await self.answer(body, len(self.requests))
+                finally:
+                    self.in_flight -= 1
+                if raw is None:  # hang up without answering
+                    return
+                writer.write(raw)
+                await writer.drain()
+                if self.close_after_answer:
+                    return
+        finally:
+            writer.close()
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def echo(body: bytes, _: int) -> bytes:
+    return ok(b'{"echo":' + body + b"}")
+
+
+ServerFactory = Callable[[Answer], Awaitable[ScriptedServer]]
+
+
+@pytest.fixture
+async def server_factory() -> AsyncIterator[ServerFactory]:
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: Answer) -> ScriptedServer:
+        scripted = ScriptedServer(answer)
+        server = await asyncio.start_server(scripted.handle, "127.0.0.1", 0)
+        scripted.port = server.sockets[0].getsockname()[1]
+        servers.append(server)
+        return scripted
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def test_sequential_calls_reuse_one_connection(server_factory: ServerFactory) -> None:
+    server = await server_factory(echo)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=4)
+    for i in range(20):
+        response = await pool.post("/v2/models/m/infer", b"%d" % i, "application/json")
+        assert response.status == 200
+        assert response.body == b'{"echo":%d}' % i
+        assert response.headers[b"content-type"] == b"application/json"
+    assert server.connections == 1
+    head, _ = server.requests[0]
+    assert head.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n")
+    assert b"Accept-Encoding" not in head  # never ask Triton to compress pass-through bodies
+    pool.close()
+
+
+async def test_concurrency_is_capped_by_the_limit(server_factory: ServerFactory) -> None:
+    release, three_arrived = asyncio.Event(), asyncio.Event()
+
+    async def slow(body: bytes, n: int) -> bytes:
+        if n == 3:
+            three_arrived.set()
+        await release.wait()
+        return ok(body)
+
+    server = await server_factory(slow)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=3)
+    calls = [asyncio.ensure_future(pool.post("/p", b"%d" % i, "application/json"))
+             for i in range(10)]
+    await three_arrived.wait()
+    await asyncio.sleep(0.05)  # give a fourth call the chance to (wrongly) get through
+    assert server.in_flight == 3
+    release.set()
+    bodies = sorted(int(r.body) for r in await asyncio.gather(*calls))
+    assert bodies == list(range(10))
+    assert server.max_in_flight == 3
+    assert server.connections == 3
+    pool.close()
+
+
+async def test_idle_connection_dropped_by_the_server_is_retried(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(echo)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=2)
+    assert (await pool.post("/p", b"1", "application/json")).status == 200
+    for writer in server.writers:  # the server times the idle keep-alive connection out
+        writer.close()
+    await asyncio.sleep(0.05)
+    response = await pool.post("/p", b"2", "application/json")
+    assert response.body == b'{"echo":2}'
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_connection_close_and_chunked_answers(server_factory: ServerFactory) -> None:
+    async def chunked(_: bytes, n: int) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                b"Inference-Header-Content-Length: 3\r\nConnection: close\r\n\r\n"
+                b"3\r\nabc\r\n4\r\n%04d\r\n0\r\n\r\n" % n)
+
+    server = await server_factory(chunked)
+    server.close_after_answer = True
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=2)
+    first = await pool.post("/p", b"x", "application/octet-stream")
+    second = await pool.post("/p", b"y", "application/octet-stream")
+    assert (first.body, second.body) == (b"abc0001", b"abc0002")
+    assert first.headers[b"inference-header-content-length"] == b"3"
+    assert server.connections == 2  # Connection: close is honoured, never reused
+    pool.close()
+
+
+async def test_hang_up_mid_call_is_an_error_not_a_retry(server_factory: ServerFactory) -> None:
+    async def hang_up(_: bytes, __: int) -> None:
+        return None
+
+    server = await server_factory(hang_up)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=2)
+    with pytest.raises(ConnectionClosed):
+        await pool.post("/p", b"x", "application/json")
+    assert len(server.requests) == 1  # a fresh connection is not retried
+    pool.close()
+
+
+async def test_malformed_answer_is_an_error(server_factory: ServerFactory) -> None:
+    async def garbage(_: bytes, __: int) -> bytes:
+        return b"NOT HTTP AT ALL\r\n\r\n"
+
+    server = await server_factory(garbage)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    with pytest.raises(ConnectionClosed, match="malformed"):
+        await pool.post("/p", b"x", "application/json")
+    pool.close()
+
+
+async def test_timed_out_call_aborts_its_connection(server_factory: ServerFactory) -> None:
+    async def first_slow(body: bytes, n: int) -> bytes:
+        if n == 1:
+            await asyncio.sleep(0.5)
+        return ok(body)
+
+    server = await server_factory(first_slow)
+    upstream = TritonUpstream(f"http://127.0.0.1:{server.port}", timeout_ms=50,
+                              max_connections=4)
+    with pytest.raises(UpstreamTimeout, match="did not answer within 50 ms"):
+        await upstream.infer("m", "", b"1", "application/json", None)
+    # The late answer to the first call must never be read as the second call's answer.
+    response = await upstream.infer("m", "", b"2", "application/json", None, timeout_s=2)
+    assert response.body == b"2"
+    assert server.connections == 2
+    await upstream.close()
+
+
+async def test_refused_connection_maps_to_unavailable(unused_tcp_port: int) -> None:
+    upstream = TritonUpstream(f"http://127.0.0.1:{unused_tcp_port}", timeout_ms=1000,
+                              max_connections=4)
+    with pytest.raises(UpstreamUnavailable, match="Triton unreachable for model 'm'"):
+        await upstream.infer("m", "", b"{}", "application/json", None)
+    await upstream.close()
+
+
+async def test_binary_header_length_is_forwarded(server_factory: ServerFactory) -> None:
+    async def with_length(body: bytes, _: int) -> bytes:
+        return ok(body, b"Inference-Header-Content-Length: 2\r\n")
+
+    server = await server_factory(with_length)
+    upstream = TritonUpstream(f"http://127.0.0.1:{server.port}", timeout_ms=1000,
+                              max_connections=4)
+    response = await upstream.infer("m", "2", b"{}\x00\x01", "application/octet-stream", 2)
+    head, body = server.requests[0]
+    assert head.startswith(b"POST /v2/models/m/versions/2/infer HTTP/1.1")
+    assert b"Inference-Header-Content-Length: 2\r\n" in head
+    assert b"Content-Type: application/octet-stream\r\n" in head
+    assert body == b"{}\x00\x01"
+    assert (response.body, response.header_length) == (b"{}\x00\x01", "2")
+    await upstream.close()
