@@ -7,6 +7,7 @@ path can trust it. Dataclasses are frozen: a route change replaces the route obj
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -298,8 +299,15 @@ def parse_config(
     _check(log.fsync in ("always", "interval", "never"), "log.fsync: always|interval|never")
     routes_raw = data.get("routes") or {}
     _check(isinstance(routes_raw, Mapping), "routes: expected a mapping of route name to route")
+    triton = _build(TritonConfig, data["triton"], "triton")
+    _check(
+        re.fullmatch(r"http://[^/:]+(:\d+)?/?", str(triton.url)) is not None,
+        f"triton.url: expected http://host:port, got {triton.url!r}",
+    )
+    _check(triton.timeout_ms > 0, "triton.timeout_ms: must be positive")
+    _check(triton.max_connections > 0, "triton.max_connections: must be positive")
     return GatewayConfig(
-        triton=_build(TritonConfig, data["triton"], "triton"),
+        triton=triton,
         listen=_build(ListenConfig, data["listen"], "listen"),
         log=log,
         admin=_build(AdminConfig, data["admin"], "admin"),
