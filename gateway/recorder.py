@@ -1,14 +1,16 @@
 """Builds the inference log record once every model has answered, and emits it.
 
-Runs as a background task per request, after the client already has its response: decoding
-tensors, waiting for shadow copies, comparing predictions and serialising all happen here, off
-the critical path. Each wait is bounded by the lane's timeout, so these tasks cannot pile up.
+Runs in the background, after the client already has its response: decoding tensors, waiting
+for shadow copies, comparing predictions and serialising all happen here, off the critical path.
+Each wait is bounded by the lane's timeout, so pending records cannot pile up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,36 +61,98 @@ def first_score(outputs: Mapping[str, Tensor] | None) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-class Recorder:
-    """Turns finished requests into records on the sink and prediction metrics."""
+class _Waiting:
+    """A request whose record waits for its shadow copies; ready when the last one resolves."""
 
-    def __init__(self, sink: LogSink, on_explored: ExploredHook | None = None) -> None:
+    __slots__ = ("copies", "ctx", "recorder", "remaining")
+
+    def __init__(self, recorder: Recorder, ctx: RequestContext,
+                 copies: Mapping[str, asyncio.Future[ShadowResult]], remaining: int) -> None:
+        self.recorder = recorder
+        self.ctx = ctx
+        self.copies = copies
+        self.remaining = remaining
+
+    def copy_done(self, _: asyncio.Future[ShadowResult]) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.recorder._waiting -= 1
+            self.recorder._push(self.ctx, self.copies)
+
+
+class Recorder:
+    """Turns finished requests into records on the sink and prediction metrics.
+
+    Records are built by one worker task in time slices of `slice_s`, yielding to the event loop
+    between slices. A batch of shadow answers arriving together (a challenger's dynamic batcher
+    answers many copies at once) therefore never holds the loop, and the champion requests
+    behind it, for longer than one slice; and no task is created per request.
+    """
+
+    def __init__(self, sink: LogSink, on_explored: ExploredHook | None = None, *,
+                 slice_s: float = 0.0005) -> None:
         self.sink = sink
         self.on_explored = on_explored
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.slice_s = slice_s
+        self._ready: deque[tuple[RequestContext, Mapping[str, asyncio.Future[ShadowResult]]]] = (
+            deque()
+        )
+        self._waiting = 0  # requests whose copies are still running
+        self._copies_in_flight: set[asyncio.Future[ShadowResult]] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self._accepted = metrics.LOG_RECORDS.labels(INFERENCES, "accepted")
+        self._dropped = metrics.LOG_RECORDS.labels(INFERENCES, "dropped")
 
     @property
     def pending(self) -> int:
-        return len(self._tasks)
+        return self._waiting + len(self._ready)
 
     def submit(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
     ) -> None:
-        task = asyncio.create_task(self._complete(ctx, copies))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        running = [f for f in copies.values() if not f.done()]
+        if not running:
+            self._push(ctx, copies)
+            return
+        self._waiting += 1
+        waiting = _Waiting(self, ctx, copies, len(running))
+        for future in running:
+            self._copies_in_flight.add(future)
+            future.add_done_callback(self._copies_in_flight.discard)
+            future.add_done_callback(waiting.copy_done)
 
     async def drain(self) -> None:
         """Wait for every pending record (shutdown: shadows finish or time out first)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._copies_in_flight or self._worker is not None:
+            if self._copies_in_flight:
+                await asyncio.wait(list(self._copies_in_flight))
+            if self._worker is not None:
+                await asyncio.wait([self._worker])
 
-    async def _complete(
+    def _push(
+        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
+    ) -> None:
+        self._ready.append((ctx, copies))
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self._ready:
+                deadline = time.perf_counter() + self.slice_s
+                while True:
+                    self._record(*self._ready.popleft())
+                    if not self._ready or time.perf_counter() >= deadline:
+                        break
+                await asyncio.sleep(0)
+        finally:
+            self._worker = None
+
+    def _record(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
     ) -> None:
         try:
-            results = dict(zip(copies, await asyncio.gather(*copies.values()), strict=True))
-            record = self.build(ctx, results)
+            record = self.build(ctx, {model: _result(f) for model, f in copies.items()})
             self._observe(ctx, record)
             if self.on_explored is not None and ctx.status == 200 and (
                 ctx.runtime.config.policy.type != "champion"
@@ -101,10 +165,10 @@ class Recorder:
                 f"log:{ctx.runtime.name}", ctx.key or ctx.request_id
             ) < ctx.runtime.config.log_sample_rate:
                 self.sink.emit(INFERENCES, ctx.request_id, orjson.dumps(record))
-                metrics.LOG_RECORDS.labels(INFERENCES, "accepted").inc()
+                self._accepted.inc()
         except Exception:
             log.exception("failed to record request %s", ctx.request_id)
-            metrics.LOG_RECORDS.labels(INFERENCES, "dropped").inc()
+            self._dropped.inc()
 
     def build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult]) -> dict[str, Any]:
         config = ctx.runtime.config
@@ -161,11 +225,20 @@ class Recorder:
                 ).inc()
 
 
+def _result(future: asyncio.Future[ShadowResult]) -> ShadowResult:
+    if future.cancelled():  # a copy cancelled at shutdown still gets its line in the record
+        return ShadowResult("error", error="copy cancelled (gateway shutting down)")
+    return future.result()
+
+
 def _outcome(result: ShadowResult, *, role: str, mode: str, version: str) -> ModelOutcome:
     outputs: dict[str, Tensor] | None = None
     error = result.error
     status = result.status
-    if result.response is not None:
+    if result.outputs is not None:  # a batched copy: its rows were split out of the batch answer
+        outputs = result.outputs
+        version = result.model_version or version
+    elif result.response is not None:
         try:
             decoded = decode_response(result.response.body, result.response.header_length)
             outputs = decoded["outputs"]
