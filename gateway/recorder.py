@@ -100,8 +100,8 @@ class Recorder:
         self._waiting = 0  # requests whose copies are still running
         self._copies_in_flight: set[asyncio.Future[ShadowResult]] = set()
         self._worker: asyncio.Task[None] | None = None
-        self._accepted = metrics.LOG_RECORDS.labels(INFERENCES, "accepted")
-        self._dropped = metrics.LOG_RECORDS.labels(INFERENCES, "dropped")
+        self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
+        self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
     @property
     def pending(self) -> int:
@@ -213,15 +213,15 @@ class Recorder:
             score = first_score(outcome["outputs"])
             if score is None:
                 continue
-            metrics.SCORE.labels(config.name, model).observe(score)
+            metrics.child(metrics.SCORE, config.name, model).observe(score)
             if config.task != "classification":
                 continue
             predicted = int(score >= config.threshold)
-            metrics.PREDICTED_CLASS.labels(config.name, model, str(predicted)).inc()
+            metrics.child(metrics.PREDICTED_CLASS, config.name, model, str(predicted)).inc()
             if model != ctx.served_model and served_score is not None:
                 agree = predicted == int(served_score >= config.threshold)
-                metrics.AGREEMENT.labels(
-                    config.name, model, "agree" if agree else "disagree"
+                metrics.child(
+                    metrics.AGREEMENT, config.name, model, "agree" if agree else "disagree"
                 ).inc()
 
 

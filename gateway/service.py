@@ -69,8 +69,9 @@ class InferenceService:
             if config.policy.type != "champion":
                 decision = runtime.policy.decide(config.explore_arms, key, self.rng)
                 served_model = decision.arm
-                metrics.ARM_SELECTIONS.labels(route_name, served_model, config.policy.type).inc()
-                metrics.PROPENSITY.labels(route_name, config.policy.type).observe(
+                policy_type = config.policy.type
+                metrics.child(metrics.ARM_SELECTIONS, route_name, served_model, policy_type).inc()
+                metrics.child(metrics.PROPENSITY, route_name, policy_type).observe(
                     decision.propensity
                 )
             response, fallback = await self._call_served(runtime, served_model, request)
@@ -92,12 +93,14 @@ class InferenceService:
             copies,
         )
         role = "champion" if served_model == config.champion.model else "challenger"
-        metrics.REQUESTS.labels(route_name, served_model, "200").inc()
-        metrics.REQUEST_LATENCY.labels(route_name).observe(elapsed)
-        metrics.MODEL_LATENCY.labels(route_name, served_model, role, "served").observe(
+        metrics.child(metrics.REQUESTS, route_name, served_model, "200").inc()
+        metrics.child(metrics.REQUEST_LATENCY, route_name).observe(elapsed)
+        metrics.child(metrics.MODEL_LATENCY, route_name, served_model, role, "served").observe(
             response.latency_s
         )
-        metrics.OVERHEAD.labels(route_name).observe(max(elapsed - response.latency_s, 0.0))
+        metrics.child(metrics.OVERHEAD, route_name).observe(
+            max(elapsed - response.latency_s, 0.0)
+        )
         out_headers = dict(passthrough_headers(response))
         out_headers[REQUEST_ID_HEADER] = request_id
         out_headers["X-Served-Model"] = served_model
@@ -163,8 +166,8 @@ class InferenceService:
         started: float,
     ) -> None:
         """Failed requests are logged too (users of other gateways miss exactly these)."""
-        metrics.REQUESTS.labels(runtime.name, served_model, str(exc.status)).inc()
-        metrics.REQUEST_ERRORS.labels(runtime.name, type(exc).__name__).inc()
+        metrics.child(metrics.REQUESTS, runtime.name, served_model, str(exc.status)).inc()
+        metrics.child(metrics.REQUEST_ERRORS, runtime.name, type(exc).__name__).inc()
         status = "timeout" if exc.status == 504 else "error"
         if exc.status < 500 and not isinstance(exc, UpstreamClientError):
             status = "skipped"  # rejected by the gateway before any model was called

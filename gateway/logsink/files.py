@@ -130,6 +130,8 @@ class FileSink:
         self.max_buffered = max_buffered
         self.flush_interval = flush_interval_ms / 1000
         self._pending: dict[str, list[bytes]] = {s: [] for s in STREAMS}
+        self._buffered = 0  # records in _pending
+        self._buffered_gauge = metrics.LOG_BUFFERED.labels("file")
         self._writers: dict[str, _SegmentWriter] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -156,9 +158,9 @@ class FileSink:
             raise RuntimeError("FileSink is closed")
         pending = self._pending.setdefault(stream, [])
         pending.append(value)
-        buffered = sum(len(v) for v in self._pending.values())
-        metrics.LOG_BUFFERED.labels("file").set(buffered)
-        if buffered >= self.max_buffered:
+        self._buffered += 1
+        self._buffered_gauge.set(self._buffered)
+        if self._buffered >= self.max_buffered:
             # The writer fell behind: write on the caller's thread rather than grow without bound.
             self._write_batches(self._take())
         elif len(pending) == 1:
@@ -167,7 +169,8 @@ class FileSink:
     def _take(self) -> dict[str, list[bytes]]:
         batches = {s: lines for s, lines in self._pending.items() if lines}
         self._pending = {s: [] for s in self._pending}
-        metrics.LOG_BUFFERED.labels("file").set(0)
+        self._buffered = 0
+        self._buffered_gauge.set(0)
         return batches
 
     def _write_batches(self, batches: dict[str, list[bytes]], force_sync: bool = False) -> None:
@@ -178,7 +181,7 @@ class FileSink:
     def _write_locked(self, batches: dict[str, list[bytes]], force_sync: bool) -> None:
         for stream, lines in batches.items():
             self._writer(stream).write(lines)
-            metrics.LOG_RECORDS.labels(stream, "written").inc(len(lines))
+            metrics.child(metrics.LOG_RECORDS, stream, "written").inc(len(lines))
         now = time.monotonic()
         if self.fsync == "always" or force_sync or (
             self.fsync == "interval" and now - self._last_sync >= self.fsync_interval
