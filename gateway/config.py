@@ -22,6 +22,10 @@ ChallengerMode = Literal["shadow", "explore"]
 POLICY_TYPES: tuple[str, ...] = ("champion", "epsilon_greedy", "thompson")
 CHALLENGER_MODES: tuple[str, ...] = ("shadow", "explore")
 MIN_LOG_SAMPLE_RATE = 0.01
+# Shadow micro-batching (gateway/batching.py): rows per Triton call, and how long the first
+# queued copy may wait for company. Also used for the champion's lane under exploration.
+DEFAULT_BATCH_MAX_ROWS = 16
+DEFAULT_BATCH_MAX_WAIT_MS = 2.0
 ENV_PREFIX = "UNDERSTUDY_"
 
 
@@ -89,6 +93,8 @@ class ChallengerConfig:
     timeout_ms: int = 1000
     max_concurrency: int = 16
     max_queue: int = 64
+    batch_max_rows: int = DEFAULT_BATCH_MAX_ROWS  # 1 disables batching
+    batch_max_wait_ms: float = DEFAULT_BATCH_MAX_WAIT_MS
 
     @property
     def ref(self) -> ModelRef:
@@ -193,6 +199,11 @@ def parse_challenger(raw: Any, where: str) -> ChallengerConfig:
     _check(ch.timeout_ms > 0, f"{where}.timeout_ms: must be positive")
     _check(ch.max_concurrency > 0, f"{where}.max_concurrency: must be positive")
     _check(ch.max_queue >= 0, f"{where}.max_queue: must be >= 0")
+    _check(ch.batch_max_rows >= 1, f"{where}.batch_max_rows: must be >= 1 (1 disables batching)")
+    _check(
+        0.0 <= ch.batch_max_wait_ms < ch.timeout_ms,
+        f"{where}.batch_max_wait_ms: must be >= 0 and below timeout_ms ({ch.timeout_ms})",
+    )
     return replace(ch, model=str(ch.model), version=str(ch.version or ""))
 
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from gateway.config import RouteConfig
+from gateway.config import DEFAULT_BATCH_MAX_ROWS, DEFAULT_BATCH_MAX_WAIT_MS, RouteConfig
 from gateway.errors import NotFound
 from gateway.policies import Policy, build_policy
 from gateway.protocol import TensorSpec, parse_metadata_inputs
@@ -102,7 +102,8 @@ class RouteTable:
             lanes[ch.model] = old if same and old is not None else ShadowLane(
                 self.upstream, config.name, ch.model, ch.version,
                 max_concurrency=ch.max_concurrency, max_queue=ch.max_queue,
-                timeout_ms=ch.timeout_ms,
+                timeout_ms=ch.timeout_ms, batch_max_rows=ch.batch_max_rows,
+                batch_max_wait_ms=ch.batch_max_wait_ms,
             )
         # Under exploration the champion may not be served; it is then scored as a copy too.
         champion = config.champion
@@ -113,7 +114,8 @@ class RouteTable:
                 self.upstream, config.name, champion.model, champion.version,
                 max_concurrency=64, max_queue=256,
                 timeout_ms=max(champion_timeout, int(self.upstream.timeout_s * 1000)),
-                role="champion",
+                role="champion", batch_max_rows=DEFAULT_BATCH_MAX_ROWS,
+                batch_max_wait_ms=DEFAULT_BATCH_MAX_WAIT_MS,
             )
         return lanes
 

@@ -144,15 +144,23 @@ class TritonUpstream:
             raise UpstreamUnavailable(f"Triton unreachable: {exc}") from None
 
     async def metadata(self, model: str, version: str = "") -> dict[str, Any]:
-        status, body = await self._get(_model_path(model, version))
+        return await self._model_json(model, version, "", "metadata")
+
+    async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+        """The model's Triton config: shadow lanes batch copies only if `max_batch_size` > 0."""
+        return await self._model_json(model, version, "/config", "config")
+
+    async def _model_json(self, model: str, version: str, suffix: str, what: str
+                          ) -> dict[str, Any]:
+        status, body = await self._get(_model_path(model, version) + suffix)
         if status in (400, 404):
             raise NotFound(f"model '{model}' {('version ' + version + ' ') if version else ''}"
                            f"is not known to Triton: {_error_message(body, 'not found')}")
         if status != 200:
-            raise UpstreamBadGateway(f"metadata for '{model}': HTTP {status}")
+            raise UpstreamBadGateway(f"{what} for '{model}': HTTP {status}")
         parsed = orjson.loads(body)
         if not isinstance(parsed, dict):
-            raise UpstreamBadGateway(f"metadata for '{model}' is not a JSON object")
+            raise UpstreamBadGateway(f"{what} for '{model}' is not a JSON object")
         return parsed
 
     async def model_ready(self, model: str, version: str = "") -> bool:
