@@ -45,6 +45,7 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -204,22 +205,24 @@ class Bench:
 
     @contextlib.contextmanager
     def gateway(self, name: str, routes: Mapping[str, Any], *, sink: str = "file",
-                workers: int = 1) -> Iterator[common.Gateway]:
+                workers: int = 1, root: Path | None = None) -> Iterator[common.Gateway]:
         bootstrap = self.kafka.bootstrap if (sink == "kafka" and self.kafka) else None
         config = common.gateway_config(self.triton.url, self.work, name, routes, sink=sink,
                                        kafka_bootstrap=bootstrap)
-        gw = common.Gateway(config, workers=workers, log_file=self.work / f"gateway-{name}.log")
+        gw = common.Gateway(config, workers=workers, log_file=self.work / f"gateway-{name}.log",
+                            root=root or common.ROOT)
         with gw:
             gw.warm(ROUTE, self.body, WARM_REQUESTS)
             yield gw
 
     def gateway_row(self, key: str, label: str, routes: Mapping[str, Any], *,
                     sink: str = "file", workers: int = 1, binary: bool = False,
-                    group: str = "gateway") -> Row:
-        name = f"{key}-{sink}-w{workers}" + ("-bin" if binary else "")
+                    group: str = "gateway", root: Path | None = None) -> Row:
+        name = f"{key}-{sink}-w{workers}" + ("-bin" if binary else "") + (
+            f"-{root.name}" if root else "")
 
         def run(row: Row) -> None:
-            with self.gateway(name, routes, sink=sink, workers=workers) as gw:
+            with self.gateway(name, routes, sink=sink, workers=workers, root=root) as gw:
                 self.measure(row, gw.url + f"/v2/models/{ROUTE}/infer",
                              body=self.body_bin if binary else None,
                              body_file=self.body_bin_file if binary else None,
@@ -286,6 +289,14 @@ class Bench:
             for key, (label, routes) in GATEWAY_SCENARIOS.items():
                 self.gateway_row(key, f"{label} [file log]", routes)
 
+            # 3b. the same rows with an earlier version of the gateway: before/after, one run
+            if a.baseline_ref:
+                before = self.checkout(a.baseline_ref)
+                for key in ("champion", "shadow1"):
+                    label, routes = GATEWAY_SCENARIOS[key]
+                    self.gateway_row(key, f"{label} [file log, before: {a.baseline_ref}]",
+                                     routes, root=before, group="before")
+
             # 4. the gateway, Kafka sink
             ok, why = common.kafka_available()
             if a.no_kafka:
@@ -335,6 +346,16 @@ class Bench:
             if not a.no_profile:
                 self.extra["profile"] = self.profile()
         self.note_load("end")
+
+    def checkout(self, ref: str) -> Path:
+        """The gateway as it was at git `ref`, exported into the work directory."""
+        target = self.work / f"before-{ref}"
+        target.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(common.ROOT), "archive", ref],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+        self.extra["baseline_ref"] = ref
+        return target
 
     def slow_challenger(self) -> dict[str, Any]:
         a = self.args
@@ -761,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-kafka", action="store_true")
     p.add_argument("--no-workers", action="store_true", help="skip the --workers 2 rows")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--baseline-ref", default="",
+                   help="also run champion-only and +1 shadow (file log) with the gateway of "
+                        "this git ref, for before/after ratios in the same run")
     p.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench")
     p.add_argument("--md", type=Path, default=common.ROOT / "docs" / "BENCHMARKS.md")
     p.add_argument("--no-md", action="store_true", help="do not update docs/BENCHMARKS.md")
