@@ -226,7 +226,9 @@ class RecordParser:
             if not isinstance(oc, dict):
                 raise _Bad("invalid_inference", f"{rid}: outputs[{model!r}] is not an object")
             code = STATUS_CODES.get(oc.get("status"), ERROR)
-            lat = _finite(oc.get("latency_ms"))
+            # A copy that shared a micro-batched call has that call's latency, not comparable
+            # with a single request's: left out of latency statistics (gateway/records.py).
+            lat = None if oc.get("batch_rows") is not None else _finite(oc.get("latency_ms"))
             outcomes.append((
                 str(model), ROLE_CODES.get(oc.get("role"), ROLE_CODES["challenger"]),
                 MODE_CODES.get(oc.get("mode"), -1), str(oc.get("version") or ""), code,

@@ -149,7 +149,8 @@ def cmd_list(args: argparse.Namespace) -> tuple[Any, str]:
 
 def cmd_add(args: argparse.Namespace) -> tuple[Any, str]:
     body: dict[str, Any] = {"model": args.model, "mode": args.mode}
-    for key in ("version", "sample_rate", "timeout_ms", "max_concurrency", "max_queue"):
+    for key in ("version", "sample_rate", "timeout_ms", "max_concurrency", "max_queue",
+                "batch_max_rows", "batch_max_wait_ms", "latency_probe_every"):
         value = getattr(args, key if key != "version" else "model_version")
         if value is not None:
             body[key] = value
@@ -244,6 +245,10 @@ def add_admin_commands(sub: Any) -> None:
     add.add_argument("--timeout-ms", type=int)
     add.add_argument("--max-concurrency", type=int)
     add.add_argument("--max-queue", type=int)
+    add.add_argument("--batch-max-rows", type=int, help="shadow micro-batching (1 disables)")
+    add.add_argument("--batch-max-wait-ms", type=float)
+    add.add_argument("--latency-probe-every", type=int,
+                     help="send every Nth copy alone, for comparable latency (0: off)")
     add.set_defaults(func=_run(cmd_add))
 
     remove = csub.add_parser("remove", parents=[common, writes], help="unregister a challenger")

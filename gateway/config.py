@@ -26,6 +26,9 @@ MIN_LOG_SAMPLE_RATE = 0.01
 # queued copy may wait for company. Also used for the champion's lane under exploration.
 DEFAULT_BATCH_MAX_ROWS = 16
 DEFAULT_BATCH_MAX_WAIT_MS = 2.0
+# Every Nth copy of a batching lane goes alone, so latency guardrails get samples comparable with
+# the champion's single requests (a batched copy's latency is its whole batch's).
+DEFAULT_LATENCY_PROBE_EVERY = 20
 ENV_PREFIX = "UNDERSTUDY_"
 
 
@@ -91,10 +94,13 @@ class ChallengerConfig:
     mode: ChallengerMode = "shadow"
     sample_rate: float = 1.0
     timeout_ms: int = 1000
-    max_concurrency: int = 16
+    # Calls in flight (a call carries a batch of copies when batching); 4 keeps a slow model's
+    # answers from arriving in bursts big enough to delay champion requests (BENCHMARKS.md).
+    max_concurrency: int = 4
     max_queue: int = 64
     batch_max_rows: int = DEFAULT_BATCH_MAX_ROWS  # 1 disables batching
     batch_max_wait_ms: float = DEFAULT_BATCH_MAX_WAIT_MS
+    latency_probe_every: int = DEFAULT_LATENCY_PROBE_EVERY  # 0: every copy may be batched
 
     @property
     def ref(self) -> ModelRef:
@@ -204,6 +210,7 @@ def parse_challenger(raw: Any, where: str) -> ChallengerConfig:
         0.0 <= ch.batch_max_wait_ms < ch.timeout_ms,
         f"{where}.batch_max_wait_ms: must be >= 0 and below timeout_ms ({ch.timeout_ms})",
     )
+    _check(ch.latency_probe_every >= 0, f"{where}.latency_probe_every: must be >= 0 (0: off)")
     return replace(ch, model=str(ch.model), version=str(ch.version or ""))
 
 

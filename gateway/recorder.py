@@ -245,7 +245,7 @@ def _outcome(result: ShadowResult, *, role: str, mode: str, version: str) -> Mod
             version = str(decoded.get("model_version") or version)
         except Exception as exc:
             status, error = "error", f"undecodable response: {exc!r}"
-    return {
+    outcome: ModelOutcome = {
         "role": role,  # type: ignore[typeddict-item]
         "mode": mode,  # type: ignore[typeddict-item]
         "version": version,
@@ -254,3 +254,6 @@ def _outcome(result: ShadowResult, *, role: str, mode: str, version: str) -> Mod
         "outputs": outputs,
         "error": error,
     }
+    if result.outputs is not None and result.batch_rows is not None:
+        outcome["batch_rows"] = result.batch_rows  # shared its call: latency not comparable
+    return outcome

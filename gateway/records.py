@@ -1,7 +1,7 @@
 """The inference log record, schema v1: the contract between the gateway and the evaluator.
 
 One record per served request, JSON-encoded with orjson, keyed by request id. Field reference
-(also in docs/RECORD_SCHEMA.md):
+(this docstring is the reference; the evaluator's reader is evaluator/ingest.py):
 
     schema_version   1
     kind             "inference"
@@ -23,7 +23,12 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
                      "version": str, "status": "ok"|"error"|"timeout"|"shed"|"skipped",
                      "latency_ms": float | null, "outputs": {name: Tensor} | null,
-                     "error": str | null}
+                     "error": str | null, "batch_rows": int (optional)}
+
+    batch_rows is present only on a shadow copy that shared its Triton call with other copies
+    (micro-batching, gateway/shadow.py): the call's row count. Its latency_ms is that call's, so
+    it is not comparable with a single request's; the evaluator leaves such latencies out of
+    latency statistics (each batching lane sends every `latency_probe_every`-th copy alone).
 
 Labels (stream "labels") are `{"schema_version": 1, "kind": "label", "request_id", "label",
 "reward", "event_time", "received_ts", "index"}`; audit entries (stream "audit") are
@@ -58,6 +63,7 @@ class ModelOutcome(TypedDict):
     latency_ms: float | None
     outputs: dict[str, Tensor] | None
     error: str | None
+    batch_rows: NotRequired[int]
 
 
 class ServedModel(TypedDict):

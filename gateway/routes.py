@@ -12,7 +12,12 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from gateway.config import DEFAULT_BATCH_MAX_ROWS, DEFAULT_BATCH_MAX_WAIT_MS, RouteConfig
+from gateway.config import (
+    DEFAULT_BATCH_MAX_ROWS,
+    DEFAULT_BATCH_MAX_WAIT_MS,
+    DEFAULT_LATENCY_PROBE_EVERY,
+    RouteConfig,
+)
 from gateway.errors import NotFound
 from gateway.policies import Policy, build_policy
 from gateway.protocol import TensorSpec, parse_metadata_inputs
@@ -103,7 +108,7 @@ class RouteTable:
                 self.upstream, config.name, ch.model, ch.version,
                 max_concurrency=ch.max_concurrency, max_queue=ch.max_queue,
                 timeout_ms=ch.timeout_ms, batch_max_rows=ch.batch_max_rows,
-                batch_max_wait_ms=ch.batch_max_wait_ms,
+                batch_max_wait_ms=ch.batch_max_wait_ms, latency_probe_every=ch.latency_probe_every,
             )
         # Under exploration the champion may not be served; it is then scored as a copy too.
         champion = config.champion
@@ -116,6 +121,7 @@ class RouteTable:
                 timeout_ms=max(champion_timeout, int(self.upstream.timeout_s * 1000)),
                 role="champion", batch_max_rows=DEFAULT_BATCH_MAX_ROWS,
                 batch_max_wait_ms=DEFAULT_BATCH_MAX_WAIT_MS,
+                latency_probe_every=DEFAULT_LATENCY_PROBE_EVERY,
             )
         return lanes
 
@@ -142,7 +148,12 @@ class RouteTable:
         return runtime.champion_inputs
 
     async def warm(self) -> None:
-        """Fetch every champion's signature before traffic arrives (best effort)."""
+        """Fetch every champion's signature, and each lane's batching config, before traffic
+        arrives (best effort: what fails here is fetched again by the first request)."""
+        await asyncio.gather(
+            *(lane.load_batching_config() for rt in self for lane in rt.lanes.values()),
+            return_exceptions=True,
+        )
         results = await asyncio.gather(
             *(self.champion_inputs(rt) for rt in self), return_exceptions=True
         )

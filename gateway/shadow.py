@@ -84,6 +84,7 @@ class ShadowLane:
         role: str = "challenger",
         batch_max_rows: int = 1,
         batch_max_wait_ms: float = 0.0,
+        latency_probe_every: int = 0,
     ) -> None:
         self.upstream = upstream
         self.role = role
@@ -95,6 +96,8 @@ class ShadowLane:
         self.pool_name = f"shadow:{route}:{model}"
         self.batch_max_rows = batch_max_rows
         self.batch_wait_s = batch_max_wait_ms / 1000
+        self.latency_probe_every = latency_probe_every
+        self._batchable_copies = 0
         self._slots = asyncio.Semaphore(max_concurrency)
         self._admitted = 0
         upstream.pool(self.pool_name, limit=max_concurrency)
@@ -129,7 +132,7 @@ class ShadowLane:
         self._inflight_gauge.inc()
         self._counters["sent"].inc()
         limit = self.batch_limit
-        if limit > 1:
+        if limit > 1 and not self._is_latency_probe():
             signature = batch_signature(request)
             # A copy that fills a batch by itself (or cannot be stacked) goes alone, as today.
             if signature is not None and signature[1] < limit:
@@ -186,6 +189,13 @@ class ShadowLane:
             )
 
     # -- micro-batching -------------------------------------------------------------------
+
+    def _is_latency_probe(self) -> bool:
+        """Every Nth copy goes alone: its latency is comparable with a single served request."""
+        if not self.latency_probe_every:
+            return False
+        self._batchable_copies += 1
+        return self._batchable_copies % self.latency_probe_every == 0
 
     @property
     def batch_limit(self) -> int:

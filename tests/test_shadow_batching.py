@@ -13,6 +13,8 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from evaluator.ingest import RecordParser
+from evaluator.store import Batch
 from gateway.batching import IncompatibleBatch, batch_signature, combine, split_outputs
 from gateway.config import parse_config
 from gateway.errors import ConfigError, UpstreamClientError
@@ -22,6 +24,7 @@ from gateway.recorder import _outcome
 from gateway.shadow import ShadowLane, ShadowResult
 from gateway.upstream import TritonUpstream, UpstreamResponse
 from tests.conftest import GatewayFactory, fraud_body
+from tests.test_eval_store import CHAL, CHAMP, T0, inference
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -199,6 +202,25 @@ def test_recorder_uses_pre_split_outputs() -> None:
                        role="challenger", mode="shadow", version="")
     assert outcome["outputs"] == outputs and outcome["version"] == "3"
     assert outcome["status"] == "ok" and outcome["latency_ms"] == 2.0
+    assert outcome["batch_rows"] == 4  # shared its call: the evaluator must know
+    alone = _outcome(ShadowResult("ok", 0.002, batch_rows=1), role="challenger", mode="shadow",
+                     version="")
+    assert "batch_rows" not in alone
+
+
+def test_evaluator_leaves_batched_latency_out_of_latency_statistics() -> None:
+    """A batched copy's latency is its whole batch's: not comparable with the champion's."""
+    batched = inference("r0", T0)
+    batched["outputs"][CHAL]["batch_rows"] = 16
+    batch = Batch()
+    parser = RecordParser()
+    parser.parse(batch, orjson.dumps(batched))
+    parser.parse(batch, orjson.dumps(inference("r1", T0)))
+    latency = {(pos, model): lat for pos, model, lat in
+               zip(batch.o_pos, batch.o_model, batch.o_latency, strict=True)}
+    assert np.isnan(latency[0, CHAL]) and latency[1, CHAL] == 3.0
+    assert latency[0, CHAMP] == 1.0  # the served model's latency is untouched
+    assert batch.o_score[batch.o_model.index(CHAL)] == pytest.approx(0.3)  # scores are kept
 
 
 def test_batching_config_is_validated() -> None:
@@ -410,7 +432,7 @@ async def test_gateway_batches_shadow_copies_and_logs_each_rows_own_answer(
         # A long wait so that batches close on rows, not on time: 4-row batches whatever the
         # machine's speed.
         "challengers": [{"model": "fraud_v4", "batch_max_rows": 4, "batch_max_wait_ms": 4000,
-                         "timeout_ms": 20_000, "max_queue": 100}],
+                         "timeout_ms": 20_000, "max_queue": 100, "latency_probe_every": 0}],
     }})
     lane = gw.app[ROUTES].get(route).lanes["fraud_v4"]
     assert await lane.load_batching_config() == 4
@@ -463,3 +485,16 @@ async def test_gateway_batches_shadow_copies_and_logs_each_rows_own_answer(
     single_row_batches = samples[("understudy_shadow_batch_rows_bucket", "1.0")]
     assert single_row_batches < batches  # some calls carried more than one row
     assert batches < rows_total
+
+
+async def test_every_nth_copy_goes_alone_as_a_latency_probe() -> None:
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-probe", max_concurrency=4, latency_probe_every=3)
+    assert await lane.load_batching_config() == 4
+    results = await asyncio.gather(*(lane.submit(row(i), "shadow") for i in range(6)))
+    assert [score(r) for r in results] == [[float(i)] for i in range(6)]
+    # copies 3 and 6 were sent alone (their own answer, no shared call); the rest as one batch
+    assert [r.outputs is None for r in results] == [False, False, True, False, False, True]
+    assert sorted(upstream.calls) == [1, 1, 4]
+    assert [_outcome(r, role="challenger", mode="shadow", version="").get("batch_rows")
+            for r in results] == [4, 4, None, 4, 4, None]
