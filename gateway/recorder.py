@@ -86,14 +86,18 @@ class Recorder:
     Records are built by one worker task in time slices of `slice_s`, yielding to the event loop
     between slices. A batch of shadow answers arriving together (a challenger's dynamic batcher
     answers many copies at once) therefore never holds the loop, and the champion requests
-    behind it, for longer than one slice; and no task is created per request.
+    behind it, for longer than one slice; and no task is created per request. Past `backlog`
+    ready records the worker stops yielding until it is back under it: under overload a loop
+    iteration can accept more requests than one slice records, and the records (each holding
+    its request and answers) must not pile up in memory.
     """
 
     def __init__(self, sink: LogSink, on_explored: ExploredHook | None = None, *,
-                 slice_s: float = 0.0005) -> None:
+                 slice_s: float = 0.0005, backlog: int = 256) -> None:
         self.sink = sink
         self.on_explored = on_explored
         self.slice_s = slice_s
+        self.backlog = backlog
         self._ready: deque[tuple[RequestContext, Mapping[str, asyncio.Future[ShadowResult]]]] = (
             deque()
         )
@@ -142,7 +146,9 @@ class Recorder:
                 deadline = time.perf_counter() + self.slice_s
                 while True:
                     self._record(*self._ready.popleft())
-                    if not self._ready or time.perf_counter() >= deadline:
+                    if not self._ready or (
+                        time.perf_counter() >= deadline and len(self._ready) <= self.backlog
+                    ):
                         break
                 await asyncio.sleep(0)
         finally:

@@ -472,9 +472,9 @@ class KafkaBroker:
                               str(self.port), "--dir", str(self.directory), "--fresh",
                               "--timeout", str(timeout)],
                              cwd=ROOT, check=True, capture_output=True, text=True).stdout
-        words = out.split()  # "kafka 4.1.1 pid N dir D (ready in S s)"
-        if len(words) > 1 and words[0] == "kafka":
-            self.version = words[1]
+        words = out.split()  # "<bootstrap>\nkafka 4.1.1 pid N dir D (ready in S s)"
+        if "kafka" in words[:-1]:
+            self.version = words[words.index("kafka") + 1]
         return self
 
     def stop(self) -> None:

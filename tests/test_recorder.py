@@ -109,3 +109,26 @@ async def test_drain_records_cancelled_copies_as_errors() -> None:
     assert "cancelled" in record["outputs"]["b"]["error"]
     assert record["outputs"]["a"]["status"] == "ok"
     await upstream.close()
+
+
+async def test_a_backlog_is_recorded_without_yielding_until_under_the_limit() -> None:
+    """Overload: more records ready than slices can build must not pile up in memory."""
+    runtime, upstream = _runtime()
+    events: list[str] = []
+    recorder = Recorder(ListSink(events), slice_s=0.0, backlog=3)
+    for i in range(8):
+        recorder.submit(_ctx(runtime, f"r{i}"), {})
+
+    async def probe() -> None:
+        for _ in range(8):
+            events.append("loop")
+            await asyncio.sleep(0)
+
+    await asyncio.gather(probe(), recorder.drain())
+    start = events.index("record r0")
+    # r0..r4 back to back (8, 7, 6, 5, 4 ready: over the backlog of 3), then one per slice
+    assert events[start:start + 5] == [f"record r{i}" for i in range(5)]
+    later = events[start + 5:]
+    assert later.index("record r5") < later.index("record r6") < later.index("record r7")
+    assert "loop" in later[later.index("record r5"):later.index("record r7")]
+    await upstream.close()
