@@ -91,6 +91,10 @@ class ShadowLane:
         self.route = route
         self.model = model
         self.version = version
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        # Copies admitted at once (running or queued): beyond this a copy is shed. A call carries
+        # up to `batch_limit` copies once batching is on, so the in-flight part grows with it.
         self.capacity = max_concurrency + max_queue
         self.timeout_s = timeout_ms / 1000
         self.pool_name = f"shadow:{route}:{model}"
@@ -226,6 +230,7 @@ class ShadowLane:
             config = await self.upstream.model_config(self.model, self.version)
             size = config.get("max_batch_size", 0)
             self._max_batch_size = size if isinstance(size, int) and size > 0 else 0
+            self.capacity = self.max_concurrency * max(self.batch_limit, 1) + self.max_queue
         except Exception as exc:  # copies simply keep going singly
             log.warning("lane %s/%s: no model config, shadow copies not batched: %s",
                         self.route, self.model, exc)

@@ -387,12 +387,14 @@ async def test_deadlines_queued_copy_shed_and_called_copy_timeout() -> None:
     lane = lane_for(upstream, "lane-deadline", timeout_ms=50, max_queue=1)
     assert await lane.load_batching_config() == 4
     upstream.gate = asyncio.Event()  # never opens before the deadlines: a hung challenger
+    # admitted at once: 1 call in flight x 4 rows per call + max_queue 1
+    assert lane.capacity == 5
     called = lane.submit(row(1), "shadow")
     await upstream.started.wait()
-    queued = lane.submit(row(2), "shadow")
-    full = lane.submit(row(3), "shadow")  # capacity 2: shed at once
+    queued = [lane.submit(row(2), "shadow") for _ in range(4)]
+    full = lane.submit(row(3), "shadow")  # the sixth copy: shed at once
     assert full.done() and full.result().status == "shed"
-    assert (await queued).status == "shed"
+    assert [(await q).status for q in queued] == ["shed"] * 4
     result = await called
     assert result.status == "timeout" and result.latency_s is not None
     assert "50 ms" in (result.error or "")
@@ -402,7 +404,7 @@ async def test_deadlines_queued_copy_shed_and_called_copy_timeout() -> None:
     assert upstream.calls == [1]
     value = REGISTRY.get_sample_value("understudy_shadow_copies_total",
                                       {"route": "lane-deadline", "model": "m", "outcome": "shed"})
-    assert value == 2
+    assert value == 5
 
 
 # -- the real path: gateway HTTP, real Triton ----------------------------------------------
