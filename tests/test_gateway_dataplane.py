@@ -77,8 +77,11 @@ async def test_slow_or_failing_challenger_never_touches_the_champion(
 ) -> None:
     gw = await make_gateway({"fraud": {
         "champion": {"model": "fraud_v3"},
+        # One copy per call (batching off), so the lane admits exactly 2 + 2 copies; batched
+        # capacity is tested in test_shadow_batching.py.
         "challengers": [{"model": challenger, "timeout_ms": 600, "max_concurrency": 2,
-                         "max_queue": 2 if challenger == "fraud_sleepy" else 8}],
+                         "max_queue": 2 if challenger == "fraud_sleepy" else 8,
+                         "batch_max_rows": 1}],
     }})
     sleepy_delay_s = 2.0  # tests/triton_models/fraud_sleepy sleeps this long
     x, _ = FraudTraffic(seed=3).sample(8)

@@ -50,6 +50,7 @@ Standard library only, so it runs before any virtualenv exists.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import contextlib
 import fcntl
@@ -334,6 +335,17 @@ def read_state(directory: str | Path) -> BrokerState | None:
 # Brokers started by this process: kept referenced so that Popen does not warn about a child it
 # thinks was forgotten, and polled (reaped) through Popen so no zombie lingers after `stop`.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@atexit.register
+def _release_children() -> None:
+    """A broker outlives the process that started it on purpose (`broker.py stop` ends it): at
+    exit, let go of the Popen handles of the ones still running instead of having Popen warn
+    "subprocess ... is still running" about each of them."""
+    for pid, child in list(_children.items()):
+        if child.poll() is None:
+            child.returncode = 0  # detached, not forgotten: Popen.__del__ only checks this
+        del _children[pid]
 
 
 def _alive(pid: int) -> bool:
