@@ -373,8 +373,10 @@ class Bench:
 
     def slow_challenger(self) -> dict[str, Any]:
         a = self.args
-        routes_a = fraud_route()
-        routes_b = fraud_route(("fraud_slow",))
+        # A: champion only; B: + the slow shadow; C: + a normal-speed shadow (fraud_v4), the
+        # control that separates "a slow challenger hurts" from "any shadow costs loop time".
+        routes = {"A": fraud_route(), "B": fraud_route(("fraud_slow",)),
+                  "C": fraud_route(("fraud_v4",))}
         rate = self.light_rate if a.slow_at == "light" and self.light_rate else self.rate
         champion = _find(self, "champion-file-w1")
         if champion and champion.capacity:
@@ -385,18 +387,17 @@ class Bench:
         self.log(f"slow challenger: fraud_slow sleeps {self.extra['slow_delay_ms']:.0f} ms per "
                  f"batch ({a.slow_factor:.0f}x the champion's direct p50); {rate:,.0f} req/s")
         try:
-            with self.gateway("slow-a", routes_a) as gw_a, \
-                    self.gateway("slow-b", routes_b) as gw_b:
-                url_a = gw_a.url + f"/v2/models/{ROUTE}/infer"
-                url_b = gw_b.url + f"/v2/models/{ROUTE}/infer"
-                for url in (url_a, url_b):
+            with contextlib.ExitStack() as stack:
+                gws = {w: stack.enter_context(self.gateway(f"slow-{w.lower()}", r))
+                       for w, r in routes.items()}
+                urls = {w: gw.url + f"/v2/models/{ROUTE}/infer" for w, gw in gws.items()}
+                for url in urls.values():
                     common.wrk_rate(url, self.body_file, self.body, rate=rate,
                                     duration=max(a.warmup, 2), connections=a.rate_connections,
                                     cpus=self.load_cpus)
                 for i in range(a.slow_rounds):
-                    for which, url in (("A", url_a), ("B", url_b)) if i % 2 == 0 else \
-                            (("B", url_b), ("A", url_a)):
-                        pids = (gw_a if which == "A" else gw_b).pids
+                    for which in "ABC" if i % 2 == 0 else "CBA":
+                        url, pids = urls[which], gws[which].pids
                         cpu0 = common.schedstat(pids)[0]
                         r = common.wrk_rate(url, self.body_file, self.body, rate=rate,
                                             duration=a.slow_duration,
@@ -407,27 +408,32 @@ class Bench:
                         self.log(f"  {which} round {i + 1}: {r.rps:,.0f} req/s p50 {r.p50:.2f} "
                                  f"p99 {r.p99:.2f} ms errors {r.errors}, gateway CPU "
                                  f"{cpu_ms:.3f} ms/req")
-                result["shadow"] = shadow_counts(gw_b.url)
+                result["shadow"] = shadow_counts(gws["B"].url)
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
             self.log(f"slow challenger FAILED: {result['error']}")
             return result
-        p99 = {w: [r["p99"] for r in result["runs"] if r["config"] == w] for w in "AB"}
-        p50 = {w: [r["p50"] for r in result["runs"] if r["config"] == w] for w in "AB"}
-        result["p99_a"] = statistics.median(p99["A"])
-        result["p99_b"] = statistics.median(p99["B"])
-        result["p50_a"] = statistics.median(p50["A"])
-        result["p50_b"] = statistics.median(p50["B"])
+        p99 = {w: [r["p99"] for r in result["runs"] if r["config"] == w] for w in "ABC"}
+        p50 = {w: [r["p50"] for r in result["runs"] if r["config"] == w] for w in "ABC"}
+        cpu = {w: [r["cpu_ms_per_req"] for r in result["runs"] if r["config"] == w]
+               for w in "ABC"}
+        for w in "abc":
+            result[f"p99_{w}"] = statistics.median(p99[w.upper()])
+            result[f"p50_{w}"] = statistics.median(p50[w.upper()])
+            result[f"cpu_{w}"] = statistics.median(cpu[w.upper()])
         result["p99_change_pct"] = 100 * (result["p99_b"] / result["p99_a"] - 1)
         result["p50_change_pct"] = 100 * (result["p50_b"] / result["p50_a"] - 1)
-        cpu = {w: [r["cpu_ms_per_req"] for r in result["runs"] if r["config"] == w] for w in "AB"}
-        result["cpu_a"], result["cpu_b"] = statistics.median(cpu["A"]), statistics.median(cpu["B"])
+        result["p99_vs_fast_pct"] = 100 * (result["p99_b"] / result["p99_c"] - 1)
+        result["p50_vs_fast_pct"] = 100 * (result["p50_b"] / result["p50_c"] - 1)
         # run-to-run noise of the unchanged config, to judge the change against
         result["p99_noise_pct"] = 100 * (max(p99["A"]) / min(p99["A"]) - 1) if len(
             p99["A"]) > 1 else None
         result["p99_a_runs"], result["p99_b_runs"] = p99["A"], p99["B"]
-        self.log(f"slow challenger: champion p99 {result['p99_a']:.2f} -> {result['p99_b']:.2f} "
-                 f"ms ({result['p99_change_pct']:+.1f}%), A-vs-A noise "
+        result["p99_c_runs"] = p99["C"]
+        self.log(f"slow challenger: champion p99 {result['p99_a']:.2f} (A) -> "
+                 f"{result['p99_b']:.2f} ms (B, {result['p99_change_pct']:+.1f}%); with a "
+                 f"normal-speed shadow {result['p99_c']:.2f} ms (C; B vs C "
+                 f"{result['p99_vs_fast_pct']:+.1f}%), A-vs-A noise "
                  f"{result['p99_noise_pct'] or 0:.1f}%")
         return result
 
@@ -686,21 +692,28 @@ def render(bench: Bench, argv: list[str]) -> str:
                 f"p50 of {bench.extra.get('champion_p50_ms', 0):.2f} ms), at "
                 f"{slow['rate']:,.0f} req/s (the light rate, capped at "
                 f"{a.slow_max_load:.0%} of the gateway's champion-only capacity), "
-                f"{a.slow_rounds} rounds of A and B in ABBA order, "
+                "and, as the control, champion + shadow `fraud_v4` at its normal speed (C); "
+                f"{a.slow_rounds} rounds in ABC / CBA order, "
                 f"{a.slow_duration:g} s each (medians):",
                 "",
-                "| | p50 (ms) | p99 (ms) |",
-                "|---|---|---|",
-                f"| A champion only | {slow['p50_a']:.2f} | {slow['p99_a']:.2f} |",
-                f"| B + slow shadow | {slow['p50_b']:.2f} | {slow['p99_b']:.2f} |",
-                f"| change | {slow['p50_change_pct']:+.1f}% | **{slow['p99_change_pct']:+.1f}%** |",
+                "| | p50 (ms) | p99 (ms) | gateway CPU ms/req |",
+                "|---|---|---|---|",
+                f"| A champion only | {slow['p50_a']:.2f} | {slow['p99_a']:.2f} "
+                f"| {slow['cpu_a']:.3f} |",
+                f"| B + slow shadow | {slow['p50_b']:.2f} | {slow['p99_b']:.2f} "
+                f"| {slow['cpu_b']:.3f} |",
+                f"| C + normal-speed shadow | {slow['p50_c']:.2f} | {slow['p99_c']:.2f} "
+                f"| {slow['cpu_c']:.3f} |",
+                f"| B vs A | {slow['p50_change_pct']:+.1f}% | **{slow['p99_change_pct']:+.1f}%** "
+                "| |",
+                f"| B vs C | {slow['p50_vs_fast_pct']:+.1f}% | **{slow['p99_vs_fast_pct']:+.1f}%** "
+                "| |",
                 "",
                 "p99 per round: A " + ", ".join(f"{v:.2f}" for v in slow["p99_a_runs"])
                 + "; B " + ", ".join(f"{v:.2f}" for v in slow["p99_b_runs"])
+                + "; C " + ", ".join(f"{v:.2f}" for v in slow["p99_c_runs"])
                 + f" ms. A-vs-A spread of p99 (noise): {slow['p99_noise_pct'] or 0:.1f}%. "
-                f"Gateway CPU per request: A {slow['cpu_a']:.3f}, B {slow['cpu_b']:.3f} ms "
-                f"({100 * (slow['cpu_b'] / slow['cpu_a'] - 1):+.1f}%: the price of the slow "
-                "lane, robust to other load). Slow lane copies: "
+                "Slow lane copies: "
                 + ", ".join(f"{k} {int(v):,}" for k, v in sorted(sh.items())) + ".",
                 "",
             ]
