@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from gateway.protocol import InferRequest
+from gateway.protocol import InferRequest, flatten
 from gateway.records import Tensor
 
 # Request parameters that tie a request to server-side state: stacking them would be wrong.
@@ -79,14 +79,6 @@ def batch_signature(request: InferRequest) -> tuple[Hashable, int] | None:
     return key, rows
 
 
-def _flatten(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        if data and isinstance(data[0], list):
-            return [x for item in data for x in _flatten(item)]
-        return data
-    return [data]
-
-
 def _binary_chunks(request: InferRequest) -> list[bytes]:
     """Each input's raw tensor bytes, in input order."""
     if request.header_length is None:
@@ -127,7 +119,7 @@ def combine(requests: Sequence[InferRequest], max_rows: int | None = None) -> Co
                 "binary_data_size": sum(len(parts[i]) for parts in chunks)
             }
         else:
-            combined["data"] = [x for r in requests for x in _flatten(r.inputs[i]["data"])]
+            combined["data"] = [x for r in requests for x in flatten(r.inputs[i]["data"])]
         inputs.append(combined)
     header: dict[str, Any] = {"inputs": inputs}
     for key in ("outputs", "parameters"):

@@ -221,9 +221,10 @@ def _decode_bytes(raw: bytes, count: int) -> list[str]:
     return items
 
 
-def _flatten(data: Any) -> list[Any]:
+def flatten(data: Any) -> list[Any]:
+    """A tensor's JSON `data` (flat, nested row-major, or a scalar) as one flat list."""
     if isinstance(data, list) and data and isinstance(data[0], list):
-        return [x for item in data for x in _flatten(item)]
+        return [x for item in data for x in flatten(item)]
     return data if isinstance(data, list) else [data]
 
 
@@ -248,7 +249,7 @@ def _decode_tensors(
             else:  # BF16 has no numpy dtype: keep the raw 16-bit patterns
                 data = np.frombuffer(chunk, dtype="<u2").tolist()
         else:
-            data = _flatten(t.get("data", []))
+            data = flatten(t.get("data", []))
         out[str(t.get("name"))] = {"datatype": datatype, "shape": shape, "data": data}
     return out
 
