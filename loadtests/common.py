@@ -468,11 +468,12 @@ class KafkaBroker:
 
     def start(self, timeout: float = 120.0) -> KafkaBroker:
         self.port = self.port or free_port()
-        out = subprocess.run([sys.executable, str(BROKER_SCRIPT), "start", "--port",
-                              str(self.port), "--dir", str(self.directory), "--fresh",
-                              "--timeout", str(timeout)],
-                             cwd=ROOT, check=True, capture_output=True, text=True).stdout
-        words = out.split()  # "<bootstrap>\nkafka 4.1.1 pid N dir D (ready in S s)"
+        started = subprocess.run([sys.executable, str(BROKER_SCRIPT), "start", "--port",
+                                  str(self.port), "--dir", str(self.directory), "--fresh",
+                                  "--timeout", str(timeout)],
+                                 cwd=ROOT, check=True, capture_output=True, text=True)
+        # stdout: the bootstrap; stderr: "kafka 4.1.1 pid N dir D (ready in S s)"
+        words = (started.stdout + started.stderr).split()
         if "kafka" in words[:-1]:
             self.version = words[words.index("kafka") + 1]
         return self

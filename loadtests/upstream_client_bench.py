@@ -1,10 +1,11 @@
-"""Why the gateway forwards with aiohttp instead of tritonclient's aio client: measured.
+"""Which client the gateway forwards inference calls with: measured.
 
-Both clients send the same binary-tensor request for one fraud row to the same real Triton at
-fixed concurrency. The gateway already holds the client's body bytes, so with aiohttp it
-forwards them as they are; with tritonclient it has to rebuild InferInput objects from the
-decoded request (numpy) and let tritonclient encode them again, then decode the response.
-We report throughput and the client process's CPU time per request (the gateway's own cost).
+Every client sends the same binary-tensor request for one fraud row to the same real Triton at
+fixed concurrency. The gateway already holds the client's body bytes: with its keep-alive pool
+(gateway/keepalive.py, what the gateway uses) or aiohttp it forwards them as they are; with
+tritonclient it has to rebuild InferInput objects from the decoded request (numpy) and let
+tritonclient encode them again, then decode the response. We report throughput and the client
+process's CPU time per request (the gateway's own cost).
 
     .venv/bin/python loadtests/upstream_client_bench.py --requests 4000 --concurrency 16
 """
@@ -24,6 +25,7 @@ import tritonclient.http.aio as triton_aio
 from tritonclient.http import InferInput, InferRequestedOutput
 
 from gateway.triton import TritonServer
+from gateway.upstream import TritonUpstream
 
 MODELS = Path(__file__).resolve().parents[1] / "deploy" / "triton" / "models"
 
@@ -68,6 +70,15 @@ async def main_async(url: str, n: int, concurrency: int) -> None:
                 await resp.read()
 
         await run("aiohttp, body forwarded as is", n, concurrency, raw)
+
+    upstream = TritonUpstream(url, timeout_ms=5000, max_connections=concurrency)
+    try:
+        async def pooled() -> None:
+            await upstream.infer("fraud_v3", "", body, "application/octet-stream", len(header))
+
+        await run("gateway keep-alive pool (httptools)", n, concurrency, pooled)
+    finally:
+        await upstream.close()
 
     client = triton_aio.InferenceServerClient(url.removeprefix("http://"),
                                               conn_limit=concurrency)
