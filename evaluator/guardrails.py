@@ -150,9 +150,7 @@ def latency_summary(
 ) -> LatencySummary:
     """Latency over attempted requests with a finite latency; p99 with an order-statistic CI."""
     lat = np.asarray(latency_ms, dtype=np.float64)
-    st = np.asarray(status)
-    attempted = (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
-    x = lat[attempted & np.isfinite(lat)]
+    x = lat[_attempted(status) & np.isfinite(lat)]
     n = int(x.size)
     if n == 0:
         return LatencySummary(0, None, None, None, None, None)
@@ -168,6 +166,17 @@ def latency_summary(
         for v in np.quantile(x, [(lo_rank - 0.5) / n, (hi_rank - 0.5) / n], method="inverted_cdf")
     )
     return LatencySummary(n, float(x.mean()), p50, p99, lo, hi)
+
+
+def _attempted(status: np.ndarray) -> np.ndarray:
+    st = np.asarray(status)
+    return (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
+
+
+def _unmeasured(model: ModelColumn) -> int:
+    """Attempted requests without a latency: batched shadow copies (gateway/records.py)."""
+    latency = np.asarray(model.latency_ms, dtype=np.float64)
+    return int((_attempted(model.status) & ~np.isfinite(latency)).sum())
 
 
 def _ratio(challenger: float, champion: float) -> float:
@@ -199,6 +208,10 @@ def check_guardrails(
 
     lat_enough = lc.n >= need and lh.n >= need
     lat_short = f"not enough latency samples (champion {lc.n}, challenger {lh.n}; need {need} each)"
+    if lh.n < need and _unmeasured(challenger) > 0:
+        lat_short += (f"; {_unmeasured(challenger):,} of the challenger's copies shared a batched "
+                      "Triton call and carry no comparable latency (the gateway sends every "
+                      "latency_probe_every-th copy alone)")
     if limits.max_latency_p99_ratio is not None:
         limit = limits.max_latency_p99_ratio
         if not lat_enough or lc.p99_ms is None or lh.p99_ms is None:

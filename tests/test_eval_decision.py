@@ -295,3 +295,15 @@ def test_guardrail_summaries_against_numpy() -> None:
     ratio = next(c for c in result.checks if c.name == "latency_p99_ratio")
     assert ratio.observed == pytest.approx(1.2)  # same requests, every latency x 1.2
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_batched_copies_without_latency_are_named_when_latency_samples_are_short() -> None:
+    ds = simulate_dataset(_rng(9), 3000, BETTER)
+    latency = ds.models["challenger"].latency_ms.copy()
+    latency[np.arange(len(latency)) % 20 != 0] = np.nan  # batched: only every 20th measured
+    d = _one(_with_challenger(ds, latency_ms=latency),
+             DecisionPolicy(guardrail_min_requests=200, min_samples=500))
+    check = next(c for c in d.guardrails.checks if c.name == "latency_p99_ratio")
+    assert check.passed is None  # insufficient: blocks a promotion, does not force a KEEP
+    assert "2,850 of the challenger's copies shared a batched Triton call" in check.detail
+    assert d.decision == "INCONCLUSIVE"
