@@ -9,12 +9,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from gateway.demo.traffic import FraudTraffic
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.http import UPSTREAM
 from gateway.keepalive import ConnectionClosed, KeepAlivePool
+from gateway.triton import TritonServer
 from gateway.upstream import TritonUpstream
+from tests.conftest import GatewayFactory, fraud_body
+from tests.support.triton import DEMO_MODELS
 
 Answer = Callable[[bytes, int], Awaitable[bytes | None]]  # (request body, n) -> raw response
 
@@ -143,6 +149,25 @@ async def test_idle_connection_dropped_by_the_server_is_retried(
     pool.close()
 
 
+async def test_keep_alive_race_is_retried_once_on_a_fresh_connection(
+    server_factory: ServerFactory,
+) -> None:
+    """The server closes a kept-alive connection just as a request arrives on it (before the
+    client could notice): the request is sent again, once, on a new connection."""
+
+    async def drop_second(body: bytes, n: int) -> bytes | None:
+        return None if n == 2 else ok(body)
+
+    server = await server_factory(drop_second)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    assert (await pool.post("/p", b"1", "application/json")).body == b"1"
+    response = await pool.post("/p", b"2", "application/json")
+    assert response.body == b"2"
+    assert [body for _, body in server.requests] == [b"1", b"2", b"2"]
+    assert server.connections == 2
+    pool.close()
+
+
 async def test_connection_close_and_chunked_answers(server_factory: ServerFactory) -> None:
     async def chunked(_: bytes, n: int) -> bytes:
         return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
@@ -224,3 +249,38 @@ async def test_binary_header_length_is_forwarded(server_factory: ServerFactory) 
     assert body == b"{}\x00\x01"
     assert (response.body, response.header_length) == (b"{}\x00\x01", "2")
     await upstream.close()
+
+
+async def test_gateway_survives_a_triton_restart_on_its_kept_alive_connections(
+    make_gateway: GatewayFactory, tmp_path: Path,
+) -> None:
+    """Real Triton: the pool's idle connections die with the server; after the restart the
+    first request is served (stale connection retried on a fresh one), none is lost."""
+    demo = DEMO_MODELS
+    server = TritonServer([demo], log_file=tmp_path / "triton.log", exit_timeout=2)
+    await asyncio.to_thread(server.start)
+    try:
+        gw = await make_gateway({"fraud": {"champion": "fraud_v3"}},
+                                triton={"url": server.url})
+        x, _ = FraudTraffic(seed=11).sample(6)
+
+        async def infer(i: int) -> int:
+            resp = await gw.post_json("/v2/models/fraud/infer",
+                                      fraud_body([x[i].tolist()], f"k{i}"))
+            await resp.read()
+            return resp.status
+
+        assert [await infer(i) for i in range(2)] == [200, 200]
+        assert gw.app[UPSTREAM].pool("fraud_v3").idle >= 1  # kept alive
+        ports = (server.http_port, server.grpc_port, server.metrics_port)
+        await asyncio.to_thread(server.stop)
+        assert await infer(2) == 503  # Triton down: a fast, clear error
+        server = TritonServer([demo], log_file=tmp_path / "triton2.log", exit_timeout=2,
+                              http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+        await asyncio.to_thread(server.start)
+        assert [await infer(i) for i in range(3, 6)] == [200, 200, 200]
+        await gw.stop()
+        statuses = {r["request_id"]: r["status"] for r in gw.records()}
+        assert statuses == {"k0": 200, "k1": 200, "k2": 503, "k3": 200, "k4": 200, "k5": 200}
+    finally:
+        await asyncio.to_thread(server.stop)
