@@ -24,7 +24,11 @@ import httptools
 
 
 class ConnectionClosed(ConnectionError):
-    """The server closed the connection before the answer was complete."""
+    """The server closed the connection before the answer was complete (or the pool closed)."""
+
+
+class MalformedResponse(Exception):
+    """The server's bytes are not a valid HTTP/1.1 response (a bad gateway, not an outage)."""
 
 
 @dataclass(slots=True)
@@ -44,7 +48,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[RawResponse] | None = None
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
-        self._header_name = b""
+        self._headers_done = False
         self.received = False  # any byte of the current answer
 
     # -- asyncio.Protocol --
@@ -59,35 +63,52 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(ConnectionClosed(f"malformed HTTP response from Triton: {exc}"))
-            if self.transport is not None:
-                self.transport.abort()
+            self._fail(MalformedResponse(f"malformed HTTP response from Triton: {exc}"))
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if exc is None and self._headers_done and self._waiter is not None and not (
+            b"content-length" in self._headers or b"transfer-encoding" in self._headers
+        ):
+            self._complete()  # a body delimited by the end of the connection ends here
+            return
         self._fail(ConnectionClosed(f"connection closed by Triton ({exc or 'EOF'})"))
 
     # -- httptools callbacks --
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.lower()] = value
 
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:  # interim (100 Continue): keep waiting
+            self._headers, self._body, self._headers_done = {}, [], False
+            return
+        if not self._parser.should_keep_alive():
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        self._complete()
+
+    def _complete(self) -> None:
         response = RawResponse(
             self._parser.get_status_code(),
             self._headers,
             self._body[0] if len(self._body) == 1 else b"".join(self._body),
         )
-        if not self._parser.should_keep_alive():
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
-        self._headers, self._body = {}, []
+        self._headers, self._body, self._headers_done = {}, [], False
         waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
+        if waiter is None or waiter.done():
+            # Nobody asked (or the asker gave up): this stream is out of step, never reuse it,
+            # or the next call would read this answer as its own.
+            self.abort()
+            return
+        waiter.set_result(response)
 
     # -- calls --
     def send(self, message: bytes) -> asyncio.Future[RawResponse]:
@@ -121,6 +142,14 @@ class KeepAlivePool:
         self._busy: set[_Connection] = set()
         self._heads: dict[tuple[str, str], bytes] = {}
         self._host_header = f"{host}:{port}"
+        self._closed = False
+
+    def raise_limit(self, limit: int) -> None:
+        """Allow more calls in flight (a reconfigured lane); a lower limit is the caller's own
+        semaphore's job, so the pool never shrinks under calls in flight."""
+        for _ in range(limit - self.limit):
+            self._slots.release()
+        self.limit = max(self.limit, limit)
 
     def _head(self, path: str, content_type: str) -> bytes:
         """The fixed part of a request head, rendered once per (path, content type)."""
@@ -144,16 +173,20 @@ class KeepAlivePool:
         ))
         async with self._slots:
             for attempt in range(2):
-                conn = self._take_idle()
+                # The retry always opens a fresh connection: other idle ones may be stale too.
+                conn = self._take_idle() if attempt == 0 else None
                 reused = conn is not None
                 if conn is None:
                     conn = await self._connect()
+                if self._closed:
+                    conn.abort()
+                    raise ConnectionClosed("connection pool closed")
                 self._busy.add(conn)
                 try:
                     response = await conn.send(message)
                 except ConnectionClosed:
                     conn.abort()
-                    if reused and not conn.received and attempt == 0:
+                    if reused and not conn.received and attempt == 0 and not self._closed:
                         continue  # an idle connection the server had dropped: once, fresh
                     raise
                 except BaseException:
@@ -161,7 +194,7 @@ class KeepAlivePool:
                     raise
                 finally:
                     self._busy.discard(conn)
-                if not conn.closed:
+                if not conn.closed and not self._closed:
                     self._idle.append(conn)
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
@@ -184,6 +217,7 @@ class KeepAlivePool:
 
     def close(self) -> None:
         """Close idle connections and abort calls in flight (their callers get an error)."""
+        self._closed = True
         for conn in [*self._idle, *self._busy]:
             conn.abort()
         self._idle.clear()

@@ -28,7 +28,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.keepalive import KeepAlivePool
+from gateway.keepalive import KeepAlivePool, MalformedResponse
 from gateway.protocol import HEADER_LENGTH
 
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
@@ -77,6 +77,8 @@ class TritonUpstream:
         if pool is None:
             pool = KeepAlivePool(self._host, self._port, limit or self.max_connections)
             self._pools[name] = pool
+        elif limit is not None and limit > pool.limit:
+            pool.raise_limit(limit)  # a lane rebuilt with more concurrency shares the pool name
         return pool
 
     @property
@@ -119,13 +121,15 @@ class TritonUpstream:
             raise UpstreamTimeout(message) from None
         except OSError as exc:  # refused, reset, closed mid-answer (ConnectionClosed)
             raise UpstreamUnavailable(f"Triton unreachable for model '{model}': {exc}") from None
+        except MalformedResponse as exc:
+            raise UpstreamBadGateway(f"model '{model}': {exc}") from None
         latency = time.perf_counter() - started
         status = raw.status
-        if status >= 400:
+        if status != 200:
             message = _error_message(raw.body, f"HTTP {status}")
-            if status >= 500:
-                raise UpstreamBadGateway(f"model '{model}' failed: {message}")
-            raise UpstreamClientError(message, status)
+            if 400 <= status < 500:
+                raise UpstreamClientError(message, status)
+            raise UpstreamBadGateway(f"model '{model}' failed: {message}")
         resp_type = raw.headers.get(b"content-type", b"application/json").decode("latin-1")
         resp_length = raw.headers.get(_HEADER_LENGTH_KEY)
         return UpstreamResponse(

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from gateway.demo.traffic import FraudTraffic
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import UpstreamBadGateway, UpstreamTimeout, UpstreamUnavailable
 from gateway.http import UPSTREAM
-from gateway.keepalive import ConnectionClosed, KeepAlivePool
+from gateway.keepalive import ConnectionClosed, KeepAlivePool, MalformedResponse
 from gateway.triton import TritonServer
 from gateway.upstream import TritonUpstream
 from tests.conftest import GatewayFactory, fraud_body
@@ -197,15 +197,131 @@ async def test_hang_up_mid_call_is_an_error_not_a_retry(server_factory: ServerFa
     pool.close()
 
 
-async def test_malformed_answer_is_an_error(server_factory: ServerFactory) -> None:
+async def test_malformed_answer_is_a_bad_gateway(server_factory: ServerFactory) -> None:
     async def garbage(_: bytes, __: int) -> bytes:
         return b"NOT HTTP AT ALL\r\n\r\n"
 
     server = await server_factory(garbage)
     pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
-    with pytest.raises(ConnectionClosed, match="malformed"):
+    with pytest.raises(MalformedResponse, match="malformed"):
         await pool.post("/p", b"x", "application/json")
     pool.close()
+    upstream = TritonUpstream(f"http://127.0.0.1:{server.port}", timeout_ms=1000,
+                              max_connections=1)
+    with pytest.raises(UpstreamBadGateway, match="malformed HTTP response"):  # 502, not 503
+        await upstream.infer("m", "", b"{}", "application/json", None)
+    await upstream.close()
+
+
+async def test_body_delimited_by_connection_close_is_complete(
+    server_factory: ServerFactory,
+) -> None:
+    async def until_eof(_: bytes, __: int) -> bytes:
+        return b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"ok":1}'
+
+    server = await server_factory(until_eof)
+    server.close_after_answer = True
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    response = await pool.post("/p", b"x", "application/json")
+    assert (response.status, response.body) == (200, b'{"ok":1}')
+    pool.close()
+
+
+async def test_interim_100_continue_is_not_the_answer(server_factory: ServerFactory) -> None:
+    async def interim_first(body: bytes, _: int) -> bytes:
+        return b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"answer-to-" + body)
+
+    server = await server_factory(interim_first)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    for body in (b"1", b"2"):  # and the next call on the connection gets its own answer
+        response = await pool.post("/p", body, "application/json")
+        assert (response.status, response.body) == (200, b"answer-to-" + body)
+    assert server.connections == 1
+    pool.close()
+
+
+async def test_an_answer_nobody_waits_for_retires_the_connection(
+    server_factory: ServerFactory,
+) -> None:
+    """A late answer (its caller timed out) must never be read as the next call's answer."""
+    server = await server_factory(echo)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    assert (await pool.post("/p", b"1", "application/json")).body == b'{"echo":1}'
+    (conn,) = pool._idle
+    conn.data_received(ok(b"unsolicited"))  # as if a stale answer arrived on the idle stream
+    assert conn.closed
+    assert (await pool.post("/p", b"2", "application/json")).body == b'{"echo":2}'
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_retry_opens_a_fresh_connection_even_with_more_idle_ones(
+    server_factory: ServerFactory,
+) -> None:
+    """Two kept-alive connections dropped together: the retry must not take the other one."""
+    release = asyncio.Event()
+
+    async def drop_later_calls(body: bytes, n: int) -> bytes | None:
+        if n <= 2:
+            await release.wait()  # two calls in flight at once: two connections
+            return ok(body)
+        return None if n == 3 else ok(body)
+
+    server = await server_factory(drop_later_calls)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=2)
+    calls = [asyncio.ensure_future(pool.post("/p", b, "application/json")) for b in (b"a", b"b")]
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(*calls)
+    assert pool.idle == 2
+    assert (await pool.post("/p", b"c", "application/json")).body == b"c"
+    assert server.connections == 3  # the retry went to a new connection
+    pool.close()
+
+
+async def test_close_fails_calls_in_flight_and_keeps_no_connection(
+    server_factory: ServerFactory,
+) -> None:
+    async def slow(body: bytes, _: int) -> bytes:
+        await asyncio.sleep(0.1)
+        return ok(body)
+
+    server = await server_factory(slow)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=2)
+    await pool.post("/p", b"a", "application/json")  # one idle kept-alive connection
+    call = asyncio.ensure_future(pool.post("/p", b"b", "application/json"))
+    await asyncio.sleep(0.02)
+    pool.close()
+    with pytest.raises(ConnectionClosed):
+        await call  # not silently retried on a new connection
+    assert pool.idle == 0
+    assert server.connections == 1
+
+
+async def test_a_lane_rebuilt_with_more_concurrency_gets_more_connections(
+    server_factory: ServerFactory,
+) -> None:
+    release, six_arrived = asyncio.Event(), asyncio.Event()
+
+    async def slow(body: bytes, n: int) -> bytes:
+        if n == 6:
+            six_arrived.set()
+        await release.wait()
+        return ok(body)
+
+    server = await server_factory(slow)
+    upstream = TritonUpstream(f"http://127.0.0.1:{server.port}", timeout_ms=5000,
+                              max_connections=4)
+    assert upstream.pool("shadow:r:b", limit=2).limit == 2
+    pool = upstream.pool("shadow:r:b", limit=6)  # the same lane name, reconfigured
+    assert pool.limit == 6
+    calls = [asyncio.ensure_future(pool.post("/p", b"%d" % i, "application/json"))
+             for i in range(6)]
+    await six_arrived.wait()
+    release.set()
+    await asyncio.gather(*calls)
+    assert server.max_in_flight == 6
+    await upstream.close()
 
 
 async def test_timed_out_call_aborts_its_connection(server_factory: ServerFactory) -> None:
