@@ -5,7 +5,7 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
 
     schema_version   1
     kind             "inference"
-    request_id       str, the client's `id`, its X-Request-Id header, or a generated uuid4 hex
+    request_id       str, the client's `id`, its X-Request-Id header, or a generated 32-hex id
     ts               float, unix seconds when the gateway received the request
     route            str, the logical endpoint the client called
     policy           {"type": "champion"|"epsilon_greedy"|"thompson", ...its parameters}

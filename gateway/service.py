@@ -8,9 +8,10 @@ served model's call: shadow copies are started after it returns and finish in th
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import random
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +46,13 @@ class InferenceService:
         self.upstream = upstream
         self.recorder = recorder
         self.rng = rng or random.Random()
+        # Generated request ids: a random per-process prefix and a counter, 32 hex characters
+        # like a uuid4's hex, unique across restarts and workers without a syscall per request.
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count()
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     async def infer(
         self, route_name: str, body: bytes, headers: Mapping[str, str]
@@ -62,7 +70,7 @@ class InferenceService:
         served_model = config.champion.model
         try:
             request = parse_request(body, headers.get(HEADER_LENGTH))
-            request_id = request.id or request_id or uuid.uuid4().hex
+            request_id = request.id or request_id or self._new_id()
             validate_against(
                 request, config.champion.model, await self.routes.champion_inputs(runtime)
             )
@@ -76,7 +84,7 @@ class InferenceService:
                 )
             response, fallback = await self._call_served(runtime, served_model, request)
         except GatewayError as exc:
-            request_id = request_id or uuid.uuid4().hex
+            request_id = request_id or self._new_id()
             self._record_failure(runtime, request_id, ts, key, request, decision, served_model,
                                  exc, started)
             exc.request_id = request_id  # type: ignore[attr-defined]

@@ -67,8 +67,12 @@ async def test_response_headers_and_request_id(make_gateway: GatewayFactory) -> 
     resp = await gw.post_json("/v2/models/fraud/infer", fraud_body(x.tolist()),
                               headers={"X-Request-Id": "hdr-7"})
     assert resp.headers["X-Request-Id"] == "hdr-7"
-    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body(x.tolist()))
-    assert len(resp.headers["X-Request-Id"]) == 32
+    generated = []
+    for _ in range(2):
+        resp = await gw.post_json("/v2/models/fraud/infer", fraud_body(x.tolist()))
+        generated.append(resp.headers["X-Request-Id"])
+    assert all(len(g) == 32 and int(g, 16) >= 0 for g in generated)
+    assert generated[0] != generated[1]
 
 
 @pytest.mark.parametrize("challenger", ["fraud_sleepy", "fraud_faulty"])
