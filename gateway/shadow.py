@@ -143,47 +143,11 @@ class ShadowLane:
                 return self._enqueue(request, mode, signature[0], signature[1], limit)
         elif self.batch_max_rows > 1 and self._max_batch_size is None:
             self._ensure_config()
-        return asyncio.ensure_future(self._run(request, mode))
-
-    async def _run(self, request: InferRequest, mode: str) -> ShadowResult:
-        """One copy. Latency is the challenger's own (from the call, not from the queue), so the
-        evaluator's latency guardrail never blames a challenger for the gateway's queueing; a
-        copy whose time ran out while still queued is reported as shed, not as a timeout."""
-        started = time.perf_counter()
-        called: float | None = None
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self._slots:
-                    called = time.perf_counter()
-                    remaining = self.timeout_s - (called - started)
-                    resp = await self.upstream.infer(
-                        self.model,
-                        self.version,
-                        request.body,
-                        request.content_type,
-                        request.header_length,
-                        pool=self.pool_name,
-                        timeout_s=max(remaining, 0.001),
-                    )
-            result = ShadowResult("ok", resp.latency_s, resp)
-        except (TimeoutError, UpstreamTimeout):
-            if called is None:
-                result = ShadowResult("shed", error=f"queued in the lane for the whole "
-                                                    f"{self.timeout_s * 1000:.0f} ms timeout")
-            else:
-                result = ShadowResult(
-                    "timeout", time.perf_counter() - called,
-                    error=f"no answer within {self.timeout_s * 1000:.0f} ms",
-                )
-        except GatewayError as exc:
-            result = ShadowResult("error", _since(called, started), error=exc.message)
-        except Exception as exc:  # a shadow must never take the gateway down
-            result = ShadowResult("error", _since(called, started), error=repr(exc))
-        finally:
-            self._admitted -= 1
-            self._inflight_gauge.dec()
-        self._count(result, mode)
-        return result
+        copy = self._new_copy(request, mode, None, 1)
+        task = asyncio.create_task(self._single(copy))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return copy.future
 
     def _count(self, result: ShadowResult, mode: str) -> None:
         self._counters[result.status].inc()
@@ -238,13 +202,16 @@ class ShadowLane:
         finally:
             self._config_fetch = None
 
+    def _new_copy(self, request: InferRequest, mode: str, key: Hashable, rows: int) -> _Copy:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        return _Copy(request, mode, key, rows, loop.create_future(), now, now + self.timeout_s)
+
     def _enqueue(
         self, request: InferRequest, mode: str, key: Hashable, rows: int, limit: int
     ) -> asyncio.Future[ShadowResult]:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        copy = _Copy(request, mode, key, rows, loop.create_future(), now, now + self.timeout_s)
-        copy.timer = loop.call_at(copy.deadline, self._expire, copy)
+        copy = self._new_copy(request, mode, key, rows)
+        copy.timer = asyncio.get_running_loop().call_at(copy.deadline, self._expire, copy)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
         if queued >= limit:
@@ -352,7 +319,8 @@ class ShadowLane:
         finally:
             self._slots.release()
         if fallback:
-            await asyncio.gather(*(self._single(c) for c in batch if not c.finished))
+            await asyncio.gather(*(self._single(c, from_batch=True) for c in batch
+                                   if not c.finished))
 
     def _deliver(self, batch: list[_Copy], resp: UpstreamResponse, rows: int) -> bool:
         """Hand every copy its rows of the batch answer; False if the answer cannot be split."""
@@ -371,28 +339,37 @@ class ShadowLane:
             ))
         return True
 
-    async def _single(self, copy: _Copy) -> None:
-        """Fallback after a failed batch: this copy alone, within its own deadline."""
+    async def _single(self, copy: _Copy, *, from_batch: bool = False) -> None:
+        """This copy alone, within its own deadline: a copy that is not batched, or the
+        fallback after its batch failed (`from_batch`). Latency is the challenger's own (from the
+        call, not from the queue), so the latency guardrail never blames a challenger for the
+        gateway's queueing; a copy whose time ran out while still queued is shed, not timed out.
+        """
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             async with asyncio.timeout_at(copy.deadline):
                 async with self._slots:
                     copy.called = time.perf_counter()
-                    self._batch_rows.observe(copy.rows)
+                    if from_batch:
+                        self._batch_rows.observe(copy.rows)
                     resp = await self.upstream.infer(
                         self.model, self.version, copy.request.body, copy.request.content_type,
                         copy.request.header_length, pool=self.pool_name,
                         timeout_s=max(copy.deadline - loop.time(), 0.001),
                     )
-            result = ShadowResult("ok", resp.latency_s, resp, batch_rows=copy.rows)
+            result = ShadowResult("ok", resp.latency_s, resp,
+                                  batch_rows=copy.rows if from_batch else None)
         except (TimeoutError, UpstreamTimeout):
             result = self._timed_out(copy)
         except GatewayError as exc:
-            result = ShadowResult("error", _since(copy.called, time.perf_counter()),
-                                  error=exc.message)
+            result = ShadowResult("error", _since(copy.called, started), error=exc.message)
         except Exception as exc:  # a shadow must never take the gateway down
-            result = ShadowResult("error", _since(copy.called, time.perf_counter()),
-                                  error=repr(exc))
+            result = ShadowResult("error", _since(copy.called, started), error=repr(exc))
+        except asyncio.CancelledError:  # shutdown: the record still gets this copy's line
+            self._resolve(copy, ShadowResult("error",
+                                             error="copy cancelled (gateway shutting down)"))
+            raise
         self._resolve(copy, result)
 
     def _timed_out(self, copy: _Copy) -> ShadowResult:
