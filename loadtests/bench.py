@@ -10,7 +10,7 @@ What it measures (JSON request of one fraud row, route "fraud", champion fraud_v
 
 1. Capacity: `wrk -t1 -c16` (closed loop, keep-alive) for --duration s: throughput and
    p50/p99 at saturation. The first run, direct Triton, defines the capacity C.
-2. Latency at fixed offered rates (Poisson arrivals, loadtests/rate.lua on wrk, 32
+2. Latency at fixed offered rates (Poisson arrivals, loadtests/post.lua with a RATE on wrk, 32
    connections, --rate-duration s each): "moderate" R = 30% of C (the spec's moderate load) and
    "light" = 10% of C (a rate a single Python worker sustains on this machine, so the added
    latency is the gateway's overhead rather than queueing): p50/p90/p99.
@@ -235,7 +235,7 @@ class Bench:
                 topic = f"understudy.bench.{name}.inferences"
             # stopped (SIGTERM): shadows drained, sink flushed
             if sink == "file":
-                row.logged = count_file_records(self.work / f"log-{name}")
+                row.logged = common.count_records(self.work / f"log-{name}")
             elif self.kafka:
                 row.logged = common.kafka_count(self.kafka.bootstrap, topic)
 
@@ -547,15 +547,6 @@ def shadow_counts(url: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def count_file_records(log_dir: Path, stream: str = "inferences") -> int:
-    total = 0
-    for directory in log_dir.rglob(stream):
-        if directory.is_dir():
-            for segment in directory.glob("*.jsonl"):
-                total += segment.read_bytes().count(b"\n")
-    return total
-
-
 def nginx_pids(nginx: common.Nginx) -> list[int]:
     return common.process_tree(nginx.proc.pid) if nginx.proc else []
 
@@ -654,7 +645,8 @@ def render(bench: Bench, argv: list[str]) -> str:
         f"(after a {a.warmup:g} s warm-up). Fixed rates: moderate = {a.rate_fraction:.0%} of "
         f"direct capacity = **{bench.rate:,.0f} req/s** and light = {a.light_fraction:.0%} = "
         f"**{bench.light_rate:,.0f} req/s**, offered with Poisson arrivals "
-        f"(`wrk -t1 -c{a.rate_connections} -s loadtests/rate.lua`, {a.rate_duration:g} s each; "
+        f"(`wrk -t1 -c{a.rate_connections} -s loadtests/post.lua URL -- ... RATE`, "
+        f"{a.rate_duration:g} s each; "
         "`hey -q` is not used: its workers' tickers fire together, so it sends bursts of -c "
         "requests). Latency is measured from each request's write; \"saturated\" marks a "
         "setup that could not take the offered rate (its latency is then queueing). "
@@ -832,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 1
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(f"{tool} is missing: run loadtests/bench.sh (it installs wrk, hey, nginx)",
+            print(f"{tool} is missing: run loadtests/bench.sh (it installs wrk and nginx)",
                   file=sys.stderr)
             return 2
     bench = Bench(args)

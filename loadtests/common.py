@@ -2,15 +2,13 @@
 
 Everything here starts real servers on 127.0.0.1 (Triton from the nvidia-pytriton wheel, the
 gateway as `python -m gateway serve` subprocesses, nginx, the Kafka broker script) and drives
-them with real load generators (wrk, hey, locust). Every process started is tracked and stopped
+them with real load generators (wrk, locust). Every process started is tracked and stopped
 by its own pid; nothing is killed by name.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import shutil
@@ -33,7 +31,6 @@ LOADTESTS = ROOT / "loadtests"
 DEMO_MODELS = ROOT / "deploy" / "triton" / "models"
 LOADTEST_MODELS = LOADTESTS / "models"
 POST_LUA = LOADTESTS / "post.lua"
-RATE_LUA = LOADTESTS / "rate.lua"
 HOST = "127.0.0.1"
 
 
@@ -185,17 +182,14 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """user+system CPU time of the given processes (clock ticks → seconds)."""
-    tick = os.sysconf("SC_CLK_TCK")
+def count_records(log_dir: Path, stream: str = "inferences") -> int:
+    """Records the file sink wrote under `log_dir` (every worker's directory), one per line."""
     total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+    for directory in log_dir.rglob(stream):
+        if directory.is_dir():
+            for segment in directory.glob("*.jsonl"):
+                total += segment.read_bytes().count(b"\n")
+    return total
 
 
 def schedstat(pids: Sequence[int]) -> tuple[float, float]:
@@ -562,9 +556,9 @@ def wrk(url: str, body_file: Path, body: Body, *, duration: float, connections: 
 def wrk_rate(url: str, body_file: Path, body: Body, *, rate: float, duration: float,
              connections: int = 32, cpus: str | None = None,
              timeout_s: float = 5.0) -> LoadResult:
-    """Latency at a fixed offered rate (Poisson arrivals, loadtests/rate.lua), one wrk thread."""
+    """Latency at a fixed offered rate (Poisson arrivals, loadtests/post.lua), one wrk thread."""
     cmd = [*pin(cpus), shutil.which("wrk") or "wrk", "-t1", f"-c{connections}",
-           f"-d{max(1, round(duration))}s", f"--timeout={timeout_s:g}s", "-s", str(RATE_LUA),
+           f"-d{max(1, round(duration))}s", f"--timeout={timeout_s:g}s", "-s", str(POST_LUA),
            url, "--", str(body_file), body.content_type,
            str(body.header_length) if body.header_length is not None else "-", f"{rate:g}"]
     result = _run_wrk(cmd, duration)
@@ -585,61 +579,6 @@ def _run_wrk(cmd: list[str], duration: float) -> LoadResult:
         s["p99"] / 1000, s["errors"] + s["non2xx"], s["mean"] / 1000, s["max"] / 1000,
         cmd=" ".join(cmd),
     )
-
-
-def hey(url: str, body_file: Path, body: Body, *, rate: float, duration: float,
-        connections: int = 32, cpus: str | None = None, timeout_s: int = 5) -> LoadResult:
-    """Fixed-rate latency run: `connections` workers, each limited to rate/connections req/s.
-
-    Latencies are computed here from hey's per-request CSV (not its rounded summary).
-    """
-    per_worker = rate / connections
-    cmd = [*pin(cpus), shutil.which("hey") or "hey", "-z", f"{max(1, round(duration))}s",
-           "-c", str(connections), "-q", f"{per_worker:.3f}", "-t", str(timeout_s),
-           "-m", "POST", "-T", body.content_type, "-D", str(body_file), "-o", "csv"]
-    if body.header_length is not None:
-        cmd += ["-H", f"Inference-Header-Content-Length: {body.header_length}"]
-    cmd.append(url)
-    started = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         timeout=duration + 60).stdout
-    wall = time.monotonic() - started
-    latencies: list[float] = []
-    errors = 0
-    first, last = float("inf"), 0.0
-    reader = csv.reader(io.StringIO(out))
-    header = next(reader, None)
-    if header is None:
-        raise RuntimeError("hey printed nothing")
-    col = {name: i for i, name in enumerate(header)}
-    for row in reader:
-        if len(row) < len(header):
-            continue
-        latency = float(row[col["response-time"]])
-        offset = float(row[col["offset"]])
-        status = int(row[col["status-code"]]) if row[col["status-code"]] else 0
-        if not 200 <= status < 300:
-            errors += 1
-            continue
-        latencies.append(latency * 1000)
-        first, last = min(first, offset), max(last, offset + latency)
-    latencies.sort()
-    span = (last - first) if latencies else wall
-    return LoadResult(
-        "hey", len(latencies), span, len(latencies) / span if span else 0.0,
-        percentile(latencies, 50), percentile(latencies, 90), percentile(latencies, 99),
-        errors, sum(latencies) / len(latencies) if latencies else 0.0,
-        latencies[-1] if latencies else 0.0, target_rps=rate, cmd=" ".join(cmd),
-    )
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = (len(sorted_values) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 # --- environment description ---------------------------------------------------------------
@@ -680,6 +619,5 @@ def versions() -> dict[str, str]:
             out[dist] = "missing"
     wrk_v = tool_version(["wrk", "-v"])  # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."
     out["wrk"] = wrk_v.split(" [", 1)[0].removeprefix("wrk ").removeprefix("debian/")
-    out["hey"] = tool_version(["dpkg-query", "-W", "-f=${Version}", "hey"])
     out["nginx"] = tool_version(["nginx", "-v"]).replace("nginx version: ", "")
     return out

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                            for s in ("inferences", "labels")}
                 where = f"Kafka topics understudy.bench.load.* on {bootstrap}"
             else:
-                records = {s: count_records(work / "log-load", s)
+                records = {s: common.count_records(work / "log-load", s)
                            for s in ("inferences", "labels")}
                 where = str(work / "log-load")
     finally:
@@ -161,15 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{agg['Request Count']} requests, {failures} failures, "
           f"{float(agg['Requests/s']):.0f} req/s")
     return 1 if failures else 0
-
-
-def count_records(log_dir: Path, stream: str) -> int:
-    total = 0
-    for directory in log_dir.rglob(stream):
-        if directory.is_dir():
-            for segment in directory.glob("*.jsonl"):
-                total += segment.read_bytes().count(b"\n")
-    return total
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 # Sourced by loadtests/bench.sh and loadtests/load.sh: make sure the load tools exist.
-# A fresh machine lacks wrk, hey and nginx: install them with apt-get (as root, or via sudo).
+# A fresh machine lacks wrk and nginx: install them with apt-get (as root, or via sudo).
 # py-spy (profiling) goes into the virtualenv; without it the profile step is skipped.
 
 ensure_tools() {
   local need=()
   command -v wrk >/dev/null 2>&1 || need+=(wrk)
-  command -v hey >/dev/null 2>&1 || need+=(hey)
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
   command -v taskset >/dev/null 2>&1 || need+=(util-linux)
   if ((${#need[@]})); then
