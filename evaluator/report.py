@@ -137,6 +137,21 @@ def write_report(
     return paths
 
 
+def write_marked_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Replace the generated block between the `begin` and `end` markers of a document (append
+    it if the markers are missing); the hand-written text around it is never touched. `block`
+    includes both markers."""
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, text)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write next to the target, then rename over it: readers see the old file or the new one.
 

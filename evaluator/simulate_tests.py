@@ -48,6 +48,7 @@ from scipy.special import expit
 from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats, ModelColumn
 from evaluator.decision import DecisionPolicy, decide
 from evaluator.metrics import PROB_EPS
+from evaluator.report import write_marked_block
 
 DAY = 86_400.0
 RESULTS_BEGIN = "<!-- simulate_tests:begin -->"
@@ -340,18 +341,6 @@ def run_all(quick: bool, workers: int) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, block: str) -> None:
-    """Replace the results block between the markers in ``path`` (append it if missing)."""
-    text = path.read_text() if path.exists() else ""
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        _, tail = rest.split(RESULTS_END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 replications instead of 1000")
@@ -361,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     block = run_all(args.quick, args.workers)
     print(block)
     if args.write:
-        write_results(args.write, block)
+        write_marked_block(args.write, block, RESULTS_BEGIN, RESULTS_END)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluator.report import write_marked_block
 from loadtests import common, profile_gateway
 
 ROUTE = "fraud"
@@ -759,19 +760,6 @@ def render(bench: Bench, argv: list[str]) -> str:
     return "\n".join(out)
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replace our marked section of the file, or append it; never touch other sections."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -839,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(bench, argv)
     print("\n" + section.replace(BEGIN, "").replace(END, "").strip() + "\n")
     if not args.no_md:
-        write_markdown(args.md, section)
+        write_marked_block(args.md, section, BEGIN, END)
         print(f"written to {args.md} and {bench.out / 'results.json'}")
     failed = [r.label for r in bench.rows if r.error]
     return 1 if failed else 0
