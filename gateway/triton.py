@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Self
@@ -168,9 +168,8 @@ def _join_paths(first: Iterable[str], existing: str | None) -> str:
     return os.pathsep.join(seen)
 
 
-def process_group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids in a process group, read from /proc."""
-    members = []
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, [state, ppid, pgrp, ...]) for every process in /proc (gone ones skipped)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -179,10 +178,13 @@ def process_group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         # "pid (comm) state ppid pgrp ..." — comm may contain spaces and parentheses.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 3 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
+        yield int(entry.name), stat[stat.rfind(")") + 2 :].split()
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids in a process group, read from /proc."""
+    return [pid for pid, fields in proc_stats()
+            if len(fields) >= 3 and fields[0] != "Z" and int(fields[2]) == pgid]
 
 
 def _die_with_parent() -> Callable[[], None] | None:
