@@ -3,9 +3,14 @@
 A polynomial GLM read from weights.json: intercept + w·x + Σ c·x_i·x_j + Σ d·x_i², passed through
 a logistic link (classifiers) or none (regressors). All requests of one execute() call are scored
 with one vectorised numpy pass, then split back per request.
+
+Optional config parameters: `delay_seconds` sleeps that long in every execute() (a slow model);
+`delay_file` names a file in the model's directory whose number, when present, overrides it and
+is re-read (by mtime) on every execute(), so a benchmark can set the delay without a reload.
 """
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ class TritonPythonModel:
     """Triton Python-backend entry point."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        """Load the weights and the output name; read an optional delay_seconds parameter."""
+        """Load the weights and the output name; read the optional delay parameters."""
         config = json.loads(args["model_config"])
         spec = json.loads((Path(__file__).parent / "weights.json").read_text())
         self.input_name: str = config["input"][0]["name"]
@@ -28,8 +33,25 @@ class TritonPythonModel:
         self.weights = np.asarray(spec["weights"], dtype=np.float64)
         self.interactions = [(int(i), int(j), float(c)) for i, j, c in spec["interactions"]]
         self.squares = [(int(i), float(d)) for i, d in spec["squares"]]
-        delay = config.get("parameters", {}).get("delay_seconds", {}).get("string_value", "0")
-        self.delay_seconds = float(delay)
+        params = config.get("parameters", {})
+        self.delay_seconds = float(params.get("delay_seconds", {}).get("string_value", "0"))
+        delay_file = params.get("delay_file", {}).get("string_value")
+        self.delay_file = Path(args["model_repository"]) / delay_file if delay_file else None
+        self._delay_mtime: float | None = None
+        self._file_delay = self.delay_seconds
+
+    def current_delay(self) -> float:
+        """delay_seconds, or the delay file's value while that file exists and parses."""
+        if self.delay_file is None:
+            return self.delay_seconds
+        try:
+            mtime = os.stat(self.delay_file).st_mtime
+            if mtime != self._delay_mtime:
+                self._file_delay = float(self.delay_file.read_text().strip())
+                self._delay_mtime = mtime
+        except (OSError, ValueError):
+            return self.delay_seconds
+        return self._file_delay
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Score rows x [n, d] in float64."""
@@ -47,8 +69,9 @@ class TritonPythonModel:
         batches = [
             pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests
         ]
-        if self.delay_seconds > 0:
-            time.sleep(self.delay_seconds)
+        delay = self.current_delay()
+        if delay > 0:
+            time.sleep(delay)
         x = np.concatenate(batches).astype(np.float64)
         y = self.predict(x).astype(np.float32).reshape(-1, 1)
         offsets = np.cumsum([b.shape[0] for b in batches])[:-1]
