@@ -33,6 +33,7 @@ from gateway.config import AdminConfig, GatewayConfig
 from gateway.errors import BadRequest, Forbidden, Unauthorized
 from gateway.http import MAX_BODY
 from gateway.logsink import LogSink
+from gateway.protocol import json_object
 from gateway.registry import Registry
 from gateway.registry_store import RegistryStore, build_store
 from gateway.routes import RouteTable
@@ -181,15 +182,7 @@ def _json(payload: object, status: int = 200) -> web.Response:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON body: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(value).__name__}")
-    return value
+    return json_object(raw, "the request body") if raw.strip() else {}
 
 
 def _expected_version(request: web.Request, body: Mapping[str, Any]) -> int | None:

@@ -69,7 +69,8 @@ class InferRequest:
         return "application/octet-stream" if self.header_length is not None else "application/json"
 
 
-def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+def json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """`raw` parsed as a JSON object, or BadRequest naming `what` and the problem."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -90,12 +91,12 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise BadRequest(
                 f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes"
             )
-        header = _json_object(body[:length], "inference request header")
+        header = json_object(body[:length], "inference request header")
         request = InferRequest(body, header, length)
     else:
         if not body:
             raise BadRequest("empty request body: expected a KServe V2 inference request")
-        request = InferRequest(body, _json_object(body, "inference request"), None)
+        request = InferRequest(body, json_object(body, "inference request"), None)
     _check_inputs(request)
     return request
 
