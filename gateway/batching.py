@@ -95,11 +95,19 @@ def _binary_chunks(request: InferRequest) -> list[bytes]:
     return chunks
 
 
-def combine(requests: Sequence[InferRequest], max_rows: int | None = None) -> CombinedRequest:
-    """One request whose inputs are the given requests' inputs stacked along dim 0, in order."""
+def combine(
+    requests: Sequence[InferRequest],
+    max_rows: int | None = None,
+    signatures: Sequence[tuple[Hashable, int] | None] | None = None,
+) -> CombinedRequest:
+    """One request whose inputs are the given requests' inputs stacked along dim 0, in order.
+
+    `signatures`: the requests' `batch_signature`s when the caller already has them.
+    """
     if not requests:
         raise IncompatibleBatch("nothing to combine")
-    signatures = [batch_signature(r) for r in requests]
+    if signatures is None:
+        signatures = [batch_signature(r) for r in requests]
     first = signatures[0]
     if first is None or any(s is None or s[0] != first[0] for s in signatures):
         raise IncompatibleBatch("requests differ in format, inputs, outputs or parameters")

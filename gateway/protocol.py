@@ -9,7 +9,6 @@ into lists for the log happens later, off the client's critical path (`decode_in
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -168,19 +167,13 @@ def _check_inputs(request: InferRequest) -> None:
             )
 
 
-@functools.lru_cache(maxsize=256)
-def _specs_by_name(specs: tuple[TensorSpec, ...]) -> dict[str, TensorSpec]:
-    """Per model signature, built once (validation runs on every request)."""
-    return {s.name: s for s in specs}
-
-
 def validate_against(request: InferRequest, model: str, specs: Sequence[TensorSpec]) -> None:
     """Check input names, datatypes and shapes against the model's metadata, naming the problem.
 
     Done in the gateway (not left to Triton) so that a bad request is never mirrored to the
     challengers and the client gets one clear message.
     """
-    by_name = _specs_by_name(tuple(specs))
+    by_name = {s.name: s for s in specs}
     given = {t["name"] for t in request.inputs}
     unknown = sorted(given - by_name.keys())
     if unknown:

@@ -286,7 +286,8 @@ class ShadowLane:
                     request.body, request.content_type, request.header_length
                 )
             else:
-                combined = combine([c.request for c in batch])
+                combined = combine([c.request for c in batch],
+                                   signatures=[(c.key, c.rows) for c in batch])
                 body, content_type, header_length = (
                     combined.body, combined.content_type, combined.header_length
                 )
