@@ -208,8 +208,9 @@ def check_guardrails(
 
     lat_enough = lc.n >= need and lh.n >= need
     lat_short = f"not enough latency samples (champion {lc.n}, challenger {lh.n}; need {need} each)"
-    if lh.n < need and _unmeasured(challenger) > 0:
-        lat_short += (f"; {_unmeasured(challenger):,} of the challenger's copies shared a batched "
+    unmeasured = _unmeasured(challenger) if lh.n < need else 0
+    if unmeasured:
+        lat_short += (f"; {unmeasured:,} of the challenger's copies shared a batched "
                       "Triton call and carry no comparable latency (the gateway sends every "
                       "latency_probe_every-th copy alone)")
     if limits.max_latency_p99_ratio is not None:
