@@ -1139,6 +1139,12 @@ def _central_edges(arrays: Sequence[np.ndarray], bins: int = HIST_BINS) -> np.nd
     return np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
 
 
+def _metric_value(payload: Mapping[str, Any], model: str, metric: str) -> Any:
+    """A model's metric value from the report payload, None when it was not computed."""
+    metrics = (payload["metrics"]["models"].get(model) or {}).get("metrics") or {}
+    return (metrics.get(metric) or {}).get("value")
+
+
 def _fig_roc(
     dataset: EvalDataset, rows: np.ndarray, colors: Mapping[str, str], payload: Mapping[str, Any]
 ) -> FigureImage | None:
@@ -1153,8 +1159,7 @@ def _fig_roc(
         except ValueError as exc:
             skipped.append(f"{name}: {exc}")
             continue
-        auc = ((payload["metrics"]["models"].get(name) or {}).get("metrics") or {}).get("auroc")
-        value = (auc or {}).get("value")
+        value = _metric_value(payload, name, "auroc")
         ax.plot(fpr, tpr, color=colors[name], lw=1.6,
                 label=f"{name} (AUROC {_num(value, '.3f')})")
     if skipped and len(skipped) == len(dataset.models):
@@ -1189,9 +1194,9 @@ def _fig_calibration(
         table = calibration_curve(y, s, n_bins=CALIBRATION_BINS, strategy="uniform")
         if table.counts.size == 0:
             continue
-        ece = ((payload["metrics"]["models"].get(name) or {}).get("metrics") or {}).get("ece")
+        ece = _metric_value(payload, name, "ece")
         ax.plot(table.mean_predicted, table.observed_rate, marker="o", ms=3.5, lw=1.4,
-                color=colors[name], label=f"{name} (ECE {_num((ece or {}).get('value'), '.3f')})")
+                color=colors[name], label=f"{name} (ECE {_num(ece, '.3f')})")
         drawn += 1
     if not drawn:
         return FigureImage("calibration", "Calibration", "", "",
@@ -1256,8 +1261,7 @@ def _fig_pred_actual(
     for ax, (name, col) in zip(fig.axes, dataset.models.items(), strict=True):
         ax.scatter(y, col.scores[idx], s=3, alpha=0.35, color=colors[name], linewidths=0)
         ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, ls="--")
-        rmse = ((payload["metrics"]["models"].get(name) or {}).get("metrics") or {}).get("rmse")
-        ax.set_title(f"{name} (RMSE {_num((rmse or {}).get('value'))})", fontsize=9)
+        ax.set_title(f"{name} (RMSE {_num(_metric_value(payload, name, 'rmse'))})", fontsize=9)
         ax.set_xlabel("actual", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
