@@ -332,3 +332,21 @@ async def test_emit_rejects_unknown_stream(tmp_path: Path) -> None:
     sink = KafkaSink(config(dead_bootstrap(), "unused"), tmp_path / "spill")
     with pytest.raises(ValueError, match="unknown log stream"):
         sink.emit("nope", "k", b"{}")
+
+
+async def test_records_coming_back_from_a_full_spill_keep_the_hard_bound(tmp_path: Path) -> None:
+    """A spill write that could not take its chunk puts it back at the head while emit() kept
+    queueing: beyond twice the queue bound the newest are dropped (what the load race hit)."""
+    bound = 5
+    sink = KafkaSink(config(dead_bootstrap(), "unused"), tmp_path / "spill",
+                     max_buffered_records=bound)
+    dropped = count("dropped")
+    newer = [(10 + i, "inferences", f"new-{i}", b"{}") for i in range(2 * bound)]
+    for record in newer:
+        sink._enqueue(record)
+    older = [(i, "inferences", f"old-{i}", b"{}") for i in range(3)]
+    sink._requeue_front(older)
+    assert sink.queued == 2 * bound
+    assert [key for _, _, key, _ in sink._queue] == [
+        *(k for _, _, k, _ in older), *(k for _, _, k, _ in newer[:-3])]
+    assert count("dropped") - dropped == 3

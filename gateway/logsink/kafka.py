@@ -410,10 +410,20 @@ class KafkaSink:
         return taken
 
     def _requeue_front(self, records: Sequence[_Queued]) -> None:
-        """Put records back at the head (they are older than anything queued)."""
+        """Put records back at the head (they are older than anything queued).
+
+        They come back because the spill did not take them (at its budget) while emit() kept
+        queueing, so the hard bound (twice the queue bound) is enforced here too: beyond it
+        the newest records are dropped, as in `_overflow`.
+        """
         for record in reversed(records):
             self._queue.appendleft(record)
             self._queue_bytes += len(record[2]) + len(record[3])
+        while self._queue and (len(self._queue) > 2 * self.max_buffered_records
+                               or self._queue_bytes > 2 * self.max_buffered_bytes):
+            _, stream, key, value = self._queue.pop()
+            self._queue_bytes -= len(key) + len(value)
+            self._drop(SpillRecord(stream, key, value))
         self._buffered_gauge.set(len(self._queue))
 
     def _settled_before(self, target: int) -> bool:
