@@ -28,6 +28,9 @@ class ModelColumn:
     status: np.ndarray  # int8 [n], codes from STATUS_CODES
     latency_ms: np.ndarray  # float64 [n]; NaN where unknown
     modes: tuple[str, ...] = ()  # served / shadow / explore modes seen for this model
+    # Challengers only (None for the champion or for records written before these fields):
+    experiment: np.ndarray | None = None  # object [n], the experiment id the copy belonged to
+    sample_rate: np.ndarray | None = None  # float64 [n], the challenger's sample rate; NaN unknown
 
     @property
     def ok(self) -> np.ndarray:
@@ -63,6 +66,7 @@ class EvalDataset:
     models: dict[str, ModelColumn]  # champion and every challenger that scored these requests
     threshold: float = 0.5
     stats: JoinStats = field(default_factory=JoinStats)
+    registry_version: np.ndarray | None = None  # int64 [n], the route's registry version; -1 unknown
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
