@@ -50,6 +50,17 @@ class JoinStats:
     joined: int = 0  # requests with both an inference and a label
 
 
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """A challenger's current experiment: the verdict uses exactly its rows (never a window)."""
+
+    id: str
+    started: float  # unix seconds of its first logged request
+    data_end: float  # unix seconds of its last logged request
+    champion: str  # the champion it is compared with (a champion change starts a new one)
+    registry_version: int  # the route's registry version at data_end (-1 unknown)
+
+
 @dataclass
 class EvalDataset:
     route: str
@@ -66,7 +77,9 @@ class EvalDataset:
     models: dict[str, ModelColumn]  # champion and every challenger that scored these requests
     threshold: float = 0.5
     stats: JoinStats = field(default_factory=JoinStats)
-    registry_version: np.ndarray | None = None  # int64 [n], the route's registry version; -1 unknown
+    registry_version: np.ndarray | None = None  # int64 [n], route registry version; -1 unknown
+    label_ts: np.ndarray | None = None  # float64 [n], label receipt time; NaN unknown
+    experiments: dict[str, ExperimentInfo] = field(default_factory=dict)  # challenger -> current
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
