@@ -18,6 +18,10 @@ would inflate on every replay.
   inference and its labels together — a shard of requests. Use static membership
   (`group_instance_id`) so shards do not move; a moved partition is re-read from the start
   into its new owner's store.
+- Record schema v1 additions (optional, so older records still parse): the inference's
+  `registry_version`, each challenger outcome's `experiment` and `sample_rate`, the label's
+  `reward` (the reward the gateway computed for its policy) and `received_ts` (label receipt
+  time). Missing or malformed values are stored as unknown, never as a bad record.
 - Bad input (malformed JSON, unknown schema version or kind, missing fields) is counted in the
   store (`bad:<reason>`) and logged, rate-limited; it never stops the loop.
 """
@@ -69,6 +73,16 @@ def _finite(value: Any) -> float | None:
             return None
         return f if math.isfinite(f) else None
     return None
+
+
+def _int_or(value: Any, default: int) -> int:
+    """A JSON integer (not a bool), else `default`."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _experiment_id(value: Any) -> str | None:
+    """An experiment id as the gateway writes it (a non-empty string), else unknown."""
+    return value if isinstance(value, str) and value else None
 
 
 def _score(value: Any) -> float:
@@ -217,6 +231,7 @@ class RecordParser:
         key = rec.get("key")
         status = rec.get("status")
         latency = _finite(rec.get("gateway_latency_ms"))
+        registry_version = _int_or(rec.get("registry_version"), -1)
         rows = _batch_rows(inputs)
         score_name = self.score_output(route)
 
@@ -229,11 +244,13 @@ class RecordParser:
             # A copy that shared a micro-batched call has that call's latency, not comparable
             # with a single request's: left out of latency statistics (gateway/records.py).
             lat = None if oc.get("batch_rows") is not None else _finite(oc.get("latency_ms"))
+            rate = _finite(oc.get("sample_rate"))
             outcomes.append((
                 str(model), ROLE_CODES.get(oc.get("role"), ROLE_CODES["challenger"]),
                 MODE_CODES.get(oc.get("mode"), -1), str(oc.get("version") or ""), code,
                 _scores(oc.get("outputs"), score_name, rows) if code == OK else [NAN] * rows,
-                NAN if lat is None else lat,
+                NAN if lat is None else lat, _experiment_id(oc.get("experiment")),
+                NAN if rate is None else rate,
             ))
         arm_rows = [(str(m), _finite(p)) for m, p in arms.items()]
         features = []
@@ -255,9 +272,9 @@ class RecordParser:
                             NAN if propensity is None else propensity,
                             key if isinstance(key, str) else None,
                             status if isinstance(status, int) else 0,
-                            NAN if latency is None else latency)
-            for model, role, mode, version, code, scores, lat in outcomes:
-                b.add_outcome(pos, model, role, mode, version, code, scores[r], lat)
+                            NAN if latency is None else latency, registry_version)
+            for model, role, mode, version, code, scores, lat, exp, rate in outcomes:
+                b.add_outcome(pos, model, role, mode, version, code, scores[r], lat, exp, rate)
             for model, prob in arm_rows:
                 b.add_arm(pos, model, NAN if prob is None else prob)
             for name, datatype, width, values in features:

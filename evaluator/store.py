@@ -20,8 +20,9 @@ Schema (one row per *prediction*: an unbatched request is one row, row 0; a batc
 n rows gives rows 0..n-1, and a label's `index` names the row):
 
     inferences  id, request_id, row_ix, route, ts, policy, served, propensity, sticky_key,
-                status, gateway_latency_ms, dups          unique (request_id, row_ix)
-    outcomes    inf_id, model, role, mode, version, status, score, latency_ms
+                status, gateway_latency_ms, dups, registry_version   unique (request_id, row_ix)
+    outcomes    inf_id, model, role, mode, version, status, score, latency_ms, experiment,
+                sample_rate                            (experiment: an interned id, NULL unknown)
     arms        inf_id, model, prob                        the policy's probability per arm
     inputs      inf_id, name, datatype, width, num, cat    the row's input tensors (drift)
     labels      request_id, row_ix, inf_id, label, reward, has_label, event_time, received_ts, n
@@ -45,6 +46,16 @@ Join semantics:
 - Scores: the first element (of the prediction's row) of the first output tensor, or of the
   configured output; NaN when the model failed, emitted NaN/inf, or gave no such output.
 
+Schema versions: 1 had no experiment columns; 2 adds `inferences.registry_version` (-1
+unknown) and `outcomes.experiment` / `outcomes.sample_rate` (record schema v1 additions). A
+writable open migrates a version-1 store in place (three `ALTER TABLE ... ADD COLUMN`, old rows
+read as unknown); a read-only open of a version-1 store asks for one `run` to migrate it.
+
+Experiments: `current_experiments(route)` is each challenger's most recently started experiment
+with the route's current champion (the champion on its newest row): started = its first record's
+ts, data_end = its last, registry_version = the highest seen in its rows. `load_experiments`
+loads every row since the earliest of them, so the verdict's data never depends on a window.
+
 Store-wide, not per route: orphan and expired label counts (a label carries no route).
 """
 
@@ -64,11 +75,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from evaluator.config import StoreConfig
-from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats, ModelColumn, Task
+from evaluator.dataset import (
+    STATUS_CODES,
+    EvalDataset,
+    ExperimentInfo,
+    JoinStats,
+    ModelColumn,
+    Task,
+)
 
 log = logging.getLogger(__name__)
 
-STORE_SCHEMA_VERSION = 1
+STORE_SCHEMA_VERSION = 2
 DAY = 86400.0
 ROLE_CODES: dict[str, int] = {"champion": 0, "challenger": 1}
 MODE_CODES: dict[str, int] = {"served": 0, "shadow": 1, "explore": 2}
@@ -116,6 +134,7 @@ class Batch:
     sticky_key: list[str | None] = field(default_factory=list)
     status: list[int] = field(default_factory=list)
     gateway_latency_ms: list[float] = field(default_factory=list)
+    registry_version: list[int] = field(default_factory=list)  # -1 unknown
     # outcomes: position of the prediction row, model, codes, score, latency
     o_pos: list[int] = field(default_factory=list)
     o_model: list[str] = field(default_factory=list)
@@ -125,6 +144,8 @@ class Batch:
     o_status: list[int] = field(default_factory=list)
     o_score: list[float] = field(default_factory=list)
     o_latency: list[float] = field(default_factory=list)
+    o_experiment: list[str | None] = field(default_factory=list)
+    o_sample_rate: list[float] = field(default_factory=list)
     # arms: the policy's probability for each arm
     a_pos: list[int] = field(default_factory=list)
     a_model: list[str] = field(default_factory=list)
@@ -158,7 +179,7 @@ class Batch:
 
     def add_row(self, request_id: str, row: int, route: str, ts: float, policy: str,
                 served: str, propensity: float, sticky_key: str | None, status: int,
-                gateway_latency_ms: float) -> int:
+                gateway_latency_ms: float, registry_version: int = -1) -> int:
         self.request_id.append(request_id)
         self.row_ix.append(row)
         self.route.append(route)
@@ -169,12 +190,14 @@ class Batch:
         self.sticky_key.append(sticky_key)
         self.status.append(status)
         self.gateway_latency_ms.append(gateway_latency_ms)
+        self.registry_version.append(registry_version)
         if ts > self.watermark:
             self.watermark = ts
         return len(self.request_id) - 1
 
     def add_outcome(self, pos: int, model: str, role: int, mode: int, version: str, status: int,
-                    score: float, latency_ms: float) -> None:
+                    score: float, latency_ms: float, experiment: str | None = None,
+                    sample_rate: float = math.nan) -> None:
         self.o_pos.append(pos)
         self.o_model.append(model)
         self.o_role.append(role)
@@ -183,6 +206,8 @@ class Batch:
         self.o_status.append(status)
         self.o_score.append(score)
         self.o_latency.append(latency_ms)
+        self.o_experiment.append(experiment)
+        self.o_sample_rate.append(sample_rate)
 
     def add_arm(self, pos: int, model: str, prob: float) -> None:
         self.a_pos.append(pos)
@@ -429,10 +454,11 @@ CREATE TABLE IF NOT EXISTS inferences (
     id {ID} PRIMARY KEY, request_id VARCHAR NOT NULL, row_ix INTEGER NOT NULL,
     route VARCHAR NOT NULL, ts DOUBLE NOT NULL, policy INTEGER, served INTEGER,
     propensity DOUBLE, sticky_key VARCHAR, status INTEGER, gateway_latency_ms DOUBLE,
-    dups INTEGER NOT NULL, UNIQUE (request_id, row_ix));
+    dups INTEGER NOT NULL, registry_version BIGINT, UNIQUE (request_id, row_ix));
 CREATE TABLE IF NOT EXISTS outcomes (
     inf_id BIGINT NOT NULL, model INTEGER NOT NULL, role INTEGER, mode INTEGER,
-    version INTEGER, status INTEGER NOT NULL, score DOUBLE, latency_ms DOUBLE);
+    version INTEGER, status INTEGER NOT NULL, score DOUBLE, latency_ms DOUBLE,
+    experiment INTEGER, sample_rate DOUBLE);
 CREATE TABLE IF NOT EXISTS arms (inf_id BIGINT NOT NULL, model INTEGER NOT NULL, prob DOUBLE);
 CREATE TABLE IF NOT EXISTS inputs (
     inf_id BIGINT NOT NULL, name INTEGER NOT NULL, datatype INTEGER, width INTEGER,
@@ -453,6 +479,13 @@ CREATE INDEX IF NOT EXISTS arms_inf ON arms (inf_id);
 CREATE INDEX IF NOT EXISTS inputs_inf ON inputs (inf_id);
 CREATE INDEX IF NOT EXISTS labels_inf ON labels (inf_id);
 """
+
+# Version 1 -> 2: the record schema's experiment additions; old rows read as unknown.
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE inferences ADD COLUMN registry_version BIGINT",
+    "ALTER TABLE outcomes ADD COLUMN experiment INTEGER",
+    "ALTER TABLE outcomes ADD COLUMN sample_rate DOUBLE",
+)
 
 _LABEL_UPSERT = """
 INSERT INTO labels (request_id, row_ix, inf_id, label, reward, has_label, event_time,
@@ -564,8 +597,24 @@ class Store:
             for stmt in _SQLITE_INDEXES.split(";"):
                 if stmt.strip():
                     e.execute(stmt)
-        if not e.query("SELECT val FROM meta WHERE key = 'schema_version'"):
+        row = e.query("SELECT val FROM meta WHERE key = 'schema_version'")
+        if not row:
             e.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(STORE_SCHEMA_VERSION)])
+        elif row[0][0] == "1":
+            self._migrate_1_to_2(e)
+
+    def _migrate_1_to_2(self, e: _Engine) -> None:
+        """Add the experiment columns in one transaction (all or nothing on a crash)."""
+        e.begin()
+        try:
+            for stmt in _MIGRATE_1_TO_2:
+                e.execute(stmt)
+            e.execute("UPDATE meta SET val = '2' WHERE key = 'schema_version'")
+        except BaseException:
+            e.rollback()
+            raise
+        e.commit()
+        log.info("%s: store schema migrated from version 1 to 2 (experiment columns)", self.path)
 
     def _check_schema(self, e: _Engine) -> None:
         try:
@@ -574,8 +623,10 @@ class Store:
             raise StoreError(f"{self.path} is not an evaluator store ({exc})") from None
         if not row or int(row[0][0]) != STORE_SCHEMA_VERSION:
             found = row[0][0] if row else "none"
+            hint = ("run `python -m evaluator run --once` once to migrate it in place"
+                    if found == "1" and self.read_only else "re-ingest into a new store path")
             raise StoreError(f"{self.path}: store schema {found}, this evaluator needs "
-                             f"{STORE_SCHEMA_VERSION}; re-ingest into a new store path")
+                             f"{STORE_SCHEMA_VERSION}; {hint}")
 
     @property
     def exclusive(self) -> bool:
@@ -636,6 +687,11 @@ class Store:
         names = self._names
         return np.fromiter((names[v] for v in values), dtype=np.int64, count=len(values))
 
+    def _optional_ids(self, values: Sequence[str | None]) -> np.ndarray:
+        """Interned ids, with None kept as a missing value (an object column: NULL in SQL)."""
+        names = self._names
+        return _obj([None if v is None else names[v] for v in values])
+
     def _name_lookup(self, e: _Engine) -> np.ndarray:
         """id -> name as an object array, for vectorised decoding."""
         self._load_names(e)
@@ -658,7 +714,7 @@ class Store:
 
     def _ingest(self, e: _Engine, b: Batch, offsets: Mapping[str, str]) -> IngestResult:
         self._intern(e, {*b.o_model, *b.a_model, *b.served, *b.policy, *b.o_version,
-                         *b.x_name, *b.x_dtype})
+                         *b.x_name, *b.x_dtype, *(x for x in b.o_experiment if x is not None)})
         rec_ids = list(b.rec_index)
         existing: set[str] = set()
         if rec_ids:
@@ -741,6 +797,7 @@ class Store:
             "status": _i64(b.status)[new_pos],
             "gateway_latency_ms": _f64(b.gateway_latency_ms)[new_pos],
             "dups": dup_col,
+            "registry_version": _i64(b.registry_version)[new_pos],
         })
         if b.o_pos:
             ids = pos_to_id[_i64(b.o_pos)]
@@ -754,6 +811,8 @@ class Store:
                 "status": _i64(b.o_status)[keep],
                 "score": _f64(b.o_score)[keep],
                 "latency_ms": _f64(b.o_latency)[keep],
+                "experiment": self._optional_ids(b.o_experiment)[keep],
+                "sample_rate": _f64(b.o_sample_rate)[keep],
             })
         if b.a_pos:
             ids = pos_to_id[_i64(b.a_pos)]
@@ -903,18 +962,73 @@ class Store:
             cond = " AND l.has_label" if require_label else ""
             rows = e.columns(
                 "SELECT i.id, i.request_id, i.row_ix, i.ts, l.label, l.reward, i.served, "  # noqa: S608
-                f"i.propensity, i.policy FROM inferences i JOIN labels l ON l.inf_id = i.id "
-                f"WHERE {where}{cond}", params)
+                "i.propensity, i.policy, COALESCE(i.registry_version, -1) AS registry_version, "
+                "l.received_ts "
+                f"FROM inferences i JOIN labels l ON l.inf_id = i.id WHERE {where}{cond}", params)
             # Ids are assigned in ingest order, so the window's outcomes sit in one id range:
             # a range scan plus a numpy lookup is cheaper than joining 3 tables again.
             index = _RowIndex(_num(rows["id"], np.int64))
             span = [index.lo, index.hi]
-            outs = e.columns("SELECT inf_id, model, role, mode, status, score, latency_ms "
-                             "FROM outcomes WHERE inf_id BETWEEN ? AND ?", span)
+            outs = e.columns("SELECT inf_id, model, role, mode, status, score, latency_ms, "
+                             "COALESCE(experiment, -1) AS experiment, sample_rate FROM outcomes "
+                             "WHERE inf_id BETWEEN ? AND ?", span)
             arms = e.columns("SELECT inf_id, model, prob FROM arms WHERE inf_id BETWEEN ? AND ?",
                              span)
             names = self._name_lookup(e)
         return _assemble(route, rows, outs, arms, names, stats, task, threshold)
+
+    def current_experiments(self, route: str) -> dict[str, ExperimentInfo]:
+        """Each challenger's current experiment on the route (see the module docstring).
+
+        Empty for records without experiment ids (written before experiments existed).
+        """
+        with self._lock:
+            e = self._connect()
+            newest = e.query(
+                "SELECT h.model FROM outcomes h JOIN inferences i ON i.id = h.inf_id "
+                "WHERE i.route = ? AND h.role = ? ORDER BY i.ts DESC, i.id DESC LIMIT 1",
+                [route, ROLE_CODES["champion"]])
+            if not newest:
+                return {}
+            groups = e.query(
+                "SELECT c.model, c.experiment, MIN(i.ts), MAX(i.ts), "
+                "MAX(COALESCE(i.registry_version, -1)) "
+                "FROM outcomes c JOIN inferences i ON i.id = c.inf_id "
+                "JOIN outcomes h ON h.inf_id = c.inf_id AND h.role = ? "
+                "WHERE i.route = ? AND c.role = ? AND c.experiment IS NOT NULL AND h.model = ? "
+                "GROUP BY c.model, c.experiment",
+                [ROLE_CODES["champion"], route, ROLE_CODES["challenger"], int(newest[0][0])])
+            names = self._name_lookup(e)
+        champion = str(names[int(newest[0][0])])
+        out: dict[str, ExperimentInfo] = {}
+        for model, exp, started, end, version in groups:
+            name = str(names[int(model)])
+            info = ExperimentInfo(id=str(names[int(exp)]), started=float(started),
+                                  data_end=float(end), champion=champion,
+                                  registry_version=int(version))
+            known = out.get(name)
+            if known is None or (info.started, info.id) > (known.started, known.id):
+                out[name] = info
+        return dict(sorted(out.items()))
+
+    def load_experiments(self, route: str, window: float | None = None, *, task: str = "auto",
+                         threshold: float = 0.5) -> EvalDataset:
+        """Every labelled row since the earliest current experiment started, with
+        `experiments` filled: the verdict's data, whatever a display window says.
+
+        Without experiment ids (records from before experiments) the data is the `window`
+        ending at the route's newest inference (everything when None), as it always was.
+        """
+        experiments = self.current_experiments(route)
+        since: float | None = None
+        if experiments:
+            since = min(x.started for x in experiments.values())
+        elif window is not None:
+            span = self.time_range(route)
+            since = None if span is None else span[1] - window
+        dataset = self.load_dataset(route, since, None, task=task, threshold=threshold)
+        dataset.experiments = experiments
+        return dataset
 
     def _empty_message(self, e: _Engine, route: str, since: float | None, until: float | None,
                        stats: JoinStats) -> str:
@@ -1084,6 +1198,8 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
     o_status = _num(outs["status"], np.int64)[keep]
     o_score = _num(outs["score"])[keep]
     o_latency = _num(outs["latency_ms"])[keep]
+    o_experiment = _num(outs["experiment"], np.int64)[keep]  # -1: unknown
+    o_sample_rate = _num(outs["sample_rate"])[keep]
 
     # The champion is the model in the champion role on the most recent row.
     champ_rows = np.flatnonzero(o_role == ROLE_CODES["champion"])
@@ -1104,9 +1220,20 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
         status[pos] = o_status[mask]
         latency[pos] = o_latency[mask]
         modes = tuple(MODE_NAMES.get(int(m) - 1, "unknown") for m in _present(o_mode[mask] + 1))
-        models[name] = ModelColumn(name=name,
-                                   role="champion" if name == champion else "challenger",
-                                   scores=scores, status=status, latency_ms=latency, modes=modes)
+        role = "champion" if name == champion else "challenger"
+        experiment: np.ndarray | None = None
+        sample_rate: np.ndarray | None = None
+        if role == "challenger":
+            codes = np.full(n, -1, dtype=np.int64)
+            codes[pos] = o_experiment[mask]
+            experiment = np.full(n, None, dtype=object)
+            known = codes >= 0
+            experiment[known] = names[codes[known]]
+            sample_rate = np.full(n, np.nan)
+            sample_rate[pos] = o_sample_rate[mask]
+        models[name] = ModelColumn(name=name, role=role, scores=scores, status=status,
+                                   latency_ms=latency, modes=modes, experiment=experiment,
+                                   sample_rate=sample_rate)
     # champion first, then challengers by name: a stable order for reports
     ordered = {champion: models[champion]} if champion in models else {}
     ordered.update({k: models[k] for k in sorted(models) if k != champion})
@@ -1139,7 +1266,10 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
         models=ordered,
         threshold=float(threshold),
         stats=stats,
+        registry_version=_num(rows["registry_version"], np.int64),
+        label_ts=_num(rows["received_ts"]),
     )
+
 
 
 def _tensor_columns(tensor: str, n: int, pos: np.ndarray, width: np.ndarray, numeric: np.ndarray,

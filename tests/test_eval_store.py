@@ -391,3 +391,140 @@ def test_reader_sees_committed_data_after_writer_releases(env, store, engine) ->
     with Store.open(config.store, read_only=True) as reader:
         assert len(reader.load_dataset("fraud")) == 1
     assert store.routes() == ["fraud"]  # the writer reopens on next use
+
+
+# -- record schema v1 additions: experiments, registry version, computed reward ---------------
+
+
+def experiment_inference(rid: str, ts: float, experiment: str | None, *, version: int = 3,
+                         champion: str = CHAMP, challenger: str = CHAL,
+                         sample_rate: float = 0.5) -> dict[str, Any]:
+    """An inference shaped as in CONTRACT.md: registry_version on the record, experiment and
+    sample_rate on the challenger's outcome (neither on the champion's)."""
+    outputs = {champion: outcome(0.2, role="champion", mode="served", latency=1.0),
+               challenger: {**outcome(0.3, latency=3.0), "experiment": experiment,
+                            "sample_rate": sample_rate}}
+    return inference(rid, ts, outputs=outputs, registry_version=version,
+                     served={"model": champion, "version": "1"})
+
+
+def test_experiment_fields_reward_and_label_time_are_stored(env, store) -> None:
+    log, _ = env
+    log.inferences(experiment_inference("a", T0, "fraud_v4:1700000000.0", version=4),
+                   inference("old", T0 + 1))  # a record written before the additions
+    log.labels({**label("a", 1, T0 + 500), "reward": 1.0}, label("old", 0, T0 + 600))
+    drain(env, store)
+    ds = store.load_dataset("fraud")
+    assert list(ds.request_ids) == ["a", "old"]
+    chal = ds.models[CHAL]
+    assert chal.experiment is not None and chal.sample_rate is not None
+    assert chal.experiment.tolist() == ["fraud_v4:1700000000.0", None]
+    assert chal.sample_rate[0] == 0.5 and math.isnan(chal.sample_rate[1])
+    assert ds.models[CHAMP].experiment is None  # the champion has none
+    assert ds.registry_version is not None and ds.registry_version.tolist() == [4, -1]
+    assert ds.label_ts is not None and ds.label_ts.tolist() == [T0 + 500, T0 + 600]
+    assert ds.rewards[0] == 1.0 and math.isnan(ds.rewards[1])  # the gateway's computed reward
+
+
+def test_malformed_experiment_fields_read_as_unknown(env, store) -> None:
+    log, _ = env
+    rec = experiment_inference("a", T0, "x")
+    rec["registry_version"] = True  # not an integer
+    rec["outputs"][CHAL].update(experiment=7, sample_rate="half")
+    log.inferences(rec)
+    log.labels(label("a", 1, T0 + 5))
+    drain(env, store)
+    ds = store.load_dataset("fraud")
+    assert store.counters().get("bad_records", 0) == 0
+    assert ds.models[CHAL].experiment.tolist() == [None]
+    assert math.isnan(ds.models[CHAL].sample_rate[0])
+    assert ds.registry_version.tolist() == [-1]
+
+
+def test_current_experiment_is_the_latest_with_the_current_champion(env, store) -> None:
+    log, _ = env
+    recs = [experiment_inference(f"a{i}", T0 + i, "e1", version=2) for i in range(5)]
+    recs += [experiment_inference(f"b{i}", T0 + 100 + i, "e2", version=3) for i in range(5)]
+    # fraud_v5 ran with the old champion first, then with fraud_v4 as champion
+    recs += [experiment_inference(f"c{i}", T0 + 200 + i, "e3", version=5, challenger="fraud_v5")
+             for i in range(3)]
+    recs += [experiment_inference(f"d{i}", T0 + 300 + i, "e4", version=7, champion=CHAL,
+                                  challenger="fraud_v5") for i in range(4)]
+    log.inferences(*recs)
+    log.labels(*(label(r["request_id"], i % 2, T0 + 1000) for i, r in enumerate(recs)))
+    drain(env, store)
+    current = store.current_experiments("fraud")
+    # fraud_v4 is champion now: only fraud_v5's experiment with it counts
+    assert list(current) == ["fraud_v5"]
+    x = current["fraud_v5"]
+    assert (x.id, x.started, x.data_end, x.champion, x.registry_version) == \
+        ("e4", T0 + 300, T0 + 303, CHAL, 7)
+    ds = store.load_experiments("fraud", window=1.0)  # a window never cuts an experiment
+    assert ds.experiments == current
+    assert len(ds) == 4 and ds.ts.min() == T0 + 300
+
+
+def test_experiments_with_one_champion_and_window_fallback(env, store) -> None:
+    log, _ = env
+    recs = [experiment_inference(f"a{i}", T0 + i * 3600, "e1", version=2) for i in range(10)]
+    recs += [experiment_inference(f"b{i}", T0 + 36000 + i, "e2", version=3) for i in range(5)]
+    log.inferences(*recs, *(inference(f"o{i}", T0 - DAY + i) for i in range(3)))
+    log.labels(*(label(r["request_id"], 1, T0 + DAY) for r in recs),
+               *(label(f"o{i}", 0, T0 + DAY) for i in range(3)))
+    drain(env, store)
+    ds = store.load_experiments("fraud", window=60.0)
+    assert ds.experiments[CHAL].id == "e2"  # the latest started
+    assert ds.experiments[CHAL].started == T0 + 36000
+    assert len(ds) == 5  # every row of the current experiment, none before it
+    assert ds.models[CHAL].experiment.tolist() == ["e2"] * 5
+
+
+def test_without_experiment_ids_the_window_selects_as_before(env, store) -> None:
+    log, _ = env
+    log.inferences(*(inference(f"r{i}", T0 + i * 3600) for i in range(48)))
+    log.labels(*(label(f"r{i}", i % 2, T0 + 3 * DAY) for i in range(48)))
+    drain(env, store)
+    assert store.current_experiments("fraud") == {}
+    ds = store.load_experiments("fraud", window=DAY)
+    assert ds.experiments == {}
+    assert len(ds) == 25  # rows in [newest - 1d, newest]
+    assert len(store.load_experiments("fraud", window=None)) == 48
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path: Path, engine: str) -> None:
+    path = tmp_path / f"v1.{engine}"
+    with Store(path, engine=engine) as s:  # turn a fresh store back into a version-1 one
+        e = s._connect()
+        e.execute("DROP TABLE inferences")
+        e.execute("DROP TABLE outcomes")
+        import evaluator.store as st
+
+        v1 = st._SCHEMA.replace(", registry_version BIGINT", "").replace(
+            ",\n    experiment INTEGER, sample_rate DOUBLE", "")
+        assert v1 != st._SCHEMA
+        for stmt in v1.format(ID=e.id_type).split(";"):
+            if stmt.strip():
+                e.execute(stmt)
+        e.execute("UPDATE meta SET val = '1' WHERE key = 'schema_version'")
+        e.execute("INSERT INTO inferences VALUES (1, 'x', 0, 'fraud', ?, 0, 0, 1.0, NULL, 200, "
+                  "1.0, 0)", [T0])
+    from evaluator.store import StoreError
+
+    with pytest.raises(StoreError, match="evaluator run --once"):
+        Store(path, engine=engine, read_only=True)
+    with Store(path, engine=engine) as s:  # writable: migrates
+        rows = s._connect().query("SELECT registry_version FROM inferences")
+        assert rows == [(None,)]
+        assert s._connect().query("SELECT val FROM meta WHERE key = 'schema_version'") == \
+            [("2",)]
+    log = LogDir(tmp_path / "log")
+    log.inferences(experiment_inference("a", T0 + 1, "e9"))
+    log.labels(label("a", 1, T0 + 9), label("x", 0, T0 + 9))
+    config = parse_config({"source": {"path": str(tmp_path / "log")},
+                           "store": {"path": str(path), "engine": engine}}, env={})
+    with Store.open(config.store) as s:
+        FileIngestor(config, s).drain()
+    with Store(path, engine=engine, read_only=True) as s:
+        assert s.current_experiments("fraud")[CHAL].id == "e9"
+        ds = s.load_dataset("fraud")
+        assert ds.registry_version.tolist() == [-1, 3]  # the old row reads as unknown
