@@ -2,15 +2,22 @@
 
 - `run --config C [--once]`: the ingest loop (files or Kafka, per `source.type`); `--once`
   drains what is there and exits. SIGTERM/Ctrl-C finish the current batch and stop.
-- `report --route R [--window 7d] [--out DIR]`: loads the route's joined dataset for the window
-  (ending at the route's newest inference, so a replayed log and a live one read the same),
-  decides each challenger (`evaluator.decision.decide` under the route's decision policy) and
-  hands both to `evaluator.report.write_report(dataset, decisions, out_dir)`. Until that module
-  exists it writes `report.json` with the join stats, per-model counts and the decisions.
-- `promote --route R [--out DIR | --report PATH]`: reads the newest `report.json` for the route
-  and, only when its decision is PROMOTE, calls the gateway's admin API
-  `POST {gateway}/admin/routes/{route}/promote` with `{"model": M}` and the bearer token from
-  `$UNDERSTUDY_ADMIN_TOKEN`. Anything else is refused and nothing is called.
+- `report --route R [--window 7d] [--out DIR] [--fail-on-blocked]`: loads every labelled row
+  of each challenger's current experiment (`Store.load_experiments`: since the earliest current
+  experiment started, whatever the window says), decides each challenger
+  (`evaluator.decision.decide` under the route's decision policy) and hands both to
+  `evaluator.report.write_report(dataset, decisions, out_dir)`. The window never changes the
+  verdict's data; it only selects rows for records without experiment ids (written by gateways
+  before experiments existed: one implicit experiment, windowed as it always was).
+- `promote --route R [--out DIR | --report PATH] [--dry-run]`: reads the newest `report.json`
+  for the route and, only when its decision is PROMOTE and the report is bound to the live
+  state, calls `POST {gateway}/admin/routes/{route}/promote` with `{"model", "expected_version",
+  "experiment"}` (the gateway answers 409 when either moved meanwhile). Bound means: the
+  report's route is --route, it is younger than `decision.max_report_age`, and
+  `GET /admin/routes/{route}` shows the report's champion, the challenger with the report's
+  experiment id, and the report's registry version. Bearer token from `gateway.token_env`
+  (`gateway.read_token_env` is enough for `--dry-run`, which runs every check and prints the
+  request).
 
 - `drift --route R [--reference FILE | --reference-window 7d] [--window 1d] [--out DIR]
   [--push URL]`: data and prediction drift of the live window against a training snapshot or a
@@ -18,8 +25,11 @@
   drift.md, pushes gauges to a Pushgateway and fires the drift webhook once per episode.
   `--serve PORT --every 1h` keeps running and serves /metrics instead of exiting.
 
-Exit status: 0 done; 1 failed (store, gateway refused or unreachable); 2 usage or config error;
-3 nothing to do (empty dataset; decision is not PROMOTE).
+Exit status: 0 done (`report`: the report was written, whatever the verdicts); 1 failed (store,
+gateway refused or unreachable); 2 usage or config error; 3 nothing to do (empty dataset;
+decision is not PROMOTE); 4 refused: the report is stale or does not match the live route
+(`promote`); 5 BLOCKED: a guardrail failed (`promote` on a BLOCKED decision, and `report
+--fail-on-blocked` when any challenger is BLOCKED, after writing the report).
 
 Adding a subcommand: write `_add_<name>(sub, common)` that registers its parser and sets
 `func`, and list it in `COMMANDS`.
@@ -49,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from evaluator.config import (
+    DECISION_DEFAULTS,
     DEFAULT_CONFIG_PATH,
     ConfigError,
     EvaluatorConfig,
@@ -62,7 +73,7 @@ from evaluator.store import EmptyDatasetError, Store, StoreError
 
 log = logging.getLogger("evaluator")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_STALE, EXIT_BLOCKED = 0, 1, 2, 3, 4, 5
 REPORT_FILE = "report.json"
 TOKEN_ENV = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
@@ -124,12 +135,25 @@ def _add_run(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 # -- report -----------------------------------------------------------------------------------
 
 
+def policy_mapping(config: EvaluatorConfig, route: str) -> dict[str, Any]:
+    """The route's decision mapping for `DecisionPolicy.from_mapping`: keys the config knows
+    (DECISION_DEFAULTS) but the policy has no field for (e.g. `max_report_age`, which only
+    `promote` reads) are left out; any other unknown key still fails as a typo."""
+    import dataclasses
+
+    from evaluator.decision import DecisionPolicy
+
+    fields = {f.name for f in dataclasses.fields(DecisionPolicy)}
+    return {k: v for k, v in config.decision_for(route).items()
+            if k in fields or k not in DECISION_DEFAULTS}
+
+
 def compute_decisions(dataset: EvalDataset, config: EvaluatorConfig) -> list[Any]:
-    """PROMOTE / KEEP / INCONCLUSIVE per challenger under the route's decision policy."""
+    """PROMOTE / KEEP / BLOCKED / INCONCLUSIVE per challenger under the route's policy."""
     from evaluator.decision import DecisionPolicy, decide
 
     try:
-        policy = DecisionPolicy.from_mapping(config.decision_for(dataset.route))
+        policy = DecisionPolicy.from_mapping(policy_mapping(config, dataset.route))
         return decide(dataset, policy)
     except ValueError as exc:  # policy does not fit the route (e.g. auroc on a regression)
         raise ConfigError(f"decision policy for route {dataset.route!r}: {exc} (set "
@@ -198,16 +222,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or config.report.out)
     route_cfg = config.route(args.route)
     store = Store.open(config.store, read_only=True)
-    since: float | None = None
     try:
         span = store.time_range(args.route)
-        if span is not None:
-            since = span[1] - window
-        print(f"report: route {args.route!r}, window {format_duration(window)} "
-              f"[{_fmt_ts(since)}, {_fmt_ts(span[1] if span else None)}]", flush=True)
+        experiments, since = store.experiment_span(args.route, window)
+        if experiments:
+            print(f"report: route {args.route!r}, current experiments "
+                  + ", ".join(f"{c} {x.id} since {_fmt_ts(x.started)}"
+                              for c, x in experiments.items())
+                  + f" (the verdict uses all their rows; window {format_duration(window)} is "
+                    "display only)", flush=True)
+        else:
+            print(f"report: route {args.route!r}, window {format_duration(window)} "
+                  f"[{_fmt_ts(since)}, {_fmt_ts(span[1] if span else None)}] (records carry no "
+                  "experiment ids: the window selects the data)", flush=True)
         try:
-            dataset = store.load_dataset(args.route, since, None, task=route_cfg.task,
-                                         threshold=route_cfg.threshold)
+            dataset = store.load_experiments(args.route, task=route_cfg.task,
+                                             threshold=route_cfg.threshold,
+                                             span=(experiments, since))
         except EmptyDatasetError as exc:
             path = write_summary(out_dir, args.route, since, None, exc.stats, None, str(exc))
             print(f"report: {exc}\nreport: wrote {path}", file=sys.stderr)
@@ -231,6 +262,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     paths = writer(dataset, decisions, out_dir, drift=_drift_for_report(config, args.route),
                    window=(since, span[1] if span else None))
     print(f"report: wrote {', '.join(str(p) for p in paths.values())}")
+    blocked = [d.challenger for d in decisions if d.decision == "BLOCKED"]
+    if blocked and args.fail_on_blocked:
+        print(f"report: BLOCKED (a guardrail failed): {', '.join(blocked)}", file=sys.stderr)
+        return EXIT_BLOCKED
     return EXIT_OK
 
 
@@ -250,9 +285,14 @@ def _add_report(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                        description="Join labels to the route's predictions in the window and "
                                    "write the report (JSON, Markdown, HTML).")
     p.add_argument("--route", required=True)
-    p.add_argument("--window", help="e.g. 7d, 36h (default: report.window); ends at the route's "
-                                    "newest inference")
+    p.add_argument("--window", help="e.g. 7d, 36h (default: report.window), ending at the route's "
+                                    "newest inference. Display only: the verdict uses every row "
+                                    "of each challenger's current experiment (records without "
+                                    "experiment ids are still windowed)")
     p.add_argument("--out", help="output directory (default: report.out)")
+    p.add_argument("--fail-on-blocked", action="store_true",
+                   help=f"exit {EXIT_BLOCKED} (after writing the report) when a challenger is "
+                        "BLOCKED by a guardrail")
     p.set_defaults(func=cmd_report)
 
 
@@ -313,6 +353,118 @@ def read_decision(report: dict[str, Any]) -> tuple[str | None, str | None, str]:
     return None, None, ""
 
 
+class PromoteRefused(Exception):
+    """The report may not be applied now; the message says why and what to do."""
+
+    def __init__(self, message: str, code: int = EXIT_STALE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def decision_for(report: dict[str, Any], model: str) -> dict[str, Any]:
+    """The report's decision entry for `model` (an empty dict when it has none)."""
+    many = report.get("decisions")
+    if isinstance(many, list):
+        for d in many:
+            if isinstance(d, dict) and model in (d.get("challenger"), d.get("model")):
+                return d
+    one = report.get("decision")
+    return one if isinstance(one, dict) else {}
+
+
+def report_binding(report: dict[str, Any], model: str) -> dict[str, Any]:
+    """What the report's verdict is bound to: route, champion, challenger, experiment id and
+    start, the data's end and the registry version (from the decision's `experiment` entry,
+    which `evaluator.report` always writes; a bare report gives what its top level has)."""
+    d = decision_for(report, model)
+    exp = d.get("experiment") if isinstance(d.get("experiment"), dict) else {}
+    version = exp.get("registry_version")
+    return {
+        "route": exp.get("route", report.get("route")),
+        "champion": exp.get("champion") or d.get("champion") or report.get("champion"),
+        "challenger": model,
+        "experiment": exp.get("id"),
+        "started": exp.get("started"),
+        "data_end": exp.get("data_end"),
+        "registry_version": version if isinstance(version, int) and version >= 0 else None,
+    }
+
+
+def _admin_request(config: EvaluatorConfig, url: str, token: str, body: Any = None,
+                   ) -> tuple[int, Any]:
+    """One admin API call: (HTTP status, decoded JSON). Raises PromoteRefused when the gateway
+    cannot be reached, with EXIT_FAILED."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",  # noqa: S310
+                                 headers={"Content-Type": "application/json",
+                                          "Accept": "application/json",
+                                          "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=config.gateway.timeout_s) as resp:  # noqa: S310
+            raw, status = resp.read(), resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        raise PromoteRefused(f"cannot reach the gateway at {url}: "
+                             f"{getattr(exc, 'reason', exc)}", EXIT_FAILED) from None
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def check_report(report: dict[str, Any], route: str, model: str, max_age: float,
+                 now: float) -> dict[str, Any]:
+    """The offline checks (route, age, binding present); returns the binding."""
+    if report.get("route") != route:
+        raise PromoteRefused(f"the report is for route {report.get('route')!r}, not {route!r}; "
+                             "nothing was changed")
+    generated = report.get("generated_at")
+    if not isinstance(generated, int | float) or not math.isfinite(generated):
+        raise PromoteRefused("the report has no generated_at time, so its age is unknown; "
+                             f"re-run `python -m evaluator report --route {route}`")
+    if now - generated > max_age:
+        raise PromoteRefused(f"the report is {format_duration(round(now - generated))} old "
+                             f"(generated {_fmt_ts(generated)}), older than "
+                             f"decision.max_report_age {format_duration(max_age)}; re-run "
+                             f"`python -m evaluator report --route {route}`")
+    binding = report_binding(report, model)
+    if binding["route"] != route:
+        raise PromoteRefused(f"the decision for {model} is bound to route "
+                             f"{binding['route']!r}, not {route!r}")
+    if binding["registry_version"] is None:
+        raise PromoteRefused(f"the report does not say which registry version of {route!r} its "
+                             "data came from (records written before registry versions); "
+                             "re-run the report on records from an upgraded gateway, or "
+                             "promote by hand with `python -m gateway promote`")
+    return binding
+
+
+def check_live(binding: dict[str, Any], live: dict[str, Any]) -> None:
+    """Refuse unless the live route is the state the report decided on."""
+    route, model = binding["route"], binding["challenger"]
+    champion = (live.get("champion") or {}).get("model")
+    if champion != binding["champion"]:
+        raise PromoteRefused(f"the live champion of {route!r} is {champion!r}, the report "
+                             f"compared {model} with {binding['champion']!r}; the report is "
+                             "stale: re-run it")
+    entry = next((c for c in live.get("challengers") or []
+                  if isinstance(c, dict) and c.get("model") == model), None)
+    if entry is None:
+        raise PromoteRefused(f"{model} is no longer a challenger of {route!r}; nothing was "
+                             "changed")
+    live_exp = entry.get("experiment")
+    live_id = live_exp.get("id") if isinstance(live_exp, dict) else None
+    if live_id != binding["experiment"]:
+        raise PromoteRefused(f"{model}'s live experiment is {live_id!r}, the report's is "
+                             f"{binding['experiment']!r} (its mode, sample rate or the route's "
+                             "policy changed since): re-run the report")
+    if live.get("version") != binding["registry_version"]:
+        raise PromoteRefused(f"route {route!r} is at registry version {live.get('version')}, "
+                             f"the report's data ends at version {binding['registry_version']}: "
+                             "the route changed since; re-run the report")
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     config = _load(args)
     out = Path(args.out or config.report.out)
@@ -329,6 +481,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
            if isinstance(generated, int | float) and math.isfinite(generated) else "")
     print(f"promote: {path}{age}: decision {verdict or 'none'}"
           f"{f' for {model}' if model else ''}{f' ({reason})' if reason else ''}")
+    if verdict == "BLOCKED":
+        print("promote: refused: the report's decision is BLOCKED (a guardrail failed); nothing "
+              "was changed", file=sys.stderr)
+        return EXIT_BLOCKED
     if verdict != "PROMOTE":
         print(f"promote: refused: the report's decision is {verdict or 'missing'}, not PROMOTE; "
               f"nothing was changed", file=sys.stderr)
@@ -336,36 +492,53 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if not model:
         print("promote: refused: the PROMOTE decision names no model", file=sys.stderr)
         return EXIT_FAILED
-    gateway = (args.gateway or config.gateway.url).rstrip("/")
-    url = f"{gateway}/admin/routes/{urllib.parse.quote(args.route, safe='')}/promote"
-    if args.dry_run:
-        print(f"promote: dry run: would POST {url} {{\"model\": \"{model}\"}}")
-        return EXIT_OK
-    token_env = config.gateway.token_env or TOKEN_ENV
-    token = os.environ.get(token_env)
+    write_token = os.environ.get(config.gateway.token_env or TOKEN_ENV)
+    read_token = os.environ.get(config.gateway.read_token_env) if args.dry_run else None
+    token = write_token or read_token
     if not token:
-        print(f"promote: refused: set {token_env} to the gateway's admin (write) token",
-              file=sys.stderr)
+        need = config.gateway.token_env + (f" (or {config.gateway.read_token_env})"
+                                           if args.dry_run else "")
+        print(f"promote: refused: set {need} to the gateway's admin token: the live route is "
+              "checked before anything is changed", file=sys.stderr)
         return EXIT_USAGE
-    body = json.dumps({"model": model}).encode()
-    req = urllib.request.Request(url, data=body, method="POST", headers={  # noqa: S310
-        "Content-Type": "application/json", "Accept": "application/json",
-        "Authorization": f"Bearer {token}"})
+    gateway = (args.gateway or config.gateway.url).rstrip("/")
+    route_url = f"{gateway}/admin/routes/{urllib.parse.quote(args.route, safe='')}"
     try:
-        with urllib.request.urlopen(req, timeout=config.gateway.timeout_s) as resp:  # noqa: S310
-            answer = resp.read().decode("utf-8", "replace")
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode("utf-8", "replace").strip()
-        print(f"promote: the gateway refused ({exc.code}): {detail}", file=sys.stderr)
-        return EXIT_FAILED
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"promote: cannot reach the gateway at {gateway}: "
-              f"{getattr(exc, 'reason', exc)}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"promote: POST {url} -> {status}: promoted {model} to champion of {args.route}")
+        max_age = float(config.decision_for(args.route)["max_report_age"])
+        binding = check_report(report, args.route, model, max_age, time.time())
+        status, live = _admin_request(config, route_url, token)
+        if status != 200 or not isinstance(live, dict):
+            raise PromoteRefused(f"GET {route_url} answered {status}: {live}",
+                                 EXIT_FAILED if status != 404 else EXIT_STALE)
+        check_live(binding, live)
+    except PromoteRefused as exc:
+        print(f"promote: refused: {exc}", file=sys.stderr)
+        return exc.code
+    body: dict[str, Any] = {"model": model, "expected_version": binding["registry_version"]}
+    if binding["experiment"] is not None:
+        body["experiment"] = binding["experiment"]
+    print(f"promote: the live route matches the report (champion {binding['champion']}, "
+          f"version {binding['registry_version']}, experiment {binding['experiment'] or 'n/a'})")
+    if args.dry_run:
+        print(f"promote: dry run: would POST {route_url}/promote {json.dumps(body)}")
+        return EXIT_OK
+    if not write_token:
+        print(f"promote: refused: set {config.gateway.token_env} to the gateway's admin (write) "
+              "token", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        status, answer = _admin_request(config, f"{route_url}/promote", write_token, body)
+    except PromoteRefused as exc:
+        print(f"promote: {exc}", file=sys.stderr)
+        return exc.code
+    if status != 200:
+        detail = answer.get("error", answer) if isinstance(answer, dict) else answer
+        print(f"promote: the gateway refused ({status}): {detail}", file=sys.stderr)
+        return EXIT_STALE if status == 409 else EXIT_FAILED
+    print(f"promote: POST {route_url}/promote -> {status}: promoted {model} to champion of "
+          f"{args.route}")
     if args.verbose and answer:
-        print(answer)
+        print(json.dumps(answer))
     return EXIT_OK
 
 
@@ -373,13 +546,18 @@ def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = sub.add_parser("promote", parents=[common],
                        help="apply a report's PROMOTE decision through the gateway admin API",
                        description="Read the newest report.json of the route; when (and only "
-                                   "when) its decision is PROMOTE, ask the gateway to promote "
-                                   f"the challenger. Token from ${TOKEN_ENV}.")
+                                   "when) its decision is PROMOTE and the live route is still "
+                                   "the one it decided on (champion, challenger, experiment, "
+                                   "registry version; not older than decision.max_report_age), "
+                                   f"ask the gateway to promote the challenger. Token from "
+                                   f"${TOKEN_ENV}.")
     p.add_argument("--route", required=True)
     p.add_argument("--out", help="directory searched for report.json (default: report.out)")
     p.add_argument("--report", help="a report.json, or a directory to search")
     p.add_argument("--gateway", help="gateway base URL (default: gateway.url)")
-    p.add_argument("--dry-run", action="store_true", help="print the call instead of making it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check (reads the live route) and print the call instead of "
+                        "making it")
     p.set_defaults(func=cmd_promote)
 
 

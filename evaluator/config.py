@@ -18,8 +18,12 @@ Sections (see configs/evaluator.yaml for every key with its default):
 - `features`: optional names for the columns of multi-element input tensors (for drift).
 - `decision`: a plain mapping handed to the decision policy (`primary_metric`, `alpha`,
   `margin`, `min_samples`, `min_effect`, `max_latency_p99_ratio`, `max_error_rate_delta`,
-  `sequential`); known keys are type-checked here, extra keys pass through untouched.
-- `report`: default output directory and window. `gateway`: the admin API `promote` calls.
+  `max_latency_p99_margin_ms`, `health_alpha`, `sequential`, and `max_report_age`, the
+  duration after which `promote` refuses a report); known keys are type-checked here (durations
+  become seconds), extra keys pass through untouched.
+- `report`: default output directory and display window (the verdict's data is every row of
+  each challenger's current experiment; the window only matters for records without experiment
+  ids). `gateway`: the admin API `promote` reads (`read_token_env`) and calls (`token_env`).
 - `drift`: `python -m evaluator drift` (evaluator/drift.py): reference and live windows, PSI
   bins/epsilon and the 0.1/0.2 conventions, test levels, the drifted-feature share that makes a
   dataset verdict, day-of-week / hour-of-day reference segments with adaptive thresholds, and
@@ -147,6 +151,8 @@ class ReportConfig:
 class GatewayAdminConfig:
     url: str = "http://127.0.0.1:8080"
     token_env: str = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
+    # promote --dry-run reads the live route with this one when the write token is not set
+    read_token_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN"  # noqa: S105 - a variable name
     timeout_s: float = 10.0
 
 
@@ -202,8 +208,12 @@ DECISION_DEFAULTS: dict[str, Any] = {
     "min_effect": 0.01,
     "max_latency_p99_ratio": 1.5,
     "max_error_rate_delta": 0.01,
+    "max_latency_p99_margin_ms": 2.0,
+    "health_alpha": 0.001,
     "sequential": True,
+    "max_report_age": parse_duration("26h"),  # promote refuses older reports
 }
+_DURATION_DECISION_KEYS = ("max_report_age",)
 
 
 @dataclass(frozen=True)
@@ -283,7 +293,9 @@ def _parse_decision(raw: Any, prefix: str = "decision") -> dict[str, Any]:
         key = str(key)
         default = DECISION_DEFAULTS.get(key)
         where = f"{prefix}.{key}"
-        if isinstance(default, bool):
+        if key in _DURATION_DECISION_KEYS:
+            value = parse_duration(value, where)
+        elif isinstance(default, bool):
             _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
         elif value is None and key in _OPTIONAL_LIMITS:
             pass  # null switches that guardrail off
@@ -302,6 +314,9 @@ def _parse_decision(raw: Any, prefix: str = "decision") -> dict[str, Any]:
     ratio, delta = out["max_latency_p99_ratio"], out["max_error_rate_delta"]
     _check(ratio is None or ratio > 0.0, f"{prefix}.max_latency_p99_ratio: must be > 0")
     _check(delta is None or delta >= 0.0, f"{prefix}.max_error_rate_delta: must be >= 0")
+    _check(out["max_latency_p99_margin_ms"] >= 0.0,
+           f"{prefix}.max_latency_p99_margin_ms: must be >= 0")
+    _check(0.0 < out["health_alpha"] < 1.0, f"{prefix}.health_alpha: must be in (0, 1)")
     return out
 
 

@@ -1011,21 +1011,27 @@ class Store:
                 out[name] = info
         return dict(sorted(out.items()))
 
-    def load_experiments(self, route: str, window: float | None = None, *, task: str = "auto",
-                         threshold: float = 0.5) -> EvalDataset:
-        """Every labelled row since the earliest current experiment started, with
-        `experiments` filled: the verdict's data, whatever a display window says.
+    def experiment_span(self, route: str, window: float | None = None
+                        ) -> tuple[dict[str, ExperimentInfo], float | None]:
+        """(current experiments, the `since` that covers all of them).
 
-        Without experiment ids (records from before experiments) the data is the `window`
-        ending at the route's newest inference (everything when None), as it always was.
+        Without experiment ids (records from before experiments) `since` is the start of the
+        `window` ending at the route's newest inference (None: everything), as it always was.
         """
         experiments = self.current_experiments(route)
-        since: float | None = None
         if experiments:
-            since = min(x.started for x in experiments.values())
-        elif window is not None:
-            span = self.time_range(route)
-            since = None if span is None else span[1] - window
+            return experiments, min(x.started for x in experiments.values())
+        span = self.time_range(route) if window is not None else None
+        return experiments, (None if span is None or window is None else span[1] - window)
+
+    def load_experiments(self, route: str, window: float | None = None, *, task: str = "auto",
+                         threshold: float = 0.5,
+                         span: tuple[dict[str, ExperimentInfo], float | None] | None = None
+                         ) -> EvalDataset:
+        """Every labelled row since the earliest current experiment started, with
+        `experiments` filled: the verdict's data, whatever a display window says.
+        `span`: `experiment_span`'s answer when the caller already has it."""
+        experiments, since = span if span is not None else self.experiment_span(route, window)
         dataset = self.load_dataset(route, since, None, task=task, threshold=threshold)
         dataset.experiments = experiments
         return dataset
