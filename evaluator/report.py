@@ -3,10 +3,12 @@
 Who reads what, and why there are three files:
 
 * ``report.json`` is the record ``python -m evaluator promote`` acts on (it reads ``route``,
-  ``generated_at`` and ``decisions[i]["decision" / "challenger"]``) and what dashboards or audits
-  parse. It is versioned (``report_schema_version``) so consumers can refuse a shape they do not
-  know, and strict JSON: NaN/inf become ``null`` (a ``NaN`` that slipped into a p-value must read
-  as "missing", never as a number), enforced by ``json.dumps(..., allow_nan=False)``.
+  ``generated_at`` and ``decisions[i]["decision" / "challenger" / "experiment"]``, the last
+  binding the verdict to the state it was made in: experiment id and start, route, champion,
+  challenger, the data's end and the registry version) and what dashboards or audits parse.
+  It is versioned (``report_schema_version``) so consumers can refuse a shape they do not
+  know, and strict JSON: NaN/inf become ``null`` (a ``NaN`` that slipped into a p-value must
+  read as "missing", never as a number), enforced by ``json.dumps(..., allow_nan=False)``.
 * ``report.md`` is for whoever approves the promotion: one headline per challenger with the
   numbers behind the verdict, then the tables (join, metrics with CIs, tests, guardrails,
   off-policy values, notes) so a thin join or a failing guardrail cannot hide behind a verdict.
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from evaluator.dataset import EvalDataset
+from evaluator.dataset import EvalDataset, ExperimentInfo
 from evaluator.decision import METRICS, ChallengerDecision
 from evaluator.guardrails import latency_summary, outcome_summary
 from evaluator.metrics import (
@@ -83,6 +85,9 @@ METRIC_LABELS: dict[str, str] = {
     "mae": "MAE",
 }
 CORRECTION_LABELS = {"holm": "Holm", "bonferroni": "Bonferroni", "fdr_bh": "BH", "none": ""}
+VERDICTS = ("PROMOTE", "KEEP", "BLOCKED", "INCONCLUSIVE")  # the report counts each one
+# secondary tests whose difference is challenger - champion of a loss (lower is better)
+LOSS_TESTS = ("paired_t_", "wilcoxon_", "rmse_delta")
 KNOWN_POLICY_TYPES = ("champion", "epsilon_greedy", "thompson")
 
 
@@ -287,6 +292,55 @@ def _window(
     }
 
 
+def _experiment_entry(
+    dataset: EvalDataset, challenger: str, info: ExperimentInfo | None
+) -> dict[str, Any]:
+    """What a verdict is bound to. Without an experiment (records from before experiment ids)
+    the implicit one is the dataset itself: no id, its first and last request, and the highest
+    registry version its rows carry (None when they carry none)."""
+    if info is not None:
+        started, end, version = info.started, info.data_end, info.registry_version
+        champion, exp_id = info.champion, info.id
+    else:
+        ts = np.asarray(dataset.ts, dtype=np.float64)
+        finite = ts[np.isfinite(ts)]
+        started = float(finite.min()) if finite.size else None
+        end = float(finite.max()) if finite.size else None
+        rv = dataset.registry_version
+        version = int(rv.max()) if rv is not None and rv.size else -1
+        champion, exp_id = dataset.champion, None
+    return {
+        "id": exp_id,
+        "route": dataset.route,
+        "champion": champion,
+        "challenger": challenger,
+        "started": started,
+        "started_iso": _iso(started),
+        "data_end": end,
+        "data_end_iso": _iso(end),
+        "registry_version": version if version is not None and version >= 0 else None,
+    }
+
+
+def _bind_decision(dataset: EvalDataset, d: dict[str, Any]) -> dict[str, Any]:
+    """The decision dict with a complete ``experiment`` entry: the decision module's values
+    win, the dataset's experiment fills what they leave out."""
+    ours = _experiment_entry(dataset, str(d.get("challenger")),
+                             dataset.experiments.get(str(d.get("challenger"))))
+    theirs = d.get("experiment") if isinstance(d.get("experiment"), Mapping) else {}
+    merged = {**ours, **{k: v for k, v in theirs.items() if v is not None}}
+    for key in ("started", "data_end"):
+        merged[f"{key}_iso"] = _iso(merged.get(key))
+    return {**d, "experiment": merged}
+
+
+def _verdict_counts(decisions: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    counts = dict.fromkeys(VERDICTS, 0)
+    for d in decisions:
+        counts[str(d.get("decision"))] = counts.get(str(d.get("decision")), 0) + 1
+    return counts
+
+
 def _alpha(decisions: Sequence[ChallengerDecision]) -> float:
     """The decision policy's alpha, so the metrics' CIs have the level the tests use."""
     return decisions[0].policy.alpha if decisions else 0.05
@@ -345,7 +399,9 @@ def build_report(
             "paired tests below use each challenger's own paired requests."
         )
 
-    decision_dicts = [d.to_dict() for d in decisions]
+    decision_dicts = [_bind_decision(dataset, d.to_dict()) for d in decisions]
+    rv = dataset.registry_version
+    registry_version = int(rv.max()) if rv is not None and rv.size else -1
     payload: dict[str, Any] = {
         "report_schema_version": REPORT_SCHEMA_VERSION,
         "generated_at": now,
@@ -358,7 +414,12 @@ def build_report(
         "challengers": dataset.challengers,
         "threshold": dataset.threshold,
         "alpha": alpha,
-        "window": _window(dataset, window),
+        "window": {**_window(dataset, window),
+                   "basis": "experiments" if dataset.experiments else "window"},
+        "registry_version": registry_version if registry_version >= 0 else None,
+        "experiments": {
+            c: _experiment_entry(dataset, c, x) for c, x in dataset.experiments.items()
+        },
         "n": n,
         "join_stats": asdict(dataset.stats),
         "models": _model_summaries(dataset, alpha),
@@ -369,6 +430,7 @@ def build_report(
             "models": {k: v.to_dict() for k, v in metrics.items()},
         },
         "decisions": decision_dicts,
+        "verdict_counts": _verdict_counts(decision_dicts),
         "summary": [
             {"challenger": d["challenger"], "decision": d["decision"], "headline": headline(d)}
             for d in decision_dicts
@@ -394,7 +456,24 @@ def _finite(x: Any) -> bool:
 
 
 def _num(x: Any, spec: str = ".4g") -> str:
-    return format(float(x), spec) if _finite(x) else "n/a"
+    if not _finite(x):
+        return "n/a"
+    text = format(float(x), spec)
+    # never "-0" (or "> -0"): a value that rounds to zero has no sign
+    return text.replace("-", "") if not text.strip("+-0.%") else text
+
+
+def _improvement(p: Mapping[str, Any], lower_is_better: bool | None = None
+                 ) -> tuple[Any, Any, Any]:
+    """(improvement, CI low, CI high), positive = challenger better: the difference
+    (challenger - champion) with its CI flipped for losses. One sign convention everywhere."""
+    lower = (not p.get("higher_is_better", True)) if lower_is_better is None else lower_is_better
+    diff, lo, hi = p.get("difference"), p.get("ci_low"), p.get("ci_high")
+    if not lower:
+        imp = p.get("improvement", diff) if lower_is_better is None else diff
+        return imp, lo, hi
+    neg = [-float(v) if _finite(v) else None for v in (diff, hi, lo)]
+    return neg[0], neg[1], neg[2]
 
 
 def _diff(x: Any) -> str:
@@ -422,8 +501,8 @@ def _ci(value: Any, lo: Any, hi: Any, fmt: str = ".4g") -> str:
     if not _finite(value):
         return "n/a"
     if _finite(lo) and _finite(hi):
-        return f"{format(value, fmt)} [{format(lo, fmt)}, {format(hi, fmt)}]"
-    return format(value, fmt)
+        return f"{_num(value, fmt)} [{_num(lo, fmt)}, {_num(hi, fmt)}]"
+    return _num(value, fmt)
 
 
 def headline(d: Mapping[str, Any]) -> str:
@@ -441,10 +520,11 @@ def headline(d: Mapping[str, Any]) -> str:
     seq = d.get("sequential") or {}
     seq_p = seq.get("p_adjusted", seq.get("p_value"))
     seq_text = f"; sequential p = {_p(seq_p)}" if seq else "; no sequential test"
+    imp, lo, hi = _improvement(p)
     return (
         f"{head} {label} {_num(p.get('challenger'))} vs {_num(p.get('champion'))}, "
-        f"{_diff(p.get('difference'))} ({1 - alpha:.0%} CI {_diff(p.get('ci_low'))} to "
-        f"{_diff(p.get('ci_high'))}), {(corr + ' ') if corr else ''}p = {_p(p.get('p_adjusted'))}"
+        f"improvement {_diff(imp)} ({1 - alpha:.0%} CI {_diff(lo)} to {_diff(hi)}), "
+        f"{(corr + ' ') if corr else ''}p = {_p(p.get('p_adjusted'))}"
         f"{seq_text}; guardrails {guard}"
     )
 
@@ -547,11 +627,13 @@ def _title(payload: Mapping[str, Any]) -> str:
 def report_blocks(payload: Mapping[str, Any]) -> list[Block]:
     """The report's content, in reading order, from the JSON payload alone."""
     w = payload["window"]
+    data = ("data: every row of each challenger's current experiment, "
+            if w.get("basis") == "experiments" else "window ")
     blocks: list[Block] = [_h(1, _title(payload))]
     blocks.append(
         Block(
             "p",
-            f"Generated {payload['generated_at_iso']} · window {w['since_iso'] or '…'} to "
+            f"Generated {payload['generated_at_iso']} · {data}{w['since_iso'] or '…'} to "
             f"{w['until_iso'] or '…'} · task {payload['task']} · champion "
             f"**{payload['champion']}** · challengers "
             f"{', '.join(payload['challengers']) or 'none'} · {_int(payload['n'])} labelled "
@@ -564,11 +646,21 @@ def report_blocks(payload: Mapping[str, Any]) -> list[Block]:
     blocks.append(_h(2, "Decisions"))
     if not payload["decisions"]:
         blocks.append(Block("p", "No decisions: no challenger to compare with the champion."))
+    else:
+        counts = payload.get("verdict_counts") or _verdict_counts(payload["decisions"])
+        blocks.append(Block("p", "Verdicts: " + " · ".join(
+            f"{v} {counts.get(v, 0)}" for v in dict.fromkeys([*VERDICTS, *counts]))))
     for d, s in zip(payload["decisions"], payload["summary"], strict=True):
         blocks.append(Block("verdict", s["headline"], verdict=str(d["decision"])))
-        blocks.append(Block("ul", items=tuple(str(r) for r in d.get("reasons") or [])))
+        context = [_experiment_line(d.get("experiment"))]
+        health = d.get("data_health")
+        if isinstance(health, Mapping):
+            context.append(f"data health: {health.get('status', 'n/a')}"
+                           + "".join(f"; {r}" for r in health.get("reasons") or []))
+        blocks.append(Block("ul", items=(*context, *(str(r) for r in d.get("reasons") or []))))
 
     blocks.append(Block("figures"))
+    blocks += _experiment_blocks(payload)
     blocks += _join_blocks(payload)
     blocks += _metric_blocks(payload)
     blocks += _test_blocks(payload)
@@ -580,6 +672,83 @@ def report_blocks(payload: Mapping[str, Any]) -> list[Block]:
         blocks += markdown_to_blocks(drift_markdown(payload["drift"], heading="##"))
     blocks.append(_h(2, "Notes"))
     blocks.append(Block("ul", items=tuple(payload["notes"]) or ("None.",)))
+    return blocks
+
+
+def _experiment_line(x: Any) -> str:
+    """'experiment `id` since ... (data to ..., registry version N, vs champion C)'."""
+    if not isinstance(x, Mapping):
+        return "experiment: n/a"
+    name = f"experiment `{x['id']}`" if x.get("id") else \
+        "no experiment id (records from before experiments: the whole window)"
+    version = x.get("registry_version")
+    return (f"{name} started {x.get('started_iso') or 'n/a'}, data to "
+            f"{x.get('data_end_iso') or 'n/a'}, registry version "
+            f"{version if version is not None else 'unknown'}, vs champion {x.get('champion')}")
+
+
+def _health_detail(c: Mapping[str, Any]) -> str:
+    """A data-health check's numbers, whatever it measured (observed/expected, statistic...)."""
+    skip = {"name", "check", "status", "passed", "p_value", "reason", "detail", "message"}
+    parts = [f"{k.replace('_', ' ')} {_num(v)}" for k, v in c.items()
+             if k not in skip and _finite(v)]
+    text = str(c.get("reason") or c.get("detail") or c.get("message") or "")
+    return "; ".join([*([text] if text else []), *parts])
+
+
+def _experiment_blocks(payload: Mapping[str, Any]) -> list[Block]:
+    """Which experiment each verdict is bound to, and the data-health gate it passed (or not)."""
+    decisions = payload["decisions"]
+    if not decisions:
+        return []
+    rows = []
+    for d in decisions:
+        x = d.get("experiment") or {}
+        version = x.get("registry_version")
+        rows.append([d["challenger"], f"`{x['id']}`" if x.get("id") else "none (pre-experiment)",
+                     x.get("started_iso") or "n/a", x.get("data_end_iso") or "n/a",
+                     x.get("champion") or "n/a",
+                     str(version) if version is not None else "unknown",
+                     _int(d.get("n_labelled"))])
+    blocks = [
+        _h(2, "Experiments"),
+        Block("p", "Each verdict uses every labelled request of its challenger's current "
+                   "experiment (started when the challenger was added, or its mode, sample rate, "
+                   "the route's policy or champion last changed), never a sliding window. "
+                   "`evaluator promote` refuses the verdict once the live route has moved on."),
+        _table(["challenger", "experiment", "started", "data to", "champion",
+                "registry version", "labelled"], rows),
+    ]
+    health_rows = []
+    for d in decisions:
+        h = d.get("data_health")
+        if not isinstance(h, Mapping):
+            continue
+        checks = [c for c in h.get("checks") or [] if isinstance(c, Mapping)]
+        if isinstance(h.get("checks"), Mapping):
+            checks = [{"name": k, **v} if isinstance(v, Mapping) else {"name": k, "value": v}
+                      for k, v in h["checks"].items()]
+        if not checks:
+            health_rows.append([d["challenger"], "(gate)", str(h.get("status", "n/a")), "n/a",
+                                "; ".join(map(str, h.get("reasons") or []))])
+        for c in checks:
+            passed = c.get("passed")
+            status = c.get("status") or {True: "pass", False: "**FAIL**", None: "n/a"}.get(
+                passed if isinstance(passed, bool) else None)
+            health_rows.append([d["challenger"], str(c.get("name") or c.get("check") or "?"),
+                                f"**{status}**" if status == "fail" else str(status),
+                                _p(c.get("p_value")), _health_detail(c)])
+    blocks.append(_h(3, "Data health (sample ratio mismatch)"))
+    if health_rows:
+        blocks += [
+            Block("p", "Served counts against the logged propensities, each challenger's "
+                       "coverage against its sample rate, and whether shed or timed-out copies "
+                       "differ from scored ones. A failed check (p below the health alpha) makes "
+                       "the verdict INCONCLUSIVE: the paired comparison would be biased."),
+            _table(["challenger", "check", "result", "p", "detail"], health_rows),
+        ]
+    else:
+        blocks.append(Block("p", "Not evaluated by this decision module version."))
     return blocks
 
 
@@ -646,12 +815,13 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
         "n",
         "champion",
         "challenger value",
-        "difference [CI]",
+        "improvement [CI]",
         "p",
         "adjusted p",
         "sequential p (adj.)",
         "non-inferiority",
-        "power: required n (achieved)",
+        "n for target power",
+        "achieved power at min effect",
         "verdict",
     ]
     rows = []
@@ -668,12 +838,14 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
                 f"{'shown' if ni['passed'] else 'not shown'} (margin {ni.get('margin', 0):g}, "
                 f"lower bound {_diff(ni.get('lower_bound'))})"
             )
-        power_text = (
-            f"{_int(pw.get('required_n'))} ({_pct(pw.get('achieved_power'), '.0%')})"
-            if pw.get("required_n") is not None
-            else "n/a"
-        )
+        target = f" ({_pct(pw.get('power'), '.0%')} power)" if _finite(pw.get("power")) else ""
+        required = (f"{_int(pw.get('required_n'))}{target}" if pw.get("required_n") is not None
+                    else "n/a")
+        achieved = (f"{_pct(pw.get('achieved_power'), '.0%')} (min effect "
+                    f"{_num(pw.get('mde'), '.3g')})" if _finite(pw.get("achieved_power"))
+                    else "n/a")
         metric = str(d.get("primary_metric"))
+        imp, lo, hi = _improvement(p)
         rows.append(
             [
                 d["challenger"],
@@ -681,12 +853,13 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
                 _int(p.get("n")),
                 _num(p.get("champion")),
                 _num(p.get("challenger")),
-                _ci(p.get("difference"), p.get("ci_low"), p.get("ci_high"), "+.3g"),
+                _ci(imp, lo, hi, "+.3g"),
                 _p(p.get("p_value")),
                 f"{_p(p.get('p_adjusted'))} ({p.get('correction')})",
                 f"{_p(seq.get('p_value'))} ({_p(seq.get('p_adjusted'))})" if seq else "n/a",
                 ni_text,
-                power_text,
+                required,
+                achieved,
                 f"**{d['decision']}**",
             ]
         )
@@ -694,11 +867,12 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
             if not isinstance(t, Mapping):
                 continue
             stat = t.get("statistic", t.get("z"))
+            imp, lo, hi = _improvement(t, lower_is_better=name.startswith(LOSS_TESTS))
             secondary_rows.append(
                 [
                     d["challenger"],
                     name,
-                    _ci(t.get("difference"), t.get("ci_low"), t.get("ci_high"), "+.3g"),
+                    _ci(imp, lo, hi, "+.3g"),
                     _num(stat),
                     _p(t.get("p_value")),
                     t.get("reason") or "",
@@ -709,9 +883,11 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
         Block(
             "p",
             "Paired comparison of each challenger with the champion on the requests both "
-            "answered. Difference = challenger - champion (for losses, negative is better). "
-            "Adjusted p corrects across challengers; the sequential (always-valid mSPRT) p stays "
-            "valid however often the report is read.",
+            "answered. Improvement: positive means the challenger is better (for losses it is "
+            "champion - challenger). Adjusted p corrects across challengers; the sequential "
+            "(always-valid mSPRT) p stays valid however often the report is read. Power: the "
+            "labelled requests a fixed-horizon test needs for the target power at the minimum "
+            "effect, and the power the current n has at that effect.",
         ),
         _table(header, rows),
     ]
@@ -719,7 +895,7 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
         blocks += [
             _h(3, "Secondary tests (context only; the primary metric decides)"),
             _table(
-                ["challenger", "test", "difference [CI]", "statistic", "p", "note"],
+                ["challenger", "test", "improvement [CI]", "statistic", "p", "note"],
                 secondary_rows,
             ),
         ]
@@ -732,23 +908,36 @@ def _guardrail_blocks(payload: Mapping[str, Any]) -> list[Block]:
     for d in payload["decisions"]:
         g = d.get("guardrails") or {}
         for c in g.get("checks") or []:
-            result = {True: "pass", False: "**FAIL**", None: "insufficient data"}[c.get("passed")]
+            passed = c.get("passed")
+            result = {True: "pass", False: "**FAIL**"}.get(passed, "insufficient data") \
+                if isinstance(passed, bool) or passed is None else str(passed)
             name = str(c.get("name"))
+            interval = c.get("interval")
+            lo, hi = (interval if isinstance(interval, list | tuple) and len(interval) == 2
+                      else (None, None))
             if name.startswith("error_rate"):  # rates, and the delta in percentage points
-                cells = [_pct(c.get(k)) for k in ("champion", "challenger", "observed", "limit")]
+                cells = [_pct(c.get(k)) for k in ("champion", "challenger", "observed")]
+                cells += [f"[{_pct(lo)}, {_pct(hi)}]" if _finite(lo) or _finite(hi) else "n/a",
+                          _pct(c.get("limit"))]
             else:  # p99 in ms; the observed value is a ratio or ms, like its limit
                 unit = " ms" if name.endswith("_ms") else ""
                 cells = [
                     f"{_num(c.get('champion'))} ms",
                     f"{_num(c.get('challenger'))} ms",
                     f"{_num(c.get('observed'))}{unit}",
+                    f"[{_num(lo)}, {_num(hi)}]{unit}" if _finite(lo) or _finite(hi) else "n/a",
                     f"{_num(c.get('limit'))}{unit}",
                 ]
             rows.append([d["challenger"], name, *cells, result])
     if rows:
         blocks.append(
-            _table(["challenger", "check", "champion", "challenger", "observed", "limit",
-                    "result"], rows)
+            Block("p", "A guardrail fails only when its confidence bound is past the limit (and "
+                       "past the absolute margin): the interval is the observed value's "
+                       "uncertainty; too few samples read as insufficient data, not a failure.")
+        )
+        blocks.append(
+            _table(["challenger", "check", "champion", "challenger", "observed", "interval",
+                    "limit", "result"], rows)
         )
     else:
         blocks.append(Block("p", "No guardrail checks (no challengers)."))
@@ -938,14 +1127,17 @@ main{max-width:1180px;margin:0 auto;padding:24px 28px;background:#fff}
 h1{font-size:22px;margin:0 0 6px}
 h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #e3e6ea;padding-bottom:4px}
 h3{font-size:15px;margin:18px 0 6px}
-table{border-collapse:collapse;margin:8px 0 12px;font-size:12.5px;display:block;overflow-x:auto}
+.table-wrap{max-width:100%;overflow-x:auto;margin:8px 0 12px}
+table{border-collapse:collapse;font-size:12.5px}
 th,td{border:1px solid #dde1e6;padding:4px 7px;text-align:left;vertical-align:top;
-white-space:nowrap}
+overflow-wrap:anywhere;min-width:3.5em}
+td:first-child,th{white-space:nowrap}
 th{background:#f0f2f5}tr:nth-child(even) td{background:#fafbfc}
 .verdict{border-radius:6px;padding:10px 14px;margin:14px 0 4px;font-weight:600;
 border-left:6px solid}
 .verdict.PROMOTE{background:#e8f6ec;border-color:#1e8e3e}
-.verdict.KEEP{background:#fdecea;border-color:#c5221f}
+.verdict.KEEP{background:#eef1f5;border-color:#5f6b7a}
+.verdict.BLOCKED{background:#fdecea;border-color:#c5221f}
 .verdict.INCONCLUSIVE{background:#fff6e0;border-color:#e3a008}
 ul{margin:4px 0 10px;padding-left:22px}li{margin:2px 0}
 .figs{display:flex;flex-wrap:wrap;gap:14px}
@@ -965,7 +1157,7 @@ def render_html(blocks: Sequence[Block], figures: Sequence[FigureImage], *, titl
         elif b.kind == "p":
             body.append(f"<p>{_inline(b.text)}</p>")
         elif b.kind == "verdict":
-            cls = b.verdict if b.verdict in ("PROMOTE", "KEEP", "INCONCLUSIVE") else ""
+            cls = b.verdict if b.verdict in VERDICTS else ""
             body.append(f'<div class="verdict {cls}">{_inline(b.text)}</div>')
         elif b.kind == "ul":
             body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
@@ -974,7 +1166,8 @@ def render_html(blocks: Sequence[Block], figures: Sequence[FigureImage], *, titl
             rows = "".join(
                 "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b.rows
             )
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            body.append(f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+                        f"<tbody>{rows}</tbody></table></div>")
         elif b.kind == "figures":
             if not any(f.png_base64 for f in figures):
                 continue
@@ -1320,6 +1513,8 @@ def _fig_sequential(
     fig = _new_figure(11.0, 3.9, ncols=2, dates=use_time)
     ax_lr, ax_cs = fig.axes
     alpha = float(seqs[0][1].get("alpha") or payload["alpha"])
+    xs = np.concatenate([_path_array(s["path"].get("ts" if use_time else "n")) for _, s in seqs])
+    xs = xs[np.isfinite(xs)]
     for name, s in seqs:
         path = s["path"]
         x = (_path_array(path.get("ts")) * 1e6).astype("datetime64[us]") if use_time else \
@@ -1351,8 +1546,23 @@ def _fig_sequential(
               xlabel="inference time (UTC)" if use_time else "paired requests")
     ax_cs.legend(fontsize=7)
     ax_cs.grid(alpha=0.3)
-    if use_time:
+    if xs.size:
+        # Explicit limits: matplotlib gives one look (a first report) a multi-year date axis.
+        lo, hi = float(xs.min()), float(xs.max())
+        pad = max((hi - lo) * 0.05, 3600.0 if use_time else 1.0)
         for ax in (ax_lr, ax_cs):
+            if use_time:
+                ax.set_xlim(np.datetime64(int((lo - pad) * 1e6), "us"),
+                            np.datetime64(int((hi + pad) * 1e6), "us"))
+            else:
+                ax.set_xlim(lo - pad, hi + pad)
+    if use_time:
+        from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
+        for ax in (ax_lr, ax_cs):
+            locator = AutoDateLocator(maxticks=8)
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
             ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     return FigureImage(
         "sequential",
@@ -1386,19 +1596,28 @@ def _fig_arm_shares(
     totals = counts.sum(axis=1, keepdims=True)
     keep = totals[:, 0] > 0
     shares = counts[keep] / totals[keep]
-    mids = ((edges[:-1] + edges[1:]) / 2.0)[keep]
-    x = (mids * 1e6).astype("datetime64[us]")
+    # Stacked bars, one per bin with traffic: an idle gap stays empty instead of being bridged
+    # by a line interpolated across it.
+    left = (edges[:-1][keep] * 1e6).astype("datetime64[us]")
+    width = np.timedelta64(max(int((edges[1] - edges[0]) * 1e6), 1), "us")
     fig = _new_figure(7.5, 3.6, dates=True)
     ax = fig.axes[0]
-    ax.stackplot(x, shares.T, labels=arms, colors=[colors.get(a, "#999999") for a in arms],
-                 alpha=0.85)
+    bottom = np.zeros(int(keep.sum()))
+    for k, arm in enumerate(arms):
+        ax.bar(left, shares[:, k], width=width, bottom=bottom, align="edge", label=arm,
+               color=colors.get(arm, "#999999"), alpha=0.85, linewidth=0)
+        bottom = bottom + shares[:, k]
+    ax.set_xlim(np.datetime64(int(edges[0] * 1e6), "us"),
+                np.datetime64(int(edges[-1] * 1e6), "us"))
     ax.set(ylabel="share of requests served", xlabel="inference time (UTC)", ylim=(0, 1))
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     ax.legend(fontsize=8, loc="upper right")
+    idle = int(nb - keep.sum())
     return FigureImage(
         "arm_shares",
         "Arm shares over time",
-        f"Share of requests each arm served, in {nb} equal time bins.",
+        f"Share of requests each arm served, in {nb} equal time bins"
+        + (f"; {idle} bins without traffic are left empty." if idle else "."),
         _png(fig),
     )
 
