@@ -243,25 +243,40 @@ def test_report_while_the_ingest_loop_runs(tmp_path: Path,
 
 
 class _Admin(BaseHTTPRequestHandler):
+    """A stand-in admin API: GET shows LIVE, POST records the call."""
+
     calls: ClassVar[list[tuple[str, str | None, dict[str, Any]]]] = []
+    live: ClassVar[dict[str, Any]] = {}
+
+    def _send(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.calls.append((f"GET {self.path}", self.headers.get("Authorization"), {}))
+        self._send(200, self.live)
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.calls.append((self.path, self.headers.get("Authorization"), body))
-        payload = json.dumps({"route": "fraud", "champion": body["model"]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        self._send(200, {"route": "fraud", "champion": body["model"]})
 
     def log_message(self, *args: Any) -> None:
         return None
 
 
+LIVE = {"name": "fraud", "version": 7, "champion": {"model": CHAMP},
+        "challengers": [{"model": CHAL, "experiment": {"id": "x1", "started": T0}}]}
+
+
 @pytest.fixture
 def admin() -> Any:
     _Admin.calls = []
+    _Admin.live = json.loads(json.dumps(LIVE))
     server = HTTPServer(("127.0.0.1", 0), _Admin)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -270,10 +285,17 @@ def admin() -> Any:
     server.server_close()
 
 
-def write_report(directory: Path, decision: Any, **extra: Any) -> None:
+def write_report(directory: Path, decision: Any, route: str = "fraud", **extra: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "report.json").write_text(json.dumps({"route": "fraud", "decision": decision,
-                                                       **extra}))
+    (directory / "report.json").write_text(json.dumps({"route": route, "decision": decision,
+                                                       "generated_at": time.time(), **extra}))
+
+
+def bound(verdict: str = "PROMOTE", **experiment: Any) -> dict[str, Any]:
+    """A decision bound to LIVE's state (as evaluator.report writes it)."""
+    return {"verdict": verdict, "model": CHAL, "experiment": {
+        "id": "x1", "route": "fraud", "champion": CHAMP, "challenger": CHAL, "started": T0,
+        "data_end": T0 + 10, "registry_version": 7, **experiment}}
 
 
 def test_promote_calls_the_admin_api_only_on_promote(tmp_path: Path, admin: Any,
@@ -291,16 +313,76 @@ def test_promote_calls_the_admin_api_only_on_promote(tmp_path: Path, admin: Any,
     assert calls == []
     assert "not PROMOTE" in capsys.readouterr().err
 
-    write_report(reports / "new", {"verdict": "PROMOTE", "model": CHAL})
+    write_report(reports / "new", bound())
     monkeypatch.delenv("UNDERSTUDY_ADMIN_TOKEN")
     assert cli.main(args) == 2  # no token: refuses before calling
     assert calls == []
+    monkeypatch.setenv("UNDERSTUDY_ADMIN_READ_TOKEN", "r3ad")
+    assert cli.main([*args, "--dry-run"]) == 0  # the read token is enough to check
+    assert calls == [("GET /admin/routes/fraud", "Bearer r3ad", {})]
+    assert '"expected_version": 7, "experiment": "x1"' in capsys.readouterr().out
+    calls.clear()
     monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", "s3cret")
-    assert cli.main([*args, "--dry-run"]) == 0
-    assert calls == []
     assert cli.main(args) == 0
-    assert calls == [("/admin/routes/fraud/promote", "Bearer s3cret", {"model": CHAL})]
+    assert calls == [("GET /admin/routes/fraud", "Bearer s3cret", {}),
+                     ("/admin/routes/fraud/promote", "Bearer s3cret",
+                      {"model": CHAL, "expected_version": 7, "experiment": "x1"})]
     assert f"promoted {CHAL}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda live, rep: rep.update(route="price"), "for route 'price', not 'fraud'"),
+    (lambda live, rep: rep.update(generated_at=time.time() - 27 * 3600), "older than"),
+    (lambda live, rep: live.update(champion={"model": "fraud_v5"}), "live champion"),
+    (lambda live, rep: live.update(challengers=[]), "no longer a challenger"),
+    (lambda live, rep: live["challengers"][0].update(experiment={"id": "x2"}),
+     "live experiment is 'x2'"),
+    (lambda live, rep: live.update(version=8), "registry version 8"),
+    (lambda live, rep: rep["decision"]["experiment"].update(registry_version=None),
+     "does not say which registry version"),
+])
+def test_promote_refuses_a_report_that_does_not_match_the_live_route(
+        tmp_path: Path, admin: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], change: Any, message: str) -> None:
+    url, calls = admin
+    path = write_config(tmp_path, gateway=url)
+    report = {"route": "fraud", "generated_at": time.time(), "decision": bound()}
+    change(_Admin.live, report)
+    out = tmp_path / "reports" / "report.json"
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(report))
+    monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", "s3cret")
+    for extra in (["--dry-run"], []):
+        code = cli.main(["promote", "--config", str(path), "--route", "fraud",
+                         "--report", str(out), *extra])
+        assert code == cli.EXIT_STALE
+        assert message in capsys.readouterr().err
+    assert not [c for c in calls if c[0].endswith("/promote")]  # nothing was changed
+
+
+def test_promote_a_blocked_report_has_its_own_exit_code(tmp_path: Path, admin: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    url, calls = admin
+    path = write_config(tmp_path, gateway=url)
+    write_report(tmp_path / "reports", bound("BLOCKED"))
+    monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", "s3cret")
+    assert cli.main(["promote", "--config", str(path), "--route", "fraud"]) == cli.EXIT_BLOCKED
+    assert calls == []
+
+
+def test_max_report_age_is_a_decision_duration(tmp_path: Path) -> None:
+    config = parse_config({"decision": {"max_report_age": "2h"}}, env={})
+    assert config.decision["max_report_age"] == 7200.0
+    assert parse_config({}, env={}).decision["max_report_age"] == 26 * 3600.0
+    with pytest.raises(ConfigError, match="max_report_age"):
+        parse_config({"decision": {"max_report_age": "soon"}}, env={})
+    # config keys the decision policy has no field for are not handed to it; a typo still is
+    from evaluator.decision import DecisionPolicy
+
+    DecisionPolicy.from_mapping(cli.policy_mapping(config, "fraud"))
+    bad = parse_config({"decision": {"primary_metrik": "auroc"}}, env={})
+    with pytest.raises(ValueError, match="primary_metrik"):
+        DecisionPolicy.from_mapping(cli.policy_mapping(bad, "fraud"))
 
 
 def test_read_decision_shapes() -> None:
