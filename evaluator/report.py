@@ -1497,6 +1497,18 @@ def _path_array(values: Sequence[Any] | None) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values or []], dtype=np.float64)
 
 
+def look_limits(xs: np.ndarray, use_time: bool) -> tuple[float, float] | None:
+    """x-axis limits around the sequential test's looks: 5% padding, at least an hour (or one
+    request) each side. Explicit because matplotlib gives a single look (a first report) a
+    multi-year date axis."""
+    xs = xs[np.isfinite(xs)]
+    if not xs.size:
+        return None
+    lo, hi = float(xs.min()), float(xs.max())
+    pad = max((hi - lo) * 0.05, 3600.0 if use_time else 1.0)
+    return lo - pad, hi + pad
+
+
 def _fig_sequential(
     dataset: EvalDataset, rows: np.ndarray, colors: Mapping[str, str], payload: Mapping[str, Any]
 ) -> FigureImage | None:
@@ -1514,7 +1526,6 @@ def _fig_sequential(
     ax_lr, ax_cs = fig.axes
     alpha = float(seqs[0][1].get("alpha") or payload["alpha"])
     xs = np.concatenate([_path_array(s["path"].get("ts" if use_time else "n")) for _, s in seqs])
-    xs = xs[np.isfinite(xs)]
     for name, s in seqs:
         path = s["path"]
         x = (_path_array(path.get("ts")) * 1e6).astype("datetime64[us]") if use_time else \
@@ -1546,16 +1557,14 @@ def _fig_sequential(
               xlabel="inference time (UTC)" if use_time else "paired requests")
     ax_cs.legend(fontsize=7)
     ax_cs.grid(alpha=0.3)
-    if xs.size:
-        # Explicit limits: matplotlib gives one look (a first report) a multi-year date axis.
-        lo, hi = float(xs.min()), float(xs.max())
-        pad = max((hi - lo) * 0.05, 3600.0 if use_time else 1.0)
+    limits = look_limits(xs, use_time)
+    if limits is not None:
+        lo, hi = limits
         for ax in (ax_lr, ax_cs):
             if use_time:
-                ax.set_xlim(np.datetime64(int((lo - pad) * 1e6), "us"),
-                            np.datetime64(int((hi + pad) * 1e6), "us"))
+                ax.set_xlim(np.datetime64(int(lo * 1e6), "us"), np.datetime64(int(hi * 1e6), "us"))
             else:
-                ax.set_xlim(lo - pad, hi + pad)
+                ax.set_xlim(lo, hi)
     if use_time:
         from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 

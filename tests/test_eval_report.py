@@ -322,3 +322,240 @@ def test_cli_report_writes_all_three_files(tmp_path: Path) -> None:
     assert f"**{CHAL}: KEEP — " in (out / "report.md").read_text()
     assert_self_contained((out / "report.html").read_text(), min_images=3)
     assert cli.main(["promote", "--config", str(path), "--route", "fraud", "--dry-run"]) == 3
+
+
+# -- experiments, data health, guardrail intervals, BLOCKED (issue 13) ------------------------
+
+
+class _Extended:
+    """A real decision whose to_dict() also carries keys a newer decision module adds
+    (experiment, data_health, guardrail intervals, BLOCKED): the report renders what it gets."""
+
+    def __init__(self, real: Any, **changes: Any) -> None:
+        self.real, self.changes = real, changes
+        self.policy, self.challenger = real.policy, real.challenger
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.real.to_dict()
+        for key, value in self.changes.items():
+            d[key] = value(d) if callable(value) else value
+        return d
+
+
+def _with_intervals(d: dict[str, Any]) -> dict[str, Any]:
+    g = json.loads(json.dumps(d["guardrails"]))
+    for i, c in enumerate(g["checks"]):
+        c["interval"] = [0.25 + i, 4.5 + i]
+    return g
+
+
+HEALTH = {"status": "fail", "reasons": ["fraud_v5: 74% of its copies were shed"],
+          "checks": [{"name": "served_vs_propensity", "status": "pass", "p_value": 0.41,
+                      "statistic": 0.68},
+                     {"name": "shed_vs_scored", "passed": False, "p_value": 2.5e-06,
+                      "observed": 740, "expected": 500, "reason": "shedding is not random"}]}
+
+
+@pytest.fixture(scope="module")
+def bound(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, str]:
+    from evaluator.dataset import ExperimentInfo
+
+    ds = synthetic_dataset(4_000, seed=5, sigmas=(1.0, 0.6, 1.6))
+    ds.registry_version = np.full(len(ds), 7, dtype=np.int64)
+    start = float(ds.ts.min())
+    ds.experiments = {"fraud_v4": ExperimentInfo("fraud_v4:exp-1", start, float(ds.ts.max()),
+                                                 "fraud_v3", 7)}
+    v4, v5 = decide(ds, None)
+    decisions = [_Extended(v4, guardrails=_with_intervals),
+                 _Extended(v5, decision="BLOCKED", data_health=HEALTH,
+                           guardrails=_with_intervals)]
+    out = tmp_path_factory.mktemp("bound")
+    paths = write_report(ds, decisions, out, generated_at=1_767_300_000.0)  # type: ignore[arg-type]
+    return (load_strict(paths["json"]), paths["markdown"].read_text(),
+            paths["html"].read_text())
+
+
+def test_each_verdict_is_bound_to_its_experiment(bound: tuple[dict[str, Any], str, str]) -> None:
+    report, md, _ = bound
+    assert report["generated_at"] == 1_767_300_000.0
+    assert report["registry_version"] == 7
+    assert report["window"]["basis"] == "experiments"
+    v4, v5 = report["decisions"]
+    assert v4["experiment"]["id"] == "fraud_v4:exp-1"
+    assert {k: v4["experiment"][k] for k in ("route", "champion", "challenger",
+                                               "registry_version")} == \
+        {"route": "fraud", "champion": "fraud_v3", "challenger": "fraud_v4",
+         "registry_version": 7}
+    assert v4["experiment"]["started_iso"].startswith("2026-01-01")
+    assert v4["experiment"]["data_end"] >= v4["experiment"]["started"]
+    assert report["experiments"]["fraud_v4"]["id"] == "fraud_v4:exp-1"
+    # no experiment id: the implicit one (the data itself), still bound to a version
+    assert v5["experiment"]["id"] is None and v5["experiment"]["registry_version"] == 7
+    assert "experiment `fraud_v4:exp-1` started 2026-01-01" in md
+    assert cli.report_binding(report, "fraud_v4")["experiment"] == "fraud_v4:exp-1"
+    assert cli.report_binding(report, "fraud_v4")["registry_version"] == 7
+
+
+def test_blocked_data_health_and_guardrail_intervals_are_shown(
+        bound: tuple[dict[str, Any], str, str]) -> None:
+    report, md, page = bound
+    assert report["verdict_counts"] == {"PROMOTE": 1, "KEEP": 0, "BLOCKED": 1,
+                                        "INCONCLUSIVE": 0}
+    assert "Verdicts: PROMOTE 1 · KEEP 0 · BLOCKED 1 · INCONCLUSIVE 0" in md
+    assert "**fraud_v5: BLOCKED — " in md
+    assert '<div class="verdict BLOCKED">' in page
+    css = re.search(r"\.verdict\.BLOCKED\{([^}]*)\}", page)
+    keep = re.search(r"\.verdict\.KEEP\{([^}]*)\}", page)
+    assert css and keep and css.group(1) != keep.group(1)  # a colour of its own
+    # the data-health gate: status, each check with its p-value and numbers
+    assert "### Data health (sample ratio mismatch)" in md
+    assert "data health: fail; fraud_v5: 74% of its copies were shed" in md
+    assert re.search(r"\| fraud_v5 \| shed_vs_scored \| \*\*FAIL\*\* \| 2\.50e-06 \| "
+                     r"shedding is not random; observed 740; expected 500 \|", md), md
+    assert "| fraud_v5 | served_vs_propensity | pass | 0.41 | statistic 0.68 |" in md
+    # each guardrail check with its interval and limit
+    rows = [ln for ln in md.split("## Guardrails")[1].splitlines() if ln.startswith("| fraud_v4")]
+    assert rows and all(re.search(r"\[[\d.]+%?(?: ms)?, [\d.]+%?\]|\[[\d.]+, [\d.]+\]", r)
+                        for r in rows), rows
+    assert "| interval | limit |" in md
+
+
+def test_one_sign_convention_clear_power_labels_and_no_negative_zero(
+        bound: tuple[dict[str, Any], str, str], clear_cut: tuple[dict[str, Any], str, str]
+) -> None:
+    report, md, page = bound
+    tests = md.split("## Tests")[1].split("##")[0]
+    assert "improvement [CI]" in tests and "difference" not in tests.split("\n|")[0]
+    assert "| n for target power | achieved power at min effect |" in tests
+    assert re.search(r"\| [\d,]+ \(80% power\) \| \d+% \(min effect 0\.01\) \|", tests), tests
+    # a better challenger reads as a positive improvement everywhere, for losses too
+    v4 = next(d for d in report["decisions"] if d["challenger"] == "fraud_v4")
+    assert v4["primary"]["improvement"] > 0
+    assert f"improvement +{v4['primary']['improvement']:.3g}" in md
+    # the report's own text (tables, headlines; the reasons' wording is decision.py's)
+    own = "\n".join(ln for ln in md.splitlines() if ln.startswith(("|", "**")))
+    assert not re.search(r"(?<![\w.])-0(?![.\d])", own)
+    assert "+-" not in own
+    for table in re.findall(r"\| challenger \| test \| improvement \[CI\].*?\n\n", md, re.S):
+        assert "difference" not in table
+    # wide tables scroll inside their own box instead of hiding columns
+    assert page.count('<div class="table-wrap"><table>') == page.count("<table>")
+    assert ".table-wrap{max-width:100%;overflow-x:auto" in page
+
+
+def test_losses_use_the_same_improvement_sign(tmp_path: Path) -> None:
+    ds = synthetic_dataset(3_000, seed=8, task="regression", sigmas=(1.0, 0.5),
+                           names=("price_v1", "price_v2"), route="price")
+    report, md, _ = write(ds, tmp_path, DecisionPolicy(primary_metric="rmse", min_effect=0.05))
+    p = report["decisions"][0]["primary"]
+    assert p["difference"] < 0 < p["improvement"]  # lower RMSE: a negative difference
+    assert f"improvement +{p['improvement']:.3g}" in md
+    secondary = md.split("### Secondary tests")[1]
+    row = next(ln for ln in secondary.splitlines() if "paired_t_squared_error" in ln)
+    assert "| +" in row  # the loss test's improvement is positive as well
+
+
+def test_one_look_gets_a_short_axis_not_years() -> None:
+    from evaluator.report import look_limits
+
+    lo, hi = look_limits(np.array([1_767_300_000.0]), use_time=True)
+    assert hi - lo == 7200.0  # an hour each side of the only look
+    lo, hi = look_limits(np.array([1_767_300_000.0, 1_767_300_000.0 + 86_400 * 10]), True)
+    assert hi - lo == pytest.approx(86_400 * 10 * 1.1)
+    assert look_limits(np.array([np.nan]), True) is None
+    assert look_limits(np.array([500.0]), use_time=False) == (499.0, 501.0)
+
+
+def test_arm_shares_leave_idle_gaps_empty(tmp_path: Path) -> None:
+    ds = synthetic_dataset(4_000, seed=2, explore=0.3, days=14)
+    keep = (ds.ts < ds.ts.min() + 3 * 86_400) | (ds.ts > ds.ts.min() + 10 * 86_400)
+    ds = subset(ds, keep)  # a week without traffic in the middle
+    report, _, page = write(ds, tmp_path)
+    assert "arm_shares" in report["figures"]
+    assert re.search(r"in 48 equal time bins; \d+ bins without traffic are left empty", page)
+
+
+def test_no_negative_zero() -> None:
+    from evaluator.report import _num
+
+    assert _num(-0.0, "+.3g") == "0" and _num(-1e-9, ".3f") == "0.000"
+    assert _num(-1e-9, ".2%") == "0.00%"
+    assert _num(-0.25, "+.3g") == "-0.25" and _num(0.25, "+.3g") == "+0.25"
+
+
+def _cli_config(tmp_path: Path) -> Path:
+    path = tmp_path / "evaluator.yaml"
+    path.write_text(json.dumps({  # JSON is YAML
+        "source": {"path": str(tmp_path / "log")},
+        "store": {"path": str(tmp_path / "store.duckdb"), "lock_timeout_s": 5},
+        "report": {"out": str(tmp_path / "reports"), "window": "1h"},
+        "drift": {"out": str(tmp_path / "drift")},
+        "decision": {"min_samples": 50},
+    }))
+    return path
+
+
+def test_cli_report_uses_every_row_of_the_current_experiment(tmp_path: Path) -> None:
+    from tests.test_eval_store import CHAL, T0, LogDir, experiment_inference, label
+
+    path = _cli_config(tmp_path)
+    log = LogDir(tmp_path / "log")
+    old = [experiment_inference(f"o{i}", T0 + i * 60, "exp-old", version=2) for i in range(50)]
+    new = [experiment_inference(f"n{i}", T0 + 86_400 + i * 600, "exp-new", version=3)
+           for i in range(200)]  # 33 hours of data, far more than the 1h window
+    log.write("inferences", *old, *new)
+    log.write("labels", *(label(r["request_id"], i % 2, T0 + 5 * 86_400)
+                          for i, r in enumerate(old + new)))
+    assert cli.main(["run", "--once", "--config", str(path)]) == 0
+    assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == 0
+    report = load_strict(tmp_path / "reports" / "report.json")
+    assert report["n"] == 200  # all of exp-new, nothing of exp-old, whatever the window
+    assert report["window"]["basis"] == "experiments"
+    assert report["window"]["since"] == T0 + 86_400
+    x = report["decisions"][0]["experiment"]
+    assert (x["id"], x["challenger"], x["champion"], x["registry_version"]) == \
+        ("exp-new", CHAL, "fraud_v3", 3)
+    assert (x["started"], x["data_end"]) == (T0 + 86_400, T0 + 86_400 + 199 * 600)
+    binding = cli.report_binding(report, CHAL)
+    assert binding["experiment"] == "exp-new" and binding["registry_version"] == 3
+
+
+def test_cli_exploration_rewards_reach_the_off_policy_table(tmp_path: Path) -> None:
+    """Records shaped as the gateway writes them under `policy --type epsilon_greedy --reward
+    correct`: the label carries the reward the gateway computed for the served arm."""
+    from tests.test_eval_store import CHAL, CHAMP, T0, LogDir, inference, outcome
+
+    path = _cli_config(tmp_path)
+    log = LogDir(tmp_path / "log")
+    rng = np.random.default_rng(4)
+    records, labels = [], []
+    for i in range(400):
+        y = float(rng.random() < 0.4)
+        s_champ = float(np.clip(0.5 * y + 0.5 * rng.random(), 0, 1))
+        s_chal = float(np.clip(0.7 * y + 0.3 * rng.random(), 0, 1))
+        served = CHAL if rng.random() < 0.2 else CHAMP
+        prop = 0.2 if served == CHAL else 0.8
+        outputs = {CHAMP: outcome(s_champ, role="champion", mode="served", latency=1.0),
+                   CHAL: {**outcome(s_chal, mode="explore", latency=1.0),
+                          "experiment": "explore-1", "sample_rate": 1.0}}
+        records.append(inference(f"e{i}", T0 + i * 60, outputs=outputs, registry_version=4,
+                                 policy={"type": "epsilon_greedy", "epsilon": 0.4},
+                                 served={"model": served, "version": "1"}, propensity=prop,
+                                 arms={CHAMP: 0.8, CHAL: 0.2}))
+        score = s_chal if served == CHAL else s_champ
+        reward = float((score >= 0.5) == (y == 1))  # reward: correct, computed by the gateway
+        labels.append({"schema_version": 1, "kind": "label", "request_id": f"e{i}",
+                       "label": y, "reward": reward, "event_time": T0 + 9e5,
+                       "received_ts": T0 + 9e5})
+    log.write("inferences", *records)
+    log.write("labels", *labels)
+    assert cli.main(["run", "--once", "--config", str(path)]) == 0
+    assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == 0
+    report = load_strict(tmp_path / "reports" / "report.json")
+    off = report["offpolicy"]
+    assert off is not None and off["n"] == 400  # every request was rewarded
+    for arm in (CHAMP, CHAL):
+        for name in ("ips", "snips", "dr"):
+            assert isinstance(off["arms"][arm]["estimates"][name]["value"], float), (arm, name)
+    md = (tmp_path / "reports" / "report.md").read_text()
+    assert "from 400 rewarded requests" in md
