@@ -816,8 +816,7 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
         "champion",
         "challenger value",
         "improvement [CI]",
-        "p",
-        "adjusted p",
+        "p (adjusted)",
         "sequential p (adj.)",
         "non-inferiority",
         "n for target power",
@@ -854,8 +853,7 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
                 _num(p.get("champion")),
                 _num(p.get("challenger")),
                 _ci(imp, lo, hi, "+.3g"),
-                _p(p.get("p_value")),
-                f"{_p(p.get('p_adjusted'))} ({p.get('correction')})",
+                f"{_p(p.get('p_value'))} ({_p(p.get('p_adjusted'))} {p.get('correction')})",
                 f"{_p(seq.get('p_value'))} ({_p(seq.get('p_adjusted'))})" if seq else "n/a",
                 ni_text,
                 required,
@@ -1123,15 +1121,14 @@ def _inline(text: str) -> str:
 _CSS = """
 body{font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
 color:#1d2330;margin:0;background:#f6f7f9}
-main{max-width:1180px;margin:0 auto;padding:24px 28px;background:#fff}
+main{max-width:1400px;margin:0 auto;padding:24px 28px;background:#fff}
 h1{font-size:22px;margin:0 0 6px}
 h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #e3e6ea;padding-bottom:4px}
 h3{font-size:15px;margin:18px 0 6px}
 .table-wrap{max-width:100%;overflow-x:auto;margin:8px 0 12px}
 table{border-collapse:collapse;font-size:12.5px}
-th,td{border:1px solid #dde1e6;padding:4px 7px;text-align:left;vertical-align:top;
-overflow-wrap:anywhere;min-width:3.5em}
-td:first-child,th{white-space:nowrap}
+th,td{border:1px solid #dde1e6;padding:4px 7px;text-align:left;vertical-align:top}
+td{max-width:18em}td:first-child{white-space:nowrap;max-width:none}th{min-width:4em}
 th{background:#f0f2f5}tr:nth-child(even) td{background:#fafbfc}
 .verdict{border-radius:6px;padding:10px 14px;margin:14px 0 4px;font-weight:600;
 border-left:6px solid}
