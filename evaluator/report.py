@@ -688,10 +688,19 @@ def _experiment_line(x: Any) -> str:
 
 
 def _health_detail(c: Mapping[str, Any]) -> str:
-    """A data-health check's numbers, whatever it measured (observed/expected, statistic...)."""
-    skip = {"name", "check", "status", "passed", "p_value", "reason", "detail", "message"}
-    parts = [f"{k.replace('_', ' ')} {_num(v)}" for k, v in c.items()
-             if k not in skip and _finite(v)]
+    """A data-health check's numbers, whatever it measured: its detail text, then numbers and
+    per-arm counts (observed / expected) as `key value` pairs."""
+    skip = {"name", "check", "status", "passed", "p_value", "p_adjusted", "reason", "detail",
+            "message"}
+    parts = []
+    for k, v in c.items():
+        if k in skip:
+            continue
+        if _finite(v):
+            parts.append(f"{k.replace('_', ' ')} {_num(v)}")
+        elif isinstance(v, Mapping) and v:
+            parts.append(f"{k.replace('_', ' ')} "
+                         + ", ".join(f"{a} {_num(x)}" for a, x in v.items()))
     text = str(c.get("reason") or c.get("detail") or c.get("message") or "")
     return "; ".join([*([text] if text else []), *parts])
 
@@ -735,9 +744,12 @@ def _experiment_blocks(payload: Mapping[str, Any]) -> list[Block]:
             passed = c.get("passed")
             status = c.get("status") or {True: "pass", False: "**FAIL**", None: "n/a"}.get(
                 passed if isinstance(passed, bool) else None)
+            p_text = _p(c.get("p_value"))
+            if _finite(c.get("p_adjusted")):
+                p_text += f" ({_p(c['p_adjusted'])})"
             health_rows.append([d["challenger"], str(c.get("name") or c.get("check") or "?"),
-                                f"**{status}**" if status == "fail" else str(status),
-                                _p(c.get("p_value")), _health_detail(c)])
+                                "**FAIL**" if status in ("fail", "**FAIL**") else str(status),
+                                p_text, _health_detail(c)])
     blocks.append(_h(3, "Data health (sample ratio mismatch)"))
     if health_rows:
         blocks += [
@@ -745,7 +757,7 @@ def _experiment_blocks(payload: Mapping[str, Any]) -> list[Block]:
                        "coverage against its sample rate, and whether shed or timed-out copies "
                        "differ from scored ones. A failed check (p below the health alpha) makes "
                        "the verdict INCONCLUSIVE: the paired comparison would be biased."),
-            _table(["challenger", "check", "result", "p", "detail"], health_rows),
+            _table(["challenger", "check", "result", "p (adjusted)", "detail"], health_rows),
         ]
     else:
         blocks.append(Block("p", "Not evaluated by this decision module version."))
@@ -919,11 +931,18 @@ def _guardrail_blocks(payload: Mapping[str, Any]) -> list[Block]:
                           _pct(c.get("limit"))]
             else:  # p99 in ms; the observed value is a ratio or ms, like its limit
                 unit = " ms" if name.endswith("_ms") else ""
+                margin = ""
+                diff = c.get("difference_interval")
+                if isinstance(diff, list | tuple) and len(diff) == 2 and _finite(c.get("margin")):
+                    margin = (f"; p99 difference {_diff(c.get('difference'))} ms "
+                              f"[{_num(diff[0])}, {_num(diff[1])}] vs margin "
+                              f"{_num(c['margin'])} ms")
                 cells = [
                     f"{_num(c.get('champion'))} ms",
                     f"{_num(c.get('challenger'))} ms",
                     f"{_num(c.get('observed'))}{unit}",
-                    f"[{_num(lo)}, {_num(hi)}]{unit}" if _finite(lo) or _finite(hi) else "n/a",
+                    (f"[{_num(lo)}, {_num(hi)}]{unit}" if _finite(lo) or _finite(hi) else "n/a")
+                    + margin,
                     f"{_num(c.get('limit'))}{unit}",
                 ]
             rows.append([d["challenger"], name, *cells, result])

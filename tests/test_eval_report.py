@@ -349,11 +349,16 @@ def _with_intervals(d: dict[str, Any]) -> dict[str, Any]:
     return g
 
 
-HEALTH = {"status": "fail", "reasons": ["fraud_v5: 74% of its copies were shed"],
-          "checks": [{"name": "served_vs_propensity", "status": "pass", "p_value": 0.41,
-                      "statistic": 0.68},
-                     {"name": "shed_vs_scored", "passed": False, "p_value": 2.5e-06,
-                      "observed": 740, "expected": 500, "reason": "shedding is not random"}]}
+HEALTH = {  # the shape of evaluator.health.DataHealthResult.to_dict()
+    "challenger": "fraud_v5", "status": "fail", "alpha": 0.001, "n": 4000, "experiment": None,
+    "reasons": ["fraud_v5: 74% of its copies were shed"],
+    "checks": [{"name": "served_vs_propensity", "status": "pass", "detail": "", "n": 4000,
+                "statistic": 0.68, "p_value": 0.41, "p_adjusted": 0.82, "observed": {},
+                "expected": {}},
+               {"name": "shed_vs_scored", "status": "fail", "detail": "shedding is not random",
+                "n": 4000, "statistic": None, "p_value": 2.5e-06, "p_adjusted": 5e-06,
+                "observed": {"shed": 740}, "expected": {"shed": 500}}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -410,9 +415,10 @@ def test_blocked_data_health_and_guardrail_intervals_are_shown(
     # the data-health gate: status, each check with its p-value and numbers
     assert "### Data health (sample ratio mismatch)" in md
     assert "data health: fail; fraud_v5: 74% of its copies were shed" in md
-    assert re.search(r"\| fraud_v5 \| shed_vs_scored \| \*\*FAIL\*\* \| 2\.50e-06 \| "
-                     r"shedding is not random; observed 740; expected 500 \|", md), md
-    assert "| fraud_v5 | served_vs_propensity | pass | 0.41 | statistic 0.68 |" in md
+    assert ("| fraud_v5 | shed_vs_scored | **FAIL** | 2.50e-06 (5.00e-06) | shedding is not "
+            "random; n 4000; observed shed 740; expected shed 500 |") in md, md
+    assert ("| fraud_v5 | served_vs_propensity | pass | 0.41 (0.82) | n 4000; statistic 0.68 |"
+            in md)
     # each guardrail check with its interval and limit
     rows = [ln for ln in md.split("## Guardrails")[1].splitlines() if ln.startswith("| fraud_v4")]
     assert rows and all(re.search(r"\[[\d.]+%?(?: ms)?, [\d.]+%?\]|\[[\d.]+, [\d.]+\]", r)
