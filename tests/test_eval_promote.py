@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -128,3 +129,55 @@ async def test_a_stale_report_is_refused_by_a_real_gateway(
     status, final = await admin(gw, "GET", "/routes/fraud", tokens["read"])
     assert final["champion"]["model"] == "fraud_v4"
     assert final["version"] == current["version"] + 1
+
+
+async def test_a_report_from_real_records_is_bound_to_the_live_route(
+        make_gateway: GatewayFactory, tokens: dict[str, str], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Gateway records -> `evaluator run` -> `evaluator report`: the report carries the
+    experiment id and registry version the gateway logged, and `promote` checks them live.
+    (The verdict is set to PROMOTE by hand: a real one needs thousands of labels, which
+    tests/test_end_to_end.py spends; the binding here is the pipeline's own.)"""
+    gw = await make_gateway(ROUTES)
+    rng = np.random.default_rng(3)
+    n = 40
+    for i in range(n):
+        resp = await gw.post_json("/v2/models/fraud/infer",
+                                  fraud_body([rng.random(8).tolist()], f"q{i}"))
+        assert resp.status == 200
+    resp = await gw.post_json("/v2/feedback", [{"request_id": f"q{i}", "label": i % 2}
+                                               for i in range(n)])
+    assert resp.status == 200
+    for _ in range(600):  # the file sink writes every 20 ms
+        if len(gw.records()) >= n and len(gw.records("labels")) >= n:
+            break
+        await asyncio.sleep(0.05)
+    records = gw.records()
+    if "registry_version" not in records[0]:
+        pytest.skip("this gateway does not log registry_version / experiment ids yet")
+    config = tmp_path / "evaluator.yaml"
+    config.write_text(json.dumps({"source": {"path": str(gw.log_dir)},
+                                  "store": {"path": str(tmp_path / "store.duckdb")},
+                                  "report": {"out": str(tmp_path / "reports")},
+                                  "gateway": {"url": gw.url}}))
+    for args in (["run", "--once"], ["report", "--route", "fraud"]):  # main thread: signals
+        assert cli.main([*args, "--config", str(config)]) == 0
+    path = tmp_path / "reports" / "report.json"
+    report = json.loads(path.read_text())
+    status, live = await admin(gw, "GET", "/routes/fraud", tokens["read"])
+    v4 = next(d for d in report["decisions"] if d["challenger"] == "fraud_v4")
+    live_v4 = next(c for c in live["challengers"] if c["model"] == "fraud_v4")
+    assert v4["experiment"]["id"] == live_v4["experiment"]["id"]
+    assert v4["experiment"]["registry_version"] == live["version"]
+    assert report["n"] == n
+    v4["decision"] = "PROMOTE"
+    path.write_text(json.dumps(report))
+
+    assert await promote(config, path, "--dry-run") == cli.EXIT_OK
+    assert (f'"expected_version": {live["version"]}, "experiment": '
+            f'"{live_v4["experiment"]["id"]}"') in capsys.readouterr().out
+    status, _ = await admin(gw, "POST", "/routes/fraud/promote", tokens["write"],
+                            {"model": "fraud_v5"})
+    assert status == 200
+    assert await promote(config, path) == cli.EXIT_STALE
+    assert "live champion of 'fraud' is 'fraud_v5'" in capsys.readouterr().err
