@@ -7,7 +7,8 @@ chunks late with 2% duplicates — into a DuckDB store and a SQLite store throug
 
 - parse: record bytes -> batches (shared by both engines, timed once);
 - ingest: `Store.ingest` of every batch (20k records per transaction, as `run` does);
-- load_dataset: the joined, labelled EvalDataset of the route (what every report waits on);
+- load_dataset: the joined, labelled EvalDataset of the route (what every report waits on;
+  measured through `load_experiments`, which first finds each challenger's current experiment);
 - join_stats and feature_columns (drift), and the store's size on disk.
 
 It also checks whether a second process can open the store while the writer has it open.
@@ -83,7 +84,8 @@ def synthetic_chunks(n: int, *, seed: int = 0, chunk: int = 50_000, challengers:
                        "latency_ms": float(lat[k, i]),
                        "outputs": {"score": {"datatype": "FP32", "shape": [1, 1],
                                              "data": [float(scores[name][i])]}},
-                       "error": None}
+                       "error": None,
+                       **({"experiment": f"{name}:1700000000", "sample_rate": 1.0} if k else {})}
                 for k, name in enumerate(models)
             }
             record = {
@@ -94,6 +96,7 @@ def synthetic_chunks(n: int, *, seed: int = 0, chunk: int = 50_000, challengers:
                 "inputs": {"features": {"datatype": "FP32", "shape": [1, N_FEATURES],
                                         "data": x[i].tolist()}},
                 "outputs": outputs, "status": 200, "gateway_latency_ms": float(lat[0, i]) + 0.4,
+                "registry_version": 1,
             }
             line = orjson.dumps(record)
             inf_lines.append(line)
@@ -202,7 +205,7 @@ def run_bench(n: int, engines: list[str], workdir: Path, batch_records: int = 20
         store = Store(workdir / f"store.{engine}", engine=engine, read_only=True)
         for _ in range(2):  # best of two: the first pays for a cold page cache
             with _Timer() as t:
-                ds = store.load_dataset(ROUTE)
+                ds = store.load_experiments(ROUTE)  # what `evaluator report` loads
             if not t.wall >= r.load_s:
                 r.load_s, r.load_cpu_s = t.wall, t.cpu
         r.rows = len(ds)
