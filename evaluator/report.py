@@ -654,10 +654,11 @@ def report_blocks(payload: Mapping[str, Any]) -> list[Block]:
         blocks.append(Block("verdict", s["headline"], verdict=str(d["decision"])))
         context = [_experiment_line(d.get("experiment"))]
         health = d.get("data_health")
-        if isinstance(health, Mapping):
+        reasons = [str(r) for r in d.get("reasons") or []]
+        if isinstance(health, Mapping) and not any(r.startswith("data health") for r in reasons):
             context.append(f"data health: {health.get('status', 'n/a')}"
                            + "".join(f"; {r}" for r in health.get("reasons") or []))
-        blocks.append(Block("ul", items=(*context, *(str(r) for r in d.get("reasons") or []))))
+        blocks.append(Block("ul", items=(*context, *reasons)))
 
     blocks.append(Block("figures"))
     blocks += _experiment_blocks(payload)
@@ -688,8 +689,11 @@ def _experiment_line(x: Any) -> str:
 
 
 def _health_detail(c: Mapping[str, Any]) -> str:
-    """A data-health check's numbers, whatever it measured: its detail text, then numbers and
-    per-arm counts (observed / expected) as `key value` pairs."""
+    """A data-health check's own explanation when it has one (it quotes its numbers), else its
+    numbers and per-arm counts (observed / expected) as `key value` pairs."""
+    text = str(c.get("reason") or c.get("detail") or c.get("message") or "")
+    if text:
+        return text
     skip = {"name", "check", "status", "passed", "p_value", "p_adjusted", "reason", "detail",
             "message"}
     parts = []
@@ -701,8 +705,7 @@ def _health_detail(c: Mapping[str, Any]) -> str:
         elif isinstance(v, Mapping) and v:
             parts.append(f"{k.replace('_', ' ')} "
                          + ", ".join(f"{a} {_num(x)}" for a, x in v.items()))
-    text = str(c.get("reason") or c.get("detail") or c.get("message") or "")
-    return "; ".join([*([text] if text else []), *parts])
+    return "; ".join(parts)
 
 
 def _experiment_blocks(payload: Mapping[str, Any]) -> list[Block]:

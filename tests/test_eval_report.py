@@ -418,7 +418,8 @@ def test_blocked_data_health_and_guardrail_intervals_are_shown(
     assert "### Data health (sample ratio mismatch)" in md
     assert "data health: fail; fraud_v5: 74% of its copies were shed" in md
     assert ("| fraud_v5 | shed_vs_scored | **FAIL** | 2.50e-06 (5.00e-06) | shedding is not "
-            "random; n 4000; observed shed 740; expected shed 500 |") in md, md
+            "random |") in md, md
+    # no explanation of its own: its numbers
     assert ("| fraud_v5 | served_vs_propensity | pass | 0.41 (0.82) | n 4000; statistic 0.68 |"
             in md)
     # each guardrail check with its interval and limit
