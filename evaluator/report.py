@@ -1555,8 +1555,10 @@ def _fig_sequential(
                    label=f"{name} (p = {_p(s.get('p_value'))})")
         est = _path_array(path.get("estimate"))
         ax_cs.plot(x, est, marker="o", ms=3, lw=1.5, color=color, label=name)
-        ax_cs.fill_between(x, _path_array(path.get("cs_low")), _path_array(path.get("cs_high")),
-                           color=color, alpha=0.15, lw=0)
+        cs_low, cs_high = _path_array(path.get("cs_low")), _path_array(path.get("cs_high"))
+        ax_cs.fill_between(x, cs_low, cs_high, color=color, alpha=0.15, lw=0)
+        if len(x) == 1:  # a band needs two looks: one look shows its interval as a bar
+            ax_cs.vlines(x, cs_low, cs_high, color=color, alpha=0.5, lw=6)
     boundary = math.log(1.0 / alpha)
     ax_lr.axhline(boundary, color="#c5221f", lw=1.2, ls="--",
                   label=f"log(1/alpha) = {boundary:.2f}")
