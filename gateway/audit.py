@@ -166,27 +166,43 @@ def _file_history(root: Path, capacity: int) -> list[dict[str, Any]]:
     return list(tail)
 
 
+async def _audit_partitions(kafka: KafkaConfig) -> list[int]:
+    """The audit topic's partition ids (none when the topic does not exist yet)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        if kafka.audit_topic not in await admin.list_topics():
+            return []
+        return sorted(
+            int(p["partition"])
+            for desc in await admin.describe_topics([kafka.audit_topic])
+            if desc.get("topic") == kafka.audit_topic and not desc.get("error_code")
+            for p in desc.get("partitions") or ()
+        )
+    finally:
+        await admin.close()
+
+
 async def _kafka_history(kafka: KafkaConfig, capacity: int) -> list[dict[str, Any]]:
     """The last `capacity` records of each partition of the audit topic."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    tps = [TopicPartition(kafka.audit_topic, p) for p in await _audit_partitions(kafka)]
+    if not tps:
+        return []
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
-        if kafka.audit_topic not in await consumer.topics():  # also loads the metadata
-            return []
-        partitions = consumer.partitions_for_topic(kafka.audit_topic) or set()
-        tps = [TopicPartition(kafka.audit_topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
         consumer.assign(tps)
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
         for tp in tps:
             consumer.seek(tp, max(begin[tp], end[tp] - capacity))
         entries: list[dict[str, Any]] = []
-        while any(await consumer.position(tp) < end[tp] for tp in tps):
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():
                 entries.extend(_parse_entries(r.value for r in records if r.value))

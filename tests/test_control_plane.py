@@ -369,5 +369,32 @@ async def test_declared_config_vs_registry(make_gateway: GatewayFactory,
     settled = await make_gateway(SHADOW_ONLY, admin={**shared, "source_of_truth": "config"})
     _, view, _ = await call(settled, "GET", "/routes/fraud", tokens["read"])
     assert view["version"] == 3
-    with pytest.raises(ConfigError, match="admin.source_of_truth"):
+    with pytest.raises(ConfigError, match=r"admin\.source_of_truth"):
         parse_config({"admin": {"source_of_truth": "yaml"}}, env={})
+
+
+@pytest.mark.kafka
+async def test_audit_history_is_rebuilt_from_the_kafka_topic(
+    make_gateway: GatewayFactory, kafka: Any, tokens: dict[str, str],
+) -> None:
+    from tests.support.kafka import unique_topic
+    from tests.test_registry import _kafka_sections
+
+    sections = _kafka_sections(kafka, unique_topic("registry"))
+    gw = await make_gateway(SHADOW_ONLY, **sections)
+    write = tokens["write"]
+    for rate in (0.5, 0.6, 0.7):
+        status, _, _ = await call(gw, "PATCH", "/routes/fraud/challengers/fraud_v4", write,
+                                  {"sample_rate": rate})
+        assert status == 200
+    status, _, _ = await call(gw, "PATCH", "/routes/fraud/challengers/fraud_v4", write,
+                              {"mode": "sideways"})
+    assert status == 400
+    _, before, _ = await call(gw, "GET", "/audit", write)
+    assert len(before["entries"]) == 5
+    await gw.stop()
+    again = await make_gateway(SHADOW_ONLY, **sections)  # a new replica, same topics
+    _, after, _ = await call(again, "GET", "/audit", write)
+    assert [e["id"] for e in after["entries"]] == [e["id"] for e in before["entries"]]
+    _, view, _ = await call(again, "GET", "/routes/fraud", write)
+    assert view["challengers"][0]["experiment"] == after["entries"][1]["experiments"]["fraud_v4"]

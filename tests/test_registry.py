@@ -322,7 +322,10 @@ async def test_kafka_replicas_converge_and_restart(
     assert view["version"] == 3
     assert view["rollback_to"]["model"] == "fraud_v3"
     _, audit = await admin(c, "GET", "/audit?route=fraud", token)
-    assert audit["entries"][0]["action"] == "promote"  # learnt from the topic
+    # The whole history, refusals included, is read back from the audit topic.
+    assert [(e["action"], e["outcome"]) for e in audit["entries"]] == [
+        ("add_challenger", "rejected"), ("promote", "applied"), ("add_challenger", "applied"),
+        ("seed", "applied")]
 
 
 @pytest.mark.kafka
