@@ -268,7 +268,7 @@ async def test_feedback_needs_its_token_when_one_is_configured(
 
 
 async def test_feedback_counts_orphans_and_logs_the_policys_reward(
-    make_gateway: GatewayFactory, tokens: dict[str, str],
+    make_gateway: GatewayFactory, tokens: dict[str, str], tmp_path: Path,
 ) -> None:
     """The README's exploration flow: an explore challenger, `policy --type thompson --reward
     correct`, labels posted: every label record carries the finite reward the policy got."""
@@ -306,6 +306,27 @@ async def test_feedback_counts_orphans_and_logs_the_policys_reward(
         assert reward == float(int(score >= 0.5) == i % 2)  # `correct` at threshold 0.5
     assert logged["never-served"]["reward"] is None
     assert arms <= {"fraud_v3", "fraud_v4"}
+
+    # The evaluator's off-policy table now has rewarded requests and finite values per arm.
+    from evaluator.config import parse_config as evaluator_config
+    from evaluator.ingest import FileIngestor
+    from evaluator.offpolicy import estimate_policy_values
+    from evaluator.store import Store
+
+    config = evaluator_config({
+        "source": {"path": str(gw.log_dir)},
+        "store": {"path": str(tmp_path / "store.duckdb"), "join_window": "14d"},
+    }, env={})
+    with Store.open(config.store) as store:
+        FileIngestor(config, store).drain()
+        report = estimate_policy_values(store.load_dataset("fraud"))
+    assert report.logging_value.n == 40
+    assert set(report.arms) == {"fraud_v3", "fraud_v4"}
+    for arm in report.arms.values():
+        assert arm.n == 40
+        for name in ("ips", "snips", "dr"):
+            value = arm.estimates[name].value
+            assert value is not None and math.isfinite(value), (arm.arm, name)
 
 
 # -- audit history and declared config across restarts --------------------------------------
