@@ -70,6 +70,10 @@ Built = tuple[RouteConfig | None, tuple[Promotion, ...]]
 Build = Callable[[RouteState | None], Built]
 
 
+class _AlreadyDeclared(Exception):
+    """A config sync found the route already as declared (another replica applied it)."""
+
+
 class InvalidChange(GatewayError):
     """Well-formed, but refers to a model Triton cannot serve on this route (422)."""
 
@@ -254,12 +258,16 @@ class Registry:
             declared = self.seed[name]
 
             def build(base: RouteState | None, declared: RouteConfig = declared) -> Built:
+                if base is not None and base.config == declared:
+                    raise _AlreadyDeclared
                 same = base is not None and base.config is not None
                 return declared, base.history if same and base is not None else ()
 
             try:
                 await self._change(CONFIG_ACTOR, "config_sync", name, build, None,
                                    {"source_of_truth": "config"})
+            except _AlreadyDeclared:
+                continue
             except GatewayError as exc:
                 log.error("registry: cannot apply route '%s' from the YAML config (%s); the "
                           "registry's state is served", name, exc.message)

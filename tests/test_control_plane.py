@@ -419,3 +419,18 @@ async def test_audit_history_is_rebuilt_from_the_kafka_topic(
     assert [e["id"] for e in after["entries"]] == [e["id"] for e in before["entries"]]
     _, view, _ = await call(again, "GET", "/routes/fraud", write)
     assert view["challengers"][0]["experiment"] == after["entries"][1]["experiments"]["fraud_v4"]
+
+
+def test_file_audit_history_reads_every_workers_segments(tmp_path: Path) -> None:
+    """`serve --workers N` writes one segment directory per worker; any worker's restart must
+    see every worker's changes (the history is the newest `capacity` entries, in file order)."""
+    from gateway.audit import _file_history
+
+    for worker, ids in (("worker-0", ["a", "b"]), ("worker-1", ["c"])):
+        directory = tmp_path / worker / "audit"
+        directory.mkdir(parents=True)
+        lines = [orjson.dumps({"kind": "audit", "id": i, "ts": 1.0}) for i in ids]
+        (directory / f"{0:020d}.jsonl").write_bytes(b"\n".join(lines) + b"\n{\"partial")
+    assert [e["id"] for e in _file_history(tmp_path / "worker-1", 1000)] == ["a", "b", "c"]
+    assert [e["id"] for e in _file_history(tmp_path / "worker-1", 2)] == ["b", "c"]
+    assert _file_history(tmp_path / "nowhere", 10) == []
