@@ -22,6 +22,7 @@ says so at start). The feedback token grants nothing on `/admin`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -402,9 +403,13 @@ def install_admin(
     app.add_subapp("/admin", admin)
 
     async def registry_ctx(_: web.Application) -> AsyncIterator[None]:
-        loaded = audit_log.load(await load_history(config, audit_log.capacity))
+        # Read concurrently with the registry's start: both may wait on the broker.
+        history = asyncio.create_task(load_history(config, audit_log.capacity))
+        try:
+            await registry.start()
+        finally:
+            loaded = audit_log.load(await history)
         log.info("audit: %d past entries read from the audit stream", loaded)
-        await registry.start()
         yield
         await registry.close()
 

@@ -36,7 +36,7 @@ from gateway.logsink.files import segment_paths
 from gateway.records import AUDIT, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
-HISTORY_TIMEOUT_S = 15.0
+HISTORY_TIMEOUT_S = 10.0
 
 FINGERPRINT_SALT = b"understudy-admin-token-fingerprint/1"
 FINGERPRINT_ROUNDS = 100_000
@@ -112,11 +112,15 @@ class AuditLog:
         self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def load(self, entries: Iterable[Mapping[str, Any]]) -> int:
-        """Remember past entries (rebuilding the history at start); returns how many."""
-        before = len(self._entries)
-        for entry in entries:
-            self.remember(entry)
-        return len(self._entries) - before
+        """Add past entries (the history read at start) to what is already remembered, keeping
+        the newest `capacity` by time; returns how many new ones were kept."""
+        merged = {str(e.get("id", "")): dict(e) for e in entries}
+        merged.pop("", None)
+        before = set(self._entries)
+        merged.update(self._entries)
+        newest = sorted(merged.items(), key=lambda kv: float(kv[1].get("ts") or 0.0))
+        self._entries = OrderedDict(newest[-self.capacity:])
+        return len(set(self._entries) - before)
 
     def remember(self, entry: Mapping[str, Any]) -> None:
         """Keep an entry for `recent` (idempotent by entry id)."""

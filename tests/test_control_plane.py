@@ -434,3 +434,16 @@ def test_file_audit_history_reads_every_workers_segments(tmp_path: Path) -> None
     assert [e["id"] for e in _file_history(tmp_path / "worker-1", 1000)] == ["a", "b", "c"]
     assert [e["id"] for e in _file_history(tmp_path / "worker-1", 2)] == ["b", "c"]
     assert _file_history(tmp_path / "nowhere", 10) == []
+
+
+def test_audit_load_keeps_the_newest_entries_by_time() -> None:
+    """History read after the registry already remembered its start-up entries must not evict
+    those (they are the newest), and duplicates (a state's own change) count once."""
+    from gateway.audit import AuditLog
+
+    log_ = AuditLog(sink=None, capacity=3)  # type: ignore[arg-type]  # never emits here
+    log_.remember({"id": "now", "ts": 100.0, "route": "r"})
+    added = log_.load([{"id": f"old{i}", "ts": float(i), "route": "r"} for i in range(5)]
+                      + [{"id": "now", "ts": 100.0, "route": "r"}])
+    assert [e["id"] for e in log_.recent()] == ["now", "old4", "old3"]
+    assert added == 2
