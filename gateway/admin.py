@@ -99,6 +99,7 @@ class AdminAuth:
         self.write_env = write_env
         self.read_env = read_env
         self.feedback_env = feedback_env
+        self.feedback_required = bool(feedback_token)
         self._tokens: list[_Token] = []
         scopes: tuple[tuple[Scope, str | None, str], ...] = (
             ("write", write_token, write_env), ("read", read_token, read_env),
@@ -114,7 +115,7 @@ class AdminAuth:
             self._tokens.append(_Token(scope, _digest(token), actor))
         if write_token and read_token and write_token == read_token:
             log.warning("$%s and $%s hold the same token: it has write scope", write_env, read_env)
-            self._tokens = [t for t in self._tokens if t.scope == "write"]
+            self._tokens = [t for t in self._tokens if t.scope != "read"]
         if feedback_token and feedback_token in (write_token, read_token):
             log.warning("$%s holds an admin token; give feedback its own token", feedback_env)
             self._tokens = [t for t in self._tokens if t.scope != "feedback"]
@@ -163,10 +164,6 @@ class AdminAuth:
                 f"this token has read-only scope; changes need the write token ({self.write_env})"
             )
         return match.actor
-
-    @property
-    def feedback_required(self) -> bool:
-        return any(t.scope == "feedback" for t in self._tokens)
 
     def authorize_feedback(self, authorization: str | None) -> None:
         """Gate for POST /v2/feedback: open unless a feedback token is configured; then the

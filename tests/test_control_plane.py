@@ -447,3 +447,20 @@ def test_audit_load_keeps_the_newest_entries_by_time() -> None:
                       + [{"id": "now", "ts": 100.0, "route": "r"}])
     assert [e["id"] for e in log_.recent()] == ["now", "old4", "old3"]
     assert added == 2
+
+
+def test_feedback_stays_closed_when_its_token_is_an_admin_token() -> None:
+    from gateway.admin import AdminAuth
+    from gateway.errors import Forbidden, Unauthorized
+
+    write, read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    auth = AdminAuth(write, read, feedback_token=write)
+    with pytest.raises(Unauthorized):
+        auth.authorize_feedback(None)
+    with pytest.raises(Forbidden):
+        auth.authorize_feedback(f"Bearer {read}")
+    auth.authorize_feedback(f"Bearer {write}")
+    same = AdminAuth(write, write, feedback_token=secrets.token_urlsafe(32))
+    with pytest.raises(Unauthorized):
+        same.authorize_feedback(None)
+    assert AdminAuth(write, None).feedback_required is False
