@@ -20,6 +20,7 @@ YAML config would seed the deleted route again on the next start.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 import uuid
@@ -27,8 +28,18 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gateway.config import ChallengerConfig, ModelRef, RouteConfig, parse_challenger, parse_route
+from gateway.config import (
+    ChallengerConfig,
+    ModelRef,
+    RouteConfig,
+    check_model_name,
+    check_model_version,
+    parse_challenger,
+    parse_route,
+)
 from gateway.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 MAX_HISTORY = 20  # promotions remembered per route, i.e. how many rollbacks in a row are possible
@@ -86,6 +97,33 @@ class Experiment:
         return Experiment(exp_id, float(raw["started"]))
 
 
+def _drop_unservable(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored route minus challengers whose names Triton cannot serve from a URL.
+
+    Older gateways accepted names such as `fraud_v4?x=1`; every copy to them failed. Dropping
+    them (loudly) lets such a state load instead of stopping the gateway; the next change
+    stores the cleaned route.
+    """
+    kept: list[Any] = []
+    for i, challenger in enumerate(raw.get("challengers") or ()):
+        try:
+            if isinstance(challenger, Mapping):
+                check_model_name(challenger.get("model"), f"routes.{name}.challengers[{i}].model")
+                check_model_version(challenger.get("version"),
+                                    f"routes.{name}.challengers[{i}].version")
+        except ConfigError as exc:
+            log.error("registry: dropping challenger %r of route '%s' from the stored state: %s",
+                      challenger.get("model"), name, exc)
+            continue
+        kept.append(challenger)
+    if len(kept) == len(raw.get("challengers") or ()):
+        return dict(raw)
+    models = {c.get("model") for c in kept if isinstance(c, Mapping)}
+    fallback = raw.get("fallback")
+    return {**raw, "challengers": kept,
+            "fallback": fallback if fallback is None or fallback in models else None}
+
+
 def _legacy_experiment(route: str, version: int, model: str, change: Mapping[str, Any]
                        ) -> Experiment:
     """For a state written before experiments existed: deterministic, so replicas agree."""
@@ -130,6 +168,8 @@ class RouteState:
             name = str(raw["route"])
             config_raw = raw.get("config")
             version = int(raw["version"])
+            if isinstance(config_raw, Mapping):
+                config_raw = _drop_unservable(name, config_raw)
             config = parse_route(name, config_raw) if config_raw is not None else None
             change = dict(raw.get("change") or {})
             stored = {str(m): Experiment.from_json(e)

@@ -464,3 +464,24 @@ def test_feedback_stays_closed_when_its_token_is_an_admin_token() -> None:
     with pytest.raises(Unauthorized):
         same.authorize_feedback(None)
     assert AdminAuth(write, None).feedback_required is False
+
+
+def test_a_stored_state_with_an_unservable_challenger_still_loads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Older gateways accepted `fraud_v4?x=1`: such a state loads without that challenger (an
+    ERROR names it) instead of stopping the gateway; a bad champion is still refused."""
+    from gateway.registry_state import RouteState
+
+    raw = {"route": "fraud", "version": 4, "change": {"ts": 1.0}, "config": {
+        "champion": {"model": "fraud_v3"}, "fallback": "fraud_v4?x=1",
+        "challengers": [{"model": "fraud_v4?x=1"}, {"model": "fraud_v5"},
+                        {"model": "fraud_v4", "version": "1/../2"}]}}
+    state = RouteState.from_json(raw)
+    assert state.config is not None
+    assert [c.model for c in state.config.challengers] == ["fraud_v5"]
+    assert state.config.fallback is None and set(state.experiments) == {"fraud_v5"}
+    assert "dropping challenger 'fraud_v4?x=1'" in caplog.text
+    raw["config"]["champion"] = {"model": "a/../b"}
+    with pytest.raises(ConfigError, match=r"champion\.model"):
+        RouteState.from_json(raw)
