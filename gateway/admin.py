@@ -13,10 +13,16 @@ Auth (RFC 6750 bearer tokens):
 - missing or wrong token: 401 with `WWW-Authenticate`; read token on a write: 403;
 - no write token configured: writes are refused with 403 saying how to configure one (the
   admin API is never open by default). The write token also grants read.
+
+Feedback scope: `POST /v2/feedback` (the data plane's one write that steers policies and ground
+truth) needs the token in `admin.feedback_token_env` (default `$UNDERSTUDY_FEEDBACK_TOKEN`), or
+the admin write token, whenever that variable is set; unset, feedback is open (and a WARNING
+says so at start). The feedback token grants nothing on `/admin`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -28,10 +34,10 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from gateway.audit import Actor, AuditLog, token_fingerprint
+from gateway.audit import Actor, AuditLog, load_history, token_fingerprint
 from gateway.config import AdminConfig, GatewayConfig
 from gateway.errors import BadRequest, Forbidden, Unauthorized
-from gateway.http import MAX_BODY
+from gateway.http import FEEDBACK, MAX_BODY
 from gateway.logsink import LogSink
 from gateway.protocol import json_object
 from gateway.registry import Registry
@@ -40,7 +46,7 @@ from gateway.routes import RouteTable
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["read", "write"]
+Scope = Literal["read", "write", "feedback"]
 REALM = "understudy-admin"
 MIN_TOKEN_LENGTH = 16
 
@@ -87,12 +93,17 @@ class AdminAuth:
         *,
         write_env: str = "UNDERSTUDY_ADMIN_TOKEN",
         read_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN",
+        feedback_token: str | None = None,
+        feedback_env: str = "UNDERSTUDY_FEEDBACK_TOKEN",
     ) -> None:
         self.write_env = write_env
         self.read_env = read_env
+        self.feedback_env = feedback_env
+        self.feedback_required = bool(feedback_token)
         self._tokens: list[_Token] = []
         scopes: tuple[tuple[Scope, str | None, str], ...] = (
             ("write", write_token, write_env), ("read", read_token, read_env),
+            ("feedback", feedback_token, feedback_env),
         )
         for scope, token, env in scopes:
             if not token:
@@ -104,9 +115,15 @@ class AdminAuth:
             self._tokens.append(_Token(scope, _digest(token), actor))
         if write_token and read_token and write_token == read_token:
             log.warning("$%s and $%s hold the same token: it has write scope", write_env, read_env)
-            self._tokens = [t for t in self._tokens if t.scope == "write"]
+            self._tokens = [t for t in self._tokens if t.scope != "read"]
+        if feedback_token and feedback_token in (write_token, read_token):
+            log.warning("$%s holds an admin token; give feedback its own token", feedback_env)
+            self._tokens = [t for t in self._tokens if t.scope != "feedback"]
         if not any(t.scope == "write" for t in self._tokens):
             log.warning("admin writes are disabled: $%s is not set", write_env)
+        if not feedback_token:
+            log.warning("POST /v2/feedback accepts labels without a token: set $%s "
+                        "(admin.feedback_token_env) to require one", feedback_env)
 
     @classmethod
     def from_env(cls, config: AdminConfig, env: Mapping[str, str]) -> AdminAuth:
@@ -115,6 +132,8 @@ class AdminAuth:
             env.get(config.read_token_env) or None,
             write_env=config.token_env,
             read_env=config.read_token_env,
+            feedback_token=env.get(config.feedback_token_env) or None,
+            feedback_env=config.feedback_token_env,
         )
 
     @property
@@ -129,12 +148,37 @@ class AdminAuth:
                 f"environment variable {self.write_env} (admin.token_env) to a long random "
                 "secret for the gateway and restart it"
             )
-        if not self._tokens:
+        if not any(t.scope in ("read", "write") for t in self._tokens):
             raise Forbidden(
                 "the admin API is disabled because no token is configured: set the "
                 f"environment variable {self.write_env} (read-write) or {self.read_env} "
                 "(read-only) for the gateway and restart it"
             )
+        match = self._match(authorization)
+        if match.scope == "feedback":
+            raise InsufficientScope(
+                f"this token ({self.feedback_env}) may only post feedback (/v2/feedback)"
+            )
+        if need == "write" and match.scope != "write":
+            raise InsufficientScope(
+                f"this token has read-only scope; changes need the write token ({self.write_env})"
+            )
+        return match.actor
+
+    def authorize_feedback(self, authorization: str | None) -> None:
+        """Gate for POST /v2/feedback: open unless a feedback token is configured; then the
+        feedback token or the admin write token."""
+        if not self.feedback_required:
+            return
+        match = self._match(authorization)
+        if match.scope not in ("feedback", "write"):
+            raise InsufficientScope(
+                f"posting feedback needs the feedback token ({self.feedback_env}) or the admin "
+                "write token"
+            )
+
+    def _match(self, authorization: str | None) -> _Token:
+        """The configured token the header carries; 401 when missing, malformed or unknown."""
         if not authorization:
             raise AuthRequired("missing bearer token: send 'Authorization: Bearer <token>'")
         scheme, _, credentials = authorization.strip().partition(" ")
@@ -149,12 +193,8 @@ class AdminAuth:
             if hmac.compare_digest(given, token.digest):
                 match = token
         if match is None:
-            raise AuthRequired("invalid admin token", error="invalid_token")
-        if need == "write" and match.scope != "write":
-            raise InsufficientScope(
-                f"this token has read-only scope; changes need the write token ({self.write_env})"
-            )
-        return match.actor
+            raise AuthRequired("invalid token", error="invalid_token")
+        return match
 
 
 AUTH = web.AppKey("admin_auth", AdminAuth)
@@ -242,6 +282,15 @@ async def add_challenger(request: web.Request) -> web.Response:
     return _json(view, 201)
 
 
+async def update_challenger(request: web.Request) -> web.Response:
+    body = await _body(request)
+    view = await _registry(request).update_challenger(
+        request[ACTOR], request.match_info["route"], request.match_info["model"], body,
+        _expected_version(request, body),
+    )
+    return _json(view)
+
+
 async def remove_challenger(request: web.Request) -> web.Response:
     body = await _body(request)
     view = await _registry(request).remove_challenger(
@@ -264,11 +313,15 @@ async def promote(request: web.Request) -> web.Response:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("the body must name the challenger to promote: {\"model\": \"...\"}")
-    unknown = sorted(set(body) - {"model", "expected_version"})
+    unknown = sorted(set(body) - {"model", "expected_version", "experiment"})
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(unknown)}")
+    experiment = body.get("experiment")
+    if experiment is not None and (not isinstance(experiment, str) or not experiment):
+        raise BadRequest("experiment must be the challenger's experiment id (a string)")
     view = await _registry(request).promote(
-        request[ACTOR], request.match_info["route"], model, _expected_version(request, body)
+        request[ACTOR], request.match_info["route"], model, _expected_version(request, body),
+        experiment,
     )
     return _json(view)
 
@@ -307,6 +360,7 @@ def build_admin_app(registry: Registry, auth: AdminAuth) -> web.Application:
     admin.router.add_put("/routes/{route}", put_route)
     admin.router.add_delete("/routes/{route}", delete_route)
     admin.router.add_post("/routes/{route}/challengers", add_challenger)
+    admin.router.add_patch("/routes/{route}/challengers/{model}", update_challenger)
     admin.router.add_delete("/routes/{route}/challengers/{model}", remove_challenger)
     admin.router.add_put("/routes/{route}/policy", set_policy)
     admin.router.add_post("/routes/{route}/promote", promote)
@@ -334,15 +388,25 @@ def install_admin(
     apply to the route table, follow other replicas) and stops it; the caller places it after
     the sink's (audit entries go to the sink) and before the recorder's.
     """
-    registry = Registry(routes, store_factory(config), AuditLog(sink), config.routes)
+    audit_log = AuditLog(sink)
+    registry = Registry(routes, store_factory(config), audit_log, config.routes,
+                        source_of_truth=config.admin.source_of_truth)
     auth = AdminAuth.from_env(config.admin, os.environ if env is None else env)
+    if FEEDBACK in app:
+        app[FEEDBACK].authorize = auth.authorize_feedback
     admin = build_admin_app(registry, auth)
     admin[MAX_BODY] = config.listen.max_body_bytes  # error_middleware reads it from request.app
     app[REGISTRY] = registry
     app.add_subapp("/admin", admin)
 
     async def registry_ctx(_: web.Application) -> AsyncIterator[None]:
-        await registry.start()
+        # Read concurrently with the registry's start: both may wait on the broker.
+        history = asyncio.create_task(load_history(config, audit_log.capacity))
+        try:
+            await registry.start()
+        finally:
+            loaded = audit_log.load(await history)
+        log.info("audit: %d past entries read from the audit stream", loaded)
         yield
         await registry.close()
 

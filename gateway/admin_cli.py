@@ -1,4 +1,5 @@
-"""`python -m gateway challengers|promote|rollback|policy|audit`: the admin API from a shell.
+"""`python -m gateway challengers list|add|update|remove`, `promote|rollback|policy|audit`: the
+admin API from a shell.
 
 A thin client: every command is one HTTP call to a gateway's `/admin` API, so the CLI and curl
 behave identically and the gateway stays the only place that validates. The standard library's
@@ -99,10 +100,13 @@ def format_route(route: dict[str, Any]) -> str:
         f"  champion    {_ref(route['champion'])}",
     ]
     for ch in route.get("challengers") or []:
+        experiment = ch.get("experiment") or {}
+        started = (time.strftime("%Y-%m-%d %H:%M", time.localtime(experiment["started"]))
+                   if experiment.get("started") else "-")
         lines.append(
             f"  challenger  {_ref(ch):<16} {ch['mode']:<8} sample_rate={ch['sample_rate']:g}  "
             f"timeout={ch['timeout_ms']}ms  concurrency={ch['max_concurrency']}  "
-            f"queue={ch['max_queue']}"
+            f"queue={ch['max_queue']}  experiment={experiment.get('id', '-')} since {started}"
         )
     if not route.get("challengers"):
         lines.append("  (no challengers)")
@@ -158,6 +162,22 @@ def cmd_add(args: argparse.Namespace) -> tuple[Any, str]:
     return route, f"added challenger {args.model} to route {args.route}\n\n{format_route(route)}"
 
 
+def cmd_update(args: argparse.Namespace) -> tuple[Any, str]:
+    body: dict[str, Any] = {}
+    for key in ("mode", "sample_rate", "timeout_ms", "max_concurrency", "max_queue",
+                "batch_max_rows", "batch_max_wait_ms", "latency_probe_every"):
+        value = getattr(args, key)
+        if value is not None:
+            body[key] = value
+    if not body:
+        raise CliError("nothing to change: give --mode and/or --sample-rate (or a limit)", 2,
+                       {"error": "nothing to change", "status": None})
+    route = request(args, "PATCH",
+                    f"/routes/{_quote(args.route)}/challengers/{_quote(args.model)}", body)
+    return route, (f"updated challenger {args.model} of route {args.route} (a new experiment "
+                   f"starts when its mode or sample rate changed)\n\n{format_route(route)}")
+
+
 def cmd_remove(args: argparse.Namespace) -> tuple[Any, str]:
     route = request(args, "DELETE",
                     f"/routes/{_quote(args.route)}/challengers/{_quote(args.model)}")
@@ -166,7 +186,10 @@ def cmd_remove(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_promote(args: argparse.Namespace) -> tuple[Any, str]:
-    route = request(args, "POST", f"/routes/{_quote(args.route)}/promote", {"model": args.model})
+    body = {"model": args.model}
+    if args.experiment:
+        body["experiment"] = args.experiment
+    route = request(args, "POST", f"/routes/{_quote(args.route)}/promote", body)
     previous = route.get("rollback_to") or {}
     text = (f"{args.model} is now the champion of route {args.route}; the previous champion "
             f"{_ref(previous) if previous else '?'} stays as a shadow challenger "
@@ -229,7 +252,8 @@ def add_admin_commands(sub: Any) -> None:
     writes.add_argument("--expected-version", type=int,
                         help="refuse (409) unless the route is still at this version")
 
-    challengers = sub.add_parser("challengers", help="list, add or remove a route's challengers")
+    challengers = sub.add_parser("challengers",
+                                 help="list, add, update or remove a route's challengers")
     csub = challengers.add_subparsers(dest="challengers_command", required=True)
     ls = csub.add_parser("list", parents=[common], help="routes with champion and challengers")
     ls.add_argument("route", nargs="?", help="one route (default: all)")
@@ -251,6 +275,21 @@ def add_admin_commands(sub: Any) -> None:
                      help="send every Nth copy alone, for comparable latency (0: off)")
     add.set_defaults(func=_run(cmd_add))
 
+    update = csub.add_parser("update", parents=[common, writes],
+                             help="change a challenger's mode, sample rate or limits in place "
+                                  "(starts a new experiment when mode or sample rate change)")
+    update.add_argument("route")
+    update.add_argument("model")
+    update.add_argument("--mode", choices=("shadow", "explore"))
+    update.add_argument("--sample-rate", type=float, help="share of requests mirrored (0-1)")
+    update.add_argument("--timeout-ms", type=int)
+    update.add_argument("--max-concurrency", type=int)
+    update.add_argument("--max-queue", type=int)
+    update.add_argument("--batch-max-rows", type=int)
+    update.add_argument("--batch-max-wait-ms", type=float)
+    update.add_argument("--latency-probe-every", type=int)
+    update.set_defaults(func=_run(cmd_update))
+
     remove = csub.add_parser("remove", parents=[common, writes], help="unregister a challenger")
     remove.add_argument("route")
     remove.add_argument("model")
@@ -260,6 +299,8 @@ def add_admin_commands(sub: Any) -> None:
                              help="make a challenger the champion (the old one stays as shadow)")
     promote.add_argument("route")
     promote.add_argument("model")
+    promote.add_argument("--experiment",
+                         help="refuse (409) unless the challenger is still in this experiment")
     promote.set_defaults(func=_run(cmd_promote))
 
     rollback = sub.add_parser("rollback", parents=[common, writes],

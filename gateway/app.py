@@ -83,7 +83,8 @@ def create_app(
     app[SERVICE] = service
     # With Kafka every replica reads labels from the topic; locally they go straight in.
     app[FEEDBACK] = FeedbackService(
-        sink, listeners=[] if config.log.sink == "kafka" else [learner.on_labels]
+        sink, listeners=[] if config.log.sink == "kafka" else [learner.on_labels],
+        known=recorder.seen.__contains__, reward=learner.reward_for,
     )
     app[MAX_BODY] = config.listen.max_body_bytes
 

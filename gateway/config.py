@@ -32,6 +32,11 @@ DEFAULT_BATCH_MAX_WAIT_MS = 2.0
 # price route gets 1,500), at the price of 10% of copies unbatched.
 DEFAULT_LATENCY_PROBE_EVERY = 10
 ENV_PREFIX = "UNDERSTUDY_"
+# Triton model names as they may appear in an upstream URL path segment: letters, digits, `_`,
+# `-`, `.`, not starting with `.` and without `..` (no `/`, `?`, `#`, whitespace, traversal).
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+MODEL_VERSION = re.compile(r"[0-9]{1,19}")
+SOURCES_OF_TRUTH: tuple[str, ...] = ("registry", "config")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class AdminConfig:
     read_token_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN"  # noqa: S105 - a name, not a secret
     state_path: str = "./var/state/registry.json"
     rewards_path: str = "./var/state/rewards.jsonl"
+    # Bearer token for POST /v2/feedback, read from this variable; unset: feedback is open.
+    feedback_token_env: str = "UNDERSTUDY_FEEDBACK_TOKEN"  # noqa: S105 - a name, not a secret
+    # Who wins at start when the YAML's routes differ from the live registry (docs/ADMIN.md).
+    source_of_truth: Literal["registry", "config"] = "registry"
 
 
 @dataclass(frozen=True)
@@ -190,18 +199,51 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def check_model_name(name: Any, where: str) -> str:
+    """A Triton model name safe in an upstream URL path; ConfigError naming the field."""
+    _check(isinstance(name, str) and bool(name), f"{where}: required (a model name)")
+    _check(
+        MODEL_NAME.fullmatch(name) is not None and ".." not in name,
+        f"{where}: {name!r} is not a valid Triton model name (letters, digits, '_', '-', '.'; "
+        "at most 128 characters; no '..', '/', '?', '#' or whitespace)",
+    )
+    return str(name)
+
+
+def check_model_version(version: Any, where: str) -> str:
+    """A Triton model version: empty (Triton's policy picks) or a decimal number."""
+    text = "" if version is None else str(version)
+    _check(text == "" or MODEL_VERSION.fullmatch(text) is not None,
+           f"{where}: {text!r} is not a valid model version (digits only, or empty)")
+    return text
+
+
+def exploration_problem(route: RouteConfig) -> str | None:
+    """Why an exploring policy cannot explore on this route (no explore arm), else None."""
+    if route.policy.type == "champion" or len(route.explore_arms) > 1:
+        return None
+    return (
+        f"route '{route.name}': policy {route.policy.type} explores among the champion and the "
+        "challengers in mode 'explore', and this route has none (every request would be served "
+        "by the champion); add a challenger with mode 'explore' or use policy 'champion'"
+    )
+
+
 def parse_model_ref(raw: Any, where: str) -> ModelRef:
     if isinstance(raw, str):
         model, _, version = raw.partition(":")
         raw = {"model": model, "version": version}
     ref = _build(ModelRef, raw, where)
     _check(bool(ref.model), f"{where}.model: required")
-    return ModelRef(str(ref.model), str(ref.version or ""))
+    return ModelRef(check_model_name(ref.model, f"{where}.model"),
+                    check_model_version(ref.version, f"{where}.version"))
 
 
 def parse_challenger(raw: Any, where: str) -> ChallengerConfig:
     ch = _build(ChallengerConfig, raw, where)
     _check(bool(ch.model), f"{where}.model: required")
+    check_model_name(ch.model, f"{where}.model")
+    check_model_version(ch.version, f"{where}.version")
     _check(ch.mode in CHALLENGER_MODES, f"{where}.mode: must be one of {CHALLENGER_MODES}")
     _check(0.0 <= ch.sample_rate <= 1.0, f"{where}.sample_rate: must be in [0, 1]")
     _check(ch.timeout_ms > 0, f"{where}.timeout_ms: must be positive")
@@ -326,12 +368,19 @@ def parse_config(
     )
     _check(triton.timeout_ms > 0, "triton.timeout_ms: must be positive")
     _check(triton.max_connections > 0, "triton.max_connections: must be positive")
+    admin = _build(AdminConfig, data["admin"], "admin")
+    _check(admin.source_of_truth in SOURCES_OF_TRUTH,
+           f"admin.source_of_truth: must be one of {SOURCES_OF_TRUTH}")
+    routes = {str(n): parse_route(str(n), r) for n, r in routes_raw.items()}
+    for route in routes.values():
+        problem = exploration_problem(route)
+        _check(problem is None, f"routes.{route.name}.policy: {problem}")
     return GatewayConfig(
         triton=triton,
         listen=_build(ListenConfig, data["listen"], "listen"),
         log=log,
-        admin=_build(AdminConfig, data["admin"], "admin"),
-        routes={str(n): parse_route(str(n), r) for n, r in routes_raw.items()},
+        admin=admin,
+        routes=routes,
     )
 
 

@@ -116,6 +116,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def feedback(request: web.Request) -> web.Response:
+    request.app[FEEDBACK].authorize(request.headers.get("Authorization"))  # feedback scope
     body = await request.read()
     status, payload = await request.app[FEEDBACK].accept(body)
     return json_response(payload, status)

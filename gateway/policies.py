@@ -567,6 +567,14 @@ class RewardTracker:
             entries.popitem(last=False)
             self.evicted += 1
 
+    def peek(self, request_id: str, now: float | None = None) -> ServedEntry | None:
+        """The entry a label would resolve to, without consuming or counting it."""
+        entry = self._entries.get(request_id)
+        if entry is None or self.max_age_s is None:
+            return entry
+        current = time.time() if now is None else now
+        return None if current - entry.ts > self.max_age_s else entry
+
     def resolve(self, request_id: str, now: float | None = None) -> ServedEntry | None:
         """Pop the entry for a label; None (and counted) when unknown or older than max_age_s."""
         entry = self._entries.pop(request_id, None)

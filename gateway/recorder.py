@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,29 @@ log = logging.getLogger(__name__)
 
 # (route, request id, served arm, served score): what exploration needs to credit a label later.
 ExploredHook = Callable[[str, str, str, float | None], None]
+RECENT_IDS = 100_000
+
+
+class RecentIds:
+    """The last `capacity` request ids this replica recorded: what feedback calls "known"."""
+
+    __slots__ = ("_ids", "capacity")
+
+    def __init__(self, capacity: int = RECENT_IDS) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, request_id: str) -> None:
+        ids = self._ids
+        ids[request_id] = None
+        if len(ids) > self.capacity:
+            ids.popitem(last=False)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 @dataclass(slots=True)
@@ -104,6 +127,7 @@ class Recorder:
         self._waiting = 0  # requests whose copies are still running
         self._copies_in_flight: set[asyncio.Future[ShadowResult]] = set()
         self._worker: asyncio.Task[None] | None = None
+        self.seen = RecentIds()
         self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
         self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
@@ -158,6 +182,7 @@ class Recorder:
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
     ) -> None:
         try:
+            self.seen.add(ctx.request_id)
             record = self.build(ctx, {model: _result(f) for model, f in copies.items()})
             self._observe(ctx, record)
             if self.on_explored is not None and ctx.status == 200 and (
@@ -181,19 +206,24 @@ class Recorder:
         outputs: dict[str, ModelOutcome] = {}
         role_of = {config.champion.model: "champion"}
         mode_of = {c.model: c.mode for c in config.challengers}
+        experiments = ctx.runtime.experiments
         for model, result in {ctx.served_model: ctx.served, **copies}.items():
-            outputs[model] = _outcome(
+            outputs[model] = outcome = _outcome(
                 result,
                 role=role_of.get(model, "challenger"),
                 mode="served" if model == ctx.served_model else mode_of.get(model, "shadow"),
                 version=ctx.runtime.version_of.get(model, ""),
             )
+            experiment = experiments.get(model)
+            if experiment is not None:  # challengers only: the champion has no experiment
+                outcome["experiment"], outcome["sample_rate"] = experiment
         record: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "kind": "inference",
             "request_id": ctx.request_id,
             "ts": ctx.ts,
             "route": config.name,
+            "registry_version": ctx.runtime.registry_version,
             "policy": ctx.runtime.policy.describe(),
             "served": {"model": ctx.served_model,
                        "version": outputs[ctx.served_model]["version"]},

@@ -8,6 +8,8 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     request_id       str, the client's `id`, its X-Request-Id header, or a generated 32-hex id
     ts               float, unix seconds when the gateway received the request
     route            str, the logical endpoint the client called
+    registry_version int, the route's registry version whose config served the request
+                     (optional: absent in records written before it existed)
     policy           {"type": "champion"|"epsilon_greedy"|"thompson", ...its parameters}
     served           {"model": str, "version": str}   the arm whose answer the client got
     propensity       float in (0, 1], probability the policy gave the served arm at decision time
@@ -23,7 +25,16 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
                      "version": str, "status": "ok"|"error"|"timeout"|"shed"|"skipped",
                      "latency_ms": float | null, "outputs": {name: Tensor} | null,
-                     "error": str | null, "batch_rows": int (optional)}
+                     "error": str | null, "batch_rows": int (optional),
+                     "experiment": str (challengers only), "sample_rate": float (challengers only)}
+
+    experiment / sample_rate are on every *challenger's* outcome (never the champion's): the
+    challenger's current experiment id (gateway/registry_state.py `Experiment`; a new one starts
+    when it is added, its mode / sample rate / version changes, or the route's policy or
+    champion changes) and its configured sample rate in that experiment. The experiment's start
+    time is in the registry (`GET /admin/routes/{route}`) and in the audit entry that started
+    it (`experiments: {model: {id, started}}`). Both are optional for readers: older records
+    lack them.
 
     batch_rows is present only on a shadow copy that shared its Triton call with other copies
     (micro-batching, gateway/shadow.py): the call's row count. Its latency_ms is that call's, so
@@ -31,8 +42,12 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     latency statistics (each batching lane sends every `latency_probe_every`-th copy alone).
 
 Labels (stream "labels") are `{"schema_version": 1, "kind": "label", "request_id", "label",
-"reward", "event_time", "received_ts", "index"}`; audit entries (stream "audit") are
-`{"schema_version": 1, "kind": "audit", ...}`.
+"reward", "event_time", "received_ts", "index"}`. `reward` is the reward the gateway computed
+for the route's exploring policy from this label (`policy.reward`: correct | label | reward)
+when the replica that received the label served the request under that policy and still
+remembers it; otherwise the reward the client posted, otherwise null. Audit entries (stream
+"audit") are `{"schema_version": 1, "kind": "audit", ...}`, with `experiments` when the change
+started any.
 """
 
 from __future__ import annotations
@@ -64,6 +79,8 @@ class ModelOutcome(TypedDict):
     outputs: dict[str, Tensor] | None
     error: str | None
     batch_rows: NotRequired[int]
+    experiment: NotRequired[str]
+    sample_rate: NotRequired[float]
 
 
 class ServedModel(TypedDict):
@@ -77,6 +94,7 @@ class InferenceRecord(TypedDict):
     request_id: str
     ts: float
     route: str
+    registry_version: NotRequired[int]
     policy: dict[str, Any]
     served: ServedModel
     propensity: float

@@ -27,9 +27,10 @@ import logging
 import os
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from gateway import metrics
@@ -38,6 +39,8 @@ from gateway.config import (
     ChallengerConfig,
     ModelRef,
     RouteConfig,
+    check_model_name,
+    exploration_problem,
     parse_challenger,
     parse_policy,
     parse_route,
@@ -48,6 +51,7 @@ from gateway.protocol import TensorSpec, parse_metadata_inputs
 from gateway.registry_state import (
     MAX_HISTORY,
     READ_ONLY_KEYS,
+    Experiment,
     Promotion,
     RouteState,
     route_to_raw,
@@ -64,6 +68,10 @@ ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # What a build step returns: the new config (None deletes the route) and the new history.
 Built = tuple[RouteConfig | None, tuple[Promotion, ...]]
 Build = Callable[[RouteState | None], Built]
+
+
+class _AlreadyDeclared(Exception):
+    """A config sync found the route already as declared (another replica applied it)."""
 
 
 class InvalidChange(GatewayError):
@@ -134,6 +142,52 @@ def _reparse(config: RouteConfig) -> RouteConfig:
     return _parse(lambda: parse_route(config.name, route_to_raw(config)))
 
 
+def _experiment_key(config: RouteConfig, model: str) -> tuple[Any, ...]:
+    """What an experiment is defined by: a change of any of these starts a new one."""
+    challenger = config.challenger(model)
+    assert challenger is not None
+    return (config.champion, config.policy, challenger.version, challenger.mode,
+            challenger.sample_rate)
+
+
+def next_experiments(
+    base: RouteState | None, config: RouteConfig, version: int, now: float
+) -> tuple[dict[str, Experiment], dict[str, Experiment]]:
+    """Every challenger's experiment after a change, and the ones the change starts.
+
+    A challenger keeps its experiment only when it was on the route before with the same
+    champion, policy, version, mode and sample rate; anything else starts a new one (an added
+    challenger, a PATCHed mode or rate, a policy change, a promotion or rollback).
+    """
+    old = base.config if base is not None else None
+    current: dict[str, Experiment] = {}
+    started: dict[str, Experiment] = {}
+    for challenger in config.challengers:
+        kept = base.experiments.get(challenger.model) if base is not None else None
+        if kept is None or old is None or old.challenger(challenger.model) is None \
+                or _experiment_key(old, challenger.model) \
+                != _experiment_key(config, challenger.model):
+            kept = started[challenger.model] = Experiment.new(version, now)
+        current[challenger.model] = kept
+    return current, started
+
+
+def _model_name(model: Any, where: str) -> str:
+    """A model name from a URL or body: a 400 naming the field when Triton could not take it."""
+    return str(_parse(lambda: check_model_name(model, where)))
+
+
+def _without_read_only(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A PUT body minus what `route_view` adds (so GET -> edit -> PUT works)."""
+    raw = {k: v for k, v in body.items() if k not in READ_ONLY_KEYS}
+    if isinstance(raw.get("challengers"), list):
+        raw["challengers"] = [
+            {k: v for k, v in c.items() if k != "experiment"} if isinstance(c, Mapping) else c
+            for c in raw["challengers"]
+        ]
+    return raw
+
+
 def _snapshot(state: RouteState | None) -> dict[str, Any] | None:
     """A route as an audit entry's before/after: config plus version."""
     if state is None or state.config is None:
@@ -152,11 +206,13 @@ class Registry:
         seed: Mapping[str, RouteConfig],
         *,
         replica: str | None = None,
+        source_of_truth: str = "registry",
     ) -> None:
         self.routes = routes
         self.store = store
         self.audit = audit
         self.seed = dict(seed)
+        self.source_of_truth = source_of_truth
         self.replica = replica or replica_id()
         self._states: dict[str, RouteState] = {}
         self._started = False
@@ -164,33 +220,72 @@ class Registry:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the store (which applies every stored route), then seed routes it never saw.
+        """Load the store (which applies every stored route), seed routes it never saw, and
+        reconcile the YAML with the routes it knows (`admin.source_of_truth`).
 
-        The store is the source of truth once it knows a route: the YAML seeds a route only
-        when the store has no state for it at all (a deleted route leaves a tombstone, so it
-        is not seeded again). A store that is empty is therefore seeded entirely from YAML.
+        The YAML seeds a route only when the store has no state for it at all (a deleted route
+        leaves a tombstone, so it is not seeded again). For a route the store knows and the
+        YAML declares differently: with `registry` (default) the stored state is served and a
+        WARNING names the route; with `config` the YAML's route is applied as an audited change
+        by actor "config" (validated against Triton like any change; refused, it is logged and
+        the stored state stays).
         """
         await self.store.start(self._on_change)
         if hasattr(self.store, "on_connected"):
-            self.store.on_connected = self._seed_missing
-        await self._seed_missing()
+            self.store.on_connected = self._reconcile
+        await self._reconcile()
         self._started = True
-        ignored = sorted(
+
+    def _differing(self) -> list[str]:
+        return sorted(
             n for n, c in self.seed.items()
             if (s := self._states.get(n)) is not None and s.config is not None and s.config != c
         )
-        if ignored:
-            log.info("registry: route(s) %s differ from the YAML config; the registry's state "
-                     "is used (change them through the admin API)", ", ".join(ignored))
+
+    async def _reconcile(self) -> None:
+        await self._seed_missing()
+        differing = self._differing()
+        if not differing:
+            return
+        if self.source_of_truth != "config":
+            log.warning(
+                "registry: route(s) %s in the YAML config differ from the live registry; the "
+                "registry's state is served (admin.source_of_truth: registry). Change them "
+                "through the admin API, or set admin.source_of_truth: config to make the YAML "
+                "win at start", ", ".join(differing))
+            return
+        for name in differing:
+            declared = self.seed[name]
+
+            def build(base: RouteState | None, declared: RouteConfig = declared) -> Built:
+                if base is not None and base.config == declared:
+                    raise _AlreadyDeclared
+                same = base is not None and base.config is not None
+                return declared, base.history if same and base is not None else ()
+
+            try:
+                await self._change(CONFIG_ACTOR, "config_sync", name, build, None,
+                                   {"source_of_truth": "config"})
+            except _AlreadyDeclared:
+                continue
+            except GatewayError as exc:
+                log.error("registry: cannot apply route '%s' from the YAML config (%s); the "
+                          "registry's state is served", name, exc.message)
+            else:
+                log.warning("registry: route '%s' replaced by the YAML config "
+                            "(admin.source_of_truth: config)", name)
 
     async def _seed_missing(self) -> None:
         for name, config in self.seed.items():
             if name in self._states:
                 continue
+            experiments, _ = next_experiments(None, config, 1, time.time())
             entry = new_entry(CONFIG_ACTOR, "seed", name, replica=self.replica,
-                              after={"version": 1, **route_to_raw(config)}, version=1)
+                              after={"version": 1, **route_to_raw(config)}, version=1,
+                              experiments=experiments)
             try:
-                await self.store.commit(RouteState(name, 1, config, (), entry), 0)
+                await self.store.commit(
+                    RouteState(name, 1, config, (), entry, experiments), 0)
             except StaleWrite:
                 continue  # another replica seeded it first; its state was delivered
             except GatewayError as exc:
@@ -213,7 +308,13 @@ class Registry:
             if state.config is None:
                 self.routes.remove(state.name)
             else:
-                self.routes.apply(state.config)
+                runtime = self.routes.apply(state.config)
+                # Precomputed once per state for the recorder (no per-request lookups).
+                runtime.registry_version = state.version
+                runtime.experiments = {
+                    c.model: (state.experiments[c.model].id, c.sample_rate)
+                    for c in state.config.challengers if c.model in state.experiments
+                }
         except Exception:  # a bad remote state must not stop this replica following the store
             log.exception("registry: could not apply route '%s' version %d; keeping the "
                           "previous runtime", state.name, state.version)
@@ -245,7 +346,7 @@ class Registry:
         """Create or replace a route; returns (view, created)."""
         if not ROUTE_NAME.match(name):
             raise BadRequest(f"route name {name!r} must match {ROUTE_NAME.pattern}")
-        raw = {k: v for k, v in body.items() if k not in READ_ONLY_KEYS}
+        raw = _without_read_only(body)
         config = _parse(lambda: parse_route(name, raw))
         created = False
 
@@ -278,12 +379,41 @@ class Registry:
             if config.challenger(challenger.model) is not None:
                 raise Conflict(
                     f"challenger '{challenger.model}' is already registered on route '{name}' "
-                    "(remove it first to change its settings)"
+                    "(change its settings with PATCH /admin/routes/{route}/challengers/{model})"
                 )
             new = replace(config, challengers=(*config.challengers, challenger))
             return _reparse(new), base.history
 
         state = await self._change(actor, "add_challenger", name, build, expected, dict(body))
+        return route_view(state)
+
+    async def update_challenger(
+        self, actor: Actor, name: str, model: str, body: Mapping[str, Any],
+        expected: int | None = None,
+    ) -> dict[str, Any]:
+        """Change a challenger's settings in place (mode, sample_rate, limits); a change of mode,
+        sample rate or version starts a new experiment for it."""
+        _model_name(model, "model")
+        raw = {k: v for k, v in body.items() if k != "expected_version"}
+        if not raw:
+            raise BadRequest("nothing to change: give e.g. {\"mode\": \"explore\"} or "
+                             "{\"sample_rate\": 0.5}")
+        if raw.get("model", model) != model:
+            raise BadRequest("challenger.model: cannot be changed; add the other model instead")
+
+        def build(base: RouteState | None) -> Built:
+            config = _require(base, name)
+            assert base is not None
+            current = config.challenger(model)
+            if current is None:
+                raise NotFound(f"route '{name}' has no challenger '{model}'")
+            merged = {**asdict(current), **raw}
+            updated: ChallengerConfig = _parse(lambda: parse_challenger(merged, "challenger"))
+            challengers = tuple(updated if c.model == model else c for c in config.challengers)
+            return _reparse(replace(config, challengers=challengers)), base.history
+
+        state = await self._change(actor, "update_challenger", name, build, expected,
+                                   {"model": model, **raw})
         return route_view(state)
 
     async def remove_challenger(
@@ -322,10 +452,18 @@ class Registry:
         return route_view(state)
 
     async def promote(
-        self, actor: Actor, name: str, model: str, expected: int | None = None
+        self, actor: Actor, name: str, model: str, expected: int | None = None,
+        experiment: str | None = None,
     ) -> dict[str, Any]:
-        """The challenger becomes champion; the old champion stays on as a shadow challenger
-        (with the promoted model's limits) so that one `rollback` restores the route."""
+        """The challenger becomes champion; the old champion stays on as a challenger (with the
+        promoted model's limits) so that one `rollback` restores the route. It is a shadow,
+        except on an exploring route where it takes the promoted model's place as an explore
+        arm (so the route keeps something to explore).
+
+        `experiment`: the challenger's experiment id the caller's evidence comes from (e.g. the
+        evaluator's report); refused with 409 when the challenger's current experiment differs.
+        """
+        _model_name(model, "model")
 
         def build(base: RouteState | None) -> Built:
             config = _require(base, name)
@@ -337,8 +475,17 @@ class Registry:
                 raise NotFound(
                     f"route '{name}' has no challenger '{model}'; add it as a challenger first"
                 )
+            current = base.experiments.get(model)
+            if experiment is not None and (current is None or current.id != experiment):
+                raise Conflict(
+                    f"challenger '{model}' of route '{name}' is in experiment "
+                    f"'{current.id if current else None}', not '{experiment}': the evidence is "
+                    "from an earlier experiment (its mode, sample rate, the policy or the "
+                    "champion changed since); evaluate the current experiment first"
+                )
             old = config.champion
-            demoted = replace(promoted, model=old.model, version=old.version, mode="shadow",
+            mode = promoted.mode if config.policy.type != "champion" else "shadow"
+            demoted = replace(promoted, model=old.model, version=old.version, mode=mode,
                               sample_rate=1.0)
             challengers = tuple(demoted if c.model == model else c for c in config.challengers)
             fallback = old.model if config.fallback == model else config.fallback
@@ -347,7 +494,10 @@ class Registry:
             history = (*base.history, Promotion(old, promoted))[-MAX_HISTORY:]
             return _reparse(new), history
 
-        state = await self._change(actor, "promote", name, build, expected, {"model": model})
+        request: dict[str, Any] = {"model": model}
+        if experiment is not None:
+            request["experiment"] = experiment
+        state = await self._change(actor, "promote", name, build, expected, request)
         return route_view(state)
 
     async def rollback(
@@ -405,16 +555,24 @@ class Registry:
                         "changed since you read it; re-read it and retry"
                     )
                 config, history = build(base)
+                problem = exploration_problem(config) if config is not None else None
+                if problem is not None:
+                    raise InvalidChange(problem)
                 await self._validate(route, config, base.config if base is not None else None)
             except GatewayError as exc:
                 self._refused(actor, action, route, base, request, exc)
                 raise
+            experiments, started = (
+                next_experiments(base, config, base_version + 1, time.time())
+                if config is not None else ({}, {})
+            )
             entry = new_entry(
                 actor, action, route, replica=self.replica, before=_snapshot(base),
                 version=base_version + 1, request=request,
                 after={"version": base_version + 1, **route_to_raw(config)} if config else None,
+                experiments=started,
             )
-            state = RouteState(route, base_version + 1, config, history, entry)
+            state = RouteState(route, base_version + 1, config, history, entry, experiments)
             try:
                 await self.store.commit(state, base_version)
             except StaleWrite as exc:

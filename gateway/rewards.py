@@ -67,6 +67,19 @@ class PolicyLearner:
     def remember(self, route: str, request_id: str, arm: str, score: float | None) -> None:
         self.tracker.remember(request_id, route, arm, score)
 
+    def reward_for(self, label: LabelRecord) -> float | None:
+        """The reward this label gives the policy, if this replica served the request under an
+        exploring policy and still remembers it (else None); the label record logs it."""
+        entry = self.tracker.peek(label["request_id"])
+        if entry is None or entry.route not in self.routes:
+            return None
+        config = self.routes.get(entry.route).config
+        try:
+            return reward_from_label(label["label"], entry.score, config.threshold,
+                                     config.policy.reward, label["reward"])
+        except ValueError:
+            return None
+
     def on_labels(self, labels: Sequence[LabelRecord]) -> None:
         """Feedback listener: resolve each label against what this replica served."""
         for label in labels:

@@ -35,6 +35,9 @@ class RouteRuntime:
     champion_inputs: tuple[TensorSpec, ...] | None = None
     inputs_fetch: asyncio.Future[tuple[TensorSpec, ...]] | None = None
     version_of: dict[str, str] = field(default_factory=dict)
+    # Set by the registry for each applied state (gateway/registry.py), read by the recorder.
+    registry_version: int = 0
+    experiments: dict[str, tuple[str, float]] = field(default_factory=dict)  # (id, sample_rate)
 
     @property
     def name(self) -> str:

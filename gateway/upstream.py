@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -44,7 +45,8 @@ class UpstreamResponse:
 
 
 def _model_path(model: str, version: str) -> str:
-    return f"/v2/models/{model}/versions/{version}" if version else f"/v2/models/{model}"
+    path = f"/v2/models/{quote(model, safe='')}"  # names are validated; quoting is a backstop
+    return f"{path}/versions/{quote(version, safe='')}" if version else path
 
 
 def _error_message(body: bytes, fallback: str) -> str:

@@ -392,9 +392,26 @@ async def test_cli_drives_the_admin_api(make_gateway: GatewayFactory,
 
     code, out, err = await cli(gw, "policy", "fraud", "--type", "epsilon_greedy",
                                "--epsilon", "0.2", "--json", token=write)
+    assert code == 1  # nothing to explore: fraud_v4 is a shadow
+    assert "has none" in err and "mode 'explore'" in err
+
+    code, out, err = await cli(gw, "challengers", "update", "fraud", "fraud_v4", "--mode",
+                               "explore", "--sample-rate", "0.25", token=write)
+    assert code == 0, err
+    assert "explore" in out and "sample_rate=0.25" in out and "experiment=v" in out
+
+    code, out, err = await cli(gw, "policy", "fraud", "--type", "epsilon_greedy",
+                               "--epsilon", "0.2", "--json", token=write)
     assert code == 0, err
     assert orjson.loads(out)["policy"] == {**orjson.loads(out)["policy"],
                                            "type": "epsilon_greedy", "epsilon": 0.2}
+
+    # The last explore arm of an exploring route cannot go: 422, and nothing changes.
+    code, out, err = await cli(gw, "challengers", "remove", "fraud", "fraud_v4", "--json",
+                               token=write)
+    assert code == 1 and orjson.loads(out)["status"] == 422, err
+    code, out, err = await cli(gw, "policy", "fraud", "--type", "champion", token=write)
+    assert code == 0, err
 
     code, out, err = await cli(gw, "challengers", "remove", "fraud", "fraud_v4", token=write)
     assert code == 0, err

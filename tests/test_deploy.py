@@ -223,9 +223,13 @@ def test_gateway_deployment_probes_shutdown_and_secrets(k8s_docs) -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
     secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
                if "secretKeyRef" in e.get("valueFrom", {})}
-    assert set(secrets) == {"UNDERSTUDY_ADMIN_TOKEN", "UNDERSTUDY_ADMIN_READ_TOKEN"}
-    assert all(ref["name"] == "understudy-admin" and ref["key"] == name
-               for name, ref in secrets.items())
+    assert set(secrets) == {"UNDERSTUDY_ADMIN_TOKEN", "UNDERSTUDY_ADMIN_READ_TOKEN",
+                            "UNDERSTUDY_FEEDBACK_TOKEN"}
+    assert all(ref["key"] == name for name, ref in secrets.items())
+    assert {ref["name"] for name, ref in secrets.items() if "ADMIN" in name} == {"understudy-admin"}
+    # Feedback is authenticated in the cluster, with its own Secret (not the admin tokens).
+    assert secrets["UNDERSTUDY_FEEDBACK_TOKEN"]["name"] == "understudy-feedback"
+    assert not secrets["UNDERSTUDY_FEEDBACK_TOKEN"].get("optional")
     # The command line is one the gateway accepts, with one worker per pod.
     program, args = parse_command(container["args"])
     assert (program, args.command) == ("gateway", "serve")

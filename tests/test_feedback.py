@@ -13,7 +13,7 @@ pytestmark = pytest.mark.triton
 async def test_feedback_keeps_good_items_and_names_bad_ones(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway({"fraud": {"champion": {"model": "fraud_v3"}}})
     resp = await gw.post_json("/v2/feedback", {"request_id": "a", "label": 1})
-    assert resp.status == 200 and orjson.loads(await resp.read()) == {"accepted": 1}
+    assert resp.status == 200 and orjson.loads(await resp.read()) == {"accepted": 1, "orphans": 1}
     batch = [
         {"request_id": "b", "label": 0, "event_time": "2026-11-20T10:00:00Z"},
         {"request_id": "c", "reward": 0.5, "event_time": 1764000000},

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.audit import CONFIG_ACTOR, new_entry
 from gateway.config import ChallengerConfig, ModelRef, RouteConfig
-from gateway.registry_state import Promotion, RouteState, route_to_raw
+from gateway.registry_state import Experiment, Promotion, RouteState, route_to_raw
 from gateway.registry_store import FileStore, KafkaStore, StaleWrite
 from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
 from tests.support.kafka import unique_topic
@@ -60,7 +60,8 @@ def _state(name: str, version: int, champion: str, challengers: tuple[str, ...] 
                          tuple(ChallengerConfig(model=m) for m in challengers))
     entry = new_entry(CONFIG_ACTOR, "test", name, replica="t", version=version,
                       after=route_to_raw(config))
-    return RouteState(name, version, config, (), entry)
+    experiments = {m: Experiment.new(version) for m in challengers}
+    return RouteState(name, version, config, (), entry, experiments)
 
 
 # -- the state file -----------------------------------------------------------------------
@@ -104,8 +105,15 @@ def test_route_state_round_trips() -> None:
     state = _state("r", 3, "fraud_v4", ("fraud_v3", "fraud_v5"))
     promoted = ChallengerConfig(model="fraud_v4", sample_rate=0.5)
     state = RouteState(state.name, 3, state.config, (Promotion(ModelRef("fraud_v3"), promoted),),
-                       state.change)
+                       state.change, state.experiments)
     assert RouteState.from_json(orjson.loads(orjson.dumps(state.to_json()))) == state
+    # A state stored before experiments existed gets a deterministic one per challenger, so
+    # every replica reading it agrees.
+    legacy = state.to_json()
+    del legacy["experiments"]
+    one, two = RouteState.from_json(legacy), RouteState.from_json(legacy)
+    assert one.experiments == two.experiments
+    assert set(one.experiments) == {"fraud_v3", "fraud_v5"}
     tomb = RouteState("r", 4, None, (), {"id": "x"})
     assert RouteState.from_json(tomb.to_json()) == tomb
 
@@ -131,12 +139,12 @@ async def test_two_gateways_share_a_state_file_and_survive_restart(
     assert route_b["version"] == route["version"] == 2
     # A change made on B is seen by A, and B's audit shows A's change too.
     status, _ = await admin(b, "PUT", "/routes/fraud/policy", token,
-                            {"type": "epsilon_greedy", "epsilon": 0.0})
+                            {"type": "champion", "sticky_header": "x-user"})
     assert status == 200
 
     async def a_has_policy() -> bool:
         _, view = await admin(a, "GET", "/routes/fraud", token)
-        return bool(view["policy"]["type"] == "epsilon_greedy")
+        return bool(view["policy"]["sticky_header"] == "x-user")
 
     await eventually(a_has_policy, timeout_s=5)
     _, audit = await admin(b, "GET", "/audit?route=fraud", token)
@@ -148,12 +156,17 @@ async def test_two_gateways_share_a_state_file_and_survive_restart(
     await b.stop()
     a2 = await make_gateway(FRAUD, admin=shared)
     b2 = await make_gateway(FRAUD, admin=shared)
+    experiments = []
     for gw in (a2, b2):
         assert await served_by(gw) == "fraud_v4"
         _, view = await admin(gw, "GET", "/routes/fraud", token)
         assert view["version"] == 3
-        assert view["policy"]["type"] == "epsilon_greedy"
+        assert view["policy"]["sticky_header"] == "x-user"
         assert view["rollback_to"]["model"] == "fraud_v3"
+        experiments.append(view["challengers"][0]["experiment"])
+    # The experiment the policy change started survives the restart, the same on both.
+    assert experiments[0] == experiments[1]
+    assert experiments[0]["id"].startswith("v3-")
     # Rollback still works after the restart, from either replica.
     status, _ = await admin(b2, "POST", "/routes/fraud/rollback", token)
     assert status == 200
@@ -309,7 +322,10 @@ async def test_kafka_replicas_converge_and_restart(
     assert view["version"] == 3
     assert view["rollback_to"]["model"] == "fraud_v3"
     _, audit = await admin(c, "GET", "/audit?route=fraud", token)
-    assert audit["entries"][0]["action"] == "promote"  # learnt from the topic
+    # The whole history, refusals included, is read back from the audit topic.
+    assert [(e["action"], e["outcome"]) for e in audit["entries"]] == [
+        ("add_challenger", "rejected"), ("promote", "applied"), ("add_challenger", "applied"),
+        ("seed", "applied")]
 
 
 @pytest.mark.kafka
