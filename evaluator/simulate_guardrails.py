@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 from scipy.special import expit
 
