@@ -149,8 +149,12 @@ def sample_ratio_check(
     d = (observed - expected) @ g
     pg = p @ g
     cov = np.diag(pg.sum(axis=0)) - pg.T @ pg
-    stat = float(d @ np.linalg.pinv(cov, hermitian=True) @ d)
-    df = int(np.linalg.matrix_rank(cov, hermitian=True))
+    # d' V^+ d on V's numerically non-null eigenvectors (the counts sum to the row count, so
+    # with every arm in a group V has an exact null direction that rounding must not revive)
+    w, u = np.linalg.eigh(cov)
+    keep = w > 1e-9 * max(float(w.max()), 1e-300)
+    stat = float(np.sum((u[:, keep].T @ d) ** 2 / w[keep]))
+    df = int(np.count_nonzero(keep))
     pval = float(special.chdtrc(df, stat)) if df > 0 else 1.0
     worst = max(arms, key=lambda a: abs(obs[a] - exp[a]) / math.sqrt(max(exp[a], 1.0)))
     detail = (
