@@ -3,6 +3,7 @@ versions of the STATISTICS.md runs, and the gate on a dataset read through the r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import replace
@@ -16,9 +17,13 @@ from evaluator.config import parse_config
 from evaluator.dataset import STATUS_CODES, ExperimentInfo
 from evaluator.health import check_data_health, sample_ratio_check
 from evaluator.ingest import FileIngestor
+from evaluator.offpolicy import estimate_policy_values
 from evaluator.simulate_guardrails import health_dataset, health_study
 from evaluator.store import Store
+from gateway.demo.traffic import FraudTraffic
+from tests.conftest import GatewayFactory
 from tests.test_eval_store import CHAL, CHAMP, T0, LogDir, inference, label, outcome
+from tests.test_exploration import explore_route, serve
 
 
 def test_healthy_route_passes_with_three_p_values() -> None:
@@ -173,3 +178,41 @@ def test_sample_ratio_p_values_are_calibrated_when_probabilities_change() -> Non
         _, p = sample_ratio_check(served, probs)
         small += p is not None and p < 0.05
     assert abs(small / reps - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / reps)
+
+
+# -- through the real gateway and Triton ---------------------------------------------------------
+
+
+@pytest.mark.triton
+async def test_gate_and_doubly_robust_on_real_gateway_logs(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """Epsilon-greedy through the gateway (real Triton), rewards posted as feedback, the logs
+    read by the evaluator: the gate passes, and DR is finite and is not DM for the arms served
+    (constant propensities: the case where DR used to equal DM to the last digit)."""
+    gw = await make_gateway(explore_route({"type": "epsilon_greedy", "epsilon": 0.5}))
+    x, y = FraudTraffic(seed=31).sample(600)
+    await serve(gw, x, "d")
+    await asyncio.sleep(0.3)  # records complete in the background
+    feedback = [{"request_id": f"d{i}", "label": int(y[i]), "reward": float(y[i])}
+                for i in range(600)]
+    assert (await gw.post_json("/v2/feedback", feedback)).status == 200
+    await gw.stop()
+    config = parse_config({"source": {"path": str(gw.log_dir)},
+                           "store": {"path": str(tmp_path / "eval.duckdb")}}, env={})
+    with Store.open(config.store) as store:
+        FileIngestor(config, store).drain()
+        ds = store.load_dataset("fraud")
+    assert len(ds) == 600
+    health = check_data_health(ds, "fraud_v4")
+    by = {c.name: c for c in health.checks}
+    assert by["sample_ratio"].p_value is not None  # the policy explores: the check ran
+    assert by["sample_ratio"].expected["fraud_v5"] == pytest.approx(150.0)  # 600 x 0.25
+    assert health.status == "pass", health.reasons  # fails 0.1% of healthy runs by design
+    report = estimate_policy_values(ds)
+    assert report.n == 600
+    for arm in ("fraud_v3", "fraud_v5"):
+        est = report.arms[arm].estimates
+        assert all(math.isfinite(est[e].value) for e in ("ips", "snips", "dm", "dr")), est
+        assert est["dr"].value != pytest.approx(est["dm"].value, abs=1e-9)
+    assert report.arms["fraud_v4"].estimates["dr"].value is None  # a shadow is never served
