@@ -406,7 +406,7 @@ def _latency_checks(
         d_lo = cmp.difference_interval[0]
         margin_ok = d_lo > margin
         margin_text = (
-            f"difference {cmp.difference:+.2f} ms, lower bound {d_lo:+.2f} ms "
+            f"p99 excess over the champion {cmp.difference:+.2f} ms, lower bound {d_lo:+.2f} ms "
             f"{'>' if margin_ok else '<='} {margin:g} ms margin"
         )
     checks: list[GuardrailCheck] = []
