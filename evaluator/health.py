@@ -180,11 +180,11 @@ def coverage_check(
         served_ok |= mine & (model.status == STATUS_CODES["ok"])
     policy = np.asarray(dataset.policy_types, dtype=object)
     exploring = policy != "champion"
-    modes = set(col.modes)
+    modes = set(col.modes) - {"served"}  # a served explore arm is still an explore arm
     due = rows & np.isfinite(rate) & served_ok & (served != challenger)
-    if "explore" in modes and len(modes) > 1:
+    if modes >= {"explore", "shadow"}:
         due &= ~exploring  # mode per row unknown: only rows where both modes use the rate
-    pi = np.where(exploring & ("explore" in modes), 1.0, rate)
+    pi = np.where(exploring & (modes == {"explore"}), 1.0, rate)
     n = int(np.count_nonzero(due))
     if n == 0:
         return HealthCheck(

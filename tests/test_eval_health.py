@@ -216,3 +216,18 @@ async def test_gate_and_doubly_robust_on_real_gateway_logs(
         assert all(math.isfinite(est[e].value) for e in ("ips", "snips", "dm", "dr")), est
         assert est["dr"].value != pytest.approx(est["dm"].value, abs=1e-9)
     assert report.arms["fraud_v4"].estimates["dr"].value is None  # a shadow is never served
+
+
+def test_an_explore_arm_is_due_on_every_exploring_request() -> None:
+    ds = health_dataset(11, 3000)
+    res = check_data_health(ds, "e")  # modes ("explore", "served"), logged sample rate 1.0
+    cov = next(c for c in res.checks if c.name == "coverage")
+    not_served = int(np.count_nonzero(ds.served != "e"))
+    assert cov.n == not_served and cov.expected["attempted"] == not_served
+    assert cov.status == "pass" and cov.p_value == 1.0
+    e = ds.models["e"]
+    status = e.status.copy()
+    status[np.flatnonzero(ds.served != "e")[:3]] = STATUS_CODES["skipped"]  # 3 copies missing
+    models = {**ds.models, "e": replace(e, status=status)}
+    broken = check_data_health(replace(ds, models=models), "e")
+    assert next(c for c in broken.checks if c.name == "coverage").status == "fail"
