@@ -26,10 +26,20 @@ the one dimension that matters (a V-shaped "reward = decision was right" curve i
 which a logistic fit would miss) and, because the logging policies here choose arms without
 looking at the features, E[r | score_X, served X] is the reward X would earn at that score.
 
+The reward model is **cross-fitted**: the requests are split into ``folds`` (default 5, seeded,
+stratified by served arm) and each request's prediction comes from the model fitted on the other
+folds. Without it, DR collapses onto DM whenever the logging propensity of X is constant
+(epsilon-greedy): in-sample bin means make the residuals of the served requests sum to zero in
+every bin, so the correction term is exactly 0 and "doubly robust" silently becomes "direct
+method". Out of fold, a request's own reward never enters its own prediction, so the correction
+measures the model's error instead of being fitted away, and the per-request DR terms keep the
+usual sample-variance standard error (Chernozhukov et al. 2018, double/debiased ML).
+
 Intervals are normal, from influence functions: the per-request terms for IPS and DR, the
 linearisation w_i (r_i - V) / mean(w) for SNIPS, and for DM the spread of its predictions plus
-the sampling variance of the bin means it is built from (so DM's interval is honest about the
-reward model's noise, though not about its bias). Requests without a reward, or without a valid
+the sampling variance of the bin means it is built from (the fold models' contributions added
+as if perfectly correlated, an upper bound; so DM's interval is honest about the reward model's
+noise, though not about its bias). Requests without a reward, or without a valid
 propensity for the served arm, are excluded and counted.
 
 Identification: "always X" is only estimable by IPS/SNIPS if X could have been served on every
@@ -126,31 +136,47 @@ class OffPolicyReport:
 
 
 @dataclass(frozen=True)
-class BinnedRewardModel:
-    """Per-arm piecewise-constant E[reward | that arm's logged score], fitted where it was served.
+class ArmBins:
+    """One arm's piecewise-constant E[reward | its own score]: inner bin ``edges``, the fitted
+    reward per bin (the last slot is "score missing") and each bin mean's sampling variance."""
 
-    ``bin_ids[k]`` gives each request's bin for arm k (the last index is the "score missing"
-    bin); ``bin_means[k]`` the fitted reward per bin; ``bin_mean_var[k]`` the sampling variance
-    of each bin mean (s^2 / n_bin), which DM's standard error needs.
-    """
+    edges: np.ndarray
+    means: np.ndarray
+    mean_var: np.ndarray
+
+    def ids(self, scores: np.ndarray) -> np.ndarray:
+        """Each request's bin (``len(edges) + 1`` = the score-missing slot)."""
+        s = np.asarray(scores, dtype=np.float64)
+        ids = np.full(s.size, self.edges.size + 1, dtype=np.int64)
+        have = np.isfinite(s)
+        ids[have] = np.searchsorted(self.edges, s[have], side="left")
+        return ids
+
+
+@dataclass(frozen=True)
+class BinnedRewardModel:
+    """Per-arm piecewise-constant E[reward | that arm's logged score], fitted where it was served
+    (one ``ArmBins`` per arm)."""
 
     arms: tuple[str, ...]
-    bin_ids: tuple[np.ndarray, ...]
-    bin_means: tuple[np.ndarray, ...]
-    bin_mean_var: tuple[np.ndarray, ...]
-    n_bins: tuple[int, ...]
+    bins: tuple[ArmBins, ...]
 
-    def predictions(self) -> np.ndarray:
-        """(n, K) predicted reward for every request under every arm."""
+    def predict(self, scores: np.ndarray) -> np.ndarray:
+        """(n, K) predicted reward for every request under every arm, from (n, K) scores."""
         return np.column_stack(
-            [m[ids] for m, ids in zip(self.bin_means, self.bin_ids, strict=True)]
+            [b.means[b.ids(scores[:, k])] for k, b in enumerate(self.bins)]
         )
 
-    def describe(self, k: int) -> str:
-        return (
-            f"binned regression of reward on {self.arms[k]}'s own logged score "
-            f"({self.n_bins[k]} equal-mass bins over requests where it was served)"
-        )
+    def dm_variance(self, scores: np.ndarray, target: np.ndarray, n_total: int) -> float:
+        """Sampling variance this model's bin means add to a DM average over ``n_total``
+        requests, of which these rows (scores, target probabilities) use this model."""
+        total = 0.0
+        for k, b in enumerate(self.bins):
+            weights = np.bincount(b.ids(scores[:, k]), weights=target[:, k],
+                                  minlength=b.means.size)
+            used = weights > 0
+            total += float(np.sum((weights[used] / n_total) ** 2 * b.mean_var[used]))
+        return total
 
 
 def _bin_stats(
@@ -180,10 +206,9 @@ def fit_binned_reward_model(
     n_bins: int = 10,
     min_per_bin: int = 30,
 ) -> BinnedRewardModel:
-    """Fit the per-arm binned reward model (see the module docstring for why this one)."""
+    """Fit the per-arm binned reward model on these rows (see the module docstring for why)."""
     r = np.asarray(rewards, dtype=np.float64)
-    n = r.size
-    all_ids, all_means, all_vars, all_bins = [], [], [], []
+    fitted = []
     for k in range(len(arms)):
         s = scores[:, k]
         served = served_idx == k
@@ -201,20 +226,82 @@ def fit_binned_reward_model(
             edges = np.quantile(s[fit_rows], np.linspace(0.0, 1.0, b + 1)[1:-1])
         else:
             edges = np.empty(0)
-        ids = np.full(n, b, dtype=np.int64)  # slot b = score missing
-        ids[have] = np.searchsorted(edges, s[have], side="left")
+        ids = ArmBins(edges, np.empty(0), np.empty(0)).ids(s[served])
         # Score bins are equal-mass by construction; the missing-score slot needs min_per_bin
         # served requests of its own, otherwise it falls back to the arm's mean reward.
         min_count = np.ones(b + 1, dtype=np.int64)
         min_count[b] = min_per_bin
-        means, var_mean = _bin_stats(ids[served], r_served, b + 1, arm_mean, arm_var, min_count)
-        all_ids.append(ids)
-        all_means.append(means)
-        all_vars.append(var_mean)
-        all_bins.append(b)
-    return BinnedRewardModel(
-        tuple(arms), tuple(all_ids), tuple(all_means), tuple(all_vars), tuple(all_bins)
-    )
+        means, var_mean = _bin_stats(ids, r_served, b + 1, arm_mean, arm_var, min_count)
+        fitted.append(ArmBins(edges, means, var_mean))
+    return BinnedRewardModel(tuple(arms), tuple(fitted))
+
+
+@dataclass(frozen=True)
+class CrossFitRewardModel:
+    """Out-of-fold predictions of the binned reward model: each request's prediction comes from
+    the model fitted on the other folds, so its own reward never enters its own prediction."""
+
+    arms: tuple[str, ...]
+    fold: np.ndarray  # int [n], each request's fold
+    models: tuple[BinnedRewardModel, ...]  # model f: fitted on every fold but f
+    predictions: np.ndarray  # (n, K)
+    n_bins: int
+
+    def dm_variance(self, scores: np.ndarray, target: np.ndarray) -> float:
+        """Variance the fitted bin means add to DM. The fold models share training rows (for
+        more than two folds), so their contributions are added as if perfectly correlated:
+        (sum_f sd_f)^2, an upper bound whatever their correlation."""
+        n = target.shape[0]
+        sd = 0.0
+        for f, model in enumerate(self.models):
+            rows = self.fold == f
+            sd += math.sqrt(max(model.dm_variance(scores[rows], target[rows], n), 0.0))
+        return sd * sd
+
+    def describe(self, k: int) -> str:
+        return (
+            f"binned regression of reward on {self.arms[k]}'s own logged score (at most "
+            f"{self.n_bins} equal-mass bins over requests where it was served), cross-fitted "
+            f"over {len(self.models)} folds"
+        )
+
+
+def fold_assignment(served_idx: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Seeded fold of every request, stratified by the served arm (each fold sees every arm)."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(served_idx.size, dtype=np.int64)
+    for k in np.unique(served_idx):
+        rows = np.flatnonzero(served_idx == k)
+        fold[rng.permutation(rows)] = (np.arange(rows.size) + rng.integers(folds)) % folds
+    return fold
+
+
+def fit_cross_fitted_reward_model(
+    rewards: np.ndarray,
+    served_idx: np.ndarray,
+    scores: np.ndarray,
+    arms: tuple[str, ...],
+    n_bins: int = 10,
+    min_per_bin: int = 30,
+    folds: int = 5,
+    seed: int = 0,
+) -> CrossFitRewardModel:
+    """K-fold cross-fitting of ``fit_binned_reward_model`` (out-of-fold predictions)."""
+    if folds < 2:
+        raise ValueError("cross-fitting needs at least 2 folds")
+    r = np.asarray(rewards, dtype=np.float64)
+    fold = fold_assignment(served_idx, folds, seed)
+    pred = np.empty((r.size, len(arms)))
+    models = []
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        model = fit_binned_reward_model(
+            r[train], served_idx[train], scores[train], arms, n_bins, min_per_bin
+        )
+        if test.any():
+            pred[test] = model.predict(scores[test])
+        models.append(model)
+    return CrossFitRewardModel(tuple(arms), fold, tuple(models), pred, n_bins)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,19 +385,6 @@ def policy_value_estimates(
     return out
 
 
-def _dm_model_variance(model: BinnedRewardModel, target: np.ndarray) -> float:
-    """Var of DM from the fitted bin means: sum over arms and bins of (weight share)^2 var_b."""
-    n = target.shape[0]
-    total = 0.0
-    for k in range(len(model.arms)):
-        weights = np.bincount(
-            model.bin_ids[k], weights=target[:, k], minlength=model.bin_means[k].size
-        )
-        used = weights > 0
-        total += float(np.sum((weights[used] / n) ** 2 * model.bin_mean_var[k][used]))
-    return total
-
-
 def estimate_policy_values(
     dataset: EvalDataset,
     *,
@@ -318,6 +392,8 @@ def estimate_policy_values(
     n_bins: int = 10,
     min_per_bin: int = 30,
     arms: tuple[str, ...] | None = None,
+    folds: int = 5,
+    seed: int = 0,
 ) -> OffPolicyReport:
     """Value of "always serve X" for every arm (every model, by default) from the logged rewards.
 
@@ -364,8 +440,10 @@ def estimate_policy_values(
             for a in arm_tuple
         ]
     )
-    model = fit_binned_reward_model(r, served_idx, scores, arm_tuple, n_bins, min_per_bin)
-    reward_hat = model.predictions()
+    model = fit_cross_fitted_reward_model(
+        r, served_idx, scores, arm_tuple, n_bins, min_per_bin, folds, seed
+    )
+    reward_hat = model.predictions
     out: dict[str, ArmValue] = {}
     for k, arm in enumerate(arm_tuple):
         target = np.zeros((n, len(arm_tuple)))
@@ -391,7 +469,7 @@ def estimate_policy_values(
                 prop,
                 target,
                 reward_hat,
-                dm_model_var=_dm_model_variance(model, target),
+                dm_model_var=model.dm_variance(scores, target),
                 unsupported=unsupported,
                 alpha=alpha,
             )
@@ -419,12 +497,16 @@ def values_table(report: OffPolicyReport) -> list[dict[str, Any]]:
 
 __all__ = [
     "ESTIMATORS",
+    "ArmBins",
     "ArmValue",
     "BinnedRewardModel",
+    "CrossFitRewardModel",
     "OffPolicyReport",
     "PolicyEstimate",
     "estimate_policy_values",
     "fit_binned_reward_model",
+    "fit_cross_fitted_reward_model",
+    "fold_assignment",
     "policy_value_estimates",
     "values_table",
 ]

@@ -317,11 +317,13 @@ def test_cli_report_writes_all_three_files(tmp_path: Path) -> None:
     assert report["window"]["until"] == pytest.approx(T0 + 299 * 600)
     assert report["window"]["since"] == pytest.approx(T0 + 299 * 600 - 7 * 86_400)
     assert [d["challenger"] for d in report["decisions"]] == [CHAL]
-    # the fixture's challenger answers in 3 ms against the champion's 1 ms: p99 ratio 3 > 1.5
-    assert report["decisions"][0]["decision"] == "KEEP"
-    assert report["decisions"][0]["reasons"][0] == "KEEP: a guardrail failed"
+    # 300 requests: too few for a verdict, and for a p99 bound (the fixture's 3 ms vs 1 ms is
+    # within the 2 ms margin anyway): the latency guardrail is "insufficient", not a failure
+    assert report["decisions"][0]["decision"] == "INCONCLUSIVE"
+    checks = {c["name"]: c for c in report["decisions"][0]["guardrails"]["checks"]}
+    assert checks["latency_p99_ratio"]["passed"] is None
     assert report["drift"] is None
-    assert f"**{CHAL}: KEEP — " in (out / "report.md").read_text()
+    assert f"**{CHAL}: INCONCLUSIVE — " in (out / "report.md").read_text()
     assert_self_contained((out / "report.html").read_text(), min_images=3)
     assert cli.main(["promote", "--config", str(path), "--route", "fraud", "--dry-run"]) == 3
 
