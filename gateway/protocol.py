@@ -10,6 +10,7 @@ into lists for the log happens later, off the client's critical path (`decode_in
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import struct
@@ -467,14 +468,24 @@ def decode_inputs(request: InferRequest) -> dict[str, Tensor]:
     return _decode_tensors(request.inputs, binary, "request", request.flat)
 
 
+def _response_json(raw: bytes) -> Any:
+    """Triton's JSON answer. Triton writes non-finite floats as NaN/Infinity (not JSON, but what
+    tritonclient's rapidjson accepts); orjson refuses them, so fall back to the stdlib parser,
+    whose float('nan') the log then writes as null."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def decode_response(body: bytes, header_length: str | None) -> dict[str, Any]:
     """Split a Triton response into its JSON header and decoded outputs."""
     if header_length is not None:
         length = int(header_length)
-        header = orjson.loads(body[:length])
+        header = _response_json(body[:length])
         binary = body[length:]
     else:
-        header = orjson.loads(body)
+        header = _response_json(body)
         binary = b""
     header["outputs"] = _decode_tensors(header.get("outputs") or [], binary, "response")
     return header
