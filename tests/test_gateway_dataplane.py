@@ -135,6 +135,7 @@ async def test_every_served_request_has_exactly_one_record(make_gateway: Gateway
     ids = [r["request_id"] for r in records]
     assert len(ids) == 300 and set(ids) == {f"q{i}" for i in range(300)}
     for r in records:
+        assert record_problems(r) == []
         assert r["schema_version"] == 1 and r["route"] == "fraud"
         assert r["served"]["model"] == "fraud_v3" and r["propensity"] == 1.0
         assert r["outputs"]["fraud_v4"]["status"] == "ok"
@@ -196,6 +197,7 @@ async def test_bad_input_gets_a_clear_4xx_and_the_gateway_keeps_serving(
     records = gw.records()
     ok = [r for r in records if r["request_id"] == "ok-after"]
     assert len(ok) == 1 and ok[0]["outputs"]["fraud_v4"]["status"] == "ok"
+    assert all(record_problems(r) == [] for r in records)
     rejected = [r for r in records if r["status"] == 400]
     assert len(rejected) == len(BAD_INPUTS) + 2
     assert all(r["outputs"]["fraud_v4"]["status"] == "skipped" for r in rejected)
@@ -364,7 +366,8 @@ async def test_request_id_header_is_validated_like_the_body_id(
 async def test_triton_never_sees_a_shape_that_aborts_it(make_gateway: GatewayFactory,
                                                         triton) -> None:
     """Triton 2.51 aborts (SIGABRT, std::length_error) on a JSON input of shape
-    [2^64-1, 8]: the gateway must refuse such shapes itself."""
+    [2^64-1, 8]: the gateway must refuse such shapes itself (a guard: the element-count check
+    already caught this one before; the shape rule now names it)."""
     gw = await make_gateway({"any": {"champion": {"model": "fraud_v3"}}})
     body = fraud_body([[0.1] * 8])
     body["inputs"][0]["shape"] = [2**64 - 1, 8]

@@ -7,11 +7,13 @@ import orjson
 import pytest
 
 from gateway.errors import BadRequest
+from gateway.feedback import parse_item
 from gateway.protocol import (
     TensorSpec,
     decode_inputs,
     decode_response,
     parse_request,
+    request_id_problem,
     validate_against,
 )
 
@@ -237,3 +239,12 @@ def test_binary_non_finite_floats_are_logged_as_null_and_valid() -> None:
     decoded = decode_response(b'{"model_name":"m","outputs":[{"name":"score","datatype":"FP32",'
                               b'"shape":[1,1],"data":[NaN]}]}', None)
     assert orjson.dumps(decoded["outputs"]["score"]["data"]) == b"[null]"
+
+
+def test_feedback_request_ids_follow_the_inference_id_rule() -> None:
+    assert parse_item({"request_id": "order-17", "label": 1}, 0.0)["request_id"] == "order-17"
+    for bad, message in [("a\x01b", "printable ASCII"), ("x" * 300, "300 characters"),
+                         (7, "must be a string, got integer"), ("", "non-empty string")]:
+        with pytest.raises(ValueError, match=message):
+            parse_item({"request_id": bad, "label": 1}, 0.0)
+    assert request_id_problem("r" * 256) is None and request_id_problem("r" * 257)
