@@ -130,6 +130,21 @@ def request_id_problem(value: Any) -> str | None:
     return None
 
 
+def check_key(value: str, what: str) -> str:
+    """A sticky/sampling key header: it is hashed (UTF-8) and logged, so it must encode.
+
+    aiohttp hands over header bytes that are not UTF-8 as lone surrogates, which neither the
+    hash nor the log's JSON encoder accept; a control character would corrupt the log line.
+    """
+    if len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise BadRequest(f"{what} must be at most {MAX_ID_LENGTH} printable characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} is not valid UTF-8") from None
+    return value
+
+
 def check_request_id(value: Any, what: str) -> str:
     """`value` if it is a usable request id, else BadRequest naming `what`."""
     problem = request_id_problem(value)
@@ -492,4 +507,9 @@ def decode_response(body: bytes, header_length: str | None) -> dict[str, Any]:
 
 
 def error_body(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+    """`{"error": message}`. A message quoting a client's undecodable bytes (a URL path or
+    header with invalid UTF-8 arrives as lone surrogates) is escaped rather than failing."""
+    try:
+        return orjson.dumps({"error": message})
+    except orjson.JSONEncodeError:
+        return orjson.dumps({"error": message.encode("utf-8", "backslashreplace").decode()})
