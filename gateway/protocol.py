@@ -136,12 +136,12 @@ def check_key(value: str, what: str) -> str:
     aiohttp hands over header bytes that are not UTF-8 as lone surrogates, which neither the
     hash nor the log's JSON encoder accept; a control character would corrupt the log line.
     """
-    if len(value) > MAX_ID_LENGTH or not value.isprintable():
-        raise BadRequest(f"{what} must be at most {MAX_ID_LENGTH} printable characters")
     try:
         value.encode()
     except UnicodeEncodeError:
         raise BadRequest(f"{what} is not valid UTF-8") from None
+    if len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise BadRequest(f"{what} must be at most {MAX_ID_LENGTH} printable characters")
     return value
 
 

@@ -375,3 +375,42 @@ async def test_triton_never_sees_a_shape_that_aborts_it(make_gateway: GatewayFac
     assert resp.status == 400 and "'shape'" in orjson.loads(await resp.read())["error"]
     resp = await gw.post_json("/v2/models/any/infer", fraud_body([[0.1] * 8]))
     assert resp.status == 200
+
+
+async def _raw_post(url: str, path: str, body: bytes, extra_headers: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request with header bytes exactly as given (clients refuse non-ASCII)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n%s\r\n%s"
+                 % (path.encode(), len(body), extra_headers, body))
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload
+
+
+async def test_key_header_that_is_not_utf8_is_a_400_and_still_logged(
+    make_gateway: GatewayFactory,
+) -> None:
+    """Before: aiohttp passes non-UTF-8 header bytes on as lone surrogates; hashing the sticky
+    key raised (a 500) and the record could not be serialised (dropped)."""
+    gw = await make_gateway({"sticky": {
+        "champion": {"model": "fraud_v3"},
+        "challengers": [{"model": "fraud_v4", "mode": "explore"}],
+        "policy": {"type": "epsilon_greedy", "epsilon": 0.5, "sticky_header": "X-User-Id"}}})
+    body = orjson.dumps(fraud_body([[0.1] * 8], "k1"))
+    status, payload = await _raw_post(gw.url, "/v2/models/sticky/infer", body,
+                                      b"X-User-Id: user-\xff\xfe\r\n")
+    assert status == 400, payload
+    assert "X-User-Id header is not valid UTF-8" in orjson.loads(payload)["error"]
+    status, payload = await _raw_post(gw.url, "/v2/models/sticky/infer", body,
+                                      "X-User-Id: usér-1\r\n".encode())
+    assert status == 200, payload  # UTF-8 proper is fine
+    await gw.stop()
+    records = gw.records()
+    assert [r["status"] for r in records] == [400, 200]
+    assert records[1]["key"] == "usér-1"
+    assert all(record_problems(r) == [] for r in records)
