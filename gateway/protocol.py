@@ -5,6 +5,12 @@ path); it parses only what it needs to route and validate: the JSON header (all 
 request, or the first `Inference-Header-Content-Length` bytes of a binary one). Turning tensors
 into lists for the log happens later, off the client's critical path (`decode_inputs`,
 `decode_outputs`).
+
+Validation is complete before any upstream call: whatever `parse_request` accepts, Triton can
+refuse only for model-specific reasons (a 4xx it passes through), never with a 500 for a malformed
+body, and the log can always record it as a well-typed record (gateway/record_schema.py). Every
+client mistake is a `BadRequest` naming the field. What is checked, and why each rule exists
+(what Triton 2.51 does without it), is in the comments below and tests/test_protocol.py.
 """
 
 from __future__ import annotations
@@ -131,10 +137,10 @@ def request_id_problem(value: Any) -> str | None:
 
 
 def check_key(value: str, what: str) -> str:
-    """A sticky/sampling key header: it is hashed (UTF-8) and logged, so it must encode.
+    """A sticky/sampling key header: it is hashed (as UTF-8) and logged, so it must encode.
 
     aiohttp hands over header bytes that are not UTF-8 as lone surrogates, which neither the
-    hash nor the log's JSON encoder accept; a control character would corrupt the log line.
+    hash nor the log's JSON encoder accept (a 500 and a lost record before this check).
     """
     try:
         value.encode()
