@@ -4,15 +4,16 @@
 
 Times `parse_request` + `validate_against` (everything the data plane does to a body before the
 upstream call) for JSON and binary-extension requests of 1 and 64 fraud rows (8 FP32 features),
-and prints the best-of-`repeat` microseconds per request. Run it on two trees (e.g. main and a
-branch, via PYTHONPATH) to compare; the machine's other load makes single runs noisy, so take the
-best of several repeats.
+and prints the best-of-`repeat` CPU microseconds per request (process CPU time, so other load on
+a shared machine inflates it less than wall time). Run it on two trees (e.g. main and a branch,
+via PYTHONPATH) to compare, alternating, and take the best of several runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import time
 import timeit
 
 import numpy as np
@@ -57,7 +58,8 @@ def main() -> None:
             validate_against(parse_request(body, length), "m", SPECS)
 
         number = args.number if "64" not in name or "binary" in name else args.number // 8
-        best = min(timeit.repeat(run, number=number, repeat=args.repeat)) / number
+        best = min(timeit.repeat(run, number=number, repeat=args.repeat,
+                                 timer=time.process_time)) / number
         print(f"{name:18s} {best * 1e6:7.2f} us/request  ({len(body)} bytes)")
 
 
