@@ -10,170 +10,56 @@ Properties: no 5xx; every answer is a complete HTTP response; every error body i
 `{"error": str}`; the gateway still serves afterwards; no request is re-sent to the fallback;
 and every record it wrote (inferences and labels) validates against schema v1.
 
-The gateway runs in a thread with its own event loop (hypothesis drives plain functions);
-examples are derandomized and there is no example database, so CI runs the same inputs every
-time. The counts (requests tried, status codes) are printed in the terminal summary.
+Harness (gateway thread, raw HTTP, counts printed to the terminal): tests/support/fuzz.py.
+Examples are derandomized and there is no example database, so CI runs the same inputs for the
+same code (hypothesis also mixes in literals from the loaded local modules, so the exact inputs
+depend on which test modules ran alongside).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import http.client
-import json
 import math
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.app import create_app
-from gateway.config import parse_config
-from gateway.record_schema import record_problems
-from tests.conftest import read_stream
+from tests.support.fuzz import (
+    FUZZ,
+    JSON_SCALARS,
+    JSON_VALUES,
+    FuzzGateway,
+    check_answer,
+    five_xx_metrics,
+    fuzz_gateway,
+    written_records,
+)
 
 pytestmark = pytest.mark.triton
 
 ROUTES = {
     # Shadow copies and a fallback: a bad body must reach neither.
     "fuzz": {"champion": {"model": "fraud_v3"},
-              "challengers": [{"model": "fraud_v4", "sample_rate": 1.0, "max_queue": 1000}],
-              "fallback": "fraud_v4", "sample_key_header": "X-User-Id"},
-    # Exploration with rewards from the feedback path.
+             "challengers": [{"model": "fraud_v4", "sample_rate": 1.0, "max_queue": 1000}],
+             "fallback": "fraud_v4", "sample_key_header": "X-User-Id"},
+    # Exploration with rewards from the feedback path, sticky by a key header.
     "fuzzbandit": {"champion": {"model": "fraud_v3"},
-               "challengers": [{"model": "fraud_v5", "mode": "explore", "max_queue": 1000}],
-               "policy": {"type": "thompson", "reward": "correct", "sticky_header": "X-User-Id"}},
+                   "challengers": [{"model": "fraud_v5", "mode": "explore", "max_queue": 1000}],
+                   "policy": {"type": "thompson", "reward": "correct",
+                              "sticky_header": "X-User-Id"}},
 }
-MAX_BODY = 256 * 1024
-
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck), print_blob=False)
-
-
-@dataclass
-class FuzzGateway:
-    """A real gateway on a real socket, served from its own thread and event loop."""
-
-    host: str
-    port: int
-    log_dir: Path
-    thread: threading.Thread
-    request_stop: Callable[[], None]
-    counts: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
-    ok_ids: list[str] = field(default_factory=list)
-    conn: http.client.HTTPConnection | None = None
-
-    def shutdown(self) -> None:
-        """Stop like SIGTERM does (drain shadows, flush the sink) and wait for it."""
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-        if self.thread.is_alive():
-            self.request_stop()
-            self.thread.join(60)
-        assert not self.thread.is_alive(), "gateway did not stop"
-
-    def send(self, kind: str, method: str, path: str, body: bytes,
-             headers: dict[str, str] | None = None) -> tuple[int, bytes, http.client.HTTPResponse]:
-        """One request on a kept-alive connection; raises if the connection drops."""
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        self.conn.request(method, path, body=body, headers=headers or {})
-        try:
-            resp = self.conn.getresponse()
-            data = resp.read()
-        except (http.client.HTTPException, OSError) as exc:
-            self.conn.close()
-            self.conn = None
-            raise AssertionError(f"connection dropped on {kind} {path}: {exc!r}") from exc
-        self.counts[(kind, resp.status)] += 1
-        if resp.will_close:
-            self.conn.close()
-            self.conn = None
-        return resp.status, data, resp
-
-
-def _serve(config: Any, ready: threading.Event, box: dict[str, Any]) -> None:
-    async def main() -> None:
-        runner = web.AppRunner(create_app(config))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        box["port"] = runner.addresses[0][1]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        box["stop"] = lambda: loop.call_soon_threadsafe(stop.set)
-        ready.set()
-        await stop.wait()
-        await runner.cleanup()  # like SIGTERM: drain shadows, flush the sink
-
-    try:
-        asyncio.run(main())
-    finally:
-        ready.set()
 
 
 @pytest.fixture(scope="module")
-def fuzz_gateway(triton: Any, tmp_path_factory: pytest.TempPathFactory,
-                 pytestconfig: pytest.Config) -> Iterator[FuzzGateway]:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    config = parse_config({
-        "triton": {"url": triton.url, "timeout_ms": 10_000},
-        "listen": {"max_body_bytes": MAX_BODY},
-        "log": {"path": str(tmp / "log"), "fsync": "never"},
-        "admin": {"state_path": str(tmp / "state" / "registry.json"),
-                  "rewards_path": str(tmp / "state" / "rewards.jsonl")},
-        "routes": ROUTES,
-    }, env={})
-    ready, box = threading.Event(), {}
-    thread = threading.Thread(target=_serve, args=(config, ready, box), daemon=True)
-    thread.start()
-    assert ready.wait(60) and "port" in box, "gateway did not start"
-    gw = FuzzGateway("127.0.0.1", box["port"], tmp / "log", thread, box["stop"])
-    yield gw
-    gw.shutdown()
-    # Straight to the terminal, past output capturing: CI logs show the counts on every run.
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            for line in summary(gw.counts):
-                reporter.write_line(line)
+def gateway(triton: Any, tmp_path_factory: pytest.TempPathFactory,
+            pytestconfig: pytest.Config) -> Iterator[FuzzGateway]:
+    with fuzz_gateway(triton.url, ROUTES, tmp_path_factory.mktemp("fuzz"), pytestconfig) as gw:
+        yield gw
 
 
-def summary(counts: collections.Counter[tuple[str, int]]) -> list[str]:
-    """Requests tried and status codes, overall and per kind of input."""
-    by_status: collections.Counter[int] = collections.Counter()
-    by_kind: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
-    for (kind, status), n in counts.items():
-        if n:
-            by_status[status] += n
-            by_kind[kind][status] += n
-    def codes(c: collections.Counter[int]) -> str:
-        return " ".join(f"{s}x{n}" for s, n in sorted(c.items()))
-    return [f"fuzz: {sum(by_status.values())} requests, status codes {codes(by_status)}",
-            *(f"fuzz:   {kind}: {sum(c.values())} ({codes(c)})" for kind, c in
-              sorted(by_kind.items()))]
-
-
-# ---- strategies -----------------------------------------------------------------------------
-
-JSON_SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
-JSON_VALUES = st.recursive(
-    JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                max_size=4),
-    max_leaves=12,
-)
 DATATYPES = st.sampled_from(["FP32", "FP64", "FP16", "BF16", "INT8", "INT32", "UINT64",
                              "BOOL", "BYTES", "fp32", "", "FLOAT"])
 IDS = (st.text(max_size=40) | st.text(alphabet=st.characters(max_codepoint=0x1F), max_size=4)
@@ -300,39 +186,27 @@ def feedback_body(draw: st.DrawFn) -> bytes:
 
 # ---- checks ---------------------------------------------------------------------------------
 
-def check_answer(status: int, data: bytes, resp: http.client.HTTPResponse) -> None:
-    assert status < 500, (status, data[:300])
-    if status >= 400:
-        payload = orjson.loads(data)
-        assert isinstance(payload, dict) and isinstance(payload.get("error"), str), data[:300]
-        assert payload["error"], data[:300]
-    elif resp.getheader("Inference-Header-Content-Length") is None:
-        # A complete JSON answer. Parsed like tritonclient does (rapidjson): Triton writes a
-        # non-finite score (from NaN features in a binary tensor) as NaN, which it accepts.
-        json.loads(data)
-
-
 # ---- properties -----------------------------------------------------------------------------
 
 @FUZZ
 @given(body=mutated_request(), route=st.sampled_from(["fuzz", "fuzz", "fuzzbandit", "nope"]))
-def test_fuzz_json_requests(fuzz_gateway: FuzzGateway, body: bytes, route: str) -> None:
+def test_fuzz_json_requests(gateway: FuzzGateway, body: bytes, route: str) -> None:
     raw = body
-    status, data, resp = fuzz_gateway.send("json", "POST", f"/v2/models/{route}/infer", raw,
+    status, data, resp = gateway.send("json", "POST", f"/v2/models/{route}/infer", raw,
                                            {"Content-Type": "application/json"})
     check_answer(status, data, resp)
     if status == 200:
         rid = resp.getheader("X-Request-Id")
         assert rid and len(rid) <= 256 and rid.isprintable()
-        fuzz_gateway.ok_ids.append(rid)
+        gateway.ok_ids.append(rid)
 
 
 @settings(FUZZ, max_examples=200)
 @given(request=binary_request())
-def test_fuzz_binary_requests(fuzz_gateway: FuzzGateway,
+def test_fuzz_binary_requests(gateway: FuzzGateway,
                               request: tuple[bytes, dict[str, str]]) -> None:
     body, headers = request
-    status, data, resp = fuzz_gateway.send("binary", "POST", "/v2/models/fuzz/infer", body,
+    status, data, resp = gateway.send("binary", "POST", "/v2/models/fuzz/infer", body,
                                            headers)
     check_answer(status, data, resp)
 
@@ -340,7 +214,7 @@ def test_fuzz_binary_requests(fuzz_gateway: FuzzGateway,
 @settings(FUZZ, max_examples=100)
 @given(value=REQUEST_ID_HEADERS, body_id=st.none() | IDS, key=st.none() | REQUEST_ID_HEADERS,
        route=st.sampled_from(["fuzz", "fuzzbandit"]))
-def test_fuzz_request_id_and_key_headers(fuzz_gateway: FuzzGateway, value: str, body_id: Any,
+def test_fuzz_request_id_and_key_headers(gateway: FuzzGateway, value: str, body_id: Any,
                                          key: str | None, route: str) -> None:
     body = valid_request()
     if body_id is None:
@@ -350,14 +224,14 @@ def test_fuzz_request_id_and_key_headers(fuzz_gateway: FuzzGateway, value: str, 
     headers = {"Content-Type": "application/json", "X-Request-Id": value}
     if key is not None:
         headers["X-User-Id"] = key  # the sticky / log-sampling key: hashed and logged
-    status, data, resp = fuzz_gateway.send(
+    status, data, resp = gateway.send(
         "header", "POST", f"/v2/models/{route}/infer", orjson.dumps(body), headers)
     if status == 400 and resp.getheader("Content-Type", "").startswith("text/plain"):
         # A control character in a header is malformed HTTP: aiohttp's parser answers it (a
         # plain-text 400, connection closed) before any handler runs. Counted apart.
         assert b"Invalid header value char" in data and resp.will_close, data[:200]
-        fuzz_gateway.counts[("header", 400)] -= 1
-        fuzz_gateway.counts[("header-malformed-http", 400)] += 1
+        gateway.counts[("header", 400)] -= 1
+        gateway.counts[("header-malformed-http", 400)] += 1
         return
     check_answer(status, data, resp)
     echoed = resp.getheader("X-Request-Id")
@@ -367,11 +241,11 @@ def test_fuzz_request_id_and_key_headers(fuzz_gateway: FuzzGateway, value: str, 
 
 @settings(FUZZ, max_examples=200)
 @given(body=feedback_body())
-def test_fuzz_feedback(fuzz_gateway: FuzzGateway, body: bytes) -> None:
-    if fuzz_gateway.ok_ids:  # labels for served requests too, so rewards reach the bandit
-        body = body.replace(b'"known"', orjson.dumps(fuzz_gateway.ok_ids[len(body) % len(
-            fuzz_gateway.ok_ids)]))
-    status, data, resp = fuzz_gateway.send("feedback", "POST", "/v2/feedback", body,
+def test_fuzz_feedback(gateway: FuzzGateway, body: bytes) -> None:
+    if gateway.ok_ids:  # labels for served requests too, so rewards reach the bandit
+        body = body.replace(b'"known"', orjson.dumps(gateway.ok_ids[len(body) % len(
+            gateway.ok_ids)]))
+    status, data, resp = gateway.send("feedback", "POST", "/v2/feedback", body,
                                            {"Content-Type": "application/json"})
     check_answer(status, data, resp)
 
@@ -384,37 +258,28 @@ def test_fuzz_feedback(fuzz_gateway: FuzzGateway, body: bytes) -> None:
                              "/v2/models/%ff/infer", "/v2/models/%C3%A9/infer",
                              "/v2/models/fuzz%00/ready", "/v2/models/%ff"]),
        body=st.binary(max_size=64))
-def test_fuzz_paths_and_methods(fuzz_gateway: FuzzGateway, method: str, path: str,
+def test_fuzz_paths_and_methods(gateway: FuzzGateway, method: str, path: str,
                                 body: bytes) -> None:
-    status, data, resp = fuzz_gateway.send("path", method, path, body)
+    status, data, resp = gateway.send("path", method, path, body)
     check_answer(status, data, resp)
 
 
-def test_fuzz_leaves_a_serving_gateway_and_valid_records(fuzz_gateway: FuzzGateway) -> None:
+def test_fuzz_leaves_a_serving_gateway_and_valid_records(gateway: FuzzGateway) -> None:
     """Runs last in this module: still serving, no 5xx metric, every record schema v1."""
-    status, data, _ = fuzz_gateway.send("final", "POST", "/v2/models/fuzz/infer",
-                                        orjson.dumps(valid_request(2)),
-                                        {"Content-Type": "application/json"})
+    status, data, _ = gateway.send("final", "POST", "/v2/models/fuzz/infer",
+                                   orjson.dumps(valid_request(2)),
+                                   {"Content-Type": "application/json"})
     assert status == 200, data[:300]
     assert len(orjson.loads(data)["outputs"][0]["data"]) == 2
-    status, metrics_text, _ = fuzz_gateway.send("final", "GET", "/metrics", b"")
+    status, metrics_text, _ = gateway.send("final", "GET", "/metrics", b"")
     assert status == 200
-    five_xx = [line for line in metrics_text.decode().splitlines()
-               if line.startswith("understudy_requests_total") and 'code="5' in line
-               and any(f'route="{route}"' in line for route in ROUTES)]
-    assert five_xx == []
-    total = sum(fuzz_gateway.counts.values())
-    assert total >= 400
-    assert all(status < 500 for (_, status) in fuzz_gateway.counts)
-    fuzz_gateway.shutdown()  # then read back everything it wrote
-    inferences = read_stream(fuzz_gateway.log_dir, "inferences")
-    labels = read_stream(fuzz_gateway.log_dir, "labels")
+    assert five_xx_metrics(metrics_text, ROUTES) == []
+    assert sum(gateway.counts.values()) >= 400
+    assert all(status < 500 for (_, status) in gateway.counts)
+    inferences, labels = written_records(gateway)  # stops the gateway; checks schema v1
     assert inferences and labels
-    bad = [(r.get("request_id"), p) for r in inferences + labels for p in record_problems(r)]
-    assert bad == [], bad[:10]
     assert not any(r.get("fallback") for r in inferences)  # no bad body re-sent to the fallback
     served = [r for r in inferences if r["status"] == 200]
     assert served and all(r["outputs"]["fraud_v3"]["status"] == "ok" for r in served
                           if r["served"]["model"] == "fraud_v3")
     assert all(math.isfinite(r["gateway_latency_ms"]) for r in inferences)
-
