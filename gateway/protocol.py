@@ -490,13 +490,15 @@ def decode_inputs(request: InferRequest) -> dict[str, Tensor]:
 
 
 def _response_json(raw: bytes) -> Any:
-    """Triton's JSON answer. Triton writes non-finite floats as NaN/Infinity (not JSON, but what
-    tritonclient's rapidjson accepts); orjson refuses them, so fall back to the stdlib parser,
-    whose float('nan') the log then writes as null."""
+    """Triton's JSON answer, as the log can hold it. Triton writes non-finite floats as
+    NaN/Infinity (not JSON, but what tritonclient's rapidjson accepts) and BYTES outputs as raw
+    bytes (not always UTF-8); orjson refuses both, so fall back to the stdlib parser on the text
+    with undecodable bytes replaced (as binary BYTES tensors are), and float('nan') becomes
+    null in the log."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8", "replace"))
 
 
 def decode_response(body: bytes, header_length: str | None) -> dict[str, Any]:
