@@ -29,6 +29,7 @@ import orjson
 
 from gateway import metrics
 from gateway.logsink import LogSink
+from gateway.protocol import request_id_problem
 from gateway.records import LABELS, SCHEMA_VERSION, LabelRecord
 
 MAX_ITEMS = 10_000
@@ -66,8 +67,11 @@ def parse_item(item: Any, now: float) -> LabelRecord:
     if not isinstance(item, dict):
         raise ValueError(f"expected an object, got {type(item).__name__}")
     request_id = item.get("request_id")
-    if not isinstance(request_id, str) or not request_id:
+    if request_id is None or request_id == "":
         raise ValueError("'request_id' must be a non-empty string")
+    problem = request_id_problem(request_id)  # the same rule as the inference ids it joins
+    if problem is not None:
+        raise ValueError(f"'request_id' {problem}")
     unknown = sorted(set(item) - {"request_id", "label", "reward", "event_time", "index"})
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}")

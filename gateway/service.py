@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from gateway import metrics
 from gateway.errors import GatewayError, UpstreamClientError
 from gateway.policies import Decision
-from gateway.protocol import HEADER_LENGTH, InferRequest, parse_request, validate_against
+from gateway.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    check_key,
+    check_request_id,
+    parse_request,
+    validate_against,
+)
 from gateway.recorder import Recorder, RequestContext
 from gateway.routes import RouteRuntime, RouteTable
 from gateway.shadow import ShadowResult
@@ -63,12 +70,18 @@ class InferenceService:
         runtime = self.routes.get(route_name)
         config = runtime.config
         key_header = config.policy.sticky_header or config.sample_key_header
-        key = headers.get(key_header) if key_header else None
-        request_id = headers.get(REQUEST_ID_HEADER) or ""
+        raw_key = headers.get(key_header) if key_header else None
+        key: str | None = None
+        request_id = ""  # only ever a validated id: it is echoed in a header and keys the log
         request: InferRequest | None = None
         decision = Decision(config.champion.model, 1.0, {config.champion.model: 1.0})
         served_model = config.champion.model
         try:
+            header_id = headers.get(REQUEST_ID_HEADER) or ""
+            if header_id:
+                request_id = check_request_id(header_id, f"{REQUEST_ID_HEADER} header")
+            if raw_key is not None:
+                key = check_key(raw_key, f"{key_header} header")
             request = parse_request(body, headers.get(HEADER_LENGTH))
             request_id = request.id or request_id or self._new_id()
             validate_against(

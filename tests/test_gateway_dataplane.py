@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton_http
 
 from gateway.demo.traffic import FraudTraffic
+from gateway.record_schema import record_problems
 from tests.conftest import GatewayFactory, fraud_body
 
 pytestmark = pytest.mark.triton
@@ -133,6 +135,7 @@ async def test_every_served_request_has_exactly_one_record(make_gateway: Gateway
     ids = [r["request_id"] for r in records]
     assert len(ids) == 300 and set(ids) == {f"q{i}" for i in range(300)}
     for r in records:
+        assert record_problems(r) == []
         assert r["schema_version"] == 1 and r["route"] == "fraud"
         assert r["served"]["model"] == "fraud_v3" and r["propensity"] == 1.0
         assert r["outputs"]["fraud_v4"]["status"] == "ok"
@@ -194,6 +197,7 @@ async def test_bad_input_gets_a_clear_4xx_and_the_gateway_keeps_serving(
     records = gw.records()
     ok = [r for r in records if r["request_id"] == "ok-after"]
     assert len(ok) == 1 and ok[0]["outputs"]["fraud_v4"]["status"] == "ok"
+    assert all(record_problems(r) == [] for r in records)
     rejected = [r for r in records if r["status"] == 400]
     assert len(rejected) == len(BAD_INPUTS) + 2
     assert all(r["outputs"]["fraud_v4"]["status"] == "skipped" for r in rejected)
@@ -249,3 +253,164 @@ async def test_log_sampling_is_stable_per_key(make_gateway: GatewayFactory) -> N
     counts = {u: logged_users.count(u) for u in set(logged_users)}
     assert set(counts.values()) == {3}  # each user: all three of its requests, or none
     assert 8 <= len(counts) <= 32  # Binomial(40, 0.5), > 3 standard deviations of margin
+
+
+def _fraud_with(**over: object) -> bytes:
+    body = fraud_body([[0.25] * 8], "d1")
+    tensor = body["inputs"][0]
+    for key, value in over.items():
+        if key in ("datatype", "data"):
+            tensor[key] = value
+        else:
+            body[key] = value
+    return orjson.dumps(body)
+
+
+_DEEP = b'{"id":"d1","inputs":[{"name":"features","datatype":"FP32","shape":[1,8],"data":' + (
+    b"[" * 1000 + b"0.5" + b"]" * 1000 + b"}]}")
+
+# Issue 14, item 2: each body got a 500 or 502 (or a dropped connection) before; now a 400
+# whose message names the field.
+CLIENT_MISTAKES = {
+    "data-nested-1000-deep": (_DEEP, "'data' is nested deeper"),
+    "parameters-string": (_fraud_with(parameters="x"), "'parameters' must be an object"),
+    "parameters-list": (_fraud_with(parameters=[1]), "'parameters' must be an object"),
+    "datatype-list": (_fraud_with(datatype=["FP32"]), "'datatype' must be one of"),
+    "datatype-object": (_fraud_with(datatype={"t": "FP32"}), "'datatype' must be one of"),
+    "fp32-strings": (_fraud_with(data=["0.5"] * 8), "FP32 data must hold"),
+    "fp32-null": (_fraud_with(data=[0.5] * 7 + [None]), "got null"),
+    "fp32-bools": (_fraud_with(data=[True] * 8), "got boolean"),
+    "id-object": (_fraud_with(id={"a": 1}), "'id' must be a string"),
+    "outputs-string": (_fraud_with(outputs="score"), "'outputs' must be a list"),
+    "outputs-empty-object": (_fraud_with(outputs=[{}]), "outputs[0].name"),
+    "id-control-character": (_fraud_with(id="ab\x01cd"), "'id' must be printable ASCII"),
+    "id-100000-characters": (_fraud_with(id="x" * 100_000), "'id' is 100000 characters long"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLIENT_MISTAKES))
+async def test_client_mistake_is_a_400_naming_the_field(make_gateway: GatewayFactory,
+                                                       case: str) -> None:
+    gw = await make_gateway({"fraud": FRAUD}, listen={"max_body_bytes": 1 << 20})
+    body, message = CLIENT_MISTAKES[case]
+    resp = await gw.session.post(gw.url + "/v2/models/fraud/infer", data=body,
+                                 headers={"Content-Type": "application/json"})
+    payload = orjson.loads(await resp.read())
+    assert resp.status == 400, payload
+    assert message in payload["error"], payload
+    request_id = resp.headers["X-Request-Id"]  # a generated one when the body's id is bad
+    assert len(request_id) <= 256 and request_id.isascii() and request_id.isprintable()
+    # Still serving on the same connection pool.
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([[0.1] * 8], "after"))
+    assert resp.status == 200
+    await gw.stop()
+    records = {r["request_id"]: r for r in gw.records()}
+    assert records[request_id]["status"] == 400  # logged as what the client got, not a 200
+    assert records[request_id]["outputs"]["fraud_v3"]["status"] == "skipped"
+    assert records[request_id]["inputs"] == {}  # never a corrupt tensor in the log
+
+
+async def _inference_count(triton, model: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(
+        f"{triton.url}/v2/models/{model}/stats"
+    ) as resp:
+        stats = await resp.json()
+    return int(stats["model_stats"][0]["inference_count"])
+
+
+async def test_bad_body_reaches_neither_fallback_nor_failure_metrics(
+    make_gateway: GatewayFactory, triton
+) -> None:
+    """Before: Triton's 500 for FP32 strings became a 502, counted as a champion failure, and
+    the same body was re-sent to the fallback; the record held FP32 data with strings."""
+    gw = await make_gateway({"fb": {"champion": {"model": "fraud_v3"},
+                                    "challengers": [{"model": "fraud_v5", "sample_rate": 0.0}],
+                                    "fallback": "fraud_v5"}})
+    before = await _inference_count(triton, "fraud_v5")
+    for body in (_fraud_with(data=["x"] * 8), _fraud_with(outputs=[{}]),
+                 _fraud_with(parameters="p"), _fraud_with(id=5)):
+        resp = await gw.session.post(gw.url + "/v2/models/fb/infer", data=body)
+        assert resp.status == 400, await resp.text()
+        assert resp.headers["X-Served-Model"] == "fraud_v3"
+    # Triton's own 4xx (a model-specific refusal) stays a 4xx, and is not a fallback case.
+    resp = await gw.post_json("/v2/models/fb/infer",
+                              {**fraud_body([[0.1] * 8]), "outputs": [{"name": "nope"}]})
+    assert resp.status == 400 and "nope" in orjson.loads(await resp.read())["error"]
+    assert await _inference_count(triton, "fraud_v5") == before
+    text = await (await gw.session.get(gw.url + "/metrics")).text()
+    assert 'understudy_requests_total{code="400",model="fraud_v3",route="fb"} 5.0' in text
+    assert not [line for line in text.splitlines() if line.startswith(
+        "understudy_requests_total") and 'code="5' in line and 'route="fb"' in line]
+    await gw.stop()
+    for record in gw.records():
+        assert record_problems(record) == [], record
+        assert not record.get("fallback")
+
+
+async def test_request_id_header_is_validated_like_the_body_id(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway({"fraud": FRAUD})
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([[0.1] * 8]),
+                              headers={"X-Request-Id": "h" * 5000})
+    payload = orjson.loads(await resp.read())
+    assert resp.status == 400 and "X-Request-Id header is 5000 characters" in payload["error"]
+    assert len(resp.headers["X-Request-Id"]) == 32  # not echoed: a generated id instead
+    resp = await gw.post_json("/v2/models/fraud/infer", fraud_body([[0.1] * 8]),
+                              headers={"X-Request-Id": "ok-header-id"})
+    assert resp.status == 200 and resp.headers["X-Request-Id"] == "ok-header-id"
+    await gw.stop()
+    assert all(record_problems(r) == [] for r in gw.records())
+
+
+async def test_triton_never_sees_a_shape_that_aborts_it(make_gateway: GatewayFactory,
+                                                        triton) -> None:
+    """Triton 2.51 aborts (SIGABRT, std::length_error) on a JSON input of shape
+    [2^64-1, 8]: the gateway must refuse such shapes itself (a guard: the element-count check
+    already caught this one before; the shape rule now names it)."""
+    gw = await make_gateway({"any": {"champion": {"model": "fraud_v3"}}})
+    body = fraud_body([[0.1] * 8])
+    body["inputs"][0]["shape"] = [2**64 - 1, 8]
+    resp = await gw.post_json("/v2/models/any/infer", body)
+    assert resp.status == 400 and "'shape'" in orjson.loads(await resp.read())["error"]
+    resp = await gw.post_json("/v2/models/any/infer", fraud_body([[0.1] * 8]))
+    assert resp.status == 200
+
+
+async def _raw_post(url: str, path: str, body: bytes, extra_headers: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request with header bytes exactly as given (clients refuse non-ASCII)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n%s\r\n%s"
+                 % (path.encode(), len(body), extra_headers, body))
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload
+
+
+async def test_key_header_that_is_not_utf8_is_a_400_and_still_logged(
+    make_gateway: GatewayFactory,
+) -> None:
+    """Before: aiohttp passes non-UTF-8 header bytes on as lone surrogates; hashing the sticky
+    key raised (a 500) and the record could not be serialised (dropped)."""
+    gw = await make_gateway({"sticky": {
+        "champion": {"model": "fraud_v3"},
+        "challengers": [{"model": "fraud_v4", "mode": "explore"}],
+        "policy": {"type": "epsilon_greedy", "epsilon": 0.5, "sticky_header": "X-User-Id"}}})
+    body = orjson.dumps(fraud_body([[0.1] * 8], "k1"))
+    status, payload = await _raw_post(gw.url, "/v2/models/sticky/infer", body,
+                                      b"X-User-Id: user-\xff\xfe\r\n")
+    assert status == 400, payload
+    assert "X-User-Id header is not valid UTF-8" in orjson.loads(payload)["error"]
+    status, payload = await _raw_post(gw.url, "/v2/models/sticky/infer", body,
+                                      "X-User-Id: usér-1\r\n".encode())
+    assert status == 200, payload  # UTF-8 proper is fine
+    await gw.stop()
+    records = gw.records()
+    assert [r["status"] for r in records] == [400, 200]
+    assert records[1]["key"] == "usér-1"
+    assert all(record_problems(r) == [] for r in records)

@@ -157,7 +157,7 @@ def test_requests_that_must_travel_alone_have_no_signature() -> None:
     x = np.zeros((2, 3), np.float32)
     sequence = json_request({"x": ("FP32", x)}, parameters={"sequence_id": 7})
     scalar = parse_request(orjson.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [], "data": 1.0}]}), None)
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [], "data": [1.0]}]}), None)
     disagree = json_request({"x": ("FP32", x), "z": ("FP32", np.zeros((3, 3), np.float32))})
     shared_memory = parse_request(orjson.dumps({"inputs": [
         {"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [0.0] * 6,
