@@ -1,7 +1,8 @@
 """KafkaSink against the real broker: delivery, broker restarts, spill replay, limits.
 
-Timeouts are short (request_timeout_ms=2000) so a broker outage is detected in ~2 s; a broker
-restart itself takes ~5 s on these machines.
+Timeouts are short (request/delivery timeouts 2 s) so a silent broker is given up on in ~2 s;
+a refusing one is detected by the sink's guard within `max_unspilled_ms`. A broker restart
+itself takes ~5 s on these machines.
 """
 
 from __future__ import annotations
@@ -29,17 +30,18 @@ pytestmark = pytest.mark.kafka
 
 FAST: dict[str, Any] = {
     "request_timeout_ms": 2000,
+    "delivery_timeout_ms": 2000,
     "retry_backoff_ms": 100,
     "reconnect_backoff_max_ms": 500,
     "metadata_max_age_ms": 2000,
-    "close_timeout_s": 5.0,
+    "close_timeout_ms": 5000,
 }
 
 
 def config(bootstrap: str, topic: str, **overrides: Any) -> KafkaConfig:
     return KafkaConfig(bootstrap=bootstrap, topic=topic, labels_topic=f"{topic}.labels",
                        audit_topic=f"{topic}.audit", linger_ms=5, compression="gzip",
-                       **overrides)
+                       **{**FAST, **overrides})
 
 
 def dead_bootstrap() -> str:
@@ -79,7 +81,7 @@ async def test_delivers_every_record_exactly_once(kafka: KafkaBroker, kafka_topi
                                                   tmp_path: Path) -> None:
     n = 3000
     produced = count("produced")
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill")
     await sink.start()
     for i in range(n):
         sink.emit("inferences", f"req-{i}", value_for(i))
@@ -104,7 +106,7 @@ async def test_delivers_every_record_exactly_once(kafka: KafkaBroker, kafka_topi
 async def test_broker_restart_mid_stream_loses_nothing(kafka: KafkaBroker, kafka_topic: str,
                                                        tmp_path: Path) -> None:
     spilled, replayed = count("spilled"), count("replayed")
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill")
     await sink.start()
     emitted: list[str] = []
 
@@ -150,7 +152,7 @@ async def test_shutdown_during_outage_is_delivered_by_next_start(
 ) -> None:
     """SIGTERM while the broker is down: close() spills, the next sink replays in order."""
     spill_dir = tmp_path / "spill"
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await sink.start()
     try:
         for i in range(500):
@@ -163,7 +165,7 @@ async def test_shutdown_during_outage_is_delivered_by_next_start(
                 await asyncio.sleep(0.01)
         began = time.monotonic()
         await sink.close()  # records still in flight / queued: bounded, then spilled
-        assert time.monotonic() - began < FAST["close_timeout_s"] + 5
+        assert time.monotonic() - began < FAST["close_timeout_ms"] / 1000 + 5
         assert list(spill_dir.glob(f"*{SEGMENT_SUFFIX}")), "nothing was spilled"
         with pytest.raises(RuntimeError):
             sink.emit("inferences", "late", b"{}")
@@ -171,7 +173,7 @@ async def test_shutdown_during_outage_is_delivered_by_next_start(
         await asyncio.to_thread(kafka.start)
 
     replayed = count("replayed")
-    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await successor.start()
     try:
         assert await wait_for(successor.spill.is_empty, 30), "leftover spill was not replayed"
@@ -191,7 +193,7 @@ async def test_spill_left_by_a_dead_broker_run_is_replayed_in_order(
     kafka: KafkaBroker, kafka_topic: str, tmp_path: Path
 ) -> None:
     spill_dir = tmp_path / "spill"
-    down = KafkaSink(config(dead_bootstrap(), kafka_topic), spill_dir, **FAST)
+    down = KafkaSink(config(dead_bootstrap(), kafka_topic), spill_dir)
     await down.start()
     for i in range(300):
         down.emit("inferences", f"req-{i}", value_for(i))
@@ -200,7 +202,7 @@ async def test_spill_left_by_a_dead_broker_run_is_replayed_in_order(
     assert REGISTRY.get_sample_value("understudy_kafka_connected") == 0
     await down.close()
 
-    up = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    up = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await up.start()
     try:
         assert await wait_for(up.spill.is_empty, 30)
@@ -217,7 +219,7 @@ async def test_oversized_record_is_set_aside_visibly(
 ) -> None:
     oversized = count("oversized")
     sink = KafkaSink(config(kafka.bootstrap, kafka_topic, max_request_bytes=64 * 1024),
-                     tmp_path / "spill", **FAST)
+                     tmp_path / "spill")
     await sink.start()
     big = b'{"blob":"' + b"y" * 100_000 + b'"}'
     for i in range(10):
@@ -250,7 +252,7 @@ async def test_record_refused_by_broker_is_isolated_and_set_aside(
     finally:
         await admin.close()
     oversized = count("oversized")
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill")
     await sink.start()
     incompressible = base64.b64encode(os.urandom(60_000))
     for i in range(30):
@@ -275,7 +277,7 @@ async def test_spill_at_budget_holds_then_drops_newest_loudly(
     spill_dir = tmp_path / "spill"
     spilled, dropped = count("spilled"), count("dropped")
     sink = KafkaSink(config(dead_bootstrap(), kafka_topic, spill_budget_bytes=40 * 1024),
-                     spill_dir, max_buffered_records=bound, **FAST)
+                     spill_dir, max_buffered_records=bound)
     await sink.start()
     for i in range(n):
         sink.emit("inferences", f"req-{i}", value_for(i, size=900))
@@ -294,7 +296,7 @@ async def test_spill_at_budget_holds_then_drops_newest_loudly(
     await sink.close()  # what is only in memory cannot be spilled either: dropped, counted
     assert count("dropped") - dropped == n - on_disk
 
-    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await successor.start()
     try:
         assert await wait_for(successor.spill.is_empty, 30)
@@ -311,7 +313,7 @@ async def test_queue_overflow_spills_instead_of_blocking(kafka: KafkaBroker, kaf
     n = 5000
     spilled = count("spilled")
     sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill",
-                     max_buffered_records=100, **FAST)
+                     max_buffered_records=100)
     await sink.start()
     began = time.perf_counter()
     for i in range(n):
@@ -341,12 +343,11 @@ async def test_records_coming_back_from_a_full_spill_keep_the_hard_bound(tmp_pat
     sink = KafkaSink(config(dead_bootstrap(), "unused"), tmp_path / "spill",
                      max_buffered_records=bound)
     dropped = count("dropped")
-    newer = [(10 + i, "inferences", f"new-{i}", b"{}") for i in range(2 * bound)]
+    newer = [(10 + i, "inferences", f"new-{i}", b"{}", 0.0) for i in range(2 * bound)]
     for record in newer:
         sink._enqueue(record)
-    older = [(i, "inferences", f"old-{i}", b"{}") for i in range(3)]
+    older = [(i, "inferences", f"old-{i}", b"{}", 0.0) for i in range(3)]
     sink._requeue_front(older)
     assert sink.queued == 2 * bound
-    assert [key for _, _, key, _ in sink._queue] == [
-        *(k for _, _, k, _ in older), *(k for _, _, k, _ in newer[:-3])]
+    assert [q[2] for q in sink._queue] == [*(q[2] for q in older), *(q[2] for q in newer[:-3])]
     assert count("dropped") - dropped == 3

@@ -18,10 +18,10 @@ detectable: reading stops at the first bad frame of a segment and moves on to th
 Durability (the fsync policy): every `append` is one `write` of all its frames followed by one
 `fsync` before it returns, so a record the sink counts as spilled survives a process crash or
 power loss. The sink batches: it appends at most once per guard tick (`max_unspilled_ms / 10`)
-plus once per failed flight or queue overflow, never once per record. The cursor is advanced with an atomic
-rename but not fsynced: losing it replays a few records twice (Kafka consumers see a duplicate),
-never loses one. Each process start appends to a fresh segment, so a torn tail left by a crash
-is never appended after.
+plus once per failed flight or queue overflow, never once per record. The cursor is advanced
+with an atomic rename but not fsynced: losing it replays a few records twice (Kafka consumers
+see a duplicate), never loses one. Each process start appends to a fresh segment, so a torn
+tail left by a crash is never appended after.
 
 Budget: the bytes of all segment files on disk (what the operator actually pays for) never
 exceed `budget_bytes`. `append` writes the longest prefix of its records that fits and returns
