@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +22,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
-from gateway.config import KafkaConfig
+from gateway.app import build_sink
+from gateway.config import KafkaConfig, parse_config
+from gateway.errors import ConfigError
 from gateway.logsink.base import LogSink
 from gateway.logsink.kafka import KafkaSink
 from gateway.logsink.spill import SEGMENT_SUFFIX
@@ -351,3 +355,126 @@ async def test_records_coming_back_from_a_full_spill_keep_the_hard_bound(tmp_pat
     assert sink.queued == 2 * bound
     assert [q[2] for q in sink._queue] == [*(q[2] for q in older), *(q[2] for q in newer[:-3])]
     assert count("dropped") - dropped == 3
+
+
+# ---------------------------------------------------------------- the max_unspilled_ms bound
+
+# Timeouts far above anything the tests wait for: whatever the sink does within them, it did
+# because of max_unspilled_ms and the connection probe, not because aiokafka gave up.
+PATIENT: dict[str, Any] = {"request_timeout_ms": 120_000, "delivery_timeout_ms": 120_000,
+                           "max_unspilled_ms": 1000}
+
+
+def spilled_keys(sink: KafkaSink) -> set[str]:
+    return {r.key for r in sink.spill.peek(1_000_000, 1 << 30).records}
+
+
+async def emit_paced(sink: KafkaSink, keys: list[str], every: int = 20) -> None:
+    for n, key in enumerate(keys):
+        sink.emit("inferences", key, value_for(n))
+        if n % every == every - 1:
+            await asyncio.sleep(0.01)
+
+
+async def test_refused_connection_marks_the_sink_down_and_spills_without_waiting_for_timeouts(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: the sink waited request_timeout_ms with no progress before spilling, and a
+    refused connection did not mark it down. Now the guard probes a stuck flight's brokers:
+    refused on every address is "down" at once, with a WARNING; the INFO after the replay
+    carries the counts."""
+    caplog.set_level(logging.INFO, logger="gateway.logsink.kafka")
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic, **PATIENT), tmp_path / "spill")
+    await sink.start()
+    before = [f"before-{i}" for i in range(200)]
+    during = [f"during-{i}" for i in range(300)]
+    try:
+        await emit_paced(sink, before)
+        await sink.flush()
+        await asyncio.to_thread(kafka.stop)
+        await emit_paced(sink, during)
+        # Far below the 120 s timeouts: only the guard can have put them there.
+        assert await wait_for(lambda: set(during) <= spilled_keys(sink), 60), (
+            f"{len(set(during) - spilled_keys(sink))} records still only in memory")
+        assert sink._down
+        assert REGISTRY.get_sample_value("understudy_kafka_connected") == 0
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("unreachable" in r.getMessage() and "connection refused" in r.getMessage()
+                   for r in warnings), [r.getMessage() for r in warnings]
+    finally:
+        await asyncio.to_thread(kafka.start)
+    try:
+        assert await wait_for(sink.spill.is_empty, 60), "spill did not drain after restart"
+        await sink.flush()
+    finally:
+        await sink.close()
+    drained = [r.getMessage() for r in caplog.records
+               if r.levelno == logging.INFO and "spill drained" in r.getMessage()]
+    assert drained, "no INFO when the spill drained"
+    print(drained[-1])
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=500, wait_s=60)
+    assert set(keys_of(records)) == set(before) | set(during)
+
+
+async def test_frozen_broker_records_reach_the_spill_by_age_and_copies_are_discarded(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that accepts connections but never answers (SIGSTOP) cannot be told from a
+    slow one, so the sink is not "down"; its records reach the spill by age all the same. When
+    the broker resumes and acknowledges the flight, the flight's copies are discarded."""
+    pid = load_broker_module().status(kafka.directory).pid  # type: ignore[union-attr]
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic, **PATIENT), tmp_path / "spill")
+    await sink.start()
+    before = [f"before-{i}" for i in range(200)]
+    during = [f"during-{i}" for i in range(300)]
+    try:
+        await emit_paced(sink, before)
+        await sink.flush()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await emit_paced(sink, during)
+            assert await wait_for(lambda: set(during) <= spilled_keys(sink), 60), (
+                f"{len(set(during) - spilled_keys(sink))} records still only in memory")
+            assert not sink._down  # connections are accepted: nothing says it is down
+            assert "going to the local spill" in caplog.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await sink.flush()
+        assert await wait_for(sink.spill.is_empty, 60), "spill did not drain after SIGCONT"
+    finally:
+        await sink.close()
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=500, wait_s=60)
+    keys = keys_of(records)
+    assert set(keys) == set(before) | set(during)
+    print(f"frozen broker: {len(keys)} records for 500 emitted, "
+          f"{len(keys) - len(set(keys))} duplicates")
+
+
+def test_producer_timings_and_the_bound_come_from_the_config(tmp_path: Path) -> None:
+    raw = {"log": {"sink": "kafka", "path": str(tmp_path),
+                   "kafka": {"max_unspilled_ms": 400, "request_timeout_ms": 7000}}}
+    env = {"UNDERSTUDY_LOG_KAFKA_DELIVERY_TIMEOUT_MS": "9000",
+           "UNDERSTUDY_LOG_KAFKA_RETRY_BACKOFF_MS": "50",
+           "UNDERSTUDY_LOG_KAFKA_LINGER_MS": "2"}
+    cfg = parse_config(raw, env)
+    kafka = cfg.log.kafka
+    assert (kafka.max_unspilled_ms, kafka.request_timeout_ms, kafka.delivery_timeout_ms,
+            kafka.retry_backoff_ms, kafka.linger_ms) == (400, 7000, 9000, 50, 2)
+    sink = build_sink(cfg)
+    assert isinstance(sink, KafkaSink)
+    assert sink.max_unspilled == 0.4
+    assert sink._producer_kwargs["request_timeout_ms"] == 7000
+    assert sink._producer_kwargs["retry_backoff_ms"] == 50
+    assert sink._delivery_timeout == 9.0
+    assert KafkaConfig().max_unspilled_ms <= 1000
+
+
+@pytest.mark.parametrize(("kafka_raw", "message"), [
+    ({"max_unspilled_ms": 5}, "max_unspilled_ms: must be >= 20"),
+    ({"max_unspilled_ms": 5000, "delivery_timeout_ms": 3000}, "below delivery_timeout_ms"),
+    ({"request_timeout_ms": 0}, "request_timeout_ms: must be positive"),
+    ({"retry_backoff_ms": "soon"}, "expected a number"),
+])
+def test_bad_log_kafka_timings_are_refused(kafka_raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"log": {"kafka": kafka_raw}}, {})
