@@ -169,6 +169,7 @@ class _Flight:
     oldest: float = 0.0  # emit time of the oldest record (queue flights)
     started: float = field(default_factory=time.monotonic)
     probed: float = 0.0  # when the guard last probed the brokers for this flight
+    aborted: bool = False  # the brokers refused connections: fail it, do not extend it
     insured: frozenset[int] = frozenset()  # indices whose copy is on the spill
     span: SpillSpan | None = None  # where those copies lie
     insuring: asyncio.Future[None] | None = None  # set while the copy is being written
@@ -248,7 +249,8 @@ class KafkaSink:
         self._closed = False
         self._started = False
         self._pump: asyncio.Task[None] | None = None
-        self._spiller: asyncio.Task[None] | None = None
+        self._spiller: asyncio.Task[None] | None = None  # the guard
+        self._probes: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._spill_wake = asyncio.Event()
         self._progress = asyncio.Event()
@@ -323,7 +325,7 @@ class KafkaSink:
                 await asyncio.wait_for(self._progress.wait(), timeout=1.0)
 
     async def close(self) -> None:
-        """Deliver what can be delivered within `close_timeout_s`, spill the rest, fsync, stop."""
+        """Deliver what can be delivered within `close_timeout_ms`, spill the rest, fsync, stop."""
         if self._closed or not self._started:
             self._closed = True
             return
@@ -335,6 +337,8 @@ class KafkaSink:
         if self._spiller is not None:
             # Not cancelled: a cancelled spill write would lose track of the chunk it took.
             await self._spiller
+        for probe in list(self._probes):
+            probe.cancel()
         if self._pump is not None:
             done, _ = await asyncio.wait({self._pump}, timeout=max(0.0, deadline - loop.time()))
             if not done:
@@ -531,14 +535,17 @@ class KafkaSink:
     async def _guard_once(self) -> None:
         now = time.monotonic()
         flight = self._flight
-        if flight is not None and now - flight.started >= self._spill_after:
+        if flight is not None:
+            # By record age, not flight age: a flight may take records that waited in the queue.
             if flight.seqs and flight.insuring is None and flight.oldest <= now - self._spill_after:
                 await self._insure(flight)
-            if now - flight.probed >= self._spill_after and self._flight is flight:
+            if (now - flight.started >= self._spill_after and not flight.aborted
+                    and now - flight.probed >= self._spill_after and self._flight is flight):
+                # In the background: a connect that hangs must not delay the spilling below.
                 flight.probed = now
-                refused = await self._brokers_refuse()
-                if refused and self._flight is flight:
-                    self._abort(flight, refused)
+                probe = asyncio.create_task(self._probe(flight), name="kafka-sink-probe")
+                self._probes.add(probe)
+                probe.add_done_callback(self._probes.discard)
         while self._queue and (self._down or self._queue[0][4] <= now - self._spill_after):
             before = len(self._queue)
             await self._spill_queue()
@@ -568,6 +575,11 @@ class KafkaSink:
         finally:
             done.set_result(None)
 
+    async def _probe(self, flight: _Flight) -> None:
+        refused = await self._brokers_refuse()
+        if refused and self._flight is flight and not flight.aborted and not self._closed:
+            self._abort(flight, refused)
+
     async def _brokers_refuse(self) -> str | None:
         """Why no broker can be reached (every address refuses), or None if one accepts or the
         answer is unclear (a timeout: the broker may just be slow)."""
@@ -594,6 +606,7 @@ class KafkaSink:
 
     def _abort(self, flight: _Flight, why: str) -> None:
         """Fail a flight now (the broker refuses connections); its records are on the spill."""
+        flight.aborted = True
         self._set_down(f"connection refused: {why}")
         producer = self._producer
         if producer is not None:
@@ -933,12 +946,12 @@ class KafkaSink:
                         # send() rarely suspends: without this a flight would hold the event
                         # loop (and every client request behind it) for its whole length.
                         await asyncio.sleep(0)
-                        if not self._down:  # else _abort() has fired it: keep it fired
+                        if not flight.aborted:  # else _abort() has fired it: keep it fired
                             window.reschedule(loop.time() + self._request_timeout)
                 sent = len(indices)
         except (KafkaError, OSError, TimeoutError) as exc:
             error = exc if not isinstance(exc, TimeoutError) else KafkaTimeoutError(
-                "send not accepted within request_timeout_ms" if not self._down
+                "send not accepted within request_timeout_ms" if not flight.aborted
                 else f"send interrupted: Kafka is down ({self._down_reason})")
             for i in indices[sent:]:
                 outcomes[i] = error
