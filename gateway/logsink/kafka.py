@@ -53,9 +53,9 @@ Whenever the spill is not empty the pump replays it, oldest first, before sendin
 from the queue: replay order is spill order, and the spill receives records in emit order, so
 consumers see the emit order (with at-least-once duplicates). Delivered spill segments are
 deleted. A spill left by a previous run (SIGTERM during an outage, or a crash) is replayed the
-same way when the next sink starts. `close()` (SIGTERM) gives in-flight and queued records up to
-`close_timeout_ms` to be acknowledged, then spills whatever is still unconfirmed, fsyncs and
-returns.
+same way when the next sink starts. `close()` (SIGTERM) keeps delivering, spill backlog first,
+for up to `close_timeout_ms` (one connection attempt if it has none, and it stops at once when
+Kafka is down), then spills whatever is still unconfirmed, fsyncs and returns.
 
 One ordering caveat: if the in-memory queue overflows (below) while a flight is out and that
 flight then fails before the guard copied it, the flight's records land in the spill after the
@@ -246,6 +246,7 @@ class KafkaSink:
         self._down = False
         self._down_reason = ""
         self._closing = False
+        self._guard_stop = False
         self._closed = False
         self._started = False
         self._pump: asyncio.Task[None] | None = None
@@ -331,15 +332,11 @@ class KafkaSink:
             return
         self._closing = True
         self._wake.set()
-        self._spill_wake.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.close_timeout
-        if self._spiller is not None:
-            # Not cancelled: a cancelled spill write would lose track of the chunk it took.
-            await self._spiller
-        for probe in list(self._probes):
-            probe.cancel()
         if self._pump is not None:
+            # The pump goes on delivering (spill first) until done, Kafka is down, or the
+            # deadline; the guard keeps its promise meanwhile.
             done, _ = await asyncio.wait({self._pump}, timeout=max(0.0, deadline - loop.time()))
             if not done:
                 self._pump.cancel()
@@ -347,6 +344,13 @@ class KafkaSink:
                 await self._pump
             if self._pump.done() and not self._pump.cancelled() and self._pump.exception():
                 log.error("kafka sink pump had crashed", exc_info=self._pump.exception())
+        self._guard_stop = True
+        self._spill_wake.set()
+        if self._spiller is not None:
+            # Not cancelled: a cancelled spill write would lose track of the chunk it took.
+            await self._spiller
+        for probe in list(self._probes):
+            probe.cancel()
         self._closed = True  # emit() refuses from here: nothing can slip past the final spill
         leftovers: list[SpillRecord] = []
         flight, self._flight = self._flight, None
@@ -521,11 +525,11 @@ class KafkaSink:
 
     async def _run_guard(self) -> None:
         """Keep the `max_unspilled_ms` promise: every tick, put what is too old on the spill."""
-        while not self._closing:
+        while not self._guard_stop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._spill_wake.wait(), timeout=self._tick)
             self._spill_wake.clear()
-            if self._closing:
+            if self._guard_stop:
                 return
             try:
                 await self._guard_once()
@@ -663,18 +667,20 @@ class KafkaSink:
 
     async def _pump_loop(self) -> None:
         backoff = self._backoff_base
+        tried_at_close = False
         while True:
             if self._producer is None:
-                if self._closing:
-                    return
+                if self._closing and tried_at_close:
+                    return  # one more connection attempt at close, no backoff loop
+                tried_at_close = self._closing
                 if not await self._connect():
                     self._set_down("cannot connect")
+                    if self._closing:
+                        return
                     await self._pause(backoff)
                     backoff = min(backoff * 2, self._backoff_max)
                     continue
             if not self.spill.is_empty():
-                if self._closing:
-                    return  # the queue waits behind the spill: close() spills it
                 ok = await self._replay_once()
             else:
                 async with self._order_lock:
@@ -695,6 +701,8 @@ class KafkaSink:
                 backoff = self._backoff_base
             else:
                 await self._retire_producer()
+                if self._closing:
+                    return
                 await self._pause(backoff)
                 backoff = min(backoff * 2, self._backoff_max)
 
