@@ -42,7 +42,7 @@ guard tick, batched, never one per record). The design acts at half the bound pl
 the other ~40% is slack for a busy event loop or a slow disk; a loop blocked for longer than
 that delays the guard by as much. Records reach the sink after the gateway answered and every
 challenger copy finished (gateway/recorder.py), so for a request the window is that time plus
-`max_unspilled_ms`. Measured: tests/test_kafka_crash.py (README, "Inference log").
+`max_unspilled_ms`. Measured: tests/test_kafka_crash.py (README, "What a crash can lose").
 
 Logs: a WARNING when records start going to the spill (with the reason), a WARNING every 30 s
 while Kafka stays down, an INFO when the spill is drained again, each with record counts.
@@ -250,7 +250,7 @@ class KafkaSink:
         self._closed = False
         self._started = False
         self._pump: asyncio.Task[None] | None = None
-        self._spiller: asyncio.Task[None] | None = None  # the guard
+        self._guard: asyncio.Task[None] | None = None  # the guard
         self._probes: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._spill_wake = asyncio.Event()
@@ -283,7 +283,7 @@ class KafkaSink:
         metrics.KAFKA_UP.set(0)
         self._started = True
         self._pump = asyncio.create_task(self._run_pump(), name="kafka-sink-pump")
-        self._spiller = asyncio.create_task(self._run_guard(), name="kafka-sink-guard")
+        self._guard = asyncio.create_task(self._run_guard(), name="kafka-sink-guard")
 
     def emit(self, stream: str, key: str, value: bytes) -> None:
         """Queue one record; never waits on the network. See the module docstring for limits."""
@@ -346,9 +346,9 @@ class KafkaSink:
                 log.error("kafka sink pump had crashed", exc_info=self._pump.exception())
         self._guard_stop = True
         self._spill_wake.set()
-        if self._spiller is not None:
+        if self._guard is not None:
             # Not cancelled: a cancelled spill write would lose track of the chunk it took.
-            await self._spiller
+            await self._guard
         for probe in list(self._probes):
             probe.cancel()
         self._closed = True  # emit() refuses from here: nothing can slip past the final spill
