@@ -137,6 +137,7 @@ class SpillBuffer:
         self._cursor: tuple[int, int] = (0, 0)
         self._full = False
         self._opened = False
+        self._pending = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -191,9 +192,12 @@ class SpillBuffer:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes not yet replayed (frames after the cursor)."""
-        with self._lock:
-            return self._pending_locked()
+        """Bytes not yet replayed (frames after the cursor), as of the last completed change.
+
+        Lock-free on purpose: the sink asks from the event loop, and waiting for the lock while
+        a worker thread writes and fsyncs megabytes would stall every client request behind it.
+        """
+        return self._pending
 
     def is_empty(self) -> bool:
         return self.pending_bytes == 0
@@ -214,7 +218,9 @@ class SpillBuffer:
         return total
 
     def _publish(self) -> None:
-        metrics.LOG_SPILL_BYTES.set(self._pending_locked())
+        """After every change, under the lock: the cached pending size and the gauges."""
+        self._pending = self._pending_locked()
+        metrics.LOG_SPILL_BYTES.set(self._pending)
         metrics.LOG_SPILL_FULL.set(1 if self._full else 0)
 
     # ------------------------------------------------------------------ append
