@@ -799,22 +799,24 @@ class KafkaSink:
             await asyncio.shield(flight.insuring)  # know which records have a copy on disk
         failed: list[_Queued] = []
         delivered: list[SpillRecord] = []
-        first_error: BaseException | None = None
+        first_error: BaseException | None = None  # the first that a retry may fix
         for i, (queued, record, outcome) in enumerate(
                 zip(chunk, flight.records, outcomes, strict=True)):
             if outcome is None:
                 delivered.append(record)
-            elif i in flight.insured:
-                # Its copy on the spill is replayed (and set aside there if it is permanent).
+                continue
+            permanent = isinstance(outcome, _PERMANENT)
+            if not permanent:
                 first_error = first_error or outcome
-            elif isinstance(outcome, _PERMANENT):
+                metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
+            if i in flight.insured:
+                continue  # its copy on the spill is replayed (or set aside there)
+            if permanent:
                 self._set_aside(record, _reason(outcome))
             else:
-                first_error = first_error or outcome
                 failed.append(queued)
-                metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
         self._count("produced", delivered)
-        if first_error is not None and not isinstance(first_error, _PERMANENT):
+        if first_error is not None:
             self._set_down(f"{len(chunk) - len(delivered)} of {len(chunk)} records not "
                            f"confirmed: {first_error!r}")
             if failed:
@@ -834,7 +836,7 @@ class KafkaSink:
         self._flight = None
         self._buffered_gauge.set(len(self._queue))
         self._progress.set()
-        return first_error is None or isinstance(first_error, _PERMANENT)
+        return first_error is None
 
     async def _replay_once(self) -> bool:
         batch = await asyncio.to_thread(self.spill.peek, self.flight_records, self.flight_bytes)
