@@ -19,8 +19,8 @@ memory for longer than `max_unspilled_ms`** (`log.kafka.max_unspilled_ms`, defau
 whether the broker is up, down or silently stalled. A *guard* task enforces it every
 `max_unspilled_ms / 10` (at most 100 ms):
 
-- Queued records (not yet handed to the producer) older than `max_unspilled_ms / 2`, or any
-  queued record while Kafka is down, are moved to the spill (one batched write + fsync).
+- Queued records (not yet handed to the producer) older than `max_unspilled_ms / 2`, or all
+  of them every tick while Kafka is down, are moved to the spill (one batched write + fsync).
 - The records of the flight in progress (handed to aiokafka, not all acknowledged) once its
   oldest is older than `max_unspilled_ms / 2`: the unacknowledged ones are *copied* to the spill
   and the flight goes on. If Kafka then acknowledges all of them and nothing older is pending
@@ -380,11 +380,8 @@ class KafkaSink:
         self._queue.append(record)
         self._queue_bytes += len(record[2]) + len(record[3])
         self._buffered_gauge.set(len(self._queue))
-        if len(self._queue) == 1:
-            if self._down:
-                self._spill_wake.set()
-            else:
-                self._wake.set()
+        if len(self._queue) == 1 and not self._down:
+            self._wake.set()  # while down the guard takes the queue every tick, batched
 
     def _overflow(self, record: _Queued) -> None:
         """The queue is at its bound: spill synchronously, hold, or drop (module docstring)."""
