@@ -65,6 +65,19 @@ class KafkaConfig:
     compression: str = "zstd"
     max_request_bytes: int = 1024 * 1024
     spill_budget_bytes: int = 1024 * 1024 * 1024
+    # The log guarantee (gateway/logsink/kafka.py): a record not acknowledged by Kafka within
+    # this bound is in the fsynced local spill, broker up or not; a SIGKILL loses at most the
+    # records accepted in the last max_unspilled_ms.
+    max_unspilled_ms: int = 1000
+    # Producer timings. request_timeout_ms: aiokafka's per-request timeout and batch expiry;
+    # delivery_timeout_ms: how long a flight may go unacknowledged before the sink gives up on
+    # the connection and starts a fresh producer (its records are on the spill long before).
+    request_timeout_ms: int = 30_000
+    delivery_timeout_ms: int = 30_000
+    retry_backoff_ms: int = 200
+    reconnect_backoff_max_ms: int = 5_000
+    metadata_max_age_ms: int = 60_000
+    close_timeout_ms: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -310,6 +323,19 @@ def _task(value: Any, where: str) -> Literal["classification", "regression"]:
     return value  # type: ignore[no-any-return]
 
 
+def _check_kafka(kafka: KafkaConfig) -> None:
+    """Timings must be positive; the unspilled bound must leave the sink's guard room to act."""
+    for name in ("request_timeout_ms", "delivery_timeout_ms", "retry_backoff_ms",
+                 "reconnect_backoff_max_ms", "metadata_max_age_ms", "close_timeout_ms",
+                 "max_request_bytes", "spill_budget_bytes"):
+        _check(getattr(kafka, name) > 0, f"log.kafka.{name}: must be positive")
+    _check(kafka.linger_ms >= 0, "log.kafka.linger_ms: must be >= 0")
+    _check(kafka.max_unspilled_ms >= 20,
+           f"log.kafka.max_unspilled_ms: must be >= 20, got {kafka.max_unspilled_ms}")
+    _check(kafka.max_unspilled_ms < kafka.delivery_timeout_ms,
+           "log.kafka.max_unspilled_ms: must be below delivery_timeout_ms")
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     """Apply `UNDERSTUDY_<SECTION>_<KEY>` overrides; nested keys continue with `_`.
 
@@ -359,6 +385,7 @@ def parse_config(
     log = replace(_build(LogConfig, log_raw, "log"), kafka=kafka)
     _check(log.sink in ("file", "kafka"), "log.sink: must be file or kafka")
     _check(log.fsync in ("always", "interval", "never"), "log.fsync: always|interval|never")
+    _check_kafka(log.kafka)
     routes_raw = data.get("routes") or {}
     _check(isinstance(routes_raw, Mapping), "routes: expected a mapping of route name to route")
     triton = _build(TritonConfig, data["triton"], "triton")

@@ -1,14 +1,17 @@
 """KafkaSink against the real broker: delivery, broker restarts, spill replay, limits.
 
-Timeouts are short (request_timeout_ms=2000) so a broker outage is detected in ~2 s; a broker
-restart itself takes ~5 s on these machines.
+Timeouts are short (request/delivery timeouts 2 s) so a silent broker is given up on in ~2 s;
+a refusing one is detected by the sink's guard within `max_unspilled_ms`. A broker restart
+itself takes ~5 s on these machines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +22,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
-from gateway.config import KafkaConfig
+from gateway.app import build_sink
+from gateway.config import KafkaConfig, parse_config
+from gateway.errors import ConfigError
 from gateway.logsink.base import LogSink
 from gateway.logsink.kafka import KafkaSink
 from gateway.logsink.spill import SEGMENT_SUFFIX
@@ -29,17 +34,18 @@ pytestmark = pytest.mark.kafka
 
 FAST: dict[str, Any] = {
     "request_timeout_ms": 2000,
+    "delivery_timeout_ms": 2000,
     "retry_backoff_ms": 100,
     "reconnect_backoff_max_ms": 500,
     "metadata_max_age_ms": 2000,
-    "close_timeout_s": 5.0,
+    "close_timeout_ms": 5000,
 }
 
 
 def config(bootstrap: str, topic: str, **overrides: Any) -> KafkaConfig:
     return KafkaConfig(bootstrap=bootstrap, topic=topic, labels_topic=f"{topic}.labels",
                        audit_topic=f"{topic}.audit", linger_ms=5, compression="gzip",
-                       **overrides)
+                       **{**FAST, **overrides})
 
 
 def dead_bootstrap() -> str:
@@ -79,7 +85,7 @@ async def test_delivers_every_record_exactly_once(kafka: KafkaBroker, kafka_topi
                                                   tmp_path: Path) -> None:
     n = 3000
     produced = count("produced")
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill")
     await sink.start()
     for i in range(n):
         sink.emit("inferences", f"req-{i}", value_for(i))
@@ -104,7 +110,7 @@ async def test_delivers_every_record_exactly_once(kafka: KafkaBroker, kafka_topi
 async def test_broker_restart_mid_stream_loses_nothing(kafka: KafkaBroker, kafka_topic: str,
                                                        tmp_path: Path) -> None:
     spilled, replayed = count("spilled"), count("replayed")
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill")
     await sink.start()
     emitted: list[str] = []
 
@@ -150,7 +156,7 @@ async def test_shutdown_during_outage_is_delivered_by_next_start(
 ) -> None:
     """SIGTERM while the broker is down: close() spills, the next sink replays in order."""
     spill_dir = tmp_path / "spill"
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await sink.start()
     try:
         for i in range(500):
@@ -163,7 +169,7 @@ async def test_shutdown_during_outage_is_delivered_by_next_start(
                 await asyncio.sleep(0.01)
         began = time.monotonic()
         await sink.close()  # records still in flight / queued: bounded, then spilled
-        assert time.monotonic() - began < FAST["close_timeout_s"] + 5
+        assert time.monotonic() - began < FAST["close_timeout_ms"] / 1000 + 5
         assert list(spill_dir.glob(f"*{SEGMENT_SUFFIX}")), "nothing was spilled"
         with pytest.raises(RuntimeError):
             sink.emit("inferences", "late", b"{}")
@@ -171,7 +177,7 @@ async def test_shutdown_during_outage_is_delivered_by_next_start(
         await asyncio.to_thread(kafka.start)
 
     replayed = count("replayed")
-    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await successor.start()
     try:
         assert await wait_for(successor.spill.is_empty, 30), "leftover spill was not replayed"
@@ -191,7 +197,7 @@ async def test_spill_left_by_a_dead_broker_run_is_replayed_in_order(
     kafka: KafkaBroker, kafka_topic: str, tmp_path: Path
 ) -> None:
     spill_dir = tmp_path / "spill"
-    down = KafkaSink(config(dead_bootstrap(), kafka_topic), spill_dir, **FAST)
+    down = KafkaSink(config(dead_bootstrap(), kafka_topic), spill_dir)
     await down.start()
     for i in range(300):
         down.emit("inferences", f"req-{i}", value_for(i))
@@ -200,7 +206,7 @@ async def test_spill_left_by_a_dead_broker_run_is_replayed_in_order(
     assert REGISTRY.get_sample_value("understudy_kafka_connected") == 0
     await down.close()
 
-    up = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    up = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await up.start()
     try:
         assert await wait_for(up.spill.is_empty, 30)
@@ -217,7 +223,7 @@ async def test_oversized_record_is_set_aside_visibly(
 ) -> None:
     oversized = count("oversized")
     sink = KafkaSink(config(kafka.bootstrap, kafka_topic, max_request_bytes=64 * 1024),
-                     tmp_path / "spill", **FAST)
+                     tmp_path / "spill")
     await sink.start()
     big = b'{"blob":"' + b"y" * 100_000 + b'"}'
     for i in range(10):
@@ -250,7 +256,7 @@ async def test_record_refused_by_broker_is_isolated_and_set_aside(
     finally:
         await admin.close()
     oversized = count("oversized")
-    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill", **FAST)
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill")
     await sink.start()
     incompressible = base64.b64encode(os.urandom(60_000))
     for i in range(30):
@@ -275,7 +281,7 @@ async def test_spill_at_budget_holds_then_drops_newest_loudly(
     spill_dir = tmp_path / "spill"
     spilled, dropped = count("spilled"), count("dropped")
     sink = KafkaSink(config(dead_bootstrap(), kafka_topic, spill_budget_bytes=40 * 1024),
-                     spill_dir, max_buffered_records=bound, **FAST)
+                     spill_dir, max_buffered_records=bound)
     await sink.start()
     for i in range(n):
         sink.emit("inferences", f"req-{i}", value_for(i, size=900))
@@ -294,7 +300,7 @@ async def test_spill_at_budget_holds_then_drops_newest_loudly(
     await sink.close()  # what is only in memory cannot be spilled either: dropped, counted
     assert count("dropped") - dropped == n - on_disk
 
-    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir, **FAST)
+    successor = KafkaSink(config(kafka.bootstrap, kafka_topic), spill_dir)
     await successor.start()
     try:
         assert await wait_for(successor.spill.is_empty, 30)
@@ -311,7 +317,7 @@ async def test_queue_overflow_spills_instead_of_blocking(kafka: KafkaBroker, kaf
     n = 5000
     spilled = count("spilled")
     sink = KafkaSink(config(kafka.bootstrap, kafka_topic), tmp_path / "spill",
-                     max_buffered_records=100, **FAST)
+                     max_buffered_records=100)
     await sink.start()
     began = time.perf_counter()
     for i in range(n):
@@ -341,12 +347,134 @@ async def test_records_coming_back_from_a_full_spill_keep_the_hard_bound(tmp_pat
     sink = KafkaSink(config(dead_bootstrap(), "unused"), tmp_path / "spill",
                      max_buffered_records=bound)
     dropped = count("dropped")
-    newer = [(10 + i, "inferences", f"new-{i}", b"{}") for i in range(2 * bound)]
+    newer = [(10 + i, "inferences", f"new-{i}", b"{}", 0.0) for i in range(2 * bound)]
     for record in newer:
         sink._enqueue(record)
-    older = [(i, "inferences", f"old-{i}", b"{}") for i in range(3)]
+    older = [(i, "inferences", f"old-{i}", b"{}", 0.0) for i in range(3)]
     sink._requeue_front(older)
     assert sink.queued == 2 * bound
-    assert [key for _, _, key, _ in sink._queue] == [
-        *(k for _, _, k, _ in older), *(k for _, _, k, _ in newer[:-3])]
+    assert [q[2] for q in sink._queue] == [*(q[2] for q in older), *(q[2] for q in newer[:-3])]
     assert count("dropped") - dropped == 3
+
+
+# ---------------------------------------------------------------- the max_unspilled_ms bound
+
+# Timeouts far above anything the tests wait for: whatever the sink does within them, it did
+# because of max_unspilled_ms and the connection probe, not because aiokafka gave up.
+PATIENT: dict[str, Any] = {"request_timeout_ms": 120_000, "delivery_timeout_ms": 120_000,
+                           "max_unspilled_ms": 1000}
+
+
+def spilled_keys(sink: KafkaSink) -> set[str]:
+    return {r.key for r in sink.spill.peek(1_000_000, 1 << 30).records}
+
+
+async def emit_paced(sink: KafkaSink, keys: list[str], every: int = 20) -> None:
+    for n, key in enumerate(keys):
+        sink.emit("inferences", key, value_for(n))
+        if n % every == every - 1:
+            await asyncio.sleep(0.01)
+
+
+async def test_refused_connection_marks_the_sink_down_and_spills_without_waiting_for_timeouts(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: the sink waited request_timeout_ms with no progress before spilling, and a
+    refused connection did not mark it down. Now the guard probes a stuck flight's brokers:
+    refused on every address is "down" at once, with a WARNING; the INFO after the replay
+    carries the counts."""
+    caplog.set_level(logging.INFO, logger="gateway.logsink.kafka")
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic, **PATIENT), tmp_path / "spill")
+    await sink.start()
+    before = [f"before-{i}" for i in range(200)]
+    during = [f"during-{i}" for i in range(300)]
+    try:
+        await emit_paced(sink, before)
+        await sink.flush()
+        await asyncio.to_thread(kafka.stop)
+        await emit_paced(sink, during)
+        # Far below the 120 s timeouts: only the guard can have put them there.
+        assert await wait_for(lambda: set(during) <= spilled_keys(sink), 60), (
+            f"{len(set(during) - spilled_keys(sink))} records still only in memory")
+        assert sink._down
+        assert REGISTRY.get_sample_value("understudy_kafka_connected") == 0
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("unreachable" in r.getMessage() and "connection refused" in r.getMessage()
+                   for r in warnings), [r.getMessage() for r in warnings]
+    finally:
+        await asyncio.to_thread(kafka.start)
+    try:
+        assert await wait_for(sink.spill.is_empty, 60), "spill did not drain after restart"
+        await sink.flush()
+    finally:
+        await sink.close()
+    drained = [r.getMessage() for r in caplog.records
+               if r.levelno == logging.INFO and "spill drained" in r.getMessage()]
+    assert drained, "no INFO when the spill drained"
+    print(drained[-1])
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=500, wait_s=60)
+    assert set(keys_of(records)) == set(before) | set(during)
+
+
+async def test_frozen_broker_records_reach_the_spill_by_age_and_copies_are_discarded(
+    kafka: KafkaBroker, kafka_topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that accepts connections but never answers (SIGSTOP) cannot be told from a
+    slow one, so the sink is not "down"; its records reach the spill by age all the same. When
+    the broker resumes and acknowledges the flight, the flight's copies are discarded."""
+    pid = load_broker_module().status(kafka.directory).pid  # type: ignore[union-attr]
+    sink = KafkaSink(config(kafka.bootstrap, kafka_topic, **PATIENT), tmp_path / "spill")
+    await sink.start()
+    before = [f"before-{i}" for i in range(200)]
+    during = [f"during-{i}" for i in range(300)]
+    try:
+        await emit_paced(sink, before)
+        await sink.flush()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await emit_paced(sink, during)
+            assert await wait_for(lambda: set(during) <= spilled_keys(sink), 60), (
+                f"{len(set(during) - spilled_keys(sink))} records still only in memory")
+            assert not sink._down  # connections are accepted: nothing says it is down
+            assert "going to the local spill" in caplog.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await sink.flush()
+        assert await wait_for(sink.spill.is_empty, 60), "spill did not drain after SIGCONT"
+    finally:
+        await sink.close()
+    records = await consume_all(kafka.bootstrap, kafka_topic, count=500, wait_s=60)
+    keys = keys_of(records)
+    assert set(keys) == set(before) | set(during)
+    print(f"frozen broker: {len(keys)} records for 500 emitted, "
+          f"{len(keys) - len(set(keys))} duplicates")
+
+
+def test_producer_timings_and_the_bound_come_from_the_config(tmp_path: Path) -> None:
+    raw = {"log": {"sink": "kafka", "path": str(tmp_path),
+                   "kafka": {"max_unspilled_ms": 400, "request_timeout_ms": 7000}}}
+    env = {"UNDERSTUDY_LOG_KAFKA_DELIVERY_TIMEOUT_MS": "9000",
+           "UNDERSTUDY_LOG_KAFKA_RETRY_BACKOFF_MS": "50",
+           "UNDERSTUDY_LOG_KAFKA_LINGER_MS": "2"}
+    cfg = parse_config(raw, env)
+    kafka = cfg.log.kafka
+    assert (kafka.max_unspilled_ms, kafka.request_timeout_ms, kafka.delivery_timeout_ms,
+            kafka.retry_backoff_ms, kafka.linger_ms) == (400, 7000, 9000, 50, 2)
+    sink = build_sink(cfg)
+    assert isinstance(sink, KafkaSink)
+    assert sink.max_unspilled == 0.4
+    assert sink._producer_kwargs["request_timeout_ms"] == 7000
+    assert sink._producer_kwargs["retry_backoff_ms"] == 50
+    assert sink._delivery_timeout == 9.0
+    assert KafkaConfig().max_unspilled_ms <= 1000
+
+
+@pytest.mark.parametrize(("kafka_raw", "message"), [
+    ({"max_unspilled_ms": 5}, "max_unspilled_ms: must be >= 20"),
+    ({"max_unspilled_ms": 5000, "delivery_timeout_ms": 3000}, "below delivery_timeout_ms"),
+    ({"request_timeout_ms": 0}, "request_timeout_ms: must be positive"),
+    ({"retry_backoff_ms": "soon"}, "expected a number"),
+])
+def test_bad_log_kafka_timings_are_refused(kafka_raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"log": {"kafka": kafka_raw}}, {})

@@ -167,3 +167,35 @@ def test_metric_tracks_pending_bytes(spill: SpillBuffer) -> None:
     assert REGISTRY.get_sample_value("understudy_log_spill_bytes") == spill.pending_bytes > 0
     drain(spill)
     assert REGISTRY.get_sample_value("understudy_log_spill_bytes") == 0
+
+
+def test_appends_after_a_full_drain_are_replayed(tmp_path: Path) -> None:
+    """Once replay had emptied the spill, the next append reused the drained segment's index
+    while the cursor still pointed at its old end: the next outage's records were hidden
+    (or read from mid-frame and skipped as damaged)."""
+    buf = SpillBuffer(tmp_path / "spill", 10 << 20)
+    buf.open()
+    try:
+        assert buf.append(recs(5, size=300)) == 5
+        assert [r.key for r in drain(buf)] == [f"req-{i}" for i in range(5)]
+        assert buf.append(recs(3, start=5, size=10)) == 3  # smaller than what was drained
+        assert buf.pending_bytes > 0
+        assert buf.append(recs(20, start=8, size=300)) == 20
+        assert [r.key for r in drain(buf)] == [f"req-{i}" for i in range(5, 28)]
+    finally:
+        buf.close()
+
+
+def test_discard_consumes_a_span_only_when_nothing_older_is_pending(spill: SpillBuffer) -> None:
+    """The sink's copies of in-flight records: dropped unreplayed when Kafka acknowledged them,
+    unless older records are still pending (then they stay and are delivered twice)."""
+    written, span = spill.append_span(recs(4))
+    assert written == 4
+    assert span is not None
+    assert spill.discard(span)
+    assert spill.is_empty()
+    assert spill.append(recs(2, start=10)) == 2  # pending before the next copies
+    _, span = spill.append_span(recs(3, start=20))
+    assert span is not None
+    assert not spill.discard(span)
+    assert [r.key for r in drain(spill)] == ["req-10", "req-11", "req-20", "req-21", "req-22"]

@@ -3,42 +3,64 @@
 How a record travels
 --------------------
 `emit()` (synchronous, called from the gateway's record task) appends `(seq, stream, key,
-value)` to an in-memory FIFO and returns. A single *pump* task takes the queue in *flights*
-(up to `flight_records` records / `flight_bytes` bytes), hands each record to aiokafka's
+value, emit time)` to an in-memory FIFO and returns. A single *pump* task takes the queue in
+*flights* (up to `flight_records` records / `flight_bytes` bytes), hands each record to aiokafka's
 `producer.send()` (which batches per partition, compresses and pipelines; never
 `send_and_wait` per record) and then waits for all of the flight's delivery futures. Streams map
 to topics (`inferences` -> `topic`, `labels` -> `labels_topic`, `audit` -> `audit_topic`), the
 key is the request id, the producer is idempotent with `acks="all"`.
 
-No loss
--------
+No loss: the guarantee
+----------------------
 A record leaves the sink's responsibility only when Kafka acknowledged it, it was written and
 fsynced to the local spill (gateway/logsink/spill.py, under `<log.path>/spill/`), or it was
-set aside visibly (oversized, see below). Concretely:
+set aside visibly (oversized, see below). On top of that, **no accepted record is held only in
+memory for longer than `max_unspilled_ms`** (`log.kafka.max_unspilled_ms`, default 1000),
+whether the broker is up, down or silently stalled. A *guard* task enforces it every
+`max_unspilled_ms / 10` (at most 100 ms):
 
-- A flight whose delivery fails or is not confirmed within `request_timeout_ms` of no progress:
-  its unconfirmed records go to the spill (in their emit order), the producer is discarded
-  (after a failed batch an idempotent producer's sequence numbers are no longer trustworthy, so
-  a fresh one, with a fresh producer id, is cheaper than repairing it), the sink is *down*.
-- While down, a background task moves the queue to the spill as records arrive, so an outage
-  costs memory only for milliseconds and a crash during it loses nothing already emitted
-  (up to the last fsync). The pump reconnects with exponential backoff (`retry_backoff_ms`
-  up to `reconnect_backoff_max_ms`).
-- Whenever the spill is not empty the pump replays it, oldest first, before sending anything
-  from the queue: replay order is spill order, and the spill receives records in emit order, so
-  consumers see the emit order (with at-least-once duplicates, below). Delivered spill segments
-  are deleted. A spill left by a previous run (e.g. SIGTERM during an outage) is replayed the
-  same way when the next sink starts.
-- `close()` (SIGTERM) gives in-flight and queued records up to `close_timeout_s` to be
-  acknowledged, then spills whatever is still unconfirmed, fsyncs and returns.
+- Queued records (not yet handed to the producer) older than `max_unspilled_ms / 2`, or all
+  of them every tick while Kafka is down, are moved to the spill (one batched write + fsync).
+- The records of the flight in progress (handed to aiokafka, not all acknowledged) once its
+  oldest is older than `max_unspilled_ms / 2`: the unacknowledged ones are *copied* to the spill
+  and the flight goes on. If Kafka then acknowledges all of them and nothing older is pending
+  in the spill, the copies are discarded (no duplicate); otherwise they are replayed, i.e.
+  delivered twice. Delivery is at-least-once: the evaluator de-duplicates by request id.
+- A flight outstanding for `max_unspilled_ms / 2` also triggers a TCP probe of the brokers:
+  connection refused (or unreachable) on every address marks the sink *down at once*: the
+  flight is failed through the producer (its records are already on the spill), the producer
+  is discarded (after a failed batch an idempotent producer's sequence numbers are no longer
+  trustworthy, so a fresh one is cheaper than repairing it) and the pump reconnects with
+  backoff (`retry_backoff_ms` up to `reconnect_backoff_max_ms`). A broker that accepts
+  connections but never answers is not "down" until `delivery_timeout_ms` pass without an
+  acknowledgement; its records reach the spill by age meanwhile all the same.
 
-Delivery is at-least-once: a record whose acknowledgement was lost (broker died after writing
-it) is spilled and sent again. Consumers dedupe by key (request id) where it matters; the
-evaluator's join already does.
+So a SIGKILL (or OOM kill, or a crash) loses at most the records accepted in the last
+`max_unspilled_ms`; a power loss the same, since every spill write is fsynced before its
+records count as spilled (the spill's fsync interval is that of its writes: at most one per
+guard tick, batched, never one per record). The design acts at half the bound plus one tick, so
+the other ~40% is slack for a busy event loop or a slow disk; a loop blocked for longer than
+that delays the guard by as much. Records reach the sink after the gateway answered and every
+challenger copy finished (gateway/recorder.py), so for a request the window is that time plus
+`max_unspilled_ms`. Measured: tests/test_kafka_crash.py (README, "What a crash can lose").
+
+Logs: a WARNING when records start going to the spill (with the reason), a WARNING every 30 s
+while Kafka stays down, an INFO when the spill is drained again, each with record counts.
+
+Replay and order
+----------------
+Whenever the spill is not empty the pump replays it, oldest first, before sending anything
+from the queue: replay order is spill order, and the spill receives records in emit order, so
+consumers see the emit order (with at-least-once duplicates). Delivered spill segments are
+deleted. A spill left by a previous run (SIGTERM during an outage, or a crash) is replayed the
+same way when the next sink starts. `close()` (SIGTERM) keeps delivering, spill backlog first,
+for up to `close_timeout_ms` (one connection attempt if it has none, and it stops at once when
+Kafka is down), then spills whatever is still unconfirmed, fsyncs and returns.
 
 One ordering caveat: if the in-memory queue overflows (below) while a flight is out and that
-flight then fails, the flight's records land in the spill after the overflowed (newer) ones.
-Nothing is lost; only that swap is possible, and only under overload plus a failure.
+flight then fails before the guard copied it, the flight's records land in the spill after the
+overflowed (newer) ones. Nothing is lost; only that swap is possible, and only under overload
+plus a failure.
 
 Limits (each visible: a metric and an ERROR log, never silent)
 --------------------------------------------------------------
@@ -46,6 +68,8 @@ Limits (each visible: a metric and an ERROR log, never silent)
   and the new record to the spill synchronously (one write + fsync) rather than block on or drop
   anything. If a background spill write is in progress (it is about to drain the queue anyway),
   the queue may grow to twice the bound first, so two writers never interleave.
+- Spill at its disk budget: what does not fit stays in memory (below), so the
+  `max_unspilled_ms` guarantee holds only while the spill has room.
 - Spill at its disk budget (`spill_budget_bytes`): ERROR log once per episode,
   `understudy_log_spill_full` = 1. The sink then keeps records in memory up to **twice** the
   queue bound and beyond that **drops the newest record**, counting it in
@@ -70,8 +94,9 @@ batch. `zstd` (or `lz4`; both need the `cramjam` package) is the better setting 
 `_YIELD_EVERY` records while handing a flight to the producer.
 
 Metrics: `understudy_log_records{stream, outcome}` with outcome `produced` (acknowledged by
-Kafka, replays included), `replayed` (the part of `produced` that came from the spill),
-`spilled`, `oversized`, `dropped`; `understudy_log_buffered_records{sink="kafka"}` (queued +
+Kafka, replays and duplicates included), `replayed` (the part of `produced` that came from the
+spill), `spilled` (written to the spill, copies of in-flight records included), `oversized`,
+`dropped`; `understudy_log_buffered_records{sink="kafka"}` (queued +
 in flight, i.e. not yet durable anywhere), `understudy_log_spill_bytes`,
 `understudy_log_spill_full`, `understudy_kafka_producer_errors{error}` (per record that failed
 to produce, by exception type), `understudy_kafka_connected`.
@@ -93,6 +118,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
+    KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -102,21 +128,33 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway import metrics
 from gateway.config import KafkaConfig
-from gateway.logsink.spill import SpillBatch, SpillBuffer, SpillRecord, is_placeholder
+from gateway.logsink.spill import (
+    SpillBatch,
+    SpillBuffer,
+    SpillRecord,
+    SpillSpan,
+    is_placeholder,
+)
 from gateway.records import AUDIT, INFERENCES, LABELS
 
 log = logging.getLogger(__name__)
 
-_Queued = tuple[int, str, str, bytes]  # (seq, stream, key, value)
+_Queued = tuple[int, str, str, bytes, float]  # (seq, stream, key, value, monotonic emit time)
 
 
 class UndeliverableError(KafkaError):
     """A spilled record that no retry can deliver (e.g. its stream has no topic any more)."""
 
 
+class BrokerUnreachableError(KafkaConnectionError):
+    """Every broker address refused the connection: the flight is failed at once, not after
+    `delivery_timeout_ms` (its records are on the spill already)."""
+
+
 # Errors no retry can fix: the record is set aside (oversized/), never spilled or retried.
 _PERMANENT = (MessageSizeTooLargeError, RecordTooLargeError, UndeliverableError)
 _YIELD_EVERY = 64  # records handed to aiokafka per event-loop turn (~1-2 ms of work)
+_DOWN_REMINDER_S = 30.0  # WARNING cadence while Kafka stays down
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -128,6 +166,21 @@ class _Flight:
     seqs: list[int]  # emit sequence numbers; empty for a replay flight
     batch: SpillBatch | None = None  # set for a replay flight
     futures: list[asyncio.Future[Any] | None] = field(default_factory=list)
+    oldest: float = 0.0  # emit time of the oldest record (queue flights)
+    started: float = field(default_factory=time.monotonic)
+    probed: float = 0.0  # when the guard last probed the brokers for this flight
+    aborted: bool = False  # the brokers refused connections: fail it, do not extend it
+    insured: frozenset[int] = frozenset()  # indices whose copy is on the spill
+    span: SpillSpan | None = None  # where those copies lie
+    insuring: asyncio.Future[None] | None = None  # set while the copy is being written
+    window: asyncio.Timeout | None = None  # the send loop's timeout, to interrupt it
+
+    def unacked(self) -> list[int]:
+        """Indices not (yet) acknowledged by Kafka: not sent, pending or failed."""
+        return [i for i in range(len(self.records)) if not _acked(self.future(i))]
+
+    def future(self, i: int) -> asyncio.Future[Any] | None:
+        return self.futures[i] if i < len(self.futures) else None
 
 
 class KafkaSink:
@@ -144,11 +197,6 @@ class KafkaSink:
         flight_records: int = 2_000,
         flight_bytes: int = 8 * 1024 * 1024,
         max_batch_bytes: int = 256 * 1024,
-        request_timeout_ms: int = 30_000,
-        retry_backoff_ms: int = 200,
-        reconnect_backoff_max_ms: int = 5_000,
-        metadata_max_age_ms: int = 60_000,
-        close_timeout_s: float = 10.0,
         client_id: str = "understudy-gateway",
         spill_fsync: bool = True,
     ) -> None:
@@ -163,10 +211,15 @@ class KafkaSink:
         self.max_buffered_bytes = max_buffered_bytes
         self.flight_records = flight_records
         self.flight_bytes = flight_bytes
-        self.close_timeout = close_timeout_s
-        self._request_timeout = request_timeout_ms / 1000
-        self._backoff_base = retry_backoff_ms / 1000
-        self._backoff_max = max(reconnect_backoff_max_ms, retry_backoff_ms) / 1000
+        self.close_timeout = config.close_timeout_ms / 1000
+        self._request_timeout = config.request_timeout_ms / 1000
+        self._delivery_timeout = config.delivery_timeout_ms / 1000
+        self._backoff_base = config.retry_backoff_ms / 1000
+        self._backoff_max = max(config.reconnect_backoff_max_ms, config.retry_backoff_ms) / 1000
+        # The guard acts at half the bound (+ one tick): the rest is slack for a busy loop/disk.
+        self.max_unspilled = config.max_unspilled_ms / 1000
+        self._spill_after = self.max_unspilled / 2
+        self._tick = min(0.1, self.max_unspilled / 10)
         compression = (config.compression or "none").lower()
         self._producer_kwargs: dict[str, Any] = {
             "bootstrap_servers": config.bootstrap,
@@ -177,9 +230,9 @@ class KafkaSink:
             "linger_ms": config.linger_ms,
             "max_request_size": config.max_request_bytes,
             "max_batch_size": min(max_batch_bytes, config.max_request_bytes),
-            "request_timeout_ms": request_timeout_ms,
-            "retry_backoff_ms": retry_backoff_ms,
-            "metadata_max_age_ms": metadata_max_age_ms,
+            "request_timeout_ms": config.request_timeout_ms,
+            "retry_backoff_ms": config.retry_backoff_ms,
+            "metadata_max_age_ms": config.metadata_max_age_ms,
         }
         self.spill = SpillBuffer(self.spill_dir, config.spill_budget_bytes, fsync=spill_fsync)
 
@@ -191,17 +244,23 @@ class KafkaSink:
         self._producer: AIOKafkaProducer | None = None
         self._retiring: set[AIOKafkaProducer] = set()
         self._down = False
+        self._down_reason = ""
         self._closing = False
+        self._guard_stop = False
         self._closed = False
         self._started = False
         self._pump: asyncio.Task[None] | None = None
-        self._spiller: asyncio.Task[None] | None = None
+        self._guard: asyncio.Task[None] | None = None  # the guard
+        self._probes: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._spill_wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._order_lock = asyncio.Lock()
         self._dropped_since_log = 0
         self._last_drop_log = 0.0
+        self._down_since = 0.0
+        self._down_logged = 0.0
+        self._episode: _Episode | None = None  # records going to the spill since...
         self._buffered_gauge = metrics.LOG_BUFFERED.labels("kafka")
 
     @property
@@ -224,7 +283,7 @@ class KafkaSink:
         metrics.KAFKA_UP.set(0)
         self._started = True
         self._pump = asyncio.create_task(self._run_pump(), name="kafka-sink-pump")
-        self._spiller = asyncio.create_task(self._run_spiller(), name="kafka-sink-spiller")
+        self._guard = asyncio.create_task(self._run_guard(), name="kafka-sink-guard")
 
     def emit(self, stream: str, key: str, value: bytes) -> None:
         """Queue one record; never waits on the network. See the module docstring for limits."""
@@ -237,7 +296,7 @@ class KafkaSink:
             self._set_aside(SpillRecord(stream, key, value), "larger than max_request_bytes")
             return
         self._seq += 1
-        record = (self._seq, stream, key, value)
+        record = (self._seq, stream, key, value, time.monotonic())
         if (len(self._queue) < self.max_buffered_records
                 and self._queue_bytes < self.max_buffered_bytes):
             self._enqueue(record)
@@ -267,19 +326,17 @@ class KafkaSink:
                 await asyncio.wait_for(self._progress.wait(), timeout=1.0)
 
     async def close(self) -> None:
-        """Deliver what can be delivered within `close_timeout_s`, spill the rest, fsync, stop."""
+        """Deliver what can be delivered within `close_timeout_ms`, spill the rest, fsync, stop."""
         if self._closed or not self._started:
             self._closed = True
             return
         self._closing = True
         self._wake.set()
-        self._spill_wake.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.close_timeout
-        if self._spiller is not None:
-            # Not cancelled: a cancelled spill write would lose track of the chunk it took.
-            await self._spiller
         if self._pump is not None:
+            # The pump goes on delivering (spill first) until done, Kafka is down, or the
+            # deadline; the guard keeps its promise meanwhile.
             done, _ = await asyncio.wait({self._pump}, timeout=max(0.0, deadline - loop.time()))
             if not done:
                 self._pump.cancel()
@@ -287,16 +344,22 @@ class KafkaSink:
                 await self._pump
             if self._pump.done() and not self._pump.cancelled() and self._pump.exception():
                 log.error("kafka sink pump had crashed", exc_info=self._pump.exception())
+        self._guard_stop = True
+        self._spill_wake.set()
+        if self._guard is not None:
+            # Not cancelled: a cancelled spill write would lose track of the chunk it took.
+            await self._guard
+        for probe in list(self._probes):
+            probe.cancel()
         self._closed = True  # emit() refuses from here: nothing can slip past the final spill
         leftovers: list[SpillRecord] = []
         flight, self._flight = self._flight, None
         if flight is not None:
             leftovers.extend(await self._settle_abandoned(flight))
-        queued = self._take_all()
-        leftovers.extend(SpillRecord(s, k, v) for _, s, k, v in queued)
+        leftovers.extend(_records(self._take_all()))
         if leftovers:
             written = await asyncio.to_thread(self.spill.append, leftovers)
-            self._count("spilled", leftovers[:written])
+            self._note_spilled(leftovers[:written], "closing with Kafka unconfirmed")
             if written < len(leftovers):
                 lost = leftovers[written:]
                 self._count("dropped", lost)
@@ -317,11 +380,8 @@ class KafkaSink:
         self._queue.append(record)
         self._queue_bytes += len(record[2]) + len(record[3])
         self._buffered_gauge.set(len(self._queue))
-        if len(self._queue) == 1:
-            if self._down:
-                self._spill_wake.set()
-            else:
-                self._wake.set()
+        if len(self._queue) == 1 and not self._down:
+            self._wake.set()  # while down the guard takes the queue every tick, batched
 
     def _overflow(self, record: _Queued) -> None:
         """The queue is at its bound: spill synchronously, hold, or drop (module docstring)."""
@@ -334,9 +394,9 @@ class KafkaSink:
         if can_spill:
             chunk = self._take_all()
             chunk.append(record)
-            records = [SpillRecord(s, k, v) for _, s, k, v in chunk]
+            records = _records(chunk)
             written = self.spill.append(records)
-            self._count("spilled", records[:written])
+            self._note_spilled(records[:written], "in-memory queue full")
             self._requeue_front(chunk[written:])
             self._progress.set()
             if written == len(chunk) or not hard:
@@ -346,7 +406,7 @@ class KafkaSink:
         elif not hard:
             self._enqueue(record)
             return
-        self._drop(SpillRecord(record[1], record[2], record[3]))
+        self._drop(_records([record])[0])
 
     def _drop(self, record: SpillRecord) -> None:
         self._count("dropped", [record])
@@ -421,15 +481,17 @@ class KafkaSink:
             self._queue_bytes += len(record[2]) + len(record[3])
         while self._queue and (len(self._queue) > 2 * self.max_buffered_records
                                or self._queue_bytes > 2 * self.max_buffered_bytes):
-            _, stream, key, value = self._queue.pop()
-            self._queue_bytes -= len(key) + len(value)
-            self._drop(SpillRecord(stream, key, value))
+            newest = self._queue.pop()
+            self._queue_bytes -= len(newest[2]) + len(newest[3])
+            self._drop(_records([newest])[0])
         self._buffered_gauge.set(len(self._queue))
 
     def _settled_before(self, target: int) -> bool:
         if self._queue and self._queue[0][0] <= target:
             return False
-        if self._flight is not None and self._flight.seqs and self._flight.seqs[0] <= target:
+        flight = self._flight
+        if (flight is not None and flight.seqs and flight.seqs[0] <= target
+                and len(flight.insured) < len(flight.records)):
             return False
         return not (self._spilling and self._spilling[0][0] <= target)
 
@@ -446,27 +508,135 @@ class KafkaSink:
                 return
             self._spilling = chunk
             try:
-                records = [SpillRecord(s, k, v) for _, s, k, v in chunk]
+                records = _records(chunk)
                 written = await asyncio.to_thread(self.spill.append, records)
             finally:
                 self._spilling = None
-            self._count("spilled", records[:written])
+            why = (f"Kafka is down ({self._down_reason})" if self._down else
+                   f"not acknowledged within {self._spill_after * 1000:.0f} ms")
+            self._note_spilled(records[:written], why)
             self._requeue_front(chunk[written:])
             self._progress.set()
 
     # ------------------------------------------------------------------ background tasks
 
-    async def _run_spiller(self) -> None:
-        """While Kafka is down, keep the queue on disk so a crash cannot take it."""
-        while not self._closing:
-            await self._spill_wake.wait()
+    async def _run_guard(self) -> None:
+        """Keep the `max_unspilled_ms` promise: every tick, put what is too old on the spill."""
+        while not self._guard_stop:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spill_wake.wait(), timeout=self._tick)
             self._spill_wake.clear()
-            while self._down and self._queue and not self._closing:
-                before = len(self._queue)
-                await self._spill_queue()
-                if len(self._queue) >= before:  # spill full: wait for replay to free space
-                    break
-                await asyncio.sleep(0)  # let emit() run between chunks
+            if self._guard_stop:
+                return
+            try:
+                await self._guard_once()
+            except Exception:  # the guard must outlive any one failure (e.g. a disk error)
+                log.exception("kafka sink guard pass failed")
+
+    async def _guard_once(self) -> None:
+        now = time.monotonic()
+        flight = self._flight
+        if flight is not None:
+            # By record age, not flight age: a flight may take records that waited in the queue.
+            if flight.seqs and flight.insuring is None and flight.oldest <= now - self._spill_after:
+                await self._insure(flight)
+            if (now - flight.started >= self._spill_after and not flight.aborted
+                    and now - flight.probed >= self._spill_after and self._flight is flight):
+                # In the background: a connect that hangs must not delay the spilling below.
+                flight.probed = now
+                probe = asyncio.create_task(self._probe(flight), name="kafka-sink-probe")
+                self._probes.add(probe)
+                probe.add_done_callback(self._probes.discard)
+        while self._queue and (self._down or self._queue[0][4] <= now - self._spill_after):
+            before = len(self._queue)
+            await self._spill_queue()
+            if len(self._queue) >= before or not self._down:
+                break  # spill full (replay frees space), or what is left is young enough
+        if self._down and now - self._down_logged >= _DOWN_REMINDER_S:
+            self._down_logged = now
+            log.warning("Kafka at %s still unreachable after %.0f s (%s); %d records spilled "
+                        "since, %d bytes waiting in %s", self.config.bootstrap,
+                        now - self._down_since, self._down_reason,
+                        self._episode.spilled if self._episode else 0, self.spill.pending_bytes,
+                        self.spill_dir)
+
+    async def _insure(self, flight: _Flight) -> None:
+        """Copy a flight's unacknowledged records to the spill; the flight goes on meanwhile."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        flight.insuring = done
+        try:
+            async with self._order_lock:
+                indices = flight.unacked()
+                records = [flight.records[i] for i in indices]
+                written, span = await asyncio.to_thread(self.spill.append_span, records)
+            flight.insured = frozenset(indices[:written])
+            flight.span = span
+            self._note_spilled(records[:written], f"Kafka has not acknowledged them within "
+                                                  f"{self._spill_after * 1000:.0f} ms")
+        finally:
+            done.set_result(None)
+
+    async def _probe(self, flight: _Flight) -> None:
+        refused = await self._brokers_refuse()
+        if refused and self._flight is flight and not flight.aborted and not self._closed:
+            self._abort(flight, refused)
+
+    async def _brokers_refuse(self) -> str | None:
+        """Why no broker can be reached (every address refuses), or None if one accepts or the
+        answer is unclear (a timeout: the broker may just be slow)."""
+        addresses = {_host_port(a) for a in self.config.bootstrap.split(",") if a.strip()}
+        producer = self._producer
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                addresses |= {(b.host, b.port) for b in producer.client.cluster.brokers()}
+        errors: list[str] = []
+        for host, port in sorted(addresses):
+            try:
+                async with asyncio.timeout(min(1.0, self._spill_after)):
+                    _, writer = await asyncio.open_connection(host, port)
+            except TimeoutError:
+                return None
+            except OSError as exc:
+                errors.append(f"{host}:{port}: {exc.strerror or exc!r}")
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return None
+        return "; ".join(errors) if errors else None
+
+    def _abort(self, flight: _Flight, why: str) -> None:
+        """Fail a flight now (the broker refuses connections); its records are on the spill."""
+        flight.aborted = True
+        self._set_down(f"connection refused: {why}")
+        producer = self._producer
+        if producer is not None:
+            _fail_pending(producer, BrokerUnreachableError(why))
+        if flight.window is not None:  # a send() waiting for metadata or buffer space
+            flight.window.reschedule(asyncio.get_running_loop().time())
+
+    def _note_spilled(self, records: Sequence[SpillRecord], why: str) -> None:
+        """Count records written to the spill; the first of an episode is a WARNING."""
+        self._count("spilled", records)
+        if not records:
+            return
+        if self._episode is None:
+            self._episode = _Episode(time.monotonic())
+            if not self._down:  # else _set_down said so already
+                log.warning("log records are going to the local spill %s: %s",
+                            self.spill_dir, why)
+        self._episode.spilled += sum(1 for r in records if not is_placeholder(r))
+
+    def _note_drained(self) -> None:
+        """INFO once the spill is empty again after an episode, with its counts."""
+        episode = self._episode
+        if episode is None or not self.spill.is_empty():
+            return
+        self._episode = None
+        log.info("spill drained: %d records went to the spill over the last %.1f s; %d replayed "
+                 "to Kafka, %d were acknowledged before replay (their copies discarded)",
+                 episode.spilled, time.monotonic() - episode.started, episode.replayed,
+                 episode.discarded)
 
     async def _run_pump(self) -> None:
         """Deliver forever; an unexpected error is logged and retried, never the end of the log."""
@@ -483,9 +653,10 @@ class KafkaSink:
                     leftovers = await self._settle_abandoned(flight)
                     if leftovers:
                         written = await asyncio.to_thread(self.spill.append, leftovers)
-                        self._count("spilled", leftovers[:written])
+                        self._note_spilled(leftovers[:written], "internal error")
                         if written < len(leftovers):
-                            self._requeue_front([(0, r.stream, r.key, r.value)
+                            now = time.monotonic()
+                            self._requeue_front([(0, r.stream, r.key, r.value, now)
                                                  for r in leftovers[written:]])
                 await self._retire_producer()
                 self._set_down("internal error")
@@ -493,18 +664,20 @@ class KafkaSink:
 
     async def _pump_loop(self) -> None:
         backoff = self._backoff_base
+        tried_at_close = False
         while True:
             if self._producer is None:
-                if self._closing:
-                    return
+                if self._closing and tried_at_close:
+                    return  # one more connection attempt at close, no backoff loop
+                tried_at_close = self._closing
                 if not await self._connect():
                     self._set_down("cannot connect")
+                    if self._closing:
+                        return
                     await self._pause(backoff)
                     backoff = min(backoff * 2, self._backoff_max)
                     continue
             if not self.spill.is_empty():
-                if self._closing:
-                    return  # the queue waits behind the spill: close() spills it
                 ok = await self._replay_once()
             else:
                 async with self._order_lock:
@@ -525,6 +698,8 @@ class KafkaSink:
                 backoff = self._backoff_base
             else:
                 await self._retire_producer()
+                if self._closing:
+                    return
                 await self._pause(backoff)
                 backoff = min(backoff * 2, self._backoff_max)
 
@@ -539,17 +714,21 @@ class KafkaSink:
     def _set_down(self, why: str) -> None:
         metrics.KAFKA_UP.set(0)
         if not self._down:
-            log.warning("Kafka at %s unreachable (%s); spilling log records to %s",
-                        self.config.bootstrap, why, self.spill_dir)
+            log.warning("Kafka at %s unreachable (%s); log records go to the spill at %s "
+                        "(%d queued in memory now)", self.config.bootstrap, why, self.spill_dir,
+                        len(self._queue))
             self._down = True
+            self._down_reason = why
+            self._down_since = self._down_logged = time.monotonic()
         self._spill_wake.set()
         self._progress.set()
 
     def _set_up(self) -> None:
         metrics.KAFKA_UP.set(1)
         if self._down:
-            log.warning("Kafka at %s is delivering again; spill backlog %d bytes",
-                        self.config.bootstrap, self.spill.pending_bytes)
+            log.info("Kafka at %s is delivering again after %.1f s; replaying %d bytes of spill",
+                     self.config.bootstrap, time.monotonic() - self._down_since,
+                     self.spill.pending_bytes)
             self._down = False
 
     # ------------------------------------------------------------------ producer
@@ -610,34 +789,51 @@ class KafkaSink:
     # ------------------------------------------------------------------ delivery
 
     async def _send_queued(self, chunk: list[_Queued]) -> bool:
-        flight = _Flight([SpillRecord(s, k, v) for _, s, k, v in chunk], [q[0] for q in chunk])
+        flight = _Flight(_records(chunk), [q[0] for q in chunk], oldest=chunk[0][4])
         self._flight = flight
         outcomes = await self._deliver(flight)
+        if flight.insuring is not None:
+            await asyncio.shield(flight.insuring)  # know which records have a copy on disk
         failed: list[_Queued] = []
         delivered: list[SpillRecord] = []
-        for queued, record, outcome in zip(chunk, flight.records, outcomes, strict=True):
+        first_error: BaseException | None = None  # the first that a retry may fix
+        for i, (queued, record, outcome) in enumerate(
+                zip(chunk, flight.records, outcomes, strict=True)):
             if outcome is None:
                 delivered.append(record)
-            elif isinstance(outcome, _PERMANENT):
+                continue
+            permanent = isinstance(outcome, _PERMANENT)
+            if not permanent:
+                first_error = first_error or outcome
+                metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
+            if i in flight.insured:
+                continue  # its copy on the spill is replayed (or set aside there)
+            if permanent:
                 self._set_aside(record, _reason(outcome))
             else:
                 failed.append(queued)
-                metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
         self._count("produced", delivered)
-        if failed:
-            first = next(o for o in outcomes if o is not None and not isinstance(o, _PERMANENT))
-            self._set_down(f"{len(failed)} of {len(chunk)} records not confirmed: {first!r}")
-            async with self._order_lock:
-                records = [SpillRecord(s, k, v) for _, s, k, v in failed]
-                written = await asyncio.to_thread(self.spill.append, records)
-                self._count("spilled", records[:written])
-                self._requeue_front(failed[written:])
-        elif delivered:
-            self._set_up()
+        if first_error is not None:
+            self._set_down(f"{len(chunk) - len(delivered)} of {len(chunk)} records not "
+                           f"confirmed: {first_error!r}")
+            if failed:
+                async with self._order_lock:
+                    records = _records(failed)
+                    written = await asyncio.to_thread(self.spill.append, records)
+                    self._note_spilled(records[:written], f"Kafka failed: {first_error!r}")
+                    self._requeue_front(failed[written:])
+        else:
+            if (flight.span is not None and len(delivered) == len(flight.records)
+                    and await asyncio.to_thread(self.spill.discard, flight.span)):
+                if self._episode is not None:
+                    self._episode.discarded += len(flight.insured)
+                self._note_drained()
+            if delivered:
+                self._set_up()
         self._flight = None
         self._buffered_gauge.set(len(self._queue))
         self._progress.set()
-        return not failed
+        return first_error is None
 
     async def _replay_once(self) -> bool:
         batch = await asyncio.to_thread(self.spill.peek, self.flight_records, self.flight_bytes)
@@ -659,6 +855,8 @@ class KafkaSink:
                 metrics.KAFKA_PRODUCER_ERRORS.labels(type(outcome).__name__).inc()
         self._count("produced", delivered)
         self._count("replayed", delivered)
+        if self._episode is not None:
+            self._episode.replayed += len(delivered)
         await asyncio.to_thread(self.spill.commit, batch, settled)
         self._flight = None
         self._progress.set()
@@ -668,6 +866,7 @@ class KafkaSink:
             self._set_down(f"replay not confirmed: {first!r}")
             return False
         self._set_up()
+        self._note_drained()
         return True
 
     async def _deliver(self, flight: _Flight) -> list[BaseException | None]:
@@ -721,8 +920,9 @@ class KafkaSink:
                           outcomes: list[BaseException | None]) -> None:
         """Send `flight.records[i]` for i in indices; fill `outcomes` (None = acknowledged).
 
-        Waits while deliveries make progress; gives up after `request_timeout_ms` without any
-        (the broker is gone, or aiokafka is stuck on it), marking the rest as timed out.
+        Waits while deliveries make progress; gives up after `delivery_timeout_ms` without any
+        (the broker is gone, or aiokafka is stuck on it), marking the rest as timed out. The
+        guard cuts that short when the brokers refuse connections (`_abort`).
         """
         producer = self._producer
         if producer is None:
@@ -734,6 +934,7 @@ class KafkaSink:
         sent = 0
         try:
             async with asyncio.timeout(self._request_timeout) as window:
+                flight.window = window
                 for pos, i in enumerate(indices):
                     record = flight.records[i]
                     sent = pos
@@ -752,16 +953,20 @@ class KafkaSink:
                         # send() rarely suspends: without this a flight would hold the event
                         # loop (and every client request behind it) for its whole length.
                         await asyncio.sleep(0)
-                        window.reschedule(loop.time() + self._request_timeout)
+                        if not flight.aborted:  # else _abort() has fired it: keep it fired
+                            window.reschedule(loop.time() + self._request_timeout)
                 sent = len(indices)
         except (KafkaError, OSError, TimeoutError) as exc:
             error = exc if not isinstance(exc, TimeoutError) else KafkaTimeoutError(
-                "send not accepted within request_timeout_ms")
+                "send not accepted within request_timeout_ms" if not flight.aborted
+                else f"send interrupted: Kafka is down ({self._down_reason})")
             for i in indices[sent:]:
                 outcomes[i] = error
+        finally:
+            flight.window = None
         pending = {f for i in indices if (f := flight.futures[i]) is not None}
         while pending:
-            done, pending = await asyncio.wait(pending, timeout=self._request_timeout)
+            done, pending = await asyncio.wait(pending, timeout=self._delivery_timeout)
             if not done:
                 break
         for i in indices:
@@ -770,7 +975,7 @@ class KafkaSink:
                 continue
             if not fut.done():
                 fut.add_done_callback(_retrieve)
-                outcomes[i] = KafkaTimeoutError("delivery not confirmed within request_timeout_ms")
+                outcomes[i] = KafkaTimeoutError("delivery not confirmed within delivery_timeout_ms")
             elif fut.cancelled():
                 outcomes[i] = KafkaTimeoutError("delivery cancelled")
             else:
@@ -778,11 +983,7 @@ class KafkaSink:
 
     async def _settle_abandoned(self, flight: _Flight) -> list[SpillRecord]:
         """At close: what of an interrupted flight still needs the spill (in order)."""
-        acked = [
-            i < len(flight.futures) and (f := flight.futures[i]) is not None and f.done()
-            and not f.cancelled() and f.exception() is None
-            for i in range(len(flight.records))
-        ]
+        acked = [_acked(flight.future(i)) for i in range(len(flight.records))]
         for fut in flight.futures:
             if fut is not None and not fut.done():
                 fut.add_done_callback(_retrieve)
@@ -798,7 +999,8 @@ class KafkaSink:
             return []
         delivered = [r for r, a in zip(flight.records, acked, strict=True) if a]
         self._count("produced", delivered)
-        return [r for r, a in zip(flight.records, acked, strict=True) if not a]
+        return [r for i, (r, a) in enumerate(zip(flight.records, acked, strict=True))
+                if not a and i not in flight.insured]
 
 
 def _settled_prefix(
@@ -817,10 +1019,35 @@ def _reason(exc: BaseException) -> str:
     return f"refused as too large ({type(exc).__name__})"
 
 
-def _fail_pending(producer: AIOKafkaProducer) -> None:
+def _fail_pending(producer: AIOKafkaProducer, error: KafkaError | None = None) -> None:
+    """Fail every batch the producer holds (aiokafka has no public call for this)."""
     accumulator = getattr(producer, "_message_accumulator", None)
     if accumulator is not None:
-        accumulator.fail_all(KafkaTimeoutError("kafka sink abandoned this producer"))
+        accumulator.fail_all(error or KafkaTimeoutError("kafka sink abandoned this producer"))
+
+
+def _records(chunk: Sequence[_Queued]) -> list[SpillRecord]:
+    return [SpillRecord(q[1], q[2], q[3]) for q in chunk]
+
+
+def _acked(fut: asyncio.Future[Any] | None) -> bool:
+    return (fut is not None and fut.done() and not fut.cancelled()
+            and fut.exception() is None)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.strip().rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port or 9092)
+
+
+@dataclass
+class _Episode:
+    """Records going to the spill since `started` (a monotonic time), for the logs."""
+
+    started: float
+    spilled: int = 0
+    replayed: int = 0
+    discarded: int = 0
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -15,11 +15,13 @@ Frame: `>II` (body length, crc32 of body), then the body: `>B` stream length, st
 `>H` key length, key (UTF-8), value. The CRC makes a torn write (crash or full disk mid-append)
 detectable: reading stops at the first bad frame of a segment and moves on to the next one.
 
-Durability: every `append` is written and fsynced before it returns, so a record the sink
-counts as spilled survives a process crash or power loss. The cursor is advanced with an atomic
-rename but not fsynced: losing it replays a few records twice (Kafka consumers see a duplicate),
-never loses one. Each process start appends to a fresh segment, so a torn tail left by a crash
-is never appended after.
+Durability (the fsync policy): every `append` is one `write` of all its frames followed by one
+`fsync` before it returns, so a record the sink counts as spilled survives a process crash or
+power loss. The sink batches: it appends at most once per guard tick (`max_unspilled_ms / 10`)
+plus once per failed flight or queue overflow, never once per record. The cursor is advanced
+with an atomic rename but not fsynced: losing it replays a few records twice (Kafka consumers
+see a duplicate), never loses one. Each process start appends to a fresh segment, so a torn
+tail left by a crash is never appended after.
 
 Budget: the bytes of all segment files on disk (what the operator actually pays for) never
 exceed `budget_bytes`. `append` writes the longest prefix of its records that fits and returns
@@ -78,6 +80,13 @@ class SpillBatch:
         return len(self.records)
 
 
+class SpillSpan(NamedTuple):
+    """Where one append's frames lie: (segment index, offset) of their start and end."""
+
+    start: tuple[int, int]
+    end: tuple[int, int]
+
+
 def encode(record: SpillRecord) -> bytes:
     """Frame one record (header + body)."""
     stream = record.stream.encode("ascii")
@@ -128,6 +137,7 @@ class SpillBuffer:
         self._cursor: tuple[int, int] = (0, 0)
         self._full = False
         self._opened = False
+        self._pending = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -182,9 +192,12 @@ class SpillBuffer:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes not yet replayed (frames after the cursor)."""
-        with self._lock:
-            return self._pending_locked()
+        """Bytes not yet replayed (frames after the cursor), as of the last completed change.
+
+        Lock-free on purpose: the sink asks from the event loop, and waiting for the lock while
+        a worker thread writes and fsyncs megabytes would stall every client request behind it.
+        """
+        return self._pending
 
     def is_empty(self) -> bool:
         return self.pending_bytes == 0
@@ -205,7 +218,9 @@ class SpillBuffer:
         return total
 
     def _publish(self) -> None:
-        metrics.LOG_SPILL_BYTES.set(self._pending_locked())
+        """After every change, under the lock: the cached pending size and the gauges."""
+        self._pending = self._pending_locked()
+        metrics.LOG_SPILL_BYTES.set(self._pending)
         metrics.LOG_SPILL_FULL.set(1 if self._full else 0)
 
     # ------------------------------------------------------------------ append
@@ -216,8 +231,12 @@ class SpillBuffer:
         The write is one `write` + `fsync`. On an I/O error (e.g. the disk is really full) the
         segment is truncated back so no torn frame remains, and 0 is returned.
         """
+        return self.append_span(records)[0]
+
+    def append_span(self, records: Sequence[SpillRecord]) -> tuple[int, SpillSpan | None]:
+        """`append`, also returning where the written frames lie (for `discard`)."""
         if not records:
-            return 0
+            return 0, None
         with self._lock:
             if not self._opened:
                 raise RuntimeError("SpillBuffer is not open")
@@ -241,7 +260,7 @@ class SpillBuffer:
                 self._full = True
             if not frames:
                 self._publish()
-                return 0
+                return 0, None
             fh = self._writer()
             start = self._sizes[self._active_index]  # type: ignore[index]
             try:
@@ -253,12 +272,31 @@ class SpillBuffer:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fh.fileno(), start)
                 self._publish()
-                return 0
-            self._sizes[self._active_index] = start + used  # type: ignore[index]
+                return 0, None
+            index = self._active_index
+            assert index is not None
+            self._sizes[index] = start + used
             if len(frames) == len(records):
                 self._full = False
             self._publish()
-            return len(frames)
+            return len(frames), SpillSpan((index, start), (index, start + used))
+
+    def discard(self, span: SpillSpan) -> bool:
+        """Consume `span` without replaying it, if nothing older is still pending.
+
+        The sink spills copies of records still in flight to Kafka once they pass its bound;
+        when Kafka then acknowledges them, discarding the copies avoids a duplicate. Anything
+        else (older records pending, or the span already partly replayed) leaves the spill as
+        it is: the copies are then replayed, i.e. delivered twice, never lost.
+        """
+        with self._lock:
+            if self._cursor != span.start or span.end[0] not in self._sizes:
+                return False
+            self._cursor = span.end
+            self._drop_consumed()
+            self._save_cursor()
+            self._publish()
+            return True
 
     def _writer(self) -> BinaryIO:
         """The segment appends go to, rotating by size; a new process always starts a new one."""
@@ -267,8 +305,9 @@ class SpillBuffer:
                 return self._active
             self._active.close()
             self._active = None
-        index = max(self._sizes, default=self._cursor[0] - 1) + 1
-        index = max(index, self._cursor[0])
+        # Never the cursor's own segment once it is gone: the cursor's offset would point into
+        # the middle of (or past) the new file's frames and hide them from replay.
+        index = max(self._sizes, default=self._cursor[0]) + 1
         path = self._path(index)
         # Unbuffered: a failed write must not leave bytes in a user-space buffer to be flushed
         # later after the truncate that undoes it.
