@@ -1721,7 +1721,7 @@ def feature_table(result: DriftResult | Mapping[str, Any]) -> str:
     d = _as_dict(result)
     head = (f"{'feature':<22} {'kind':<11} {'n_ref':>7} {'n_live':>7} {'PSI':>7} {'thr':>6} "
             f"{'KS p':>8} {'W1/sd':>6} {'dmean':>6} {'JS':>6} {'chi2 p':>8} {'unseen':>7} "
-            f"status")
+            f"{'miss':>6} {'mds':>5} status")
     lines = [head, "-" * len(head)]
     for f in d.get("features", []):
         thr = (f.get("threshold") or {}).get("value")
@@ -1730,7 +1730,9 @@ def feature_table(result: DriftResult | Mapping[str, Any]) -> str:
             f"{_f(f.get('psi')):>7} {_f(thr, '.2f'):>6} {_f(f.get('ks_pvalue'), '.1e'):>8} "
             f"{_f(f.get('wasserstein_norm'), '.2f'):>6} {_f(f.get('mean_shift_sd'), '+.2f'):>6} "
             f"{_f(f.get('js_distance')):>6} {_f(f.get('chi2_pvalue'), '.1e'):>8} "
-            f"{_f(f.get('unseen_share'), '.1%'):>7} {_status(f)}")
+            f"{_f(f.get('unseen_share'), '.1%'):>7} {_f(f.get('missing_live'), '.1%'):>6} "
+            f"{_f(f.get('min_detectable_shift_sd'), '.2f'):>5} {_status(f)}"
+            + (f" ({', '.join(f['rules'])})" if f.get("rules") else ""))
     preds = d.get("predictions", [])
     if preds:
         lines.append("")
@@ -1774,8 +1776,9 @@ def drift_markdown(result: DriftResult | Mapping[str, Any], heading: str = "##")
                f"{_f((d.get('settings') or {}).get('drift_share'), '.0%')}): "
                f"{', '.join(d.get('drifted_features', [])) or 'none'}.")
     out += ["", "| feature | kind | PSI | threshold | KS p | Wasserstein/sd | mean shift (sd) | "
-                "JS | chi² p | unseen | status |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "JS | chi² p | unseen (flag from) | missing ref → live | detects ≥ (sd) | "
+                "status |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for f in d.get("features", []):
         thr = f.get("threshold") or {}
         adaptive = " (adaptive)" if thr.get("source") == "adaptive" else ""
@@ -1784,8 +1787,10 @@ def drift_markdown(result: DriftResult | Mapping[str, Any], heading: str = "##")
                    f"{_f(thr.get('value'), '.3f')}{adaptive} | "
                    f"{_f(f.get('ks_pvalue'), '.2g')} | {_f(f.get('wasserstein_norm'), '.3f')} | "
                    f"{_f(f.get('mean_shift_sd'), '+.2f')} | {_f(f.get('js_distance'))} | "
-                   f"{_f(f.get('chi2_pvalue'), '.2g')} | {_f(f.get('unseen_share'), '.1%')} | "
-                   f"{status} |")
+                   f"{_f(f.get('chi2_pvalue'), '.2g')} | {_f(f.get('unseen_share'), '.1%')}"
+                   f"{_unseen_from(f)} | {_f(f.get('missing_ref'), '.1%')} → "
+                   f"{_f(f.get('missing_live'), '.1%')} | "
+                   f"{_f(f.get('min_detectable_shift_sd'), '.2f')} | {status} |")
     preds = d.get("predictions", [])
     if preds:
         out += ["", "| model | role | score PSI | KS p | mean score | predicted positive | "
@@ -1797,9 +1802,18 @@ def drift_markdown(result: DriftResult | Mapping[str, Any], heading: str = "##")
                        f"{_f(p.get('mean_live'))} | {_f(p.get('positive_share_ref'), '.1%')} → "
                        f"{_f(p.get('positive_share_live'), '.1%')} | "
                        f"{_f(p.get('confidence_psi'))} | {status} |")
+    whys = [f"- **{f['name']}**: {f['why']}" for f in d.get("features", []) if f.get("why")]
+    if whys:
+        out += ["", "Why each feature was or was not flagged, and the smallest shift its rule "
+                    "can see at these sample sizes:", "", *whys]
     if d.get("notes"):
         out += [""] + [f"- {n}" for n in d["notes"]]
     return "\n".join(out) + "\n"
+
+
+def _unseen_from(f: Mapping[str, Any]) -> str:
+    thr = f.get("unseen_threshold")
+    return f" ({_f(thr, '.1%')})" if thr is not None else ""
 
 
 def write_result(result: DriftResult, out_dir: str | Path) -> Path:
@@ -1847,6 +1861,19 @@ class DriftMetrics:
         self.unseen = g("understudy_drift_unseen_share",
                         "Share of live rows in categories unseen in the reference", rf)
         self.drifted = g("understudy_drift_feature_drifted", "1 when a feature drifts", rf)
+        self.rule = g("understudy_drift_feature_rule",
+                      "1 when this rule flags the feature (distribution, unseen, missing, "
+                      "absent), else 0: why a feature was or was not flagged",
+                      ["route", "feature", "rule"])
+        self.min_shift = g("understudy_drift_min_detectable_shift_sd",
+                           "Smallest mean shift (reference SDs) the feature's rule flags about "
+                           "half the time at the current n", rf)
+        self.missing = g("understudy_drift_missing_share",
+                         "Share of rows with a missing or non-finite value",
+                         ["route", "feature", "window"])
+        self.unseen_threshold = g("understudy_drift_unseen_threshold",
+                                  "Unseen-category share from which a feature is flagged (the "
+                                  "reference's own rate of new values plus its margin)", rf)
         self.share = g("understudy_drift_share", "Share of features that drift", ["route"])
         self.detected = g("understudy_drift_detected",
                           "1 on dataset drift or prediction drift", ["route"])
@@ -1888,6 +1915,13 @@ class DriftMetrics:
             put(self.chi2_pvalue, lab, f.chi2_pvalue)
             put(self.unseen, lab, f.unseen_share)
             put(self.drifted, lab, float(f.drifted))
+            for rule in ("distribution", "unseen", "missing", "absent"):
+                if rule != "unseen" or f.kind == "categorical":
+                    put(self.rule, (*lab, rule), float(rule in f.rules))
+            put(self.min_shift, lab, f.min_detectable_shift_sd)
+            put(self.missing, (*lab, "reference"), f.missing_ref)
+            put(self.missing, (*lab, "live"), f.missing_live)
+            put(self.unseen_threshold, lab, f.unseen_threshold)
         for p in result.predictions:
             lab = (route, p.model)
             put(self.pred_psi, lab, p.psi)
