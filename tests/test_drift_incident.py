@@ -53,7 +53,7 @@ def test_robust_threshold_barely_moves_when_incident_days_enter_the_null() -> No
     rng = np.random.default_rng(1)
     normal = list(np.abs(rng.normal(0, 0.05, 28)) ** 2 + 0.01)  # PSI of 28 normal days
     clean = _adaptive(0.05, normal, CFG, sqrt_scale=True)
-    incident = normal[:-3] + [0.3, 0.6, 0.9]  # three shifted days inside the reference
+    incident = [*normal[:-3], 0.3, 0.6, 0.9]  # three shifted days inside the reference
     robust = _adaptive(0.05, incident, CFG, sqrt_scale=True)
     assert robust.value < 1.5 * clean.value
     assert robust.null_center is not None and robust.periods == 28
