@@ -247,9 +247,6 @@ def _incident_main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --------------------------------------------------------------------------------------------
 # Incidents against a rolling log reference (issue 20): does a real shift page on every day it
@@ -389,3 +386,7 @@ def _slice(cols: dict[str, np.ndarray], ts: np.ndarray, score: np.ndarray, since
     return FeatureData(columns={k: v[lo:hi] for k, v in cols.items()}, ts=ts[lo:hi],
                        scores={MODEL: score[lo:hi]}, score_ts={MODEL: ts[lo:hi]},
                        roles={MODEL: "champion"}, source=source, since=since, until=until)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
