@@ -26,8 +26,23 @@ flags shifts nobody cares about; with fifty rows PSI alone flags noise.
 Per categorical feature (BYTES tensors, strings in the reference, or listed in
 `drift.categorical`): chi-squared test of homogeneity on the 2 x k table of counts, the
 Jensen–Shannon distance (base 2, in [0, 1]) between the category shares, PSI on the categories,
-and **unseen categories** (live values the reference never had) with their share. It drifts when
-(JS >= `js_alert` and chi-squared p < `chi2_alpha`) or unseen share >= `unseen_alert`.
+and **unseen categories** (live values the whole reference never had) with their share. It
+drifts when (JS >= `js_alert` and chi-squared p < `chi2_alpha`), or when the unseen share is
+surprising given the reference's own rate of new values (`unseen_baseline`: each past window's
+share of values found nowhere else in the reference, else the Good–Turing singleton share): at
+least `unseen_alert` above that rate, binomial p < `chi2_alpha`, and above median + sigma x
+robust SD of the past windows' shares. A long-tail identifier shows new values every day and
+stays quiet; a category nobody has seen before pages. Live categories new to the segment keep
+their own column in the table only with >= 5 rows; one-off identifiers join "(other)".
+
+Every feature, numeric or categorical: **missing-value drift** (`_missing_check`), the share of
+missing or non-finite values against the reference — drift when it moved by >= `missing_alert`
+and a chi-squared test on (present, missing) x (reference, live) gives p < `chi2_alpha`. It is
+judged even when too few values are left for the other statistics (an 89%-NaN feature drifts).
+Each feature says why it was or was not flagged (`rules`, `reasons`, `why`) and what it can see:
+`min_detectable_shift_sd`, the smallest mean shift in reference SDs the rule flags about half
+the time at the current sample sizes, and the `detection_limit` that binds (the PSI threshold,
+or the sample size through the KS test).
 
 Dataset verdict: the share of evaluated features that drift; `dataset_drift` when it reaches
 `drift_share` (0.3, as in the seed's `DataDriftPreset(drift_share=0.3)`). A feature in the
@@ -50,12 +65,27 @@ on weekday traffic sees "drift" every Saturday. Two remedies, both configurable:
   of *its own* segment exactly as the live window is with its segment (a past Saturday with the
   other Saturdays, a past Tuesday with the other Tuesdays); pooled over all windows, those values
   are the statistic's normal variation, and the threshold becomes max(fixed convention,
-  mean + `adaptive_sigma` x SD) of them — for PSI on the square-root scale, where a noise shift
-  is close to half-normal (PSI itself is chi-square-like and skewed). It never goes below the
-  fixed convention, so it only removes pages caused by a feature that is always this variable.
-  Past windows are binned at the whole reference's quantile edges (one sort per feature rather
-  than one per window; the difference is within sampling noise). Fewer than
-  `adaptive_min_periods` usable past windows keeps the fixed thresholds, and the result says so.
+  median + `adaptive_sigma` x 1.4826 MAD) of them — for PSI on the square-root scale, where a
+  noise shift is close to half-normal (PSI itself is chi-square-like and skewed). Robust
+  estimates, because a shifted day inside the reference is an outlier of this null, and mean +
+  3 SD would follow it upward. It never goes below the fixed convention, so it only removes
+  pages caused by a feature that is always this variable. Past windows are binned at the whole
+  reference's quantile edges (one sort per feature rather than one per window; the difference
+  is within sampling noise). Fewer than `adaptive_min_periods` usable past windows keeps the
+  fixed thresholds, and the result says so.
+
+A reference that cannot learn an ongoing incident (the log reference ends where the live window
+starts, so a shift walks into it day after day):
+* past windows that would themselves have paged (a first pass of thresholds; the dataset rule or
+  any model's score PSI), and a feature's own flagged windows, leave that feature's null and its
+  reference rows (`_paged_windows`);
+* while a drift episode is open, the log reference stays where it was when the episode began
+  (`reference_bounds`, the `reference_until` kept in the episode state by `WebhookNotifier`;
+  `drift --no-webhook` keeps the state too), so the run keeps paging — and the features stay
+  flagged — until the live window is back within the thresholds for `episode_clear_runs` runs.
+Segments in the live window's proportions: a window from Friday 18:00 to Saturday 18:00 faces
+25% Friday and 75% Saturday reference rows (`_segment_rows`, a deterministic stratified pick, so
+the statistics stay the exact unweighted ones); each past window's "rest" is weighted the same.
 `evaluator/simulate_drift.py` measures both on a weekly-seasonal stream (docs/DRIFT.md).
 
 Outputs: `DriftResult.to_dict()` (drift.json), `drift_section` / `drift_markdown` for the report,

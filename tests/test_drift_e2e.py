@@ -138,7 +138,7 @@ async def test_drift_command_on_gateway_logs_keeps_paging_while_the_episode_is_o
     route = {"champion": {"model": "fraud_v3"}}
     traffic = FraudTraffic(seed=41)
     shifted = traffic.shifted(mean_shift=SHIFTED, seed=42)
-    gap = 0.3
+    gap = 1.0  # between phases; windows keep gap / 2 of slack on each side
 
     gw1 = await make_gateway({"fraud": route}, log={"path": str(src / "worker-0")})
     ta0 = time.time()
@@ -189,7 +189,7 @@ async def test_drift_command_on_gateway_logs_keeps_paging_while_the_episode_is_o
         assert f["missing_live"] == 0.0 and "missing" not in f["rules"]
         assert ("distribution" in f["rules"]) == (f["name"] in shifted_names)
 
-    await asyncio.sleep(2 * gap)
+    await asyncio.sleep(gap)
     gw2 = await make_gateway({"fraud": route}, log={"path": str(src / "worker-1")})
     tc0 = time.time()
     await _send(gw2, shifted, "c-")
