@@ -1846,14 +1846,16 @@ def drift_markdown(result: DriftResult | Mapping[str, Any], heading: str = "##")
     preds = d.get("predictions", [])
     if preds:
         out += ["", "| model | role | score PSI | KS p | mean score | predicted positive | "
-                    "confidence PSI | status |", "|---|---|---:|---:|---:|---:|---:|---|"]
+                    "confidence PSI | detects ≥ (sd) | status |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for p in preds:
             status = f"**{p['status']}**" if p.get("drifted") else p["status"]
             out.append(f"| {p['model']} | {p['role']} | {_f(p.get('psi'))} | "
                        f"{_f(p.get('ks_pvalue'), '.2g')} | {_f(p.get('mean_ref'))} → "
                        f"{_f(p.get('mean_live'))} | {_f(p.get('positive_share_ref'), '.1%')} → "
                        f"{_f(p.get('positive_share_live'), '.1%')} | "
-                       f"{_f(p.get('confidence_psi'))} | {status} |")
+                       f"{_f(p.get('confidence_psi'))} | "
+                       f"{_f(p.get('min_detectable_shift_sd'), '.2f')} | {status} |")
     whys = [f"- **{f['name']}**: {f['why']}" for f in d.get("features", []) if f.get("why")]
     if whys:
         out += ["", "Why each feature was or was not flagged, and the smallest shift its rule "
@@ -1936,6 +1938,9 @@ class DriftMetrics:
         self.pred_ks = g("understudy_prediction_drift_ks_pvalue", "Score KS p-value", rm)
         self.pred_drifted = g("understudy_prediction_drift_detected",
                               "1 when a model's scores drift", rm)
+        self.pred_min_shift = g("understudy_prediction_drift_min_detectable_shift_sd",
+                                "Smallest score shift (reference SDs) flagged about half the "
+                                "time at the current n", rm)
         self.pred_positive = g("understudy_prediction_positive_share",
                                "Predicted-positive share", ["route", "model", "window"])
         self.pred_conf = g("understudy_prediction_confidence_share",
@@ -1979,6 +1984,7 @@ class DriftMetrics:
             put(self.pred_psi, lab, p.psi)
             put(self.pred_ks, lab, p.ks_pvalue)
             put(self.pred_drifted, lab, float(p.drifted))
+            put(self.pred_min_shift, lab, p.min_detectable_shift_sd)
             put(self.pred_positive, (*lab, "reference"), p.positive_share_ref)
             put(self.pred_positive, (*lab, "live"), p.positive_share_live)
             for b in p.confidence:
