@@ -177,6 +177,7 @@ class DriftConfig:
     chi2_alpha: float = 0.01  # a categorical feature drifts only if chi-squared p < chi2_alpha
     js_alert: float = 0.1  # Jensen-Shannon distance (base 2) for a categorical feature
     unseen_alert: float = 0.01  # share of live rows in categories the reference never saw
+    missing_alert: float = 0.05  # change in the share of missing values that counts as drift
     drift_share: float = 0.3  # dataset drift when this share of the features drifts
     min_samples: int = 100  # fewer rows on either side: the feature is `insufficient`
     max_categories: int = 50  # rarer categories are merged into "(other)"
@@ -366,6 +367,7 @@ def _parse_drift(raw: Mapping[str, Any]) -> DriftConfig:
         _check(0.0 < getattr(cfg, key) < 1.0, f"drift.{key}: must be in (0, 1)")
     _check(0.0 < cfg.js_alert <= 1.0, "drift.js_alert: must be in (0, 1]")
     _check(0.0 < cfg.unseen_alert <= 1.0, "drift.unseen_alert: must be in (0, 1]")
+    _check(0.0 < cfg.missing_alert <= 1.0, "drift.missing_alert: must be in (0, 1]")
     _check(0.0 < cfg.drift_share <= 1.0, "drift.drift_share: must be in (0, 1]")
     _check(cfg.min_samples >= 1, "drift.min_samples: must be >= 1")
     _check(cfg.max_categories >= 2, "drift.max_categories: must be >= 2")

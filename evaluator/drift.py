@@ -26,8 +26,23 @@ flags shifts nobody cares about; with fifty rows PSI alone flags noise.
 Per categorical feature (BYTES tensors, strings in the reference, or listed in
 `drift.categorical`): chi-squared test of homogeneity on the 2 x k table of counts, the
 Jensen–Shannon distance (base 2, in [0, 1]) between the category shares, PSI on the categories,
-and **unseen categories** (live values the reference never had) with their share. It drifts when
-(JS >= `js_alert` and chi-squared p < `chi2_alpha`) or unseen share >= `unseen_alert`.
+and **unseen categories** (live values the whole reference never had) with their share. It
+drifts when (JS >= `js_alert` and chi-squared p < `chi2_alpha`), or when the unseen share is
+surprising given the reference's own rate of new values (`unseen_baseline`: each past window's
+share of values found nowhere else in the reference, else the Good–Turing singleton share): at
+least `unseen_alert` above that rate, binomial p < `chi2_alpha`, and above median + sigma x
+robust SD of the past windows' shares. A long-tail identifier shows new values every day and
+stays quiet; a category nobody has seen before pages. Live categories new to the segment keep
+their own column in the table only with >= 5 rows; one-off identifiers join "(other)".
+
+Every feature, numeric or categorical: **missing-value drift** (`_missing_check`), the share of
+missing or non-finite values against the reference — drift when it moved by >= `missing_alert`
+and a chi-squared test on (present, missing) x (reference, live) gives p < `chi2_alpha`. It is
+judged even when too few values are left for the other statistics (an 89%-NaN feature drifts).
+Each feature says why it was or was not flagged (`rules`, `reasons`, `why`) and what it can see:
+`min_detectable_shift_sd`, the smallest mean shift in reference SDs the rule flags about half
+the time at the current sample sizes, and the `detection_limit` that binds (the PSI threshold,
+or the sample size through the KS test).
 
 Dataset verdict: the share of evaluated features that drift; `dataset_drift` when it reaches
 `drift_share` (0.3, as in the seed's `DataDriftPreset(drift_share=0.3)`). A feature in the
@@ -50,12 +65,27 @@ on weekday traffic sees "drift" every Saturday. Two remedies, both configurable:
   of *its own* segment exactly as the live window is with its segment (a past Saturday with the
   other Saturdays, a past Tuesday with the other Tuesdays); pooled over all windows, those values
   are the statistic's normal variation, and the threshold becomes max(fixed convention,
-  mean + `adaptive_sigma` x SD) of them — for PSI on the square-root scale, where a noise shift
-  is close to half-normal (PSI itself is chi-square-like and skewed). It never goes below the
-  fixed convention, so it only removes pages caused by a feature that is always this variable.
-  Past windows are binned at the whole reference's quantile edges (one sort per feature rather
-  than one per window; the difference is within sampling noise). Fewer than
-  `adaptive_min_periods` usable past windows keeps the fixed thresholds, and the result says so.
+  median + `adaptive_sigma` x 1.4826 MAD) of them — for PSI on the square-root scale, where a
+  noise shift is close to half-normal (PSI itself is chi-square-like and skewed). Robust
+  estimates, because a shifted day inside the reference is an outlier of this null, and mean +
+  3 SD would follow it upward. It never goes below the fixed convention, so it only removes
+  pages caused by a feature that is always this variable. Past windows are binned at the whole
+  reference's quantile edges (one sort per feature rather than one per window; the difference
+  is within sampling noise). Fewer than `adaptive_min_periods` usable past windows keeps the
+  fixed thresholds, and the result says so.
+
+A reference that cannot learn an ongoing incident (the log reference ends where the live window
+starts, so a shift walks into it day after day):
+* past windows that would themselves have paged (a first pass of thresholds; the dataset rule or
+  any model's score PSI), and a feature's own flagged windows, leave that feature's null and its
+  reference rows (`_paged_windows`);
+* while a drift episode is open, the log reference stays where it was when the episode began
+  (`reference_bounds`, the `reference_until` kept in the episode state by `WebhookNotifier`;
+  `drift --no-webhook` keeps the state too), so the run keeps paging — and the features stay
+  flagged — until the live window is back within the thresholds for `episode_clear_runs` runs.
+Segments in the live window's proportions: a window from Friday 18:00 to Saturday 18:00 faces
+25% Friday and 75% Saturday reference rows (`_segment_rows`, a deterministic stratified pick, so
+the statistics stay the exact unweighted ones); each past window's "rest" is weighted the same.
 `evaluator/simulate_drift.py` measures both on a weekly-seasonal stream (docs/DRIFT.md).
 
 Outputs: `DriftResult.to_dict()` (drift.json), `drift_section` / `drift_markdown` for the report,
@@ -503,17 +533,19 @@ def bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def psi_from_counts(ref_counts: np.ndarray, live_counts: np.ndarray,
-                    epsilon: float = 1e-4) -> float:
-    """PSI = sum((q - p) * ln(q / p)) over bins; a share of 0 on either side becomes epsilon."""
+                    epsilon: float = 1e-4) -> Any:
+    """PSI = sum((q - p) * ln(q / p)) over bins; a share of 0 on either side becomes epsilon.
+
+    2-D counts (one comparison per row, as the adaptive null makes) give one PSI per row."""
     ref = np.asarray(ref_counts, dtype=float)
     live = np.asarray(live_counts, dtype=float)
-    if ref.sum() <= 0 or live.sum() <= 0:
-        return math.nan
-    p = ref / ref.sum()
-    q = live / live.sum()
-    p = np.where(ref > 0, p, epsilon)
-    q = np.where(live > 0, q, epsilon)
-    return float(np.sum((q - p) * np.log(q / p)))
+    rs, ls = ref.sum(axis=-1, keepdims=True), live.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(ref > 0, ref / rs, epsilon)
+        q = np.where(live > 0, live / ls, epsilon)
+        out = np.sum((q - p) * np.log(q / p), axis=-1)
+    out = np.where((rs[..., 0] > 0) & (ls[..., 0] > 0), out, math.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def psi(reference: np.ndarray, live: np.ndarray, bins: int = 10, epsilon: float = 1e-4) -> float:
@@ -553,20 +585,24 @@ def chi_squared(ref_counts: np.ndarray, live_counts: np.ndarray) -> tuple[float,
     return statistic, float(stats.chi2.sf(statistic, dof)), dof
 
 
-def js_distance(p: np.ndarray, q: np.ndarray) -> float:
-    """Jensen–Shannon distance (square root of the divergence), base 2: 0 same, 1 disjoint."""
+def js_distance(p: np.ndarray, q: np.ndarray) -> Any:
+    """Jensen–Shannon distance (square root of the divergence), base 2: 0 same, 1 disjoint.
+
+    2-D inputs give one distance per row."""
     a = np.asarray(p, dtype=float)
     b = np.asarray(q, dtype=float)
-    if a.sum() <= 0 or b.sum() <= 0:
-        return math.nan
-    a, b = a / a.sum(), b / b.sum()
-    m = 0.5 * (a + b)
+    sa, sb = a.sum(axis=-1, keepdims=True), b.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, b = a / sa, b / sb
+        m = 0.5 * (a + b)
 
-    def kl(x: np.ndarray) -> float:
-        nz = x > 0
-        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+        def kl(x: np.ndarray) -> np.ndarray:
+            return np.sum(np.where(x > 0, x * np.log2(np.where(x > 0, x, 1.0) /
+                                                      np.where(m > 0, m, 1.0)), 0.0), axis=-1)
 
-    return math.sqrt(max(0.5 * kl(a) + 0.5 * kl(b), 0.0))
+        out = np.sqrt(np.maximum(0.5 * kl(a) + 0.5 * kl(b), 0.0))
+    out = np.where((sa[..., 0] > 0) & (sb[..., 0] > 0), out, math.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def wasserstein(reference: np.ndarray, live: np.ndarray) -> float:
@@ -599,13 +635,18 @@ def _clean(value: Any) -> Any:
 
 @dataclass
 class Threshold:
-    """A threshold and where it came from (`fixed` convention or `adaptive` from history)."""
+    """A threshold and where it came from (`fixed` convention or `adaptive` from history).
+
+    `null_center`/`null_scale`: median and robust SD (1.4826 MAD; on the square-root scale for
+    PSI) of the statistic over `periods` past windows; `excluded` windows paged and were left
+    out."""
 
     value: float
     source: str = "fixed"
-    null_mean: float | None = None
-    null_sd: float | None = None
+    null_center: float | None = None
+    null_scale: float | None = None
     periods: int = 0
+    excluded: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(self.__dict__.copy())
@@ -641,8 +682,18 @@ class FeatureDrift:
     js_distance: float | None = None
     unseen_share: float | None = None
     unseen: dict[str, int] = field(default_factory=dict)  # top unseen categories, live counts
+    unseen_baseline: float | None = None  # the reference's own rate of new values
+    unseen_baseline_source: str | None = None
+    unseen_pvalue: float | None = None  # binomial, live unseen count vs the baseline rate
+    unseen_threshold: float | None = None  # unseen share from which the feature is flagged
+    missing_pvalue: float | None = None  # chi-squared on (present, missing) x (ref, live)
+    min_detectable_missing_change: float | None = None
+    min_detectable_shift_sd: float | None = None  # numeric: see min_detectable_shift
+    detection_limit: str | None = None  # what bounds the smallest detectable change
     shares: dict[str, list[float]] = field(default_factory=dict)  # category -> [ref, live]
+    rules: list[str] = field(default_factory=list)  # distribution | unseen | missing | absent
     reasons: list[str] = field(default_factory=list)
+    why: str = ""  # why it was or was not flagged, and what it can detect
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -671,6 +722,8 @@ class PredictionDrift:
     positive_share_live: float | None = None
     confidence: list[dict[str, Any]] = field(default_factory=list)  # bucket, ref, live
     confidence_psi: float | None = None
+    min_detectable_shift_sd: float | None = None  # see min_detectable_shift
+    detection_limit: str | None = None
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -778,11 +831,16 @@ class _Null:
 
 @dataclass
 class _Plan:
-    """Which reference rows face the live window, and the past windows for thresholds."""
+    """Which reference rows face the live window, and the past windows for thresholds.
 
-    ref_mask: np.ndarray | None  # reference rows in the live window's segments; None = all
+    `ref_keys` (None: no segments, every row) is the segment of each reference row and
+    `live_mix` the share of live rows per segment: the reference rows that face the live
+    window are those segments in the live window's proportions (`_segment_rows`)."""
+
+    ref_keys: np.ndarray | None
+    live_mix: dict[int, float]
     null: _Null | None  # None: fixed thresholds
-    score_masks: dict[str, np.ndarray]
+    score_keys: dict[str, np.ndarray]
     score_null: dict[str, _Null]
     info: dict[str, Any]
 
@@ -794,8 +852,8 @@ def _plan(reference: FeatureData, live: FeatureData, cfg: DriftConfig,
                             "adaptive": False, "utc_offset_hours": cfg.utc_offset_hours}
     ref_ts, live_ts = reference.ts, live.ts
     have_time = bool(ref_ts is not None and ref_ts.size and live_ts is not None and live_ts.size)
-    ref_mask: np.ndarray | None = None
-    live_keys: np.ndarray | None = None
+    ref_keys: np.ndarray | None = None
+    live_mix: dict[int, float] = {}
     if mode != "none":
         if not have_time:
             notes.append(f"seasonality {mode} needs timestamps on both sides (a `ts` column in "
@@ -803,21 +861,25 @@ def _plan(reference: FeatureData, live: FeatureData, cfg: DriftConfig,
         else:
             assert ref_ts is not None
             assert live_ts is not None
-            live_keys = np.unique(segment_keys(live_ts, mode, cfg.utc_offset_hours))
-            mask = np.isin(segment_keys(ref_ts, mode, cfg.utc_offset_hours), live_keys)
+            keys, counts = np.unique(segment_keys(live_ts, mode, cfg.utc_offset_hours),
+                                     return_counts=True)
+            all_keys = segment_keys(ref_ts, mode, cfg.utc_offset_hours)
+            mask = np.isin(all_keys, keys)
             if int(mask.sum()) < cfg.min_samples:
                 notes.append(f"the reference has {int(mask.sum())} rows in the live window's "
                              f"{mode} segment(s) (< min_samples {cfg.min_samples}); compared "
                              f"with the whole reference instead")
-                live_keys = None
             else:
-                ref_mask = mask
-                info.update(applied=True, segments=[_segment_name(int(k), mode)
-                                                    for k in live_keys],
+                ref_keys = all_keys
+                live_mix = {int(k): float(c / counts.sum()) for k, c in
+                            zip(keys, counts, strict=True)}
+                info.update(applied=True, segments=[_segment_name(int(k), mode) for k in keys],
+                            segment_weights={_segment_name(k, mode): round(w, 4)
+                                             for k, w in live_mix.items()},
                             reference_rows=int(mask.sum()))
-    applied = mode if live_keys is not None else "none"
+    applied = mode if ref_keys is not None else "none"
     null: _Null | None = None
-    score_masks: dict[str, np.ndarray] = {}
+    score_keys: dict[str, np.ndarray] = {}
     score_null: dict[str, _Null] = {}
     length = _window_length(live)
     anchor = live.since if live.since is not None else (
@@ -834,15 +896,48 @@ def _plan(reference: FeatureData, live: FeatureData, cfg: DriftConfig,
         notes.append("adaptive thresholds need timestamps on both sides and a live window "
                      "length; fixed thresholds used")
     for model, sts in reference.score_ts.items():
-        if live_keys is not None:
-            score_masks[model] = np.isin(segment_keys(sts, mode, cfg.utc_offset_hours),
-                                         live_keys)
+        if ref_keys is not None:
+            score_keys[model] = segment_keys(sts, mode, cfg.utc_offset_hours)
         if adaptive:
             assert length is not None
             assert anchor is not None
             score_null[model] = _Null(period_ids(sts, anchor, length),
                                       segment_keys(sts, applied, cfg.utc_offset_hours))
-    return _Plan(ref_mask, null, score_masks, score_null, info)
+    return _Plan(ref_keys, live_mix, null, score_keys, score_null, info)
+
+
+def _segment_rows(keys: np.ndarray | None, mix: Mapping[int, float],
+                  eligible: np.ndarray | None, size: int) -> np.ndarray | None:
+    """Reference rows of the live window's segments, in the live window's proportions.
+
+    A live window from Friday 18:00 to Saturday 18:00 is 25% Friday and 75% Saturday; taking
+    every Friday and Saturday row would compare it with a 50/50 mix and see the weekend
+    pattern as drift. Each segment keeps `share x N` of its rows, N the largest total every
+    segment can supply, picked evenly through time (deterministic; the statistics stay the
+    unweighted, exact ones). `eligible` (None: all) drops rows of excluded past windows.
+    None: every eligible row (no segments)."""
+    if keys is None:
+        return eligible
+    ok = np.ones(size, dtype=bool) if eligible is None else eligible
+    rows = [(w, np.flatnonzero(ok & (keys == k))) for k, w in mix.items() if w > 0]
+    if any(idx.size == 0 for _, idx in rows):  # a segment with no history: the rest, unweighted
+        return ok & np.isin(keys, list(mix))
+    total = min(idx.size / w for w, idx in rows)
+    out = np.zeros(size, dtype=bool)
+    for w, idx in rows:
+        take = min(idx.size, round(w * total))
+        if take:
+            out[idx[np.unique(np.linspace(0, idx.size - 1, take).round().astype(np.int64))]] = True
+    return out
+
+
+def reference_bounds(live_since: float, length: float, pinned_until: float | None = None
+                     ) -> tuple[float, float]:
+    """[since, until) of a log reference: the `length` before the live window, or before
+    `pinned_until` while a drift episode is open — so the reference never learns the incident
+    it is paging about (the pin is where the episode's first live window started)."""
+    until = live_since if pinned_until is None else min(live_since, pinned_until)
+    return until - length, until
 
 
 def _window_length(live: FeatureData) -> float | None:
@@ -869,82 +964,147 @@ def _segment_name(key: int, mode: str) -> str:
     return "all"
 
 
+def _robust(x: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826 x MAD (the SD for normal data). A few windows of an incident inside
+    the reference barely move them, where one shifted day in 28 lifts mean + 3 SD a lot.
+    A MAD of 0 (more than half the values equal) falls back to 1.2533 x the mean absolute
+    deviation."""
+    center = float(np.median(x))
+    dev = np.abs(x - center)
+    scale = 1.4826 * float(np.median(dev))
+    if scale <= 0:
+        scale = 1.2533 * float(np.mean(dev))
+    return center, scale
+
+
 def _adaptive(base: float, null: Sequence[float] | None, cfg: DriftConfig, *,
-              sqrt_scale: bool = False) -> Threshold:
-    """max(base, mean + sigma * sd) of the statistic between past windows and their segment.
+              sqrt_scale: bool = False, excluded: int = 0) -> Threshold:
+    """max(base, median + sigma x 1.4826 MAD) of the statistic between past windows and their
+    segment.
 
     `sqrt_scale` (PSI): the rule is applied to sqrt(PSI) and squared back. PSI behaves like
     a squared distance (a mean shift of d SDs gives about d²), so under day-to-day noise it is
-    right-skewed like a chi-square and mean + 3 sd on its own scale sits too low in the tail;
-    its square root, like the Jensen–Shannon distance, is close to half-normal.
+    right-skewed like a chi-square; its square root, like the Jensen–Shannon distance, is close
+    to half-normal. `excluded`: past windows left out because they paged (reported only).
     """
     if null is None:
         return Threshold(base)
     vals = np.asarray([v for v in null if math.isfinite(v)], dtype=float)
     if vals.size < cfg.adaptive_min_periods:
-        return Threshold(base, "fixed", periods=int(vals.size))
+        return Threshold(base, "fixed", periods=int(vals.size), excluded=excluded)
     x = np.sqrt(np.maximum(vals, 0.0)) if sqrt_scale else vals
-    mean = float(np.mean(x))
-    sd = float(np.std(x, ddof=1))
-    value = mean + cfg.adaptive_sigma * sd
+    center, scale = _robust(x)
+    value = center + cfg.adaptive_sigma * scale
     if sqrt_scale:
-        value = value ** 2
-    null_mean, null_sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
-    if value > base:
-        return Threshold(value, "adaptive", null_mean, null_sd, int(vals.size))
-    return Threshold(base, "fixed", null_mean, null_sd, int(vals.size))
+        value, center = value ** 2, center ** 2
+    source = "adaptive" if value > base else "fixed"
+    return Threshold(max(value, base), source, center, scale, int(vals.size), excluded)
 
 
 def _null_stat(codes: np.ndarray, null: _Null, nb: int,
-               stat: Callable[[np.ndarray, np.ndarray], float], cfg: DriftConfig) -> list[float]:
-    """`stat(rest, own)` for every past window with enough rows, from per-(window, segment,
-    bin) counts built in one bincount. `codes` is the bin/category of each reference row
-    (-1: missing)."""
+               stat: Callable[[np.ndarray, np.ndarray], float], cfg: DriftConfig,
+               exclude: Iterable[int] = ()) -> dict[int, float]:
+    """`stat(rest, own)` per past window with enough rows (keyed by period id), from
+    per-(window, segment, bin) counts built in one bincount. `codes` is the bin/category of
+    each reference row (-1: missing); rows of `exclude`d windows take no part at all.
+
+    `rest` is the rest of the window's own segments weighted by the window's segment mix, as
+    the live window's reference is (`_segment_rows`)."""
     ok = codes >= 0
+    excl = list(exclude)
+    if excl:
+        ok &= ~np.isin(null.periods, excl)
     if not ok.any():
-        return []
+        return {}
     codes = codes[ok]
-    _, pi = np.unique(null.periods[ok], return_inverse=True)
+    pid, pi = np.unique(null.periods[ok], return_inverse=True)
     _, ki = np.unique(null.keys[ok], return_inverse=True)
     n_p, n_k = int(pi.max()) + 1, int(ki.max()) + 1
     counts = np.bincount((pi * n_k + ki) * nb + codes,
-                         minlength=n_p * n_k * nb).reshape(n_p, n_k, nb)
+                         minlength=n_p * n_k * nb).reshape(n_p, n_k, nb).astype(float)
     by_key = counts.sum(axis=0)
-    out = []
-    for p in range(n_p):
-        present = counts[p].sum(axis=1) > 0
-        own = counts[p][present].sum(axis=0)
-        rest = by_key[present].sum(axis=0) - own
-        if own.sum() >= cfg.min_samples and rest.sum() >= cfg.min_samples:
-            out.append(stat(rest, own))
-    return out
+    seg_n = counts.sum(axis=2)  # [window, segment] rows
+    own = counts.sum(axis=1)
+    rest_k = np.where(seg_n[:, :, None] > 0, by_key[None] - counts, 0.0)
+    rest_n = rest_k.sum(axis=2)
+    ok_p = (own.sum(axis=1) >= cfg.min_samples) & (rest_n.sum(axis=1) >= cfg.min_samples) \
+        & ~((seg_n > 0) & (rest_n <= 0)).any(axis=1)
+    if not ok_p.any():
+        return {}
+    w = seg_n / seg_n.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.where(rest_n[:, :, None] > 0, rest_k / rest_n[:, :, None], 0.0)
+    rest = (w[:, :, None] * shares).sum(axis=1) * rest_n.sum(axis=1, keepdims=True)
+    values = np.atleast_1d(stat(rest[ok_p], own[ok_p]))
+    return {int(p): float(v) for p, v in zip(pid[ok_p], values, strict=True)}
 
 
-def numeric_null(values: np.ndarray, null: _Null, cfg: DriftConfig) -> list[float]:
-    """PSI of each past window of the reference against the rest of its segment(s).
-
-    Binned at the whole reference's quantile edges (one sort per feature rather than one per
-    window; the difference is within sampling noise)."""
+def _numeric_codes(values: np.ndarray, cfg: DriftConfig) -> tuple[np.ndarray, int]:
+    """PSI bin of each reference row (-1: missing) at the whole reference's quantile edges
+    (one sort per feature rather than one per window; the difference is within noise)."""
     values = np.asarray(values, dtype=float)
     finite = np.isfinite(values)
     if not finite.any():
-        return []
+        return np.full(values.size, -1, dtype=np.int64), 1
     edges = quantile_edges(values[finite], cfg.bins)
-    codes = np.where(finite, np.searchsorted(edges, values, side="left"), -1)
-    return _null_stat(codes, null, edges.size + 1,
-                      lambda a, b: psi_from_counts(a, b, cfg.epsilon), cfg)
+    return np.where(finite, np.searchsorted(edges, values, side="left"), -1), edges.size + 1
 
 
-def categorical_null(values: np.ndarray, null: _Null, cfg: DriftConfig) -> list[float]:
-    """Jensen–Shannon distance of each past window against the rest of its segment(s)."""
+def _category_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Category index of each reference row (-1: missing)."""
     values = np.asarray(values, dtype=object)
     present = _present_text(values)
-    if not present.any():
-        return []
-    cats, inv = np.unique(values[present].astype(str), return_inverse=True)
     codes = np.full(values.size, -1, dtype=np.int64)
+    if not present.any():
+        return codes, 1
+    cats, inv = np.unique(values[present].astype(str), return_inverse=True)
     codes[present] = inv
-    return _null_stat(codes, null, int(cats.size), js_distance, cfg)
+    return codes, int(cats.size)
+
+
+def numeric_null(values: np.ndarray, null: _Null, cfg: DriftConfig,
+                 exclude: Iterable[int] = ()) -> dict[int, float]:
+    """PSI of each past window of the reference against the rest of its segment(s)."""
+    codes, nb = _numeric_codes(values, cfg)
+    return _null_stat(codes, null, nb, lambda a, b: psi_from_counts(a, b, cfg.epsilon), cfg,
+                      exclude)
+
+
+def categorical_null(values: np.ndarray, null: _Null, cfg: DriftConfig,
+                     exclude: Iterable[int] = ()) -> dict[int, float]:
+    """Jensen–Shannon distance of each past window against the rest of its segment(s)."""
+    codes, nb = _category_codes(values)
+    return _null_stat(codes, null, nb, js_distance, cfg, exclude)
+
+
+def unseen_baseline(values: np.ndarray, periods: np.ndarray | None, cfg: DriftConfig
+                    ) -> tuple[float, float | None, str]:
+    """The reference's own rate of new values: (rate, robust SD across windows or None, how).
+
+    With past windows: each window's share of rows whose value appears nowhere else in the
+    reference (leave one window out — the live window against the reference, replayed), the
+    median over windows. Without: the Good–Turing estimate of the unseen mass, the share of
+    reference rows whose value occurs exactly once. A long-tail identifier (Zipf over 5,000
+    ids) shows 15% new values every day; a category that never existed shows 0."""
+    codes, _ = _category_codes(values)
+    ok = codes >= 0
+    codes = codes[ok]
+    if codes.size == 0:
+        return 0.0, None, "none"
+    total = np.bincount(codes)
+    if periods is not None:
+        per = np.asarray(periods)[ok]
+        pid, pi = np.unique(per, return_inverse=True)
+        pair = pi.astype(np.int64) * (int(total.size) + 1) + codes
+        _, pinv, pcount = np.unique(pair, return_inverse=True, return_counts=True)
+        only_here = pcount[pinv] == total[codes]
+        n_p = np.bincount(pi, minlength=pid.size)
+        shares = np.bincount(pi, weights=only_here, minlength=pid.size)[n_p >= cfg.min_samples]
+        shares = shares / n_p[n_p >= cfg.min_samples]
+        if shares.size >= cfg.adaptive_min_periods:
+            center, scale = _robust(shares)
+            return center, scale, f"median over {shares.size} past windows"
+    return float((total == 1).sum() / codes.size), None, "Good-Turing (reference singletons)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -952,12 +1112,130 @@ def categorical_null(values: np.ndarray, null: _Null, cfg: DriftConfig) -> list[
 # --------------------------------------------------------------------------------------------
 
 
+def _missing_check(f: FeatureDrift, n_ref: int, present_ref: int, n_live: int,
+                   present_live: int, cfg: DriftConfig) -> None:
+    """Missing-value drift: the share of missing/non-finite values against the reference.
+
+    Its own rule, because every other statistic runs on the values that are present: a feature
+    that goes 89% NaN keeps a perfectly normal-looking remainder. Drift when the share moved by
+    at least `missing_alert` and a chi-squared test on (present, missing) x (reference, live)
+    gives p < `chi2_alpha`."""
+    if n_ref < cfg.min_samples or n_live < cfg.min_samples:
+        return
+    _, p, _ = chi_squared(np.array([present_ref, n_ref - present_ref]),
+                          np.array([present_live, n_live - present_live]))
+    f.missing_pvalue = p
+    pooled = min(max((n_ref + n_live - present_ref - present_live) / (n_ref + n_live),
+                     1.0 / (n_ref + n_live)), 0.5)
+    noise = float(stats.norm.isf(cfg.chi2_alpha / 2)) * math.sqrt(
+        pooled * (1 - pooled) * (1 / n_ref + 1 / n_live))
+    f.min_detectable_missing_change = max(cfg.missing_alert, noise)
+    change = f.missing_live - f.missing_ref
+    if abs(change) >= cfg.missing_alert and p < cfg.chi2_alpha:
+        f.drifted = True
+        f.rules.append("missing")
+        f.reasons.append(f"missing values {f.missing_ref:.1%} -> {f.missing_live:.1%} "
+                         f"(|change| >= {cfg.missing_alert:.0%}, chi-squared p {p:.2g} < "
+                         f"{cfg.chi2_alpha:g})")
+
+
+def min_detectable_shift(reference: np.ndarray, n_live: int, psi_threshold: float,
+                         cfg: DriftConfig, max_sd: float = 10.0) -> tuple[float | None, str]:
+    """The smallest mean shift, in reference SDs, this feature's rule flags about half the
+    time at the current sample sizes, and what limits it.
+
+    Both parts of the rule must pass: the reference shifted by d SDs must reach the PSI
+    threshold (its expected noise PSI, (bins - 1)(1/n_ref + 1/n_live), added) and a KS
+    statistic past the level-`ks_alpha` critical value for these n. Computed on the reference's
+    own distribution (4,000 interpolated quantiles). The larger of the two is the answer; with
+    a large n the PSI threshold binds (a 0.2 PSI needs about 0.45 SD whatever n is)."""
+    r = np.sort(_finite(reference))
+    n_ref = r.size
+    sd = float(r.std(ddof=1)) if n_ref > 1 else 0.0
+    if n_ref < 2 or n_live < 1 or sd <= 0:
+        return None, "the reference has no spread"
+    edges = quantile_edges(r, cfg.bins)
+    # 4,000 linearly interpolated quantiles (r is sorted: no partition needed) stand in for
+    # the reference in the PSI part.
+    sample = np.interp(np.linspace(0, n_ref - 1, 4000), np.arange(n_ref), r)
+    base = bin_counts(sample, edges)
+    noise = edges.size * (1 / n_ref + 1 / n_live)
+    d_crit = math.sqrt(-math.log(cfg.ks_alpha / 2) / 2 * (n_ref + n_live) / (n_ref * n_live))
+    # KS distance of a shift: on a kernel-smoothed reference CDF (Silverman bandwidth; a
+    # histogram on 2,048 points convolved with the kernel), since the raw sample's own jumps
+    # overstate it for small reference windows.
+    iqr = float(r[int(0.75 * (n_ref - 1))] - r[int(0.25 * (n_ref - 1))])
+    h = 0.9 * (min(sd, iqr / 1.34) if iqr > 0 else sd) * n_ref ** -0.2
+    grid = np.linspace(r[0] - 4 * h, r[-1] + 4 * h, 2048)
+    step = float(grid[1] - grid[0])
+    hist = np.bincount(np.clip(np.searchsorted(grid, r), 0, grid.size - 1),
+                       minlength=grid.size).astype(float)
+    half = max(1, math.ceil(4 * h / step))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) * step / h) ** 2)
+    smooth = np.convolve(hist, kernel / kernel.sum(), mode="same")
+    cdf = np.cumsum(smooth) / smooth.sum()
+
+    def psi_at(d: float) -> float:
+        return psi_from_counts(base, bin_counts(sample + d * sd, edges), cfg.epsilon) + noise
+
+    def ks_at(d: float) -> float:
+        return float(np.max(cdf - np.interp(grid - d * sd, grid, cdf, left=0.0, right=1.0)))
+
+    def solve(fn: Callable[[float], float], target: float) -> float | None:
+        if fn(0.0) >= target:
+            return 0.0
+        if fn(max_sd) < target:
+            return None
+        lo, hi = 0.0, max_sd
+        for _ in range(20):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if fn(mid) >= target else (mid, hi)
+        return hi
+
+    d_psi, d_ks = solve(psi_at, psi_threshold), solve(ks_at, d_crit)
+    if d_psi is None or d_ks is None:
+        return None, f"no shift up to {max_sd:g} SD reaches the rule"
+    if d_psi >= d_ks:
+        return d_psi, f"PSI threshold {psi_threshold:.3f}"
+    return d_ks, f"sample size (KS at n_ref {n_ref}, n_live {n_live})"
+
+
+def _explain(f: FeatureDrift, cfg: DriftConfig) -> None:
+    """`why`: one sentence on why the feature was or was not flagged and what it can see."""
+    thr = f.threshold
+    if f.status == "insufficient" and not f.drifted:
+        f.why = "not judged: " + "; ".join(f.reasons)
+        return
+    parts: list[str] = []
+    if f.drifted:
+        parts.append("flagged by " + ", ".join(f.rules) + ": " + "; ".join(f.reasons))
+    else:
+        if f.kind == "numeric" and f.psi is not None and thr is not None:
+            ks = f"KS p {f.ks_pvalue:.2g}" if f.ks_pvalue is not None else "KS -"
+            parts.append(f"not flagged: PSI {f.psi:.3f} vs threshold {thr.value:.3f} "
+                         f"({thr.source}), {ks} vs {cfg.ks_alpha:g}")
+        elif f.kind == "categorical" and f.js_distance is not None and thr is not None:
+            parts.append(f"not flagged: JS {f.js_distance:.3f} vs {thr.value:.3f} "
+                         f"({thr.source}), unseen {f.unseen_share:.1%} vs "
+                         f"{_f(f.unseen_threshold, '.1%')} needed")
+        parts.append(f"missing {f.missing_ref:.1%} -> {f.missing_live:.1%}")
+    if f.min_detectable_shift_sd is not None:
+        parts.append(f"smallest shift it flags about half the time: "
+                     f"{f.min_detectable_shift_sd:.2f} SD (limited by {f.detection_limit})")
+    elif f.detection_limit:
+        parts.append(f"detection limit: {f.detection_limit}")
+    if thr is not None and thr.excluded:
+        parts.append(f"{thr.excluded} past window(s) that paged left out of the reference")
+    f.why = "; ".join(parts)
+
+
 def _status_numeric(f: FeatureDrift, cfg: DriftConfig) -> None:
     thr = f.threshold.value if f.threshold else cfg.psi_alert
     p_ok = f.ks_pvalue is not None and f.ks_pvalue < cfg.ks_alpha
     value = f.psi if f.psi is not None else 0.0
     if value >= thr and p_ok:
-        f.status, f.drifted = "drift", True
+        f.drifted = True
+        f.rules.append("distribution")
         source = f.threshold.source if f.threshold else "fixed"
         f.reasons.append(f"PSI {value:.3f} >= {thr:.3f} ({source}) "
                          f"and KS p {f.ks_pvalue:.2g} < {cfg.ks_alpha:g}")
@@ -968,11 +1246,11 @@ def _status_numeric(f: FeatureDrift, cfg: DriftConfig) -> None:
 
 
 def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig,
-                  null: Sequence[float] | None = None) -> FeatureDrift:
-    """PSI, KS, Wasserstein, mean/SD shift of one numeric feature.
+                  null: Sequence[float] | None = None, *, excluded: int = 0) -> FeatureDrift:
+    """PSI, KS, Wasserstein, mean/SD shift and missing share of one numeric feature.
 
     `null`: the PSI of past reference windows against their segment (`numeric_null`), for an
-    adaptive threshold; None keeps `psi_alert`."""
+    adaptive threshold; None keeps `psi_alert`. `excluded`: past windows left out (reported)."""
     ref_all = np.asarray(ref, dtype=float)
     live_all = np.asarray(live, dtype=float)
     r, c = _finite(ref_all), _finite(live_all)
@@ -980,10 +1258,12 @@ def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig
                      n_ref=int(r.size), n_live=int(c.size),
                      missing_ref=_missing_share(ref_all.size, r.size),
                      missing_live=_missing_share(live_all.size, c.size))
+    _missing_check(f, ref_all.size, r.size, live_all.size, c.size, cfg)
     if r.size < cfg.min_samples or c.size < cfg.min_samples:
-        f.status = "insufficient"
+        f.status = "drift" if f.drifted else "insufficient"
         f.reasons.append(f"{r.size} reference / {c.size} live values (< min_samples "
                          f"{cfg.min_samples})")
+        _explain(f, cfg)
         return f
     edges = quantile_edges(r, cfg.bins)
     f.psi = psi_from_counts(bin_counts(r, edges), bin_counts(c, edges), cfg.epsilon)
@@ -995,8 +1275,13 @@ def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig
         f.wasserstein_norm = f.wasserstein / f.std_ref
         f.mean_shift_sd = (f.mean_live - f.mean_ref) / f.std_ref
         f.std_ratio = f.std_live / f.std_ref
-    f.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True)
+    f.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True, excluded=excluded)
     _status_numeric(f, cfg)
+    f.min_detectable_shift_sd, f.detection_limit = min_detectable_shift(
+        r, int(c.size), f.threshold.value, cfg)
+    if f.drifted:
+        f.status = "drift"
+    _explain(f, cfg)
     return f
 
 
@@ -1010,36 +1295,54 @@ def _present_text(col: np.ndarray) -> np.ndarray:
 
 
 def categorical_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig,
-                      null: Sequence[float] | None = None) -> FeatureDrift:
-    """Chi-squared, Jensen–Shannon, PSI on categories and unseen categories of one feature.
+                      null: Sequence[float] | None = None, *,
+                      history: np.ndarray | None = None, periods: np.ndarray | None = None,
+                      excluded: int = 0) -> FeatureDrift:
+    """Chi-squared, Jensen–Shannon, PSI on categories, unseen categories and the missing share
+    of one feature.
 
-    `null`: JS distances of past reference windows (`categorical_null`) for an adaptive
-    threshold; None keeps `js_alert`."""
+    `ref`: the reference rows facing the live window (its segments). `history` (default `ref`)
+    is the whole reference: a value is *unseen* when the reference never had it, on any day,
+    and the unseen share is judged against the reference's own rate of new values
+    (`unseen_baseline`, leave-one-window-out over `periods` when given, else Good–Turing):
+    drift when it exceeds that rate by at least `unseen_alert`, a binomial test gives
+    p < `chi2_alpha`, and (with past windows) it is above median + sigma x robust SD of their
+    shares. `null`: JS distances of past reference windows (`categorical_null`) for an
+    adaptive threshold; None keeps `js_alert`."""
     ref = np.asarray(ref, dtype=object)
     live = np.asarray(live, dtype=object)
+    hist = ref if history is None else np.asarray(history, dtype=object)
     rmask, lmask = _present_text(ref), _present_text(live)
     r, c = ref[rmask].astype(str), live[lmask].astype(str)
     f = FeatureDrift(name=name, kind="categorical", status="ok", drifted=False,
                      n_ref=int(r.size), n_live=int(c.size),
                      missing_ref=_missing_share(ref.size, r.size),
                      missing_live=_missing_share(live.size, c.size))
+    _missing_check(f, ref.size, r.size, live.size, c.size, cfg)
     if r.size < cfg.min_samples or c.size < cfg.min_samples:
-        f.status = "insufficient"
+        f.status = "drift" if f.drifted else "insufficient"
         f.reasons.append(f"{r.size} reference / {c.size} live values (< min_samples "
                          f"{cfg.min_samples})")
+        _explain(f, cfg)
         return f
     ref_cats, ref_n = np.unique(r, return_counts=True)
     live_cats, live_n = np.unique(c, return_counts=True)
     known = set(ref_cats.tolist())
-    unseen = {str(k): int(n) for k, n in zip(live_cats, live_n, strict=True) if k not in known}
+    ever = known | set(hist[_present_text(hist)].astype(str).tolist())
+    unseen = {str(k): int(n) for k, n in zip(live_cats, live_n, strict=True) if k not in ever}
     f.unseen_share = sum(unseen.values()) / c.size
     f.unseen = dict(sorted(unseen.items(), key=lambda kv: -kv[1])[:10])
     # Categories: the reference's most frequent (max_categories - 1), the rest as "(other)";
-    # unseen live categories each keep their own column so the tests see them.
+    # a live category new to these segments keeps its own column when it has >= 5 rows (the
+    # chi-squared rule of thumb), else it joins "(other)": a long tail of one-off identifiers
+    # must not look like a distribution shift.
+    novel = {str(k): int(n) for k, n in zip(live_cats, live_n, strict=True) if k not in known}
     order = np.argsort(-ref_n, kind="stable")
     keep = [str(x) for x in ref_cats[order][: cfg.max_categories - 1]]
-    cats = keep + ([OTHER] if len(ref_cats) > len(keep) else [])
-    cats += [k for k in sorted(unseen, key=lambda k: -unseen[k])]
+    heavy = [k for k in sorted(novel, key=lambda k: -novel[k]) if novel[k] >= 5]
+    heavy = heavy[: cfg.max_categories]
+    cats = keep + ([OTHER] if len(ref_cats) > len(keep) or len(heavy) < len(novel) else [])
+    cats += heavy
     index = {k: i for i, k in enumerate(cats)}
     other = index.get(OTHER, -1)
     ref_codes = np.fromiter((index.get(v, other) for v in r), dtype=np.int64, count=r.size)
@@ -1052,21 +1355,38 @@ def categorical_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftCo
     f.psi = psi_from_counts(rc, lc, cfg.epsilon)
     top = np.argsort(-(rc / rc.sum() + lc / lc.sum()), kind="stable")[:20]
     f.shares = {cats[i]: [float(rc[i] / rc.sum()), float(lc[i] / lc.sum())] for i in top}
-    f.threshold = _adaptive(cfg.js_alert, null, cfg)
+    f.threshold = _adaptive(cfg.js_alert, null, cfg, excluded=excluded)
     thr = f.threshold.value
-    if f.unseen_share >= cfg.unseen_alert:
-        f.status, f.drifted = "drift", True
+    rate, spread, how = unseen_baseline(hist, periods, cfg)
+    f.unseen_baseline, f.unseen_baseline_source = rate, how
+    n_unseen = sum(unseen.values())
+    f.unseen_pvalue = float(stats.binom.sf(n_unseen - 1, c.size, rate)) if rate > 0 else (
+        0.0 if n_unseen else 1.0)
+    crit = float(stats.binom.isf(cfg.chi2_alpha, c.size, rate)) / c.size if rate > 0 else 0.0
+    f.unseen_threshold = max(rate + cfg.unseen_alert, crit + 1.0 / c.size,
+                             rate + cfg.adaptive_sigma * spread if spread is not None else 0.0)
+    if f.unseen_share >= f.unseen_threshold and f.unseen_pvalue < cfg.chi2_alpha:
+        f.drifted = True
+        f.rules.append("unseen")
         f.reasons.append(f"{f.unseen_share:.1%} of live rows in {len(unseen)} unseen "
                          f"categor{'y' if len(unseen) == 1 else 'ies'} "
-                         f"({', '.join(list(f.unseen)[:3])})")
+                         f"({', '.join(list(f.unseen)[:3])}); the reference's own rate of new "
+                         f"values is {rate:.1%} ({how}), flagged from "
+                         f"{f.unseen_threshold:.1%}, binomial p {f.unseen_pvalue:.2g}")
     if f.js_distance >= thr and f.chi2_pvalue < cfg.chi2_alpha:
-        f.status, f.drifted = "drift", True
+        f.drifted = True
+        f.rules.append("distribution")
         f.reasons.append(f"JS distance {f.js_distance:.3f} >= {thr:.3f} "
                          f"({f.threshold.source}) and chi-squared p {f.chi2_pvalue:.2g} < "
                          f"{cfg.chi2_alpha:g}")
     elif not f.drifted and (f.psi >= cfg.psi_warn or f.js_distance >= 0.5 * thr):
         f.status = "warn"
         f.reasons.append(f"category shares moved (JS {f.js_distance:.3f}, PSI {f.psi:.3f})")
+    if f.drifted:
+        f.status = "drift"
+    f.detection_limit = (f"JS distance {thr:.3f} with chi-squared p < {cfg.chi2_alpha:g}; "
+                         f"unseen share {f.unseen_threshold:.1%}")
+    _explain(f, cfg)
     return f
 
 
@@ -1090,7 +1410,8 @@ def confidence_shares(scores: np.ndarray, edges: Sequence[float]) -> np.ndarray:
 
 def prediction_drift(model: str, role: str, ref: np.ndarray, live: np.ndarray,
                      cfg: DriftConfig, threshold: float = 0.5,
-                     null: Sequence[float] | None = None) -> PredictionDrift:
+                     null: Sequence[float] | None = None, *, excluded: int = 0
+                     ) -> PredictionDrift:
     """Score distribution, predicted-positive share and confidence buckets of one model."""
     r, c = _finite(ref), _finite(live)
     p = PredictionDrift(model=model, role=role, status="ok", drifted=False,
@@ -1105,7 +1426,9 @@ def prediction_drift(model: str, role: str, ref: np.ndarray, live: np.ndarray,
     p.ks_statistic, p.ks_pvalue = ks_test(r, c)
     p.wasserstein = wasserstein(r, c)
     p.mean_ref, p.mean_live = float(r.mean()), float(c.mean())
-    p.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True)
+    p.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True, excluded=excluded)
+    p.min_detectable_shift_sd, p.detection_limit = min_detectable_shift(
+        r, int(c.size), p.threshold.value, cfg)
     if r.min() >= 0.0 and r.max() <= 1.0 and c.min() >= 0.0 and c.max() <= 1.0:
         p.positive_share_ref = float((r >= threshold).mean())
         p.positive_share_live = float((c >= threshold).mean())
@@ -1184,6 +1507,42 @@ def _as_text(col: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
     return _obj([None if not math.isfinite(v) else _category(float(v)) for v in col.tolist()])
 
 
+def _feature_codes(kind: str, col: np.ndarray, cfg: DriftConfig
+                   ) -> tuple[np.ndarray, int, Callable[[np.ndarray, np.ndarray], float], float,
+                              bool]:
+    """(codes, n codes, statistic, fixed threshold, sqrt scale) of a feature's null."""
+    if kind == "numeric":
+        codes, nb = _numeric_codes(col, cfg)
+        return codes, nb, lambda a, b: psi_from_counts(a, b, cfg.epsilon), cfg.psi_alert, True
+    codes, nb = _category_codes(col)
+    return codes, nb, js_distance, cfg.js_alert, False
+
+
+def _paged_windows(feature_nulls: Mapping[str, Mapping[int, float]],
+                   score_nulls: Mapping[str, Mapping[int, float]],
+                   bases: Mapping[str, tuple[float, bool]], n_features: int, cfg: DriftConfig
+                   ) -> tuple[set[int], dict[str, set[int]]]:
+    """Past windows that would have paged, and per feature/model the windows it was flagged in.
+
+    A first pass of thresholds from every past window; a window pages when the share of
+    features whose statistic passes its threshold reaches `drift_share`, or any model's score
+    PSI passes its own (the run's rule, on the PSI/JS part alone). Those windows are an
+    incident, not normal variation: they leave the null and the reference rows, so a shift
+    that has lasted a few days cannot raise the bar that should catch it."""
+    flagged: dict[str, set[int]] = {}
+    for name, vals in (*feature_nulls.items(), *score_nulls.items()):
+        base, sq = bases[name]
+        thr = _adaptive(base, list(vals.values()), cfg, sqrt_scale=sq)
+        flagged[name] = {p for p, v in vals.items() if v >= thr.value} \
+            if thr.periods >= cfg.adaptive_min_periods else set()
+    periods = set().union(*(set(v) for v in feature_nulls.values()), set())
+    paged = {p for p in periods if n_features and
+             sum(p in flagged[n] for n in feature_nulls) / n_features >= cfg.drift_share}
+    for model in score_nulls:
+        paged |= flagged[model]
+    return paged, flagged
+
+
 def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *, route: str,
                   threshold: float = 0.5, now: float | None = None) -> DriftResult:
     """Compare the live window with the reference, per feature and per model.
@@ -1199,16 +1558,53 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
     notes: list[str] = []
     typed = _check_types(reference, live, cfg)
     plan = _plan(reference, live, cfg, notes)
+    n_ref = len(reference)
+
+    # Past windows: a first pass finds those that paged; they leave the null and the reference.
+    prepared = {name: _feature_codes(kind, ref_col, cfg)
+                for name, (kind, ref_col, _) in typed.items()}
+    score_models = [m for m in reference.scores if m in plan.score_null
+                    and plan.score_null[m].periods.size == reference.scores[m].size]
+    excluded: dict[str, set[int]] = {}
+    f_null: dict[str, dict[int, float]] = {}
+    if plan.null is not None:
+        f_null = {n: _null_stat(c, plan.null, nb, st, cfg)
+                  for n, (c, nb, st, _, _) in prepared.items()}
+        s_codes = {m: _numeric_codes(reference.scores[m], cfg) for m in score_models}
+        s_null = {m: _null_stat(c, plan.score_null[m], nb,
+                                lambda a, b: psi_from_counts(a, b, cfg.epsilon), cfg)
+                  for m, (c, nb) in s_codes.items()}
+        bases = {n: (p[3], p[4]) for n, p in prepared.items()}
+        bases.update({m: (cfg.psi_alert, True) for m in score_models})
+        paged, flagged = _paged_windows(f_null, s_null, bases, len(prepared), cfg)
+        excluded = {n: paged | flagged[n] for n in (*prepared, *score_models)}
+        if paged:
+            plan.info["paged_windows_excluded"] = len(paged)
+            notes.append(f"{len(paged)} past window(s) of the reference would have paged; "
+                         f"left out of the reference and of the adaptive thresholds")
 
     features: list[FeatureDrift] = []
     for name, (kind, ref_col, live_col) in typed.items():
-        ref_sel = ref_col if plan.ref_mask is None else ref_col[plan.ref_mask]
+        excl = excluded.get(name, set())
+        eligible = ~np.isin(plan.null.periods, list(excl)) \
+            if plan.null is not None and excl else None
+        rows = _segment_rows(plan.ref_keys, plan.live_mix, eligible, n_ref)
+        ref_sel = ref_col if rows is None else ref_col[rows]
+        null = None
+        if plan.null is not None:
+            codes, nb, stat, _, _ = prepared[name]
+            null = list((_null_stat(codes, plan.null, nb, stat, cfg, excl) if excl
+                         else f_null[name]).values())
         if kind == "numeric":
-            null = numeric_null(ref_col, plan.null, cfg) if plan.null else None
-            features.append(numeric_drift(name, ref_sel, live_col, cfg, null))
+            features.append(numeric_drift(name, ref_sel, live_col, cfg, null,
+                                          excluded=len(excl)))
         else:
-            null = categorical_null(ref_col, plan.null, cfg) if plan.null else None
-            features.append(categorical_drift(name, ref_sel, live_col, cfg, null))
+            hist = ref_col if eligible is None else ref_col[eligible]
+            periods = None
+            if plan.null is not None:
+                periods = plan.null.periods if eligible is None else plan.null.periods[eligible]
+            features.append(categorical_drift(name, ref_sel, live_col, cfg, null, history=hist,
+                                              periods=periods, excluded=len(excl)))
     if plan.null is not None:
         used = [f.threshold.periods for f in features if f.threshold is not None]
         if used and max(used) < cfg.adaptive_min_periods:
@@ -1218,11 +1614,13 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
                          f"rest of its segment to compare with); fixed thresholds used")
     for name in reference.columns:
         if name not in live.columns:
-            features.append(FeatureDrift(
+            absent = FeatureDrift(
                 name=name, kind="numeric" if _is_numeric(reference.columns[name]) else
                 "categorical", status="missing", drifted=True, n_ref=len(reference), n_live=0,
-                missing_ref=0.0, missing_live=1.0,
-                reasons=["in the reference but absent from the live window"]))
+                missing_ref=0.0, missing_live=1.0, rules=["absent"],
+                reasons=["in the reference but absent from the live window"])
+            absent.why = "flagged: in the reference but absent from the live window"
+            features.append(absent)
 
     evaluated = [f for f in features if f.status != "insufficient"]
     share = (sum(f.drifted for f in evaluated) / len(evaluated)) if evaluated else None
@@ -1238,19 +1636,25 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
             notes.append(f"no reference scores for model {model}: prediction drift skipped")
             continue
         all_scores = reference.scores[key]
-        ref_scores = all_scores
-        if key in plan.score_masks and plan.score_masks[key].size == all_scores.size:
-            ref_scores = all_scores[plan.score_masks[key]]
-        score_null = plan.score_null.get(key)
-        null = numeric_null(all_scores, score_null, cfg) \
-            if score_null is not None and score_null.periods.size == all_scores.size else None
+        excl = excluded.get(key, set())
+        score_null = plan.score_null.get(key) if key in score_models else None
+        eligible = ~np.isin(score_null.periods, list(excl)) \
+            if score_null is not None and excl else None
+        keys = plan.score_keys.get(key)
+        if keys is not None and keys.size != all_scores.size:
+            keys = None
+        rows = _segment_rows(keys, plan.live_mix, eligible, all_scores.size) \
+            if keys is not None else eligible
+        ref_scores = all_scores if rows is None else all_scores[rows]
+        null = list(numeric_null(all_scores, score_null, cfg, excl).values()) \
+            if score_null is not None else None
         predictions.append(prediction_drift(model, role, ref_scores, live.scores[model], cfg,
-                                            threshold, null))
+                                            threshold, null, excluded=len(excl)))
 
     settings = {k: getattr(cfg, k) for k in (
         "bins", "epsilon", "psi_warn", "psi_alert", "ks_alpha", "chi2_alpha", "js_alert",
-        "unseen_alert", "drift_share", "min_samples", "seasonality", "adaptive",
-        "adaptive_sigma", "adaptive_min_periods")}
+        "unseen_alert", "missing_alert", "drift_share", "min_samples", "seasonality",
+        "adaptive", "adaptive_sigma", "adaptive_min_periods")}
     settings["categorical"] = list(cfg.categorical)
     settings["classification_threshold"] = threshold
     return DriftResult(route=route, generated_at=time.time() if now is None else now,
@@ -1271,8 +1675,10 @@ class Windows:
 
 
 def plan_windows(store: Any, route: str, cfg: DriftConfig, *, reference_path: str | None,
-                 reference_window: float | None = None, window: float | None = None) -> Windows:
-    """Live window ending at the route's newest inference; the log reference right before."""
+                 reference_window: float | None = None, window: float | None = None,
+                 pinned_until: float | None = None) -> Windows:
+    """Live window ending at the route's newest inference; the log reference right before it,
+    or before `pinned_until` while a drift episode is open (`reference_bounds`)."""
     span = store.time_range(route)
     if span is None:
         known = ", ".join(store.routes()) or "none (nothing ingested yet)"
@@ -1282,8 +1688,9 @@ def plan_windows(store: Any, route: str, cfg: DriftConfig, *, reference_path: st
     since = until - length
     if reference_path:
         return Windows(since, until, reference_path=reference_path)
-    ref_len = reference_window or cfg.reference_window
-    return Windows(since, until, since - ref_len, since)
+    ref_since, ref_until = reference_bounds(since, reference_window or cfg.reference_window,
+                                            pinned_until)
+    return Windows(since, until, ref_since, ref_until)
 
 
 def drift_for_route(store: Any, config: EvaluatorConfig, route: str, windows: Windows,
@@ -1366,7 +1773,7 @@ def feature_table(result: DriftResult | Mapping[str, Any]) -> str:
     d = _as_dict(result)
     head = (f"{'feature':<22} {'kind':<11} {'n_ref':>7} {'n_live':>7} {'PSI':>7} {'thr':>6} "
             f"{'KS p':>8} {'W1/sd':>6} {'dmean':>6} {'JS':>6} {'chi2 p':>8} {'unseen':>7} "
-            f"status")
+            f"{'miss':>6} {'mds':>5} status")
     lines = [head, "-" * len(head)]
     for f in d.get("features", []):
         thr = (f.get("threshold") or {}).get("value")
@@ -1375,7 +1782,9 @@ def feature_table(result: DriftResult | Mapping[str, Any]) -> str:
             f"{_f(f.get('psi')):>7} {_f(thr, '.2f'):>6} {_f(f.get('ks_pvalue'), '.1e'):>8} "
             f"{_f(f.get('wasserstein_norm'), '.2f'):>6} {_f(f.get('mean_shift_sd'), '+.2f'):>6} "
             f"{_f(f.get('js_distance')):>6} {_f(f.get('chi2_pvalue'), '.1e'):>8} "
-            f"{_f(f.get('unseen_share'), '.1%'):>7} {_status(f)}")
+            f"{_f(f.get('unseen_share'), '.1%'):>7} {_f(f.get('missing_live'), '.1%'):>6} "
+            f"{_f(f.get('min_detectable_shift_sd'), '.2f'):>5} {_status(f)}"
+            + (f" ({', '.join(f['rules'])})" if f.get("rules") else ""))
     preds = d.get("predictions", [])
     if preds:
         lines.append("")
@@ -1419,8 +1828,9 @@ def drift_markdown(result: DriftResult | Mapping[str, Any], heading: str = "##")
                f"{_f((d.get('settings') or {}).get('drift_share'), '.0%')}): "
                f"{', '.join(d.get('drifted_features', [])) or 'none'}.")
     out += ["", "| feature | kind | PSI | threshold | KS p | Wasserstein/sd | mean shift (sd) | "
-                "JS | chi² p | unseen | status |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "JS | chi² p | unseen (flag from) | missing ref → live | detects ≥ (sd) | "
+                "status |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for f in d.get("features", []):
         thr = f.get("threshold") or {}
         adaptive = " (adaptive)" if thr.get("source") == "adaptive" else ""
@@ -1429,22 +1839,35 @@ def drift_markdown(result: DriftResult | Mapping[str, Any], heading: str = "##")
                    f"{_f(thr.get('value'), '.3f')}{adaptive} | "
                    f"{_f(f.get('ks_pvalue'), '.2g')} | {_f(f.get('wasserstein_norm'), '.3f')} | "
                    f"{_f(f.get('mean_shift_sd'), '+.2f')} | {_f(f.get('js_distance'))} | "
-                   f"{_f(f.get('chi2_pvalue'), '.2g')} | {_f(f.get('unseen_share'), '.1%')} | "
-                   f"{status} |")
+                   f"{_f(f.get('chi2_pvalue'), '.2g')} | {_f(f.get('unseen_share'), '.1%')}"
+                   f"{_unseen_from(f)} | {_f(f.get('missing_ref'), '.1%')} → "
+                   f"{_f(f.get('missing_live'), '.1%')} | "
+                   f"{_f(f.get('min_detectable_shift_sd'), '.2f')} | {status} |")
     preds = d.get("predictions", [])
     if preds:
         out += ["", "| model | role | score PSI | KS p | mean score | predicted positive | "
-                    "confidence PSI | status |", "|---|---|---:|---:|---:|---:|---:|---|"]
+                    "confidence PSI | detects ≥ (sd) | status |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for p in preds:
             status = f"**{p['status']}**" if p.get("drifted") else p["status"]
             out.append(f"| {p['model']} | {p['role']} | {_f(p.get('psi'))} | "
                        f"{_f(p.get('ks_pvalue'), '.2g')} | {_f(p.get('mean_ref'))} → "
                        f"{_f(p.get('mean_live'))} | {_f(p.get('positive_share_ref'), '.1%')} → "
                        f"{_f(p.get('positive_share_live'), '.1%')} | "
-                       f"{_f(p.get('confidence_psi'))} | {status} |")
+                       f"{_f(p.get('confidence_psi'))} | "
+                       f"{_f(p.get('min_detectable_shift_sd'), '.2f')} | {status} |")
+    whys = [f"- **{f['name']}**: {f['why']}" for f in d.get("features", []) if f.get("why")]
+    if whys:
+        out += ["", "Why each feature was or was not flagged, and the smallest shift its rule "
+                    "can see at these sample sizes:", "", *whys]
     if d.get("notes"):
         out += [""] + [f"- {n}" for n in d["notes"]]
     return "\n".join(out) + "\n"
+
+
+def _unseen_from(f: Mapping[str, Any]) -> str:
+    thr = f.get("unseen_threshold")
+    return f" ({_f(thr, '.1%')})" if thr is not None else ""
 
 
 def write_result(result: DriftResult, out_dir: str | Path) -> Path:
@@ -1492,6 +1915,19 @@ class DriftMetrics:
         self.unseen = g("understudy_drift_unseen_share",
                         "Share of live rows in categories unseen in the reference", rf)
         self.drifted = g("understudy_drift_feature_drifted", "1 when a feature drifts", rf)
+        self.rule = g("understudy_drift_feature_rule",
+                      "1 when this rule flags the feature (distribution, unseen, missing, "
+                      "absent), else 0: why a feature was or was not flagged",
+                      ["route", "feature", "rule"])
+        self.min_shift = g("understudy_drift_min_detectable_shift_sd",
+                           "Smallest mean shift (reference SDs) the feature's rule flags about "
+                           "half the time at the current n", rf)
+        self.missing = g("understudy_drift_missing_share",
+                         "Share of rows with a missing or non-finite value",
+                         ["route", "feature", "window"])
+        self.unseen_threshold = g("understudy_drift_unseen_threshold",
+                                  "Unseen-category share from which a feature is flagged (the "
+                                  "reference's own rate of new values plus its margin)", rf)
         self.share = g("understudy_drift_share", "Share of features that drift", ["route"])
         self.detected = g("understudy_drift_detected",
                           "1 on dataset drift or prediction drift", ["route"])
@@ -1502,6 +1938,9 @@ class DriftMetrics:
         self.pred_ks = g("understudy_prediction_drift_ks_pvalue", "Score KS p-value", rm)
         self.pred_drifted = g("understudy_prediction_drift_detected",
                               "1 when a model's scores drift", rm)
+        self.pred_min_shift = g("understudy_prediction_drift_min_detectable_shift_sd",
+                                "Smallest score shift (reference SDs) flagged about half the "
+                                "time at the current n", rm)
         self.pred_positive = g("understudy_prediction_positive_share",
                                "Predicted-positive share", ["route", "model", "window"])
         self.pred_conf = g("understudy_prediction_confidence_share",
@@ -1533,11 +1972,19 @@ class DriftMetrics:
             put(self.chi2_pvalue, lab, f.chi2_pvalue)
             put(self.unseen, lab, f.unseen_share)
             put(self.drifted, lab, float(f.drifted))
+            for rule in ("distribution", "unseen", "missing", "absent"):
+                if rule != "unseen" or f.kind == "categorical":
+                    put(self.rule, (*lab, rule), float(rule in f.rules))
+            put(self.min_shift, lab, f.min_detectable_shift_sd)
+            put(self.missing, (*lab, "reference"), f.missing_ref)
+            put(self.missing, (*lab, "live"), f.missing_live)
+            put(self.unseen_threshold, lab, f.unseen_threshold)
         for p in result.predictions:
             lab = (route, p.model)
             put(self.pred_psi, lab, p.psi)
             put(self.pred_ks, lab, p.ks_pvalue)
             put(self.pred_drifted, lab, float(p.drifted))
+            put(self.pred_min_shift, lab, p.min_detectable_shift_sd)
             put(self.pred_positive, (*lab, "reference"), p.positive_share_ref)
             put(self.pred_positive, (*lab, "live"), p.positive_share_live)
             for b in p.confidence:
@@ -1652,6 +2099,15 @@ class WebhookNotifier:
     def episodes(self) -> dict[str, Any]:
         return self._load()
 
+    def pinned_until(self, route: str) -> float | None:
+        """Where the log reference ends while the route's drift episode is open (None: no
+        open episode, or it started on a file reference)."""
+        st = self._load().get(f"{route}:drift")
+        if not isinstance(st, dict) or not st.get("active"):
+            return None
+        value = st.get("reference_until")
+        return float(value) if isinstance(value, int | float) else None
+
     # -- delivery ---------------------------------------------------------------------------
 
     def send(self, payload: Mapping[str, Any], idempotency_key: str) -> int:
@@ -1686,8 +2142,11 @@ class WebhookNotifier:
                            f"{last})")
 
     def observe(self, key: str, active: bool, payload: Mapping[str, Any],
-                now: float | None = None) -> str:
+                now: float | None = None, reference_until: float | None = None) -> str:
         """Record one run's state of episode `key`; fire when an episode starts.
+
+        `reference_until`: where this run's log reference ended; kept from the run that opens
+        the episode, it pins the reference until the episode ends (`pinned_until`).
 
         Returns `fired`, `already_fired` (same episode), `failed` (retried next run),
         `disabled` (no URL: state is still kept), `quiet` or `cleared` (episode ended).
@@ -1708,7 +2167,7 @@ class WebhookNotifier:
                 return outcome
             if not st or not st.get("active"):
                 st = {"id": uuid.uuid4().hex, "active": True, "started_at": now, "fired": False,
-                      "attempts": 0}
+                      "attempts": 0, "reference_until": reference_until}
                 episodes[key] = st
             st["quiet_runs"] = 0
             st["last_seen"] = now
@@ -1732,8 +2191,10 @@ class WebhookNotifier:
             return outcome
 
 
-def alert_drift(notifier: WebhookNotifier, result: DriftResult) -> str:
-    """One episode per route: significant drift (dataset drift or any model's scores)."""
+def alert_drift(notifier: WebhookNotifier, result: DriftResult,
+                reference_until: float | None = None) -> str:
+    """One episode per route: significant drift (dataset drift or any model's scores).
+    `reference_until`: the end of a log reference, pinned while the episode is open."""
     payload = {
         "event": "drift", "route": result.route, "verdict": result.verdict,
         "share": result.share, "drifted_features": result.drifted_features,
@@ -1744,7 +2205,8 @@ def alert_drift(notifier: WebhookNotifier, result: DriftResult) -> str:
                        if result.drifted_models else "")),
         "live": result.live, "reference": result.reference,
     }
-    return notifier.observe(f"{result.route}:drift", result.significant, payload)
+    return notifier.observe(f"{result.route}:drift", result.significant, payload,
+                            reference_until=reference_until)
 
 
 def alert_guardrails(notifier: WebhookNotifier, route: str, decisions: Iterable[Any]
@@ -1792,7 +2254,11 @@ def run_command(args: argparse.Namespace, config: EvaluatorConfig) -> int:
     window = parse_duration(args.window, "--window") if args.window else None
     out_dir = Path(args.out or cfg.out)
     push_url = args.push or cfg.pushgateway
-    notifier = WebhookNotifier.from_config(cfg) if not args.no_webhook else None
+    # The episode state is kept with --no-webhook too: it pins the log reference while an
+    # episode is open, so the check keeps flagging a shift for as long as it lasts.
+    notifier = WebhookNotifier.from_config(cfg)
+    if args.no_webhook:
+        notifier.url = None
     serve_port = args.serve if args.serve is not None else 0
     every = parse_duration(args.every, "--every") if args.every else 3600.0
     if serve_port:
@@ -1822,10 +2288,15 @@ def _run_once(route: str, config: EvaluatorConfig, cfg: DriftConfig, reference_p
               push_url: str | None, notifier: WebhookNotifier | None, store_cls: Any) -> int:
     store = store_cls.open(config.store, read_only=True)
     try:
+        pinned = notifier.pinned_until(route) if notifier is not None and not reference_path \
+            else None
         windows = plan_windows(store, route, cfg, reference_path=reference_path,
-                               reference_window=ref_window, window=window)
+                               reference_window=ref_window, window=window,
+                               pinned_until=pinned)
         ref_len = format_duration(ref_window or cfg.reference_window)
         ref_desc = reference_path or f"log window of {ref_len} before the live one"
+        if pinned is not None:
+            ref_desc += f", pinned at {_iso(pinned)} while the drift episode is open"
         print(f"drift: route {route!r}, live [{_iso(windows.live_since)}, "
               f"{_iso(windows.live_until)}), reference {ref_desc}; seasonality "
               f"{cfg.seasonality}, {'adaptive' if cfg.adaptive else 'fixed'} thresholds",
@@ -1853,7 +2324,7 @@ def _run_once(route: str, config: EvaluatorConfig, cfg: DriftConfig, reference_p
             print(f"drift: Pushgateway {push_url} unreachable: {exc}", file=sys.stderr)
             return 1
     if notifier is not None:
-        outcome = alert_drift(notifier, result)
+        outcome = alert_drift(notifier, result, windows.ref_until)
         if outcome in ("fired", "failed", "already_fired"):
             print(f"drift: webhook {outcome} (episode {route}:drift)")
         if outcome == "failed":

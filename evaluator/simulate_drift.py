@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="stream seed")
     parser.add_argument("--rows-per-day", type=int)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--incident", action="store_true",
+                        help="the rolling-reference incident scenarios (issue 20) instead")
     args = parser.parse_args(argv)
+    if args.incident:
+        return _incident_main(args)
     cfg = FAST if args.fast else SimConfig()
     if args.seed is not None:
         cfg = replace(cfg, seed=args.seed)
@@ -201,6 +205,187 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
     return 0
+
+
+INCIDENT_RUNS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("0.5 SD in the 3 features the model uses (3 of 32)", {"scenario": "model3"}),
+    ("0.5 SD in 12 of 32 features (dataset rule)", {"scenario": "wide"}),
+    ("model's features + 89% NaN in x10", {"scenario": "missing"}),
+    ("model's features, windows from 06:00 (straddling midnight)",
+     {"scenario": "model3", "check_hour": 6.0}),
+)
+
+
+def format_incident(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """The incident table docs/DRIFT.md quotes."""
+    lines = ["| scenario | false pages / normal week | shift days paged | by the dataset rule "
+             "| merchant_id flagged (normal days) | x10 flagged (shift days) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in rows:
+        flags = r["normal_feature_flags"].get("merchant_id", 0)
+        lines.append(f"| {name} | {r['false_pages_per_week']:.2f} | {r['shift_pages']}/"
+                     f"{r['shift_days']} | {r['shift_dataset_pages']}/{r['shift_days']} | "
+                     f"{flags}/{r['normal_days']} | "
+                     f"{r['shift_feature_flags'].get('x10', 0)}/{r['shift_days']} |")
+    return "\n".join(lines)
+
+
+def _incident_main(args: argparse.Namespace) -> int:
+    base = FAST_INCIDENT if args.fast else IncidentConfig()
+    if args.seed is not None:
+        base = replace(base, seed=args.seed)
+    if args.rows_per_day:
+        base = replace(base, rows_per_day=args.rows_per_day)
+    rows = []
+    for name, overrides in INCIDENT_RUNS:
+        rows.append((name, simulate_incident(replace(base, **overrides))))
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    print(format_incident(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(rows), fh, indent=2)
+    return 0
+
+
+
+# --------------------------------------------------------------------------------------------
+# Incidents against a rolling log reference (issue 20): does a real shift page on every day it
+# lasts, and does the rest stay quiet?
+# --------------------------------------------------------------------------------------------
+
+N_WIDE = 30  # numeric features x00..x29
+MODEL_FEATURES = (0, 1, 2)  # the model leans on these three
+WEEKEND_FEATURES = (3, 4, 5, 6, 7)  # +weekend_sd (0.8) SD at weekends
+N_IDS = 5000  # long-tail identifier: Zipf(1.1) over 5,000 merchant ids
+
+
+@dataclass(frozen=True)
+class IncidentConfig:
+    """A route checked once a day against the 28 days of log before the live window.
+
+    `scenario`: `model3` (0.5 SD in the 3 features the model uses: 3 of 32 features, so only
+    prediction drift can page), `wide` (0.5 SD in 12 of 32 features: the dataset rule),
+    `missing` (the model's features plus 89% NaN in x10). The shift lasts `shift_days` after
+    `normal_days` checked normal days, then `after_days` normal days (the episode must close).
+    `check_hour`: the live window is [day + h, day + 1 + h), so h > 0 straddles midnight.
+    """
+
+    seed: int = 20260101
+    rows_per_day: int = 1000
+    warmup_days: int = 28
+    normal_days: int = 28
+    shift_days: int = 7
+    after_days: int = 7
+    shift_sd: float = 0.5
+    scenario: str = "model3"
+    check_hour: float = 0.0
+    reference_days: int = 28
+    weekend_sd: float = 0.8  # weekend shift of x03..x07
+
+
+FAST_INCIDENT = IncidentConfig(rows_per_day=500, warmup_days=21, normal_days=14,
+                               after_days=3, reference_days=21)
+
+
+def _wide_day(rng: np.random.Generator, day: int, n: int, cfg: IncidentConfig, shifted: bool
+              ) -> dict[str, np.ndarray]:
+    weekend = day % 7 >= 5
+    ts = MONDAY + day * DAY + np.sort(rng.uniform(0, DAY, n))
+    x = rng.normal(0.0, 1.0, (N_WIDE, n))
+    if weekend:
+        x[list(WEEKEND_FEATURES)] += cfg.weekend_sd
+    if shifted:
+        moved = range(12, 24) if cfg.scenario == "wide" else MODEL_FEATURES
+        x[list(moved)] += cfg.shift_sd
+        if cfg.scenario == "missing":
+            x[10, rng.random(n) < 0.89] = np.nan
+    x[10, rng.random(n) < 0.01] = np.nan  # a feature that is sometimes missing anyway
+    p = 1.0 / np.arange(1, N_IDS + 1) ** 1.1
+    ids = rng.choice(N_IDS, n, p=p / p.sum())
+    mix = np.asarray(WEEKEND_MIX if weekend else WEEKDAY_MIX)
+    logit = -1.5 + 0.6 * x[list(MODEL_FEATURES)].sum(axis=0) + 0.1 * np.nansum(x[3:10], axis=0)
+    out = {f"x{j:02d}": x[j] for j in range(N_WIDE)}
+    out.update(ts=ts, merchant_id=np.asarray([f"m{i}" for i in ids], dtype=object),
+               channel=np.asarray(CHANNELS, dtype=object)[rng.choice(3, n, p=mix)],
+               score=1.0 / (1.0 + np.exp(-logit)))
+    return out
+
+
+def simulate_incident(cfg: IncidentConfig = IncidentConfig(), drift: DriftConfig | None = None,
+                      *, memory: bool = True) -> dict[str, Any]:
+    """Daily checks of the recommended setup (day-of-week segments, adaptive thresholds, a
+    rolling 28-day log reference); `memory`: the episode state pins the reference while an
+    episode is open (what `python -m evaluator drift` does through `drift.state_path`).
+
+    Returns pages per phase, the dataset-rule pages in the shift, per-feature flag counts and
+    the days of the shift on which each shifted feature was flagged.
+    """
+    import tempfile
+    from pathlib import Path
+
+    dc = drift or DriftConfig(seasonality="day_of_week", adaptive=True)
+    rng = np.random.default_rng(cfg.seed)
+    total = cfg.warmup_days + cfg.normal_days + cfg.shift_days + cfg.after_days
+    shift_start = cfg.warmup_days + cfg.normal_days
+    days = [_wide_day(rng, d, cfg.rows_per_day, cfg,
+                      shift_start <= d < shift_start + cfg.shift_days) for d in range(total)]
+    cols = {k: np.concatenate([d[k] for d in days]) for k in days[0]}
+    ts, score = cols.pop("ts"), cols.pop("score")
+    phases = {"normal": [], "shift": [], "after": []}
+    dataset_pages, flags = 0, {name: 0 for name in cols}
+    shifted_flags: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        notifier = None
+        if memory:
+            from evaluator.drift import WebhookNotifier, reference_bounds
+
+            notifier = WebhookNotifier(None, Path(tmp) / "state.json",
+                                       clear_runs=dc.episode_clear_runs)
+        for d in range(cfg.warmup_days, total):
+            since = MONDAY + d * DAY + cfg.check_hour * HOUR_S
+            until = since + DAY
+            ref_since, ref_until = since - cfg.reference_days * DAY, since
+            if notifier is not None:
+                pinned = notifier.pinned_until("sim")
+                ref_since, ref_until = reference_bounds(since, cfg.reference_days * DAY, pinned)
+            live = _slice(cols, ts, score, since, until, f"day {d}")
+            reference = _slice(cols, ts, score, ref_since, ref_until, "log reference")
+            result = compute_drift(reference, live, dc, route="sim")
+            if notifier is not None:
+                notifier.observe("sim:drift", result.significant, {}, now=since,
+                                 reference_until=ref_until)
+            phase = ("normal" if d < shift_start else
+                     "shift" if d < shift_start + cfg.shift_days else "after")
+            phases[phase].append(bool(result.significant))
+            if phase == "shift":
+                dataset_pages += bool(result.dataset_drift)
+                for name in result.drifted_features:
+                    shifted_flags[name] = shifted_flags.get(name, 0) + 1
+            elif phase == "normal":
+                for name in result.drifted_features:
+                    flags[name] += 1
+    weeks = cfg.normal_days / 7
+    return {
+        "config": cfg.__dict__, "memory": memory,
+        "false_pages": sum(phases["normal"]), "normal_days": cfg.normal_days,
+        "false_pages_per_week": sum(phases["normal"]) / weeks if weeks else None,
+        "shift_pages": sum(phases["shift"]), "shift_days": cfg.shift_days,
+        "shift_dataset_pages": dataset_pages,
+        "after_pages": phases["after"],
+        "normal_feature_flags": {k: v for k, v in flags.items() if v},
+        "shift_feature_flags": shifted_flags,
+    }
+
+
+HOUR_S = 3600.0
+
+
+def _slice(cols: dict[str, np.ndarray], ts: np.ndarray, score: np.ndarray, since: float,
+           until: float, source: str) -> FeatureData:
+    lo, hi = np.searchsorted(ts, [since, until], side="left")
+    return FeatureData(columns={k: v[lo:hi] for k, v in cols.items()}, ts=ts[lo:hi],
+                       scores={MODEL: score[lo:hi]}, score_ts={MODEL: ts[lo:hi]},
+                       roles={MODEL: "champion"}, source=source, since=since, until=until)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,93 @@ async def test_shift_halfway_is_detected_on_the_shifted_features_only(
         assert calls[0]["body"]["drifted_models"]  # the scores moved too
     finally:
         await receiver.close()
+
+
+async def test_drift_command_on_gateway_logs_keeps_paging_while_the_episode_is_open(
+        make_gateway: GatewayFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m evaluator drift` on two gateways' logs: normal traffic, then a shift seen by
+    run 1, then more of the shift seen by run 2. Run 2 compares with the traffic before the
+    episode began (the reference is pinned in the episode state), so it still pages; a run
+    without that state compares with the shifted traffic just before it and does not."""
+    import json
+
+    import yaml
+
+    from evaluator import cli
+
+    src = tmp_path / "src"
+    route = {"champion": {"model": "fraud_v3"}}
+    traffic = FraudTraffic(seed=41)
+    shifted = traffic.shifted(mean_shift=SHIFTED, seed=42)
+    gap = 1.0  # between phases; windows keep gap / 2 of slack on each side
+
+    gw1 = await make_gateway({"fraud": route}, log={"path": str(src / "worker-0")})
+    ta0 = time.time()
+    await _send(gw1, traffic, "a-")
+    ta1 = time.time()
+    await asyncio.sleep(gap)
+    tb0 = time.time()
+    await _send(gw1, shifted, "b-")
+    tb1 = time.time()
+    await gw1.stop()
+
+    def write_config(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "source": {"path": str(src)},
+            "store": {"path": str(tmp_path / "store.duckdb")},
+            "features": {"names": {"features": list(FRAUD_FEATURES)}},
+            "drift": {"adaptive": False, "out": str(tmp_path / name),
+                      "state_path": str(tmp_path / f"{name}-state.json")},
+        }))
+        return path
+
+    pinned_cfg, fresh_cfg = write_config("pinned"), write_config("fresh")
+    config = parse_config(yaml.safe_load(pinned_cfg.read_text()), env={})
+    ms = lambda s: f"{max(1, round(s * 1000))}ms"  # noqa: E731 - a local formatter
+
+    def run(cfg_path: Path, live: float, ref_window: float) -> tuple[dict[str, Any], str]:
+        with Store.open(config.store) as store:
+            FileIngestor(config, store).drain()
+        code = cli.main(["drift", "--config", str(cfg_path), "--route", "fraud",
+                         "--window", ms(live), "--reference-window", ms(ref_window),
+                         "--no-webhook"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        name = cfg_path.stem
+        return json.loads((tmp_path / name / "drift.json").read_text()), out
+
+    first, out1 = await asyncio.to_thread(run, pinned_cfg, tb1 - tb0 + gap / 2,
+                                          ta1 - ta0 + gap)
+    shifted_names = sorted(FRAUD_FEATURES[i] for i in SHIFTED)
+    assert first["verdict"] == "DRIFT"
+    assert sorted(first["drifted_features"]) == shifted_names
+    assert first["reference"]["n"] == ROWS and first["live"]["n"] == ROWS
+    assert "pinned at" not in out1
+    for f in first["features"]:
+        assert f["why"]
+        assert f["min_detectable_shift_sd"] is not None
+        assert f["missing_live"] == 0.0 and "missing" not in f["rules"]
+        assert ("distribution" in f["rules"]) == (f["name"] in shifted_names)
+
+    await asyncio.sleep(gap)
+    gw2 = await make_gateway({"fraud": route}, log={"path": str(src / "worker-1")})
+    tc0 = time.time()
+    await _send(gw2, shifted, "c-")
+    tc1 = time.time()
+    await gw2.stop()
+    assert tc0 - tb1 > gap
+
+    # A reference window as long as the time from the shift's start to this live window: just
+    # the shifted traffic before it, unless the episode pins it before the shift began.
+    ref_len = tc0 - tb0
+    second, out2 = await asyncio.to_thread(run, pinned_cfg, tc1 - tc0 + gap / 2, ref_len)
+    assert "pinned at" in out2
+    assert second["verdict"] == "DRIFT"
+    assert sorted(second["drifted_features"]) == shifted_names
+    assert second["reference"]["n"] == ROWS  # the normal traffic, not the shift
+    # without the episode state the reference is the shifted traffic right before: no page
+    control, out3 = await asyncio.to_thread(run, fresh_cfg, tc1 - tc0 + gap / 2, ref_len)
+    assert "pinned at" not in out3
+    assert control["reference"]["n"] == ROWS  # the first shifted batch
+    assert not set(control["drifted_features"]) & set(shifted_names)
