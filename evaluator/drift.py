@@ -44,9 +44,16 @@ Each feature says why it was or was not flagged (`rules`, `reasons`, `why`) and 
 the time at the current sample sizes, and the `detection_limit` that binds (the PSI threshold,
 or the sample size through the KS test).
 
-Dataset verdict: the share of evaluated features that drift; `dataset_drift` when it reaches
-`drift_share` (0.3, as in the seed's `DataDriftPreset(drift_share=0.3)`). A feature in the
-reference but absent from the live window counts as drifted (it stopped arriving).
+Dataset verdict (`dataset_rule`): `dataset_drift` when the share of evaluated features the
+dataset rule counts reaches `drift_share` (0.3, as in the seed's
+`DataDriftPreset(drift_share=0.3)`). It counts every drifted feature, and every feature whose
+distribution test (KS, chi-squared) survives a Benjamini–Hochberg correction across the
+features at `ks_alpha`/`chi2_alpha` with an effect at or above its *dataset floor* — PSI >=
+`psi_warn` (0.1) instead of `psi_alert`, JS >= `js_alert` x sqrt(psi_warn / psi_alert), or the
+adaptive bar from past windows on that base: a broad 0.5 SD shift sits right at one feature's
+PSI floor, and a share of flags alone pages on some days of it and not others. `share` stays
+the share of drifted features. A feature in the reference but absent from the live window
+counts as drifted (it stopped arriving).
 
 Prediction drift, per model (champion and every challenger, whether served or shadow): PSI, KS
 and Wasserstein of the score distribution, the predicted-positive share (score >= the route's
@@ -694,10 +701,17 @@ class FeatureDrift:
     rules: list[str] = field(default_factory=list)  # distribution | unseen | missing | absent
     reasons: list[str] = field(default_factory=list)
     why: str = ""  # why it was or was not flagged, and what it can detect
+    # The dataset rule (`dataset_rule`): the lower effect floor (PSI or JS) a feature must
+    # reach to count towards the dataset share, its BH-adjusted distribution p-value, and
+    # whether it counts (every drifted feature does).
+    dataset_floor: Threshold | None = None
+    dataset_qvalue: float | None = None
+    dataset_counted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["threshold"] = self.threshold.to_dict() if self.threshold else None
+        d["dataset_floor"] = self.dataset_floor.to_dict() if self.dataset_floor else None
         return _clean(d)
 
 
@@ -742,15 +756,21 @@ class DriftResult:
     live: dict[str, Any]
     features: list[FeatureDrift]
     predictions: list[PredictionDrift]
-    share: float | None
+    share: float | None  # share of evaluated features that drift (the feature rules)
     dataset_drift: bool
     seasonal: dict[str, Any]
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    dataset_share: float | None = None  # share the dataset rule counts (`dataset_rule`)
 
     @property
     def drifted_features(self) -> list[str]:
         return [f.name for f in self.features if f.drifted]
+
+    @property
+    def dataset_features(self) -> list[str]:
+        """Features the dataset rule counts: the drifted ones and those in a broad shift."""
+        return [f.name for f in self.features if f.dataset_counted]
 
     @property
     def drifted_models(self) -> list[str]:
@@ -775,7 +795,9 @@ class DriftResult:
             "verdict": self.verdict,
             "dataset_drift": self.dataset_drift,
             "share": self.share,
+            "dataset_share": self.dataset_share,
             "drifted_features": self.drifted_features,
+            "dataset_features": self.dataset_features,
             "drifted_models": self.drifted_models,
             "reference": self.reference,
             "live": self.live,
@@ -1276,6 +1298,8 @@ def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig
         f.mean_shift_sd = (f.mean_live - f.mean_ref) / f.std_ref
         f.std_ratio = f.std_live / f.std_ref
     f.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True, excluded=excluded)
+    f.dataset_floor = _adaptive(_dataset_base(cfg.psi_alert, True, cfg), null, cfg,
+                                sqrt_scale=True, excluded=excluded)
     _status_numeric(f, cfg)
     f.min_detectable_shift_sd, f.detection_limit = min_detectable_shift(
         r, int(c.size), f.threshold.value, cfg)
@@ -1356,6 +1380,8 @@ def categorical_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftCo
     top = np.argsort(-(rc / rc.sum() + lc / lc.sum()), kind="stable")[:20]
     f.shares = {cats[i]: [float(rc[i] / rc.sum()), float(lc[i] / lc.sum())] for i in top}
     f.threshold = _adaptive(cfg.js_alert, null, cfg, excluded=excluded)
+    f.dataset_floor = _adaptive(_dataset_base(cfg.js_alert, False, cfg), null, cfg,
+                                excluded=excluded)
     thr = f.threshold.value
     rate, spread, how = unseen_baseline(hist, periods, cfg)
     f.unseen_baseline, f.unseen_baseline_source = rate, how
@@ -1518,6 +1544,56 @@ def _feature_codes(kind: str, col: np.ndarray, cfg: DriftConfig
     return codes, nb, js_distance, cfg.js_alert, False
 
 
+def _dataset_base(base: float, sqrt_scale: bool, cfg: DriftConfig) -> float:
+    """The dataset rule's fixed effect floor for a feature whose own rule needs `base`.
+
+    PSI: `psi_warn` (0.1, the "investigate" convention) where a feature alone needs
+    `psi_alert` (0.2). JS distance scales like the square root of PSI, so its floor is
+    `js_alert` x sqrt(psi_warn / psi_alert): the same relative step down."""
+    ratio = min(cfg.psi_warn / cfg.psi_alert, 1.0) if cfg.psi_alert > 0 else 1.0
+    return base * (ratio if sqrt_scale else math.sqrt(ratio))
+
+
+def dataset_rule(features: Sequence[FeatureDrift], cfg: DriftConfig) -> float | None:
+    """The share of evaluated features the dataset rule counts (None: none evaluated); sets
+    each feature's `dataset_qvalue` and `dataset_counted`.
+
+    Why a rule of its own: a broad shift moves many features a little, and one feature's
+    flag (PSI >= 0.2, about 0.45 SD) then lands on either side of its floor day by day, so
+    "30% of the features flagged" pages on some days of a 0.5 SD shift and not others. A
+    feature counts when it drifts, or when its distribution test (KS numeric, chi-squared
+    categorical) survives a Benjamini–Hochberg correction across the features at the feature
+    rule's own alpha *and* its effect reaches `dataset_floor` (PSI >= 0.1, or the adaptive
+    bar from the feature's past windows on that base; JS likewise). BH controls the expected
+    share of false features among those counted, the quantity the share rule is about; the
+    effect floor keeps a huge n from counting shifts nobody cares about."""
+    evaluated = [f for f in features if f.status != "insufficient"]
+    if not evaluated:
+        return None
+    tested = [f for f in evaluated if f.dataset_floor is not None and
+              (f.ks_pvalue if f.kind == "numeric" else f.chi2_pvalue) is not None]
+    if tested:
+        pvals = np.asarray([f.ks_pvalue if f.kind == "numeric" else f.chi2_pvalue
+                            for f in tested], dtype=float)
+        qvals = stats.false_discovery_control(np.clip(pvals, 0.0, 1.0), method="bh")
+        for f, q in zip(tested, qvals, strict=True):
+            assert f.dataset_floor is not None
+            f.dataset_qvalue = float(q)
+            alpha = cfg.ks_alpha if f.kind == "numeric" else cfg.chi2_alpha
+            effect = f.psi if f.kind == "numeric" else f.js_distance
+            f.dataset_counted = bool(q < alpha and effect is not None
+                                     and effect >= f.dataset_floor.value)
+    for f in evaluated:
+        f.dataset_counted = f.dataset_counted or f.drifted
+        if f.dataset_counted and not f.drifted:
+            stat = "PSI" if f.kind == "numeric" else "JS"
+            effect = f.psi if f.kind == "numeric" else f.js_distance
+            assert f.dataset_floor is not None
+            f.why += (f"; counted by the dataset rule: {stat} {effect:.3f} >= "
+                      f"{f.dataset_floor.value:.3f} and BH q {f.dataset_qvalue:.2g}")
+    return sum(f.dataset_counted for f in evaluated) / len(evaluated)
+
+
 def _paged_windows(feature_nulls: Mapping[str, Mapping[int, float]],
                    score_nulls: Mapping[str, Mapping[int, float]],
                    bases: Mapping[str, tuple[float, bool]], n_features: int, cfg: DriftConfig
@@ -1525,19 +1601,25 @@ def _paged_windows(feature_nulls: Mapping[str, Mapping[int, float]],
     """Past windows that would have paged, and per feature/model the windows it was flagged in.
 
     A first pass of thresholds from every past window; a window pages when the share of
-    features whose statistic passes its threshold reaches `drift_share`, or any model's score
-    PSI passes its own (the run's rule, on the PSI/JS part alone). Those windows are an
-    incident, not normal variation: they leave the null and the reference rows, so a shift
-    that has lasted a few days cannot raise the bar that should catch it."""
+    features whose statistic reaches its dataset floor (`_dataset_base`, adaptive) reaches
+    `drift_share`, or any model's score PSI passes its own threshold (the run's rules, on the
+    PSI/JS part alone). Those windows are an incident, not normal variation: they leave the
+    null and the reference rows, so a shift that has lasted a few days cannot raise the bar
+    that should catch it."""
     flagged: dict[str, set[int]] = {}
+    broad: dict[str, set[int]] = {}
     for name, vals in (*feature_nulls.items(), *score_nulls.items()):
         base, sq = bases[name]
-        thr = _adaptive(base, list(vals.values()), cfg, sqrt_scale=sq)
-        flagged[name] = {p for p, v in vals.items() if v >= thr.value} \
-            if thr.periods >= cfg.adaptive_min_periods else set()
+        null = list(vals.values())
+        thr = _adaptive(base, null, cfg, sqrt_scale=sq)
+        enough = thr.periods >= cfg.adaptive_min_periods
+        flagged[name] = {p for p, v in vals.items() if v >= thr.value} if enough else set()
+        if name in feature_nulls:
+            floor = _adaptive(_dataset_base(base, sq, cfg), null, cfg, sqrt_scale=sq)
+            broad[name] = {p for p, v in vals.items() if v >= floor.value} if enough else set()
     periods = set().union(*(set(v) for v in feature_nulls.values()), set())
     paged = {p for p in periods if n_features and
-             sum(p in flagged[n] for n in feature_nulls) / n_features >= cfg.drift_share}
+             sum(p in broad[n] for n in feature_nulls) / n_features >= cfg.drift_share}
     for model in score_nulls:
         paged |= flagged[model]
     return paged, flagged
@@ -1624,7 +1706,8 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
 
     evaluated = [f for f in features if f.status != "insufficient"]
     share = (sum(f.drifted for f in evaluated) / len(evaluated)) if evaluated else None
-    dataset_drift = share is not None and share >= cfg.drift_share
+    dataset_share = dataset_rule(features, cfg)
+    dataset_drift = dataset_share is not None and dataset_share >= cfg.drift_share
     if share is None:
         notes.append(f"no feature has min_samples ({cfg.min_samples}) values on both sides")
 
@@ -1660,7 +1743,8 @@ def compute_drift(reference: FeatureData, live: FeatureData, cfg: DriftConfig, *
     return DriftResult(route=route, generated_at=time.time() if now is None else now,
                        reference=reference.describe(), live=live.describe(), features=features,
                        predictions=predictions, share=share, dataset_drift=dataset_drift,
-                       seasonal=plan.info, settings=settings, notes=notes)
+                       seasonal=plan.info, settings=settings, notes=notes,
+                       dataset_share=dataset_share)
 
 
 @dataclass(frozen=True)
@@ -1751,8 +1835,10 @@ def drift_section(result: DriftResult | Mapping[str, Any]) -> dict[str, Any]:
         "verdict": d.get("verdict"),
         "dataset_drift": d.get("dataset_drift"),
         "share": d.get("share"),
+        "dataset_share": d.get("dataset_share"),
         "drift_share_threshold": (d.get("settings") or {}).get("drift_share"),
         "drifted_features": d.get("drifted_features", []),
+        "dataset_features": d.get("dataset_features", []),
         "drifted_models": d.get("drifted_models", []),
         "reference": d.get("reference"),
         "live": d.get("live"),
@@ -1799,11 +1885,11 @@ def feature_table(result: DriftResult | Mapping[str, Any]) -> str:
                 f"{p['model'][:22]:<22} {p['role'][:10]:<10} {p['n_ref']:>7} {p['n_live']:>7} "
                 f"{_f(p.get('psi')):>7} {_f(p.get('ks_pvalue'), '.1e'):>8} {mean:>13} "
                 f"{pos:>15} {_status(p)}")
-    share = d.get("share")
     models = d.get("drifted_models") or []
     lines.append("")
     lines.append(f"verdict {d.get('verdict')}: {len(d.get('drifted_features', []))} drifted "
-                 f"feature(s) ({_f(share, '.0%')} >= "
+                 f"feature(s) ({_f(d.get('share'), '.0%')}); the dataset rule counts "
+                 f"{len(d.get('dataset_features', []))} ({_f(d.get('dataset_share'), '.0%')}; "
                  f"{_f((d.get('settings') or {}).get('drift_share'), '.0%')} is dataset drift)"
                  f"{'; models: ' + ', '.join(models) if models else ''}")
     for note in d.get("notes", []):
@@ -1827,6 +1913,12 @@ def drift_markdown(result: DriftResult | Mapping[str, Any], heading: str = "##")
                f"({_f(d.get('share'), '.0%')}; dataset drift at "
                f"{_f((d.get('settings') or {}).get('drift_share'), '.0%')}): "
                f"{', '.join(d.get('drifted_features', [])) or 'none'}.")
+    broad = [n for n in d.get("dataset_features", []) if n not in d.get("drifted_features", [])]
+    out.append(f"Dataset rule: {len(d.get('dataset_features', []))} feature(s) counted "
+               f"({_f(d.get('dataset_share'), '.0%')}): the drifted ones"
+               + (f", and {', '.join(broad)} (distribution test significant after "
+                  f"Benjamini–Hochberg, effect above the dataset floor)" if broad else "")
+               + ".")
     out += ["", "| feature | kind | PSI | threshold | KS p | Wasserstein/sd | mean shift (sd) | "
                 "JS | chi² p | unseen (flag from) | missing ref → live | detects ≥ (sd) | "
                 "status |",
@@ -1929,6 +2021,11 @@ class DriftMetrics:
                                   "Unseen-category share from which a feature is flagged (the "
                                   "reference's own rate of new values plus its margin)", rf)
         self.share = g("understudy_drift_share", "Share of features that drift", ["route"])
+        self.dataset_share = g("understudy_drift_dataset_share",
+                               "Share of features the dataset rule counts (drifted, or "
+                               "BH-significant above the lower dataset floor)", ["route"])
+        self.dataset_counted = g("understudy_drift_dataset_counted",
+                                 "1 when the dataset rule counts the feature", rf)
         self.detected = g("understudy_drift_detected",
                           "1 on dataset drift or prediction drift", ["route"])
         self.live_rows = g("understudy_drift_live_rows", "Rows in the live window", ["route"])
@@ -1979,6 +2076,8 @@ class DriftMetrics:
             put(self.missing, (*lab, "reference"), f.missing_ref)
             put(self.missing, (*lab, "live"), f.missing_live)
             put(self.unseen_threshold, lab, f.unseen_threshold)
+            if f.status != "insufficient":
+                put(self.dataset_counted, lab, float(f.dataset_counted))
         for p in result.predictions:
             lab = (route, p.model)
             put(self.pred_psi, lab, p.psi)
@@ -1990,6 +2089,7 @@ class DriftMetrics:
             for b in p.confidence:
                 put(self.pred_conf, (*lab, str(b["bucket"])), b["live"])
         put(self.share, (route,), result.share)
+        put(self.dataset_share, (route,), result.dataset_share)
         put(self.detected, (route,), float(result.significant))
         put(self.live_rows, (route,), float(result.live.get("n") or 0))
         put(self.last_run, (route,), result.generated_at)

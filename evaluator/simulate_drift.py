@@ -333,6 +333,7 @@ def simulate_incident(cfg: IncidentConfig = IncidentConfig(), drift: DriftConfig
     ts, score = cols.pop("ts"), cols.pop("score")
     phases = {"normal": [], "shift": [], "after": []}
     dataset_pages, flags = 0, {name: 0 for name in cols}
+    dataset_shares: dict[str, list[float]] = {"normal": [], "shift": [], "after": []}
     shifted_flags: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         notifier = None
@@ -357,6 +358,7 @@ def simulate_incident(cfg: IncidentConfig = IncidentConfig(), drift: DriftConfig
             phase = ("normal" if d < shift_start else
                      "shift" if d < shift_start + cfg.shift_days else "after")
             phases[phase].append(bool(result.significant))
+            dataset_shares[phase].append(result.dataset_share or 0.0)
             if phase == "shift":
                 dataset_pages += bool(result.dataset_drift)
                 for name in result.drifted_features:
@@ -371,6 +373,10 @@ def simulate_incident(cfg: IncidentConfig = IncidentConfig(), drift: DriftConfig
         "false_pages_per_week": sum(phases["normal"]) / weeks if weeks else None,
         "shift_pages": sum(phases["shift"]), "shift_days": cfg.shift_days,
         "shift_dataset_pages": dataset_pages,
+        # the dataset rule's margin: its share on the quietest shift day and the busiest
+        # normal day (it pages at drift_share)
+        "shift_min_dataset_share": min(dataset_shares["shift"], default=None),
+        "normal_max_dataset_share": max(dataset_shares["normal"], default=None),
         "after_pages": phases["after"],
         "normal_feature_flags": {k: v for k, v in flags.items() if v},
         "shift_feature_flags": shifted_flags,
