@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from evaluator.config import DriftConfig
 from evaluator.drift import (
+    DriftMetrics,
     FeatureData,
     FeatureDrift,
     Threshold,
     _dataset_base,
     compute_drift,
     dataset_rule,
+    drift_markdown,
+    feature_table,
     numeric_drift,
 )
 
@@ -65,6 +69,15 @@ def test_broad_shift_below_the_single_feature_floor() -> None:
     assert result.share is not None and result.share < CFG.drift_share
     assert result.dataset_drift
     assert result.dataset_features == [f"x{j:02d}" for j in range(8)]
+    # the report and the gauges say what the dataset rule counted
+    assert "Dataset rule: 8 feature(s) counted (40%)" in drift_markdown(result)
+    assert "the dataset rule counts 8 (40%" in feature_table(result)
+    metrics = DriftMetrics()
+    metrics.update(result)
+    text = generate_latest(metrics.registry).decode()
+    assert 'understudy_drift_dataset_share{route="r"} 0.4' in text
+    assert 'understudy_drift_dataset_counted{feature="x00",route="r"} 1.0' in text
+    assert 'understudy_drift_dataset_counted{feature="x19",route="r"} 0.0' in text
 
 
 @pytest.mark.parametrize(("n_ref", "n_live"), [(4000, 1000), (100, 100)])
