@@ -35,10 +35,23 @@ ENV_PREFIX = "UNDERSTUDY_"
 
 
 @dataclass(frozen=True)
+class TritonModelConfig:
+    """Where one model lives when it is not on `triton.url` (e.g. a challenger on another GPU)."""
+
+    url: str
+
+
+@dataclass(frozen=True)
 class TritonConfig:
     url: str = "http://127.0.0.1:8000"
     timeout_ms: int = 1000
     max_connections: int = 256
+    # Models served by another Triton, by model name: {name: {url: "http://host:port"}}. Keyed by
+    # model, not by route entry, so a model keeps its server through promote and rollback.
+    models: Mapping[str, TritonModelConfig] = field(default_factory=dict)
+
+    def model_urls(self) -> dict[str, str]:
+        return {name: m.url for name, m in self.models.items()}
 
 
 @dataclass(frozen=True)
@@ -268,6 +281,29 @@ def _task(value: Any, where: str) -> Literal["classification", "regression"]:
     return value  # type: ignore[no-any-return]
 
 
+def _check_url(url: Any, where: str) -> None:
+    _check(
+        isinstance(url, str) and re.fullmatch(r"http://[^/:]+(:\d+)?/?", url) is not None,
+        f"{where}: expected http://host:port, got {url!r}",
+    )
+
+
+def _parse_triton(raw: Mapping[str, Any]) -> TritonConfig:
+    raw = dict(raw)
+    models_raw = raw.pop("models", None) or {}
+    _check(isinstance(models_raw, Mapping),
+           "triton.models: expected a mapping of model name to {url: ...}")
+    models = {
+        str(name): _build(TritonModelConfig, spec, f"triton.models.{name}")
+        for name, spec in models_raw.items()
+    }
+    for name, model in models.items():
+        _check_url(model.url, f"triton.models.{name}.url")
+    triton = replace(_build(TritonConfig, raw, "triton"), models=models)
+    _check_url(triton.url, "triton.url")
+    return triton
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     """Apply `UNDERSTUDY_<SECTION>_<KEY>` overrides; nested keys continue with `_`.
 
@@ -319,11 +355,7 @@ def parse_config(
     _check(log.fsync in ("always", "interval", "never"), "log.fsync: always|interval|never")
     routes_raw = data.get("routes") or {}
     _check(isinstance(routes_raw, Mapping), "routes: expected a mapping of route name to route")
-    triton = _build(TritonConfig, data["triton"], "triton")
-    _check(
-        re.fullmatch(r"http://[^/:]+(:\d+)?/?", str(triton.url)) is not None,
-        f"triton.url: expected http://host:port, got {triton.url!r}",
-    )
+    triton = _parse_triton(data["triton"])
     _check(triton.timeout_ms > 0, "triton.timeout_ms: must be positive")
     _check(triton.max_connections > 0, "triton.max_connections: must be positive")
     return GatewayConfig(
