@@ -185,15 +185,15 @@ class TritonUpstream:
 
     async def _get(self, path: str, model: str | None = None) -> tuple[int, bytes]:
         server = self._server(model)
+        where = f"for model '{model}' at {server.base_url}" if model else f"at {server.base_url}"
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with server.control.get(path) as resp:
                     return resp.status, await resp.read()
         except TimeoutError:
-            raise UpstreamTimeout(
-                f"Triton at {server.base_url} did not answer GET {path} in time") from None
+            raise UpstreamTimeout(f"Triton {where} did not answer GET {path} in time") from None
         except aiohttp.ClientConnectionError as exc:
-            raise UpstreamUnavailable(f"Triton unreachable at {server.base_url}: {exc}") from None
+            raise UpstreamUnavailable(f"Triton unreachable {where}: {exc}") from None
 
     async def metadata(self, model: str, version: str = "") -> dict[str, Any]:
         return await self._model_json(model, version, "", "metadata")
