@@ -29,6 +29,18 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "deploy" / "triton" / "models"
 
 
+CLIENT_CONCURRENCY = 8  # moderate load: the demo is about the loop, not capacity
+# The same verdicts on every run need the same data on every run:
+# - every copy goes alone (no micro-batching), so each is a latency sample timed like the
+#   champion's served call: thousands per challenger, not the ~10% a batching lane sends alone;
+# - each lane has as many calls in flight as the client has requests, so a challenger is timed
+#   under the champion's concurrency, and its queue holds every copy the demo sends: nothing is
+#   shed or timed out however slow the machine is (shedding depends on timing, and would make
+#   the data-health gate's verdict depend on it too).
+DEMO_LANE = {"batch_max_rows": 1, "max_concurrency": CLIENT_CONCURRENCY, "max_queue": 8192,
+             "timeout_ms": 60_000}
+
+
 def demo_config(triton_url: str, log_dir: Path, port: int) -> dict[str, object]:
     return {
         "triton": {"url": triton_url, "timeout_ms": 2000},
@@ -39,13 +51,13 @@ def demo_config(triton_url: str, log_dir: Path, port: int) -> dict[str, object]:
             "fraud": {
                 "champion": {"model": "fraud_v3"},
                 "challengers": [
-                    {"model": "fraud_v4", "mode": "shadow", "sample_rate": 1.0},
-                    {"model": "fraud_v5", "mode": "shadow", "sample_rate": 1.0},
+                    {"model": "fraud_v4", "mode": "shadow", "sample_rate": 1.0, **DEMO_LANE},
+                    {"model": "fraud_v5", "mode": "shadow", "sample_rate": 1.0, **DEMO_LANE},
                 ],
             },
             "price": {
                 "champion": {"model": "price_v1"},
-                "challengers": [{"model": "price_v2", "mode": "shadow"}],
+                "challengers": [{"model": "price_v2", "mode": "shadow", **DEMO_LANE}],
                 "task": "regression",
             },
         },
@@ -69,7 +81,7 @@ async def wait_http(url: str, within_s: float = 30.0) -> None:
 async def send_traffic(base: str, n_fraud: int, n_price: int, seed: int) -> dict[str, object]:
     fraud_x, fraud_y = FraudTraffic(seed).sample(n_fraud)
     price_x, price_y = PriceTraffic(seed).sample(n_price)
-    limit = asyncio.Semaphore(8)  # moderate load: the demo is about the loop, not capacity
+    limit = asyncio.Semaphore(CLIENT_CONCURRENCY)
     statuses: dict[int, int] = {}
     labels: list[dict[str, object]] = []
 
@@ -107,10 +119,24 @@ async def send_traffic(base: str, n_fraud: int, n_price: int, seed: int) -> dict
             async with session.post(f"{base}/v2/feedback",
                                     data=orjson.dumps(labels[start:start + 1000])) as resp:
                 await resp.read()
-        async with session.get(f"{base}/metrics") as resp:
-            metrics_text = await resp.text()
+        metrics_text = await settled_metrics(session, base)
     return {"statuses": statuses, "seconds": elapsed, "labels": len(labels),
             "metrics": metrics_text}
+
+
+async def settled_metrics(session: aiohttp.ClientSession, base: str,
+                          within_s: float = 120.0) -> str:
+    """/metrics once every shadow copy has finished (the last copies outlive the last answer),
+    so the agreement shares count every copy."""
+    deadline = time.monotonic() + within_s
+    while True:
+        async with session.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+        inflight = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("understudy_shadow_inflight{"))
+        if inflight == 0 or time.monotonic() > deadline:
+            return text
+        await asyncio.sleep(0.1)
 
 
 def agreement(metrics_text: str, route: str) -> dict[str, float]:
@@ -131,6 +157,17 @@ def run_evaluator(log_dir: Path, out_dir: Path, work: Path) -> None:
     for route in ("fraud", "price"):
         subprocess.run([sys.executable, "-m", "evaluator", "report", "--route", route,
                         "--out", str(out_dir / route)], env=env, check=True)
+
+
+def verdicts(reports: Path) -> dict[str, str]:
+    """Each challenger's verdict in the demo's reports, keyed "route/challenger"."""
+    found: dict[str, str] = {}
+    for route in ("fraud", "price"):
+        report = reports / route / "report.json"
+        if report.exists():
+            for decision in orjson.loads(report.read_bytes()).get("decisions", []):
+                found[f"{route}/{decision.get('challenger')}"] = str(decision.get("decision"))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
