@@ -28,8 +28,8 @@ DEFAULT_BATCH_MAX_ROWS = 16
 DEFAULT_BATCH_MAX_WAIT_MS = 2.0
 # Every Nth copy of a batching lane goes alone, so latency guardrails get samples comparable with
 # the champion's single requests (a batched copy's latency is its whole batch's). 10: the
-# evaluator's 100 latency samples per challenger arrive within ~1,000 copies (`make demo`'s
-# price route gets 1,500), at the price of 10% of copies unbatched.
+# evaluator's 100 latency samples per challenger arrive within ~1,000 copies, at the price of 10%
+# of copies unbatched. (`make demo` turns batching off: every copy is a sample there.)
 DEFAULT_LATENCY_PROBE_EVERY = 10
 ENV_PREFIX = "UNDERSTUDY_"
 
