@@ -195,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     port = free_port()
     print("starting Triton with the demo models ...", flush=True)
-    with TritonServer([MODELS], log_file=work / "tritonserver.log") as triton:
+    with (TritonServer([MODELS], log_file=work / "tritonserver.log") as triton,
+          open(work / "gateway.log", "wb") as gateway_log):
         print(f"  Triton ready at {triton.url} in {triton.startup_seconds:.1f} s")
         config_path = work / "gateway.yaml"
         config_path.write_text(yaml.safe_dump(demo_config(triton.url, log_dir, port)))
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
-            stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            stdout=gateway_log, stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{port}"
         try:
