@@ -100,7 +100,9 @@ async def health_live(_: web.Request) -> web.Response:
 
 
 async def health_ready(request: web.Request) -> web.Response:
-    if await request.app[UPSTREAM].server_ready():
+    # The servers of the champions (`triton.models` may place one on another Triton).
+    champions = [rt.config.champion.model for rt in request.app[ROUTES]]
+    if await request.app[UPSTREAM].server_ready(champions):
         return web.Response(status=200)
     return _error_response(503, "Triton is not ready")
 
