@@ -178,6 +178,8 @@ def test_model_locations_are_validated() -> None:
     for bad, message in [({"m": {"url": "https://h"}}, "triton.models.m.url"),
                          ({"m": {"host": "h"}}, "unknown key"),
                          ({"m": "http://h:1"}, "expected a mapping"),
-                         (["m"], "triton.models")]:
+                         (["m"], "triton.models"),
+                         ({"m/../m": {"url": "http://h:1"}}, "not a valid Triton model name"),
+                         ({"m?x=1": {"url": "http://h:1"}}, "not a valid Triton model name")]:
         with pytest.raises(ConfigError, match=message):
             parse_config({"triton": {"models": bad}}, env={})
