@@ -62,6 +62,7 @@ AUDIT = "audit"
 STREAMS = (INFERENCES, LABELS, AUDIT)
 
 OutcomeStatus = Literal["ok", "error", "timeout", "shed", "skipped"]
+Transport = Literal["http", "grpc"]  # which adapter carried a request (the record's `protocol`)
 
 
 class Tensor(TypedDict):
@@ -104,6 +105,7 @@ class InferenceRecord(TypedDict):
     outputs: dict[str, ModelOutcome]
     status: int
     gateway_latency_ms: float
+    protocol: NotRequired[Transport]
 
 
 class LabelRecord(TypedDict):
