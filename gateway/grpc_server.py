@@ -21,6 +21,8 @@ from typing import TypeVar
 
 import grpc
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from multidict import CIMultiDict
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -33,6 +35,7 @@ from gateway.service import REQUEST_ID_HEADER, InferenceService
 log = logging.getLogger(__name__)
 
 GRPC_PORT = web.AppKey("grpc_port", int)  # the bound port (useful when configured as 0 -> free)
+READY_SERVICE = "inference.GRPCInferenceService"  # the health service name probes ask for readiness
 DRAIN_GRACE_S = 30.0  # as long as aiohttp's shutdown_timeout for HTTP requests in flight
 
 Req = TypeVar("Req")
@@ -177,7 +180,35 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             yield service_pb2.ModelStreamInferResponse(infer_response=response)
 
 
-def build_server(servicer: TritonServicer, max_message_bytes: int) -> grpc.aio.Server:
+class GatewayHealth(health_aio.HealthServicer):
+    """grpc.health.v1 for Kubernetes' gRPC probes and load balancers.
+
+    The overall service ("") is liveness: SERVING until the drain starts. READY_SERVICE is
+    readiness, the very check HTTP's /v2/health/ready makes (Triton ready), so both transports
+    go in and out of rotation together.
+    """
+
+    def __init__(self, catalog: RouteCatalog) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.draining = False
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if request.service != READY_SERVICE:
+            return await super().Check(request, context)
+        ready = not self.draining and await self.catalog.server_ready()
+        status = health_pb2.HealthCheckResponse.SERVING if ready else (
+            health_pb2.HealthCheckResponse.NOT_SERVING)
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def drain(self) -> None:
+        self.draining = True
+        await self.enter_graceful_shutdown()
+
+
+def build_server(servicer: TritonServicer, health: GatewayHealth, max_message_bytes: int
+                 ) -> grpc.aio.Server:
     """A grpc.aio server with the request-size limit; SO_REUSEPORT (grpc's default on Linux)
     lets `serve --workers N` processes share the port as they share the HTTP one."""
     server = grpc.aio.server(options=[
@@ -186,6 +217,7 @@ def build_server(servicer: TritonServicer, max_message_bytes: int) -> grpc.aio.S
         ("grpc.so_reuseport", 1),
     ])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     return server
 
 
@@ -197,12 +229,15 @@ def install_grpc(app: web.Application, host: str, port: int, max_message_bytes: 
     """
 
     async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
-        server = build_server(TritonServicer(app[SERVICE], app[CATALOG]), max_message_bytes)
+        health = GatewayHealth(app[CATALOG])
+        server = build_server(TritonServicer(app[SERVICE], app[CATALOG]), health,
+                              max_message_bytes)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         app[GRPC_PORT] = server.add_insecure_port(address)
         await server.start()
         log.info("gRPC (KServe V2 / Triton) on %s:%d", host, app[GRPC_PORT])
         yield
+        await health.drain()
         await server.stop(DRAIN_GRACE_S)
 
     app.cleanup_ctx.append(grpc_ctx)

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.demo.traffic import FraudTraffic
+from gateway.grpc_server import READY_SERVICE
 from tests.conftest import GatewayFactory, GatewayHandle
 
 pytestmark = pytest.mark.triton
@@ -274,3 +276,13 @@ async def test_stream_infer(triton: Any, make_gateway: GatewayFactory) -> None:
     logged = {r["request_id"]: r for r in gw.records()}
     assert {f"s{i}" for i in range(5)} <= logged.keys()
     assert logged["s0"]["protocol"] == "grpc"
+
+
+async def test_health_service_for_probes(make_gateway: GatewayFactory) -> None:
+    gw = await _gateway(make_gateway, FRAUD)
+    async with grpc.aio.insecure_channel(gw.grpc_target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        live = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+        ready = await stub.Check(health_pb2.HealthCheckRequest(service=READY_SERVICE))
+    assert live.status == health_pb2.HealthCheckResponse.SERVING
+    assert ready.status == health_pb2.HealthCheckResponse.SERVING
