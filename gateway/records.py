@@ -20,6 +20,9 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     outputs          {model: ModelOutcome} for the served model and every challenger
     status           int, the HTTP status the client got
     gateway_latency_ms  float, receipt of the request to the response being handed to the client
+    protocol         "http" | "grpc", the transport that carried the request (optional: absent
+                     in records written before gRPC existed; readers take absent as "http").
+                     `status` is the HTTP status either way (gRPC maps it, gateway/errors.py)
 
     Tensor        = {"datatype": str, "shape": [int], "data": [number | str | bool]}  (flat)
     ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
