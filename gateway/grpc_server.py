@@ -30,7 +30,7 @@ from gateway import grpc_codec
 from gateway.catalog import RouteCatalog
 from gateway.errors import GatewayError, UpstreamUnavailable, grpc_code
 from gateway.http import CATALOG, SERVICE
-from gateway.service import REQUEST_ID_HEADER, InferenceService
+from gateway.service import REQUEST_ID_HEADER, InferenceService, InferResult
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,28 @@ def _headers(context: grpc.aio.ServicerContext) -> CIMultiDict[str]:
     return headers
 
 
+def _forget(inflight: set[asyncio.Future[InferResult]]
+            ) -> Callable[[asyncio.Future[InferResult]], None]:
+    """Drop a finished call; retrieve its exception (the caller may have stopped waiting)."""
+    def done(call: asyncio.Future[InferResult]) -> None:
+        inflight.discard(call)
+        if not call.cancelled():
+            call.exception()
+    return done
+
+
 class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over the gateway's core; unimplemented RPCs answer UNIMPLEMENTED."""
 
     def __init__(self, service: InferenceService, catalog: RouteCatalog) -> None:
         self.service = service
         self.catalog = catalog
+        self._inflight: set[asyncio.Future[InferResult]] = set()  # strong refs while shielded
+
+    async def drain(self, within_s: float) -> None:
+        """Wait for calls whose client stopped waiting (they still get served and logged)."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=within_s)
 
     @_grpc_errors
     async def ServerLive(self, request: service_pb2.ServerLiveRequest,
@@ -144,10 +160,16 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: service_pb2.ModelInferRequest,
                      headers: CIMultiDict[str]) -> tuple[service_pb2.ModelInferResponse, Metadata]:
-        result = await self.service.infer(
+        # A client's deadline or cancel must not cut the core short: as for an HTTP client that
+        # hangs up (aiohttp lets the handler finish), the request is served to the end and
+        # logged; the client has its DEADLINE_EXCEEDED / CANCELLED from grpc already.
+        call = asyncio.ensure_future(self.service.infer(
             request.model_name, lambda: grpc_codec.infer_request_body(request), headers,
             protocol="grpc",
-        )
+        ))
+        self._inflight.add(call)
+        call.add_done_callback(_forget(self._inflight))
+        result = await asyncio.shield(call)
         response = grpc_codec.infer_response(result.body, result.headers,
                                              result.headers.get(REQUEST_ID_HEADER, ""))
         return response, _echo_metadata(result.headers)
@@ -230,8 +252,8 @@ def install_grpc(app: web.Application, host: str, port: int, max_message_bytes: 
 
     async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
         health = GatewayHealth(app[CATALOG])
-        server = build_server(TritonServicer(app[SERVICE], app[CATALOG]), health,
-                              max_message_bytes)
+        servicer = TritonServicer(app[SERVICE], app[CATALOG])
+        server = build_server(servicer, health, max_message_bytes)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         app[GRPC_PORT] = server.add_insecure_port(address)
         await server.start()
@@ -239,5 +261,6 @@ def install_grpc(app: web.Application, host: str, port: int, max_message_bytes: 
         yield
         await health.drain()
         await server.stop(DRAIN_GRACE_S)
+        await servicer.drain(DRAIN_GRACE_S)
 
     app.cleanup_ctx.append(grpc_ctx)

@@ -286,3 +286,22 @@ async def test_health_service_for_probes(make_gateway: GatewayFactory) -> None:
         ready = await stub.Check(health_pb2.HealthCheckRequest(service=READY_SERVICE))
     assert live.status == health_pb2.HealthCheckResponse.SERVING
     assert ready.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_client_deadline_still_logs_the_request(make_gateway: GatewayFactory) -> None:
+    """A client that gives up (gRPC deadline) gets DEADLINE_EXCEEDED; the gateway still serves
+    the request to the end and logs it, as it does for an HTTP client that hangs up."""
+    gw = await make_gateway({"slow": {"champion": {"model": "fraud_sleepy"}}}, grpc=True,
+                            triton={"timeout_ms": 10_000})
+    x = _rows(1)
+    async with grpc.aio.insecure_channel(gw.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name="slow", id="late-1")
+        request.inputs.add(name="features", datatype="FP32", shape=[1, 8])
+        request.raw_input_contents.append(x.tobytes())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(request, timeout=0.3)  # fraud_sleepy takes 2 s
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await gw.stop()  # waits for the shielded call like any in-flight work
+    record = next(r for r in gw.records() if r["request_id"] == "late-1")
+    assert record["status"] == 200 and record["protocol"] == "grpc"
