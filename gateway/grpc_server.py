@@ -4,7 +4,7 @@
 the model's place. Inference requests are converted to the KServe V2 HTTP body the core takes
 (gateway/grpc_codec.py) and run through `InferenceService.infer`, so routing, shadows,
 exploration, fallback and logging are the HTTP ones; the record's `protocol` says "grpc".
-`GatewayError`s become gRPC status codes in one place (`_status`, via `errors.grpc_code`).
+`GatewayError`s become gRPC status codes in one place (`_grpc_errors`, via `errors.grpc_code`).
 
 The server runs on the aiohttp application's event loop (started and stopped by a cleanup
 context), so it shares the app's upstream pools, recorder and readiness, and SIGTERM drains it
@@ -187,11 +187,13 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """One response per request, in order. A failed request answers with `error_message`
-        (as Triton's stream does) and the stream goes on."""
+        (as Triton's stream does) and the stream goes on; a gateway bug ends it with INTERNAL."""
         base = _headers(context)
         async for request in request_iterator:
             try:
                 response, _ = await self._infer(request, base)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
             except GatewayError as exc:
                 yield service_pb2.ModelStreamInferResponse(
                     error_message=exc.message,
@@ -199,6 +201,9 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         model_name=request.model_name, id=getattr(exc, "request_id", "")),
                 )
                 continue
+            except Exception:
+                log.exception("gRPC ModelStreamInfer failed")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error")
             yield service_pb2.ModelStreamInferResponse(infer_response=response)
 
 
