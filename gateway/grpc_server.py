@@ -179,7 +179,9 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.ModelInferResponse:
         response, metadata = await self._infer(request, _headers(context))
-        await context.send_initial_metadata(metadata)
+        # Trailing, not initial: it travels with the status (as an error's does), where a
+        # separate initial-metadata send cost ~5% of the gateway's CPU per call (py-spy).
+        context.set_trailing_metadata(metadata)
         return response
 
     async def ModelStreamInfer(

@@ -161,7 +161,7 @@ async def test_aio_client_shadow_logged_under_request_id(triton: Any,
     np.testing.assert_array_equal(result.as_numpy("score"), direct)
     assert result.get_response().id == "grpc-shadow-1"
 
-    # The request id, served model and policy come back in the initial metadata; an id from
+    # The request id, served model and policy come back in the trailing metadata; an id from
     # the `x-request-id` metadata is used when the message has none.
     async with grpc.aio.insecure_channel(gw.grpc_target) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -170,7 +170,7 @@ async def test_aio_client_shadow_logged_under_request_id(triton: Any,
         request.raw_input_contents.append(x[:1].tobytes())
         call = stub.ModelInfer(request, metadata=(("x-request-id", "grpc-md-1"),))
         response = await call
-        metadata = dict(await call.initial_metadata())
+        metadata = dict(await call.trailing_metadata())
     assert metadata["x-request-id"] == "grpc-md-1"
     assert metadata["x-served-model"] == "fraud_v3"
     assert metadata["x-route-policy"] == "champion"
