@@ -128,7 +128,7 @@ class InferenceService:
             copies,
         )
         role = "champion" if served_model == config.champion.model else "challenger"
-        metrics.child(metrics.REQUESTS, route_name, served_model, "200").inc()
+        metrics.child(metrics.REQUESTS, route_name, served_model, "200", protocol).inc()
         metrics.child(metrics.REQUEST_LATENCY, route_name).observe(elapsed)
         metrics.child(metrics.MODEL_LATENCY, route_name, served_model, role, "served").observe(
             response.latency_s
@@ -202,7 +202,8 @@ class InferenceService:
         protocol: Transport,
     ) -> None:
         """Failed requests are logged too (users of other gateways miss exactly these)."""
-        metrics.child(metrics.REQUESTS, runtime.name, served_model, str(exc.status)).inc()
+        metrics.child(metrics.REQUESTS, runtime.name, served_model, str(exc.status),
+                      protocol).inc()
         metrics.child(metrics.REQUEST_ERRORS, runtime.name, type(exc).__name__).inc()
         status = "timeout" if exc.status == 504 else "error"
         if exc.status < 500 and not isinstance(exc, UpstreamClientError):

@@ -175,6 +175,10 @@ async def test_aio_client_shadow_logged_under_request_id(triton: Any,
     assert metadata["x-served-model"] == "fraud_v3"
     assert metadata["x-route-policy"] == "champion"
     assert response.id == "grpc-md-1"
+    async with gw.session.get(f"{gw.url}/metrics") as resp:
+        text = await resp.text()
+    assert ('understudy_requests_total{code="200",model="fraud_v3",protocol="grpc",'
+            'route="fraud"} 2.0') in text
 
     await gw.stop()  # drains the shadow copies and flushes the log
     records = {r["request_id"]: r for r in gw.records()}
