@@ -310,3 +310,81 @@ async def test_client_deadline_still_logs_the_request(make_gateway: GatewayFacto
     await gw.stop()  # waits for the shielded call like any in-flight work
     record = next(r for r in gw.records() if r["request_id"] == "late-1")
     assert record["status"] == 200 and record["protocol"] == "grpc"
+
+
+def _fraud_request(route: str, x: np.ndarray, request_id: str) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name=route, id=request_id)
+    request.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+async def test_exploration_sticky_key_from_metadata(make_gateway: GatewayFactory) -> None:
+    """The same policy as over HTTP: propensities logged, every arm scored, and the sticky key
+    read from gRPC metadata (the header name, lower-cased) pins a user to one arm."""
+    gw = await make_gateway({"fraud": {
+        "champion": {"model": "fraud_v3"},
+        "challengers": [{"model": "fraud_v5", "mode": "explore", "max_queue": 500}],
+        "policy": {"type": "epsilon_greedy", "epsilon": 0.5, "sticky_header": "X-User"},
+    }}, grpc=True)
+    x = _rows(40, seed=13)
+    served: dict[str, set[str]] = {}
+    async with grpc.aio.insecure_channel(gw.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for i in range(40):
+            user = f"user-{i % 8}"
+            call = stub.ModelInfer(_fraud_request("fraud", x[i : i + 1], f"e{i}"),
+                                   metadata=(("x-user", user),))
+            await call
+            served.setdefault(user, set()).add(dict(await call.trailing_metadata())[
+                "x-served-model"])
+    assert all(len(arms) == 1 for arms in served.values())  # sticky per user
+    await gw.stop()
+    records = [r for r in gw.records() if r["request_id"].startswith("e")]
+    assert len(records) == 40
+    for record in records:
+        assert record["protocol"] == "grpc"
+        assert record["key"] in served
+        assert record["served"]["model"] in served[record["key"]]
+        expected = 0.75 if record["served"]["model"] == "fraud_v3" else 0.25
+        assert record["propensity"] == pytest.approx(expected)
+        assert {m for m, o in record["outputs"].items() if o["status"] == "ok"} == {
+            "fraud_v3", "fraud_v5"}
+
+
+async def test_fallback_and_unavailable(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(
+        {"fraud": {"champion": {"model": "fraud_faulty"},
+                   "challengers": [{"model": "fraud_v4"}], "fallback": "fraud_v4"},
+         "nofb": {"champion": {"model": "fraud_faulty"}}}, grpc=True)
+    x = _rows(1)
+    async with grpc.aio.insecure_channel(gw.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelInfer(_fraud_request("fraud", x, "fb-1"))
+        response = await call
+        assert dict(await call.trailing_metadata())["x-served-model"] == "fraud_v4"
+        assert response.raw_output_contents
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(_fraud_request("nofb", x, "nofb-1"))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # Triton's 5xx: a 502
+    assert "fraud_faulty" in (info.value.details() or "")
+
+    dead = await make_gateway({"fraud": {"champion": {"model": "fraud_v3"}}}, grpc=True,
+                              triton={"url": "http://127.0.0.1:1", "timeout_ms": 500})
+
+    def ask_dead() -> tuple[bool, bool, InferenceServerException]:
+        client = grpcclient.InferenceServerClient(dead.grpc_target)
+        try:
+            live, ready = client.is_server_live(), client.is_server_ready()
+        finally:
+            client.close()
+        tensor = grpcclient.InferInput("features", [1, 8], "FP32")
+        tensor.set_data_from_numpy(x)
+        return live, ready, _status_of(dead.grpc_target, "fraud", tensor)
+
+    live, ready, error = await asyncio.to_thread(ask_dead)
+    assert live and not ready
+    assert error.status() == "StatusCode.UNAVAILABLE"
+    await gw.stop()
+    record = next(r for r in gw.records() if r["request_id"] == "fb-1")
+    assert record["fallback"] is True and record["protocol"] == "grpc"
