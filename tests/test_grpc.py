@@ -388,3 +388,18 @@ async def test_fallback_and_unavailable(make_gateway: GatewayFactory) -> None:
     await gw.stop()
     record = next(r for r in gw.records() if r["request_id"] == "fb-1")
     assert record["fallback"] is True and record["protocol"] == "grpc"
+
+
+async def test_shutdown_drains_rpcs_in_flight(make_gateway: GatewayFactory) -> None:
+    """SIGTERM's path (the app's cleanup): an RPC already running finishes with its answer and
+    its record is flushed; the gRPC server stops before the recorder drains."""
+    gw = await make_gateway({"slow": {"champion": {"model": "fraud_sleepy"}}}, grpc=True,
+                            triton={"timeout_ms": 10_000})
+    async with grpc.aio.insecure_channel(gw.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = asyncio.ensure_future(stub.ModelInfer(_fraud_request("slow", _rows(1), "d-1")))
+        await asyncio.sleep(0.5)  # in flight: fraud_sleepy takes 2 s
+        await gw.stop()
+        response = await call
+    assert response.id == "d-1" and response.raw_output_contents
+    assert [r["status"] for r in gw.records() if r["request_id"] == "d-1"] == [200]
