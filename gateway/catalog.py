@@ -26,6 +26,10 @@ class RouteCatalog:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
+    def index(self) -> list[dict[str, str]]:
+        """The repository index: one entry per route (the gateway's "models")."""
+        return [{"name": runtime.name, "state": "READY"} for runtime in self.routes]
+
     async def server_ready(self) -> bool:
         """Ready when Triton is: the gateway has nothing to serve without it."""
         return await self.upstream.server_ready()

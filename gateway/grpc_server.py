@@ -158,6 +158,15 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                  else await self.catalog.all_stats())
         return grpc_codec.model_statistics(stats)
 
+    @_grpc_errors
+    async def RepositoryIndex(
+        self, request: service_pb2.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.RepositoryIndexResponse:
+        return service_pb2.RepositoryIndexResponse(models=[
+            service_pb2.RepositoryIndexResponse.ModelIndex(**entry)
+            for entry in self.catalog.index()
+        ])
+
     async def _infer(self, request: service_pb2.ModelInferRequest,
                      headers: CIMultiDict[str]) -> tuple[service_pb2.ModelInferResponse, Metadata]:
         # A client's deadline or cancel must not cut the core short: as for an HTTP client that

@@ -111,7 +111,7 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response([{"name": rt.name, "state": "READY"} for rt in request.app[ROUTES]])
+    return json_response(request.app[CATALOG].index())
 
 
 async def feedback(request: web.Request) -> web.Response:

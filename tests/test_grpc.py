@@ -116,6 +116,7 @@ async def test_metadata_config_stats_live_ready(make_gateway: GatewayFactory) ->
                 "metadata": client.get_model_metadata("fraud", as_json=True),
                 "config": client.get_model_config("fraud", as_json=True),
                 "stats": client.get_inference_statistics("fraud", as_json=True),
+                "index": client.get_model_repository_index(as_json=True),
             }
         finally:
             client.close()
@@ -131,6 +132,7 @@ async def test_metadata_config_stats_live_ready(make_gateway: GatewayFactory) ->
     assert config["max_batch_size"] == 64
     assert config["input"][0]["name"] == "features"
     assert [s["name"] for s in answers["stats"]["model_stats"]] == ["fraud"]
+    assert answers["index"]["models"] == [{"name": "fraud", "state": "READY"}]
 
     # The same answers over HTTP (the routes tritonclient.http's helpers call).
     async with gw.session.get(f"{gw.url}/v2/models/fraud/config") as resp:
