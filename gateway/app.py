@@ -74,6 +74,7 @@ def create_app(
         config.triton.url,
         timeout_ms=config.triton.timeout_ms,
         max_connections=config.triton.max_connections,
+        model_urls=config.triton.model_urls(),
     )
     routes = RouteTable(upstream)
     sink = sink_factory(config)

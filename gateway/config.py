@@ -28,8 +28,8 @@ DEFAULT_BATCH_MAX_ROWS = 16
 DEFAULT_BATCH_MAX_WAIT_MS = 2.0
 # Every Nth copy of a batching lane goes alone, so latency guardrails get samples comparable with
 # the champion's single requests (a batched copy's latency is its whole batch's). 10: the
-# evaluator's 100 latency samples per challenger arrive within ~1,000 copies (`make demo`'s
-# price route gets 1,500), at the price of 10% of copies unbatched.
+# evaluator's 100 latency samples per challenger arrive within ~1,000 copies, at the price of 10%
+# of copies unbatched. (`make demo` turns batching off: every copy is a sample there.)
 DEFAULT_LATENCY_PROBE_EVERY = 10
 ENV_PREFIX = "UNDERSTUDY_"
 # Triton model names as they may appear in an upstream URL path segment: letters, digits, `_`,
@@ -40,10 +40,23 @@ SOURCES_OF_TRUTH: tuple[str, ...] = ("registry", "config")
 
 
 @dataclass(frozen=True)
+class TritonModelConfig:
+    """Where one model lives when it is not on `triton.url` (e.g. a challenger on another GPU)."""
+
+    url: str
+
+
+@dataclass(frozen=True)
 class TritonConfig:
     url: str = "http://127.0.0.1:8000"
     timeout_ms: int = 1000
     max_connections: int = 256
+    # Models served by another Triton, by model name: {name: {url: "http://host:port"}}. Keyed by
+    # model, not by route entry, so a model keeps its server through promote and rollback.
+    models: Mapping[str, TritonModelConfig] = field(default_factory=dict)
+
+    def model_urls(self) -> dict[str, str]:
+        return {name: m.url for name, m in self.models.items()}
 
 
 @dataclass(frozen=True)
@@ -339,6 +352,29 @@ def _check_kafka(kafka: KafkaConfig) -> None:
            "log.kafka.max_unspilled_ms: must be below delivery_timeout_ms")
 
 
+def _check_url(url: Any, where: str) -> None:
+    _check(
+        isinstance(url, str) and re.fullmatch(r"http://[^/:]+(:\d+)?/?", url) is not None,
+        f"{where}: expected http://host:port, got {url!r}",
+    )
+
+
+def _parse_triton(raw: Mapping[str, Any]) -> TritonConfig:
+    raw = dict(raw)
+    models_raw = raw.pop("models", None) or {}
+    _check(isinstance(models_raw, Mapping),
+           "triton.models: expected a mapping of model name to {url: ...}")
+    models = {
+        str(name): _build(TritonModelConfig, spec, f"triton.models.{name}")
+        for name, spec in models_raw.items()
+    }
+    for name, model in models.items():
+        _check_url(model.url, f"triton.models.{name}.url")
+    triton = replace(_build(TritonConfig, raw, "triton"), models=models)
+    _check_url(triton.url, "triton.url")
+    return triton
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     """Apply `UNDERSTUDY_<SECTION>_<KEY>` overrides; nested keys continue with `_`.
 
@@ -391,11 +427,7 @@ def parse_config(
     _check_kafka(log.kafka)
     routes_raw = data.get("routes") or {}
     _check(isinstance(routes_raw, Mapping), "routes: expected a mapping of route name to route")
-    triton = _build(TritonConfig, data["triton"], "triton")
-    _check(
-        re.fullmatch(r"http://[^/:]+(:\d+)?/?", str(triton.url)) is not None,
-        f"triton.url: expected http://host:port, got {triton.url!r}",
-    )
+    triton = _parse_triton(data["triton"])
     _check(triton.timeout_ms > 0, "triton.timeout_ms: must be positive")
     _check(triton.max_connections > 0, "triton.max_connections: must be positive")
     admin = _build(AdminConfig, data["admin"], "admin")

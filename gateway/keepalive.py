@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass
+from time import perf_counter
 
 import httptools
 
@@ -36,6 +37,9 @@ class RawResponse:
     status: int
     headers: dict[bytes, bytes]  # lower-cased names
     body: bytes
+    # The call's service time: request written on the connection -> answer complete, read in the
+    # protocol callback. Excludes the pool's slot wait, connecting, and the caller's own wake-up.
+    latency_s: float = 0.0
 
 
 class _Connection(asyncio.Protocol):
@@ -50,6 +54,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers_done = False
         self.received = False  # any byte of the current answer
+        self._sent = 0.0  # perf_counter when the current request was written
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,6 +105,7 @@ class _Connection(asyncio.Protocol):
             self._parser.get_status_code(),
             self._headers,
             self._body[0] if len(self._body) == 1 else b"".join(self._body),
+            perf_counter() - self._sent,
         )
         self._headers, self._body, self._headers_done = {}, [], False
         waiter, self._waiter = self._waiter, None
@@ -116,6 +122,7 @@ class _Connection(asyncio.Protocol):
         assert self._waiter is None
         self.received = False
         self._waiter = asyncio.get_running_loop().create_future()
+        self._sent = perf_counter()
         self.transport.write(message)
         return self._waiter
 

@@ -43,6 +43,8 @@ class ShadowResult:
     """What one model did with one request (served call or shadow copy)."""
 
     status: str  # ok | error | timeout | shed | skipped
+    # The upstream call's service time (UpstreamResponse.latency_s); for error/timeout the time
+    # since the call started. Never the lane's queueing.
     latency_s: float | None = None
     response: UpstreamResponse | None = None
     error: str | None = None
@@ -104,7 +106,7 @@ class ShadowLane:
         self._batchable_copies = 0
         self._slots = asyncio.Semaphore(max_concurrency)
         self._admitted = 0
-        upstream.pool(self.pool_name, limit=max_concurrency)
+        upstream.pool(self.pool_name, limit=max_concurrency, model=model)
         self._inflight_gauge = metrics.SHADOW_INFLIGHT.labels(route, model)
         self._counters = {
             outcome: metrics.SHADOW_COPIES.labels(route, model, outcome)
@@ -151,7 +153,9 @@ class ShadowLane:
 
     def _count(self, result: ShadowResult, mode: str) -> None:
         self._counters[result.status].inc()
-        if result.latency_s is not None:
+        # A copy that shared its call (split `outputs`) carries the whole batch's time: left out,
+        # as the evaluator leaves it out, so the histogram and the report agree.
+        if result.latency_s is not None and result.outputs is None:
             metrics.child(metrics.MODEL_LATENCY, self.route, self.model, self.role, mode).observe(
                 result.latency_s
             )
@@ -342,9 +346,10 @@ class ShadowLane:
 
     async def _single(self, copy: _Copy, *, from_batch: bool = False) -> None:
         """This copy alone, within its own deadline: a copy that is not batched, or the
-        fallback after its batch failed (`from_batch`). Latency is the challenger's own (from the
-        call, not from the queue), so the latency guardrail never blames a challenger for the
-        gateway's queueing; a copy whose time ran out while still queued is shed, not timed out.
+        fallback after its batch failed (`from_batch`). Latency is the call's service time
+        (request written -> answer read), so the latency guardrail never blames a challenger for
+        the gateway's queueing; a copy whose time ran out while still queued is shed, not timed
+        out.
         """
         loop = asyncio.get_running_loop()
         started = time.perf_counter()

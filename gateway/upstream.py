@@ -5,13 +5,13 @@ tritonclient would decode them into numpy and encode them again (measured in doc
 "upstream client"). Inference calls go through `KeepAlivePool` (gateway/keepalive.py: one write
 per call, httptools parsing, ~5x less CPU than aiohttp's client); metadata and health use
 aiohttp. A separate pool per model is what keeps a slow or dead challenger from holding the
-champion's connections: each pool has its own limit.
+champion's connections: each pool has its own limit. A model may live on another Triton
+(`triton.models`); its pools and its metadata/health calls then go to that server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +41,9 @@ class UpstreamResponse:
     body: bytes
     content_type: str
     header_length: str | None
+    # Service time of the call that produced this answer: request written -> answer read
+    # (gateway/keepalive.py). Pool waits, connecting and lane queueing are not in it, so the
+    # champion's served call and a challenger's copy are timed the same way.
     latency_s: float
 
 
@@ -59,29 +62,16 @@ def _error_message(body: bytes, fallback: str) -> str:
     return body[:200].decode("utf-8", "replace") or fallback
 
 
-class TritonUpstream:
-    """Talks to one Triton server; owns its connection pools (closed by `close`)."""
+class _Server:
+    """One Triton server: its address and its small control (metadata/health) session."""
 
-    def __init__(self, base_url: str, *, timeout_ms: int, max_connections: int) -> None:
+    def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
-        self.timeout_s = timeout_ms / 1000
-        self.max_connections = max_connections
         url = yarl.URL(self.base_url)
         if url.scheme != "http" or not url.host:
             raise ValueError(f"Triton URL must be http://host:port, got {base_url!r}")
-        self._host, self._port = url.host, url.port or 80
-        self._pools: dict[str, KeepAlivePool] = {}
+        self.host, self.port = url.host, url.port or 80
         self._control: aiohttp.ClientSession | None = None
-
-    def pool(self, name: str, limit: int | None = None) -> KeepAlivePool:
-        """The inference connection pool `name` (one per model or lane; created on first use)."""
-        pool = self._pools.get(name)
-        if pool is None:
-            pool = KeepAlivePool(self._host, self._port, limit or self.max_connections)
-            self._pools[name] = pool
-        elif limit is not None and limit > pool.limit:
-            pool.raise_limit(limit)  # a lane rebuilt with more concurrency shares the pool name
-        return pool
 
     @property
     def control(self) -> aiohttp.ClientSession:
@@ -95,6 +85,62 @@ class TritonUpstream:
                 skip_auto_headers=("User-Agent",),
             )
         return self._control
+
+    async def close(self) -> None:
+        if self._control is not None and not self._control.closed:
+            await self._control.close()
+        self._control = None
+
+
+class TritonUpstream:
+    """Talks to the Triton servers; owns their connection pools (closed by `close`).
+
+    Models live on the default server (`base_url`) unless `model_urls` places them elsewhere
+    (config `triton.models: {name: {url: ...}}`): a challenger on another Triton gets its own
+    pools and its own control session on that server, so a dead or slow server only fails the
+    calls of the models that live there.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_ms: int,
+        max_connections: int,
+        model_urls: Mapping[str, str] | None = None,
+    ) -> None:
+        self.timeout_s = timeout_ms / 1000
+        self.max_connections = max_connections
+        self._default = _Server(base_url)
+        self.base_url = self._default.base_url
+        servers = {self.base_url: self._default}
+        self._server_of: dict[str, _Server] = {}
+        for model, url in (model_urls or {}).items():
+            key = url.rstrip("/")
+            server = servers.get(key) or servers.setdefault(key, _Server(key))
+            self._server_of[model] = server
+        self._servers = tuple(servers.values())
+        self._pools: dict[str, KeepAlivePool] = {}
+
+    def server_url(self, model: str) -> str:
+        """The base URL of the Triton server that serves `model`."""
+        return self._server(model).base_url
+
+    def _server(self, model: str | None) -> _Server:
+        return self._server_of.get(model, self._default) if model else self._default
+
+    def pool(self, name: str, limit: int | None = None, *, model: str | None = None
+             ) -> KeepAlivePool:
+        """The inference connection pool `name` (one per model or lane; created on first use,
+        on the server of `model`, or of the model called `name` when `model` is not given)."""
+        pool = self._pools.get(name)
+        if pool is None:
+            server = self._server(model or name)
+            pool = KeepAlivePool(server.host, server.port, limit or self.max_connections)
+            self._pools[name] = pool
+        elif limit is not None and limit > pool.limit:
+            pool.raise_limit(limit)  # a lane rebuilt with more concurrency shares the pool name
+        return pool
 
     async def infer(
         self,
@@ -111,10 +157,9 @@ class TritonUpstream:
         extra = b"" if header_length is None else b"%s: %d\r\n" % (
             HEADER_LENGTH.encode(), header_length
         )
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s or self.timeout_s):
-                raw = await self.pool(pool or model).post(
+                raw = await self.pool(pool or model, model=model).post(
                     _model_path(model, version) + "/infer", body, content_type, extra
                 )
         except TimeoutError:
@@ -122,10 +167,11 @@ class TritonUpstream:
             message = f"model '{model}' did not answer within {limit_ms:.0f} ms"
             raise UpstreamTimeout(message) from None
         except OSError as exc:  # refused, reset, closed mid-answer (ConnectionClosed)
-            raise UpstreamUnavailable(f"Triton unreachable for model '{model}': {exc}") from None
+            raise UpstreamUnavailable(
+                f"Triton unreachable for model '{model}' at {self.server_url(model)}: {exc}"
+            ) from None
         except MalformedResponse as exc:
             raise UpstreamBadGateway(f"model '{model}': {exc}") from None
-        latency = time.perf_counter() - started
         status = raw.status
         if status != 200:
             message = _error_message(raw.body, f"HTTP {status}")
@@ -136,18 +182,20 @@ class TritonUpstream:
         resp_length = raw.headers.get(_HEADER_LENGTH_KEY)
         return UpstreamResponse(
             status, raw.body, resp_type,
-            resp_length.decode("latin-1") if resp_length is not None else None, latency,
+            resp_length.decode("latin-1") if resp_length is not None else None, raw.latency_s,
         )
 
-    async def _get(self, path: str) -> tuple[int, bytes]:
+    async def _get(self, path: str, model: str | None = None) -> tuple[int, bytes]:
+        server = self._server(model)
+        where = f"for model '{model}' at {server.base_url}" if model else f"at {server.base_url}"
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with self.control.get(path) as resp:
+                async with server.control.get(path) as resp:
                     return resp.status, await resp.read()
         except TimeoutError:
-            raise UpstreamTimeout(f"Triton did not answer GET {path} in time") from None
+            raise UpstreamTimeout(f"Triton {where} did not answer GET {path} in time") from None
         except aiohttp.ClientConnectionError as exc:
-            raise UpstreamUnavailable(f"Triton unreachable: {exc}") from None
+            raise UpstreamUnavailable(f"Triton unreachable {where}: {exc}") from None
 
     async def metadata(self, model: str, version: str = "") -> dict[str, Any]:
         return await self._model_json(model, version, "", "metadata")
@@ -162,7 +210,7 @@ class TritonUpstream:
 
     async def _model_json(self, model: str, version: str, suffix: str, what: str
                           ) -> dict[str, Any]:
-        status, body = await self._get(_model_path(model, version) + suffix)
+        status, body = await self._get(_model_path(model, version) + suffix, model)
         if status in (400, 404):
             raise NotFound(f"model '{model}' {('version ' + version + ' ') if version else ''}"
                            f"is not known to Triton: {_error_message(body, 'not found')}")
@@ -175,12 +223,13 @@ class TritonUpstream:
 
     async def model_ready(self, model: str, version: str = "") -> bool:
         try:
-            status, _ = await self._get(_model_path(model, version) + "/ready")
+            status, _ = await self._get(_model_path(model, version) + "/ready", model)
         except GatewayError:
             return False
         return status == 200
 
     async def server_ready(self) -> bool:
+        """The default server is ready (models placed elsewhere: see `model_ready`)."""
         try:
             status, _ = await self._get("/v2/health/ready")
         except GatewayError:
@@ -191,9 +240,8 @@ class TritonUpstream:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-        if self._control is not None and not self._control.closed:
-            await self._control.close()
-        self._control = None
+        for server in self._servers:
+            await server.close()
 
 
 def passthrough_headers(resp: UpstreamResponse) -> Mapping[str, str]:

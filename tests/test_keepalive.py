@@ -400,3 +400,31 @@ async def test_gateway_survives_a_triton_restart_on_its_kept_alive_connections(
         assert statuses == {"k0": 200, "k1": 200, "k2": 503, "k3": 200, "k4": 200, "k5": 200}
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_latency_is_the_calls_own_service_time_not_its_wait_for_a_slot(
+    server_factory: ServerFactory,
+) -> None:
+    """RawResponse.latency_s runs from the request written to the answer read: a call that
+    waited for the pool's only slot does not carry the wait (docs/METRICS.md, "Latency")."""
+    hold = 1.0
+    first_arrived = asyncio.Event()
+
+    async def first_slow(body: bytes, n: int) -> bytes:
+        if n == 1:
+            first_arrived.set()
+            await asyncio.sleep(hold)
+        return ok(body)
+
+    server = await server_factory(first_slow)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    first = asyncio.ensure_future(pool.post("/p", b"1", "application/json"))
+    await first_arrived.wait()
+    started = asyncio.get_running_loop().time()
+    second = await pool.post("/p", b"2", "application/json")  # waits for the first's slot
+    waited = asyncio.get_running_loop().time() - started
+    slow = await first
+    assert slow.latency_s >= hold * 0.95  # the server's own time is in it
+    assert waited >= hold * 0.5  # the second call did wait for the slot...
+    assert second.latency_s < waited - hold * 0.4  # ...and that wait is not in its latency
+    pool.close()

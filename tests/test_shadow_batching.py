@@ -257,7 +257,7 @@ class FakeUpstream(TritonUpstream):
         self.started = asyncio.Event()
         self.gate: asyncio.Event | None = None
 
-    def pool(self, name: str, limit: int | None = None) -> Any:
+    def pool(self, name: str, limit: int | None = None, *, model: str | None = None) -> Any:
         return None  # no sockets: infer is faked
 
     async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
