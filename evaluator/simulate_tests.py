@@ -536,52 +536,66 @@ SCHEDULE_METRICS = (
 
 
 def schedule_scenarios(
-    quick: bool, legacy: bool
+    quick: bool, legacy: bool, per_day: int = 200, reps: int = 400
 ) -> list[tuple[str, World, World | None, Schedule, int, int]]:
     """(name, world, world before day 2, schedule, replications, seed) of every scenario.
 
     ``legacy`` runs the schedule that shipped before experiments: a 7-day sliding window and no
     label receipt times (the code on main before this change ignores them anyway).
     """
-    reps, reps_wtb = (60, 30) if quick else (400, 200)
-    base = Schedule(days=60, per_day=500, label_delay_days=1.5)
+    if quick:
+        reps = 60
+    half = max(reps // 2, 1)
+    base = Schedule(days=60, per_day=per_day, label_delay_days=1.5)
     gain = world_with_gain("auroc", DecisionPolicy().min_effect, mc_n=100_000 if quick else 400_000)
     wtb_before, wtb_after = World(sigma_challenger=2.0), World(sigma_challenger=0.5)
     if legacy:
         old = replace(base, window_days=7.0, label_order=False)
         return [
             ("A/A", World(), None, old, reps, 50_000),
-            ("better by min_effect", gain, None, old, reps, 60_000),
-            ("worse 2 days, then better", wtb_after, wtb_before, old, reps_wtb, 70_000),
+            ("better by min_effect", gain, None, old, half, 60_000),
+            ("worse 2 days, then better", wtb_after, wtb_before, old, half // 2, 70_000),
         ]
     inference = replace(base, label_order=False)
     return [
         ("A/A", World(), None, base, reps, 50_000),
-        ("A/A", World(), None, inference, reps, 50_000),
-        ("better by min_effect", gain, None, base, reps, 60_000),
-        ("worse 2 days, then better", wtb_after, wtb_before, base, reps_wtb, 70_000),
-        ("worse 2 days, then better", wtb_after, wtb_before, inference, reps_wtb, 70_000),
+        ("better by min_effect", gain, None, base, half, 60_000),
+        ("worse 2 days, then better", wtb_after, wtb_before, base, half // 2, 70_000),
+        ("worse 2 days, then better", wtb_after, wtb_before, inference, half // 2, 70_000),
+        ("A/A", World(), None, inference, half, 50_000),
     ]
 
 
-def run_schedule_studies(quick: bool, legacy: bool, workers: int) -> dict[str, Any]:
-    """Every schedule scenario; JSON-ready (rates with their Monte Carlo SE)."""
+def run_schedule_studies(
+    quick: bool,
+    legacy: bool,
+    workers: int,
+    per_day: int = 200,
+    reps: int = 400,
+    save: Path | None = None,
+) -> dict[str, Any]:
+    """Every schedule scenario; JSON-ready (hit counts and replications). With ``save``, the
+    results so far are written after each scenario (long runs on a busy machine)."""
     out: dict[str, Any] = {}
     start = time.time()
-    for name, world, before, schedule, reps, seed in schedule_scenarios(quick, legacy):
+    for name, world, before, schedule, n_reps, seed in schedule_scenarios(
+        quick, legacy, per_day, reps
+    ):
         r = schedule_study(
-            world, schedule, reps, seed, before=before, switch_days=2.0, workers=workers
+            world, schedule, n_reps, seed, before=before, switch_days=2.0, workers=workers
         )
         order = "label" if schedule.label_order else "inference"
         out[f"{name} ({order} order)"] = {
             "scenario": name,
             "schedule": {k: getattr(schedule, k) for k in schedule.__dataclass_fields__},
-            "reps": reps,
+            "reps": n_reps,
             "median_promote_day": r["median_promote_day"],
             **{m: [r[m].hits, r[m].reps] for m in SCHEDULE_METRICS},
         }
         print(f"{name}: done after {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-    out["run_time_s"] = round(time.time() - start)
+        out["run_time_s"] = round(time.time() - start)
+        if save is not None:
+            save.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -636,11 +650,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--legacy", action="store_true", help="schedule: the old 7-day window")
     parser.add_argument("--json", type=Path, help="schedule: save the results here")
     parser.add_argument("--before", type=Path, help="schedule: JSON of a --legacy run to show")
+    parser.add_argument("--per-day", type=int, default=200, help="schedule: requests per day")
+    parser.add_argument("--reps", type=int, default=400, help="schedule: A/A replications")
     args = parser.parse_args(argv)
     if args.schedule:
-        results = run_schedule_studies(args.quick, args.legacy, args.workers)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        results = run_schedule_studies(
+            args.quick, args.legacy, args.workers, args.per_day, args.reps, args.json
+        )
         before = json.loads(args.before.read_text()) if args.before else {}
         block = schedule_block(before, results)
         print(block)
