@@ -168,7 +168,7 @@ def test_nan_scores_latencies_and_failures_never_reach_the_json(tmp_path: Path) 
     text = (tmp_path / "report.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     v5 = next(d for d in report["decisions"] if d["challenger"] == "fraud_v5")
-    assert v5["decision"] == "KEEP"  # 10% timeouts fail the error-rate guardrail
+    assert v5["decision"] == "BLOCKED"  # 10% timeouts fail the error-rate guardrail
     assert v5["guardrails"]["status"] == "fail"
     assert "**FAIL**" in md
     assert "fraud_v5: excluded from the paired comparison" in md
@@ -316,9 +316,9 @@ def test_cli_report_writes_all_three_files(tmp_path: Path) -> None:
     assert report["window"]["since"] == pytest.approx(T0 + 299 * 600 - 7 * 86_400)
     assert [d["challenger"] for d in report["decisions"]] == [CHAL]
     # the fixture's challenger answers in 3 ms against the champion's 1 ms: p99 ratio 3 > 1.5
-    assert report["decisions"][0]["decision"] == "KEEP"
-    assert report["decisions"][0]["reasons"][0] == "KEEP: a guardrail failed"
+    assert report["decisions"][0]["decision"] == "BLOCKED"
+    assert report["decisions"][0]["reasons"][0] == "BLOCKED: guardrail failed (latency_p99_ratio)"
     assert report["drift"] is None
-    assert f"**{CHAL}: KEEP — " in (out / "report.md").read_text()
+    assert f"**{CHAL}: BLOCKED — " in (out / "report.md").read_text()
     assert_self_contained((out / "report.html").read_text(), min_images=3)
     assert cli.main(["promote", "--config", str(path), "--route", "fraud", "--dry-run"]) == 3
