@@ -60,12 +60,14 @@ def _one(ds: EvalDataset, policy: DecisionPolicy | None = None, **kw: Any) -> Ch
     return decisions[0]
 
 
-def _worse_then_better(seed: int = 2) -> EvalDataset:
-    """Worse for 2 days (sigma 2.0), better after (0.5); the report at the end of day 14."""
-    schedule = Schedule(days=14, per_day=500)
+def _worse_then_better(
+    seed: int = 2, per_day: int = 500, after: float = 0.5, label_order: bool = True
+) -> EvalDataset:
+    """Worse for 2 days (sigma 2.0), better after; the report at the end of day 14."""
+    schedule = Schedule(days=14, per_day=per_day, label_order=label_order)
     ds = simulate_schedule_route(
         np.random.default_rng(seed),
-        World(sigma_challenger=0.5),
+        World(sigma_challenger=after),
         schedule,
         before=World(sigma_challenger=2.0),
         switch_days=2.0,
@@ -86,6 +88,17 @@ def test_worse_then_better_is_inconclusive_effect_not_stable() -> None:
     assert d.checks["cs_state"] == "empty"
     assert d.checks["effect_stable"] is False
     assert d.to_dict()["sequential"]["cs_state"] == "empty"
+
+
+def test_cs_on_the_other_side_of_the_estimate_is_not_stable() -> None:
+    d = _one(_worse_then_better(seed=0, per_day=300, after=0.6))
+    assert d.sequential is not None
+    assert d.sequential.cs_low[-1] <= d.sequential.cs_high[-1] < 0  # not empty: below zero
+    assert d.primary.improvement is not None and d.primary.improvement > 0  # but now better
+    assert d.decision == "INCONCLUSIVE"
+    assert d.reasons[0].startswith("INCONCLUSIVE: effect not stable")
+    assert "below 0 but the current estimate is +" in d.reasons[0]
+    assert d.checks["significantly_worse"] is False
 
 
 def test_promote_needs_the_cs_above_zero_and_keep_the_cs_below() -> None:
