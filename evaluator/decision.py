@@ -350,6 +350,7 @@ class _Pair:
     challenger: np.ndarray
     ts: np.ndarray  # the sequential test's order: label receipt time (inference time if unknown)
     excluded: dict[str, int]
+    order: str = "label-arrival"  # or "inference-time" when no label receipt time is known
 
     @property
     def n(self) -> int:
@@ -396,8 +397,14 @@ def _paired_rows(dataset: EvalDataset, challenger: str, other_experiment: int = 
     }
     ts = _order_ts(dataset)[keep]
     order = np.argsort(np.where(np.isfinite(ts), ts, np.inf), kind="stable")
+    labelled = dataset.label_ts is not None and bool(np.isfinite(dataset.label_ts[keep]).any())
     return _Pair(
-        y[keep][order], champ.scores[keep][order], chall.scores[keep][order], ts[order], excluded
+        y[keep][order],
+        champ.scores[keep][order],
+        chall.scores[keep][order],
+        ts[order],
+        excluded,
+        "label-arrival" if labelled else "inference-time",
     )
 
 
@@ -766,8 +773,8 @@ def _verdict(
             else ""
         )
         text = (
-            f"always-valid {1 - cs_level:.4g} confidence sequence of the improvement (mSPRT, "
-            f"tau {policy.tau:g}, {seq.n.size} looks in label-arrival order{family}): "
+            f"always-valid {100 * (1 - cs_level):.4g}% confidence sequence of the improvement "
+            f"(mSPRT, tau {policy.tau:g}, {seq.n.size} looks in {a.pair.order} order{family}): "
             f"[{_f(cs_lo, '+.4f')}, {_f(cs_hi, '+.4f')}] — {_CS_WORDS[state]}; always-valid "
             f"p = {_f(seq.p_value, '.3g')} (adjusted {_f(seq_p_adj, '.3g')})"
         )
