@@ -599,8 +599,9 @@ def run_schedule_studies(
     return out
 
 
-def schedule_block(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """The Markdown table of docs/STATISTICS.md's schedule section, before vs after."""
+def schedule_block(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """The Markdown table of docs/STATISTICS.md's schedule section: (label, results) runs,
+    e.g. the previous code ("before") and this code ("after")."""
     lines = [
         SCHEDULE_BEGIN,
         "",
@@ -608,12 +609,13 @@ def schedule_block(before: dict[str, Any], after: dict[str, Any]) -> str:
         "run against the previous decision code with `--legacy`; seeds fixed; rates ± Monte "
         "Carlo SE).",
         "",
-        "| code | data, order | scenario | routes | PROMOTE on some day | PROMOTE with the CS "
-        "empty or below 0 | KEEP (worse) before PROMOTE | any KEEP before PROMOTE "
+        "| code | requests/day, data, order | scenario | routes | PROMOTE on some day "
+        "| PROMOTE with the CS empty or below 0 | KEEP (worse) before PROMOTE "
+        "| any KEEP before PROMOTE "
         "| KEEP (worse) on some day | PROMOTE at day 60 | median day of first PROMOTE |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, results in (("before", before), ("after", after)):
+    for label, results in runs:
         for r in results.values():
             if not isinstance(r, dict):
                 continue
@@ -625,14 +627,15 @@ def schedule_block(before: dict[str, Any], after: dict[str, Any]) -> str:
             data = "all rows" if window is None else f"{window:g}-day window"
             order = "label arrival" if sched["label_order"] else "inference time"
             lines.append(
-                f"| {label} | {data}, {order} | {name} | {r['reps']} | "
+                f"| {label} | {sched['per_day']}, {data}, {order} | {name} | {r['reps']} | "
                 + " | ".join(cells)
                 + f" | {'-' if day is None else f'{day:g}'} |"
             )
     lines += [
         "",
-        f"Run time: before {before.get('run_time_s', '?')} s, "
-        f"after {after.get('run_time_s', '?')} s.",
+        "Run time: "
+        + ", ".join(f"{label} {results.get('run_time_s', '?')} s" for label, results in runs)
+        + " (2 workers on a shared 2-core machine).",
         "",
         SCHEDULE_END,
     ]
@@ -649,16 +652,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--legacy", action="store_true", help="schedule: the old 7-day window")
     parser.add_argument("--json", type=Path, help="schedule: save the results here")
-    parser.add_argument("--before", type=Path, help="schedule: JSON of a --legacy run to show")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="schedule: JSON of a --legacy run to show first (repeatable)",
+    )
+    parser.add_argument("--from-json", type=Path, help="schedule: format this run, no simulation")
     parser.add_argument("--per-day", type=int, default=200, help="schedule: requests per day")
     parser.add_argument("--reps", type=int, default=400, help="schedule: A/A replications")
     args = parser.parse_args(argv)
     if args.schedule:
-        results = run_schedule_studies(
-            args.quick, args.legacy, args.workers, args.per_day, args.reps, args.json
-        )
-        before = json.loads(args.before.read_text()) if args.before else {}
-        block = schedule_block(before, results)
+        if args.from_json:
+            results = json.loads(args.from_json.read_text())
+        else:
+            results = run_schedule_studies(
+                args.quick, args.legacy, args.workers, args.per_day, args.reps, args.json
+            )
+        runs = [("before", json.loads(path.read_text())) for path in args.before]
+        block = schedule_block([*runs, ("before" if args.legacy else "after", results)])
         print(block)
         if args.write:
             write_marked_block(args.write, block, SCHEDULE_BEGIN, SCHEDULE_END)
