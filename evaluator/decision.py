@@ -41,7 +41,8 @@ non-inferiority is not shown.
 Multiplicity: challengers form one family. Each one's CS is computed at a level from Holm's
 step-down on the always-valid p-values (``correction``: ``holm`` — the j-th smallest p is held
 to alpha / (k - j + 1) while all before it were rejected, the rest get alpha / k; ``bonferroni``
-— alpha / k for all; ``none`` — alpha). A CS excludes zero exactly when its always-valid p-value
+— alpha / k for all; ``fdr_bh`` — r * alpha / k for the r Benjamini-Hochberg rejects; ``none``
+— alpha). A CS excludes zero exactly when its always-valid p-value
 is below the CS's level, so the CS rules reproduce Holm's rejections and add the direction.
 
 Primary metrics and their tests (all paired on the requests both models answered):
