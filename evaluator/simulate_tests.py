@@ -573,6 +573,7 @@ def run_schedule_studies(
     per_day: int = 200,
     reps: int = 400,
     save: Path | None = None,
+    only: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Every schedule scenario; JSON-ready (hit counts and replications). With ``save``, the
     results so far are written after each scenario (long runs on a busy machine)."""
@@ -581,6 +582,8 @@ def run_schedule_studies(
     for name, world, before, schedule, n_reps, seed in schedule_scenarios(
         quick, legacy, per_day, reps
     ):
+        if only and name not in only:
+            continue
         r = schedule_study(
             world, schedule, n_reps, seed, before=before, switch_days=2.0, workers=workers
         )
@@ -660,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="schedule: JSON of a --legacy run to show first (repeatable)",
     )
     parser.add_argument("--from-json", type=Path, help="schedule: format this run, no simulation")
+    parser.add_argument(
+        "--only", action="append", default=[], help="schedule: run only this scenario (repeatable)"
+    )
     parser.add_argument("--per-day", type=int, default=200, help="schedule: requests per day")
     parser.add_argument("--reps", type=int, default=400, help="schedule: A/A replications")
     args = parser.parse_args(argv)
@@ -668,7 +674,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             results = json.loads(args.from_json.read_text())
         else:
             results = run_schedule_studies(
-                args.quick, args.legacy, args.workers, args.per_day, args.reps, args.json
+                args.quick,
+                args.legacy,
+                args.workers,
+                args.per_day,
+                args.reps,
+                args.json,
+                args.only,
             )
         runs = [("before", json.loads(path.read_text())) for path in args.before]
         block = schedule_block([*runs, ("before" if args.legacy else "after", results)])
