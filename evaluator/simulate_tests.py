@@ -664,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--from-json", type=Path, help="schedule: format this run, no simulation")
     parser.add_argument(
+        "--also", type=Path, action="append", default=[], help="schedule: more JSON runs to show"
+    )
+    parser.add_argument(
         "--only", action="append", default=[], help="schedule: run only this scenario (repeatable)"
     )
     parser.add_argument("--per-day", type=int, default=200, help="schedule: requests per day")
@@ -683,7 +686,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.only,
             )
         runs = [("before", json.loads(path.read_text())) for path in args.before]
-        block = schedule_block([*runs, ("before" if args.legacy else "after", results)])
+        label = "before" if args.legacy else "after"
+        also = [(label, json.loads(path.read_text())) for path in args.also]
+        block = schedule_block([*runs, (label, results), *also])
         print(block)
         if args.write:
             write_marked_block(args.write, block, SCHEDULE_BEGIN, SCHEDULE_END)
