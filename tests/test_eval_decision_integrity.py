@@ -80,8 +80,10 @@ def test_worse_then_better_is_inconclusive_effect_not_stable() -> None:
     assert d.sequential is not None
     low, high = d.sequential.cs_low[-1], d.sequential.cs_high[-1]
     assert low > high  # the confidence sequence is empty
-    # What used to promote it: a two-sided always-valid p <= alpha and a positive estimate.
+    # What used to promote it: a two-sided always-valid p <= alpha, a significant fixed-horizon
+    # test and a positive estimate.
     assert d.sequential_p_adjusted is not None and d.sequential_p_adjusted <= 0.05
+    assert d.p_adjusted is not None and d.p_adjusted <= 0.05
     assert d.primary.improvement is not None and d.primary.improvement > 0
     assert d.decision == "INCONCLUSIVE"
     assert d.reasons[0].startswith("INCONCLUSIVE: effect not stable")
