@@ -121,22 +121,7 @@ def simulate_dataset(
 
 def subset(dataset: EvalDataset, rows: np.ndarray | slice) -> EvalDataset:
     """The same dataset restricted to ``rows`` (a slice of the time-ordered rows: a past day)."""
-    models = {
-        k: replace(m, scores=m.scores[rows], status=m.status[rows], latency_ms=m.latency_ms[rows])
-        for k, m in dataset.models.items()
-    }
-    return replace(
-        dataset,
-        request_ids=dataset.request_ids[rows],
-        ts=dataset.ts[rows],
-        labels=dataset.labels[rows],
-        rewards=dataset.rewards[rows],
-        served=dataset.served[rows],
-        propensity=dataset.propensity[rows],
-        arm_probs={k: v[rows] for k, v in dataset.arm_probs.items()},
-        policy_types=dataset.policy_types[rows],
-        models=models,
-    )
+    return dataset.take(rows)
 
 
 # ----------------------------------------------------------------------------------------------
