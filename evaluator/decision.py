@@ -65,6 +65,7 @@ import numpy as np
 
 from evaluator.dataset import EvalDataset, ExperimentInfo
 from evaluator.guardrails import GuardrailLimits, GuardrailResult, check_guardrails
+from evaluator.health import check_data_health
 from evaluator.metrics import LossName, per_request_loss, probability_violations
 from evaluator.sequential import (
     CsState,
@@ -184,16 +185,14 @@ class DecisionPolicy:
 
     @property
     def guardrail_limits(self) -> GuardrailLimits:
-        limits: dict[str, Any] = {
-            "max_latency_p99_ratio": self.max_latency_p99_ratio,
-            "max_latency_p99_ms": self.max_latency_p99_ms,
-            "max_latency_p99_margin_ms": self.max_latency_p99_margin_ms,
-            "max_error_rate_delta": self.max_error_rate_delta,
-            "max_error_rate": self.max_error_rate,
-            "min_requests": self.guardrail_min_requests,
-        }
-        known = {f.name for f in dataclasses.fields(GuardrailLimits)}
-        return GuardrailLimits(**{k: v for k, v in limits.items() if k in known})
+        return GuardrailLimits(
+            max_latency_p99_ratio=self.max_latency_p99_ratio,
+            max_latency_p99_ms=self.max_latency_p99_ms,
+            max_latency_p99_margin_ms=self.max_latency_p99_margin_ms,
+            max_error_rate_delta=self.max_error_rate_delta,
+            max_error_rate=self.max_error_rate,
+            min_requests=self.guardrail_min_requests,
+        )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> DecisionPolicy:
@@ -611,14 +610,6 @@ class _Analysis:
     experiment: ExperimentInfo | None
 
 
-def _default_health_check() -> HealthCheck | None:
-    try:
-        from evaluator.health import check_data_health
-    except ImportError:  # evaluator.health (owner grd) not merged yet
-        return None
-    return check_data_health  # type: ignore[no-any-return]
-
-
 def _analyse(
     dataset: EvalDataset,
     challenger: str,
@@ -997,7 +988,7 @@ def decide(
     challengers = dataset.challengers
     if not challengers:
         return []
-    check = health_check or _default_health_check()
+    check = health_check or check_data_health
     analyses = [_analyse(dataset, c, policy, len(challengers), check) for c in challengers]
     p_adj, _ = adjust_pvalues(
         [a.primary.p_value for a in analyses], policy.alpha, policy.correction
