@@ -7,7 +7,7 @@ on simulated data without touching the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -87,3 +87,36 @@ class EvalDataset:
     @property
     def challengers(self) -> list[str]:
         return [m for m in self.models if m != self.champion]
+
+    def take(self, rows: np.ndarray | slice) -> EvalDataset:
+        """The same dataset restricted to ``rows`` (a mask, indices or a slice) — one
+        experiment's rows, or a past report's view in a simulation. Every per-row array moves."""
+
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[rows]
+
+        models = {
+            k: replace(
+                m,
+                scores=m.scores[rows],
+                status=m.status[rows],
+                latency_ms=m.latency_ms[rows],
+                experiment=cut(m.experiment),
+                sample_rate=cut(m.sample_rate),
+            )
+            for k, m in self.models.items()
+        }
+        return replace(
+            self,
+            request_ids=self.request_ids[rows],
+            ts=self.ts[rows],
+            labels=self.labels[rows],
+            rewards=self.rewards[rows],
+            served=self.served[rows],
+            propensity=self.propensity[rows],
+            arm_probs={k: v[rows] for k, v in self.arm_probs.items()},
+            policy_types=self.policy_types[rows],
+            models=models,
+            registry_version=cut(self.registry_version),
+            label_ts=cut(self.label_ts),
+        )

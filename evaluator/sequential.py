@@ -26,11 +26,19 @@ Choices, and why:
   asymptotically). Early looks with a wildly uncertain variance are where plug-in could cheat,
   so looks before ``burn_in`` pairs (and, for AUROC, before ``min_per_class`` of each label)
   are skipped; they cost nothing because the test can resume at any later time.
-* Looks: by default one per UTC day of the inference timestamps (what a daily report sees),
-  thinned evenly to ``max_looks``. Always-validity holds for any subset of looks, so thinning
-  only costs a little power. Rows are replayed in inference-time order: labels arrive late, so a
-  past report saw fewer rows than this replay credits to that day, but the guarantee does not
-  depend on which prefix was visible when.
+* Looks: by default one per UTC day of the ordering timestamps, thinned evenly to
+  ``max_looks``. Always-validity holds for any subset of looks, so thinning only costs a little
+  power. The caller chooses the order: the decision layer passes each row's **label receipt
+  time** (``EvalDataset.label_ts``), because that is the filtration daily readers see — the rows
+  a report at time T used are exactly the first rows of every later report's sequence, so all
+  reports ever read are looks at *one* path and Ville's bound covers them together. Replaying in
+  inference-time order instead gives every report a different path (late labels are inserted
+  into the past), and the union over those paths is not covered (docs/STATISTICS.md measures
+  both).
+* Direction: the confidence sequence, not the two-sided p-value, carries the direction of a
+  decision. ``confidence_sequence`` recomputes it at another level (a multiplicity-adjusted
+  alpha) from the stored path; ``cs_state`` says whether it is empty (no single effect is
+  consistent with every look: the effect moved) and on which side of zero it lies.
 * For AUROC and RMSE the "observations" are not i.i.d. per request, but the DeLong and
   delta-method estimates are asymptotically normal with variance ~ 1/n, which is all the
   normal-mixture statistic uses (the A/A simulations check the resulting error rate).
@@ -48,6 +56,7 @@ import numpy as np
 from evaluator.significance import jsonable, placements_sorted
 
 SECONDS_PER_DAY = 86_400.0
+CsState = Literal["above", "below", "contains", "empty", "not_started"]
 Looks = Literal["daily", "each"] | int | Sequence[int]
 
 
@@ -430,3 +439,46 @@ def msprt_delong(
         valid=valid,
         method=method,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The confidence sequence at another level, and what it says
+# ----------------------------------------------------------------------------------------------
+
+
+def confidence_sequence(result: SequentialResult, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Running-intersection confidence sequence of ``result``'s path at level ``1 - alpha``.
+
+    Why: a correction across challengers gives each one its own level (Holm/Bonferroni alpha_j);
+    the path (estimate, se, tau) is all the normal-mixture boundary needs, so no re-scan of the
+    data. Skipped looks (se NaN) are unbounded, as in ``msprt``.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must be in (0, 1)")
+    use = np.isfinite(result.se) & (result.se > 0) & np.isfinite(result.estimate)
+    v = np.where(use, result.se, 1.0) ** 2
+    est = np.where(use, result.estimate, 0.0)
+    t2 = result.tau * result.tau
+    half = np.sqrt(v * (v + t2) / t2 * np.log((v + t2) / (v * alpha**2)))
+    lo = np.where(use, est - half, -np.inf)
+    hi = np.where(use, est + half, np.inf)
+    if not lo.size:
+        return lo, hi
+    return np.maximum.accumulate(lo), np.minimum.accumulate(hi)
+
+
+def cs_state(low: float, high: float, threshold: float = 0.0) -> CsState:
+    """Where the (current) confidence sequence ``[low, high]`` lies relative to ``threshold``.
+
+    ``empty`` (low > high) means no constant effect fits every look: the effect changed over the
+    experiment (e.g. worse for two days, better after), so neither direction may be decided.
+    """
+    if not (np.isfinite(low) or np.isfinite(high)):
+        return "not_started"
+    if low > high:
+        return "empty"
+    if low > threshold:
+        return "above"
+    if high < threshold:
+        return "below"
+    return "contains"

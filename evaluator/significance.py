@@ -742,6 +742,43 @@ def adjust_pvalues(
     return out, reject
 
 
+def corrected_levels(
+    p_values: Sequence[float | None], alpha: float = 0.05, method: str = "holm"
+) -> list[float]:
+    """The level each test of a family is held to, for confidence sets that carry a direction.
+
+    Why: a confidence sequence at level alpha_j excludes zero exactly when the matching
+    always-valid p-value is <= alpha_j, so giving each challenger's CS the level at which the
+    correction would reject it reproduces the correction's rejections and adds the sign.
+    ``holm``: the j-th smallest p (1-based) gets alpha / (k - j + 1) while every smaller one is
+    rejected; from the first non-rejection on, alpha / k (Bonferroni: simultaneous coverage for
+    the undecided). ``bonferroni``: alpha / k. ``fdr_bh``: the r hypotheses Benjamini-Hochberg
+    rejects get r * alpha / k, the rest alpha / k. ``none``: alpha. Missing p-values count as 1.
+    """
+    if method not in {"holm", "bonferroni", "fdr_bh", "none"}:
+        raise ValueError(f"unknown correction {method!r}")
+    k = len(p_values)
+    if k == 0:
+        return []
+    if method == "none" or k == 1:
+        return [alpha] * k
+    raw = np.array([1.0 if p is None or not math.isfinite(p) else float(p) for p in p_values])
+    levels = np.full(k, alpha / k)
+    order = np.argsort(raw, kind="stable")
+    if method == "holm":
+        for j, i in enumerate(order):
+            level = alpha / (k - j)
+            if raw[i] > level:
+                break
+            levels[i] = level
+    elif method == "fdr_bh":
+        passing = np.nonzero(raw[order] <= alpha * np.arange(1, k + 1) / k)[0]
+        if passing.size:
+            r = int(passing[-1]) + 1
+            levels[order[:r]] = r * alpha / k
+    return [float(x) for x in levels]
+
+
 # ----------------------------------------------------------------------------------------------
 # Power analysis
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ the guardrails pass.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -45,7 +46,7 @@ import numpy as np
 from scipy import optimize
 from scipy.special import expit
 
-from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats, ModelColumn
+from evaluator.dataset import STATUS_CODES, EvalDataset, ExperimentInfo, JoinStats, ModelColumn
 from evaluator.decision import DecisionPolicy, decide
 from evaluator.metrics import PROB_EPS
 from evaluator.report import write_marked_block
@@ -120,22 +121,7 @@ def simulate_dataset(
 
 def subset(dataset: EvalDataset, rows: np.ndarray | slice) -> EvalDataset:
     """The same dataset restricted to ``rows`` (a slice of the time-ordered rows: a past day)."""
-    models = {
-        k: replace(m, scores=m.scores[rows], status=m.status[rows], latency_ms=m.latency_ms[rows])
-        for k, m in dataset.models.items()
-    }
-    return replace(
-        dataset,
-        request_ids=dataset.request_ids[rows],
-        ts=dataset.ts[rows],
-        labels=dataset.labels[rows],
-        rewards=dataset.rewards[rows],
-        served=dataset.served[rows],
-        propensity=dataset.propensity[rows],
-        arm_probs={k: v[rows] for k, v in dataset.arm_probs.items()},
-        policy_types=dataset.policy_types[rows],
-        models=models,
-    )
+    return dataset.take(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +276,186 @@ def power_study(
 
 
 # ----------------------------------------------------------------------------------------------
+# The shipped schedule: a report every day on all data since the experiment started
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How reports are produced and read (defaults: the shipped CronJob, docs/DEPLOY.md)."""
+
+    days: int = 60  # one report at the end of every day
+    per_day: int = 200  # requests per day, all labelled eventually
+    label_delay_days: float = 1.5  # exponential label delay (mean)
+    window_days: float | None = None  # None: all rows since the experiment started
+    label_order: bool = True  # hand decide() the label receipt times (False: leave them out)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One route's daily verdicts, summarised: days are 1-based report days, 0 = never."""
+
+    first_promote: int
+    first_keep: int
+    first_keep_worse: int
+    promote_wrong_side: bool  # a PROMOTE while the CS was empty or below zero
+    final: str
+
+
+def simulate_schedule_route(
+    rng: np.random.Generator,
+    world: World,
+    schedule: Schedule,
+    *,
+    before: World | None = None,
+    switch_days: float = 0.0,
+) -> EvalDataset:
+    """A route under ``schedule``: requests uniform in time, labels after an exponential delay;
+    the challenger follows ``before`` until ``switch_days`` and ``world`` after. The challenger
+    carries experiment id "exp-1" and ``experiments`` names it (the decision uses its rows)."""
+    n = schedule.days * schedule.per_day
+    ts = np.sort(rng.uniform(0.0, schedule.days * DAY, n))
+    label_ts = ts + rng.exponential(schedule.label_delay_days * DAY, n)
+    logit = world.b0 + world.s * rng.standard_normal(n)
+    y = (rng.random(n) < expit(logit)).astype(np.float64)
+    common = rng.standard_normal(n)
+    sigma_h = np.full(n, world.sigma_challenger)
+    if before is not None:
+        sigma_h[ts < switch_days * DAY] = before.sigma_challenger
+
+    def column(name: str, role: str, sigma: np.ndarray | float) -> ModelColumn:
+        noise = sigma * (
+            math.sqrt(world.rho) * common + math.sqrt(1.0 - world.rho) * rng.standard_normal(n)
+        )
+        return ModelColumn(
+            name=name,
+            role=role,  # type: ignore[arg-type]
+            scores=np.clip(expit(logit + noise), PROB_EPS, 1.0 - PROB_EPS),
+            status=np.full(n, STATUS_CODES["ok"], dtype=np.int8),
+            latency_ms=rng.lognormal(math.log(5.0), 0.3, n),
+            modes=("shadow",),
+            experiment=np.full(n, "exp-1", dtype=object) if role == "challenger" else None,
+            sample_rate=np.ones(n) if role == "challenger" else None,
+        )
+
+    ones = np.ones(n)
+    ds = EvalDataset(
+        route="sim",
+        task="classification",
+        champion="champion",
+        request_ids=np.array([f"r{i}" for i in range(n)], dtype=object),
+        ts=ts,
+        labels=y,
+        rewards=np.full(n, np.nan),
+        served=np.full(n, "champion", dtype=object),
+        propensity=ones,
+        arm_probs={"champion": ones},
+        policy_types=np.full(n, "champion", dtype=object),
+        models={
+            "champion": column("champion", "champion", world.sigma_champion),
+            "challenger": column("challenger", "challenger", sigma_h),
+        },
+        stats=JoinStats(inferences=n, labels=n, joined=n),
+        registry_version=np.ones(n, dtype=np.int64),
+        label_ts=label_ts,
+    )
+    return ds
+
+
+def _report_view(ds: EvalDataset, day: int, schedule: Schedule) -> EvalDataset:
+    """What the report at the end of ``day`` (1-based) sees: rows inferred and labelled by then
+    (within the window, if any), with the experiment's bookkeeping as the store gives it."""
+    end = day * DAY
+    assert ds.label_ts is not None
+    rows = (ds.ts <= end) & (ds.label_ts <= end)
+    if schedule.window_days is not None:
+        rows &= ds.ts > end - schedule.window_days * DAY
+    view = ds.take(np.flatnonzero(rows))
+    if not schedule.label_order:
+        view = replace(view, label_ts=None)
+    if view.ts.size:
+        view = replace(
+            view,
+            experiments={
+                "challenger": ExperimentInfo("exp-1", 0.0, float(view.ts.max()), "champion", 1)
+            },
+        )
+    return view
+
+
+def run_schedule(ds: EvalDataset, schedule: Schedule, config: Any) -> Trajectory:
+    """Every daily report of one route through ``compute_decisions`` (the CLI's own call)."""
+    from evaluator.cli import compute_decisions
+
+    first = {"PROMOTE": 0, "KEEP": 0, "worse": 0}
+    wrong = False
+    final = "INCONCLUSIVE"
+    for day in range(1, schedule.days + 1):
+        d = compute_decisions(_report_view(ds, day, schedule), config)[0]
+        final = d.decision
+        if d.decision in ("PROMOTE", "KEEP") and not first[d.decision]:
+            first[d.decision] = day
+        if d.decision == "KEEP" and d.checks.get("significantly_worse") and not first["worse"]:
+            first["worse"] = day
+        if d.decision == "PROMOTE" and d.sequential is not None and d.sequential.cs_low.size:
+            low, high = float(d.sequential.cs_low[-1]), float(d.sequential.cs_high[-1])
+            wrong = wrong or low > high or high < 0
+    return Trajectory(first["PROMOTE"], first["KEEP"], first["worse"], wrong, final)
+
+
+def replicate_schedule(
+    args: tuple[int, World, World | None, float, Schedule, str],
+) -> Trajectory:
+    seed, world, before, switch_days, schedule, config_path = args
+    from evaluator.config import load_config
+
+    config = load_config(config_path, env={})
+    ds = simulate_schedule_route(
+        np.random.default_rng(seed), world, schedule, before=before, switch_days=switch_days
+    )
+    return run_schedule(ds, schedule, config)
+
+
+def schedule_study(
+    world: World,
+    schedule: Schedule,
+    reps: int,
+    seed: int,
+    *,
+    before: World | None = None,
+    switch_days: float = 0.0,
+    config_path: str = "configs/evaluator.yaml",
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Rates over ``reps`` routes: PROMOTE on any day, KEEP (worse) before PROMOTE, ..."""
+    jobs = [(seed + i, world, before, switch_days, schedule, config_path) for i in range(reps)]
+    runs: list[Trajectory] = _run(replicate_schedule, jobs, workers)
+
+    def rate(pred: Callable[[Trajectory], bool]) -> Rate:
+        return Rate(sum(1 for t in runs if pred(t)), reps)
+
+    def before_promote(day: int, t: Trajectory) -> bool:
+        return bool(day) and (not t.first_promote or day < t.first_promote)
+
+    promote_days = [t.first_promote for t in runs if t.first_promote]
+    return {
+        "promote": rate(lambda t: bool(t.first_promote)),
+        "promote_wrong_side": rate(lambda t: t.promote_wrong_side),
+        "keep_worse_before_promote": rate(
+            lambda t: bool(t.first_promote) and before_promote(t.first_keep_worse, t)
+        ),
+        "keep_before_promote": rate(
+            lambda t: bool(t.first_promote) and before_promote(t.first_keep, t)
+        ),
+        "keep_worse_ever": rate(lambda t: bool(t.first_keep_worse)),
+        "keep_ever": rate(lambda t: bool(t.first_keep)),
+        "final_promote": rate(lambda t: t.final == "PROMOTE"),
+        "median_promote_day": float(np.median(promote_days)) if promote_days else None,
+        "runs": runs,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 
@@ -341,12 +507,177 @@ def run_all(quick: bool, workers: int) -> str:
     return "\n".join(lines)
 
 
+SCHEDULE_BEGIN = "<!-- simulate_schedule:begin -->"
+SCHEDULE_END = "<!-- simulate_schedule:end -->"
+SCHEDULE_METRICS = (
+    "promote",
+    "promote_wrong_side",
+    "keep_worse_before_promote",
+    "keep_before_promote",
+    "keep_worse_ever",
+    "keep_ever",
+    "final_promote",
+)
+
+
+def schedule_scenarios(
+    quick: bool, legacy: bool, per_day: int = 200, reps: int = 400
+) -> list[tuple[str, World, World | None, Schedule, int, int]]:
+    """(name, world, world before day 2, schedule, replications, seed) of every scenario.
+
+    ``legacy`` runs the schedule that shipped before experiments: a 7-day sliding window and no
+    label receipt times (the code on main before this change ignores them anyway).
+    """
+    if quick:
+        reps = 60
+    half = max(reps // 2, 1)
+    base = Schedule(days=60, per_day=per_day, label_delay_days=1.5)
+    gain = world_with_gain("auroc", DecisionPolicy().min_effect, mc_n=100_000 if quick else 400_000)
+    wtb_before, wtb_after = World(sigma_challenger=2.0), World(sigma_challenger=0.5)
+    if legacy:
+        old = replace(base, window_days=7.0, label_order=False)
+        return [
+            ("A/A", World(), None, old, reps, 50_000),
+            ("better by min_effect", gain, None, old, half, 60_000),
+            ("worse 2 days, then better", wtb_after, wtb_before, old, half // 2, 70_000),
+        ]
+    inference = replace(base, label_order=False)
+    return [
+        ("A/A", World(), None, base, reps, 50_000),
+        ("better by min_effect", gain, None, base, half, 60_000),
+        ("worse 2 days, then better", wtb_after, wtb_before, base, half // 2, 70_000),
+        ("worse 2 days, then better", wtb_after, wtb_before, inference, half // 2, 70_000),
+        ("A/A", World(), None, inference, half, 50_000),
+    ]
+
+
+def run_schedule_studies(
+    quick: bool,
+    legacy: bool,
+    workers: int,
+    per_day: int = 200,
+    reps: int = 400,
+    save: Path | None = None,
+    only: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Every schedule scenario; JSON-ready (hit counts and replications). With ``save``, the
+    results so far are written after each scenario (long runs on a busy machine)."""
+    out: dict[str, Any] = {}
+    start = time.time()
+    for name, world, before, schedule, n_reps, seed in schedule_scenarios(
+        quick, legacy, per_day, reps
+    ):
+        if only and name not in only:
+            continue
+        r = schedule_study(
+            world, schedule, n_reps, seed, before=before, switch_days=2.0, workers=workers
+        )
+        order = "label" if schedule.label_order else "inference"
+        out[f"{name} ({order} order)"] = {
+            "scenario": name,
+            "schedule": {k: getattr(schedule, k) for k in schedule.__dataclass_fields__},
+            "reps": n_reps,
+            "median_promote_day": r["median_promote_day"],
+            **{m: [r[m].hits, r[m].reps] for m in SCHEDULE_METRICS},
+        }
+        print(f"{name}: done after {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        out["run_time_s"] = round(time.time() - start)
+        if save is not None:
+            save.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def schedule_block(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """The Markdown table of docs/STATISTICS.md's schedule section: (label, results) runs,
+    e.g. the previous code ("before") and this code ("after")."""
+    lines = [
+        SCHEDULE_BEGIN,
+        "",
+        "Generated by `python -m evaluator.simulate_tests --schedule` (before: the same command "
+        "run against the previous decision code with `--legacy`; seeds fixed; rates ± Monte "
+        "Carlo SE).",
+        "",
+        "| code | requests/day, data, order | scenario | routes | PROMOTE on some day "
+        "| PROMOTE with the CS empty or below 0 | KEEP (worse) before PROMOTE "
+        "| any KEEP before PROMOTE "
+        "| KEEP (worse) on some day | PROMOTE at day 60 | median day of first PROMOTE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, results in runs:
+        for r in results.values():
+            if not isinstance(r, dict):
+                continue
+            name = r["scenario"]
+            cells = [str(Rate(*r[m])) for m in SCHEDULE_METRICS if m not in ("keep_ever",)]
+            day = r["median_promote_day"]
+            sched = r["schedule"]
+            window = sched["window_days"]
+            data = "all rows" if window is None else f"{window:g}-day window"
+            order = "label arrival" if sched["label_order"] else "inference time"
+            lines.append(
+                f"| {label} | {sched['per_day']}, {data}, {order} | {name} | {r['reps']} | "
+                + " | ".join(cells)
+                + f" | {'-' if day is None else f'{day:g}'} |"
+            )
+    lines += [
+        "",
+        "Run time: "
+        + ", ".join(f"{label} {results.get('run_time_s', '?')} s" for label, results in runs)
+        + " (2 workers on a shared 2-core machine).",
+        "",
+        SCHEDULE_END,
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200 replications instead of 1000")
+    parser.add_argument("--quick", action="store_true", help="fewer replications")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--write", type=Path, help="update the results block of this file")
+    parser.add_argument(
+        "--schedule", action="store_true", help="the daily-report schedule studies instead"
+    )
+    parser.add_argument("--legacy", action="store_true", help="schedule: the old 7-day window")
+    parser.add_argument("--json", type=Path, help="schedule: save the results here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="schedule: JSON of a --legacy run to show first (repeatable)",
+    )
+    parser.add_argument("--from-json", type=Path, help="schedule: format this run, no simulation")
+    parser.add_argument(
+        "--also", type=Path, action="append", default=[], help="schedule: more JSON runs to show"
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], help="schedule: run only this scenario (repeatable)"
+    )
+    parser.add_argument("--per-day", type=int, default=200, help="schedule: requests per day")
+    parser.add_argument("--reps", type=int, default=400, help="schedule: A/A replications")
     args = parser.parse_args(argv)
+    if args.schedule:
+        if args.from_json:
+            results = json.loads(args.from_json.read_text())
+        else:
+            results = run_schedule_studies(
+                args.quick,
+                args.legacy,
+                args.workers,
+                args.per_day,
+                args.reps,
+                args.json,
+                args.only,
+            )
+        runs = [("before", json.loads(path.read_text())) for path in args.before]
+        label = "before" if args.legacy else "after"
+        also = [(label, json.loads(path.read_text())) for path in args.also]
+        block = schedule_block([*runs, (label, results), *also])
+        print(block)
+        if args.write:
+            write_marked_block(args.write, block, SCHEDULE_BEGIN, SCHEDULE_END)
+        return
     block = run_all(args.quick, args.workers)
     print(block)
     if args.write:

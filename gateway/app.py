@@ -15,9 +15,11 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.admin import install_admin
+from gateway.catalog import RouteCatalog
 from gateway.config import GatewayConfig
 from gateway.feedback import FeedbackService
 from gateway.http import (
+    CATALOG,
     FEEDBACK,
     MAX_BODY,
     ROUTES,
@@ -82,6 +84,7 @@ def create_app(
     app[UPSTREAM] = upstream
     app[ROUTES] = routes
     app[SERVICE] = service
+    app[CATALOG] = RouteCatalog(routes, upstream)
     # With Kafka every replica reads labels from the topic; locally they go straight in.
     app[FEEDBACK] = FeedbackService(
         sink, listeners=[] if config.log.sink == "kafka" else [learner.on_labels],

@@ -24,6 +24,7 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None) 
     from aiohttp import web
 
     from gateway.app import create_app
+    from gateway.grpc_server import install_grpc
 
     try:
         import uvloop
@@ -35,8 +36,11 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None) 
         # One segment directory per worker process: file appends never interleave.
         config = replace(config, log=replace(config.log, path=str(Path(config.log.path) /
                                                                    f"worker-{worker}")))
+    app = create_app(config)
+    if config.listen.grpc_port:
+        install_grpc(app, host, config.listen.grpc_port, config.listen.max_body_bytes)
     web.run_app(
-        create_app(config), host=host, port=port, reuse_port=worker is not None,
+        app, host=host, port=port, reuse_port=worker is not None,
         access_log=None, print=None, shutdown_timeout=30,
     )
 
@@ -49,7 +53,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
-    print(f"understudy gateway on http://{host}:{port} -> Triton {config.triton.url} "
+    if args.grpc_port is not None:
+        config = replace(config, listen=replace(config.listen, grpc_port=args.grpc_port))
+    grpc_port = config.listen.grpc_port
+    grpc_note = f" and grpc://{host}:{grpc_port}" if grpc_port else ""
+    print(f"understudy gateway on http://{host}:{port}{grpc_note} -> Triton {config.triton.url} "
           f"({len(config.routes)} route(s), log sink {config.log.sink}, "
           f"{args.workers} worker(s))", flush=True)
     if args.workers <= 1:
@@ -98,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML config (default: $UNDERSTUDY_CONFIG, else built-in defaults)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--grpc-port", type=int,
+                       help="gRPC port (default: listen.grpc_port, 8081; 0 disables gRPC)")
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes sharing the port via SO_REUSEPORT")
     serve.set_defaults(func=cmd_serve)

@@ -63,6 +63,9 @@ class TritonConfig:
 class ListenConfig:
     host: str = "0.0.0.0"  # noqa: S104 - a gateway listens on all interfaces by default
     port: int = 8080
+    # The KServe V2 / Triton gRPC service (gateway/grpc_server.py); 0 (or null) disables it.
+    grpc_port: int = 8081
+    # The largest request body (HTTP) or request message (gRPC) accepted.
     max_body_bytes: int = 8 * 1024 * 1024
 
 
@@ -435,9 +438,15 @@ def parse_config(
     for route in routes.values():
         problem = exploration_problem(route)
         _check(problem is None, f"routes.{route.name}.policy: {problem}")
+    if "grpc_port" in data["listen"] and data["listen"]["grpc_port"] is None:
+        data["listen"]["grpc_port"] = 0  # null disables gRPC, like 0
+    listen = _build(ListenConfig, data["listen"], "listen")
+    _check(0 <= listen.grpc_port <= 65535, "listen.grpc_port: must be a port number (0 disables)")
+    _check(listen.grpc_port == 0 or listen.grpc_port != listen.port,
+           f"listen.grpc_port: {listen.grpc_port} is also listen.port; gRPC needs its own port")
     return GatewayConfig(
         triton=triton,
-        listen=_build(ListenConfig, data["listen"], "listen"),
+        listen=listen,
         log=log,
         admin=admin,
         routes=routes,

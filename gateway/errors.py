@@ -1,7 +1,8 @@
 """Typed errors for the gateway, each carrying the HTTP status it maps to.
 
 The HTTP layer turns any `GatewayError` into a KServe-style `{"error": "..."}` body in one place
-(`gateway.http.error_middleware`); the core never imports aiohttp's exceptions.
+(`gateway.http.error_middleware`); the gRPC adapter turns it into the status code `grpc_code`
+names (`gateway.grpc_server`). The core never imports aiohttp's or grpc's exceptions.
 """
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ class UpstreamClientError(GatewayError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+# HTTP status -> gRPC status code name (grpc.StatusCode[name]), the mapping Triton's own gRPC
+# endpoint uses. A client's mistake is never UNKNOWN: any other 4xx is INVALID_ARGUMENT.
+_GRPC_CODES: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_code(exc: GatewayError) -> str:
+    """The gRPC status code name for `exc`, derived from its HTTP status."""
+    code = _GRPC_CODES.get(exc.status)
+    if code is not None:
+        return code
+    return "INVALID_ARGUMENT" if 400 <= exc.status < 500 else "INTERNAL"
 
 
 class ConfigError(Exception):

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import __version__
+from gateway.catalog import RouteCatalog
 from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.feedback import FeedbackService
 from gateway.protocol import error_body
@@ -27,6 +27,7 @@ SERVICE = web.AppKey("service", InferenceService)
 ROUTES = web.AppKey("routes", RouteTable)
 UPSTREAM = web.AppKey("upstream", TritonUpstream)
 FEEDBACK = web.AppKey("feedback", FeedbackService)
+CATALOG = web.AppKey("catalog", RouteCatalog)
 MAX_BODY = web.AppKey("max_body_bytes", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,20 +80,20 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    routes = request.app[ROUTES]
-    runtime = routes.get(request.match_info["route"])
-    champion = runtime.config.champion
-    metadata = await request.app[UPSTREAM].metadata(champion.model, champion.version)
-    metadata["name"] = runtime.name
-    return json_response(metadata)
+    return json_response(await request.app[CATALOG].metadata(request.match_info["route"]))
+
+
+async def model_config(request: web.Request) -> web.Response:
+    return json_response(await request.app[CATALOG].config(request.match_info["route"]))
+
+
+async def model_stats(request: web.Request) -> web.Response:
+    return json_response(await request.app[CATALOG].stats(request.match_info["route"]))
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    runtime = request.app[ROUTES].get(request.match_info["route"])
-    champion = runtime.config.champion
-    if await request.app[UPSTREAM].model_ready(champion.model, champion.version):
-        return web.Response(status=200)
-    return _error_response(503, f"champion '{champion}' of route '{runtime.name}' is not ready")
+    await request.app[CATALOG].check_ready(request.match_info["route"])
+    return web.Response(status=200)
 
 
 async def health_live(_: web.Request) -> web.Response:
@@ -100,21 +101,17 @@ async def health_live(_: web.Request) -> web.Response:
 
 
 async def health_ready(request: web.Request) -> web.Response:
-    # The servers of the champions (`triton.models` may place one on another Triton).
-    champions = [rt.config.champion.model for rt in request.app[ROUTES]]
-    if await request.app[UPSTREAM].server_ready(champions):
+    if await request.app[CATALOG].server_ready():
         return web.Response(status=200)
     return _error_response(503, "Triton is not ready")
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "understudy", "version": __version__, "extensions": [
-        "binary_tensor_data", "model_repository"
-    ]})
+    return json_response(request.app[CATALOG].server_metadata())
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response([{"name": rt.name, "state": "READY"} for rt in request.app[ROUTES]])
+    return json_response(request.app[CATALOG].index())
 
 
 async def feedback(request: web.Request) -> web.Response:
@@ -133,6 +130,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v2/models/{route}/versions/{version}/infer", infer)
     app.router.add_get("/v2/models/{route}", model_metadata)
     app.router.add_get("/v2/models/{route}/versions/{version}", model_metadata)
+    app.router.add_get("/v2/models/{route}/config", model_config)
+    app.router.add_get("/v2/models/{route}/versions/{version}/config", model_config)
+    app.router.add_get("/v2/models/{route}/stats", model_stats)
+    app.router.add_get("/v2/models/{route}/versions/{version}/stats", model_stats)
     app.router.add_get("/v2/models/{route}/ready", model_ready)
     app.router.add_get("/v2/models/{route}/versions/{version}/ready", model_ready)
     app.router.add_get("/v2/health/live", health_live)

@@ -25,8 +25,8 @@ SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
 REQUESTS = Counter(
     "understudy_requests",
-    "Inference requests answered, by route, served model and HTTP status code.",
-    ["route", "model", "code"],
+    "Inference requests answered, by route, served model, HTTP status code and transport.",
+    ["route", "model", "code", "protocol"],
 )
 REQUEST_ERRORS = Counter(
     "understudy_request_errors",

@@ -122,6 +122,7 @@ INFERENCE_RECORD: dict[str, Any] = {
         "task": {"enum": ["classification", "regression"]},
         "error": {"type": "string"},
         "fallback": {"const": True},
+        "protocol": {"enum": ["http", "grpc"]},  # the transport that carried the request
         "registry_version": {"type": "integer", "minimum": 0},  # v1 addition (CONTRACT.md)
     },
     "$defs": {"tensor": TENSOR, "outcome": MODEL_OUTCOME},

@@ -21,7 +21,7 @@ from gateway import metrics
 from gateway.logsink import LogSink
 from gateway.policies import Decision, sticky_uniform
 from gateway.protocol import InferRequest, decode_inputs, decode_response
-from gateway.records import INFERENCES, SCHEMA_VERSION, ModelOutcome, Tensor
+from gateway.records import INFERENCES, SCHEMA_VERSION, ModelOutcome, Tensor, Transport
 from gateway.routes import RouteRuntime
 from gateway.shadow import ShadowResult
 
@@ -71,6 +71,7 @@ class RequestContext:
     gateway_latency_s: float
     error: str | None = None
     fallback: bool = False
+    protocol: Transport = "http"
 
 
 def first_score(outputs: Mapping[str, Tensor] | None) -> float | None:
@@ -240,6 +241,7 @@ class Recorder:
             record["error"] = ctx.error
         if ctx.fallback:
             record["fallback"] = True
+        record["protocol"] = ctx.protocol
         return record
 
     def _observe(self, ctx: RequestContext, record: Mapping[str, Any]) -> None:

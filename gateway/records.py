@@ -20,6 +20,9 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     outputs          {model: ModelOutcome} for the served model and every challenger
     status           int, the HTTP status the client got
     gateway_latency_ms  float, receipt of the request to the response being handed to the client
+    protocol         "http" | "grpc", the transport that carried the request (optional: absent
+                     in records written before gRPC existed; readers take absent as "http").
+                     `status` is the HTTP status either way (gRPC maps it, gateway/errors.py)
 
     Tensor        = {"datatype": str, "shape": [int], "data": [number | str | bool]}  (flat)
     ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
@@ -62,6 +65,7 @@ AUDIT = "audit"
 STREAMS = (INFERENCES, LABELS, AUDIT)
 
 OutcomeStatus = Literal["ok", "error", "timeout", "shed", "skipped"]
+Transport = Literal["http", "grpc"]  # which adapter carried a request (the record's `protocol`)
 
 
 class Tensor(TypedDict):
@@ -104,6 +108,7 @@ class InferenceRecord(TypedDict):
     outputs: dict[str, ModelOutcome]
     status: int
     gateway_latency_ms: float
+    protocol: NotRequired[Transport]
 
 
 class LabelRecord(TypedDict):

@@ -12,7 +12,7 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gateway import metrics
@@ -27,11 +27,13 @@ from gateway.protocol import (
     validate_against,
 )
 from gateway.recorder import Recorder, RequestContext
+from gateway.records import Transport
 from gateway.routes import RouteRuntime, RouteTable
 from gateway.shadow import ShadowResult
 from gateway.upstream import TritonUpstream, UpstreamResponse, passthrough_headers
 
 REQUEST_ID_HEADER = "X-Request-Id"
+BodyEncoder = Callable[[], tuple[bytes, int]]
 
 
 @dataclass(slots=True)
@@ -62,9 +64,17 @@ class InferenceService:
         return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     async def infer(
-        self, route_name: str, body: bytes, headers: Mapping[str, str]
+        self, route_name: str, body: bytes | BodyEncoder, headers: Mapping[str, str],
+        protocol: Transport = "http",
     ) -> InferResult:
-        """Serve one request; raises GatewayError (mapped to HTTP by the caller) on failure."""
+        """Serve one request; raises GatewayError (mapped to HTTP or gRPC by the caller).
+
+        `body` is the KServe V2 HTTP body, or (gRPC) an encoder producing it and its JSON
+        header's length: called where parsing starts, so a message that cannot be encoded is
+        refused, counted and logged exactly like a malformed HTTP body. `protocol` names the
+        transport for the log record only; both hand the core the same body, so behaviour
+        cannot diverge.
+        """
         started = time.perf_counter()
         ts = time.time()
         runtime = self.routes.get(route_name)
@@ -82,7 +92,11 @@ class InferenceService:
                 request_id = check_request_id(header_id, f"{REQUEST_ID_HEADER} header")
             if raw_key is not None:
                 key = check_key(raw_key, f"{key_header} header")
-            request = parse_request(body, headers.get(HEADER_LENGTH))
+            if callable(body):
+                body, header_length = body()
+                request = parse_request(body, str(header_length))
+            else:
+                request = parse_request(body, headers.get(HEADER_LENGTH))
             request_id = request.id or request_id or self._new_id()
             validate_against(
                 request, config.champion.model, await self.routes.champion_inputs(runtime)
@@ -99,7 +113,7 @@ class InferenceService:
         except GatewayError as exc:
             request_id = request_id or self._new_id()
             self._record_failure(runtime, request_id, ts, key, request, decision, served_model,
-                                 exc, started)
+                                 exc, started, protocol)
             exc.request_id = request_id  # type: ignore[attr-defined]
             exc.served_model = served_model  # type: ignore[attr-defined]
             raise
@@ -110,11 +124,11 @@ class InferenceService:
         copies = self._dispatch_copies(runtime, request, served_model)
         self.recorder.submit(
             RequestContext(runtime, request_id, ts, key, request, decision, served_model, served,
-                           200, elapsed, fallback=fallback is not None),
+                           200, elapsed, fallback=fallback is not None, protocol=protocol),
             copies,
         )
         role = "champion" if served_model == config.champion.model else "challenger"
-        metrics.child(metrics.REQUESTS, route_name, served_model, "200").inc()
+        metrics.child(metrics.REQUESTS, route_name, served_model, "200", protocol).inc()
         metrics.child(metrics.REQUEST_LATENCY, route_name).observe(elapsed)
         metrics.child(metrics.MODEL_LATENCY, route_name, served_model, role, "served").observe(
             response.latency_s
@@ -185,9 +199,11 @@ class InferenceService:
         served_model: str,
         exc: GatewayError,
         started: float,
+        protocol: Transport,
     ) -> None:
         """Failed requests are logged too (users of other gateways miss exactly these)."""
-        metrics.child(metrics.REQUESTS, runtime.name, served_model, str(exc.status)).inc()
+        metrics.child(metrics.REQUESTS, runtime.name, served_model, str(exc.status),
+                      protocol).inc()
         metrics.child(metrics.REQUEST_ERRORS, runtime.name, type(exc).__name__).inc()
         status = "timeout" if exc.status == 504 else "error"
         if exc.status < 500 and not isinstance(exc, UpstreamClientError):
@@ -202,6 +218,6 @@ class InferenceService:
             RequestContext(runtime, request_id, ts, key, request if status != "skipped" else None,
                            decision, served_model,
                            ShadowResult(status, error=exc.message), exc.status,
-                           time.perf_counter() - started, error=exc.message),
+                           time.perf_counter() - started, error=exc.message, protocol=protocol),
             copies,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import http.client
 import importlib.metadata
 import importlib.util
 import json
@@ -478,7 +479,10 @@ def _http_status(url: str) -> int | None:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return exc.code
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
+        # HTTPException: something that is not an HTTP/1.1 server holds the port (another
+        # session's gRPC listener took it first answers with HTTP/2 bytes: BadStatusLine).
+        # Not Triton: it will fail to bind and start() re-picks the port.
         return None
 
 

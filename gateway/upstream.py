@@ -207,6 +207,10 @@ class TritonUpstream:
         """The model's Triton config: shadow lanes batch copies only if `max_batch_size` > 0."""
         return await self._model_json(model, version, "/config", "config")
 
+    async def model_stats(self, model: str, version: str = "") -> dict[str, Any]:
+        """Triton's inference statistics for the model (`{"model_stats": [...]}`)."""
+        return await self._model_json(model, version, "/stats", "statistics")
+
     async def _model_json(self, model: str, version: str, suffix: str, what: str
                           ) -> dict[str, Any]:
         status, body = await self._get(_model_path(model, version) + suffix, model)

@@ -263,7 +263,7 @@ def gateway_config(triton_url: str, work: Path, name: str, routes: Mapping[str, 
     log.update(extra_log or {})
     raw = {
         "triton": {"url": triton_url, "timeout_ms": timeout_ms},
-        "listen": {"host": HOST},
+        "listen": {"host": HOST, "grpc_port": 0},  # Gateway(grpc_port=...) turns gRPC on
         "log": log,
         "admin": {"state_path": str(work / f"state-{name}" / "registry.json")},
         "routes": dict(routes),
@@ -280,6 +280,7 @@ class Gateway:
 
     config: Path
     port: int = 0
+    grpc_port: int = 0  # 0: HTTP only
     workers: int = 1
     cpus: str | None = None
     log_file: Path | None = None
@@ -296,6 +297,8 @@ class Gateway:
         cmd = [*pin(self.cpus), sys.executable, "-m", "gateway", "serve", "--config",
                str(self.config), "--host", HOST, "--port", str(self.port),
                "--workers", str(self.workers)]
+        if self.grpc_port:
+            cmd += ["--grpc-port", str(self.grpc_port)]
         # (not UNDERSTUDY_LOG_LEVEL: the config loader reads UNDERSTUDY_LOG_* as `log:` keys)
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root),

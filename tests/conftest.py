@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
+from gateway.grpc_server import GRPC_PORT, install_grpc
 from gateway.logsink.files import segment_paths
 
 pytest_plugins = ["tests.support.triton", "tests.support.kafka"]
@@ -39,6 +40,7 @@ class GatewayHandle:
     config: GatewayConfig
     server: TestServer
     session: aiohttp.ClientSession
+    grpc_target: str | None = None  # host:port of the gRPC service, when started with grpc=True
 
     @property
     def log_dir(self) -> Path:
@@ -76,7 +78,8 @@ def fraud_body(rows: list[list[float]], request_id: str | None = None) -> dict[s
 async def make_gateway(triton: Any, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     handles: list[GatewayHandle] = []
 
-    async def factory(routes: dict[str, Any], **sections: Any) -> GatewayHandle:
+    async def factory(routes: dict[str, Any], *, grpc: bool = False,
+                      **sections: Any) -> GatewayHandle:
         raw: dict[str, Any] = {
             "triton": {"url": triton.url, "timeout_ms": 5000},
             "log": {"path": str(tmp_path / f"log{len(handles)}"), "fsync": "never"},
@@ -89,10 +92,13 @@ async def make_gateway(triton: Any, tmp_path: Path) -> AsyncIterator[GatewayFact
             raw[name] = {**raw.get(name, {}), **value}
         config = parse_config(raw, env={})
         app = create_app(config)
+        if grpc:
+            install_grpc(app, "127.0.0.1", 0, config.listen.max_body_bytes)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         handle = GatewayHandle(str(server.make_url("")).rstrip("/"), app, config, server,
-                               aiohttp.ClientSession())
+                               aiohttp.ClientSession(),
+                               f"127.0.0.1:{app[GRPC_PORT]}" if grpc else None)
         handles.append(handle)
         return handle
 

@@ -49,11 +49,19 @@ def test_env_overrides_keep_types() -> None:
     ({"triton": {"url": "https://triton:8000"}}, "triton.url: expected http://host:port"),
     ({"triton": {"url": "triton:8000"}}, "triton.url: expected http://host:port"),
     ({"triton": {"max_connections": 0}}, "triton.max_connections: must be positive"),
+    ({"listen": {"grpc_port": 8080}}, "listen.grpc_port: 8080 is also listen.port"),
+    ({"listen": {"grpc_port": 70000}}, "listen.grpc_port: must be a port number"),
 ])
 def test_errors_name_the_problem(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
         parse_config(raw, env={})
     assert message in str(info.value)
+
+
+def test_grpc_port_default_and_disable() -> None:
+    assert parse_config({}, env={}).listen.grpc_port == 8081
+    assert parse_config({"listen": {"grpc_port": None}}, env={}).listen.grpc_port == 0
+    assert parse_config({}, env={"UNDERSTUDY_LISTEN_GRPC_PORT": "0"}).listen.grpc_port == 0
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

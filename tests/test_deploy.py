@@ -214,7 +214,9 @@ def test_gateway_deployment_probes_shutdown_and_secrets(k8s_docs) -> None:
     spec = pod_spec(deployment)
     (container,) = spec["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # Liveness over gRPC health on the gRPC port the config listens on.
+    grpc_ports = {p["containerPort"] for p in container["ports"] if p["name"] == "grpc"}
+    assert {container["livenessProbe"]["grpc"]["port"]} == grpc_ports
     # Long enough for preStop + draining requests + flushing the log (see the manifest).
     assert spec["terminationGracePeriodSeconds"] >= 45
     assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
@@ -246,7 +248,7 @@ def test_gateway_service_hpa_pdb_and_servicemonitor_fit_together(k8s_docs) -> No
 
     service = find(k8s_docs, "Service", "understudy-gateway")
     assert selects(service["spec"]["selector"], pod_labels)
-    assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == port_names == {"http", "grpc"}
 
     hpa = find(k8s_docs, "HorizontalPodAutoscaler", "understudy-gateway")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -335,6 +337,9 @@ def test_configmap_configs_are_valid_for_both_programs(k8s_docs) -> None:
         env=container_env(find(k8s_docs, "Deployment", "understudy-gateway")))
     assert gateway.log.sink == "kafka"
     assert gateway.routes
+    (container,) = pod_spec(find(k8s_docs, "Deployment", "understudy-gateway"))["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": gateway.listen.port, "grpc": gateway.listen.grpc_port}
     for name in ("understudy-evaluator", "understudy-report"):
         kind = "CronJob" if name == "understudy-report" else "Deployment"
         parse_evaluator_config(yaml.safe_load(data["evaluator.yaml"]),

@@ -66,7 +66,7 @@ def test_aa_with_little_data_is_inconclusive_with_sample_size() -> None:
     assert d.decision == "INCONCLUSIVE"
     assert d.power is not None
     assert d.power.required_n is not None
-    assert f"need about {max(d.power.required_n, 1000)}" in d.reasons[0]
+    assert f"need about {max(d.power.required_n, 1000):,}" in d.reasons[0]
 
 
 def test_not_enough_samples_blocks_any_quality_verdict() -> None:
@@ -82,12 +82,12 @@ def _with_challenger(ds: EvalDataset, **changes: object) -> EvalDataset:
     return replace(ds, models=models)
 
 
-def test_latency_guardrail_breach_keeps_even_a_better_model() -> None:
+def test_latency_guardrail_breach_blocks_even_a_better_model() -> None:
     ds = simulate_dataset(_rng(5), 6000, BETTER)
     slow = _with_challenger(ds, latency_ms=ds.models["challenger"].latency_ms * 3)
     d = _one(slow)
-    assert d.decision == "KEEP"
-    assert d.reasons[0] == "KEEP: a guardrail failed"
+    assert d.decision == "BLOCKED"
+    assert d.reasons[0] == "BLOCKED: guardrail failed (latency_p99_ratio)"
     assert any("latency_p99_ratio" in r and "FAIL" in r for r in d.reasons)
     assert d.checks["significantly_better"] is True
 
@@ -101,7 +101,7 @@ def test_error_rate_guardrail_breach_and_exclusions() -> None:
     status[1::50] = STATUS_CODES["shed"]  # shed copies: not the challenger's failures
     scores[1::50] = np.nan
     d = _one(_with_challenger(ds, status=status, scores=scores))
-    assert d.decision == "KEEP"
+    assert d.decision == "BLOCKED"
     check = next(c for c in d.guardrails.checks if c.name == "error_rate_delta")
     assert check.passed is False
     assert check.challenger == pytest.approx(300 / (6000 - 120))
@@ -173,19 +173,29 @@ def test_holm_across_challengers() -> None:
     assert all(d.power is not None and d.power.alpha == pytest.approx(0.05 / 3) for d in decisions)
 
 
-def test_non_inferiority_decides_once_adequately_powered() -> None:
+def test_futility_keep_is_always_valid_and_fixed_horizon_rule_only_when_sequential_off() -> None:
     ds = simulate_dataset(_rng(11), 8000, World())
     strict = DecisionPolicy(primary_metric="log_loss", min_effect=0.02, margin=0.0)
     d = _one(ds, strict)
-    assert d.power is not None
-    assert d.power.required_n is not None
-    assert d.n_labelled >= d.power.required_n
     assert d.decision == "KEEP"
-    assert "non-inferiority (margin 0) is not shown" in d.reasons[0]
-    lenient = _one(ds, replace(strict, margin=0.02))
+    assert d.reasons[0].startswith("KEEP: not better by the minimum effect")
+    assert d.sequential is not None
+    assert d.checks["not_better_by_min_effect"] is True
+    assert d.sequential.cs_high[-1] < 0.02 < d.sequential.cs_high[0]
+    assert d.checks["significantly_worse"] is False
+    # One pre-planned look (use_sequential off): the fixed-horizon non-inferiority rule.
+    fixed = replace(strict, use_sequential=False)
+    f = _one(ds, fixed)
+    assert f.power is not None
+    assert f.power.required_n is not None
+    assert f.n_labelled >= f.power.required_n
+    assert f.decision == "KEEP"
+    assert "non-inferiority (margin 0) is not shown" in f.reasons[0]
+    lenient = _one(ds, replace(fixed, margin=0.02))
     assert lenient.decision == "INCONCLUSIVE"
     assert lenient.checks["non_inferior"] is True
-    assert "non-inferior but not significantly better" in lenient.reasons[0]
+    assert "non-inferior (margin 0.02) but not shown better" in lenient.reasons[0]
+    assert not any("> -0 " in r or "a AUROC" in r for r in d.reasons + f.reasons)
 
 
 def test_sequential_test_must_confirm_a_fixed_horizon_win() -> None:

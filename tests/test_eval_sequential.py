@@ -148,3 +148,20 @@ def test_rmse_path_final_look_equals_delta_test() -> None:
     fixed = S.rmse_difference_test(ec, eh)
     assert res.estimate[-1] == pytest.approx(-fixed.difference)  # improvement = -difference
     assert res.se[-1] == pytest.approx(fixed.se, rel=1e-6)
+
+
+def test_confidence_sequence_at_another_level_and_its_state() -> None:
+    rng = np.random.default_rng(21)
+    d = rng.normal(0.05, 1.0, 5000)
+    res = Q.msprt_paired(d, looks=20, tau=0.05, alpha=0.05)
+    low, high = Q.confidence_sequence(res, 0.05)
+    assert np.allclose(low, res.cs_low)
+    assert np.allclose(high, res.cs_high)
+    low2, high2 = Q.confidence_sequence(res, 0.05 / 3)  # a Bonferroni/Holm level: wider
+    assert np.all(low2 <= low) and np.all(high2 >= high)
+    assert Q.cs_state(0.01, 0.02) == "above"
+    assert Q.cs_state(-0.02, -0.01) == "below"
+    assert Q.cs_state(-0.01, 0.02) == "contains"
+    assert Q.cs_state(0.002, -0.03) == "empty"
+    assert Q.cs_state(-np.inf, np.inf) == "not_started"
+    assert Q.cs_state(-0.004, 0.02, threshold=-0.005) == "above"  # non-inferiority at margin 0.005

@@ -236,7 +236,8 @@ async def test_metrics_label_shadow_traffic(make_gateway: GatewayFactory) -> Non
             break
         await asyncio.sleep(0.1)
     assert 'understudy_shadow_copies_total{model="fraud_v4",outcome="sent",route="fraud"}' in text
-    assert 'understudy_requests_total{code="200",model="fraud_v3",route="fraud"}' in text
+    assert ('understudy_requests_total{code="200",model="fraud_v3",protocol="http",'
+            'route="fraud"}') in text
     assert "understudy_agreement_total" in text
     assert 'understudy_prediction_score_bucket{le="0.5",model="fraud_v4",route="fraud"}' in text
 
@@ -338,7 +339,8 @@ async def test_bad_body_reaches_neither_fallback_nor_failure_metrics(
     assert resp.status == 400 and "nope" in orjson.loads(await resp.read())["error"]
     assert await _inference_count(triton, "fraud_v5") == before
     text = await (await gw.session.get(gw.url + "/metrics")).text()
-    assert 'understudy_requests_total{code="400",model="fraud_v3",route="fb"} 5.0' in text
+    assert ('understudy_requests_total{code="400",model="fraud_v3",protocol="http",'
+            'route="fb"} 5.0') in text
     assert not [line for line in text.splitlines() if line.startswith(
         "understudy_requests_total") and 'code="5' in line and 'route="fb"' in line]
     await gw.stop()

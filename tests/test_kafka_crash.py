@@ -44,7 +44,7 @@ def gateway_config(triton_url: str, kafka: KafkaBroker, tmp_path: Path, port: in
                    topic: str) -> dict[str, Any]:
     return {
         "triton": {"url": triton_url},
-        "listen": {"host": "127.0.0.1", "port": port},
+        "listen": {"host": "127.0.0.1", "port": port, "grpc_port": 0},
         "log": {"sink": "kafka", "path": str(tmp_path / "log"), "kafka": {
             "bootstrap": kafka.bootstrap,
             "topic": topic,

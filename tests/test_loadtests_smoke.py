@@ -109,3 +109,22 @@ def test_bench_quick(tmp_path: Path) -> None:
             assert row["logged"] >= row["served"], row  # warm-up requests are logged too
     assert "error" not in results["extra"]["slow"]
     assert "error" not in results["extra"]["overload"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_grpc_bench_runs(tmp_path: Path) -> None:
+    """loadtests/grpc_bench.py end to end (short): all three targets answer every request."""
+    out = tmp_path / "bench-grpc"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/grpc_bench.py", "--duration", "1", "--rate", "20",
+         "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=500, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["target"] for r in rows] == ["Triton gRPC (direct)", "gateway gRPC",
+                                           "gateway HTTP (binary)"]
+    assert all(r["requests"] > 0 for r in rows)
+    assert all(r["gateway_cpu_us_per_req"] > 0 for r in rows[1:])

@@ -1,4 +1,5 @@
-"""`python -m gateway serve` as users run it: a real process, SIGTERM drains and flushes."""
+"""`python -m gateway serve` as users run it: a real process serving HTTP and gRPC, SIGTERM
+drains and flushes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import orjson
 import pytest
+import tritonclient.grpc.aio as aiogrpcclient
 import yaml
 
 from gateway.demo.run import wait_http
@@ -23,10 +26,10 @@ pytestmark = pytest.mark.triton
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_flushes_every_record(triton, tmp_path: Path, workers: int) -> None:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     config = {
         "triton": {"url": triton.url},
-        "listen": {"host": "127.0.0.1", "port": port},
+        "listen": {"host": "127.0.0.1", "port": port, "grpc_port": grpc_port},
         "log": {"path": str(tmp_path / "log")},
         "admin": {"state_path": str(tmp_path / "state.json"),
                   "rewards_path": str(tmp_path / "rewards.jsonl")},
@@ -54,11 +57,23 @@ async def test_sigterm_flushes_every_record(triton, tmp_path: Path, workers: int
                     return resp.status
             statuses = await asyncio.gather(*(one(i) for i in range(200)))
         assert statuses == [200] * 200
+        # The same process answers gRPC on its own port (every worker, via SO_REUSEPORT).
+        client = aiogrpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        try:
+            async def one_grpc(i: int) -> None:
+                features = aiogrpcclient.InferInput("features", [1, 8], "FP32")
+                features.set_data_from_numpy(np.asarray(x[i : i + 1], dtype=np.float32))
+                await client.infer("fraud", [features], request_id=f"g{i}")
+            await asyncio.gather(*(one_grpc(i) for i in range(50)))
+        finally:
+            await client.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 60)
     assert code == 0, (tmp_path / "gateway.log").read_text()[-2000:]
     records = read_stream(tmp_path / "log", "inferences")
-    assert sorted(r["request_id"] for r in records) == sorted(f"p{i}" for i in range(200))
+    assert sorted(r["request_id"] for r in records) == sorted(
+        [f"p{i}" for i in range(200)] + [f"g{i}" for i in range(50)])
+    assert {r["protocol"] for r in records if r["request_id"].startswith("g")} == {"grpc"}
     # Copies still in flight at SIGTERM were awaited, not cut off: every one answered.
     assert all(r["outputs"]["fraud_v4"]["status"] == "ok" for r in records)

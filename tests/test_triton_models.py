@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
@@ -14,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from tritonclient.utils import InferenceServerException
 
 from gateway.demo import FraudTraffic, PriceTraffic, v2_infer_body
-from gateway.triton import TritonServer, process_group_members
+from gateway.triton import TritonServer, _http_status, process_group_members
 from tests.support.triton import TEST_MODELS
 
 pytestmark = pytest.mark.triton
@@ -186,3 +188,17 @@ def test_stop_leaves_no_processes_behind(tmp_path, grace):
     assert _alive(pids) == []
     caller.join(timeout=30)
     assert outcome, "the in-flight request must be answered or failed, not left hanging"
+
+
+async def test_a_grpc_listener_on_the_port_reads_as_not_ready() -> None:
+    """Sessions share the machine: a free port picked for Triton's HTTP endpoint can be taken by
+    another gRPC server first. Its HTTP/2 answer is "not Triton yet" (then the bind failure
+    re-picks the port), never a BadStatusLine that aborts the session's fixture."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        status = await asyncio.to_thread(_http_status, f"http://127.0.0.1:{port}/v2/health/ready")
+    finally:
+        await server.stop(None)
+    assert status is None

@@ -44,7 +44,7 @@ DEMO_LANE = {"batch_max_rows": 1, "max_concurrency": CLIENT_CONCURRENCY, "max_qu
 def demo_config(triton_url: str, log_dir: Path, port: int) -> dict[str, object]:
     return {
         "triton": {"url": triton_url, "timeout_ms": 2000},
-        "listen": {"host": "127.0.0.1", "port": port},
+        "listen": {"host": "127.0.0.1", "port": port, "grpc_port": 0},  # HTTP traffic only
         "log": {"sink": "file", "path": str(log_dir)},
         "admin": {"state_path": str(log_dir.parent / "state" / "registry.json")},
         "routes": {
