@@ -97,6 +97,7 @@ async def test_typed_contents_match_direct_triton(triton: Any, make_gateway: Gat
     assert through.id == "typed-1"
     n = np.frombuffer(through.raw_output_contents[2], dtype="<i8")
     assert n.tolist() == [3 + 2 + 2 + 2 + 2 + 1 + 3 + 3]
+    await gw.stop()  # the record is written after the answer: drain the recorder first
     record = next(r for r in gw.records() if r["request_id"] == "typed-1")
     assert record["protocol"] == "grpc"
     assert record["inputs"]["i64"]["data"] == [-(2**63), 2**63 - 1]

@@ -134,7 +134,7 @@ async def test_two_gateways_share_a_state_file_and_survive_restart(
     async def b_serves_v4() -> bool:
         return await served_by(b) == "fraud_v4"
 
-    await eventually(b_serves_v4, timeout_s=5)
+    await eventually(b_serves_v4, timeout_s=30)  # liveness bound on a loaded machine
     status, route_b = await admin(b, "GET", "/routes/fraud", token)
     assert route_b["version"] == route["version"] == 2
     # A change made on B is seen by A, and B's audit shows A's change too.
@@ -146,7 +146,7 @@ async def test_two_gateways_share_a_state_file_and_survive_restart(
         _, view = await admin(a, "GET", "/routes/fraud", token)
         return bool(view["policy"]["sticky_header"] == "x-user")
 
-    await eventually(a_has_policy, timeout_s=5)
+    await eventually(a_has_policy, timeout_s=30)  # liveness bound on a loaded machine
     _, audit = await admin(b, "GET", "/audit?route=fraud", token)
     actions = [e["action"] for e in audit["entries"]]
     assert actions[:2] == ["set_policy", "promote"]
@@ -174,7 +174,7 @@ async def test_two_gateways_share_a_state_file_and_survive_restart(
     async def a2_back_on_v3() -> bool:
         return await served_by(a2) == "fraud_v3"
 
-    await eventually(a2_back_on_v3, timeout_s=5)
+    await eventually(a2_back_on_v3, timeout_s=30)  # liveness bound on a loaded machine
 
 
 @pytest.mark.triton
@@ -217,7 +217,7 @@ async def test_concurrent_writers_lose_no_update(
             models = sorted(c["model"] for c in view["challengers"])
             return bool(models == ["fraud_v4", "fraud_v5"] and view["version"] == 3)
 
-        await eventually(has_both, timeout_s=5)
+        await eventually(has_both, timeout_s=30)  # liveness bound, not a speed target
 
 
 # -- the compacted Kafka topic ------------------------------------------------------------
