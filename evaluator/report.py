@@ -727,8 +727,10 @@ def _experiment_blocks(payload: Mapping[str, Any]) -> list[Block]:
         Block("p", "Each verdict uses every labelled request of its challenger's current "
                    "experiment (started when the challenger was added, or its mode, sample rate, "
                    "the route's policy or champion last changed), never a sliding window. "
-                   "`evaluator promote` refuses the verdict once the live route has moved on."),
-        _table(["challenger", "experiment", "started", "data to", "champion",
+                   "`evaluator promote` refuses the verdict once the live route has moved on. "
+                   "Started: the experiment's first logged request (the exact start of the "
+                   "change is in the gateway's audit trail)."),
+        _table(["challenger", "experiment", "started (first request)", "data to", "champion",
                 "registry version", "labelled"], rows),
     ]
     health_rows = []
