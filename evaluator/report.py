@@ -1555,7 +1555,9 @@ def _fig_sequential(
     )
     fig = _new_figure(11.0, 3.9, ncols=2, dates=use_time)
     ax_lr, ax_cs = fig.axes
-    alpha = float(seqs[0][1].get("alpha") or payload["alpha"])
+    # The family's alpha: each challenger's own "alpha" is already its corrected (Holm) level,
+    # and the lines below apply the correction themselves.
+    alpha = float(seqs[0][1].get("family_alpha") or payload["alpha"])
     xs = np.concatenate([_path_array(s["path"].get("ts" if use_time else "n")) for _, s in seqs])
     for name, s in seqs:
         path = s["path"]
@@ -1653,6 +1655,11 @@ def _fig_arm_shares(
     ax.set_xlim(np.datetime64(int(edges[0] * 1e6), "us"),
                 np.datetime64(int(edges[-1] * 1e6), "us"))
     ax.set(ylabel="share of requests served", xlabel="inference time (UTC)", ylim=(0, 1))
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
+    locator = AutoDateLocator(maxticks=8)  # no "58:08.000000" ticks on a short span
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     ax.legend(fontsize=8, loc="upper right")
     idle = int(nb - keep.sum())
