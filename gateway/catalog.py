@@ -31,8 +31,12 @@ class RouteCatalog:
         return [{"name": runtime.name, "state": "READY"} for runtime in self.routes]
 
     async def server_ready(self) -> bool:
-        """Ready when Triton is: the gateway has nothing to serve without it."""
-        return await self.upstream.server_ready()
+        """Ready when the Triton servers the champions live on are (`triton.models` may place
+        one on another server than `triton.url`; a server holding only challengers does not
+        count): the gateway has nothing to serve without them."""
+        return await self.upstream.server_ready(
+            [runtime.config.champion.model for runtime in self.routes]
+        )
 
     async def metadata(self, route: str) -> dict[str, Any]:
         champion = self.routes.get(route).config.champion

@@ -365,7 +365,8 @@ def _parse_triton(raw: Mapping[str, Any]) -> TritonConfig:
     _check(isinstance(models_raw, Mapping),
            "triton.models: expected a mapping of model name to {url: ...}")
     models = {
-        str(name): _build(TritonModelConfig, spec, f"triton.models.{name}")
+        check_model_name(name, "triton.models"): _build(TritonModelConfig, spec,
+                                                        f"triton.models.{name}")
         for name, spec in models_raw.items()
     }
     for name, model in models.items():

@@ -12,7 +12,7 @@ champion's connections: each pool has its own limit. A model may live on another
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -186,7 +186,10 @@ class TritonUpstream:
         )
 
     async def _get(self, path: str, model: str | None = None) -> tuple[int, bytes]:
-        server = self._server(model)
+        return await self._get_on(self._server(model), path, model)
+
+    async def _get_on(self, server: _Server, path: str, model: str | None = None
+                      ) -> tuple[int, bytes]:
         where = f"for model '{model}' at {server.base_url}" if model else f"at {server.base_url}"
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -228,13 +231,21 @@ class TritonUpstream:
             return False
         return status == 200
 
-    async def server_ready(self) -> bool:
-        """The default server is ready (models placed elsewhere: see `model_ready`)."""
-        try:
-            status, _ = await self._get("/v2/health/ready")
-        except GatewayError:
-            return False
-        return status == 200
+    async def server_ready(self, models: Iterable[str] = ()) -> bool:
+        """Every server that hosts one of `models` is ready (the default server when `models` is
+        empty). The gateway asks this for its champions: a champion on another Triton
+        (`triton.models`) makes readiness depend on that server; a server holding only
+        challengers does not, so a dead challenger upstream stays isolated."""
+        servers = {id(s): s for s in (self._server(m) for m in models)} or {0: self._default}
+
+        async def ready(server: _Server) -> bool:
+            try:
+                status, _ = await self._get_on(server, "/v2/health/ready")
+            except GatewayError:
+                return False
+            return status == 200
+
+        return all(await asyncio.gather(*(ready(s) for s in servers.values())))
 
     async def close(self) -> None:
         for pool in self._pools.values():

@@ -24,6 +24,7 @@ from gateway.errors import ConfigError, UpstreamUnavailable
 from gateway.http import UPSTREAM
 from gateway.protocol import decode_response
 from gateway.triton import TritonServer
+from gateway.upstream import TritonUpstream
 from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
 from tests.support.triton import DEMO_MODELS
 
@@ -79,6 +80,35 @@ async def test_a_challenger_on_a_dead_upstream_is_isolated(
                                      {**labels, "outcome": "error"}) == n
     assert not REGISTRY.get_sample_value("understudy_shadow_copies_total",
                                          {**labels, "outcome": "timeout"})
+
+
+async def test_readiness_follows_the_servers_of_the_champions(
+    make_gateway: GatewayFactory, triton: Any, unused_tcp_port: int,
+) -> None:
+    """`/v2/health/ready` asks the servers the champions live on, not just `triton.url`."""
+    dead = f"http://127.0.0.1:{unused_tcp_port}"
+    # The default server is dead, the champion lives on the real Triton: ready.
+    gw = await make_gateway({"elsewhere": {"champion": {"model": "fraud_v3"}}},
+                            triton={"url": dead, "models": {"fraud_v3": {"url": triton.url}}})
+    async with gw.session.get(f"{gw.url}/v2/health/ready") as resp:
+        assert resp.status == 200, await resp.text()
+    # A champion placed on a dead server: not ready, though the default server is alive.
+    upstream = gw.app[UPSTREAM]
+    upstream._server_of["fraud_v3"] = upstream._default  # the dead default server
+    async with gw.session.get(f"{gw.url}/v2/health/ready") as resp:
+        assert resp.status == 503
+    upstream._server_of.pop("fraud_v3")
+    assert not await upstream.server_ready()  # no models: the default server
+    await gw.stop()
+
+    live = TritonUpstream(triton.url, timeout_ms=2000, max_connections=2,
+                          model_urls={"far": dead})
+    try:
+        assert await live.server_ready()
+        assert await live.server_ready(["fraud_v3", "fraud_v4"])
+        assert not await live.server_ready(["fraud_v3", "far"])
+    finally:
+        await live.close()
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +178,8 @@ def test_model_locations_are_validated() -> None:
     for bad, message in [({"m": {"url": "https://h"}}, "triton.models.m.url"),
                          ({"m": {"host": "h"}}, "unknown key"),
                          ({"m": "http://h:1"}, "expected a mapping"),
-                         (["m"], "triton.models")]:
+                         (["m"], "triton.models"),
+                         ({"m/../m": {"url": "http://h:1"}}, "not a valid Triton model name"),
+                         ({"m?x=1": {"url": "http://h:1"}}, "not a valid Triton model name")]:
         with pytest.raises(ConfigError, match=message):
             parse_config({"triton": {"models": bad}}, env={})
