@@ -766,7 +766,8 @@ def _verdict(
         )
         text = (
             f"always-valid {100 * (1 - cs_level):.4g}% confidence sequence of the improvement "
-            f"(mSPRT, tau {policy.tau:g}, {seq.n.size} looks in {a.pair.order} order{family}): "
+            f"(mSPRT, tau {policy.tau:g}, {seq.n.size} look{'' if seq.n.size == 1 else 's'} "
+            f"in {a.pair.order} order{family}): "
             f"[{_f(cs_lo, '+.4f')}, {_f(cs_hi, '+.4f')}] — {_CS_WORDS[state]}; always-valid "
             f"p = {_f(seq.p_value, '.3g')} (adjusted {_f(seq_p_adj, '.3g')})"
         )

@@ -727,8 +727,10 @@ def _experiment_blocks(payload: Mapping[str, Any]) -> list[Block]:
         Block("p", "Each verdict uses every labelled request of its challenger's current "
                    "experiment (started when the challenger was added, or its mode, sample rate, "
                    "the route's policy or champion last changed), never a sliding window. "
-                   "`evaluator promote` refuses the verdict once the live route has moved on."),
-        _table(["challenger", "experiment", "started", "data to", "champion",
+                   "`evaluator promote` refuses the verdict once the live route has moved on. "
+                   "Started: the experiment's first logged request (the exact start of the "
+                   "change is in the gateway's audit trail)."),
+        _table(["challenger", "experiment", "started (first request)", "data to", "champion",
                 "registry version", "labelled"], rows),
     ]
     health_rows = []
@@ -845,12 +847,19 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
         seq = d.get("sequential") or {}
         ni = d.get("non_inferiority") or {}
         pw = d.get("power") or {}
-        if ni.get("passed") is None:
+        margin = float(ni.get("margin") or (d.get("policy") or {}).get("margin") or 0.0)
+        if seq.get("used_for_decision") and seq.get("cs_state") not in (None, "not_started") \
+                and _finite(seq.get("cs_low")):
+            # What decides (and what the decision's reasons say): the always-valid lower bound.
+            shown = seq.get("cs_state") != "empty" and float(seq["cs_low"]) > -margin
+            ni_text = (f"{'shown' if shown else 'not shown'} (margin {margin:g}, always-valid "
+                       f"lower bound {_diff(seq.get('cs_low'))})")
+        elif ni.get("passed") is None:
             ni_text = "n/a"
         else:
             ni_text = (
-                f"{'shown' if ni['passed'] else 'not shown'} (margin {ni.get('margin', 0):g}, "
-                f"lower bound {_diff(ni.get('lower_bound'))})"
+                f"{'shown' if ni['passed'] else 'not shown'} (margin {margin:g}, "
+                f"fixed-horizon lower bound {_diff(ni.get('lower_bound'))})"
             )
         target = f" ({_pct(pw.get('power'), '.0%')} power)" if _finite(pw.get("power")) else ""
         required = (f"{_int(pw.get('required_n'))}{target}" if pw.get("required_n") is not None
@@ -880,7 +889,10 @@ def _test_blocks(payload: Mapping[str, Any]) -> list[Block]:
             if not isinstance(t, Mapping):
                 continue
             stat = t.get("statistic", t.get("z"))
-            imp, lo, hi = _improvement(t, lower_is_better=name.startswith(LOSS_TESTS))
+            lower_is_better = name.startswith(LOSS_TESTS)
+            imp, lo, hi = _improvement(t, lower_is_better=lower_is_better)
+            if lower_is_better and name.startswith("paired_t") and _finite(stat):
+                stat = -float(stat)  # t of champion - challenger loss: the improvement's sign
             secondary_rows.append(
                 [
                     d["challenger"],
@@ -1543,7 +1555,9 @@ def _fig_sequential(
     )
     fig = _new_figure(11.0, 3.9, ncols=2, dates=use_time)
     ax_lr, ax_cs = fig.axes
-    alpha = float(seqs[0][1].get("alpha") or payload["alpha"])
+    # The family's alpha: each challenger's own "alpha" is already its corrected (Holm) level,
+    # and the lines below apply the correction themselves.
+    alpha = float(seqs[0][1].get("family_alpha") or payload["alpha"])
     xs = np.concatenate([_path_array(s["path"].get("ts" if use_time else "n")) for _, s in seqs])
     for name, s in seqs:
         path = s["path"]
@@ -1569,13 +1583,14 @@ def _fig_sequential(
                       label=f"log({n_ch}/alpha): first {CORRECTION_LABELS.get(corr, corr)} step")
     if ax_lr.get_ylim()[1] > 50:  # a clear winner dwarfs the boundary on a linear axis
         ax_lr.set_yscale("symlog", linthresh=10.0)
+    # Looks are in label-arrival order (inference time only for records without label_ts).
     ax_lr.set(ylabel="log likelihood ratio",
-              xlabel="inference time (UTC)" if use_time else "paired requests")
+              xlabel="label arrival time (UTC)" if use_time else "paired requests")
     ax_lr.legend(fontsize=7)
     ax_lr.grid(alpha=0.3)
     ax_cs.axhline(0.0, color="#888888", lw=1, ls="--")
     ax_cs.set(ylabel="improvement (+: challenger better)",
-              xlabel="inference time (UTC)" if use_time else "paired requests")
+              xlabel="label arrival time (UTC)" if use_time else "paired requests")
     ax_cs.legend(fontsize=7)
     ax_cs.grid(alpha=0.3)
     limits = look_limits(xs, use_time)
@@ -1640,6 +1655,11 @@ def _fig_arm_shares(
     ax.set_xlim(np.datetime64(int(edges[0] * 1e6), "us"),
                 np.datetime64(int(edges[-1] * 1e6), "us"))
     ax.set(ylabel="share of requests served", xlabel="inference time (UTC)", ylim=(0, 1))
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
+    locator = AutoDateLocator(maxticks=8)  # no "58:08.000000" ticks on a short span
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     ax.legend(fontsize=8, loc="upper right")
     idle = int(nb - keep.sum())

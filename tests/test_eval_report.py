@@ -571,3 +571,21 @@ def test_cli_exploration_rewards_reach_the_off_policy_table(tmp_path: Path) -> N
             assert isinstance(off["arms"][arm]["estimates"][name]["value"], float), (arm, name)
     md = (tmp_path / "reports" / "report.md").read_text()
     assert "from 400 rewarded requests" in md
+
+
+def test_tests_table_reads_like_the_decision(bound: tuple[dict[str, Any], str, str]) -> None:
+    """The Tests table's non-inferiority is the always-valid bound the reasons use, and a paired
+    t on a loss carries the improvement's sign (issue 13: no mixed signs)."""
+    report, md, _ = bound
+    for d in report["decisions"]:
+        seq = d["sequential"]
+        row = next(line for line in md.splitlines()
+                   if line.startswith(f"| {d['challenger']} | AUROC"))
+        assert "always-valid lower bound" in row
+        assert f"{seq['cs_low']:+.3g}" in row
+        sec = next(line for line in md.splitlines()
+                   if line.startswith(f"| {d['challenger']} | paired_t_log_loss"))
+        statistic = float(sec.split("|")[4])
+        improvement = float(sec.split("|")[3].split()[0])
+        assert (statistic > 0) == (improvement > 0), sec
+    assert " 1 looks " not in md
