@@ -589,3 +589,31 @@ def test_tests_table_reads_like_the_decision(bound: tuple[dict[str, Any], str, s
         improvement = float(sec.split("|")[3].split()[0])
         assert (statistic > 0) == (improvement > 0), sec
     assert " 1 looks " not in md
+
+
+def test_report_fail_on_blocked_exits_with_its_own_code(tmp_path: Path) -> None:
+    """`report` writes the report whatever the verdicts (exit 0); `--fail-on-blocked` then exits
+    EXIT_BLOCKED when a guardrail blocked a challenger, here 20% failed copies."""
+    from tests.test_eval_store import T0, LogDir, inference, label
+
+    path = tmp_path / "evaluator.yaml"
+    path.write_text(json.dumps({
+        "source": {"path": str(tmp_path / "log")},
+        "store": {"path": str(tmp_path / "store.duckdb"), "lock_timeout_s": 5},
+        "report": {"out": str(tmp_path / "reports")},
+        "drift": {"out": str(tmp_path / "drift")},
+    }))
+    log = LogDir(tmp_path / "log")
+    rng = np.random.default_rng(21)
+    y = rng.random(400) < 0.4
+    log.write("inferences", *(inference(f"r{i}", T0 + i * 60, champ=float(rng.random()),
+                                        chal=float(rng.random()),
+                                        chal_status="error" if i % 5 == 0 else "ok")
+                              for i in range(400)))
+    log.write("labels", *(label(f"r{i}", float(y[i]), T0 + 1e6) for i in range(400)))
+    assert cli.main(["run", "--once", "--config", str(path)]) == 0
+    assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == cli.EXIT_OK
+    decision = load_strict(tmp_path / "reports" / "report.json")["decisions"][0]
+    assert decision["decision"] == "BLOCKED"
+    assert cli.main(["report", "--config", str(path), "--route", "fraud",
+                     "--fail-on-blocked"]) == cli.EXIT_BLOCKED
