@@ -30,7 +30,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.grpc_codec import _set_parameter, encode_tensor, parameter_value
+from gateway.grpc_codec import encode_tensor, parameter_value, set_parameter
 from gateway.protocol import NUMPY_DTYPES, flatten
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -61,7 +61,7 @@ def to_infer_request(model: str, version: str, body: bytes, header_length: int |
     params = dict(header.get("parameters") or {})
     binary_default = bool(params.pop("binary_data_output", False))
     for key, value in params.items():
-        _set_parameter(request.parameters[key], value)
+        set_parameter(request.parameters[key], value)
     offset = length
     for tensor in header.get("inputs") or []:
         name, datatype = str(tensor["name"]), str(tensor["datatype"])
@@ -75,7 +75,7 @@ def to_infer_request(model: str, version: str, body: bytes, header_length: int |
         entry = request.inputs.add(name=name, datatype=datatype,
                                    shape=[int(d) for d in tensor["shape"]])
         for key, value in tparams.items():
-            _set_parameter(entry.parameters[key], value)
+            set_parameter(entry.parameters[key], value)
         request.raw_input_contents.append(chunk)
     binary: dict[str, bool] = {}
     for out in header.get("outputs") or []:
@@ -83,7 +83,7 @@ def to_infer_request(model: str, version: str, body: bytes, header_length: int |
         binary[str(out["name"])] = bool(oparams.pop("binary_data", binary_default))
         entry = request.outputs.add(name=str(out["name"]))
         for key, value in oparams.items():
-            _set_parameter(entry.parameters[key], value)
+            set_parameter(entry.parameters[key], value)
     return request, binary, binary_default
 
 

@@ -136,7 +136,7 @@ async def test_a_dead_grpc_upstream_is_isolated(
     assert not await gw.app[UPSTREAM].model_ready("fraud_v4")
     n = 8
     for i in range(n):
-        status, answer, headers = await _post(
+        status, answer, _ = await _post(
             gw, "iso", orjson.dumps(fraud_body([[0.1] * 8], f"d{i}")),
             {"Content-Type": "application/json"})
         assert status == 200, answer
@@ -154,7 +154,7 @@ async def test_a_dead_grpc_upstream_is_isolated(
 def test_upstream_protocol_is_validated() -> None:
     base = {"routes": {"r": {"champion": {"model": "m"}}}}
     assert parse_config(base, env={}).triton.protocol == "http"
-    with pytest.raises(ConfigError, match="triton.protocol"):
+    with pytest.raises(ConfigError, match=r"triton\.protocol"):
         parse_config({**base, "triton": {"protocol": "quic"}}, env={})
     with pytest.raises(ConfigError, match="grpc_url: required"):
         parse_config({**base, "triton": {"protocol": "grpc"}}, env={})
