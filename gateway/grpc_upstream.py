@@ -19,6 +19,8 @@ import grpc
 import numpy as np
 import orjson
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.errors import (
@@ -132,6 +134,43 @@ def from_infer_response(response: service_pb2.ModelInferResponse, binary: dict[s
     return head + b"".join(chunks), "application/octet-stream", str(len(head))
 
 
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64,
+                          FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_FIXED64,
+                          FieldDescriptor.TYPE_SFIXED64})
+
+
+def protobuf_json(message: Message) -> dict[str, Any]:
+    """`message` in the JSON form Triton's HTTP API gives it: every field printed, 64-bit
+    integers as numbers (protobuf's JSON mapping would quote them, e.g. `dims: ["8"]`)."""
+    raw = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    return _int64_as_numbers(message.DESCRIPTOR, raw)
+
+
+def _int64_as_numbers(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        if field.type in _INT64_TYPES:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None:
+            sub = field.message_type
+            if sub.GetOptions().map_entry:
+                inner = sub.fields_by_name["value"]
+                for key, item in value.items():
+                    if inner.type in _INT64_TYPES:
+                        value[key] = int(item)
+                    elif inner.message_type is not None:
+                        _int64_as_numbers(inner.message_type, item)
+            elif isinstance(value, list):
+                for item in value:
+                    _int64_as_numbers(sub, item)
+            elif isinstance(value, dict):
+                _int64_as_numbers(sub, value)
+    return data
+
+
 class GrpcServer:
     """One Triton's gRPC endpoint: a lazily opened `grpc.aio` channel (HTTP/2 multiplexes every
     call on it, so it is the pool) and the stub."""
@@ -207,7 +246,7 @@ class GrpcServer:
         except UpstreamClientError as exc:
             raise NotFound(f"model '{model}' {('version ' + version + ' ') if version else ''}"
                            f"is not known to Triton: {exc.message}") from None
-        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+        return protobuf_json(message)
 
     async def model_ready(self, model: str, version: str, timeout_s: float) -> bool:
         try:

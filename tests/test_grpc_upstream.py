@@ -161,3 +161,35 @@ def test_upstream_protocol_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"triton.models.m.grpc_url"):
         parse_config({**base, "triton": {"models": {"m": {
             "url": "http://h:1", "protocol": "grpc", "grpc_url": "http://h:2"}}}}, env={})
+
+
+async def test_grpc_upstream_timeouts_and_failures_map_as_over_http(
+    make_gateway: GatewayFactory, triton: Any,
+) -> None:
+    routes = {"slow": {"champion": {"model": "fraud_sleepy"}},
+              "faulty": {"champion": {"model": "fraud_faulty"}},
+              "fraud": {"champion": {"model": "fraud_v3"}}}
+    via = {
+        "http": await make_gateway(routes, triton={"timeout_ms": 300}),
+        "grpc": await make_gateway(routes, triton={"timeout_ms": 300, "protocol": "grpc",
+                                                   "grpc_url": triton.grpc_url}),
+    }
+    body = orjson.dumps(fraud_body([[0.2] * 8]))
+    json_headers = {"Content-Type": "application/json"}
+    statuses = {}
+    for protocol, gw in via.items():
+        status, answer, _ = await _post(gw, "slow", body, json_headers)
+        assert status == 504, answer  # Triton's DEADLINE_EXCEEDED -> 504, as a timed-out HTTP call
+        statuses[protocol] = (await _post(gw, "faulty", body, json_headers))[0]
+    assert statuses["grpc"] == statuses["http"] >= 500
+    # Metadata and config through the same protocol answer exactly what the HTTP upstream does.
+    answers = {}
+    for protocol, gw in via.items():
+        async with gw.session.get(f"{gw.url}/v2/models/fraud") as resp:
+            assert resp.status == 200
+            meta = await resp.json()
+        async with gw.session.get(f"{gw.url}/v2/models/fraud/config") as resp:
+            assert resp.status == 200
+            config = await resp.json()
+        answers[protocol] = (meta, config)  # config: every field, dims as numbers
+    assert answers["grpc"] == answers["http"]
