@@ -129,6 +129,8 @@ class TritonUpstream:
             server = servers.get(key) or servers.setdefault(key, _Server(key, grpc_of.get(model)))
             self._server_of[model] = server
         self._servers = tuple(servers.values())
+        # Checked first on every call, so an all-HTTP gateway pays one attribute read for gRPC.
+        self._any_grpc = any(server.grpc is not None for server in self._servers)
         self._pools: dict[str, KeepAlivePool] = {}
 
     def server_url(self, model: str) -> str:
@@ -162,8 +164,7 @@ class TritonUpstream:
         pool: str | None = None,
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
-        server = self._server(model)
-        if server.grpc is not None:
+        if self._any_grpc and (server := self._server(model)).grpc is not None:
             out, out_type, out_length, latency = await server.grpc.infer(
                 model, version, body, header_length, timeout_s or self.timeout_s)
             return UpstreamResponse(200, out, out_type, out_length, latency)
