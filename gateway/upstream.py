@@ -6,7 +6,9 @@ tritonclient would decode them into numpy and encode them again (measured in doc
 per call, httptools parsing, ~5x less CPU than aiohttp's client); metadata and health use
 aiohttp. A separate pool per model is what keeps a slow or dead challenger from holding the
 champion's connections: each pool has its own limit. A model may live on another Triton
-(`triton.models`); its pools and its metadata/health calls then go to that server.
+(`triton.models`); its pools and its metadata/health calls then go to that server. A server
+configured with `protocol: grpc` is called over gRPC instead (gateway/grpc_upstream.py): same
+bodies in and out, same error types, so the rest of the gateway does not know the difference.
 """
 
 from __future__ import annotations

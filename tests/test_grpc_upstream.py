@@ -193,3 +193,27 @@ async def test_grpc_upstream_timeouts_and_failures_map_as_over_http(
             config = await resp.json()
         answers[protocol] = (meta, config)  # config: every field, dims as numbers
     assert answers["grpc"] == answers["http"]
+
+
+async def test_grpc_upstream_fallback_serves_and_a_dead_server_is_503(
+    make_gateway: GatewayFactory, triton: Any, unused_tcp_port: int,
+) -> None:
+    gw = await make_gateway(
+        {"fraud": {"champion": {"model": "fraud_faulty"},
+                   "challengers": [{"model": "fraud_v4"}], "fallback": "fraud_v4"},
+         "nofb": {"champion": {"model": "fraud_faulty"}}},
+        triton={"protocol": "grpc", "grpc_url": triton.grpc_url},
+    )
+    body = orjson.dumps(fraud_body([[0.0] * 8], "fb"))
+    json_headers = {"Content-Type": "application/json"}
+    status, answer, _ = await _post(gw, "nofb", body, json_headers)
+    assert status == 502 and b"fraud_faulty" in answer
+    status, answer, headers = await _post(gw, "fraud", body, json_headers)
+    assert status == 200 and headers["X-Served-Model"] == "fraud_v4", answer
+
+    dead = await make_gateway(ROUTES, triton={"protocol": "grpc", "timeout_ms": 500,
+                                              "grpc_url": f"127.0.0.1:{unused_tcp_port}"})
+    status, answer, _ = await _post(dead, "fraud", body, json_headers)
+    assert status == 503, answer  # UNAVAILABLE (refused), not a timeout
+    async with dead.session.get(f"{dead.url}/v2/health/ready") as resp:
+        assert resp.status == 503
