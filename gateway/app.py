@@ -75,6 +75,8 @@ def create_app(
         timeout_ms=config.triton.timeout_ms,
         max_connections=config.triton.max_connections,
         model_urls=config.triton.model_urls(),
+        grpc_target=config.triton.grpc_target(),
+        model_grpc_targets=config.triton.model_grpc_targets(),
     )
     routes = RouteTable(upstream)
     sink = sink_factory(config)

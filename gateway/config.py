@@ -44,6 +44,12 @@ class TritonModelConfig:
     """Where one model lives when it is not on `triton.url` (e.g. a challenger on another GPU)."""
 
     url: str
+    # How the gateway calls this server: "http" (default) or "grpc" (then `grpc_url`, host:port).
+    protocol: str = "http"
+    grpc_url: str | None = None
+
+
+UPSTREAM_PROTOCOLS: tuple[str, ...] = ("http", "grpc")
 
 
 @dataclass(frozen=True)
@@ -51,12 +57,24 @@ class TritonConfig:
     url: str = "http://127.0.0.1:8000"
     timeout_ms: int = 1000
     max_connections: int = 256
+    # Upstream protocol of the default server: "http" (default; measured in docs/BENCHMARKS.md,
+    # "upstream protocol") or "grpc", which sends inference, metadata and health to `grpc_url`.
+    protocol: str = "http"
+    grpc_url: str | None = None
     # Models served by another Triton, by model name: {name: {url: "http://host:port"}}. Keyed by
     # model, not by route entry, so a model keeps its server through promote and rollback.
     models: Mapping[str, TritonModelConfig] = field(default_factory=dict)
 
     def model_urls(self) -> dict[str, str]:
         return {name: m.url for name, m in self.models.items()}
+
+    def grpc_target(self) -> str | None:
+        """The default server's gRPC host:port when it is called over gRPC, else None."""
+        return self.grpc_url if self.protocol == "grpc" else None
+
+    def model_grpc_targets(self) -> dict[str, str]:
+        return {name: m.grpc_url for name, m in self.models.items()
+                if m.protocol == "grpc" and m.grpc_url}
 
 
 @dataclass(frozen=True)
@@ -371,9 +389,21 @@ def _parse_triton(raw: Mapping[str, Any]) -> TritonConfig:
     }
     for name, model in models.items():
         _check_url(model.url, f"triton.models.{name}.url")
+        _check_protocol(model.protocol, model.grpc_url, f"triton.models.{name}")
     triton = replace(_build(TritonConfig, raw, "triton"), models=models)
     _check_url(triton.url, "triton.url")
+    _check_protocol(triton.protocol, triton.grpc_url, "triton")
     return triton
+
+
+def _check_protocol(protocol: Any, grpc_url: Any, where: str) -> None:
+    _check(protocol in UPSTREAM_PROTOCOLS,
+           f"{where}.protocol: expected one of {', '.join(UPSTREAM_PROTOCOLS)}, got {protocol!r}")
+    _check(grpc_url is None or (isinstance(grpc_url, str)
+                                and re.fullmatch(r"[^/:\s]+:\d+", grpc_url) is not None),
+           f"{where}.grpc_url: expected host:port, got {grpc_url!r}")
+    _check(protocol != "grpc" or grpc_url is not None,
+           f"{where}.grpc_url: required when protocol is grpc")
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:

@@ -149,7 +149,7 @@ def infer_response(body: bytes, headers: Mapping[str, str], request_id: str
         id=str(header.get("id") or request_id),
     )
     for key, value in (header.get("parameters") or {}).items():
-        _set_parameter(response.parameters[key], value)
+        set_parameter(response.parameters[key], value)
     offset = length
     for out in header.get("outputs") or []:
         datatype = str(out.get("datatype"))
@@ -167,7 +167,7 @@ def infer_response(body: bytes, headers: Mapping[str, str], request_id: str
     return response
 
 
-def _set_parameter(param: service_pb2.InferParameter, value: Any) -> None:
+def set_parameter(param: service_pb2.InferParameter, value: Any) -> None:
     if isinstance(value, bool):
         param.bool_param = value
     elif isinstance(value, int):

@@ -6,7 +6,9 @@ tritonclient would decode them into numpy and encode them again (measured in doc
 per call, httptools parsing, ~5x less CPU than aiohttp's client); metadata and health use
 aiohttp. A separate pool per model is what keeps a slow or dead challenger from holding the
 champion's connections: each pool has its own limit. A model may live on another Triton
-(`triton.models`); its pools and its metadata/health calls then go to that server.
+(`triton.models`); its pools and its metadata/health calls then go to that server. A server
+configured with `protocol: grpc` is called over gRPC instead (gateway/grpc_upstream.py): same
+bodies in and out, same error types, so the rest of the gateway does not know the difference.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.grpc_upstream import GrpcServer
 from gateway.keepalive import KeepAlivePool, MalformedResponse
 from gateway.protocol import HEADER_LENGTH
 
@@ -65,8 +68,11 @@ def _error_message(body: bytes, fallback: str) -> str:
 class _Server:
     """One Triton server: its address and its small control (metadata/health) session."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, grpc_target: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # Set when this server is called over gRPC (`protocol: grpc`): inference, metadata and
+        # health then all go to its gRPC port; the HTTP pools are never opened.
+        self.grpc = GrpcServer(grpc_target) if grpc_target else None
         url = yarl.URL(self.base_url)
         if url.scheme != "http" or not url.host:
             raise ValueError(f"Triton URL must be http://host:port, got {base_url!r}")
@@ -87,6 +93,8 @@ class _Server:
         return self._control
 
     async def close(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.close()
         if self._control is not None and not self._control.closed:
             await self._control.close()
         self._control = None
@@ -108,18 +116,23 @@ class TritonUpstream:
         timeout_ms: int,
         max_connections: int,
         model_urls: Mapping[str, str] | None = None,
+        grpc_target: str | None = None,
+        model_grpc_targets: Mapping[str, str] | None = None,
     ) -> None:
         self.timeout_s = timeout_ms / 1000
         self.max_connections = max_connections
-        self._default = _Server(base_url)
+        self._default = _Server(base_url, grpc_target)
         self.base_url = self._default.base_url
         servers = {self.base_url: self._default}
         self._server_of: dict[str, _Server] = {}
+        grpc_of = model_grpc_targets or {}
         for model, url in (model_urls or {}).items():
             key = url.rstrip("/")
-            server = servers.get(key) or servers.setdefault(key, _Server(key))
+            server = servers.get(key) or servers.setdefault(key, _Server(key, grpc_of.get(model)))
             self._server_of[model] = server
         self._servers = tuple(servers.values())
+        # Checked first on every call, so an all-HTTP gateway pays one attribute read for gRPC.
+        self._any_grpc = any(server.grpc is not None for server in self._servers)
         self._pools: dict[str, KeepAlivePool] = {}
 
     def server_url(self, model: str) -> str:
@@ -153,6 +166,10 @@ class TritonUpstream:
         pool: str | None = None,
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
+        if self._any_grpc and (server := self._server(model)).grpc is not None:
+            out, out_type, out_length, latency = await server.grpc.infer(
+                model, version, body, header_length, timeout_s or self.timeout_s)
+            return UpstreamResponse(200, out, out_type, out_length, latency)
         # Never ask Triton to compress (no Accept-Encoding): bodies pass through as they are.
         extra = b"" if header_length is None else b"%s: %d\r\n" % (
             HEADER_LENGTH.encode(), header_length
@@ -213,6 +230,9 @@ class TritonUpstream:
 
     async def _model_json(self, model: str, version: str, suffix: str, what: str
                           ) -> dict[str, Any]:
+        grpc_server = self._server(model).grpc
+        if grpc_server is not None:
+            return await grpc_server.model_json(what, model, version, self.timeout_s)
         status, body = await self._get(_model_path(model, version) + suffix, model)
         if status in (400, 404):
             raise NotFound(f"model '{model}' {('version ' + version + ' ') if version else ''}"
@@ -225,6 +245,9 @@ class TritonUpstream:
         return parsed
 
     async def model_ready(self, model: str, version: str = "") -> bool:
+        grpc_server = self._server(model).grpc
+        if grpc_server is not None:
+            return await grpc_server.model_ready(model, version, self.timeout_s)
         try:
             status, _ = await self._get(_model_path(model, version) + "/ready", model)
         except GatewayError:
@@ -239,6 +262,8 @@ class TritonUpstream:
         servers = {id(s): s for s in (self._server(m) for m in models)} or {0: self._default}
 
         async def ready(server: _Server) -> bool:
+            if server.grpc is not None:
+                return await server.grpc.server_ready(self.timeout_s)
             try:
                 status, _ = await self._get_on(server, "/v2/health/ready")
             except GatewayError:

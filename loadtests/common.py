@@ -250,7 +250,8 @@ def triton_server(work: Path, extra_repos: Sequence[Path] = ()) -> Iterator[Any]
 
 def gateway_config(triton_url: str, work: Path, name: str, routes: Mapping[str, Any], *,
                    sink: str = "file", kafka_bootstrap: str | None = None,
-                   timeout_ms: int = 2000, extra_log: Mapping[str, Any] | None = None) -> Path:
+                   timeout_ms: int = 2000, extra_log: Mapping[str, Any] | None = None,
+                   extra_triton: Mapping[str, Any] | None = None) -> Path:
     """Write a gateway YAML config under `work` and return its path."""
     log: dict[str, Any] = {"sink": sink, "path": str(work / f"log-{name}")}
     if kafka_bootstrap:
@@ -262,7 +263,7 @@ def gateway_config(triton_url: str, work: Path, name: str, routes: Mapping[str, 
                         "registry_topic": f"understudy.bench.{name}.registry"}
     log.update(extra_log or {})
     raw = {
-        "triton": {"url": triton_url, "timeout_ms": timeout_ms},
+        "triton": {"url": triton_url, "timeout_ms": timeout_ms, **(extra_triton or {})},
         "listen": {"host": HOST, "grpc_port": 0},  # Gateway(grpc_port=...) turns gRPC on
         "log": log,
         "admin": {"state_path": str(work / f"state-{name}" / "registry.json")},

@@ -128,3 +128,22 @@ def test_grpc_bench_runs(tmp_path: Path) -> None:
                                            "gateway HTTP (binary)"]
     assert all(r["requests"] > 0 for r in rows)
     assert all(r["gateway_cpu_us_per_req"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_upstream_protocol_bench_runs(tmp_path: Path) -> None:
+    """loadtests/upstream_protocol_bench.py end to end (short): both upstream protocols, both
+    cases, every request answered (the client asserts 200)."""
+    out = tmp_path / "bench-upstream"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/upstream_protocol_bench.py", "--duration", "1", "--rate",
+         "20", "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=500, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted((r["case"], r["protocol"]) for r in rows) == sorted(
+        (case, p) for case in ("champion only", "champion + 1 shadow") for p in ("http", "grpc"))
+    assert all(r["requests"] > 0 and r["gateway_cpu_us_per_req"] > 0 for r in rows)
