@@ -12,6 +12,7 @@ import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from gateway.admin_cli import add_admin_commands
 from gateway.config import GatewayConfig, load_config
@@ -20,7 +21,11 @@ from gateway.errors import ConfigError
 log = logging.getLogger("gateway")
 
 
-def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None) -> None:
+def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
+               started: Any = None) -> None:
+    """Serve until SIGTERM. ``started`` (a multiprocessing Event) is set once the app's startup
+    runs, which is after aiohttp has installed its SIGTERM handler: from then on a SIGTERM
+    drains instead of killing."""
     from aiohttp import web
 
     from gateway.app import create_app
@@ -37,6 +42,12 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None) 
         config = replace(config, log=replace(config.log, path=str(Path(config.log.path) /
                                                                    f"worker-{worker}")))
     app = create_app(config)
+    if started is not None:
+
+        async def mark_started(_: web.Application) -> None:
+            started.set()
+
+        app.on_startup.append(mark_started)
     if config.listen.grpc_port:
         install_grpc(app, host, config.listen.grpc_port, config.listen.max_body_bytes)
     web.run_app(
@@ -68,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     probe.close()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_serve_one, args=(config, host, port, i), daemon=False)
+    started = [ctx.Event() for _ in range(args.workers)]
+    procs = [ctx.Process(target=_serve_one, args=(config, host, port, i, started[i]),
+                         daemon=False)
              for i in range(args.workers)]
     for proc in procs:
         proc.start()
@@ -83,7 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, forward)
     for proc in procs:
         proc.join()
-    failed = [proc.exitcode for proc in procs if proc.exitcode]
+    # A worker that SIGTERM reached while it was still importing (before its handler existed)
+    # dies of the signal; it had not served anything, so that is a clean stop, not a failure.
+    failed = [proc.exitcode for proc, up in zip(procs, started, strict=True)
+              if proc.exitcode and not (proc.exitcode == -signal.SIGTERM and not up.is_set())]
     if failed:
         log.error("worker exit codes: %s", [proc.exitcode for proc in procs])
     return 1 if failed else 0

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -77,3 +78,25 @@ async def test_sigterm_flushes_every_record(triton, tmp_path: Path, workers: int
     assert {r["protocol"] for r in records if r["request_id"].startswith("g")} == {"grpc"}
     # Copies still in flight at SIGTERM were awaited, not cut off: every one answered.
     assert all(r["outputs"]["fraud_v4"]["status"] == "ok" for r in records)
+
+
+def test_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
+    """A SIGTERM that reaches workers while they are still importing (before aiohttp installs its
+    handler) kills them by the signal; they had served nothing, so `serve` still exits 0."""
+    config = {
+        "triton": {"url": "http://127.0.0.1:1"},
+        "listen": {"host": "127.0.0.1", "port": free_port(), "grpc_port": free_port()},
+        "log": {"path": str(tmp_path / "log")},
+        "admin": {"state_path": str(tmp_path / "state.json")},
+        "routes": {},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    time.sleep(0.3)  # spawned workers take longer than this to import
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
