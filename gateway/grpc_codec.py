@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from gateway.errors import BadRequest, UpstreamBadGateway
@@ -195,21 +196,24 @@ def model_metadata(metadata: Mapping[str, Any]) -> service_pb2.ModelMetadataResp
         raise UpstreamBadGateway(f"model metadata is malformed: {exc}") from None
 
 
-def model_config(config: Mapping[str, Any]) -> service_pb2.ModelConfigResponse:
-    """Triton's JSON model config (protobuf's JSON mapping) back into `ModelConfig`."""
-    message = model_config_pb2.ModelConfig()
+def _from_json(data: Mapping[str, Any], message: Message, what: str) -> None:
+    """Fill `message` from Triton's JSON answer (protobuf's JSON mapping); a shape protobuf
+    cannot read is the upstream's fault."""
     try:
-        json_format.ParseDict(config, message, ignore_unknown_fields=True)
+        json_format.ParseDict(data, message, ignore_unknown_fields=True)
     except json_format.ParseError as exc:
-        raise UpstreamBadGateway(f"model config is malformed: {exc}") from None
+        raise UpstreamBadGateway(f"{what} malformed: {exc}") from None
+
+
+def model_config(config: Mapping[str, Any]) -> service_pb2.ModelConfigResponse:
+    """Triton's JSON model config back into `ModelConfig`."""
+    message = model_config_pb2.ModelConfig()
+    _from_json(config, message, "model config is")
     return service_pb2.ModelConfigResponse(config=message)
 
 
 def model_statistics(stats: Mapping[str, Any]) -> service_pb2.ModelStatisticsResponse:
-    """Triton's JSON model statistics (protobuf's JSON mapping) back into the protobuf."""
+    """Triton's JSON model statistics back into the protobuf."""
     message = service_pb2.ModelStatisticsResponse()
-    try:
-        json_format.ParseDict(stats, message, ignore_unknown_fields=True)
-    except json_format.ParseError as exc:
-        raise UpstreamBadGateway(f"model statistics are malformed: {exc}") from None
+    _from_json(stats, message, "model statistics are")
     return message

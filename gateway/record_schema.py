@@ -80,7 +80,7 @@ MODEL_OUTCOME: dict[str, Any] = {
         ]},
         "error": {"type": ["string", "null"]},
         "batch_rows": {"type": "integer", "minimum": 1},
-        # v1 additions, challengers only (CONTRACT.md)
+        # v1 additions, challengers only: the experiment and its sample rate
         "experiment": {"type": "string"},
         "sample_rate": {"type": "number", "minimum": 0, "maximum": 1},
     },
@@ -123,7 +123,7 @@ INFERENCE_RECORD: dict[str, Any] = {
         "error": {"type": "string"},
         "fallback": {"const": True},
         "protocol": {"enum": ["http", "grpc"]},  # the transport that carried the request
-        "registry_version": {"type": "integer", "minimum": 0},  # v1 addition (CONTRACT.md)
+        "registry_version": {"type": "integer", "minimum": 0},  # the route's registry version
     },
     "$defs": {"tensor": TENSOR, "outcome": MODEL_OUTCOME},
 }

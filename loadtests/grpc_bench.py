@@ -193,13 +193,19 @@ async def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+Run = Callable[[argparse.Namespace, Path], Awaitable[list[dict[str, Any]]]]
+Table = Callable[[list[dict[str, Any]], argparse.Namespace], str]
+
+
+def bench_main(doc: str | None, run_rows: Run, render: Table, default_out: str) -> int:
+    """The command line both gRPC benchmarks share: parse, run on uvloop, print the table and
+    the machine's load, keep results.json."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rate", type=float, default=100.0)
-    parser.add_argument("--out", default="var/bench-grpc")
+    parser.add_argument("--out", default=default_out)
     args = parser.parse_args()
     try:
         import uvloop
@@ -209,13 +215,17 @@ def main() -> int:
         pass
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    rows = asyncio.run(run(args, work))
-    md = table(rows, args)
+    rows = asyncio.run(run_rows(args, work))
+    md = render(rows, args)
     print(md)
     print(f"load average {os.getloadavg()[0]:.2f}; median capacity "
           f"{statistics.median(r['capacity_rps'] for r in rows):.0f} req/s")
     (work / "results.json").write_text(json.dumps({"rows": rows, "markdown": md}, indent=1))
     return 0
+
+
+def main() -> int:
+    return bench_main(__doc__, run, table, "var/bench-grpc")
 
 
 if __name__ == "__main__":

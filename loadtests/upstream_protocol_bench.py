@@ -15,9 +15,6 @@ compares gRPC with HTTP.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ from loadtests.common import (
     process_tree,
     triton_server,
 )
-from loadtests.grpc_bench import measure
+from loadtests.grpc_bench import bench_main, measure
 
 CASES: dict[str, dict[str, Any]] = {
     "champion only": {"fraud": {"champion": "fraud_v3"}},
@@ -102,27 +99,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=8.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=100.0)
-    parser.add_argument("--out", default="var/bench-upstream")
-    args = parser.parse_args()
-    try:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:  # pragma: no cover
-        pass
-    work = Path(args.out).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    rows = asyncio.run(run(args, work))
-    md = table(rows, args)
-    print(md)
-    print(f"load average {os.getloadavg()[0]:.2f}")
-    (work / "results.json").write_text(json.dumps({"rows": rows, "markdown": md}, indent=1))
-    return 0
+    return bench_main(__doc__, run, table, "var/bench-upstream")
 
 
 if __name__ == "__main__":

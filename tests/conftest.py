@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +108,12 @@ async def make_gateway(triton: Any, tmp_path: Path) -> AsyncIterator[GatewayFact
         await handle.session.close()
         await handle.server.close()
     await asyncio.sleep(0)
+
+
+@pytest.fixture
+def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Fresh random write and read tokens in the gateway's environment."""
+    write, read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", write)
+    monkeypatch.setenv("UNDERSTUDY_ADMIN_READ_TOKEN", read)
+    return {"write": write, "read": read}

@@ -24,15 +24,6 @@ FRAUD_WITH_V4 = {"fraud": {"champion": {"model": "fraud_v3"},
                            "challengers": [{"model": "fraud_v4", "sample_rate": 1.0}]}}
 
 
-@pytest.fixture
-def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Fresh random write and read tokens in the gateway's environment."""
-    write, read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", write)
-    monkeypatch.setenv("UNDERSTUDY_ADMIN_READ_TOKEN", read)
-    return {"write": write, "read": read}
-
-
 async def call(
     gw: GatewayHandle, method: str, path: str, token: str | None, body: Any = None,
     headers: dict[str, str] | None = None,

@@ -30,14 +30,6 @@ BAD_NAMES = ["fraud_v4?x=1", "fraud_v4#x", "fraud_v4/versions/1", "fraud_v4/../f
              "fraud v4", "..", "x" * 200]
 
 
-@pytest.fixture
-def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    write, read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", write)
-    monkeypatch.setenv("UNDERSTUDY_ADMIN_READ_TOKEN", read)
-    return {"write": write, "read": read}
-
-
 async def settle(gw: GatewayHandle) -> None:
     """Wait until every pending record (and so the reward tracker entry) is built."""
     recorder = gw.app[SERVICE].recorder

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 
 from evaluator import cli
 from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
+from tests.test_admin import call
 
 pytestmark = pytest.mark.triton
 
@@ -25,21 +24,10 @@ ROUTES = {"fraud": {"champion": {"model": "fraud_v3"},
                                      "sample_rate": 1.0}]}}
 
 
-@pytest.fixture
-def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    write, read = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", write)
-    monkeypatch.setenv("UNDERSTUDY_ADMIN_READ_TOKEN", read)
-    return {"write": write, "read": read}
-
-
 async def admin(gw: GatewayHandle, method: str, path: str, token: str,
                 body: Any = None) -> tuple[int, Any]:
-    async with gw.session.request(method, f"{gw.url}/admin{path}",
-                                  data=None if body is None else orjson.dumps(body),
-                                  headers={"Authorization": f"Bearer {token}",
-                                           "Content-Type": "application/json"}) as resp:
-        return resp.status, orjson.loads(await resp.read())
+    status, payload, _ = await call(gw, method, path, token, body)
+    return status, payload
 
 
 def bound_report(path: Path, live: dict[str, Any], challenger: str) -> Path:

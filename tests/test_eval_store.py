@@ -399,7 +399,7 @@ def test_reader_sees_committed_data_after_writer_releases(env, store, engine) ->
 def experiment_inference(rid: str, ts: float, experiment: str | None, *, version: int = 3,
                          champion: str = CHAMP, challenger: str = CHAL,
                          sample_rate: float = 0.5) -> dict[str, Any]:
-    """An inference shaped as in CONTRACT.md: registry_version on the record, experiment and
+    """An inference with the v1 additions: registry_version on the record, experiment and
     sample_rate on the challenger's outcome (neither on the champion's)."""
     outputs = {champion: outcome(0.2, role="champion", mode="served", latency=1.0),
                challenger: {**outcome(0.3, latency=3.0), "experiment": experiment,
