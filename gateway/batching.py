@@ -127,7 +127,9 @@ def combine(
                 "binary_data_size": sum(len(parts[i]) for parts in chunks)
             }
         else:
-            combined["data"] = [x for r in requests for x in flatten(r.inputs[i]["data"])]
+            name = tensor["name"]  # validation already flattened each copy's data
+            combined["data"] = [x for r in requests
+                                for x in r.flat.get(name) or flatten(r.inputs[i]["data"])]
         inputs.append(combined)
     header: dict[str, Any] = {"inputs": inputs}
     for key in ("outputs", "parameters"):
