@@ -29,7 +29,7 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
     from aiohttp import web
 
     from gateway.app import create_app
-    from gateway.grpc_server import install_grpc
+    from gateway.rpc.server import install_grpc
 
     try:
         import uvloop
@@ -106,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from gateway.triton import main as triton_main
+    from understudy_demo.triton import main as triton_main
 
     return triton_main(
         [Path(p) for p in args.model_repository], args.http_port, args.grpc_port, args.metrics_port
