@@ -8,11 +8,21 @@ on simulated data without touching the store.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
 Task = Literal["classification", "regression"]
+
+# Array aliases for the evaluator's signatures: the dtype is part of the contract (a float64
+# score column, an int8 status column, an object column of str ids).
+F64 = NDArray[np.float64]
+I64 = NDArray[np.int64]
+I8 = NDArray[np.int8]
+Bool = NDArray[np.bool_]
+Obj = NDArray[np.object_]
+Array = NDArray[Any]  # any dtype: a fetched SQL column, a mask or an index
 
 # Outcome status codes stored in ModelColumn.status (see understudy.records.OutcomeStatus).
 STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "timeout": 2, "shed": 3, "skipped": 4}
