@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from evaluator.config import StoreConfig
-from evaluator.dataset import Array, EvalDataset, ExperimentInfo, JoinStats
+from evaluator.dataset import Array, EvalDataset, ExperimentInfo, JoinStats, Obj
 from evaluator.store import queries, writes
 from evaluator.store.assembly import FeatureFrame, ScoreSeries, assemble
 from evaluator.store.batch import Batch, IngestResult
@@ -112,6 +112,13 @@ class Store:
             self._names.clear()  # interned ids of a rolled-back batch are gone
             raise
         e.commit()
+
+    # evaluator/drift reads score timestamps through these two (with a fallback to the
+    # public calls); `score_series` now returns the same data publicly.
+    _window = staticmethod(queries.window)
+
+    def _name_lookup(self, e: Engine) -> Obj:
+        return self._names.lookup(e)
 
     # -- writes -----------------------------------------------------------------------------
 
