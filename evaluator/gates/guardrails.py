@@ -64,8 +64,8 @@ import numpy as np
 from scipy import special
 
 from evaluator.dataset import STATUS_CODES, ModelColumn
+from evaluator.stats.common import dataclass_dict
 from evaluator.stats.metrics import wilson_interval
-from evaluator.stats.significance import _dataclass_dict
 
 GuardrailStatus = Literal["pass", "fail", "insufficient"]
 
@@ -87,7 +87,7 @@ class GuardrailLimits:
     min_requests: int = 100
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class LatencySummary:
     p99_ci_high_ms: float | None  # is far enough out for this n)
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class OutcomeSummary:
     error_rate_ci_high: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class GuardrailCheck:
     difference_interval: tuple[float | None, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)

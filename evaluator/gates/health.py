@@ -46,7 +46,7 @@ import numpy as np
 from scipy import special, stats
 
 from evaluator.dataset import STATUS_CODES, EvalDataset
-from evaluator.stats.significance import _dataclass_dict, jsonable
+from evaluator.stats.common import dataclass_dict, jsonable
 
 HealthStatus = Literal["pass", "fail", "insufficient"]
 CheckStatus = Literal["pass", "fail", "insufficient", "skipped"]
@@ -71,7 +71,7 @@ class HealthCheck:
     expected: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ import numpy as np
 from scipy import special
 
 from evaluator.dataset import EvalDataset
-from evaluator.stats.significance import _dataclass_dict, jsonable
+from evaluator.stats.common import dataclass_dict, jsonable
 
 ESTIMATORS = ("ips", "snips", "dm", "dr")
 
@@ -77,7 +77,7 @@ class PolicyEstimate:
     reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
