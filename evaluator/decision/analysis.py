@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluator.dataset import EvalDataset, ExperimentInfo
+from evaluator.dataset import Array, EvalDataset, ExperimentInfo
 from evaluator.decision.policy import METRICS, DecisionPolicy
 from evaluator.decision.result import DataHealth, HealthCheck, PrimaryResult
 from evaluator.gates.guardrails import GuardrailResult, check_guardrails
@@ -35,10 +35,10 @@ from evaluator.stats.significance import (
 class Pair:
     """The paired labelled requests of one challenger and the champion, in look order."""
 
-    y: np.ndarray
-    champion: np.ndarray
-    challenger: np.ndarray
-    ts: np.ndarray  # the sequential test's order: label receipt time (inference time if unknown)
+    y: Array
+    champion: Array
+    challenger: Array
+    ts: Array  # the sequential test's order: label receipt time (inference time if unknown)
     excluded: dict[str, int]
     order: str = "label-arrival"  # or "inference-time" when no label receipt time is known
 
@@ -47,7 +47,7 @@ class Pair:
         return int(self.y.size)
 
 
-def _experiment_rows(dataset: EvalDataset, challenger: str) -> np.ndarray | None:
+def _experiment_rows(dataset: EvalDataset, challenger: str) -> Array | None:
     """Mask of the challenger's current-experiment rows; None when the dataset has no
     experiment for it (every row counts, as before experiments existed)."""
     info = dataset.experiments.get(challenger)
@@ -57,7 +57,7 @@ def _experiment_rows(dataset: EvalDataset, challenger: str) -> np.ndarray | None
     return np.asarray(ids == info.id, dtype=bool)
 
 
-def _order_ts(dataset: EvalDataset) -> np.ndarray:
+def _order_ts(dataset: EvalDataset) -> Array:
     """When each row became visible to a report: its label's receipt time, else (records from
     before label_ts was logged) its inference time. See evaluator/stats/sequential.py for why."""
     ts = np.asarray(dataset.ts, dtype=np.float64)
@@ -103,7 +103,7 @@ def _primary(
     pair: Pair,
     threshold: float,
     alpha: float,
-    orders: tuple[np.ndarray, np.ndarray] | None = None,
+    orders: tuple[Array, Array] | None = None,
 ) -> PrimaryResult:
     spec = METRICS[metric]
     n = pair.n
@@ -199,7 +199,7 @@ def _secondary(
     task: str,
     threshold: float,
     alpha: float,
-    orders: tuple[np.ndarray, np.ndarray] | None = None,
+    orders: tuple[Array, Array] | None = None,
 ) -> dict[str, Any]:
     """The other paired tests, reported for context; only the primary decides."""
     out: dict[str, Any] = {}
@@ -235,7 +235,7 @@ def _sequential(
     pair: Pair,
     policy: DecisionPolicy,
     threshold: float,
-    orders: tuple[np.ndarray, np.ndarray] | None = None,
+    orders: tuple[Array, Array] | None = None,
 ) -> SequentialResult:
     common: dict[str, Any] = {
         "tau": policy.tau,

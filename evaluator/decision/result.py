@@ -43,8 +43,10 @@ class PrimaryResult:
 class DataHealth(Protocol):
     """What the decision needs from ``evaluator.gates.health.check_data_health``'s result."""
 
-    status: str  # "pass" | "fail" | "insufficient"
-    reasons: list[str]
+    @property
+    def status(self) -> str: ...  # "pass" | "fail" | "insufficient" (read-only: a Literal fits)
+    @property
+    def reasons(self) -> list[str]: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 

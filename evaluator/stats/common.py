@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from scipy import special
 
+from evaluator.dataset import Array
+
 # ----------------------------------------------------------------------------------------------
 # JSON helper (every result here and in the modules above it has a to_dict() built on this)
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def two_sided_normal_p(z: float) -> float:
     return 2.0 * norm_sf(abs(z))
 
 
-def finite_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def finite_pairs(a: Array, b: Array) -> tuple[Array, Array, int]:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape:
@@ -90,7 +92,7 @@ def finite_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 
-def sorted_midranks(values_sorted: np.ndarray) -> np.ndarray:
+def sorted_midranks(values_sorted: Array) -> Array:
     """1-based midranks of an ascending array: tied values share the mean of their ranks."""
     n = values_sorted.size
     if n == 0:
@@ -104,7 +106,7 @@ def sorted_midranks(values_sorted: np.ndarray) -> np.ndarray:
     return np.repeat((starts + ends + 1) / 2.0, ends - starts)
 
 
-def midranks(x: np.ndarray) -> np.ndarray:
+def midranks(x: Array) -> Array:
     """Midranks of ``x`` in its own order (equivalent to scipy.stats.rankdata(method='average'))."""
     x = np.asarray(x, dtype=np.float64)
     order = np.argsort(x)

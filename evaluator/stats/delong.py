@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from evaluator.dataset import Array
 from evaluator.stats.common import dataclass_dict, z_and_p, z_crit
 
 
-def placements_sorted(s_sorted: np.ndarray, pos_sorted: np.ndarray) -> np.ndarray:
+def placements_sorted(s_sorted: Array, pos_sorted: Array) -> Array:
     """Placement values of already-sorted scores (``pos_sorted``: is each one a positive)."""
     k = s_sorted.size
     n_pos = int(np.count_nonzero(pos_sorted))
@@ -39,7 +40,7 @@ def placements_sorted(s_sorted: np.ndarray, pos_sorted: np.ndarray) -> np.ndarra
     return np.where(pos_sorted, negs / max(n_neg, 1), 1.0 - poss / max(n_pos, 1))
 
 
-def placement_values(scores: np.ndarray, positive: np.ndarray, order: np.ndarray) -> np.ndarray:
+def placement_values(scores: Array, positive: Array, order: Array) -> Array:
     """DeLong's structural components ("placement values") of every row, in row order.
 
     For a positive: the fraction of negatives scored below it (ties count half) — V10 in
@@ -57,10 +58,10 @@ def placement_values(scores: np.ndarray, positive: np.ndarray, order: np.ndarray
 
 
 def delong_covariance(
-    labels: np.ndarray,
-    score_matrix: np.ndarray,
-    orders: Sequence[np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    labels: Array,
+    score_matrix: Array,
+    orders: Sequence[Array] | None = None,
+) -> tuple[Array, Array]:
     """AUROCs of k models on the same rows and their DeLong covariance matrix.
 
     ``score_matrix`` is (k, n); higher score = positive class (never flipped: a model whose AUROC
@@ -115,11 +116,11 @@ class DeLongResult:
 
 
 def delong_test(
-    labels: np.ndarray,
-    scores_champion: np.ndarray,
-    scores_challenger: np.ndarray,
+    labels: Array,
+    scores_champion: Array,
+    scores_challenger: Array,
     alpha: float = 0.05,
-    orders: Sequence[np.ndarray] | None = None,
+    orders: Sequence[Array] | None = None,
 ) -> DeLongResult:
     """DeLong et al. (1988) z-test for two correlated AUROCs, computed the Sun & Xu (2014) way.
 
@@ -162,7 +163,7 @@ def _auroc_undefined_reason(n_pos: int, n_neg: int) -> str:
 
 
 def _delong_from_cov(
-    aucs: np.ndarray, cov: np.ndarray, n_pos: int, n_neg: int, excluded: int, alpha: float
+    aucs: Array, cov: Array, n_pos: int, n_neg: int, excluded: int, alpha: float
 ) -> DeLongResult:
     diff = float(aucs[1] - aucs[0])
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])

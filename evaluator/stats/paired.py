@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
+from evaluator.dataset import Array
 from evaluator.stats.common import (
     dataclass_dict,
     finite_pairs,
@@ -53,8 +54,8 @@ class McNemarResult:
 
 
 def mcnemar_test(
-    correct_champion: np.ndarray,
-    correct_challenger: np.ndarray,
+    correct_champion: Array,
+    correct_challenger: Array,
     alpha: float = 0.05,
     exact: bool | None = None,
     exact_max_discordant: int = 25,
@@ -150,7 +151,7 @@ class PairedTestResult:
 
 
 def paired_t_test(
-    loss_champion: np.ndarray, loss_challenger: np.ndarray, alpha: float = 0.05
+    loss_champion: Array, loss_challenger: Array, alpha: float = 0.05
 ) -> PairedTestResult:
     """Paired t-test on per-request losses (challenger - champion).
 
@@ -191,7 +192,7 @@ def paired_t_test(
 
 
 def wilcoxon_signed_rank(
-    loss_champion: np.ndarray, loss_challenger: np.ndarray, alpha: float = 0.05
+    loss_champion: Array, loss_challenger: Array, alpha: float = 0.05
 ) -> PairedTestResult:
     """Wilcoxon signed-rank test on per-request loss differences (normal approximation).
 
@@ -283,7 +284,7 @@ class DeltaRmseResult:
 
 
 def rmse_delta_moments(
-    sq_champion: np.ndarray, sq_challenger: np.ndarray
+    sq_champion: Array, sq_challenger: Array
 ) -> tuple[float, float, float]:
     """(rmse_champion, rmse_challenger, var of their difference) from squared errors.
 
@@ -304,7 +305,7 @@ def rmse_delta_moments(
 
 
 def rmse_difference_test(
-    err_champion: np.ndarray, err_challenger: np.ndarray, alpha: float = 0.05
+    err_champion: Array, err_challenger: Array, alpha: float = 0.05
 ) -> DeltaRmseResult:
     """z-test and CI for the paired RMSE difference from per-request errors (pred - label).
 

@@ -35,7 +35,7 @@ def adjust_pvalues(
     if not p_values:
         return [], []
     missing = [p is None or not math.isfinite(p) for p in p_values]
-    raw = np.array([1.0 if m else float(p) for p, m in zip(p_values, missing, strict=True)])
+    raw = np.array([float(p) if p is not None and math.isfinite(p) else 1.0 for p in p_values])
     raw = np.clip(raw, 0.0, 1.0)
     if method == "none" or raw.size == 1:  # one test: every method leaves p unchanged
         adjusted = raw

@@ -17,6 +17,7 @@ from evaluator.dataset import (
     EvalDataset,
     JoinStats,
     ModelColumn,
+    Role,
     Task,
 )
 from evaluator.store.engines import as_numbers
@@ -151,7 +152,7 @@ def assemble(route: str, rows: dict[str, Array], outs: dict[str, Array],
         status[pos] = o_status[mask]
         latency[pos] = o_latency[mask]
         modes = tuple(MODE_NAMES.get(int(m) - 1, "unknown") for m in present(o_mode[mask] + 1))
-        role = "champion" if name == champion else "challenger"
+        role: Role = "champion" if name == champion else "challenger"
         experiment: Array | None = None
         sample_rate: Array | None = None
         if role == "challenger":

@@ -56,7 +56,16 @@ def open_engine(kind: str, path: str, read_only: bool, lock_timeout_s: float) ->
 
 def _native(col: Array) -> list[Any]:
     """numpy -> Python scalars for sqlite3, which does not take numpy integers."""
-    return col.tolist()
+    values: list[Any] = col.tolist()
+    return values
+
+
+def _nan_filled(col: Any) -> Array:
+    """DuckDB's NULLs arrive masked; a float column reads them as NaN, like SQLite's."""
+    if isinstance(col, np.ma.MaskedArray) and col.dtype.kind == "f":
+        filled: Array = np.ma.filled(col, np.nan)
+        return filled
+    return np.asarray(col)
 
 
 class SqliteEngine:
@@ -163,8 +172,7 @@ class DuckEngine:
 
     def columns(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Array]:
         out = self.con.execute(sql, list(params)).fetchnumpy()
-        return {k: (np.ma.filled(v, np.nan) if isinstance(v, np.ma.MaskedArray)
-                    and v.dtype.kind == "f" else np.asarray(v)) for k, v in out.items()}
+        return {k: _nan_filled(v) for k, v in out.items()}
 
     def stage(self, name: str, cols: Columns) -> None:
         with contextlib.suppress(Exception):

@@ -35,7 +35,8 @@ DAY = 86400.0
 
 def window(route: str, since: float | None, until: float | None) -> tuple[str, list[Any]]:
     """Half-open [since, until) on the inference ts."""
-    where, params = ["i.route = ?"], [route]
+    where: list[str] = ["i.route = ?"]
+    params: list[Any] = [route]
     if since is not None:
         where.append("i.ts >= ?")
         params.append(float(since))
