@@ -58,12 +58,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 from scipy import special
 
-from evaluator.dataset import STATUS_CODES, ModelColumn
+from evaluator.dataset import STATUS_CODES, Array, Bool, ModelColumn
 from evaluator.stats.common import dataclass_dict
 from evaluator.stats.metrics import wilson_interval
 
@@ -144,6 +144,15 @@ class GuardrailCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
+
+
+class _CheckContext(TypedDict, total=False):
+    """The fields every check of one kind shares (keyword arguments of GuardrailCheck)."""
+
+    n: int
+    n_champion: int | None
+    confidence: float | None
+    margin: float | None
 
 
 @dataclass(frozen=True)
@@ -233,7 +242,7 @@ def min_latency_samples() -> int:
     return math.ceil(math.log(_SPREAD_TAIL) / math.log(P99))
 
 
-def p99_estimate(x_sorted: np.ndarray) -> QuantileEstimate:
+def p99_estimate(x_sorted: Array) -> QuantileEstimate:
     """p99 of sorted latencies and its standard error from the order-statistic interval width.
 
     The interval [X_(r), X_(s)] (97.5% one-sided each side) has exact coverage c; dividing its
@@ -256,7 +265,7 @@ def p99_estimate(x_sorted: np.ndarray) -> QuantileEstimate:
 # ----------------------------------------------------------------------------------------------
 
 
-def outcome_summary(status: np.ndarray, alpha: float = 0.05) -> OutcomeSummary:
+def outcome_summary(status: Array, alpha: float = 0.05) -> OutcomeSummary:
     """Counts per outcome and the error/timeout rate over attempted requests (Wilson CI)."""
     st = np.asarray(status)
     counts = {name: int(np.count_nonzero(st == code)) for name, code in STATUS_CODES.items()}
@@ -280,14 +289,14 @@ def outcome_summary(status: np.ndarray, alpha: float = 0.05) -> OutcomeSummary:
     )
 
 
-def measured_latencies(latency_ms: np.ndarray, status: np.ndarray) -> np.ndarray:
+def measured_latencies(latency_ms: Array, status: Array) -> Array:
     """Sorted latencies of attempted requests that carry one (batched copies have NaN)."""
     lat = np.asarray(latency_ms, dtype=np.float64)
     return np.sort(lat[_attempted(status) & np.isfinite(lat)])
 
 
 def latency_summary(
-    latency_ms: np.ndarray, status: np.ndarray, alpha: float = 0.05
+    latency_ms: Array, status: Array, alpha: float = 0.05
 ) -> LatencySummary:
     """Latency over measured requests; p99 with its exact two-sided 1 - alpha order-statistic CI."""
     x = measured_latencies(latency_ms, status)
@@ -301,9 +310,10 @@ def latency_summary(
     return LatencySummary(n, float(x.mean()), p50, p99, lo, hi)
 
 
-def _attempted(status: np.ndarray) -> np.ndarray:
+def _attempted(status: Array) -> Bool:
     st = np.asarray(status)
-    return (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
+    attempted: Bool = (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
+    return attempted
 
 
 def _unmeasured(model: ModelColumn) -> int:
@@ -399,7 +409,7 @@ def _latency_checks(
                       "latency_probe_every-th copy alone)")
     p99c = qc.value if qc is not None else None
     p99h = qh.value if qh is not None else None
-    common = {"n": nh, "n_champion": nc, "confidence": conf, "margin": margin}
+    common: _CheckContext = {"n": nh, "n_champion": nc, "confidence": conf, "margin": margin}
     margin_text = ""
     margin_ok = False
     if cmp is not None:
@@ -474,13 +484,14 @@ def _error_checks(
         f"insufficient data: {oh.attempted:,} attempted challenger requests and "
         f"{oc.attempted:,} champion (need {need:,} each)"
     )
-    common = {"n": oh.attempted, "confidence": conf}
+    common: _CheckContext = {"n": oh.attempted, "confidence": conf}
+    paired: _CheckContext = {**common, "n_champion": oc.attempted}
     checks: list[GuardrailCheck] = []
     if limits.max_error_rate_delta is not None:
         limit = limits.max_error_rate_delta
         if oc.attempted < need or oh.attempted < need or not oc.attempted or not oh.attempted:
             checks.append(GuardrailCheck("error_rate_delta", oc.error_rate, oh.error_rate, None,
-                                         limit, None, short, n_champion=oc.attempted, **common))
+                                         limit, None, short, **paired))
         else:
             rc, rh = kc / oc.attempted, kh / oh.attempted
             lo, hi = newcombe_interval(kh, oh.attempted, kc, oc.attempted, 2 * alpha)
@@ -497,8 +508,7 @@ def _error_checks(
                     f"{(rh - rc) * 100:+.2f} pp, {conf:.0%} lower bound {lo * 100:+.2f} pp "
                     f"{'>' if fail else '<='} {limit * 100:.2f} pp",
                     (lo, hi),
-                    n_champion=oc.attempted,
-                    **common,
+                    **paired,
                 )
             )
     if limits.max_error_rate is not None:

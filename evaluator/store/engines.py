@@ -63,7 +63,7 @@ def _native(col: Array) -> list[Any]:
 def _nan_filled(col: Any) -> Array:
     """DuckDB's NULLs arrive masked; a float column reads them as NaN, like SQLite's."""
     if isinstance(col, np.ma.MaskedArray) and col.dtype.kind == "f":
-        filled: Array = np.ma.filled(col, np.nan)
+        filled: Array = np.ma.filled(col, np.nan)  # type: ignore[no-untyped-call]  # np.ma: no hints
         return filled
     return np.asarray(col)
 
