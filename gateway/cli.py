@@ -17,6 +17,7 @@ from typing import Any
 from gateway.admin_cli import add_admin_commands
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from understudy.cli import EXIT_CODES_HELP, ExitCode, add_version, run
 
 log = logging.getLogger("gateway")
 
@@ -56,12 +57,25 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
     )
 
 
+DEFAULT_CONFIG_PATH = "configs/gateway.yaml"
+
+
+def _config_path(given: str | None) -> str | None:
+    """--config, else $UNDERSTUDY_CONFIG, else configs/gateway.yaml when run from a checkout
+    (as the evaluator does), else the built-in defaults."""
+    if given:
+        return given
+    if os.environ.get("UNDERSTUDY_CONFIG"):
+        return os.environ["UNDERSTUDY_CONFIG"]
+    return DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config = load_config(_config_path(args.config))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     host = args.host or config.listen.host
     port = args.port if args.port is not None else config.listen.port
     if args.grpc_port is not None:
@@ -73,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{args.workers} worker(s))", flush=True)
     if args.workers <= 1:
         _serve_one(config, host, port, None)
-        return 0
+        return ExitCode.OK
     # SO_REUSEPORT lets every worker accept on the same port; the kernel spreads connections.
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -102,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               if proc.exitcode and not (proc.exitcode == -signal.SIGTERM and not up.is_set())]
     if failed:
         log.error("worker exit codes: %s", [proc.exitcode for proc in procs])
-    return 1 if failed else 0
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
@@ -114,14 +128,17 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__,
+                                     epilog=EXIT_CODES_HELP)
+    add_version(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", default=os.environ.get("UNDERSTUDY_CONFIG"),
-                       help="YAML config (default: $UNDERSTUDY_CONFIG, else built-in defaults)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--config",
+                       help=f"YAML config (default: $UNDERSTUDY_CONFIG, else {DEFAULT_CONFIG_PATH} "
+                            "when it exists, else built-in defaults)")
+    serve.add_argument("--host", help="address to listen on (default: listen.host)")
+    serve.add_argument("--port", type=int, help="HTTP port (default: listen.port, 8080)")
     serve.add_argument("--grpc-port", type=int,
                        help="gRPC port (default: listen.grpc_port, 8081; 0 disables gRPC)")
     serve.add_argument("--workers", type=int, default=1,
@@ -129,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     triton = sub.add_parser("triton", help="run the Triton server bundled in nvidia-pytriton")
-    triton.add_argument("--model-repository", action="append", required=True)
-    triton.add_argument("--http-port", type=int, default=8000)
-    triton.add_argument("--grpc-port", type=int, default=8001)
-    triton.add_argument("--metrics-port", type=int, default=8002)
+    triton.add_argument("--model-repository", action="append", required=True,
+                        help="a Triton model repository (repeat for several)")
+    triton.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port")
+    triton.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
+    triton.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
     triton.set_defaults(func=cmd_triton)
 
     add_admin_commands(sub)
@@ -145,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run(lambda: int(args.func(args) or 0))
