@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, listen=replace(config.listen, grpc_port=args.grpc_port))
     grpc_port = config.listen.grpc_port
     grpc_note = f" and grpc://{host}:{grpc_port}" if grpc_port else ""
-    print(f"understudy gateway on http://{host}:{port}{grpc_note} -> Triton {config.triton.url} "
-          f"({len(config.routes)} route(s), log sink {config.log.sink}, "
-          f"{args.workers} worker(s))", flush=True)
+    banner = (f"understudy gateway on http://{host}:{port}{grpc_note} -> Triton "
+              f"{config.triton.url} ({len(config.routes)} route(s), log sink {config.log.sink}, "
+              f"{args.workers} worker(s))")
     if args.workers <= 1:
+        print(banner, flush=True)
         _serve_one(config, host, port, None)
         return ExitCode.OK
     # SO_REUSEPORT lets every worker accept on the same port; the kernel spreads connections.
@@ -94,25 +96,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     probe.close()
     ctx = multiprocessing.get_context("spawn")
     started = [ctx.Event() for _ in range(args.workers)]
-    procs = [ctx.Process(target=_serve_one, args=(config, host, port, i, started[i]),
-                         daemon=False)
-             for i in range(args.workers)]
-    for proc in procs:
-        proc.start()
+    procs: list[Any] = []
+    stopping = threading.Event()
 
     def forward(signum: int, _frame: object) -> None:
         # Each worker drains its shadows and flushes its log on SIGTERM; the parent only relays.
+        # Installed before the first worker starts: a signal during start-up must not kill the
+        # parent and orphan the workers it already started.
+        stopping.set()
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    print(banner, flush=True)
+    for i in range(args.workers):
+        if stopping.is_set():
+            break
+        proc = ctx.Process(target=_serve_one, args=(config, host, port, i, started[i]),
+                           daemon=False)
+        procs.append(proc)
+        proc.start()
+    if stopping.is_set():  # a signal that arrived while a worker was starting missed it
+        forward(signal.SIGTERM, None)
     for proc in procs:
         proc.join()
     # A worker that SIGTERM reached while it was still importing (before its handler existed)
     # dies of the signal; it had not served anything, so that is a clean stop, not a failure.
-    failed = [proc.exitcode for proc, up in zip(procs, started, strict=True)
+    failed = [proc.exitcode for proc, up in zip(procs, started[:len(procs)], strict=True)
               if proc.exitcode and not (proc.exitcode == -signal.SIGTERM and not up.is_set())]
     if failed:
         log.error("worker exit codes: %s", [proc.exitcode for proc in procs])
