@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,92 +106,105 @@ def _primary(
     alpha: float,
     orders: tuple[Array, Array] | None = None,
 ) -> PrimaryResult:
+    """The primary metric's paired test, normalised into a PrimaryResult."""
     spec = METRICS[metric]
-    n = pair.n
-    base = PrimaryResult(metric, spec.test, spec.higher_is_better, n)
-    if n == 0:
+    base = PrimaryResult(metric, spec.test, spec.higher_is_better, pair.n)
+    if pair.n == 0:
         return dataclasses.replace(base, reason="no paired labelled requests")
-    sign = 1.0 if spec.higher_is_better else -1.0
     if metric in ("log_loss", "brier"):
         bad = probability_violations(pair.champion) + probability_violations(pair.challenger)
         if bad:
             return dataclasses.replace(
                 base, reason=f"{bad} scores outside [0, 1]: {spec.label} needs probabilities"
             )
-    if metric == "auroc":
-        r = delong_test(pair.y, pair.champion, pair.challenger, alpha, orders)
-        if r.reason is not None or r.difference is None or r.se is None:
-            return dataclasses.replace(base, reason=r.reason)
-        return dataclasses.replace(
-            base,
-            champion=r.auc_champion,
-            challenger=r.auc_challenger,
-            difference=r.difference,
-            improvement=r.difference,
-            se=r.se,
-            statistic=r.z,
-            p_value=r.p_value,
-            ci_low=r.ci_low,
-            ci_high=r.ci_high,
-            sd_per_request=r.se * math.sqrt(n),
-        )
-    if metric == "accuracy":
-        correct_c = (pair.champion >= threshold) == (pair.y == 1)
-        correct_h = (pair.challenger >= threshold) == (pair.y == 1)
-        m = mcnemar_test(correct_c, correct_h, alpha)
-        if m.difference is None or m.se is None:
-            return dataclasses.replace(base, reason=m.reason)
-        return dataclasses.replace(
-            base,
-            champion=m.accuracy_champion,
-            challenger=m.accuracy_challenger,
-            difference=m.difference,
-            improvement=m.difference,
-            se=m.se,
-            statistic=m.statistic,
-            p_value=m.p_value,
-            ci_low=m.ci_low,
-            ci_high=m.ci_high,
-            sd_per_request=m.se * math.sqrt(n),
-        )
-    if metric == "rmse":
-        d = rmse_difference_test(pair.champion - pair.y, pair.challenger - pair.y, alpha)
-        if d.reason is not None or d.difference is None or d.se is None:
-            return dataclasses.replace(base, reason=d.reason)
-        return dataclasses.replace(
-            base,
-            champion=d.rmse_champion,
-            challenger=d.rmse_challenger,
-            difference=d.difference,
-            improvement=-d.difference,
-            se=d.se,
-            statistic=d.z,
-            p_value=d.p_value,
-            ci_low=d.ci_low,
-            ci_high=d.ci_high,
-            sd_per_request=d.se * math.sqrt(n),
-        )
-    loss = spec.loss
+    test = _PRIMARY_TESTS.get(metric, _mean_loss)
+    return test(base, pair, threshold, alpha, orders)
+
+
+def _estimate(
+    base: PrimaryResult,
+    *,
+    champion: float | None,
+    challenger: float | None,
+    difference: float,
+    se: float,
+    statistic: float | None,
+    p_value: float | None,
+    ci_low: float | None,
+    ci_high: float | None,
+    df: float | None = None,
+) -> PrimaryResult:
+    """A defined result: the improvement is the difference signed so that positive is better."""
+    sign = 1.0 if base.higher_is_better else -1.0
+    return dataclasses.replace(
+        base,
+        champion=champion,
+        challenger=challenger,
+        difference=difference,
+        improvement=sign * difference,
+        se=se,
+        statistic=statistic,
+        df=df,
+        p_value=p_value,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        sd_per_request=se * math.sqrt(base.n),
+    )
+
+
+def _auroc(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
+           orders: tuple[Array, Array] | None) -> PrimaryResult:
+    r = delong_test(pair.y, pair.champion, pair.challenger, alpha, orders)
+    if r.reason is not None or r.difference is None or r.se is None:
+        return dataclasses.replace(base, reason=r.reason)
+    return _estimate(base, champion=r.auc_champion, challenger=r.auc_challenger,
+                     difference=r.difference, se=r.se, statistic=r.z, p_value=r.p_value,
+                     ci_low=r.ci_low, ci_high=r.ci_high)
+
+
+def _accuracy(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
+              orders: tuple[Array, Array] | None) -> PrimaryResult:
+    correct_c = (pair.champion >= threshold) == (pair.y == 1)
+    correct_h = (pair.challenger >= threshold) == (pair.y == 1)
+    m = mcnemar_test(correct_c, correct_h, alpha)
+    if m.difference is None or m.se is None:
+        return dataclasses.replace(base, reason=m.reason)
+    return _estimate(base, champion=m.accuracy_champion, challenger=m.accuracy_challenger,
+                     difference=m.difference, se=m.se, statistic=m.statistic,
+                     p_value=m.p_value, ci_low=m.ci_low, ci_high=m.ci_high)
+
+
+def _rmse(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
+          orders: tuple[Array, Array] | None) -> PrimaryResult:
+    d = rmse_difference_test(pair.champion - pair.y, pair.challenger - pair.y, alpha)
+    if d.reason is not None or d.difference is None or d.se is None:
+        return dataclasses.replace(base, reason=d.reason)
+    return _estimate(base, champion=d.rmse_champion, challenger=d.rmse_challenger,
+                     difference=d.difference, se=d.se, statistic=d.z, p_value=d.p_value,
+                     ci_low=d.ci_low, ci_high=d.ci_high)
+
+
+def _mean_loss(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
+               orders: tuple[Array, Array] | None) -> PrimaryResult:
+    """Log loss, Brier, MAE: a paired t-test on the per-request losses."""
+    loss = METRICS[base.metric].loss
     assert loss is not None
     lc = per_request_loss(loss, pair.y, pair.champion, threshold)
     lh = per_request_loss(loss, pair.y, pair.challenger, threshold)
     t = paired_t_test(lc, lh, alpha)
     if t.reason is not None or t.difference is None or t.se is None:
         return dataclasses.replace(base, reason=t.reason)
-    return dataclasses.replace(
-        base,
-        champion=t.mean_champion,
-        challenger=t.mean_challenger,
-        difference=t.difference,
-        improvement=sign * t.difference,
-        se=t.se,
-        statistic=t.statistic,
-        df=t.df,
-        p_value=t.p_value,
-        ci_low=t.ci_low,
-        ci_high=t.ci_high,
-        sd_per_request=t.se * math.sqrt(n),
-    )
+    return _estimate(base, champion=t.mean_champion, challenger=t.mean_challenger,
+                     difference=t.difference, se=t.se, statistic=t.statistic, df=t.df,
+                     p_value=t.p_value, ci_low=t.ci_low, ci_high=t.ci_high)
+
+
+_PRIMARY_TESTS: dict[str, Callable[[PrimaryResult, Pair, float, float,
+                                     tuple[Array, Array] | None], PrimaryResult]] = {
+    "auroc": _auroc,
+    "accuracy": _accuracy,
+    "rmse": _rmse,
+}
 
 
 def _secondary(

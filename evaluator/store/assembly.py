@@ -103,24 +103,52 @@ def request_row_ids(request_ids: Array, row_ix: Array) -> Array:
 
 
 def _detect_task(labels: Array, task: str) -> Task:
-    if task in ("classification", "regression"):
-        return task  # type: ignore[return-value]
+    if task == "classification":
+        return "classification"
+    if task == "regression":
+        return "regression"
     finite = labels[np.isfinite(labels)]
     return "classification" if np.isin(finite, (0.0, 1.0)).all() else "regression"
 
 
 def assemble(route: str, rows: dict[str, Array], outs: dict[str, Array],
-              arms: dict[str, Array], names: Array, stats: JoinStats, task: str,
-              threshold: float) -> EvalDataset:
+             arms: dict[str, Array], names: Array, stats: JoinStats, task: str,
+             threshold: float) -> EvalDataset:
+    """The window's rows in time order (ties by ingest order), with every model's outcomes and
+    the policy's arm probabilities scattered onto them."""
     ids = as_numbers(rows["id"], np.int64)
     ts = as_numbers(rows["ts"])
-    order = np.lexsort((ids, ts))  # rows in time order (ties by ingest order)
+    order = np.lexsort((ids, ts))
     rows = {k: v[order] for k, v in rows.items()}
-    ids = ids[order]
-    n = ids.size
-    index = RowIndex(ids)
+    index = RowIndex(ids[order])
     labels = as_numbers(rows["label"])
+    champion, ordered = _model_columns(outs, index, names, as_numbers(rows["served"], np.int64))
+    arm_probs = _arm_probs(arms, index, names)
+    return EvalDataset(
+        route=route,
+        task=_detect_task(labels, task),
+        champion=champion,
+        request_ids=request_row_ids(rows["request_id"], as_numbers(rows["row_ix"], np.int64)),
+        ts=as_numbers(rows["ts"]),
+        labels=labels,
+        rewards=as_numbers(rows["reward"]),
+        served=names[as_numbers(rows["served"], np.int64)],
+        propensity=as_numbers(rows["propensity"]),
+        arm_probs=arm_probs,
+        policy_types=names[as_numbers(rows["policy"], np.int64)],
+        models=ordered,
+        threshold=float(threshold),
+        stats=stats,
+        registry_version=as_numbers(rows["registry_version"], np.int64),
+        label_ts=as_numbers(rows["received_ts"]),
+    )
 
+
+def _model_columns(outs: dict[str, Array], index: RowIndex, names: Array, served: Array
+                   ) -> tuple[str, dict[str, ModelColumn]]:
+    """(champion, model -> column), champion first, then challengers by name (a stable order
+    for reports). Models missing on a row read as `skipped` with a NaN score there."""
+    n = index.n
     o_pos = index.positions(outs["inf_id"])
     keep = o_pos >= 0  # the id range also holds unlabelled rows and other routes
     o_pos = o_pos[keep]
@@ -138,7 +166,7 @@ def assemble(route: str, rows: dict[str, Array], outs: dict[str, Array],
     if champ_rows.size:
         champion = str(names[o_model[champ_rows[np.argmax(o_pos[champ_rows])]]])
     else:
-        champion = str(names[np.bincount(as_numbers(rows["served"], np.int64)).argmax()])
+        champion = str(names[np.bincount(served).argmax()])
 
     models: dict[str, ModelColumn] = {}
     for mid in present(o_model):
@@ -166,10 +194,13 @@ def assemble(route: str, rows: dict[str, Array], outs: dict[str, Array],
         models[name] = ModelColumn(name=name, role=role, scores=scores, status=status,
                                    latency_ms=latency, modes=modes, experiment=experiment,
                                    sample_rate=sample_rate)
-    # champion first, then challengers by name: a stable order for reports
     ordered = {champion: models[champion]} if champion in models else {}
     ordered.update({k: models[k] for k in sorted(models) if k != champion})
+    return champion, ordered
 
+
+def _arm_probs(arms: dict[str, Array], index: RowIndex, names: Array) -> dict[str, Array]:
+    """Each arm's probability under the logging policy per row (0 where it was not an arm)."""
     arm_probs: dict[str, Array] = {}
     if arms["inf_id"].size:
         a_pos = index.positions(arms["inf_id"])
@@ -179,28 +210,10 @@ def assemble(route: str, rows: dict[str, Array], outs: dict[str, Array],
         a_prob = as_numbers(arms["prob"])[keep]
         for mid in present(a_model):
             mask = a_model == mid
-            col = np.zeros(n)
+            col = np.zeros(index.n)
             col[a_pos[mask]] = a_prob[mask]
             arm_probs[str(names[mid])] = col
-
-    return EvalDataset(
-        route=route,
-        task=_detect_task(labels, task),
-        champion=champion,
-        request_ids=request_row_ids(rows["request_id"], as_numbers(rows["row_ix"], np.int64)),
-        ts=as_numbers(rows["ts"]),
-        labels=labels,
-        rewards=as_numbers(rows["reward"]),
-        served=names[as_numbers(rows["served"], np.int64)],
-        propensity=as_numbers(rows["propensity"]),
-        arm_probs=arm_probs,
-        policy_types=names[as_numbers(rows["policy"], np.int64)],
-        models=ordered,
-        threshold=float(threshold),
-        stats=stats,
-        registry_version=as_numbers(rows["registry_version"], np.int64),
-        label_ts=as_numbers(rows["received_ts"]),
-    )
+    return arm_probs
 
 
 def tensor_columns(tensor: str, n: int, pos: Array, width: Array, numeric: Array,
