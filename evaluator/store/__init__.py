@@ -6,17 +6,26 @@
     schema      tables, role/mode codes, schema versions and the in-place migration
     names       names interned to small integers
     writes      ingest: dedup of re-deliveries, the eager label join, orphans, counters
+    reads       DatasetReads: experiments and their span, shared with the landing zone's reader
     queries     the SQL reads: join stats, labelled rows, experiments, features, scores
     assembly    numpy assembly of those reads into EvalDataset, FeatureFrame, ScoreSeries
     core        Store: connection, lock and transactions around the writes and reads
 """
 
-from evaluator.store.assembly import FeatureFrame, ScoreSeries
+from evaluator.store.assembly import (
+    FeatureFrame,
+    ScoreSeries,
+    assemble,
+    feature_frame,
+    latest_experiments,
+    score_series_of,
+)
 from evaluator.store.batch import Batch, IngestResult
 from evaluator.store.core import Store
 from evaluator.store.engines import as_numbers
-from evaluator.store.errors import EmptyDatasetError, StoreError, StoreLockedError
-from evaluator.store.queries import DAY
+from evaluator.store.errors import EmptyDatasetError, StoreError, StoreLockedError, fmt_ts
+from evaluator.store.queries import DAY, window_sql
+from evaluator.store.reads import DatasetReads
 from evaluator.store.schema import (
     MODE_CODES,
     MODE_NAMES,
@@ -25,8 +34,10 @@ from evaluator.store.schema import (
     STORE_SCHEMA_VERSION,
 )
 
-# The name evaluator/drift.py imports for fetched columns (`as_numbers` here).
+# The names evaluator/drift and evaluator/lake import from before the split into a package.
 _num = as_numbers
+_assemble = assemble
+_fmt_ts = fmt_ts
 
 __all__ = [
     "DAY",
@@ -36,6 +47,7 @@ __all__ = [
     "ROLE_NAMES",
     "STORE_SCHEMA_VERSION",
     "Batch",
+    "DatasetReads",
     "EmptyDatasetError",
     "FeatureFrame",
     "IngestResult",
@@ -43,6 +55,14 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreLockedError",
+    "_assemble",
+    "_fmt_ts",
     "_num",
     "as_numbers",
+    "assemble",
+    "feature_frame",
+    "fmt_ts",
+    "latest_experiments",
+    "score_series_of",
+    "window_sql",
 ]

@@ -7,21 +7,23 @@ the configured output; NaN when the model failed, emitted NaN/inf, or gave no su
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from evaluator.dataset import (
     Array,
     EvalDataset,
+    ExperimentInfo,
     JoinStats,
     ModelColumn,
     Role,
     Task,
 )
 from evaluator.store.engines import as_numbers
-from evaluator.store.schema import MODE_NAMES, ROLE_CODES, SKIPPED
+from evaluator.store.schema import MODE_NAMES, ROLE_CODES, ROLE_NAMES, SKIPPED
 
 
 @dataclass
@@ -247,4 +249,48 @@ def tensor_columns(tensor: str, n: int, pos: Array, width: Array, numeric: Array
             matrix_obj[p, :len(values)] = [str(x) for x in values[:w]]
     for j, name in enumerate(cols):
         out[name] = matrix_obj[:, j].copy()
+    return out
+
+
+def latest_experiments(champion: str, groups: Sequence[tuple[str, str, Any, Any, Any]]
+                       ) -> dict[str, ExperimentInfo]:
+    """Each challenger's newest experiment with `champion`, from (model, experiment, first ts,
+    last ts, highest registry version) groups."""
+    out: dict[str, ExperimentInfo] = {}
+    for name, exp, started, end, version in groups:
+        info = ExperimentInfo(id=exp, started=float(started), data_end=float(end),
+                              champion=champion, registry_version=int(version))
+        known = out.get(name)
+        if known is None or (info.started, info.id) > (known.started, known.id):
+            out[name] = info
+    return dict(sorted(out.items()))
+
+
+def feature_frame(route: str, since: float | None, until: float | None, ts: Array,
+                  request_ids: Array, row_ix: Array, pos: Array, tensor: Array, numeric: Array,
+                  width: Array, num: Array, cat: Array, lookup: Array,
+                  names: Mapping[str, Sequence[str]] | None) -> FeatureFrame:
+    """A FeatureFrame from predictions in time order and their input rows (`pos`: the
+    prediction each input row belongs to; `tensor`: name codes into `lookup`)."""
+    names = names or {}
+    n = int(ts.size)
+    columns: dict[str, Array] = {}
+    for tid in sorted(present(tensor), key=lambda i: str(lookup[i])):
+        mask = tensor == tid
+        name = str(lookup[tid])
+        columns.update(tensor_columns(name, n, pos[mask], width[mask], numeric[mask],
+                                      num[mask], cat[mask], names.get(name)))
+    return FeatureFrame(route, since, until, ts if n else np.empty(0),
+                        request_row_ids(request_ids, row_ix), columns)
+
+
+def score_series_of(models: Array, roles: Array, scores: Array, ts: Array,
+                    lookup: Array) -> dict[str, ScoreSeries]:
+    """Per model (codes into `lookup`), its scores and times; rows already in time order."""
+    out: dict[str, ScoreSeries] = {}
+    for mid in sorted(present(models), key=lambda i: str(lookup[i])):
+        mask = models == mid
+        name = str(lookup[mid])
+        out[name] = ScoreSeries(name, ROLE_NAMES.get(int(roles[mask][-1]), "challenger"),
+                                scores[mask], ts[mask])
     return out

@@ -55,6 +55,14 @@ class Batch:
     ignored: int = 0  # well-formed records the evaluator does not need (audit)
     watermark: float = -math.inf
 
+    def reject(self, reason: str) -> None:
+        """Count one record the evaluator cannot use (committed with the batch)."""
+        self.bad[reason] += 1
+
+    def ignore(self) -> None:
+        """Count one well-formed record the evaluator does not need (audit)."""
+        self.ignored += 1
+
     @property
     def label_records(self) -> int:
         return sum(v[5] for v in self.labels.values())

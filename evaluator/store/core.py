@@ -6,8 +6,9 @@ also says why DuckDB is the default). `Store` owns the connection, its lock and 
 transactions; the writes (`writes`: dedup, the eager label join, orphans) and the reads
 (`queries`, assembled with numpy in `assembly`) are plain functions over an open engine.
 
-Experiments: `load_experiments` loads every row since the earliest current experiment started
-(`queries.current_experiments`), so the verdict's data never depends on a window.
+Experiments (`reads.DatasetReads`, shared with the landing zone's reader): `load_experiments`
+loads every row since the earliest current experiment started (`queries.current_experiments`),
+so the verdict's data never depends on a window.
 
 Store-wide, not per route: orphan and expired label counts (a label carries no route).
 """
@@ -28,10 +29,11 @@ from evaluator.store.engines import Engine, open_engine
 from evaluator.store.errors import EmptyDatasetError, StoreError
 from evaluator.store.names import NameTable
 from evaluator.store.queries import DAY
+from evaluator.store.reads import DatasetReads
 from evaluator.store.schema import check_schema, create_schema
 
 
-class Store:
+class Store(DatasetReads):
     """The evaluator's store; see the module docstrings of the package for schema and joins.
 
     Thread-safe (one lock around the connection): the Kafka consumer's rebalance callback reads
@@ -210,45 +212,20 @@ class Store:
         with self._lock:
             return queries.current_experiments(self._connect(), self._names, route)
 
-    def experiment_span(self, route: str, window: float | None = None
-                        ) -> tuple[dict[str, ExperimentInfo], float | None]:
-        """(current experiments, the `since` that covers all of them).
-
-        Without experiment ids (records from before experiments) `since` is the start of the
-        `window` ending at the route's newest inference (None: everything), as it always was.
-        """
-        experiments = self.current_experiments(route)
-        if experiments:
-            return experiments, min(x.started for x in experiments.values())
-        span = self.time_range(route) if window is not None else None
-        return experiments, (None if span is None or window is None else span[1] - window)
-
-    def load_experiments(self, route: str, window: float | None = None, *, task: str = "auto",
-                         threshold: float = 0.5,
-                         span: tuple[dict[str, ExperimentInfo], float | None] | None = None
-                         ) -> EvalDataset:
-        """Every labelled row since the earliest current experiment started, with
-        `experiments` filled: the verdict's data, whatever a display window says.
-        `span`: `experiment_span`'s answer when the caller already has it."""
-        experiments, since = span if span is not None else self.experiment_span(route, window)
-        dataset = self.load_dataset(route, since, None, task=task, threshold=threshold)
-        dataset.experiments = experiments
-        return dataset
-
     def feature_columns(self, route: str, since: float | None = None,
                         until: float | None = None,
                         names: Mapping[str, Sequence[str]] | None = None) -> FeatureFrame:
         """Per-feature numpy columns of every prediction (labelled or not) in the window."""
         with self._lock:
-            return queries.feature_frame(self._connect(), self._names, route, since, until,
-                                         names or {})
+            return queries.read_features(self._connect(), self._names, route, since, until,
+                                          names)
 
     def score_series(self, route: str, since: float | None = None,
                      until: float | None = None) -> dict[str, ScoreSeries]:
         """Per model, its ok-status scores on all of the route's predictions in the window —
         labelled or not — with their times, in time order (prediction drift)."""
         with self._lock:
-            return queries.score_series(self._connect(), self._names, route, since, until)
+            return queries.read_scores(self._connect(), self._names, route, since, until)
 
     def prediction_scores(self, route: str, since: float | None = None,
                           until: float | None = None) -> dict[str, Array]:

@@ -21,29 +21,35 @@ from evaluator.store.assembly import (
     FeatureFrame,
     RowIndex,
     ScoreSeries,
-    present,
-    request_row_ids,
-    tensor_columns,
+    feature_frame,
+    latest_experiments,
+    score_series_of,
 )
 from evaluator.store.engines import Engine, as_numbers
 from evaluator.store.errors import fmt_ts
 from evaluator.store.names import NameTable
-from evaluator.store.schema import ROLE_CODES, ROLE_NAMES
+from evaluator.store.schema import ROLE_CODES
 
 DAY = 86400.0
 
 
-def window(route: str, since: float | None, until: float | None) -> tuple[str, list[Any]]:
-    """Half-open [since, until) on the inference ts."""
-    where: list[str] = ["i.route = ?"]
-    params: list[Any] = [route]
+def window_sql(since: float | None, until: float | None, column: str = "ts",
+               where: list[str] | None = None, params: list[Any] | None = None
+               ) -> tuple[str, list[Any]]:
+    """A SQL condition for the half-open window [since, until) on `column`, after `where`."""
+    where, params = list(where or []), list(params or [])
     if since is not None:
-        where.append("i.ts >= ?")
+        where.append(f"{column} >= ?")
         params.append(float(since))
     if until is not None:
-        where.append("i.ts < ?")
+        where.append(f"{column} < ?")
         params.append(float(until))
-    return " AND ".join(where), params
+    return " AND ".join(where or ["true"]), params
+
+
+def window(route: str, since: float | None, until: float | None) -> tuple[str, list[Any]]:
+    """Half-open [since, until) on the inference ts of one route."""
+    return window_sql(since, until, "i.ts", ["i.route = ?"], [route])
 
 
 def join_stats(e: Engine, route: str, since: float | None, until: float | None,
@@ -120,21 +126,14 @@ def current_experiments(e: Engine, names: NameTable, route: str) -> dict[str, Ex
         "GROUP BY c.model, c.experiment",
         [ROLE_CODES["champion"], route, ROLE_CODES["challenger"], int(newest[0][0])])
     lookup = names.lookup(e)
-    champion = str(lookup[int(newest[0][0])])
-    out: dict[str, ExperimentInfo] = {}
-    for model, exp, started, end, version in groups:
-        name = str(lookup[int(model)])
-        info = ExperimentInfo(id=str(lookup[int(exp)]), started=float(started),
-                              data_end=float(end), champion=champion,
-                              registry_version=int(version))
-        known = out.get(name)
-        if known is None or (info.started, info.id) > (known.started, known.id):
-            out[name] = info
-    return dict(sorted(out.items()))
+    return latest_experiments(
+        str(lookup[int(newest[0][0])]),
+        [(str(lookup[int(m)]), str(lookup[int(x)]), s, d, v) for m, x, s, d, v in groups])
 
 
-def feature_frame(e: Engine, names: NameTable, route: str, since: float | None,
-                  until: float | None, features: Mapping[str, Sequence[str]]) -> FeatureFrame:
+def read_features(e: Engine, names: NameTable, route: str, since: float | None,
+                  until: float | None, features: Mapping[str, Sequence[str]] | None
+                  ) -> FeatureFrame:
     """Per-feature numpy columns of every prediction (labelled or not) in the window."""
     where, params = window(route, since, until)
     rows = e.columns(f"SELECT i.id, i.request_id, i.row_ix, i.ts FROM inferences i "  # noqa: S608
@@ -146,28 +145,19 @@ def feature_frame(e: Engine, names: NameTable, route: str, since: float | None,
     inputs = e.columns("SELECT inf_id, name, datatype, width, num, cat FROM inputs "
                        "WHERE inf_id BETWEEN ? AND ?", [index.lo, index.hi])
     lookup = names.lookup(e)
-    n = index.n
-    columns: dict[str, Array] = {}
     pos = index.positions(inputs["inf_id"])
     keep = pos >= 0
-    if keep.any():
-        pos = pos[keep]
-        tensor = as_numbers(inputs["name"], np.int64)[keep]
-        numeric = lookup[as_numbers(inputs["datatype"], np.int64)[keep]] != "BYTES"
-        width = as_numbers(inputs["width"], np.int64)[keep]
-        num, cat = inputs["num"][keep], inputs["cat"][keep]
-        for tid in sorted(present(tensor), key=lambda i: str(lookup[i])):
-            mask = tensor == tid
-            name = str(lookup[tid])
-            columns.update(tensor_columns(name, n, pos[mask], width[mask], numeric[mask],
-                                          num[mask], cat[mask], features.get(name)))
-    return FeatureFrame(route, since, until, as_numbers(rows["ts"]) if n else np.empty(0),
-                        request_row_ids(rows["request_id"], as_numbers(rows["row_ix"], np.int64)),
-                        columns)
+    return feature_frame(
+        route, since, until, as_numbers(rows["ts"]), rows["request_id"],
+        as_numbers(rows["row_ix"], np.int64), pos[keep],
+        as_numbers(inputs["name"], np.int64)[keep],
+        lookup[as_numbers(inputs["datatype"], np.int64)[keep]] != "BYTES",
+        as_numbers(inputs["width"], np.int64)[keep], inputs["num"][keep], inputs["cat"][keep],
+        lookup, features)
 
 
-def score_series(e: Engine, names: NameTable, route: str, since: float | None,
-                 until: float | None) -> dict[str, ScoreSeries]:
+def read_scores(e: Engine, names: NameTable, route: str, since: float | None,
+                until: float | None) -> dict[str, ScoreSeries]:
     """Per model, its ok-status scores on all of the route's predictions in the window —
     labelled or not — with their times, in time order (prediction drift)."""
     where, params = window(route, since, until)
@@ -175,18 +165,8 @@ def score_series(e: Engine, names: NameTable, route: str, since: float | None,
         "SELECT o.model, o.role, o.score, i.ts, i.id FROM outcomes o "  # noqa: S608
         f"JOIN inferences i ON i.id = o.inf_id WHERE {where} AND o.status = 0", params)
     lookup = names.lookup(e)
-    models = as_numbers(outs["model"], np.int64)
-    if not models.size:
-        return {}
     ts = as_numbers(outs["ts"])
     order = np.lexsort((as_numbers(outs["id"], np.int64), ts))
-    models, ts = models[order], ts[order]
-    roles = as_numbers(outs["role"], np.int64)[order]
-    scores = as_numbers(outs["score"])[order]
-    out: dict[str, ScoreSeries] = {}
-    for mid in sorted(present(models), key=lambda i: str(lookup[i])):
-        mask = models == mid
-        name = str(lookup[mid])
-        out[name] = ScoreSeries(name, ROLE_NAMES.get(int(roles[mask][-1]), "challenger"),
-                                scores[mask], ts[mask])
-    return out
+    return score_series_of(as_numbers(outs["model"], np.int64)[order],
+                           as_numbers(outs["role"], np.int64)[order],
+                           as_numbers(outs["score"])[order], ts[order], lookup)
