@@ -1,5 +1,5 @@
 """Helpers every statistic here shares: strict-JSON conversion, normal and t tails, ranks,
-paired finite values. Nothing here imports the rest of the evaluator."""
+paired finite values. Nothing here imports the rest of the evaluator but its array aliases."""
 
 from __future__ import annotations
 

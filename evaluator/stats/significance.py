@@ -13,8 +13,9 @@ Conventions used throughout the evaluator:
 * p-values are two-sided unless a name says otherwise; the decision layer reads the direction from
   the estimate.
 
-Nothing here imports the rest of the evaluator, so the functions can be checked against
-independent implementations (sklearn, scipy, statsmodels, an O(n^2) DeLong) on plain arrays.
+Nothing here imports the rest of the evaluator (only the array aliases of evaluator.dataset), so
+the functions can be checked against independent implementations (sklearn, scipy, statsmodels,
+an O(n^2) DeLong) on plain arrays.
 
 Modules: ``common`` (JSON, normal/t tails, ranks), ``delong`` (AUROC), ``paired`` (McNemar, paired
 t, Wilcoxon, RMSE delta, non-inferiority), ``power`` (multiplicity, power and sample size). This
