@@ -39,7 +39,11 @@ def test_update_only_lowers_counts_and_drops_clean_modules() -> None:
     assert R.lowered({"a": 3, "b": 1, "c": 2}, {"a": 5, "c": 1}) == {"a": 3, "c": 1}
 
 
-def test_the_command_runs_mypy_and_fails_when_a_count_goes_up(tmp_path: Path, capsys) -> None:
+def test_the_command_runs_mypy_and_fails_when_a_count_goes_up(tmp_path: Path, capsys,
+                                                              monkeypatch) -> None:
+    # A fresh cache: mypy's shared one would replay an earlier run's errors (and paths) for a
+    # module of the same name and content.
+    monkeypatch.setenv("MYPY_CACHE_DIR", str(tmp_path / "mypy-cache"))
     module = tmp_path / "untyped.py"
     module.write_text("def f(x):\n    return x\n")  # strict: one no-untyped-def error
     key = str(module)[:-3]
