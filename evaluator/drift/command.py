@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from evaluator.cli.common import ExitCode
 from evaluator.config import DriftConfig, EvaluatorConfig, format_duration, parse_duration
 from evaluator.drift.data import _iso
 from evaluator.drift.errors import BadReferenceError, EmptyWindowError
@@ -38,10 +39,11 @@ def write_result(result: DriftResult, out_dir: str | Path) -> Path:
 
 
 def run_command(args: argparse.Namespace, config: EvaluatorConfig) -> int:
-    """`python -m evaluator drift` (arguments defined in evaluator/cli.py).
+    """`python -m evaluator drift` (arguments defined in evaluator/cli/drift.py).
 
-    Exit status: 0 computed (drift or not), 1 bad reference / webhook failure, 3 nothing to
-    compare (empty window).
+    Exit status (`ExitCode`): OK computed (drift or not), FAILED a bad reference or a webhook
+    that failed every retry, NOTHING nothing to compare (empty window), UNREACHABLE the
+    Pushgateway could not be reached.
     """
     from evaluator.store import Store
 
@@ -82,7 +84,7 @@ def run_command(args: argparse.Namespace, config: EvaluatorConfig) -> int:
                       file=sys.stderr, flush=True)
             time.sleep(every)
     except KeyboardInterrupt:
-        return 0
+        return ExitCode.OK
 
 
 def _run_once(route: str, config: EvaluatorConfig, cfg: DriftConfig, reference_path: str | None,
@@ -106,10 +108,10 @@ def _run_once(route: str, config: EvaluatorConfig, cfg: DriftConfig, reference_p
         result = drift_for_route(store, config, route, windows, cfg)
     except EmptyWindowError as exc:
         print(f"drift: {exc}", file=sys.stderr)
-        return 3
+        return ExitCode.NOTHING
     except BadReferenceError as exc:
         print(f"drift: bad reference: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     finally:
         store.close()
     print(feature_table(result))
@@ -124,11 +126,11 @@ def _run_once(route: str, config: EvaluatorConfig, cfg: DriftConfig, reference_p
             print(f"drift: pushed metrics to {push_url} (job {cfg.push_job}, route {route})")
         except OSError as exc:
             print(f"drift: Pushgateway {push_url} unreachable: {exc}", file=sys.stderr)
-            return 1
+            return ExitCode.UNREACHABLE
     if notifier is not None:
         outcome = alert_drift(notifier, result, windows.ref_until)
         if outcome in ("fired", "failed", "already_fired"):
             print(f"drift: webhook {outcome} (episode {route}:drift)")
         if outcome == "failed":
-            return 1
-    return 0
+            return ExitCode.FAILED
+    return ExitCode.OK
