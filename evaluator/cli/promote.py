@@ -84,7 +84,8 @@ def report_binding(report: dict[str, Any], model: str) -> dict[str, Any]:
     start, the data's end and the registry version (from the decision's `experiment` entry,
     which `evaluator.report` always writes; a bare report gives what its top level has)."""
     d = decision_for(report, model)
-    exp = d.get("experiment") if isinstance(d.get("experiment"), dict) else {}
+    entry = d.get("experiment")
+    exp: dict[str, Any] = entry if isinstance(entry, dict) else {}
     version = exp.get("registry_version")
     return {
         "route": exp.get("route", report.get("route")),

@@ -53,7 +53,7 @@ def _improvement(p: Mapping[str, Any], lower_is_better: bool | None = None
     if not lower:
         imp = p.get("improvement", diff) if lower_is_better is None else diff
         return imp, lo, hi
-    neg = [-float(v) if _finite(v) else None for v in (diff, hi, lo)]
+    neg = [-float(v) if v is not None and _finite(v) else None for v in (diff, hi, lo)]
     return neg[0], neg[1], neg[2]
 
 

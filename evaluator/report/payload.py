@@ -138,6 +138,8 @@ def _experiment_entry(
     """What a verdict is bound to. Without an experiment (records from before experiment ids)
     the implicit one is the dataset itself: no id, its first and last request, and the highest
     registry version its rows carry (None when they carry none)."""
+    started: float | None
+    end: float | None
     if info is not None:
         started, end, version = info.started, info.data_end, info.registry_version
         champion, exp_id = info.champion, info.id
@@ -167,7 +169,8 @@ def _bind_decision(dataset: EvalDataset, d: dict[str, Any]) -> dict[str, Any]:
     win, the dataset's experiment fills what they leave out."""
     ours = _experiment_entry(dataset, str(d.get("challenger")),
                              dataset.experiments.get(str(d.get("challenger"))))
-    theirs = d.get("experiment") if isinstance(d.get("experiment"), Mapping) else {}
+    entry = d.get("experiment")
+    theirs: Mapping[str, Any] = entry if isinstance(entry, Mapping) else {}
     merged = {**ours, **{k: v for k, v in theirs.items() if v is not None}}
     for key in ("started", "data_end"):
         merged[f"{key}_iso"] = _iso(merged.get(key))

@@ -18,8 +18,9 @@ def _guardrail_blocks(payload: Mapping[str, Any]) -> list[Block]:
         g = d.get("guardrails") or {}
         for c in g.get("checks") or []:
             passed = c.get("passed")
-            result = {True: "pass", False: "**FAIL**"}.get(passed, "insufficient data") \
-                if isinstance(passed, bool) or passed is None else str(passed)
+            result = ("insufficient data" if passed is None else
+                      {True: "pass", False: "**FAIL**"}[passed] if isinstance(passed, bool)
+                      else str(passed))
             name = str(c.get("name"))
             interval = c.get("interval")
             lo, hi = (interval if isinstance(interval, list | tuple) and len(interval) == 2

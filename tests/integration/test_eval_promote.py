@@ -105,7 +105,7 @@ async def test_a_stale_report_is_refused_by_a_real_gateway(
                             tokens["write"])
     assert status == 200
     with monkeypatch.context() as m:
-        m.setattr(cli, "check_live", lambda binding, live: None)  # checks saw the old state
+        m.setattr(cli.promote, "check_live", lambda binding, live: None)  # saw the old state
         assert await promote(config, report_now) == cli.ExitCode.REFUSED
     assert "the gateway refused (409)" in capsys.readouterr().err
 
