@@ -33,9 +33,9 @@ route (`promote`); 5 BLOCKED: a guardrail failed (`promote` on a BLOCKED decisio
 --fail-on-blocked` when any challenger is BLOCKED, after writing the report); 6 unreachable: the
 gateway (`promote`) or the Pushgateway (`drift --push`) could not be reached.
 
-Modules: `common` (exit codes, config), one module per command (`run`, `report`, `promote`,
-`drift`), each with `add_parser(sub, common)` registering its parser and `func`; a new command is
-listed in `COMMANDS`.
+Modules: `common` (the config, timestamps; the exit codes are `understudy.cli.ExitCode`), one
+module per command (`run`, `report`, `promote`, `drift`), each with `add_parser(sub, common)`
+registering its parser and `func`; a new command is listed in `COMMANDS`.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ import sys
 from collections.abc import Callable
 
 from evaluator.cli import drift, promote, report, run
-from evaluator.cli.common import EXIT_CODES_HELP, ExitCode, version
 from evaluator.cli.promote import check_live, check_report, read_decision, report_binding
 from evaluator.cli.report import compute_decisions, policy_mapping
 from evaluator.config import DEFAULT_CONFIG_PATH, ConfigError
 from evaluator.store import StoreError
+from understudy.cli import EXIT_CODES_HELP, ExitCode, add_version
+from understudy.cli import run as run_quietly
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
     run.add_parser, report.add_parser, promote.add_parser, drift.add_parser,
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Understudy evaluator: join deferred labels to the inference log, test "
                     "challengers against the champion, and promote only on evidence.",
         epilog=EXIT_CODES_HELP)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub, common)
@@ -81,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    return run_quietly(lambda: _dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """The command's own exit status; a config error is a usage error, a store error a
+    failure, each told in one line rather than a traceback."""
     try:
         return int(args.func(args))
     except ConfigError as exc:

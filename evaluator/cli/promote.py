@@ -17,12 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from evaluator.cli.common import TOKEN_ENV, ExitCode, fmt_ts, load
+from evaluator.cli.common import TOKEN_ENV, fmt_ts, load
 from evaluator.config import (
     EvaluatorConfig,
     format_duration,
 )
 from evaluator.report.writer import JSON_FILE
+from understudy.cli import ExitCode
 
 
 def _find_report(route: str, out: Path | None, report: Path | None) -> Path | None:

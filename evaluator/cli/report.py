@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from evaluator.cli.common import ExitCode, fmt_ts, load
+from evaluator.cli.common import fmt_ts, load
 from evaluator.config import (
     DECISION_DEFAULTS,
     ConfigError,
@@ -20,6 +20,7 @@ from evaluator.config import (
 from evaluator.dataset import EvalDataset
 from evaluator.report import write_empty_report, write_report
 from evaluator.store import EmptyDatasetError, Store
+from understudy.cli import ExitCode
 
 
 def policy_mapping(config: EvaluatorConfig, route: str) -> dict[str, Any]:

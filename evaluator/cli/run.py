@@ -9,10 +9,11 @@ import signal
 import threading
 from types import FrameType
 
-from evaluator.cli.common import ExitCode, load
+from evaluator.cli.common import load
 from evaluator.config import (
     format_duration,
 )
+from understudy.cli import ExitCode
 
 log = logging.getLogger("evaluator")
 

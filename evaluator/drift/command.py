@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from evaluator.cli.common import ExitCode
 from evaluator.config import DriftConfig, EvaluatorConfig, format_duration, parse_duration
 from evaluator.drift.data import _iso
 from evaluator.drift.errors import BadReferenceError, EmptyWindowError
@@ -19,6 +18,7 @@ from evaluator.drift.result import DriftResult
 from evaluator.drift.table import feature_table
 from evaluator.drift.webhook import WebhookNotifier, alert_drift
 from evaluator.drift.windows import drift_for_route, plan_windows
+from understudy.cli import ExitCode
 
 DRIFT_FILE = "drift.json"
 DRIFT_MD = "drift.md"
