@@ -1,6 +1,5 @@
 """`evaluator drift`: the command's arguments (the run itself is `evaluator.drift.command`)."""
 
-
 from __future__ import annotations
 
 import argparse

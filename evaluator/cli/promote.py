@@ -1,7 +1,6 @@
 """`evaluator promote`: apply a report's PROMOTE decision, only while the live route is the state
 the report decided on."""
 
-
 from __future__ import annotations
 
 import argparse

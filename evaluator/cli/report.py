@@ -1,6 +1,5 @@
 """`evaluator report`: decide each challenger of a route and write its report."""
 
-
 from __future__ import annotations
 
 import argparse

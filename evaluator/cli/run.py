@@ -1,6 +1,5 @@
 """`evaluator run`: the ingest loop."""
 
-
 from __future__ import annotations
 
 import argparse

@@ -2,7 +2,6 @@
 
 Both renderers read the same blocks, so report.md and report.html cannot disagree."""
 
-
 from __future__ import annotations
 
 import html

@@ -1,7 +1,6 @@
 """The report's plots of model quality (ROC, calibration, scores; regression: predicted vs actual,
 residuals), and `make_figures`, which draws every plot of a report."""
 
-
 from __future__ import annotations
 
 import logging

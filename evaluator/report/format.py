@@ -1,6 +1,5 @@
 """Number formatting and labels in one place, so Markdown and HTML print the same digits."""
 
-
 from __future__ import annotations
 
 import math

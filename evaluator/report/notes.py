@@ -1,6 +1,5 @@
 """The report's prose: one headline per challenger, and what the numbers do not say on their own."""
 
-
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -1,6 +1,5 @@
 """report.json: every number of the report, computed once from the dataset and the decisions."""
 
-
 from __future__ import annotations
 
 import time

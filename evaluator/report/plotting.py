@@ -1,5 +1,4 @@
-"""What every report plot shares: the image type, figure layout, colours and histograms."""
-
+"""What every report plot shares: constants, figure layout, colours and histograms."""
 
 from __future__ import annotations
 

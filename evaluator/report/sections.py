@@ -1,7 +1,6 @@
 """The report's content blocks, in reading order, from the payload alone: decisions, experiments,
 join, metrics and tests."""
 
-
 from __future__ import annotations
 
 from collections.abc import Mapping

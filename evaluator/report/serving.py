@@ -1,7 +1,6 @@
 """Content blocks on how the arms served: guardrails, latency and outcomes per model, arm shares
 and off-policy values."""
 
-
 from __future__ import annotations
 
 from collections.abc import Mapping

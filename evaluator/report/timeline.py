@@ -1,6 +1,5 @@
 """Plots over time: the sequential test's path and the arm shares."""
 
-
 from __future__ import annotations
 
 import math

@@ -1,6 +1,5 @@
 """Writing report.json, report.md and report.html atomically."""
 
-
 from __future__ import annotations
 
 import json
