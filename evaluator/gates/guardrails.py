@@ -82,20 +82,6 @@ from evaluator.stats.metrics import wilson_interval
 
 GuardrailStatus = Literal["pass", "fail", "insufficient"]
 
-# The summaries and bounds live in evaluator/gates/summaries.py; these are their old import path.
-__all__ = [
-    "GuardrailCheck",
-    "GuardrailLimits",
-    "GuardrailResult",
-    "LatencySummary",
-    "OutcomeSummary",
-    "check_guardrails",
-    "latency_summary",
-    "newcombe_interval",
-    "outcome_summary",
-    "p99_estimate",
-    "quantile_ranks",
-]
 
 @dataclass(frozen=True)
 class GuardrailLimits:
@@ -409,6 +395,7 @@ def check_guardrails(
                            alpha)
 
 
+# The summaries and bounds live in evaluator/gates/summaries.py; these names stay importable here.
 __all__ = [
     "GuardrailCheck",
     "GuardrailLimits",
