@@ -294,3 +294,27 @@ def score_series_of(models: Array, roles: Array, scores: Array, ts: Array,
         out[name] = ScoreSeries(name, ROLE_NAMES.get(int(roles[mask][-1]), "challenger"),
                                 scores[mask], ts[mask])
     return out
+
+
+def features_of(route: str, since: float | None, until: float | None, rows: dict[str, Array],
+                index: RowIndex, inputs: dict[str, Array], lookup: Array,
+                names: Mapping[str, Sequence[str]] | None) -> FeatureFrame:
+    """`queries.feature_rows`' answer as a FeatureFrame."""
+    pos = index.positions(inputs["inf_id"])
+    keep = pos >= 0
+    return feature_frame(
+        route, since, until, as_numbers(rows["ts"]), rows["request_id"],
+        as_numbers(rows["row_ix"], np.int64), pos[keep],
+        as_numbers(inputs["name"], np.int64)[keep],
+        lookup[as_numbers(inputs["datatype"], np.int64)[keep]] != "BYTES",
+        as_numbers(inputs["width"], np.int64)[keep], inputs["num"][keep], inputs["cat"][keep],
+        lookup, names)
+
+
+def scores_of(outs: dict[str, Array], lookup: Array) -> dict[str, ScoreSeries]:
+    """`queries.score_rows`' answer as score series, in time order (ties by ingest order)."""
+    ts = as_numbers(outs["ts"])
+    order = np.lexsort((as_numbers(outs["id"], np.int64), ts))
+    return score_series_of(as_numbers(outs["model"], np.int64)[order],
+                           as_numbers(outs["role"], np.int64)[order],
+                           as_numbers(outs["score"])[order], ts[order], lookup)

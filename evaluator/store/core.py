@@ -23,7 +23,13 @@ from pathlib import Path
 from evaluator.config import StoreConfig
 from evaluator.dataset import Array, EvalDataset, ExperimentInfo, JoinStats, Obj
 from evaluator.store import queries, writes
-from evaluator.store.assembly import FeatureFrame, ScoreSeries, assemble
+from evaluator.store.assembly import (
+    FeatureFrame,
+    ScoreSeries,
+    assemble,
+    features_of,
+    scores_of,
+)
 from evaluator.store.batch import Batch, IngestResult
 from evaluator.store.engines import Engine, open_engine
 from evaluator.store.errors import EmptyDatasetError, StoreError
@@ -217,15 +223,17 @@ class Store(DatasetReads):
                         names: Mapping[str, Sequence[str]] | None = None) -> FeatureFrame:
         """Per-feature numpy columns of every prediction (labelled or not) in the window."""
         with self._lock:
-            return queries.read_features(self._connect(), self._names, route, since, until,
-                                          names)
+            rows, index, inputs, lookup = queries.feature_rows(self._connect(), self._names,
+                                                               route, since, until)
+        return features_of(route, since, until, rows, index, inputs, lookup, names)
 
     def score_series(self, route: str, since: float | None = None,
                      until: float | None = None) -> dict[str, ScoreSeries]:
         """Per model, its ok-status scores on all of the route's predictions in the window —
         labelled or not — with their times, in time order (prediction drift)."""
         with self._lock:
-            return queries.read_scores(self._connect(), self._names, route, since, until)
+            outs, lookup = queries.score_rows(self._connect(), self._names, route, since, until)
+        return scores_of(outs, lookup)
 
     def prediction_scores(self, route: str, since: float | None = None,
                           until: float | None = None) -> dict[str, Array]:

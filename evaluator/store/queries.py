@@ -1,8 +1,9 @@
 """The SQL reads behind the statistics and drift: join bookkeeping, a route's labelled rows,
 its current experiments, its input features and its score series.
 
-Each function takes an open engine (the caller holds the store's lock) and hands the fetched
-columns to `evaluator.store.assembly`.
+Each function takes an open engine (the caller holds the store's lock) and returns the fetched
+columns; `evaluator.store.assembly` turns them into datasets, frames and series after the lock
+is released.
 
 Experiments: `current_experiments(route)` is each challenger's most recently started experiment
 with the route's current champion (the champion on its newest row): started = its first record's
@@ -11,20 +12,12 @@ ts, data_end = its last, registry_version = the highest seen in its rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from evaluator.dataset import Array, ExperimentInfo, JoinStats
-from evaluator.store.assembly import (
-    FeatureFrame,
-    RowIndex,
-    ScoreSeries,
-    feature_frame,
-    latest_experiments,
-    score_series_of,
-)
+from evaluator.store.assembly import RowIndex, latest_experiments
 from evaluator.store.engines import Engine, as_numbers
 from evaluator.store.errors import fmt_ts
 from evaluator.store.names import NameTable
@@ -131,10 +124,11 @@ def current_experiments(e: Engine, names: NameTable, route: str) -> dict[str, Ex
         [(str(lookup[int(m)]), str(lookup[int(x)]), s, d, v) for m, x, s, d, v in groups])
 
 
-def read_features(e: Engine, names: NameTable, route: str, since: float | None,
-                  until: float | None, features: Mapping[str, Sequence[str]] | None
-                  ) -> FeatureFrame:
-    """Per-feature numpy columns of every prediction (labelled or not) in the window."""
+def feature_rows(e: Engine, names: NameTable, route: str, since: float | None,
+                 until: float | None
+                 ) -> tuple[dict[str, Array], RowIndex, dict[str, Array], Array]:
+    """(every prediction in the window in time order, its index, the input rows of its id
+    range, the name lookup): what `assembly.features_of` turns into a FeatureFrame."""
     where, params = window(route, since, until)
     rows = e.columns(f"SELECT i.id, i.request_id, i.row_ix, i.ts FROM inferences i "  # noqa: S608
                      f"WHERE {where}", params)
@@ -144,29 +138,15 @@ def read_features(e: Engine, names: NameTable, route: str, since: float | None,
     index = RowIndex(ids[order])
     inputs = e.columns("SELECT inf_id, name, datatype, width, num, cat FROM inputs "
                        "WHERE inf_id BETWEEN ? AND ?", [index.lo, index.hi])
-    lookup = names.lookup(e)
-    pos = index.positions(inputs["inf_id"])
-    keep = pos >= 0
-    return feature_frame(
-        route, since, until, as_numbers(rows["ts"]), rows["request_id"],
-        as_numbers(rows["row_ix"], np.int64), pos[keep],
-        as_numbers(inputs["name"], np.int64)[keep],
-        lookup[as_numbers(inputs["datatype"], np.int64)[keep]] != "BYTES",
-        as_numbers(inputs["width"], np.int64)[keep], inputs["num"][keep], inputs["cat"][keep],
-        lookup, features)
+    return rows, index, inputs, names.lookup(e)
 
 
-def read_scores(e: Engine, names: NameTable, route: str, since: float | None,
-                until: float | None) -> dict[str, ScoreSeries]:
-    """Per model, its ok-status scores on all of the route's predictions in the window —
-    labelled or not — with their times, in time order (prediction drift)."""
+def score_rows(e: Engine, names: NameTable, route: str, since: float | None,
+               until: float | None) -> tuple[dict[str, Array], Array]:
+    """(ok-status scores of every prediction in the window, the name lookup): what
+    `assembly.scores_of` turns into score series."""
     where, params = window(route, since, until)
     outs = e.columns(
         "SELECT o.model, o.role, o.score, i.ts, i.id FROM outcomes o "  # noqa: S608
         f"JOIN inferences i ON i.id = o.inf_id WHERE {where} AND o.status = 0", params)
-    lookup = names.lookup(e)
-    ts = as_numbers(outs["ts"])
-    order = np.lexsort((as_numbers(outs["id"], np.int64), ts))
-    return score_series_of(as_numbers(outs["model"], np.int64)[order],
-                           as_numbers(outs["role"], np.int64)[order],
-                           as_numbers(outs["score"])[order], ts[order], lookup)
+    return outs, names.lookup(e)
