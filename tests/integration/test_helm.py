@@ -21,7 +21,7 @@ import yaml
 from devtools import helm as helm_build
 from evaluator.config import parse_config as parse_evaluator_config
 from gateway.config import parse_config as parse_gateway_config
-from tests.test_deploy import (
+from tests.integration.test_deploy import (
     CRD_GROUP,
     K8S,
     K8S_VERSIONS,

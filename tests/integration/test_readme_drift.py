@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy import ROOT
+from tests.integration.test_deploy import ROOT
 
 pytestmark = pytest.mark.triton
 
@@ -53,7 +53,7 @@ def test_readme_drift_walkthrough_runs_on_the_demos_store(tmp_path: Path) -> Non
     make_demo, drift = readme_drift_block()
     assert make_demo == "make demo"
     work = tmp_path / "var" / "demo"
-    demo = run_python(["-m", "gateway.demo.run", "--work", str(work), "--requests", "3000",
+    demo = run_python(["-m", "understudy_demo.run", "--work", str(work), "--requests", "3000",
                        "--price-requests", "600"], ROOT)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     argv = shlex.split(drift)
