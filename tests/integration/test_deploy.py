@@ -605,8 +605,9 @@ def test_each_program_imports_without_the_other_images_packages() -> None:
     # tritonclient's HTTP client (gevent), which are for tests and clients.
     outside = {"understudy_demo", "devtools", "loadtests", "tests", "sklearn"}
     gateway_blocked = IMAGE_EXTRAS["evaluator"] | outside | {"tritonclient.http", "gevent"}
-    for modules_, blocked in ((modules("gateway"), gateway_blocked),
-                              (modules("evaluator"), IMAGE_EXTRAS["gateway"] | outside | {"grpc"})):
+    for modules_, blocked in ((modules("gateway") + modules("understudy"), gateway_blocked),
+                              (modules("evaluator") + modules("understudy"),
+                               IMAGE_EXTRAS["gateway"] | outside | {"grpc"})):
         script = (f"import sys\nfor name in {sorted(blocked)!r}: sys.modules[name] = None\n"
                   f"import importlib\nfor m in {modules_!r}: importlib.import_module(m)\n")
         proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
