@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from devtools import helm as helm_build
+from devtools.kafka_broker import cache_root
 from evaluator.config import parse_config as parse_evaluator_config
 from gateway.config import parse_config as parse_gateway_config
 from tests.integration.test_deploy import (
@@ -111,6 +113,19 @@ def kustomize_built() -> list[dict[str, Any]]:
     out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+# -- the binary --------------------------------------------------------------------------------
+
+
+def test_helm_is_the_pinned_build_from_the_projects_cache(helm: Path) -> None:
+    assert helm == helm_build.binary()
+    assert helm.is_relative_to(cache_root())
+    shown = run_helm(helm, "version", "--short").stdout.strip()
+    assert shown.startswith(helm_build.DEFAULT_VERSION), shown
+    proc = subprocess.run([sys.executable, "-m", "devtools.helm", "path"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.strip() == str(helm)
 
 
 # -- lint and schemas --------------------------------------------------------------------------
