@@ -40,6 +40,7 @@ from devtools.kafka_broker import cache_root
 DEFAULT_VERSION = os.environ.get("UNDERSTUDY_HELM_VERSION", "v4.3.2")
 MODULE = "helm.sh/helm/v4"
 BUILD_TIMEOUT_S = 3600
+GO_INSTALL_DIR = "/usr/local/go/bin"
 
 
 class HelmBuildError(RuntimeError):
@@ -68,9 +69,12 @@ def ensure(version: str = DEFAULT_VERSION, cache: Path | None = None, quiet: boo
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_built(version, cache):
             return binary(version, cache)
-        go = shutil.which("go")
+        # Go's standard install directory too: a non-interactive shell (CI) may not have it on
+        # PATH when only a shell profile adds it.
+        go = shutil.which("go") or shutil.which("go", path=GO_INSTALL_DIR)
         if go is None:
-            raise HelmBuildError("Go (go) is not on PATH; it is needed to build helm")
+            raise HelmBuildError(f"Go (go) is neither on PATH nor in {GO_INSTALL_DIR}; "
+                                 "it is needed to build helm")
         staging = root / "bin.partial"
         shutil.rmtree(staging, ignore_errors=True)
         env = {**os.environ, "GOBIN": str(staging), "CGO_ENABLED": "0", "GOTOOLCHAIN": "local",
