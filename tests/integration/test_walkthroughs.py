@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import PushCapture
 from tests.integration.test_deploy import DEPLOY, ROOT
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(900)]
@@ -80,32 +79,25 @@ def test_readme_drift_walkthrough_runs_on_the_demos_store(demo_root: Path) -> No
     assert (demo_root / "var" / "drift" / "drift.json").is_file()
 
 
-async def test_report_job_pushes_what_the_report_alerts_read(demo_root: Path) -> None:
+async def test_report_job_pushes_what_the_report_alerts_read(
+        demo_root: Path, pushgateway: PushCapture) -> None:
     """push_report.py after a real report: POSTed to the job/route group the alerts aggregate
     by, as Prometheus text with the exit code, the success time and the PROMOTE decision."""
-    received: list[tuple[str, str, str]] = []
-
-    async def push(request: web.Request) -> web.Response:
-        received.append((request.method, request.path, await request.text()))
-        return web.Response(status=200)
-
-    app = web.Application()
-    app.router.add_route("*", "/metrics/job/{job}/route/{route}", push)
-    async with TestServer(app, host="127.0.0.1") as server:
-        out = demo_root / "report-job" / "fraud"
-        report = run_python(["-m", "evaluator", "report", "--store",
-                             str(demo_root / "var" / "demo" / "evaluator.db"),
-                             "--route", "fraud", "--out", str(out)], demo_root)
-        assert report.returncode == 0, report.stderr[-3000:]
-        # In a thread: the capturing server answers on this event loop meanwhile.
-        proc = await asyncio.to_thread(
-            run_python, [str(PUSH_SCRIPT), "fraud", str(report.returncode), str(out)],
-            demo_root, {"PUSHGATEWAY_URL": str(server.make_url("/"))})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    ((method, path, body),) = received
+    out = demo_root / "report-job" / "fraud"
+    report = run_python(["-m", "evaluator", "report", "--store",
+                         str(demo_root / "var" / "demo" / "evaluator.db"),
+                         "--route", "fraud", "--out", str(out)], demo_root)
+    assert report.returncode == 0, report.stderr[-3000:]
+    # In a thread: the capturing server answers on this event loop meanwhile.
+    proc = await asyncio.to_thread(
+        run_python, [str(PUSH_SCRIPT), "fraud", str(report.returncode), str(out)],
+        demo_root, {"PUSHGATEWAY_URL": pushgateway.url})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ((method, path, body),) = pushgateway.pushes
     assert (method, path) == ("POST", "/metrics/job/understudy-report/route/fraud")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(body) for s in family.samples}
+               for family in text_string_to_metric_families(body.decode())
+               for s in family.samples}
     assert samples[("understudy_report_last_exit_code", ())] == 0
     assert samples[("understudy_report_last_success_timestamp_seconds", ())] > 0
     # The demo's better challenger: the series UnderstudyChallengerPromotable fires on.
