@@ -119,6 +119,29 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {"write": write, "read": read}
 
 
+@dataclass
+class PushCapture:
+    """A local receiver of Prometheus Pushgateway pushes (its `/metrics/job/...` API)."""
+
+    url: str
+    pushes: list[tuple[str, str, bytes]]  # (method, path, body), in arrival order
+
+
+@pytest.fixture
+async def pushgateway() -> AsyncIterator[PushCapture]:
+    """Records what a batch job pushes, so a test can read it as the Pushgateway would."""
+    pushes: list[tuple[str, str, bytes]] = []
+
+    async def push(request: web.Request) -> web.Response:
+        pushes.append((request.method, request.path, await request.read()))
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_route("*", "/metrics/job/{tail:.*}", push)
+    async with TestServer(app, host="127.0.0.1", port=0) as server:
+        yield PushCapture(str(server.make_url("")).rstrip("/"), pushes)
+
+
 _SERVICE_FIXTURES = {"triton": "triton", "kafka": "kafka"}
 
 
