@@ -142,12 +142,13 @@ async def pushgateway() -> AsyncIterator[PushCapture]:
         yield PushCapture(str(server.make_url("")).rstrip("/"), pushes)
 
 
-_SERVICE_FIXTURES = {"triton": "triton", "kafka": "kafka"}
+_SERVICE_FIXTURES = {"triton": "triton", "kafka": "kafka", "helm": "helm"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test by the real services it reaches, so `make unit` (-m "not triton and not
-    kafka") can never start one; a test under tests/unit/ that needs one is a layout error."""
+    """Mark every test by the real services or tools it reaches, so `make unit` (-m "not triton
+    and not kafka and not helm") never starts one; a test under tests/unit/ that needs one is a
+    layout error."""
     misplaced = []
     for item in items:
         needs = [m for f, m in _SERVICE_FIXTURES.items() if f in getattr(item, "fixturenames", ())]
@@ -156,4 +157,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if needs and "/tests/unit/" in str(item.path):
             misplaced.append(item.nodeid)
     if misplaced:
-        raise pytest.UsageError(f"unit tests that need Triton or Kafka: {misplaced}")
+        raise pytest.UsageError(f"unit tests that need Triton, Kafka or helm: {misplaced}")
