@@ -38,7 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,7 @@ class RecordParser:
             elif kind == "label":
                 self._label(batch, record)
             elif kind == "audit":
-                batch.ignored += 1
+                batch.ignore()
             else:
                 raise _Bad("unknown_kind", f"unknown kind {kind!r}")
         except _Bad as bad:
@@ -194,7 +194,7 @@ class RecordParser:
 
     def count_bad(self, batch: Batch, reason: str, detail: str, where: str) -> None:
         """Count a bad record in the batch (committed with it) and log it, rate-limited."""
-        batch.bad[reason] += 1
+        batch.reject(reason)
         now = time.monotonic()
         last = self._last_logged.get(reason)
         if last is not None and now - last < self.log_every_s:
@@ -374,9 +374,14 @@ class FilePosition:
 
 @dataclass
 class FileRead:
-    lines: list[tuple[bytes, str]]
+    lines: list[tuple[bytes, str, int]]  # (line, segment name, the line's byte offset)
     position: FilePosition | None
-    partial_lines: int = 0  # unterminated lines left behind in a finished segment
+    # unterminated lines left behind in finished segments: (segment name, byte offset)
+    partial: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def partial_lines(self) -> int:
+        return len(self.partial)
 
 
 class FileSource:
@@ -417,8 +422,8 @@ class FileSource:
                 log.warning("%s: segment %s is gone (retention?); continuing at %s",
                             stream_dir, start.segment, names[i])
                 offset = 0
-        lines: list[tuple[bytes, str]] = []
-        partial = 0
+        lines: list[tuple[bytes, str, int]] = []
+        partial: list[tuple[str, int]] = []
         while len(lines) < max_records:
             segment = segments[i]
             size = segment.stat().st_size
@@ -431,14 +436,14 @@ class FileSource:
                 break  # the live segment: wait for more
             if offset < size:
                 # An unterminated line in a segment the writer has left (it crashed mid-line).
-                partial += 1
+                partial.append((segment.name, offset))
                 log.warning("%s: unterminated last line (%d bytes) skipped", segment,
                             size - offset)
             i, offset = i + 1, 0
         return FileRead(lines, FilePosition(names[i], offset), partial)
 
     def _read_segment(self, segment: Path, offset: int, size: int, room: int,
-                      lines: list[tuple[bytes, str]]) -> tuple[int, bool]:
+                      lines: list[tuple[bytes, str, int]]) -> tuple[int, bool]:
         """Append complete lines from offset; (bytes consumed, reached the last full line)."""
         consumed = 0
         with open(segment, "rb") as fh:
@@ -455,13 +460,16 @@ class FileSource:
                     if end < 0:
                         return consumed, True
                 parts = data[:end].split(b"\n")
-                where = f"{segment.parent.name}/{segment.name}@{offset + consumed}"
                 if len(parts) > room:
                     parts = parts[:room]
                     used = sum(len(p) + 1 for p in parts)
                 else:
                     used = end + 1
-                lines.extend((p, where) for p in parts if p)
+                name, at = segment.name, offset + consumed
+                for p in parts:
+                    if p:
+                        lines.append((p, name, at))
+                    at += len(p) + 1
                 room -= len(parts)
                 consumed += used
                 if room <= 0:
@@ -512,10 +520,11 @@ class FileIngestor:
         if read.position is None or read.position == start:
             return None
         batch = Batch()
-        for line, where in read.lines:
-            self.parser.parse(batch, line, where)
-        if read.partial_lines:
-            batch.bad["partial_line"] += read.partial_lines
+        prefix = stream_dir.name
+        for line, segment, at in read.lines:
+            self.parser.parse(batch, line, f"{prefix}/{segment}@{at}")
+        for _ in read.partial:
+            batch.reject("partial_line")
         position = read.position.encode()
         self.progress.add(self.store.ingest(batch, {key: position}))
         self._positions[key] = position

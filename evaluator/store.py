@@ -61,6 +61,7 @@ Store-wide, not per route: orphan and expired label counts (a label carries no r
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import math
@@ -162,6 +163,14 @@ class Batch:
     bad: Counter[str] = field(default_factory=Counter)
     ignored: int = 0  # well-formed records the evaluator does not need (audit)
     watermark: float = -math.inf
+
+    def reject(self, reason: str) -> None:
+        """Count one record the evaluator cannot use (committed with the batch)."""
+        self.bad[reason] += 1
+
+    def ignore(self) -> None:
+        """Count one well-formed record the evaluator does not need (audit)."""
+        self.ignored += 1
 
     @property
     def label_records(self) -> int:
@@ -538,7 +547,48 @@ def _num(col: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-class Store:
+class DatasetReads(abc.ABC):
+    """The reads built on `current_experiments`, `time_range` and `load_dataset`, shared by
+    the store and the landing zone's reader (evaluator/lake/reader.py)."""
+
+    @abc.abstractmethod
+    def current_experiments(self, route: str) -> dict[str, ExperimentInfo]: ...
+
+    @abc.abstractmethod
+    def time_range(self, route: str) -> tuple[float, float] | None: ...
+
+    @abc.abstractmethod
+    def load_dataset(self, route: str, since: float | None = None, until: float | None = None,
+                     *, task: str = "auto", threshold: float = 0.5,
+                     require_label: bool = True) -> EvalDataset: ...
+
+    def experiment_span(self, route: str, window: float | None = None
+                        ) -> tuple[dict[str, ExperimentInfo], float | None]:
+        """(current experiments, the `since` that covers all of them).
+
+        Without experiment ids (records from before experiments) `since` is the start of the
+        `window` ending at the route's newest inference (None: everything), as it always was.
+        """
+        experiments = self.current_experiments(route)
+        if experiments:
+            return experiments, min(x.started for x in experiments.values())
+        span = self.time_range(route) if window is not None else None
+        return experiments, (None if span is None or window is None else span[1] - window)
+
+    def load_experiments(self, route: str, window: float | None = None, *, task: str = "auto",
+                         threshold: float = 0.5,
+                         span: tuple[dict[str, ExperimentInfo], float | None] | None = None
+                         ) -> EvalDataset:
+        """Every labelled row since the earliest current experiment started, with
+        `experiments` filled: the verdict's data, whatever a display window says.
+        `span`: `experiment_span`'s answer when the caller already has it."""
+        experiments, since = span if span is not None else self.experiment_span(route, window)
+        dataset = self.load_dataset(route, since, None, task=task, threshold=threshold)
+        dataset.experiments = experiments
+        return dataset
+
+
+class Store(DatasetReads):
     """The evaluator's store; see the module docstring for schema and join semantics.
 
     Thread-safe (one lock around the connection): the Kafka consumer's rebalance callback reads
@@ -999,42 +1049,10 @@ class Store:
                 "GROUP BY c.model, c.experiment",
                 [ROLE_CODES["champion"], route, ROLE_CODES["challenger"], int(newest[0][0])])
             names = self._name_lookup(e)
-        champion = str(names[int(newest[0][0])])
-        out: dict[str, ExperimentInfo] = {}
-        for model, exp, started, end, version in groups:
-            name = str(names[int(model)])
-            info = ExperimentInfo(id=str(names[int(exp)]), started=float(started),
-                                  data_end=float(end), champion=champion,
-                                  registry_version=int(version))
-            known = out.get(name)
-            if known is None or (info.started, info.id) > (known.started, known.id):
-                out[name] = info
-        return dict(sorted(out.items()))
+        return latest_experiments(
+            str(names[int(newest[0][0])]),
+            [(str(names[int(m)]), str(names[int(x)]), s, d, v) for m, x, s, d, v in groups])
 
-    def experiment_span(self, route: str, window: float | None = None
-                        ) -> tuple[dict[str, ExperimentInfo], float | None]:
-        """(current experiments, the `since` that covers all of them).
-
-        Without experiment ids (records from before experiments) `since` is the start of the
-        `window` ending at the route's newest inference (None: everything), as it always was.
-        """
-        experiments = self.current_experiments(route)
-        if experiments:
-            return experiments, min(x.started for x in experiments.values())
-        span = self.time_range(route) if window is not None else None
-        return experiments, (None if span is None or window is None else span[1] - window)
-
-    def load_experiments(self, route: str, window: float | None = None, *, task: str = "auto",
-                         threshold: float = 0.5,
-                         span: tuple[dict[str, ExperimentInfo], float | None] | None = None
-                         ) -> EvalDataset:
-        """Every labelled row since the earliest current experiment started, with
-        `experiments` filled: the verdict's data, whatever a display window says.
-        `span`: `experiment_span`'s answer when the caller already has it."""
-        experiments, since = span if span is not None else self.experiment_span(route, window)
-        dataset = self.load_dataset(route, since, None, task=task, threshold=threshold)
-        dataset.experiments = experiments
-        return dataset
 
     def _empty_message(self, e: _Engine, route: str, since: float | None, until: float | None,
                        stats: JoinStats) -> str:
@@ -1120,6 +1138,20 @@ class Store:
 # --------------------------------------------------------------------------------------------
 # Vectorised assembly
 # --------------------------------------------------------------------------------------------
+
+
+def latest_experiments(champion: str, groups: Sequence[tuple[str, str, Any, Any, Any]]
+                       ) -> dict[str, ExperimentInfo]:
+    """Each challenger's newest experiment with `champion`, from (model, experiment, first ts,
+    last ts, highest registry version) groups."""
+    out: dict[str, ExperimentInfo] = {}
+    for name, exp, started, end, version in groups:
+        info = ExperimentInfo(id=exp, started=float(started), data_end=float(end),
+                              champion=champion, registry_version=int(version))
+        known = out.get(name)
+        if known is None or (info.started, info.id) > (known.started, known.id):
+            out[name] = info
+    return dict(sorted(out.items()))
 
 
 def _fmt_ts(ts: float | None) -> str:
