@@ -562,6 +562,9 @@ class DatasetReads(abc.ABC):
                      *, task: str = "auto", threshold: float = 0.5,
                      require_label: bool = True) -> EvalDataset: ...
 
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
     def experiment_span(self, route: str, window: float | None = None
                         ) -> tuple[dict[str, ExperimentInfo], float | None]:
         """(current experiments, the `since` that covers all of them).
