@@ -3,7 +3,7 @@ one is killed (SIGKILL) while it writes a file. The report's dataset must equal 
 single-member store builds from the same topics: nothing lost, nothing doubled.
 
 `test_three_members_one_killed_mid_file` runs in `make test` (marker kafka, ~20k requests);
-the 1M-request version is `slow` (`pytest -m slow tests/test_lake_kafka.py`, numbers in
+the 1M-request version is `slow` (`pytest -m slow tests/integration/test_lake_kafka.py`, numbers in
 docs/BENCHMARKS.md "Landing zone").
 """
 
@@ -27,7 +27,7 @@ from evaluator.lake.reader import LakeReader
 from evaluator.store import Store
 from tests.support.lake import dataset_differences, experiment_log
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 6
 
 

@@ -26,7 +26,7 @@ from evaluator.lake.reader import LakeReader
 from evaluator.lake.storage import Lake, LakeError
 from evaluator.store import EmptyDatasetError, Store
 from tests.support.lake import dataset_differences
-from tests.test_eval_store import CHAL, CHAMP, T0, LogDir, inference, label, tensor
+from tests.unit.test_eval_store import CHAL, CHAMP, T0, LogDir, inference, label, tensor
 
 DAY = 86400.0
 
