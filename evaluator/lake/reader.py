@@ -39,6 +39,7 @@ from evaluator.store import (
     _assemble,
     _fmt_ts,
     latest_experiments,
+    window_sql,
 )
 
 # Every inference row, with the identity of its copy (file, row) for rules 1 and 2.
@@ -122,25 +123,13 @@ class LakeReader(DatasetReads):
         with self._lock:
             return self.con.sql(sql, params=list(params)).to_arrow_table()
 
-    @staticmethod
-    def _window(since: float | None, until: float | None) -> tuple[str, list[Any]]:
-        """Half-open [since, until) on the inference ts, as a SQL condition."""
-        where, params = ["true"], []
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(float(since))
-        if until is not None:
-            where.append("ts < ?")
-            params.append(float(until))
-        return " AND ".join(where), params
-
     def _winners(self, route: str, since: float | None, until: float | None
                  ) -> tuple[str, list[Any]] | None:
         """A FROM-clause of the route's inference winners (rules 1-2) in the window."""
         inf = self._rel(layout.INFERENCES, route)
         if inf is None:
             return None
-        cond, params = self._window(since, until)
+        cond, params = window_sql(since, until)
         losers = _LOSERS.format(inf=inf, cond=cond)
         sql = (f"(SELECT * FROM {inf} ANTI JOIN ({losers}) x "  # noqa: S608 - file names, quoted
                f"USING (filename, file_row_number) WHERE {cond})")
@@ -222,7 +211,7 @@ class LakeReader(DatasetReads):
             return JoinStats(orphan_labels=orphans, expired_orphans=expired)
         sql, params = win
         inf = self._rel(layout.INFERENCES, route)
-        cond, wparams = self._window(since, until)
+        cond, wparams = window_sql(since, until)
         n_inf = self._query(f"SELECT count(*) FROM {sql}", params)[0][0]  # noqa: S608
         n_dups = self._query(
             f"SELECT coalesce(sum(k - 1), 0) FROM (SELECT count(DISTINCT (src, pos)) AS k "  # noqa: S608
