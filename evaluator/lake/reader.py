@@ -19,7 +19,7 @@ temporary files are never read and fsspec URLs work through `register_filesystem
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,10 +35,14 @@ from evaluator.store import (
     ROLE_CODES,
     DatasetReads,
     EmptyDatasetError,
+    FeatureFrame,
+    ScoreSeries,
     StoreError,
     _assemble,
     _fmt_ts,
+    feature_frame,
     latest_experiments,
+    score_series_of,
     window_sql,
 )
 
@@ -272,6 +276,61 @@ class LakeReader(DatasetReads):
         return latest_experiments(champion, [(str(m), str(x), s, d, v)
                                              for m, x, s, d, v in groups])
 
+    # -- drift inputs -------------------------------------------------------------------------
+
+    def _predictions(self, route: str, since: float | None, until: float | None,
+                     columns: str) -> tuple[pa.Table, np.ndarray, _Names]:
+        """The route's prediction winners in the window (labelled or not) and the rank of
+        each row in (ts, src, pos, row_ix) order (rule 5)."""
+        names = _Names()
+        win = self._winners(route, since, until)
+        if win is None:
+            return pa.table({}), np.empty(0, dtype=np.int64), names
+        sql, params = win
+        table = self._arrow(f"SELECT ts, src, pos, row_ix, {columns} FROM {sql}", params)  # noqa: S608
+        return table, _rank(table, names), names
+
+    def feature_columns(self, route: str, since: float | None = None,
+                        until: float | None = None,
+                        names: Mapping[str, Sequence[str]] | None = None) -> FeatureFrame:
+        """The store's `feature_columns` (drift's input features) from the lake."""
+        table, ids, vocab = self._predictions(route, since, until, "request_id, inputs")
+        if not ids.size:
+            return feature_frame(route, since, until, np.empty(0), np.empty(0, dtype=object),
+                                 np.empty(0, dtype=np.int64), *_no_inputs(), vocab.lookup(),
+                                 names)
+        order = np.argsort(ids)
+        x_row, x = _flat(table["inputs"])
+        tensor = vocab.codes(x.field("name"))
+        lookup = vocab.lookup()
+        return feature_frame(
+            route, since, until, _np(table["ts"])[order],
+            np.asarray(table["request_id"].to_pylist(), dtype=object)[order],
+            _np(table["row_ix"], np.int64)[order], ids[x_row], tensor,
+            np.asarray(x.field("datatype").to_pylist(), dtype=object) != "BYTES",
+            _np(x.field("width"), np.int64),
+            np.asarray(x.field("num").to_pylist(), dtype=object),
+            np.asarray(x.field("cat").to_pylist(), dtype=object), lookup, names)
+
+    def score_series(self, route: str, since: float | None = None,
+                     until: float | None = None) -> dict[str, ScoreSeries]:
+        """The store's `score_series` (prediction drift) from the lake."""
+        table, ids, vocab = self._predictions(route, since, until, "outcomes")
+        if not ids.size:
+            return {}
+        o_row, o = _flat(table["outcomes"])
+        ok = _np(o.field("status"), np.int64) == 0
+        models = vocab.codes(o.field("model"))[ok]
+        at = ids[o_row][ok]
+        order = np.argsort(at, kind="stable")
+        return score_series_of(models[order], _np(o.field("role"), np.int64)[ok][order],
+                               _np(o.field("score"))[ok][order],
+                               _np(table["ts"])[o_row][ok][order], vocab.lookup())
+
+    def prediction_scores(self, route: str, since: float | None = None,
+                          until: float | None = None) -> dict[str, np.ndarray]:
+        return {m: s.scores for m, s in self.score_series(route, since, until).items()}
+
     def _empty_message(self, route: str, since: float | None, until: float | None,
                        stats: JoinStats) -> str:
         window = f"[{_fmt_ts(since)}, {_fmt_ts(until)})"
@@ -328,18 +387,28 @@ def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.StructArray]:
             pc.list_flatten(lists))
 
 
+def _rank(table: pa.Table, names: _Names) -> np.ndarray:
+    """Each row's position in (ts, src, pos, row_ix) order (rule 5)."""
+    src = names.codes(table["src"])
+    src_rank = np.argsort(np.argsort(names.lookup(), kind="stable"), kind="stable")[src]
+    order = np.lexsort((_np(table["row_ix"], np.int64), _np(table["pos"], np.int64), src_rank,
+                        _np(table["ts"])))
+    ids = np.empty(order.size, dtype=np.int64)
+    ids[order] = np.arange(order.size)
+    return ids
+
+
+def _no_inputs() -> list[np.ndarray]:
+    empty = np.empty(0, dtype=np.int64)
+    return [empty, empty, np.empty(0, dtype=bool), empty, np.empty(0, dtype=object),
+            np.empty(0, dtype=object)]
+
+
 def _dataset(route: str, table: pa.Table, stats: JoinStats, task: str,
              threshold: float) -> EvalDataset:
     names = _Names()
     ts = _np(table["ts"])
-    src = names.codes(table["src"])
-    # Rule 5: rank by (ts, src, pos, row_ix); src codes rank as the strings do.
-    lookup = names.lookup()
-    src_rank = np.argsort(np.argsort(lookup, kind="stable"), kind="stable")[src]
-    order = np.lexsort((_np(table["row_ix"], np.int64), _np(table["pos"], np.int64), src_rank,
-                        ts))
-    ids = np.empty(order.size, dtype=np.int64)
-    ids[order] = np.arange(order.size)
+    ids = _rank(table, names)
     rows = {
         "id": ids, "request_id": np.asarray(table["request_id"].to_pylist(), dtype=object),
         "row_ix": _np(table["row_ix"], np.int64), "ts": ts, "label": _np(table["label"]),
