@@ -54,9 +54,8 @@ SELECT filename, file_row_number FROM (
     SELECT filename, file_row_number, row_number() OVER (
         PARTITION BY request_id, row_ix ORDER BY src, pos, filename, file_row_number) AS k
     FROM {inf} SEMI JOIN (
-        SELECT request_id, row_ix FROM {inf} WHERE {cond}
-        GROUP BY request_id, row_ix HAVING count(*) > 1) d USING (request_id, row_ix)
-    WHERE {cond})
+        SELECT request_id, row_ix FROM {inf}
+        GROUP BY request_id, row_ix HAVING count(*) > 1) d USING (request_id, row_ix))
 WHERE k > 1
 """
 _LABELS = """
@@ -84,7 +83,12 @@ class LakeReader(DatasetReads):
             self.con.execute(f"SET threads = {int(threads)}")
         if not lake.local:
             self.con.register_filesystem(lake.fs)
-        self._views: dict[str, str] = {}
+        # One reader is one report: the file list, rule 2's losers, rule 3's label winners and
+        # the watermark are computed once and reused by every query (a consistent snapshot).
+        self._files_cache: dict[tuple[str, str | None], list[str]] = {}
+        self._temp: dict[str, str | None] = {}
+        self._mark: tuple[float | None] | None = None
+        self._orphan_counts: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @classmethod
     def open(cls, config: EvaluatorConfig) -> LakeReader:
@@ -107,7 +111,26 @@ class LakeReader(DatasetReads):
     # -- relations --------------------------------------------------------------------------
 
     def _files(self, table: str, route: str | None = None) -> list[str]:
-        return [self.lake.uri(p) for p in self.lake.files(table, route)]
+        key = (table, route)
+        if key not in self._files_cache:
+            self._files_cache[key] = [self.lake.uri(p) for p in self.lake.files(table, route)]
+        return self._files_cache[key]
+
+    def _temp_table(self, key: str, select: str | None) -> str | None:
+        """`select` materialised once as a temporary table; its name (None: no data)."""
+        if key not in self._temp:
+            name = None
+            if select is not None:
+                name = f"t{len(self._temp)}"
+                with self._lock:
+                    self.con.execute(f"CREATE TEMP TABLE {name} AS {select}")
+            self._temp[key] = name
+        return self._temp[key]
+
+    def _labels(self) -> str | None:
+        """Rule 3's label winners (with `n`), as a table."""
+        rel = self._rel(layout.LABELS)
+        return self._temp_table("labels", None if rel is None else _LABELS.format(labels=rel))
 
     def _rel(self, table: str, route: str | None = None) -> str | None:
         """A FROM-clause over a table's files (one route's inferences); None when empty."""
@@ -134,10 +157,10 @@ class LakeReader(DatasetReads):
         if inf is None:
             return None
         cond, params = window_sql(since, until)
-        losers = _LOSERS.format(inf=inf, cond=cond)
-        sql = (f"(SELECT * FROM {inf} ANTI JOIN ({losers}) x "  # noqa: S608 - file names, quoted
+        losers = self._temp_table(f"losers:{route}", _LOSERS.format(inf=inf))
+        sql = (f"(SELECT * FROM {inf} ANTI JOIN {losers} x "  # noqa: S608 - file names, quoted
                f"USING (filename, file_row_number) WHERE {cond})")
-        return sql, params * 3
+        return sql, params
 
     # -- small reads ------------------------------------------------------------------------
 
@@ -153,6 +176,11 @@ class LakeReader(DatasetReads):
 
     def watermark(self) -> float | None:
         """The newest inference ts or label received_ts in the lake (rule 4)."""
+        if self._mark is None:
+            self._mark = (self._watermark(),)
+        return self._mark[0]
+
+    def _watermark(self) -> float | None:
         marks = []
         for route in self.routes():
             span = self.time_range(route)
@@ -185,7 +213,12 @@ class LakeReader(DatasetReads):
 
     def _orphans(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """((orphan label records, ids), (expired ones, ids)) store-wide (rule 4)."""
-        labels = self._rel(layout.LABELS)
+        if self._orphan_counts is None:
+            self._orphan_counts = self._count_orphans()
+        return self._orphan_counts
+
+    def _count_orphans(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        labels = self._labels()
         if labels is None:
             return (0, 0), (0, 0)
         keys = [f"SELECT request_id, row_ix FROM {rel}"  # noqa: S608 - quoted file names
@@ -196,7 +229,7 @@ class LakeReader(DatasetReads):
         mark = self.watermark()
         cutoff = -np.inf if mark is None else mark - self.join_window
         row = self._query(
-            f"WITH l AS ({_LABELS.format(labels=labels)}), o AS (SELECT * FROM l "  # noqa: S608
+            f"WITH o AS (SELECT * FROM {labels} l "  # noqa: S608
             f"ANTI JOIN ({known}) i USING (request_id, row_ix)) "
             "SELECT coalesce(sum(n) FILTER (WHERE received_ts >= ?), 0), "
             "count(*) FILTER (WHERE received_ts >= ?), "
@@ -209,30 +242,31 @@ class LakeReader(DatasetReads):
     def join_stats(self, route: str, since: float | None = None, until: float | None = None,
                    *, require_label: bool = True) -> JoinStats:
         """The store's join bookkeeping for a route and window (orphans are lake-wide)."""
-        win = self._winners(route, since, until)
         (orphans, _), (expired, _) = self._orphans()
-        if win is None:
-            return JoinStats(orphan_labels=orphans, expired_orphans=expired)
-        sql, params = win
         inf = self._rel(layout.INFERENCES, route)
+        if inf is None:
+            return JoinStats(orphan_labels=orphans, expired_orphans=expired)
         cond, wparams = window_sql(since, until)
-        n_inf = self._query(f"SELECT count(*) FROM {sql}", params)[0][0]  # noqa: S608
-        n_dups = self._query(
-            f"SELECT coalesce(sum(k - 1), 0) FROM (SELECT count(DISTINCT (src, pos)) AS k "  # noqa: S608
-            f"FROM {inf} WHERE row_ix = 0 AND {cond} GROUP BY request_id)", wparams)[0][0]
+        # Rule 2 without the anti-join: winners = distinct (request_id, row_ix); duplicates of a
+        # request = its distinct source positions on row 0, minus one.
+        n_inf, n_dups = self._query(
+            "SELECT count(DISTINCT (request_id, row_ix)), "  # noqa: S608
+            "count(DISTINCT (request_id, src, pos)) FILTER (WHERE row_ix = 0) - "
+            f"count(DISTINCT request_id) FILTER (WHERE row_ix = 0) FROM {inf} WHERE {cond}",
+            wparams)[0]
         joined, n_labels, n_dup_labels = 0, 0, 0
-        labels = self._rel(layout.LABELS)
+        labels = self._labels()
         if labels is not None:
             joined_cond = "l.has_label" if require_label else "true"
             joined, n_labels, n_dup_labels = self._query(
                 f"SELECT coalesce(sum(CASE WHEN {joined_cond} THEN 1 ELSE 0 END), 0), "  # noqa: S608
                 "coalesce(sum(l.n), 0), coalesce(sum(l.n - 1), 0) "
-                f"FROM {sql} i JOIN ({_LABELS.format(labels=labels)}) l "
-                "USING (request_id, row_ix)", params)[0]
+                f"FROM (SELECT request_id, row_ix FROM {inf} WHERE {cond} GROUP BY ALL) i "
+                f"JOIN {labels} l USING (request_id, row_ix)", wparams)[0]
         return JoinStats(
-            inferences=int(n_inf), duplicate_inferences=int(n_dups), labels=int(n_labels),
-            duplicate_labels=int(n_dup_labels), orphan_labels=orphans, expired_orphans=expired,
-            joined=int(joined))
+            inferences=int(n_inf), duplicate_inferences=int(n_dups or 0),
+            labels=int(n_labels), duplicate_labels=int(n_dup_labels), orphan_labels=orphans,
+            expired_orphans=expired, joined=int(joined))
 
     def load_dataset(self, route: str, since: float | None = None, until: float | None = None,
                      *, task: str = "auto", threshold: float = 0.5,
@@ -242,14 +276,12 @@ class LakeReader(DatasetReads):
         if stats.joined == 0:
             raise EmptyDatasetError(self._empty_message(route, since, until, stats), stats)
         sql, params = self._winners(route, since, until)  # type: ignore[misc]
-        labels = self._rel(layout.LABELS)
         cond = "WHERE l.has_label" if require_label else ""
         table = self._arrow(
             "SELECT i.request_id, i.row_ix, i.ts, i.src, i.pos, i.served, i.propensity, "  # noqa: S608
             "i.policy, coalesce(i.registry_version, -1) AS registry_version, i.outcomes, "
             "i.arms, l.label, l.reward, l.received_ts "
-            f"FROM {sql} i JOIN ({_LABELS.format(labels=labels)}) l "
-            f"USING (request_id, row_ix) {cond}", params)
+            f"FROM {sql} i JOIN {self._labels()} l USING (request_id, row_ix) {cond}", params)
         return _dataset(route, table, stats, task, threshold)
 
     def current_experiments(self, route: str) -> dict[str, ExperimentInfo]:
