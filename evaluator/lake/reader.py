@@ -19,7 +19,7 @@ temporary files are never read and fsspec URLs work through `register_filesystem
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from evaluator.store import (
     window_sql,
 )
 
-# Every inference row, with the identity of its copy (file, row) for rules 1 and 2.
+# Every row of a table, with the identity of its copy (file, row) for rules 1-3.
 _INF = ("read_parquet({files}, filename=true, file_row_number=true, hive_partitioning=false, "
         "union_by_name=true)")
 _LOSERS = """
@@ -58,12 +58,28 @@ SELECT filename, file_row_number FROM (
         GROUP BY request_id, row_ix HAVING count(*) > 1) d USING (request_id, row_ix))
 WHERE k > 1
 """
-_LABELS = """
-SELECT request_id, row_ix, arg_max(label, k) AS label, arg_max(reward, k) AS reward,
-       arg_max(has_label, k) AS has_label, arg_max(received_ts, k) AS received_ts,
-       count(DISTINCT (src, pos)) AS n
-FROM (SELECT *, (received_ts, src, pos) AS k FROM {labels}) GROUP BY request_id, row_ix
+# Rule 3 in three steps, so only the (few) duplicated labels go through a window function:
+# the keys with more than one label and their record counts, the copies that lose, the rest.
+_LABEL_DUPS = """
+SELECT request_id, row_ix, count(DISTINCT (src, pos)) AS n FROM {labels} SEMI JOIN (
+    SELECT request_id, row_ix FROM {labels} GROUP BY request_id, row_ix HAVING count(*) > 1
+) d USING (request_id, row_ix) GROUP BY request_id, row_ix
 """
+_LABEL_LOSERS = """
+SELECT filename, file_row_number FROM (
+    SELECT filename, file_row_number, row_number() OVER (
+        PARTITION BY request_id, row_ix
+        ORDER BY received_ts DESC, src DESC, pos DESC, filename DESC, file_row_number DESC) AS k
+    FROM {labels} SEMI JOIN {dups} d USING (request_id, row_ix))
+WHERE k > 1
+"""
+_LABELS = """
+SELECT l.request_id, l.row_ix, l.label, l.reward, l.has_label, l.received_ts,
+       coalesce(d.n, 1) AS n
+FROM {labels} l ANTI JOIN {losers} x USING (filename, file_row_number)
+LEFT JOIN {dups} d USING (request_id, row_ix)
+"""
+BATCH_ROWS = 256 * 1024  # rows per Arrow batch while a dataset is assembled
 
 
 class LakeReader(DatasetReads):
@@ -130,7 +146,11 @@ class LakeReader(DatasetReads):
     def _labels(self) -> str | None:
         """Rule 3's label winners (with `n`), as a table."""
         rel = self._rel(layout.LABELS)
-        return self._temp_table("labels", None if rel is None else _LABELS.format(labels=rel))
+        if rel is None:
+            return None
+        dups = self._temp_table("label_dups", _LABEL_DUPS.format(labels=rel))
+        losers = self._temp_table("label_losers", _LABEL_LOSERS.format(labels=rel, dups=dups))
+        return self._temp_table("labels", _LABELS.format(labels=rel, dups=dups, losers=losers))
 
     def _rel(self, table: str, route: str | None = None) -> str | None:
         """A FROM-clause over a table's files (one route's inferences); None when empty."""
@@ -138,9 +158,7 @@ class LakeReader(DatasetReads):
         if not files:
             return None
         listed = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-        if table == layout.INFERENCES:
-            return _INF.format(files=listed)
-        return f"read_parquet({listed}, hive_partitioning=false, union_by_name=true)"
+        return _INF.format(files=listed)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -149,6 +167,12 @@ class LakeReader(DatasetReads):
     def _arrow(self, sql: str, params: Sequence[Any] = ()) -> pa.Table:
         with self._lock:
             return self.con.sql(sql, params=list(params)).to_arrow_table()
+
+    def _batches(self, sql: str, params: Sequence[Any] = ()) -> Iterator[pa.RecordBatch]:
+        """A query's result as Arrow batches, fetched as the caller consumes them (so only one
+        batch of nested Arrow data is in memory next to the numpy columns built from it)."""
+        with self._lock:
+            yield from self.con.sql(sql, params=list(params)).to_arrow_reader(BATCH_ROWS)
 
     def _winners(self, route: str, since: float | None, until: float | None
                  ) -> tuple[str, list[Any]] | None:
@@ -277,12 +301,12 @@ class LakeReader(DatasetReads):
             raise EmptyDatasetError(self._empty_message(route, since, until, stats), stats)
         sql, params = self._winners(route, since, until)  # type: ignore[misc]
         cond = "WHERE l.has_label" if require_label else ""
-        table = self._arrow(
+        batches = self._batches(
             "SELECT i.request_id, i.row_ix, i.ts, i.src, i.pos, i.served, i.propensity, "  # noqa: S608
             "i.policy, coalesce(i.registry_version, -1) AS registry_version, i.outcomes, "
             "i.arms, l.label, l.reward, l.received_ts "
             f"FROM {sql} i JOIN {self._labels()} l USING (request_id, row_ix) {cond}", params)
-        return _dataset(route, table, stats, task, threshold)
+        return _dataset(route, batches, stats, task, threshold)
 
     def current_experiments(self, route: str) -> dict[str, ExperimentInfo]:
         """Each challenger's current experiment (the store's definition; duplicates of a
@@ -320,7 +344,7 @@ class LakeReader(DatasetReads):
             return pa.table({}), np.empty(0, dtype=np.int64), names
         sql, params = win
         table = self._arrow(f"SELECT ts, src, pos, row_ix, {columns} FROM {sql}", params)  # noqa: S608
-        return table, _rank(table, names), names
+        return table, _rank(names.codes(table["src"]), table, names), names
 
     def feature_columns(self, route: str, since: float | None = None,
                         until: float | None = None,
@@ -403,8 +427,10 @@ class _Names:
         return table
 
 
-def _np(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float64) -> np.ndarray:
+def _np(column: pa.ChunkedArray | pa.Array | np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     """A numeric Arrow column as numpy (NULL -> NaN for floats)."""
+    if isinstance(column, np.ndarray):
+        return column.astype(dtype, copy=False)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_floating(column.type):
@@ -412,19 +438,19 @@ def _np(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float64) -> np.ndarr
     return np.asarray(column.fill_null(-1), dtype=dtype)
 
 
-def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.StructArray]:
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.StructArray]:
     """A list column's elements and the row each belongs to."""
-    lists = column.combine_chunks()
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return (np.asarray(pc.list_parent_indices(lists), dtype=np.int64),
             pc.list_flatten(lists))
 
 
-def _rank(table: pa.Table, names: _Names) -> np.ndarray:
-    """Each row's position in (ts, src, pos, row_ix) order (rule 5)."""
-    src = names.codes(table["src"])
+def _rank(src: np.ndarray, cols: pa.Table | dict[str, np.ndarray], names: _Names) -> np.ndarray:
+    """Each row's position in (ts, src, pos, row_ix) order (rule 5); `src`: codes in `names`,
+    which rank as the strings do."""
     src_rank = np.argsort(np.argsort(names.lookup(), kind="stable"), kind="stable")[src]
-    order = np.lexsort((_np(table["row_ix"], np.int64), _np(table["pos"], np.int64), src_rank,
-                        _np(table["ts"])))
+    order = np.lexsort((_np(cols["row_ix"], np.int64), _np(cols["pos"], np.int64), src_rank,
+                        _np(cols["ts"])))
     ids = np.empty(order.size, dtype=np.int64)
     ids[order] = np.arange(order.size)
     return ids
@@ -436,30 +462,47 @@ def _no_inputs() -> list[np.ndarray]:
             np.empty(0, dtype=object)]
 
 
-def _dataset(route: str, table: pa.Table, stats: JoinStats, task: str,
+def _dataset(route: str, batches: Iterable[pa.RecordBatch], stats: JoinStats, task: str,
              threshold: float) -> EvalDataset:
+    """The store's assembly inputs, built batch by batch, then `_assemble`."""
     names = _Names()
-    ts = _np(table["ts"])
-    ids = _rank(table, names)
-    rows = {
-        "id": ids, "request_id": np.asarray(table["request_id"].to_pylist(), dtype=object),
-        "row_ix": _np(table["row_ix"], np.int64), "ts": ts, "label": _np(table["label"]),
-        "reward": _np(table["reward"]), "served": names.codes(table["served"]),
-        "propensity": _np(table["propensity"]), "policy": names.codes(table["policy"]),
-        "registry_version": _np(table["registry_version"], np.int64),
-        "received_ts": _np(table["received_ts"]),
-    }
-    o_row, o = _flat(table["outcomes"])
-    outs = {
-        "inf_id": ids[o_row], "model": names.codes(o.field("model")),
-        "role": _np(o.field("role"), np.int64), "mode": _np(o.field("mode"), np.int64),
-        "status": _np(o.field("status"), np.int64), "score": _np(o.field("score")),
-        "latency_ms": _np(o.field("latency_ms")),
-        "experiment": names.codes(o.field("experiment")),
-        "sample_rate": _np(o.field("sample_rate")),
-    }
-    a_row, a = _flat(table["arms"])
-    arms = {"inf_id": ids[a_row], "model": names.codes(a.field("model")),
-            "prob": _np(a.field("prob"))}
-    return _assemble(route, rows, outs, arms, names.lookup(), stats, task, threshold)
-
+    rows: dict[str, list[np.ndarray]] = {}
+    outs: dict[str, list[np.ndarray]] = {}
+    arms: dict[str, list[np.ndarray]] = {}
+    base = 0
+    for batch in batches:
+        for key, value in {
+            "src": names.codes(batch["src"]), "pos": _np(batch["pos"], np.int64),
+            "request_id": np.asarray(batch["request_id"].to_pylist(), dtype=object),
+            "row_ix": _np(batch["row_ix"], np.int64), "ts": _np(batch["ts"]),
+            "label": _np(batch["label"]), "reward": _np(batch["reward"]),
+            "served": names.codes(batch["served"]), "propensity": _np(batch["propensity"]),
+            "policy": names.codes(batch["policy"]),
+            "registry_version": _np(batch["registry_version"], np.int64),
+            "received_ts": _np(batch["received_ts"]),
+        }.items():
+            rows.setdefault(key, []).append(value)
+        o_row, o = _flat(batch["outcomes"])
+        for key, value in {
+            "row": o_row + base, "model": names.codes(o.field("model")),
+            "role": _np(o.field("role"), np.int64), "mode": _np(o.field("mode"), np.int64),
+            "status": _np(o.field("status"), np.int64), "score": _np(o.field("score")),
+            "latency_ms": _np(o.field("latency_ms")),
+            "experiment": names.codes(o.field("experiment")),
+            "sample_rate": _np(o.field("sample_rate")),
+        }.items():
+            outs.setdefault(key, []).append(value)
+        a_row, a = _flat(batch["arms"])
+        for key, value in {"row": a_row + base, "model": names.codes(a.field("model")),
+                           "prob": _np(a.field("prob"))}.items():
+            arms.setdefault(key, []).append(value)
+        base += batch.num_rows
+    row_cols = {k: np.concatenate(v) for k, v in rows.items()}
+    ids = _rank(row_cols["src"], row_cols, names)
+    row_cols["id"] = ids
+    out_cols = {k: np.concatenate(v) for k, v in outs.items()}
+    out_cols["inf_id"] = ids[out_cols.pop("row")]
+    arm_cols = {k: np.concatenate(v) for k, v in arms.items()}
+    arm_cols["inf_id"] = ids[arm_cols.pop("row")]
+    return _assemble(route, row_cols, out_cols, arm_cols, names.lookup(), stats, task,
+                     threshold)
