@@ -1210,8 +1210,9 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
     ids = _num(rows["id"], np.int64)
     ts = _num(rows["ts"])
     order = np.lexsort((ids, ts))  # rows in time order (ties by ingest order)
-    rows = {k: v[order] for k, v in rows.items()}
-    ids = ids[order]
+    if (order[1:] < order[:-1]).any():  # already in order (the lake's rows): no copies
+        rows = {k: v[order] for k, v in rows.items()}
+        ids = ids[order]
     n = ids.size
     index = _RowIndex(ids)
     labels = _num(rows["label"])
