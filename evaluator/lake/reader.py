@@ -18,6 +18,8 @@ temporary files are never read and fsspec URLs work through `register_filesystem
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -93,6 +95,9 @@ class LakeReader(DatasetReads):
         self.join_window = float(join_window)
         self._lock = threading.RLock()
         self.con = duckdb.connect()
+        # Spills (past memory_limit) go to the system's temporary directory, not the cwd.
+        spill = os.path.join(tempfile.gettempdir(), f"understudy-duckdb-{os.getpid()}")
+        self.con.execute(f"SET temp_directory = '{spill}'")
         if memory_limit:
             self.con.execute(f"SET memory_limit = '{memory_limit}'")
         if threads > 0:

@@ -252,8 +252,8 @@ def test_cli_run_and_report_through_the_lake(tmp_path: Path,
         "source": {"path": str(tmp_path / "log")}, "store": {"path": str(tmp_path / "s.db")},
         "report": {"out": str(tmp_path / "reports-store")}, "decision": {"min_samples": 5}}))
     for path in (cfg_path, store_path):
-        assert cli.main(["run", "--config", str(path), "--once"]) == cli.EXIT_OK
-        assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == cli.EXIT_OK
+        assert cli.main(["run", "--config", str(path), "--once"]) == cli.ExitCode.OK
+        assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == cli.ExitCode.OK
     assert "landing zone" in capsys.readouterr().out
     lake_report = json.loads((tmp_path / "reports-lake" / "report.json").read_text())
     store_report = json.loads((tmp_path / "reports-store" / "report.json").read_text())
@@ -263,9 +263,9 @@ def test_cli_run_and_report_through_the_lake(tmp_path: Path,
         got = [strip(d) for d in lake_report[key]] if key == "decisions" else lake_report[key]
         want = [strip(d) for d in store_report[key]] if key == "decisions" else store_report[key]
         assert got == want, key
-    assert cli.main(["lake", "compact", "--config", str(cfg_path)]) == cli.EXIT_OK
+    assert cli.main(["lake", "compact", "--config", str(cfg_path)]) == cli.ExitCode.OK
     assert cli.main(["lake", "expire", "--config", str(cfg_path), "--older-than", "1d"]) == \
-        cli.EXIT_OK
+        cli.ExitCode.OK
     assert "deleted" in capsys.readouterr().out
 
 
