@@ -212,6 +212,7 @@ async def test_three_members_one_killed_mid_file(kafka: Any, tmp_path: Path) -> 
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
 async def test_three_members_one_killed_1m_records(kafka: Any, tmp_path: Path) -> None:
-    """500k requests: 1.07M inference and label records."""
-    out = await three_members_one_killed(kafka, tmp_path, n=500_000, file_records=50_000)
+    """550k requests: 1.07M inference and label records."""
+    out = await three_members_one_killed(kafka, tmp_path, n=550_000, file_records=50_000)
+    assert out["records"] > 1_000_000
     print(f"lake kafka 1M records: {json.dumps({k: str(v) for k, v in out.items()})}")
