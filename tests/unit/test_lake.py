@@ -320,3 +320,16 @@ def test_drift_command_through_the_lake(tmp_path: Path,
     capsys.readouterr()
     assert results["lake"]["drifted_features"] == ["b"]
     assert results["lake"] == results["store"]
+
+
+def test_lake_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    """loadtests/lake_bench.py end to end at a tiny size: both parts run and agree on counts."""
+    from loadtests import lake_bench
+
+    assert lake_bench.main(["--ingest", "2000", "--report", "20000"]) == 0
+    out = capsys.readouterr().out
+    assert "records/s per core" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["rows"] == 20_000
+    assert report["stats"]["joined"] == 20_000
+    assert report["stats"]["duplicate_inferences"] > 0
