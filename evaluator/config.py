@@ -132,6 +132,25 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class LakeConfig:
+    """`lake:` — the partitioned Parquet landing zone (evaluator/lake; docs/LAKE.md).
+
+    With `path` set, `run` writes Parquet there instead of the embedded store and `report`
+    reads it with DuckDB; empty keeps the embedded store.
+    """
+
+    path: str = ""  # a directory or fsspec URL (s3://bucket/prefix); empty: no lake
+    member: str = ""  # this ingest member's name in file names; empty: <hostname>-<pid>
+    file_records: int = 100_000  # records buffered per flush (one file per partition)
+    flush_interval_s: float = 60.0  # ... or flush this often, whichever comes first
+    compact_small_mb: float = 64.0  # `lake compact` merges files smaller than this
+    compact_min_files: int = 4  # ... in a partition that has at least this many
+    retention: float | None = None  # `lake expire` drops date partitions older than this
+    memory_limit: str = ""  # DuckDB's memory_limit for reports (e.g. 4GB); empty: its default
+    threads: int = 0  # DuckDB threads for reports; 0: one per core
+
+
+@dataclass(frozen=True)
 class RouteEvalConfig:
     task: TaskSetting = "auto"  # auto: classification when every label is 0 or 1
     threshold: float = 0.5  # score >= threshold is the positive class
@@ -227,6 +246,7 @@ class EvaluatorConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     gateway: GatewayAdminConfig = field(default_factory=GatewayAdminConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    lake: LakeConfig = field(default_factory=LakeConfig)
 
     def route(self, name: str) -> RouteEvalConfig:
         """Per-route settings, defaults when the route is not listed."""
@@ -386,7 +406,7 @@ def _parse_drift(raw: Mapping[str, Any]) -> DriftConfig:
 
 _SECTIONS: dict[str, type] = {
     "source": SourceConfig, "store": StoreConfig, "decision": dict, "report": ReportConfig,
-    "gateway": GatewayAdminConfig, "drift": DriftConfig,
+    "gateway": GatewayAdminConfig, "drift": DriftConfig, "lake": LakeConfig,
 }
 _NESTED = {("source", "kafka")}
 
@@ -452,7 +472,15 @@ def parse_config(raw: Mapping[str, Any] | None,
         _check(math.isfinite(route.threshold), f"routes.{name}.threshold: must be finite")
         routes[str(name)] = route
 
+    lake = _build(LakeConfig, data["lake"], "lake")
+    _check(lake.file_records > 0, "lake.file_records: must be positive")
+    _check(lake.flush_interval_s > 0, "lake.flush_interval_s: must be positive")
+    _check(lake.compact_min_files >= 2, "lake.compact_min_files: at least 2")
+    if lake.retention is not None:
+        lake = replace(lake, retention=parse_duration(lake.retention, "lake.retention"))
+
     return EvaluatorConfig(
+        lake=lake,
         source=source,
         store=store,
         routes=routes,

@@ -38,9 +38,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -66,6 +66,8 @@ class _Bad(Exception):
 
 
 def _finite(value: Any) -> float | None:
+    if type(value) is float:  # the common case first: x - x is 0.0 unless x is NaN or inf
+        return value if value - value == 0.0 else None
     if isinstance(value, int | float):
         try:
             f = float(value)
@@ -87,6 +89,8 @@ def _experiment_id(value: Any) -> str | None:
 
 def _score(value: Any) -> float:
     """A model output element as a score; NaN/inf/non-numbers become NaN (never an error)."""
+    if type(value) is float:
+        return value if value - value == 0.0 else NAN
     if isinstance(value, str):
         try:
             value = float(value)
@@ -134,6 +138,9 @@ def _scores(outputs: Any, name: str | None, rows: int) -> list[float]:
     if not isinstance(outputs, dict) or not outputs:
         return [NAN] * rows
     tensor = outputs.get(name) if name else next(iter(outputs.values()))
+    if rows == 1:  # what _row_slices gives one row, without building the slices
+        data = tensor.get("data") if isinstance(tensor, dict) else None
+        return [_score(data[0])] if isinstance(data, list) and data else [NAN]
     sliced = _row_slices(tensor, rows)
     if sliced is None:
         return [NAN] * rows
@@ -184,7 +191,7 @@ class RecordParser:
             elif kind == "label":
                 self._label(batch, record)
             elif kind == "audit":
-                batch.ignored += 1
+                batch.ignore()
             else:
                 raise _Bad("unknown_kind", f"unknown kind {kind!r}")
         except _Bad as bad:
@@ -194,7 +201,7 @@ class RecordParser:
 
     def count_bad(self, batch: Batch, reason: str, detail: str, where: str) -> None:
         """Count a bad record in the batch (committed with it) and log it, rate-limited."""
-        batch.bad[reason] += 1
+        batch.reject(reason)
         now = time.monotonic()
         last = self._last_logged.get(reason)
         if last is not None and now - last < self.log_every_s:
@@ -374,9 +381,14 @@ class FilePosition:
 
 @dataclass
 class FileRead:
-    lines: list[tuple[bytes, str]]
+    lines: list[tuple[bytes, str, int]]  # (line, segment name, the line's byte offset)
     position: FilePosition | None
-    partial_lines: int = 0  # unterminated lines left behind in a finished segment
+    # unterminated lines left behind in finished segments: (segment name, byte offset)
+    partial: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def partial_lines(self) -> int:
+        return len(self.partial)
 
 
 class FileSource:
@@ -417,8 +429,8 @@ class FileSource:
                 log.warning("%s: segment %s is gone (retention?); continuing at %s",
                             stream_dir, start.segment, names[i])
                 offset = 0
-        lines: list[tuple[bytes, str]] = []
-        partial = 0
+        lines: list[tuple[bytes, str, int]] = []
+        partial: list[tuple[str, int]] = []
         while len(lines) < max_records:
             segment = segments[i]
             size = segment.stat().st_size
@@ -431,14 +443,14 @@ class FileSource:
                 break  # the live segment: wait for more
             if offset < size:
                 # An unterminated line in a segment the writer has left (it crashed mid-line).
-                partial += 1
+                partial.append((segment.name, offset))
                 log.warning("%s: unterminated last line (%d bytes) skipped", segment,
                             size - offset)
             i, offset = i + 1, 0
         return FileRead(lines, FilePosition(names[i], offset), partial)
 
     def _read_segment(self, segment: Path, offset: int, size: int, room: int,
-                      lines: list[tuple[bytes, str]]) -> tuple[int, bool]:
+                      lines: list[tuple[bytes, str, int]]) -> tuple[int, bool]:
         """Append complete lines from offset; (bytes consumed, reached the last full line)."""
         consumed = 0
         with open(segment, "rb") as fh:
@@ -455,13 +467,16 @@ class FileSource:
                     if end < 0:
                         return consumed, True
                 parts = data[:end].split(b"\n")
-                where = f"{segment.parent.name}/{segment.name}@{offset + consumed}"
                 if len(parts) > room:
                     parts = parts[:room]
                     used = sum(len(p) + 1 for p in parts)
                 else:
                     used = end + 1
-                lines.extend((p, where) for p in parts if p)
+                name, at = segment.name, offset + consumed
+                for p in parts:
+                    if p:
+                        lines.append((p, name, at))
+                    at += len(p) + 1
                 room -= len(parts)
                 consumed += used
                 if room <= 0:
@@ -512,10 +527,11 @@ class FileIngestor:
         if read.position is None or read.position == start:
             return None
         batch = Batch()
-        for line, where in read.lines:
-            self.parser.parse(batch, line, where)
-        if read.partial_lines:
-            batch.bad["partial_line"] += read.partial_lines
+        prefix = stream_dir.name
+        for line, segment, at in read.lines:
+            self.parser.parse(batch, line, f"{prefix}/{segment}@{at}")
+        for _ in read.partial:
+            batch.reject("partial_line")
         position = read.position.encode()
         self.progress.add(self.store.ingest(batch, {key: position}))
         self._positions[key] = position
@@ -708,7 +724,7 @@ def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = No
     try:
         if config.source.type == "kafka":
             ingestor_k = KafkaIngestor(config, store)
-            asyncio.run(_run_kafka(ingestor_k, once, stop))
+            asyncio.run(run_until_stopped(ingestor_k, once, stop))
             return ingestor_k.progress
         ingestor_f = FileIngestor(config, store)
         ingestor_f.run(once=once, stop=stop)
@@ -718,7 +734,13 @@ def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = No
             store.close()
 
 
-async def _run_kafka(ingestor: KafkaIngestor, once: bool, stop: threading.Event | None) -> None:
+class _AsyncRunner(Protocol):
+    async def run(self, once: bool = False, stop: asyncio.Event | None = None) -> None: ...
+
+
+async def run_until_stopped(runner: _AsyncRunner, once: bool,
+                            stop: threading.Event | None) -> None:
+    """`runner.run` on this event loop, stopped when the `stop` thread event is set."""
     event = asyncio.Event()
     if stop is not None:
         loop = asyncio.get_running_loop()
@@ -728,4 +750,4 @@ async def _run_kafka(ingestor: KafkaIngestor, once: bool, stop: threading.Event 
             loop.call_soon_threadsafe(event.set)
 
         threading.Thread(target=watch, daemon=True, name="evaluator-stop").start()
-    await ingestor.run(once=once, stop=event)
+    await runner.run(once=once, stop=event)

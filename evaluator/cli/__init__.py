@@ -19,6 +19,10 @@
   (`gateway.read_token_env` is enough for `--dry-run`, which runs every check and prints the
   request).
 
+- `lake compact|expire`: merge the landing zone's small files; delete date partitions older
+  than `lake.retention` (evaluator/lake; with `lake.path` set, `run` writes Parquet there and
+  `report` and `drift` read it with DuckDB instead of the embedded store).
+
 - `drift --route R [--reference FILE | --reference-window 7d] [--window 1d] [--out DIR]
   [--push URL]`: data and prediction drift of the live window against a training snapshot or a
   past window of the log (evaluator/drift/); prints a per-feature table, writes drift.json and
@@ -34,8 +38,9 @@ route (`promote`); 5 BLOCKED: a guardrail failed (`promote` on a BLOCKED decisio
 gateway (`promote`) or the Pushgateway (`drift --push`) could not be reached.
 
 Modules: `common` (the config, timestamps; the exit codes are `understudy.cli.ExitCode`), one
-module per command (`run`, `report`, `promote`, `drift`), each with `add_parser(sub, common)`
-registering its parser and `func`; a new command is listed in `COMMANDS`.
+module per command (`run`, `report`, `promote`, `drift`, `lake`), each with
+`add_parser(sub, common)` registering its parser and `func`; a new command is listed in
+`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from evaluator.cli import drift, promote, report, run
+from evaluator.cli import drift, lake, promote, report, run
 from evaluator.cli.promote import check_live, check_report, read_decision, report_binding
 from evaluator.cli.report import compute_decisions, policy_mapping
 from evaluator.config import DEFAULT_CONFIG_PATH, ConfigError
@@ -54,7 +59,7 @@ from understudy.cli import EXIT_CODES_HELP, ExitCode, add_version
 from understudy.cli import run as run_quietly
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
-    run.add_parser, report.add_parser, promote.add_parser, drift.add_parser,
+    run.add_parser, report.add_parser, promote.add_parser, drift.add_parser, lake.add_parser,
 )
 
 

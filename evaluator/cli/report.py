@@ -18,7 +18,7 @@ from evaluator.config import (
 )
 from evaluator.dataset import EvalDataset
 from evaluator.report import write_empty_report, write_report
-from evaluator.store import EmptyDatasetError, Store
+from evaluator.store import DatasetReads, EmptyDatasetError, Store
 from understudy.cli import ExitCode
 
 
@@ -47,6 +47,15 @@ def compute_decisions(dataset: EvalDataset, config: EvaluatorConfig) -> list[Any
                           f"routes.{dataset.route}.decision)") from None
 
 
+def open_reader(config: EvaluatorConfig) -> DatasetReads:
+    """What `report` reads: the landing zone when `lake.path` is set, else the store."""
+    if config.lake.path:
+        from evaluator.lake.reader import LakeReader
+
+        return LakeReader.open(config)
+    return Store.open(config.store, read_only=True)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Load every labelled row of each challenger's current experiment, decide, write the
     report; NOTHING when the route has no labelled data (a report.json saying so is written)."""
@@ -54,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     window = parse_duration(args.window, "--window") if args.window else config.report.window
     out_dir = Path(args.out or config.report.out)
     route_cfg = config.route(args.route)
-    store = Store.open(config.store, read_only=True)
+    store = open_reader(config)
     try:
         span = store.time_range(args.route)
         experiments, since = store.experiment_span(args.route, window)

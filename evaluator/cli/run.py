@@ -6,7 +6,9 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from evaluator.cli.common import load
 from evaluator.config import (
@@ -26,9 +28,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = (f"Kafka {src.kafka.bootstrap} topics {src.kafka.inferences_topic}, "
              f"{src.kafka.labels_topic} (group {src.kafka.group_id})"
              if src.type == "kafka" else f"segment files under {src.path}")
-    print(f"evaluator: ingesting from {where} into {config.store.path} ({config.store.engine}); "
-          f"join window {format_duration(config.store.join_window)}"
+    into = (f"the landing zone {config.lake.path} (Parquet)" if config.lake.path else
+            f"{config.store.path} ({config.store.engine}); join window "
+            f"{format_duration(config.store.join_window)}")
+    print(f"evaluator: ingesting from {where} into {into}"
           f"{'; draining once' if args.once else ''}", flush=True)
+    if config.lake.path:  # members of one consumer group writing Parquet (docs/LAKE.md)
+        from evaluator.lake import members
+
+        run: Callable[..., Any] = members.run
+    else:
+        run = ingest.run
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -37,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        progress = ingest.run(config, once=args.once, stop=stop)
+        progress = run(config, once=args.once, stop=stop)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

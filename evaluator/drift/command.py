@@ -90,7 +90,12 @@ def run_command(args: argparse.Namespace, config: EvaluatorConfig) -> int:
 def _run_once(route: str, config: EvaluatorConfig, cfg: DriftConfig, reference_path: str | None,
               ref_window: float | None, window: float | None, out_dir: Path,
               push_url: str | None, notifier: WebhookNotifier | None, store_cls: Any) -> int:
-    store = store_cls.open(config.store, read_only=True)
+    if config.lake.path:  # the landing zone: every member's records (docs/LAKE.md)
+        from evaluator.lake.reader import LakeReader
+
+        store = LakeReader.open(config)
+    else:
+        store = store_cls.open(config.store, read_only=True)
     try:
         pinned = notifier.pinned_until(route) if notifier is not None and not reference_path \
             else None

@@ -33,39 +33,11 @@ def window_data(store: Any, route: str, since: float | None, until: float | None
 
 def _read_scores(store: Any, route: str, since: float | None, until: float | None
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
-    """Scores with their timestamps and each model's role.
-
-    Seasonal matching needs the time of every score, which `Store.prediction_scores` does not
-    return; this reads the same rows with `ts` and `role` through the store's engine and falls
-    back to the public call (no timestamps, no roles) if the store's internals change.
-    """
-    try:
-        from evaluator.store import ROLE_NAMES, Store, _num
-
-        where, params = Store._window(route, since, until)
-        with store._lock:
-            e = store._connect()
-            outs = e.columns(
-                "SELECT o.model, o.role, o.score, i.ts FROM outcomes o "  # noqa: S608
-                f"JOIN inferences i ON i.id = o.inf_id WHERE {where} AND o.status = 0 "
-                "ORDER BY i.ts, i.id", params)
-            lookup = store._name_lookup(e)
-        models = _num(outs["model"], np.int64)
-        role = _num(outs["role"], np.int64)
-        score, ts = _num(outs["score"]), _num(outs["ts"])
-        scores: dict[str, np.ndarray] = {}
-        times: dict[str, np.ndarray] = {}
-        roles: dict[str, str] = {}
-        for mid in sorted(set(models.tolist())):
-            mask = models == mid
-            name = str(lookup[mid])
-            scores[name], times[name] = score[mask], ts[mask]
-            # champion when it held that role on its newest row (a promotion mid-window)
-            roles[name] = ROLE_NAMES.get(int(role[mask][-1]), "challenger")
-        return scores, times, roles
-    except (AttributeError, ImportError, KeyError, TypeError) as exc:
-        log.debug("scores without timestamps (%s): seasonal prediction drift unavailable", exc)
-        return dict(store.prediction_scores(route, since, until)), {}, {}
+    """Scores with their timestamps (seasonal matching needs them) and each model's role: the
+    champion is the model that held that role on its newest row (a promotion mid-window)."""
+    series = store.score_series(route, since, until)
+    return ({m: s.scores for m, s in series.items()}, {m: s.ts for m, s in series.items()},
+            {m: s.role for m, s in series.items()})
 
 
 @dataclass(frozen=True)

@@ -121,8 +121,10 @@ def assemble(route: str, rows: dict[str, Array], outs: dict[str, Array],
     ids = as_numbers(rows["id"], np.int64)
     ts = as_numbers(rows["ts"])
     order = np.lexsort((ids, ts))
-    rows = {k: v[order] for k, v in rows.items()}
-    index = RowIndex(ids[order])
+    if (order[1:] < order[:-1]).any():  # rows already in order (the lake's): no copies
+        rows = {k: v[order] for k, v in rows.items()}
+        ids = ids[order]
+    index = RowIndex(ids)
     labels = as_numbers(rows["label"])
     champion, ordered = _model_columns(outs, index, names, as_numbers(rows["served"], np.int64))
     arm_probs = _arm_probs(arms, index, names)

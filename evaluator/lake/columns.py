@@ -1,0 +1,193 @@
+"""Parsed records as Arrow tables in the landing zone's layout, one table per partition.
+
+`LakeBatch` is the store's columnar `Batch` filled by the very same `RecordParser` (same
+validation, scores and bad-record reasons), with three differences the lake needs: every row
+carries its source position (`src`, `pos`), nothing is de-duplicated (the read rules in
+layout.py do that, so a replay is recognisable), and every label and rejected record is a row.
+`tables()` turns it into Arrow tables split by partition, with numpy doing the per-row work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from evaluator.dataset import Array
+from evaluator.lake import layout
+from evaluator.store import Batch
+
+
+@dataclass
+class LakeBatch(Batch):
+    """A `Batch` that keeps every record, with where it was read (see the module docstring)."""
+
+    at_src: str = ""
+    at_pos: int = 0
+    records: int = 0  # inference records (a batched request counts once)
+    src: list[str] = field(default_factory=list)  # per prediction row
+    pos: list[int] = field(default_factory=list)
+    # one entry per label record
+    l_request_id: list[str] = field(default_factory=list)
+    l_row_ix: list[int] = field(default_factory=list)
+    l_label: list[float] = field(default_factory=list)
+    l_reward: list[float] = field(default_factory=list)
+    l_has_label: list[bool] = field(default_factory=list)
+    l_event_time: list[float] = field(default_factory=list)
+    l_received_ts: list[float] = field(default_factory=list)
+    l_src: list[str] = field(default_factory=list)
+    l_pos: list[int] = field(default_factory=list)
+    # one entry per rejected or ignored record
+    r_reason: list[str] = field(default_factory=list)
+    r_src: list[str] = field(default_factory=list)
+    r_pos: list[int] = field(default_factory=list)
+
+    def at(self, src: str, pos: int) -> None:
+        """The source position of the record parsed next."""
+        self.at_src, self.at_pos = src, pos
+
+    def __len__(self) -> int:
+        """Records held (rows of a batched request count once)."""
+        return self.records + len(self.l_request_id) + len(self.r_reason)
+
+    def seen(self, request_id: str) -> bool:
+        return False  # keep re-deliveries: read rule 2 counts them by source position
+
+    def start_record(self, request_id: str) -> None:
+        self.records += 1
+
+    def add_row(self, request_id: str, row: int, route: str, ts: float, policy: str,
+                served: str, propensity: float, sticky_key: str | None, status: int,
+                gateway_latency_ms: float, registry_version: int = -1) -> int:
+        self.src.append(self.at_src)
+        self.pos.append(self.at_pos)
+        return super().add_row(request_id, row, route, ts, policy, served, propensity,
+                               sticky_key, status, gateway_latency_ms, registry_version)
+
+    def add_label(self, request_id: str, row: int, label: float | None, reward: float | None,
+                  event_time: float, received_ts: float) -> None:
+        self.l_request_id.append(request_id)
+        self.l_row_ix.append(row)
+        self.l_label.append(math.nan if label is None else label)
+        self.l_reward.append(math.nan if reward is None else reward)
+        self.l_has_label.append(label is not None)
+        self.l_event_time.append(event_time)
+        self.l_received_ts.append(received_ts)
+        self.l_src.append(self.at_src)
+        self.l_pos.append(self.at_pos)
+        if received_ts > self.watermark:
+            self.watermark = received_ts
+
+    def reject(self, reason: str) -> None:
+        super().reject(reason)
+        self._reject_row(f"bad:{reason}")
+
+    def ignore(self) -> None:
+        super().ignore()
+        self._reject_row("ignored")
+
+    def _reject_row(self, reason: str) -> None:
+        self.r_reason.append(reason)
+        self.r_src.append(self.at_src)
+        self.r_pos.append(self.at_pos)
+
+    # -- Arrow ------------------------------------------------------------------------------
+
+    def tables(self, today: str) -> list[tuple[str, pa.Table]]:
+        """(partition directory, table) for every non-empty partition; rejects go to `today`."""
+        out: list[tuple[str, pa.Table]] = []
+        if self.request_id:
+            inf = self._inference_table()
+            routes = np.asarray(self.route, dtype=object)
+            dates = _dates(np.asarray(self.ts, dtype=np.float64))
+            out += [(layout.partition_dir(layout.INFERENCES, d, r), inf.take(ix))
+                    for (r, d), ix in _groups(routes, dates)]
+        if self.l_request_id:
+            lab = pa.table({
+                "request_id": pa.array(self.l_request_id, pa.string()),
+                "row_ix": pa.array(self.l_row_ix, pa.int32()),
+                "label": pa.array(self.l_label, pa.float64()),
+                "reward": pa.array(self.l_reward, pa.float64()),
+                "has_label": pa.array(self.l_has_label, pa.bool_()),
+                "event_time": pa.array(self.l_event_time, pa.float64()),
+                "received_ts": pa.array(self.l_received_ts, pa.float64()),
+                "src": pa.array(self.l_src, pa.string()),
+                "pos": pa.array(self.l_pos, pa.int64()),
+            }, schema=layout.LABEL_SCHEMA)
+            dates = _dates(np.asarray(self.l_received_ts, dtype=np.float64))
+            out += [(layout.partition_dir(layout.LABELS, d), lab.take(ix))
+                    for (_, d), ix in _groups(None, dates)]
+        if self.r_reason:
+            rej = pa.table({"reason": pa.array(self.r_reason, pa.string()),
+                            "src": pa.array(self.r_src, pa.string()),
+                            "pos": pa.array(self.r_pos, pa.int64())},
+                           schema=layout.REJECT_SCHEMA)
+            out.append((layout.partition_dir(layout.REJECTS, today), rej))
+        return out
+
+    def _inference_table(self) -> pa.Table:
+        n = len(self.request_id)
+        sticky = pa.array(self.sticky_key, pa.string())
+        outcomes = _lists(n, self.o_pos, layout.OUTCOME, [
+            pa.array(self.o_model, pa.string()), pa.array(self.o_role, pa.int8()),
+            pa.array(self.o_mode, pa.int8()), pa.array(self.o_version, pa.string()),
+            pa.array(self.o_status, pa.int8()), pa.array(self.o_score, pa.float64()),
+            pa.array(self.o_latency, pa.float64()), pa.array(self.o_experiment, pa.string()),
+            pa.array(self.o_sample_rate, pa.float64()),
+        ])
+        arms = _lists(n, self.a_pos, layout.ARM, [pa.array(self.a_model, pa.string()),
+                                                  pa.array(self.a_prob, pa.float64())])
+        inputs = _lists(n, self.x_pos, layout.INPUT, [
+            pa.array(self.x_name, pa.string()), pa.array(self.x_dtype, pa.string()),
+            pa.array(self.x_width, pa.int32()), pa.array(self.x_num, pa.binary()),
+            pa.array(self.x_cat, pa.string()),
+        ])
+        return pa.table({
+            "request_id": pa.array(self.request_id, pa.string()),
+            "row_ix": pa.array(self.row_ix, pa.int32()),
+            "ts": pa.array(self.ts, pa.float64()),
+            "policy": pa.array(self.policy, pa.string()),
+            "served": pa.array(self.served, pa.string()),
+            "propensity": pa.array(self.propensity, pa.float64()),
+            "sticky_key": sticky,
+            "status": pa.array(self.status, pa.int32()),
+            "gateway_latency_ms": pa.array(self.gateway_latency_ms, pa.float64()),
+            "registry_version": pa.array(self.registry_version, pa.int64()),
+            "outcomes": outcomes, "arms": arms, "inputs": inputs,
+            "src": pa.array(self.src, pa.string()),
+            "pos": pa.array(self.pos, pa.int64()),
+        }, schema=layout.INFERENCE_SCHEMA)
+
+
+def _lists(n: int, owner: list[int], struct: pa.StructType, children: list[pa.Array]
+           ) -> pa.ListArray:
+    """Child rows (in owner order, as the parser appends them) as a list per parent row."""
+    owners = np.asarray(owner, dtype=np.int64)
+    offsets = np.searchsorted(owners, np.arange(n + 1), side="left").astype(np.int32)
+    values = pa.StructArray.from_arrays(children, fields=list(struct))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values,
+                                    type=pa.list_(struct))
+
+
+def _dates(ts: Array) -> Array:
+    """UTC dates (YYYY-MM-DD) of unix seconds, vectorised."""
+    days = np.floor(ts / 86400.0).astype("int64").astype("datetime64[D]")
+    text: Array = np.datetime_as_string(days, unit="D")
+    return text.astype(object)
+
+
+def _groups(routes: Array | None, dates: Array
+            ) -> list[tuple[tuple[str | None, str], pa.Array]]:
+    """Row indices per distinct (route, date), in first-seen order."""
+    keys = dates if routes is None else routes + "\0" + dates
+    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    out = []
+    for k in np.argsort(first):
+        ix = pa.array(order[bounds[k]:bounds[k + 1]])
+        route = None if routes is None else str(routes[first[k]])
+        out.append(((route, str(dates[first[k]])), ix))
+    return out
