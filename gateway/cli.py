@@ -30,6 +30,7 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
 
     from gateway.app import create_app
     from gateway.grpc_server import install_grpc
+    from gateway.rest.lean_server import run
 
     try:
         import uvloop
@@ -50,10 +51,8 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         app.on_startup.append(mark_started)
     if config.listen.grpc_port:
         install_grpc(app, host, config.listen.grpc_port, config.listen.max_body_bytes)
-    web.run_app(
-        app, host=host, port=port, reuse_port=worker is not None,
-        access_log=None, print=None, shutdown_timeout=30,
-    )
+    run(app, config.listen.server, host, port, reuse_port=worker is not None or None,
+        shutdown_timeout=30)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -23,6 +23,8 @@ from gateway.upstream import TritonUpstream
 
 log = logging.getLogger(__name__)
 
+TRITON_NOT_READY = "Triton is not ready"
+
 SERVICE = web.AppKey("service", InferenceService)
 ROUTES = web.AppKey("routes", RouteTable)
 UPSTREAM = web.AppKey("upstream", TritonUpstream)
@@ -47,25 +49,37 @@ def _error_response(
     )
 
 
+def error_reply(exc: GatewayError, method: str, path: str) -> tuple[bytes, dict[str, str]]:
+    """The JSON body and headers a `GatewayError` is answered with, by either HTTP server
+    (aiohttp's middleware below, gateway/rest/lean_server.py): the one place errors map."""
+    headers = {}
+    if (request_id := getattr(exc, "request_id", None)) is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    if (served := getattr(exc, "served_model", None)) is not None:
+        headers["X-Served-Model"] = served
+    headers.update(getattr(exc, "headers", None) or {})  # e.g. the admin API's WWW-Authenticate
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", method, path, exc.status, exc.message)
+    return error_body(exc.message), headers
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The 413 for a request body over `listen.max_body_bytes` (both HTTP servers)."""
+    return PayloadTooLarge(
+        f"request body exceeds the limit of {limit} bytes (listen.max_body_bytes)"
+    )
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as exc:
-        headers = {}
-        if (request_id := getattr(exc, "request_id", None)) is not None:
-            headers[REQUEST_ID_HEADER] = request_id
-        if (served := getattr(exc, "served_model", None)) is not None:
-            headers["X-Served-Model"] = served
-        headers.update(getattr(exc, "headers", None) or {})  # e.g. the admin API's WWW-Authenticate
-        if exc.status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        return _error_response(exc.status, exc.message, headers)
+        body, headers = error_reply(exc, request.method, request.path)
+        return web.Response(body=body, status=exc.status, content_type="application/json",
+                            headers=headers)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[MAX_BODY]
-        error = PayloadTooLarge(
-            f"request body exceeds the limit of {limit} bytes (listen.max_body_bytes)"
-        )
+        error = body_too_large(request.app[MAX_BODY])
         return _error_response(error.status, error.message)
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
@@ -103,7 +117,7 @@ async def health_live(_: web.Request) -> web.Response:
 async def health_ready(request: web.Request) -> web.Response:
     if await request.app[CATALOG].server_ready():
         return web.Response(status=200)
-    return _error_response(503, "Triton is not ready")
+    return _error_response(503, TRITON_NOT_READY)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
