@@ -152,8 +152,6 @@ def render(version: bytes, status: int, headers: Mapping[str, str], body: bytes,
     """One complete HTTP/1.x answer, with the headers aiohttp would add."""
     head = [f"HTTP/{version.decode()} {status} {_REASONS.get(status, '')}\r\n"]
     head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    if "Content-Type" not in headers:
-        head.append("Content-Type: application/octet-stream\r\n")
     head.append(f"Content-Length: {len(body)}\r\n")
     if not keep_alive:
         head.append("Connection: close\r\n")
