@@ -47,8 +47,8 @@ import orjson
 from evaluator.config import EvaluatorConfig
 from evaluator.dataset import STATUS_CODES
 from evaluator.store import MODE_CODES, ROLE_CODES, Batch, IngestResult, Store, StoreLockedError
-from gateway.logsink.files import segment_paths
-from gateway.records import LABELS, SCHEMA_VERSION
+from gateway.backends.file_sink import segment_paths
+from understudy.records import LABELS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class RecordParser:
                 raise _Bad("invalid_inference", f"{rid}: outputs[{model!r}] is not an object")
             code = STATUS_CODES.get(oc.get("status"), ERROR)
             # A copy that shared a micro-batched call has that call's latency, not comparable
-            # with a single request's: left out of latency statistics (gateway/records.py).
+            # with a single request's: left out of latency statistics (understudy/records.py).
             lat = None if oc.get("batch_rows") is not None else _finite(oc.get("latency_ms"))
             rate = _finite(oc.get("sample_rate"))
             outcomes.append((
@@ -380,7 +380,7 @@ class FileRead:
 
 
 class FileSource:
-    """Reads the gateway's segment files (`gateway.logsink.files` layout) incrementally."""
+    """Reads the gateway's segment files (`gateway.backends.file_sink` layout) incrementally."""
 
     def __init__(self, root: str | Path, chunk_bytes: int = 8 << 20) -> None:
         self.root = Path(root)

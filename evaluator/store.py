@@ -1,7 +1,7 @@
 """The evaluator's embedded store: deduplicated inference log, per-model outcomes and labels.
 
 Engine: DuckDB by default, SQLite selectable (`store.engine`). Both run this same schema and
-SQL through a thin engine layer, and `evaluator/bench_store.py` loads 1M synthetic joined
+SQL through a thin engine layer, and `loadtests/bench_store.py` loads 1M synthetic joined
 requests with two challengers into each (docs/BENCHMARKS.md, "Evaluator store"). On the 2-core
 dev VM (shared and busy: load average ~10, so CPU seconds are the steadier figure), wall (CPU):
 

@@ -43,9 +43,16 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import SERVER_SOFTWARE
 
+from gateway.dataplane.protocol import error_body
 from gateway.errors import GatewayError
-from gateway.http import CATALOG, MAX_BODY, SERVICE, TRITON_NOT_READY, body_too_large, error_reply
-from gateway.protocol import error_body
+from gateway.rest.inference import (
+    CATALOG,
+    MAX_BODY,
+    SERVICE,
+    TRITON_NOT_READY,
+    body_too_large,
+    error_reply,
+)
 
 log = logging.getLogger(__name__)
 
