@@ -3,13 +3,13 @@
     python loadtests/server_ab.py [--rounds 4] [--duration 6] [--rate 800] [--shadows 1]
                                   [--variant NAME=server[@TREE]] ...
 
-Starts Triton once and one gateway per variant (default: `aiohttp=aiohttp` and `lean=lean`,
-both from this tree; `@TREE` runs another checkout, e.g. `main=aiohttp@/work/main`), each with
-champion fraud_v3, N shadows and the file sink at 100% logging. Then, for --rounds rounds in
-ABBA order: a closed-loop capacity run (wrk -c16) and a fixed-rate run (--rate req/s, Poisson)
-per variant, recording throughput, p50/p99 and the gateway's CPU ms per request (schedstat of
-its process tree). Prints per-variant medians and the ratios to the first variant: the numbers
-that guided the lean server's work (docs/BENCHMARKS.md, "Lean data plane").
+Starts Triton once and one gateway per variant (default `aiohttp=aiohttp` and `lean=lean`,
+both from this tree; `@TREE` runs another checkout, e.g. `before=@../main`, where an empty
+server name sets no `listen.server`). Each has champion fraud_v3, N shadows and the file sink
+at 100% logging. Then, for --rounds rounds in ABBA order: a closed-loop capacity run (wrk
+-c16) and a fixed-rate run (--rate req/s, Poisson) per variant, recording throughput, p50/p99
+and the gateway's CPU ms per request (schedstat of its process tree). Prints per-variant
+medians and the ratios to the first variant (docs/BENCHMARKS.md, "Lean data plane").
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _variants(specs: list[str]) -> list[tuple[str, str, Path]]:
     for spec in specs:
         name, _, rest = spec.partition("=")
         server, _, tree = rest.partition("@")
-        out.append((name, server or "lean", Path(tree) if tree else common.ROOT))
+        out.append((name, server, Path(tree) if tree else common.ROOT))
     return out
 
 
@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name, server, tree in variants:
                 config = common.gateway_config(triton.url, work, name, routes)
-                text = config.read_text().replace("listen:\n", f"listen:\n  server: {server}\n")
-                config.write_text(text)
+                if server:  # none: a tree from before `listen.server` existed
+                    text = config.read_text().replace("listen:\n",
+                                                      f"listen:\n  server: {server}\n")
+                    config.write_text(text)
                 gw = common.Gateway(config, root=tree, log_file=work / f"{name}.log").start()
                 gw.warm(ROUTE, body, 200)
                 gateways.append((name, gw))
