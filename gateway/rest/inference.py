@@ -1,7 +1,10 @@
 """aiohttp handlers: the thin HTTP adapter over the transport-independent core.
 
 Errors are mapped to KServe-style `{"error": "..."}` bodies in exactly one place,
-`error_middleware`; handlers and the core raise `GatewayError` subclasses.
+`error_reply` (used by `error_middleware` here and by the lean server,
+gateway/rest/lean_server.py, which answers inference and health itself); handlers and the core
+raise `GatewayError` subclasses. With `listen.server: lean` (the default) these handlers still
+answer every other path, and inference too when a request needs aiohttp (`Expect`, odd paths).
 """
 
 from __future__ import annotations
