@@ -76,6 +76,10 @@ class _Reject(Exception):
         self.message = message
 
 
+class _Stop(Exception):
+    """Raised from a parser callback: parse nothing further on this connection."""
+
+
 class Headers(dict[str, str]):
     """Request headers by lower-cased name (the first of repeated ones, as aiohttp's `get`);
     `get` is case-insensitive, which is all the data plane asks of a header mapping."""
@@ -221,8 +225,8 @@ class LeanProtocol(asyncio.Protocol):
         self._resume("write")
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
-            return
+        if self._closing and self._slot is None:
+            return  # no request in progress, and no new one is read
         self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
@@ -248,6 +252,8 @@ class LeanProtocol(asyncio.Protocol):
 
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
+        if self._closing:
+            raise _Stop  # a request after the last one this connection serves
         self._in_head = True
         self._head_bytes = 0
         self._url = b""
@@ -312,7 +318,7 @@ class LeanProtocol(asyncio.Protocol):
         slot = self._slot
         assert slot is not None
         self._slot = None
-        keep_alive = self.parser.should_keep_alive() and not self.server.draining
+        keep_alive = self.parser.should_keep_alive() and not self._closing
         if not keep_alive:
             self.finish()
         kind = self._kind
@@ -438,11 +444,13 @@ class LeanProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def finish(self) -> None:
-        """Read no further requests; close once the queued answers are written."""
+        """Read no further requests; close once the queued answers are written. A request
+        whose body is still arriving is read to its end first (a drain must not cut it)."""
         self._closing = True
-        self._pause("closing")
-        if not self.slots:
-            self.close()
+        if self._slot is None:
+            self._pause("closing")
+            if not self.slots:
+                self.close()
 
     def close(self) -> None:
         self._closing = True

@@ -230,18 +230,35 @@ async def test_limits_413_414_431(make_gateway: GatewayFactory) -> None:
 
 
 async def test_shutdown_drains_requests_in_flight(make_gateway: GatewayFactory) -> None:
-    """Stopping (what SIGTERM does) while a slow champion call is in flight: its answer still
-    reaches the client, then the connection closes, and its record is written."""
+    """Stopping (what SIGTERM does) while a slow champion call is in flight and a body is
+    still arriving: both are answered, then the connections close, and both are logged."""
     gw = await make_gateway({"slow": {"champion": {"model": "fraud_sleepy"}}},
                             triton={"timeout_ms": 10_000})
     pending = asyncio.ensure_future(exchange(
         gw.url, post("/v2/models/slow/infer", body("drained")) + get("/v2/health/live"), 2))
     idle = asyncio.ensure_future(exchange(gw.url, b"", 1))  # an idle keep-alive connection
-    await asyncio.sleep(0.5)  # both connected; the slow call is in flight
-    await gw.stop()
+    # A request whose body is still arriving when the stop begins is read to its end and served.
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    uploading = post("/v2/models/slow/infer", body("uploading"))
+    writer.write(uploading[:-20])
+    await asyncio.sleep(0.5)  # all connected; the slow call is in flight
+    stopping = asyncio.ensure_future(gw.stop())
+    await asyncio.sleep(0.3)
+    writer.write(uploading[-20:])
+    parsed = _Reader()
+    while not parsed.answers:
+        data = await asyncio.wait_for(reader.read(65536), 30)
+        assert data, "closed before answering the request being uploaded"
+        parsed.parser.feed_data(data)
+    assert parsed.answers[0].status == 200
+    assert parsed.answers[0].headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 30) == b""
+    writer.close()
+    await stopping
     answers, closed = await pending
     assert [a.status for a in answers] == [200, 200]
     assert answers[0].headers["x-request-id"] == "drained" and closed
     idle_answers, idle_closed = await idle
     assert idle_answers == [] and idle_closed
-    assert [r["request_id"] for r in gw.records()] == ["drained"]
+    assert sorted(r["request_id"] for r in gw.records()) == ["drained", "uploading"]
