@@ -37,15 +37,31 @@ log = logging.getLogger(__name__)
 
 # After a failed config fetch, copies go singly and the next copy retries after this long.
 CONFIG_RETRY_S = 30.0
-# Slow-lane isolation. A lane whose calls take SLOW_CALL_WINDOWS batching windows or more
-# (smoothed service time) batches at most SLOW_LANE_ROWS rows per call: each answer then resolves
-# a few copies, not a burst that holds the event loop while champion requests wait behind it;
-# a slow challenger gets fewer copies (the rest are shed, as when a lane is full) instead of
-# delaying the champion. A batch answer's copies are resolved RESOLVE_SLICE per loop iteration.
+# Slow-lane isolation. A lane whose calls take SLOW_CALL_WINDOWS batching windows or more, and
+# SLOW_VS_SERVED times the route's served calls or more (smoothed service times: under machine
+# load both grow, so a normal lane does not turn "slow"), batches at most SLOW_LANE_ROWS rows per
+# call: each answer then resolves a few copies, not a burst that holds the event loop while
+# champion requests wait behind it; a slow challenger gets fewer copies (the rest are shed, as
+# when a lane is full) instead of delaying the champion. A batch answer's copies are resolved
+# RESOLVE_SLICE per loop iteration.
 SLOW_CALL_WINDOWS = 20
+SLOW_VS_SERVED = 20
 SLOW_LANE_ROWS = 4
 RESOLVE_SLICE = 4
 _CALL_EWMA = 0.2  # weight of the newest call in the smoothed service time
+
+
+class CallTime:
+    """A smoothed call service time in seconds (0.0 until the first call)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def note(self, seconds: float) -> None:
+        self.seconds = seconds if not self.seconds else (
+            self.seconds + _CALL_EWMA * (seconds - self.seconds))
 
 
 @dataclass(slots=True)
@@ -97,6 +113,7 @@ class ShadowLane:
         batch_max_rows: int = 1,
         batch_max_wait_ms: float = 0.0,
         latency_probe_every: int = 0,
+        served: CallTime | None = None,
     ) -> None:
         self.upstream = upstream
         self.role = role
@@ -114,7 +131,9 @@ class ShadowLane:
         self.batch_wait_s = batch_max_wait_ms / 1000
         self.latency_probe_every = latency_probe_every
         self._batchable_copies = 0
-        self.call_s = 0.0  # smoothed service time of this lane's calls (slow-lane isolation)
+        # Slow-lane isolation: this lane's smoothed call time, and the route's served calls'.
+        self.calls = CallTime()
+        self.served = served or CallTime()
         self._slots = asyncio.Semaphore(max_concurrency)
         self._admitted = 0
         upstream.pool(self.pool_name, limit=max_concurrency, model=model)
@@ -193,14 +212,16 @@ class ShadowLane:
 
     @property
     def slow(self) -> bool:
-        """Calls take far longer than the batching window (see SLOW_CALL_WINDOWS)."""
-        return self.call_s > SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
+        """Calls take far longer than the batching window and the route's served calls (see
+        SLOW_CALL_WINDOWS)."""
+        mine = self.calls.seconds
+        return (mine > SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
+                and mine > SLOW_VS_SERVED * self.served.seconds)
 
     def _note_call(self, seconds: float) -> None:
         """Smooth the lane's call time; entering or leaving "slow" resizes its admission."""
         was_slow = self.slow
-        self.call_s = seconds if not self.call_s else (
-            self.call_s + _CALL_EWMA * (seconds - self.call_s))
+        self.calls.note(seconds)
         if self.slow != was_slow and self._max_batch_size:
             self.capacity = self.max_concurrency * max(self.batch_limit, 1) + self.max_queue
 

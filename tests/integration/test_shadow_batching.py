@@ -21,7 +21,13 @@ from gateway.dataplane.protocol import InferRequest, decode_inputs, decode_respo
 from gateway.dataplane.recorder import _outcome
 from gateway.errors import ConfigError, UpstreamClientError
 from gateway.mirror.batching import IncompatibleBatch, batch_signature, combine, split_outputs
-from gateway.mirror.shadow import RESOLVE_SLICE, SLOW_LANE_ROWS, ShadowLane, ShadowResult
+from gateway.mirror.shadow import (
+    RESOLVE_SLICE,
+    SLOW_LANE_ROWS,
+    CallTime,
+    ShadowLane,
+    ShadowResult,
+)
 from gateway.rest.inference import ROUTES
 from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from tests.conftest import GatewayFactory, fraud_body
@@ -367,6 +373,16 @@ async def test_a_slow_lane_sends_few_rows_per_call_and_sheds_the_rest() -> None:
     for _ in range(20):
         await lane.submit(row(1, 1), "shadow")
     assert not lane.slow and lane.batch_limit == 16 and lane.capacity == 24
+    # A machine so busy that the route's served calls take 100 ms too: 0.5 s calls are 5x
+    # those, not a slow challenger; 20x (2.5 s) is.
+    served = CallTime()
+    served.note(0.1)
+    busy = lane_for(upstream, "lane-busy", batch_max_rows=16, batch_max_wait_ms=2.0,
+                    served=served)
+    busy.calls.note(0.5)
+    assert not busy.slow
+    busy.calls.seconds = 2.5
+    assert busy.slow
 
 
 async def test_a_batch_answer_resolves_its_copies_in_slices() -> None:
