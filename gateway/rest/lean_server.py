@@ -86,7 +86,7 @@ class Headers(dict[str, str]):
 
     __slots__ = ()
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return dict.get(self, key.lower(), default)
 
 
@@ -595,8 +595,9 @@ class LeanSite(web.BaseSite):
 
     @property
     def port(self) -> int:
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
+        sockets = getattr(self._server, "sockets", None)  # asyncio's and uvloop's servers
+        if sockets:
+            return int(sockets[0].getsockname()[1])
         return self._port
 
     async def start(self) -> None:
