@@ -31,6 +31,7 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
     from aiohttp import web
 
     from gateway.app import create_app
+    from gateway.rest.lean_server import run
     from gateway.rpc.server import install_grpc
 
     try:
@@ -52,10 +53,8 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         app.on_startup.append(mark_started)
     if config.listen.grpc_port:
         install_grpc(app, host, config.listen.grpc_port, config.listen.max_body_bytes)
-    web.run_app(
-        app, host=host, port=port, reuse_port=worker is not None,
-        access_log=None, print=None, shutdown_timeout=30,
-    )
+    run(app, config.listen.server, host, port, reuse_port=worker is not None or None,
+        shutdown_timeout=30)
 
 
 DEFAULT_CONFIG_PATH = "configs/gateway.yaml"

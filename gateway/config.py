@@ -85,6 +85,10 @@ class ListenConfig:
     grpc_port: int = 8081
     # The largest request body (HTTP) or request message (gRPC) accepted.
     max_body_bytes: int = 8 * 1024 * 1024
+    # Which HTTP server answers the client port: "lean" serves inference and health from an
+    # httptools protocol (gateway/rest/lean_server.py) and hands every other path to aiohttp on
+    # the same connection; "aiohttp" serves everything from aiohttp (the former server).
+    server: str = "lean"
 
 
 @dataclass(frozen=True)
@@ -471,6 +475,8 @@ def parse_config(
     if "grpc_port" in data["listen"] and data["listen"]["grpc_port"] is None:
         data["listen"]["grpc_port"] = 0  # null disables gRPC, like 0
     listen = _build(ListenConfig, data["listen"], "listen")
+    _check(listen.server in ("lean", "aiohttp"),
+           f"listen.server: must be lean or aiohttp, got {listen.server!r}")
     _check(0 <= listen.grpc_port <= 65535, "listen.grpc_port: must be a port number (0 disables)")
     _check(listen.grpc_port == 0 or listen.grpc_port != listen.port,
            f"listen.grpc_port: {listen.grpc_port} is also listen.port; gRPC needs its own port")

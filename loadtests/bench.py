@@ -300,6 +300,14 @@ class Bench:
             self.run_row(Row("nginx-mirror", "nginx mirror (1 mirror)", "baseline"),
                          lambda r: self.measure(r, nginx.url + f"/v2/models/{ROUTE}/infer",
                                                 cpu_pids=lambda: nginx_pids(nginx)))
+            # nginx's mirror subrequest is header-only: its proxy stops reading the mirror's
+            # answer after the header, so that upstream connection closes (strace: ~1 connect
+            # per request despite `keepalive`). proxy_store makes it read the whole answer, the
+            # one stock way to keep the mirror's connection alive (at a file write per copy).
+            self.run_row(Row("nginx-mirror-kept",
+                             "nginx mirror, mirror kept alive (proxy_store)", "baseline"),
+                         lambda r: self.measure(r, nginx.url + f"/v2/models/{ROUTE}-kept/infer",
+                                                cpu_pids=lambda: nginx_pids(nginx)))
             self.run_row(Row("nginx-plain", "nginx proxy (no mirror)", "baseline"),
                          lambda r: self.measure(r, nginx.url + f"/v2/models/{ROUTE}-plain/infer",
                                                 cpu_pids=lambda: nginx_pids(nginx)))

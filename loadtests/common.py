@@ -365,6 +365,12 @@ http {{
     location = /v2/models/{route}/infer {{ mirror /mirror; mirror_request_body on;
                          proxy_pass http://up/v2/models/{champion}/infer;
                          proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    location = /mirror-kept {{ internal; proxy_pass http://up/v2/models/{shadow}/infer;
+                         proxy_http_version 1.1; proxy_set_header Connection "";
+                         proxy_store {work}/mirror-store/answer; }}
+    location = /v2/models/{route}-kept/infer {{ mirror /mirror-kept; mirror_request_body on;
+                         proxy_pass http://up/v2/models/{champion}/infer;
+                         proxy_http_version 1.1; proxy_set_header Connection ""; }}
     location = /v2/models/{route}-plain/infer {{
                          proxy_pass http://up/v2/models/{champion}/infer;
                          proxy_http_version 1.1; proxy_set_header Connection ""; }}
@@ -396,6 +402,7 @@ class Nginx:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         self.port = self.port or free_port()
         self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "mirror-store").mkdir(exist_ok=True)
         conf = self.work / "nginx.conf"
         conf.write_text(NGINX_CONF.format(
             workers=self.workers, work=self.work, upstream=self.upstream, host=HOST,

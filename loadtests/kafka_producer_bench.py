@@ -12,6 +12,11 @@ off only while the sink's memory queue is deep, so the number is the sink's sust
 
 Also printed: the mean cost of one `emit()` call, and the worst event-loop stall seen by a 1 ms
 ticker during the run (what a client request would have waited behind the sink).
+
+`--raw` measures aiokafka alone instead, in alternating rounds: `send()` per record (what
+KafkaSink does: a key hash, partitioner and accumulator append per record) against
+`create_batch()`/`append()`/`send_batch()` (one partition choice per batch), as CPU µs per
+record and records/s, acks=all and idempotent both: the evidence for batching the sink.
 """
 
 from __future__ import annotations
@@ -119,6 +124,49 @@ async def bench(bootstrap: str, args: argparse.Namespace) -> None:
           f"spill backlog at flush: {spilled} B (replayed before the clock stopped)")
 
 
+async def raw_producer(bootstrap: str, args: argparse.Namespace) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    rng = random.Random(7)
+    templates = [make_value(i, args.size, rng) for i in range(1000)]
+    keys = [f"bench-{i:08d}".encode() for i in range(args.records)]
+    for mode in ("send", "batch") * args.rounds:
+        topic = f"understudy.rawbench.{mode}.{time.time_ns()}"
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                    enable_idempotence=True, linger_ms=args.linger_ms,
+                                    compression_type=None if args.compression == "none"
+                                    else args.compression)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"warm-up", key=b"w")
+            partitions = sorted(await producer.partitions_for(topic))
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            futures = []
+            if mode == "send":
+                for i in range(args.records):
+                    futures.append(await producer.send(topic, templates[i % 1000], key=keys[i]))
+                    if i % args.chunk == args.chunk - 1:
+                        await asyncio.sleep(0)
+            else:
+                i = turn = 0
+                while i < args.records:
+                    batch = producer.create_batch()
+                    while i < args.records and batch.append(
+                            key=keys[i], value=templates[i % 1000], timestamp=None) is not None:
+                        i += 1
+                    batch.close()
+                    futures.append(await producer.send_batch(
+                        batch, topic, partition=partitions[turn % len(partitions)]))
+                    turn += 1
+                    await asyncio.sleep(0)
+            await asyncio.gather(*futures)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        finally:
+            await producer.stop()
+        print(f"{mode:5}: {args.records / wall:,.0f} records/s, "
+              f"{cpu / args.records * 1e6:.1f} us CPU/record (this process)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", help="an existing broker; default: start a throwaway one")
@@ -129,9 +177,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=500, help="records emitted per loop turn")
     parser.add_argument("--max-queue", type=int, default=20_000,
                         help="back off while the sink holds more than this in memory")
+    parser.add_argument("--raw", action="store_true",
+                        help="aiokafka alone: send() per record vs create_batch/send_batch")
+    parser.add_argument("--rounds", type=int, default=2, help="--raw: rounds of each mode")
     args = parser.parse_args()
+    run = raw_producer if args.raw else bench
     if args.bootstrap:
-        asyncio.run(bench(args.bootstrap, args))
+        asyncio.run(run(args.bootstrap, args))
         return
     broker = load_broker()
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +192,7 @@ def main() -> None:
         print(f"started kafka {state.version} at {state.bootstrap} "
               f"in {time.monotonic() - began:.1f}s")
         try:
-            asyncio.run(bench(state.bootstrap, args))
+            asyncio.run(run(state.bootstrap, args))
         finally:
             broker.stop(Path(tmp) / "kafka")
 

@@ -13,11 +13,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.backends.file_sink import segment_paths
 from gateway.config import GatewayConfig, parse_config
+from gateway.rest.lean_server import Serving, start_serving
 from gateway.rpc.server import GRPC_PORT, install_grpc
 
 pytest_plugins = ["tests.support.triton", "tests.support.kafka"]
@@ -39,7 +39,7 @@ class GatewayHandle:
     url: str
     app: web.Application
     config: GatewayConfig
-    server: TestServer
+    server: Serving
     session: aiohttp.ClientSession
     grpc_target: str | None = None  # host:port of the gRPC service, when started with grpc=True
 
@@ -95,9 +95,9 @@ async def make_gateway(triton: Any, tmp_path: Path) -> AsyncIterator[GatewayFact
         app = create_app(config)
         if grpc:
             install_grpc(app, "127.0.0.1", 0, config.listen.max_body_bytes)
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server()
-        handle = GatewayHandle(str(server.make_url("")).rstrip("/"), app, config, server,
+        # The configured server (`listen.server`, lean by default) on a real socket.
+        server = await start_serving(app, config.listen.server, "127.0.0.1", 0)
+        handle = GatewayHandle(server.url, app, config, server,
                                aiohttp.ClientSession(),
                                f"127.0.0.1:{app[GRPC_PORT]}" if grpc else None)
         handles.append(handle)

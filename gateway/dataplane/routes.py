@@ -21,7 +21,7 @@ from gateway.config import (
 from gateway.dataplane.protocol import TensorSpec, parse_metadata_inputs
 from gateway.errors import NotFound
 from gateway.explore.policies import Policy, build_policy
-from gateway.mirror.shadow import ShadowLane
+from gateway.mirror.shadow import CallTime, ShadowLane
 from gateway.upstream.client import TritonUpstream
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class RouteRuntime:
     # recorder.
     registry_version: int = 0
     experiments: dict[str, tuple[str, float]] = field(default_factory=dict)  # (id, sample_rate)
+    # The served calls' smoothed service time (noted by the data plane): the lanes compare theirs
+    # with it to tell a slow challenger from a busy machine (gateway/mirror/shadow.py).
+    served_call: CallTime = field(default_factory=CallTime)
 
     @property
     def name(self) -> str:
@@ -72,10 +75,12 @@ class RouteTable:
         policy = build_policy(config.policy, salt=config.name)
         if previous is not None and previous.config.policy == config.policy:
             policy.load_state(previous.policy.state())
+        served_call = previous.served_call if previous is not None else CallTime()
         self._routes[config.name] = runtime = RouteRuntime(
             config=config,
             policy=policy,
-            lanes=self._lanes(config, previous),
+            lanes=self._lanes(config, previous, served_call),
+            served_call=served_call,
             champion_inputs=(
                 previous.champion_inputs
                 if previous is not None and previous.config.champion == config.champion
@@ -97,7 +102,8 @@ class RouteTable:
     def remove(self, name: str) -> None:
         self._routes.pop(name, None)
 
-    def _lanes(self, config: RouteConfig, previous: RouteRuntime | None) -> dict[str, ShadowLane]:
+    def _lanes(self, config: RouteConfig, previous: RouteRuntime | None,
+               served_call: CallTime) -> dict[str, ShadowLane]:
         lanes: dict[str, ShadowLane] = {}
         champion_timeout = 0
         for ch in config.challengers:
@@ -113,6 +119,7 @@ class RouteTable:
                 max_concurrency=ch.max_concurrency, max_queue=ch.max_queue,
                 timeout_ms=ch.timeout_ms, batch_max_rows=ch.batch_max_rows,
                 batch_max_wait_ms=ch.batch_max_wait_ms, latency_probe_every=ch.latency_probe_every,
+                served=served_call,
             )
         # Under exploration the champion may not be served; it is then scored as a copy too.
         champion = config.champion
@@ -125,7 +132,7 @@ class RouteTable:
                 timeout_ms=max(champion_timeout, int(self.upstream.timeout_s * 1000)),
                 role="champion", batch_max_rows=DEFAULT_BATCH_MAX_ROWS,
                 batch_max_wait_ms=DEFAULT_BATCH_MAX_WAIT_MS,
-                latency_probe_every=DEFAULT_LATENCY_PROBE_EVERY,
+                latency_probe_every=DEFAULT_LATENCY_PROBE_EVERY, served=served_call,
             )
         return lanes
 

@@ -119,6 +119,7 @@ class InferenceService:
             raise
         if fallback is not None:
             served_model = fallback
+        runtime.served_call.note(response.latency_s)  # the yardstick of slow shadow lanes
         elapsed = time.perf_counter() - started
         served = ShadowResult("ok", response.latency_s, response)
         copies = self._dispatch_copies(runtime, request, served_model)

@@ -37,6 +37,31 @@ log = logging.getLogger(__name__)
 
 # After a failed config fetch, copies go singly and the next copy retries after this long.
 CONFIG_RETRY_S = 30.0
+# Slow-lane isolation. A lane whose calls take SLOW_CALL_WINDOWS batching windows or more, and
+# SLOW_VS_SERVED times the route's served calls or more (smoothed service times: under machine
+# load both grow, so a normal lane does not turn "slow"), batches at most SLOW_LANE_ROWS rows per
+# call: each answer then resolves a few copies, not a burst that holds the event loop while
+# champion requests wait behind it; a slow challenger gets fewer copies (the rest are shed, as
+# when a lane is full) instead of delaying the champion. A batch answer's copies are resolved
+# RESOLVE_SLICE per loop iteration.
+SLOW_CALL_WINDOWS = 20
+SLOW_VS_SERVED = 20
+SLOW_LANE_ROWS = 4
+RESOLVE_SLICE = 4
+_CALL_EWMA = 0.2  # weight of the newest call in the smoothed service time
+
+
+class CallTime:
+    """A smoothed call service time in seconds (0.0 until the first call)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def note(self, seconds: float) -> None:
+        self.seconds = seconds if not self.seconds else (
+            self.seconds + _CALL_EWMA * (seconds - self.seconds))
 
 
 @dataclass(slots=True)
@@ -88,6 +113,7 @@ class ShadowLane:
         batch_max_rows: int = 1,
         batch_max_wait_ms: float = 0.0,
         latency_probe_every: int = 0,
+        served: CallTime | None = None,
     ) -> None:
         self.upstream = upstream
         self.role = role
@@ -105,6 +131,9 @@ class ShadowLane:
         self.batch_wait_s = batch_max_wait_ms / 1000
         self.latency_probe_every = latency_probe_every
         self._batchable_copies = 0
+        # Slow-lane isolation: this lane's smoothed call time, and the route's served calls'.
+        self.calls = CallTime()
+        self.served = served or CallTime()
         self._slots = asyncio.Semaphore(max_concurrency)
         self._admitted = 0
         upstream.pool(self.pool_name, limit=max_concurrency, model=model)
@@ -177,7 +206,24 @@ class ShadowLane:
         if self.batch_max_rows <= 1 or not self._max_batch_size:
             return 0
         limit = min(self.batch_max_rows, self._max_batch_size)
+        if self.slow:
+            limit = min(limit, SLOW_LANE_ROWS)
         return limit if limit > 1 else 0
+
+    @property
+    def slow(self) -> bool:
+        """Calls take far longer than the batching window and the route's served calls (see
+        SLOW_CALL_WINDOWS)."""
+        mine = self.calls.seconds
+        return (mine > SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
+                and mine > SLOW_VS_SERVED * self.served.seconds)
+
+    def _note_call(self, seconds: float) -> None:
+        """Smooth the lane's call time; entering or leaving "slow" resizes its admission."""
+        was_slow = self.slow
+        self.calls.note(seconds)
+        if self.slow != was_slow and self._max_batch_size:
+            self.capacity = self.max_concurrency * max(self.batch_limit, 1) + self.max_queue
 
     async def load_batching_config(self) -> int:
         """Fetch the model's max_batch_size now (normally fetched lazily by the first copy);
@@ -284,6 +330,7 @@ class ShadowLane:
         loop = asyncio.get_running_loop()
         rows = sum(c.rows for c in batch)
         fallback = False
+        called = time.perf_counter()
         try:
             if len(batch) == 1:
                 request = batch[0].request
@@ -306,6 +353,7 @@ class ShadowLane:
                 timeout_s=max(max(c.deadline for c in batch) - loop.time(), 0.001),
             )
         except (TimeoutError, UpstreamTimeout):
+            self._note_call(time.perf_counter() - called)  # a lower bound: it is slow
             for copy in batch:
                 self._resolve(copy, self._timed_out(copy))
         except Exception as exc:
@@ -318,6 +366,7 @@ class ShadowLane:
                 self._resolve(batch[0], ShadowResult(
                     "error", _since(batch[0].called, time.perf_counter()), error=message))
         else:
+            self._note_call(resp.latency_s)
             if len(batch) == 1:
                 self._resolve(batch[0], ShadowResult("ok", resp.latency_s, resp, batch_rows=rows))
             else:
@@ -338,12 +387,20 @@ class ShadowLane:
                         self.route, self.model, exc)
             return False
         version = decoded.get("model_version")
-        for copy, outputs in zip(batch, parts, strict=True):
-            self._resolve(copy, ShadowResult(
-                "ok", resp.latency_s, outputs=outputs, batch_rows=rows,
-                model_version=str(version) if version not in (None, "") else None,
-            ))
+        results = [(copy, ShadowResult(
+            "ok", resp.latency_s, outputs=outputs, batch_rows=rows,
+            model_version=str(version) if version not in (None, "") else None,
+        )) for copy, outputs in zip(batch, parts, strict=True)]
+        self._resolve_slices(results)
         return True
+
+    def _resolve_slices(self, results: list[tuple[_Copy, ShadowResult]]) -> None:
+        """Resolve RESOLVE_SLICE copies now and the rest on later loop iterations, so a batch
+        answer's records never arrive as one burst ahead of the champion requests waiting."""
+        for copy, result in results[:RESOLVE_SLICE]:
+            self._resolve(copy, result)
+        if len(results) > RESOLVE_SLICE:
+            asyncio.get_running_loop().call_soon(self._resolve_slices, results[RESOLVE_SLICE:])
 
     async def _single(self, copy: _Copy, *, from_batch: bool = False) -> None:
         """This copy alone, within its own deadline: a copy that is not batched, or the
@@ -365,9 +422,12 @@ class ShadowLane:
                         copy.request.header_length, pool=self.pool_name,
                         timeout_s=max(copy.deadline - loop.time(), 0.001),
                     )
+            self._note_call(resp.latency_s)
             result = ShadowResult("ok", resp.latency_s, resp,
                                   batch_rows=copy.rows if from_batch else None)
         except (TimeoutError, UpstreamTimeout):
+            if copy.called is not None:
+                self._note_call(time.perf_counter() - copy.called)
             result = self._timed_out(copy)
         except GatewayError as exc:
             result = ShadowResult("error", _since(copy.called, started), error=exc.message)

@@ -1,7 +1,10 @@
 """aiohttp handlers: the thin HTTP adapter over the transport-independent core.
 
 Errors are mapped to KServe-style `{"error": "..."}` bodies in exactly one place,
-`error_middleware`; handlers and the core raise `GatewayError` subclasses.
+`error_reply` (used by `error_middleware` here and by the lean server,
+gateway/rest/lean_server.py, which answers inference and health itself); handlers and the core
+raise `GatewayError` subclasses. With `listen.server: lean` (the default) these handlers still
+answer every other path, and inference too when a request needs aiohttp (`Expect`, odd paths).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from gateway.rest.feedback import FeedbackService
 from gateway.upstream.client import TritonUpstream
 
 log = logging.getLogger(__name__)
+
+TRITON_NOT_READY = "Triton is not ready"
 
 SERVICE = web.AppKey("service", InferenceService)
 ROUTES = web.AppKey("routes", RouteTable)
@@ -47,25 +52,37 @@ def _error_response(
     )
 
 
+def error_reply(exc: GatewayError, method: str, path: str) -> tuple[bytes, dict[str, str]]:
+    """The JSON body and headers a `GatewayError` is answered with, by either HTTP server
+    (aiohttp's middleware below, gateway/rest/lean_server.py): the one place errors map."""
+    headers = {}
+    if (request_id := getattr(exc, "request_id", None)) is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    if (served := getattr(exc, "served_model", None)) is not None:
+        headers["X-Served-Model"] = served
+    headers.update(getattr(exc, "headers", None) or {})  # e.g. the admin API's WWW-Authenticate
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", method, path, exc.status, exc.message)
+    return error_body(exc.message), headers
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The 413 for a request body over `listen.max_body_bytes` (both HTTP servers)."""
+    return PayloadTooLarge(
+        f"request body exceeds the limit of {limit} bytes (listen.max_body_bytes)"
+    )
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as exc:
-        headers = {}
-        if (request_id := getattr(exc, "request_id", None)) is not None:
-            headers[REQUEST_ID_HEADER] = request_id
-        if (served := getattr(exc, "served_model", None)) is not None:
-            headers["X-Served-Model"] = served
-        headers.update(getattr(exc, "headers", None) or {})  # e.g. the admin API's WWW-Authenticate
-        if exc.status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        return _error_response(exc.status, exc.message, headers)
+        body, headers = error_reply(exc, request.method, request.path)
+        return web.Response(body=body, status=exc.status, content_type="application/json",
+                            headers=headers)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[MAX_BODY]
-        error = PayloadTooLarge(
-            f"request body exceeds the limit of {limit} bytes (listen.max_body_bytes)"
-        )
+        error = body_too_large(request.app[MAX_BODY])
         return _error_response(error.status, error.message)
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
@@ -103,7 +120,7 @@ async def health_live(_: web.Request) -> web.Response:
 async def health_ready(request: web.Request) -> web.Response:
     if await request.app[CATALOG].server_ready():
         return web.Response(status=200)
-    return _error_response(503, "Triton is not ready")
+    return _error_response(503, TRITON_NOT_READY)
 
 
 async def server_metadata(request: web.Request) -> web.Response:

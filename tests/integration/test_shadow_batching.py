@@ -4,6 +4,7 @@ whole path (gateway HTTP -> batched shadow copies -> real Triton -> records)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,13 @@ from gateway.dataplane.protocol import InferRequest, decode_inputs, decode_respo
 from gateway.dataplane.recorder import _outcome
 from gateway.errors import ConfigError, UpstreamClientError
 from gateway.mirror.batching import IncompatibleBatch, batch_signature, combine, split_outputs
-from gateway.mirror.shadow import ShadowLane, ShadowResult
+from gateway.mirror.shadow import (
+    RESOLVE_SLICE,
+    SLOW_LANE_ROWS,
+    CallTime,
+    ShadowLane,
+    ShadowResult,
+)
 from gateway.rest.inference import ROUTES
 from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from tests.conftest import GatewayFactory, fraud_body
@@ -256,6 +263,7 @@ class FakeUpstream(TritonUpstream):
         self.calls: list[int] = []  # rows per call, in call order
         self.started = asyncio.Event()
         self.gate: asyncio.Event | None = None
+        self.latency_s = 0.001  # the service time each answer reports
 
     def pool(self, name: str, limit: int | None = None, *, model: str | None = None) -> Any:
         return None  # no sockets: infer is faked
@@ -278,7 +286,8 @@ class FakeUpstream(TritonUpstream):
         answer = {"model_name": model, "model_version": "7", "outputs": [
             {"name": "y", "datatype": "FP64", "shape": [x.shape[0], 1],
              "data": x.sum(axis=1).tolist()}]}
-        return UpstreamResponse(200, orjson.dumps(answer), "application/json", None, 0.001)
+        return UpstreamResponse(200, orjson.dumps(answer), "application/json", None,
+                                self.latency_s)
 
 
 def lane_for(upstream: FakeUpstream, route: str, **kwargs: Any) -> ShadowLane:
@@ -332,6 +341,69 @@ async def test_copies_queued_behind_a_busy_slot_coalesce() -> None:
     assert lane.admitted == 0
     assert batch_rows_metric("lane-coalesce") == 8
     assert batch_rows_metric("lane-coalesce", "count") == 4
+
+
+async def test_a_slow_lane_sends_few_rows_per_call_and_sheds_the_rest() -> None:
+    """Calls 250x the batching window: the lane caps rows per call (SLOW_LANE_ROWS) and its
+    admission shrinks to match, so a slow challenger gets fewer copies, never a big batch
+    whose answer resolves a burst of records while champion requests wait."""
+    upstream = FakeUpstream()
+    upstream.latency_s = 0.5
+    lane = lane_for(upstream, "lane-slow", batch_max_rows=16, batch_max_wait_ms=2.0,
+                    max_queue=8)
+    assert await lane.load_batching_config() == 16 and lane.capacity == 24
+    upstream.gate = asyncio.Event()
+    first = lane.submit(row(0, 0), "shadow")
+    await upstream.started.wait()  # its call holds the only slot
+    upstream.gate.set()
+    assert (await first).status == "ok"
+    assert lane.slow and lane.batch_limit == SLOW_LANE_ROWS
+    assert lane.capacity == SLOW_LANE_ROWS + 8
+    upstream.gate = asyncio.Event()
+    upstream.started.clear()
+    copies = [lane.submit(row(i, 1), "shadow") for i in range(20)]
+    upstream.gate.set()
+    results = await asyncio.gather(*copies)
+    statuses = [r.status for r in results]
+    assert statuses.count("ok") == SLOW_LANE_ROWS + 8 and statuses.count("shed") == 8
+    assert upstream.calls[1:] == [SLOW_LANE_ROWS] * 3
+    assert lane.admitted == 0
+    # Fast again: back to full batches and admission.
+    upstream.latency_s = 0.001
+    for _ in range(20):
+        await lane.submit(row(1, 1), "shadow")
+    assert not lane.slow and lane.batch_limit == 16 and lane.capacity == 24
+    # A machine so busy that the route's served calls take 100 ms too: 0.5 s calls are 5x
+    # those, not a slow challenger; 20x (2.5 s) is.
+    served = CallTime()
+    served.note(0.1)
+    busy = lane_for(upstream, "lane-busy", batch_max_rows=16, batch_max_wait_ms=2.0,
+                    served=served)
+    busy.calls.note(0.5)
+    assert not busy.slow
+    busy.calls.seconds = 2.5
+    assert busy.slow
+
+
+async def test_a_batch_answer_resolves_its_copies_in_slices() -> None:
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-slices", batch_max_rows=16, max_queue=32)
+    assert await lane.load_batching_config() == 16
+    upstream.gate = asyncio.Event()
+    first = lane.submit(row(0, 0), "shadow")
+    await upstream.started.wait()
+    copies = [lane.submit(row(i, 1), "shadow") for i in range(12)]
+    upstream.gate.set()
+    await first
+    seen = []
+    while not all(c.done() for c in copies):
+        seen.append(sum(c.done() for c in copies))
+        await asyncio.sleep(0)
+    assert upstream.calls == [1, 12]
+    # Never more than RESOLVE_SLICE copies of the answer resolved in one loop iteration.
+    steps = [b - a for a, b in itertools.pairwise([*seen, 12])]
+    assert max(steps) <= RESOLVE_SLICE and len([s for s in steps if s]) >= 12 // RESOLVE_SLICE
+    assert [score(await c) for c in copies] == [[float(i + 1)] for i in range(12)]
 
 
 async def test_model_max_batch_size_caps_rows_and_zero_disables_batching() -> None:

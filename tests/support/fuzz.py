@@ -19,12 +19,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from gateway.app import create_app
 from gateway.config import parse_config
+from gateway.rest.lean_server import start_serving
 from tests.conftest import read_stream
 from understudy.record_schema import record_problems
 
@@ -78,17 +78,14 @@ class FuzzGateway:
 
 def _serve(config: Any, ready: threading.Event, box: dict[str, Any]) -> None:
     async def main() -> None:
-        runner = web.AppRunner(create_app(config))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        box["port"] = runner.addresses[0][1]
+        serving = await start_serving(create_app(config), config.listen.server, "127.0.0.1", 0)
+        box["port"] = serving.port
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         box["stop"] = lambda: loop.call_soon_threadsafe(stop.set)
         ready.set()
         await stop.wait()
-        await runner.cleanup()  # like SIGTERM: drain shadows, flush the sink
+        await serving.close()  # like SIGTERM: drain shadows, flush the sink
 
     try:
         asyncio.run(main())
