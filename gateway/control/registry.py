@@ -329,6 +329,13 @@ class Registry:
 
     # -- reads ------------------------------------------------------------------------------
 
+    def state(self, name: str) -> RouteState | None:
+        """This replica's current state of a route (None: never seen)."""
+        return self._states.get(name)
+
+    def states(self) -> list[RouteState]:
+        return list(self._states.values())
+
     def list_routes(self) -> list[dict[str, Any]]:
         return [route_view(s) for _, s in sorted(self._states.items()) if s.config is not None]
 
@@ -535,6 +542,14 @@ class Registry:
 
         state = await self._change(actor, "rollback", name, build, expected, None)
         return route_view(state)
+
+    async def change(
+        self, actor: Actor, action: str, route: str, build: Build, expected: int | None,
+        request: Mapping[str, Any] | None,
+    ) -> RouteState:
+        """A change built outside this module (the rollout controller's steps), with the same
+        validation, compare-and-set and audit as every other change."""
+        return await self._change(actor, action, route, build, expected, request)
 
     async def _change(
         self,

@@ -54,6 +54,7 @@ MIN_TOKEN_LENGTH = 16
 REGISTRY = web.AppKey("registry", Registry)
 AUDIT = web.AppKey("audit", AuditLog)
 ACTOR = web.RequestKey("admin_actor", Actor)
+ADMIN_APP = web.AppKey("admin_app", web.Application)  # the /admin sub-app, for more endpoints
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -398,6 +399,7 @@ def install_admin(
     admin = build_admin_app(registry, auth)
     admin[MAX_BODY] = config.listen.max_body_bytes  # error_middleware reads it from request.app
     app[REGISTRY] = registry
+    app[ADMIN_APP] = admin
     app.add_subapp("/admin", admin)
 
     async def registry_ctx(_: web.Application) -> AsyncIterator[None]:
