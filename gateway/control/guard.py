@@ -37,6 +37,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import special
 
 BET_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
 RATIO_GRID_MAX = 1e4
@@ -48,17 +53,16 @@ def null_share(p: float, margin: float = 1.0) -> float:
     return p * margin / (p * margin + (1.0 - p))
 
 
-def log_wealth(k: float, n: float, q0: float,
-               fractions: Sequence[float] = BET_FRACTIONS) -> float:
-    """log of the mixture wealth after n bad events, k of them the challenger's."""
-    if n <= 0:
-        return 0.0
-    terms = []
-    for c in fractions:
-        win = math.log1p(c * (1.0 / q0 - 1.0))
-        terms.append(k * win + (n - k) * math.log1p(-c))
-    top = max(terms)
-    return top + math.log(sum(math.exp(t - top) for t in terms) / len(terms))
+def log_wealth(k: ArrayLike, n: ArrayLike, q0: float,
+               fractions: Sequence[float] = BET_FRACTIONS) -> Any:
+    """log of the mixture wealth after n bad events, k of them the challenger's (element-wise
+    over arrays of counts, for simulations; a float for scalars)."""
+    kk = np.asarray(k, dtype=np.float64)
+    nn = np.asarray(n, dtype=np.float64)
+    c = np.asarray(fractions, dtype=np.float64).reshape((-1,) + (1,) * kk.ndim)
+    terms = kk * np.log1p(c * (1.0 / q0 - 1.0)) + (nn - kk) * np.log1p(-c)
+    out = special.logsumexp(terms, axis=0) - math.log(len(fractions))
+    return float(out) if out.ndim == 0 else out
 
 
 def ratio_lower_bound(k: float, n: float, p: float, alpha: float) -> float:
