@@ -45,6 +45,7 @@ from gateway.config import (
     parse_route,
 )
 from gateway.control.audit import CONFIG_ACTOR, Actor, AuditLog, new_entry
+from gateway.control.plan import rollout_problem
 from gateway.control.state import (
     MAX_HISTORY,
     READ_ONLY_KEYS,
@@ -570,7 +571,8 @@ class Registry:
                         "changed since you read it; re-read it and retry"
                     )
                 config, history = build(base)
-                problem = exploration_problem(config) if config is not None else None
+                problem = (rollout_problem(config) or exploration_problem(config)
+                           if config is not None else None)
                 if problem is not None:
                     raise InvalidChange(problem)
                 await self._validate(route, config, base.config if base is not None else None)

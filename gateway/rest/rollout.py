@@ -16,7 +16,7 @@ from gateway.config import GatewayConfig
 from gateway.control.rollout import RolloutController
 from gateway.dataplane.recorder import Recorder
 from gateway.dataplane.routes import RouteTable
-from gateway.rest.admin import ACTOR, ADMIN_APP, REGISTRY, _body, _expected_version, _json
+from gateway.rest.admin import ACTOR, REGISTRY, _body, _expected_version, _json
 
 CONTROLLER = web.AppKey("rollout_controller", RolloutController)
 
@@ -43,21 +43,23 @@ async def abort_rollout(request: web.Request) -> web.Response:
     return _json(view)
 
 
+def add_rollout_endpoints(admin: web.Application) -> None:
+    """Register the endpoints on the `/admin` sub-app (`install_admin(endpoints=...)`)."""
+    admin.router.add_post("/routes/{route}/rollout", start_rollout)
+    admin.router.add_get("/routes/{route}/rollout", rollout_status)
+    admin.router.add_delete("/routes/{route}/rollout", abort_rollout)
+
+
 def install_rollout(
     app: web.Application, config: GatewayConfig, routes: RouteTable, recorder: Recorder,
     *, tick_s: float = 0.25,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Add the rollout endpoints to the installed `/admin` sub-app and feed the controller
-    every record; returns its cleanup context (place it after the reward bus's: the
-    controller starts once the bus has replayed its history)."""
+    """The controller, fed every record; call after `install_admin` (it needs the registry).
+    Returns its cleanup context: place it after the reward bus's, so the controller starts
+    once the bus has replayed its history."""
     controller = RolloutController(app[REGISTRY], routes,
                                    webhook_url=config.admin.rollout_webhook_url, tick_s=tick_s)
-    admin = app[ADMIN_APP]
-    admin[CONTROLLER] = controller
-    app[CONTROLLER] = controller
-    admin.router.add_post("/routes/{route}/rollout", start_rollout)
-    admin.router.add_get("/routes/{route}/rollout", rollout_status)
-    admin.router.add_delete("/routes/{route}/rollout", abort_rollout)
+    app[CONTROLLER] = controller  # the handlers find it through request.config_dict
     recorder.observers.append(controller.observe)
 
     async def rollout_ctx(_: web.Application) -> AsyncIterator[None]:
