@@ -371,6 +371,8 @@ class RolloutController:
         action = "rollout_rollback" if status == "rolled_back" else "rollout_complete"
         new = await self.registry.change(ROLLOUT_ACTOR, action, state.name, build, state.version,
                                          {"model": plan.target, "reason": reason})
+        if not await self._won(new):
+            return
         metrics.child(metrics.ROLLOUT_TRANSITIONS, state.name, status).inc()
         metrics.child(metrics.ROLLOUT_FRACTION, state.name).set(0.0)
         (log.warning if status == "rolled_back" else log.info)(
@@ -379,7 +381,9 @@ class RolloutController:
         promoted: str | None = None
         if status == "completed":
             try:
-                await self.registry.promote(ROLLOUT_ACTOR, state.name, plan.target, new.version)
+                # No expected version: a racing replica's identical completion may have landed
+                # after ours (Kafka store); promote refuses a second promotion by itself.
+                await self.registry.promote(ROLLOUT_ACTOR, state.name, plan.target)
                 promoted = plan.target
             except GatewayError as exc:
                 log.error("rollout: route '%s' passed every step but promoting %s was refused "
@@ -390,6 +394,18 @@ class RolloutController:
             "reason": reason, "evidence": dict(evidence), "promoted": promoted, "at": now,
             "replica": self.registry.replica,
         })
+
+    async def _won(self, mine: RouteState) -> bool:
+        """Whether our transition is the route's latest. The file store's compare-and-set lets
+        one writer through per version; the Kafka store's is last-writer-wins within the
+        window of a write, so a replica whose transition was overtaken leaves the side effects
+        (promotion, webhook) to the one that landed last."""
+        latest = await self.registry.store.latest(mine.name)
+        if latest is not None and latest.change_id != mine.change_id:
+            log.info("rollout: route '%s': another replica's change landed after ours (version "
+                     "%d); it acts", mine.name, latest.version)
+            return False
+        return True
 
     def _notify(self, event: dict[str, Any]) -> None:
         if self._session is None or not self.webhook_url:
