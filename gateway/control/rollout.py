@@ -33,7 +33,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -318,59 +318,60 @@ class RolloutController:
                       f"{worst.challenger_events:g} of {worst.events:g} bad events from "
                       f"{plan.target} (expected share {worst.share_null:.3f}); rate ratio >= "
                       f"{worst.ratio_lower:.2f} at alpha {plan.alpha:g}")
-            await self._finish(state, "rolled_back", reason, evidence, now)
+            await self._finish(state, plan, "rolled_back", reason, evidence, now)
             return
         enough = ev.served["challenger"] >= plan.min_requests and ev.threshold_ms is not None
         if not enough or now - plan.step_started_at < plan.min_seconds:
             return
         if plan.last_step:
-            await self._finish(state, "completed", "every step passed its guards", evidence, now)
+            await self._finish(state, plan, "completed", "every step passed its guards",
+                               evidence, now)
             return
-        await self._advance(state, evidence, now)
+        await self._advance(state, plan, evidence, now)
 
-    def _same_step(self, base: RouteState | None, route: str, plan: RolloutPlan
-                   ) -> RouteConfig:
-        config, current = _running(base, route)
-        if (current.id, current.step) != (plan.id, plan.step):
-            raise Conflict(f"rollout of route '{route}' already left step {plan.step}")
-        return config
-
-    async def _advance(self, state: RouteState, evidence: Mapping[str, Any], now: float) -> None:
+    async def _transition(self, state: RouteState, action: str,
+                          make: Callable[[RouteConfig, RolloutPlan], RouteConfig],
+                          request: Mapping[str, Any]) -> RouteState:
+        """One controller change, compare-and-set on the version the decision was made at,
+        and only while the rollout is still at the step that was judged."""
         assert state.config is not None
         assert state.config.rollout is not None
         plan = state.config.rollout
 
         def build(base: RouteState | None) -> Built:
-            config = self._same_step(base, state.name, plan)
+            config, current = _running(base, state.name)
+            if (current.id, current.step) != (plan.id, plan.step):
+                raise Conflict(f"rollout of route '{state.name}' already left step {plan.step}")
             assert base is not None
-            nxt = replace(plan, step=plan.step + 1, step_started_at=now, evidence=dict(evidence))
-            policy = replace(config.policy, fraction=nxt.fraction)
-            return _valid(replace(config, policy=policy, rollout=nxt)), base.history
+            return _valid(make(config, plan)), base.history
 
-        new = await self.registry.change(
-            ROLLOUT_ACTOR, "rollout_step", state.name, build, state.version,
-            {"model": plan.target, "step": plan.step + 1,
-             "percent": plan.guarded_steps[plan.step + 1]})
+        return await self.registry.change(ROLLOUT_ACTOR, action, state.name, build,
+                                          state.version, request)
+
+    async def _advance(self, state: RouteState, plan: RolloutPlan,
+                       evidence: Mapping[str, Any], now: float) -> None:
+        def make(config: RouteConfig, plan: RolloutPlan) -> RouteConfig:
+            nxt = replace(plan, step=plan.step + 1, step_started_at=now, evidence=dict(evidence))
+            return replace(config, policy=replace(config.policy, fraction=nxt.fraction),
+                           rollout=nxt)
+
+        percent = plan.guarded_steps[plan.step + 1]
+        new = await self._transition(state, "rollout_step", make,
+                                     {"model": plan.target, "step": plan.step + 1,
+                                      "percent": percent})
         metrics.child(metrics.ROLLOUT_TRANSITIONS, state.name, "advanced").inc()
         log.info("rollout: route '%s' advanced %s to %g%% (version %d)", state.name,
-                 plan.target, plan.guarded_steps[plan.step + 1], new.version)
+                 plan.target, percent, new.version)
 
-    async def _finish(self, state: RouteState, status: str, reason: str,
+    async def _finish(self, state: RouteState, plan: RolloutPlan, status: str, reason: str,
                       evidence: Mapping[str, Any], now: float) -> None:
         """Roll back or complete: restore the route (one CAS change), then, on completion,
         promote through the registry's ordinary promote path."""
-        assert state.config is not None
-        assert state.config.rollout is not None
-        plan = state.config.rollout
-
-        def build(base: RouteState | None) -> Built:
-            config = self._same_step(base, state.name, plan)
-            assert base is not None
-            return _valid(_ended(config, plan, status, reason, evidence, now)), base.history
-
         action = "rollout_rollback" if status == "rolled_back" else "rollout_complete"
-        new = await self.registry.change(ROLLOUT_ACTOR, action, state.name, build, state.version,
-                                         {"model": plan.target, "reason": reason})
+        new = await self._transition(
+            state, action, lambda config, plan: _ended(config, plan, status, reason, evidence,
+                                                       now),
+            {"model": plan.target, "reason": reason})
         if not await self._won(new):
             return
         metrics.child(metrics.ROLLOUT_TRANSITIONS, state.name, status).inc()
