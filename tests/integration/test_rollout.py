@@ -283,3 +283,35 @@ async def test_kafka_replicas_survive_a_restart_and_agree_on_each_step(
     # transition may land twice, identically; the promotion happens once all the same.
     assert applied.count("promote") == 1, applied
     assert applied.count("rollout_step") >= 1 and applied.count("rollout_complete") >= 1
+
+
+async def test_labels_that_say_the_challenger_is_wrong_roll_it_back(
+        make_gateway: GatewayFactory, tokens: dict[str, str]) -> None:
+    """The reward guard, through /v2/feedback: labels agree with the champion's predictions and
+    contradict every one of the challenger's ("correct" rewards), so its loss rate is 1 against
+    the champion's 0."""
+    gw = await make_gateway(V3_V4)
+    status, view, _ = await call(gw, "POST", "/routes/fraud/rollout", tokens["write"],
+                                 {"model": "fraud_v4", "steps": [25, 100],
+                                  "min_requests": 100_000, "min_seconds": 0})
+    assert status == 201, view
+    rng = np.random.default_rng(8)
+    for round_ in range(20):
+        labels = []
+        for i in range(20):
+            request_id = f"l{round_}-{i}"
+            rows = rng.random((1, 8)).astype(np.float32).tolist()
+            resp = await gw.post_json("/v2/models/fraud/infer", fraud_body(rows, request_id))
+            score = json.loads(await resp.read())["outputs"][0]["data"][0]
+            predicted = int(score >= 0.5)
+            wrong = resp.headers["X-Served-Model"] == "fraud_v4"
+            labels.append({"request_id": request_id, "label": 1 - predicted if wrong
+                           else predicted})
+        await asyncio.sleep(0.2)  # the records (served scores) complete in the background
+        assert (await gw.post_json("/v2/feedback", labels)).status == 200
+        await asyncio.sleep(0.5)  # the reward bus applies events as it reads them back
+        view = (await call(gw, "GET", "/routes/fraud/rollout", tokens["read"]))[1]
+        if view["status"] != "running":
+            break
+    assert view["status"] == "rolled_back", view
+    assert view["reason"].startswith("reward guard breached at 25%"), view["reason"]
