@@ -173,6 +173,55 @@ def cmd_audit(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
     return payload, "\n".join(format_audit(e.raw) for e in entries) or "no audit entries"
 
 
+def format_rollout(view: dict[str, Any]) -> str:
+    steps = ", ".join(f"{s:g}" for s in view.get("steps") or ())
+    lines = [f"rollout {view.get('id')} of {view['target']} on route {view['route']}: "
+             f"{view['status']} at {view['percent']:g}% (steps {steps}; route version "
+             f"{view['version']})"]
+    if view.get("reason"):
+        lines.append(f"  {view['reason']}")
+    live = view.get("live") or view.get("evidence") or {}
+    if live:
+        served = live.get("served") or {}
+        errors = live.get("errors") or {}
+        lines.append(f"  served     challenger {served.get('challenger', 0)}  champion "
+                     f"{served.get('champion', 0)}   (needs {view['min_requests']} on the "
+                     f"challenger and {view['min_seconds']:g}s per step)")
+        lines.append(f"  errors     challenger {errors.get('challenger', 0)}  champion "
+                     f"{errors.get('champion', 0)}   latency threshold "
+                     f"{live.get('latency_threshold_ms') or '-'} ms")
+        for guard in live.get("guards") or ():
+            lines.append(f"  guard {guard['guard']:<8} e-value {guard['e_value']:.3g} "
+                         f"(breach at {1 / view['alpha']:g})  rate ratio >= "
+                         f"{guard['ratio_lower_bound']:.2f}"
+                         f"{'  BREACHED' if guard['breached'] else ''}")
+    return "\n".join(lines)
+
+
+def _steps(raw: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in raw.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps: percents such as 5,25,50,100, not {raw!r}"
+                                         ) from None
+
+
+def cmd_rollout(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    if args.first in ("status", "abort"):
+        if args.second is None:
+            raise UsageError(f"rollout {args.first} needs the route: rollout {args.first} ROUTE")
+        rollout = (client.rollout(args.second) if args.first == "status"
+                   else client.abort_rollout(args.second, expected_version=args.expected_version))
+        return rollout.raw, format_rollout(dict(rollout.raw))
+    if args.second is None:
+        raise UsageError("name the challenger to roll out: rollout ROUTE MODEL [--steps ...]")
+    rollout = client.start_rollout(args.first, args.second, steps=args.steps,
+                                   min_requests=args.min_requests, min_seconds=args.min_seconds,
+                                   alpha=args.alpha, expected_version=args.expected_version)
+    return rollout.raw, (f"{format_rollout(dict(rollout.raw))}\n(follow it: python -m gateway "
+                         f"rollout status {args.first}; stop it: rollout abort {args.first})")
+
+
 def _exit_code(exc: AdminError) -> ExitCode:
     if isinstance(exc, Unreachable):
         return ExitCode.UNREACHABLE
@@ -281,6 +330,26 @@ def add_admin_commands(sub: Any) -> None:
     policy.add_argument("--reward", choices=("correct", "label", "reward"),
                         help="what a posted label rewards an arm with")
     policy.set_defaults(func=_run(cmd_policy))
+
+    rollout = sub.add_parser(
+        "rollout", parents=[common, writes],
+        help="move live traffic to a challenger in guarded steps (rollout ROUTE MODEL), or "
+             "show or stop it (rollout status|abort ROUTE)")
+    rollout.add_argument("first", metavar="ROUTE|status|abort",
+                         help="the route to roll out on, or status / abort")
+    rollout.add_argument("second", nargs="?", metavar="MODEL|ROUTE",
+                         help="the challenger to roll out (or the route after status / abort)")
+    rollout.add_argument("--steps", type=_steps,
+                         help="percents of traffic per step, e.g. 5,25,50,100 (the default); "
+                              "passing the last step promotes the challenger")
+    rollout.add_argument("--min-requests", type=int,
+                         help="requests the challenger must serve in a step before it advances "
+                              "(default 200)")
+    rollout.add_argument("--min-seconds", type=float,
+                         help="shortest duration of a step in seconds (default 60)")
+    rollout.add_argument("--alpha", type=float,
+                         help="each guard's false-rollback rate per step (default 0.01)")
+    rollout.set_defaults(func=_run(cmd_rollout))
 
     audit = sub.add_parser("audit", parents=[common], help="recent admin changes, newest first")
     audit.add_argument("--route", help="only this route")

@@ -35,6 +35,7 @@ from gateway.rest.inference import (
     add_routes,
     error_middleware,
 )
+from gateway.rest.rollout import add_rollout_endpoints, install_rollout
 from gateway.upstream.client import TritonUpstream
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,11 @@ def create_app(
 
     # Control plane: challenger registry + /admin API (gateway/rest/admin.py). Its context starts
     # after the sink (audit entries go there) and stops before it.
-    registry_ctx = install_admin(app, config, routes, sink)
+    registry_ctx = install_admin(app, config, routes, sink, endpoints=[add_rollout_endpoints])
+    # Guarded rollouts (gateway/control/rollout.py): after the reward bus replayed its history.
+    rollout_ctx = install_rollout(app, config, routes, recorder)
 
-    app.cleanup_ctx.extend([upstream_ctx, sink_ctx, registry_ctx, learner_ctx, recorder_ctx])
+    app.cleanup_ctx.extend([upstream_ctx, sink_ctx, registry_ctx, learner_ctx, rollout_ctx,
+                            recorder_ctx])
     add_routes(app)
     return app

@@ -15,11 +15,12 @@ from typing import Any, Literal
 
 import yaml
 
+from gateway.control.plan import RolloutPlan, parse_plan, rollout_problem
 from gateway.errors import ConfigError
 
-PolicyType = Literal["champion", "epsilon_greedy", "thompson"]
+PolicyType = Literal["champion", "epsilon_greedy", "thompson", "rollout"]
 ChallengerMode = Literal["shadow", "explore"]
-POLICY_TYPES: tuple[str, ...] = ("champion", "epsilon_greedy", "thompson")
+POLICY_TYPES: tuple[str, ...] = ("champion", "epsilon_greedy", "thompson", "rollout")
 CHALLENGER_MODES: tuple[str, ...] = ("shadow", "explore")
 MIN_LOG_SAMPLE_RATE = 0.01
 # Shadow micro-batching (gateway/mirror/batching.py): rows per Triton call, and how long the first
@@ -138,6 +139,8 @@ class AdminConfig:
     feedback_token_env: str = "UNDERSTUDY_FEEDBACK_TOKEN"  # noqa: S105 - a name, not a secret
     # Who wins at start when the YAML's routes differ from the live registry (docs/ADMIN.md).
     source_of_truth: Literal["registry", "config"] = "registry"
+    # POSTed a JSON event when a guarded rollout rolls back or completes (docs/ADMIN.md).
+    rollout_webhook_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,10 @@ class PolicyConfig:
     prior_beta: float = 1.0
     sticky_header: str | None = None
     reward: Literal["correct", "label", "reward"] = "correct"
+    # type "rollout" only (set by the rollout controller, gateway/control/rollout.py): the
+    # challenger that serves `fraction` of the requests.
+    target: str | None = None
+    fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,7 @@ class RouteConfig:
     fallback: str | None = None
     threshold: float = 0.5
     task: Literal["classification", "regression"] = "classification"
+    rollout: RolloutPlan | None = None  # the route's current or last guarded rollout
 
     def challenger(self, model: str) -> ChallengerConfig | None:
         return next((c for c in self.challengers if c.model == model), None)
@@ -315,6 +323,8 @@ def parse_policy(raw: Any, where: str) -> PolicyConfig:
     _check(0.0 <= policy.epsilon <= 1.0, f"{where}.epsilon: must be in [0, 1]")
     _check(policy.prior_alpha > 0 and policy.prior_beta > 0, f"{where}: priors must be > 0")
     _check(policy.reward in ("correct", "label", "reward"), f"{where}.reward: correct|label|reward")
+    _check(policy.type != "rollout" or (bool(policy.target) and 0.0 < policy.fraction < 1.0),
+           f"{where}: a rollout policy needs a target and a fraction in (0, 1)")
     return policy
 
 
@@ -343,7 +353,7 @@ def parse_route(name: str, raw: Any) -> RouteConfig:
         fallback is None or fallback in models[1:],
         f"{where}.fallback: {fallback!r} is not one of the route's challengers",
     )
-    return RouteConfig(
+    route = RouteConfig(
         name=name,
         champion=champion,
         challengers=challengers,
@@ -353,7 +363,11 @@ def parse_route(name: str, raw: Any) -> RouteConfig:
         fallback=fallback,
         threshold=float(raw.get("threshold", 0.5)),
         task=_task(raw.get("task", "classification"), where),
+        rollout=parse_plan(raw.get("rollout"), f"{where}.rollout"),
     )
+    problem = rollout_problem(route)
+    _check(problem is None, f"{where}.rollout: {problem}")
+    return route
 
 
 def _task(value: Any, where: str) -> Literal["classification", "regression"]:

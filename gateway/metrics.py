@@ -218,6 +218,25 @@ REGISTRY_CHANGES = Counter(
     ["route", "action"],
 )
 
+ROLLOUT_FRACTION = Gauge(
+    "understudy_rollout_fraction",
+    "Share of a route's requests served by the challenger of its running guarded rollout "
+    "(0 when none runs).",
+    ["route"],
+)
+ROLLOUT_TRANSITIONS = Counter(
+    "understudy_rollout_transitions",
+    "Guarded-rollout transitions made by this replica: started, advanced, completed, "
+    "rolled_back, aborted.",
+    ["route", "event"],
+)
+ROLLOUT_EVALUE = Gauge(
+    "understudy_rollout_evalue",
+    "E-value of harm per guard (errors, latency, reward) in the current rollout step; the step "
+    "rolls back when it reaches 1/alpha.",
+    ["route", "guard"],
+)
+
 
 @functools.cache
 def child(family: Family, *labels: str) -> Family:

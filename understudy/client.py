@@ -1,8 +1,9 @@
 """A Python client for the gateway's admin API (`/admin/...`), with typed results and errors.
 
-`python -m gateway challengers|promote|rollback|policy|audit` is built on it, so a script that
-imports `AdminClient` makes exactly the calls the CLI makes. It is synchronous and uses only the
-standard library: one request per call, no event loop, importable where aiohttp is not installed.
+`python -m gateway challengers|promote|rollback|policy|rollout|audit` is built on it, so a
+script that imports `AdminClient` makes exactly the calls the CLI makes. It is synchronous and
+uses only the standard library: one request per call, no event loop, importable where aiohttp is
+not installed.
 
     from understudy.client import AdminClient
     client = AdminClient("http://127.0.0.1:8080", token="...")
@@ -134,6 +135,32 @@ class AuditEntry:
                    str(data.get("outcome")), data)
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """A route's current or last guarded rollout (`GET /admin/routes/{route}/rollout`).
+
+    `status` is running|completed|rolled_back|aborted; `percent` the target's share of traffic
+    in the current step; `live` this replica's evidence for the running step (guards included).
+    """
+
+    route: str
+    model: str
+    status: str
+    step: int
+    percent: float
+    steps: tuple[float, ...]
+    reason: str | None
+    version: int
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Rollout:
+        return cls(str(data["route"]), str(data["target"]), str(data["status"]),
+                   int(data["step"]), float(data["percent"]),
+                   tuple(float(s) for s in data.get("steps") or ()), data.get("reason"),
+                   int(data["version"]), data)
+
+
 def _quote(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
 
@@ -210,6 +237,26 @@ class AdminClient:
                    **settings: Any) -> Route:
         body = {"type": policy_type, **_pick(settings, POLICY_FIELDS)}
         return self._route_call("PUT", f"/routes/{_quote(route)}/policy", body, expected_version)
+
+    def start_rollout(self, route: str, model: str, *, steps: tuple[float, ...] | None = None,
+                      min_requests: int | None = None, min_seconds: float | None = None,
+                      alpha: float | None = None, expected_version: int | None = None
+                      ) -> Rollout:
+        """Move live traffic to `model` in guarded steps (percents, e.g. (5, 25, 50, 100))."""
+        body = {"model": model, **_pick({"steps": list(steps) if steps else None,
+                                         "min_requests": min_requests,
+                                         "min_seconds": min_seconds, "alpha": alpha},
+                                        ("steps", "min_requests", "min_seconds", "alpha"))}
+        return Rollout.from_json(self.call("POST", f"/routes/{_quote(route)}/rollout", body,
+                                           expected_version=expected_version))
+
+    def rollout(self, route: str) -> Rollout:
+        return Rollout.from_json(self.call("GET", f"/routes/{_quote(route)}/rollout"))
+
+    def abort_rollout(self, route: str, *, expected_version: int | None = None) -> Rollout:
+        """Stop a running rollout: the champion serves every request again."""
+        return Rollout.from_json(self.call("DELETE", f"/routes/{_quote(route)}/rollout",
+                                           expected_version=expected_version))
 
     # -- transport ------------------------------------------------------------------------
 

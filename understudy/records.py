@@ -10,7 +10,7 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     route            str, the logical endpoint the client called
     registry_version int, the route's registry version whose config served the request
                      (optional: absent in records written before it existed)
-    policy           {"type": "champion"|"epsilon_greedy"|"thompson", ...its parameters}
+    policy           {"type": "champion"|"epsilon_greedy"|"thompson"|"rollout", ...its parameters}
     served           {"model": str, "version": str}   the arm whose answer the client got
     propensity       float in (0, 1], probability the policy gave the served arm at decision time
     arms             {model: probability} for every arm the policy chose among (champion policy:

@@ -45,6 +45,7 @@ from gateway.config import (
     parse_route,
 )
 from gateway.control.audit import CONFIG_ACTOR, Actor, AuditLog, new_entry
+from gateway.control.plan import rollout_problem
 from gateway.control.state import (
     MAX_HISTORY,
     READ_ONLY_KEYS,
@@ -329,6 +330,13 @@ class Registry:
 
     # -- reads ------------------------------------------------------------------------------
 
+    def state(self, name: str) -> RouteState | None:
+        """This replica's current state of a route (None: never seen)."""
+        return self._states.get(name)
+
+    def states(self) -> list[RouteState]:
+        return list(self._states.values())
+
     def list_routes(self) -> list[dict[str, Any]]:
         return [route_view(s) for _, s in sorted(self._states.items()) if s.config is not None]
 
@@ -536,6 +544,14 @@ class Registry:
         state = await self._change(actor, "rollback", name, build, expected, None)
         return route_view(state)
 
+    async def change(
+        self, actor: Actor, action: str, route: str, build: Build, expected: int | None,
+        request: Mapping[str, Any] | None,
+    ) -> RouteState:
+        """A change built outside this module (the rollout controller's steps), with the same
+        validation, compare-and-set and audit as every other change."""
+        return await self._change(actor, action, route, build, expected, request)
+
     async def _change(
         self,
         actor: Actor,
@@ -555,7 +571,8 @@ class Registry:
                         "changed since you read it; re-read it and retry"
                     )
                 config, history = build(base)
-                problem = exploration_problem(config) if config is not None else None
+                problem = (rollout_problem(config) or exploration_problem(config)
+                           if config is not None else None)
                 if problem is not None:
                     raise InvalidChange(problem)
                 await self._validate(route, config, base.config if base is not None else None)

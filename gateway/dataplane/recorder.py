@@ -129,6 +129,9 @@ class Recorder:
         self._copies_in_flight: set[asyncio.Future[ShadowResult]] = set()
         self._worker: asyncio.Task[None] | None = None
         self.seen = RecentIds()
+        # Called with every record built (sampled out of the log or not), e.g. by the rollout
+        # controller's guards; off the request path like the rest of the recorder.
+        self.observers: list[Callable[[Mapping[str, Any]], None]] = []
         self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
         self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
@@ -186,6 +189,8 @@ class Recorder:
             self.seen.add(ctx.request_id)
             record = self.build(ctx, {model: _result(f) for model, f in copies.items()})
             self._observe(ctx, record)
+            for observe in self.observers:
+                observe(record)
             if self.on_explored is not None and ctx.status == 200 and (
                 ctx.runtime.config.policy.type != "champion"
             ):

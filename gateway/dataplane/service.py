@@ -102,7 +102,9 @@ class InferenceService:
                 request, config.champion.model, await self.routes.champion_inputs(runtime)
             )
             if config.policy.type != "champion":
-                decision = runtime.policy.decide(config.explore_arms, key, self.rng)
+                # A rollout is sticky by request id when the route names no sticky header.
+                sticky = key if key is not None or config.policy.type != "rollout" else request_id
+                decision = runtime.policy.decide(config.explore_arms, sticky, self.rng)
                 served_model = decision.arm
                 policy_type = config.policy.type
                 metrics.child(metrics.ARM_SELECTIONS, route_name, served_model, policy_type).inc()

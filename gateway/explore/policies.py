@@ -511,6 +511,10 @@ def build_policy(config: PolicyConfig, salt: str = "") -> Policy:
         return EpsilonGreedy(config.epsilon, salt=salt)
     if config.type == "thompson":
         return ThompsonSampling(config.prior_alpha, config.prior_beta, salt=salt)
+    if config.type == "rollout":
+        from gateway.explore.rollout import RolloutPolicy  # lazily: it subclasses _StatsPolicy
+
+        return RolloutPolicy(str(config.target), config.fraction, salt=salt)
     raise ValueError(f"unknown policy type {config.type!r}")
 
 

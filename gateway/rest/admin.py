@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -382,6 +382,7 @@ def install_admin(
     *,
     store_factory: Callable[[GatewayConfig], RegistryStore] = build_store,
     env: Mapping[str, str] | None = None,
+    endpoints: Sequence[Callable[[web.Application], None]] = (),
 ) -> CleanupCtx:
     """Wire the control plane into the gateway app: registry, audit, `/admin` sub-app.
 
@@ -398,6 +399,8 @@ def install_admin(
     admin = build_admin_app(registry, auth)
     admin[MAX_BODY] = config.listen.max_body_bytes  # error_middleware reads it from request.app
     app[REGISTRY] = registry
+    for add_endpoints in endpoints:  # more /admin endpoints (e.g. gateway/rest/rollout.py)
+        add_endpoints(admin)
     app.add_subapp("/admin", admin)
 
     async def registry_ctx(_: web.Application) -> AsyncIterator[None]:

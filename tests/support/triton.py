@@ -1,8 +1,8 @@
 """Session-wide real Triton for the test suite (registered via pytest_plugins in conftest.py).
 
 One tritonserver on free ports serves the demo models (deploy/triton/models) and the test-only
-ones (tests/triton_models: fraud_sleepy, fraud_faulty, fraud_wide, typed_echo). Tests use
-`triton.url`.
+ones (tests/triton_models: fraud_sleepy, fraud_faulty, fraud_flaky, fraud_wide, typed_echo).
+Tests use `triton.url`.
 """
 
 from __future__ import annotations
