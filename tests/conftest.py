@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.backends.file_sink import segment_paths
