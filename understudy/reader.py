@@ -1,0 +1,306 @@
+"""Records as the evaluator reads them: raw log lines -> typed `Inference` / `Label` values.
+
+The gateway writes the TypedDicts of understudy/records.py; this module reads them back with
+the same vocabulary (understudy/vocabulary.py), strictly where a record would be useless
+without a field and leniently where the schema grew over time:
+
+- Required (a record without them is bad, `RecordError` with a counted reason): a JSON object,
+  schema_version 1, a known kind; for inferences a non-empty `request_id`, finite `ts`, a
+  non-empty `route`, `outputs` an object of objects (and `inputs` an object when present); for
+  labels a non-empty `request_id` and the values `understudy.labels.label_values` accepts.
+- Everything else is read as unknown when missing or malformed, never as a bad record: older
+  records lack the v1 additions (`registry_version`, `experiment`, `sample_rate`, `reward`,
+  `received_ts`, `protocol`), and a malformed optional value must not cost the whole record.
+
+For a well-formed record `to_record()` gives back exactly what the gateway wrote, which is how
+tests/unit/test_contract_records.py proves the two sides agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import orjson
+
+from understudy.labels import LabelError, finite_number, label_values
+from understudy.records import SCHEMA_VERSION, InferenceRecord, LabelRecord, ModelOutcome, Tensor
+from understudy.vocabulary import (
+    MODES,
+    OUTCOME_STATUSES,
+    ROLES,
+    TASKS,
+    TRANSPORTS,
+    Mode,
+    OutcomeStatus,
+    Role,
+    Task,
+    Transport,
+)
+
+AUDIT_KIND: Final = "audit"  # audit entries share the log format; the evaluator skips them
+
+
+class RecordError(ValueError):
+    """A record the evaluator cannot use. `reason` is the counter it is stored under."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One model's answer to one request. `mode` None: a mode this release does not know."""
+
+    role: Role
+    mode: Mode | None
+    version: str
+    status: OutcomeStatus
+    latency_ms: float | None
+    outputs: dict[str, Tensor] | None
+    error: str | None = None
+    batch_rows: int | None = None  # set: shared a micro-batched call (latency not comparable)
+    experiment: str | None = None  # challengers only
+    sample_rate: float | None = None  # challengers only
+
+    @property
+    def single_call_latency_ms(self) -> float | None:
+        """The latency when the call carried this request alone (else None: not comparable)."""
+        return None if self.batch_rows is not None else self.latency_ms
+
+    def to_record(self) -> ModelOutcome:
+        outcome: ModelOutcome = {
+            "role": self.role, "mode": self.mode or "shadow", "version": self.version,
+            "status": self.status, "latency_ms": self.latency_ms, "outputs": self.outputs,
+            "error": self.error,
+        }
+        if self.batch_rows is not None:
+            outcome["batch_rows"] = self.batch_rows
+        if self.experiment is not None:
+            outcome["experiment"] = self.experiment
+        if self.sample_rate is not None:
+            outcome["sample_rate"] = self.sample_rate
+        return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """One served request. Optional fields are None when absent or malformed."""
+
+    request_id: str
+    ts: float
+    route: str
+    policy: dict[str, Any]
+    served_model: str
+    served_version: str
+    propensity: float | None
+    arms: dict[str, float | None]
+    key: str | None
+    inputs: dict[str, Tensor]
+    outcomes: dict[str, Outcome]
+    status: int  # the HTTP status the client got; 0 when the record has none
+    gateway_latency_ms: float | None
+    registry_version: int | None = None
+    task: Task | None = None
+    error: str | None = None
+    fallback: bool = False
+    protocol: Transport | None = None
+
+    @property
+    def policy_type(self) -> str:
+        return str(self.policy.get("type") or "")
+
+    def to_record(self) -> InferenceRecord:
+        """The record as the gateway wrote it (exact for a well-formed record)."""
+        record: InferenceRecord = {
+            "schema_version": SCHEMA_VERSION, "kind": "inference",
+            "request_id": self.request_id, "ts": self.ts, "route": self.route,
+            "policy": self.policy,
+            "served": {"model": self.served_model, "version": self.served_version},
+            "propensity": _or_nan(self.propensity),
+            "arms": {m: _or_nan(p) for m, p in self.arms.items()}, "key": self.key,
+            "inputs": self.inputs,
+            "outputs": {m: o.to_record() for m, o in self.outcomes.items()},
+            "status": self.status, "gateway_latency_ms": _or_nan(self.gateway_latency_ms),
+        }
+        if self.registry_version is not None:
+            record["registry_version"] = self.registry_version
+        if self.task is not None:
+            record["task"] = self.task
+        if self.error is not None:
+            record["error"] = self.error
+        if self.fallback:
+            record["fallback"] = True
+        if self.protocol is not None:
+            record["protocol"] = self.protocol
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """Ground truth (or a reward) for one row of one request."""
+
+    request_id: str
+    label: float | None
+    reward: float | None
+    event_time: float
+    received_ts: float
+    index: int = 0
+
+    def to_record(self) -> LabelRecord:
+        record: LabelRecord = {
+            "schema_version": SCHEMA_VERSION, "kind": "label", "request_id": self.request_id,
+            "label": self.label, "reward": self.reward, "event_time": self.event_time,
+            "received_ts": self.received_ts,
+        }
+        if self.index:
+            record["index"] = self.index
+        return record
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _one_of(value: object, words: tuple[str, ...]) -> str | None:
+    return value if isinstance(value, str) and value in words else None
+
+
+def _int(value: object) -> int | None:
+    """A JSON integer (not a boolean), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: object) -> str | None:
+    """A non-empty string, else None."""
+    return value if isinstance(value, str) and value else None
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """One log line -> its JSON object, schema version checked; RecordError when unusable."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # Other producers (Python's json) may write NaN/Infinity literals orjson refuses.
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise RecordError("malformed_json", f"not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    version = obj.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RecordError("unsupported_schema_version",
+                          f"schema_version {version!r} (this evaluator reads {SCHEMA_VERSION})")
+    return obj
+
+
+def read_record(raw: bytes, clock: Callable[[], float]) -> Inference | Label | None:
+    """One log line -> an Inference or a Label; None for an audit entry (not evaluated).
+
+    `clock` dates a label that carries neither `received_ts` nor `event_time`.
+    """
+    obj = decode(raw)
+    kind = obj.get("kind")
+    if kind == "inference":
+        return read_inference(obj)
+    if kind == "label":
+        return read_label(obj, clock)
+    if kind == AUDIT_KIND:
+        return None
+    raise RecordError("unknown_kind", f"unknown kind {kind!r}")
+
+
+def read_outcome(raw: Mapping[str, Any]) -> Outcome:
+    """One entry of `outputs`: unknown words read as the safe side (an error, a challenger)."""
+    status = _one_of(raw.get("status"), OUTCOME_STATUSES) or "error"
+    role = _one_of(raw.get("role"), ROLES) or "challenger"
+    batch_rows = raw.get("batch_rows")
+    outputs = raw.get("outputs")
+    error = raw.get("error")
+    return Outcome(
+        role=cast(Role, role),
+        mode=cast("Mode | None", _one_of(raw.get("mode"), MODES)),
+        version=str(raw.get("version") or ""),
+        status=cast(OutcomeStatus, status),
+        # a batch_rows the reader cannot read may still mean a shared call: no latency then
+        latency_ms=None if batch_rows is not None and _int(batch_rows) is None
+        else finite_number(raw.get("latency_ms")),
+        outputs=outputs if isinstance(outputs, dict) else None,
+        error=error if isinstance(error, str) else None,
+        batch_rows=_int(batch_rows),
+        experiment=_text(raw.get("experiment")),
+        sample_rate=finite_number(raw.get("sample_rate")),
+    )
+
+
+def read_inference(obj: Mapping[str, Any]) -> Inference:
+    """An inference record's object -> Inference; RecordError("invalid_inference") if unusable."""
+    rid = obj.get("request_id")
+    if not isinstance(rid, str) or not rid:
+        raise RecordError("invalid_inference", "request_id must be a non-empty string")
+    ts = finite_number(obj.get("ts"))
+    if ts is None:
+        raise RecordError("invalid_inference", f"{rid}: ts must be unix seconds")
+    route = obj.get("route")
+    if not isinstance(route, str) or not route:
+        raise RecordError("invalid_inference", f"{rid}: route must be a non-empty string")
+    outputs = obj.get("outputs")
+    inputs = obj.get("inputs") or {}
+    if not isinstance(outputs, dict) or not isinstance(inputs, dict):
+        raise RecordError("invalid_inference", f"{rid}: inputs/outputs must be objects")
+    outcomes: dict[str, Outcome] = {}
+    for model, raw in outputs.items():
+        if not isinstance(raw, dict):
+            raise RecordError("invalid_inference", f"{rid}: outputs[{model!r}] is not an object")
+        outcomes[str(model)] = read_outcome(raw)
+    policy = obj.get("policy")
+    served = obj.get("served")
+    served = served if isinstance(served, dict) else {}
+    arms = obj.get("arms")
+    key = obj.get("key")
+    status = obj.get("status")
+    error = obj.get("error")
+    return Inference(
+        request_id=rid, ts=ts, route=route,
+        policy=policy if isinstance(policy, dict) else {},
+        served_model=str(served.get("model") or ""),
+        served_version=str(served.get("version") or ""),
+        propensity=finite_number(obj.get("propensity")),
+        arms={str(m): finite_number(p) for m, p in arms.items()} if isinstance(arms, dict)
+        else {},
+        key=key if isinstance(key, str) else None,
+        inputs=inputs,
+        outcomes=outcomes,
+        status=int(status) if isinstance(status, int) else 0,
+        gateway_latency_ms=finite_number(obj.get("gateway_latency_ms")),
+        registry_version=_int(obj.get("registry_version")),
+        task=cast("Task | None", _one_of(obj.get("task"), TASKS)),
+        error=error if isinstance(error, str) else None,
+        fallback=obj.get("fallback") is True,
+        protocol=cast("Transport | None", _one_of(obj.get("protocol"), TRANSPORTS)),
+    )
+
+
+def read_label(obj: Mapping[str, Any], clock: Callable[[], float]) -> Label:
+    """A label record's object -> Label; RecordError("invalid_label") if unusable.
+
+    Times: the receipt time dates the label for last-wins and the join window; without one the
+    event time stands in, and without either the reader's clock.
+    """
+    rid = obj.get("request_id")
+    if not isinstance(rid, str) or not rid:
+        raise RecordError("invalid_label", "request_id must be a non-empty string")
+    try:
+        label, reward, index = label_values(obj.get("label"), obj.get("reward"),
+                                            obj.get("index", 0))
+    except LabelError as exc:
+        raise RecordError("invalid_label", f"{rid}: {exc}") from None
+    received = finite_number(obj.get("received_ts"))
+    event = finite_number(obj.get("event_time"))
+    if received is None:
+        received = event if event is not None else clock()
+    return Label(rid, label, reward, received if event is None else event, received, index)
