@@ -12,10 +12,9 @@ from typing import Literal
 
 import numpy as np
 
-Task = Literal["classification", "regression"]
-
-# Outcome status codes stored in ModelColumn.status (see understudy.records.OutcomeStatus).
-STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "timeout": 2, "shed": 3, "skipped": 4}
+# Outcome status codes stored in ModelColumn.status: the contract's, defined once.
+from understudy.vocabulary import STATUS_CODES as STATUS_CODES
+from understudy.vocabulary import Task as Task
 
 
 @dataclass

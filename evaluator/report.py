@@ -56,6 +56,7 @@ from evaluator.stats.metrics import (
     probability_violations,
 )
 from evaluator.stats.significance import jsonable
+from understudy.vocabulary import POLICY_TYPES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -88,7 +89,7 @@ CORRECTION_LABELS = {"holm": "Holm", "bonferroni": "Bonferroni", "fdr_bh": "BH",
 VERDICTS = ("PROMOTE", "KEEP", "BLOCKED", "INCONCLUSIVE")  # the report counts each one
 # secondary tests whose difference is challenger - champion of a loss (lower is better)
 LOSS_TESTS = ("paired_t_", "wilcoxon_", "rmse_delta")
-KNOWN_POLICY_TYPES = ("champion", "epsilon_greedy", "thompson")
+KNOWN_POLICY_TYPES = POLICY_TYPES
 
 
 # ----------------------------------------------------------------------------------------------

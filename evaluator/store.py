@@ -76,22 +76,23 @@ import numpy as np
 
 from evaluator.config import StoreConfig
 from evaluator.dataset import (
-    STATUS_CODES,
     EvalDataset,
     ExperimentInfo,
     JoinStats,
     ModelColumn,
     Task,
 )
+from understudy.vocabulary import (  # the stored codes, defined once by the contract
+    MODE_NAMES,
+    ROLE_CODES,
+    ROLE_NAMES,
+    STATUS_CODES,
+)
 
 log = logging.getLogger(__name__)
 
 STORE_SCHEMA_VERSION = 2
 DAY = 86400.0
-ROLE_CODES: dict[str, int] = {"champion": 0, "challenger": 1}
-MODE_CODES: dict[str, int] = {"served": 0, "shadow": 1, "explore": 2}
-ROLE_NAMES = {v: k for k, v in ROLE_CODES.items()}
-MODE_NAMES = {v: k for k, v in MODE_CODES.items()}
 SKIPPED = STATUS_CODES["skipped"]
 
 
