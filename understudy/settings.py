@@ -209,7 +209,8 @@ def apply_env(raw: dict[str, Any], sections: Mapping[str, type],
         if is_dataclass(cls):
             for f in fields(cls):
                 default = field_default(f)
-                if is_dataclass(default) and key.startswith(f.name + "_"):
+                if is_dataclass(default) and not isinstance(default, type) \
+                        and key.startswith(f.name + "_"):
                     where = f"{section}.{f.name}"
                     target = _subsection(target, f.name, where)
                     cls, key = type(default), key[len(f.name) + 1:]
