@@ -70,12 +70,13 @@ from evaluator.config import (
 )
 from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats
 from evaluator.store import EmptyDatasetError, Store, StoreError
+from understudy.settings import ADMIN_TOKEN_ENV
 
 log = logging.getLogger("evaluator")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_STALE, EXIT_BLOCKED = 0, 1, 2, 3, 4, 5
 REPORT_FILE = "report.json"
-TOKEN_ENV = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+TOKEN_ENV = ADMIN_TOKEN_ENV
 
 
 def _load(args: argparse.Namespace) -> EvaluatorConfig:

@@ -19,6 +19,7 @@ from gateway.admin_cli import add_admin_commands
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from understudy.cli import EXIT_CODES_HELP, ExitCode, add_version, run
+from understudy.settings import CONFIG_ENV, log_level
 
 log = logging.getLogger("gateway")
 
@@ -66,8 +67,8 @@ def _config_path(given: str | None) -> str | None:
     (as the evaluator does), else the built-in defaults."""
     if given:
         return given
-    if os.environ.get("UNDERSTUDY_CONFIG"):
-        return os.environ["UNDERSTUDY_CONFIG"]
+    if os.environ.get(CONFIG_ENV):
+        return os.environ[CONFIG_ENV]
     return DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None
 
 
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
-        level=os.environ.get("UNDERSTUDY_LOG_LEVEL", "INFO"),
+        level=log_level(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     args = build_parser().parse_args(argv)

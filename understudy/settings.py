@@ -43,7 +43,7 @@ KAFKA_VERSION_ENV: Final = "UNDERSTUDY_KAFKA_VERSION"
 
 NAMED_VARS: Final[dict[str, str]] = {
     CONFIG_ENV: "gateway serve: the YAML config when --config is not given",
-    LOG_LEVEL_ENV: "both programs: the Python log level (DEBUG, INFO, WARNING, ...)",
+    LOG_LEVEL_ENV: "gateway: the Python log level (DEBUG, INFO, WARNING, ...)",
     ADMIN_TOKEN_ENV: "admin API write token (gateway admin.token_env, evaluator "
                      "gateway.token_env, the admin CLI)",
     ADMIN_READ_TOKEN_ENV: "admin API read-only token (admin.read_token_env, "
