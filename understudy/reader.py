@@ -72,18 +72,13 @@ class Outcome:
         return None if self.batch_rows is not None else self.latency_ms
 
     def to_record(self) -> ModelOutcome:
-        outcome: ModelOutcome = {
+        return cast(ModelOutcome, {
             "role": self.role, "mode": self.mode or "shadow", "version": self.version,
             "status": self.status, "latency_ms": self.latency_ms, "outputs": self.outputs,
             "error": self.error,
-        }
-        if self.batch_rows is not None:
-            outcome["batch_rows"] = self.batch_rows
-        if self.experiment is not None:
-            outcome["experiment"] = self.experiment
-        if self.sample_rate is not None:
-            outcome["sample_rate"] = self.sample_rate
-        return outcome
+            **_present(batch_rows=self.batch_rows, experiment=self.experiment,
+                       sample_rate=self.sample_rate),
+        })
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +110,7 @@ class Inference:
 
     def to_record(self) -> InferenceRecord:
         """The record as the gateway wrote it (exact for a well-formed record)."""
-        record: InferenceRecord = {
+        return cast(InferenceRecord, {
             "schema_version": SCHEMA_VERSION, "kind": "inference",
             "request_id": self.request_id, "ts": self.ts, "route": self.route,
             "policy": self.policy,
@@ -125,18 +120,9 @@ class Inference:
             "inputs": self.inputs,
             "outputs": {m: o.to_record() for m, o in self.outcomes.items()},
             "status": self.status, "gateway_latency_ms": _or_nan(self.gateway_latency_ms),
-        }
-        if self.registry_version is not None:
-            record["registry_version"] = self.registry_version
-        if self.task is not None:
-            record["task"] = self.task
-        if self.error is not None:
-            record["error"] = self.error
-        if self.fallback:
-            record["fallback"] = True
-        if self.protocol is not None:
-            record["protocol"] = self.protocol
-        return record
+            **_present(registry_version=self.registry_version, task=self.task, error=self.error,
+                       fallback=True if self.fallback else None, protocol=self.protocol),
+        })
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +137,16 @@ class Label:
     index: int = 0
 
     def to_record(self) -> LabelRecord:
-        record: LabelRecord = {
+        return cast(LabelRecord, {
             "schema_version": SCHEMA_VERSION, "kind": "label", "request_id": self.request_id,
             "label": self.label, "reward": self.reward, "event_time": self.event_time,
-            "received_ts": self.received_ts,
-        }
-        if self.index:
-            record["index"] = self.index
-        return record
+            "received_ts": self.received_ts, **_present(index=self.index or None),
+        })
+
+
+def _present(**optional: object) -> dict[str, object]:
+    """The optional fields that are set (a record leaves the others out)."""
+    return {key: value for key, value in optional.items() if value is not None}
 
 
 def _or_nan(value: float | None) -> float:

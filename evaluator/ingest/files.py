@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluator.config import EvaluatorConfig
-from evaluator.ingest.loop import HANDOFF_S, Progress
+from evaluator.ingest.loop import HANDOFF_S, Ingestor, Progress
 from evaluator.ingest.parse import RecordParser
 from evaluator.store import Batch, Store, StoreLockedError
 from understudy.records import INFERENCES, LABELS
@@ -140,15 +140,12 @@ class FileSource:
         return consumed, True
 
 
-class FileIngestor:
+class FileIngestor(Ingestor):
     """The `run` loop for the file source."""
 
     def __init__(self, config: EvaluatorConfig, store: Store, parser: RecordParser | None = None,
                  progress: Progress | None = None) -> None:
-        self.config = config
-        self.store = store
-        self.parser = parser or RecordParser.from_config(config)
-        self.progress = progress or Progress(config.source.progress_interval_s)
+        super().__init__(config, store, parser, progress)
         self.source = FileSource(config.source.path)
         self._positions: dict[str, str] | None = None
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from evaluator.config import EvaluatorConfig
-from evaluator.ingest.loop import HANDOFF_S, Progress
+from evaluator.ingest.loop import HANDOFF_S, Ingestor, Progress
 from evaluator.ingest.parse import RecordParser
 from evaluator.store import Batch, IngestResult, Store, StoreLockedError
 
@@ -22,15 +22,12 @@ def _kafka_key(topic: str, partition: int) -> str:
     return f"kafka:{topic}:{partition}"
 
 
-class KafkaIngestor:
-    """The `run` loop for the Kafka source (see the module docstring for the offset contract)."""
+class KafkaIngestor(Ingestor):
+    """The `run` loop for the Kafka source (see the package docstring for the offset contract)."""
 
     def __init__(self, config: EvaluatorConfig, store: Store, parser: RecordParser | None = None,
                  progress: Progress | None = None) -> None:
-        self.config = config
-        self.store = store
-        self.parser = parser or RecordParser.from_config(config)
-        self.progress = progress or Progress(config.source.progress_interval_s)
+        super().__init__(config, store, parser, progress)
         self.next_offset: dict[Any, int] = {}  # TopicPartition -> first offset not yet stored
 
     def _consumer(self) -> Any:

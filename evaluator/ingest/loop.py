@@ -7,7 +7,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from evaluator.store import IngestResult
+from evaluator.config import EvaluatorConfig
+from evaluator.ingest.parse import RecordParser
+from evaluator.store import IngestResult, Store
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +55,14 @@ class Progress:
             self.emit(self.line())
             self._last_at = now
             self._last_read = self.read
+
+
+class Ingestor:
+    """What a source's loop starts from: the config, the store, a parser and a progress line."""
+
+    def __init__(self, config: EvaluatorConfig, store: Store, parser: RecordParser | None = None,
+                 progress: Progress | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.parser = parser or RecordParser.from_config(config)
+        self.progress = progress or Progress(config.source.progress_interval_s)
