@@ -23,9 +23,12 @@ class LabelError(ValueError):
 
 
 def finite_number(value: object) -> float | None:
-    """A JSON number or boolean as a finite float, else None (NaN, infinities, huge ints, text)."""
-    if isinstance(value, bool):
-        return float(value)
+    """A JSON number or boolean as a finite float, else None (NaN, infinities, huge ints, text).
+
+    Called several times per record by the evaluator's ingest: plain floats take one branch.
+    """
+    if type(value) is float:
+        return value if math.isfinite(value) else None
     if isinstance(value, int | float):
         try:
             number = float(value)

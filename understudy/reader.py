@@ -41,6 +41,12 @@ from understudy.vocabulary import (
 )
 
 AUDIT_KIND: Final = "audit"  # audit entries share the log format; the evaluator skips them
+# Membership sets, typed as the vocabulary: a string found in one is that Literal.
+_ROLES: Final[frozenset[Role]] = frozenset(ROLES)
+_MODES: Final[frozenset[Mode]] = frozenset(MODES)
+_STATUSES: Final[frozenset[OutcomeStatus]] = frozenset(OUTCOME_STATUSES)
+_TASKS: Final[frozenset[Task]] = frozenset(TASKS)
+_TRANSPORTS: Final[frozenset[Transport]] = frozenset(TRANSPORTS)
 
 
 class RecordError(ValueError):
@@ -51,7 +57,7 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """One model's answer to one request. `mode` None: a mode this release does not know."""
 
@@ -81,7 +87,7 @@ class Outcome:
         })
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inference:
     """One served request. Optional fields are None when absent or malformed."""
 
@@ -125,7 +131,7 @@ class Inference:
         })
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Label:
     """Ground truth (or a reward) for one row of one request."""
 
@@ -151,20 +157,6 @@ def _present(**optional: object) -> dict[str, object]:
 
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
-
-
-def _one_of(value: object, words: tuple[str, ...]) -> str | None:
-    return value if isinstance(value, str) and value in words else None
-
-
-def _int(value: object) -> int | None:
-    """A JSON integer (not a boolean), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _text(value: object) -> str | None:
-    """A non-empty string, else None."""
-    return value if isinstance(value, str) and value else None
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -204,72 +196,69 @@ def read_record(raw: bytes, clock: Callable[[], float]) -> Inference | Label | N
 
 def read_outcome(raw: Mapping[str, Any]) -> Outcome:
     """One entry of `outputs`: unknown words read as the safe side (an error, a challenger)."""
-    status = _one_of(raw.get("status"), OUTCOME_STATUSES) or "error"
-    role = _one_of(raw.get("role"), ROLES) or "challenger"
-    batch_rows = raw.get("batch_rows")
-    outputs = raw.get("outputs")
-    error = raw.get("error")
+    get = raw.get
+    role, mode, status = get("role"), get("mode"), get("status")
+    outputs, error, experiment = get("outputs"), get("error"), get("experiment")
+    batch_rows = get("batch_rows")
+    batched = type(batch_rows) is int
+    # Positional, in field order: this runs for every model of every record the evaluator reads.
     return Outcome(
-        role=cast(Role, role),
-        mode=cast("Mode | None", _one_of(raw.get("mode"), MODES)),
-        version=str(raw.get("version") or ""),
-        status=cast(OutcomeStatus, status),
+        role if type(role) is str and role in _ROLES else "challenger",
+        mode if type(mode) is str and mode in _MODES else None,
+        str(get("version") or ""),
+        status if type(status) is str and status in _STATUSES else "error",
         # a batch_rows the reader cannot read may still mean a shared call: no latency then
-        latency_ms=None if batch_rows is not None and _int(batch_rows) is None
-        else finite_number(raw.get("latency_ms")),
-        outputs=outputs if isinstance(outputs, dict) else None,
-        error=error if isinstance(error, str) else None,
-        batch_rows=_int(batch_rows),
-        experiment=_text(raw.get("experiment")),
-        sample_rate=finite_number(raw.get("sample_rate")),
+        None if batch_rows is not None and not batched else finite_number(get("latency_ms")),
+        outputs if type(outputs) is dict else None,
+        error if type(error) is str else None,
+        batch_rows if batched else None,
+        experiment if type(experiment) is str and experiment else None,
+        finite_number(get("sample_rate")),
     )
 
 
 def read_inference(obj: Mapping[str, Any]) -> Inference:
     """An inference record's object -> Inference; RecordError("invalid_inference") if unusable."""
-    rid = obj.get("request_id")
-    if not isinstance(rid, str) or not rid:
+    get = obj.get
+    rid = get("request_id")
+    if type(rid) is not str or not rid:
         raise RecordError("invalid_inference", "request_id must be a non-empty string")
-    ts = finite_number(obj.get("ts"))
+    ts = finite_number(get("ts"))
     if ts is None:
         raise RecordError("invalid_inference", f"{rid}: ts must be unix seconds")
-    route = obj.get("route")
-    if not isinstance(route, str) or not route:
+    route = get("route")
+    if type(route) is not str or not route:
         raise RecordError("invalid_inference", f"{rid}: route must be a non-empty string")
-    outputs = obj.get("outputs")
-    inputs = obj.get("inputs") or {}
-    if not isinstance(outputs, dict) or not isinstance(inputs, dict):
+    outputs = get("outputs")
+    inputs = get("inputs") or {}
+    if type(outputs) is not dict or type(inputs) is not dict:
         raise RecordError("invalid_inference", f"{rid}: inputs/outputs must be objects")
     outcomes: dict[str, Outcome] = {}
     for model, raw in outputs.items():
-        if not isinstance(raw, dict):
+        if type(raw) is not dict:
             raise RecordError("invalid_inference", f"{rid}: outputs[{model!r}] is not an object")
-        outcomes[str(model)] = read_outcome(raw)
-    policy = obj.get("policy")
-    served = obj.get("served")
-    served = served if isinstance(served, dict) else {}
-    arms = obj.get("arms")
-    key = obj.get("key")
-    status = obj.get("status")
-    error = obj.get("error")
+        outcomes[model] = read_outcome(raw)
+    policy, served, arms = get("policy"), get("served"), get("arms")
+    served = served if type(served) is dict else {}
+    key, status, error = get("key"), get("status"), get("error")
+    task, protocol, registry_version = get("task"), get("protocol"), get("registry_version")
     return Inference(
-        request_id=rid, ts=ts, route=route,
-        policy=policy if isinstance(policy, dict) else {},
-        served_model=str(served.get("model") or ""),
-        served_version=str(served.get("version") or ""),
-        propensity=finite_number(obj.get("propensity")),
-        arms={str(m): finite_number(p) for m, p in arms.items()} if isinstance(arms, dict)
-        else {},
-        key=key if isinstance(key, str) else None,
-        inputs=inputs,
-        outcomes=outcomes,
-        status=int(status) if isinstance(status, int) else 0,
-        gateway_latency_ms=finite_number(obj.get("gateway_latency_ms")),
-        registry_version=_int(obj.get("registry_version")),
-        task=cast("Task | None", _one_of(obj.get("task"), TASKS)),
-        error=error if isinstance(error, str) else None,
-        fallback=obj.get("fallback") is True,
-        protocol=cast("Transport | None", _one_of(obj.get("protocol"), TRANSPORTS)),
+        rid, ts, route,
+        policy if type(policy) is dict else {},
+        str(served.get("model") or ""),
+        str(served.get("version") or ""),
+        finite_number(get("propensity")),
+        {m: finite_number(p) for m, p in arms.items()} if type(arms) is dict else {},
+        key if type(key) is str else None,
+        inputs,
+        outcomes,
+        int(status) if isinstance(status, int) else 0,
+        finite_number(get("gateway_latency_ms")),
+        registry_version if type(registry_version) is int else None,
+        task if type(task) is str and task in _TASKS else None,
+        error if type(error) is str else None,
+        get("fallback") is True,
+        protocol if type(protocol) is str and protocol in _TRANSPORTS else None,
     )
 
 
