@@ -19,6 +19,7 @@ from gateway.admin_cli import add_admin_commands
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from understudy.cli import EXIT_CODES_HELP, ExitCode, add_version, run
+from understudy.segments import worker_dir
 from understudy.settings import CONFIG_ENV, log_level
 
 log = logging.getLogger("gateway")
@@ -42,8 +43,8 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         pass
     if worker is not None:
         # One segment directory per worker process: file appends never interleave.
-        config = replace(config, log=replace(config.log, path=str(Path(config.log.path) /
-                                                                   f"worker-{worker}")))
+        path = worker_dir(Path(config.log.path), worker)  # the layout the evaluator reads
+        config = replace(config, log=replace(config.log, path=str(path)))
     app = create_app(config)
     if started is not None:
 
