@@ -25,9 +25,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Section = TypeVar("Section", bound="DataclassInstance")
 
 ENV_PREFIX: Final = "UNDERSTUDY_"
 
@@ -123,7 +128,8 @@ def field_default(f: Field[Any]) -> Any:
     return None
 
 
-def build(cls: type, raw: Any, where: str, nested: Mapping[str, Any] | None = None) -> Any:
+def build(cls: type[Section], raw: Any, where: str,
+          nested: Mapping[str, Any] | None = None) -> Section:
     """A flat config dataclass from a mapping: unknown keys rejected with their location;
     numbers, booleans, strings and durations (fields made with `duration_field`) coerced.
 

@@ -155,7 +155,7 @@ class RecordParser:
                 NAN if lat is None else lat, oc.experiment,
                 NAN if oc.sample_rate is None else oc.sample_rate,
             ))
-        features = []
+        features: list[tuple[str, str, int, list[tuple[bytes | None, str | None]]]] = []
         for name, tensor in rec.inputs.items():
             sliced = _row_slices(tensor, rows)
             if sliced is None or sliced[1] > self.max_feature_elements:
