@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
 
 import orjson
 
@@ -282,7 +281,7 @@ def _outcome(result: ShadowResult, *, role: Role, mode: Mode, version: str) -> M
     outputs: dict[str, Tensor] | None = None
     error = result.error
     # ShadowResult speaks the vocabulary's statuses (typed as str there): no per-record check.
-    status = cast(OutcomeStatus, result.status)
+    status: OutcomeStatus = result.status  # type: ignore[assignment]
     if result.outputs is not None:  # a batched copy: its rows were split out of the batch answer
         outputs = result.outputs
         version = result.model_version or version
