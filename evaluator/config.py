@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from understudy.records import DEFAULT_TOPICS, INFERENCES, LABELS
 from understudy.settings import (
     ADMIN_READ_TOKEN_ENV,
     ADMIN_TOKEN_ENV,
@@ -74,8 +75,8 @@ TaskSetting = Literal["auto", "classification", "regression"]
 @dataclass(frozen=True)
 class KafkaSourceConfig:
     bootstrap: str = "127.0.0.1:9092"
-    inferences_topic: str = "understudy.inferences"
-    labels_topic: str = "understudy.labels"
+    inferences_topic: str = DEFAULT_TOPICS[INFERENCES]
+    labels_topic: str = DEFAULT_TOPICS[LABELS]
     group_id: str = "understudy-evaluator"
     client_id: str = "understudy-evaluator"
     # How long `run --once` waits for the group to hand it partitions before giving up.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from understudy.records import AUDIT, DEFAULT_TOPICS, INFERENCES, LABELS
 from understudy.settings import (
     ADMIN_READ_TOKEN_ENV,
     ADMIN_TOKEN_ENV,
@@ -102,9 +103,9 @@ class ListenConfig:
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap: str = "127.0.0.1:9092"
-    topic: str = "understudy.inferences"
-    labels_topic: str = "understudy.labels"
-    audit_topic: str = "understudy.audit"
+    topic: str = DEFAULT_TOPICS[INFERENCES]
+    labels_topic: str = DEFAULT_TOPICS[LABELS]
+    audit_topic: str = DEFAULT_TOPICS[AUDIT]
     registry_topic: str = "understudy.registry"
     rewards_topic: str = "understudy.rewards"
     linger_ms: int = 5

@@ -73,12 +73,14 @@ INFERENCES: Final = "inferences"
 LABELS: Final = "labels"
 AUDIT: Final = "audit"
 STREAMS: Final = (INFERENCES, LABELS, AUDIT)
+# The Kafka topic of each stream unless configured otherwise (gateway log.kafka.*_topic,
+# evaluator source.kafka.*_topic): the defaults both programs must agree on.
+DEFAULT_TOPICS: Final[dict[str, str]] = {stream: f"understudy.{stream}" for stream in STREAMS}
 
-__all__ = ["AUDIT", "DATATYPES", "INFERENCES", "INT_RANGES", "JSON_TYPE_NAMES", "LABELS",
-           "MAX_ID_LENGTH",
-           "SCHEMA_VERSION", "STREAMS", "InferenceRecord", "LabelRecord", "ModelOutcome",
-           "OutcomeStatus", "ServedModel", "Tensor", "Transport", "request_id_problem",
-           "type_name"]
+__all__ = ["AUDIT", "DATATYPES", "DEFAULT_TOPICS", "INFERENCES", "INT_RANGES", "JSON_TYPE_NAMES",
+           "LABELS", "MAX_ID_LENGTH", "SCHEMA_VERSION", "STREAMS", "InferenceRecord",
+           "LabelRecord", "ModelOutcome", "OutcomeStatus", "ServedModel", "Tensor", "Transport",
+           "request_id_problem", "type_name"]
 
 # Tensor element types (KServe V2 / Triton names) a record may carry.
 DATATYPES: Final = frozenset(["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",

@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
-from evaluator.config import parse_config
+from evaluator.config import KafkaSourceConfig, parse_config
 from evaluator.ingest import FileIngestor, RecordParser
 from evaluator.store import Batch, Store
-from gateway.config import parse_route
+from gateway.config import KafkaConfig, parse_route
 from gateway.dataplane.protocol import DATATYPE_SIZES, parse_request
 from gateway.dataplane.recorder import Recorder, RequestContext
 from gateway.dataplane.routes import RouteRuntime, RouteTable
@@ -69,6 +69,10 @@ def test_vocabulary_and_codes_agree() -> None:
     assert tuple(MODE_CODES) == MODES
     assert len(set(STATUS_CODES.values())) == len(STATUS_CODES)
     assert {*DATATYPE_SIZES, "BYTES"} == DATATYPES  # the gateway's wire types are the contract's
+    # the evaluator consumes the topics the gateway produces to, unless configured otherwise
+    gateway_kafka, evaluator_kafka = KafkaConfig(), KafkaSourceConfig()
+    assert (gateway_kafka.topic, gateway_kafka.labels_topic) == \
+        (evaluator_kafka.inferences_topic, evaluator_kafka.labels_topic)
 
 
 def _runtime(upstream: TritonUpstream) -> RouteRuntime:
