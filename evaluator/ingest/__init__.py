@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Protocol
 
 from evaluator.config import EvaluatorConfig
 from evaluator.ingest.files import FileIngestor, FilePosition, FileRead, FileSource
@@ -44,7 +45,7 @@ from evaluator.ingest.parse import RecordParser
 from evaluator.store import Store
 
 __all__ = ["HANDOFF_S", "FileIngestor", "FilePosition", "FileRead", "FileSource",
-           "KafkaIngestor", "Progress", "RecordParser", "run"]
+           "KafkaIngestor", "Progress", "RecordParser", "run", "run_until_stopped"]
 
 
 def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = None,
@@ -55,7 +56,7 @@ def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = No
     try:
         if config.source.type == "kafka":
             ingestor_k = KafkaIngestor(config, store)
-            asyncio.run(_run_kafka(ingestor_k, once, stop))
+            asyncio.run(run_until_stopped(ingestor_k, once, stop))
             return ingestor_k.progress
         ingestor_f = FileIngestor(config, store)
         ingestor_f.run(once=once, stop=stop)
@@ -65,7 +66,13 @@ def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = No
             store.close()
 
 
-async def _run_kafka(ingestor: KafkaIngestor, once: bool, stop: threading.Event | None) -> None:
+class _AsyncRunner(Protocol):
+    async def run(self, once: bool = False, stop: asyncio.Event | None = None) -> None: ...
+
+
+async def run_until_stopped(runner: _AsyncRunner, once: bool,
+                            stop: threading.Event | None) -> None:
+    """`runner.run` on this event loop, stopped when the `stop` thread event is set."""
     event = asyncio.Event()
     if stop is not None:
         loop = asyncio.get_running_loop()
@@ -75,4 +82,4 @@ async def _run_kafka(ingestor: KafkaIngestor, once: bool, stop: threading.Event 
             loop.call_soon_threadsafe(event.set)
 
         threading.Thread(target=watch, daemon=True, name="evaluator-stop").start()
-    await ingestor.run(once=once, stop=event)
+    await runner.run(once=once, stop=event)

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluator.config import EvaluatorConfig
@@ -49,9 +49,14 @@ class FilePosition:
 
 @dataclass
 class FileRead:
-    lines: list[tuple[bytes, str]]
+    lines: list[tuple[bytes, str, int]]  # (line, segment name, the line's byte offset)
     position: FilePosition | None
-    partial_lines: int = 0  # unterminated lines left behind in a finished segment
+    # unterminated lines left behind in finished segments: (segment name, byte offset)
+    partial: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def partial_lines(self) -> int:
+        return len(self.partial)
 
 
 class FileSource:
@@ -88,8 +93,8 @@ class FileSource:
                 log.warning("%s: segment %s is gone (retention?); continuing at %s",
                             stream_dir, start.segment, names[i])
                 offset = 0
-        lines: list[tuple[bytes, str]] = []
-        partial = 0
+        lines: list[tuple[bytes, str, int]] = []
+        partial: list[tuple[str, int]] = []
         while len(lines) < max_records:
             segment = segments[i]
             size = segment.stat().st_size
@@ -102,14 +107,14 @@ class FileSource:
                 break  # the live segment: wait for more
             if offset < size:
                 # An unterminated line in a segment the writer has left (it crashed mid-line).
-                partial += 1
+                partial.append((segment.name, offset))
                 log.warning("%s: unterminated last line (%d bytes) skipped", segment,
                             size - offset)
             i, offset = i + 1, 0
         return FileRead(lines, FilePosition(names[i], offset), partial)
 
     def _read_segment(self, segment: Path, offset: int, size: int, room: int,
-                      lines: list[tuple[bytes, str]]) -> tuple[int, bool]:
+                      lines: list[tuple[bytes, str, int]]) -> tuple[int, bool]:
         """Append complete lines from offset; (bytes consumed, reached the last full line)."""
         consumed = 0
         with open(segment, "rb") as fh:
@@ -126,13 +131,16 @@ class FileSource:
                     if end < 0:
                         return consumed, True
                 parts = data[:end].split(b"\n")
-                where = f"{segment.parent.name}/{segment.name}@{offset + consumed}"
                 if len(parts) > room:
                     parts = parts[:room]
                     used = sum(len(p) + 1 for p in parts)
                 else:
                     used = end + 1
-                lines.extend((p, where) for p in parts if p)
+                name, at = segment.name, offset + consumed
+                for p in parts:
+                    if p:
+                        lines.append((p, name, at))
+                    at += len(p) + 1
                 room -= len(parts)
                 consumed += used
                 if room <= 0:
@@ -180,8 +188,9 @@ class FileIngestor(Ingestor):
         if read.position is None or read.position == start:
             return None
         batch = Batch()
-        for line, where in read.lines:
-            self.parser.parse(batch, line, where)
+        prefix = stream_dir.name
+        for line, segment, at in read.lines:
+            self.parser.parse(batch, line, f"{prefix}/{segment}@{at}")
         if read.partial_lines:
             batch.bad["partial_line"] += read.partial_lines
         position = read.position.encode()

@@ -33,6 +33,8 @@ NAN = math.nan
 
 def _score(value: Any) -> float:
     """A model output element as a score; NaN/inf/non-numbers become NaN (never an error)."""
+    if type(value) is float:  # the common case first: x - x is 0.0 unless x is NaN or inf
+        return value if value - value == 0.0 else NAN
     if isinstance(value, str):
         try:
             value = float(value)
@@ -80,6 +82,9 @@ def _scores(outputs: Mapping[str, Any] | None, name: str | None, rows: int) -> l
     if not outputs:
         return [NAN] * rows
     tensor = outputs.get(name) if name else next(iter(outputs.values()))
+    if rows == 1:  # what _row_slices gives one row, without building the slices
+        data = tensor.get("data") if isinstance(tensor, dict) else None
+        return [_score(data[0])] if isinstance(data, list) and data else [NAN]
     sliced = _row_slices(tensor, rows)
     if sliced is None:
         return [NAN] * rows
