@@ -31,78 +31,52 @@ Sections (see configs/evaluator.yaml for every key with its default):
   `UNDERSTUDY_DRIFT_PUSHGATEWAY` set the URLs; the webhook's bearer token is read from the
   variable named by `drift.webhook_token_env`, never from YAML.
 
-Environment overrides: `UNDERSTUDY_STORE_JOIN_WINDOW=7d` sets store.join_window,
-`UNDERSTUDY_SOURCE_KAFKA_BOOTSTRAP=h:9092` sets source.kafka.bootstrap (nested keys continue
-with `_`). Values are parsed as YAML scalars so numbers and booleans keep their types. Variables
-whose section the evaluator does not have (e.g. the gateway's `UNDERSTUDY_LOG_PATH` or the admin
-token `UNDERSTUDY_ADMIN_TOKEN`) are ignored, so both programs can share one environment. `routes`
-and `features` are structured and only set from YAML.
+Environment overrides (the shared loader, understudy/settings.py):
+`UNDERSTUDY_STORE_JOIN_WINDOW=7d` sets store.join_window, `UNDERSTUDY_SOURCE_KAFKA_BOOTSTRAP=h:9092`
+sets source.kafka.bootstrap (nested keys continue with `_`). Values are parsed as YAML scalars so
+numbers and booleans keep their types. Variables whose section the evaluator does not have (e.g.
+the gateway's `UNDERSTUDY_LOG_PATH`) and the variables that are not overrides (the admin token
+`UNDERSTUDY_ADMIN_TOKEN`, `UNDERSTUDY_LOG_LEVEL`, ...) are ignored, so both programs can share one
+environment. `routes` and `features` are structured and only set from YAML.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from understudy.records import DEFAULT_TOPICS, INFERENCES, LABELS
+from understudy.settings import (
+    ADMIN_READ_TOKEN_ENV,
+    ADMIN_TOKEN_ENV,
+    WEBHOOK_TOKEN_ENV,
+    apply_env,
+    build,
+    check,
+    duration_field,
+    load_yaml,
+)
 
-from gateway.config import field_default
+# re-exported: the evaluator's modules and tests know them as evaluator.config's
+from understudy.settings import ConfigError as ConfigError
+from understudy.settings import format_duration as format_duration
+from understudy.settings import parse_duration as parse_duration
 
-ENV_PREFIX = "UNDERSTUDY_"
 DEFAULT_CONFIG_PATH = "configs/evaluator.yaml"
 
 SourceType = Literal["file", "kafka"]
 Engine = Literal["duckdb", "sqlite"]
 TaskSetting = Literal["auto", "classification", "regression"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-class ConfigError(ValueError):
-    """An invalid evaluator configuration; the message names the offending key."""
-
-
-def parse_duration(value: Any, where: str = "duration") -> float:
-    """'14d', '12h', '30m', '45s', '250ms', '1w' or a number of seconds -> seconds (> 0)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration like 14d, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if match is None:
-            raise ConfigError(f"{where}: expected a duration like 14d, 12h, 30m or 45s, "
-                              f"got {value!r}")
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{where}: must be a positive duration, got {value!r}")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of parse_duration for whole units (14d, 36h, 90s) — for messages and reports."""
-    for unit in ("w", "d", "h", "m", "s"):
-        size = _UNITS[unit]
-        if seconds >= size and float(seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
-    return f"{seconds:g}s"
-
-
-def _duration_field(default: str) -> Any:
-    return field(default=parse_duration(default), metadata={"duration": True})
-
 
 @dataclass(frozen=True)
 class KafkaSourceConfig:
     bootstrap: str = "127.0.0.1:9092"
-    inferences_topic: str = "understudy.inferences"
-    labels_topic: str = "understudy.labels"
+    inferences_topic: str = DEFAULT_TOPICS[INFERENCES]
+    labels_topic: str = DEFAULT_TOPICS[LABELS]
     group_id: str = "understudy-evaluator"
     client_id: str = "understudy-evaluator"
     # How long `run --once` waits for the group to hand it partitions before giving up.
@@ -123,7 +97,7 @@ class SourceConfig:
 class StoreConfig:
     path: str = "./var/evaluator/store.duckdb"
     engine: Engine = "duckdb"  # chosen by loadtests/bench_store.py; see docs/BENCHMARKS.md
-    join_window: float = _duration_field("14d")  # seconds an orphan label waits
+    join_window: float = duration_field("14d")  # seconds an orphan label waits
     duplicate_labels: Literal["last_wins"] = "last_wins"
     score_output: str | None = None  # output tensor holding the score; None = the first one
     lock_timeout_s: float = 60.0  # a reader waits this long for the ingest loop's file lock
@@ -163,15 +137,15 @@ class RouteEvalConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     out: str = "./var/reports"
-    window: float = _duration_field("7d")
+    window: float = duration_field("7d")
 
 
 @dataclass(frozen=True)
 class GatewayAdminConfig:
     url: str = "http://127.0.0.1:8080"
-    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
+    token_env: str = ADMIN_TOKEN_ENV
     # promote --dry-run reads the live route with this one when the write token is not set
-    read_token_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN"  # noqa: S105 - a variable name
+    read_token_env: str = ADMIN_READ_TOKEN_ENV
     timeout_s: float = 10.0
 
 
@@ -186,8 +160,8 @@ class DriftConfig:
     """`drift:` — see configs/evaluator.yaml for what each key means and evaluator/drift/."""
 
     reference: str | None = None  # training snapshot (CSV/JSONL/Parquet); None = past log window
-    reference_window: float = _duration_field("7d")  # past log window ending where live starts
-    window: float = _duration_field("1d")  # live window, ending at the route's newest inference
+    reference_window: float = duration_field("7d")  # past log window ending where live starts
+    window: float = duration_field("1d")  # live window, ending at the route's newest inference
     bins: int = 10  # PSI bins (reference quantiles)
     epsilon: float = 1e-4  # share used for a PSI bin that is empty on one side
     psi_warn: float = 0.1  # PSI conventions: < 0.1 negligible, 0.1-0.2 investigate,
@@ -212,7 +186,7 @@ class DriftConfig:
     push_job: str = "understudy_drift"
     metrics_port: int = 0  # > 0: `drift --serve` exposes /metrics here
     webhook_url: str | None = None  # set it with UNDERSTUDY_DRIFT_WEBHOOK_URL
-    webhook_token_env: str = "UNDERSTUDY_WEBHOOK_TOKEN"  # noqa: S105 - a variable name
+    webhook_token_env: str = WEBHOOK_TOKEN_ENV
     webhook_retries: int = 4
     webhook_backoff_s: float = 0.5
     webhook_timeout_s: float = 5.0
@@ -260,55 +234,11 @@ class EvaluatorConfig:
         return dict(self.route(route).decision or self.decision)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def _build(cls: type, raw: Any, where: str, nested: Mapping[str, Any] | None = None) -> Any:
-    """Build a flat dataclass from a mapping: unknown keys rejected, numbers and durations coerced.
-
-    `nested` holds already-built values for sub-sections (e.g. source.kafka).
-    """
-    if raw is None:
-        raw = {}
-    _check(isinstance(raw, Mapping), f"{where}: expected a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
-    kwargs: dict[str, Any] = dict(nested or {})
-    for name, value in raw.items():
-        if name in kwargs:
-            continue
-        f = known[name]
-        default = field_default(f)
-        if f.metadata.get("duration"):
-            kwargs[name] = parse_duration(value, f"{where}.{name}")
-        elif isinstance(default, bool):
-            _check(isinstance(value, bool), f"{where}.{name}: expected true/false, got {value!r}")
-            kwargs[name] = value
-        elif isinstance(default, int | float):
-            try:
-                kwargs[name] = type(default)(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}") from None
-        elif isinstance(default, str) or default is None:
-            _check(value is None or isinstance(value, str | int | float),
-                   f"{where}.{name}: expected a string, got {type(value).__name__}")
-            kwargs[name] = None if value is None else str(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 _OPTIONAL_LIMITS = ("max_latency_p99_ratio", "max_error_rate_delta")
 
 
 def _parse_decision(raw: Any, prefix: str = "decision") -> dict[str, Any]:
-    _check(raw is None or isinstance(raw, Mapping), f"{prefix}: expected a mapping")
+    check(raw is None or isinstance(raw, Mapping), f"{prefix}: expected a mapping")
     out = dict(DECISION_DEFAULTS)
     for key, value in (raw or {}).items():
         key = str(key)
@@ -317,7 +247,7 @@ def _parse_decision(raw: Any, prefix: str = "decision") -> dict[str, Any]:
         if key in _DURATION_DECISION_KEYS:
             value = parse_duration(value, where)
         elif isinstance(default, bool):
-            _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
+            check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
         elif value is None and key in _OPTIONAL_LIMITS:
             pass  # null switches that guardrail off
         elif isinstance(default, int | float):
@@ -326,35 +256,35 @@ def _parse_decision(raw: Any, prefix: str = "decision") -> dict[str, Any]:
             except (TypeError, ValueError):
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         elif isinstance(default, str):
-            _check(isinstance(value, str) and bool(value), f"{where}: expected a string")
+            check(isinstance(value, str) and bool(value), f"{where}: expected a string")
         out[key] = value
-    _check(0.0 < out["alpha"] < 1.0, f"{prefix}.alpha: must be in (0, 1)")
-    _check(out["margin"] >= 0.0, f"{prefix}.margin: must be >= 0 (a non-inferiority margin)")
-    _check(out["min_samples"] >= 1, f"{prefix}.min_samples: must be >= 1")
-    _check(out["min_effect"] >= 0.0, f"{prefix}.min_effect: must be >= 0")
+    check(0.0 < out["alpha"] < 1.0, f"{prefix}.alpha: must be in (0, 1)")
+    check(out["margin"] >= 0.0, f"{prefix}.margin: must be >= 0 (a non-inferiority margin)")
+    check(out["min_samples"] >= 1, f"{prefix}.min_samples: must be >= 1")
+    check(out["min_effect"] >= 0.0, f"{prefix}.min_effect: must be >= 0")
     ratio, delta = out["max_latency_p99_ratio"], out["max_error_rate_delta"]
-    _check(ratio is None or ratio > 0.0, f"{prefix}.max_latency_p99_ratio: must be > 0")
-    _check(delta is None or delta >= 0.0, f"{prefix}.max_error_rate_delta: must be >= 0")
-    _check(out["max_latency_p99_margin_ms"] >= 0.0,
-           f"{prefix}.max_latency_p99_margin_ms: must be >= 0")
-    _check(0.0 < out["health_alpha"] < 1.0, f"{prefix}.health_alpha: must be in (0, 1)")
+    check(ratio is None or ratio > 0.0, f"{prefix}.max_latency_p99_ratio: must be > 0")
+    check(delta is None or delta >= 0.0, f"{prefix}.max_error_rate_delta: must be >= 0")
+    check(out["max_latency_p99_margin_ms"] >= 0.0,
+          f"{prefix}.max_latency_p99_margin_ms: must be >= 0")
+    check(0.0 < out["health_alpha"] < 1.0, f"{prefix}.health_alpha: must be in (0, 1)")
     return out
 
 
 def _parse_features(raw: Any) -> dict[str, tuple[str, ...]]:
     """`features: {names: {tensor: [col, ...]}}` — names for the columns of an input tensor."""
-    _check(raw is None or isinstance(raw, Mapping), "features: expected a mapping")
+    check(raw is None or isinstance(raw, Mapping), "features: expected a mapping")
     raw = dict(raw or {})
     unknown = sorted(set(raw) - {"names"})
-    _check(not unknown, f"features: unknown key(s) {', '.join(map(str, unknown))}")
+    check(not unknown, f"features: unknown key(s) {', '.join(map(str, unknown))}")
     names = raw.get("names") or {}
-    _check(isinstance(names, Mapping), "features.names: expected {tensor: [column names]}")
+    check(isinstance(names, Mapping), "features.names: expected {tensor: [column names]}")
     out: dict[str, tuple[str, ...]] = {}
     for tensor, cols in names.items():
         where = f"features.names.{tensor}"
-        _check(isinstance(cols, list | tuple) and all(isinstance(c, str) for c in cols),
-               f"{where}: expected a list of column names")
-        _check(len(set(cols)) == len(cols), f"{where}: duplicate column names")
+        check(isinstance(cols, list | tuple) and all(isinstance(c, str) for c in cols),
+              f"{where}: expected a list of column names")
+        check(len(set(cols)) == len(cols), f"{where}: duplicate column names")
         out[str(tensor)] = tuple(cols)
     return out
 
@@ -367,40 +297,40 @@ def _parse_drift(raw: Mapping[str, Any]) -> DriftConfig:
         if key in raw:
             value = raw.pop(key)
             value = [] if value is None else value
-            _check(isinstance(value, list | tuple), f"drift.{key}: expected a list")
+            check(isinstance(value, list | tuple), f"drift.{key}: expected a list")
             lists[key] = tuple(value)
-    cfg = _build(DriftConfig, raw, "drift")
+    cfg = build(DriftConfig, raw, "drift")
     cats = lists.get("categorical", cfg.categorical)
-    _check(all(isinstance(c, str) for c in cats), "drift.categorical: feature names (strings)")
+    check(all(isinstance(c, str) for c in cats), "drift.categorical: feature names (strings)")
     buckets = lists.get("confidence_buckets", cfg.confidence_buckets)
     try:
         buckets = tuple(float(b) for b in buckets)
     except (TypeError, ValueError):
         raise ConfigError("drift.confidence_buckets: expected numbers in [0.5, 1)") from None
-    _check(bool(buckets) and all(0.5 <= b < 1.0 for b in buckets)
-           and list(buckets) == sorted(set(buckets)),
-           "drift.confidence_buckets: increasing numbers in [0.5, 1)")
-    _check(cfg.bins >= 2, "drift.bins: must be >= 2")
-    _check(0.0 < cfg.epsilon < 0.01, "drift.epsilon: must be in (0, 0.01)")
-    _check(0.0 <= cfg.psi_warn <= cfg.psi_alert, "drift: need 0 <= psi_warn <= psi_alert")
+    check(bool(buckets) and all(0.5 <= b < 1.0 for b in buckets)
+          and list(buckets) == sorted(set(buckets)),
+          "drift.confidence_buckets: increasing numbers in [0.5, 1)")
+    check(cfg.bins >= 2, "drift.bins: must be >= 2")
+    check(0.0 < cfg.epsilon < 0.01, "drift.epsilon: must be in (0, 0.01)")
+    check(0.0 <= cfg.psi_warn <= cfg.psi_alert, "drift: need 0 <= psi_warn <= psi_alert")
     for key in ("ks_alpha", "chi2_alpha"):
-        _check(0.0 < getattr(cfg, key) < 1.0, f"drift.{key}: must be in (0, 1)")
-    _check(0.0 < cfg.js_alert <= 1.0, "drift.js_alert: must be in (0, 1]")
-    _check(0.0 < cfg.unseen_alert <= 1.0, "drift.unseen_alert: must be in (0, 1]")
-    _check(0.0 < cfg.missing_alert <= 1.0, "drift.missing_alert: must be in (0, 1]")
-    _check(0.0 < cfg.drift_share <= 1.0, "drift.drift_share: must be in (0, 1]")
-    _check(cfg.min_samples >= 1, "drift.min_samples: must be >= 1")
-    _check(cfg.max_categories >= 2, "drift.max_categories: must be >= 2")
-    _check(cfg.seasonality in SEASONALITIES,
-           f"drift.seasonality: one of {', '.join(SEASONALITIES)}")
-    _check(-14.0 <= cfg.utc_offset_hours <= 14.0, "drift.utc_offset_hours: within +-14")
-    _check(cfg.adaptive_sigma >= 0.0, "drift.adaptive_sigma: must be >= 0")
-    _check(cfg.adaptive_min_periods >= 2, "drift.adaptive_min_periods: must be >= 2")
-    _check(cfg.webhook_retries >= 0, "drift.webhook_retries: must be >= 0")
-    _check(cfg.webhook_backoff_s >= 0.0, "drift.webhook_backoff_s: must be >= 0")
-    _check(cfg.webhook_timeout_s > 0.0, "drift.webhook_timeout_s: must be > 0")
-    _check(cfg.episode_clear_runs >= 1, "drift.episode_clear_runs: must be >= 1")
-    _check(0 <= cfg.metrics_port <= 65535, "drift.metrics_port: a TCP port (0: off)")
+        check(0.0 < getattr(cfg, key) < 1.0, f"drift.{key}: must be in (0, 1)")
+    check(0.0 < cfg.js_alert <= 1.0, "drift.js_alert: must be in (0, 1]")
+    check(0.0 < cfg.unseen_alert <= 1.0, "drift.unseen_alert: must be in (0, 1]")
+    check(0.0 < cfg.missing_alert <= 1.0, "drift.missing_alert: must be in (0, 1]")
+    check(0.0 < cfg.drift_share <= 1.0, "drift.drift_share: must be in (0, 1]")
+    check(cfg.min_samples >= 1, "drift.min_samples: must be >= 1")
+    check(cfg.max_categories >= 2, "drift.max_categories: must be >= 2")
+    check(cfg.seasonality in SEASONALITIES,
+          f"drift.seasonality: one of {', '.join(SEASONALITIES)}")
+    check(-14.0 <= cfg.utc_offset_hours <= 14.0, "drift.utc_offset_hours: within +-14")
+    check(cfg.adaptive_sigma >= 0.0, "drift.adaptive_sigma: must be >= 0")
+    check(cfg.adaptive_min_periods >= 2, "drift.adaptive_min_periods: must be >= 2")
+    check(cfg.webhook_retries >= 0, "drift.webhook_retries: must be >= 0")
+    check(cfg.webhook_backoff_s >= 0.0, "drift.webhook_backoff_s: must be >= 0")
+    check(cfg.webhook_timeout_s > 0.0, "drift.webhook_timeout_s: must be > 0")
+    check(cfg.episode_clear_runs >= 1, "drift.episode_clear_runs: must be >= 1")
+    check(0 <= cfg.metrics_port <= 65535, "drift.metrics_port: a TCP port (0: off)")
     return replace(cfg, categorical=tuple(cats), confidence_buckets=buckets)
 
 
@@ -408,74 +338,53 @@ _SECTIONS: dict[str, type] = {
     "source": SourceConfig, "store": StoreConfig, "decision": dict, "report": ReportConfig,
     "gateway": GatewayAdminConfig, "drift": DriftConfig, "lake": LakeConfig,
 }
-_NESTED = {("source", "kafka")}
-
-
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Apply `UNDERSTUDY_<SECTION>_<KEY>` overrides in place (see the module docstring)."""
-    for var, value in sorted(env.items()):
-        if not var.startswith(ENV_PREFIX):
-            continue
-        rest = var[len(ENV_PREFIX):].lower()
-        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        if section is None:
-            continue
-        key = rest[len(section) + 1:]
-        target = raw.setdefault(section, {})
-        for parent, child in _NESTED:
-            if parent == section and key.startswith(child + "_"):
-                target = target.setdefault(child, {})
-                key = key[len(child) + 1:]
-        target[key] = yaml.safe_load(value) if value != "" else ""
-
-
 def parse_config(raw: Mapping[str, Any] | None,
                  env: Mapping[str, str] | None = None) -> EvaluatorConfig:
     """Validate a raw mapping (the parsed YAML) plus environment overrides."""
     data: dict[str, Any] = dict(raw or {})
     allowed = {*_SECTIONS, "routes", "features"}
     unknown = sorted(set(data) - allowed)
-    _check(not unknown, f"unknown top-level key(s): {', '.join(map(str, unknown))}")
+    check(not unknown, f"unknown top-level key(s): {', '.join(map(str, unknown))}")
     for section in _SECTIONS:
         value = data.get(section)
-        _check(value is None or isinstance(value, Mapping), f"{section}: expected a mapping")
+        check(value is None or isinstance(value, Mapping), f"{section}: expected a mapping")
         data[section] = dict(value or {})
     if isinstance(data["source"].get("kafka"), Mapping):
         data["source"]["kafka"] = dict(data["source"]["kafka"])
-    _apply_env(data, os.environ if env is None else env)
+    apply_env(data, _SECTIONS, env)
 
     source_raw = dict(data["source"])
-    kafka = _build(KafkaSourceConfig, source_raw.pop("kafka", None), "source.kafka")
-    source = _build(SourceConfig, source_raw, "source", nested={"kafka": kafka})
-    _check(source.type in ("file", "kafka"), "source.type: must be file or kafka")
-    _check(source.batch_records > 0, "source.batch_records: must be positive")
-    _check(source.poll_interval_s > 0, "source.poll_interval_s: must be positive")
-    _check(bool(kafka.group_id), "source.kafka.group_id: required")
+    kafka = build(KafkaSourceConfig, source_raw.pop("kafka", None), "source.kafka")
+    source = build(SourceConfig, source_raw, "source", nested={"kafka": kafka})
+    check(source.type in ("file", "kafka"), "source.type: must be file or kafka")
+    check(source.batch_records > 0, "source.batch_records: must be positive")
+    check(source.poll_interval_s > 0, "source.poll_interval_s: must be positive")
+    check(bool(kafka.group_id), "source.kafka.group_id: required")
 
-    store = _build(StoreConfig, data["store"], "store")
-    _check(store.engine in ("duckdb", "sqlite"), "store.engine: must be duckdb or sqlite")
-    _check(store.duplicate_labels == "last_wins",
-           "store.duplicate_labels: the only policy is last_wins")
-    _check(bool(store.path), "store.path: required")
+    store = build(StoreConfig, data["store"], "store")
+    check(store.engine in ("duckdb", "sqlite"), "store.engine: must be duckdb or sqlite")
+    check(store.duplicate_labels == "last_wins",
+          "store.duplicate_labels: the only policy is last_wins")
+    check(bool(store.path), "store.path: required")
 
     routes_raw = data.get("routes") or {}
-    _check(isinstance(routes_raw, Mapping), "routes: expected {route: {task, threshold, ...}}")
+    check(isinstance(routes_raw, Mapping), "routes: expected {route: {task, threshold, ...}}")
     routes: dict[str, RouteEvalConfig] = {}
     for name, route_raw in routes_raw.items():
-        route = _build(RouteEvalConfig, route_raw, f"routes.{name}")
+        route = build(RouteEvalConfig, route_raw, f"routes.{name}")
         if route.decision:
-            _check(isinstance(route.decision, Mapping), f"routes.{name}.decision: a mapping")
+            check(isinstance(route.decision, Mapping), f"routes.{name}.decision: a mapping")
             route = replace(route, decision=_parse_decision(
                 {**data["decision"], **route.decision}, f"routes.{name}.decision"))
-        _check(route.task in ("auto", "classification", "regression"),
-               f"routes.{name}.task: auto|classification|regression")
-        _check(math.isfinite(route.threshold), f"routes.{name}.threshold: must be finite")
+        check(route.task in ("auto", "classification", "regression"),
+              f"routes.{name}.task: auto|classification|regression")
+        check(math.isfinite(route.threshold), f"routes.{name}.threshold: must be finite")
         routes[str(name)] = route
 
-    lake = _build(LakeConfig, data["lake"], "lake")
-    _check(lake.file_records > 0, "lake.file_records: must be positive")
-    _check(lake.flush_interval_s > 0, "lake.flush_interval_s: must be positive")
-    _check(lake.compact_min_files >= 2, "lake.compact_min_files: at least 2")
+    lake = build(LakeConfig, data["lake"], "lake")
+    check(lake.file_records > 0, "lake.file_records: must be positive")
+    check(lake.flush_interval_s > 0, "lake.flush_interval_s: must be positive")
+    check(lake.compact_min_files >= 2, "lake.compact_min_files: at least 2")
     if lake.retention is not None:
         lake = replace(lake, retention=parse_duration(lake.retention, "lake.retention"))
 
@@ -486,8 +395,8 @@ def parse_config(raw: Mapping[str, Any] | None,
         routes=routes,
         features=_parse_features(data.get("features")),
         decision=_parse_decision(data["decision"]),
-        report=_build(ReportConfig, data["report"], "report"),
-        gateway=_build(GatewayAdminConfig, data["gateway"], "gateway"),
+        report=build(ReportConfig, data["report"], "report"),
+        gateway=build(GatewayAdminConfig, data["gateway"], "gateway"),
         drift=_parse_drift(data["drift"]),
     )
 
@@ -495,16 +404,7 @@ def parse_config(raw: Mapping[str, Any] | None,
 def load_config(path: str | Path | None = None,
                 env: Mapping[str, str] | None = None) -> EvaluatorConfig:
     """Read YAML (when a path is given) and apply environment overrides."""
-    raw: Any = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        _check(isinstance(raw, Mapping), f"{path}: top level must be a mapping")
-    return parse_config(raw, env)
+    return parse_config(load_yaml(path) if path is not None else {}, env)
 
 
 def with_store_path(config: EvaluatorConfig, path: str) -> EvaluatorConfig:

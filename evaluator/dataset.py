@@ -8,13 +8,15 @@ on simulated data without touching the store.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-Task = Literal["classification", "regression"]
-Role = Literal["champion", "challenger"]
+# The words and the stored status codes are the contract's, defined once.
+from understudy.vocabulary import STATUS_CODES as STATUS_CODES
+from understudy.vocabulary import Role as Role
+from understudy.vocabulary import Task as Task
 
 # Array aliases for the evaluator's signatures: the dtype is part of the contract (a float64
 # score column, an int8 status column, an object column of str ids).
@@ -26,8 +28,6 @@ Obj = NDArray[np.object_]
 Array = NDArray[Any]  # any dtype: a fetched SQL column, a mask or an index
 _A = TypeVar("_A", bound=Array)
 
-# Outcome status codes stored in ModelColumn.status (see understudy.records.OutcomeStatus).
-STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "timeout": 2, "shed": 3, "skipped": 4}
 
 
 @dataclass

@@ -32,6 +32,7 @@ from understudy.client import (
     Refused,
     Unreachable,
 )
+from understudy.vocabulary import POLICY_TYPES
 
 
 class UsageError(Exception):
@@ -320,7 +321,7 @@ def add_admin_commands(sub: Any) -> None:
                             help="set a route's routing policy (replaces it entirely)")
     policy.add_argument("route", help="the route (the model name clients call)")
     policy.add_argument("--type", required=True,
-                        choices=("champion", "epsilon_greedy", "thompson"),
+                        choices=[t for t in POLICY_TYPES if t != "rollout"],
                         help="champion only, or an exploring policy")
     policy.add_argument("--epsilon", type=float,
                         help="epsilon_greedy: share of requests that explore")

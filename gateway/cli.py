@@ -19,6 +19,8 @@ from gateway.admin_cli import add_admin_commands
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from understudy.cli import EXIT_CODES_HELP, ExitCode, add_version, run
+from understudy.segments import worker_dir
+from understudy.settings import CONFIG_ENV, log_level
 
 log = logging.getLogger("gateway")
 
@@ -42,8 +44,8 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         pass
     if worker is not None:
         # One segment directory per worker process: file appends never interleave.
-        config = replace(config, log=replace(config.log, path=str(Path(config.log.path) /
-                                                                   f"worker-{worker}")))
+        path = worker_dir(Path(config.log.path), worker)  # the layout the evaluator reads
+        config = replace(config, log=replace(config.log, path=str(path)))
     app = create_app(config)
     if started is not None:
 
@@ -65,8 +67,8 @@ def _config_path(given: str | None) -> str | None:
     (as the evaluator does), else the built-in defaults."""
     if given:
         return given
-    if os.environ.get("UNDERSTUDY_CONFIG"):
-        return os.environ["UNDERSTUDY_CONFIG"]
+    if os.environ.get(CONFIG_ENV):
+        return os.environ[CONFIG_ENV]
     return DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None
 
 
@@ -170,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
-        level=os.environ.get("UNDERSTUDY_LOG_LEVEL", "INFO"),
+        level=log_level(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     args = build_parser().parse_args(argv)

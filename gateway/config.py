@@ -2,26 +2,40 @@
 
 Everything is validated once at start-up (or when the admin API changes a route) so the request
 path can trust it. Dataclasses are frozen: a route change replaces the route object atomically.
+Loading, overrides and errors are the shared loader's (understudy/settings.py); the words
+(policy types, challenger modes, tasks) are the contract's (understudy/vocabulary.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from gateway.control.plan import RolloutPlan, parse_plan, rollout_problem
-from gateway.errors import ConfigError
+from understudy.records import AUDIT, DEFAULT_TOPICS, INFERENCES, LABELS
+from understudy.settings import (
+    ADMIN_READ_TOKEN_ENV,
+    ADMIN_TOKEN_ENV,
+    FEEDBACK_TOKEN_ENV,
+    apply_env,
+    build,
+    check,
+    load_yaml,
+)
+from understudy.vocabulary import (
+    CHALLENGER_MODES,
+    POLICY_TYPES,
+    REWARD_SOURCES,
+    TASKS,
+    ChallengerMode,
+    PolicyType,
+    RewardSource,
+    Task,
+)
 
-PolicyType = Literal["champion", "epsilon_greedy", "thompson", "rollout"]
-ChallengerMode = Literal["shadow", "explore"]
-POLICY_TYPES: tuple[str, ...] = ("champion", "epsilon_greedy", "thompson", "rollout")
-CHALLENGER_MODES: tuple[str, ...] = ("shadow", "explore")
 MIN_LOG_SAMPLE_RATE = 0.01
 # Shadow micro-batching (gateway/mirror/batching.py): rows per Triton call, and how long the first
 # queued copy may wait for company. Also used for the champion's lane under exploration.
@@ -32,7 +46,6 @@ DEFAULT_BATCH_MAX_WAIT_MS = 2.0
 # evaluator's 100 latency samples per challenger arrive within ~1,000 copies, at the price of 10%
 # of copies unbatched. (`make demo` turns batching off: every copy is a sample there.)
 DEFAULT_LATENCY_PROBE_EVERY = 10
-ENV_PREFIX = "UNDERSTUDY_"
 # Triton model names as they may appear in an upstream URL path segment: letters, digits, `_`,
 # `-`, `.`, not starting with `.` and without `..` (no `/`, `?`, `#`, whitespace, traversal).
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
@@ -95,9 +108,9 @@ class ListenConfig:
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap: str = "127.0.0.1:9092"
-    topic: str = "understudy.inferences"
-    labels_topic: str = "understudy.labels"
-    audit_topic: str = "understudy.audit"
+    topic: str = DEFAULT_TOPICS[INFERENCES]
+    labels_topic: str = DEFAULT_TOPICS[LABELS]
+    audit_topic: str = DEFAULT_TOPICS[AUDIT]
     registry_topic: str = "understudy.registry"
     rewards_topic: str = "understudy.rewards"
     linger_ms: int = 5
@@ -131,12 +144,12 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
-    token_env: str = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable name, not a secret
-    read_token_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN"  # noqa: S105 - a name, not a secret
+    token_env: str = ADMIN_TOKEN_ENV
+    read_token_env: str = ADMIN_READ_TOKEN_ENV
     state_path: str = "./var/state/registry.json"
     rewards_path: str = "./var/state/rewards.jsonl"
     # Bearer token for POST /v2/feedback, read from this variable; unset: feedback is open.
-    feedback_token_env: str = "UNDERSTUDY_FEEDBACK_TOKEN"  # noqa: S105 - a name, not a secret
+    feedback_token_env: str = FEEDBACK_TOKEN_ENV
     # Who wins at start when the YAML's routes differ from the live registry (docs/ADMIN.md).
     source_of_truth: Literal["registry", "config"] = "registry"
     # POSTed a JSON event when a guarded rollout rolls back or completes (docs/ADMIN.md).
@@ -179,7 +192,7 @@ class PolicyConfig:
     prior_alpha: float = 1.0
     prior_beta: float = 1.0
     sticky_header: str | None = None
-    reward: Literal["correct", "label", "reward"] = "correct"
+    reward: RewardSource = "correct"
     # type "rollout" only (set by the rollout controller, gateway/control/rollout.py): the
     # challenger that serves `fraction` of the requests.
     target: str | None = None
@@ -196,7 +209,7 @@ class RouteConfig:
     sample_key_header: str | None = None
     fallback: str | None = None
     threshold: float = 0.5
-    task: Literal["classification", "regression"] = "classification"
+    task: Task = "classification"
     rollout: RolloutPlan | None = None  # the route's current or last guarded rollout
 
     def challenger(self, model: str) -> ChallengerConfig | None:
@@ -220,48 +233,10 @@ class GatewayConfig:
         return replace(self, routes=dict(routes))
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def field_default(f: Field[Any]) -> Any:
-    """A dataclass field's default value (calling its factory), or None when it has none."""
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build a flat dataclass from a mapping, rejecting unknown keys with their location."""
-    if raw is None:
-        raw = {}
-    _check(isinstance(raw, Mapping), f"{where}: expected a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
-    kwargs: dict[str, Any] = {}
-    for name, value in raw.items():
-        default = field_default(known[name])
-        if isinstance(default, int | float) and not isinstance(default, bool):
-            try:
-                kwargs[name] = type(default)(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}") from None
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def check_model_name(name: Any, where: str) -> str:
     """A Triton model name safe in an upstream URL path; ConfigError naming the field."""
-    _check(isinstance(name, str) and bool(name), f"{where}: required (a model name)")
-    _check(
+    check(isinstance(name, str) and bool(name), f"{where}: required (a model name)")
+    check(
         MODEL_NAME.fullmatch(name) is not None and ".." not in name,
         f"{where}: {name!r} is not a valid Triton model name (letters, digits, '_', '-', '.'; "
         "at most 128 characters; no '..', '/', '?', '#' or whitespace)",
@@ -272,8 +247,8 @@ def check_model_name(name: Any, where: str) -> str:
 def check_model_version(version: Any, where: str) -> str:
     """A Triton model version: empty (Triton's policy picks) or a decimal number."""
     text = "" if version is None else str(version)
-    _check(text == "" or MODEL_VERSION.fullmatch(text) is not None,
-           f"{where}: {text!r} is not a valid model version (digits only, or empty)")
+    check(text == "" or MODEL_VERSION.fullmatch(text) is not None,
+          f"{where}: {text!r} is not a valid model version (digits only, or empty)")
     return text
 
 
@@ -292,49 +267,49 @@ def parse_model_ref(raw: Any, where: str) -> ModelRef:
     if isinstance(raw, str):
         model, _, version = raw.partition(":")
         raw = {"model": model, "version": version}
-    ref = _build(ModelRef, raw, where)
-    _check(bool(ref.model), f"{where}.model: required")
+    ref = build(ModelRef, raw, where)
+    check(bool(ref.model), f"{where}.model: required")
     return ModelRef(check_model_name(ref.model, f"{where}.model"),
                     check_model_version(ref.version, f"{where}.version"))
 
 
 def parse_challenger(raw: Any, where: str) -> ChallengerConfig:
-    ch = _build(ChallengerConfig, raw, where)
-    _check(bool(ch.model), f"{where}.model: required")
+    ch = build(ChallengerConfig, raw, where)
+    check(bool(ch.model), f"{where}.model: required")
     check_model_name(ch.model, f"{where}.model")
     check_model_version(ch.version, f"{where}.version")
-    _check(ch.mode in CHALLENGER_MODES, f"{where}.mode: must be one of {CHALLENGER_MODES}")
-    _check(0.0 <= ch.sample_rate <= 1.0, f"{where}.sample_rate: must be in [0, 1]")
-    _check(ch.timeout_ms > 0, f"{where}.timeout_ms: must be positive")
-    _check(ch.max_concurrency > 0, f"{where}.max_concurrency: must be positive")
-    _check(ch.max_queue >= 0, f"{where}.max_queue: must be >= 0")
-    _check(ch.batch_max_rows >= 1, f"{where}.batch_max_rows: must be >= 1 (1 disables batching)")
-    _check(
+    check(ch.mode in CHALLENGER_MODES, f"{where}.mode: must be one of {CHALLENGER_MODES}")
+    check(0.0 <= ch.sample_rate <= 1.0, f"{where}.sample_rate: must be in [0, 1]")
+    check(ch.timeout_ms > 0, f"{where}.timeout_ms: must be positive")
+    check(ch.max_concurrency > 0, f"{where}.max_concurrency: must be positive")
+    check(ch.max_queue >= 0, f"{where}.max_queue: must be >= 0")
+    check(ch.batch_max_rows >= 1, f"{where}.batch_max_rows: must be >= 1 (1 disables batching)")
+    check(
         0.0 <= ch.batch_max_wait_ms < ch.timeout_ms,
         f"{where}.batch_max_wait_ms: must be >= 0 and below timeout_ms ({ch.timeout_ms})",
     )
-    _check(ch.latency_probe_every >= 0, f"{where}.latency_probe_every: must be >= 0 (0: off)")
+    check(ch.latency_probe_every >= 0, f"{where}.latency_probe_every: must be >= 0 (0: off)")
     return replace(ch, model=str(ch.model), version=str(ch.version or ""))
 
 
 def parse_policy(raw: Any, where: str) -> PolicyConfig:
-    policy = _build(PolicyConfig, raw, where)
-    _check(policy.type in POLICY_TYPES, f"{where}.type: must be one of {POLICY_TYPES}")
-    _check(0.0 <= policy.epsilon <= 1.0, f"{where}.epsilon: must be in [0, 1]")
-    _check(policy.prior_alpha > 0 and policy.prior_beta > 0, f"{where}: priors must be > 0")
-    _check(policy.reward in ("correct", "label", "reward"), f"{where}.reward: correct|label|reward")
-    _check(policy.type != "rollout" or (bool(policy.target) and 0.0 < policy.fraction < 1.0),
-           f"{where}: a rollout policy needs a target and a fraction in (0, 1)")
+    policy = build(PolicyConfig, raw, where)
+    check(policy.type in POLICY_TYPES, f"{where}.type: must be one of {POLICY_TYPES}")
+    check(0.0 <= policy.epsilon <= 1.0, f"{where}.epsilon: must be in [0, 1]")
+    check(policy.prior_alpha > 0 and policy.prior_beta > 0, f"{where}: priors must be > 0")
+    check(policy.reward in REWARD_SOURCES, f"{where}.reward: correct|label|reward")
+    check(policy.type != "rollout" or (bool(policy.target) and 0.0 < policy.fraction < 1.0),
+          f"{where}: a rollout policy needs a target and a fraction in (0, 1)")
     return policy
 
 
 def parse_route(name: str, raw: Any) -> RouteConfig:
     where = f"routes.{name}"
-    _check(isinstance(raw, Mapping), f"{where}: expected a mapping")
+    check(isinstance(raw, Mapping), f"{where}: expected a mapping")
     allowed = {f.name for f in fields(RouteConfig)} - {"name"}
     unknown = sorted(set(raw) - allowed)
-    _check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
-    _check("champion" in raw, f"{where}.champion: required")
+    check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    check("champion" in raw, f"{where}.champion: required")
     champion = parse_model_ref(raw["champion"], f"{where}.champion")
     challengers = tuple(
         parse_challenger(c, f"{where}.challengers[{i}]")
@@ -342,14 +317,14 @@ def parse_route(name: str, raw: Any) -> RouteConfig:
     )
     models = [champion.model, *(c.model for c in challengers)]
     dupes = sorted({m for m in models if models.count(m) > 1})
-    _check(not dupes, f"{where}: model(s) listed twice: {', '.join(dupes)}")
+    check(not dupes, f"{where}: model(s) listed twice: {', '.join(dupes)}")
     rate = float(raw.get("log_sample_rate", 1.0))
-    _check(
+    check(
         MIN_LOG_SAMPLE_RATE <= rate <= 1.0,
         f"{where}.log_sample_rate: must be in [{MIN_LOG_SAMPLE_RATE}, 1]",
     )
     fallback = raw.get("fallback")
-    _check(
+    check(
         fallback is None or fallback in models[1:],
         f"{where}.fallback: {fallback!r} is not one of the route's challengers",
     )
@@ -366,12 +341,12 @@ def parse_route(name: str, raw: Any) -> RouteConfig:
         rollout=parse_plan(raw.get("rollout"), f"{where}.rollout"),
     )
     problem = rollout_problem(route)
-    _check(problem is None, f"{where}.rollout: {problem}")
+    check(problem is None, f"{where}.rollout: {problem}")
     return route
 
 
-def _task(value: Any, where: str) -> Literal["classification", "regression"]:
-    _check(value in ("classification", "regression"), f"{where}.task: classification|regression")
+def _task(value: Any, where: str) -> Task:
+    check(value in TASKS, f"{where}.task: classification|regression")
     return value  # type: ignore[no-any-return]
 
 
@@ -380,16 +355,16 @@ def _check_kafka(kafka: KafkaConfig) -> None:
     for name in ("request_timeout_ms", "delivery_timeout_ms", "retry_backoff_ms",
                  "reconnect_backoff_max_ms", "metadata_max_age_ms", "close_timeout_ms",
                  "max_request_bytes", "spill_budget_bytes"):
-        _check(getattr(kafka, name) > 0, f"log.kafka.{name}: must be positive")
-    _check(kafka.linger_ms >= 0, "log.kafka.linger_ms: must be >= 0")
-    _check(kafka.max_unspilled_ms >= 20,
-           f"log.kafka.max_unspilled_ms: must be >= 20, got {kafka.max_unspilled_ms}")
-    _check(kafka.max_unspilled_ms < kafka.delivery_timeout_ms,
-           "log.kafka.max_unspilled_ms: must be below delivery_timeout_ms")
+        check(getattr(kafka, name) > 0, f"log.kafka.{name}: must be positive")
+    check(kafka.linger_ms >= 0, "log.kafka.linger_ms: must be >= 0")
+    check(kafka.max_unspilled_ms >= 20,
+          f"log.kafka.max_unspilled_ms: must be >= 20, got {kafka.max_unspilled_ms}")
+    check(kafka.max_unspilled_ms < kafka.delivery_timeout_ms,
+          "log.kafka.max_unspilled_ms: must be below delivery_timeout_ms")
 
 
 def _check_url(url: Any, where: str) -> None:
-    _check(
+    check(
         isinstance(url, str) and re.fullmatch(r"http://[^/:]+(:\d+)?/?", url) is not None,
         f"{where}: expected http://host:port, got {url!r}",
     )
@@ -398,62 +373,35 @@ def _check_url(url: Any, where: str) -> None:
 def _parse_triton(raw: Mapping[str, Any]) -> TritonConfig:
     raw = dict(raw)
     models_raw = raw.pop("models", None) or {}
-    _check(isinstance(models_raw, Mapping),
-           "triton.models: expected a mapping of model name to {url: ...}")
+    check(isinstance(models_raw, Mapping),
+          "triton.models: expected a mapping of model name to {url: ...}")
     models = {
-        check_model_name(name, "triton.models"): _build(TritonModelConfig, spec,
-                                                        f"triton.models.{name}")
+        check_model_name(name, "triton.models"): build(TritonModelConfig, spec,
+                                                       f"triton.models.{name}")
         for name, spec in models_raw.items()
     }
     for name, model in models.items():
         _check_url(model.url, f"triton.models.{name}.url")
         _check_protocol(model.protocol, model.grpc_url, f"triton.models.{name}")
-    triton = replace(_build(TritonConfig, raw, "triton"), models=models)
+    triton = replace(build(TritonConfig, raw, "triton"), models=models)
     _check_url(triton.url, "triton.url")
     _check_protocol(triton.protocol, triton.grpc_url, "triton")
     return triton
 
 
 def _check_protocol(protocol: Any, grpc_url: Any, where: str) -> None:
-    _check(protocol in UPSTREAM_PROTOCOLS,
-           f"{where}.protocol: expected one of {', '.join(UPSTREAM_PROTOCOLS)}, got {protocol!r}")
-    _check(grpc_url is None or (isinstance(grpc_url, str)
+    check(protocol in UPSTREAM_PROTOCOLS,
+          f"{where}.protocol: expected one of {', '.join(UPSTREAM_PROTOCOLS)}, got {protocol!r}")
+    check(grpc_url is None or (isinstance(grpc_url, str)
                                 and re.fullmatch(r"[^/:\s]+:\d+", grpc_url) is not None),
-           f"{where}.grpc_url: expected host:port, got {grpc_url!r}")
-    _check(protocol != "grpc" or grpc_url is not None,
-           f"{where}.grpc_url: required when protocol is grpc")
+          f"{where}.grpc_url: expected host:port, got {grpc_url!r}")
+    check(protocol != "grpc" or grpc_url is not None,
+          f"{where}.grpc_url: required when protocol is grpc")
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Apply `UNDERSTUDY_<SECTION>_<KEY>` overrides; nested keys continue with `_`.
-
-    `UNDERSTUDY_LOG_KAFKA_BOOTSTRAP=h:9092` sets log.kafka.bootstrap. Values are parsed as YAML
-    scalars so numbers and booleans keep their types.
-    """
-    sections: dict[str, type] = {
-        "triton": TritonConfig, "listen": ListenConfig, "log": LogConfig, "admin": AdminConfig,
-    }
-    for var, value in env.items():
-        if not var.startswith(ENV_PREFIX):
-            continue
-        rest = var[len(ENV_PREFIX):].lower()
-        section = next((s for s in sections if rest.startswith(s + "_")), None)
-        if section is None:
-            continue
-        key = rest[len(section) + 1:]
-        target = raw.setdefault(section, {}) or {}
-        raw[section] = target
-        cls = sections[section]
-        if section == "log" and key.startswith("kafka_"):
-            target = target.setdefault("kafka", {}) or {}
-            raw["log"]["kafka"] = target
-            key = key[len("kafka_"):]
-            cls = KafkaConfig
-        if key not in {f.name for f in fields(cls)}:
-            # The UNDERSTUDY_ namespace also holds secrets (UNDERSTUDY_ADMIN_TOKEN) and other
-            # programs' settings; only names that are config keys are overrides.
-            continue
-        target[key] = yaml.safe_load(value) if value != "" else ""
+SECTIONS: dict[str, type] = {
+    "triton": TritonConfig, "listen": ListenConfig, "log": LogConfig, "admin": AdminConfig,
+}
 
 
 def parse_config(
@@ -462,38 +410,38 @@ def parse_config(
     data: dict[str, Any] = dict(raw or {})
     allowed = {"triton", "listen", "log", "admin", "routes"}
     unknown = sorted(set(data) - allowed)
-    _check(not unknown, f"unknown top-level key(s): {', '.join(map(str, unknown))}")
+    check(not unknown, f"unknown top-level key(s): {', '.join(map(str, unknown))}")
     for section in ("triton", "listen", "log", "admin"):
         data[section] = dict(data.get(section) or {})
     if isinstance(data["log"].get("kafka"), Mapping):
         data["log"]["kafka"] = dict(data["log"]["kafka"])
-    _apply_env(data, os.environ if env is None else env)
+    apply_env(data, SECTIONS, env)
     log_raw = dict(data["log"])
-    kafka = _build(KafkaConfig, log_raw.pop("kafka", None), "log.kafka")
-    log = replace(_build(LogConfig, log_raw, "log"), kafka=kafka)
-    _check(log.sink in ("file", "kafka"), "log.sink: must be file or kafka")
-    _check(log.fsync in ("always", "interval", "never"), "log.fsync: always|interval|never")
+    kafka = build(KafkaConfig, log_raw.pop("kafka", None), "log.kafka")
+    log = replace(build(LogConfig, log_raw, "log"), kafka=kafka)
+    check(log.sink in ("file", "kafka"), "log.sink: must be file or kafka")
+    check(log.fsync in ("always", "interval", "never"), "log.fsync: always|interval|never")
     _check_kafka(log.kafka)
     routes_raw = data.get("routes") or {}
-    _check(isinstance(routes_raw, Mapping), "routes: expected a mapping of route name to route")
+    check(isinstance(routes_raw, Mapping), "routes: expected a mapping of route name to route")
     triton = _parse_triton(data["triton"])
-    _check(triton.timeout_ms > 0, "triton.timeout_ms: must be positive")
-    _check(triton.max_connections > 0, "triton.max_connections: must be positive")
-    admin = _build(AdminConfig, data["admin"], "admin")
-    _check(admin.source_of_truth in SOURCES_OF_TRUTH,
-           f"admin.source_of_truth: must be one of {SOURCES_OF_TRUTH}")
+    check(triton.timeout_ms > 0, "triton.timeout_ms: must be positive")
+    check(triton.max_connections > 0, "triton.max_connections: must be positive")
+    admin = build(AdminConfig, data["admin"], "admin")
+    check(admin.source_of_truth in SOURCES_OF_TRUTH,
+          f"admin.source_of_truth: must be one of {SOURCES_OF_TRUTH}")
     routes = {str(n): parse_route(str(n), r) for n, r in routes_raw.items()}
     for route in routes.values():
         problem = exploration_problem(route)
-        _check(problem is None, f"routes.{route.name}.policy: {problem}")
+        check(problem is None, f"routes.{route.name}.policy: {problem}")
     if "grpc_port" in data["listen"] and data["listen"]["grpc_port"] is None:
         data["listen"]["grpc_port"] = 0  # null disables gRPC, like 0
-    listen = _build(ListenConfig, data["listen"], "listen")
-    _check(listen.server in ("lean", "aiohttp"),
-           f"listen.server: must be lean or aiohttp, got {listen.server!r}")
-    _check(0 <= listen.grpc_port <= 65535, "listen.grpc_port: must be a port number (0 disables)")
-    _check(listen.grpc_port == 0 or listen.grpc_port != listen.port,
-           f"listen.grpc_port: {listen.grpc_port} is also listen.port; gRPC needs its own port")
+    listen = build(ListenConfig, data["listen"], "listen")
+    check(listen.server in ("lean", "aiohttp"),
+          f"listen.server: must be lean or aiohttp, got {listen.server!r}")
+    check(0 <= listen.grpc_port <= 65535, "listen.grpc_port: must be a port number (0 disables)")
+    check(listen.grpc_port == 0 or listen.grpc_port != listen.port,
+          f"listen.grpc_port: {listen.grpc_port} is also listen.port; gRPC needs its own port")
     return GatewayConfig(
         triton=triton,
         listen=listen,
@@ -504,13 +452,5 @@ def parse_config(
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    raw: Mapping[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        _check(isinstance(raw, Mapping), f"{path}: top level must be a mapping")
-    return parse_config(raw, env)
+    """Read the YAML file (when given) and apply environment overrides; ConfigError if invalid."""
+    return parse_config(load_yaml(path) if path is not None else {}, env)

@@ -8,6 +8,9 @@ grpc's exceptions.
 
 from __future__ import annotations
 
+# One class for both programs' config files and the admin API's route changes (the loader's).
+from understudy.settings import ConfigError as ConfigError
+
 
 class GatewayError(Exception):
     """Base class: `status` is the HTTP status code, `retriable` says whether a retry may help."""
@@ -99,6 +102,3 @@ def grpc_code(exc: GatewayError) -> str:
         return code
     return "INVALID_ARGUMENT" if 400 <= exc.status < 500 else "INTERNAL"
 
-
-class ConfigError(Exception):
-    """A configuration file or override is invalid; raised at start-up, never per request."""

@@ -300,7 +300,6 @@ class Gateway:
                "--workers", str(self.workers)]
         if self.grpc_port:
             cmd += ["--grpc-port", str(self.grpc_port)]
-        # (not UNDERSTUDY_LOG_LEVEL: the config loader reads UNDERSTUDY_LOG_* as `log:` keys)
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root),
                                                           env.get("PYTHONPATH")]))

@@ -39,13 +39,14 @@ from locust import FastHttpUser, between, constant, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `understudy_demo` without install
 
+from understudy.settings import ADMIN_TOKEN_ENV
 from understudy_demo.traffic import FraudTraffic, PriceTraffic
 
 SEED = int(os.environ.get("LOADTEST_SEED", "11"))
 LABEL_DELAY_S = float(os.environ.get("LOADTEST_LABEL_DELAY_S", "2"))
 FRAUD_ROUTE = os.environ.get("LOADTEST_FRAUD_ROUTE", "fraud")
 PRICE_ROUTE = os.environ.get("LOADTEST_PRICE_ROUTE", "price")
-ADMIN_TOKEN = os.environ.get("UNDERSTUDY_ADMIN_TOKEN", "")
+ADMIN_TOKEN = os.environ.get(ADMIN_TOKEN_ENV, "")
 ADMIN_PERIOD_S = float(os.environ.get("LOADTEST_ADMIN_PERIOD_S", "5"))
 ADMIN_METHOD = os.environ.get("LOADTEST_ADMIN_POLICY_METHOD", "PUT").upper()
 SERVED_IDS_FILE = os.environ.get("LOADTEST_SERVED_IDS_FILE", "")

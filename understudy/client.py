@@ -22,10 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from understudy.settings import ADMIN_READ_TOKEN_ENV, ADMIN_TOKEN_ENV, GATEWAY_URL_ENV
+
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-GATEWAY_ENV = "UNDERSTUDY_GATEWAY"
-TOKEN_ENV = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
-READ_TOKEN_ENV = "UNDERSTUDY_ADMIN_READ_TOKEN"  # noqa: S105
+GATEWAY_ENV = GATEWAY_URL_ENV
+TOKEN_ENV = ADMIN_TOKEN_ENV
+READ_TOKEN_ENV = ADMIN_READ_TOKEN_ENV
 
 # The fields a challenger takes on add / update (the admin API validates their values).
 CHALLENGER_FIELDS = ("mode", "sample_rate", "timeout_ms", "max_concurrency", "max_queue",

@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 
-from gateway.dataplane.protocol import DATATYPES, INT_RANGES, MAX_ID_LENGTH
-from understudy.records import SCHEMA_VERSION
+from understudy.records import DATATYPES, INT_RANGES, MAX_ID_LENGTH, SCHEMA_VERSION
+from understudy.vocabulary import MODES, OUTCOME_STATUSES, POLICY_TYPES, ROLES, TASKS, TRANSPORTS
 
 _ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH,
        "pattern": "^[!-~]([ -~]*[!-~])?$"}
@@ -69,10 +69,10 @@ MODEL_OUTCOME: dict[str, Any] = {
     "required": ["role", "mode", "version", "status", "latency_ms", "outputs", "error"],
     "additionalProperties": False,
     "properties": {
-        "role": {"enum": ["champion", "challenger"]},
-        "mode": {"enum": ["served", "shadow", "explore"]},
+        "role": {"enum": list(ROLES)},
+        "mode": {"enum": list(MODES)},
         "version": {"type": "string"},
-        "status": {"enum": ["ok", "error", "timeout", "shed", "skipped"]},
+        "status": {"enum": list(OUTCOME_STATUSES)},
         "latency_ms": {"type": ["number", "null"], "minimum": 0},
         "outputs": {"oneOf": [
             {"type": "null"},
@@ -104,8 +104,7 @@ INFERENCE_RECORD: dict[str, Any] = {
         "ts": _NUMBER,
         "route": {"type": "string", "minLength": 1},
         "policy": {"type": "object", "required": ["type"],
-                   "properties": {"type": {"enum": ["champion", "epsilon_greedy", "thompson",
-                                                    "rollout"]}}},
+                   "properties": {"type": {"enum": list(POLICY_TYPES)}}},
         "served": {"type": "object", "required": ["model", "version"],
                    "additionalProperties": False,
                    "properties": {"model": {"type": "string", "minLength": 1},
@@ -120,10 +119,10 @@ INFERENCE_RECORD: dict[str, Any] = {
         "status": {"type": "integer", "minimum": 100, "maximum": 599},
         "gateway_latency_ms": {"type": "number", "minimum": 0},
         # optional fields
-        "task": {"enum": ["classification", "regression"]},
+        "task": {"enum": list(TASKS)},
         "error": {"type": "string"},
         "fallback": {"const": True},
-        "protocol": {"enum": ["http", "grpc"]},  # the transport that carried the request
+        "protocol": {"enum": list(TRANSPORTS)},  # the transport that carried the request
         "registry_version": {"type": "integer", "minimum": 0},  # the route's registry version
     },
     "$defs": {"tensor": TENSOR, "outcome": MODEL_OUTCOME},

@@ -1,7 +1,10 @@
 """The inference log record, schema v1: the contract between the gateway and the evaluator.
 
 One record per served request, JSON-encoded with orjson, keyed by request id. Field reference
-(this docstring is the reference; the evaluator's reader is evaluator/ingest.py):
+(this docstring is the reference). The types below are the written form: the gateway builds
+them (gateway/dataplane/recorder.py, gateway/rest/feedback.py) and serialises them once; the
+evaluator reads them back through understudy/reader.py into the same vocabulary
+(understudy/vocabulary.py).
 
     schema_version   1
     kind             "inference"
@@ -23,6 +26,9 @@ One record per served request, JSON-encoded with orjson, keyed by request id. Fi
     protocol         "http" | "grpc", the transport that carried the request (optional: absent
                      in records written before gRPC existed; readers take absent as "http").
                      `status` is the HTTP status either way (gRPC maps it, gateway/errors.py)
+    task             "classification" | "regression", the route's task (optional)
+    error            str, why the client got an error status (optional)
+    fallback         true when the route's fallback challenger answered (optional)
 
     Tensor        = {"datatype": str, "shape": [int], "data": [number | str | bool]}  (flat)
     ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
@@ -56,17 +62,60 @@ started any.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, TypedDict
+import re
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
-SCHEMA_VERSION = 1
+from understudy.vocabulary import Mode, OutcomeStatus, Role, Task, Transport
 
-INFERENCES = "inferences"
-LABELS = "labels"
-AUDIT = "audit"
-STREAMS = (INFERENCES, LABELS, AUDIT)
+SCHEMA_VERSION: Final = 1
 
-OutcomeStatus = Literal["ok", "error", "timeout", "shed", "skipped"]
-Transport = Literal["http", "grpc"]  # which adapter carried a request (the record's `protocol`)
+INFERENCES: Final = "inferences"
+LABELS: Final = "labels"
+AUDIT: Final = "audit"
+STREAMS: Final = (INFERENCES, LABELS, AUDIT)
+# The Kafka topic of each stream unless configured otherwise (gateway log.kafka.*_topic,
+# evaluator source.kafka.*_topic): the defaults both programs must agree on.
+DEFAULT_TOPICS: Final[dict[str, str]] = {stream: f"understudy.{stream}" for stream in STREAMS}
+
+__all__ = ["AUDIT", "DATATYPES", "DEFAULT_TOPICS", "INFERENCES", "INT_RANGES", "JSON_TYPE_NAMES",
+           "LABELS", "MAX_ID_LENGTH", "SCHEMA_VERSION", "STREAMS", "InferenceRecord",
+           "LabelRecord", "ModelOutcome", "OutcomeStatus", "ServedModel", "Tensor", "Transport",
+           "request_id_problem", "type_name"]
+
+# Tensor element types (KServe V2 / Triton names) a record may carry.
+DATATYPES: Final = frozenset(["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                              "INT32", "INT64", "FP16", "BF16", "FP32", "FP64", "BYTES"])
+INT_RANGES: Final[dict[str, tuple[int, int]]] = {
+    **{f"INT{b}": (-(2 ** (b - 1)), 2 ** (b - 1) - 1) for b in (8, 16, 32, 64)},
+    **{f"UINT{b}": (0, 2**b - 1) for b in (8, 16, 32, 64)},
+}
+
+# Request ids join an inference to its labels. Printable ASCII without leading/trailing space:
+# the id is echoed in X-Request-Id (a header value, which clients strip and aiohttp refuses with
+# control characters) and is the Kafka key.
+MAX_ID_LENGTH: Final = 256
+_ID_PATTERN = re.compile(r"[!-~](?:[ -~]*[!-~])?")
+JSON_TYPE_NAMES: Final[dict[type, str]] = {
+    int: "integer", float: "number", bool: "boolean", str: "string", list: "list",
+    dict: "object", type(None): "null",
+}
+
+
+def type_name(value: object) -> str:
+    """A JSON value's type as a client would call it (for error messages)."""
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def request_id_problem(value: object) -> str | None:
+    """Why `value` cannot be a request id (None: it can). Inference ids and labels share it."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type_name(value)}"
+    if len(value) > MAX_ID_LENGTH:
+        return f"is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
+    if not _ID_PATTERN.fullmatch(value):
+        return ("must be printable ASCII without control characters or leading/trailing "
+                "spaces")
+    return None
 
 
 class Tensor(TypedDict):
@@ -76,8 +125,8 @@ class Tensor(TypedDict):
 
 
 class ModelOutcome(TypedDict):
-    role: Literal["champion", "challenger"]
-    mode: Literal["served", "shadow", "explore"]
+    role: Role
+    mode: Mode
     version: str
     status: OutcomeStatus
     latency_ms: float | None
@@ -109,6 +158,9 @@ class InferenceRecord(TypedDict):
     outputs: dict[str, ModelOutcome]
     status: int
     gateway_latency_ms: float
+    task: NotRequired[Task]
+    error: NotRequired[str]  # why the client got an error status
+    fallback: NotRequired[Literal[True]]  # the route's fallback challenger answered
     protocol: NotRequired[Transport]
 
 

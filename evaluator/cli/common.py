@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from evaluator.config import DEFAULT_CONFIG_PATH, EvaluatorConfig, load_config, with_store_path
+from understudy.settings import ADMIN_TOKEN_ENV
 
-TOKEN_ENV = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+TOKEN_ENV = ADMIN_TOKEN_ENV
 
 
 def load(args: argparse.Namespace) -> EvaluatorConfig:

@@ -18,9 +18,10 @@ from evaluator.stats.metrics import (
     common_rows,
     evaluate_models,
 )
+from understudy.vocabulary import POLICY_TYPES
 
 REPORT_SCHEMA_VERSION = 1
-KNOWN_POLICY_TYPES = ("champion", "epsilon_greedy", "thompson")
+KNOWN_POLICY_TYPES = POLICY_TYPES
 
 
 def _value_counts(values: np.ndarray, known: Sequence[str]) -> dict[str, int]:

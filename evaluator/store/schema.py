@@ -28,14 +28,14 @@ import logging
 from evaluator.dataset import STATUS_CODES
 from evaluator.store.engines import Engine
 from evaluator.store.errors import StoreError
+from understudy.vocabulary import MODE_CODES as MODE_CODES  # the stored codes: the contract's
+from understudy.vocabulary import MODE_NAMES as MODE_NAMES
+from understudy.vocabulary import ROLE_CODES as ROLE_CODES
+from understudy.vocabulary import ROLE_NAMES as ROLE_NAMES
 
 log = logging.getLogger(__name__)
 
 STORE_SCHEMA_VERSION = 2
-ROLE_CODES: dict[str, int] = {"champion": 0, "challenger": 1}
-MODE_CODES: dict[str, int] = {"served": 0, "shadow": 1, "explore": 2}
-ROLE_NAMES = {v: k for k, v in ROLE_CODES.items()}
-MODE_NAMES = {v: k for k, v in MODE_CODES.items()}
 SKIPPED = STATUS_CODES["skipped"]
 
 SCHEMA = """

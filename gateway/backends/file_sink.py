@@ -1,9 +1,10 @@
 """The embedded default sink: durable, append-only segment files on local disk.
 
-Layout: `<path>/<stream>/<20-digit first sequence number>.jsonl`, one record per line (orjson
-never emits a raw newline), segments rotated once they pass `segment_bytes`. A reader (the
-evaluator) reads segments in name order and ignores a trailing line without its newline: that
-record is still being written. The value already carries its request id (the key), so a line
+Layout (understudy/segments.py, shared with the evaluator's reader):
+`<path>/<stream>/<20-digit first sequence number>.jsonl`, one record per line (orjson never
+emits a raw newline), segments rotated once they pass `segment_bytes`. A reader (the evaluator)
+reads segments in name order and ignores a trailing line without its newline: that record is
+still being written. The value already carries its request id (the key), so a line
 is exactly the record's JSON.
 
 fsync policy (`log.fsync`):
@@ -30,15 +31,9 @@ from pathlib import Path
 
 from gateway import metrics
 from understudy.records import STREAMS
+from understudy.segments import segment_name, segment_paths, segment_sequence
 
 log = logging.getLogger(__name__)
-
-SEGMENT_SUFFIX = ".jsonl"
-
-
-def segment_paths(stream_dir: Path) -> list[Path]:
-    """Segments of one stream in write order (names are zero-padded sequence numbers)."""
-    return sorted(p for p in stream_dir.glob(f"*{SEGMENT_SUFFIX}") if p.name[:20].isdigit())
 
 
 class _SegmentWriter:
@@ -52,13 +47,13 @@ class _SegmentWriter:
         self.sequence = 0
         if existing:
             last = existing[-1]
-            self.sequence = int(last.name[:20]) + _count_lines(last)
+            self.sequence = segment_sequence(last) + _count_lines(last)
             self._open(last)
         else:
             self._open(self._path_for(self.sequence))
 
     def _path_for(self, sequence: int) -> Path:
-        return self.directory / f"{sequence:020d}{SEGMENT_SUFFIX}"
+        return self.directory / segment_name(sequence)
 
     def _open(self, path: Path) -> None:
         self.file = open(path, "ab")  # noqa: SIM115 - lives as long as the writer

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,15 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest, UpstreamBadGateway
-from understudy.records import Tensor
+from understudy.records import (
+    DATATYPES,
+    INT_RANGES,
+    JSON_TYPE_NAMES,
+    MAX_ID_LENGTH,
+    Tensor,
+    request_id_problem,
+    type_name,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -43,7 +50,7 @@ NUMPY_DTYPES: dict[str, str] = {
     "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }
-DATATYPES = frozenset([*DATATYPE_SIZES, "BYTES"])
+assert frozenset([*DATATYPE_SIZES, "BYTES"]) == DATATYPES  # the record contract's datatypes
 
 
 # JSON `data` element types per datatype. Triton answers a wrong element type with a 500 (it
@@ -57,19 +64,9 @@ JSON_ELEMENT_TYPES: dict[str, frozenset[type]] = {
     "BOOL": frozenset([bool]),
     "BYTES": frozenset([str]),
 }
-INT_RANGES: dict[str, tuple[int, int]] = {
-    **{f"INT{b}": (-(2 ** (b - 1)), 2 ** (b - 1) - 1) for b in (8, 16, 32, 64)},
-    **{f"UINT{b}": (0, 2**b - 1) for b in (8, 16, 32, 64)},
-}
-_TYPE_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list",
-               dict: "object", type(None): "null"}
 
 MAX_RANK = 32  # dimensions of one tensor (Triton's own limit is far above any real model)
 MAX_DIM = 2**63 - 1  # Triton keeps dims and byte sizes in int64 (a larger dim aborts it)
-MAX_ID_LENGTH = 256
-# Printable ASCII without leading/trailing space: the id is echoed in X-Request-Id (a header
-# value, which clients strip and aiohttp refuses with control characters) and is the Kafka key.
-_ID_PATTERN = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 _UINT64_MAX = 2**64 - 1
 
 # Parameters Triton reads with a fixed type (a wrong one is a Triton 500). "uint": a
@@ -118,22 +115,6 @@ class InferRequest:
     @property
     def content_type(self) -> str:
         return "application/octet-stream" if self.header_length is not None else "application/json"
-
-
-def _type_name(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def request_id_problem(value: Any) -> str | None:
-    """Why `value` cannot be a request id (None: it can). Shared by inference and feedback."""
-    if not isinstance(value, str):
-        return f"must be a string, got {_type_name(value)}"
-    if len(value) > MAX_ID_LENGTH:
-        return f"is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
-    if not _ID_PATTERN.fullmatch(value):
-        return ("must be printable ASCII without control characters or leading/trailing "
-                "spaces")
-    return None
 
 
 def check_key(value: str, what: str) -> str:
@@ -206,10 +187,10 @@ def _check_header(header: dict[str, Any]) -> None:
     if "outputs" in header:
         outputs = header["outputs"]
         if not isinstance(outputs, list):
-            raise BadRequest(f"'outputs' must be a list of objects, got {_type_name(outputs)}")
+            raise BadRequest(f"'outputs' must be a list of objects, got {type_name(outputs)}")
         for i, output in enumerate(outputs):
             if not isinstance(output, dict):
-                raise BadRequest(f"outputs[{i}] must be an object, got {_type_name(output)}")
+                raise BadRequest(f"outputs[{i}] must be an object, got {type_name(output)}")
             name = output.get("name")
             if not isinstance(name, str) or not name:
                 raise BadRequest(f"outputs[{i}].name must be a non-empty string")
@@ -234,13 +215,13 @@ _PARAMETER_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _check_parameters(params: Any, what: str, typed: Mapping[str, str]) -> None:
     """A parameters object: scalar values, and the keys Triton reads with their types."""
     if not isinstance(params, dict):
-        raise BadRequest(f"{what} must be an object, got {_type_name(params)}")
+        raise BadRequest(f"{what} must be an object, got {type_name(params)}")
     for key, value in params.items():
         kind = typed.get(key)
         if kind is None:
             if not isinstance(value, str | int | float):  # bool is an int
                 raise BadRequest(f"{what}.{key} must be a string, number or boolean, "
-                                 f"got {_type_name(value)}")
+                                 f"got {type_name(value)}")
             continue
         accepts, want = _PARAMETER_KINDS[kind]
         if not accepts(value):
@@ -269,7 +250,7 @@ def _flat_data(data: Any, rank: int, name: str) -> list[Any]:
     step before it is refused, never a recursion.
     """
     if not isinstance(data, list):
-        raise BadRequest(f"input '{name}': 'data' must be a list, got {_type_name(data)}")
+        raise BadRequest(f"input '{name}': 'data' must be a list, got {type_name(data)}")
     flat = data
     depth = 1
     while flat and type(flat[0]) is list:
@@ -294,9 +275,9 @@ def _check_elements(flat: list[Any], datatype: str, name: str) -> None:
         bad = next(x for x in flat if type(x) not in allowed)
         if isinstance(bad, list):
             raise BadRequest(f"input '{name}': 'data' mixes lists and values at one level")
-        want = " or ".join(sorted(_TYPE_NAMES[t] for t in allowed))
+        want = " or ".join(sorted(JSON_TYPE_NAMES[t] for t in allowed))
         raise BadRequest(f"input '{name}': {datatype} data must hold {want} elements, got "
-                         f"{_type_name(bad)} {bad!r:.40}")
+                         f"{type_name(bad)} {bad!r:.40}")
     bounds = INT_RANGES.get(datatype)
     if bounds is not None and flat:
         low, high = min(flat), max(flat)
@@ -332,7 +313,7 @@ def _check_inputs(request: InferRequest) -> None:
     seen: set[str] = set()
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
-            raise BadRequest(f"inputs[{i}] must be an object, got {_type_name(tensor)}")
+            raise BadRequest(f"inputs[{i}] must be an object, got {type_name(tensor)}")
         name = tensor.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest(f"inputs[{i}].name must be a non-empty string")

@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -23,7 +22,15 @@ from gateway.dataplane.protocol import InferRequest, decode_inputs, decode_respo
 from gateway.dataplane.routes import RouteRuntime
 from gateway.explore.policies import Decision, sticky_uniform
 from gateway.mirror.shadow import ShadowResult
-from understudy.records import INFERENCES, SCHEMA_VERSION, ModelOutcome, Tensor, Transport
+from understudy.records import (
+    INFERENCES,
+    SCHEMA_VERSION,
+    InferenceRecord,
+    ModelOutcome,
+    Tensor,
+    Transport,
+)
+from understudy.vocabulary import Mode, OutcomeStatus, Role
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +138,7 @@ class Recorder:
         self.seen = RecentIds()
         # Called with every record built (sampled out of the log or not), e.g. by the rollout
         # controller's guards; off the request path like the rest of the recorder.
-        self.observers: list[Callable[[Mapping[str, Any]], None]] = []
+        self.observers: list[Callable[[InferenceRecord], None]] = []
         self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
         self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
@@ -207,11 +214,12 @@ class Recorder:
             log.exception("failed to record request %s", ctx.request_id)
             self._dropped.inc()
 
-    def build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult]) -> dict[str, Any]:
+    def build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult]) -> InferenceRecord:
+        """The request's record, typed as the contract writes it (serialised once by `_record`)."""
         config = ctx.runtime.config
         outputs: dict[str, ModelOutcome] = {}
-        role_of = {config.champion.model: "champion"}
-        mode_of = {c.model: c.mode for c in config.challengers}
+        role_of: dict[str, Role] = {config.champion.model: "champion"}
+        mode_of: dict[str, Mode] = {c.model: c.mode for c in config.challengers}
         experiments = ctx.runtime.experiments
         for model, result in {ctx.served_model: ctx.served, **copies}.items():
             outputs[model] = outcome = _outcome(
@@ -223,7 +231,7 @@ class Recorder:
             experiment = experiments.get(model)
             if experiment is not None:  # challengers only: the champion has no experiment
                 outcome["experiment"], outcome["sample_rate"] = experiment
-        record: dict[str, Any] = {
+        record: InferenceRecord = {
             "schema_version": SCHEMA_VERSION,
             "kind": "inference",
             "request_id": ctx.request_id,
@@ -249,7 +257,7 @@ class Recorder:
         record["protocol"] = ctx.protocol
         return record
 
-    def _observe(self, ctx: RequestContext, record: Mapping[str, Any]) -> None:
+    def _observe(self, ctx: RequestContext, record: InferenceRecord) -> None:
         config = ctx.runtime.config
         served_score = first_score(record["outputs"][ctx.served_model]["outputs"])
         for model, outcome in record["outputs"].items():
@@ -274,10 +282,11 @@ def _result(future: asyncio.Future[ShadowResult]) -> ShadowResult:
     return future.result()
 
 
-def _outcome(result: ShadowResult, *, role: str, mode: str, version: str) -> ModelOutcome:
+def _outcome(result: ShadowResult, *, role: Role, mode: Mode, version: str) -> ModelOutcome:
     outputs: dict[str, Tensor] | None = None
     error = result.error
-    status = result.status
+    # ShadowResult speaks the vocabulary's statuses (typed as str there): no per-record check.
+    status: OutcomeStatus = result.status  # type: ignore[assignment]
     if result.outputs is not None:  # a batched copy: its rows were split out of the batch answer
         outputs = result.outputs
         version = result.model_version or version
@@ -289,10 +298,10 @@ def _outcome(result: ShadowResult, *, role: str, mode: str, version: str) -> Mod
         except Exception as exc:
             status, error = "error", f"undecodable response: {exc!r}"
     outcome: ModelOutcome = {
-        "role": role,  # type: ignore[typeddict-item]
-        "mode": mode,  # type: ignore[typeddict-item]
+        "role": role,
+        "mode": mode,
         "version": version,
-        "status": status,  # type: ignore[typeddict-item]
+        "status": status,
         "latency_ms": None if result.latency_s is None else round(result.latency_s * 1000, 3),
         "outputs": outputs,
         "error": error,

@@ -44,6 +44,7 @@ from gateway.dataplane.protocol import json_object
 from gateway.dataplane.routes import RouteTable
 from gateway.errors import BadRequest, Forbidden, Unauthorized
 from gateway.rest.inference import FEEDBACK, MAX_BODY
+from understudy.settings import ADMIN_READ_TOKEN_ENV, ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,10 @@ class AdminAuth:
         write_token: str | None,
         read_token: str | None,
         *,
-        write_env: str = "UNDERSTUDY_ADMIN_TOKEN",
-        read_env: str = "UNDERSTUDY_ADMIN_READ_TOKEN",
+        write_env: str = ADMIN_TOKEN_ENV,
+        read_env: str = ADMIN_READ_TOKEN_ENV,
         feedback_token: str | None = None,
-        feedback_env: str = "UNDERSTUDY_FEEDBACK_TOKEN",
+        feedback_env: str = FEEDBACK_TOKEN_ENV,
     ) -> None:
         self.write_env = write_env
         self.read_env = read_env

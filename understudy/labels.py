@@ -1,0 +1,107 @@
+"""The one label validator: what a label's values may be, for the gateway and the evaluator alike.
+
+A label enters through the gateway's `POST /v2/feedback` (`label_from_feedback`, which also
+applies the request-id rule, rejects unknown fields and reads ISO 8601 event times) and is read
+back by the evaluator's ingest (understudy/reader.py), possibly after another producer wrote it.
+Both go through `label_values`, so a label the gateway accepts is a label the evaluator joins,
+and one it refuses is one the evaluator counts as bad: the two programs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Final
+
+from understudy.records import SCHEMA_VERSION, LabelRecord, request_id_problem
+
+FEEDBACK_FIELDS: Final = frozenset({"request_id", "label", "reward", "event_time", "index"})
+
+
+class LabelError(ValueError):
+    """A label that cannot be used; the message names the field and the problem."""
+
+
+def finite_number(value: object) -> float | None:
+    """A JSON number or boolean as a finite float, else None (NaN, infinities, huge ints, text).
+
+    Called several times per record by the evaluator's ingest: plain floats take one branch.
+    """
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if isinstance(value, int | float):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def label_values(label: object, reward: object,
+                 index: object = 0) -> tuple[float | None, float | None, int]:
+    """(label, reward, row index) of a label, checked; raises LabelError naming the problem.
+
+    At least one of label and reward is a finite number (a boolean label counts as 0/1); the
+    index is the row of a batched request (0 for the first or only row).
+    """
+    if label is None and reward is None:
+        raise LabelError("give 'label' or 'reward'")
+    label_value = None if label is None else finite_number(label)
+    if label is not None and label_value is None:
+        raise LabelError(f"'label' must be a finite number or boolean, got {label!r}")
+    reward_value = None if reward is None else finite_number(reward)
+    if reward is not None and reward_value is None:
+        raise LabelError(f"'reward' must be a finite number, got {reward!r}")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise LabelError("'index' must be a non-negative integer (row of a batched request)")
+    return label_value, reward_value, index
+
+
+def event_time(value: object, now: float) -> float:
+    """A posted event time (ISO 8601 with a timezone, or unix seconds) as unix seconds."""
+    if value is None:
+        return now
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = finite_number(value)
+        if seconds is not None:
+            return seconds
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise LabelError(f"event_time {value!r} is not ISO 8601 or unix seconds") from None
+        if parsed.tzinfo is None:
+            raise LabelError(f"event_time {value!r} has no timezone")
+        return parsed.timestamp()
+    raise LabelError(f"event_time must be ISO 8601 or unix seconds, got {type(value).__name__}")
+
+
+def label_from_feedback(item: object, now: float) -> LabelRecord:
+    """One posted feedback item -> the label record the gateway logs; raises LabelError."""
+    if not isinstance(item, dict):
+        raise LabelError(f"expected an object, got {type(item).__name__}")
+    request_id = item.get("request_id")
+    if request_id is None or request_id == "":
+        raise LabelError("'request_id' must be a non-empty string")
+    problem = request_id_problem(request_id)  # the same rule as the inference ids it joins
+    if problem is not None:
+        raise LabelError(f"'request_id' {problem}")
+    assert isinstance(request_id, str)  # request_id_problem said so
+    unknown = sorted(set(item) - FEEDBACK_FIELDS)
+    if unknown:
+        raise LabelError(f"unknown field(s) {', '.join(map(str, unknown))}")
+    label, reward, index = label_values(item.get("label"), item.get("reward"),
+                                        item.get("index", 0))
+    record: LabelRecord = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "label",
+        "request_id": request_id,
+        "label": label,
+        "reward": reward,
+        "event_time": event_time(item.get("event_time"), now),
+        "received_ts": now,
+    }
+    if index:
+        record["index"] = index
+    return record
