@@ -191,8 +191,8 @@ class FileIngestor(Ingestor):
         prefix = stream_dir.name
         for line, segment, at in read.lines:
             self.parser.parse(batch, line, f"{prefix}/{segment}@{at}")
-        if read.partial_lines:
-            batch.bad["partial_line"] += read.partial_lines
+        for _ in read.partial:
+            batch.reject("partial_line")
         position = read.position.encode()
         self.progress.add(self.store.ingest(batch, {key: position}))
         self._positions[key] = position

@@ -116,7 +116,7 @@ class RecordParser:
         try:
             record = read_record(raw, self.clock)
             if record is None:  # an audit entry: shares the log, not evaluated
-                batch.ignored += 1
+                batch.ignore()
             elif isinstance(record, Inference):
                 self._inference(batch, record)
             else:
@@ -128,7 +128,7 @@ class RecordParser:
 
     def count_bad(self, batch: Batch, reason: str, detail: str, where: str) -> None:
         """Count a bad record in the batch (committed with it) and log it, rate-limited."""
-        batch.bad[reason] += 1
+        batch.reject(reason)
         now = time.monotonic()
         last = self._last_logged.get(reason)
         if last is not None and now - last < self.log_every_s:
