@@ -70,7 +70,7 @@ MODEL_OUTCOME: dict[str, Any] = {
     "additionalProperties": False,
     "properties": {
         "role": {"enum": ["champion", "challenger"]},
-        "mode": {"enum": ["served", "shadow", "explore"]},
+        "mode": {"enum": ["served", "shadow", "explore", "replay"]},
         "version": {"type": "string"},
         "status": {"enum": ["ok", "error", "timeout", "shed", "skipped"]},
         "latency_ms": {"type": ["number", "null"], "minimum": 0},
