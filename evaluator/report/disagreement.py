@@ -45,7 +45,7 @@ def rank(diff: np.ndarray, request_ids: np.ndarray, top_n: int) -> list[int]:
 def _bands(dataset: EvalDataset, champ: np.ndarray, agree: np.ndarray,
            absdiff: np.ndarray) -> list[dict[str, Any]]:
     if dataset.task == "classification":
-        edges = np.linspace(0.0, 1.0, BANDS + 1)
+        edges = np.arange(BANDS + 1) / BANDS  # exact edges: 3 / 5 == 0.6
     else:
         edges = np.unique(np.quantile(champ, np.linspace(0, 1, BANDS + 1))) if champ.size \
             else np.array([])
