@@ -32,7 +32,8 @@ async def _run(rows: list[LoggedRow], args: argparse.Namespace, directory: Path,
     from gateway.backends.file_sink import FileSink
 
     sink = FileSink(directory, fsync="interval")
-    lane = ReplayLane(args.triton, args.rate, args.concurrency, args.timeout_ms / 1000)
+    lane = ReplayLane(args.triton, args.rate, args.concurrency, args.timeout_ms / 1000,
+                      args.slow_factor)
     await sink.start()
     try:
         return await replay(rows, route=args.route, challenger=args.challenger, lane=lane,
@@ -46,6 +47,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Replay, then report; NOTHING when the window holds no logged rows, UNREACHABLE when
     Triton cannot be reached (what was replayed before stays logged)."""
     config = load(args)
+    if args.nice:
+        os.nice(args.nice)
     if config.source.type != "file" and not args.log:
         print("replay: the source is Kafka; pass --log DIR, a directory a file source reads",
               file=sys.stderr)
@@ -134,6 +137,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--concurrency", type=int, default=4,
                    help="replay calls in flight at most; a due call is shed when all are busy "
                         "(default 4)")
+    p.add_argument("--slow-factor", type=float, default=3.0,
+                   help="shed while the replay's recent call latency exceeds this many times "
+                        "the fastest seen (Triton is loaded); default 3")
+    p.add_argument("--nice", type=int, default=10,
+                   help="lower this process's CPU priority by N (default 10): on shared cores "
+                        "the gateway and the champion come first")
     p.add_argument("--timeout-ms", type=float, default=5000.0,
                    help="per-call timeout; a timed-out call is logged as status timeout")
     p.add_argument("--triton", default=os.environ.get("UNDERSTUDY_TRITON_URL", DEFAULT_TRITON),

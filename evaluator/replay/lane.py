@@ -7,9 +7,13 @@ live traffic, so it must never queue in front of the champion. Three limits, eac
   14-day log is resent at a pace the operator chose, not as fast as Triton answers;
 - its own `KeepAlivePool` of `concurrency` connections (the gateway's lean pool, a separate
   instance): the replay never takes a connection the gateway's lanes need;
-- shedding: when every slot is busy (Triton is slower than the cap: it is loaded), the call
-  that is due is not queued: its turn is dropped (counted in `shed`) and it waits for the next
-  token. A loaded Triton thus slows the replay down instead of the replay slowing Triton down.
+- shedding: when Triton is busy the call that is due is not queued: its turn is dropped
+  (counted in `shed`) and it waits for the next token. Busy means every slot is taken (Triton
+  answers slower than the cap), or the replay's recent call latency (an EWMA) is more than
+  `slow_factor` times the fastest call seen (Triton's idle service time): live traffic is
+  loading it. Each shed turn decays the EWMA toward that floor, so the replay probes again
+  after a pause. A loaded Triton thus slows the replay down instead of the replay slowing
+  Triton (and the champion) down.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class ReplayLane:
     """Rate-capped, concurrency-limited POSTs to one Triton; sheds instead of queueing."""
 
     def __init__(self, triton_url: str, rate: float, concurrency: int = 4,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, slow_factor: float = 3.0) -> None:
         parts = urlsplit(triton_url)
         if not parts.hostname or not parts.port:
             raise ValueError(f"Triton URL needs a host and a port: {triton_url!r}")
@@ -70,18 +74,31 @@ class ReplayLane:
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self._pool = KeepAlivePool(parts.hostname, parts.port, concurrency)
+        self.slow_factor = slow_factor
         self.in_flight = 0
         self.shed = 0
+        self.fastest: float | None = None  # seconds: the fastest call seen
+        self.recent: float | None = None  # seconds: EWMA of recent call latencies
 
     @property
     def busy(self) -> bool:
-        return self.in_flight >= self.concurrency
+        if self.in_flight >= self.concurrency:
+            return True
+        return (self.fastest is not None and self.recent is not None
+                and self.recent > self.slow_factor * self.fastest)
+
+    def observe(self, latency_s: float) -> None:
+        """A finished call's service time: the floor and the recent level of Triton's."""
+        self.fastest = latency_s if self.fastest is None else min(self.fastest, latency_s)
+        self.recent = latency_s if self.recent is None else 0.8 * self.recent + 0.2 * latency_s
 
     async def turn(self) -> bool:
         """Wait for the next token; False (a shed turn) when every slot is busy then."""
         await self.bucket.acquire()
         if self.busy:
             self.shed += 1
+            if self.recent is not None and self.fastest is not None:
+                self.recent = 0.9 * self.recent + 0.1 * self.fastest  # probe again later
             return False
         return True
 
@@ -90,8 +107,10 @@ class ReplayLane:
         """One call on the lane's own pool, bounded by the lane's timeout."""
         self.in_flight += 1
         try:
-            return await asyncio.wait_for(
+            response = await asyncio.wait_for(
                 self._pool.post(path, body, content_type, extra_headers), self.timeout_s)
+            self.observe(response.latency_s)
+            return response
         finally:
             self.in_flight -= 1
 

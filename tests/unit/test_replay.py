@@ -61,6 +61,13 @@ def test_the_lane_sheds_a_turn_when_every_slot_is_busy() -> None:
         lane.in_flight = 2
         assert asyncio.run(lane.turn()) is False
         assert lane.shed == 1
+        lane.in_flight = 0
+        for latency in (0.002, 0.002, 0.05, 0.05, 0.05):  # Triton got 25x slower: loaded
+            lane.observe(latency)
+        assert lane.busy
+        turns = [asyncio.run(lane.turn()) for _ in range(40)]
+        assert turns[0] is False  # shed while slow ...
+        assert turns[-1] is True  # ... and probing again once the estimate decayed
     finally:
         lane.close()
 
