@@ -229,3 +229,12 @@ def test_disagreement_section_regression_residuals_and_blocks() -> None:
     blocks = disagreement_blocks({"disagreement": section, "champion": "a"})
     assert [b.kind for b in blocks].count("table") == 3
     assert "`q3`" in blocks[-1].rows[0][0]
+
+
+def test_promote_refuses_a_replay_verdict() -> None:
+    from evaluator.cli.promote import PromoteRefused, check_report
+
+    report = {"route": "fraud", "generated_at": 1000.0, "replay": ["fraud_v4"],
+              "decisions": [{"challenger": "fraud_v4", "decision": "PROMOTE"}]}
+    with pytest.raises(PromoteRefused, match="replay"):
+        check_report(report, "fraud", "fraud_v4", max_age=3600.0, now=1001.0)
