@@ -121,7 +121,8 @@ def _report(config: EvaluatorConfig, args: argparse.Namespace, root: Path) -> in
     return ExitCode.OK
 
 
-def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("replay", parents=[common],
                        help="backtest a challenger on the route's logged traffic",
                        description="Resend the route's logged inputs to a challenger on Triton "

@@ -70,7 +70,8 @@ def _decode(datatype: str, width: int, num: Any, cat: Any) -> list[Any]:
         return [str(x) for x in orjson.loads(cat)] if cat is not None else []
     if num is None:
         return []
-    return np.frombuffer(bytes(num), dtype="<f8")[:width].tolist()
+    values: list[Any] = np.frombuffer(bytes(num), dtype="<f8")[:width].tolist()
+    return values
 
 
 def read_rows(store: Store, route: str, since: float | None = None,

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluator.dataset import EvalDataset
+from evaluator.dataset import Array, EvalDataset
 from evaluator.report.document import Block, _h, _table
 
 TOP_N = 10
@@ -36,14 +36,14 @@ def _f(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def rank(diff: np.ndarray, request_ids: np.ndarray, top_n: int) -> list[int]:
+def rank(diff: Array, request_ids: Array, top_n: int) -> list[int]:
     """Row indices by |diff| descending, ties by request id; NaN never ranked."""
     rows = np.flatnonzero(np.isfinite(diff))
     return sorted(rows.tolist(), key=lambda i: (-abs(float(diff[i])), str(request_ids[i])))[:top_n]
 
 
-def _bands(dataset: EvalDataset, champ: np.ndarray, agree: np.ndarray,
-           absdiff: np.ndarray) -> list[dict[str, Any]]:
+def _bands(dataset: EvalDataset, champ: Array, agree: Array,
+           absdiff: Array) -> list[dict[str, Any]]:
     if dataset.task == "classification":
         edges = np.arange(BANDS + 1) / BANDS  # exact edges: 3 / 5 == 0.6
     else:
