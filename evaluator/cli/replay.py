@@ -17,21 +17,27 @@ from pathlib import Path
 
 from evaluator.cli.common import fmt_ts, load
 from evaluator.config import EvaluatorConfig, format_duration, parse_duration
+from evaluator.replay.kafka import KafkaReplaySink
 from evaluator.replay.lane import ReplayLane
 from evaluator.replay.logged import LoggedRow, read_rows, replayed_ids
 from evaluator.replay.records import replay_dir, replay_route, written_ids
 from evaluator.replay.run import ReplayResult, replay
 from evaluator.store import EmptyDatasetError, Store
+from gateway.backends.file_sink import FileSink
 from understudy.cli import ExitCode
 
 DEFAULT_TRITON = "http://127.0.0.1:8000"
 
 
-async def _run(rows: list[LoggedRow], args: argparse.Namespace, directory: Path,
-               done: set[str], labelled: set[str], score_output: str) -> ReplayResult:
-    from gateway.backends.file_sink import FileSink
-
-    sink = FileSink(directory, fsync="interval")
+async def _run(rows: list[LoggedRow], args: argparse.Namespace, directory: Path | None,
+               config: EvaluatorConfig, done: set[str], labelled: set[str],
+               score_output: str) -> ReplayResult:
+    """To files under `directory`, or (None) to the evaluator's Kafka source topics."""
+    sink: FileSink | KafkaReplaySink
+    if directory is None:
+        sink = KafkaReplaySink(config.source.kafka)
+    else:
+        sink = FileSink(directory, fsync="interval")
     lane = ReplayLane(args.triton, args.rate, args.concurrency, args.timeout_ms / 1000,
                       args.slow_factor)
     await sink.start()
@@ -49,10 +55,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = load(args)
     if args.nice:
         os.nice(args.nice)
-    if config.source.type != "file" and not args.log:
-        print("replay: the source is Kafka; pass --log DIR, a directory a file source reads",
-              file=sys.stderr)
-        return ExitCode.USAGE
+    to_kafka = config.source.type == "kafka" and not args.log
     root = Path(args.log or config.source.path)
     window = parse_duration(args.since, "--since")
     store = Store.open(config.store, read_only=True)
@@ -67,15 +70,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"replay: route {args.route!r} has no logged rows since {fmt_ts(since)}",
               file=sys.stderr)
         return ExitCode.NOTHING
-    directory = replay_dir(root, args.route, args.challenger)
-    in_files, labelled_files = written_ids(directory)
-    done |= in_files
-    labelled |= labelled_files
+    directory = None if to_kafka else replay_dir(root, args.route, args.challenger)
+    if directory is not None:
+        in_files, labelled_files = written_ids(directory)
+        done |= in_files
+        labelled |= labelled_files
+    where = (f"Kafka topic {config.source.kafka.inferences_topic}" if directory is None
+             else str(directory))
     print(f"replay: {len(rows):,} logged rows of route {args.route!r} in the last "
           f"{format_duration(window)} -> {args.challenger} on {args.triton} at <= {args.rate:g}/s "
-          f"({len(done):,} replayed before); records in {directory}", flush=True)
+          f"({len(done):,} replayed before); records in {where}", flush=True)
     score_output = config.score_output(args.route) or "score"
-    result = asyncio.run(_run(rows, args, directory, done, labelled, score_output))
+    result = asyncio.run(_run(rows, args, directory, config, done, labelled, score_output))
     print(f"replay: sent {result.sent:,} ({result.ok:,} ok, {result.failed:,} failed), skipped "
           f"{result.skipped:,} already replayed, {result.labels:,} labels copied, "
           f"{result.shed:,} turns shed, {result.seconds:.1f} s", flush=True)
@@ -85,17 +91,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return ExitCode.UNREACHABLE
     if args.no_report:
         return ExitCode.OK
-    return _report(config, args, root)
+    return _report(config, args, None if to_kafka else root)
 
 
-def _report(config: EvaluatorConfig, args: argparse.Namespace, root: Path) -> int:
+def _report(config: EvaluatorConfig, args: argparse.Namespace, root: Path | None) -> int:
     """Ingest the replay records, then the route's report from its replayed rows."""
     from evaluator import ingest
     from evaluator.cli.report import compute_decisions, logged_inputs
     from evaluator.report import write_report
 
-    if config.source.type == "file" and Path(config.source.path) == root:
-        ingest.run(config, once=True)
+    if root is None or (config.source.type == "file" and Path(config.source.path) == root):
+        ingest.run(config, once=True)  # the configured source: files or Kafka
     else:
         source = dataclasses.replace(config.source, type="file", path=str(root))
         ingest.run(dataclasses.replace(config, source=source), once=True)
@@ -148,7 +154,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="per-call timeout; a timed-out call is logged as status timeout")
     p.add_argument("--triton", default=os.environ.get("UNDERSTUDY_TRITON_URL", DEFAULT_TRITON),
                    help=f"Triton HTTP URL (default $UNDERSTUDY_TRITON_URL or {DEFAULT_TRITON})")
-    p.add_argument("--log", help="log root the replay records go under (default: source.path)")
+    p.add_argument("--log", help="log root the replay records go under (default: source.path; "
+                                 "with a Kafka source, its topics)")
     p.add_argument("--out", help="report directory (default: <report.out>/replay/<route>)")
     p.add_argument("--no-report", action="store_true",
                    help="only replay and log; the ingest loop and `report` pick it up later")
