@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             body_file = write_body(body, work / "body.json")
             gateway.warm("fraud", body, 200)
             url = f"{gateway.url}/v2/models/fraud/infer"
+            # an unrecorded round first: the first seconds at rate pay for warm-up, not replay
+            wrk_rate(url, body_file, body, rate=args.load_rate, duration=args.duration)
             for i in range(2 * args.rounds):
                 kind = "A" if i % 2 == 0 else "B"
                 proc = None
@@ -137,7 +139,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"{os.getloadavg()[0]:.1f}). Load: wrk at {args.load_rate:g} req/s for "
         f"{args.duration:g} s per round on route fraud (champion fraud_v3 alone); B rounds run "
         f"`evaluator replay --challenger fraud_v4 --rate {args.replay_rate:g}` on the same "
-        f"Triton meanwhile. Command: `PYTHONPATH=. .venv/bin/python -m loadtests.replay_bench "
+        f"Triton meanwhile (after one unrecorded warm-up round). Command: "
+        f"`PYTHONPATH=. .venv/bin/python -m loadtests.replay_bench "
         f"--rounds {args.rounds} --load-rate {args.load_rate:g} --replay-rate "
         f"{args.replay_rate:g} --duration {args.duration:g} --write-doc`.\n\n"
         "| round | kind | p50 ms | p99 ms | req/s | errors | replayed | replay/s |\n"
