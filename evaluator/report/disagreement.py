@@ -39,6 +39,12 @@ def _f(x: float) -> float | None:
 def rank(diff: Array, request_ids: Array, top_n: int) -> list[int]:
     """Row indices by |diff| descending, ties by request id; NaN never ranked."""
     rows = np.flatnonzero(np.isfinite(diff))
+    if top_n <= 0 or not rows.size:
+        return []
+    size = np.abs(diff[rows])
+    if rows.size > top_n:  # only rows at least as far apart as the top_n-th (ties kept): O(n)
+        kth = np.partition(size, rows.size - top_n)[rows.size - top_n]
+        rows = rows[size >= kth]
     return sorted(rows.tolist(), key=lambda i: (-abs(float(diff[i])), str(request_ids[i])))[:top_n]
 
 
