@@ -31,7 +31,8 @@ evaluator reads them back through understudy/reader.py into the same vocabulary
     fallback         true when the route's fallback challenger answered (optional)
 
     Tensor        = {"datatype": str, "shape": [int], "data": [number | str | bool]}  (flat)
-    ModelOutcome  = {"role": "champion"|"challenger", "mode": "served"|"shadow"|"explore",
+    ModelOutcome  = {"role": "champion"|"challenger",
+                     "mode": "served"|"shadow"|"explore"|"replay",
                      "version": str, "status": "ok"|"error"|"timeout"|"shed"|"skipped",
                      "latency_ms": float | null, "outputs": {name: Tensor} | null,
                      "error": str | null, "batch_rows": int (optional),
@@ -44,6 +45,9 @@ evaluator reads them back through understudy/reader.py into the same vocabulary
     time is in the registry (`GET /admin/routes/{route}`) and in the audit entry that started
     it (`experiments: {model: {id, started}}`). Both are optional for readers: older records
     lack them.
+
+    mode "replay" is never written by the gateway: `python -m evaluator replay` sends logged
+    inputs to a challenger offline and writes its outcome so (evaluator/replay/).
 
     batch_rows is present only on a shadow copy that shared its Triton call with other copies
     (micro-batching, gateway/mirror/shadow.py): the call's row count. Its latency_ms is that

@@ -22,7 +22,7 @@ CHALLENGER_MODES: Final[tuple[ChallengerMode, ...]] = get_args(ChallengerMode)
 # A model's part in one record: its role on the route, and how it saw this request.
 Role = Literal["champion", "challenger"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
-Mode = Literal["served", "shadow", "explore"]
+Mode = Literal["served", "shadow", "explore", "replay"]
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 
 # What became of one model's call for one request.
@@ -43,7 +43,7 @@ REWARD_SOURCES: Final[tuple[RewardSource, ...]] = get_args(RewardSource)
 STATUS_CODES: Final[dict[str, int]] = {"ok": 0, "error": 1, "timeout": 2, "shed": 3,
                                        "skipped": 4}
 ROLE_CODES: Final[dict[str, int]] = {"champion": 0, "challenger": 1}
-MODE_CODES: Final[dict[str, int]] = {"served": 0, "shadow": 1, "explore": 2}
+MODE_CODES: Final[dict[str, int]] = {"served": 0, "shadow": 1, "explore": 2, "replay": 3}
 UNKNOWN_MODE: Final = -1  # a mode this release does not know (a newer or foreign writer)
 ROLE_NAMES: Final[dict[int, str]] = {code: name for name, code in ROLE_CODES.items()}
 MODE_NAMES: Final[dict[int, str]] = {code: name for name, code in MODE_CODES.items()}

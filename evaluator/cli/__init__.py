@@ -28,6 +28,10 @@
   past window of the log (evaluator/drift/); prints a per-feature table, writes drift.json and
   drift.md, pushes gauges to a Pushgateway and fires the drift webhook once per episode.
   `--serve PORT --every 1h` keeps running and serves /metrics instead of exiting.
+- `replay --route R --challenger M [--since 14d] [--rate 200] [--triton URL]`: backtest M on
+  the route's logged inputs (evaluator/replay/), log the outcomes as `mode: "replay"` records
+  under route `R@replay`, and write the route's report from them, marked as replay
+  (default `<report.out>/replay/R`). Resumable: re-running continues where it stopped.
 
 Exit status (`ExitCode`, the same convention as the gateway's CLI): 0 done (`report`: the report
 was written, whatever the verdicts); 1 failed (the store, a gateway error, a bad drift reference);
@@ -50,7 +54,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from evaluator.cli import drift, lake, promote, report, run
+from evaluator.cli import drift, lake, promote, replay, report, run
 from evaluator.cli.promote import check_live, check_report, read_decision, report_binding
 from evaluator.cli.report import compute_decisions, policy_mapping
 from evaluator.config import DEFAULT_CONFIG_PATH, ConfigError
@@ -60,6 +64,7 @@ from understudy.cli import run as run_quietly
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
     run.add_parser, report.add_parser, promote.add_parser, drift.add_parser, lake.add_parser,
+    replay.add_parser,
 )
 
 

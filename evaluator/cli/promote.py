@@ -142,6 +142,10 @@ def check_report(report: dict[str, Any], route: str, model: str, max_age: float,
                              f"(generated {fmt_ts(generated)}), older than "
                              f"decision.max_report_age {format_duration(max_age)}; re-run "
                              f"`python -m evaluator report --route {route}`")
+    if model in (report.get("replay") or ()):
+        raise PromoteRefused(f"the verdict on {model} comes from a replay of logged traffic "
+                             "(`evaluator replay`), not from live shadowing: add it as a shadow "
+                             "challenger and promote on the live report")
     binding = report_binding(report, model)
     if binding["route"] != route:
         raise PromoteRefused(f"the decision for {model} is bound to route "

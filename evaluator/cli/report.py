@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,26 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"report: {d.challenger}: {d.decision} — {d.reasons[0] if d.reasons else ''}")
     paths = write_report(dataset, decisions, out_dir,
                          drift=_drift_for_report(config, args.route),
-                         window=(since, span[1] if span else None))
+                         window=(since, span[1] if span else None),
+                         inputs_for=logged_inputs(config, args.route))
     print(f"report: wrote {', '.join(str(p) for p in paths.values())}")
     blocked = [d.challenger for d in decisions if d.decision == "BLOCKED"]
     if blocked and args.fail_on_blocked:
         print(f"report: BLOCKED (a guardrail failed): {', '.join(blocked)}", file=sys.stderr)
         return ExitCode.BLOCKED
     return ExitCode.OK
+
+
+def logged_inputs(config: EvaluatorConfig, route: str) -> Callable[[list[str]], Any]:
+    """The logged inputs of a few request ids (the disagreement explorer's rows), read with
+    a short store open of its own: the store is closed during the statistics."""
+    from evaluator.replay.logged import inputs_of
+
+    def fetch(request_ids: list[str]) -> Any:
+        with Store.open(config.store, read_only=True) as store:
+            return inputs_of(store, route, request_ids)
+
+    return fetch
 
 
 def _drift_for_report(config: EvaluatorConfig, route: str) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ import numpy as np
 from evaluator.dataset import EvalDataset, ExperimentInfo
 from evaluator.decision import ChallengerDecision
 from evaluator.gates.guardrails import latency_summary, outcome_summary
+from evaluator.report.disagreement import disagreement
 from evaluator.report.format import VERDICTS, _iso
 from evaluator.report.notes import _notes, headline
 from evaluator.stats.metrics import (
@@ -243,6 +244,8 @@ def build_report(
         )
 
     decision_dicts = [_bind_decision(dataset, d.to_dict()) for d in decisions]
+    # challengers judged on replayed traffic (`evaluator replay`), not on live shadowing
+    replayed = [c for c in dataset.challengers if "replay" in dataset.models[c].modes]
     rv = dataset.registry_version
     registry_version = int(rv.max()) if rv is not None and rv.size else -1
     payload: dict[str, Any] = {
@@ -275,9 +278,12 @@ def build_report(
         "decisions": decision_dicts,
         "verdict_counts": _verdict_counts(decision_dicts),
         "summary": [
-            {"challenger": d["challenger"], "decision": d["decision"], "headline": headline(d)}
+            {"challenger": d["challenger"], "decision": d["decision"],
+             "headline": ("[replay] " if d["challenger"] in replayed else "") + headline(d)}
             for d in decision_dicts
         ],
+        "replay": replayed,
+        "disagreement": disagreement(dataset),
         "exploration": exploration,
         "offpolicy": offpolicy,
         "drift": drift_part,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from evaluator.report.disagreement import disagreement_blocks
 from evaluator.report.document import Block, _h, _table
 from evaluator.report.format import (
     LOSS_TESTS,
@@ -46,6 +47,10 @@ def report_blocks(payload: Mapping[str, Any]) -> list[Block]:
     )
     if payload.get("message"):
         blocks.append(Block("p", f"**{payload['message']}**"))
+    if payload.get("replay"):
+        blocks.append(Block("p", f"**Replay**: the verdicts of {', '.join(payload['replay'])} "
+                                 "come from replaying logged requests (`evaluator replay`, "
+                                 "outcome mode `replay`), not from live shadowing."))
 
     blocks.append(_h(2, "Decisions"))
     if not payload["decisions"]:
@@ -71,6 +76,7 @@ def report_blocks(payload: Mapping[str, Any]) -> list[Block]:
     blocks += _test_blocks(payload)
     blocks += _guardrail_blocks(payload)
     blocks += _exploration_blocks(payload)
+    blocks += disagreement_blocks(payload)
     if payload.get("drift"):
         from evaluator.report.drift import drift_blocks  # drift's modules only when shown
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from evaluator.dataset import EvalDataset, JoinStats
 from evaluator.decision import ChallengerDecision
+from evaluator.report.disagreement import InputsFor, attach_inputs
 from evaluator.report.document import render_html, render_markdown
 from evaluator.report.figures import make_figures
 from evaluator.report.format import _iso
@@ -30,13 +31,15 @@ def write_report(
     drift: Any | None = None,
     generated_at: float | None = None,
     window: tuple[float | None, float | None] | None = None,
+    inputs_for: InputsFor | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md and report.html into ``out_dir``; return their paths.
 
     ``decisions`` are ``evaluator.decision.decide``'s output for ``dataset`` (the report shows
     them, it never re-decides). ``drift`` is an optional ``DriftResult`` or a loaded drift.json
     (shown as a section). ``window`` is the (since, until) the dataset was loaded for; without
-    it the window is the span of the requests' timestamps.
+    it the window is the span of the requests' timestamps. ``inputs_for`` (request ids ->
+    their logged inputs) fills in the inputs of the rows the disagreement section lists.
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -44,6 +47,7 @@ def write_report(
     payload = build_report(
         dataset, decisions, drift=drift, generated_at=generated_at, window=window
     )
+    attach_inputs(payload.get("disagreement"), inputs_for)
     t_figures = time.perf_counter()
     figures = make_figures(dataset, payload)
     payload["figures"] = [f.name for f in figures if f.png_base64]
