@@ -14,17 +14,17 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evaluator.cli.common import fmt_ts, load
 from evaluator.config import EvaluatorConfig, format_duration, parse_duration
-from evaluator.replay.kafka import KafkaReplaySink
-from evaluator.replay.lane import ReplayLane
 from evaluator.replay.logged import LoggedRow, read_rows, replayed_ids
 from evaluator.replay.records import replay_dir, replay_route, written_ids
-from evaluator.replay.run import ReplayResult, replay
 from evaluator.store import EmptyDatasetError, Store
-from gateway.backends.file_sink import FileSink
 from understudy.cli import ExitCode
+
+if TYPE_CHECKING:
+    from evaluator.replay.run import ReplayResult
 
 DEFAULT_TRITON = "http://127.0.0.1:8000"
 
@@ -32,7 +32,16 @@ DEFAULT_TRITON = "http://127.0.0.1:8000"
 async def _run(rows: list[LoggedRow], args: argparse.Namespace, directory: Path | None,
                config: EvaluatorConfig, done: set[str], labelled: set[str],
                score_output: str) -> ReplayResult:
-    """To files under `directory`, or (None) to the evaluator's Kafka source topics."""
+    """To files under `directory`, or (None) to the evaluator's Kafka source topics.
+
+    Imported here: replay calls Triton through the gateway's keep-alive pool and writes segment
+    files with its file sink, so it needs the gateway's packages too (`understudy[gateway]`);
+    every other evaluator command runs without them."""
+    from evaluator.replay.kafka import KafkaReplaySink
+    from evaluator.replay.lane import ReplayLane
+    from evaluator.replay.run import replay
+    from gateway.backends.file_sink import FileSink
+
     sink: FileSink | KafkaReplaySink
     if directory is None:
         sink = KafkaReplaySink(config.source.kafka)
@@ -81,6 +90,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"{format_duration(window)} -> {args.challenger} on {args.triton} at <= {args.rate:g}/s "
           f"({len(done):,} replayed before); records in {where}", flush=True)
     score_output = config.score_output(args.route) or "score"
+    try:
+        import httptools  # noqa: F401 - the gateway's pool parses Triton's answers with it
+    except ImportError:
+        print("replay: calling Triton needs the gateway's packages next to the evaluator's: "
+              "pip install 'understudy[gateway,evaluator]'", file=sys.stderr)
+        return ExitCode.USAGE
     result = asyncio.run(_run(rows, args, directory, config, done, labelled, score_output))
     print(f"replay: sent {result.sent:,} ({result.ok:,} ok, {result.failed:,} failed), skipped "
           f"{result.skipped:,} already replayed, {result.labels:,} labels copied, "

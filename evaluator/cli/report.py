@@ -109,10 +109,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def logged_inputs(config: EvaluatorConfig, route: str) -> Callable[[list[str]], Any]:
+def logged_inputs(config: EvaluatorConfig, route: str) -> Callable[[list[str]], Any] | None:
     """The logged inputs of a few request ids (the disagreement explorer's rows), read with
-    a short store open of its own: the store is closed during the statistics."""
+    a short store open of its own: the store is closed during the statistics. None with the
+    landing zone (the rows list request ids; their inputs are in the lake's inference files)."""
     from evaluator.replay.logged import inputs_of
+
+    if config.lake.path:
+        return None
 
     def fetch(request_ids: list[str]) -> Any:
         with Store.open(config.store, read_only=True) as store:

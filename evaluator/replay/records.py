@@ -25,17 +25,17 @@ from typing import Any
 import orjson
 
 from evaluator.replay.logged import LoggedRow
-from gateway.backends.file_sink import segment_paths
-from gateway.dataplane.protocol import MAX_ID_LENGTH
 from understudy.records import (
     INFERENCES,
     LABELS,
+    MAX_ID_LENGTH,
     SCHEMA_VERSION,
     InferenceRecord,
     LabelRecord,
     ModelOutcome,
     Tensor,
 )
+from understudy.segments import segment_paths
 
 REPLAY_SUFFIX = "@replay"
 FLOATS = frozenset({"FP16", "FP32", "FP64"})
