@@ -1,0 +1,429 @@
+"""Spark over the landing zone: the join, de-duplication and per-experiment reduction for data
+beyond one machine, handing the evaluator the very `EvalDataset` the DuckDB reader builds.
+
+`SparkLakeReader` answers what `evaluator report` asks of a store — `time_range`,
+`experiment_span`, `load_experiments`, `load_dataset` — by running the read rules of
+evaluator/lake/layout.py as Spark DataFrame jobs over the Parquet dataset:
+
+- inference winners: one row per `(request_id, row_ix)` of the route, the copy with the smallest
+  `(src, pos)` (rules 1-2: copies of one source position are identical, so any of them will do;
+  later re-deliveries lose to the first read);
+- label winners: per `(request_id, row_ix)` the largest `(received_ts, src, pos)`, `n` = its
+  distinct source positions (rules 1, 3), joined to the inference winners in any partition;
+- experiments: per challenger and experiment id, over the rows whose champion is the route's
+  newest champion, the first / last ts and the highest registry version (the store's
+  `current_experiments`);
+- join stats: distinct copies per request (duplicates), label records and duplicates of the
+  window's rows, and the lake-wide orphans split by the join window (rule 4).
+
+Spark ships back only the window's labelled rows, sorted by `(ts, src, pos, row_ix)` (rule 5),
+with their outcome and arm lists still nested, as Arrow; `arrow_to_dataset` flattens them into
+the store's column layout and `evaluator.store._assemble` builds the dataset — the same numpy
+code the store runs, so the statistics cannot tell which engine read the rows.
+
+Where Spark runs is the `spark:` config section: `master` (`local[2]` by default: the report
+process starts a local JVM; a cluster URL such as `spark://host:7077` or
+`k8s://https://kubernetes.default.svc` sends the jobs to executors while this process stays the
+driver, see docs/LAKE.md "Spark"), `lake_url` when Spark names the lake differently from fsspec
+(`s3a://` for `s3://`), and any further `conf`. One SparkSession per process, reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark import StorageLevel
+from pyspark.errors import AnalysisException
+from pyspark.sql import Column, DataFrame, GroupedData, SparkSession
+from pyspark.sql import functions as F
+
+from evaluator.dataset import EvalDataset, ExperimentInfo, JoinStats
+from evaluator.lake import layout
+from evaluator.store import (
+    DAY,
+    ROLE_CODES,
+    DatasetReads,
+    EmptyDatasetError,
+    StoreError,
+    _assemble,
+    latest_experiments,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MASTER = "local[2]"
+APP_NAME = "understudy-evaluator"
+
+# Settings every session gets (a `spark.conf` entry overrides them): no web UI on the report
+# host, partition values kept as strings (a route called "2024" must not become an int), UTC.
+BASE_CONF: dict[str, str] = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+
+CHAMPION = ROLE_CODES["champion"]
+CHALLENGER = ROLE_CODES["challenger"]
+
+
+class SparkEngineError(StoreError):
+    """Spark could not start or read the lake; the message says what to check."""
+
+
+def spark_session(master: str = DEFAULT_MASTER, conf: Mapping[str, str] | None = None
+                  ) -> SparkSession:
+    """The process's SparkSession, started on first use (a local JVM takes ~5 s to start).
+
+    A session that is already running is reused whatever `master` says: Spark allows one per
+    process, and the tests share one across the whole run.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    builder = SparkSession.builder.master(master).appName(APP_NAME)
+    for key, value in {**BASE_CONF, **_local_conf(master), **(conf or {})}.items():
+        builder = builder.config(key, str(value))
+    started = time.monotonic()
+    try:
+        session = builder.getOrCreate()
+    except Exception as exc:  # Java missing or too old, bad master URL, ...
+        raise SparkEngineError(f"cannot start Spark (master {master}): {exc}") from None
+    session.sparkContext.setLogLevel(os.environ.get("UNDERSTUDY_SPARK_LOG_LEVEL", "WARN"))
+    log.info("Spark %s session on %s started in %.1fs", session.version, master,
+             time.monotonic() - started)
+    return session
+
+
+def _local_conf(master: str) -> dict[str, str]:
+    """Local mode: a few shuffle partitions per core, not Spark's 200 (sized for clusters),
+    which cost a task each even for a thousand rows."""
+    match = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", master.strip())
+    if match is None:
+        return {}
+    threads = match.group(1)
+    cores = os.cpu_count() or 1 if threads in (None, "*") else int(threads)
+    return {"spark.sql.shuffle.partitions": str(2 * cores),
+            "spark.default.parallelism": str(2 * cores)}
+
+
+class SparkLakeReader(DatasetReads):
+    """The report's reads over the landing zone at `url`, computed by Spark.
+
+    `url` is the lake root as Spark's filesystem layer names it (a local directory, `file:`,
+    `hdfs:` or `s3a:` URL). `join_window` splits orphan labels into waiting and expired (rule 4).
+    """
+
+    def __init__(self, url: str, *, spark: SparkSession | None = None,
+                 master: str = DEFAULT_MASTER, conf: Mapping[str, str] | None = None,
+                 join_window: float = 14 * DAY) -> None:
+        self.url = url.rstrip("/")
+        self.join_window = float(join_window)
+        self.spark = spark if spark is not None else spark_session(master, conf)
+        self._winners: dict[str, DataFrame] = {}  # route -> cached inference winners
+        self._labels: DataFrame | None = None  # cached label winners
+
+    # -- sources ----------------------------------------------------------------------------
+
+    def _table(self, table: str) -> DataFrame | None:
+        """A lake table with its hive partition columns; None while nothing was written."""
+        path = f"{self.url}/{table}"
+        try:
+            return (self.spark.read.option("basePath", path)
+                    .option("pathGlobFilter", f"*{layout.SUFFIX}").parquet(path))
+        except AnalysisException as exc:
+            if "PATH_NOT_FOUND" in str(exc) or "UNABLE_TO_INFER_SCHEMA" in str(exc):
+                return None
+            raise SparkEngineError(f"cannot read {path}: {exc}") from None
+
+    def _route_rows(self, route: str) -> DataFrame | None:
+        """The route's inference rows as written (copies included), without the input tensors."""
+        df = self._table(layout.INFERENCES)
+        if df is None:
+            return None
+        return df.where(F.col(layout.ROUTE_KEY) == layout.encode_route(route)).select(
+            "request_id", "row_ix", "ts", "policy", "served", "propensity",
+            F.coalesce(F.col("registry_version"), F.lit(-1)).alias("registry_version"),
+            "outcomes", "arms", "src", "pos")
+
+    def winners(self, route: str) -> DataFrame | None:
+        """Rules 1-2: per `(request_id, row_ix)` the copy with the smallest `(src, pos)`, its
+        `copies` (distinct source positions) and `champion` (the model in the champion role on
+        the row; NULL if none). Cached: the time range, experiments and dataset all read it."""
+        if route in self._winners:
+            return self._winners[route]
+        rows = self._route_rows(route)
+        if rows is None:
+            return None
+        payload = [c for c in rows.columns if c not in ("request_id", "row_ix")]
+        won = (_one_per_key(rows, payload)
+               .agg(F.min_by(F.struct(*payload), F.struct("src", "pos")).alias("w"),
+                    F.count(F.lit(1)).alias("copies"))
+               .select("request_id", "row_ix", "w.*", "copies")
+               .withColumn("champion", F.filter("outcomes", _is_champion)[0]["model"])
+               .persist(StorageLevel.MEMORY_AND_DISK))
+        self._winners[route] = won
+        return won
+
+    def label_winners(self) -> DataFrame | None:
+        """Rules 1, 3: per `(request_id, row_ix)` the label with the largest
+        `(received_ts, src, pos)`, and `n`, its distinct source positions. Cached."""
+        if self._labels is not None:
+            return self._labels
+        labels = self._table(layout.LABELS)
+        if labels is None:
+            return None
+        fields = ["label", "reward", "has_label", "event_time", "received_ts"]
+        self._labels = (_one_per_key(labels, [*fields, "src", "pos"])
+                        .agg(F.max_by(F.struct(*fields), F.struct("received_ts", "src", "pos"))
+                             .alias("w"), F.count(F.lit(1)).alias("n"))
+                        .select("request_id", "row_ix", "w.*", "n")
+                        .persist(StorageLevel.MEMORY_AND_DISK))
+        return self._labels
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def time_range(self, route: str) -> tuple[float, float] | None:
+        """(first, last) inference ts of the route; None when it has none."""
+        won = self.winners(route)
+        if won is None:
+            return None
+        lo, hi = won.agg(F.min("ts"), F.max("ts")).first()
+        return None if lo is None else (float(lo), float(hi))
+
+    def current_experiments(self, route: str) -> dict[str, ExperimentInfo]:
+        """Each challenger's most recently started experiment with the route's newest
+        champion (the store's `current_experiments`, over the inference winners).
+
+        One job: (first ts, last ts, highest registry version, last row) per champion,
+        challenger and experiment — rows without a challenger experiment keep their champion
+        in a group of their own — and the newest champion is the one with the latest row.
+        """
+        won = self.winners(route)
+        if won is None:
+            return {}
+        last = F.struct("ts", "src", "pos", "row_ix")
+        groups = (won.where(F.col("champion").isNotNull())
+                  .select("champion", "ts", "registry_version", last.alias("last"),
+                          F.explode_outer(F.filter("outcomes", _has_experiment)).alias("o"))
+                  .groupBy("champion", F.col("o.model").alias("model"),
+                           F.col("o.experiment").alias("exp"))
+                  .agg(F.min("ts"), F.max("ts"), F.max("registry_version"), F.max("last"))
+                  .collect())
+        if not groups:
+            return {}
+        champion = max(groups, key=lambda g: tuple(g[6]))[0]
+        return latest_experiments(str(champion), [
+            (str(m), str(x), lo, hi, v) for c, m, x, lo, hi, v, _ in groups
+            if c == champion and m is not None])
+
+    def load_dataset(self, route: str, since: float | None = None, until: float | None = None,
+                     *, task: str = "auto", threshold: float = 0.5,
+                     require_label: bool = True) -> EvalDataset:
+        """The joined, labelled predictions of a route in [since, until), in rule-5 order.
+        Raises EmptyDatasetError (with the join stats) when nothing is joined."""
+        table, stats = self.joined_rows(route, since, until, require_label=require_label)
+        if stats.joined == 0:
+            raise EmptyDatasetError(_empty_message(route, since, until, stats,
+                                                   self.join_window), stats)
+        if require_label:
+            table = table.filter(table["has_label"])
+        return arrow_to_dataset(route, table, stats, task, threshold)
+
+    def join_stats(self, route: str, since: float | None = None, until: float | None = None,
+                   *, require_label: bool = True) -> JoinStats:
+        """The store's join bookkeeping for the route and window (orphans lake-wide)."""
+        return self.joined_rows(route, since, until, require_label=require_label)[1]
+
+    def joined_rows(self, route: str, since: float | None = None, until: float | None = None,
+                    *, require_label: bool = True) -> tuple[pa.Table, JoinStats]:
+        """The window's rows that have a label winner (reward-only ones too), in rule-5 order
+        with outcomes and arms nested, as Arrow; and the join stats, counted from them."""
+        won = self.winners(route)
+        labels = self.label_winners()
+        window = _window(since, until)
+        orphans = self._orphans()
+        if won is None:
+            return _EMPTY, JoinStats(**orphans)
+        n_inf, dups = won.where(window).agg(
+            F.count(F.lit(1)),
+            F.sum(F.when(F.col("row_ix") == 0, F.col("copies") - 1).otherwise(0))).first()
+        stats = JoinStats(inferences=int(n_inf), duplicate_inferences=int(dups or 0), **orphans)
+        if labels is None:
+            return _EMPTY, stats
+        table = (won.where(window).join(labels, ["request_id", "row_ix"])
+                 .orderBy("ts", "src", "pos", "row_ix")
+                 .select(*_ROW_COLUMNS, "has_label", "n",
+                         F.transform("outcomes", _outcome_fields).alias("outcomes"), "arms")
+                 .toArrow())
+        n = np.asarray(table["n"].to_numpy(), dtype=np.int64)
+        has = np.asarray(table["has_label"].to_numpy(zero_copy_only=False), dtype=bool)
+        stats.labels, stats.duplicate_labels = int(n.sum()), int((n - 1).sum())
+        stats.joined = int(has.sum()) if require_label else table.num_rows
+        return table, stats
+
+    def _orphans(self) -> dict[str, int]:
+        """Rule 4, lake-wide: label records (`n`) with no inference anywhere, waiting and
+        expired (received before the watermark less the join window). One job: the watermark
+        joins the anti-join's rows as a one-row side."""
+        labels = self.label_winners()
+        if labels is None:
+            return {"orphan_labels": 0, "expired_orphans": 0}
+        newest = labels.select(F.col("received_ts").alias("t"))
+        orphans = labels
+        inferences = self._table(layout.INFERENCES)
+        if inferences is not None:
+            orphans = labels.join(inferences.select("request_id", "row_ix"),
+                                  ["request_id", "row_ix"], "left_anti")
+            newest = newest.unionByName(inferences.select(F.col("ts").alias("t")))
+        cutoff = newest.agg((F.max("t") - F.lit(self.join_window)).alias("cutoff"))
+        expired = F.col("received_ts") < F.col("cutoff")
+        waiting, gone = orphans.crossJoin(cutoff).agg(
+            F.sum(F.when(~expired, F.col("n")).otherwise(0)),
+            F.sum(F.when(expired, F.col("n")).otherwise(0))).first()
+        return {"orphan_labels": int(waiting or 0), "expired_orphans": int(gone or 0)}
+
+    def close(self) -> None:
+        """Drop the cached winners; the session stays for the next reader in this process."""
+        for df in [*self._winners.values(), self._labels]:
+            if df is not None:
+                df.unpersist()
+        self._winners.clear()
+        self._labels = None
+
+    def __enter__(self) -> SparkLakeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_ROW_COLUMNS = ("request_id", "row_ix", "ts", "label", "reward", "served", "propensity",
+                "policy", "registry_version", "received_ts")
+_EMPTY = pa.table({})
+
+
+def _one_per_key(df: DataFrame, payload: list[str]) -> GroupedData:
+    """Rule 1 then the per-prediction grouping in one shuffle: rows hashed by
+    `(request_id, row_ix)` already sit together for the finer `(src, pos)` grouping, so both
+    aggregations run without a second exchange. Returns the rows grouped by prediction, one
+    per source position."""
+    rest = [c for c in payload if c not in ("src", "pos")]
+    return (df.repartition("request_id", "row_ix")
+            .groupBy("request_id", "row_ix", "src", "pos")
+            .agg(*(F.first(c).alias(c) for c in rest))
+            .groupBy("request_id", "row_ix"))
+
+
+def _is_champion(o: Column) -> Column:
+    return o["role"] == CHAMPION
+
+
+def _has_experiment(o: Column) -> Column:
+    return (o["role"] == CHALLENGER) & o["experiment"].isNotNull()
+
+
+def _outcome_fields(o: Column) -> Column:
+    """An outcome as the dataset needs it (its model version is not used)."""
+    return F.struct(*(o[k].alias(k) for k in
+                      ("model", "role", "mode", "status", "score", "latency_ms", "experiment",
+                       "sample_rate")))
+
+
+def _window(since: float | None, until: float | None) -> Column:
+    """Half-open [since, until) on the inference ts."""
+    cond = F.lit(True)
+    if since is not None:
+        cond = cond & (F.col("ts") >= float(since))
+    if until is not None:
+        cond = cond & (F.col("ts") < float(until))
+    return cond
+
+
+def _empty_message(route: str, since: float | None, until: float | None, stats: JoinStats,
+                   join_window: float) -> str:
+    from evaluator.store import _fmt_ts
+
+    window = f"[{_fmt_ts(since)}, {_fmt_ts(until)})"
+    if stats.inferences == 0:
+        return f"route {route!r}: no inferences in {window} in the lake."
+    return (f"route {route!r}: {stats.inferences} inferences in {window} but none has a "
+            f"label yet ({stats.orphan_labels} orphan label(s) lake-wide wait for their "
+            f"inference; the join window is {join_window / DAY:g}d). Labels may not "
+            f"have arrived: widen the window or wait.")
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow -> EvalDataset: the store's column layout, then the store's assembly
+# --------------------------------------------------------------------------------------------
+
+
+def _f64(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A float column as numpy, NULL as NaN (the lake writes NaN, but a join may add NULLs)."""
+    return np.asarray(pc.fill_null(col, math.nan).to_numpy(zero_copy_only=False),
+                      dtype=np.float64)
+
+
+def _int(col: pa.ChunkedArray | pa.Array, missing: int = -1) -> np.ndarray:
+    return np.asarray(pc.fill_null(col, missing).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def arrow_to_dataset(route: str, table: pa.Table, stats: JoinStats, task: str,
+                     threshold: float) -> EvalDataset:
+    """Rows in rule-5 order with nested `outcomes` / `arms` -> the store's `_assemble` input.
+
+    Row ids are the row positions (already in order); names are interned per call, models,
+    policies and experiment ids sharing one table as in the store.
+    """
+    n = table.num_rows
+    table = table.combine_chunks()  # list parent indices count from the start of a chunk
+    outcomes = pc.list_flatten(table["outcomes"])
+    o_rows = pc.list_parent_indices(table["outcomes"])
+    arms = pc.list_flatten(table["arms"])
+    a_rows = pc.list_parent_indices(table["arms"])
+    strings = [table["served"], table["policy"], pc.struct_field(outcomes, "model"),
+               pc.struct_field(outcomes, "experiment"), pc.struct_field(arms, "model")]
+    names = pc.unique(pa.chunked_array(
+        [c for s in strings for c in (s.chunks if isinstance(s, pa.ChunkedArray) else [s])],
+        type=pa.string()).drop_null())
+    lookup = np.asarray(names.to_pylist() or [""], dtype=object)
+
+    def code(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        return _int(pc.index_in(col, value_set=names))
+
+    rows = {
+        "id": np.arange(n, dtype=np.int64),
+        "request_id": np.asarray(table["request_id"].to_pylist(), dtype=object),
+        "row_ix": _int(table["row_ix"], 0),
+        "ts": _f64(table["ts"]),
+        "label": _f64(table["label"]),
+        "reward": _f64(table["reward"]),
+        "served": code(table["served"]),
+        "propensity": _f64(table["propensity"]),
+        "policy": code(table["policy"]),
+        "registry_version": _int(table["registry_version"]),
+        "received_ts": _f64(table["received_ts"]),
+    }
+    outs = {
+        "inf_id": _int(o_rows),
+        "model": code(pc.struct_field(outcomes, "model")),
+        "role": _int(pc.struct_field(outcomes, "role")),
+        "mode": _int(pc.struct_field(outcomes, "mode")),
+        "status": _int(pc.struct_field(outcomes, "status")),
+        "score": _f64(pc.struct_field(outcomes, "score")),
+        "latency_ms": _f64(pc.struct_field(outcomes, "latency_ms")),
+        "experiment": code(pc.struct_field(outcomes, "experiment")),
+        "sample_rate": _f64(pc.struct_field(outcomes, "sample_rate")),
+    }
+    arm_cols = {"inf_id": _int(a_rows), "model": code(pc.struct_field(arms, "model")),
+                "prob": _f64(pc.struct_field(arms, "prob"))}
+    return _assemble(route, rows, outs, arm_cols, lookup, stats, task, threshold)
