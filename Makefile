@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench load models kafka-start kafka-stop clean
+.PHONY: install demo test unit lint bench load models kafka-start kafka-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,13 @@ models: install  ## regenerate the demo models (deterministic)
 	$(PY) deploy/triton/generate_models.py
 
 demo: install
-	$(PY) -m gateway.demo.run
+	$(PY) -m understudy_demo.run
 
 test: install
 	bash tests/run.sh
+
+unit: install  ## the fast tier: no Triton, no Kafka (tests/unit plus the unit tests of mixed files)
+	.venv/bin/pytest -q -p no:cacheprovider -m "not slow and not triton and not kafka" tests
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -33,6 +36,12 @@ bench: install
 
 load: install
 	bash loadtests/load.sh
+
+kafka-start: install  ## a local single-node Kafka broker (var/kafka, port 9092) for a Kafka-backed demo
+	$(PY) -m devtools.kafka_broker start
+
+kafka-stop: install
+	$(PY) -m devtools.kafka_broker stop
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

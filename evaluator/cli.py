@@ -19,6 +19,10 @@
   (`gateway.read_token_env` is enough for `--dry-run`, which runs every check and prints the
   request).
 
+- `lake compact|expire`: merge the landing zone's small files; delete date partitions older
+  than `lake.retention` (evaluator/lake; with `lake.path` set, `run` writes Parquet there and
+  `report` reads it with DuckDB instead of the embedded store).
+
 - `drift --route R [--reference FILE | --reference-window 7d] [--window 1d] [--out DIR]
   [--push URL]`: data and prediction drift of the live window against a training snapshot or a
   past window of the log (evaluator/drift.py); prints a per-feature table, writes drift.json and
@@ -69,7 +73,7 @@ from evaluator.config import (
     with_store_path,
 )
 from evaluator.dataset import STATUS_CODES, EvalDataset, JoinStats
-from evaluator.store import EmptyDatasetError, Store, StoreError
+from evaluator.store import DatasetReads, EmptyDatasetError, Store, StoreError
 
 log = logging.getLogger("evaluator")
 
@@ -86,6 +90,15 @@ def _load(args: argparse.Namespace) -> EvaluatorConfig:
     if getattr(args, "store", None):
         config = with_store_path(config, args.store)
     return config
+
+
+def open_reader(config: EvaluatorConfig) -> DatasetReads:
+    """What `report` reads: the landing zone when `lake.path` is set, else the store."""
+    if config.lake.path:
+        from evaluator.lake.reader import LakeReader
+
+        return LakeReader.open(config)
+    return Store.open(config.store, read_only=True)
 
 
 def _fmt_ts(ts: float | None) -> str:
@@ -105,9 +118,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = (f"Kafka {src.kafka.bootstrap} topics {src.kafka.inferences_topic}, "
              f"{src.kafka.labels_topic} (group {src.kafka.group_id})"
              if src.type == "kafka" else f"segment files under {src.path}")
-    print(f"evaluator: ingesting from {where} into {config.store.path} ({config.store.engine}); "
-          f"join window {format_duration(config.store.join_window)}"
+    into = (f"the landing zone {config.lake.path} (Parquet)" if config.lake.path else
+            f"{config.store.path} ({config.store.engine}); join window "
+            f"{format_duration(config.store.join_window)}")
+    print(f"evaluator: ingesting from {where} into {into}"
           f"{'; draining once' if args.once else ''}", flush=True)
+    if config.lake.path:
+        from evaluator.lake import members
+
+        run: Callable[..., Any] = members.run
+    else:
+        run = ingest.run
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -116,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        progress = ingest.run(config, once=args.once, stop=stop)
+        progress = run(config, once=args.once, stop=stop)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -221,7 +242,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     window = parse_duration(args.window, "--window") if args.window else config.report.window
     out_dir = Path(args.out or config.report.out)
     route_cfg = config.route(args.route)
-    store = Store.open(config.store, read_only=True)
+    store = open_reader(config)
     try:
         span = store.time_range(args.route)
         experiments, since = store.experiment_span(args.route, window)
@@ -598,10 +619,51 @@ def _add_drift(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.set_defaults(func=cmd_drift)
 
 
+# -- lake -------------------------------------------------------------------------------------
+
+
+def cmd_lake(args: argparse.Namespace) -> int:
+    from evaluator.lake.storage import Lake
+
+    config = _load(args)
+    if not config.lake.path:
+        raise ConfigError("lake.path: not set (the landing zone to maintain)")
+    lake = Lake(config.lake.path)
+    if not lake.exists():
+        raise StoreError(f"no landing zone at {config.lake.path}")
+    lake.ensure()
+    if args.action == "compact":
+        done = lake.compact(min_files=config.lake.compact_min_files,
+                            small_bytes=int(config.lake.compact_small_mb * 1e6))
+        print(f"lake: compacted {done.files_in} file(s) in {done.partitions} partition(s) into "
+              f"{done.files_out}; {done.rows_dropped} replayed row(s) dropped; "
+              f"{done.tmp_removed} stale temporary file(s) removed")
+        return EXIT_OK
+    keep = parse_duration(args.older_than, "--older-than") if args.older_than else \
+        config.lake.retention
+    if keep is None:
+        raise ConfigError("lake.retention: not set (or pass --older-than 90d)")
+    cutoff = time.strftime("%Y-%m-%d", time.gmtime(time.time() - keep))
+    done = lake.expire(cutoff)
+    print(f"lake: deleted {done.partitions} partition(s) ({done.files_in} file(s)) dated "
+          f"before {cutoff}")
+    return EXIT_OK
+
+
+def _add_lake(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("lake", parents=[common], help="maintain the Parquet landing zone",
+                       description="compact: merge each partition's small files (and drop "
+                                   "replayed rows). expire: delete date partitions older than "
+                                   "lake.retention (or --older-than), in every table.")
+    p.add_argument("action", choices=("compact", "expire"))
+    p.add_argument("--older-than", help="expire: e.g. 90d (default: lake.retention)")
+    p.set_defaults(func=cmd_lake)
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
-    _add_run, _add_report, _add_promote, _add_drift,
+    _add_run, _add_report, _add_promote, _add_drift, _add_lake,
 )
 
 

@@ -122,7 +122,7 @@ class SourceConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = "./var/evaluator/store.duckdb"
-    engine: Engine = "duckdb"  # chosen by evaluator/bench_store.py; see docs/BENCHMARKS.md
+    engine: Engine = "duckdb"  # chosen by loadtests/bench_store.py; see docs/BENCHMARKS.md
     join_window: float = _duration_field("14d")  # seconds an orphan label waits
     duplicate_labels: Literal["last_wins"] = "last_wins"
     score_output: str | None = None  # output tensor holding the score; None = the first one

@@ -14,7 +14,7 @@ import numpy as np
 
 Task = Literal["classification", "regression"]
 
-# Outcome status codes stored in ModelColumn.status (see gateway.records.OutcomeStatus).
+# Outcome status codes stored in ModelColumn.status (see understudy.records.OutcomeStatus).
 STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "timeout": 2, "shed": 3, "skipped": 4}
 
 

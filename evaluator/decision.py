@@ -11,7 +11,7 @@ The rules (``decide``), in order of precedence, for reports read every day:
 1. **BLOCKED** when a guardrail failed — judged with its own uncertainty by
    ``check_guardrails`` (a one-sided bound past the limit and an absolute margin exceeded);
    "insufficient" guardrails never block, they only withhold a PROMOTE.
-2. **INCONCLUSIVE "data health: ..."** when the data-health gate (``evaluator.health``: sample
+2. **INCONCLUSIVE "data health: ..."** when the data-health gate (``evaluator.gates.health``: sample
    ratio, coverage vs sample_rate, non-random shedding) fails: a biased sample cannot decide.
 3. **INCONCLUSIVE** when the primary metric is undefined or there are fewer than
    ``min_samples`` paired labelled requests (classifiers: also ``min_per_class`` of each label).
@@ -64,10 +64,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from evaluator.dataset import EvalDataset, ExperimentInfo
-from evaluator.guardrails import GuardrailLimits, GuardrailResult, check_guardrails
-from evaluator.health import check_data_health
-from evaluator.metrics import LossName, per_request_loss, probability_violations
-from evaluator.sequential import (
+from evaluator.gates.guardrails import GuardrailLimits, GuardrailResult, check_guardrails
+from evaluator.gates.health import check_data_health
+from evaluator.stats.metrics import LossName, per_request_loss, probability_violations
+from evaluator.stats.sequential import (
     CsState,
     SequentialResult,
     confidence_sequence,
@@ -76,7 +76,7 @@ from evaluator.sequential import (
     msprt_paired,
     msprt_rmse,
 )
-from evaluator.significance import (
+from evaluator.stats.significance import (
     NonInferiorityResult,
     PowerResult,
     adjust_pvalues,
@@ -238,7 +238,7 @@ class PrimaryResult:
 
 
 class DataHealth(Protocol):
-    """What the decision needs from ``evaluator.health.check_data_health``'s result."""
+    """What the decision needs from ``evaluator.gates.health.check_data_health``'s result."""
 
     status: str  # "pass" | "fail" | "insufficient"
     reasons: list[str]
@@ -369,7 +369,7 @@ def _experiment_rows(dataset: EvalDataset, challenger: str) -> np.ndarray | None
 
 def _order_ts(dataset: EvalDataset) -> np.ndarray:
     """When each row became visible to a report: its label's receipt time, else (records from
-    before label_ts was logged) its inference time. See evaluator/sequential.py for why."""
+    before label_ts was logged) its inference time. See evaluator/stats/sequential.py for why."""
     ts = np.asarray(dataset.ts, dtype=np.float64)
     if dataset.label_ts is None:
         return ts
@@ -974,7 +974,7 @@ def decide(
     Challengers are tested as one family: their fixed-horizon p-values and, separately, their
     always-valid p-values are corrected with ``policy.correction`` (Holm by default), and each
     challenger's confidence sequence is computed at the level the correction gives it
-    (``corrected_levels``). ``health_check`` replaces ``evaluator.health.check_data_health``
+    (``corrected_levels``). ``health_check`` replaces ``evaluator.gates.health.check_data_health``
     (called as ``health_check(dataset, challenger, alpha=policy.health_alpha)``).
     """
     policy = policy or DecisionPolicy()

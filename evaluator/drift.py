@@ -93,7 +93,7 @@ starts, so a shift walks into it day after day):
 Segments in the live window's proportions: a window from Friday 18:00 to Saturday 18:00 faces
 25% Friday and 75% Saturday reference rows (`_segment_rows`, a deterministic stratified pick, so
 the statistics stay the exact unweighted ones); each past window's "rest" is weighted the same.
-`evaluator/simulate_drift.py` measures both on a weekly-seasonal stream (docs/DRIFT.md).
+`devtools/simulate/drift.py` measures both on a weekly-seasonal stream (docs/DRIFT.md).
 
 Outputs: `DriftResult.to_dict()` (drift.json), `drift_section` / `drift_markdown` for the report,
 a per-feature text table, Prometheus gauges in the evaluator's own `CollectorRegistry`

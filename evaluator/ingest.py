@@ -40,15 +40,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from evaluator.config import EvaluatorConfig
 from evaluator.dataset import STATUS_CODES
 from evaluator.store import MODE_CODES, ROLE_CODES, Batch, IngestResult, Store, StoreLockedError
-from gateway.logsink.files import segment_paths
-from gateway.records import LABELS, SCHEMA_VERSION
+from gateway.backends.file_sink import segment_paths
+from understudy.records import LABELS, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class RecordParser:
                 raise _Bad("invalid_inference", f"{rid}: outputs[{model!r}] is not an object")
             code = STATUS_CODES.get(oc.get("status"), ERROR)
             # A copy that shared a micro-batched call has that call's latency, not comparable
-            # with a single request's: left out of latency statistics (gateway/records.py).
+            # with a single request's: left out of latency statistics (understudy/records.py).
             lat = None if oc.get("batch_rows") is not None else _finite(oc.get("latency_ms"))
             rate = _finite(oc.get("sample_rate"))
             outcomes.append((
@@ -385,7 +385,7 @@ class FileRead:
 
 
 class FileSource:
-    """Reads the gateway's segment files (`gateway.logsink.files` layout) incrementally."""
+    """Reads the gateway's segment files (`gateway.backends.file_sink` layout) incrementally."""
 
     def __init__(self, root: str | Path, chunk_bytes: int = 8 << 20) -> None:
         self.root = Path(root)
@@ -717,7 +717,7 @@ def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = No
     try:
         if config.source.type == "kafka":
             ingestor_k = KafkaIngestor(config, store)
-            asyncio.run(_run_kafka(ingestor_k, once, stop))
+            asyncio.run(run_until_stopped(ingestor_k, once, stop))
             return ingestor_k.progress
         ingestor_f = FileIngestor(config, store)
         ingestor_f.run(once=once, stop=stop)
@@ -727,7 +727,13 @@ def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = No
             store.close()
 
 
-async def _run_kafka(ingestor: KafkaIngestor, once: bool, stop: threading.Event | None) -> None:
+class _AsyncRunner(Protocol):
+    async def run(self, once: bool = False, stop: asyncio.Event | None = None) -> None: ...
+
+
+async def run_until_stopped(runner: _AsyncRunner, once: bool,
+                            stop: threading.Event | None) -> None:
+    """`runner.run` on this event loop, stopped when the `stop` thread event is set."""
     event = asyncio.Event()
     if stop is not None:
         loop = asyncio.get_running_loop()
@@ -737,4 +743,4 @@ async def _run_kafka(ingestor: KafkaIngestor, once: bool, stop: threading.Event 
             loop.call_soon_threadsafe(event.set)
 
         threading.Thread(target=watch, daemon=True, name="evaluator-stop").start()
-    await ingestor.run(once=once, stop=event)
+    await runner.run(once=once, stop=event)

@@ -21,7 +21,7 @@ Design: every number is computed once into the JSON payload, and the Markdown an
 rendered from one list of content blocks built from that payload, so the three files cannot
 disagree. Only the plots read the dataset again (downsampled: ROC thinned to a few hundred
 points, histograms, a few thousand scatter points), which keeps a 1M-row report to a fraction of
-the time the statistics take (see ``evaluator/bench_report.py``).
+the time the statistics take (see ``loadtests/bench_report.py``).
 
 Files are written atomically (temporary file + rename): ``promote`` may read ``report.json``
 while a report is being produced and must never see half a file.
@@ -48,14 +48,14 @@ import numpy as np
 
 from evaluator.dataset import EvalDataset, ExperimentInfo
 from evaluator.decision import METRICS, ChallengerDecision
-from evaluator.guardrails import latency_summary, outcome_summary
-from evaluator.metrics import (
+from evaluator.gates.guardrails import latency_summary, outcome_summary
+from evaluator.stats.metrics import (
     calibration_curve,
     common_rows,
     evaluate_models,
     probability_violations,
 )
-from evaluator.significance import jsonable
+from evaluator.stats.significance import jsonable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -368,7 +368,7 @@ def build_report(
     exploration = _exploration(dataset)
     offpolicy: dict[str, Any] | None = None
     if exploration["exploring"]:
-        from evaluator.offpolicy import estimate_policy_values
+        from evaluator.stats.offpolicy import estimate_policy_values
 
         offpolicy = estimate_policy_values(dataset, alpha=alpha).to_dict()
     timings["offpolicy"] = round(time.perf_counter() - t, 3)

@@ -1,7 +1,7 @@
 """The evaluator's embedded store: deduplicated inference log, per-model outcomes and labels.
 
 Engine: DuckDB by default, SQLite selectable (`store.engine`). Both run this same schema and
-SQL through a thin engine layer, and `evaluator/bench_store.py` loads 1M synthetic joined
+SQL through a thin engine layer, and `loadtests/bench_store.py` loads 1M synthetic joined
 requests with two challengers into each (docs/BENCHMARKS.md, "Evaluator store"). On the 2-core
 dev VM (shared and busy: load average ~10, so CPU seconds are the steadier figure), wall (CPU):
 
@@ -562,6 +562,9 @@ class DatasetReads(abc.ABC):
                      *, task: str = "auto", threshold: float = 0.5,
                      require_label: bool = True) -> EvalDataset: ...
 
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
     def experiment_span(self, route: str, window: float | None = None
                         ) -> tuple[dict[str, ExperimentInfo], float | None]:
         """(current experiments, the `since` that covers all of them).
@@ -955,14 +958,7 @@ class Store(DatasetReads):
     @staticmethod
     def _window(route: str, since: float | None, until: float | None) -> tuple[str, list[Any]]:
         """Half-open [since, until) on the inference ts."""
-        where, params = ["i.route = ?"], [route]
-        if since is not None:
-            where.append("i.ts >= ?")
-            params.append(float(since))
-        if until is not None:
-            where.append("i.ts < ?")
-            params.append(float(until))
-        return " AND ".join(where), params
+        return window_sql(since, until, "i.ts", ["i.route = ?"], [route])
 
     def join_stats(self, route: str, since: float | None = None, until: float | None = None,
                    *, require_label: bool = True) -> JoinStats:
@@ -1152,6 +1148,20 @@ def latest_experiments(champion: str, groups: Sequence[tuple[str, str, Any, Any,
         if known is None or (info.started, info.id) > (known.started, known.id):
             out[name] = info
     return dict(sorted(out.items()))
+
+
+def window_sql(since: float | None, until: float | None, column: str = "ts",
+               where: list[str] | None = None, params: list[Any] | None = None
+               ) -> tuple[str, list[Any]]:
+    """A SQL condition for the half-open window [since, until) on `column`, after `where`."""
+    where, params = list(where or []), list(params or [])
+    if since is not None:
+        where.append(f"{column} >= ?")
+        params.append(float(since))
+    if until is not None:
+        where.append(f"{column} < ?")
+        params.append(float(until))
+    return " AND ".join(where or ["true"]), params
 
 
 def _fmt_ts(ts: float | None) -> str:

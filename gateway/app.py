@@ -14,11 +14,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.admin import install_admin
-from gateway.catalog import RouteCatalog
+from gateway.backends import LogSink
+from gateway.backends.file_sink import FileSink
 from gateway.config import GatewayConfig
-from gateway.feedback import FeedbackService
-from gateway.http import (
+from gateway.dataplane.catalog import RouteCatalog
+from gateway.dataplane.recorder import Recorder
+from gateway.dataplane.routes import RouteTable
+from gateway.dataplane.service import InferenceService
+from gateway.explore.policies import RewardTracker
+from gateway.explore.rewards import FileRewardBus, KafkaRewardBus, PolicyLearner, RewardBus
+from gateway.rest.admin import install_admin
+from gateway.rest.feedback import FeedbackService
+from gateway.rest.inference import (
     CATALOG,
     FEEDBACK,
     MAX_BODY,
@@ -28,14 +35,7 @@ from gateway.http import (
     add_routes,
     error_middleware,
 )
-from gateway.logsink import LogSink
-from gateway.logsink.files import FileSink
-from gateway.policies import RewardTracker
-from gateway.recorder import Recorder
-from gateway.rewards import FileRewardBus, KafkaRewardBus, PolicyLearner, RewardBus
-from gateway.routes import RouteTable
-from gateway.service import InferenceService
-from gateway.upstream import TritonUpstream
+from gateway.upstream.client import TritonUpstream
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 def build_sink(config: GatewayConfig) -> LogSink:
     """The configured inference-log sink (file by default, Kafka when `log.sink: kafka`)."""
     if config.log.sink == "kafka":
-        from gateway.logsink.kafka import KafkaSink  # imported lazily: aiokafka is heavy
+        from gateway.backends.kafka_sink import KafkaSink  # imported lazily: aiokafka is heavy
 
         return KafkaSink(config.log.kafka, Path(config.log.path) / "spill")
     return FileSink(
@@ -116,7 +116,7 @@ def create_app(
         log.info("draining %d pending records", recorder.pending)
         await recorder.drain()
 
-    # Control plane: challenger registry + /admin API (gateway/admin.py). Its context starts
+    # Control plane: challenger registry + /admin API (gateway/rest/admin.py). Its context starts
     # after the sink (audit entries go there) and stops before it.
     registry_ctx = install_admin(app, config, routes, sink)
 

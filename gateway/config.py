@@ -22,7 +22,7 @@ ChallengerMode = Literal["shadow", "explore"]
 POLICY_TYPES: tuple[str, ...] = ("champion", "epsilon_greedy", "thompson")
 CHALLENGER_MODES: tuple[str, ...] = ("shadow", "explore")
 MIN_LOG_SAMPLE_RATE = 0.01
-# Shadow micro-batching (gateway/batching.py): rows per Triton call, and how long the first
+# Shadow micro-batching (gateway/mirror/batching.py): rows per Triton call, and how long the first
 # queued copy may wait for company. Also used for the champion's lane under exploration.
 DEFAULT_BATCH_MAX_ROWS = 16
 DEFAULT_BATCH_MAX_WAIT_MS = 2.0
@@ -81,7 +81,7 @@ class TritonConfig:
 class ListenConfig:
     host: str = "0.0.0.0"  # noqa: S104 - a gateway listens on all interfaces by default
     port: int = 8080
-    # The KServe V2 / Triton gRPC service (gateway/grpc_server.py); 0 (or null) disables it.
+    # The KServe V2 / Triton gRPC service (gateway/rpc/server.py); 0 (or null) disables it.
     grpc_port: int = 8081
     # The largest request body (HTTP) or request message (gRPC) accepted.
     max_body_bytes: int = 8 * 1024 * 1024
@@ -99,7 +99,7 @@ class KafkaConfig:
     compression: str = "zstd"
     max_request_bytes: int = 1024 * 1024
     spill_budget_bytes: int = 1024 * 1024 * 1024
-    # The log guarantee (gateway/logsink/kafka.py): a record not acknowledged by Kafka within
+    # The log guarantee (gateway/backends/kafka_sink.py): a record not acknowledged by Kafka within
     # this bound is in the fsynced local spill, broker up or not; a SIGKILL loses at most the
     # records accepted in the last max_unspilled_ms.
     max_unspilled_ms: int = 1000

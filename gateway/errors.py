@@ -1,8 +1,9 @@
 """Typed errors for the gateway, each carrying the HTTP status it maps to.
 
 The HTTP layer turns any `GatewayError` into a KServe-style `{"error": "..."}` body in one place
-(`gateway.http.error_middleware`); the gRPC adapter turns it into the status code `grpc_code`
-names (`gateway.grpc_server`). The core never imports aiohttp's or grpc's exceptions.
+(`gateway.rest.inference.error_middleware`); the gRPC adapter turns it into the status code
+`grpc_code`
+names (`gateway.rpc.server`). The core never imports aiohttp's or grpc's exceptions.
 """
 
 from __future__ import annotations

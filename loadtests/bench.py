@@ -17,7 +17,7 @@ What it measures (JSON request of one fraud row, route "fraud", champion fraud_v
    All three for: direct Triton; nginx `mirror` in front of the same Triton (and nginx as a plain
    proxy); the gateway champion-only, + one shadow, + two shadows, + exploration
    (epsilon_greedy, epsilon 0.1, fraud_v4 as explore arm) with the file sink, and the same four
-   with the Kafka sink when gateway/logsink/kafka.py and deploy/kafka/broker.py are present;
+   with the Kafka sink when gateway/backends/kafka_sink.py and devtools/kafka_broker.py are present;
    champion-only and + one shadow with `--workers 2`; champion-only with binary tensors.
    Gateway rows also report the gateway's CPU time per request (from /proc, robust to other
    load on the machine) and check that every served request was logged.
@@ -330,7 +330,7 @@ class Bench:
             self.kafka = common.KafkaBroker(self.work / "kafka").start()
             self.log(f"Kafka {self.kafka.version} broker on {self.kafka.bootstrap}")
             self.extra["kafka"] = (f"Apache Kafka {self.kafka.version} (KRaft, single node, "
-                                   "deploy/kafka/broker.py) on the same machine; sink acks=all, "
+                                   "devtools/kafka_broker.py) on the same machine; sink acks=all, "
                                    "idempotent")
             for key, (label, routes) in GATEWAY_SCENARIOS.items():
                 self.gateway_row(key, f"{label} [Kafka log]", routes, sink="kafka",

@@ -100,13 +100,13 @@ class Body:
 
 
 def fraud_rows(n: int, seed: int = 7) -> tuple[Any, Any]:
-    from gateway.demo.traffic import FraudTraffic
+    from understudy_demo.traffic import FraudTraffic
 
     return FraudTraffic(seed).sample(n)
 
 
 def json_body(row: Any) -> Body:
-    from gateway.demo.traffic import v2_infer_body
+    from understudy_demo.traffic import v2_infer_body
 
     return Body(json.dumps(v2_infer_body(row)).encode(), "application/json")
 
@@ -151,7 +151,7 @@ def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM
 
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants (from /proc)."""
-    from gateway.triton import proc_stats
+    from understudy_demo.triton import proc_stats
 
     children: dict[int, list[int]] = {}
     for child, fields in proc_stats():
@@ -238,7 +238,7 @@ def set_slow_delay(repo: Path, seconds: float) -> None:
 
 @contextlib.contextmanager
 def triton_server(work: Path, extra_repos: Sequence[Path] = ()) -> Iterator[Any]:
-    from gateway.triton import TritonServer
+    from understudy_demo.triton import TritonServer
 
     server = TritonServer([DEMO_MODELS, *extra_repos], log_file=work / "tritonserver.log")
     with server:
@@ -432,18 +432,19 @@ class Nginx:
 # --- Kafka (optional) ----------------------------------------------------------------------
 
 
-BROKER_SCRIPT = ROOT / "deploy" / "kafka" / "broker.py"
-KAFKA_SINK = ROOT / "gateway" / "logsink" / "kafka.py"
+BROKER_SCRIPT = ROOT / "devtools" / "kafka_broker.py"
+KAFKA_SINK = ROOT / "gateway" / "backends" / "kafka_sink.py"
 
 
 def kafka_available() -> tuple[bool, str]:
     """Whether the Kafka sink and the broker script exist and the sink imports."""
     if not BROKER_SCRIPT.exists():
-        return False, "deploy/kafka/broker.py not present"
+        return False, "devtools/kafka_broker.py not present"
     if not KAFKA_SINK.exists():
-        return False, "gateway/logsink/kafka.py (KafkaSink) not present yet"
-    probe = subprocess.run([sys.executable, "-c", "from gateway.logsink.kafka import KafkaSink"],
-                           cwd=ROOT, capture_output=True, text=True, check=False)
+        return False, "gateway/backends/kafka_sink.py (KafkaSink) not present yet"
+    probe = subprocess.run([sys.executable, "-c",
+                            "from gateway.backends.kafka_sink import KafkaSink"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         return False, f"KafkaSink does not import: {probe.stderr.strip().splitlines()[-1:]}"
     return True, ""

@@ -3,7 +3,7 @@
     .venv/bin/python loadtests/kafka_producer_bench.py [--bootstrap HOST:PORT] [--records 100000]
         [--size 1024] [--compression gzip] [--linger-ms 5]
 
-Without --bootstrap it starts a throwaway broker with deploy/kafka/broker.py on free ports and
+Without --bootstrap it starts a throwaway broker with devtools/kafka_broker.py on free ports and
 stops it afterwards. Records are ~`--size` bytes of inference-log-like JSON (random floats, so
 gzip has realistic work to do, not a run of one repeated byte). The emitter behaves like the
 gateway's record task: it emits in chunks and yields to the event loop between them, backing
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import random
 import sys
 import tempfile
@@ -30,16 +29,14 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gateway.backends.kafka_sink import KafkaSink  # noqa: E402
 from gateway.config import KafkaConfig  # noqa: E402
-from gateway.logsink.kafka import KafkaSink  # noqa: E402
 
 
-def load_broker():  # deploy/kafka/broker.py is a script: load it by path
-    spec = importlib.util.spec_from_file_location("kafka_broker", ROOT / "deploy/kafka/broker.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kafka_broker"] = module  # dataclasses look their module up while executing
-    spec.loader.exec_module(module)
-    return module
+def load_broker():
+    from devtools import kafka_broker
+
+    return kafka_broker
 
 
 def make_value(i: int, size: int, rng: random.Random) -> bytes:

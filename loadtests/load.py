@@ -8,7 +8,7 @@ fraud_v3, fraud_v4 as explore challenger, fraud_v5 as shadow; price: price_v1 wi
 shadow), starts `python -m gateway serve`, runs loadtests/locustfile.py headless, saves locust's
 CSV and HTML under --out, prints the summary and the number of inference/label records the
 gateway logged, and stops everything it started. With --sink kafka a broker is started with
-deploy/kafka/broker.py (when gateway/logsink/kafka.py exists). Exit status 1 if any request
+devtools/kafka_broker.py (when gateway/backends/kafka_sink.py exists). Exit status 1 if any request
 failed.
 """
 

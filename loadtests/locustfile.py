@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from locust import FastHttpUser, between, constant, events, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `gateway.demo` without install
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `understudy_demo` without install
 
-from gateway.demo.traffic import FraudTraffic, PriceTraffic
+from understudy_demo.traffic import FraudTraffic, PriceTraffic
 
 SEED = int(os.environ.get("LOADTEST_SEED", "11"))
 LABEL_DELAY_S = float(os.environ.get("LOADTEST_LABEL_DELAY_S", "2"))

@@ -2,7 +2,7 @@
 
 Every client sends the same binary-tensor request for one fraud row to the same real Triton at
 fixed concurrency. The gateway already holds the client's body bytes: with its keep-alive pool
-(gateway/keepalive.py, what the gateway uses) or aiohttp it forwards them as they are; with
+(gateway/upstream/keepalive.py, what the gateway uses) or aiohttp it forwards them as they are; with
 tritonclient it has to rebuild InferInput objects from the decoded request (numpy) and let
 tritonclient encode them again, then decode the response. We report throughput and the client
 process's CPU time per request (the gateway's own cost).
@@ -24,8 +24,8 @@ import orjson
 import tritonclient.http.aio as triton_aio
 from tritonclient.http import InferInput, InferRequestedOutput
 
-from gateway.triton import TritonServer
-from gateway.upstream import TritonUpstream
+from gateway.upstream.client import TritonUpstream
+from understudy_demo.triton import TritonServer
 
 MODELS = Path(__file__).resolve().parents[1] / "deploy" / "triton" / "models"
 

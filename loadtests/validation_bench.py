@@ -19,7 +19,7 @@ import timeit
 import numpy as np
 import orjson
 
-from gateway.protocol import TensorSpec, parse_request, validate_against
+from gateway.dataplane.protocol import TensorSpec, parse_request, validate_against
 
 SPECS = (TensorSpec("features", "FP32", (-1, 8)),)
 

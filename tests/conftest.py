@@ -16,9 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
+from gateway.backends.file_sink import segment_paths
 from gateway.config import GatewayConfig, parse_config
-from gateway.grpc_server import GRPC_PORT, install_grpc
-from gateway.logsink.files import segment_paths
+from gateway.rpc.server import GRPC_PORT, install_grpc
 
 pytest_plugins = ["tests.support.triton", "tests.support.kafka"]
 
@@ -117,3 +117,20 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", write)
     monkeypatch.setenv("UNDERSTUDY_ADMIN_READ_TOKEN", read)
     return {"write": write, "read": read}
+
+
+_SERVICE_FIXTURES = {"triton": "triton", "kafka": "kafka"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by the real services it reaches, so `make unit` (-m "not triton and not
+    kafka") can never start one; a test under tests/unit/ that needs one is a layout error."""
+    misplaced = []
+    for item in items:
+        needs = [m for f, m in _SERVICE_FIXTURES.items() if f in getattr(item, "fixturenames", ())]
+        for marker in needs:
+            item.add_marker(marker)
+        if needs and "/tests/unit/" in str(item.path):
+            misplaced.append(item.nodeid)
+    if misplaced:
+        raise pytest.UsageError(f"unit tests that need Triton or Kafka: {misplaced}")

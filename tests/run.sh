@@ -7,9 +7,9 @@ PY=.venv/bin/python
 KAFKA_DIR=${UNDERSTUDY_TEST_KAFKA_DIR:-var/test-kafka}
 KAFKA_PORT=${UNDERSTUDY_TEST_KAFKA_PORT:-$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
 
-$PY deploy/kafka/broker.py fetch
-$PY deploy/kafka/broker.py start --fresh --port "$KAFKA_PORT" --dir "$KAFKA_DIR"
-trap '$PY deploy/kafka/broker.py stop --dir "$KAFKA_DIR" || true' EXIT
+$PY -m devtools.kafka_broker fetch
+$PY -m devtools.kafka_broker start --fresh --port "$KAFKA_PORT" --dir "$KAFKA_DIR"
+trap '$PY -m devtools.kafka_broker stop --dir "$KAFKA_DIR" || true' EXIT
 export UNDERSTUDY_TEST_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 export UNDERSTUDY_TEST_KAFKA_DIR="$KAFKA_DIR"
 

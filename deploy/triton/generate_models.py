@@ -1,6 +1,6 @@
 """Generate the demo Triton model repository (and the test-only models) deterministically.
 
-The demo models are fitted with numpy on samples from the true processes in `gateway.demo.truth`
+The demo models are fitted with numpy on samples from the true processes in `understudy_demo.truth`
 (fixed seeds), so "fraud_v4 is better than fraud_v3" is a fact about the ground truth the demo
 traffic simulator also uses, not an assertion. Re-running writes byte-identical files.
 
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gateway.demo import truth  # noqa: E402
-from gateway.demo.traffic import FraudTraffic, PriceTraffic  # noqa: E402
+from understudy_demo import truth  # noqa: E402
+from understudy_demo.traffic import FraudTraffic, PriceTraffic  # noqa: E402
 
 FArray = npt.NDArray[np.float64]
 

@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from evaluator.config import EvaluatorConfig
-from evaluator.ingest import FilePosition, FileSource, Progress, RecordParser
+from evaluator.ingest import (
+    FilePosition,
+    FileSource,
+    Progress,
+    RecordParser,
+    run_until_stopped,
+)
 from evaluator.lake import layout
 from evaluator.lake.columns import LakeBatch
 from evaluator.lake.storage import Lake
@@ -289,21 +295,8 @@ def run(config: EvaluatorConfig, *, once: bool = False,
     lake = open_lake(config)
     if config.source.type == "kafka":
         member = KafkaMember(config, lake)
-        asyncio.run(_run_kafka(member, once, stop))
+        asyncio.run(run_until_stopped(member, once, stop))
         return member.progress
     files = FileMember(config, lake)
     files.run(once=once, stop=stop)
     return files.progress
-
-
-async def _run_kafka(member: KafkaMember, once: bool, stop: threading.Event | None) -> None:
-    event = asyncio.Event()
-    if stop is not None:
-        loop = asyncio.get_running_loop()
-
-        def watch() -> None:
-            stop.wait()
-            loop.call_soon_threadsafe(event.set)
-
-        threading.Thread(target=watch, daemon=True, name="lake-stop").start()
-    await member.run(once=once, stop=event)

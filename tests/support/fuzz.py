@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.record_schema import record_problems
 from tests.conftest import read_stream
+from understudy.record_schema import record_problems
 
 # Reproducible in CI: derandomized, no example database, no deadline (real I/O).
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,

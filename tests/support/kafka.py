@@ -1,6 +1,6 @@
 """Session-wide real Kafka broker for the test suite (registered via pytest_plugins).
 
-`make test` (tests/run.sh) starts one broker with deploy/kafka/broker.py and exports
+`make test` (tests/run.sh) starts one broker with devtools/kafka_broker.py and exports
 UNDERSTUDY_TEST_KAFKA_BOOTSTRAP and UNDERSTUDY_TEST_KAFKA_DIR; the fixture then uses it. Run on
 its own (plain `pytest`), the fixture starts a broker on free ports in a temp dir and stops it
 at the end of the session. A broker that cannot start fails the tests (`pytest.fail`), never
@@ -13,10 +13,8 @@ data kept, so producers and consumers reconnect to the same bootstrap address.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import re
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,24 +25,16 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
+from devtools import kafka_broker
+
 ROOT = Path(__file__).resolve().parents[2]
-BROKER_SCRIPT = ROOT / "deploy" / "kafka" / "broker.py"
 ENV_BOOTSTRAP = "UNDERSTUDY_TEST_KAFKA_BOOTSTRAP"
 ENV_DIR = "UNDERSTUDY_TEST_KAFKA_DIR"
 
 
 def load_broker_module() -> ModuleType:
-    """deploy/kafka/broker.py is a script, not a package module: load it by path."""
-    name = "understudy_kafka_broker"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BROKER_SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The broker helper module (devtools/kafka_broker.py)."""
+    return kafka_broker
 
 
 @dataclass

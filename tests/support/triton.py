@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.triton import TritonServer
+from understudy_demo.triton import TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODELS = ROOT / "deploy" / "triton" / "models"

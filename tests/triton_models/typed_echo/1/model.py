@@ -1,4 +1,4 @@
-"""Test-only model with one input per datatype family (tests/test_fuzz_typed.py).
+"""Test-only model with one input per datatype family (tests/integration/test_fuzz_typed.py).
 
 Echoes `f32` and `s` back (so non-finite floats and arbitrary strings travel through Triton's
 answer into the log) and counts all input elements in `n`.

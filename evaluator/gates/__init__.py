@@ -1,0 +1,1 @@
+"""What must hold before any verdict counts: operational guardrails and data health."""

@@ -1,0 +1,579 @@
+"""Operational guardrails: a challenger that is more accurate but slower or flakier is not better.
+
+A promotion swaps the model that answers clients, so the challenger's tail latency and its
+error/timeout rate are checked against the champion on the same requests. A guardrail is a
+*blocking* verdict, so it must not fire on noise: every check judges a one-sided confidence bound,
+never a point estimate, and a check without enough data says so instead of guessing.
+
+Definitions (and why):
+
+* **Attempted** requests are those the model actually received: status ok, error or timeout.
+  ``shed`` copies (the gateway dropped them to protect the champion) and ``skipped`` ones (not
+  sampled) say nothing about the model, so they are counted and reported but are not failures
+  (whether shedding biases the comparison is the data-health gate's question, health.py).
+* **Error rate** = (error + timeout) / attempted. A timeout is a failure the client would see.
+* **Measured latencies** are the attempted requests with a finite ``latency_ms`` — timeouts
+  included, because dropping them would flatter exactly the slow model the guardrail exists to
+  catch. Batched shadow copies carry no comparable latency (NaN in the dataset) and are left out.
+* **p99** is numpy's linear interpolation between order statistics.
+
+The checks (``alpha`` is one-sided; intervals are two-sided at 1 - 2 alpha so that each end is a
+one-sided 1 - alpha bound):
+
+* ``latency_p99_ratio`` FAILS only when the lower bound of the p99 ratio challenger/champion is
+  above ``max_latency_p99_ratio`` AND the lower bound of the p99 difference challenger - champion
+  is above ``max_latency_p99_margin_ms``. Both are one-sided tests at level alpha; rejecting only
+  when both reject is an intersection-union test, so the chance of failing a challenger whose
+  p99 is within either limit is at most alpha. The bounds: each model's p99 gets a
+  distribution-free standard error from the width of its order-statistic confidence interval
+  (ranks from the binomial distribution of the count below the quantile; the exact coverage of
+  that interval sets the divisor), on the log scale for the ratio and the linear scale for the
+  difference, and the two are combined as independent samples (Bonett & Price 2002's interval
+  for a ratio of quantiles). Latencies of the two models on the same request are positively
+  correlated if anything (a large request is slow for both), which only makes this conservative.
+  No resampling, no density estimate, any latency distribution. STATISTICS.md has the size and
+  power by simulation.
+* ``latency_p99_ms`` (absolute ceiling, off by default) FAILS only when the challenger's exact
+  one-sided order-statistic lower bound for its p99 is above ``max_latency_p99_ms`` AND the same
+  difference bound as above exceeds the margin: a ceiling the champion breaks just as much is not
+  a reason to keep the champion.
+* A latency check is **insufficient** (``passed=None``), never a failure, while either model has
+  fewer than ``min_requests`` measured latencies or fewer than 368 (the smallest sample whose
+  largest value is a 97.5% upper bound for a p99: below it no distribution-free statement about
+  a p99's upper side exists).
+* ``error_rate_delta`` FAILS only when the lower end of the Newcombe hybrid-score interval for
+  challenger rate - champion rate (Newcombe 1998, method 10: Wilson intervals of each rate
+  combined) is above ``max_error_rate_delta``. The two rates are treated as independent; pairing
+  on the same requests (a malformed request fails on both) can only make that conservative.
+* ``error_rate`` (absolute ceiling, off by default) FAILS only when the challenger's Wilson lower
+  bound is above ``max_error_rate``.
+* An error-rate check is insufficient while a model it involves has fewer than ``min_requests``
+  attempted requests.
+
+``status`` is "fail" when any check failed, else "insufficient" when any check lacked data, else
+"pass" ("pass" means: enough data to see a breach, and none seen).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy import special
+
+from evaluator.dataset import STATUS_CODES, ModelColumn
+from evaluator.stats.metrics import wilson_interval
+from evaluator.stats.significance import _dataclass_dict
+
+GuardrailStatus = Literal["pass", "fail", "insufficient"]
+
+P99 = 0.99
+# The rank interval whose width estimates a p99's standard error (independent of the test's
+# alpha: it measures spread, it is not the test). 97.5% one-sided on each side needs n >= 368.
+_SPREAD_TAIL = 0.025
+
+
+@dataclass(frozen=True)
+class GuardrailLimits:
+    """Configured limits; ``None`` disables a check."""
+
+    max_latency_p99_ratio: float | None = 1.5  # challenger p99 / champion p99
+    max_latency_p99_ms: float | None = None  # absolute ceiling on the challenger's p99
+    max_latency_p99_margin_ms: float = 2.0  # a latency check also needs p99 diff above this
+    max_error_rate_delta: float | None = 0.01  # challenger rate - champion rate (absolute)
+    max_error_rate: float | None = None  # absolute ceiling on the challenger's error rate
+    min_requests: int = 100
+
+    def to_dict(self) -> dict[str, Any]:
+        return _dataclass_dict(self)
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    n: int
+    mean_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    p99_ci_low_ms: float | None  # exact order-statistic interval (None: no order statistic
+    p99_ci_high_ms: float | None  # is far enough out for this n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _dataclass_dict(self)
+
+
+@dataclass(frozen=True)
+class OutcomeSummary:
+    total: int
+    attempted: int
+    ok: int
+    error: int
+    timeout: int
+    shed: int
+    skipped: int
+    error_rate: float | None  # (error + timeout) / attempted
+    error_rate_ci_low: float | None  # Wilson interval
+    error_rate_ci_high: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _dataclass_dict(self)
+
+
+@dataclass(frozen=True)
+class GuardrailCheck:
+    """One check. ``observed`` is the quantity compared with ``limit`` (ratio, ms, delta or rate)
+    and ``interval`` its two-sided 1 - 2 alpha interval, whose low end is the bound judged.
+    Latency checks also carry the p99 difference (ms) and its interval, judged against
+    ``margin``."""
+
+    name: str
+    champion: float | None
+    challenger: float | None
+    observed: float | None
+    limit: float
+    passed: bool | None  # None: not enough data to judge
+    detail: str
+    interval: tuple[float | None, float | None] | None = None
+    n: int = 0  # the challenger's requests behind the check (measured latencies or attempted)
+    n_champion: int | None = None  # the champion's, when the check compares the two
+    confidence: float | None = None  # one-sided level of each bound (1 - alpha)
+    margin: float | None = None
+    difference: float | None = None  # latency checks: challenger p99 - champion p99 (ms)
+    difference_interval: tuple[float | None, float | None] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _dataclass_dict(self)
+
+
+@dataclass(frozen=True)
+class GuardrailResult:
+    champion: str
+    challenger: str
+    status: GuardrailStatus
+    checks: list[GuardrailCheck]
+    latency: dict[str, LatencySummary]
+    outcomes: dict[str, OutcomeSummary]
+    limits: GuardrailLimits = field(default_factory=GuardrailLimits)
+    alpha: float = 0.05
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "champion": self.champion,
+            "challenger": self.challenger,
+            "status": self.status,
+            "alpha": self.alpha,
+            "checks": [c.to_dict() for c in self.checks],
+            "latency": {k: v.to_dict() for k, v in self.latency.items()},
+            "outcomes": {k: v.to_dict() for k, v in self.outcomes.items()},
+            "limits": self.limits.to_dict(),
+        }
+
+
+_ATTEMPTED = (STATUS_CODES["ok"], STATUS_CODES["error"], STATUS_CODES["timeout"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantile bounds
+# ----------------------------------------------------------------------------------------------
+
+
+def _bdtr(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), with the ends pinned (scipy.special: no argument-checking cost)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return float(special.bdtr(k, n, p))
+
+
+def quantile_ranks(n: int, p: float, tail: float) -> tuple[int | None, int | None]:
+    """1-based ranks (r, s) of the exact one-sided (1 - tail) bounds for the p-quantile.
+
+    With B ~ Binomial(n, p) the number of observations at or below the quantile,
+    P(X_(r) <= q_p) >= P(B >= r) and P(X_(s) >= q_p) >= P(B <= s - 1) for any distribution
+    (equality when continuous). r is the largest rank with P(B <= r - 1) <= tail, s the smallest
+    with P(B <= s - 1) >= 1 - tail; None when no order statistic qualifies (n too small).
+    """
+    if n <= 0:
+        return None, None
+    sd = math.sqrt(n * p * (1 - p))
+    z = float(special.ndtri(1 - tail))
+    k = min(n, max(-1, math.floor(n * p - z * sd)))  # normal-approximation start, then exact
+    while k >= 0 and _bdtr(k, n, p) > tail:
+        k -= 1
+    while k + 1 < n and _bdtr(k + 1, n, p) <= tail:
+        k += 1
+    lower = k + 1 if k >= 0 else None
+    k = min(n, max(0, math.ceil(n * p + z * sd)))
+    while k > 0 and _bdtr(k - 1, n, p) >= 1 - tail:
+        k -= 1
+    while k < n and _bdtr(k, n, p) < 1 - tail:
+        k += 1
+    upper = k + 1 if k + 1 <= n else None
+    return lower, upper
+
+
+@dataclass(frozen=True)
+class QuantileEstimate:
+    """A sample p99 with its distribution-free spread (see the module docstring)."""
+
+    n: int
+    value: float
+    se_ms: float | None  # None: n too small for the spread interval
+    se_log: float | None  # None also when a bound is not positive
+
+
+def min_latency_samples() -> int:
+    """Smallest n whose order statistics bracket a p99 at 97.5% on both sides (368)."""
+    return math.ceil(math.log(_SPREAD_TAIL) / math.log(P99))
+
+
+def p99_estimate(x_sorted: np.ndarray) -> QuantileEstimate:
+    """p99 of sorted latencies and its standard error from the order-statistic interval width.
+
+    The interval [X_(r), X_(s)] (97.5% one-sided each side) has exact coverage c; dividing its
+    width by 2 z_{(1+c)/2} gives the standard error a normal interval of that coverage would have.
+    """
+    n = int(x_sorted.size)
+    value = float(np.quantile(x_sorted, P99))
+    r, s = quantile_ranks(n, P99, _SPREAD_TAIL)
+    if r is None or s is None:
+        return QuantileEstimate(n, value, None, None)
+    coverage = _bdtr(s - 1, n, P99) - _bdtr(r - 1, n, P99)
+    z = float(special.ndtri(0.5 + coverage / 2))
+    lo, hi = float(x_sorted[r - 1]), float(x_sorted[s - 1])
+    se_log = (math.log(hi) - math.log(lo)) / (2 * z) if lo > 0 and value > 0 else None
+    return QuantileEstimate(n, value, (hi - lo) / (2 * z), se_log)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries (also used by the report for every model)
+# ----------------------------------------------------------------------------------------------
+
+
+def outcome_summary(status: np.ndarray, alpha: float = 0.05) -> OutcomeSummary:
+    """Counts per outcome and the error/timeout rate over attempted requests (Wilson CI)."""
+    st = np.asarray(status)
+    counts = {name: int(np.count_nonzero(st == code)) for name, code in STATUS_CODES.items()}
+    attempted = counts["ok"] + counts["error"] + counts["timeout"]
+    failures = counts["error"] + counts["timeout"]
+    rate = lo = hi = None
+    if attempted:
+        rate = failures / attempted
+        lo, hi = wilson_interval(failures, attempted, alpha)
+    return OutcomeSummary(
+        int(st.size),
+        attempted,
+        counts["ok"],
+        counts["error"],
+        counts["timeout"],
+        counts["shed"],
+        counts["skipped"],
+        rate,
+        lo,
+        hi,
+    )
+
+
+def measured_latencies(latency_ms: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """Sorted latencies of attempted requests that carry one (batched copies have NaN)."""
+    lat = np.asarray(latency_ms, dtype=np.float64)
+    return np.sort(lat[_attempted(status) & np.isfinite(lat)])
+
+
+def latency_summary(
+    latency_ms: np.ndarray, status: np.ndarray, alpha: float = 0.05
+) -> LatencySummary:
+    """Latency over measured requests; p99 with its exact two-sided 1 - alpha order-statistic CI."""
+    x = measured_latencies(latency_ms, status)
+    n = int(x.size)
+    if n == 0:
+        return LatencySummary(0, None, None, None, None, None)
+    p50, p99 = (float(v) for v in np.quantile(x, [0.5, P99]))
+    r, s = quantile_ranks(n, P99, alpha / 2)
+    lo = float(x[r - 1]) if r is not None else None
+    hi = float(x[s - 1]) if s is not None else None
+    return LatencySummary(n, float(x.mean()), p50, p99, lo, hi)
+
+
+def _attempted(status: np.ndarray) -> np.ndarray:
+    st = np.asarray(status)
+    return (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
+
+
+def _unmeasured(model: ModelColumn) -> int:
+    """Attempted requests without a latency: batched shadow copies (understudy/records.py)."""
+    latency = np.asarray(model.latency_ms, dtype=np.float64)
+    return int((_attempted(model.status) & ~np.isfinite(latency)).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Error-rate intervals
+# ----------------------------------------------------------------------------------------------
+
+
+def newcombe_interval(
+    k1: int, n1: int, k2: int, n2: int, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Two-sided 1 - alpha Newcombe hybrid-score interval for p1 - p2 (independent samples).
+
+    Newcombe (1998), method 10: with Wilson intervals (l_i, u_i) for each rate,
+    low = d - sqrt((p1 - l1)^2 + (u2 - p2)^2), high = d + sqrt((u1 - p1)^2 + (p2 - l2)^2).
+    Good coverage down to small n and rates near 0, where the Wald interval is far too narrow.
+    """
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, alpha)
+    l2, u2 = wilson_interval(k2, n2, alpha)
+    d = p1 - p2
+    return (
+        d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+        d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LatencyCompare:
+    """The p99 ratio and difference, their 1 - 2 alpha intervals, from two samples."""
+
+    ratio: float
+    ratio_interval: tuple[float, float]
+    difference: float
+    difference_interval: tuple[float, float]
+
+
+def _compare_p99(
+    champ: QuantileEstimate, chall: QuantileEstimate, z: float
+) -> _LatencyCompare | None:
+    if champ.se_log is None or chall.se_log is None or champ.se_ms is None or chall.se_ms is None:
+        return None
+    log_ratio = math.log(chall.value) - math.log(champ.value)
+    se_log = math.hypot(champ.se_log, chall.se_log)
+    diff = chall.value - champ.value
+    se_ms = math.hypot(champ.se_ms, chall.se_ms)
+    return _LatencyCompare(
+        math.exp(log_ratio),
+        (math.exp(log_ratio - z * se_log), math.exp(log_ratio + z * se_log)),
+        diff,
+        (diff - z * se_ms, diff + z * se_ms),
+    )
+
+
+def _latency_checks(
+    champion: ModelColumn,
+    challenger: ModelColumn,
+    limits: GuardrailLimits,
+    alpha: float,
+) -> list[GuardrailCheck]:
+    xc = measured_latencies(champion.latency_ms, champion.status)
+    xh = measured_latencies(challenger.latency_ms, challenger.status)
+    nc, nh = int(xc.size), int(xh.size)
+    need = max(limits.min_requests, min_latency_samples())
+    conf = 1 - alpha
+    z = float(special.ndtri(conf))
+    margin = limits.max_latency_p99_margin_ms
+    qc = p99_estimate(xc) if nc else None
+    qh = p99_estimate(xh) if nh else None
+    cmp = _compare_p99(qc, qh, z) if qc is not None and qh is not None else None
+    short = None
+    if nc < need or nh < need or cmp is None:
+        short = (
+            f"insufficient data: {nh:,} measured challenger latencies and {nc:,} champion "
+            f"(need {need:,} each for a distribution-free bound on a p99)"
+        )
+        if cmp is None and nc >= need and nh >= need:
+            short = "insufficient data: a p99 bound is not positive (zero latencies)"
+        unmeasured = _unmeasured(challenger) if nh < need else 0
+        if unmeasured:
+            short += (f"; {unmeasured:,} of the challenger's copies shared a batched "
+                      "Triton call and carry no comparable latency (the gateway sends every "
+                      "latency_probe_every-th copy alone)")
+    p99c = qc.value if qc is not None else None
+    p99h = qh.value if qh is not None else None
+    common = {"n": nh, "n_champion": nc, "confidence": conf, "margin": margin}
+    margin_text = ""
+    margin_ok = False
+    if cmp is not None:
+        d_lo = cmp.difference_interval[0]
+        margin_ok = d_lo > margin
+        margin_text = (
+            f"p99 excess over the champion {cmp.difference:+.2f} ms, lower bound {d_lo:+.2f} ms "
+            f"{'>' if margin_ok else '<='} {margin:g} ms margin"
+        )
+    checks: list[GuardrailCheck] = []
+    if limits.max_latency_p99_ratio is not None:
+        limit = limits.max_latency_p99_ratio
+        if short is not None or cmp is None:
+            checks.append(GuardrailCheck("latency_p99_ratio", p99c, p99h, None, limit, None,
+                                         short or "insufficient data", **common))
+        else:
+            lo = cmp.ratio_interval[0]
+            fail = lo > limit and margin_ok
+            checks.append(
+                GuardrailCheck(
+                    "latency_p99_ratio",
+                    p99c,
+                    p99h,
+                    cmp.ratio,
+                    limit,
+                    not fail,
+                    f"p99 {p99h:.2f} ms vs champion {p99c:.2f} ms: ratio {cmp.ratio:.2f}, "
+                    f"{conf:.0%} lower bound {lo:.2f} {'>' if lo > limit else '<='} {limit:g}; "
+                    + margin_text,
+                    cmp.ratio_interval,
+                    difference=cmp.difference,
+                    difference_interval=cmp.difference_interval,
+                    **common,
+                )
+            )
+    if limits.max_latency_p99_ms is not None:
+        limit = limits.max_latency_p99_ms
+        if short is not None or cmp is None:
+            checks.append(GuardrailCheck("latency_p99_ms", p99c, p99h, p99h, limit, None,
+                                         short or "insufficient data", **common))
+        else:
+            r, s = quantile_ranks(nh, P99, alpha)
+            lo = float(xh[r - 1]) if r is not None else -math.inf
+            hi = float(xh[s - 1]) if s is not None else math.inf
+            fail = lo > limit and margin_ok
+            checks.append(
+                GuardrailCheck(
+                    "latency_p99_ms",
+                    p99c,
+                    p99h,
+                    p99h,
+                    limit,
+                    not fail,
+                    f"p99 {p99h:.2f} ms, {conf:.0%} lower bound {lo:.2f} ms "
+                    f"{'>' if lo > limit else '<='} {limit:g} ms; " + margin_text,
+                    (lo, hi),
+                    difference=cmp.difference,
+                    difference_interval=cmp.difference_interval,
+                    **common,
+                )
+            )
+    return checks
+
+
+def _error_checks(
+    oc: OutcomeSummary, oh: OutcomeSummary, limits: GuardrailLimits, alpha: float
+) -> list[GuardrailCheck]:
+    need = limits.min_requests
+    conf = 1 - alpha
+    kc, kh = oc.error + oc.timeout, oh.error + oh.timeout
+    short = (
+        f"insufficient data: {oh.attempted:,} attempted challenger requests and "
+        f"{oc.attempted:,} champion (need {need:,} each)"
+    )
+    common = {"n": oh.attempted, "confidence": conf}
+    checks: list[GuardrailCheck] = []
+    if limits.max_error_rate_delta is not None:
+        limit = limits.max_error_rate_delta
+        if oc.attempted < need or oh.attempted < need or not oc.attempted or not oh.attempted:
+            checks.append(GuardrailCheck("error_rate_delta", oc.error_rate, oh.error_rate, None,
+                                         limit, None, short, n_champion=oc.attempted, **common))
+        else:
+            rc, rh = kc / oc.attempted, kh / oh.attempted
+            lo, hi = newcombe_interval(kh, oh.attempted, kc, oc.attempted, 2 * alpha)
+            fail = lo > limit
+            checks.append(
+                GuardrailCheck(
+                    "error_rate_delta",
+                    rc,
+                    rh,
+                    rh - rc,
+                    limit,
+                    not fail,
+                    f"error+timeout rate {rh:.2%} vs champion {rc:.2%}: "
+                    f"{(rh - rc) * 100:+.2f} pp, {conf:.0%} lower bound {lo * 100:+.2f} pp "
+                    f"{'>' if fail else '<='} {limit * 100:.2f} pp",
+                    (lo, hi),
+                    n_champion=oc.attempted,
+                    **common,
+                )
+            )
+    if limits.max_error_rate is not None:
+        limit = limits.max_error_rate
+        if oh.attempted < need or not oh.attempted:
+            short_h = (f"insufficient data: {oh.attempted:,} attempted challenger requests "
+                       f"(need {need:,})")
+            checks.append(GuardrailCheck("error_rate", oc.error_rate, oh.error_rate, None,
+                                         limit, None, short_h, **common))
+        else:
+            rh = kh / oh.attempted
+            lo, hi = wilson_interval(kh, oh.attempted, 2 * alpha)
+            fail = lo > limit
+            checks.append(
+                GuardrailCheck(
+                    "error_rate",
+                    oc.error_rate,
+                    rh,
+                    rh,
+                    limit,
+                    not fail,
+                    f"error+timeout rate {rh:.2%}, {conf:.0%} lower bound {lo:.2%} "
+                    f"{'>' if fail else '<='} {limit:.2%}",
+                    (lo, hi),
+                    **common,
+                )
+            )
+    return checks
+
+
+def check_guardrails(
+    champion: ModelColumn,
+    challenger: ModelColumn,
+    limits: GuardrailLimits | None = None,
+    alpha: float = 0.05,
+) -> GuardrailResult:
+    """Compare the challenger's p99 latency and error rate with the champion's on the same rows.
+
+    ``alpha`` is each check's one-sided level: a challenger exactly at a limit fails it with
+    probability at most alpha (see the module docstring for the tests).
+    """
+    limits = limits or GuardrailLimits()
+    if not 0 < alpha < 0.5:
+        raise ValueError("alpha must be in (0, 0.5)")
+    lat = {
+        champion.name: latency_summary(champion.latency_ms, champion.status, alpha),
+        challenger.name: latency_summary(challenger.latency_ms, challenger.status, alpha),
+    }
+    out = {
+        champion.name: outcome_summary(champion.status, alpha),
+        challenger.name: outcome_summary(challenger.status, alpha),
+    }
+    checks = _latency_checks(champion, challenger, limits, alpha)
+    checks += _error_checks(out[champion.name], out[challenger.name], limits, alpha)
+    if any(c.passed is False for c in checks):
+        status: GuardrailStatus = "fail"
+    elif any(c.passed is None for c in checks):
+        status = "insufficient"
+    else:
+        status = "pass"
+    return GuardrailResult(champion.name, challenger.name, status, checks, lat, out, limits,
+                           alpha)
+
+
+__all__ = [
+    "GuardrailCheck",
+    "GuardrailLimits",
+    "GuardrailResult",
+    "LatencySummary",
+    "OutcomeSummary",
+    "check_guardrails",
+    "latency_summary",
+    "measured_latencies",
+    "newcombe_interval",
+    "outcome_summary",
+    "p99_estimate",
+    "quantile_ranks",
+]

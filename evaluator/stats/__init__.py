@@ -1,0 +1,2 @@
+"""Statistics on a joined dataset: metrics, paired tests, always-valid sequences, off-policy
+values."""

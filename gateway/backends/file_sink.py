@@ -1,0 +1,230 @@
+"""The embedded default sink: durable, append-only segment files on local disk.
+
+Layout: `<path>/<stream>/<20-digit first sequence number>.jsonl`, one record per line (orjson
+never emits a raw newline), segments rotated once they pass `segment_bytes`. A reader (the
+evaluator) reads segments in name order and ignores a trailing line without its newline: that
+record is still being written. The value already carries its request id (the key), so a line
+is exactly the record's JSON.
+
+fsync policy (`log.fsync`):
+- `always`: every batch the writer takes is fsynced before `flush()` returns: a crash loses
+  nothing that was written.
+- `interval` (default): fsync at most every `fsync_interval_ms`; a power loss can lose that
+  window, a process crash loses nothing (data is in the page cache).
+- `never`: leave it to the OS.
+
+Writes happen on a worker thread so the event loop never waits on disk; `emit` only appends to
+an in-memory list. If the writer falls behind by more than `max_buffered` records, `emit`
+writes the backlog synchronously: backpressure instead of unbounded memory or dropped records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from gateway import metrics
+from understudy.records import STREAMS
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".jsonl"
+
+
+def segment_paths(stream_dir: Path) -> list[Path]:
+    """Segments of one stream in write order (names are zero-padded sequence numbers)."""
+    return sorted(p for p in stream_dir.glob(f"*{SEGMENT_SUFFIX}") if p.name[:20].isdigit())
+
+
+class _SegmentWriter:
+    """Appends lines to one stream's current segment; rotates by size. Used from one thread."""
+
+    def __init__(self, directory: Path, segment_bytes: int) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = segment_paths(directory)
+        self.sequence = 0
+        if existing:
+            last = existing[-1]
+            self.sequence = int(last.name[:20]) + _count_lines(last)
+            self._open(last)
+        else:
+            self._open(self._path_for(self.sequence))
+
+    def _path_for(self, sequence: int) -> Path:
+        return self.directory / f"{sequence:020d}{SEGMENT_SUFFIX}"
+
+    def _open(self, path: Path) -> None:
+        self.file = open(path, "ab")  # noqa: SIM115 - lives as long as the writer
+        self.size = self.file.tell()
+        if self.size and not _ends_with_newline(path):
+            # A crash mid-line left a partial record: terminate it so the next one parses.
+            self.file.write(b"\n")
+            self.size += 1
+
+    def write(self, lines: list[bytes]) -> None:
+        """Append lines, starting a new segment whenever the current one reaches its size."""
+        chunk: list[bytes] = []
+        chunk_bytes = 0
+        for line in lines:
+            if chunk and self.size + chunk_bytes >= self.segment_bytes:
+                self._append(chunk, chunk_bytes)
+                chunk, chunk_bytes = [], 0
+            if not chunk and self.size >= self.segment_bytes:
+                self.file.close()
+                self._open(self._path_for(self.sequence))
+            chunk.append(line)
+            chunk_bytes += len(line) + 1
+        if chunk:
+            self._append(chunk, chunk_bytes)
+
+    def _append(self, chunk: list[bytes], chunk_bytes: int) -> None:
+        self.file.write(b"\n".join(chunk) + b"\n")
+        self.size += chunk_bytes
+        self.sequence += len(chunk)
+
+    def sync(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sync()
+        self.file.close()
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+class FileSink:
+    """Segment-file sink; see the module docstring for layout and durability."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        segment_bytes: int = 64 * 1024 * 1024,
+        fsync: str = "interval",
+        fsync_interval_ms: int = 200,
+        max_buffered: int = 50_000,
+        flush_interval_ms: int = 20,
+    ) -> None:
+        self.root = Path(path)
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval_ms / 1000
+        self.max_buffered = max_buffered
+        self.flush_interval = flush_interval_ms / 1000
+        self._pending: dict[str, list[bytes]] = {s: [] for s in STREAMS}
+        self._buffered = 0  # records in _pending
+        self._buffered_gauge = metrics.LOG_BUFFERED.labels("file")
+        self._writers: dict[str, _SegmentWriter] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._last_sync = 0.0
+        self._closed = False
+        self._stopping = False
+        self._io_lock = threading.Lock()
+        self._stop_requested = asyncio.Event()
+
+    def _writer(self, stream: str) -> _SegmentWriter:
+        writer = self._writers.get(stream)
+        if writer is None:
+            writer = _SegmentWriter(self.root / stream, self.segment_bytes)
+            self._writers[stream] = writer
+        return writer
+
+    async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._task = asyncio.create_task(self._run(), name="file-sink-writer")
+
+    def emit(self, stream: str, key: str, value: bytes) -> None:
+        if self._closed:
+            raise RuntimeError("FileSink is closed")
+        pending = self._pending.setdefault(stream, [])
+        pending.append(value)
+        self._buffered += 1
+        self._buffered_gauge.set(self._buffered)
+        if self._buffered >= self.max_buffered:
+            # The writer fell behind: write on the caller's thread rather than grow without bound.
+            self._write_batches(self._take())
+        elif len(pending) == 1:
+            self._wake.set()
+
+    def _take(self) -> dict[str, list[bytes]]:
+        batches = {s: lines for s, lines in self._pending.items() if lines}
+        self._pending = {s: [] for s in self._pending}
+        self._buffered = 0
+        self._buffered_gauge.set(0)
+        return batches
+
+    def _write_batches(self, batches: dict[str, list[bytes]], force_sync: bool = False) -> None:
+        # The writer thread and a backpressured emit() on the loop thread may both get here.
+        with self._io_lock:
+            self._write_locked(batches, force_sync)
+
+    def _write_locked(self, batches: dict[str, list[bytes]], force_sync: bool) -> None:
+        for stream, lines in batches.items():
+            self._writer(stream).write(lines)
+            metrics.child(metrics.LOG_RECORDS, stream, "written").inc(len(lines))
+        now = time.monotonic()
+        if self.fsync == "always" or force_sync or (
+            self.fsync == "interval" and now - self._last_sync >= self.fsync_interval
+        ):
+            for writer in self._writers.values():
+                writer.sync()
+            self._last_sync = now
+        else:
+            for writer in self._writers.values():
+                writer.file.flush()
+
+    async def _drain(self, force_sync: bool = False) -> None:
+        async with self._write_lock:
+            batches = self._take()
+            if batches or force_sync:
+                await asyncio.to_thread(self._write_batches, batches, force_sync)
+
+    async def _run(self) -> None:
+        # Never cancelled mid-write: a cancelled await would leave its worker thread writing
+        # while close() writes too. close() sets _stopping and waits for the loop to end.
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._drain()
+            except OSError:
+                log.exception("file sink write failed; retrying")
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), self.flush_interval)
+
+    async def flush(self) -> None:
+        await self._drain(force_sync=self.fsync != "never")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._stopping = True
+            self._stop_requested.set()
+            self._wake.set()
+            await self._task
+            self._task = None
+        await self.flush()
+        self._closed = True
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()

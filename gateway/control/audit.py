@@ -1,0 +1,228 @@
+"""The control plane's audit trail: who changed which route, when, from what to what.
+
+Every change the admin API accepts *or refuses* becomes one entry: on the log sink's "audit"
+stream (Kafka topic `understudy.audit`, or the local segment files: the durable record) and in
+a bounded in-memory list served by `GET /admin/audit`. Changes made on another replica arrive
+with the route state they produced and are added to the in-memory list too (but not emitted
+again: the replica that made the change already did), so any replica answers for all of them.
+
+At start the in-memory list is rebuilt from the durable stream (`load_history`: the segment
+files, every worker's, or the Kafka topic's last `capacity` records), so `GET /admin/audit`
+answers for changes made before a restart too.
+
+Identities are a scope plus a short fingerprint of the token, never the token: the fingerprint
+is a slow salted hash (PBKDF2), so even a weak token cannot be recovered from the audit stream,
+while the same token always shows up with the same fingerprint on every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.backends import LogSink
+from gateway.backends.file_sink import segment_paths
+from gateway.config import GatewayConfig, KafkaConfig
+from understudy.records import AUDIT, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+HISTORY_TIMEOUT_S = 10.0
+
+FINGERPRINT_SALT = b"understudy-admin-token-fingerprint/1"
+FINGERPRINT_ROUNDS = 100_000
+
+
+def token_fingerprint(token: str) -> str:
+    """A 12-hex-digit, non-reversible, stable identifier of a token (computed once per token)."""
+    digest = hashlib.pbkdf2_hmac("sha256", token.encode(), FINGERPRINT_SALT, FINGERPRINT_ROUNDS)
+    return digest[:6].hex()
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change: `scope` is write/read for tokens, `config` for YAML seeding."""
+
+    scope: str
+    fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scope": self.scope, "fingerprint": self.fingerprint}
+
+
+CONFIG_ACTOR = Actor("config")
+
+
+def new_entry(
+    actor: Actor,
+    action: str,
+    route: str,
+    *,
+    replica: str,
+    before: Any = None,
+    after: Any = None,
+    version: int | None = None,
+    outcome: str = "applied",
+    error: str | None = None,
+    request: Mapping[str, Any] | None = None,
+    experiments: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One audit entry (record schema: `kind: "audit"`, see understudy/records.py).
+
+    `experiments`: the challengers' experiments this change started ({model: {id, started}}).
+    """
+    entry = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "audit",
+        "id": uuid.uuid4().hex,
+        "ts": time.time(),
+        "actor": actor.to_json(),
+        "action": action,
+        "route": route,
+        "version": version,
+        "outcome": outcome,  # applied | rejected
+        "error": error,
+        "request": dict(request) if request is not None else None,
+        "before": before,
+        "after": after,
+        "replica": replica,
+    }
+    if experiments:
+        entry["experiments"] = {
+            m: e.to_json() if hasattr(e, "to_json") else dict(e) for m, e in experiments.items()
+        }
+    return entry
+
+
+class AuditLog:
+    """Recent entries in memory (bounded) and every local entry on the sink's audit stream."""
+
+    def __init__(self, sink: LogSink, capacity: int = 1000) -> None:
+        self.sink = sink
+        self.capacity = capacity
+        self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def load(self, entries: Iterable[Mapping[str, Any]]) -> int:
+        """Add past entries (the history read at start) to what is already remembered, keeping
+        the newest `capacity` by time; returns how many new ones were kept."""
+        merged = {str(e.get("id", "")): dict(e) for e in entries}
+        merged.pop("", None)
+        before = set(self._entries)
+        merged.update(self._entries)
+        newest = sorted(merged.items(), key=lambda kv: float(kv[1].get("ts") or 0.0))
+        self._entries = OrderedDict(newest[-self.capacity:])
+        return len(set(self._entries) - before)
+
+    def remember(self, entry: Mapping[str, Any]) -> None:
+        """Keep an entry for `recent` (idempotent by entry id)."""
+        entry_id = str(entry.get("id", ""))
+        if not entry_id or entry_id in self._entries:
+            return
+        self._entries[entry_id] = dict(entry)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def emit(self, entry: Mapping[str, Any]) -> None:
+        """Remember the entry and write it to the durable audit stream (key = route)."""
+        self.remember(entry)
+        self.sink.emit(AUDIT, str(entry.get("route", "")), orjson.dumps(entry))
+
+    def recent(self, limit: int = 100, route: str | None = None) -> list[dict[str, Any]]:
+        """Newest first."""
+        entries = [e for e in self._entries.values() if route is None or e.get("route") == route]
+        entries.sort(key=lambda e: float(e.get("ts") or 0.0), reverse=True)
+        return entries[: max(limit, 0)]
+
+
+def _parse_entries(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
+    for line in lines:
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("kind") == "audit":
+            yield entry
+
+
+def _file_history(root: Path, capacity: int) -> list[dict[str, Any]]:
+    """The last `capacity` audit entries under a file sink's directory.
+
+    `serve --workers N` gives each worker its own `worker-K` directory; the history is every
+    worker's, since any of them may have made a change.
+    """
+    roots = [root]
+    if root.name.startswith("worker-") and root.parent.is_dir():
+        roots = sorted(p for p in root.parent.iterdir() if p.name.startswith("worker-"))
+    tail: deque[dict[str, Any]] = deque(maxlen=capacity)
+    for directory in roots:
+        for segment in segment_paths(directory / AUDIT):
+            data = segment.read_bytes()
+            tail.extend(_parse_entries(data[: data.rfind(b"\n") + 1].splitlines()))
+    return list(tail)
+
+
+async def _audit_partitions(kafka: KafkaConfig) -> list[int]:
+    """The audit topic's partition ids (none when the topic does not exist yet)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        if kafka.audit_topic not in await admin.list_topics():
+            return []
+        return sorted(
+            int(p["partition"])
+            for desc in await admin.describe_topics([kafka.audit_topic])
+            if desc.get("topic") == kafka.audit_topic and not desc.get("error_code")
+            for p in desc.get("partitions") or ()
+        )
+    finally:
+        await admin.close()
+
+
+async def _kafka_history(kafka: KafkaConfig, capacity: int) -> list[dict[str, Any]]:
+    """The last `capacity` records of each partition of the audit topic."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tps = [TopicPartition(kafka.audit_topic, p) for p in await _audit_partitions(kafka)]
+    if not tps:
+        return []
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(begin[tp], end[tp] - capacity))
+        entries: list[dict[str, Any]] = []
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                entries.extend(_parse_entries(r.value for r in records if r.value))
+        return entries
+    finally:
+        await consumer.stop()
+
+
+async def load_history(config: GatewayConfig, capacity: int) -> list[dict[str, Any]]:
+    """Past audit entries from the durable stream; empty (and a WARNING) when unreadable."""
+    try:
+        if config.log.sink == "kafka":
+            async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                return await _kafka_history(config.log.kafka, capacity)
+        return await asyncio.to_thread(_file_history, Path(config.log.path), capacity)
+    except Exception as exc:  # a history we cannot read must not stop the gateway
+        log.warning("audit: cannot read past entries from the audit stream (%s); "
+                    "GET /admin/audit lists only changes from now on", exc or type(exc).__name__)
+        return []

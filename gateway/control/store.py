@@ -1,0 +1,509 @@
+"""Where the challenger registry's state lives, and how replicas see each other's changes.
+
+`RegistryStore` is the interface; two implementations:
+
+- `FileStore` (embedded default, `admin.state_path`): one JSON file holding every route's
+  state. Writes are read-modify-write under an exclusive `flock` on a side lock file, written to
+  a temp file, fsynced and renamed over the old one, so a reader never sees half a file and two
+  processes never lose each other's update. Replicas on the same machine (e.g. `serve
+  --workers N`, or several gateways sharing a volume with working flock) converge by polling
+  the file's stat signature every `poll_interval_s` (0.5 s).
+- `KafkaStore` (`log.sink: kafka`): a compacted topic (`log.kafka.registry_topic`), key =
+  route, value = the route's full state. Every replica reads it from the beginning on start and
+  then follows it, applying records in offset order. See its docstring for conflicts.
+
+Conflicts. Every route state has a version; `commit(state, expected_version)` is a
+compare-and-set on it and raises `StaleWrite` when the stored version is not the expected one.
+The registry recomputes and retries an implicit change on the newer state (so no update is
+lost), and answers 409 when the client pinned a version (`expected_version` / `If-Match`).
+
+Both stores deliver states to one `on_change` callback, in order; `commit` returns only after
+the committed state has been delivered, so the replica that made a change serves it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.config import GatewayConfig, KafkaConfig
+from gateway.control.state import RouteState
+from gateway.errors import ConfigError, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[RouteState], None]
+FILE_FORMAT = "understudy.registry/1"
+
+
+class StaleWrite(Exception):
+    """The stored version of a route is not the one the write was based on."""
+
+    def __init__(self, route: str, expected: int, actual: int) -> None:
+        super().__init__(f"route '{route}' is at version {actual}, not {expected}")
+        self.route = route
+        self.expected = expected
+        self.actual = actual
+
+
+class RegistryStore(Protocol):
+    """Durable, shared registry state. One instance per gateway process."""
+
+    async def start(self, on_change: OnChange) -> None:
+        """Load the existing state (delivering every route to `on_change`), then follow changes
+        made by other replicas until `close`."""
+
+    async def latest(self, route: str) -> RouteState | None:
+        """The freshest stored state of one route (None if the store never saw it)."""
+
+    async def commit(self, state: RouteState, expected_version: int) -> RouteState:
+        """Store `state` if the route is still at `expected_version` (0: absent), else raise
+        StaleWrite. Returns once `on_change` has seen the state."""
+
+    async def close(self) -> None:
+        """Stop following; release files and connections."""
+
+
+# ------------------------------------------------------------------------------------------
+# Local state file
+
+
+def _read_states(path: Path) -> dict[str, RouteState]:
+    """Parse the state file; a missing file is an empty store. Raises ConfigError if corrupt."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: registry state file is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
+        raise ConfigError(f"{path}: not an understudy registry state file")
+    return {name: RouteState.from_json(s) for name, s in (raw.get("routes") or {}).items()}
+
+
+def _write_states(path: Path, states: dict[str, RouteState]) -> None:
+    """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
+    payload = orjson.dumps(
+        {"format": FILE_FORMAT, "routes": {n: s.to_json() for n, s in sorted(states.items())}},
+        option=orjson.OPT_INDENT_2,
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever the file is replaced (a rename gives a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class FileStore:
+    """The embedded default: a JSON state file shared by the replicas of one machine."""
+
+    def __init__(self, path: str | Path, *, poll_interval_s: float = 0.5) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.poll_interval_s = poll_interval_s
+        self._on_change: OnChange | None = None
+        self._delivered: dict[str, int] = {}  # route -> version last handed to on_change
+        self._signature: tuple[int, int, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # orders deliveries between the poller and local commits
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive lock across processes for a read-modify-write (blocking: run in a thread)."""
+        with open(self.lock_path, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    async def start(self, on_change: OnChange) -> None:
+        self._on_change = on_change
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await self._refresh()
+        self._task = asyncio.create_task(self._poll(), name="registry-file-poll")
+
+    def _deliver(self, states: dict[str, RouteState]) -> None:
+        """Hand newer states to the registry; versions only grow, so older reads are ignored."""
+        assert self._on_change is not None
+        for name, state in sorted(states.items()):
+            if state.version > self._delivered.get(name, 0):
+                self._delivered[name] = state.version
+                self._on_change(state)
+
+    async def _refresh(self) -> None:
+        signature = await asyncio.to_thread(_signature, self.path)
+        if signature == self._signature:
+            return
+        async with self._lock:
+            states = await asyncio.to_thread(_read_states, self.path)
+            self._signature = signature
+            self._deliver(states)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self._refresh()
+            except ConfigError as exc:
+                # Keep serving the last good state; a writer will replace the file again.
+                log.error("registry state file unreadable, keeping the current routes: %s", exc)
+            except OSError as exc:
+                log.error("cannot read registry state file %s: %s", self.path, exc)
+
+    async def latest(self, route: str) -> RouteState | None:
+        states = await asyncio.to_thread(_read_states, self.path)
+        return states.get(route)
+
+    def _commit_sync(self, state: RouteState, expected_version: int) -> dict[str, RouteState]:
+        with self._locked():
+            states = _read_states(self.path)
+            current = states.get(state.name)
+            actual = current.version if current is not None else 0
+            if actual != expected_version:
+                raise StaleWrite(state.name, expected_version, actual)
+            states[state.name] = state
+            _write_states(self.path, states)
+            return states
+
+    async def commit(self, state: RouteState, expected_version: int) -> RouteState:
+        async with self._lock:
+            states = await asyncio.to_thread(self._commit_sync, state, expected_version)
+            self._signature = await asyncio.to_thread(_signature, self.path)
+            # Deliver everything read under the lock: other routes may have changed too.
+            self._deliver(states)
+        return state
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+# ------------------------------------------------------------------------------------------
+# Compacted Kafka topic
+
+
+class KafkaStore:
+    """The registry as a compacted Kafka topic: the source of truth when `log.sink: kafka`.
+
+    Key = route name, value = the route's full `RouteState` JSON. A deleted route is a
+    tombstone *state* (a value with `"config": null`), not a null Kafka value, so compaction
+    keeps it and the YAML does not seed the route again.
+
+    Every replica assigns itself all partitions (no consumer group: each one must read every
+    record), reads from the beginning on start, and follows the topic. Records are applied in
+    offset order, and the latest record for a key is both what every replica applied last and
+    what compaction keeps: replicas converge, including ones that start after compaction.
+
+    Writes: the writer first catches up to the topic's end, checks the route's version (the
+    compare-and-set), produces with acks=all and waits until its own consumer has read the
+    record back. Kafka has no compare-and-set, so two writes racing within that window on two
+    replicas both land and the later one in the topic wins (last-writer-wins); both are in the
+    audit stream. A client that must not overwrite a concurrent change sends
+    `expected_version`, which is checked against the caught-up state.
+
+    If the broker is unreachable at start, the store serves the last snapshot it cached in the
+    local state file (`admin.state_path`) and keeps retrying in the background; writes are
+    refused with 503 until it is connected.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        cache_path: str | Path,
+        *,
+        connect_timeout_s: float = 15.0,
+        commit_timeout_s: float = 10.0,
+        retry_interval_s: float = 2.0,
+    ) -> None:
+        self.kafka = kafka
+        self.topic = kafka.registry_topic
+        self.cache_path = Path(cache_path)
+        self.connect_timeout_s = connect_timeout_s
+        self.commit_timeout_s = commit_timeout_s
+        self.retry_interval_s = retry_interval_s
+        self._on_change: OnChange | None = None
+        self._states: dict[str, RouteState] = {}
+        self._positions: dict[Any, int] = {}
+        self._advanced = asyncio.Condition()
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = False
+        self._write_lock = asyncio.Lock()
+        self._cache_task: asyncio.Task[None] | None = None
+        self._hooks: set[asyncio.Task[None]] = set()
+        # Set by the registry: run once the store becomes reachable after a degraded start
+        # (it seeds the routes it could not seed then).
+        self.on_connected: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def start(self, on_change: OnChange) -> None:
+        self._on_change = on_change
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self._connect()
+        except Exception as exc:  # timeout, refused connection, broker error: degrade
+            await self._disconnect()
+            cached = await asyncio.to_thread(self._read_cache)
+            log.error(
+                "registry topic %s unreachable at %s (%s); serving %d cached route state(s) "
+                "from %s and retrying in the background; admin writes are refused until then",
+                self.topic, self.kafka.bootstrap, exc or type(exc).__name__, len(cached),
+                self.cache_path,
+            )
+            for state in cached.values():
+                self._apply(state)
+            self._task = asyncio.create_task(self._reconnect(), name="registry-kafka-reconnect")
+            return
+        self._task = asyncio.create_task(self._follow(), name="registry-kafka-follow")
+
+    def _read_cache(self) -> dict[str, RouteState]:
+        try:
+            return _read_states(self.cache_path)
+        except (ConfigError, OSError) as exc:
+            log.warning("registry cache %s unusable: %s", self.cache_path, exc)
+            return {}
+
+    async def _connect(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+        partitions = await self._ensure_topic()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await self._consumer.start()
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._positions = {tp: 0 for tp in tps}
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.kafka.bootstrap, acks="all", enable_idempotence=True,
+        )
+        await self._producer.start()
+        targets = await self._consumer.end_offsets(tps)
+        await self._read_until(targets)
+        self._connected = True
+        log.info("registry: %d route state(s) read from topic %s", len(self._states), self.topic)
+
+    async def _ensure_topic(self) -> set[int]:
+        """Create the topic compacted if missing (auto-creation would make it non-compacted);
+        return its partition ids."""
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap)
+        await admin.start()
+        try:
+            if self.topic not in await admin.list_topics():
+                topic = NewTopic(
+                    self.topic, num_partitions=1, replication_factor=1,
+                    topic_configs={"cleanup.policy": "compact"},
+                )
+                # -1: the cluster's default.replication.factor (CreateTopics v4+), which
+                # NewTopic's own argument check does not allow to say directly.
+                topic.replication_factor = -1
+                response = await admin.create_topics([topic])
+                for error in getattr(response, "topic_errors", ()):
+                    code = error[1]
+                    if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another replica won)
+                        raise UpstreamUnavailable(
+                            f"cannot create registry topic {self.topic}: {error}"
+                        )
+                log.info("registry: created compacted topic %s", self.topic)
+            for _ in range(100):  # creation is asynchronous: wait for the partitions to exist
+                for desc in await admin.describe_topics([self.topic]):
+                    partitions = {int(p["partition"]) for p in desc.get("partitions") or ()}
+                    if desc.get("topic") == self.topic and not desc.get("error_code") \
+                            and partitions:
+                        return partitions
+                await asyncio.sleep(0.1)
+            raise UpstreamUnavailable(f"registry topic {self.topic} has no partitions")
+        finally:
+            await admin.close()
+
+    async def _disconnect(self) -> None:
+        self._connected = False
+        for client in (self._producer, self._consumer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+        self._producer = self._consumer = None
+
+    async def _reconnect(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_interval_s)
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    await self._connect()
+            except Exception as exc:
+                log.warning("registry topic still unreachable: %s", exc or type(exc).__name__)
+                await self._disconnect()
+                continue
+            log.info("registry topic %s reachable again; following it", self.topic)
+            if self.on_connected is not None:
+                hook = asyncio.create_task(self.on_connected())
+                self._hooks.add(hook)
+                hook.add_done_callback(self._hooks.discard)
+            await self._follow()
+            return
+
+    def _apply(self, state: RouteState) -> None:
+        self._states[state.name] = state
+        assert self._on_change is not None
+        self._on_change(state)
+
+    def _schedule_cache(self) -> None:
+        """Snapshot the state to the local cache file, coalescing bursts into one write."""
+        if self._cache_task is None or self._cache_task.done():
+            self._cache_task = asyncio.create_task(self._write_cache())
+
+    async def _write_cache(self) -> None:
+        await asyncio.sleep(0.05)
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(_write_states, self.cache_path, dict(self._states))
+        except OSError as exc:
+            log.warning("cannot write registry cache %s: %s", self.cache_path, exc)
+
+    async def _poll_once(self, timeout_ms: int) -> None:
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        changed = False
+        for records in batches.values():
+            for record in records:
+                try:
+                    state = RouteState.from_json(orjson.loads(record.value))
+                except (orjson.JSONDecodeError, ConfigError, TypeError) as exc:
+                    log.error("registry: skipping bad record at offset %d: %s", record.offset, exc)
+                    continue
+                self._apply(state)
+                changed = True
+        for tp in self._positions:
+            self._positions[tp] = await self._consumer.position(tp)
+        async with self._advanced:
+            self._advanced.notify_all()
+        if changed:
+            self._schedule_cache()
+
+    async def _read_until(self, targets: dict[Any, int]) -> None:
+        while any(self._positions.get(tp, 0) < end for tp, end in targets.items()):
+            await self._poll_once(200)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._poll_once(500)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("registry: error following topic %s; retrying", self.topic)
+                await asyncio.sleep(self.retry_interval_s)
+
+    async def _catch_up(self) -> None:
+        """Wait until the follower has read everything in the topic as of now."""
+        if not self._connected:
+            raise UpstreamUnavailable(
+                f"registry topic {self.topic} at {self.kafka.bootstrap} is unreachable; "
+                "admin changes are refused until the gateway reconnects"
+            )
+        targets = await self._consumer.end_offsets(list(self._positions))
+        async with asyncio.timeout(self.commit_timeout_s):
+            async with self._advanced:
+                await self._advanced.wait_for(
+                    lambda: all(self._positions.get(tp, 0) >= end for tp, end in targets.items())
+                )
+
+    async def latest(self, route: str) -> RouteState | None:
+        try:
+            await self._catch_up()
+        except TimeoutError:
+            raise UpstreamUnavailable(f"registry topic {self.topic}: catch-up timed out") from None
+        return self._states.get(route)
+
+    async def commit(self, state: RouteState, expected_version: int) -> RouteState:
+        async with self._write_lock:  # one write at a time per replica: no self-races
+            try:
+                await self._catch_up()
+                current = self._states.get(state.name)
+                actual = current.version if current is not None else 0
+                if actual != expected_version:
+                    raise StaleWrite(state.name, expected_version, actual)
+                meta = await asyncio.wait_for(
+                    self._producer.send_and_wait(
+                        self.topic, key=state.name.encode(), value=orjson.dumps(state.to_json())
+                    ),
+                    self.commit_timeout_s,
+                )
+                from aiokafka import TopicPartition
+
+                tp = TopicPartition(meta.topic, meta.partition)
+                async with asyncio.timeout(self.commit_timeout_s):
+                    async with self._advanced:
+                        await self._advanced.wait_for(
+                            lambda: self._positions.get(tp, 0) > meta.offset
+                        )
+            except TimeoutError:
+                raise UpstreamUnavailable(
+                    f"registry topic {self.topic}: write not confirmed within "
+                    f"{self.commit_timeout_s:.0f} s"
+                ) from None
+        return state
+
+    async def close(self) -> None:
+        for task in (self._task, self._cache_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._cache_task is not None and self._states:
+            # One last snapshot, so a start during a broker outage has the newest state.
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(_write_states, self.cache_path, dict(self._states))
+        self._task = self._cache_task = None
+        await self._disconnect()
+
+
+def build_store(config: GatewayConfig) -> RegistryStore:
+    """Kafka topic when the gateway logs to Kafka (multi-host replicas), else the state file."""
+    if config.log.sink == "kafka":
+        return KafkaStore(config.log.kafka, config.admin.state_path)
+    return FileStore(config.admin.state_path)

@@ -1,0 +1,1 @@
+"""The transport-free request path: validate, route, call the champion, mirror, record."""

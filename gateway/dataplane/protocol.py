@@ -1,0 +1,523 @@
+"""KServe V2 / Triton HTTP wire format: parse and validate requests, decode responses.
+
+The gateway forwards the client's body bytes to Triton unchanged (no re-encoding on the hot
+path); it parses only what it needs to route and validate: the JSON header (all of a JSON
+request, or the first `Inference-Header-Content-Length` bytes of a binary one). Turning tensors
+into lists for the log happens later, off the client's critical path (`decode_inputs`,
+`decode_outputs`).
+
+Validation is complete before any upstream call: whatever `parse_request` accepts, Triton can
+refuse only for model-specific reasons (a 4xx it passes through), never with a 500 for a malformed
+body, and the log can always record it as a well-typed record (understudy/record_schema.py). Every
+client mistake is a `BadRequest` naming the field. What is checked, and why each rule exists
+(what Triton 2.51 does without it), is in the comments below and tests/unit/test_protocol.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gateway.errors import BadRequest, UpstreamBadGateway
+from understudy.records import Tensor
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# Bytes per element for fixed-size datatypes; BYTES is variable (4-byte length prefix each).
+DATATYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8,
+    "INT8": 1, "INT16": 2, "INT32": 4, "INT64": 8,
+    "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8,
+}
+NUMPY_DTYPES: dict[str, str] = {
+    "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+    "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
+    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+}
+DATATYPES = frozenset([*DATATYPE_SIZES, "BYTES"])
+
+
+# JSON `data` element types per datatype. Triton answers a wrong element type with a 500 (it
+# blames itself), so the gateway checks them first. FP16/BF16 have no JSON form in Triton.
+_FLOAT_TYPES: frozenset[type] = frozenset([int, float])
+_INT_TYPES: frozenset[type] = frozenset([int])
+JSON_ELEMENT_TYPES: dict[str, frozenset[type]] = {
+    **dict.fromkeys(("FP32", "FP64"), _FLOAT_TYPES),
+    **dict.fromkeys(("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"),
+                    _INT_TYPES),
+    "BOOL": frozenset([bool]),
+    "BYTES": frozenset([str]),
+}
+INT_RANGES: dict[str, tuple[int, int]] = {
+    **{f"INT{b}": (-(2 ** (b - 1)), 2 ** (b - 1) - 1) for b in (8, 16, 32, 64)},
+    **{f"UINT{b}": (0, 2**b - 1) for b in (8, 16, 32, 64)},
+}
+_TYPE_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list",
+               dict: "object", type(None): "null"}
+
+MAX_RANK = 32  # dimensions of one tensor (Triton's own limit is far above any real model)
+MAX_DIM = 2**63 - 1  # Triton keeps dims and byte sizes in int64 (a larger dim aborts it)
+MAX_ID_LENGTH = 256
+# Printable ASCII without leading/trailing space: the id is echoed in X-Request-Id (a header
+# value, which clients strip and aiohttp refuses with control characters) and is the Kafka key.
+_ID_PATTERN = re.compile(r"[!-~](?:[ -~]*[!-~])?")
+_UINT64_MAX = 2**64 - 1
+
+# Parameters Triton reads with a fixed type (a wrong one is a Triton 500). "uint": a
+# non-negative integer; "uint|str": either. Other keys take any scalar.
+_REQUEST_PARAMETERS = {"sequence_id": "uint|str", "sequence_start": "bool",
+                       "sequence_end": "bool", "priority": "uint", "timeout": "uint",
+                       "binary_data_output": "bool"}
+_INPUT_PARAMETERS = {"binary_data_size": "uint", "shared_memory_region": "str",
+                     "shared_memory_byte_size": "uint", "shared_memory_offset": "uint"}
+_OUTPUT_PARAMETERS = {"binary_data": "bool", "classification": "uint",
+                      "shared_memory_region": "str", "shared_memory_byte_size": "uint",
+                      "shared_memory_offset": "uint"}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input as Triton's metadata declares it; -1 is a free dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """The parts of a client request the gateway needs, plus the untouched body to forward.
+
+    `flat` holds each JSON input's data as the flat list validation produced, so the log does
+    not walk nested data a second time.
+    """
+
+    body: bytes
+    header: dict[str, Any]
+    header_length: int | None  # None: a pure JSON request
+    flat: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str | None:
+        value = self.header.get("id")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.header["inputs"]
+
+    @property
+    def content_type(self) -> str:
+        return "application/octet-stream" if self.header_length is not None else "application/json"
+
+
+def _type_name(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def request_id_problem(value: Any) -> str | None:
+    """Why `value` cannot be a request id (None: it can). Shared by inference and feedback."""
+    if not isinstance(value, str):
+        return f"must be a string, got {_type_name(value)}"
+    if len(value) > MAX_ID_LENGTH:
+        return f"is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
+    if not _ID_PATTERN.fullmatch(value):
+        return ("must be printable ASCII without control characters or leading/trailing "
+                "spaces")
+    return None
+
+
+def check_key(value: str, what: str) -> str:
+    """A sticky/sampling key header: it is hashed (as UTF-8) and logged, so it must encode.
+
+    aiohttp hands over header bytes that are not UTF-8 as lone surrogates, which neither the
+    hash nor the log's JSON encoder accept (a 500 and a lost record before this check).
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} is not valid UTF-8") from None
+    if len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise BadRequest(f"{what} must be at most {MAX_ID_LENGTH} printable characters")
+    return value
+
+
+def check_request_id(value: Any, what: str) -> str:
+    """`value` if it is a usable request id, else BadRequest naming `what`."""
+    problem = request_id_problem(value)
+    if problem is not None:
+        raise BadRequest(f"{what} {problem}")
+    return value
+
+
+def json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """`raw` parsed as a JSON object, or BadRequest naming `what` and the problem."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON in {what}: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse a JSON or binary-extension request and check everything Triton would choke on.
+
+    After this passes, Triton can only refuse the request for model-specific reasons (a 4xx),
+    and the log can always decode it. A binary request's tensor bytes are not read, except the
+    length prefixes of BYTES tensors.
+    """
+    if header_length is not None:
+        if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 18:
+            raise BadRequest(f"{HEADER_LENGTH} must be a decimal byte count, got "
+                             f"{header_length[:40]!r}")
+        length = int(header_length)
+        if not 0 < length <= len(body):
+            raise BadRequest(
+                f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes"
+            )
+        header = json_object(body[:length], "inference request header")
+        request = InferRequest(body, header, length)
+    else:
+        if not body:
+            raise BadRequest("empty request body: expected a KServe V2 inference request")
+        request = InferRequest(body, json_object(body, "inference request"), None)
+    _check_header(request.header)
+    _check_inputs(request)
+    return request
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    """The top-level fields besides `inputs`: `id`, `parameters`, `outputs`."""
+    if "id" in header and header["id"] != "":
+        check_request_id(header["id"], "'id'")
+    if "parameters" in header:
+        _check_parameters(header["parameters"], "'parameters'", _REQUEST_PARAMETERS)
+    if "outputs" in header:
+        outputs = header["outputs"]
+        if not isinstance(outputs, list):
+            raise BadRequest(f"'outputs' must be a list of objects, got {_type_name(outputs)}")
+        for i, output in enumerate(outputs):
+            if not isinstance(output, dict):
+                raise BadRequest(f"outputs[{i}] must be an object, got {_type_name(output)}")
+            name = output.get("name")
+            if not isinstance(name, str) or not name:
+                raise BadRequest(f"outputs[{i}].name must be a non-empty string")
+            if "parameters" in output and output["parameters"] is not None:
+                _check_parameters(output["parameters"], f"outputs[{i}].parameters",
+                                  _OUTPUT_PARAMETERS)
+
+
+def _is_uint(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _UINT64_MAX
+
+
+# What each parameter kind accepts, and how the error message names it.
+_PARAMETER_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "uint": (_is_uint, "a non-negative integer"),
+    "bool": (lambda v: type(v) is bool, "a boolean"),
+    "str": (lambda v: type(v) is str, "a string"),
+    "uint|str": (lambda v: type(v) is str or _is_uint(v), "a non-negative integer or a string"),
+}
+
+
+def _check_parameters(params: Any, what: str, typed: Mapping[str, str]) -> None:
+    """A parameters object: scalar values, and the keys Triton reads with their types."""
+    if not isinstance(params, dict):
+        raise BadRequest(f"{what} must be an object, got {_type_name(params)}")
+    for key, value in params.items():
+        kind = typed.get(key)
+        if kind is None:
+            if not isinstance(value, str | int | float):  # bool is an int
+                raise BadRequest(f"{what}.{key} must be a string, number or boolean, "
+                                 f"got {_type_name(value)}")
+            continue
+        accepts, want = _PARAMETER_KINDS[kind]
+        if not accepts(value):
+            raise BadRequest(f"{what}.{key} must be {want}, got {value!r:.40}")
+
+
+def _check_shape(shape: Any, name: str) -> int:
+    """The element count of a valid shape (non-negative int64 dims, bounded rank)."""
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+        type(d) is int and 0 <= d <= MAX_DIM for d in shape
+    ):
+        raise BadRequest(
+            f"input '{name}': 'shape' must be a list of at most {MAX_RANK} integers in "
+            f"[0, 2^63-1], got {shape!r:.80}"
+        )
+    count = math.prod(shape)
+    if count > MAX_DIM:
+        raise BadRequest(f"input '{name}': shape {shape} has more than 2^63-1 elements")
+    return count
+
+
+def _flat_data(data: Any, rank: int, name: str) -> list[Any]:
+    """`data` (flat or nested row-major, never deeper than the shape) as one flat list.
+
+    Iterative, one level at a time with C-speed chaining: a hostile nesting depth costs one
+    step before it is refused, never a recursion.
+    """
+    if not isinstance(data, list):
+        raise BadRequest(f"input '{name}': 'data' must be a list, got {_type_name(data)}")
+    flat = data
+    depth = 1
+    while flat and type(flat[0]) is list:
+        if depth >= rank:
+            raise BadRequest(f"input '{name}': 'data' is nested deeper than its "
+                             f"{rank}-dimensional shape")
+        if set(map(type, flat)) != {list}:
+            raise BadRequest(f"input '{name}': 'data' mixes lists and values at one level")
+        flat = list(itertools.chain.from_iterable(flat))
+        depth += 1
+    return flat
+
+
+def _check_elements(flat: list[Any], datatype: str, name: str) -> None:
+    """Every element has the JSON type the datatype needs, integers within its range."""
+    allowed = JSON_ELEMENT_TYPES.get(datatype)
+    if allowed is None:
+        raise BadRequest(f"input '{name}': {datatype} data cannot be sent as JSON; use the "
+                         f"binary tensor extension ({HEADER_LENGTH})")
+    types = frozenset(map(type, flat))
+    if not types <= allowed:
+        bad = next(x for x in flat if type(x) not in allowed)
+        if isinstance(bad, list):
+            raise BadRequest(f"input '{name}': 'data' mixes lists and values at one level")
+        want = " or ".join(sorted(_TYPE_NAMES[t] for t in allowed))
+        raise BadRequest(f"input '{name}': {datatype} data must hold {want} elements, got "
+                         f"{_type_name(bad)} {bad!r:.40}")
+    bounds = INT_RANGES.get(datatype)
+    if bounds is not None and flat:
+        low, high = min(flat), max(flat)
+        if low < bounds[0] or high > bounds[1]:
+            raise BadRequest(f"input '{name}': {datatype} data must lie in "
+                             f"[{bounds[0]}, {bounds[1]}], got {low if low < bounds[0] else high}")
+
+
+def _check_bytes_payload(chunk: memoryview, count: int, name: str) -> None:
+    """A binary BYTES tensor: `count` length-prefixed elements filling the chunk exactly."""
+    size = len(chunk)
+    if count * 4 > size:
+        raise BadRequest(f"input '{name}': {count} BYTES elements need at least {count * 4} "
+                         f"bytes of length prefixes, binary_data_size is {size}")
+    offset = 0
+    for _ in range(count):
+        if offset + 4 > size:
+            break
+        (length,) = struct.unpack_from("<I", chunk, offset)
+        offset += 4 + length
+    if offset != size:
+        raise BadRequest(f"input '{name}': binary BYTES data does not hold exactly {count} "
+                         f"length-prefixed elements in {size} bytes")
+
+
+def _check_inputs(request: InferRequest) -> None:
+    inputs = request.header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    binary = request.header_length is not None
+    binary_total = 0
+    byte_tensors: list[tuple[str, int, int, int]] = []  # name, offset, size, count
+    seen: set[str] = set()
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise BadRequest(f"inputs[{i}] must be an object, got {_type_name(tensor)}")
+        name = tensor.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"inputs[{i}].name must be a non-empty string")
+        if name in seen:
+            raise BadRequest(f"input '{name}' is given twice")
+        seen.add(name)
+        datatype = tensor.get("datatype")
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
+            raise BadRequest(f"input '{name}': 'datatype' must be one of "
+                             f"{', '.join(sorted(DATATYPES))}, got {datatype!r:.40}")
+        shape = tensor.get("shape")
+        count = _check_shape(shape, name)
+        params = tensor.get("parameters")
+        if params is not None:
+            _check_parameters(params, f"input '{name}': parameters", _INPUT_PARAMETERS)
+        binary_size = params.get("binary_data_size") if params else None
+        if binary_size is not None:
+            if not binary:
+                raise BadRequest(
+                    f"input '{name}' has binary_data_size but the request has no "
+                    f"{HEADER_LENGTH} header"
+                )
+            if "data" in tensor:
+                raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
+            size = DATATYPE_SIZES.get(datatype)
+            if size is not None and binary_size != count * size:
+                raise BadRequest(
+                    f"input '{name}': binary_data_size is {binary_size} bytes but shape "
+                    f"{shape} of {datatype} needs {count * size}"
+                )
+            if size is None:
+                byte_tensors.append((name, binary_total, binary_size, count))
+            binary_total += binary_size
+        elif "data" in tensor:
+            flat = _flat_data(tensor["data"], len(shape), name)
+            if len(flat) != count:
+                raise BadRequest(
+                    f"input '{name}': shape {shape} needs {count} elements, 'data' has "
+                    f"{len(flat)}"
+                )
+            _check_elements(flat, datatype, name)
+            request.flat[name] = flat
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+    if binary:
+        available = len(request.body) - request.header_length  # type: ignore[operator]
+        if available != binary_total:
+            raise BadRequest(
+                f"binary payload is {available} bytes but the inputs declare {binary_total}"
+                + (" (truncated body?)" if available < binary_total else "")
+            )
+        if byte_tensors:
+            payload = memoryview(request.body)[request.header_length :]
+            for name, offset, size, count in byte_tensors:
+                _check_bytes_payload(payload[offset : offset + size], count, name)
+
+
+def validate_against(request: InferRequest, model: str, specs: Sequence[TensorSpec]) -> None:
+    """Check input names, datatypes and shapes against the model's metadata, naming the problem.
+
+    Done in the gateway (not left to Triton) so that a bad request is never mirrored to the
+    challengers and the client gets one clear message.
+    """
+    by_name = {s.name: s for s in specs}
+    given = {t["name"] for t in request.inputs}
+    unknown = sorted(given - by_name.keys())
+    if unknown:
+        raise BadRequest(
+            f"unexpected input(s) {', '.join(map(repr, unknown))} for model '{model}'; "
+            f"expected {', '.join(map(repr, by_name))}"
+        )
+    missing = sorted(by_name.keys() - given)
+    if missing:
+        raise BadRequest(f"missing input(s) {', '.join(map(repr, missing))} for model '{model}'")
+    for tensor in request.inputs:
+        spec = by_name[tensor["name"]]
+        if tensor["datatype"] != spec.datatype:
+            raise BadRequest(
+                f"input '{spec.name}': datatype {tensor['datatype']} does not match "
+                f"model '{model}' which expects {spec.datatype}"
+            )
+        shape = tensor["shape"]
+        if len(shape) != len(spec.shape) or any(
+            want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
+        ):
+            raise BadRequest(
+                f"input '{spec.name}': shape {list(shape)} does not match model '{model}' "
+                f"which expects {list(spec.shape)} (-1 = any)"
+            )
+
+
+def parse_metadata_inputs(metadata: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
+    try:
+        return tuple(
+            TensorSpec(str(t["name"]), str(t["datatype"]), tuple(int(d) for d in t["shape"]))
+            for t in metadata["inputs"]
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpstreamBadGateway(f"model metadata has no usable 'inputs': {exc}") from None
+
+
+def _decode_bytes(raw: bytes, count: int) -> list[str]:
+    items: list[str] = []
+    offset = 0
+    for _ in range(count):
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        items.append(raw[offset : offset + length].decode("utf-8", "replace"))
+        offset += length
+    return items
+
+
+def flatten(data: Any) -> list[Any]:
+    """A tensor's JSON `data` (flat, nested row-major, or a scalar) as one flat list."""
+    if isinstance(data, list) and data and isinstance(data[0], list):
+        return [x for item in data for x in flatten(item)]
+    return data if isinstance(data, list) else [data]
+
+
+def _decode_tensors(
+    tensors: Sequence[Mapping[str, Any]], binary: bytes, what: str,
+    flat: Mapping[str, list[Any]] | None = None,
+) -> dict[str, Tensor]:
+    """Named flat tensors. Binary floats that are NaN or infinite become null in the JSON log
+    (JSON has no such numbers); `flat`: JSON data already flattened by validation."""
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for t in tensors:
+        shape = [int(d) for d in t.get("shape", [])]
+        datatype = str(t.get("datatype"))
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            chunk = binary[offset : offset + size]
+            offset += size
+            if len(chunk) != size:
+                raise UpstreamBadGateway(f"{what}: binary data for '{t.get('name')}' truncated")
+            if datatype == "BYTES":
+                data: list[Any] = _decode_bytes(chunk, math.prod(shape))
+            elif datatype in NUMPY_DTYPES:
+                data = np.frombuffer(chunk, dtype=NUMPY_DTYPES[datatype]).tolist()
+            else:  # BF16 has no numpy dtype: keep the raw 16-bit patterns
+                data = np.frombuffer(chunk, dtype="<u2").tolist()
+        elif flat is not None and t.get("name") in flat:
+            data = flat[t["name"]]
+        else:
+            data = flatten(t.get("data", []))
+        out[str(t.get("name"))] = {"datatype": datatype, "shape": shape, "data": data}
+    return out
+
+
+def decode_inputs(request: InferRequest) -> dict[str, Tensor]:
+    """Inputs as named flat tensors, for the log (runs in the background record task)."""
+    binary = request.body[request.header_length :] if request.header_length is not None else b""
+    return _decode_tensors(request.inputs, binary, "request", request.flat)
+
+
+def _response_json(raw: bytes) -> Any:
+    """Triton's JSON answer, as the log can hold it. Triton writes non-finite floats as
+    NaN/Infinity (not JSON, but what tritonclient's rapidjson accepts) and BYTES outputs as raw
+    bytes (not always UTF-8); orjson refuses both, so fall back to the stdlib parser on the text
+    with undecodable bytes replaced (as binary BYTES tensors are), and float('nan') becomes
+    null in the log."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw.decode("utf-8", "replace"))
+
+
+def decode_response(body: bytes, header_length: str | None) -> dict[str, Any]:
+    """Split a Triton response into its JSON header and decoded outputs."""
+    if header_length is not None:
+        length = int(header_length)
+        header = _response_json(body[:length])
+        binary = body[length:]
+    else:
+        header = _response_json(body)
+        binary = b""
+    header["outputs"] = _decode_tensors(header.get("outputs") or [], binary, "response")
+    return header
+
+
+def error_body(message: str) -> bytes:
+    """`{"error": message}`. A message quoting a client's undecodable bytes (a URL path or
+    header with invalid UTF-8 arrives as lone surrogates) is escaped rather than failing."""
+    try:
+        return orjson.dumps({"error": message})
+    except orjson.JSONEncodeError:
+        return orjson.dumps({"error": message.encode("utf-8", "backslashreplace").decode()})

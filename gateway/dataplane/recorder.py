@@ -1,0 +1,297 @@
+"""Builds the inference log record once every model has answered, and emits it.
+
+Runs in the background, after the client already has its response: decoding tensors, waiting
+for shadow copies, comparing predictions and serialising all happen here, off the critical path.
+Each wait is bounded by the lane's timeout, so pending records cannot pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import metrics
+from gateway.backends import LogSink
+from gateway.dataplane.protocol import InferRequest, decode_inputs, decode_response
+from gateway.dataplane.routes import RouteRuntime
+from gateway.explore.policies import Decision, sticky_uniform
+from gateway.mirror.shadow import ShadowResult
+from understudy.records import INFERENCES, SCHEMA_VERSION, ModelOutcome, Tensor, Transport
+
+log = logging.getLogger(__name__)
+
+
+# (route, request id, served arm, served score): what exploration needs to credit a label later.
+ExploredHook = Callable[[str, str, str, float | None], None]
+RECENT_IDS = 100_000
+
+
+class RecentIds:
+    """The last `capacity` request ids this replica recorded: what feedback calls "known"."""
+
+    __slots__ = ("_ids", "capacity")
+
+    def __init__(self, capacity: int = RECENT_IDS) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, request_id: str) -> None:
+        ids = self._ids
+        ids[request_id] = None
+        if len(ids) > self.capacity:
+            ids.popitem(last=False)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything about one request the record needs, captured on the hot path."""
+
+    runtime: RouteRuntime
+    request_id: str
+    ts: float
+    key: str | None
+    request: InferRequest | None
+    decision: Decision
+    served_model: str
+    served: ShadowResult
+    status: int
+    gateway_latency_s: float
+    error: str | None = None
+    fallback: bool = False
+    protocol: Transport = "http"
+
+
+def first_score(outputs: Mapping[str, Tensor] | None) -> float | None:
+    """The first element of the first output: the score the prediction metrics look at."""
+    if not outputs:
+        return None
+    data = next(iter(outputs.values()))["data"]
+    if not data:
+        return None
+    value = data[0]
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class _Waiting:
+    """A request whose record waits for its shadow copies; ready when the last one resolves."""
+
+    __slots__ = ("copies", "ctx", "recorder", "remaining")
+
+    def __init__(self, recorder: Recorder, ctx: RequestContext,
+                 copies: Mapping[str, asyncio.Future[ShadowResult]], remaining: int) -> None:
+        self.recorder = recorder
+        self.ctx = ctx
+        self.copies = copies
+        self.remaining = remaining
+
+    def copy_done(self, _: asyncio.Future[ShadowResult]) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.recorder._waiting -= 1
+            self.recorder._push(self.ctx, self.copies)
+
+
+class Recorder:
+    """Turns finished requests into records on the sink and prediction metrics.
+
+    Records are built by one worker task in time slices of `slice_s`, yielding to the event loop
+    between slices. A batch of shadow answers arriving together (a challenger's dynamic batcher
+    answers many copies at once) therefore never holds the loop, and the champion requests
+    behind it, for longer than one slice; and no task is created per request. Past `backlog`
+    ready records the worker stops yielding until it is back under it: under overload a loop
+    iteration can accept more requests than one slice records, and the records (each holding
+    its request and answers) must not pile up in memory.
+    """
+
+    def __init__(self, sink: LogSink, on_explored: ExploredHook | None = None, *,
+                 slice_s: float = 0.0005, backlog: int = 256) -> None:
+        self.sink = sink
+        self.on_explored = on_explored
+        self.slice_s = slice_s
+        self.backlog = backlog
+        self._ready: deque[tuple[RequestContext, Mapping[str, asyncio.Future[ShadowResult]]]] = (
+            deque()
+        )
+        self._waiting = 0  # requests whose copies are still running
+        self._copies_in_flight: set[asyncio.Future[ShadowResult]] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self.seen = RecentIds()
+        self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
+        self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
+
+    @property
+    def pending(self) -> int:
+        return self._waiting + len(self._ready)
+
+    def submit(
+        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
+    ) -> None:
+        running = [f for f in copies.values() if not f.done()]
+        if not running:
+            self._push(ctx, copies)
+            return
+        self._waiting += 1
+        waiting = _Waiting(self, ctx, copies, len(running))
+        for future in running:
+            self._copies_in_flight.add(future)
+            future.add_done_callback(self._copies_in_flight.discard)
+            future.add_done_callback(waiting.copy_done)
+
+    async def drain(self) -> None:
+        """Wait for every pending record (shutdown: shadows finish or time out first)."""
+        while self._copies_in_flight or self._worker is not None:
+            if self._copies_in_flight:
+                await asyncio.wait(list(self._copies_in_flight))
+            if self._worker is not None:
+                await asyncio.wait([self._worker])
+
+    def _push(
+        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
+    ) -> None:
+        self._ready.append((ctx, copies))
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self._ready:
+                deadline = time.perf_counter() + self.slice_s
+                while True:
+                    self._record(*self._ready.popleft())
+                    if not self._ready or (
+                        time.perf_counter() >= deadline and len(self._ready) <= self.backlog
+                    ):
+                        break
+                await asyncio.sleep(0)
+        finally:
+            self._worker = None
+
+    def _record(
+        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
+    ) -> None:
+        try:
+            self.seen.add(ctx.request_id)
+            record = self.build(ctx, {model: _result(f) for model, f in copies.items()})
+            self._observe(ctx, record)
+            if self.on_explored is not None and ctx.status == 200 and (
+                ctx.runtime.config.policy.type != "champion"
+            ):
+                served = record["outputs"][ctx.served_model]["outputs"]
+                self.on_explored(ctx.runtime.name, ctx.request_id, ctx.served_model,
+                                 first_score(served))
+            # Sampling below 100% is hash-stable: the same key is always in, or always out.
+            if ctx.runtime.config.log_sample_rate >= 1.0 or sticky_uniform(
+                f"log:{ctx.runtime.name}", ctx.key or ctx.request_id
+            ) < ctx.runtime.config.log_sample_rate:
+                self.sink.emit(INFERENCES, ctx.request_id, orjson.dumps(record))
+                self._accepted.inc()
+        except Exception:
+            log.exception("failed to record request %s", ctx.request_id)
+            self._dropped.inc()
+
+    def build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult]) -> dict[str, Any]:
+        config = ctx.runtime.config
+        outputs: dict[str, ModelOutcome] = {}
+        role_of = {config.champion.model: "champion"}
+        mode_of = {c.model: c.mode for c in config.challengers}
+        experiments = ctx.runtime.experiments
+        for model, result in {ctx.served_model: ctx.served, **copies}.items():
+            outputs[model] = outcome = _outcome(
+                result,
+                role=role_of.get(model, "challenger"),
+                mode="served" if model == ctx.served_model else mode_of.get(model, "shadow"),
+                version=ctx.runtime.version_of.get(model, ""),
+            )
+            experiment = experiments.get(model)
+            if experiment is not None:  # challengers only: the champion has no experiment
+                outcome["experiment"], outcome["sample_rate"] = experiment
+        record: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "inference",
+            "request_id": ctx.request_id,
+            "ts": ctx.ts,
+            "route": config.name,
+            "registry_version": ctx.runtime.registry_version,
+            "policy": ctx.runtime.policy.describe(),
+            "served": {"model": ctx.served_model,
+                       "version": outputs[ctx.served_model]["version"]},
+            "propensity": ctx.decision.propensity,
+            "arms": dict(ctx.decision.probabilities),
+            "key": ctx.key,
+            "inputs": decode_inputs(ctx.request) if ctx.request is not None else {},
+            "outputs": outputs,
+            "status": ctx.status,
+            "gateway_latency_ms": round(ctx.gateway_latency_s * 1000, 3),
+            "task": config.task,
+        }
+        if ctx.error is not None:
+            record["error"] = ctx.error
+        if ctx.fallback:
+            record["fallback"] = True
+        record["protocol"] = ctx.protocol
+        return record
+
+    def _observe(self, ctx: RequestContext, record: Mapping[str, Any]) -> None:
+        config = ctx.runtime.config
+        served_score = first_score(record["outputs"][ctx.served_model]["outputs"])
+        for model, outcome in record["outputs"].items():
+            score = first_score(outcome["outputs"])
+            if score is None:
+                continue
+            metrics.child(metrics.SCORE, config.name, model).observe(score)
+            if config.task != "classification":
+                continue
+            predicted = int(score >= config.threshold)
+            metrics.child(metrics.PREDICTED_CLASS, config.name, model, str(predicted)).inc()
+            if model != ctx.served_model and served_score is not None:
+                agree = predicted == int(served_score >= config.threshold)
+                metrics.child(
+                    metrics.AGREEMENT, config.name, model, "agree" if agree else "disagree"
+                ).inc()
+
+
+def _result(future: asyncio.Future[ShadowResult]) -> ShadowResult:
+    if future.cancelled():  # a copy cancelled at shutdown still gets its line in the record
+        return ShadowResult("error", error="copy cancelled (gateway shutting down)")
+    return future.result()
+
+
+def _outcome(result: ShadowResult, *, role: str, mode: str, version: str) -> ModelOutcome:
+    outputs: dict[str, Tensor] | None = None
+    error = result.error
+    status = result.status
+    if result.outputs is not None:  # a batched copy: its rows were split out of the batch answer
+        outputs = result.outputs
+        version = result.model_version or version
+    elif result.response is not None:
+        try:
+            decoded = decode_response(result.response.body, result.response.header_length)
+            outputs = decoded["outputs"]
+            version = str(decoded.get("model_version") or version)
+        except Exception as exc:
+            status, error = "error", f"undecodable response: {exc!r}"
+    outcome: ModelOutcome = {
+        "role": role,  # type: ignore[typeddict-item]
+        "mode": mode,  # type: ignore[typeddict-item]
+        "version": version,
+        "status": status,  # type: ignore[typeddict-item]
+        "latency_ms": None if result.latency_s is None else round(result.latency_s * 1000, 3),
+        "outputs": outputs,
+        "error": error,
+    }
+    if result.outputs is not None and result.batch_rows is not None:
+        outcome["batch_rows"] = result.batch_rows  # shared its call: latency not comparable
+    return outcome

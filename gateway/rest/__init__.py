@@ -1,0 +1,1 @@
+"""HTTP adapters: the V2 inference endpoints, the admin API and label feedback over aiohttp."""

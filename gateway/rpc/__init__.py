@@ -1,0 +1,1 @@
+"""The KServe V2 / Triton gRPC service and its protobuf codec."""

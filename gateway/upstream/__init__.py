@@ -1,0 +1,1 @@
+"""Calling Triton: the HTTP keep-alive pool and the gRPC client, one per model server."""

@@ -1,0 +1,149 @@
+"""The load-test kit runs: locust headless against real Triton and a real gateway process.
+
+The smoke test (CI, `make test`) runs loadtests/locustfile.py for ~10 s against
+`python -m gateway serve` (a subprocess: locust needs a gateway that does not share the test's
+event loop) in front of the session's Triton, and checks that every scenario ran with zero
+failures and that the gateway logged every inference it served. The long runs (`-m slow`,
+`make bench` territory) run locust for a minute with live admin changes, and the benchmark in
+its quick mode. No test asserts on timings: the benchmark reports those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtests import common
+from loadtests.load import load_routes, run_locust
+from tests.conftest import read_stream
+
+pytestmark = pytest.mark.triton
+
+INFER_ROWS = ("POST infer fraud (json)", "POST infer fraud (binary)", "POST infer price (json)")
+ADMIN_AVAILABLE = (common.ROOT / "gateway" / "rest" / "admin.py").exists()
+
+
+def _run(triton: Any, tmp_path: Path, *, duration: float, users: int,
+         admin_token: str | None) -> tuple[dict[str, Any], Path]:
+    config = common.gateway_config(triton.url, tmp_path, "smoke", load_routes())
+    env = {"LOADTEST_LABEL_DELAY_S": "1", "LOADTEST_ADMIN_PERIOD_S": "2",
+           "LOADTEST_SERVED_IDS_FILE": str(tmp_path / "served-ids.txt")}
+    gw_env: dict[str, str] = {}
+    if admin_token:
+        env["UNDERSTUDY_ADMIN_TOKEN"] = gw_env["UNDERSTUDY_ADMIN_TOKEN"] = admin_token
+    else:
+        env["UNDERSTUDY_ADMIN_TOKEN"] = ""
+    with common.Gateway(config, log_file=tmp_path / "gateway.log", env=gw_env) as gateway:
+        stats = run_locust(gateway.url, tmp_path / "locust", duration=duration, users=users,
+                           spawn_rate=users, env=env, html=False)
+    # the gateway has stopped (SIGTERM): pending records were drained and the sink flushed
+    return stats, tmp_path / "log-smoke"
+
+
+def _failures(path: str) -> str:
+    failures = Path(path).with_name("locust_failures.csv")
+    return failures.read_text() if failures.exists() else ""
+
+
+def _check(stats: dict[str, Any], log_dir: Path) -> None:
+    agg = stats["aggregated"]
+    assert int(agg["Request Count"]) > 0
+    assert int(agg["Failure Count"]) == 0, _failures(stats["path"])
+    for name in (*INFER_ROWS, "POST feedback (batch)"):
+        assert name in stats["rows"], f"scenario {name!r} never ran: {sorted(stats['rows'])}"
+        assert int(stats["rows"][name]["Request Count"]) > 0
+    # 100% logging: every request locust got an answer for has its record (requests still in
+    # flight when locust stopped were served and logged too, but not counted by locust)
+    served = set((log_dir.parent / "served-ids.txt").read_text().split())
+    logged = [r["request_id"] for r in read_stream(log_dir, "inferences")]
+    assert len(served) >= sum(int(stats["rows"][n]["Request Count"]) for n in INFER_ROWS)
+    assert served <= set(logged), f"{len(served - set(logged))} served requests not logged"
+    assert len(logged) == len(set(logged))
+    assert read_stream(log_dir, "labels")
+
+
+def test_locust_smoke(triton: Any, tmp_path: Path) -> None:
+    """~10 s of mixed JSON/binary/price inference and delayed feedback, with zero failures."""
+    token = "smoke-admin-token" if ADMIN_AVAILABLE else None
+    stats, log_dir = _run(triton, tmp_path, duration=10, users=4, admin_token=token)
+    _check(stats, log_dir)
+    if token:
+        admin = [r for n, r in stats["rows"].items() if n.startswith(("PUT admin", "POST admin"))]
+        assert sum(int(r["Request Count"]) for r in admin) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_locust_long_run_with_admin_changes(triton: Any, tmp_path: Path) -> None:
+    stats, log_dir = _run(triton, tmp_path, duration=60, users=20,
+                          admin_token="long-run-token" if ADMIN_AVAILABLE else None)
+    _check(stats, log_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # the quick benchmark alone takes 4-6 minutes
+def test_bench_quick(tmp_path: Path) -> None:
+    """The whole benchmark in --quick mode: every scenario runs and nothing served is unlogged."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/bench.py", "--quick", "--no-md", "--no-profile",
+         "--overload-seconds", "10", "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=1500, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["key"]: r for r in results["rows"]}
+    assert {"direct", "nginx-mirror", "champion-file-w1", "shadow1-file-w1", "shadow2-file-w1",
+            "explore-file-w1"} <= rows.keys()
+    for row in rows.values():
+        assert row["error"] is None, row
+        assert row["capacity"]["requests"] > 0
+        if row["logged"] is not None:
+            assert row["logged"] >= row["served"], row  # warm-up requests are logged too
+    assert "error" not in results["extra"]["slow"]
+    assert "error" not in results["extra"]["overload"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_grpc_bench_runs(tmp_path: Path) -> None:
+    """loadtests/grpc_bench.py end to end (short): all three targets answer every request."""
+    out = tmp_path / "bench-grpc"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/grpc_bench.py", "--duration", "1", "--rate", "20",
+         "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=500, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["target"] for r in rows] == ["Triton gRPC (direct)", "gateway gRPC",
+                                           "gateway HTTP (binary)"]
+    assert all(r["requests"] > 0 for r in rows)
+    assert all(r["gateway_cpu_us_per_req"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_upstream_protocol_bench_runs(tmp_path: Path) -> None:
+    """loadtests/upstream_protocol_bench.py end to end (short): both upstream protocols, both
+    cases, every request answered (the client asserts 200)."""
+    out = tmp_path / "bench-upstream"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/upstream_protocol_bench.py", "--duration", "1", "--rate",
+         "20", "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=500, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted((r["case"], r["protocol"]) for r in rows) == sorted(
+        (case, p) for case in ("champion only", "champion + 1 shadow") for p in ("http", "grpc"))
+    assert all(r["requests"] > 0 and r["gateway_cpu_us_per_req"] > 0 for r in rows)

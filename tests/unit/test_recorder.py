@@ -1,0 +1,134 @@
+"""The recorder's scheduling: records wait for their copies, are built in time slices that yield
+to the event loop, and nothing pending is lost at drain (cancelled copies included)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from gateway.config import parse_route
+from gateway.dataplane.recorder import Recorder, RequestContext
+from gateway.dataplane.routes import RouteRuntime, RouteTable
+from gateway.explore.policies import Decision
+from gateway.mirror.shadow import ShadowResult
+from gateway.upstream.client import TritonUpstream
+
+
+class ListSink:
+    def __init__(self, events: list[str] | None = None) -> None:
+        self.records: list[dict] = []
+        self.events = events if events is not None else []
+
+    async def start(self) -> None:
+        return None
+
+    def emit(self, stream: str, key: str, value: bytes) -> None:
+        self.records.append(orjson.loads(value))
+        self.events.append(f"record {key}")
+
+    async def flush(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _runtime() -> tuple[RouteRuntime, TritonUpstream]:
+    upstream = TritonUpstream("http://127.0.0.1:9", timeout_ms=1000, max_connections=4)
+    route = parse_route("fraud", {"champion": "a", "challengers": [{"model": "b"}]})
+    return RouteTable(upstream).apply(route), upstream
+
+
+def _ctx(runtime: RouteRuntime, request_id: str) -> RequestContext:
+    return RequestContext(runtime, request_id, 0.0, None, None, Decision("a", 1.0, {"a": 1.0}),
+                          "a", ShadowResult("ok", 0.001), 200, 0.002)
+
+
+async def test_records_wait_for_copies_then_yield_between_slices() -> None:
+    runtime, upstream = _runtime()
+    events: list[str] = []
+    sink = ListSink(events)
+    recorder = Recorder(sink, slice_s=0.0)  # a zero slice: one record, then yield
+    loop = asyncio.get_running_loop()
+    copies = [loop.create_future() for _ in range(5)]
+    for i, copy in enumerate(copies):
+        recorder.submit(_ctx(runtime, f"r{i}"), {"b": copy})
+    assert recorder.pending == 5
+    await asyncio.sleep(0)
+    assert sink.records == []  # nothing is recorded before its copy answered
+
+    async def probe() -> None:
+        for _ in range(5):
+            events.append("loop")
+            await asyncio.sleep(0)
+
+    for copy in copies:  # a challenger's batch: every copy answers at once
+        copy.set_result(ShadowResult("ok", 0.004))
+    await asyncio.gather(probe(), recorder.drain())
+    assert [r["request_id"] for r in sink.records] == [f"r{i}" for i in range(5)]
+    assert recorder.pending == 0
+    # other work ran between the records instead of waiting for all five
+    first, last = events.index("record r0"), events.index("record r4")
+    assert "loop" in events[first:last]
+    assert sink.records[0]["outputs"]["b"]["latency_ms"] == 4.0
+    await upstream.close()
+
+
+async def test_a_long_slice_records_a_burst_back_to_back() -> None:
+    runtime, upstream = _runtime()
+    events: list[str] = []
+    recorder = Recorder(ListSink(events), slice_s=60.0)
+    for i in range(5):
+        recorder.submit(_ctx(runtime, f"r{i}"), {})  # no copies: ready at once
+
+    async def probe() -> None:
+        events.append("loop")
+
+    await asyncio.gather(probe(), recorder.drain())
+    records = [e for e in events if e.startswith("record")]
+    assert len(records) == 5
+    start = events.index("record r0")
+    assert events[start:start + 5] == records  # contiguous: the slice was never cut
+    await upstream.close()
+
+
+async def test_drain_records_cancelled_copies_as_errors() -> None:
+    runtime, upstream = _runtime()
+    sink = ListSink()
+    recorder = Recorder(sink)
+    copy = asyncio.get_running_loop().create_future()
+    recorder.submit(_ctx(runtime, "r0"), {"b": copy})
+    drained = asyncio.ensure_future(recorder.drain())
+    await asyncio.sleep(0)
+    assert not drained.done()  # drain waits for the copy
+    copy.cancel()
+    await drained
+    (record,) = sink.records
+    assert record["outputs"]["b"]["status"] == "error"
+    assert "cancelled" in record["outputs"]["b"]["error"]
+    assert record["outputs"]["a"]["status"] == "ok"
+    await upstream.close()
+
+
+async def test_a_backlog_is_recorded_without_yielding_until_under_the_limit() -> None:
+    """Overload: more records ready than slices can build must not pile up in memory."""
+    runtime, upstream = _runtime()
+    events: list[str] = []
+    recorder = Recorder(ListSink(events), slice_s=0.0, backlog=3)
+    for i in range(8):
+        recorder.submit(_ctx(runtime, f"r{i}"), {})
+
+    async def probe() -> None:
+        for _ in range(8):
+            events.append("loop")
+            await asyncio.sleep(0)
+
+    await asyncio.gather(probe(), recorder.drain())
+    start = events.index("record r0")
+    # r0..r4 back to back (8, 7, 6, 5, 4 ready: over the backlog of 3), then one per slice
+    assert events[start:start + 5] == [f"record r{i}" for i in range(5)]
+    later = events[start + 5:]
+    assert later.index("record r5") < later.index("record r6") < later.index("record r7")
+    assert "loop" in later[later.index("record r5"):later.index("record r7")]
+    await upstream.close()

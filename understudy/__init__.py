@@ -1,0 +1,4 @@
+"""The contract between the gateway and the evaluator: the log record schema.
+
+Shared by both programs and importing neither.
+"""
