@@ -2,10 +2,12 @@
 
 - `run --config C [--once]`: the ingest loop (files or Kafka, per `source.type`); `--once`
   drains what is there and exits. SIGTERM/Ctrl-C finish the current batch and stop.
-- `report --route R [--window 7d] [--out DIR] [--fail-on-blocked]`: loads every labelled row
-  of each challenger's current experiment (`Store.load_experiments`: since the earliest current
-  experiment started, whatever the window says), decides each challenger
-  (`evaluator.decision.decide` under the route's decision policy) and hands both to
+- `report --route R [--window 7d] [--out DIR] [--fail-on-blocked] [--engine duckdb|spark]`:
+  loads every labelled row of each challenger's current experiment (`load_experiments`: since
+  the earliest current experiment started, whatever the window says) from the store, or from
+  the landing zone when `lake.path` is set — read by DuckDB, or by Spark at `spark.master` with
+  `--engine spark` / `lake.engine: spark` (the same dataset either way) — decides each
+  challenger (`evaluator.decision.decide` under the route's decision policy) and hands both to
   `evaluator.report.write_report(dataset, decisions, out_dir)`. The window never changes the
   verdict's data; it only selects rows for records without experiment ids (written by gateways
   before experiments existed: one implicit experiment, windowed as it always was).
@@ -92,13 +94,24 @@ def _load(args: argparse.Namespace) -> EvaluatorConfig:
     return config
 
 
-def open_reader(config: EvaluatorConfig) -> DatasetReads:
-    """What `report` reads: the landing zone when `lake.path` is set, else the store."""
-    if config.lake.path:
-        from evaluator.lake.reader import LakeReader
+def open_reader(config: EvaluatorConfig, engine: str | None = None) -> DatasetReads:
+    """What `report` reads: the landing zone when `lake.path` is set, else the store. The lake
+    is read with DuckDB, or with Spark (`engine`, else `lake.engine`; the `spark:` section)."""
+    if not config.lake.path:
+        if engine is not None:
+            raise ConfigError(f"--engine {engine}: chooses what reads the landing zone, and "
+                              "lake.path is not set")
+        return Store.open(config.store, read_only=True)
+    if (engine or config.lake.engine) == "spark":
+        try:
+            from evaluator.lake.spark_engine import SparkLakeReader
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"lake.engine spark needs {exc.name}: pip install "
+                              "'understudy[spark]' (and a Java 17+ runtime)") from None
+        return SparkLakeReader.open(config)
+    from evaluator.lake.reader import LakeReader
 
-        return LakeReader.open(config)
-    return Store.open(config.store, read_only=True)
+    return LakeReader.open(config)
 
 
 def _fmt_ts(ts: float | None) -> str:
@@ -242,7 +255,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     window = parse_duration(args.window, "--window") if args.window else config.report.window
     out_dir = Path(args.out or config.report.out)
     route_cfg = config.route(args.route)
-    store = open_reader(config)
+    store = open_reader(config, args.engine)
     try:
         span = store.time_range(args.route)
         experiments, since = store.experiment_span(args.route, window)
@@ -314,6 +327,9 @@ def _add_report(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--fail-on-blocked", action="store_true",
                    help=f"exit {EXIT_BLOCKED} (after writing the report) when a challenger is "
                         "BLOCKED by a guardrail")
+    p.add_argument("--engine", choices=("duckdb", "spark"),
+                   help="what reads the landing zone (default: lake.engine): DuckDB in this "
+                        "process, or Spark at spark.master; same dataset, same verdicts")
     p.set_defaults(func=cmd_report)
 
 

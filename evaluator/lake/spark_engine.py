@@ -16,10 +16,10 @@ evaluator/lake/layout.py as Spark DataFrame jobs over the Parquet dataset:
 - join stats: distinct copies per request (duplicates), label records and duplicates of the
   window's rows, and the lake-wide orphans split by the join window (rule 4).
 
-Spark ships back only the window's labelled rows, sorted by `(ts, src, pos, row_ix)` (rule 5),
-with their outcome and arm lists still nested, as Arrow; `arrow_to_dataset` flattens them into
-the store's column layout and `evaluator.store._assemble` builds the dataset — the same numpy
-code the store runs, so the statistics cannot tell which engine read the rows.
+Spark ships back only the window's joined rows, with their outcome and arm lists still nested,
+as Arrow — the table the DuckDB reader's query gives — and the DuckDB reader's own assembly
+(`evaluator.lake.reader._dataset`: rule-5 order, then the store's `_assemble`) builds the
+dataset, so the statistics cannot tell which engine read the rows.
 
 Where Spark runs is the `spark:` config section: `master` (`local[2]` by default: the report
 process starts a local JVM; a cluster URL such as `spark://host:7077` or
@@ -31,7 +31,6 @@ driver, see docs/LAKE.md "Spark"), `lake_url` when Spark names the lake differen
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
@@ -39,21 +38,22 @@ from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, GroupedData, SparkSession
 from pyspark.sql import functions as F
 
+from evaluator.config import EvaluatorConfig
 from evaluator.dataset import EvalDataset, ExperimentInfo, JoinStats
 from evaluator.lake import layout
+from evaluator.lake.reader import _dataset
+from evaluator.lake.storage import Lake
 from evaluator.store import (
     DAY,
     ROLE_CODES,
     DatasetReads,
     EmptyDatasetError,
     StoreError,
-    _assemble,
     latest_experiments,
 )
 
@@ -122,6 +122,20 @@ class SparkLakeReader(DatasetReads):
     `url` is the lake root as Spark's filesystem layer names it (a local directory, `file:`,
     `hdfs:` or `s3a:` URL). `join_window` splits orphan labels into waiting and expired (rule 4).
     """
+
+    @classmethod
+    def open(cls, config: EvaluatorConfig) -> SparkLakeReader:
+        """From the `lake:` and `spark:` sections (`spark.lake_url` overrides `lake.path`)."""
+        url = config.spark.lake_url or config.lake.path
+        if not url:
+            raise SparkEngineError("lake.path: not set (the landing zone Spark reads)")
+        if not config.spark.lake_url and not Lake(url).exists():
+            raise StoreError(f"no landing zone at {url}: run `python -m evaluator run "
+                             f"--config ...` with lake.path set first")
+        conf = {"spark.driver.memory": config.spark.driver_memory,
+                **{str(k): str(v) for k, v in config.spark.conf.items()}}
+        return cls(url, master=config.spark.master, conf=conf,
+                   join_window=config.store.join_window)
 
     def __init__(self, url: str, *, spark: SparkSession | None = None,
                  master: str = DEFAULT_MASTER, conf: Mapping[str, str] | None = None,
@@ -237,7 +251,7 @@ class SparkLakeReader(DatasetReads):
                                                    self.join_window), stats)
         if require_label:
             table = table.filter(table["has_label"])
-        return arrow_to_dataset(route, table, stats, task, threshold)
+        return _dataset(route, table, stats, task, threshold)
 
     def join_stats(self, route: str, since: float | None = None, until: float | None = None,
                    *, require_label: bool = True) -> JoinStats:
@@ -246,8 +260,9 @@ class SparkLakeReader(DatasetReads):
 
     def joined_rows(self, route: str, since: float | None = None, until: float | None = None,
                     *, require_label: bool = True) -> tuple[pa.Table, JoinStats]:
-        """The window's rows that have a label winner (reward-only ones too), in rule-5 order
-        with outcomes and arms nested, as Arrow; and the join stats, counted from them."""
+        """The window's rows that have a label winner (reward-only ones too), outcomes and arms
+        nested, as Arrow (unordered: the shared assembly ranks them by rule 5); and the join
+        stats, counted from them."""
         won = self.winners(route)
         labels = self.label_winners()
         window = _window(since, until)
@@ -261,7 +276,6 @@ class SparkLakeReader(DatasetReads):
         if labels is None:
             return _EMPTY, stats
         table = (won.where(window).join(labels, ["request_id", "row_ix"])
-                 .orderBy("ts", "src", "pos", "row_ix")
                  .select(*_ROW_COLUMNS, "has_label", "n",
                          F.transform("outcomes", _outcome_fields).alias("outcomes"), "arms")
                  .toArrow())
@@ -307,8 +321,8 @@ class SparkLakeReader(DatasetReads):
         self.close()
 
 
-_ROW_COLUMNS = ("request_id", "row_ix", "ts", "label", "reward", "served", "propensity",
-                "policy", "registry_version", "received_ts")
+_ROW_COLUMNS = ("request_id", "row_ix", "ts", "src", "pos", "label", "reward", "served",
+                "propensity", "policy", "registry_version", "received_ts")
 _EMPTY = pa.table({})
 
 
@@ -360,70 +374,3 @@ def _empty_message(route: str, since: float | None, until: float | None, stats: 
             f"label yet ({stats.orphan_labels} orphan label(s) lake-wide wait for their "
             f"inference; the join window is {join_window / DAY:g}d). Labels may not "
             f"have arrived: widen the window or wait.")
-
-
-# --------------------------------------------------------------------------------------------
-# Arrow -> EvalDataset: the store's column layout, then the store's assembly
-# --------------------------------------------------------------------------------------------
-
-
-def _f64(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A float column as numpy, NULL as NaN (the lake writes NaN, but a join may add NULLs)."""
-    return np.asarray(pc.fill_null(col, math.nan).to_numpy(zero_copy_only=False),
-                      dtype=np.float64)
-
-
-def _int(col: pa.ChunkedArray | pa.Array, missing: int = -1) -> np.ndarray:
-    return np.asarray(pc.fill_null(col, missing).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
-def arrow_to_dataset(route: str, table: pa.Table, stats: JoinStats, task: str,
-                     threshold: float) -> EvalDataset:
-    """Rows in rule-5 order with nested `outcomes` / `arms` -> the store's `_assemble` input.
-
-    Row ids are the row positions (already in order); names are interned per call, models,
-    policies and experiment ids sharing one table as in the store.
-    """
-    n = table.num_rows
-    table = table.combine_chunks()  # list parent indices count from the start of a chunk
-    outcomes = pc.list_flatten(table["outcomes"])
-    o_rows = pc.list_parent_indices(table["outcomes"])
-    arms = pc.list_flatten(table["arms"])
-    a_rows = pc.list_parent_indices(table["arms"])
-    strings = [table["served"], table["policy"], pc.struct_field(outcomes, "model"),
-               pc.struct_field(outcomes, "experiment"), pc.struct_field(arms, "model")]
-    names = pc.unique(pa.chunked_array(
-        [c for s in strings for c in (s.chunks if isinstance(s, pa.ChunkedArray) else [s])],
-        type=pa.string()).drop_null())
-    lookup = np.asarray(names.to_pylist() or [""], dtype=object)
-
-    def code(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-        return _int(pc.index_in(col, value_set=names))
-
-    rows = {
-        "id": np.arange(n, dtype=np.int64),
-        "request_id": np.asarray(table["request_id"].to_pylist(), dtype=object),
-        "row_ix": _int(table["row_ix"], 0),
-        "ts": _f64(table["ts"]),
-        "label": _f64(table["label"]),
-        "reward": _f64(table["reward"]),
-        "served": code(table["served"]),
-        "propensity": _f64(table["propensity"]),
-        "policy": code(table["policy"]),
-        "registry_version": _int(table["registry_version"]),
-        "received_ts": _f64(table["received_ts"]),
-    }
-    outs = {
-        "inf_id": _int(o_rows),
-        "model": code(pc.struct_field(outcomes, "model")),
-        "role": _int(pc.struct_field(outcomes, "role")),
-        "mode": _int(pc.struct_field(outcomes, "mode")),
-        "status": _int(pc.struct_field(outcomes, "status")),
-        "score": _f64(pc.struct_field(outcomes, "score")),
-        "latency_ms": _f64(pc.struct_field(outcomes, "latency_ms")),
-        "experiment": code(pc.struct_field(outcomes, "experiment")),
-        "sample_rate": _f64(pc.struct_field(outcomes, "sample_rate")),
-    }
-    arm_cols = {"inf_id": _int(a_rows), "model": code(pc.struct_field(arms, "model")),
-                "prob": _f64(pc.struct_field(arms, "prob"))}
-    return _assemble(route, rows, outs, arm_cols, lookup, stats, task, threshold)
