@@ -145,6 +145,7 @@ class SparkLakeReader(DatasetReads):
         self.spark = spark if spark is not None else spark_session(master, conf)
         self._winners: dict[str, DataFrame] = {}  # route -> cached inference winners
         self._labels: DataFrame | None = None  # cached label winners
+        self._orphan_counts: dict[str, int] | None = None  # lake-wide, computed once
 
     # -- sources ----------------------------------------------------------------------------
 
@@ -288,7 +289,9 @@ class SparkLakeReader(DatasetReads):
     def _orphans(self) -> dict[str, int]:
         """Rule 4, lake-wide: label records (`n`) with no inference anywhere, waiting and
         expired (received before the watermark less the join window). One job: the watermark
-        joins the anti-join's rows as a one-row side."""
+        joins the anti-join's rows as a one-row side. Computed once per reader."""
+        if self._orphan_counts is not None:
+            return self._orphan_counts
         labels = self.label_winners()
         if labels is None:
             return {"orphan_labels": 0, "expired_orphans": 0}
@@ -304,7 +307,9 @@ class SparkLakeReader(DatasetReads):
         waiting, gone = orphans.crossJoin(cutoff).agg(
             F.sum(F.when(~expired, F.col("n")).otherwise(0)),
             F.sum(F.when(expired, F.col("n")).otherwise(0))).first()
-        return {"orphan_labels": int(waiting or 0), "expired_orphans": int(gone or 0)}
+        self._orphan_counts = {"orphan_labels": int(waiting or 0),
+                               "expired_orphans": int(gone or 0)}
+        return self._orphan_counts
 
     def close(self) -> None:
         """Drop the cached winners; the session stays for the next reader in this process."""
@@ -312,7 +317,7 @@ class SparkLakeReader(DatasetReads):
             if df is not None:
                 df.unpersist()
         self._winners.clear()
-        self._labels = None
+        self._labels = self._orphan_counts = None
 
     def __enter__(self) -> SparkLakeReader:
         return self
