@@ -66,6 +66,8 @@ class _Bad(Exception):
 
 
 def _finite(value: Any) -> float | None:
+    if type(value) is float:  # the common case first: x - x is 0.0 unless x is NaN or inf
+        return value if value - value == 0.0 else None
     if isinstance(value, int | float):
         try:
             f = float(value)
@@ -87,6 +89,8 @@ def _experiment_id(value: Any) -> str | None:
 
 def _score(value: Any) -> float:
     """A model output element as a score; NaN/inf/non-numbers become NaN (never an error)."""
+    if type(value) is float:
+        return value if value - value == 0.0 else NAN
     if isinstance(value, str):
         try:
             value = float(value)
@@ -134,6 +138,9 @@ def _scores(outputs: Any, name: str | None, rows: int) -> list[float]:
     if not isinstance(outputs, dict) or not outputs:
         return [NAN] * rows
     tensor = outputs.get(name) if name else next(iter(outputs.values()))
+    if rows == 1:  # what _row_slices gives one row, without building the slices
+        data = tensor.get("data") if isinstance(tensor, dict) else None
+        return [_score(data[0])] if isinstance(data, list) and data else [NAN]
     sliced = _row_slices(tensor, rows)
     if sliced is None:
         return [NAN] * rows

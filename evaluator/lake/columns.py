@@ -25,6 +25,7 @@ class LakeBatch(Batch):
 
     at_src: str = ""
     at_pos: int = 0
+    records: int = 0  # inference records (a batched request counts once)
     src: list[str] = field(default_factory=list)  # per prediction row
     pos: list[int] = field(default_factory=list)
     # one entry per label record
@@ -48,13 +49,13 @@ class LakeBatch(Batch):
 
     def __len__(self) -> int:
         """Records held (rows of a batched request count once)."""
-        return len(self.rec_index) + len(self.l_request_id) + len(self.r_reason)
+        return self.records + len(self.l_request_id) + len(self.r_reason)
 
     def seen(self, request_id: str) -> bool:
         return False  # keep re-deliveries: read rule 2 counts them by source position
 
     def start_record(self, request_id: str) -> None:
-        self.rec_index[f"{self.at_src}\0{self.at_pos}"] = len(self.request_id)
+        self.records += 1
 
     def add_row(self, request_id: str, row: int, route: str, ts: float, policy: str,
                 served: str, propensity: float, sticky_key: str | None, status: int,

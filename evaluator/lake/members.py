@@ -107,7 +107,7 @@ class LakeWriter:
         self.started = math.inf
         self.files_written += len(paths)
         self.progress.add(IngestResult(
-            records=len(batch.rec_index), rows=len(batch.request_id),
+            records=batch.records, rows=len(batch.request_id),
             labels=len(batch.l_request_id), bad=sum(batch.bad.values()), ignored=batch.ignored))
         return paths
 
