@@ -85,13 +85,24 @@ def spark_session(master: str = DEFAULT_MASTER, conf: Mapping[str, str] | None =
     """The process's SparkSession, started on first use (a local JVM takes ~5 s to start).
 
     A session that is already running is reused whatever `master` says: Spark allows one per
-    process, and the tests share one across the whole run.
+    process, and the tests share one across the whole run. Under `spark-submit` (which starts
+    the JVM first and says so in PYSPARK_GATEWAY_PORT) its `--master` and `--conf` win; only
+    the settings it left unset are filled in.
     """
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    builder = SparkSession.builder.master(master).appName(APP_NAME)
-    for key, value in {**BASE_CONF, **_local_conf(master), **(conf or {})}.items():
+    settings = {**BASE_CONF, **_local_conf(master), **(conf or {})}
+    builder = SparkSession.builder.appName(APP_NAME)
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        from pyspark import SparkConf
+
+        submitted = SparkConf()  # what spark-submit passed to the JVM it started
+        master = submitted.get("spark.master", master) or master
+        settings = {k: v for k, v in BASE_CONF.items() if not submitted.contains(k)}
+    else:
+        builder = builder.master(master)
+    for key, value in settings.items():
         builder = builder.config(key, str(value))
     started = time.monotonic()
     try:
