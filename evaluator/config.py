@@ -144,7 +144,7 @@ class LakeConfig:
 
     path: str = ""  # a directory or fsspec URL (s3://bucket/prefix); empty: no lake
     member: str = ""  # this ingest member's name in file names; empty: <hostname>-<pid>
-    file_records: int = 200_000  # records buffered per flush (one file per partition)
+    file_records: int = 100_000  # records buffered per flush (one file per partition)
     flush_interval_s: float = 60.0  # ... or flush this often, whichever comes first
     compact_small_mb: float = 64.0  # `lake compact` merges files smaller than this
     compact_min_files: int = 4  # ... in a partition that has at least this many
