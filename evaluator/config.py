@@ -26,7 +26,7 @@ Sections (see configs/evaluator.yaml for every key with its default):
   ids). `gateway`: the admin API `promote` reads (`read_token_env`) and calls (`token_env`).
 - `spark`: where `report` runs Spark when the landing zone is read with `lake.engine: spark`
   (`master`, default `local[2]`; `lake_url` as Spark names the lake; `driver_memory`; `conf`).
-- `drift`: `python -m evaluator drift` (evaluator/drift.py): reference and live windows, PSI
+- `drift`: `python -m evaluator drift` (evaluator/drift/): reference and live windows, PSI
   bins/epsilon and the 0.1/0.2 conventions, test levels, the drifted-feature share that makes a
   dataset verdict, day-of-week / hour-of-day reference segments with adaptive thresholds, and
   where results go (Pushgateway, webhook, metrics port). `UNDERSTUDY_DRIFT_WEBHOOK_URL` and
@@ -202,7 +202,7 @@ SEASONALITIES: tuple[str, ...] = ("none", "hour_of_day", "day_of_week", "day_of_
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """`drift:` — see configs/evaluator.yaml for what each key means and evaluator/drift.py."""
+    """`drift:` — see configs/evaluator.yaml for what each key means and evaluator/drift/."""
 
     reference: str | None = None  # training snapshot (CSV/JSONL/Parquet); None = past log window
     reference_window: float = _duration_field("7d")  # past log window ending where live starts

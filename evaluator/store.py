@@ -1066,7 +1066,6 @@ class Store(DatasetReads):
                         until: float | None = None,
                         names: Mapping[str, Sequence[str]] | None = None) -> FeatureFrame:
         """Per-feature numpy columns of every prediction (labelled or not) in the window."""
-        names = names or {}
         with self._lock:
             e = self._connect()
             where, params = self._window(route, since, until)
@@ -1079,24 +1078,14 @@ class Store(DatasetReads):
             inputs = e.columns("SELECT inf_id, name, datatype, width, num, cat FROM inputs "
                                "WHERE inf_id BETWEEN ? AND ?", [index.lo, index.hi])
             lookup = self._name_lookup(e)
-        n = index.n
-        columns: dict[str, np.ndarray] = {}
         pos = index.positions(inputs["inf_id"])
         keep = pos >= 0
-        if keep.any():
-            pos = pos[keep]
-            tensor = _num(inputs["name"], np.int64)[keep]
-            numeric = lookup[_num(inputs["datatype"], np.int64)[keep]] != "BYTES"
-            width = _num(inputs["width"], np.int64)[keep]
-            num, cat = inputs["num"][keep], inputs["cat"][keep]
-            for tid in sorted(_present(tensor), key=lambda i: str(lookup[i])):
-                mask = tensor == tid
-                name = str(lookup[tid])
-                columns.update(_tensor_columns(name, n, pos[mask], width[mask], numeric[mask],
-                                               num[mask], cat[mask], names.get(name)))
-        return FeatureFrame(route, since, until, _num(rows["ts"]) if n else np.empty(0),
-                            _request_ids(rows["request_id"], _num(rows["row_ix"], np.int64)),
-                            columns)
+        return feature_frame(
+            route, since, until, _num(rows["ts"]), rows["request_id"],
+            _num(rows["row_ix"], np.int64), pos[keep], _num(inputs["name"], np.int64)[keep],
+            lookup[_num(inputs["datatype"], np.int64)[keep]] != "BYTES",
+            _num(inputs["width"], np.int64)[keep], inputs["num"][keep], inputs["cat"][keep],
+            lookup, names)
 
     def score_series(self, route: str, since: float | None = None,
                      until: float | None = None) -> dict[str, ScoreSeries]:
@@ -1109,21 +1098,11 @@ class Store(DatasetReads):
                 "SELECT o.model, o.role, o.score, i.ts, i.id FROM outcomes o "  # noqa: S608
                 f"JOIN inferences i ON i.id = o.inf_id WHERE {where} AND o.status = 0", params)
             lookup = self._name_lookup(e)
-        models = _num(outs["model"], np.int64)
-        if not models.size:
-            return {}
         ts = _num(outs["ts"])
         order = np.lexsort((_num(outs["id"], np.int64), ts))
-        models, ts = models[order], ts[order]
-        roles = _num(outs["role"], np.int64)[order]
-        scores = _num(outs["score"])[order]
-        out: dict[str, ScoreSeries] = {}
-        for mid in sorted(_present(models), key=lambda i: str(lookup[i])):
-            mask = models == mid
-            name = str(lookup[mid])
-            out[name] = ScoreSeries(name, ROLE_NAMES.get(int(roles[mask][-1]), "challenger"),
-                                    scores[mask], ts[mask])
-        return out
+        return score_series_of(_num(outs["model"], np.int64)[order],
+                               _num(outs["role"], np.int64)[order], _num(outs["score"])[order],
+                               ts[order], lookup)
 
     def prediction_scores(self, route: str, since: float | None = None,
                           until: float | None = None) -> dict[str, np.ndarray]:
@@ -1231,8 +1210,9 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
     ids = _num(rows["id"], np.int64)
     ts = _num(rows["ts"])
     order = np.lexsort((ids, ts))  # rows in time order (ties by ingest order)
-    rows = {k: v[order] for k, v in rows.items()}
-    ids = ids[order]
+    if (order[1:] < order[:-1]).any():  # already in order (the lake's rows): no copies
+        rows = {k: v[order] for k, v in rows.items()}
+        ids = ids[order]
     n = ids.size
     index = _RowIndex(ids)
     labels = _num(rows["label"])
@@ -1318,6 +1298,37 @@ def _assemble(route: str, rows: dict[str, np.ndarray], outs: dict[str, np.ndarra
         label_ts=_num(rows["received_ts"]),
     )
 
+
+
+def feature_frame(route: str, since: float | None, until: float | None, ts: np.ndarray,
+                  request_ids: np.ndarray, row_ix: np.ndarray, pos: np.ndarray,
+                  tensor: np.ndarray, numeric: np.ndarray, width: np.ndarray, num: np.ndarray,
+                  cat: np.ndarray, lookup: np.ndarray,
+                  names: Mapping[str, Sequence[str]] | None) -> FeatureFrame:
+    """A FeatureFrame from predictions in time order and their input rows (`pos`: the
+    prediction each input row belongs to; `tensor`: name codes into `lookup`)."""
+    names = names or {}
+    n = int(ts.size)
+    columns: dict[str, np.ndarray] = {}
+    for tid in sorted(_present(tensor), key=lambda i: str(lookup[i])):
+        mask = tensor == tid
+        name = str(lookup[tid])
+        columns.update(_tensor_columns(name, n, pos[mask], width[mask], numeric[mask],
+                                       num[mask], cat[mask], names.get(name)))
+    return FeatureFrame(route, since, until, ts if n else np.empty(0),
+                        _request_ids(request_ids, row_ix), columns)
+
+
+def score_series_of(models: np.ndarray, roles: np.ndarray, scores: np.ndarray, ts: np.ndarray,
+                    lookup: np.ndarray) -> dict[str, ScoreSeries]:
+    """Per model (codes into `lookup`), its scores and times; rows already in time order."""
+    out: dict[str, ScoreSeries] = {}
+    for mid in sorted(_present(models), key=lambda i: str(lookup[i])):
+        mask = models == mid
+        name = str(lookup[mid])
+        out[name] = ScoreSeries(name, ROLE_NAMES.get(int(roles[mask][-1]), "challenger"),
+                                scores[mask], ts[mask])
+    return out
 
 
 def _tensor_columns(tensor: str, n: int, pos: np.ndarray, width: np.ndarray, numeric: np.ndarray,

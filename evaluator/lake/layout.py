@@ -60,10 +60,10 @@ Read rules (the store's semantics, evaluator/store.py, computed at read time):
    but before its Kafka commit is re-read by the next owner; compaction briefly leaves a row in
    two files) shows as rows with the same `(src, pos, row_ix)` (labels, rejects: `(src, pos)`).
    They are one record: keep one of them, count it once.
-2. Inference records. After rule 1, of the rows sharing `(request_id, row_ix)` the one with the
-   smallest `(src, pos)` wins (first read wins; re-deliveries of one record share a Kafka
-   partition, as records are keyed by request id). `duplicate_inferences` of a window: per
-   request (row 0) the number of distinct `(src, pos)` minus one, summed.
+2. Inference records. After rule 1, of a route's rows sharing `(request_id, row_ix)` the one
+   with the smallest `(src, pos)` wins (first read wins; re-deliveries of one record share its
+   route and its Kafka partition, as records are keyed by request id). `duplicate_inferences`
+   of a window: per request (row 0) the number of distinct `(src, pos)` minus one, summed.
 3. Labels. After rule 1, per `(request_id, row_ix)` the winner is the row with the largest
    `(received_ts, src, pos)` (last wins, ties to the one read last); `n` = its row count, so
    `n - 1` are duplicates. A label joins the inference winner with the same
@@ -77,6 +77,9 @@ Read rules (the store's semantics, evaluator/store.py, computed at read time):
    the champion role on its last row.
 6. Counters. `bad:<why>` = rejects rows with that reason after rule 1; `bad_records` their sum;
    `ignored_records` = rows with reason `ignored`.
+
+A reader lists the files once and reads that snapshot; a compaction that deletes a listed file
+meanwhile makes it fail, and a retry reads the merged file instead.
 """
 
 from __future__ import annotations

@@ -18,8 +18,10 @@ temporary files are never read and fsspec URLs work through `register_filesystem
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +37,18 @@ from evaluator.store import (
     ROLE_CODES,
     DatasetReads,
     EmptyDatasetError,
+    FeatureFrame,
+    ScoreSeries,
     StoreError,
     _assemble,
     _fmt_ts,
+    feature_frame,
     latest_experiments,
+    score_series_of,
     window_sql,
 )
 
-# Every inference row, with the identity of its copy (file, row) for rules 1 and 2.
+# Every row of a table, with the identity of its copy (file, row) for rules 1-3.
 _INF = ("read_parquet({files}, filename=true, file_row_number=true, hive_partitioning=false, "
         "union_by_name=true)")
 _LOSERS = """
@@ -50,17 +56,32 @@ SELECT filename, file_row_number FROM (
     SELECT filename, file_row_number, row_number() OVER (
         PARTITION BY request_id, row_ix ORDER BY src, pos, filename, file_row_number) AS k
     FROM {inf} SEMI JOIN (
-        SELECT request_id, row_ix FROM {inf} WHERE {cond}
-        GROUP BY request_id, row_ix HAVING count(*) > 1) d USING (request_id, row_ix)
-    WHERE {cond})
+        SELECT request_id, row_ix FROM {inf}
+        GROUP BY request_id, row_ix HAVING count(*) > 1) d USING (request_id, row_ix))
+WHERE k > 1
+"""
+# Rule 3 in three steps, so only the (few) duplicated labels go through a window function:
+# the keys with more than one label and their record counts, the copies that lose, the rest.
+_LABEL_DUPS = """
+SELECT request_id, row_ix, count(DISTINCT (src, pos)) AS n FROM {labels} SEMI JOIN (
+    SELECT request_id, row_ix FROM {labels} GROUP BY request_id, row_ix HAVING count(*) > 1
+) d USING (request_id, row_ix) GROUP BY request_id, row_ix
+"""
+_LABEL_LOSERS = """
+SELECT filename, file_row_number FROM (
+    SELECT filename, file_row_number, row_number() OVER (
+        PARTITION BY request_id, row_ix
+        ORDER BY received_ts DESC, src DESC, pos DESC, filename DESC, file_row_number DESC) AS k
+    FROM {labels} SEMI JOIN {dups} d USING (request_id, row_ix))
 WHERE k > 1
 """
 _LABELS = """
-SELECT request_id, row_ix, arg_max(label, k) AS label, arg_max(reward, k) AS reward,
-       arg_max(has_label, k) AS has_label, arg_max(received_ts, k) AS received_ts,
-       count(DISTINCT (src, pos)) AS n
-FROM (SELECT *, (received_ts, src, pos) AS k FROM {labels}) GROUP BY request_id, row_ix
+SELECT l.request_id, l.row_ix, l.label, l.reward, l.has_label, l.received_ts,
+       coalesce(d.n, 1) AS n
+FROM {labels} l ANTI JOIN {losers} x USING (filename, file_row_number)
+LEFT JOIN {dups} d USING (request_id, row_ix)
 """
+BATCH_ROWS = 256 * 1024  # rows per Arrow batch while a dataset is assembled
 
 
 class LakeReader(DatasetReads):
@@ -74,13 +95,21 @@ class LakeReader(DatasetReads):
         self.join_window = float(join_window)
         self._lock = threading.RLock()
         self.con = duckdb.connect()
+        # Spills (past memory_limit) go to the system's temporary directory, not the cwd.
+        spill = os.path.join(tempfile.gettempdir(), f"understudy-duckdb-{os.getpid()}")
+        self.con.execute(f"SET temp_directory = '{spill}'")
         if memory_limit:
             self.con.execute(f"SET memory_limit = '{memory_limit}'")
         if threads > 0:
             self.con.execute(f"SET threads = {int(threads)}")
         if not lake.local:
             self.con.register_filesystem(lake.fs)
-        self._views: dict[str, str] = {}
+        # One reader is one report: the file list, rule 2's losers, rule 3's label winners and
+        # the watermark are computed once and reused by every query (a consistent snapshot).
+        self._files_cache: dict[tuple[str, str | None], list[str]] = {}
+        self._temp: dict[str, str | None] = {}
+        self._mark: tuple[float | None] | None = None
+        self._orphan_counts: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @classmethod
     def open(cls, config: EvaluatorConfig) -> LakeReader:
@@ -103,7 +132,30 @@ class LakeReader(DatasetReads):
     # -- relations --------------------------------------------------------------------------
 
     def _files(self, table: str, route: str | None = None) -> list[str]:
-        return [self.lake.uri(p) for p in self.lake.files(table, route)]
+        key = (table, route)
+        if key not in self._files_cache:
+            self._files_cache[key] = [self.lake.uri(p) for p in self.lake.files(table, route)]
+        return self._files_cache[key]
+
+    def _temp_table(self, key: str, select: str | None) -> str | None:
+        """`select` materialised once as a temporary table; its name (None: no data)."""
+        if key not in self._temp:
+            name = None
+            if select is not None:
+                name = f"t{len(self._temp)}"
+                with self._lock:
+                    self.con.execute(f"CREATE TEMP TABLE {name} AS {select}")
+            self._temp[key] = name
+        return self._temp[key]
+
+    def _labels(self) -> str | None:
+        """Rule 3's label winners (with `n`), as a table."""
+        rel = self._rel(layout.LABELS)
+        if rel is None:
+            return None
+        dups = self._temp_table("label_dups", _LABEL_DUPS.format(labels=rel))
+        losers = self._temp_table("label_losers", _LABEL_LOSERS.format(labels=rel, dups=dups))
+        return self._temp_table("labels", _LABELS.format(labels=rel, dups=dups, losers=losers))
 
     def _rel(self, table: str, route: str | None = None) -> str | None:
         """A FROM-clause over a table's files (one route's inferences); None when empty."""
@@ -111,9 +163,7 @@ class LakeReader(DatasetReads):
         if not files:
             return None
         listed = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-        if table == layout.INFERENCES:
-            return _INF.format(files=listed)
-        return f"read_parquet({listed}, hive_partitioning=false, union_by_name=true)"
+        return _INF.format(files=listed)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -123,6 +173,12 @@ class LakeReader(DatasetReads):
         with self._lock:
             return self.con.sql(sql, params=list(params)).to_arrow_table()
 
+    def _batches(self, sql: str, params: Sequence[Any] = ()) -> Iterator[pa.RecordBatch]:
+        """A query's result as Arrow batches, fetched as the caller consumes them (so only one
+        batch of nested Arrow data is in memory next to the numpy columns built from it)."""
+        with self._lock:
+            yield from self.con.sql(sql, params=list(params)).to_arrow_reader(BATCH_ROWS)
+
     def _winners(self, route: str, since: float | None, until: float | None
                  ) -> tuple[str, list[Any]] | None:
         """A FROM-clause of the route's inference winners (rules 1-2) in the window."""
@@ -130,10 +186,10 @@ class LakeReader(DatasetReads):
         if inf is None:
             return None
         cond, params = window_sql(since, until)
-        losers = _LOSERS.format(inf=inf, cond=cond)
-        sql = (f"(SELECT * FROM {inf} ANTI JOIN ({losers}) x "  # noqa: S608 - file names, quoted
+        losers = self._temp_table(f"losers:{route}", _LOSERS.format(inf=inf))
+        sql = (f"(SELECT * FROM {inf} ANTI JOIN {losers} x "  # noqa: S608 - file names, quoted
                f"USING (filename, file_row_number) WHERE {cond})")
-        return sql, params * 3
+        return sql, params
 
     # -- small reads ------------------------------------------------------------------------
 
@@ -149,6 +205,11 @@ class LakeReader(DatasetReads):
 
     def watermark(self) -> float | None:
         """The newest inference ts or label received_ts in the lake (rule 4)."""
+        if self._mark is None:
+            self._mark = (self._watermark(),)
+        return self._mark[0]
+
+    def _watermark(self) -> float | None:
         marks = []
         for route in self.routes():
             span = self.time_range(route)
@@ -181,7 +242,12 @@ class LakeReader(DatasetReads):
 
     def _orphans(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """((orphan label records, ids), (expired ones, ids)) store-wide (rule 4)."""
-        labels = self._rel(layout.LABELS)
+        if self._orphan_counts is None:
+            self._orphan_counts = self._count_orphans()
+        return self._orphan_counts
+
+    def _count_orphans(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        labels = self._labels()
         if labels is None:
             return (0, 0), (0, 0)
         keys = [f"SELECT request_id, row_ix FROM {rel}"  # noqa: S608 - quoted file names
@@ -192,7 +258,7 @@ class LakeReader(DatasetReads):
         mark = self.watermark()
         cutoff = -np.inf if mark is None else mark - self.join_window
         row = self._query(
-            f"WITH l AS ({_LABELS.format(labels=labels)}), o AS (SELECT * FROM l "  # noqa: S608
+            f"WITH o AS (SELECT * FROM {labels} l "  # noqa: S608
             f"ANTI JOIN ({known}) i USING (request_id, row_ix)) "
             "SELECT coalesce(sum(n) FILTER (WHERE received_ts >= ?), 0), "
             "count(*) FILTER (WHERE received_ts >= ?), "
@@ -205,30 +271,31 @@ class LakeReader(DatasetReads):
     def join_stats(self, route: str, since: float | None = None, until: float | None = None,
                    *, require_label: bool = True) -> JoinStats:
         """The store's join bookkeeping for a route and window (orphans are lake-wide)."""
-        win = self._winners(route, since, until)
         (orphans, _), (expired, _) = self._orphans()
-        if win is None:
-            return JoinStats(orphan_labels=orphans, expired_orphans=expired)
-        sql, params = win
         inf = self._rel(layout.INFERENCES, route)
+        if inf is None:
+            return JoinStats(orphan_labels=orphans, expired_orphans=expired)
         cond, wparams = window_sql(since, until)
-        n_inf = self._query(f"SELECT count(*) FROM {sql}", params)[0][0]  # noqa: S608
-        n_dups = self._query(
-            f"SELECT coalesce(sum(k - 1), 0) FROM (SELECT count(DISTINCT (src, pos)) AS k "  # noqa: S608
-            f"FROM {inf} WHERE row_ix = 0 AND {cond} GROUP BY request_id)", wparams)[0][0]
+        # Rule 2 without the anti-join: winners = distinct (request_id, row_ix); duplicates of a
+        # request = its distinct source positions on row 0, minus one.
+        n_inf, n_dups = self._query(
+            "SELECT count(DISTINCT (request_id, row_ix)), "  # noqa: S608
+            "count(DISTINCT (request_id, src, pos)) FILTER (WHERE row_ix = 0) - "
+            f"count(DISTINCT request_id) FILTER (WHERE row_ix = 0) FROM {inf} WHERE {cond}",
+            wparams)[0]
         joined, n_labels, n_dup_labels = 0, 0, 0
-        labels = self._rel(layout.LABELS)
+        labels = self._labels()
         if labels is not None:
             joined_cond = "l.has_label" if require_label else "true"
             joined, n_labels, n_dup_labels = self._query(
                 f"SELECT coalesce(sum(CASE WHEN {joined_cond} THEN 1 ELSE 0 END), 0), "  # noqa: S608
                 "coalesce(sum(l.n), 0), coalesce(sum(l.n - 1), 0) "
-                f"FROM {sql} i JOIN ({_LABELS.format(labels=labels)}) l "
-                "USING (request_id, row_ix)", params)[0]
+                f"FROM (SELECT request_id, row_ix FROM {inf} WHERE {cond} GROUP BY ALL) i "
+                f"JOIN {labels} l USING (request_id, row_ix)", wparams)[0]
         return JoinStats(
-            inferences=int(n_inf), duplicate_inferences=int(n_dups), labels=int(n_labels),
-            duplicate_labels=int(n_dup_labels), orphan_labels=orphans, expired_orphans=expired,
-            joined=int(joined))
+            inferences=int(n_inf), duplicate_inferences=int(n_dups or 0),
+            labels=int(n_labels), duplicate_labels=int(n_dup_labels), orphan_labels=orphans,
+            expired_orphans=expired, joined=int(joined))
 
     def load_dataset(self, route: str, since: float | None = None, until: float | None = None,
                      *, task: str = "auto", threshold: float = 0.5,
@@ -238,15 +305,13 @@ class LakeReader(DatasetReads):
         if stats.joined == 0:
             raise EmptyDatasetError(self._empty_message(route, since, until, stats), stats)
         sql, params = self._winners(route, since, until)  # type: ignore[misc]
-        labels = self._rel(layout.LABELS)
         cond = "WHERE l.has_label" if require_label else ""
-        table = self._arrow(
+        batches = self._batches(
             "SELECT i.request_id, i.row_ix, i.ts, i.src, i.pos, i.served, i.propensity, "  # noqa: S608
             "i.policy, coalesce(i.registry_version, -1) AS registry_version, i.outcomes, "
             "i.arms, l.label, l.reward, l.received_ts "
-            f"FROM {sql} i JOIN ({_LABELS.format(labels=labels)}) l "
-            f"USING (request_id, row_ix) {cond}", params)
-        return _dataset(route, table, stats, task, threshold)
+            f"FROM {sql} i JOIN {self._labels()} l USING (request_id, row_ix) {cond}", params)
+        return _dataset(route, batches, stats, task, threshold)
 
     def current_experiments(self, route: str) -> dict[str, ExperimentInfo]:
         """Each challenger's current experiment (the store's definition; duplicates of a
@@ -271,6 +336,61 @@ class LakeReader(DatasetReads):
             "GROUP BY o.model, o.experiment", [champion])
         return latest_experiments(champion, [(str(m), str(x), s, d, v)
                                              for m, x, s, d, v in groups])
+
+    # -- drift inputs -------------------------------------------------------------------------
+
+    def _predictions(self, route: str, since: float | None, until: float | None,
+                     columns: str) -> tuple[pa.Table, np.ndarray, _Names]:
+        """The route's prediction winners in the window (labelled or not) and the rank of
+        each row in (ts, src, pos, row_ix) order (rule 5)."""
+        names = _Names()
+        win = self._winners(route, since, until)
+        if win is None:
+            return pa.table({}), np.empty(0, dtype=np.int64), names
+        sql, params = win
+        table = self._arrow(f"SELECT ts, src, pos, row_ix, {columns} FROM {sql}", params)  # noqa: S608
+        return table, _rank(names.codes(table["src"]), table, names), names
+
+    def feature_columns(self, route: str, since: float | None = None,
+                        until: float | None = None,
+                        names: Mapping[str, Sequence[str]] | None = None) -> FeatureFrame:
+        """The store's `feature_columns` (drift's input features) from the lake."""
+        table, ids, vocab = self._predictions(route, since, until, "request_id, inputs")
+        if not ids.size:
+            return feature_frame(route, since, until, np.empty(0), np.empty(0, dtype=object),
+                                 np.empty(0, dtype=np.int64), *_no_inputs(), vocab.lookup(),
+                                 names)
+        order = np.argsort(ids)
+        x_row, x = _flat(table["inputs"])
+        tensor = vocab.codes(x.field("name"))
+        lookup = vocab.lookup()
+        return feature_frame(
+            route, since, until, _np(table["ts"])[order],
+            np.asarray(table["request_id"].to_pylist(), dtype=object)[order],
+            _np(table["row_ix"], np.int64)[order], ids[x_row], tensor,
+            np.asarray(x.field("datatype").to_pylist(), dtype=object) != "BYTES",
+            _np(x.field("width"), np.int64),
+            np.asarray(x.field("num").to_pylist(), dtype=object),
+            np.asarray(x.field("cat").to_pylist(), dtype=object), lookup, names)
+
+    def score_series(self, route: str, since: float | None = None,
+                     until: float | None = None) -> dict[str, ScoreSeries]:
+        """The store's `score_series` (prediction drift) from the lake."""
+        table, ids, vocab = self._predictions(route, since, until, "outcomes")
+        if not ids.size:
+            return {}
+        o_row, o = _flat(table["outcomes"])
+        ok = _np(o.field("status"), np.int64) == 0
+        models = vocab.codes(o.field("model"))[ok]
+        at = ids[o_row][ok]
+        order = np.argsort(at, kind="stable")
+        return score_series_of(models[order], _np(o.field("role"), np.int64)[ok][order],
+                               _np(o.field("score"))[ok][order],
+                               _np(table["ts"])[o_row][ok][order], vocab.lookup())
+
+    def prediction_scores(self, route: str, since: float | None = None,
+                          until: float | None = None) -> dict[str, np.ndarray]:
+        return {m: s.scores for m, s in self.score_series(route, since, until).items()}
 
     def _empty_message(self, route: str, since: float | None, until: float | None,
                        stats: JoinStats) -> str:
@@ -312,8 +432,10 @@ class _Names:
         return table
 
 
-def _np(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float64) -> np.ndarray:
+def _np(column: pa.ChunkedArray | pa.Array | np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     """A numeric Arrow column as numpy (NULL -> NaN for floats)."""
+    if isinstance(column, np.ndarray):
+        return column.astype(dtype, copy=False)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_floating(column.type):
@@ -321,44 +443,77 @@ def _np(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float64) -> np.ndarr
     return np.asarray(column.fill_null(-1), dtype=dtype)
 
 
-def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.StructArray]:
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.StructArray]:
     """A list column's elements and the row each belongs to."""
-    lists = column.combine_chunks()
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return (np.asarray(pc.list_parent_indices(lists), dtype=np.int64),
             pc.list_flatten(lists))
 
 
-def _dataset(route: str, table: pa.Table, stats: JoinStats, task: str,
-             threshold: float) -> EvalDataset:
-    names = _Names()
-    ts = _np(table["ts"])
-    src = names.codes(table["src"])
-    # Rule 5: rank by (ts, src, pos, row_ix); src codes rank as the strings do.
-    lookup = names.lookup()
-    src_rank = np.argsort(np.argsort(lookup, kind="stable"), kind="stable")[src]
-    order = np.lexsort((_np(table["row_ix"], np.int64), _np(table["pos"], np.int64), src_rank,
-                        ts))
+def _rank(src: np.ndarray, cols: pa.Table | dict[str, np.ndarray], names: _Names) -> np.ndarray:
+    """Each row's position in (ts, src, pos, row_ix) order (rule 5); `src`: codes in `names`,
+    which rank as the strings do."""
+    src_rank = np.argsort(np.argsort(names.lookup(), kind="stable"), kind="stable")[src]
+    order = np.lexsort((_np(cols["row_ix"], np.int64), _np(cols["pos"], np.int64), src_rank,
+                        _np(cols["ts"])))
     ids = np.empty(order.size, dtype=np.int64)
     ids[order] = np.arange(order.size)
-    rows = {
-        "id": ids, "request_id": np.asarray(table["request_id"].to_pylist(), dtype=object),
-        "row_ix": _np(table["row_ix"], np.int64), "ts": ts, "label": _np(table["label"]),
-        "reward": _np(table["reward"]), "served": names.codes(table["served"]),
-        "propensity": _np(table["propensity"]), "policy": names.codes(table["policy"]),
-        "registry_version": _np(table["registry_version"], np.int64),
-        "received_ts": _np(table["received_ts"]),
-    }
-    o_row, o = _flat(table["outcomes"])
-    outs = {
-        "inf_id": ids[o_row], "model": names.codes(o.field("model")),
-        "role": _np(o.field("role"), np.int64), "mode": _np(o.field("mode"), np.int64),
-        "status": _np(o.field("status"), np.int64), "score": _np(o.field("score")),
-        "latency_ms": _np(o.field("latency_ms")),
-        "experiment": names.codes(o.field("experiment")),
-        "sample_rate": _np(o.field("sample_rate")),
-    }
-    a_row, a = _flat(table["arms"])
-    arms = {"inf_id": ids[a_row], "model": names.codes(a.field("model")),
-            "prob": _np(a.field("prob"))}
-    return _assemble(route, rows, outs, arms, names.lookup(), stats, task, threshold)
+    return ids
 
+
+def _no_inputs() -> list[np.ndarray]:
+    empty = np.empty(0, dtype=np.int64)
+    return [empty, empty, np.empty(0, dtype=bool), empty, np.empty(0, dtype=object),
+            np.empty(0, dtype=object)]
+
+
+def _dataset(route: str, batches: Iterable[pa.RecordBatch], stats: JoinStats, task: str,
+             threshold: float) -> EvalDataset:
+    """The store's assembly inputs, built batch by batch, then `_assemble`."""
+    names = _Names()
+    rows: dict[str, list[np.ndarray]] = {}
+    outs: dict[str, list[np.ndarray]] = {}
+    arms: dict[str, list[np.ndarray]] = {}
+    base = 0
+    for batch in batches:
+        for key, value in {
+            "src": names.codes(batch["src"]), "pos": _np(batch["pos"], np.int64),
+            "request_id": np.asarray(batch["request_id"].to_pylist(), dtype=object),
+            "row_ix": _np(batch["row_ix"], np.int64), "ts": _np(batch["ts"]),
+            "label": _np(batch["label"]), "reward": _np(batch["reward"]),
+            "served": names.codes(batch["served"]), "propensity": _np(batch["propensity"]),
+            "policy": names.codes(batch["policy"]),
+            "registry_version": _np(batch["registry_version"], np.int64),
+            "received_ts": _np(batch["received_ts"]),
+        }.items():
+            rows.setdefault(key, []).append(value)
+        o_row, o = _flat(batch["outcomes"])
+        for key, value in {
+            "row": o_row + base, "model": names.codes(o.field("model")),
+            "role": _np(o.field("role"), np.int64), "mode": _np(o.field("mode"), np.int64),
+            "status": _np(o.field("status"), np.int64), "score": _np(o.field("score")),
+            "latency_ms": _np(o.field("latency_ms")),
+            "experiment": names.codes(o.field("experiment")),
+            "sample_rate": _np(o.field("sample_rate")),
+        }.items():
+            outs.setdefault(key, []).append(value)
+        a_row, a = _flat(batch["arms"])
+        for key, value in {"row": a_row + base, "model": names.codes(a.field("model")),
+                           "prob": _np(a.field("prob"))}.items():
+            arms.setdefault(key, []).append(value)
+        base += batch.num_rows
+    # Column by column, dropping the parts as they are joined: memory peaks at one extra column.
+    row_cols = {k: np.concatenate(rows.pop(k)) for k in list(rows)}
+    rank = _rank(row_cols["src"], row_cols, names)
+    order = np.argsort(rank)
+    for k in list(row_cols):  # rows in rule-5 order, so _assemble has nothing to reorder
+        row_cols[k] = row_cols[k][order]
+    del order
+    row_cols["id"] = np.arange(rank.size, dtype=np.int64)
+    out_cols = {k: np.concatenate(outs.pop(k)) for k in list(outs)}
+    out_cols["inf_id"] = rank[out_cols.pop("row")]
+    arm_cols = {k: np.concatenate(arms.pop(k)) for k in list(arms)}
+    arm_cols["inf_id"] = rank[arm_cols.pop("row")]
+    del rank
+    return _assemble(route, row_cols, out_cols, arm_cols, names.lookup(), stats, task,
+                     threshold)

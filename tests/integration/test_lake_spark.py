@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from evaluator import cli
+from evaluator.cli.report import open_reader
 from evaluator.config import ConfigError, parse_config
 from evaluator.lake.members import FileMember
 from evaluator.lake.reader import LakeReader
@@ -109,12 +110,12 @@ def test_cli_report_verdicts_and_statistics_are_the_engines_same(
               "decision": {"min_samples": 200}}
     cfg_path = tmp_path / "evaluator.yaml"
     cfg_path.write_text(json.dumps(config))
-    assert cli.main(["run", "--config", str(cfg_path), "--once"]) == cli.EXIT_OK
+    assert cli.main(["run", "--config", str(cfg_path), "--once"]) == cli.ExitCode.OK
     reports = {}
     for engine in ("duckdb", "spark"):
         out = tmp_path / f"reports-{engine}"
         assert cli.main(["report", "--config", str(cfg_path), "--route", "fraud",
-                         "--engine", engine, "--out", str(out)]) == cli.EXIT_OK
+                         "--engine", engine, "--out", str(out)]) == cli.ExitCode.OK
         reports[engine] = _report(out / "report.json")
     assert reports["spark"] == reports["duckdb"]
     decisions = reports["spark"]["decisions"]
@@ -136,4 +137,4 @@ def test_engine_choice_needs_a_lake_and_parses(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"spark\.conf"):
         parse_config({"spark": {"conf": {"spark.x": [1]}}}, env={})
     with pytest.raises(ConfigError, match=r"lake\.path is not set"):
-        cli.open_reader(parse_config({}, env={}), "spark")
+        open_reader(parse_config({}, env={}), "spark")

@@ -44,12 +44,17 @@ def dataset_differences(a: EvalDataset, b: EvalDataset) -> list[str]:
     return out
 
 
+def _exact(value: object) -> bytes:
+    """orjson's bytes keep their (several KB) output buffer; a million of them would not fit."""
+    import orjson
+
+    return memoryview(orjson.dumps(value)).tobytes()
+
+
 def experiment_log(n: int, *, seed: int = 0, t0: float = 1.7e9) -> list[tuple[str, bytes, bytes]]:
     """(stream, key, value) records in production order for `n` requests over two routes:
     1% inference re-deliveries, labels for ~90% of requests (some before their inference,
     most after it, 3% duplicated, some corrected much later), a few bad records."""
-    import orjson
-
     rng = np.random.default_rng(seed)
     out: list[tuple[str, bytes, bytes]] = []
     late: list[tuple[str, bytes, bytes]] = []
@@ -72,7 +77,7 @@ def experiment_log(n: int, *, seed: int = 0, t0: float = 1.7e9) -> list[tuple[st
                                          "data": [float(np.clip(score + rng.normal(0, .2),
                                                                 0, 1))]}}},
         }
-        rec = orjson.dumps({
+        rec = _exact({
             "schema_version": 1, "kind": "inference", "request_id": rid, "ts": ts,
             "route": route, "registry_version": 1 + (i >= n // 2), "policy": {"type": "champion"},
             "served": {"model": champ, "version": "1"}, "propensity": 1.0,
@@ -82,7 +87,7 @@ def experiment_log(n: int, *, seed: int = 0, t0: float = 1.7e9) -> list[tuple[st
             "outputs": outputs, "status": 200, "gateway_latency_ms": 2.5})
         key = rid.encode()
         y = int(rng.random() < score)
-        lab = orjson.dumps({"schema_version": 1, "kind": "label", "request_id": rid,
+        lab = _exact({"schema_version": 1, "kind": "label", "request_id": rid,
                             "label": y, "reward": None, "event_time": ts + 30,
                             "received_ts": ts + 60})
         u = rng.random()
@@ -94,7 +99,7 @@ def experiment_log(n: int, *, seed: int = 0, t0: float = 1.7e9) -> list[tuple[st
         if 0.05 <= u < 0.9:
             (late if u > 0.8 else out).append(("labels", key, lab))
         if rng.random() < 0.03:
-            fixed = orjson.dumps({"schema_version": 1, "kind": "label", "request_id": rid,
+            fixed = _exact({"schema_version": 1, "kind": "label", "request_id": rid,
                                   "label": 1 - y, "reward": None, "event_time": ts + 30,
                                   "received_ts": ts + 3600})
             late.append(("labels", key, fixed))  # a correction, much later

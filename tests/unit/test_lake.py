@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow.parquet as pq
 import pytest
@@ -251,8 +252,8 @@ def test_cli_run_and_report_through_the_lake(tmp_path: Path,
         "source": {"path": str(tmp_path / "log")}, "store": {"path": str(tmp_path / "s.db")},
         "report": {"out": str(tmp_path / "reports-store")}, "decision": {"min_samples": 5}}))
     for path in (cfg_path, store_path):
-        assert cli.main(["run", "--config", str(path), "--once"]) == cli.EXIT_OK
-        assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == cli.EXIT_OK
+        assert cli.main(["run", "--config", str(path), "--once"]) == cli.ExitCode.OK
+        assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == cli.ExitCode.OK
     assert "landing zone" in capsys.readouterr().out
     lake_report = json.loads((tmp_path / "reports-lake" / "report.json").read_text())
     store_report = json.loads((tmp_path / "reports-store" / "report.json").read_text())
@@ -262,7 +263,29 @@ def test_cli_run_and_report_through_the_lake(tmp_path: Path,
         got = [strip(d) for d in lake_report[key]] if key == "decisions" else lake_report[key]
         want = [strip(d) for d in store_report[key]] if key == "decisions" else store_report[key]
         assert got == want, key
-    assert cli.main(["lake", "compact", "--config", str(cfg_path)]) == cli.EXIT_OK
+    assert cli.main(["lake", "compact", "--config", str(cfg_path)]) == cli.ExitCode.OK
     assert cli.main(["lake", "expire", "--config", str(cfg_path), "--older-than", "1d"]) == \
-        cli.EXIT_OK
+        cli.ExitCode.OK
     assert "deleted" in capsys.readouterr().out
+
+
+def test_drift_inputs_equal_the_store(tmp_path: Path) -> None:
+    mixed_log(LogDir(tmp_path / "log"))
+    store_cfg, lake_cfg = ingest_both(tmp_path)
+    with Store.open(store_cfg.store, read_only=True) as store, \
+            LakeReader.open(lake_cfg) as reader:
+        for route, window in (("fraud", (None, None)), ("fraud", (T0 + 5, T0 + 20)),
+                              ("price", (None, None)), ("nope", (None, None))):
+            want = store.feature_columns(route, *window, names={"features": ["a", "b", "c"]})
+            got = reader.feature_columns(route, *window, names={"features": ["a", "b", "c"]})
+            assert list(got.request_ids) == list(want.request_ids)
+            assert np.array_equal(got.ts, want.ts)
+            assert sorted(got.columns) == sorted(want.columns)
+            for name, col in want.columns.items():
+                assert np.array_equal(got.columns[name], col, equal_nan=col.dtype.kind == "f")
+            a, b = store.score_series(route, *window), reader.score_series(route, *window)
+            assert sorted(a) == sorted(b)
+            for model, series in a.items():
+                assert b[model].role == series.role
+                assert np.array_equal(b[model].scores, series.scores, equal_nan=True)
+                assert np.array_equal(b[model].ts, series.ts)
