@@ -258,7 +258,7 @@ class SparkLakeReader(DatasetReads):
                                                    self.join_window), stats)
         if require_label:
             table = table.filter(table["has_label"])
-        return _dataset(route, table, stats, task, threshold)
+        return _dataset(route, table.to_batches(), stats, task, threshold)
 
     def join_stats(self, route: str, since: float | None = None, until: float | None = None,
                    *, require_label: bool = True) -> JoinStats:
