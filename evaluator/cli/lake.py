@@ -40,7 +40,8 @@ def cmd_lake(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("lake", parents=[common], help="maintain the Parquet landing zone",
                        description="compact: merge each partition's small files (and drop "
                                    "replayed rows). expire: delete date partitions older than "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from evaluator.dataset import Array
 from evaluator.lake import layout
 from evaluator.store import Batch
 
@@ -170,13 +171,14 @@ def _lists(n: int, owner: list[int], struct: pa.StructType, children: list[pa.Ar
                                     type=pa.list_(struct))
 
 
-def _dates(ts: np.ndarray) -> np.ndarray:
+def _dates(ts: Array) -> Array:
     """UTC dates (YYYY-MM-DD) of unix seconds, vectorised."""
     days = np.floor(ts / 86400.0).astype("int64").astype("datetime64[D]")
-    return np.datetime_as_string(days, unit="D").astype(object)
+    text: Array = np.datetime_as_string(days, unit="D")
+    return text.astype(object)
 
 
-def _groups(routes: np.ndarray | None, dates: np.ndarray
+def _groups(routes: Array | None, dates: Array
             ) -> list[tuple[tuple[str | None, str], pa.Array]]:
     """Row indices per distinct (route, date), in first-seen order."""
     keys = dates if routes is None else routes + "\0" + dates

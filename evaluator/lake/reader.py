@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from evaluator.config import EvaluatorConfig
-from evaluator.dataset import EvalDataset, ExperimentInfo, JoinStats
+from evaluator.dataset import Array, EvalDataset, ExperimentInfo, JoinStats
 from evaluator.lake import layout
 from evaluator.lake.storage import Lake
 from evaluator.store import (
@@ -340,7 +340,7 @@ class LakeReader(DatasetReads):
     # -- drift inputs -------------------------------------------------------------------------
 
     def _predictions(self, route: str, since: float | None, until: float | None,
-                     columns: str) -> tuple[pa.Table, np.ndarray, _Names]:
+                     columns: str) -> tuple[pa.Table, Array, _Names]:
         """The route's prediction winners in the window (labelled or not) and the rank of
         each row in (ts, src, pos, row_ix) order (rule 5)."""
         names = _Names()
@@ -357,9 +357,10 @@ class LakeReader(DatasetReads):
         """The store's `feature_columns` (drift's input features) from the lake."""
         table, ids, vocab = self._predictions(route, since, until, "request_id, inputs")
         if not ids.size:
-            return feature_frame(route, since, until, np.empty(0), np.empty(0, dtype=object),
-                                 np.empty(0, dtype=np.int64), *_no_inputs(), vocab.lookup(),
-                                 names)
+            empty, objects = np.empty(0, dtype=np.int64), np.empty(0, dtype=object)
+            return feature_frame(route, since, until, np.empty(0), objects, empty, empty, empty,
+                                 np.empty(0, dtype=bool), empty, objects, objects,
+                                 vocab.lookup(), names)
         order = np.argsort(ids)
         x_row, x = _flat(table["inputs"])
         tensor = vocab.codes(x.field("name"))
@@ -389,7 +390,7 @@ class LakeReader(DatasetReads):
                                _np(table["ts"])[o_row][ok][order], vocab.lookup())
 
     def prediction_scores(self, route: str, since: float | None = None,
-                          until: float | None = None) -> dict[str, np.ndarray]:
+                          until: float | None = None) -> dict[str, Array]:
         return {m: s.scores for m, s in self.score_series(route, since, until).items()}
 
     def _empty_message(self, route: str, since: float | None, until: float | None,
@@ -415,7 +416,7 @@ class _Names:
     def __init__(self) -> None:
         self.ids: dict[str, int] = {"": 0}
 
-    def codes(self, column: pa.ChunkedArray | pa.Array, missing: int = -1) -> np.ndarray:
+    def codes(self, column: pa.ChunkedArray | pa.Array, missing: int = -1) -> Array:
         encoded = pc.dictionary_encode(column)
         if isinstance(encoded, pa.ChunkedArray):
             encoded = encoded.combine_chunks()
@@ -425,14 +426,14 @@ class _Names:
         idx = encoded.indices.fill_null(len(vocab) - 1)
         return vocab[np.asarray(idx, dtype=np.int64)]
 
-    def lookup(self) -> np.ndarray:
+    def lookup(self) -> Array:
         table = np.full(len(self.ids), "", dtype=object)
         for name, i in self.ids.items():
             table[i] = name
         return table
 
 
-def _np(column: pa.ChunkedArray | pa.Array | np.ndarray, dtype: Any = np.float64) -> np.ndarray:
+def _np(column: pa.ChunkedArray | pa.Array | Array, dtype: Any = np.float64) -> Array:
     """A numeric Arrow column as numpy (NULL -> NaN for floats)."""
     if isinstance(column, np.ndarray):
         return column.astype(dtype, copy=False)
@@ -443,14 +444,14 @@ def _np(column: pa.ChunkedArray | pa.Array | np.ndarray, dtype: Any = np.float64
     return np.asarray(column.fill_null(-1), dtype=dtype)
 
 
-def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.StructArray]:
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[Array, pa.StructArray]:
     """A list column's elements and the row each belongs to."""
     lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return (np.asarray(pc.list_parent_indices(lists), dtype=np.int64),
             pc.list_flatten(lists))
 
 
-def _rank(src: np.ndarray, cols: pa.Table | dict[str, np.ndarray], names: _Names) -> np.ndarray:
+def _rank(src: Array, cols: pa.Table | dict[str, Array], names: _Names) -> Array:
     """Each row's position in (ts, src, pos, row_ix) order (rule 5); `src`: codes in `names`,
     which rank as the strings do."""
     src_rank = np.argsort(np.argsort(names.lookup(), kind="stable"), kind="stable")[src]
@@ -461,19 +462,13 @@ def _rank(src: np.ndarray, cols: pa.Table | dict[str, np.ndarray], names: _Names
     return ids
 
 
-def _no_inputs() -> list[np.ndarray]:
-    empty = np.empty(0, dtype=np.int64)
-    return [empty, empty, np.empty(0, dtype=bool), empty, np.empty(0, dtype=object),
-            np.empty(0, dtype=object)]
-
-
 def _dataset(route: str, batches: Iterable[pa.RecordBatch], stats: JoinStats, task: str,
              threshold: float) -> EvalDataset:
     """The store's assembly inputs, built batch by batch, then `_assemble`."""
     names = _Names()
-    rows: dict[str, list[np.ndarray]] = {}
-    outs: dict[str, list[np.ndarray]] = {}
-    arms: dict[str, list[np.ndarray]] = {}
+    rows: dict[str, list[Array]] = {}
+    outs: dict[str, list[Array]] = {}
+    arms: dict[str, list[Array]] = {}
     base = 0
     for batch in batches:
         for key, value in {

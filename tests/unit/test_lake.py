@@ -289,3 +289,47 @@ def test_drift_inputs_equal_the_store(tmp_path: Path) -> None:
                 assert b[model].role == series.role
                 assert np.array_equal(b[model].scores, series.scores, equal_nan=True)
                 assert np.array_equal(b[model].ts, series.ts)
+
+
+def test_drift_command_through_the_lake(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluator drift` with lake.path set reads the landing zone: the same drift.json as
+    over the store."""
+    import yaml
+
+    from tests.unit.test_drift import _write_log
+
+    _write_log(tmp_path / "log", np.random.default_rng(9))
+    results = {}
+    for kind in ("store", "lake"):
+        config_path = tmp_path / f"{kind}.yaml"
+        config_path.write_text(yaml.safe_dump({
+            "source": {"path": str(tmp_path / "log")},
+            "store": {"path": str(tmp_path / "store.duckdb")},
+            **({"lake": {"path": str(tmp_path / "lake")}} if kind == "lake" else {}),
+            "features": {"names": {"x": ["a", "b", "c"]}},
+            "drift": {"state_path": str(tmp_path / f"state-{kind}.json"),
+                      "out": str(tmp_path / kind)},
+        }))
+        assert cli.main(["run", "--config", str(config_path), "--once"]) == cli.ExitCode.OK
+        assert cli.main(["drift", "--config", str(config_path), "--route", "fraud",
+                         "--reference-window", "1d", "--window", "1d", "--no-webhook"]) == 0
+        data = json.loads((tmp_path / kind / "drift.json").read_text())
+        results[kind] = {k: v for k, v in data.items()
+                         if k not in ("generated_at", "generated_at_iso", "source")}
+    capsys.readouterr()
+    assert results["lake"]["drifted_features"] == ["b"]
+    assert results["lake"] == results["store"]
+
+
+def test_lake_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    """loadtests/lake_bench.py end to end at a tiny size: both parts run and agree on counts."""
+    from loadtests import lake_bench
+
+    assert lake_bench.main(["--ingest", "2000", "--report", "20000"]) == 0
+    out = capsys.readouterr().out
+    assert "records/s per core" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["rows"] == 20_000
+    assert report["stats"]["joined"] == 20_000
+    assert report["stats"]["duplicate_inferences"] > 0
