@@ -218,7 +218,7 @@ class SparkLakeReader(DatasetReads):
         won = self.winners(route)
         if won is None:
             return None
-        lo, hi = won.agg(F.min("ts"), F.max("ts")).first()
+        lo, hi = won.agg(F.min("ts"), F.max("ts")).collect()[0]  # a global aggregate: one row
         return None if lo is None else (float(lo), float(hi))
 
     def current_experiments(self, route: str) -> dict[str, ExperimentInfo]:
@@ -278,7 +278,7 @@ class SparkLakeReader(DatasetReads):
             return _EMPTY, JoinStats(**orphans)
         n_inf, dups = won.where(window).agg(
             F.count(F.lit(1)),
-            F.sum(F.when(F.col("row_ix") == 0, F.col("copies") - 1).otherwise(0))).first()
+            F.sum(F.when(F.col("row_ix") == 0, F.col("copies") - 1).otherwise(0))).collect()[0]
         stats = JoinStats(inferences=int(n_inf), duplicate_inferences=int(dups or 0), **orphans)
         if labels is None:
             return _EMPTY, stats
@@ -311,7 +311,7 @@ class SparkLakeReader(DatasetReads):
         expired = F.col("received_ts") < F.col("cutoff")
         waiting, gone = orphans.crossJoin(cutoff).agg(
             F.sum(F.when(~expired, F.col("n")).otherwise(0)),
-            F.sum(F.when(expired, F.col("n")).otherwise(0))).first()
+            F.sum(F.when(expired, F.col("n")).otherwise(0))).collect()[0]
         self._orphan_counts = {"orphan_labels": int(waiting or 0),
                                "expired_orphans": int(gone or 0)}
         return self._orphan_counts
