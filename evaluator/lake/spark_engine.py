@@ -157,19 +157,29 @@ class SparkLakeReader(DatasetReads):
         self._winners: dict[str, DataFrame] = {}  # route -> cached inference winners
         self._labels: DataFrame | None = None  # cached label winners
         self._orphan_counts: dict[str, int] | None = None  # lake-wide, computed once
+        self._tables: dict[str, DataFrame | None] = {}  # one file listing per table
 
     # -- sources ----------------------------------------------------------------------------
 
     def _table(self, table: str) -> DataFrame | None:
-        """A lake table with its hive partition columns; None while nothing was written."""
+        """A lake table with its hive partition columns; None while nothing was written.
+
+        Spark lists the files when the DataFrame is made, so keeping it makes every query of
+        this reader see one snapshot of the file list, as the DuckDB reader does: a member's
+        file landing mid-report changes no count.
+        """
+        if table in self._tables:
+            return self._tables[table]
         path = f"{self.url}/{table}"
         try:
-            return (self.spark.read.option("basePath", path)
-                    .option("pathGlobFilter", f"*{layout.SUFFIX}").parquet(path))
+            df: DataFrame | None = (self.spark.read.option("basePath", path)
+                                    .option("pathGlobFilter", f"*{layout.SUFFIX}").parquet(path))
         except AnalysisException as exc:
-            if "PATH_NOT_FOUND" in str(exc) or "UNABLE_TO_INFER_SCHEMA" in str(exc):
-                return None
-            raise SparkEngineError(f"cannot read {path}: {exc}") from None
+            if "PATH_NOT_FOUND" not in str(exc) and "UNABLE_TO_INFER_SCHEMA" not in str(exc):
+                raise SparkEngineError(f"cannot read {path}: {exc}") from None
+            df = None
+        self._tables[table] = df
+        return df
 
     def _route_rows(self, route: str) -> DataFrame | None:
         """The route's inference rows as written (copies included), with only the columns the
@@ -322,6 +332,7 @@ class SparkLakeReader(DatasetReads):
             if df is not None:
                 df.unpersist()
         self._winners.clear()
+        self._tables.clear()
         self._labels = self._orphan_counts = None
 
     def __enter__(self) -> SparkLakeReader:
