@@ -24,6 +24,8 @@ Sections (see configs/evaluator.yaml for every key with its default):
 - `report`: default output directory and display window (the verdict's data is every row of
   each challenger's current experiment; the window only matters for records without experiment
   ids). `gateway`: the admin API `promote` reads (`read_token_env`) and calls (`token_env`).
+- `spark`: where `report` runs Spark when the landing zone is read with `lake.engine: spark`
+  (`master`, default `local[2]`; `lake_url` as Spark names the lake; `driver_memory`; `conf`).
 - `drift`: `python -m evaluator drift` (evaluator/drift/): reference and live windows, PSI
   bins/epsilon and the 0.1/0.2 conventions, test levels, the drifted-feature share that makes a
   dataset verdict, day-of-week / hour-of-day reference segments with adaptive thresholds, and
@@ -69,6 +71,7 @@ DEFAULT_CONFIG_PATH = "configs/evaluator.yaml"
 
 SourceType = Literal["file", "kafka"]
 Engine = Literal["duckdb", "sqlite"]
+LakeEngine = Literal["duckdb", "spark"]
 TaskSetting = Literal["auto", "classification", "regression"]
 
 
@@ -122,6 +125,22 @@ class LakeConfig:
     retention: float | None = None  # `lake expire` drops date partitions older than this
     memory_limit: str = ""  # DuckDB's memory_limit for reports (e.g. 4GB); empty: its default
     threads: int = 0  # DuckDB threads for reports; 0: one per core
+    engine: LakeEngine = "duckdb"  # what `report` reads it with: duckdb | spark (`spark:`)
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """`spark:` — where `lake.engine: spark` (or `report --engine spark`) runs its jobs
+    (evaluator/lake/spark_engine.py; docs/LAKE.md "Spark").
+
+    The report process is Spark's driver: with `local[N]` it also runs the jobs (N threads);
+    with a cluster master it sends them to executors and receives only the joined rows.
+    """
+
+    master: str = "local[2]"  # local[N] | spark://host:7077 | k8s://https://<api server> | yarn
+    lake_url: str = ""  # the lake root as Spark's filesystem names it (s3a://b/p for s3://b/p)
+    driver_memory: str = "4g"  # the driver JVM's heap (holds the joined rows it collects)
+    conf: Mapping[str, Any] = field(default_factory=dict)  # any further spark.* settings
 
 
 @dataclass(frozen=True)
@@ -221,6 +240,7 @@ class EvaluatorConfig:
     gateway: GatewayAdminConfig = field(default_factory=GatewayAdminConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     lake: LakeConfig = field(default_factory=LakeConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
 
     def route(self, name: str) -> RouteEvalConfig:
         """Per-route settings, defaults when the route is not listed."""
@@ -290,7 +310,7 @@ def _parse_features(raw: Any) -> dict[str, tuple[str, ...]]:
 
 
 def _parse_drift(raw: Mapping[str, Any]) -> DriftConfig:
-    """The `drift` section: scalars via _build, then the lists and the ranges."""
+    """The `drift` section: scalars via build, then the lists and the ranges."""
     raw = dict(raw)
     lists: dict[str, Any] = {}
     for key in ("categorical", "confidence_buckets"):
@@ -337,6 +357,7 @@ def _parse_drift(raw: Mapping[str, Any]) -> DriftConfig:
 _SECTIONS: dict[str, type] = {
     "source": SourceConfig, "store": StoreConfig, "decision": dict, "report": ReportConfig,
     "gateway": GatewayAdminConfig, "drift": DriftConfig, "lake": LakeConfig,
+    "spark": SparkConfig,
 }
 def parse_config(raw: Mapping[str, Any] | None,
                  env: Mapping[str, str] | None = None) -> EvaluatorConfig:
@@ -385,11 +406,18 @@ def parse_config(raw: Mapping[str, Any] | None,
     check(lake.file_records > 0, "lake.file_records: must be positive")
     check(lake.flush_interval_s > 0, "lake.flush_interval_s: must be positive")
     check(lake.compact_min_files >= 2, "lake.compact_min_files: at least 2")
+    check(lake.engine in ("duckdb", "spark"), "lake.engine: must be duckdb or spark")
+    spark = build(SparkConfig, data["spark"], "spark")
+    check(bool(spark.master), "spark.master: required (e.g. local[2])")
+    check(isinstance(spark.conf, Mapping) and all(
+        isinstance(v, str | int | float | bool) for v in spark.conf.values()),
+          "spark.conf: expected a mapping of Spark settings to scalars")
     if lake.retention is not None:
         lake = replace(lake, retention=parse_duration(lake.retention, "lake.retention"))
 
     return EvaluatorConfig(
         lake=lake,
+        spark=spark,
         source=source,
         store=store,
         routes=routes,

@@ -2,9 +2,11 @@
 
 - `run --config C [--once]`: the ingest loop (files or Kafka, per `source.type`); `--once`
   drains what is there and exits. SIGTERM/Ctrl-C finish the current batch and stop.
-- `report --route R [--window 7d] [--out DIR] [--fail-on-blocked]`: loads every labelled row
-  of each challenger's current experiment (`Store.load_experiments`: since the earliest current
-  experiment started, whatever the window says), decides each challenger
+- `report --route R [--window 7d] [--out DIR] [--fail-on-blocked] [--engine duckdb|spark]`:
+  loads every labelled row of each challenger's current experiment (`load_experiments`: since
+  the earliest current experiment started, whatever the window says) from the store, or from
+  the landing zone when `lake.path` is set — read by DuckDB, or by Spark at `spark.master` with
+  `--engine spark` / `lake.engine: spark` (the same dataset either way) — decides each challenger
   (`evaluator.decision.decide` under the route's decision policy) and hands both to
   `evaluator.report.write_report(dataset, decisions, out_dir)`. The window never changes the
   verdict's data; it only selects rows for records without experiment ids (written by gateways

@@ -48,13 +48,24 @@ def compute_decisions(dataset: EvalDataset, config: EvaluatorConfig) -> list[Any
                           f"routes.{dataset.route}.decision)") from None
 
 
-def open_reader(config: EvaluatorConfig) -> DatasetReads:
-    """What `report` reads: the landing zone when `lake.path` is set, else the store."""
-    if config.lake.path:
-        from evaluator.lake.reader import LakeReader
+def open_reader(config: EvaluatorConfig, engine: str | None = None) -> DatasetReads:
+    """What `report` reads: the landing zone when `lake.path` is set, else the store. The lake
+    is read with DuckDB, or with Spark (`engine`, else `lake.engine`; the `spark:` section)."""
+    if not config.lake.path:
+        if engine is not None:
+            raise ConfigError(f"--engine {engine}: chooses what reads the landing zone, and "
+                              "lake.path is not set")
+        return Store.open(config.store, read_only=True)
+    if (engine or config.lake.engine) == "spark":
+        try:
+            from evaluator.lake.spark_engine import SparkLakeReader
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"lake.engine spark needs {exc.name}: pip install "
+                              "'understudy[spark]' (and a Java 17+ runtime)") from None
+        return SparkLakeReader.open(config)
+    from evaluator.lake.reader import LakeReader
 
-        return LakeReader.open(config)
-    return Store.open(config.store, read_only=True)
+    return LakeReader.open(config)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -64,7 +75,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     window = parse_duration(args.window, "--window") if args.window else config.report.window
     out_dir = Path(args.out or config.report.out)
     route_cfg = config.route(args.route)
-    store = open_reader(config)
+    store = open_reader(config, args.engine)
     try:
         span = store.time_range(args.route)
         experiments, since = store.experiment_span(args.route, window)
@@ -149,4 +160,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--fail-on-blocked", action="store_true",
                    help=f"exit {int(ExitCode.BLOCKED)} (after writing the report) when a "
                         "challenger is BLOCKED by a guardrail")
+    p.add_argument("--engine", choices=("duckdb", "spark"),
+                   help="what reads the landing zone (default: lake.engine): DuckDB in this "
+                        "process, or Spark at spark.master; same dataset, same verdicts")
     p.set_defaults(func=cmd_report)
