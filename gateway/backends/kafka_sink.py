@@ -128,6 +128,8 @@ from aiokafka.errors import (
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway import metrics
+from gateway.backends.kafka_topics import stream_topics
+from gateway.backends.retry import Backoff, connect_with_retry
 from gateway.backends.spill import (
     SpillBatch,
     SpillBuffer,
@@ -136,7 +138,6 @@ from gateway.backends.spill import (
     is_placeholder,
 )
 from gateway.config import KafkaConfig
-from understudy.records import AUDIT, INFERENCES, LABELS
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class BrokerUnreachableError(KafkaConnectionError):
     `delivery_timeout_ms` (its records are on the spill already)."""
 
 
+_CONNECT_ERRORS = (KafkaError, OSError, TimeoutError)  # a producer that could not start
 # Errors no retry can fix: the record is set aside (oversized/), never spilled or retried.
 _PERMANENT = (MessageSizeTooLargeError, RecordTooLargeError, UndeliverableError)
 _YIELD_EVERY = 64  # records handed to aiokafka per event-loop turn (~1-2 ms of work)
@@ -205,9 +207,7 @@ class KafkaSink:
         self.spill_dir = Path(spill_dir)
         self.oversized_dir = (
             Path(oversized_dir) if oversized_dir else self.spill_dir.parent / "oversized")
-        self.topics = {
-            INFERENCES: config.topic, LABELS: config.labels_topic, AUDIT: config.audit_topic,
-        }
+        self.topics = stream_topics(config)
         self.max_buffered_records = max_buffered_records
         self.max_buffered_bytes = max_buffered_bytes
         self.flight_records = flight_records
@@ -215,8 +215,9 @@ class KafkaSink:
         self.close_timeout = config.close_timeout_ms / 1000
         self._request_timeout = config.request_timeout_ms / 1000
         self._delivery_timeout = config.delivery_timeout_ms / 1000
-        self._backoff_base = config.retry_backoff_ms / 1000
-        self._backoff_max = max(config.reconnect_backoff_max_ms, config.retry_backoff_ms) / 1000
+        self._backoff = Backoff(
+            config.retry_backoff_ms / 1000,
+            max(config.reconnect_backoff_max_ms, config.retry_backoff_ms) / 1000)
         # The guard acts at half the bound (+ one tick): the rest is slack for a busy loop/disk.
         self.max_unspilled = config.max_unspilled_ms / 1000
         self._spill_after = self.max_unspilled / 2
@@ -661,23 +662,17 @@ class KafkaSink:
                                                  for r in leftovers[written:]])
                 await self._retire_producer()
                 self._set_down("internal error")
-                await self._pause(self._backoff_max)
+                await self._pause(self._backoff.max_s)
 
     async def _pump_loop(self) -> None:
-        backoff = self._backoff_base
         tried_at_close = False
         while True:
             if self._producer is None:
                 if self._closing and tried_at_close:
                     return  # one more connection attempt at close, no backoff loop
                 tried_at_close = self._closing
-                if not await self._connect():
-                    self._set_down("cannot connect")
-                    if self._closing:
-                        return
-                    await self._pause(backoff)
-                    backoff = min(backoff * 2, self._backoff_max)
-                    continue
+                if not await self._reconnect():
+                    return
             if not self.spill.is_empty():
                 ok = await self._replay_once()
             else:
@@ -696,13 +691,12 @@ class KafkaSink:
                         await self._wake.wait()
                     continue
             if ok:
-                backoff = self._backoff_base
+                self._backoff.reset()
             else:
                 await self._retire_producer()
                 if self._closing:
                     return
-                await self._pause(backoff)
-                backoff = min(backoff * 2, self._backoff_max)
+                await self._pause(self._backoff.next())
 
     async def _pause(self, seconds: float) -> None:
         """Sleep for a backoff, but wake at once for close()."""
@@ -734,23 +728,45 @@ class KafkaSink:
 
     # ------------------------------------------------------------------ producer
 
-    async def _connect(self) -> bool:
+    async def _open_producer(self) -> AIOKafkaProducer:
+        """Start a fresh producer (a failed start is stopped again and raises)."""
         producer = AIOKafkaProducer(**self._producer_kwargs)
         try:
             async with asyncio.timeout(self._request_timeout):
                 await producer.start()
-        except (KafkaError, OSError, TimeoutError) as exc:
-            metrics.KAFKA_PRODUCER_ERRORS.labels(type(exc).__name__).inc()
-            log.debug("kafka producer start failed: %r", exc)
-            await self._stop_producer(producer)
-            return False
-        except asyncio.CancelledError:
+        except BaseException:
             await self._stop_producer(producer)
             raise
         self._producer = producer
         if not self._down:
             metrics.KAFKA_UP.set(1)
+        return producer
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        metrics.KAFKA_PRODUCER_ERRORS.labels(type(exc).__name__).inc()
+        log.debug("kafka producer start failed: %r", exc)
+
+    async def _connect(self) -> bool:
+        """One connection attempt (isolating an oversized record); the pump retries instead."""
+        try:
+            await self._open_producer()
+        except _CONNECT_ERRORS as exc:
+            self._connect_failed(exc)
+            return False
         return True
+
+    async def _reconnect(self) -> bool:
+        """Connect with backoff until it works; at close, one attempt only. False: not connected
+        (closing)."""
+
+        def failed(exc: BaseException, _retry_in: float | None) -> None:
+            self._connect_failed(exc)
+            self._set_down("cannot connect")
+
+        producer = await connect_with_retry(
+            self._open_producer, self._backoff, errors=_CONNECT_ERRORS, on_failure=failed,
+            give_up=lambda: self._closing, pause=self._pause)
+        return producer is not None
 
     async def _retire_producer(self) -> None:
         """Discard the current producer after a failure; the next attempt starts a fresh one."""

@@ -34,6 +34,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from gateway import metrics
+from gateway.backends.registry_store import RegistryStore, StaleWrite
 from gateway.config import (
     ChallengerConfig,
     ModelRef,
@@ -54,7 +55,6 @@ from gateway.control.state import (
     route_to_raw,
     route_view,
 )
-from gateway.control.store import RegistryStore, StaleWrite
 from gateway.dataplane.protocol import TensorSpec, parse_metadata_inputs
 from gateway.dataplane.routes import RouteTable
 from gateway.errors import BadRequest, ConfigError, Conflict, GatewayError, NotFound

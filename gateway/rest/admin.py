@@ -35,11 +35,10 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from gateway.backends import LogSink
+from gateway.backends.factory import Backends
 from gateway.config import AdminConfig, GatewayConfig
 from gateway.control.audit import Actor, AuditLog, load_history, token_fingerprint
 from gateway.control.registry import Registry
-from gateway.control.store import RegistryStore, build_store
 from gateway.dataplane.protocol import json_object
 from gateway.dataplane.routes import RouteTable
 from gateway.errors import BadRequest, Forbidden, Unauthorized
@@ -378,9 +377,8 @@ def install_admin(
     app: web.Application,
     config: GatewayConfig,
     routes: RouteTable,
-    sink: LogSink,
+    backends: Backends,
     *,
-    store_factory: Callable[[GatewayConfig], RegistryStore] = build_store,
     env: Mapping[str, str] | None = None,
 ) -> CleanupCtx:
     """Wire the control plane into the gateway app: registry, audit, `/admin` sub-app.
@@ -389,8 +387,8 @@ def install_admin(
     apply to the route table, follow other replicas) and stops it; the caller places it after
     the sink's (audit entries go to the sink) and before the recorder's.
     """
-    audit_log = AuditLog(sink)
-    registry = Registry(routes, store_factory(config), audit_log, config.routes,
+    audit_log = AuditLog(backends.sink)
+    registry = Registry(routes, backends.store, audit_log, config.routes,
                         source_of_truth=config.admin.source_of_truth)
     auth = AdminAuth.from_env(config.admin, os.environ if env is None else env)
     if FEEDBACK in app:
@@ -402,7 +400,7 @@ def install_admin(
 
     async def registry_ctx(_: web.Application) -> AsyncIterator[None]:
         # Read concurrently with the registry's start: both may wait on the broker.
-        history = asyncio.create_task(load_history(config, audit_log.capacity))
+        history = asyncio.create_task(load_history(backends.read_stream, audit_log.capacity))
         try:
             await registry.start()
         finally:
