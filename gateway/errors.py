@@ -2,22 +2,31 @@
 
 The HTTP layer turns any `GatewayError` into a KServe-style `{"error": "..."}` body in one place
 (`gateway.rest.inference.error_middleware`); the gRPC adapter turns it into the status code
-`grpc_code`
-names (`gateway.rpc.server`). The core never imports aiohttp's or grpc's exceptions.
+`grpc_code` names (`gateway.rpc.server`). The core never imports aiohttp's or grpc's exceptions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class GatewayError(Exception):
-    """Base class: `status` is the HTTP status code, `retriable` says whether a retry may help."""
+    """Base class: `status` is the HTTP status code, `retriable` says whether a retry may help.
+
+    `request_id` and `served_model` are set by the data plane once the failed request had
+    them, so the client's error answer names them as a success would (headers / metadata);
+    `headers` are extra HTTP headers the answer must carry (e.g. an auth challenge).
+    """
 
     status: int = 500
     retriable: bool = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+        self.request_id: str | None = None
+        self.served_model: str | None = None
 
 
 class BadRequest(GatewayError):

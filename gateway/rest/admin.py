@@ -61,15 +61,14 @@ class AuthRequired(Unauthorized):
     """401 with the RFC 6750 challenge the client needs to retry correctly."""
 
     def __init__(self, message: str, error: str | None = None) -> None:
-        super().__init__(message)
         challenge = f'Bearer realm="{REALM}"' + (f', error="{error}"' if error else "")
-        self.headers = {"WWW-Authenticate": challenge}
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
 
 
 class InsufficientScope(Forbidden):
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.headers = {"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'}
+        super().__init__(message, headers={
+            "WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'})
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,7 @@ def _echo_metadata(headers: Mapping[str, str]) -> Metadata:
 
 
 def _error_metadata(exc: GatewayError) -> Metadata:
-    pairs = (("x-request-id", getattr(exc, "request_id", None)),
-             ("x-served-model", getattr(exc, "served_model", None)))
+    pairs = (("x-request-id", exc.request_id), ("x-served-model", exc.served_model))
     return tuple((k, v) for k, v in pairs if v is not None)
 
 
@@ -209,7 +208,7 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield service_pb2.ModelStreamInferResponse(
                     error_message=exc.message,
                     infer_response=service_pb2.ModelInferResponse(
-                        model_name=request.model_name, id=getattr(exc, "request_id", "")),
+                        model_name=request.model_name, id=exc.request_id or ""),
                 )
                 continue
             except Exception:
