@@ -19,7 +19,7 @@ from gateway.dataplane.catalog import RouteCatalog
 from gateway.dataplane.recorder import Recorder
 from gateway.dataplane.routes import RouteTable
 from gateway.dataplane.service import InferenceService
-from gateway.explore.policies import RewardTracker
+from gateway.explore.credit import RewardTracker
 from gateway.explore.rewards import PolicyLearner
 from gateway.rest.admin import install_admin
 from gateway.rest.feedback import FeedbackService

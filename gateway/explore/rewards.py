@@ -16,7 +16,7 @@ from gateway import metrics
 from gateway.backends.reward_bus import RewardBus, RewardEvent
 from gateway.dataplane.routes import RouteTable
 from gateway.errors import NotFound
-from gateway.explore.policies import RewardTracker, reward_from_label
+from gateway.explore.credit import RewardTracker, reward_from_label
 from understudy.records import LabelRecord
 
 log = logging.getLogger(__name__)

@@ -367,7 +367,7 @@ async def test_kafka_store_serves_its_cache_while_the_broker_is_down(
 
 
 def test_signature_mismatches_name_every_difference() -> None:
-    from gateway.control.registry import signature_mismatches
+    from gateway.control.checks import signature_mismatches
     from gateway.dataplane.protocol import TensorSpec
 
     champion = (TensorSpec("features", "FP32", (-1, 8)), TensorSpec("mask", "BOOL", (-1, 8)))
