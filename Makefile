@@ -37,5 +37,11 @@ bench: install
 load: install
 	bash loadtests/load.sh
 
+kafka-start: install  ## a local single-node Kafka broker (var/kafka, port 9092) for a Kafka-backed demo
+	$(PY) -m devtools.kafka_broker start
+
+kafka-stop: install
+	$(PY) -m devtools.kafka_broker stop
+
 clean:
 	rm -rf var .pytest_cache .ruff_cache

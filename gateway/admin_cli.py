@@ -1,81 +1,41 @@
 """`python -m gateway challengers list|add|update|remove`, `promote|rollback|policy|audit`: the
 admin API from a shell.
 
-A thin client: every command is one HTTP call to a gateway's `/admin` API, so the CLI and curl
-behave identically and the gateway stays the only place that validates. The standard library's
-urllib is enough for one request per run and keeps the CLI free of an event loop.
+A thin layer over `understudy.client.AdminClient` (the Python client scripts use too): every
+command is one HTTP call to a gateway's `/admin` API, so the CLI, the client and curl behave
+identically and the gateway stays the only place that validates.
 
 - `--gateway URL` (default `$UNDERSTUDY_GATEWAY`, else http://127.0.0.1:8080).
 - Token from `$UNDERSTUDY_ADMIN_TOKEN` (reads fall back to `$UNDERSTUDY_ADMIN_READ_TOKEN`);
   never a flag, so it does not end up in shell history or `ps`.
 - Human-readable output by default, `--json` prints the server's JSON for scripts.
-- Exit status: 0 done, 1 the gateway refused (its error message is printed), 2 usage error,
-  3 the gateway could not be reached.
+- Exit status (`understudy.cli.ExitCode`, the same as the evaluator's): 0 done, 1 the gateway
+  failed (5xx), 2 usage error, 4 the gateway refused (its error message is printed),
+  6 the gateway could not be reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+from collections.abc import Callable
 from typing import Any
 
-DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-TOKEN_ENV = "UNDERSTUDY_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
-READ_TOKEN_ENV = "UNDERSTUDY_ADMIN_READ_TOKEN"  # noqa: S105
-EXIT_REFUSED = 1
-EXIT_UNREACHABLE = 3
+from understudy.cli import ExitCode
+from understudy.client import (
+    DEFAULT_GATEWAY,
+    GATEWAY_ENV,
+    AdminClient,
+    AdminError,
+    Refused,
+    Unreachable,
+)
 
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int, payload: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.code = code
-        self.payload = payload
-
-
-def request(
-    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
-) -> Any:
-    """One admin API call; returns the decoded JSON or raises CliError."""
-    base = args.gateway.rstrip("/")
-    url = base + "/admin" + path
-    token = os.environ.get(TOKEN_ENV) or (
-        os.environ.get(READ_TOKEN_ENV) if method == "GET" else None
-    )
-    headers = {"Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    if getattr(args, "expected_version", None) is not None and method != "GET":
-        headers["If-Match"] = f'"{args.expected_version}"'
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:  # noqa: S310
-            raw = resp.read()
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            message = json.loads(raw)["error"]
-        except (ValueError, KeyError, TypeError):
-            message = raw.decode("utf-8", "replace").strip() or exc.reason
-        if exc.code == 401 and not token:
-            message += f" (set {TOKEN_ENV} to the gateway's admin token)"
-        raise CliError(str(message), EXIT_REFUSED,
-                       {"error": str(message), "status": exc.code}) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        message = f"cannot reach the gateway at {base}: {reason}"
-        raise CliError(message, EXIT_UNREACHABLE, {"error": message, "status": None}) from None
-    return json.loads(raw) if raw else {}
+class UsageError(Exception):
+    """Arguments argparse accepted but that ask for nothing (e.g. an update with no change)."""
 
 
 # -- human-readable output ----------------------------------------------------------------
@@ -137,103 +97,103 @@ def format_audit(entry: dict[str, Any]) -> str:
 
 # -- commands -----------------------------------------------------------------------------
 
-
-def _quote(segment: str) -> str:
-    return urllib.parse.quote(segment, safe="")
+Handler = Callable[[AdminClient, argparse.Namespace], tuple[Any, str]]
 
 
-def cmd_list(args: argparse.Namespace) -> tuple[Any, str]:
+def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+_LIMITS = ("timeout_ms", "max_concurrency", "max_queue", "batch_max_rows", "batch_max_wait_ms",
+           "latency_probe_every")
+
+
+def cmd_list(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
     if args.route:
-        route = request(args, "GET", f"/routes/{_quote(args.route)}")
-        return route, format_route(route)
-    payload = request(args, "GET", "/routes")
-    routes = payload.get("routes") or []
-    return payload, "\n\n".join(format_route(r) for r in routes) or "no routes"
+        route = client.route(args.route)
+        return route.raw, format_route(route.raw)
+    routes = client.routes()
+    payload = {"routes": [r.raw for r in routes]}
+    return payload, "\n\n".join(format_route(r.raw) for r in routes) or "no routes"
 
 
-def cmd_add(args: argparse.Namespace) -> tuple[Any, str]:
-    body: dict[str, Any] = {"model": args.model, "mode": args.mode}
-    for key in ("version", "sample_rate", "timeout_ms", "max_concurrency", "max_queue",
-                "batch_max_rows", "batch_max_wait_ms", "latency_probe_every"):
-        value = getattr(args, key if key != "version" else "model_version")
-        if value is not None:
-            body[key] = value
-    route = request(args, "POST", f"/routes/{_quote(args.route)}/challengers", body)
-    return route, f"added challenger {args.model} to route {args.route}\n\n{format_route(route)}"
+def cmd_add(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    route = client.add_challenger(args.route, args.model, version=args.model_version,
+                                  expected_version=args.expected_version,
+                                  **_settings(args, ("mode", "sample_rate", *_LIMITS)))
+    return route.raw, (f"added challenger {args.model} to route {args.route}\n\n"
+                       f"{format_route(route.raw)}")
 
 
-def cmd_update(args: argparse.Namespace) -> tuple[Any, str]:
-    body: dict[str, Any] = {}
-    for key in ("mode", "sample_rate", "timeout_ms", "max_concurrency", "max_queue",
-                "batch_max_rows", "batch_max_wait_ms", "latency_probe_every"):
-        value = getattr(args, key)
-        if value is not None:
-            body[key] = value
-    if not body:
-        raise CliError("nothing to change: give --mode and/or --sample-rate (or a limit)", 2,
-                       {"error": "nothing to change", "status": None})
-    route = request(args, "PATCH",
-                    f"/routes/{_quote(args.route)}/challengers/{_quote(args.model)}", body)
-    return route, (f"updated challenger {args.model} of route {args.route} (a new experiment "
-                   f"starts when its mode or sample rate changed)\n\n{format_route(route)}")
+def cmd_update(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    changes = _settings(args, ("mode", "sample_rate", *_LIMITS))
+    if not changes:
+        raise UsageError("nothing to change: give --mode and/or --sample-rate (or a limit)")
+    route = client.update_challenger(args.route, args.model,
+                                     expected_version=args.expected_version, **changes)
+    return route.raw, (f"updated challenger {args.model} of route {args.route} (a new experiment "
+                       f"starts when its mode or sample rate changed)\n\n"
+                       f"{format_route(route.raw)}")
 
 
-def cmd_remove(args: argparse.Namespace) -> tuple[Any, str]:
-    route = request(args, "DELETE",
-                    f"/routes/{_quote(args.route)}/challengers/{_quote(args.model)}")
-    return route, (f"removed challenger {args.model} from route {args.route}\n\n"
-                   f"{format_route(route)}")
+def cmd_remove(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    route = client.remove_challenger(args.route, args.model,
+                                     expected_version=args.expected_version)
+    return route.raw, (f"removed challenger {args.model} from route {args.route}\n\n"
+                       f"{format_route(route.raw)}")
 
 
-def cmd_promote(args: argparse.Namespace) -> tuple[Any, str]:
-    body = {"model": args.model}
-    if args.experiment:
-        body["experiment"] = args.experiment
-    route = request(args, "POST", f"/routes/{_quote(args.route)}/promote", body)
-    previous = route.get("rollback_to") or {}
+def cmd_promote(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    route = client.promote(args.route, args.model, experiment=args.experiment,
+                           expected_version=args.expected_version)
+    previous = route.rollback_to
     text = (f"{args.model} is now the champion of route {args.route}; the previous champion "
-            f"{_ref(previous) if previous else '?'} stays as a shadow challenger "
-            f"(undo: python -m gateway rollback {args.route})\n\n{format_route(route)}")
-    return route, text
+            f"{previous or '?'} stays as a shadow challenger "
+            f"(undo: python -m gateway rollback {args.route})\n\n{format_route(route.raw)}")
+    return route.raw, text
 
 
-def cmd_rollback(args: argparse.Namespace) -> tuple[Any, str]:
-    route = request(args, "POST", f"/routes/{_quote(args.route)}/rollback", {})
-    return route, (f"rolled back route {args.route}: {_ref(route['champion'])} is champion "
-                   f"again\n\n{format_route(route)}")
+def cmd_rollback(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    route = client.rollback(args.route, expected_version=args.expected_version)
+    return route.raw, (f"rolled back route {args.route}: {route.champion} is champion "
+                       f"again\n\n{format_route(route.raw)}")
 
 
-def cmd_policy(args: argparse.Namespace) -> tuple[Any, str]:
-    body: dict[str, Any] = {"type": args.type}
-    for key in ("epsilon", "prior_alpha", "prior_beta", "sticky_header", "reward"):
-        value = getattr(args, key)
-        if value is not None:
-            body[key] = value
-    route = request(args, "PUT", f"/routes/{_quote(args.route)}/policy", body)
-    return route, f"route {args.route} policy is now {_policy(route['policy'])}\n\n" \
-                  f"{format_route(route)}"
+def cmd_policy(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    route = client.set_policy(args.route, args.type, expected_version=args.expected_version,
+                              **_settings(args, ("epsilon", "prior_alpha", "prior_beta",
+                                                 "sticky_header", "reward")))
+    return route.raw, (f"route {args.route} policy is now {_policy(dict(route.policy))}\n\n"
+                       f"{format_route(route.raw)}")
 
 
-def cmd_audit(args: argparse.Namespace) -> tuple[Any, str]:
-    query = {"limit": str(args.limit)}
-    if args.route:
-        query["route"] = args.route
-    payload = request(args, "GET", "/audit?" + urllib.parse.urlencode(query))
-    entries = payload.get("entries") or []
-    return payload, "\n".join(format_audit(e) for e in entries) or "no audit entries"
+def cmd_audit(client: AdminClient, args: argparse.Namespace) -> tuple[Any, str]:
+    entries = client.audit(args.route, args.limit)
+    payload = {"entries": [e.raw for e in entries]}
+    return payload, "\n".join(format_audit(e.raw) for e in entries) or "no audit entries"
 
 
-def _run(handler: Any) -> Any:
+def _exit_code(exc: AdminError) -> ExitCode:
+    if isinstance(exc, Unreachable):
+        return ExitCode.UNREACHABLE
+    return ExitCode.REFUSED if isinstance(exc, Refused) else ExitCode.FAILED
+
+
+def _run(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        client = AdminClient.from_env(args.gateway, timeout=args.timeout)
         try:
-            payload, text = handler(args)
-        except CliError as exc:
-            if args.as_json:
-                print(json.dumps(exc.payload))
+            payload, text = handler(client, args)
+        except UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return exc.code
+            return ExitCode.USAGE
+        except AdminError as exc:
+            if args.as_json:
+                print(json.dumps({"error": exc.message, "status": exc.status}))
+            print(f"error: {exc}", file=sys.stderr)
+            return _exit_code(exc)
         print(json.dumps(payload, indent=2) if args.as_json else text)
-        return 0
+        return ExitCode.OK
 
     return run
 
@@ -242,8 +202,8 @@ def add_admin_commands(sub: Any) -> None:
     """Register the admin commands on `python -m gateway`'s subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--gateway", default=os.environ.get("UNDERSTUDY_GATEWAY", DEFAULT_GATEWAY),
-        help=f"gateway base URL (default: $UNDERSTUDY_GATEWAY or {DEFAULT_GATEWAY})",
+        "--gateway", default=None,
+        help=f"gateway base URL (default: ${GATEWAY_ENV} or {DEFAULT_GATEWAY})",
     )
     common.add_argument("--json", dest="as_json", action="store_true",
                         help="print the server's JSON instead of a summary")
@@ -254,72 +214,75 @@ def add_admin_commands(sub: Any) -> None:
 
     challengers = sub.add_parser("challengers",
                                  help="list, add, update or remove a route's challengers")
-    csub = challengers.add_subparsers(dest="challengers_command", required=True)
+    csub = challengers.add_subparsers(dest="challengers_command", metavar="COMMAND", required=True)
     ls = csub.add_parser("list", parents=[common], help="routes with champion and challengers")
-    ls.add_argument("route", nargs="?", help="one route (default: all)")
+    ls.add_argument("route", nargs="?", help="one route (default: all routes)")
     ls.set_defaults(func=_run(cmd_list))
 
-    add = csub.add_parser("add", parents=[common, writes],
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("route", help="the route (the model name clients call)")
+    target.add_argument("model", help="the challenger: a model name Triton serves")
+    settings = argparse.ArgumentParser(add_help=False)
+    settings.add_argument("--sample-rate", type=float, help="share of requests mirrored (0-1)")
+    settings.add_argument("--timeout-ms", type=int, help="per-copy Triton timeout")
+    settings.add_argument("--max-concurrency", type=int,
+                          help="copies in flight to this challenger at once")
+    settings.add_argument("--max-queue", type=int,
+                          help="copies waiting; beyond it copies are dropped, never the client")
+    settings.add_argument("--batch-max-rows", type=int,
+                          help="shadow micro-batching (1 disables)")
+    settings.add_argument("--batch-max-wait-ms", type=float,
+                          help="longest a copy waits for a batch")
+    settings.add_argument("--latency-probe-every", type=int,
+                          help="send every Nth copy alone, for comparable latency (0: off)")
+
+    add = csub.add_parser("add", parents=[common, writes, target, settings],
                           help="register a challenger (validated against Triton first)")
-    add.add_argument("route")
-    add.add_argument("model")
     add.add_argument("--version", dest="model_version", help="Triton model version")
-    add.add_argument("--mode", choices=("shadow", "explore"), default="shadow")
-    add.add_argument("--sample-rate", type=float, help="share of requests mirrored (0-1)")
-    add.add_argument("--timeout-ms", type=int)
-    add.add_argument("--max-concurrency", type=int)
-    add.add_argument("--max-queue", type=int)
-    add.add_argument("--batch-max-rows", type=int, help="shadow micro-batching (1 disables)")
-    add.add_argument("--batch-max-wait-ms", type=float)
-    add.add_argument("--latency-probe-every", type=int,
-                     help="send every Nth copy alone, for comparable latency (0: off)")
+    add.add_argument("--mode", choices=("shadow", "explore"), default="shadow",
+                     help="shadow: copies only; explore: an arm the policy may serve")
     add.set_defaults(func=_run(cmd_add))
 
-    update = csub.add_parser("update", parents=[common, writes],
+    update = csub.add_parser("update", parents=[common, writes, target, settings],
                              help="change a challenger's mode, sample rate or limits in place "
                                   "(starts a new experiment when mode or sample rate change)")
-    update.add_argument("route")
-    update.add_argument("model")
-    update.add_argument("--mode", choices=("shadow", "explore"))
-    update.add_argument("--sample-rate", type=float, help="share of requests mirrored (0-1)")
-    update.add_argument("--timeout-ms", type=int)
-    update.add_argument("--max-concurrency", type=int)
-    update.add_argument("--max-queue", type=int)
-    update.add_argument("--batch-max-rows", type=int)
-    update.add_argument("--batch-max-wait-ms", type=float)
-    update.add_argument("--latency-probe-every", type=int)
+    update.add_argument("--mode", choices=("shadow", "explore"),
+                        help="shadow: copies only; explore: an arm the policy may serve")
     update.set_defaults(func=_run(cmd_update))
 
-    remove = csub.add_parser("remove", parents=[common, writes], help="unregister a challenger")
-    remove.add_argument("route")
-    remove.add_argument("model")
+    remove = csub.add_parser("remove", parents=[common, writes, target],
+                             help="unregister a challenger")
     remove.set_defaults(func=_run(cmd_remove))
 
     promote = sub.add_parser("promote", parents=[common, writes],
                              help="make a challenger the champion (the old one stays as shadow)")
-    promote.add_argument("route")
-    promote.add_argument("model")
+    promote.add_argument("route", help="the route (the model name clients call)")
+    promote.add_argument("model", help="the challenger that becomes champion")
     promote.add_argument("--experiment",
                          help="refuse (409) unless the challenger is still in this experiment")
     promote.set_defaults(func=_run(cmd_promote))
 
     rollback = sub.add_parser("rollback", parents=[common, writes],
                               help="undo the last promotion of a route")
-    rollback.add_argument("route")
+    rollback.add_argument("route", help="the route (the model name clients call)")
     rollback.set_defaults(func=_run(cmd_rollback))
 
     policy = sub.add_parser("policy", parents=[common, writes],
                             help="set a route's routing policy (replaces it entirely)")
-    policy.add_argument("route")
-    policy.add_argument("--type", required=True, choices=("champion", "epsilon_greedy", "thompson"))
-    policy.add_argument("--epsilon", type=float)
-    policy.add_argument("--prior-alpha", type=float)
-    policy.add_argument("--prior-beta", type=float)
+    policy.add_argument("route", help="the route (the model name clients call)")
+    policy.add_argument("--type", required=True,
+                        choices=("champion", "epsilon_greedy", "thompson"),
+                        help="champion only, or an exploring policy")
+    policy.add_argument("--epsilon", type=float,
+                        help="epsilon_greedy: share of requests that explore")
+    policy.add_argument("--prior-alpha", type=float, help="thompson: Beta prior alpha")
+    policy.add_argument("--prior-beta", type=float, help="thompson: Beta prior beta")
     policy.add_argument("--sticky-header", help="hash this request header for sticky arms")
-    policy.add_argument("--reward", choices=("correct", "label", "reward"))
+    policy.add_argument("--reward", choices=("correct", "label", "reward"),
+                        help="what a posted label rewards an arm with")
     policy.set_defaults(func=_run(cmd_policy))
 
     audit = sub.add_parser("audit", parents=[common], help="recent admin changes, newest first")
-    audit.add_argument("--route")
-    audit.add_argument("--limit", type=int, default=20)
+    audit.add_argument("--route", help="only this route")
+    audit.add_argument("--limit", type=int, default=20, help="entries to show")
     audit.set_defaults(func=_run(cmd_audit))

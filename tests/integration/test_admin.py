@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
+from understudy.cli import ExitCode
 
 pytestmark = pytest.mark.triton
 
@@ -368,7 +369,7 @@ async def test_cli_drives_the_admin_api(make_gateway: GatewayFactory,
     assert "sample_rate=0.5" in out
 
     code, out, err = await cli(gw, "challengers", "add", "fraud", "fraud_wide", token=write)
-    assert code == 1
+    assert code == ExitCode.REFUSED
     assert "input 'features' shape [-1, 9] does not match champion fraud_v3's [-1, 8]" in err
 
     code, out, err = await cli(gw, "promote", "fraud", "fraud_v4", "--json", token=write)
@@ -383,7 +384,7 @@ async def test_cli_drives_the_admin_api(make_gateway: GatewayFactory,
 
     code, out, err = await cli(gw, "policy", "fraud", "--type", "epsilon_greedy",
                                "--epsilon", "0.2", "--json", token=write)
-    assert code == 1  # nothing to explore: fraud_v4 is a shadow
+    assert code == ExitCode.REFUSED  # nothing to explore: fraud_v4 is a shadow
     assert "has none" in err and "mode 'explore'" in err
 
     code, out, err = await cli(gw, "challengers", "update", "fraud", "fraud_v4", "--mode",
@@ -400,7 +401,7 @@ async def test_cli_drives_the_admin_api(make_gateway: GatewayFactory,
     # The last explore arm of an exploring route cannot go: 422, and nothing changes.
     code, out, err = await cli(gw, "challengers", "remove", "fraud", "fraud_v4", "--json",
                                token=write)
-    assert code == 1 and orjson.loads(out)["status"] == 422, err
+    assert code == ExitCode.REFUSED and orjson.loads(out)["status"] == 422, err
     code, out, err = await cli(gw, "policy", "fraud", "--type", "champion", token=write)
     assert code == 0, err
 
@@ -414,16 +415,16 @@ async def test_cli_drives_the_admin_api(make_gateway: GatewayFactory,
     assert "rejected" in out
 
     code, out, err = await cli(gw, "promote", "fraud", "fraud_v4", token=None)
-    assert code == 1
+    assert code == ExitCode.REFUSED
     assert "missing bearer token" in err
     assert "UNDERSTUDY_ADMIN_TOKEN" in err
     code, out, err = await cli(gw, "challengers", "remove", "fraud", "nope", "--json",
                                token=write)
-    assert code == 1
+    assert code == ExitCode.REFUSED
     assert orjson.loads(out)["status"] == 404
     assert "no challenger 'nope'" in err
     code, out, err = await cli(gw, "challengers", "list", "--gateway", "http://127.0.0.1:1",
                                token=write)
-    assert code == 3
+    assert code == ExitCode.UNREACHABLE
     assert "cannot reach the gateway" in err
     assert write not in out + err

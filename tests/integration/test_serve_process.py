@@ -7,7 +7,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -94,9 +93,11 @@ def test_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    time.sleep(0.3)  # spawned workers take longer than this to import
+    assert proc.stdout is not None
+    # The banner comes once the parent relays signals; its spawned workers are still importing.
+    assert proc.stdout.readline().startswith(b"understudy gateway on")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
