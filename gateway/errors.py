@@ -2,12 +2,11 @@
 
 The HTTP layer turns any `GatewayError` into a KServe-style `{"error": "..."}` body in one place
 (`gateway.rest.inference.error_middleware`); the gRPC adapter turns it into the status code
-`grpc_code` names (`gateway.rpc.server`). The core never imports aiohttp's or grpc's exceptions.
+`grpc_code`
+names (`gateway.rpc.server`). The core never imports aiohttp's or grpc's exceptions.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 
 class GatewayError(Exception):
@@ -21,7 +20,7 @@ class GatewayError(Exception):
     status: int = 500
     retriable: bool = False
 
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})

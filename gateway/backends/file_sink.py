@@ -41,23 +41,6 @@ def segment_paths(stream_dir: Path) -> list[Path]:
     return sorted(p for p in stream_dir.glob(f"*{SEGMENT_SUFFIX}") if p.name[:20].isdigit())
 
 
-def read_stream(root: Path, stream: str) -> list[bytes]:
-    """Every complete record of one stream under a file sink's directory, in file order.
-
-    `serve --workers N` gives each worker its own `worker-K` directory; this reads every
-    worker's, since any of them may have written what the reader needs.
-    """
-    roots = [root]
-    if root.name.startswith("worker-") and root.parent.is_dir():
-        roots = sorted(p for p in root.parent.iterdir() if p.name.startswith("worker-"))
-    lines: list[bytes] = []
-    for directory in roots:
-        for segment in segment_paths(directory / stream):
-            data = segment.read_bytes()
-            lines.extend(data[: data.rfind(b"\n") + 1].splitlines())
-    return lines
-
-
 class _SegmentWriter:
     """Appends lines to one stream's current segment; rotates by size. Used from one thread."""
 
@@ -245,3 +228,20 @@ class FileSink:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def read_stream(root: Path, stream: str) -> list[bytes]:
+    """Every complete record of one stream under a file sink's directory, in file order.
+
+    `serve --workers N` gives each worker its own `worker-K` directory; this reads every
+    worker's, since any of them may have written what the reader needs.
+    """
+    roots = [root]
+    if root.name.startswith("worker-") and root.parent.is_dir():
+        roots = sorted(p for p in root.parent.iterdir() if p.name.startswith("worker-"))
+    lines: list[bytes] = []
+    for directory in roots:
+        for segment in segment_paths(directory / stream):
+            data = segment.read_bytes()
+            lines.extend(data[: data.rfind(b"\n") + 1].splitlines())
+    return lines

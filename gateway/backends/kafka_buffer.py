@@ -232,7 +232,7 @@ class BufferedSink:
             self._last_drop_log = now
 
     def _too_large(self, key: str, value: bytes) -> bool:
-        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key.encode(), value, [])
+        size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key.encode(), value, [])
         return size > self.config.max_request_bytes
 
     def _set_aside(self, record: SpillRecord, reason: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ class KafkaStore:
         self._hooks: set[asyncio.Task[None]] = set()
         # Set by the registry: run once the store becomes reachable after a degraded start
         # (it seeds the routes it could not seed then).
-        self.on_connected: Callable[[], Awaitable[None]] | None = None
+        self.on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     @property
     def connected(self) -> bool:

@@ -365,7 +365,7 @@ class ThompsonSampling(_StatsPolicy):
         post = [self.posterior(a) for a in arms]
         self._computed_at = time.monotonic() if self.min_refresh_s > 0 else 0.0
         probs = thompson_probabilities([p[0] for p in post], [p[1] for p in post])
-        return probs.tolist()
+        return [float(p) for p in probs]
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         super().load_state(state)

@@ -8,16 +8,20 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 from scipy import special
 
+Floats = NDArray[np.float64]
+
 _GL_NODES = 8
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(_GL_NODES)
+# numpy's stubs leave leggauss unannotated: two float arrays (nodes, weights).
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(_GL_NODES)  # type: ignore[no-untyped-call]
 _TAIL = 1e-14
 # Per-arm breakpoints at mean + z * sd, and a graded mesh towards 0 and 1 for boundary layers.
 _Z = np.array([0.0, -1.5, 1.5, -3.0, 3.0, -5.0, 5.0, -8.0, 8.0, -12.0, 12.0, -20.0, 20.0])
 
 
-def _graded(step: float) -> np.ndarray:
+def _graded(step: float) -> Floats:
     """Cut points 10^-k and 1 - 10^-k for k = 1, 1 + step, ..., 15."""
     g = 10.0 ** -np.arange(1.0, 15.01, step)
     return np.concatenate((g, 1.0 - g[:-1]))
@@ -28,7 +32,7 @@ _GRADED_FINE = _graded(0.5)  # (1-x)^(beta-1) or x^(alpha-1) singular: finer ste
 THOMPSON_ABS_TOL = 1e-7
 
 
-def _stirling_error(z: np.ndarray) -> np.ndarray:
+def _stirling_error(z: Floats) -> Floats:
     """lgamma(z) - [(z - 1/2) log z - z + log(2 pi) / 2]: series for z >= 15 (error < 1e-13)."""
     big = z >= 15.0
     zb = np.where(big, z, 15.0)
@@ -39,7 +43,7 @@ def _stirling_error(z: np.ndarray) -> np.ndarray:
     return np.where(big, series, direct)
 
 
-def _xlog_ratio(c: np.ndarray, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+def _xlog_ratio(c: Floats, x: Floats, m: Floats) -> Floats:
     """c * log(x / m), 0 where c == 0; near x = m via log1p of the exact offset (x - m) / m, so
     a huge c (1e9 observations) does not amplify the rounding of x / m."""
     r = (x - m) / m
@@ -47,7 +51,7 @@ def _xlog_ratio(c: np.ndarray, x: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.where(np.abs(r) < 0.5, near, special.xlogy(c, x / m))
 
 
-def _log_beta_scale(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _log_beta_scale(a: Floats, b: Floats) -> Floats:
     """log of the Beta density's constant once x is measured relative to the mean m = a/(a+b):
 
     log f(x) = (a-1) log(x/m) + (b-1) log((1-x)/(1-m)) + this. Written with Stirling errors, the
@@ -55,11 +59,12 @@ def _log_beta_scale(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     the naive form is off by ~1e-6 relative, this one by ~1e-12.
     """
     n = a + b
-    return (0.5 * np.log(n * n * n / (2.0 * math.pi * a * b))
-            + _stirling_error(n) - _stirling_error(a) - _stirling_error(b))
+    scale: Floats = (0.5 * np.log(n * n * n / (2.0 * math.pi * a * b))
+                     + _stirling_error(n) - _stirling_error(a) - _stirling_error(b))
+    return scale
 
 
-def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.ndarray:
+def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> Floats:
     """P(X_i = max_j X_j) for independent X_j ~ Beta(alpha_j, beta_j), by numerical integration.
 
     p_i = ∫ f_i(x) Π_{j≠i} F_j(x) dx by composite 8-point Gauss–Legendre. The domain is cut to
@@ -133,4 +138,5 @@ def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.
         p = np.zeros(k)
         p[int(np.argmax(mean))] = 1.0
         return p
-    return p / total
+    normalised: Floats = p / total
+    return normalised
