@@ -46,14 +46,6 @@ spill), `spilled` (written to the spill, copies of in-flight records included), 
 in flight, i.e. not yet durable anywhere), `understudy_log_spill_bytes`,
 `understudy_log_spill_full`, `understudy_kafka_producer_errors{error}` (per record that failed
 to produce, by exception type), `understudy_kafka_connected`.
-
-Metrics: `understudy_log_records{stream, outcome}` with outcome `produced` (acknowledged by
-Kafka, replays and duplicates included), `replayed` (the part of `produced` that came from the
-spill), `spilled` (written to the spill, copies of in-flight records included), `oversized`,
-`dropped`; `understudy_log_buffered_records{sink="kafka"}` (queued +
-in flight, i.e. not yet durable anywhere), `understudy_log_spill_bytes`,
-`understudy_log_spill_full`, `understudy_kafka_producer_errors{error}` (per record that failed
-to produce, by exception type), `understudy_kafka_connected`.
 """
 
 from __future__ import annotations

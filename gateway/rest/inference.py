@@ -53,11 +53,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         headers = {}
-        if exc.request_id is not None:
-            headers[REQUEST_ID_HEADER] = exc.request_id
-        if exc.served_model is not None:
-            headers["X-Served-Model"] = exc.served_model
-        headers.update(exc.headers)  # e.g. the admin API's WWW-Authenticate
+        if (request_id := getattr(exc, "request_id", None)) is not None:
+            headers[REQUEST_ID_HEADER] = request_id
+        if (served := getattr(exc, "served_model", None)) is not None:
+            headers["X-Served-Model"] = served
+        headers.update(getattr(exc, "headers", None) or {})  # e.g. the admin API's WWW-Authenticate
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
         return _error_response(exc.status, exc.message, headers)
