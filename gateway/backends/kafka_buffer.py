@@ -179,11 +179,6 @@ class BufferedSink:
         """Records held in memory only (neither acknowledged nor on the spill)."""
         return len(self._queue)
 
-    @property
-    def down(self) -> bool:
-        """Kafka is considered unreachable: records go to the spill until it delivers again."""
-        return self._down
-
     # ------------------------------------------------------------------ emit helpers
 
     def _enqueue(self, record: Queued) -> None:
