@@ -1,4 +1,4 @@
-"""`python -m evaluator …` (see evaluator/cli.py)."""
+"""`python -m evaluator …` (see evaluator/cli/)."""
 
 from evaluator.cli import main
 

@@ -24,7 +24,7 @@ Sections (see configs/evaluator.yaml for every key with its default):
 - `report`: default output directory and display window (the verdict's data is every row of
   each challenger's current experiment; the window only matters for records without experiment
   ids). `gateway`: the admin API `promote` reads (`read_token_env`) and calls (`token_env`).
-- `drift`: `python -m evaluator drift` (evaluator/drift.py): reference and live windows, PSI
+- `drift`: `python -m evaluator drift` (evaluator/drift/): reference and live windows, PSI
   bins/epsilon and the 0.1/0.2 conventions, test levels, the drifted-feature share that makes a
   dataset verdict, day-of-week / hour-of-day reference segments with adaptive thresholds, and
   where results go (Pushgateway, webhook, metrics port). `UNDERSTUDY_DRIFT_WEBHOOK_URL` and
@@ -164,7 +164,7 @@ SEASONALITIES: tuple[str, ...] = ("none", "hour_of_day", "day_of_week", "day_of_
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """`drift:` — see configs/evaluator.yaml for what each key means and evaluator/drift.py."""
+    """`drift:` — see configs/evaluator.yaml for what each key means and evaluator/drift/."""
 
     reference: str | None = None  # training snapshot (CSV/JSONL/Parquet); None = past log window
     reference_window: float = _duration_field("7d")  # past log window ending where live starts

@@ -57,8 +57,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluator.report import write_marked_block
 from loadtests import common, profile_gateway
+from loadtests.docblock import write_marked_block
 
 ROUTE = "fraud"
 WARM_REQUESTS = 20

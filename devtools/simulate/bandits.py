@@ -36,9 +36,9 @@ import numpy as np
 from scipy.special import expit
 
 from evaluator.dataset import EvalDataset, ModelColumn
-from evaluator.report import write_marked_block
 from evaluator.stats.offpolicy import ESTIMATORS, estimate_policy_values
 from gateway.explore.policies import EpsilonGreedy, Policy, ThompsonSampling
+from loadtests.docblock import write_marked_block
 
 DEFAULT_RATES = (0.10, 0.12, 0.15)
 DEFAULT_EPSILONS = (0.05, 0.1, 0.2)

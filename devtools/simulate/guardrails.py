@@ -42,7 +42,7 @@ from devtools.simulate.tests import Rate, _run
 from evaluator.dataset import STATUS_CODES, EvalDataset, ModelColumn
 from evaluator.gates.guardrails import GuardrailLimits, check_guardrails
 from evaluator.gates.health import check_data_health
-from evaluator.report import write_marked_block
+from loadtests.docblock import write_marked_block
 
 RESULTS_BEGIN = "<!-- simulate_guardrails:begin -->"
 RESULTS_END = "<!-- simulate_guardrails:end -->"

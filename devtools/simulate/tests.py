@@ -48,8 +48,8 @@ from scipy.special import expit
 
 from evaluator.dataset import STATUS_CODES, EvalDataset, ExperimentInfo, JoinStats, ModelColumn
 from evaluator.decision import DecisionPolicy, decide
-from evaluator.report import write_marked_block
 from evaluator.stats.metrics import PROB_EPS
+from loadtests.docblock import write_marked_block
 
 DAY = 86_400.0
 RESULTS_BEGIN = "<!-- simulate_tests:begin -->"

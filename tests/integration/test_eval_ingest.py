@@ -19,6 +19,7 @@ import pytest
 from evaluator import cli
 from evaluator.config import ConfigError, EvaluatorConfig, load_config, parse_config
 from evaluator.ingest import FileIngestor, KafkaIngestor, Progress
+from evaluator.report import REPORT_SCHEMA_VERSION
 from evaluator.store import IngestResult, Store
 from gateway.backends.file_sink import FileSink
 from tests.unit.test_eval_store import CHAL, CHAMP, T0, LogDir, inference, label
@@ -183,9 +184,7 @@ def write_config(tmp_path: Path, gateway: str = "http://127.0.0.1:9") -> Path:
     return path
 
 
-def test_cli_run_once_then_report_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "_report_writer", lambda: None)  # the join-summary fallback
+def test_cli_run_once_then_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_config(tmp_path)
     log = LogDir(tmp_path / "log")
     log.inferences(*(inference(f"r{i}", T0 + i * 3600) for i in range(300)))
@@ -201,15 +200,16 @@ def test_cli_run_once_then_report_summary(tmp_path: Path, capsys: pytest.Capture
     assert summary["join_stats"]["inferences"] == 49
     assert [d["decision"] for d in summary["decisions"]] == ["INCONCLUSIVE"]  # 24 < min_samples
     assert summary["models"][CHAL]["role"] == "challenger"
+    assert summary["report_schema_version"] == REPORT_SCHEMA_VERSION  # the real report
+    assert (tmp_path / "reports" / "report.md").exists()
+    assert (tmp_path / "reports" / "report.html").exists()
 
     assert cli.main(["report", "--config", str(path), "--route", "nope"]) == 3
     assert "Routes in the store: fraud" in capsys.readouterr().err
 
 
-def test_report_while_the_ingest_loop_runs(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_while_the_ingest_loop_runs(tmp_path: Path) -> None:
     # DuckDB lets one process at a time open the file: the loop must hand it over to a report.
-    monkeypatch.setattr(cli, "_report_writer", lambda: None)
     path = write_config(tmp_path)
     log = LogDir(tmp_path / "log")
     log.inferences(*(inference(f"r{i}", T0 + i) for i in range(50)))
@@ -287,13 +287,13 @@ def admin() -> Any:
 
 def write_report(directory: Path, decision: Any, route: str = "fraud", **extra: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "report.json").write_text(json.dumps({"route": route, "decision": decision,
+    (directory / "report.json").write_text(json.dumps({"route": route, "decisions": [decision],
                                                        "generated_at": time.time(), **extra}))
 
 
 def bound(verdict: str = "PROMOTE", **experiment: Any) -> dict[str, Any]:
     """A decision bound to LIVE's state (as evaluator.report writes it)."""
-    return {"verdict": verdict, "model": CHAL, "experiment": {
+    return {"decision": verdict, "challenger": CHAL, "experiment": {
         "id": "x1", "route": "fraud", "champion": CHAMP, "challenger": CHAL, "started": T0,
         "data_end": T0 + 10, "registry_version": 7, **experiment}}
 
@@ -308,7 +308,8 @@ def test_promote_calls_the_admin_api_only_on_promote(tmp_path: Path, admin: Any,
     args = ["promote", "--config", str(path), "--route", "fraud"]
 
     assert cli.main(args) == 3  # no report yet
-    write_report(reports / "old", {"verdict": "KEEP", "model": CHAL, "reason": "worse AUROC"})
+    write_report(reports / "old", {"decision": "KEEP", "challenger": CHAL,
+                                   "reasons": ["worse AUROC"]})
     assert cli.main(args) == 3
     assert calls == []
     assert "not PROMOTE" in capsys.readouterr().err
@@ -338,7 +339,7 @@ def test_promote_calls_the_admin_api_only_on_promote(tmp_path: Path, admin: Any,
     (lambda live, rep: live["challengers"][0].update(experiment={"id": "x2"}),
      "live experiment is 'x2'"),
     (lambda live, rep: live.update(version=8), "registry version 8"),
-    (lambda live, rep: rep["decision"]["experiment"].update(registry_version=None),
+    (lambda live, rep: rep["decisions"][0]["experiment"].update(registry_version=None),
      "does not say which registry version"),
 ])
 def test_promote_refuses_a_report_that_does_not_match_the_live_route(
@@ -346,7 +347,7 @@ def test_promote_refuses_a_report_that_does_not_match_the_live_route(
         capsys: pytest.CaptureFixture[str], change: Any, message: str) -> None:
     url, calls = admin
     path = write_config(tmp_path, gateway=url)
-    report = {"route": "fraud", "generated_at": time.time(), "decision": bound()}
+    report = {"route": "fraud", "generated_at": time.time(), "decisions": [bound()]}
     change(_Admin.live, report)
     out = tmp_path / "reports" / "report.json"
     out.parent.mkdir(parents=True)
@@ -355,7 +356,7 @@ def test_promote_refuses_a_report_that_does_not_match_the_live_route(
     for extra in (["--dry-run"], []):
         code = cli.main(["promote", "--config", str(path), "--route", "fraud",
                          "--report", str(out), *extra])
-        assert code == cli.EXIT_STALE
+        assert code == cli.ExitCode.REFUSED
         assert message in capsys.readouterr().err
     assert not [c for c in calls if c[0].endswith("/promote")]  # nothing was changed
 
@@ -366,7 +367,7 @@ def test_promote_a_blocked_report_has_its_own_exit_code(tmp_path: Path, admin: A
     path = write_config(tmp_path, gateway=url)
     write_report(tmp_path / "reports", bound("BLOCKED"))
     monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", "s3cret")
-    assert cli.main(["promote", "--config", str(path), "--route", "fraud"]) == cli.EXIT_BLOCKED
+    assert cli.main(["promote", "--config", str(path), "--route", "fraud"]) == cli.ExitCode.BLOCKED
     assert calls == []
 
 
@@ -385,13 +386,28 @@ def test_max_report_age_is_a_decision_duration(tmp_path: Path) -> None:
         DecisionPolicy.from_mapping(cli.policy_mapping(bad, "fraud"))
 
 
-def test_read_decision_shapes() -> None:
-    assert cli.read_decision({"decision": "KEEP"})[0] == "KEEP"
-    assert cli.read_decision({"decisions": [
-        {"challenger": "a", "verdict": "KEEP"}, {"challenger": "b", "verdict": "PROMOTE"},
-    ]})[:2] == ("PROMOTE", "b")
-    assert cli.read_decision({"decisions": {"a": "PROMOTE", "b": "PROMOTE"}})[0] == "AMBIGUOUS"
-    assert cli.read_decision({})[0] is None
+def test_read_decision_reads_the_decisions_evaluator_report_writes() -> None:
+    def entry(challenger: str, verdict: str) -> dict[str, Any]:
+        return {"challenger": challenger, "decision": verdict, "reasons": [f"{verdict}: why"]}
+
+    assert cli.read_decision({"decisions": [entry("a", "KEEP")]}) == ("KEEP", "a", "KEEP: why")
+    assert cli.read_decision({"decisions": [entry("a", "KEEP"), entry("b", "PROMOTE")]}) == (
+        "PROMOTE", "b", "PROMOTE: why")
+    both = {"decisions": [entry("a", "PROMOTE"), entry("b", "PROMOTE")]}
+    assert cli.read_decision(both)[0] == "AMBIGUOUS"
+    assert cli.read_decision({"decisions": []}) == (None, None, "")
+    # other spellings are not ours: a report with only them has no decision to apply
+    assert cli.read_decision({"decision": {"verdict": "PROMOTE", "model": "a"}})[0] is None
+
+
+def test_promote_cannot_reach_the_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, gateway="http://127.0.0.1:9")  # nothing listens on port 9
+    write_report(tmp_path / "reports", bound())
+    monkeypatch.setenv("UNDERSTUDY_ADMIN_TOKEN", "s3cret")
+    code = cli.main(["promote", "--config", str(path), "--route", "fraud"])
+    assert code == cli.ExitCode.UNREACHABLE == 6
+    assert "cannot reach the gateway" in capsys.readouterr().err
 
 
 # -- Kafka ------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ async def test_a_stale_report_is_refused_by_a_real_gateway(
     report_v4 = bound_report(tmp_path / "v4" / "report.json", live, "fraud_v4")
 
     # Bound to the live state: every check passes; dry run prints the versioned request.
-    assert await promote(config, report_v4, "--dry-run") == cli.EXIT_OK
+    assert await promote(config, report_v4, "--dry-run") == cli.ExitCode.OK
     out = capsys.readouterr().out
     assert f'"model": "fraud_v4", "expected_version": {live["version"]}' in out
 
@@ -87,7 +87,7 @@ async def test_a_stale_report_is_refused_by_a_real_gateway(
                                 {"model": "fraud_v5"})
     assert status == 200 and after["champion"]["model"] == "fraud_v5"
     for extra in (("--dry-run",), ()):
-        assert await promote(config, report_v4, *extra) == cli.EXIT_STALE
+        assert await promote(config, report_v4, *extra) == cli.ExitCode.REFUSED
         err = capsys.readouterr().err
         assert "live champion of 'fraud' is 'fraud_v5'" in err, err
     status, now = await admin(gw, "GET", "/routes/fraud", tokens["read"])
@@ -96,7 +96,7 @@ async def test_a_stale_report_is_refused_by_a_real_gateway(
     # --route must match the report's route.
     assert await asyncio.to_thread(cli.main, [
         "promote", "--config", str(config), "--route", "price", "--report", str(report_v4),
-        "--dry-run"]) == cli.EXIT_STALE
+        "--dry-run"]) == cli.ExitCode.REFUSED
     assert "for route 'fraud', not 'price'" in capsys.readouterr().err
 
     # A change between the checks and the POST: the gateway's expected_version says 409.
@@ -105,14 +105,14 @@ async def test_a_stale_report_is_refused_by_a_real_gateway(
                             tokens["write"])
     assert status == 200
     with monkeypatch.context() as m:
-        m.setattr(cli, "check_live", lambda binding, live: None)  # checks saw the old state
-        assert await promote(config, report_now) == cli.EXIT_STALE
+        m.setattr(cli.promote, "check_live", lambda binding, live: None)  # saw the old state
+        assert await promote(config, report_now) == cli.ExitCode.REFUSED
     assert "the gateway refused (409)" in capsys.readouterr().err
 
     # A report of the current state is applied, with the version precondition.
     status, current = await admin(gw, "GET", "/routes/fraud", tokens["read"])
     report_ok = bound_report(tmp_path / "ok" / "report.json", current, "fraud_v4")
-    assert await promote(config, report_ok) == cli.EXIT_OK
+    assert await promote(config, report_ok) == cli.ExitCode.OK
     assert "promoted fraud_v4" in capsys.readouterr().out
     status, final = await admin(gw, "GET", "/routes/fraud", tokens["read"])
     assert final["champion"]["model"] == "fraud_v4"
@@ -161,11 +161,11 @@ async def test_a_report_from_real_records_is_bound_to_the_live_route(
     v4["decision"] = "PROMOTE"
     path.write_text(json.dumps(report))
 
-    assert await promote(config, path, "--dry-run") == cli.EXIT_OK
+    assert await promote(config, path, "--dry-run") == cli.ExitCode.OK
     assert (f'"expected_version": {live["version"]}, "experiment": '
             f'"{live_v4["experiment"]["id"]}"') in capsys.readouterr().out
     status, _ = await admin(gw, "POST", "/routes/fraud/promote", tokens["write"],
                             {"model": "fraud_v5"})
     assert status == 200
-    assert await promote(config, path) == cli.EXIT_STALE
+    assert await promote(config, path) == cli.ExitCode.REFUSED
     assert "live champion of 'fraud' is 'fraud_v5'" in capsys.readouterr().err

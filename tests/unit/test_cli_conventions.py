@@ -13,7 +13,7 @@ from understudy.cli import ExitCode
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("program", ["gateway"])
+@pytest.mark.parametrize("program", ["gateway", "evaluator"])
 def test_version_flag(program: str) -> None:
     out = subprocess.run([sys.executable, "-m", program, "--version"], cwd=ROOT,
                          capture_output=True, text=True, check=False)

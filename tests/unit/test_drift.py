@@ -43,6 +43,8 @@ from evaluator.drift import (
     psi_from_counts,
     wasserstein,
 )
+from evaluator.report.document import render_markdown
+from evaluator.report.drift import drift_blocks, drift_section
 
 CFG = DriftConfig()
 
@@ -374,14 +376,14 @@ def test_drift_section_and_markdown_from_result_and_from_json() -> None:
     rng = np.random.default_rng(7)
     result = compute_drift(_frame(3000, rng), _frame(1500, rng, shift={"a": 1.0}, t0=5000),
                            DriftConfig(adaptive=False), route="fraud")
-    section = drift.drift_section(result)
+    section = drift_section(result)
     assert section["verdict"] == "DRIFT"
     assert section["drifted_features"] == ["a"]
     assert {f["name"] for f in section["features"]} == {"a", "b", "c", "d", "channel"}
-    again = drift.drift_section(json.loads(json.dumps(result.to_dict())))
+    again = drift_section(json.loads(json.dumps(result.to_dict())))
     assert again == json.loads(json.dumps(section))
-    md = drift.drift_markdown(result)
-    assert md == drift.drift_markdown(section)  # the report renders the section it embeds
+    md = render_markdown(drift_blocks(result))
+    assert drift_blocks(result) == drift_blocks(section)  # the report renders what it embeds
     assert "dataset drift at 30%" in md
     assert md.startswith("## Drift: DRIFT")
     assert "| a | numeric |" in md

@@ -14,13 +14,14 @@ from evaluator.drift import (
     FeatureData,
     FeatureDrift,
     Threshold,
-    _dataset_base,
     compute_drift,
     dataset_rule,
-    drift_markdown,
     feature_table,
     numeric_drift,
 )
+from evaluator.drift.thresholds import _dataset_base
+from evaluator.report.document import render_markdown
+from evaluator.report.drift import drift_blocks
 
 CFG = DriftConfig(adaptive=False)
 
@@ -70,7 +71,7 @@ def test_broad_shift_below_the_single_feature_floor() -> None:
     assert result.dataset_drift
     assert result.dataset_features == [f"x{j:02d}" for j in range(8)]
     # the report and the gauges say what the dataset rule counted
-    assert "Dataset rule: 8 feature(s) counted (40%)" in drift_markdown(result)
+    assert "Dataset rule: 8 feature(s) counted (40%)" in render_markdown(drift_blocks(result))
     assert "the dataset rule counts 8 (40%" in feature_table(result)
     metrics = DriftMetrics()
     metrics.update(result)

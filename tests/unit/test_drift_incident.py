@@ -24,8 +24,6 @@ from evaluator.drift import (
     DriftMetrics,
     FeatureData,
     WebhookNotifier,
-    _adaptive,
-    _segment_rows,
     categorical_drift,
     compute_drift,
     min_detectable_shift,
@@ -33,6 +31,8 @@ from evaluator.drift import (
     reference_bounds,
     unseen_baseline,
 )
+from evaluator.drift.seasonal import _segment_rows
+from evaluator.drift.thresholds import _adaptive
 
 CFG = DriftConfig()
 DAY = 86400.0

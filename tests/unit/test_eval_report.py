@@ -5,6 +5,7 @@ routes — clear-cut, exploring, regression, tiny, empty — and through `evalua
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 from dataclasses import replace
@@ -18,7 +19,7 @@ from devtools.simulate.tests import subset
 from evaluator import cli
 from evaluator.dataset import STATUS_CODES, EvalDataset
 from evaluator.decision import DecisionPolicy, decide
-from evaluator.report import REPORT_SCHEMA_VERSION, markdown_to_blocks, roc_points, write_report
+from evaluator.report import REPORT_SCHEMA_VERSION, report_blocks, roc_points, write_report
 from loadtests.bench_report import synthetic_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -276,14 +277,101 @@ def test_roc_points_lie_on_the_exact_curve() -> None:
         roc_points(np.zeros(10), np.linspace(0, 1, 10))
 
 
-def test_markdown_fragment_parser() -> None:
-    blocks = markdown_to_blocks("## Drift: OK\n\nLine one.\nLine two.\n\n| a | b |\n|---|---:|\n"
-                                "| 1 | **2** |\n\n- x\n- y\n")
-    assert [b.kind for b in blocks] == ["h2", "p", "table", "ul"]
-    assert blocks[1].text == "Line one. Line two."
-    assert blocks[2].header == ("a", "b")
-    assert blocks[2].rows == (("1", "**2**"),)
-    assert blocks[3].items == ("x", "y")
+def _structure_md(md: str) -> list[tuple[str, Any]]:
+    """Headings, tables (rows), lists (items) and verdict lines of report.md, in order."""
+    out: list[tuple[str, Any]] = []
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append((f"h{level}", line[level + 1:]))
+        elif line.startswith("|"):
+            rows = 0
+            while i < len(lines) and lines[i].startswith("|"):
+                rows += 1
+                i += 1
+            out.append(("table", rows - 2))  # header and separator
+            continue
+        elif line.startswith("- "):
+            items = 0
+            while i < len(lines) and lines[i].startswith("- "):
+                items += 1
+                i += 1
+            out.append(("ul", items))
+            continue
+        i += 1
+    return out
+
+
+def _structure_html(page: str) -> list[tuple[str, Any]]:
+    """The same structure read back from report.html (the plots section left out)."""
+    page = re.sub(r"<h2>Plots</h2><div class=\"figs\">.*?</div>\n", "", page, flags=re.S)
+    out: list[tuple[str, Any]] = []
+    pattern = r"<(h[123])>(.*?)</h[123]>|<table>(.*?)</table>|<ul>(.*?)</ul>"
+    for m in re.finditer(pattern, page, flags=re.S):
+        if m.group(1):
+            text = re.sub(r"</?strong>", "**", m.group(2)).replace("<code>", "`")
+            out.append((m.group(1), html.unescape(text.replace("</code>", "`"))))
+        elif m.group(3) is not None:
+            out.append(("table", m.group(3).count("<tr>") - 1))
+        else:
+            out.append(("ul", m.group(4).count("<li>")))
+    return out
+
+
+def test_markdown_and_html_render_the_same_blocks(tmp_path: Path) -> None:
+    """Both files come from one block list: the same headings, tables (with the same number of
+    rows) and lists, in the same order, and every block of the list is in both."""
+    ds = synthetic_dataset(6_000, seed=21, explore=0.3)
+    report, md, page = write(ds, tmp_path)
+    blocks = report_blocks(report)
+    kinds = [b.kind for b in blocks]
+    assert {"h1", "h2", "h3", "p", "ul", "table", "verdict", "figures"} <= set(kinds)
+    expected = [(b.kind, b.text) if b.kind.startswith("h") else
+                (b.kind, len(b.rows) if b.kind == "table" else len(b.items))
+                for b in blocks if b.kind in ("h1", "h2", "h3", "table", "ul")]
+    assert _structure_md(md) == expected
+    assert _structure_html(page) == expected
+    for b in blocks:
+        if b.kind == "verdict":
+            assert f"**{b.text}**" in md and f'<div class="verdict {b.verdict}">' in page
+        if b.kind == "p":
+            assert b.text in md
+
+
+def test_drift_data_reaches_the_report_without_text(tmp_path: Path) -> None:
+    """report.json holds drift's data, and the report's drift blocks are built from it: the same
+    blocks from the DriftResult, from drift.json as loaded, and from what report.json embeds."""
+    from evaluator.config import DriftConfig
+    from evaluator.drift import FeatureData, compute_drift
+    from evaluator.drift.data import _f
+    from evaluator.report.drift import drift_blocks
+
+    rng = np.random.default_rng(5)
+
+    def frame(n: int, shift: float, t0: float) -> FeatureData:
+        cols = {"amount": rng.normal(shift, 1.0, n), "age": rng.normal(0.0, 1.0, n)}
+        scores = {"*": rng.random(n)}
+        return FeatureData(columns=cols, ts=t0 + np.arange(n, dtype=float), scores=scores,
+                           source="sim")
+
+    result = compute_drift(frame(3000, 0.0, 0.0), frame(1500, 1.0, 5000.0),
+                           DriftConfig(adaptive=False), route="fraud")
+    drift_json = json.loads(json.dumps(result.to_dict()))
+    report, md, page = write(synthetic_dataset(3_000, seed=12), tmp_path, drift=drift_json)
+    embedded = drift_blocks(report["drift"])
+    assert embedded == drift_blocks(result) == drift_blocks(drift_json)
+    blocks = report_blocks(report)
+    start = blocks.index(embedded[0])
+    assert blocks[start:start + len(embedded)] == embedded
+    features = embedded[2]
+    amount = next(r for r in features.rows if r[0] == "amount")
+    feature = next(f for f in result.features if f.name == "amount")
+    assert amount[2] == _f(feature.psi) and amount[-1] == "**drift**"
+    assert f"| amount | numeric | {_f(feature.psi)} |" in md
+    assert f"<td>amount</td><td>numeric</td><td>{_f(feature.psi)}</td>" in page
 
 
 # -- through the command line -----------------------------------------------------------------
@@ -488,7 +576,7 @@ def test_arm_shares_leave_idle_gaps_empty(tmp_path: Path) -> None:
 
 
 def test_no_negative_zero() -> None:
-    from evaluator.report import _num
+    from evaluator.report.format import _num
 
     assert _num(-0.0, "+.3g") == "0" and _num(-1e-9, ".3f") == "0.000"
     assert _num(-1e-9, ".2%") == "0.00%"
@@ -612,8 +700,8 @@ def test_report_fail_on_blocked_exits_with_its_own_code(tmp_path: Path) -> None:
                               for i in range(400)))
     log.write("labels", *(label(f"r{i}", float(y[i]), T0 + 1e6) for i in range(400)))
     assert cli.main(["run", "--once", "--config", str(path)]) == 0
-    assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == cli.EXIT_OK
+    assert cli.main(["report", "--config", str(path), "--route", "fraud"]) == cli.ExitCode.OK
     decision = load_strict(tmp_path / "reports" / "report.json")["decisions"][0]
     assert decision["decision"] == "BLOCKED"
     assert cli.main(["report", "--config", str(path), "--route", "fraud",
-                     "--fail-on-blocked"]) == cli.EXIT_BLOCKED
+                     "--fail-on-blocked"]) == cli.ExitCode.BLOCKED
