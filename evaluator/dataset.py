@@ -8,11 +8,23 @@ on simulated data without touching the store.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 Task = Literal["classification", "regression"]
+Role = Literal["champion", "challenger"]
+
+# Array aliases for the evaluator's signatures: the dtype is part of the contract (a float64
+# score column, an int8 status column, an object column of str ids).
+F64 = NDArray[np.float64]
+I64 = NDArray[np.int64]
+I8 = NDArray[np.int8]
+Bool = NDArray[np.bool_]
+Obj = NDArray[np.object_]
+Array = NDArray[Any]  # any dtype: a fetched SQL column, a mask or an index
+_A = TypeVar("_A", bound=Array)
 
 # Outcome status codes stored in ModelColumn.status (see understudy.records.OutcomeStatus).
 STATUS_CODES: dict[str, int] = {"ok": 0, "error": 1, "timeout": 2, "shed": 3, "skipped": 4}
@@ -23,18 +35,19 @@ class ModelColumn:
     """One model's view of the joined requests, aligned row-for-row with the dataset."""
 
     name: str
-    role: Literal["champion", "challenger"]
-    scores: np.ndarray  # float64 [n]; NaN where status != ok (score = first element of the output)
-    status: np.ndarray  # int8 [n], codes from STATUS_CODES
-    latency_ms: np.ndarray  # float64 [n]; NaN where unknown
+    role: Role
+    scores: F64  # float64 [n]; NaN where status != ok (score = first element of the output)
+    status: I8  # int8 [n], codes from STATUS_CODES
+    latency_ms: F64  # float64 [n]; NaN where unknown
     modes: tuple[str, ...] = ()  # served / shadow / explore modes seen for this model
     # Challengers only (None for the champion or for records written before these fields):
-    experiment: np.ndarray | None = None  # object [n], the experiment id the copy belonged to
-    sample_rate: np.ndarray | None = None  # float64 [n], the challenger's sample rate; NaN unknown
+    experiment: Obj | None = None  # object [n], the experiment id the copy belonged to
+    sample_rate: F64 | None = None  # float64 [n], the challenger's sample rate; NaN unknown
 
     @property
-    def ok(self) -> np.ndarray:
-        return self.status == STATUS_CODES["ok"]
+    def ok(self) -> Bool:
+        ok: Bool = self.status == STATUS_CODES["ok"]
+        return ok
 
 
 @dataclass
@@ -66,19 +79,19 @@ class EvalDataset:
     route: str
     task: Task
     champion: str  # the model that was champion for these requests (most recent if it changed)
-    request_ids: np.ndarray  # object [n]
-    ts: np.ndarray  # float64 [n], unix seconds of the inference
-    labels: np.ndarray  # float64 [n]; 0/1 for classification
-    rewards: np.ndarray  # float64 [n]; NaN where no reward was given
-    served: np.ndarray  # object [n], model that answered the client
-    propensity: np.ndarray  # float64 [n], probability of the served arm at decision time
-    arm_probs: dict[str, np.ndarray]  # model -> float64 [n], its probability under the policy
-    policy_types: np.ndarray  # object [n], logging policy type per request
+    request_ids: Obj  # object [n]
+    ts: F64  # float64 [n], unix seconds of the inference
+    labels: F64  # float64 [n]; 0/1 for classification
+    rewards: F64  # float64 [n]; NaN where no reward was given
+    served: Obj  # object [n], model that answered the client
+    propensity: F64  # float64 [n], probability of the served arm at decision time
+    arm_probs: dict[str, F64]  # model -> float64 [n], its probability under the policy
+    policy_types: Obj  # object [n], logging policy type per request
     models: dict[str, ModelColumn]  # champion and every challenger that scored these requests
     threshold: float = 0.5
     stats: JoinStats = field(default_factory=JoinStats)
-    registry_version: np.ndarray | None = None  # int64 [n], route registry version; -1 unknown
-    label_ts: np.ndarray | None = None  # float64 [n], label receipt time; NaN unknown
+    registry_version: I64 | None = None  # int64 [n], route registry version; -1 unknown
+    label_ts: F64 | None = None  # float64 [n], label receipt time; NaN unknown
     experiments: dict[str, ExperimentInfo] = field(default_factory=dict)  # challenger -> current
 
     def __len__(self) -> int:
@@ -88,12 +101,12 @@ class EvalDataset:
     def challengers(self) -> list[str]:
         return [m for m in self.models if m != self.champion]
 
-    def take(self, rows: np.ndarray | slice) -> EvalDataset:
+    def take(self, rows: Array | slice) -> EvalDataset:
         """The same dataset restricted to ``rows`` (a mask, indices or a slice) — one
         experiment's rows, or a past report's view in a simulation. Every per-row array moves."""
 
-        def cut(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[rows]
+        def cut(a: _A | None) -> _A | None:
+            return None if a is None else cast(_A, a[rows])  # indexing keeps the dtype
 
         models = {
             k: replace(

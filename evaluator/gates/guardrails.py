@@ -58,21 +58,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
-import numpy as np
 from scipy import special
 
-from evaluator.dataset import STATUS_CODES, ModelColumn
+from evaluator.dataset import ModelColumn
+from evaluator.gates.summaries import (
+    P99,
+    LatencySummary,
+    OutcomeSummary,
+    QuantileEstimate,
+    latency_summary,
+    measured_latencies,
+    min_latency_samples,
+    newcombe_interval,
+    outcome_summary,
+    p99_estimate,
+    quantile_ranks,
+    unmeasured,
+)
+from evaluator.stats.common import dataclass_dict
 from evaluator.stats.metrics import wilson_interval
-from evaluator.stats.significance import _dataclass_dict
 
 GuardrailStatus = Literal["pass", "fail", "insufficient"]
-
-P99 = 0.99
-# The rank interval whose width estimates a p99's standard error (independent of the test's
-# alpha: it measures spread, it is not the test). 97.5% one-sided on each side needs n >= 368.
-_SPREAD_TAIL = 0.025
 
 
 @dataclass(frozen=True)
@@ -87,37 +95,7 @@ class GuardrailLimits:
     min_requests: int = 100
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
-
-
-@dataclass(frozen=True)
-class LatencySummary:
-    n: int
-    mean_ms: float | None
-    p50_ms: float | None
-    p99_ms: float | None
-    p99_ci_low_ms: float | None  # exact order-statistic interval (None: no order statistic
-    p99_ci_high_ms: float | None  # is far enough out for this n)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
-
-
-@dataclass(frozen=True)
-class OutcomeSummary:
-    total: int
-    attempted: int
-    ok: int
-    error: int
-    timeout: int
-    shed: int
-    skipped: int
-    error_rate: float | None  # (error + timeout) / attempted
-    error_rate_ci_low: float | None  # Wilson interval
-    error_rate_ci_high: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -143,7 +121,16 @@ class GuardrailCheck:
     difference_interval: tuple[float | None, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
+
+
+class _CheckContext(TypedDict, total=False):
+    """The fields every check of one kind shares (keyword arguments of GuardrailCheck)."""
+
+    n: int
+    n_champion: int | None
+    confidence: float | None
+    margin: float | None
 
 
 @dataclass(frozen=True)
@@ -172,168 +159,6 @@ class GuardrailResult:
             "outcomes": {k: v.to_dict() for k, v in self.outcomes.items()},
             "limits": self.limits.to_dict(),
         }
-
-
-_ATTEMPTED = (STATUS_CODES["ok"], STATUS_CODES["error"], STATUS_CODES["timeout"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Quantile bounds
-# ----------------------------------------------------------------------------------------------
-
-
-def _bdtr(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k), with the ends pinned (scipy.special: no argument-checking cost)."""
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    return float(special.bdtr(k, n, p))
-
-
-def quantile_ranks(n: int, p: float, tail: float) -> tuple[int | None, int | None]:
-    """1-based ranks (r, s) of the exact one-sided (1 - tail) bounds for the p-quantile.
-
-    With B ~ Binomial(n, p) the number of observations at or below the quantile,
-    P(X_(r) <= q_p) >= P(B >= r) and P(X_(s) >= q_p) >= P(B <= s - 1) for any distribution
-    (equality when continuous). r is the largest rank with P(B <= r - 1) <= tail, s the smallest
-    with P(B <= s - 1) >= 1 - tail; None when no order statistic qualifies (n too small).
-    """
-    if n <= 0:
-        return None, None
-    sd = math.sqrt(n * p * (1 - p))
-    z = float(special.ndtri(1 - tail))
-    k = min(n, max(-1, math.floor(n * p - z * sd)))  # normal-approximation start, then exact
-    while k >= 0 and _bdtr(k, n, p) > tail:
-        k -= 1
-    while k + 1 < n and _bdtr(k + 1, n, p) <= tail:
-        k += 1
-    lower = k + 1 if k >= 0 else None
-    k = min(n, max(0, math.ceil(n * p + z * sd)))
-    while k > 0 and _bdtr(k - 1, n, p) >= 1 - tail:
-        k -= 1
-    while k < n and _bdtr(k, n, p) < 1 - tail:
-        k += 1
-    upper = k + 1 if k + 1 <= n else None
-    return lower, upper
-
-
-@dataclass(frozen=True)
-class QuantileEstimate:
-    """A sample p99 with its distribution-free spread (see the module docstring)."""
-
-    n: int
-    value: float
-    se_ms: float | None  # None: n too small for the spread interval
-    se_log: float | None  # None also when a bound is not positive
-
-
-def min_latency_samples() -> int:
-    """Smallest n whose order statistics bracket a p99 at 97.5% on both sides (368)."""
-    return math.ceil(math.log(_SPREAD_TAIL) / math.log(P99))
-
-
-def p99_estimate(x_sorted: np.ndarray) -> QuantileEstimate:
-    """p99 of sorted latencies and its standard error from the order-statistic interval width.
-
-    The interval [X_(r), X_(s)] (97.5% one-sided each side) has exact coverage c; dividing its
-    width by 2 z_{(1+c)/2} gives the standard error a normal interval of that coverage would have.
-    """
-    n = int(x_sorted.size)
-    value = float(np.quantile(x_sorted, P99))
-    r, s = quantile_ranks(n, P99, _SPREAD_TAIL)
-    if r is None or s is None:
-        return QuantileEstimate(n, value, None, None)
-    coverage = _bdtr(s - 1, n, P99) - _bdtr(r - 1, n, P99)
-    z = float(special.ndtri(0.5 + coverage / 2))
-    lo, hi = float(x_sorted[r - 1]), float(x_sorted[s - 1])
-    se_log = (math.log(hi) - math.log(lo)) / (2 * z) if lo > 0 and value > 0 else None
-    return QuantileEstimate(n, value, (hi - lo) / (2 * z), se_log)
-
-
-# ----------------------------------------------------------------------------------------------
-# Summaries (also used by the report for every model)
-# ----------------------------------------------------------------------------------------------
-
-
-def outcome_summary(status: np.ndarray, alpha: float = 0.05) -> OutcomeSummary:
-    """Counts per outcome and the error/timeout rate over attempted requests (Wilson CI)."""
-    st = np.asarray(status)
-    counts = {name: int(np.count_nonzero(st == code)) for name, code in STATUS_CODES.items()}
-    attempted = counts["ok"] + counts["error"] + counts["timeout"]
-    failures = counts["error"] + counts["timeout"]
-    rate = lo = hi = None
-    if attempted:
-        rate = failures / attempted
-        lo, hi = wilson_interval(failures, attempted, alpha)
-    return OutcomeSummary(
-        int(st.size),
-        attempted,
-        counts["ok"],
-        counts["error"],
-        counts["timeout"],
-        counts["shed"],
-        counts["skipped"],
-        rate,
-        lo,
-        hi,
-    )
-
-
-def measured_latencies(latency_ms: np.ndarray, status: np.ndarray) -> np.ndarray:
-    """Sorted latencies of attempted requests that carry one (batched copies have NaN)."""
-    lat = np.asarray(latency_ms, dtype=np.float64)
-    return np.sort(lat[_attempted(status) & np.isfinite(lat)])
-
-
-def latency_summary(
-    latency_ms: np.ndarray, status: np.ndarray, alpha: float = 0.05
-) -> LatencySummary:
-    """Latency over measured requests; p99 with its exact two-sided 1 - alpha order-statistic CI."""
-    x = measured_latencies(latency_ms, status)
-    n = int(x.size)
-    if n == 0:
-        return LatencySummary(0, None, None, None, None, None)
-    p50, p99 = (float(v) for v in np.quantile(x, [0.5, P99]))
-    r, s = quantile_ranks(n, P99, alpha / 2)
-    lo = float(x[r - 1]) if r is not None else None
-    hi = float(x[s - 1]) if s is not None else None
-    return LatencySummary(n, float(x.mean()), p50, p99, lo, hi)
-
-
-def _attempted(status: np.ndarray) -> np.ndarray:
-    st = np.asarray(status)
-    return (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
-
-
-def _unmeasured(model: ModelColumn) -> int:
-    """Attempted requests without a latency: batched shadow copies (understudy/records.py)."""
-    latency = np.asarray(model.latency_ms, dtype=np.float64)
-    return int((_attempted(model.status) & ~np.isfinite(latency)).sum())
-
-
-# ----------------------------------------------------------------------------------------------
-# Error-rate intervals
-# ----------------------------------------------------------------------------------------------
-
-
-def newcombe_interval(
-    k1: int, n1: int, k2: int, n2: int, alpha: float = 0.05
-) -> tuple[float, float]:
-    """Two-sided 1 - alpha Newcombe hybrid-score interval for p1 - p2 (independent samples).
-
-    Newcombe (1998), method 10: with Wilson intervals (l_i, u_i) for each rate,
-    low = d - sqrt((p1 - l1)^2 + (u2 - p2)^2), high = d + sqrt((u1 - p1)^2 + (p2 - l2)^2).
-    Good coverage down to small n and rates near 0, where the Wald interval is far too narrow.
-    """
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson_interval(k1, n1, alpha)
-    l2, u2 = wilson_interval(k2, n2, alpha)
-    d = p1 - p2
-    return (
-        d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
-        d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +193,25 @@ def _compare_p99(
     )
 
 
+def _latency_shortfall(nc: int, nh: int, need: int, compared: bool,
+                       challenger: ModelColumn) -> str | None:
+    """Why the latency checks cannot judge (None when they can)."""
+    if nc >= need and nh >= need and compared:
+        return None
+    short = (
+        f"insufficient data: {nh:,} measured challenger latencies and {nc:,} champion "
+        f"(need {need:,} each for a distribution-free bound on a p99)"
+    )
+    if not compared and nc >= need and nh >= need:
+        short = "insufficient data: a p99 bound is not positive (zero latencies)"
+    n_unmeasured = unmeasured(challenger) if nh < need else 0
+    if n_unmeasured:
+        short += (f"; {n_unmeasured:,} of the challenger's copies shared a batched "
+                  "Triton call and carry no comparable latency (the gateway sends every "
+                  "latency_probe_every-th copy alone)")
+    return short
+
+
 def _latency_checks(
     champion: ModelColumn,
     challenger: ModelColumn,
@@ -384,22 +228,10 @@ def _latency_checks(
     qc = p99_estimate(xc) if nc else None
     qh = p99_estimate(xh) if nh else None
     cmp = _compare_p99(qc, qh, z) if qc is not None and qh is not None else None
-    short = None
-    if nc < need or nh < need or cmp is None:
-        short = (
-            f"insufficient data: {nh:,} measured challenger latencies and {nc:,} champion "
-            f"(need {need:,} each for a distribution-free bound on a p99)"
-        )
-        if cmp is None and nc >= need and nh >= need:
-            short = "insufficient data: a p99 bound is not positive (zero latencies)"
-        unmeasured = _unmeasured(challenger) if nh < need else 0
-        if unmeasured:
-            short += (f"; {unmeasured:,} of the challenger's copies shared a batched "
-                      "Triton call and carry no comparable latency (the gateway sends every "
-                      "latency_probe_every-th copy alone)")
+    short = _latency_shortfall(nc, nh, need, cmp is not None, challenger)
     p99c = qc.value if qc is not None else None
     p99h = qh.value if qh is not None else None
-    common = {"n": nh, "n_champion": nc, "confidence": conf, "margin": margin}
+    common: _CheckContext = {"n": nh, "n_champion": nc, "confidence": conf, "margin": margin}
     margin_text = ""
     margin_ok = False
     if cmp is not None:
@@ -474,13 +306,14 @@ def _error_checks(
         f"insufficient data: {oh.attempted:,} attempted challenger requests and "
         f"{oc.attempted:,} champion (need {need:,} each)"
     )
-    common = {"n": oh.attempted, "confidence": conf}
+    common: _CheckContext = {"n": oh.attempted, "confidence": conf}
+    paired: _CheckContext = {**common, "n_champion": oc.attempted}
     checks: list[GuardrailCheck] = []
     if limits.max_error_rate_delta is not None:
         limit = limits.max_error_rate_delta
         if oc.attempted < need or oh.attempted < need or not oc.attempted or not oh.attempted:
             checks.append(GuardrailCheck("error_rate_delta", oc.error_rate, oh.error_rate, None,
-                                         limit, None, short, n_champion=oc.attempted, **common))
+                                         limit, None, short, **paired))
         else:
             rc, rh = kc / oc.attempted, kh / oh.attempted
             lo, hi = newcombe_interval(kh, oh.attempted, kc, oc.attempted, 2 * alpha)
@@ -497,8 +330,7 @@ def _error_checks(
                     f"{(rh - rc) * 100:+.2f} pp, {conf:.0%} lower bound {lo * 100:+.2f} pp "
                     f"{'>' if fail else '<='} {limit * 100:.2f} pp",
                     (lo, hi),
-                    n_champion=oc.attempted,
-                    **common,
+                    **paired,
                 )
             )
     if limits.max_error_rate is not None:
@@ -563,6 +395,7 @@ def check_guardrails(
                            alpha)
 
 
+# The summaries and bounds live in evaluator/gates/summaries.py; these names stay importable here.
 __all__ = [
     "GuardrailCheck",
     "GuardrailLimits",
@@ -577,3 +410,4 @@ __all__ = [
     "p99_estimate",
     "quantile_ranks",
 ]
+

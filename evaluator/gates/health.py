@@ -45,8 +45,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy import special, stats
 
-from evaluator.dataset import STATUS_CODES, EvalDataset
-from evaluator.stats.significance import _dataclass_dict, jsonable
+from evaluator.dataset import STATUS_CODES, Array, EvalDataset
+from evaluator.stats.common import dataclass_dict, jsonable
 
 HealthStatus = Literal["pass", "fail", "insufficient"]
 CheckStatus = Literal["pass", "fail", "insufficient", "skipped"]
@@ -71,7 +71,7 @@ class HealthCheck:
     expected: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class DataHealthResult:
 
 
 def sample_ratio_check(
-    served: np.ndarray, arm_probs: dict[str, np.ndarray]
+    served: Array, arm_probs: dict[str, Array]
 ) -> tuple[HealthCheck, float | None]:
     """Served counts per arm vs the sum of logged probabilities (Wald chi-squared)."""
     arms = list(arm_probs)
@@ -166,7 +166,7 @@ def sample_ratio_check(
 
 
 def coverage_check(
-    dataset: EvalDataset, challenger: str, rows: np.ndarray
+    dataset: EvalDataset, challenger: str, rows: Array
 ) -> tuple[HealthCheck, float | None]:
     """Attempted copies vs the logged sample rate, on requests where a copy was due."""
     col = dataset.models[challenger]
@@ -222,7 +222,7 @@ def coverage_check(
 
 
 def shedding_check(
-    dataset: EvalDataset, challenger: str, rows: np.ndarray
+    dataset: EvalDataset, challenger: str, rows: Array
 ) -> tuple[HealthCheck, float | None]:
     """Champion scores where the challenger's copy was lost vs where it was scored (KS)."""
     champ = dataset.models.get(dataset.champion)
@@ -266,7 +266,7 @@ def shedding_check(
 # ----------------------------------------------------------------------------------------------
 
 
-def experiment_rows(dataset: EvalDataset, challenger: str) -> tuple[np.ndarray, str | None]:
+def experiment_rows(dataset: EvalDataset, challenger: str) -> tuple[Array, str | None]:
     """Rows of the challenger's current experiment (all rows when it is not known)."""
     info = dataset.experiments.get(challenger)
     col = dataset.models[challenger]

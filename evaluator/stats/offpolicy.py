@@ -58,8 +58,8 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from evaluator.dataset import EvalDataset
-from evaluator.stats.significance import _dataclass_dict, jsonable
+from evaluator.dataset import Array, EvalDataset
+from evaluator.stats.common import dataclass_dict, jsonable
 
 ESTIMATORS = ("ips", "snips", "dm", "dr")
 
@@ -77,7 +77,7 @@ class PolicyEstimate:
     reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -140,11 +140,11 @@ class ArmBins:
     """One arm's piecewise-constant E[reward | its own score]: inner bin ``edges``, the fitted
     reward per bin (the last slot is "score missing") and each bin mean's sampling variance."""
 
-    edges: np.ndarray
-    means: np.ndarray
-    mean_var: np.ndarray
+    edges: Array
+    means: Array
+    mean_var: Array
 
-    def ids(self, scores: np.ndarray) -> np.ndarray:
+    def ids(self, scores: Array) -> Array:
         """Each request's bin (``len(edges) + 1`` = the score-missing slot)."""
         s = np.asarray(scores, dtype=np.float64)
         ids = np.full(s.size, self.edges.size + 1, dtype=np.int64)
@@ -161,13 +161,13 @@ class BinnedRewardModel:
     arms: tuple[str, ...]
     bins: tuple[ArmBins, ...]
 
-    def predict(self, scores: np.ndarray) -> np.ndarray:
+    def predict(self, scores: Array) -> Array:
         """(n, K) predicted reward for every request under every arm, from (n, K) scores."""
         return np.column_stack(
             [b.means[b.ids(scores[:, k])] for k, b in enumerate(self.bins)]
         )
 
-    def dm_variance(self, scores: np.ndarray, target: np.ndarray, n_total: int) -> float:
+    def dm_variance(self, scores: Array, target: Array, n_total: int) -> float:
         """Sampling variance this model's bin means add to a DM average over ``n_total``
         requests, of which these rows (scores, target probabilities) use this model."""
         total = 0.0
@@ -180,13 +180,13 @@ class BinnedRewardModel:
 
 
 def _bin_stats(
-    ids: np.ndarray,
-    r: np.ndarray,
+    ids: Array,
+    r: Array,
     n_slots: int,
     fallback_mean: float,
     fallback_var: float,
-    min_count: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+    min_count: Array,
+) -> tuple[Array, Array]:
     counts = np.bincount(ids, minlength=n_slots).astype(np.float64)
     sums = np.bincount(ids, weights=r, minlength=n_slots)
     sq = np.bincount(ids, weights=r * r, minlength=n_slots)
@@ -199,9 +199,9 @@ def _bin_stats(
 
 
 def fit_binned_reward_model(
-    rewards: np.ndarray,
-    served_idx: np.ndarray,
-    scores: np.ndarray,
+    rewards: Array,
+    served_idx: Array,
+    scores: Array,
     arms: tuple[str, ...],
     n_bins: int = 10,
     min_per_bin: int = 30,
@@ -242,12 +242,12 @@ class CrossFitRewardModel:
     the model fitted on the other folds, so its own reward never enters its own prediction."""
 
     arms: tuple[str, ...]
-    fold: np.ndarray  # int [n], each request's fold
+    fold: Array  # int [n], each request's fold
     models: tuple[BinnedRewardModel, ...]  # model f: fitted on every fold but f
-    predictions: np.ndarray  # (n, K)
+    predictions: Array  # (n, K)
     n_bins: int
 
-    def dm_variance(self, scores: np.ndarray, target: np.ndarray) -> float:
+    def dm_variance(self, scores: Array, target: Array) -> float:
         """Variance the fitted bin means add to DM. The fold models share training rows (for
         more than two folds), so their contributions are added as if perfectly correlated:
         (sum_f sd_f)^2, an upper bound whatever their correlation."""
@@ -266,7 +266,7 @@ class CrossFitRewardModel:
         )
 
 
-def fold_assignment(served_idx: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def fold_assignment(served_idx: Array, folds: int, seed: int) -> Array:
     """Seeded fold of every request, stratified by the served arm (each fold sees every arm)."""
     rng = np.random.default_rng(seed)
     fold = np.empty(served_idx.size, dtype=np.int64)
@@ -277,9 +277,9 @@ def fold_assignment(served_idx: np.ndarray, folds: int, seed: int) -> np.ndarray
 
 
 def fit_cross_fitted_reward_model(
-    rewards: np.ndarray,
-    served_idx: np.ndarray,
-    scores: np.ndarray,
+    rewards: Array,
+    served_idx: Array,
+    scores: Array,
     arms: tuple[str, ...],
     n_bins: int = 10,
     min_per_bin: int = 30,
@@ -316,7 +316,7 @@ def _normal(
     return PolicyEstimate(name, value, se, value - z * se, value + z * se, n, reason)
 
 
-def _mean_estimate(name: str, terms: np.ndarray, alpha: float) -> PolicyEstimate:
+def _mean_estimate(name: str, terms: Array, alpha: float) -> PolicyEstimate:
     n = int(terms.size)
     if n < 2:
         return PolicyEstimate(name, None, None, None, None, n, "fewer than 2 requests")
@@ -324,11 +324,11 @@ def _mean_estimate(name: str, terms: np.ndarray, alpha: float) -> PolicyEstimate
 
 
 def policy_value_estimates(
-    rewards: np.ndarray,
-    served_idx: np.ndarray,
-    propensity: np.ndarray,
-    target: np.ndarray,
-    reward_hat: np.ndarray,
+    rewards: Array,
+    served_idx: Array,
+    propensity: Array,
+    target: Array,
+    reward_hat: Array,
     *,
     dm_model_var: float = 0.0,
     unsupported: int | None = 0,

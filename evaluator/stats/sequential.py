@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from evaluator.dataset import F64, Array
 from evaluator.stats.significance import jsonable, placements_sorted
 
 SECONDS_PER_DAY = 86_400.0
@@ -68,14 +69,14 @@ class SequentialResult:
     alpha: float
     tau: float
     burn_in: int
-    n: np.ndarray  # pairs used at each look
-    ts: np.ndarray  # unix time of the last request in each look (NaN if unknown)
-    estimate: np.ndarray  # improvement estimate (positive = challenger better)
-    se: np.ndarray  # its standard error (NaN where the look was skipped)
-    log_lr: np.ndarray  # log Lambda (0 where skipped)
-    p_value_path: np.ndarray  # running always-valid p-value
-    cs_low: np.ndarray  # running-intersection confidence sequence
-    cs_high: np.ndarray
+    n: Array  # pairs used at each look
+    ts: Array  # unix time of the last request in each look (NaN if unknown)
+    estimate: Array  # improvement estimate (positive = challenger better)
+    se: Array  # its standard error (NaN where the look was skipped)
+    log_lr: Array  # log Lambda (0 where skipped)
+    p_value_path: Array  # running always-valid p-value
+    cs_low: Array  # running-intersection confidence sequence
+    cs_high: Array
     reason: str | None = None
 
     @property
@@ -125,7 +126,7 @@ def _empty_result(
 # ----------------------------------------------------------------------------------------------
 
 
-def time_order(ts: np.ndarray | None, n: int) -> np.ndarray:
+def time_order(ts: Array | None, n: int) -> Array:
     """Stable permutation that puts rows in inference-time order (unknown times last)."""
     if ts is None:
         return np.arange(n)
@@ -138,8 +139,8 @@ def time_order(ts: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def _time_ordered_finite(
-    columns: Sequence[np.ndarray], ts: np.ndarray | None
-) -> tuple[list[np.ndarray], np.ndarray | None]:
+    columns: Sequence[Array], ts: Array | None
+) -> tuple[list[Array], Array | None]:
     """Columns (and timestamps) in time order, keeping only rows finite in every column."""
     cols = [np.asarray(c, dtype=np.float64).ravel() for c in columns]
     t = None if ts is None else np.asarray(ts, dtype=np.float64).ravel()
@@ -151,8 +152,8 @@ def _time_ordered_finite(
 
 
 def look_points(
-    ts_sorted: np.ndarray | None, n: int, looks: Looks = "daily", max_looks: int = 30
-) -> np.ndarray:
+    ts_sorted: Array | None, n: int, looks: Looks = "daily", max_looks: int = 30
+) -> Array:
     """Prefix sizes (number of time-ordered rows) at which the statistic is evaluated.
 
     ``daily``: the end of each UTC day present in ``ts_sorted``; ``each``: every row; an int:
@@ -191,7 +192,7 @@ def look_points(
 # ----------------------------------------------------------------------------------------------
 
 
-def normal_mixture_log_lr(estimate: np.ndarray, variance: np.ndarray, tau: float) -> np.ndarray:
+def normal_mixture_log_lr(estimate: Array, variance: Array, tau: float) -> Array:
     """log Lambda of the N(0, tau^2)-mixture SPRT for a normal estimate with known variance."""
     est = np.asarray(estimate, dtype=np.float64)
     v = np.asarray(variance, dtype=np.float64)
@@ -200,15 +201,15 @@ def normal_mixture_log_lr(estimate: np.ndarray, variance: np.ndarray, tau: float
 
 
 def msprt(
-    estimates: np.ndarray,
-    variances: np.ndarray,
-    n: np.ndarray,
+    estimates: Array,
+    variances: Array,
+    n: Array,
     *,
     tau: float,
     alpha: float = 0.05,
-    ts: np.ndarray | None = None,
+    ts: Array | None = None,
     burn_in: int = 100,
-    valid: np.ndarray | None = None,
+    valid: Array | None = None,
     method: str = "msprt-normal-mixture",
 ) -> SequentialResult:
     """Always-valid p-values and confidence sequence from a path of estimates and variances.
@@ -269,15 +270,16 @@ def msprt(
 # ----------------------------------------------------------------------------------------------
 
 
-def _look_times(ts_sorted: np.ndarray | None, points: np.ndarray) -> np.ndarray | None:
+def _look_times(ts_sorted: Array | None, points: Array) -> F64 | None:
     if ts_sorted is None:
         return None
-    return np.asarray(ts_sorted, dtype=np.float64)[points - 1]
+    times: F64 = np.asarray(ts_sorted, dtype=np.float64)[points - 1]
+    return times
 
 
 def msprt_paired(
-    improvements: np.ndarray,
-    ts: np.ndarray | None = None,
+    improvements: Array,
+    ts: Array | None = None,
     *,
     tau: float,
     alpha: float = 0.05,
@@ -317,9 +319,9 @@ def msprt_paired(
 
 
 def msprt_rmse(
-    err_champion: np.ndarray,
-    err_challenger: np.ndarray,
-    ts: np.ndarray | None = None,
+    err_champion: Array,
+    err_challenger: Array,
+    ts: Array | None = None,
     *,
     tau: float,
     alpha: float = 0.05,
@@ -365,10 +367,10 @@ def msprt_rmse(
 
 
 def msprt_delong(
-    labels: np.ndarray,
-    scores_champion: np.ndarray,
-    scores_challenger: np.ndarray,
-    ts: np.ndarray | None = None,
+    labels: Array,
+    scores_champion: Array,
+    scores_challenger: Array,
+    ts: Array | None = None,
     *,
     tau: float,
     alpha: float = 0.05,
@@ -376,7 +378,7 @@ def msprt_delong(
     max_looks: int = 30,
     burn_in: int = 100,
     min_per_class: int = 10,
-    orders: tuple[np.ndarray, np.ndarray] | None = None,
+    orders: tuple[Array, Array] | None = None,
 ) -> SequentialResult:
     """mSPRT on the AUROC improvement (auc_challenger - auc_champion) with DeLong variance.
 
@@ -446,7 +448,7 @@ def msprt_delong(
 # ----------------------------------------------------------------------------------------------
 
 
-def confidence_sequence(result: SequentialResult, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def confidence_sequence(result: SequentialResult, alpha: float) -> tuple[Array, Array]:
     """Running-intersection confidence sequence of ``result``'s path at level ``1 - alpha``.
 
     Why: a correction across challengers gives each one its own level (Holm/Bonferroni alpha_j);

@@ -497,11 +497,11 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path, engine: str) -> 
         e = s._connect()
         e.execute("DROP TABLE inferences")
         e.execute("DROP TABLE outcomes")
-        import evaluator.store as st
+        from evaluator.store import schema as st
 
-        v1 = st._SCHEMA.replace(", registry_version BIGINT", "").replace(
+        v1 = st.SCHEMA.replace(", registry_version BIGINT", "").replace(
             ",\n    experiment INTEGER, sample_rate DOUBLE", "")
-        assert v1 != st._SCHEMA
+        assert v1 != st.SCHEMA
         for stmt in v1.format(ID=e.id_type).split(";"):
             if stmt.strip():
                 e.execute(stmt)

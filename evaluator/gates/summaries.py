@@ -1,0 +1,216 @@
+"""Per-model summaries and the distribution-free bounds the guardrails judge: p99 order
+statistics (ranks from the binomial), outcome counts, Wilson and Newcombe intervals for error
+rates. The report shows the same summaries for every model.
+
+Definitions (and why) are in evaluator/gates/guardrails.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import special
+
+from evaluator.dataset import STATUS_CODES, Array, Bool, ModelColumn
+from evaluator.stats.common import dataclass_dict
+from evaluator.stats.metrics import wilson_interval
+
+P99 = 0.99
+# The rank interval whose width estimates a p99's standard error (independent of the test's
+# alpha: it measures spread, it is not the test). 97.5% one-sided on each side needs n >= 368.
+_SPREAD_TAIL = 0.025
+
+_ATTEMPTED = (STATUS_CODES["ok"], STATUS_CODES["error"], STATUS_CODES["timeout"])
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    n: int
+    mean_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    p99_ci_low_ms: float | None  # exact order-statistic interval (None: no order statistic
+    p99_ci_high_ms: float | None  # is far enough out for this n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+@dataclass(frozen=True)
+class OutcomeSummary:
+    total: int
+    attempted: int
+    ok: int
+    error: int
+    timeout: int
+    shed: int
+    skipped: int
+    error_rate: float | None  # (error + timeout) / attempted
+    error_rate_ci_low: float | None  # Wilson interval
+    error_rate_ci_high: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantile bounds
+# ----------------------------------------------------------------------------------------------
+
+
+def _bdtr(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), with the ends pinned (scipy.special: no argument-checking cost)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return float(special.bdtr(k, n, p))
+
+
+def quantile_ranks(n: int, p: float, tail: float) -> tuple[int | None, int | None]:
+    """1-based ranks (r, s) of the exact one-sided (1 - tail) bounds for the p-quantile.
+
+    With B ~ Binomial(n, p) the number of observations at or below the quantile,
+    P(X_(r) <= q_p) >= P(B >= r) and P(X_(s) >= q_p) >= P(B <= s - 1) for any distribution
+    (equality when continuous). r is the largest rank with P(B <= r - 1) <= tail, s the smallest
+    with P(B <= s - 1) >= 1 - tail; None when no order statistic qualifies (n too small).
+    """
+    if n <= 0:
+        return None, None
+    sd = math.sqrt(n * p * (1 - p))
+    z = float(special.ndtri(1 - tail))
+    k = min(n, max(-1, math.floor(n * p - z * sd)))  # normal-approximation start, then exact
+    while k >= 0 and _bdtr(k, n, p) > tail:
+        k -= 1
+    while k + 1 < n and _bdtr(k + 1, n, p) <= tail:
+        k += 1
+    lower = k + 1 if k >= 0 else None
+    k = min(n, max(0, math.ceil(n * p + z * sd)))
+    while k > 0 and _bdtr(k - 1, n, p) >= 1 - tail:
+        k -= 1
+    while k < n and _bdtr(k, n, p) < 1 - tail:
+        k += 1
+    upper = k + 1 if k + 1 <= n else None
+    return lower, upper
+
+
+@dataclass(frozen=True)
+class QuantileEstimate:
+    """A sample p99 with its distribution-free spread (see the module docstring)."""
+
+    n: int
+    value: float
+    se_ms: float | None  # None: n too small for the spread interval
+    se_log: float | None  # None also when a bound is not positive
+
+
+def min_latency_samples() -> int:
+    """Smallest n whose order statistics bracket a p99 at 97.5% on both sides (368)."""
+    return math.ceil(math.log(_SPREAD_TAIL) / math.log(P99))
+
+
+def p99_estimate(x_sorted: Array) -> QuantileEstimate:
+    """p99 of sorted latencies and its standard error from the order-statistic interval width.
+
+    The interval [X_(r), X_(s)] (97.5% one-sided each side) has exact coverage c; dividing its
+    width by 2 z_{(1+c)/2} gives the standard error a normal interval of that coverage would have.
+    """
+    n = int(x_sorted.size)
+    value = float(np.quantile(x_sorted, P99))
+    r, s = quantile_ranks(n, P99, _SPREAD_TAIL)
+    if r is None or s is None:
+        return QuantileEstimate(n, value, None, None)
+    coverage = _bdtr(s - 1, n, P99) - _bdtr(r - 1, n, P99)
+    z = float(special.ndtri(0.5 + coverage / 2))
+    lo, hi = float(x_sorted[r - 1]), float(x_sorted[s - 1])
+    se_log = (math.log(hi) - math.log(lo)) / (2 * z) if lo > 0 and value > 0 else None
+    return QuantileEstimate(n, value, (hi - lo) / (2 * z), se_log)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries (also used by the report for every model)
+# ----------------------------------------------------------------------------------------------
+
+
+def outcome_summary(status: Array, alpha: float = 0.05) -> OutcomeSummary:
+    """Counts per outcome and the error/timeout rate over attempted requests (Wilson CI)."""
+    st = np.asarray(status)
+    counts = {name: int(np.count_nonzero(st == code)) for name, code in STATUS_CODES.items()}
+    attempted = counts["ok"] + counts["error"] + counts["timeout"]
+    failures = counts["error"] + counts["timeout"]
+    rate = lo = hi = None
+    if attempted:
+        rate = failures / attempted
+        lo, hi = wilson_interval(failures, attempted, alpha)
+    return OutcomeSummary(
+        int(st.size),
+        attempted,
+        counts["ok"],
+        counts["error"],
+        counts["timeout"],
+        counts["shed"],
+        counts["skipped"],
+        rate,
+        lo,
+        hi,
+    )
+
+
+def measured_latencies(latency_ms: Array, status: Array) -> Array:
+    """Sorted latencies of attempted requests that carry one (batched copies have NaN)."""
+    lat = np.asarray(latency_ms, dtype=np.float64)
+    return np.sort(lat[attempted_mask(status) & np.isfinite(lat)])
+
+
+def latency_summary(
+    latency_ms: Array, status: Array, alpha: float = 0.05
+) -> LatencySummary:
+    """Latency over measured requests; p99 with its exact two-sided 1 - alpha order-statistic CI."""
+    x = measured_latencies(latency_ms, status)
+    n = int(x.size)
+    if n == 0:
+        return LatencySummary(0, None, None, None, None, None)
+    p50, p99 = (float(v) for v in np.quantile(x, [0.5, P99]))
+    r, s = quantile_ranks(n, P99, alpha / 2)
+    lo = float(x[r - 1]) if r is not None else None
+    hi = float(x[s - 1]) if s is not None else None
+    return LatencySummary(n, float(x.mean()), p50, p99, lo, hi)
+
+
+def attempted_mask(status: Array) -> Bool:
+    st = np.asarray(status)
+    attempted: Bool = (st == _ATTEMPTED[0]) | (st == _ATTEMPTED[1]) | (st == _ATTEMPTED[2])
+    return attempted
+
+
+def unmeasured(model: ModelColumn) -> int:
+    """Attempted requests without a latency: batched shadow copies (understudy/records.py)."""
+    latency = np.asarray(model.latency_ms, dtype=np.float64)
+    return int((attempted_mask(model.status) & ~np.isfinite(latency)).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Error-rate intervals
+# ----------------------------------------------------------------------------------------------
+
+
+def newcombe_interval(
+    k1: int, n1: int, k2: int, n2: int, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Two-sided 1 - alpha Newcombe hybrid-score interval for p1 - p2 (independent samples).
+
+    Newcombe (1998), method 10: with Wilson intervals (l_i, u_i) for each rate,
+    low = d - sqrt((p1 - l1)^2 + (u2 - p2)^2), high = d + sqrt((u1 - p1)^2 + (p2 - l2)^2).
+    Good coverage down to small n and rates near 0, where the Wald interval is far too narrow.
+    """
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, alpha)
+    l2, u2 = wilson_interval(k2, n2, alpha)
+    d = p1 - p2
+    return (
+        d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+        d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+    )
