@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evaluator.drift.data import _iso
-from evaluator.stats.significance import jsonable
+from evaluator.stats.common import jsonable
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 from evaluator.config import DriftConfig
 from evaluator.drift.errors import DriftError
 from evaluator.drift.result import DriftResult
-from evaluator.stats.significance import jsonable
+from evaluator.stats.common import jsonable
 
 log = logging.getLogger(__name__)
 
