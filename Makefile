@@ -25,8 +25,8 @@ demo: install
 test: install
 	bash tests/run.sh
 
-unit: install  ## the fast tier: no Triton, no Kafka (tests/unit plus the unit tests of mixed files)
-	.venv/bin/pytest -q -p no:cacheprovider -m "not slow and not triton and not kafka" tests
+unit: install  ## the fast tier: no Triton, no Kafka, no helm (tests/unit plus the unit tests of mixed files)
+	.venv/bin/pytest -q -p no:cacheprovider -m "not slow and not triton and not kafka and not helm" tests
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -119,12 +119,36 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {"write": write, "read": read}
 
 
-_SERVICE_FIXTURES = {"triton": "triton", "kafka": "kafka"}
+@dataclass
+class PushCapture:
+    """A local receiver of Prometheus Pushgateway pushes (its `/metrics/job/...` API)."""
+
+    url: str
+    pushes: list[tuple[str, str, bytes]]  # (method, path, body), in arrival order
+
+
+@pytest.fixture
+async def pushgateway() -> AsyncIterator[PushCapture]:
+    """Records what a batch job pushes, so a test can read it as the Pushgateway would."""
+    pushes: list[tuple[str, str, bytes]] = []
+
+    async def push(request: web.Request) -> web.Response:
+        pushes.append((request.method, request.path, await request.read()))
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_route("*", "/metrics/job/{tail:.*}", push)
+    async with TestServer(app, host="127.0.0.1", port=0) as server:
+        yield PushCapture(str(server.make_url("")).rstrip("/"), pushes)
+
+
+_SERVICE_FIXTURES = {"triton": "triton", "kafka": "kafka", "helm": "helm"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test by the real services it reaches, so `make unit` (-m "not triton and not
-    kafka") can never start one; a test under tests/unit/ that needs one is a layout error."""
+    """Mark every test by the real services or tools it reaches, so `make unit` (-m "not triton
+    and not kafka and not helm") never starts one; a test under tests/unit/ that needs one is a
+    layout error."""
     misplaced = []
     for item in items:
         needs = [m for f, m in _SERVICE_FIXTURES.items() if f in getattr(item, "fixturenames", ())]
@@ -133,4 +157,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if needs and "/tests/unit/" in str(item.path):
             misplaced.append(item.nodeid)
     if misplaced:
-        raise pytest.UsageError(f"unit tests that need Triton or Kafka: {misplaced}")
+        raise pytest.UsageError(f"unit tests that need Triton, Kafka or helm: {misplaced}")

@@ -8,6 +8,9 @@ KAFKA_DIR=${UNDERSTUDY_TEST_KAFKA_DIR:-var/test-kafka}
 KAFKA_PORT=${UNDERSTUDY_TEST_KAFKA_PORT:-$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
 
 $PY -m devtools.kafka_broker fetch
+# helm for the chart tests (tests/integration/test_helm.py): built from its Go module once,
+# cached in ~/.cache/understudy (minutes on a fresh machine; docs/DEPLOY.md, "Helm").
+$PY -m devtools.helm build
 $PY -m devtools.kafka_broker start --fresh --port "$KAFKA_PORT" --dir "$KAFKA_DIR"
 trap '$PY -m devtools.kafka_broker stop --dir "$KAFKA_DIR" || true' EXIT
 export UNDERSTUDY_TEST_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"

@@ -25,7 +25,7 @@ import yaml
 from understudy_demo.traffic import FraudTraffic, PriceTraffic
 from understudy_demo.triton import TritonServer, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "deploy" / "triton" / "models"
 
 

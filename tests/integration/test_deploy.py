@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import runpy
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -459,28 +461,158 @@ def test_compose_file_parses_and_references_existing_files() -> None:
     assert any((DEPLOY / "triton" / "models").glob("*/config.pbtxt"))
     prometheus_mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])
     assert prometheus_mounts["./prometheus/rules"] == "/etc/prometheus/rules"
+    # Each program runs from its own image.
+    for name, target in (("gateway", "gateway"), ("evaluator", "evaluator"),
+                         ("report", "evaluator")):
+        assert services[name]["build"]["target"] == target, name
 
 
-def test_dockerfile_is_multistage_non_root_and_copies_existing_files() -> None:
-    lines = []
+def test_compose_report_job_pushes_what_the_report_alerts_read(k8s_docs) -> None:
+    """The report job runs the CronJob's script against the evaluator's store and pushes to a
+    Pushgateway that Prometheus scrapes with the pushed labels kept, so the two alerts on
+    understudy_report_* can fire in Compose too."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert services["pushgateway"]["image"].startswith("prom/pushgateway:")
+    pushgateway_port = int(services["pushgateway"]["ports"][0].split(":")[-1])
+    report = services["report"]
+    env = {k: str(v) for k, v in report["environment"].items()}
+    assert env["PUSHGATEWAY_URL"] == f"http://pushgateway:{pushgateway_port}"
+    assert env["REPORT_ROUTES"].split() == ["fraud", "price"]
+    assert int(env["REPORT_INTERVAL_S"]) <= 86400
+    mounts = dict(v.split(":")[1::-1] for v in report["volumes"])
+    data = find(k8s_docs, "ConfigMap", "understudy-config")["data"]
+    for script in ("report.sh", "push_report.py"):  # the very files the ConfigMap holds
+        assert (DEPLOY / mounts[f"/etc/understudy/{script}"]).read_text() == data[script]
+    assert "sh /etc/understudy/report.sh" in report["command"][0]
+    assert "$$REPORT_INTERVAL_S" in report["command"][0], "escaped from Compose interpolation"
+    # The store it reads is the evaluator's, under the config the report script names.
+    evaluator_mounts = dict(v.split(":")[1::-1] for v in services["evaluator"]["volumes"])
+    assert mounts["/var/lib/understudy"] == evaluator_mounts["/var/lib/understudy"]
+    assert mounts["/etc/understudy/evaluator.yaml"] == \
+        evaluator_mounts["/etc/understudy/evaluator.yaml"]
+    assert "/etc/understudy/evaluator.yaml" in data["report.sh"]
+    # `evaluator drift` in the evaluator container pushes to the same Pushgateway.
+    config = parse_evaluator_config(
+        yaml.safe_load((DEPLOY / evaluator_mounts["/etc/understudy/evaluator.yaml"]).read_text()),
+        env={k: str(v) for k, v in services["evaluator"]["environment"].items()})
+    assert config.drift.pushgateway == env["PUSHGATEWAY_URL"]
+
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    pushed = jobs["pushgateway"]
+    assert pushed["honor_labels"] is True
+    assert pushed["static_configs"][0]["targets"] == [f"pushgateway:{pushgateway_port}"]
+    # Every alert's series has a source in Compose: the gateway's scrape or the Pushgateway.
+    pushed_series = pushed_names(k8s_docs)
+    report_alerts = [r for g in rule_groups() for r in g["rules"]
+                     if "alert" in r and parse_promql(str(r["expr"]))[0] & pushed_series]
+    assert {r["alert"] for r in report_alerts} == {"UnderstudyReportStale",
+                                                   "UnderstudyChallengerPromotable"}
+
+
+def dockerfile_stages() -> list[dict[str, Any]]:
+    """The Dockerfile's stages in order: {"name", "base", "lines"} (continuations joined)."""
+    stages: list[dict[str, Any]] = []
     for raw in DOCKERFILE.read_text().replace("\\\n", " ").splitlines():
         line = raw.strip()
-        if line and not line.startswith("#"):
-            lines.append(line)
-    froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
-    assert len(froms) >= 2, "multi-stage build expected"
-    assert all("slim" in ln or "${PYTHON_IMAGE}" in ln for ln in froms)
-    copies = [ln.split()[1:] for ln in lines if ln.upper().startswith("COPY ")]
-    for parts in copies:
-        if any(p.startswith("--from") for p in parts):
+        if not line or line.startswith("#") or line.upper().startswith("ARG "):
             continue
-        for source in (p for p in parts[:-1] if not p.startswith("--")):
-            assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
-    users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
-    assert users
-    assert users[-1].split(":")[0] not in ("root", "0")
-    cmd = json.loads(next(ln for ln in reversed(lines) if ln.startswith("CMD "))[4:])
-    assert parse_command(cmd)[1].command == "serve"
+        if line.upper().startswith("FROM "):
+            parts = line.split()
+            stages.append({"base": parts[1], "name": parts[3] if len(parts) > 3 else None,
+                           "lines": []})
+        else:
+            stages[-1]["lines"].append(line)
+    return stages
+
+
+def stage_chain(stages: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """A stage and the stages it is built FROM, nearest first."""
+    by_name = {s["name"]: s for s in stages}
+    chain = [by_name[name]]
+    while chain[-1]["base"] in by_name:
+        chain.append(by_name[chain[-1]["base"]])
+    return chain
+
+
+def instruction(chain: list[dict[str, Any]], keyword: str) -> str | None:
+    """The effective argument of an instruction (the nearest stage's last one wins)."""
+    for stage in chain:
+        for line in reversed(stage["lines"]):
+            if line.upper().startswith(keyword + " "):
+                return line[len(keyword) + 1:].strip()
+    return None
+
+
+IMAGE_EXTRAS = {"gateway": {"aiohttp", "httptools", "tritonclient", "uvloop"},
+                "evaluator": {"duckdb", "matplotlib", "statsmodels"}}
+
+
+def test_dockerfile_builds_a_slim_gateway_image_and_an_evaluator_image() -> None:
+    requirements = runpy.run_path(str(DEPLOY / "image" / "requirements.py"))["requirements"]
+    stages = dockerfile_stages()
+    names = {s["name"] for s in stages}
+    for stage in stages:
+        assert stage["base"] in names or "slim" in stage["base"] or \
+            stage["base"] == "${PYTHON_IMAGE}", stage
+        for line in stage["lines"]:
+            if not line.upper().startswith("COPY ") or "--from" in line:
+                continue
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+    # A build without --target gives the gateway.
+    assert stages[-1]["name"] == "gateway"
+    other = {"gateway": "evaluator", "evaluator": "gateway"}
+    for program, command in (("gateway", "serve"), ("evaluator", "run")):
+        chain = stage_chain(stages, program)
+        user = instruction(chain, "USER")
+        assert user is not None
+        assert user.split(":")[0] not in ("root", "0")
+        assert json.loads(instruction(chain, "ENTRYPOINT") or "[]")[-2:] == ["python", "-m"]
+        cmd = json.loads(instruction(chain, "CMD") or "[]")
+        _, args = parse_command(cmd)
+        assert (cmd[0], args.command) == (program, command)
+        # The default config the image carries is accepted by its program, and has no routes.
+        copies = [ln.split()[1:] for s in chain for ln in s["lines"]
+                  if ln.upper().startswith("COPY ") and "--from" not in ln]
+        (source,) = [src for src, dst in copies if dst == args.config]
+        parse = parse_gateway_config if program == "gateway" else parse_evaluator_config
+        config = parse(yaml.safe_load((ROOT / source).read_text()), env={})
+        if program == "gateway":
+            assert config.routes == {}, "the image must not ship the demo routes"
+        # Its virtualenv comes from its own build stage, which installs the core and its extra.
+        (venv_from,) = [ln.split()[1].split("=")[1] for s in chain for ln in s["lines"]
+                        if ln.upper().startswith("COPY --FROM")]
+        build = stage_chain(stages, venv_from)[0]["lines"]
+        assert any(f"requirements.py {program}" in ln for ln in build), build
+        if program == "gateway":
+            assert not any(ln.startswith("COPY evaluator/") for ln in build)
+        installed = {re.split(r"[\[<>=~!;\s]", r, maxsplit=1)[0].lower()
+                     for r in requirements(ROOT / "pyproject.toml", program)}
+        assert IMAGE_EXTRAS[program] <= installed
+        assert not IMAGE_EXTRAS[other[program]] & installed, program
+
+
+def test_each_program_imports_without_the_other_images_packages() -> None:
+    """What the images install is what the programs import: the gateway's modules load with
+    the evaluator's packages blocked, and the evaluator's with the gateway's blocked."""
+    def modules(package: str) -> list[str]:
+        return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
+                      for p in (ROOT / package).rglob("*.py") if p.stem != "__main__")
+
+    # Neither image holds the repository's tools, the demo (and its local Triton) or
+    # tritonclient's HTTP client (gevent), which are for tests and clients.
+    outside = {"understudy_demo", "devtools", "loadtests", "tests", "sklearn"}
+    gateway_blocked = IMAGE_EXTRAS["evaluator"] | outside | {"tritonclient.http", "gevent"}
+    for modules_, blocked in ((modules("gateway") + modules("understudy"), gateway_blocked),
+                              (modules("evaluator") + modules("understudy"),
+                               IMAGE_EXTRAS["gateway"] | outside | {"grpc"})):
+        script = (f"import sys\nfor name in {sorted(blocked)!r}: sys.modules[name] = None\n"
+                  f"import importlib\nfor m in {modules_!r}: importlib.import_module(m)\n")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert proc.returncode == 0, f"{modules_[0]}...: {proc.stderr[-2000:]}"
 
 
 # -- metric names against a live gateway --------------------------------------------------------

@@ -45,6 +45,7 @@ from evaluator.drift import (
 )
 from evaluator.report.document import render_markdown
 from evaluator.report.drift import drift_blocks, drift_section
+from tests.conftest import PushCapture
 
 CFG = DriftConfig()
 
@@ -395,7 +396,7 @@ def test_drift_section_and_markdown_from_result_and_from_json() -> None:
 # -- Prometheus ------------------------------------------------------------------------------
 
 
-async def test_metrics_own_registry_scrape_and_pushgateway() -> None:
+async def test_metrics_own_registry_scrape_and_pushgateway(pushgateway: PushCapture) -> None:
     rng = np.random.default_rng(8)
     result = compute_drift(_frame(2000, rng), _frame(1000, rng, shift={"a": 1.0}, t0=5000),
                            DriftConfig(adaptive=False), route="fraud")
@@ -421,7 +422,7 @@ async def test_metrics_own_registry_scrape_and_pushgateway() -> None:
         url = f"http://127.0.0.1:{server.server_port}/metrics"
 
         def scrape() -> bytes:
-            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=5) as resp:
                 return resp.read()
 
         body = await asyncio.to_thread(scrape)
@@ -431,21 +432,8 @@ async def test_metrics_own_registry_scrape_and_pushgateway() -> None:
         server.server_close()
         thread.join(timeout=5)
 
-    pushed: list[tuple[str, str, bytes]] = []
-
-    async def put(request: web.Request) -> web.Response:
-        pushed.append((request.method, request.path, await request.read()))
-        return web.Response(status=200)
-
-    app = web.Application()
-    app.router.add_route("*", "/metrics/job/{tail:.*}", put)
-    gw = TestServer(app, host="127.0.0.1", port=0)
-    await gw.start_server()
-    try:
-        url = str(gw.make_url("")).rstrip("/")
-        await asyncio.to_thread(m.push, url, "understudy_drift", {"route": "fraud"})
-    finally:
-        await gw.close()
+    await asyncio.to_thread(m.push, pushgateway.url, "understudy_drift", {"route": "fraud"})
+    pushed = pushgateway.pushes
     assert pushed[0][0] == "PUT"
     assert pushed[0][1] == "/metrics/job/understudy_drift/route/fraud"
     assert b"understudy_drift_share" in pushed[0][2]
