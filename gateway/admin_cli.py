@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from understudy.cli import ExitCode
@@ -55,7 +55,7 @@ def _policy(policy: dict[str, Any]) -> str:
     return str(kind)
 
 
-def format_route(route: dict[str, Any]) -> str:
+def format_route(route: Mapping[str, Any]) -> str:
     lines = [
         f"route {route['name']}  version {route['version']}  policy {_policy(route['policy'])}",
         f"  champion    {_ref(route['champion'])}",
@@ -84,7 +84,7 @@ def format_route(route: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_audit(entry: dict[str, Any]) -> str:
+def format_audit(entry: Mapping[str, Any]) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("ts") or 0))
     who = entry.get("actor") or {}
     line = (f"{stamp}  {who.get('scope')}:{who.get('fingerprint') or '-':<12}  "

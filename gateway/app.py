@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from aiohttp import web
 
-from gateway.backends import LogSink
-from gateway.backends.file_sink import FileSink
+from gateway.backends.factory import Backends, build_backends
 from gateway.config import GatewayConfig
 from gateway.dataplane.catalog import RouteCatalog
 from gateway.dataplane.recorder import Recorder
 from gateway.dataplane.routes import RouteTable
 from gateway.dataplane.service import InferenceService
-from gateway.explore.policies import RewardTracker
-from gateway.explore.rewards import FileRewardBus, KafkaRewardBus, PolicyLearner, RewardBus
+from gateway.explore.credit import RewardTracker
+from gateway.explore.rewards import PolicyLearner
 from gateway.rest.admin import install_admin
 from gateway.rest.feedback import FeedbackService
 from gateway.rest.inference import (
@@ -41,33 +39,12 @@ from gateway.upstream.client import TritonUpstream
 log = logging.getLogger(__name__)
 
 
-def build_sink(config: GatewayConfig) -> LogSink:
-    """The configured inference-log sink (file by default, Kafka when `log.sink: kafka`)."""
-    if config.log.sink == "kafka":
-        from gateway.backends.kafka_sink import KafkaSink  # imported lazily: aiokafka is heavy
-
-        return KafkaSink(config.log.kafka, Path(config.log.path) / "spill")
-    return FileSink(
-        config.log.path,
-        segment_bytes=config.log.segment_bytes,
-        fsync=config.log.fsync,
-        fsync_interval_ms=config.log.fsync_interval_ms,
-    )
-
-
-def build_reward_bus(config: GatewayConfig) -> RewardBus:
-    """Where reward events are shared: a Kafka topic with the Kafka sink, else a local file."""
-    if config.log.sink == "kafka":
-        kafka = config.log.kafka
-        return KafkaRewardBus(kafka.bootstrap, kafka.rewards_topic, kafka.labels_topic)
-    return FileRewardBus(config.admin.rewards_path)
-
-
 def create_app(
     config: GatewayConfig,
     *,
-    sink_factory: Callable[[GatewayConfig], LogSink] = build_sink,
+    backends_factory: Callable[[GatewayConfig], Backends] = build_backends,
 ) -> web.Application:
+    """The gateway for `config`; its backends (files or Kafka) come from `backends_factory`."""
     app = web.Application(
         client_max_size=config.listen.max_body_bytes, middlewares=[error_middleware]
     )
@@ -80,8 +57,9 @@ def create_app(
         model_grpc_targets=config.triton.model_grpc_targets(),
     )
     routes = RouteTable(upstream)
-    sink = sink_factory(config)
-    learner = PolicyLearner(routes, build_reward_bus(config), RewardTracker())
+    backends = backends_factory(config)
+    sink = backends.sink
+    learner = PolicyLearner(routes, backends.bus, RewardTracker())
     recorder = Recorder(sink, on_explored=learner.remember)
     service = InferenceService(routes, upstream, recorder)
     app[UPSTREAM] = upstream
@@ -90,7 +68,7 @@ def create_app(
     app[CATALOG] = RouteCatalog(routes, upstream)
     # With Kafka every replica reads labels from the topic; locally they go straight in.
     app[FEEDBACK] = FeedbackService(
-        sink, listeners=[] if config.log.sink == "kafka" else [learner.on_labels],
+        sink, listeners=[] if backends.labels_on_bus else [learner.on_labels],
         known=recorder.seen.__contains__, reward=learner.reward_for,
     )
     app[MAX_BODY] = config.listen.max_body_bytes
@@ -119,7 +97,7 @@ def create_app(
 
     # Control plane: challenger registry + /admin API (gateway/rest/admin.py). Its context starts
     # after the sink (audit entries go there) and stops before it.
-    registry_ctx = install_admin(app, config, routes, sink, endpoints=[add_rollout_endpoints])
+    registry_ctx = install_admin(app, config, routes, backends, endpoints=[add_rollout_endpoints])
     # Guarded rollouts (gateway/control/rollout.py): after the reward bus replayed its history.
     rollout_ctx = install_rollout(app, config, routes, recorder)
 

@@ -13,14 +13,22 @@ from understudy.settings import ConfigError as ConfigError
 
 
 class GatewayError(Exception):
-    """Base class: `status` is the HTTP status code, `retriable` says whether a retry may help."""
+    """Base class: `status` is the HTTP status code, `retriable` says whether a retry may help.
+
+    `request_id` and `served_model` are set by the data plane once the failed request had
+    them, so the client's error answer names them as a success would (headers / metadata);
+    `headers` are extra HTTP headers the answer must carry (e.g. an auth challenge).
+    """
 
     status: int = 500
     retriable: bool = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+        self.request_id: str | None = None
+        self.served_model: str | None = None
 
 
 class BadRequest(GatewayError):

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from evaluator.drift.data import _iso
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+from evaluator.stats.common import jsonable
 
 
 @dataclass
@@ -40,7 +25,7 @@ class Threshold:
     excluded: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(self.__dict__.copy())
+        return jsonable(self.__dict__.copy())
 
 
 @dataclass
@@ -96,7 +81,7 @@ class FeatureDrift:
         d = dict(self.__dict__)
         d["threshold"] = self.threshold.to_dict() if self.threshold else None
         d["dataset_floor"] = self.dataset_floor.to_dict() if self.dataset_floor else None
-        return _clean(d)
+        return jsonable(d)
 
 
 @dataclass
@@ -127,7 +112,7 @@ class PredictionDrift:
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["threshold"] = self.threshold.to_dict() if self.threshold else None
-        return _clean(d)
+        return jsonable(d)
 
 
 @dataclass
@@ -172,7 +157,7 @@ class DriftResult:
         return "DRIFT" if self.significant else "STABLE"
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean({
+        return jsonable({
             "route": self.route,
             "generated_at": self.generated_at,
             "generated_at_iso": _iso(self.generated_at),

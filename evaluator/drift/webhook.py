@@ -18,7 +18,8 @@ from typing import Any
 
 from evaluator.config import DriftConfig
 from evaluator.drift.errors import DriftError
-from evaluator.drift.result import DriftResult, _clean
+from evaluator.drift.result import DriftResult
+from evaluator.stats.common import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class WebhookNotifier:
         if not self.url:
             raise WebhookError("no webhook URL configured (drift.webhook_url / "
                                "UNDERSTUDY_DRIFT_WEBHOOK_URL)")
-        body = json.dumps(_clean(dict(payload))).encode()
+        body = json.dumps(jsonable(dict(payload))).encode()
         headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key,
                    "User-Agent": "understudy-evaluator"}
         if self.token:

@@ -223,3 +223,20 @@ class FileSink:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def read_stream(root: Path, stream: str) -> list[bytes]:
+    """Every complete record of one stream under a file sink's directory, in file order.
+
+    `serve --workers N` gives each worker its own `worker-K` directory; this reads every
+    worker's, since any of them may have written what the reader needs.
+    """
+    roots = [root]
+    if root.name.startswith("worker-") and root.parent.is_dir():
+        roots = sorted(p for p in root.parent.iterdir() if p.name.startswith("worker-"))
+    lines: list[bytes] = []
+    for directory in roots:
+        for segment in segment_paths(directory / stream):
+            data = segment.read_bytes()
+            lines.extend(data[: data.rfind(b"\n") + 1].splitlines())
+    return lines

@@ -8,7 +8,12 @@ must spill (to disk) rather than drop or block the event loop for long.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
+
+# Reads a stream back from where the configured sink wrote it: (stream, count) -> at least the
+# last `count` records (as written), oldest first. The audit log rebuilds its history with it.
+StreamReader = Callable[[str, int], Awaitable[list[bytes]]]
 
 
 @runtime_checkable

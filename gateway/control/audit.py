@@ -6,9 +6,9 @@ a bounded in-memory list served by `GET /admin/audit`. Changes made on another r
 with the route state they produced and are added to the in-memory list too (but not emitted
 again: the replica that made the change already did), so any replica answers for all of them.
 
-At start the in-memory list is rebuilt from the durable stream (`load_history`: the segment
-files, every worker's, or the Kafka topic's last `capacity` records), so `GET /admin/audit`
-answers for changes made before a restart too.
+At start the in-memory list is rebuilt from the durable stream (`load_history`, reading it back
+through the configured backend: the segment files, every worker's, or the Kafka topic's last
+`capacity` records), so `GET /admin/audit` answers for changes made before a restart too.
 
 Identities are a scope plus a short fingerprint of the token, never the token: the fingerprint
 is a slow salted hash (PBKDF2), so even a weak token cannot be recovered from the audit stream,
@@ -17,7 +17,6 @@ while the same token always shows up with the same fingerprint on every replica.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -25,18 +24,14 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from gateway.backends import LogSink
-from gateway.backends.file_sink import segment_paths
-from gateway.config import GatewayConfig, KafkaConfig
+from gateway.backends.sink import LogSink, StreamReader
 from understudy.records import AUDIT, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
-HISTORY_TIMEOUT_S = 10.0
 
 FINGERPRINT_SALT = b"understudy-admin-token-fingerprint/1"
 FINGERPRINT_ROUNDS = 100_000
@@ -143,85 +138,23 @@ class AuditLog:
         return entries[: max(limit, 0)]
 
 
-def _parse_entries(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
-    for line in lines:
+def history_entries(records: Iterable[bytes], capacity: int) -> list[dict[str, Any]]:
+    """The last `capacity` audit entries among records read back from the audit stream."""
+    tail: deque[dict[str, Any]] = deque(maxlen=capacity)
+    for line in records:
         try:
             entry = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
         if isinstance(entry, dict) and entry.get("kind") == "audit":
-            yield entry
-
-
-def _file_history(root: Path, capacity: int) -> list[dict[str, Any]]:
-    """The last `capacity` audit entries under a file sink's directory.
-
-    `serve --workers N` gives each worker its own `worker-K` directory; the history is every
-    worker's, since any of them may have made a change.
-    """
-    roots = [root]
-    if root.name.startswith("worker-") and root.parent.is_dir():
-        roots = sorted(p for p in root.parent.iterdir() if p.name.startswith("worker-"))
-    tail: deque[dict[str, Any]] = deque(maxlen=capacity)
-    for directory in roots:
-        for segment in segment_paths(directory / AUDIT):
-            data = segment.read_bytes()
-            tail.extend(_parse_entries(data[: data.rfind(b"\n") + 1].splitlines()))
+            tail.append(entry)
     return list(tail)
 
 
-async def _audit_partitions(kafka: KafkaConfig) -> list[int]:
-    """The audit topic's partition ids (none when the topic does not exist yet)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
-    await admin.start()
-    try:
-        if kafka.audit_topic not in await admin.list_topics():
-            return []
-        return sorted(
-            int(p["partition"])
-            for desc in await admin.describe_topics([kafka.audit_topic])
-            if desc.get("topic") == kafka.audit_topic and not desc.get("error_code")
-            for p in desc.get("partitions") or ()
-        )
-    finally:
-        await admin.close()
-
-
-async def _kafka_history(kafka: KafkaConfig, capacity: int) -> list[dict[str, Any]]:
-    """The last `capacity` records of each partition of the audit topic."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    tps = [TopicPartition(kafka.audit_topic, p) for p in await _audit_partitions(kafka)]
-    if not tps:
-        return []
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        begin = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, max(begin[tp], end[tp] - capacity))
-        entries: list[dict[str, Any]] = []
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            batches = await consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                entries.extend(_parse_entries(r.value for r in records if r.value))
-        return entries
-    finally:
-        await consumer.stop()
-
-
-async def load_history(config: GatewayConfig, capacity: int) -> list[dict[str, Any]]:
+async def load_history(read: StreamReader, capacity: int) -> list[dict[str, Any]]:
     """Past audit entries from the durable stream; empty (and a WARNING) when unreadable."""
     try:
-        if config.log.sink == "kafka":
-            async with asyncio.timeout(HISTORY_TIMEOUT_S):
-                return await _kafka_history(config.log.kafka, capacity)
-        return await asyncio.to_thread(_file_history, Path(config.log.path), capacity)
+        return history_entries(await read(AUDIT, capacity), capacity)
     except Exception as exc:  # a history we cannot read must not stop the gateway
         log.warning("audit: cannot read past entries from the audit stream (%s); "
                     "GET /admin/audit lists only changes from now on", exc or type(exc).__name__)

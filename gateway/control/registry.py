@@ -4,9 +4,10 @@ Every change (add/remove a challenger, set a policy, promote, roll back, create/
 goes through `Registry._change`, which
 
 1. reads the route's freshest state from the store (not this replica's possibly older view),
-2. builds the new route config from it and validates it: the structure (rates in [0, 1], no
-   duplicate models, ...) and, against Triton, that every new or changed model exists, is
-   ready and has the champion's input signature (names, datatypes, shapes),
+2. builds the new route config from it (gateway/control/edits.py) and validates it: the
+   structure (rates in [0, 1], no duplicate models, ...) and, against Triton
+   (gateway/control/checks.py), that every new or changed model exists, is ready and has the
+   champion's input signature (names, datatypes, shapes),
 3. commits it to the store as a compare-and-set on the route's version, and
 4. audits it, whether applied or refused.
 
@@ -29,164 +30,41 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
+from collections.abc import Mapping
 from typing import Any
 
 from gateway import metrics
+from gateway.backends.registry_store import RegistryStore, StaleWrite
 from gateway.config import (
     ChallengerConfig,
-    ModelRef,
     RouteConfig,
-    check_model_name,
     exploration_problem,
     parse_challenger,
     parse_policy,
     parse_route,
 )
+from gateway.control import edits
 from gateway.control.audit import CONFIG_ACTOR, Actor, AuditLog, new_entry
+from gateway.control.checks import ChangeChecks, InvalidChange
+from gateway.control.edits import Build, Built, model_name, next_experiments, parse_or_400
 from gateway.control.plan import rollout_problem
-from gateway.control.state import (
-    MAX_HISTORY,
-    READ_ONLY_KEYS,
-    Experiment,
-    Promotion,
-    RouteState,
-    route_to_raw,
-    route_view,
-)
-from gateway.control.store import RegistryStore, StaleWrite
-from gateway.dataplane.protocol import TensorSpec, parse_metadata_inputs
+from gateway.control.state import RouteState, route_to_raw, route_view
 from gateway.dataplane.routes import RouteTable
-from gateway.errors import BadRequest, ConfigError, Conflict, GatewayError, NotFound
-from gateway.explore.policies import build_policy
+from gateway.errors import BadRequest, Conflict, GatewayError
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-# What a build step returns: the new config (None deletes the route) and the new history.
-Built = tuple[RouteConfig | None, tuple[Promotion, ...]]
-Build = Callable[[RouteState | None], Built]
-
 
 class _AlreadyDeclared(Exception):
     """A config sync found the route already as declared (another replica applied it)."""
 
 
-class InvalidChange(GatewayError):
-    """Well-formed, but refers to a model Triton cannot serve on this route (422)."""
-
-    status = 422
-
-
 def replica_id() -> str:
     """Names this gateway process in audit entries (host, pid, random suffix)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def signature_mismatches(
-    specs: tuple[TensorSpec, ...], champion_specs: tuple[TensorSpec, ...], champion: ModelRef
-) -> list[str]:
-    """Every way a model's inputs differ from the champion's, each naming the input.
-
-    Exact equality, -1 included: a challenger receives the champion's requests byte for byte,
-    so anything the champion accepts must be acceptable to it, and vice versa after a promotion.
-    """
-    mine = {s.name: s for s in specs}
-    theirs = {s.name: s for s in champion_specs}
-    problems = [
-        f"input '{name}' of champion {champion} is missing" for name in theirs if name not in mine
-    ]
-    problems += [
-        f"input '{name}' is not an input of champion {champion}" for name in mine
-        if name not in theirs
-    ]
-    for name, spec in mine.items():
-        other = theirs.get(name)
-        if other is None:
-            continue
-        if spec.datatype != other.datatype:
-            problems.append(
-                f"input '{name}' datatype {spec.datatype} does not match champion "
-                f"{champion}'s {other.datatype}"
-            )
-        if spec.shape != other.shape:
-            problems.append(
-                f"input '{name}' shape {_shape(spec.shape)} does not match champion "
-                f"{champion}'s {_shape(other.shape)}"
-            )
-    return problems
-
-
-def _parse(fn: Callable[[], Any]) -> Any:
-    """Run a config parser; its ConfigError becomes a 400 naming the bad field."""
-    try:
-        return fn()
-    except ConfigError as exc:
-        raise BadRequest(str(exc)) from None
-
-
-def _require(state: RouteState | None, route: str) -> RouteConfig:
-    if state is None or state.config is None:
-        raise NotFound(f"unknown route '{route}'")
-    return state.config
-
-
-def _reparse(config: RouteConfig) -> RouteConfig:
-    """Re-validate a composed route as a whole (duplicates, fallback, rates)."""
-    return _parse(lambda: parse_route(config.name, route_to_raw(config)))
-
-
-def _experiment_key(config: RouteConfig, model: str) -> tuple[Any, ...]:
-    """What an experiment is defined by: a change of any of these starts a new one."""
-    challenger = config.challenger(model)
-    assert challenger is not None
-    return (config.champion, config.policy, challenger.version, challenger.mode,
-            challenger.sample_rate)
-
-
-def next_experiments(
-    base: RouteState | None, config: RouteConfig, version: int, now: float
-) -> tuple[dict[str, Experiment], dict[str, Experiment]]:
-    """Every challenger's experiment after a change, and the ones the change starts.
-
-    A challenger keeps its experiment only when it was on the route before with the same
-    champion, policy, version, mode and sample rate; anything else starts a new one (an added
-    challenger, a PATCHed mode or rate, a policy change, a promotion or rollback).
-    """
-    old = base.config if base is not None else None
-    current: dict[str, Experiment] = {}
-    started: dict[str, Experiment] = {}
-    for challenger in config.challengers:
-        kept = base.experiments.get(challenger.model) if base is not None else None
-        if kept is None or old is None or old.challenger(challenger.model) is None \
-                or _experiment_key(old, challenger.model) \
-                != _experiment_key(config, challenger.model):
-            kept = started[challenger.model] = Experiment.new(version, now)
-        current[challenger.model] = kept
-    return current, started
-
-
-def _model_name(model: Any, where: str) -> str:
-    """A model name from a URL or body: a 400 naming the field when Triton could not take it."""
-    return str(_parse(lambda: check_model_name(model, where)))
-
-
-def _without_read_only(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A PUT body minus what `route_view` adds (so GET -> edit -> PUT works)."""
-    raw = {k: v for k, v in body.items() if k not in READ_ONLY_KEYS}
-    if isinstance(raw.get("challengers"), list):
-        raw["challengers"] = [
-            {k: v for k, v in c.items() if k != "experiment"} if isinstance(c, Mapping) else c
-            for c in raw["challengers"]
-        ]
-    return raw
 
 
 def _snapshot(state: RouteState | None) -> dict[str, Any] | None:
@@ -342,7 +220,7 @@ class Registry:
 
     def get_route(self, name: str) -> dict[str, Any]:
         state = self._states.get(name)
-        _require(state, name)
+        edits.require(state, name)
         assert state is not None
         return route_view(state)
 
@@ -354,8 +232,8 @@ class Registry:
         """Create or replace a route; returns (view, created)."""
         if not ROUTE_NAME.match(name):
             raise BadRequest(f"route name {name!r} must match {ROUTE_NAME.pattern}")
-        raw = _without_read_only(body)
-        config = _parse(lambda: parse_route(name, raw))
+        raw = edits.without_read_only(body)
+        config = parse_or_400(lambda: parse_route(name, raw))
         created = False
 
         def build(base: RouteState | None) -> Built:
@@ -367,30 +245,17 @@ class Registry:
         return route_view(state), created
 
     async def delete_route(self, actor: Actor, name: str, expected: int | None = None) -> None:
-        def build(base: RouteState | None) -> Built:
-            _require(base, name)
-            return None, ()
-
-        await self._change(actor, "delete_route", name, build, expected, None)
+        await self._change(actor, "delete_route", name,
+                           lambda base: edits.delete_route(base, name), expected, None)
 
     async def add_challenger(
         self, actor: Actor, name: str, body: Mapping[str, Any], expected: int | None = None
     ) -> dict[str, Any]:
         raw = {k: v for k, v in body.items() if k != "expected_version"}
-        challenger: ChallengerConfig = _parse(lambda: parse_challenger(raw, "challenger"))
+        challenger: ChallengerConfig = parse_or_400(lambda: parse_challenger(raw, "challenger"))
 
         def build(base: RouteState | None) -> Built:
-            config = _require(base, name)
-            assert base is not None
-            if challenger.model == config.champion.model:
-                raise Conflict(f"model '{challenger.model}' is the champion of route '{name}'")
-            if config.challenger(challenger.model) is not None:
-                raise Conflict(
-                    f"challenger '{challenger.model}' is already registered on route '{name}' "
-                    "(change its settings with PATCH /admin/routes/{route}/challengers/{model})"
-                )
-            new = replace(config, challengers=(*config.challengers, challenger))
-            return _reparse(new), base.history
+            return edits.add_challenger(base, name, challenger)
 
         state = await self._change(actor, "add_challenger", name, build, expected, dict(body))
         return route_view(state)
@@ -401,7 +266,7 @@ class Registry:
     ) -> dict[str, Any]:
         """Change a challenger's settings in place (mode, sample_rate, limits); a change of mode,
         sample rate or version starts a new experiment for it."""
-        _model_name(model, "model")
+        model_name(model, "model")
         raw = {k: v for k, v in body.items() if k != "expected_version"}
         if not raw:
             raise BadRequest("nothing to change: give e.g. {\"mode\": \"explore\"} or "
@@ -410,15 +275,7 @@ class Registry:
             raise BadRequest("challenger.model: cannot be changed; add the other model instead")
 
         def build(base: RouteState | None) -> Built:
-            config = _require(base, name)
-            assert base is not None
-            current = config.challenger(model)
-            if current is None:
-                raise NotFound(f"route '{name}' has no challenger '{model}'")
-            merged = {**asdict(current), **raw}
-            updated: ChallengerConfig = _parse(lambda: parse_challenger(merged, "challenger"))
-            challengers = tuple(updated if c.model == model else c for c in config.challengers)
-            return _reparse(replace(config, challengers=challengers)), base.history
+            return edits.update_challenger(base, name, model, raw)
 
         state = await self._change(actor, "update_challenger", name, build, expected,
                                    {"model": model, **raw})
@@ -428,17 +285,7 @@ class Registry:
         self, actor: Actor, name: str, model: str, expected: int | None = None
     ) -> dict[str, Any]:
         def build(base: RouteState | None) -> Built:
-            config = _require(base, name)
-            assert base is not None
-            if config.challenger(model) is None:
-                raise NotFound(f"route '{name}' has no challenger '{model}'")
-            if config.fallback == model:
-                raise Conflict(
-                    f"challenger '{model}' is the fallback of route '{name}'; change the "
-                    "route's fallback (PUT /admin/routes/{route}) before removing it"
-                )
-            challengers = tuple(c for c in config.challengers if c.model != model)
-            return replace(config, challengers=challengers), base.history
+            return edits.remove_challenger(base, name, model)
 
         state = await self._change(
             actor, "remove_challenger", name, build, expected, {"model": model}
@@ -449,12 +296,10 @@ class Registry:
         self, actor: Actor, name: str, body: Mapping[str, Any], expected: int | None = None
     ) -> dict[str, Any]:
         raw = {k: v for k, v in body.items() if k != "expected_version"}
-        policy = _parse(lambda: parse_policy(raw, "policy"))
+        policy = parse_or_400(lambda: parse_policy(raw, "policy"))
 
         def build(base: RouteState | None) -> Built:
-            config = _require(base, name)
-            assert base is not None
-            return replace(config, policy=policy), base.history
+            return edits.set_policy(base, name, policy)
 
         state = await self._change(actor, "set_policy", name, build, expected, dict(body))
         return route_view(state)
@@ -471,36 +316,10 @@ class Registry:
         `experiment`: the challenger's experiment id the caller's evidence comes from (e.g. the
         evaluator's report); refused with 409 when the challenger's current experiment differs.
         """
-        _model_name(model, "model")
+        model_name(model, "model")
 
         def build(base: RouteState | None) -> Built:
-            config = _require(base, name)
-            assert base is not None
-            if model == config.champion.model:
-                raise Conflict(f"'{model}' is already the champion of route '{name}'")
-            promoted = config.challenger(model)
-            if promoted is None:
-                raise NotFound(
-                    f"route '{name}' has no challenger '{model}'; add it as a challenger first"
-                )
-            current = base.experiments.get(model)
-            if experiment is not None and (current is None or current.id != experiment):
-                raise Conflict(
-                    f"challenger '{model}' of route '{name}' is in experiment "
-                    f"'{current.id if current else None}', not '{experiment}': the evidence is "
-                    "from an earlier experiment (its mode, sample rate, the policy or the "
-                    "champion changed since); evaluate the current experiment first"
-                )
-            old = config.champion
-            mode = promoted.mode if config.policy.type != "champion" else "shadow"
-            demoted = replace(promoted, model=old.model, version=old.version, mode=mode,
-                              sample_rate=1.0)
-            challengers = tuple(demoted if c.model == model else c for c in config.challengers)
-            fallback = old.model if config.fallback == model else config.fallback
-            new = replace(config, champion=promoted.ref, challengers=challengers,
-                          fallback=fallback)
-            history = (*base.history, Promotion(old, promoted))[-MAX_HISTORY:]
-            return _reparse(new), history
+            return edits.promote(base, name, model, experiment)
 
         request: dict[str, Any] = {"model": model}
         if experiment is not None:
@@ -515,31 +334,7 @@ class Registry:
         one goes back to the challenger entry it had before it was promoted."""
 
         def build(base: RouteState | None) -> Built:
-            config = _require(base, name)
-            assert base is not None
-            if not base.history:
-                raise Conflict(f"route '{name}' has no promotion to roll back")
-            last = base.history[-1]
-            current = config.champion
-            if last.previous.model == current.model:
-                raise Conflict(f"'{current.model}' is already the champion of route '{name}'")
-            back = (
-                replace(last.promoted, version=current.version)
-                if last.promoted.model == current.model
-                else ChallengerConfig(model=current.model, version=current.version)
-            )
-            challengers = list(config.challengers)
-            position = next(
-                (i for i, c in enumerate(challengers) if c.model == last.previous.model),
-                len(challengers),
-            )
-            challengers = [c for c in challengers if c.model != last.previous.model]
-            challengers.insert(min(position, len(challengers)), back)
-            fallback = current.model if config.fallback == last.previous.model \
-                else config.fallback
-            new = replace(config, champion=last.previous, challengers=tuple(challengers),
-                          fallback=fallback)
-            return _reparse(new), base.history[:-1]
+            return edits.rollback(base, name)
 
         state = await self._change(actor, "rollback", name, build, expected, None)
         return route_view(state)
@@ -575,7 +370,8 @@ class Registry:
                            if config is not None else None)
                 if problem is not None:
                     raise InvalidChange(problem)
-                await self._validate(route, config, base.config if base is not None else None)
+                await ChangeChecks(self.routes.upstream).validate(
+                    route, config, base.config if base is not None else None)
             except GatewayError as exc:
                 self._refused(actor, action, route, base, request, exc)
                 raise
@@ -623,42 +419,3 @@ class Registry:
             error=exc.message, request=request,
         ))
         log.info("registry: %s on '%s' refused (%d): %s", action, route, exc.status, exc.message)
-
-    async def _validate(self, route: str, new: RouteConfig | None, old: RouteConfig | None) -> None:
-        """Triton-side checks for what the change introduces; existing models are not re-checked
-        (a policy change must not fail because an unrelated challenger is down)."""
-        if new is None:
-            return
-        try:
-            build_policy(new.policy)
-        except Exception as exc:
-            raise BadRequest(f"policy: {exc}") from None
-        champion_changed = old is None or old.champion != new.champion
-        known = {c.ref for c in old.challengers} if old is not None else set()
-        to_check = [c.ref for c in new.challengers if champion_changed or c.ref not in known]
-        if not champion_changed and not to_check:
-            return
-        if champion_changed:
-            champion_specs = await self._servable(new.champion, "champion")
-        else:
-            champion_specs = await self._inputs(new.champion, "champion")
-        for ref in to_check:
-            specs = await self._servable(ref, "challenger")
-            problems = signature_mismatches(specs, champion_specs, new.champion)
-            if problems:
-                raise InvalidChange(
-                    f"challenger {ref} does not fit route '{route}': " + "; ".join(problems)
-                )
-
-    async def _inputs(self, ref: ModelRef, role: str) -> tuple[TensorSpec, ...]:
-        try:
-            metadata = await self.routes.upstream.metadata(ref.model, ref.version)
-        except NotFound as exc:
-            raise InvalidChange(f"{role} {exc.message}") from None
-        return parse_metadata_inputs(metadata)
-
-    async def _servable(self, ref: ModelRef, role: str) -> tuple[TensorSpec, ...]:
-        specs = await self._inputs(ref, role)
-        if not await self.routes.upstream.model_ready(ref.model, ref.version):
-            raise InvalidChange(f"{role} model '{ref}' is known to Triton but not ready")
-        return specs

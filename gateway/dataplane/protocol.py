@@ -110,7 +110,8 @@ class InferRequest:
 
     @property
     def inputs(self) -> list[dict[str, Any]]:
-        return self.header["inputs"]
+        inputs: list[dict[str, Any]] = self.header["inputs"]
+        return inputs
 
     @property
     def content_type(self) -> str:
@@ -137,7 +138,8 @@ def check_request_id(value: Any, what: str) -> str:
     problem = request_id_problem(value)
     if problem is not None:
         raise BadRequest(f"{what} {problem}")
-    return value
+    checked: str = value
+    return checked
 
 
 def json_object(raw: bytes, what: str) -> dict[str, Any]:
@@ -324,7 +326,7 @@ def _check_inputs(request: InferRequest) -> None:
         if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequest(f"input '{name}': 'datatype' must be one of "
                              f"{', '.join(sorted(DATATYPES))}, got {datatype!r:.40}")
-        shape = tensor.get("shape")
+        shape: Any = tensor.get("shape")
         count = _check_shape(shape, name)
         params = tensor.get("parameters")
         if params is not None:
@@ -486,7 +488,7 @@ def decode_response(body: bytes, header_length: str | None) -> dict[str, Any]:
     """Split a Triton response into its JSON header and decoded outputs."""
     if header_length is not None:
         length = int(header_length)
-        header = _response_json(body[:length])
+        header: dict[str, Any] = _response_json(body[:length])
         binary = body[length:]
     else:
         header = _response_json(body)

@@ -116,8 +116,8 @@ class InferenceService:
             request_id = request_id or self._new_id()
             self._record_failure(runtime, request_id, ts, key, request, decision, served_model,
                                  exc, started, protocol)
-            exc.request_id = request_id  # type: ignore[attr-defined]
-            exc.served_model = served_model  # type: ignore[attr-defined]
+            exc.request_id = request_id
+            exc.served_model = served_model
             raise
         if fallback is not None:
             served_model = fallback

@@ -30,18 +30,16 @@ import math
 import random
 import time
 from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-from scipy import special
 
 from gateway.config import PolicyConfig
+from gateway.explore.thompson import thompson_probabilities
 
 Rng = random.Random | np.random.Generator
-RewardMode = Literal["correct", "label", "reward"]
 
 STATE_VERSION = 1
 _CACHE_LIMIT = 32  # distinct arm tuples cached per policy; routes change rarely
@@ -140,7 +138,7 @@ def _check_arms(arms: tuple[str, ...]) -> None:
         raise ValueError(f"duplicate arms in {arms!r}")
 
 
-def _finite(value: Any, what: str) -> float:
+def finite(value: Any, what: str) -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -208,7 +206,7 @@ class _StatsPolicy:
 
     # -- learning ------------------------------------------------------------------------------
     def update(self, arm: str, reward: float) -> None:
-        r = _finite(reward, "reward")
+        r = finite(reward, "reward")
         self._check_reward(r)
         self._n[arm] = self._n.get(arm, 0.0) + 1.0
         self._sum[arm] = self._sum.get(arm, 0.0) + r
@@ -233,8 +231,8 @@ class _StatsPolicy:
         for arm, stats in arms.items():
             if not isinstance(arm, str) or not isinstance(stats, Mapping):
                 raise ValueError(f"policy state: bad entry for arm {arm!r}")
-            count = _finite(stats.get("n"), f"state[{arm}].n")
-            total = _finite(stats.get("reward_sum"), f"state[{arm}].reward_sum")
+            count = finite(stats.get("n"), f"state[{arm}].n")
+            total = finite(stats.get("reward_sum"), f"state[{arm}].reward_sum")
             if count < 0:
                 raise ValueError(f"state[{arm}].n must be >= 0")
             self._check_stats(arm, count, total)
@@ -272,7 +270,7 @@ class EpsilonGreedy(_StatsPolicy):
 
     def __init__(self, epsilon: float = 0.1, salt: str = "") -> None:
         super().__init__(salt)
-        eps = _finite(epsilon, "epsilon")
+        eps = finite(epsilon, "epsilon")
         if not 0.0 <= eps <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
         self.epsilon = eps
@@ -295,134 +293,6 @@ class EpsilonGreedy(_StatsPolicy):
         probs = [self.epsilon / k] * k
         probs[g] = 1.0 - self.epsilon * (k - 1) / k  # = 1 - eps + eps/K, exactly 1.0 when K == 1
         return probs
-
-
-# -- Thompson sampling: P(arm's posterior draw is the largest) by quadrature --------------------
-
-_GL_NODES = 8
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(_GL_NODES)
-_TAIL = 1e-14
-# Per-arm breakpoints at mean + z * sd, and a graded mesh towards 0 and 1 for boundary layers.
-_Z = np.array([0.0, -1.5, 1.5, -3.0, 3.0, -5.0, 5.0, -8.0, 8.0, -12.0, 12.0, -20.0, 20.0])
-
-
-def _graded(step: float) -> np.ndarray:
-    """Cut points 10^-k and 1 - 10^-k for k = 1, 1 + step, ..., 15."""
-    g = 10.0 ** -np.arange(1.0, 15.01, step)
-    return np.concatenate((g, 1.0 - g[:-1]))
-
-
-_GRADED = _graded(1.0)  # smooth end behaviour (all alpha, beta >= 1)
-_GRADED_FINE = _graded(0.5)  # (1-x)^(beta-1) or x^(alpha-1) singular: finer steps
-THOMPSON_ABS_TOL = 1e-7
-
-
-def _stirling_error(z: np.ndarray) -> np.ndarray:
-    """lgamma(z) - [(z - 1/2) log z - z + log(2 pi) / 2]: series for z >= 15 (error < 1e-13)."""
-    big = z >= 15.0
-    zb = np.where(big, z, 15.0)
-    series = (1.0 / 12.0 - (1.0 / 360.0 - (1.0 / 1260.0 - 1.0 / (1680.0 * zb * zb)) / (zb * zb))
-              / (zb * zb)) / zb
-    zs = np.where(big, 1.0, z)
-    direct = special.gammaln(zs) - (zs - 0.5) * np.log(zs) + zs - 0.5 * math.log(2.0 * math.pi)
-    return np.where(big, series, direct)
-
-
-def _xlog_ratio(c: np.ndarray, x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """c * log(x / m), 0 where c == 0; near x = m via log1p of the exact offset (x - m) / m, so
-    a huge c (1e9 observations) does not amplify the rounding of x / m."""
-    r = (x - m) / m
-    near = special.xlog1py(c, np.clip(r, -0.5, 0.5))
-    return np.where(np.abs(r) < 0.5, near, special.xlogy(c, x / m))
-
-
-def _log_beta_scale(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """log of the Beta density's constant once x is measured relative to the mean m = a/(a+b):
-
-    log f(x) = (a-1) log(x/m) + (b-1) log((1-x)/(1-m)) + this. Written with Stirling errors, the
-    terms of size ~a that cancel in `(a-1) log x - betaln(a, b)` never appear: at a + b = 1e9
-    the naive form is off by ~1e-6 relative, this one by ~1e-12.
-    """
-    n = a + b
-    return (0.5 * np.log(n * n * n / (2.0 * math.pi * a * b))
-            + _stirling_error(n) - _stirling_error(a) - _stirling_error(b))
-
-
-def thompson_probabilities(alpha: Sequence[float], beta: Sequence[float]) -> np.ndarray:
-    """P(X_i = max_j X_j) for independent X_j ~ Beta(alpha_j, beta_j), by numerical integration.
-
-    p_i = ∫ f_i(x) Π_{j≠i} F_j(x) dx by composite 8-point Gauss–Legendre. The domain is cut to
-    [max_j q_j(1e-14), max_j q_j(1 - 1e-14)] (outside it every integrand holds < 1e-14) and split
-    into panels at each arm's mean ± {0, 1.5, 3, 5, 8, 12, 20} sd and on a graded mesh 10^-k,
-    1 - 10^-k (k = 1..15; half steps when some alpha or beta < 1 makes a density singular), so
-    every panel sees smooth pieces of every density and CDF. The density is evaluated relative
-    to the mean with Stirling-form constants, and 1 - x comes from the panel edge rather than a
-    subtraction, so neither 1e9 observations nor x next to 1 lose accuracy.
-
-    Precision: absolute error <= THOMPSON_ABS_TOL = 1e-7 per arm for alpha, beta >= 0.5 and
-    alpha + beta <= 1e9; the largest error measured against independent high-order references
-    over ~450 random and extreme posteriors was 4e-9 (tests/unit/test_policies.py checks the bound
-    against a reference quadrature and Monte Carlo). Below 0.5 (e.g. a 0.1 prior and no data)
-    it degrades (~5e-3 at 0.1). The result is renormalised to sum to 1. Cost: roughly 0.1–0.5 ms
-    for 3 arms (more for huge posteriors, where the incomplete beta is slow): callers cache it.
-    """
-    a = np.asarray(alpha, dtype=float)
-    b = np.asarray(beta, dtype=float)
-    k = a.size
-    if k != b.size or k == 0:
-        raise ValueError("alpha and beta must be non-empty and of equal length")
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a > 0) and np.all(b > 0)):
-        raise ValueError("Beta parameters must be finite and > 0")
-    if k == 1:
-        return np.ones(1)
-    if np.all(a == a[0]) and np.all(b == b[0]):
-        return np.full(k, 1.0 / k)  # exchangeable arms: exact
-    lo = special.betaincinv(a, b, _TAIL)
-    hi = special.betaincinv(a, b, 1.0 - _TAIL)
-    start = float(np.nanmax(lo)) if np.any(np.isfinite(lo)) else 0.0
-    stop = float(np.nanmax(hi)) if np.any(np.isfinite(hi)) else 1.0
-    start, stop = max(start, 0.0), min(stop, 1.0)
-    if not stop > start:
-        start, stop = 0.0, 1.0
-    mean = a / (a + b)
-    sd = np.sqrt(a * b / ((a + b) ** 2 * (a + b + 1.0)))
-    bulk = np.sort((mean[:, None] + sd[:, None] * _Z).ravel())
-    bulk = bulk[(bulk > start) & (bulk < stop)]
-    if k > 1 and bulk.size:
-        # Overlapping arms give near-duplicate cuts: keep one per 0.3 of the smallest sd.
-        bulk = bulk[np.concatenate(([True], np.diff(np.floor(bulk / (0.3 * sd.min()))) > 0))]
-    graded = _GRADED if a.min() >= 1.0 and b.min() >= 1.0 else _GRADED_FINE
-    cuts = np.concatenate((bulk, graded[(graded > start) & (graded < stop)], [start, stop]))
-    edges = np.sort(cuts)
-    edges = edges[np.concatenate(([True], np.diff(edges) > 0.0))]
-    left, right = edges[:-1], edges[1:]
-    half = (right - left) / 2.0
-    x = (left[:, None] + half[:, None] * (1.0 + _GL_X)).ravel()
-    one_minus_x = ((1.0 - right)[:, None] + half[:, None] * (1.0 - _GL_X)).ravel()
-    w = (half[:, None] * _GL_W).ravel()
-    aa, bb = a[:, None], b[:, None]
-    m, q = mean[:, None], (b / (a + b))[:, None]
-    pdf = np.exp(
-        _xlog_ratio(aa - 1.0, x, m)
-        + _xlog_ratio(bb - 1.0, one_minus_x, q)
-        + _log_beta_scale(a, b)[:, None]
-    )
-    cdf = special.betainc(aa, bb, x)
-    # Π_{j≠i} F_j(x) without dividing by F_i (which may be 0): prefix × suffix products.
-    prefix = np.ones_like(cdf)
-    suffix = np.ones_like(cdf)
-    for i in range(1, k):
-        prefix[i] = prefix[i - 1] * cdf[i - 1]
-        suffix[k - 1 - i] = suffix[k - i] * cdf[k - i]
-    p = (pdf * prefix * suffix) @ w
-    p = np.where(np.isfinite(p) & (p > 0.0), p, 0.0)
-    total = p.sum()
-    if not total > 0.0:
-        # Cannot happen for valid parameters; fall back to the arm with the best mean.
-        p = np.zeros(k)
-        p[int(np.argmax(mean))] = 1.0
-        return p
-    return p / total
 
 
 class ThompsonSampling(_StatsPolicy):
@@ -448,11 +318,11 @@ class ThompsonSampling(_StatsPolicy):
         min_refresh_s: float = 0.0,
     ) -> None:
         super().__init__(salt)
-        self.prior_alpha = _finite(prior_alpha, "prior_alpha")
-        self.prior_beta = _finite(prior_beta, "prior_beta")
+        self.prior_alpha = finite(prior_alpha, "prior_alpha")
+        self.prior_beta = finite(prior_beta, "prior_beta")
         if self.prior_alpha <= 0 or self.prior_beta <= 0:
             raise ValueError("Thompson priors must be > 0")
-        self.min_refresh_s = max(0.0, _finite(min_refresh_s, "min_refresh_s"))
+        self.min_refresh_s = max(0.0, finite(min_refresh_s, "min_refresh_s"))
         self._dirty = False
         self._computed_at = 0.0
 
@@ -495,7 +365,7 @@ class ThompsonSampling(_StatsPolicy):
         post = [self.posterior(a) for a in arms]
         self._computed_at = time.monotonic() if self.min_refresh_s > 0 else 0.0
         probs = thompson_probabilities([p[0] for p in post], [p[1] for p in post])
-        return probs.tolist()
+        return [float(p) for p in probs]
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         super().load_state(state)
@@ -516,117 +386,3 @@ def build_policy(config: PolicyConfig, salt: str = "") -> Policy:
 
         return RolloutPolicy(str(config.target), config.fraction, salt=salt)
     raise ValueError(f"unknown policy type {config.type!r}")
-
-
-# -- feedback: request id -> what was served, and label -> reward --------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ServedEntry:
-    """What the gateway served for a request, kept until its label arrives."""
-
-    route: str
-    arm: str
-    score: float | None
-    ts: float
-
-
-class RewardTracker:
-    """Bounded LRU of request id -> ServedEntry, so feedback can be credited to the served arm.
-
-    Memory is bounded by `max_entries` (oldest evicted first, counted in `evicted`); labels for
-    evicted, never-seen or already-resolved ids return None and count in `unknown`, so a label
-    that arrives twice rewards the policy once. With `max_age_s`, entries older than that resolve
-    to None and count in `late`. This is per replica; the evaluator does the durable join.
-    """
-
-    def __init__(self, max_entries: int = 100_000, max_age_s: float | None = None) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be >= 1")
-        self.max_entries = int(max_entries)
-        self.max_age_s = max_age_s
-        self._entries: OrderedDict[str, ServedEntry] = OrderedDict()
-        self.matched = 0
-        self.unknown = 0
-        self.late = 0
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def remember(
-        self,
-        request_id: str,
-        route: str,
-        arm: str,
-        score: float | None,
-        ts: float | None = None,
-    ) -> None:
-        """Record what was served; a reused request id replaces the older entry."""
-        entry = ServedEntry(route, arm, score, time.time() if ts is None else ts)
-        entries = self._entries
-        entries[request_id] = entry
-        entries.move_to_end(request_id)
-        while len(entries) > self.max_entries:
-            entries.popitem(last=False)
-            self.evicted += 1
-
-    def peek(self, request_id: str, now: float | None = None) -> ServedEntry | None:
-        """The entry a label would resolve to, without consuming or counting it."""
-        entry = self._entries.get(request_id)
-        if entry is None or self.max_age_s is None:
-            return entry
-        current = time.time() if now is None else now
-        return None if current - entry.ts > self.max_age_s else entry
-
-    def resolve(self, request_id: str, now: float | None = None) -> ServedEntry | None:
-        """Pop the entry for a label; None (and counted) when unknown or older than max_age_s."""
-        entry = self._entries.pop(request_id, None)
-        if entry is None:
-            self.unknown += 1
-            return None
-        if self.max_age_s is not None:
-            current = time.time() if now is None else now
-            if current - entry.ts > self.max_age_s:
-                self.late += 1
-                return None
-        self.matched += 1
-        return entry
-
-    def counters(self) -> dict[str, int]:
-        """matched / unknown / late / evicted, for the `understudy_rewards` metric."""
-        return {
-            "matched": self.matched, "unknown": self.unknown,
-            "late": self.late, "evicted": self.evicted,
-        }
-
-
-def reward_from_label(
-    label: Any,
-    score: float | None,
-    threshold: float = 0.5,
-    mode: RewardMode = "correct",
-    reward: float | None = None,
-) -> float:
-    """Turn a feedback item into a bandit reward; ValueError when it cannot.
-
-    - "correct": 1.0 if the served prediction's class (score >= threshold) equals the binary label
-      (0/1 or bool), else 0.0. Needs the served score.
-    - "label": the label itself is the reward (e.g. a 0/1 conversion).
-    - "reward": the reward given directly (`reward`, or the label when no reward was sent).
-    Range checks belong to the policy (Thompson needs [0, 1]).
-    """
-    if mode == "correct":
-        if score is None:
-            raise ValueError("mode 'correct' needs the served prediction score")
-        s = _finite(score, "score")
-        y = _finite(label, "label")
-        if y not in (0.0, 1.0):
-            raise ValueError(f"mode 'correct' needs a binary label (0/1), got {label!r}")
-        predicted = 1.0 if s >= threshold else 0.0
-        return 1.0 if predicted == y else 0.0
-    if mode == "label":
-        return _finite(label, "label")
-    if mode == "reward":
-        return _finite(reward if reward is not None else label, "reward")
-    raise ValueError(f"unknown reward mode {mode!r}")

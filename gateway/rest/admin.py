@@ -35,11 +35,10 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from gateway.backends import LogSink
+from gateway.backends.factory import Backends
 from gateway.config import AdminConfig, GatewayConfig
 from gateway.control.audit import Actor, AuditLog, load_history, token_fingerprint
 from gateway.control.registry import Registry
-from gateway.control.store import RegistryStore, build_store
 from gateway.dataplane.protocol import json_object
 from gateway.dataplane.routes import RouteTable
 from gateway.errors import BadRequest, Forbidden, Unauthorized
@@ -63,15 +62,14 @@ class AuthRequired(Unauthorized):
     """401 with the RFC 6750 challenge the client needs to retry correctly."""
 
     def __init__(self, message: str, error: str | None = None) -> None:
-        super().__init__(message)
         challenge = f'Bearer realm="{REALM}"' + (f', error="{error}"' if error else "")
-        self.headers = {"WWW-Authenticate": challenge}
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
 
 
 class InsufficientScope(Forbidden):
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.headers = {"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'}
+        super().__init__(message, headers={
+            "WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'})
 
 
 @dataclass(frozen=True)
@@ -379,9 +377,8 @@ def install_admin(
     app: web.Application,
     config: GatewayConfig,
     routes: RouteTable,
-    sink: LogSink,
+    backends: Backends,
     *,
-    store_factory: Callable[[GatewayConfig], RegistryStore] = build_store,
     env: Mapping[str, str] | None = None,
     endpoints: Sequence[Callable[[web.Application], None]] = (),
 ) -> CleanupCtx:
@@ -391,8 +388,8 @@ def install_admin(
     apply to the route table, follow other replicas) and stops it; the caller places it after
     the sink's (audit entries go to the sink) and before the recorder's.
     """
-    audit_log = AuditLog(sink)
-    registry = Registry(routes, store_factory(config), audit_log, config.routes,
+    audit_log = AuditLog(backends.sink)
+    registry = Registry(routes, backends.store, audit_log, config.routes,
                         source_of_truth=config.admin.source_of_truth)
     auth = AdminAuth.from_env(config.admin, os.environ if env is None else env)
     if FEEDBACK in app:
@@ -406,7 +403,7 @@ def install_admin(
 
     async def registry_ctx(_: web.Application) -> AsyncIterator[None]:
         # Read concurrently with the registry's start: both may wait on the broker.
-        history = asyncio.create_task(load_history(config, audit_log.capacity))
+        history = asyncio.create_task(load_history(backends.read_stream, audit_log.capacity))
         try:
             await registry.start()
         finally:

@@ -7,7 +7,7 @@ and the response lists each bad item with its reason. Accepted labels go to the 
 evaluator, and to any listeners (the exploration policies' reward updates).
 
 Before a label is logged, the reward the gateway computes for the route's policy from it
-(`policy.reward: correct | label | reward`, gateway/explore/policies.py `reward_from_label`)
+(`policy.reward: correct | label | reward`, gateway/explore/credit.py `reward_from_label`)
 replaces
 the posted `reward` when this replica knows the request (it served it under an exploring policy
 and still remembers it), so the evaluator's off-policy estimates see the reward the policy saw.

@@ -43,7 +43,8 @@ def parameter_value(param: service_pb2.InferParameter) -> bool | int | float | s
     kind = param.WhichOneof("parameter_choice")
     if kind is None:
         raise BadRequest("a parameter has no value set")
-    return getattr(param, kind)
+    value: bool | int | float | str = getattr(param, kind)
+    return value
 
 
 def _parameters(params: Mapping[str, service_pb2.InferParameter], what: str) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def _from_json(data: Mapping[str, Any], message: Message, what: str) -> None:
     """Fill `message` from Triton's JSON answer (protobuf's JSON mapping); a shape protobuf
     cannot read is the upstream's fault."""
     try:
-        json_format.ParseDict(data, message, ignore_unknown_fields=True)
+        json_format.ParseDict(dict(data), message, ignore_unknown_fields=True)
     except json_format.ParseError as exc:
         raise UpstreamBadGateway(f"{what} malformed: {exc}") from None
 

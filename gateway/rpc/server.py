@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from aiohttp import web
@@ -38,9 +38,11 @@ GRPC_PORT = web.AppKey("grpc_port", int)  # the bound port (useful when configur
 READY_SERVICE = "inference.GRPCInferenceService"  # the health service name probes ask for readiness
 DRAIN_GRACE_S = 30.0  # as long as aiohttp's shutdown_timeout for HTTP requests in flight
 
+# A servicer's call context; Triton's generated request/response classes are untyped (Any).
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Unary = Callable[["TritonServicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Unary = Callable[["TritonServicer", Req, Context], Awaitable[Resp]]
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -51,8 +53,7 @@ def _echo_metadata(headers: Mapping[str, str]) -> Metadata:
 
 
 def _error_metadata(exc: GatewayError) -> Metadata:
-    pairs = (("x-request-id", getattr(exc, "request_id", None)),
-             ("x-served-model", getattr(exc, "served_model", None)))
+    pairs = (("x-request-id", exc.request_id), ("x-served-model", exc.served_model))
     return tuple((k, v) for k, v in pairs if v is not None)
 
 
@@ -62,7 +63,7 @@ def _grpc_errors(method: Unary[Req, Resp]) -> Unary[Req, Resp]:
 
     @functools.wraps(method)
     async def handler(self: TritonServicer, request: Req,
-                      context: grpc.aio.ServicerContext) -> Resp:
+                      context: Context) -> Resp:
         try:
             return await method(self, request, context)
         except GatewayError as exc:
@@ -80,7 +81,7 @@ def _grpc_errors(method: Unary[Req, Resp]) -> Unary[Req, Resp]:
     return handler
 
 
-def _headers(context: grpc.aio.ServicerContext) -> CIMultiDict[str]:
+def _headers(context: Context) -> CIMultiDict[str]:
     """Invocation metadata as the case-insensitive headers the core reads (request id, sticky
     key); binary (`-bin`) values are not text headers and are left out."""
     headers: CIMultiDict[str] = CIMultiDict()
@@ -115,17 +116,17 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ServerLive(self, request: service_pb2.ServerLiveRequest,
-                         context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:
+                         context: Context) -> service_pb2.ServerLiveResponse:
         return service_pb2.ServerLiveResponse(live=True)
 
     @_grpc_errors
     async def ServerReady(self, request: service_pb2.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> service_pb2.ServerReadyResponse:
+                          context: Context) -> service_pb2.ServerReadyResponse:
         return service_pb2.ServerReadyResponse(ready=await self.catalog.server_ready())
 
     @_grpc_errors
     async def ModelReady(self, request: service_pb2.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> service_pb2.ModelReadyResponse:
+                         context: Context) -> service_pb2.ModelReadyResponse:
         try:  # an unknown route stays NOT_FOUND; a champion that is down is "not ready"
             await self.catalog.check_ready(request.name)
         except UpstreamUnavailable:
@@ -134,25 +135,25 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ServerMetadata(
-        self, request: service_pb2.ServerMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.ServerMetadataRequest, context: Context
     ) -> service_pb2.ServerMetadataResponse:
         return service_pb2.ServerMetadataResponse(**self.catalog.server_metadata())
 
     @_grpc_errors
     async def ModelMetadata(
-        self, request: service_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.ModelMetadataRequest, context: Context
     ) -> service_pb2.ModelMetadataResponse:
         return grpc_codec.model_metadata(await self.catalog.metadata(request.name))
 
     @_grpc_errors
     async def ModelConfig(
-        self, request: service_pb2.ModelConfigRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.ModelConfigRequest, context: Context
     ) -> service_pb2.ModelConfigResponse:
         return grpc_codec.model_config(await self.catalog.config(request.name))
 
     @_grpc_errors
     async def ModelStatistics(
-        self, request: service_pb2.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.ModelStatisticsRequest, context: Context
     ) -> service_pb2.ModelStatisticsResponse:
         stats = (await self.catalog.stats(request.name) if request.name
                  else await self.catalog.all_stats())
@@ -160,7 +161,7 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def RepositoryIndex(
-        self, request: service_pb2.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.RepositoryIndexRequest, context: Context
     ) -> service_pb2.RepositoryIndexResponse:
         return service_pb2.RepositoryIndexResponse(models=[
             service_pb2.RepositoryIndexResponse.ModelIndex(**entry)
@@ -185,7 +186,7 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ModelInfer(
-        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, request: service_pb2.ModelInferRequest, context: Context
     ) -> service_pb2.ModelInferResponse:
         response, metadata = await self._infer(request, _headers(context))
         # Trailing, not initial: it travels with the status (as an error's does), where a
@@ -195,7 +196,7 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """One response per request, in order. A failed request answers with `error_message`
         (as Triton's stream does) and the stream goes on; a gateway bug ends it with INTERNAL."""
@@ -209,7 +210,7 @@ class TritonServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield service_pb2.ModelStreamInferResponse(
                     error_message=exc.message,
                     infer_response=service_pb2.ModelInferResponse(
-                        model_name=request.model_name, id=getattr(exc, "request_id", "")),
+                        model_name=request.model_name, id=exc.request_id or ""),
                 )
                 continue
             except Exception:
@@ -232,7 +233,7 @@ class GatewayHealth(health_aio.HealthServicer):
         self.draining = False
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+                    context: Context) -> health_pb2.HealthCheckResponse:
         if request.service != READY_SERVICE:
             return await super().Check(request, context)
         ready = not self.draining and await self.catalog.server_ready()

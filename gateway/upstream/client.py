@@ -60,8 +60,9 @@ def _model_path(model: str, version: str) -> str:
 def _error_message(body: bytes, fallback: str) -> str:
     try:
         parsed = orjson.loads(body)
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-            return parsed["error"]
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, str):
+            return error
     except orjson.JSONDecodeError:
         pass
     return body[:200].decode("utf-8", "replace") or fallback

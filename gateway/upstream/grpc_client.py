@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -98,7 +98,8 @@ def _json_data(datatype: str, raw: bytes) -> list[Any]:
             items.append(raw[pos + 4 : pos + 4 + n].decode("utf-8", "replace"))
             pos += 4 + n
         return items
-    return np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).tolist()
+    values: list[Any] = np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).tolist()
+    return values
 
 
 def from_infer_response(response: service_pb2.ModelInferResponse, binary: dict[str, bool],
@@ -145,7 +146,8 @@ def protobuf_json(message: Message) -> dict[str, Any]:
     integers as numbers (protobuf's JSON mapping would quote them, e.g. `dims: ["8"]`)."""
     raw = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                     always_print_fields_with_no_presence=True)
-    return _int64_as_numbers(message.DESCRIPTOR, raw)
+    # The C (upb) implementation's descriptor has the same interface as the Python one.
+    return _int64_as_numbers(cast(Descriptor, message.DESCRIPTOR), raw)
 
 
 def _int64_as_numbers(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:

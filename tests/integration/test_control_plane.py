@@ -416,7 +416,11 @@ async def test_audit_history_is_rebuilt_from_the_kafka_topic(
 def test_file_audit_history_reads_every_workers_segments(tmp_path: Path) -> None:
     """`serve --workers N` writes one segment directory per worker; any worker's restart must
     see every worker's changes (the history is the newest `capacity` entries, in file order)."""
-    from gateway.control.audit import _file_history
+    from gateway.backends.file_sink import read_stream
+    from gateway.control.audit import history_entries
+
+    def _file_history(root: Path, capacity: int) -> list[dict[str, Any]]:
+        return history_entries(read_stream(root, "audit"), capacity)
 
     for worker, ids in (("worker-0", ["a", "b"]), ("worker-1", ["c"])):
         directory = tmp_path / worker / "audit"

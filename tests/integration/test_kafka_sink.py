@@ -22,7 +22,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 
-from gateway.app import build_sink
+from gateway.backends.factory import build_sink
 from gateway.backends.kafka_sink import KafkaSink
 from gateway.backends.sink import LogSink
 from gateway.backends.spill import SEGMENT_SUFFIX

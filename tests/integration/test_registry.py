@@ -13,10 +13,12 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.backends.file_store import FileStore
+from gateway.backends.kafka_store import KafkaStore
+from gateway.backends.registry_store import StaleWrite
 from gateway.config import ChallengerConfig, ModelRef, RouteConfig
 from gateway.control.audit import CONFIG_ACTOR, new_entry
 from gateway.control.state import Experiment, Promotion, RouteState, route_to_raw
-from gateway.control.store import FileStore, KafkaStore, StaleWrite
 from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
 from tests.support.kafka import unique_topic
 
@@ -365,7 +367,7 @@ async def test_kafka_store_serves_its_cache_while_the_broker_is_down(
 
 
 def test_signature_mismatches_name_every_difference() -> None:
-    from gateway.control.registry import signature_mismatches
+    from gateway.control.checks import signature_mismatches
     from gateway.dataplane.protocol import TensorSpec
 
     champion = (TensorSpec("features", "FP32", (-1, 8)), TensorSpec("mask", "BOOL", (-1, 8)))

@@ -20,19 +20,17 @@ from devtools.simulate.bandits import PolicySpec, simulate
 from devtools.simulate.bandits import main as simulate_main
 from gateway.config import PolicyConfig
 from gateway.explore import policies
+from gateway.explore.credit import RewardTracker, reward_from_label
 from gateway.explore.policies import (
-    THOMPSON_ABS_TOL,
     ChampionPolicy,
     Decision,
     EpsilonGreedy,
     Policy,
-    RewardTracker,
     ThompsonSampling,
     build_policy,
-    reward_from_label,
     sticky_uniform,
-    thompson_probabilities,
 )
+from gateway.explore.thompson import THOMPSON_ABS_TOL, thompson_probabilities
 
 ARMS = ("champ", "chal_a", "chal_b")
 

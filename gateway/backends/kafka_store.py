@@ -1,220 +1,28 @@
-"""Where the challenger registry's state lives, and how replicas see each other's changes.
+"""The registry as a compacted Kafka topic: the source of truth when `log.sink: kafka`.
 
-`RegistryStore` is the interface; two implementations:
-
-- `FileStore` (embedded default, `admin.state_path`): one JSON file holding every route's
-  state. Writes are read-modify-write under an exclusive `flock` on a side lock file, written to
-  a temp file, fsynced and renamed over the old one, so a reader never sees half a file and two
-  processes never lose each other's update. Replicas on the same machine (e.g. `serve
-  --workers N`, or several gateways sharing a volume with working flock) converge by polling
-  the file's stat signature every `poll_interval_s` (0.5 s).
-- `KafkaStore` (`log.sink: kafka`): a compacted topic (`log.kafka.registry_topic`), key =
-  route, value = the route's full state. Every replica reads it from the beginning on start and
-  then follows it, applying records in offset order. See its docstring for conflicts.
-
-Conflicts. Every route state has a version; `commit(state, expected_version)` is a
-compare-and-set on it and raises `StaleWrite` when the stored version is not the expected one.
-The registry recomputes and retries an implicit change on the newer state (so no update is
-lost), and answers 409 when the client pinned a version (`expected_version` / `If-Match`).
-
-Both stores deliver states to one `on_change` callback, in order; `commit` returns only after
-the committed state has been delivered, so the replica that made a change serves it at once.
+See `KafkaStore`; the interface and the conflict rules are in gateway/backends/registry_store.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from gateway.config import GatewayConfig, KafkaConfig
+from gateway.backends.file_store import read_states, write_states
+from gateway.backends.kafka_topics import kafka_admin, topic_partitions
+from gateway.backends.registry_store import OnChange, StaleWrite
+from gateway.backends.retry import Backoff, connect_with_retry
+from gateway.config import KafkaConfig
 from gateway.control.state import RouteState
 from gateway.errors import ConfigError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
-
-OnChange = Callable[[RouteState], None]
-FILE_FORMAT = "understudy.registry/1"
-
-
-class StaleWrite(Exception):
-    """The stored version of a route is not the one the write was based on."""
-
-    def __init__(self, route: str, expected: int, actual: int) -> None:
-        super().__init__(f"route '{route}' is at version {actual}, not {expected}")
-        self.route = route
-        self.expected = expected
-        self.actual = actual
-
-
-class RegistryStore(Protocol):
-    """Durable, shared registry state. One instance per gateway process."""
-
-    async def start(self, on_change: OnChange) -> None:
-        """Load the existing state (delivering every route to `on_change`), then follow changes
-        made by other replicas until `close`."""
-
-    async def latest(self, route: str) -> RouteState | None:
-        """The freshest stored state of one route (None if the store never saw it)."""
-
-    async def commit(self, state: RouteState, expected_version: int) -> RouteState:
-        """Store `state` if the route is still at `expected_version` (0: absent), else raise
-        StaleWrite. Returns once `on_change` has seen the state."""
-
-    async def close(self) -> None:
-        """Stop following; release files and connections."""
-
-
-# ------------------------------------------------------------------------------------------
-# Local state file
-
-
-def _read_states(path: Path) -> dict[str, RouteState]:
-    """Parse the state file; a missing file is an empty store. Raises ConfigError if corrupt."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    try:
-        raw = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: registry state file is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
-        raise ConfigError(f"{path}: not an understudy registry state file")
-    return {name: RouteState.from_json(s) for name, s in (raw.get("routes") or {}).items()}
-
-
-def _write_states(path: Path, states: dict[str, RouteState]) -> None:
-    """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
-    payload = orjson.dumps(
-        {"format": FILE_FORMAT, "routes": {n: s.to_json() for n, s in sorted(states.items())}},
-        option=orjson.OPT_INDENT_2,
-    )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    """What changes whenever the file is replaced (a rename gives a new inode)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-class FileStore:
-    """The embedded default: a JSON state file shared by the replicas of one machine."""
-
-    def __init__(self, path: str | Path, *, poll_interval_s: float = 0.5) -> None:
-        self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.poll_interval_s = poll_interval_s
-        self._on_change: OnChange | None = None
-        self._delivered: dict[str, int] = {}  # route -> version last handed to on_change
-        self._signature: tuple[int, int, int] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # orders deliveries between the poller and local commits
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive lock across processes for a read-modify-write (blocking: run in a thread)."""
-        with open(self.lock_path, "a+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-    async def start(self, on_change: OnChange) -> None:
-        self._on_change = on_change
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        await self._refresh()
-        self._task = asyncio.create_task(self._poll(), name="registry-file-poll")
-
-    def _deliver(self, states: dict[str, RouteState]) -> None:
-        """Hand newer states to the registry; versions only grow, so older reads are ignored."""
-        assert self._on_change is not None
-        for name, state in sorted(states.items()):
-            if state.version > self._delivered.get(name, 0):
-                self._delivered[name] = state.version
-                self._on_change(state)
-
-    async def _refresh(self) -> None:
-        signature = await asyncio.to_thread(_signature, self.path)
-        if signature == self._signature:
-            return
-        async with self._lock:
-            states = await asyncio.to_thread(_read_states, self.path)
-            self._signature = signature
-            self._deliver(states)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_s)
-            try:
-                await self._refresh()
-            except ConfigError as exc:
-                # Keep serving the last good state; a writer will replace the file again.
-                log.error("registry state file unreadable, keeping the current routes: %s", exc)
-            except OSError as exc:
-                log.error("cannot read registry state file %s: %s", self.path, exc)
-
-    async def latest(self, route: str) -> RouteState | None:
-        states = await asyncio.to_thread(_read_states, self.path)
-        return states.get(route)
-
-    def _commit_sync(self, state: RouteState, expected_version: int) -> dict[str, RouteState]:
-        with self._locked():
-            states = _read_states(self.path)
-            current = states.get(state.name)
-            actual = current.version if current is not None else 0
-            if actual != expected_version:
-                raise StaleWrite(state.name, expected_version, actual)
-            states[state.name] = state
-            _write_states(self.path, states)
-            return states
-
-    async def commit(self, state: RouteState, expected_version: int) -> RouteState:
-        async with self._lock:
-            states = await asyncio.to_thread(self._commit_sync, state, expected_version)
-            self._signature = await asyncio.to_thread(_signature, self.path)
-            # Deliver everything read under the lock: other routes may have changed too.
-            self._deliver(states)
-        return state
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-
-# ------------------------------------------------------------------------------------------
-# Compacted Kafka topic
 
 
 class KafkaStore:
@@ -269,7 +77,7 @@ class KafkaStore:
         self._hooks: set[asyncio.Task[None]] = set()
         # Set by the registry: run once the store becomes reachable after a degraded start
         # (it seeds the routes it could not seed then).
-        self.on_connected: Callable[[], Awaitable[None]] | None = None
+        self.on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     @property
     def connected(self) -> bool:
@@ -278,10 +86,8 @@ class KafkaStore:
     async def start(self, on_change: OnChange) -> None:
         self._on_change = on_change
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                await self._connect()
+            await self._open()
         except Exception as exc:  # timeout, refused connection, broker error: degrade
-            await self._disconnect()
             cached = await asyncio.to_thread(self._read_cache)
             log.error(
                 "registry topic %s unreachable at %s (%s); serving %d cached route state(s) "
@@ -297,7 +103,7 @@ class KafkaStore:
 
     def _read_cache(self) -> dict[str, RouteState]:
         try:
-            return _read_states(self.cache_path)
+            return read_states(self.cache_path)
         except (ConfigError, OSError) as exc:
             log.warning("registry cache %s unusable: %s", self.cache_path, exc)
             return {}
@@ -329,11 +135,9 @@ class KafkaStore:
     async def _ensure_topic(self) -> set[int]:
         """Create the topic compacted if missing (auto-creation would make it non-compacted);
         return its partition ids."""
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.admin import NewTopic
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap)
-        await admin.start()
-        try:
+        async with kafka_admin(self.kafka.bootstrap) as admin:
             if self.topic not in await admin.list_topics():
                 topic = NewTopic(
                     self.topic, num_partitions=1, replication_factor=1,
@@ -351,15 +155,10 @@ class KafkaStore:
                         )
                 log.info("registry: created compacted topic %s", self.topic)
             for _ in range(100):  # creation is asynchronous: wait for the partitions to exist
-                for desc in await admin.describe_topics([self.topic]):
-                    partitions = {int(p["partition"]) for p in desc.get("partitions") or ()}
-                    if desc.get("topic") == self.topic and not desc.get("error_code") \
-                            and partitions:
-                        return partitions
+                if partitions := await topic_partitions(admin, self.topic):
+                    return partitions
                 await asyncio.sleep(0.1)
             raise UpstreamUnavailable(f"registry topic {self.topic} has no partitions")
-        finally:
-            await admin.close()
 
     async def _disconnect(self) -> None:
         self._connected = False
@@ -369,23 +168,28 @@ class KafkaStore:
                     await client.stop()
         self._producer = self._consumer = None
 
+    async def _open(self) -> None:
+        """One connection attempt within `connect_timeout_s`; a failed one leaves no client."""
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self._connect()
+        except Exception:
+            await self._disconnect()
+            raise
+
     async def _reconnect(self) -> None:
-        while True:
-            await asyncio.sleep(self.retry_interval_s)
-            try:
-                async with asyncio.timeout(self.connect_timeout_s):
-                    await self._connect()
-            except Exception as exc:
-                log.warning("registry topic still unreachable: %s", exc or type(exc).__name__)
-                await self._disconnect()
-                continue
-            log.info("registry topic %s reachable again; following it", self.topic)
-            if self.on_connected is not None:
-                hook = asyncio.create_task(self.on_connected())
-                self._hooks.add(hook)
-                hook.add_done_callback(self._hooks.discard)
-            await self._follow()
-            return
+        """After a degraded start: retry every `retry_interval_s`, then follow the topic."""
+        await asyncio.sleep(self.retry_interval_s)
+        await connect_with_retry(
+            self._open, Backoff(self.retry_interval_s, self.retry_interval_s, factor=1),
+            on_failure=lambda exc, _: log.warning("registry topic still unreachable: %s",
+                                                  exc or type(exc).__name__))
+        log.info("registry topic %s reachable again; following it", self.topic)
+        if self.on_connected is not None:
+            hook = asyncio.create_task(self.on_connected())
+            self._hooks.add(hook)
+            hook.add_done_callback(self._hooks.discard)
+        await self._follow()
 
     def _apply(self, state: RouteState) -> None:
         self._states[state.name] = state
@@ -401,7 +205,7 @@ class KafkaStore:
         await asyncio.sleep(0.05)
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(_write_states, self.cache_path, dict(self._states))
+            await asyncio.to_thread(write_states, self.cache_path, dict(self._states))
         except OSError as exc:
             log.warning("cannot write registry cache %s: %s", self.cache_path, exc)
 
@@ -497,13 +301,6 @@ class KafkaStore:
         if self._cache_task is not None and self._states:
             # One last snapshot, so a start during a broker outage has the newest state.
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(_write_states, self.cache_path, dict(self._states))
+                await asyncio.to_thread(write_states, self.cache_path, dict(self._states))
         self._task = self._cache_task = None
         await self._disconnect()
-
-
-def build_store(config: GatewayConfig) -> RegistryStore:
-    """Kafka topic when the gateway logs to Kafka (multi-host replicas), else the state file."""
-    if config.log.sink == "kafka":
-        return KafkaStore(config.log.kafka, config.admin.state_path)
-    return FileStore(config.admin.state_path)

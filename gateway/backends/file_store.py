@@ -1,0 +1,167 @@
+"""The embedded default registry store: one JSON state file shared by a machine's replicas.
+
+Writes are read-modify-write under an exclusive `flock` on a side lock file, written to a temp
+file, fsynced and renamed over the old one, so a reader never sees half a file and two
+processes never lose each other's update. Replicas on the same machine (e.g. `serve --workers
+N`, or several gateways sharing a volume with working flock) converge by polling the file's
+stat signature every `poll_interval_s` (0.5 s). The same file format is the Kafka store's
+local cache (gateway/backends/kafka_store.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from gateway.backends.registry_store import OnChange, StaleWrite
+from gateway.control.state import RouteState
+from gateway.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FILE_FORMAT = "understudy.registry/1"
+
+
+
+def read_states(path: Path) -> dict[str, RouteState]:
+    """Parse the state file; a missing file is an empty store. Raises ConfigError if corrupt."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: registry state file is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
+        raise ConfigError(f"{path}: not an understudy registry state file")
+    return {name: RouteState.from_json(s) for name, s in (raw.get("routes") or {}).items()}
+
+
+def write_states(path: Path, states: dict[str, RouteState]) -> None:
+    """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
+    payload = orjson.dumps(
+        {"format": FILE_FORMAT, "routes": {n: s.to_json() for n, s in sorted(states.items())}},
+        option=orjson.OPT_INDENT_2,
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever the file is replaced (a rename gives a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class FileStore:
+    """The embedded default: a JSON state file shared by the replicas of one machine."""
+
+    def __init__(self, path: str | Path, *, poll_interval_s: float = 0.5) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.poll_interval_s = poll_interval_s
+        self._on_change: OnChange | None = None
+        self._delivered: dict[str, int] = {}  # route -> version last handed to on_change
+        self._signature: tuple[int, int, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # orders deliveries between the poller and local commits
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive lock across processes for a read-modify-write (blocking: run in a thread)."""
+        with open(self.lock_path, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    async def start(self, on_change: OnChange) -> None:
+        self._on_change = on_change
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await self._refresh()
+        self._task = asyncio.create_task(self._poll(), name="registry-file-poll")
+
+    def _deliver(self, states: dict[str, RouteState]) -> None:
+        """Hand newer states to the registry; versions only grow, so older reads are ignored."""
+        assert self._on_change is not None
+        for name, state in sorted(states.items()):
+            if state.version > self._delivered.get(name, 0):
+                self._delivered[name] = state.version
+                self._on_change(state)
+
+    async def _refresh(self) -> None:
+        signature = await asyncio.to_thread(_signature, self.path)
+        if signature == self._signature:
+            return
+        async with self._lock:
+            states = await asyncio.to_thread(read_states, self.path)
+            self._signature = signature
+            self._deliver(states)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self._refresh()
+            except ConfigError as exc:
+                # Keep serving the last good state; a writer will replace the file again.
+                log.error("registry state file unreadable, keeping the current routes: %s", exc)
+            except OSError as exc:
+                log.error("cannot read registry state file %s: %s", self.path, exc)
+
+    async def latest(self, route: str) -> RouteState | None:
+        states = await asyncio.to_thread(read_states, self.path)
+        return states.get(route)
+
+    def _commit_sync(self, state: RouteState, expected_version: int) -> dict[str, RouteState]:
+        with self._locked():
+            states = read_states(self.path)
+            current = states.get(state.name)
+            actual = current.version if current is not None else 0
+            if actual != expected_version:
+                raise StaleWrite(state.name, expected_version, actual)
+            states[state.name] = state
+            write_states(self.path, states)
+            return states
+
+    async def commit(self, state: RouteState, expected_version: int) -> RouteState:
+        async with self._lock:
+            states = await asyncio.to_thread(self._commit_sync, state, expected_version)
+            self._signature = await asyncio.to_thread(_signature, self.path)
+            # Deliver everything read under the lock: other routes may have changed too.
+            self._deliver(states)
+        return state
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
