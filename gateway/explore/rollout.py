@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.explore.policies import _finite, _StatsPolicy
+from gateway.explore.policies import _StatsPolicy, finite
 
 
 class RolloutPolicy(_StatsPolicy):
@@ -25,7 +25,7 @@ class RolloutPolicy(_StatsPolicy):
 
     def __init__(self, target: str, fraction: float, salt: str = "") -> None:
         super().__init__(salt)
-        f = _finite(fraction, "fraction")
+        f = finite(fraction, "fraction")
         if not 0.0 < f < 1.0:
             raise ValueError(f"a rollout fraction must be in (0, 1), got {fraction!r}")
         self.target = target
