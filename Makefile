@@ -28,8 +28,10 @@ test: install
 unit: install  ## the fast tier: no Triton, Kafka, helm or Spark (tests/unit plus the unit tests of mixed files)
 	.venv/bin/pytest -q -p no:cacheprovider -m "not slow and not triton and not kafka and not helm and not spark" tests
 
-lint: install
+lint: install  ## ruff; mypy --strict clean for understudy/ and gateway/; the evaluator's count only goes down
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy understudy gateway
+	$(PY) -m devtools.mypy_ratchet
 
 bench: install
 	bash loadtests/bench.sh

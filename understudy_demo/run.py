@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import os
 import signal
 import subprocess
@@ -178,6 +179,18 @@ def verdicts(reports: Path) -> dict[str, str]:
     return found
 
 
+def write_fraud_reference(path: Path, rows: int = 2000, seed: int = 1) -> Path:
+    """A training snapshot of the fraud features (the distribution the demo models were fit
+    on), for `evaluator drift --reference`: a reference that does not depend on how long the
+    demo's traffic took, unlike a log window."""
+    features = FraudTraffic(seed).features(rows)
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(FraudTraffic.feature_names)
+        out.writerows(features.tolist())
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=4000, help="fraud requests")
@@ -217,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     for model, share in sorted(agreement(str(result["metrics"]), "fraud").items()):
         print(f"  fraud: champion fraud_v3 vs shadow {model}: {share:.1%} agreement")
     print(f"inference log: {log_dir}/inferences (labels: {log_dir}/labels)")
+    print(f"drift reference (the fraud models' training distribution): "
+          f"{write_fraud_reference(work / 'fraud_reference.csv')}")
     reports = work / "reports"
     try:
         run_evaluator(log_dir, reports, work)

@@ -26,7 +26,7 @@ class KafkaReplaySink:
         self._sends: list[asyncio.Future[Any]] = []
 
     async def start(self) -> None:
-        from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
+        from aiokafka import AIOKafkaProducer
 
         self._producer = AIOKafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
                                           enable_idempotence=True,

@@ -43,6 +43,7 @@ import numpy as np
 from gateway import metrics
 from gateway.config import PolicyConfig, RouteConfig, parse_policy, parse_route
 from gateway.control.audit import Actor
+from gateway.control.edits import Built
 from gateway.control.guard import GuardResult, harm_test
 from gateway.control.plan import (
     DEFAULT_ALPHA,
@@ -53,7 +54,7 @@ from gateway.control.plan import (
     check_limits,
     parse_steps,
 )
-from gateway.control.registry import Built, Registry
+from gateway.control.registry import Registry
 from gateway.control.state import RouteState, route_to_raw
 from gateway.dataplane.routes import RouteTable
 from gateway.errors import BadRequest, ConfigError, Conflict, GatewayError, NotFound

@@ -55,12 +55,12 @@ def _error_response(
 def error_reply(exc: GatewayError, method: str, path: str) -> tuple[bytes, dict[str, str]]:
     """The JSON body and headers a `GatewayError` is answered with, by either HTTP server
     (aiohttp's middleware below, gateway/rest/lean_server.py): the one place errors map."""
-    headers = {}
-    if (request_id := getattr(exc, "request_id", None)) is not None:
-        headers[REQUEST_ID_HEADER] = request_id
-    if (served := getattr(exc, "served_model", None)) is not None:
-        headers["X-Served-Model"] = served
-    headers.update(getattr(exc, "headers", None) or {})  # e.g. the admin API's WWW-Authenticate
+    headers: dict[str, str] = {}
+    if exc.request_id is not None:
+        headers[REQUEST_ID_HEADER] = exc.request_id
+    if exc.served_model is not None:
+        headers["X-Served-Model"] = exc.served_model
+    headers.update(exc.headers)  # e.g. the admin API's WWW-Authenticate
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", method, path, exc.status, exc.message)
     return error_body(exc.message), headers

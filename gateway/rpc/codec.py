@@ -23,8 +23,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from gateway.dataplane.protocol import DATATYPES, HEADER_LENGTH, INT_RANGES, NUMPY_DTYPES, flatten
+from gateway.dataplane.protocol import HEADER_LENGTH, NUMPY_DTYPES, flatten
 from gateway.errors import BadRequest, UpstreamBadGateway
+from understudy.records import DATATYPES, INT_RANGES
 
 # The typed `contents` field each datatype travels in (FP16/BF16 have none: raw only).
 CONTENTS_FIELD: dict[str, str] = {

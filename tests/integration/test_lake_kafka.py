@@ -104,6 +104,22 @@ def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def _wait_all_assigned(logs: dict[str, Path], timeout_s: float) -> None:
+    """Until every member's latest assignment holds partitions: records produced after that
+    spread over all three members however slowly each one started."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        latest = {}
+        for name, log in logs.items():
+            lines = [ln for ln in log.read_text(errors="replace").splitlines()
+                     if f"{name}: assigned" in ln]
+            latest[name] = lines[-1].split(": assigned", 1)[1].strip() if lines else ""
+        if all(latest.values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the group's members did not all get partitions: {latest}")
+
+
 def _kill_mid_file(proc: subprocess.Popen[bytes], lake: Path, name: str,
                    timeout_s: float) -> str:
     """SIGKILL the member as soon as one of its files is half-written (a `.tmp` exists), after
@@ -144,17 +160,19 @@ async def three_members_one_killed(kafka: Any, tmp_path: Path, n: int,
     group = f"lake-{topics['inferences'][-10:]}"
     await _create_topics(kafka.bootstrap, *topics.values())
     records = experiment_log(n)
-    t0 = time.monotonic()
-    await _produce(kafka.bootstrap, topics, records)
-    produced_s = time.monotonic() - t0
     lake = tmp_path / "lake"
     names = ["m0", "m1", "m2"]
     procs = {name: _start(_member_config(tmp_path, kafka.bootstrap, topics, group, name,
                                          file_records * (4 if name == "m0" else 1)),
                           tmp_path / f"{name}.log") for name in names}
-    t0 = time.monotonic()
     try:
-        killed = _kill_mid_file(procs["m0"], lake, "m0", timeout_s=120)
+        _wait_all_assigned({name: tmp_path / f"{name}.log" for name in names}, timeout_s=300)
+        t0 = time.monotonic()
+        producing = asyncio.create_task(_produce(kafka.bootstrap, topics, records))
+        # Watch for m0's half-written file while the records are still arriving.
+        killed = await asyncio.to_thread(_kill_mid_file, procs["m0"], lake, "m0", 120)
+        await producing
+        produced_s = time.monotonic() - t0
         while await _lag(kafka.bootstrap, group, list(topics.values())) > 0:
             assert time.monotonic() - t0 < 3600, "the group did not catch up"
             for name in ("m1", "m2"):
