@@ -448,23 +448,23 @@ class KafkaSink(GuardedSink):
 
     async def _settle_abandoned(self, flight: Flight) -> list[SpillRecord]:
         """At close: what of an interrupted flight still needs the spill (in order)."""
-        acked = [acked(flight.future(i)) for i in range(len(flight.records))]
+        acks = [acked(flight.future(i)) for i in range(len(flight.records))]
         for fut in flight.futures:
             if fut is not None and not fut.done():
                 fut.add_done_callback(_retrieve)
         if flight.batch is not None:
             prefix = 0
-            while prefix < len(acked) and (acked[prefix] or is_placeholder(
+            while prefix < len(acks) and (acks[prefix] or is_placeholder(
                     flight.records[prefix])):
                 prefix += 1
-            delivered = [r for r, a in zip(flight.records[:prefix], acked, strict=False) if a]
+            delivered = [r for r, a in zip(flight.records[:prefix], acks, strict=False) if a]
             self._count("produced", delivered)
             self._count("replayed", delivered)
             await asyncio.to_thread(self.spill.commit, flight.batch, prefix)
             return []
-        delivered = [r for r, a in zip(flight.records, acked, strict=True) if a]
+        delivered = [r for r, a in zip(flight.records, acks, strict=True) if a]
         self._count("produced", delivered)
-        return [r for i, (r, a) in enumerate(zip(flight.records, acked, strict=True))
+        return [r for i, (r, a) in enumerate(zip(flight.records, acks, strict=True))
                 if not a and i not in flight.insured]
 
 
