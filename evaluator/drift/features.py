@@ -9,6 +9,7 @@ import numpy as np
 from scipy import stats
 
 from evaluator.config import DriftConfig
+from evaluator.dataset import Array
 from evaluator.drift.data import OTHER, _f, _missing_share, _present_text
 from evaluator.drift.result import FeatureDrift
 from evaluator.drift.statistics import (
@@ -157,6 +158,17 @@ def _status_numeric(f: FeatureDrift, cfg: DriftConfig) -> None:
                          + ("" if p_ok else f"; KS p {f.ks_pvalue:.2g} not significant"))
 
 
+def _compare_numeric(r: Array, c: Array, cfg: DriftConfig
+                     ) -> tuple[float, float, float, float, float, float]:
+    """(PSI on the reference's quantile bins, KS statistic, KS p, Wasserstein, reference mean,
+    live mean) of the finite reference `r` and live `c` values (a feature's or a model's)."""
+    edges = quantile_edges(r, cfg.bins)
+    psi = psi_from_counts(bin_counts(r, edges), bin_counts(c, edges), cfg.epsilon)
+    ks_statistic, ks_pvalue = ks_test(r, c)
+    return (psi, ks_statistic, ks_pvalue, wasserstein(r, c), float(r.mean()),
+            float(c.mean()))
+
+
 def _start_feature(name: str, kind: str, n_ref: int, present_ref: int, n_live: int,
                    present_live: int, cfg: DriftConfig) -> tuple[FeatureDrift, bool]:
     """The feature's counts, missing shares and missing-value check, and whether both sides
@@ -187,11 +199,8 @@ def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig
     f, enough = _start_feature(name, "numeric", ref_all.size, r.size, live_all.size, c.size, cfg)
     if not enough:
         return f
-    edges = quantile_edges(r, cfg.bins)
-    f.psi = psi_from_counts(bin_counts(r, edges), bin_counts(c, edges), cfg.epsilon)
-    f.ks_statistic, f.ks_pvalue = ks_test(r, c)
-    f.wasserstein = wasserstein(r, c)
-    f.mean_ref, f.mean_live = float(r.mean()), float(c.mean())
+    (f.psi, f.ks_statistic, f.ks_pvalue, f.wasserstein, f.mean_ref,
+     f.mean_live) = _compare_numeric(r, c, cfg)
     f.std_ref, f.std_live = float(r.std(ddof=1)), float(c.std(ddof=1))
     if f.std_ref > 0:
         f.wasserstein_norm = f.wasserstein / f.std_ref
