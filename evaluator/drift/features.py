@@ -9,6 +9,7 @@ import numpy as np
 from scipy import stats
 
 from evaluator.config import DriftConfig
+from evaluator.dataset import Array
 from evaluator.drift.data import OTHER, _f, _missing_share, _present_text
 from evaluator.drift.result import FeatureDrift
 from evaluator.drift.statistics import (
@@ -157,6 +158,35 @@ def _status_numeric(f: FeatureDrift, cfg: DriftConfig) -> None:
                          + ("" if p_ok else f"; KS p {f.ks_pvalue:.2g} not significant"))
 
 
+def _compare_numeric(r: Array, c: Array, cfg: DriftConfig
+                     ) -> tuple[float, float, float, float, float, float]:
+    """(PSI on the reference's quantile bins, KS statistic, KS p, Wasserstein, reference mean,
+    live mean) of the finite reference `r` and live `c` values (a feature's or a model's)."""
+    edges = quantile_edges(r, cfg.bins)
+    psi = psi_from_counts(bin_counts(r, edges), bin_counts(c, edges), cfg.epsilon)
+    ks_statistic, ks_pvalue = ks_test(r, c)
+    return (psi, ks_statistic, ks_pvalue, wasserstein(r, c), float(r.mean()),
+            float(c.mean()))
+
+
+def _start_feature(name: str, kind: str, n_ref: int, present_ref: int, n_live: int,
+                   present_live: int, cfg: DriftConfig) -> tuple[FeatureDrift, bool]:
+    """The feature's counts, missing shares and missing-value check, and whether both sides
+    have `min_samples` present values; when not, the result is already finished."""
+    f = FeatureDrift(name=name, kind=kind, status="ok", drifted=False,
+                     n_ref=int(present_ref), n_live=int(present_live),
+                     missing_ref=_missing_share(n_ref, present_ref),
+                     missing_live=_missing_share(n_live, present_live))
+    _missing_check(f, n_ref, present_ref, n_live, present_live, cfg)
+    if present_ref < cfg.min_samples or present_live < cfg.min_samples:
+        f.status = "drift" if f.drifted else "insufficient"
+        f.reasons.append(f"{present_ref} reference / {present_live} live values (< min_samples "
+                         f"{cfg.min_samples})")
+        _explain(f, cfg)
+        return f, False
+    return f, True
+
+
 def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig,
                   null: Sequence[float] | None = None, *, excluded: int = 0) -> FeatureDrift:
     """PSI, KS, Wasserstein, mean/SD shift and missing share of one numeric feature.
@@ -166,22 +196,11 @@ def numeric_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftConfig
     ref_all = np.asarray(ref, dtype=float)
     live_all = np.asarray(live, dtype=float)
     r, c = _finite(ref_all), _finite(live_all)
-    f = FeatureDrift(name=name, kind="numeric", status="ok", drifted=False,
-                     n_ref=int(r.size), n_live=int(c.size),
-                     missing_ref=_missing_share(ref_all.size, r.size),
-                     missing_live=_missing_share(live_all.size, c.size))
-    _missing_check(f, ref_all.size, r.size, live_all.size, c.size, cfg)
-    if r.size < cfg.min_samples or c.size < cfg.min_samples:
-        f.status = "drift" if f.drifted else "insufficient"
-        f.reasons.append(f"{r.size} reference / {c.size} live values (< min_samples "
-                         f"{cfg.min_samples})")
-        _explain(f, cfg)
+    f, enough = _start_feature(name, "numeric", ref_all.size, r.size, live_all.size, c.size, cfg)
+    if not enough:
         return f
-    edges = quantile_edges(r, cfg.bins)
-    f.psi = psi_from_counts(bin_counts(r, edges), bin_counts(c, edges), cfg.epsilon)
-    f.ks_statistic, f.ks_pvalue = ks_test(r, c)
-    f.wasserstein = wasserstein(r, c)
-    f.mean_ref, f.mean_live = float(r.mean()), float(c.mean())
+    (f.psi, f.ks_statistic, f.ks_pvalue, f.wasserstein, f.mean_ref,
+     f.mean_live) = _compare_numeric(r, c, cfg)
     f.std_ref, f.std_live = float(r.std(ddof=1)), float(c.std(ddof=1))
     if f.std_ref > 0:
         f.wasserstein_norm = f.wasserstein / f.std_ref
@@ -219,16 +238,8 @@ def categorical_drift(name: str, ref: np.ndarray, live: np.ndarray, cfg: DriftCo
     hist = ref if history is None else np.asarray(history, dtype=object)
     rmask, lmask = _present_text(ref), _present_text(live)
     r, c = ref[rmask].astype(str), live[lmask].astype(str)
-    f = FeatureDrift(name=name, kind="categorical", status="ok", drifted=False,
-                     n_ref=int(r.size), n_live=int(c.size),
-                     missing_ref=_missing_share(ref.size, r.size),
-                     missing_live=_missing_share(live.size, c.size))
-    _missing_check(f, ref.size, r.size, live.size, c.size, cfg)
-    if r.size < cfg.min_samples or c.size < cfg.min_samples:
-        f.status = "drift" if f.drifted else "insufficient"
-        f.reasons.append(f"{r.size} reference / {c.size} live values (< min_samples "
-                         f"{cfg.min_samples})")
-        _explain(f, cfg)
+    f, enough = _start_feature(name, "categorical", ref.size, r.size, live.size, c.size, cfg)
+    if not enough:
         return f
     ref_cats, ref_n = np.unique(r, return_counts=True)
     live_cats, live_n = np.unique(c, return_counts=True)

@@ -8,16 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from evaluator.config import DriftConfig
-from evaluator.drift.features import min_detectable_shift
+from evaluator.drift.features import _compare_numeric, min_detectable_shift
 from evaluator.drift.result import PredictionDrift
-from evaluator.drift.statistics import (
-    _finite,
-    bin_counts,
-    ks_test,
-    psi_from_counts,
-    quantile_edges,
-    wasserstein,
-)
+from evaluator.drift.statistics import _finite, psi_from_counts
 from evaluator.drift.thresholds import _adaptive
 
 
@@ -47,11 +40,8 @@ def prediction_drift(model: str, role: str, ref: np.ndarray, live: np.ndarray,
         p.reasons.append(f"{r.size} reference / {c.size} live scores (< min_samples "
                          f"{cfg.min_samples})")
         return p
-    edges = quantile_edges(r, cfg.bins)
-    p.psi = psi_from_counts(bin_counts(r, edges), bin_counts(c, edges), cfg.epsilon)
-    p.ks_statistic, p.ks_pvalue = ks_test(r, c)
-    p.wasserstein = wasserstein(r, c)
-    p.mean_ref, p.mean_live = float(r.mean()), float(c.mean())
+    (p.psi, p.ks_statistic, p.ks_pvalue, p.wasserstein, p.mean_ref,
+     p.mean_live) = _compare_numeric(r, c, cfg)
     p.threshold = _adaptive(cfg.psi_alert, null, cfg, sqrt_scale=True, excluded=excluded)
     p.min_detectable_shift_sd, p.detection_limit = min_detectable_shift(
         r, int(c.size), p.threshold.value, cfg)

@@ -33,6 +33,13 @@ def headline(d: Mapping[str, Any]) -> str:
     )
 
 
+def _exclusions(excluded: Mapping[str, Any] | None) -> str:
+    """The non-zero exclusion counts as "reason count, ..." ("" when there are none)."""
+    return ", ".join(
+        f"{k.replace('_', ' ')} {_int(v)}" for k, v in (excluded or {}).items() if v
+    )
+
+
 def _notes(payload: Mapping[str, Any]) -> list[str]:
     """What the numbers do not say on their own: thin joins, duplicates, exclusions."""
     notes: list[str] = []
@@ -66,29 +73,17 @@ def _notes(payload: Mapping[str, Any]) -> list[str]:
             "rows), so they compare like with like; each test uses its challenger's paired rows."
         )
     for model, mm in m["models"].items():
-        excl = {k: v for k, v in (mm.get("excluded") or {}).items() if v}
+        excl = _exclusions(mm.get("excluded"))
         if excl:
-            notes.append(
-                f"{model}: excluded from its metrics: "
-                + ", ".join(f"{k.replace('_', ' ')} {_int(v)}" for k, v in excl.items())
-                + "."
-            )
+            notes.append(f"{model}: excluded from its metrics: {excl}.")
     for d in payload["decisions"]:
-        excl = {k: v for k, v in (d.get("excluded") or {}).items() if v}
+        excl = _exclusions(d.get("excluded"))
         if excl:
-            notes.append(
-                f"{d['challenger']}: excluded from the paired comparison: "
-                + ", ".join(f"{k.replace('_', ' ')} {_int(v)}" for k, v in excl.items())
-                + "."
-            )
+            notes.append(f"{d['challenger']}: excluded from the paired comparison: {excl}.")
     off = payload.get("offpolicy")
     if off:
-        excl = {k: v for k, v in (off.get("excluded") or {}).items() if v}
+        excl = _exclusions(off.get("excluded"))
         if excl:
-            notes.append(
-                "Off-policy estimates exclude "
-                + ", ".join(f"{k.replace('_', ' ')} {_int(v)}" for k, v in excl.items())
-                + " requests."
-            )
+            notes.append(f"Off-policy estimates exclude {excl} requests.")
         notes.extend(f"Off-policy: {x}" for x in off.get("notes") or [])
     return notes

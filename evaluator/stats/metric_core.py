@@ -4,12 +4,14 @@ and the interval helpers."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from scipy import special
 
+from evaluator.dataset import Array
 from evaluator.stats.significance import _dataclass_dict
 
 PROB_EPS = float(np.finfo(np.float64).eps)
@@ -44,40 +46,41 @@ class MetricValue:
 # ----------------------------------------------------------------------------------------------
 
 
+def _clean(
+    labels: Array,
+    values: Array,
+    values_name: str,
+    label_check: Callable[[Array], Array],
+    label_reason: str,
+) -> tuple[Array, Array, dict[str, int]]:
+    """Keep rows with a finite value whose label passes ``label_check``; count what was dropped
+    (a non-finite value first, else a bad label, counted under ``label_reason``)."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    s = np.asarray(values, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and {values_name} ({s.size}) differ in length")
+    finite = np.isfinite(s)
+    label_ok = label_check(y)
+    keep = finite & label_ok
+    excluded = {
+        "nonfinite_score": int(np.count_nonzero(~finite)),
+        label_reason: int(np.count_nonzero(finite & ~label_ok)),
+    }
+    return y[keep], s[keep], excluded
+
+
 def clean_classification(
     labels: np.ndarray, scores: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Keep rows with a finite score and a 0/1 label; count what was dropped and why."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
-    finite = np.isfinite(s)
-    label_ok = (y == 0) | (y == 1)
-    keep = finite & label_ok
-    excluded = {
-        "nonfinite_score": int(np.count_nonzero(~finite)),
-        "invalid_label": int(np.count_nonzero(finite & ~label_ok)),
-    }
-    return y[keep], s[keep], excluded
+    return _clean(labels, scores, "scores", lambda y: (y == 0) | (y == 1), "invalid_label")
 
 
 def clean_regression(
     labels: np.ndarray, predictions: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Keep rows where both the target and the prediction are finite; count the rest."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    s = np.asarray(predictions, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"labels ({y.size}) and predictions ({s.size}) differ in length")
-    finite = np.isfinite(s)
-    label_ok = np.isfinite(y)
-    excluded = {
-        "nonfinite_score": int(np.count_nonzero(~finite)),
-        "nonfinite_label": int(np.count_nonzero(finite & ~label_ok)),
-    }
-    keep = finite & label_ok
-    return y[keep], s[keep], excluded
+    return _clean(labels, predictions, "predictions", np.isfinite, "nonfinite_label")
 
 
 def probability_violations(scores: np.ndarray) -> int:

@@ -150,6 +150,13 @@ class PairedTestResult:
         return dataclass_dict(self)
 
 
+def _unestimated(test: str, n: int, excluded: int, alpha: float) -> PairedTestResult:
+    """A paired test's result with its counts and nothing estimated yet."""
+    return PairedTestResult(
+        test, n, excluded, None, None, None, None, None, None, None, None, None, alpha
+    )
+
+
 def paired_t_test(
     loss_champion: Array, loss_challenger: Array, alpha: float = 0.05
 ) -> PairedTestResult:
@@ -161,9 +168,7 @@ def paired_t_test(
     """
     c, h, excluded = finite_pairs(loss_champion, loss_challenger)
     n = int(c.size)
-    base = PairedTestResult(
-        "paired_t", n, excluded, None, None, None, None, None, None, None, None, None, alpha
-    )
+    base = _unestimated("paired_t", n, excluded, alpha)
     if n < 2:
         return dataclasses.replace(base, reason=f"paired t-test needs >= 2 pairs, got {n}")
     d = h - c
@@ -205,21 +210,7 @@ def wilcoxon_signed_rank(
     """
     c, h, excluded = finite_pairs(loss_champion, loss_challenger)
     d = h - c
-    base = PairedTestResult(
-        "wilcoxon",
-        int(d.size),
-        excluded,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        alpha,
-    )
+    base = _unestimated("wilcoxon", int(d.size), excluded, alpha)
     nonzero = d[d != 0]
     n = int(nonzero.size)
     if d.size == 0:

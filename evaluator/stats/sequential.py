@@ -277,6 +277,31 @@ def _look_times(ts_sorted: Array | None, points: Array) -> F64 | None:
     return times
 
 
+def _msprt_at_looks(
+    estimates: Array,
+    variances: Array,
+    points: Array,
+    ts_sorted: Array | None,
+    tau: float,
+    alpha: float,
+    burn_in: int,
+    method: str,
+    valid: Array | None = None,
+) -> SequentialResult:
+    """``msprt`` on a path evaluated at the look ``points`` of time-ordered rows."""
+    return msprt(
+        estimates,
+        variances,
+        points,
+        tau=tau,
+        alpha=alpha,
+        ts=_look_times(ts_sorted, points),
+        burn_in=burn_in,
+        valid=valid,
+        method=method,
+    )
+
+
 def msprt_paired(
     improvements: Array,
     ts: Array | None = None,
@@ -306,16 +331,7 @@ def msprt_paired(
     mean = s1 / k + shift
     with np.errstate(divide="ignore", invalid="ignore"):
         var = np.where(k > 1, np.maximum(s2 - s1 * s1 / k, 0.0) / np.maximum(k - 1, 1), np.nan) / k
-    return msprt(
-        mean,
-        var,
-        points,
-        tau=tau,
-        alpha=alpha,
-        ts=_look_times(t_sorted, points),
-        burn_in=burn_in,
-        method=method,
-    )
+    return _msprt_at_looks(mean, var, points, t_sorted, tau, alpha, burn_in, method)
 
 
 def msprt_rmse(
@@ -354,16 +370,7 @@ def msprt_rmse(
         ga, gb = 1.0 / (2.0 * ra), -1.0 / (2.0 * rb)
         var = (ga * ga * vaa + gb * gb * vbb + 2 * ga * gb * vab) / k
         var = np.where((k > 1) & (ra > 0) & (rb > 0), var, np.nan)
-    return msprt(
-        ra - rb,
-        var,
-        points,
-        tau=tau,
-        alpha=alpha,
-        ts=_look_times(t_sorted, points),
-        burn_in=burn_in,
-        method=method,
-    )
+    return _msprt_at_looks(ra - rb, var, points, t_sorted, tau, alpha, burn_in, method)
 
 
 def msprt_delong(
@@ -430,17 +437,7 @@ def msprt_delong(
         est[j] = float(d10.mean())
         var[j] = float(d10.var(ddof=1)) / d10.size + float(d01.var(ddof=1)) / d01.size
         valid[j] = True
-    return msprt(
-        est,
-        var,
-        points,
-        tau=tau,
-        alpha=alpha,
-        ts=_look_times(t_sorted, points),
-        burn_in=burn_in,
-        valid=valid,
-        method=method,
-    )
+    return _msprt_at_looks(est, var, points, t_sorted, tau, alpha, burn_in, method, valid)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from evaluator.dataset import I64
+from evaluator.dataset import I64, Array
 from evaluator.store.batch import Batch, IngestResult
 from evaluator.store.engines import Engine, as_f64, as_i64, as_obj
 from evaluator.store.errors import fmt_ts
@@ -144,40 +144,39 @@ def _insert_rows(e: Engine, names: NameTable, b: Batch, new_pos: I64, pos_to_id:
         "registry_version": as_i64(b.registry_version)[new_pos],
     })
     if b.o_pos:
-        ids = pos_to_id[as_i64(b.o_pos)]
-        keep = ids >= 0
-        e.insert("outcomes", {
-            "inf_id": ids[keep],
-            "model": names.ids(b.o_model)[keep],
-            "role": as_i64(b.o_role)[keep],
-            "mode": as_i64(b.o_mode)[keep],
-            "version": names.ids(b.o_version)[keep],
-            "status": as_i64(b.o_status)[keep],
-            "score": as_f64(b.o_score)[keep],
-            "latency_ms": as_f64(b.o_latency)[keep],
-            "experiment": names.optional_ids(b.o_experiment)[keep],
-            "sample_rate": as_f64(b.o_sample_rate)[keep],
+        _insert_linked(e, "outcomes", pos_to_id[as_i64(b.o_pos)], {
+            "model": names.ids(b.o_model),
+            "role": as_i64(b.o_role),
+            "mode": as_i64(b.o_mode),
+            "version": names.ids(b.o_version),
+            "status": as_i64(b.o_status),
+            "score": as_f64(b.o_score),
+            "latency_ms": as_f64(b.o_latency),
+            "experiment": names.optional_ids(b.o_experiment),
+            "sample_rate": as_f64(b.o_sample_rate),
         })
     if b.a_pos:
-        ids = pos_to_id[as_i64(b.a_pos)]
-        keep = ids >= 0
-        e.insert("arms", {"inf_id": ids[keep], "model": names.ids(b.a_model)[keep],
-                          "prob": as_f64(b.a_prob)[keep]})
+        _insert_linked(e, "arms", pos_to_id[as_i64(b.a_pos)], {
+            "model": names.ids(b.a_model), "prob": as_f64(b.a_prob)})
     if b.x_pos:
-        ids = pos_to_id[as_i64(b.x_pos)]
-        keep = ids >= 0
-        e.insert("inputs", {
-            "inf_id": ids[keep],
-            "name": names.ids(b.x_name)[keep],
-            "datatype": names.ids(b.x_dtype)[keep],
-            "width": as_i64(b.x_width)[keep],
-            "num": as_obj(b.x_num)[keep],
-            "cat": as_obj(b.x_cat)[keep],
+        _insert_linked(e, "inputs", pos_to_id[as_i64(b.x_pos)], {
+            "name": names.ids(b.x_name),
+            "datatype": names.ids(b.x_dtype),
+            "width": as_i64(b.x_width),
+            "num": as_obj(b.x_num),
+            "cat": as_obj(b.x_cat),
         })
     # Labels that arrived before their inference: join them now.
     e.stage("s_new", {"id": pos_to_id[new_pos], "request_id": req, "row_ix": row_ix})
     e.execute("UPDATE labels SET inf_id = s.id FROM s_new s WHERE labels.inf_id IS NULL "
               "AND labels.request_id = s.request_id AND labels.row_ix = s.row_ix")
+
+
+def _insert_linked(e: Engine, table: str, ids: I64, cols: Mapping[str, Array]) -> None:
+    """Insert rows that belong to an inference row: `ids` is that row's id, -1 where it was not
+    written (a re-delivered record), and those rows are left out of every column."""
+    keep = ids >= 0
+    e.insert(table, {"inf_id": ids[keep], **{k: v[keep] for k, v in cols.items()}})
 
 
 def add_counters(e: Engine, counts: Mapping[str, int]) -> None:
