@@ -33,7 +33,7 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
     from aiohttp import web
 
     from gateway.app import create_app
-    from gateway.rest.lean_server import run
+    from gateway.rest.serving import run
     from gateway.rpc.server import install_grpc
 
     try:

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import create_app
 from gateway.backends.file_sink import segment_paths
 from gateway.config import GatewayConfig, parse_config
-from gateway.rest.lean_server import Serving, start_serving
+from gateway.rest.serving import Serving, start_serving
 from gateway.rpc.server import GRPC_PORT, install_grpc
 
 pytest_plugins = ["tests.support.triton", "tests.support.kafka"]

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.rest.lean_server import start_serving
+from gateway.rest.serving import start_serving
 from tests.conftest import read_stream
 from understudy.record_schema import record_problems
 
