@@ -86,6 +86,27 @@ class UpstreamClientError(GatewayError):
         self.status = status
 
 
+# How an upstream call's failure is worded, the same whether Triton was called over HTTP
+# (gateway/upstream/client.py) or gRPC (gateway/upstream/grpc_client.py): a client sees one
+# message for one failure whatever protocol the gateway used behind it.
+
+
+def unknown_model(model: str, version: str, detail: str) -> NotFound:
+    """Triton does not know `model` (or that `version` of it); `detail` is Triton's reason."""
+    named = f"model '{model}' version {version}" if version else f"model '{model}'"
+    return NotFound(f"{named} is not known to Triton: {detail}")
+
+
+def upstream_timeout(what: str, timeout_s: float) -> UpstreamTimeout:
+    """`what` (e.g. "model 'm'") did not answer within the call's deadline."""
+    return UpstreamTimeout(f"{what} did not answer within {timeout_s * 1000:.0f} ms")
+
+
+def upstream_unreachable(what: str, where: str, detail: object) -> UpstreamUnavailable:
+    """The Triton at `where` could not be reached for `what`."""
+    return UpstreamUnavailable(f"Triton unreachable for {what} at {where}: {detail}")
+
+
 # HTTP status -> gRPC status code name (grpc.StatusCode[name]), the mapping Triton's own gRPC
 # endpoint uses. A client's mistake is never UNKNOWN: any other 4xx is INVALID_ARGUMENT.
 _GRPC_CODES: dict[int, str] = {

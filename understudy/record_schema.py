@@ -88,19 +88,33 @@ MODEL_OUTCOME: dict[str, Any] = {
     "then": {"not": {"anyOf": [{"required": ["experiment"]}, {"required": ["sample_rate"]}]}},
 }
 
-INFERENCE_RECORD: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "understudy/inference-record-v1",
-    "title": "Understudy inference record, schema v1",
-    "type": "object",
-    "required": ["schema_version", "kind", "request_id", "ts", "route", "policy", "served",
-                 "propensity", "arms", "key", "inputs", "outputs", "status",
-                 "gateway_latency_ms"],
-    "additionalProperties": False,
-    "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
-        "kind": {"const": "inference"},
-        "request_id": _ID,
+
+def _record(kind: str, required: list[str], properties: dict[str, Any],
+            rest: dict[str, Any]) -> dict[str, Any]:
+    """The schema of one record kind: the envelope every kind shares (`schema_version`, `kind`,
+    `request_id`, nothing undeclared) around the kind's own fields, then `rest` (e.g. `$defs`)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"understudy/{kind}-record-v1",
+        "title": f"Understudy {kind} record, schema v1",
+        "type": "object",
+        "required": ["schema_version", "kind", "request_id", *required],
+        "additionalProperties": False,
+        "properties": {
+            "schema_version": {"const": SCHEMA_VERSION},
+            "kind": {"const": kind},
+            "request_id": _ID,
+            **properties,
+        },
+        **rest,
+    }
+
+
+INFERENCE_RECORD: dict[str, Any] = _record(
+    "inference",
+    ["ts", "route", "policy", "served", "propensity", "arms", "key", "inputs", "outputs",
+     "status", "gateway_latency_ms"],
+    {
         "ts": _NUMBER,
         "route": {"type": "string", "minLength": 1},
         "policy": {"type": "object", "required": ["type"],
@@ -125,29 +139,21 @@ INFERENCE_RECORD: dict[str, Any] = {
         "protocol": {"enum": list(TRANSPORTS)},  # the transport that carried the request
         "registry_version": {"type": "integer", "minimum": 0},  # the route's registry version
     },
-    "$defs": {"tensor": TENSOR, "outcome": MODEL_OUTCOME},
-}
+    {"$defs": {"tensor": TENSOR, "outcome": MODEL_OUTCOME}},
+)
 
-LABEL_RECORD: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "understudy/label-record-v1",
-    "title": "Understudy label record, schema v1",
-    "type": "object",
-    "required": ["schema_version", "kind", "request_id", "label", "reward", "event_time",
-                 "received_ts"],
-    "additionalProperties": False,
-    "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
-        "kind": {"const": "label"},
-        "request_id": _ID,
+LABEL_RECORD: dict[str, Any] = _record(
+    "label",
+    ["label", "reward", "event_time", "received_ts"],
+    {
         "label": _NULLABLE_NUMBER,
         "reward": _NULLABLE_NUMBER,
         "event_time": _NUMBER,
         "received_ts": _NUMBER,
         "index": {"type": "integer", "minimum": 1},
     },
-    "anyOf": [{"properties": {"label": _NUMBER}}, {"properties": {"reward": _NUMBER}}],
-}
+    {"anyOf": [{"properties": {"label": _NUMBER}}, {"properties": {"reward": _NUMBER}}]},
+)
 
 SCHEMAS: dict[str, dict[str, Any]] = {"inference": INFERENCE_RECORD, "label": LABEL_RECORD}
 

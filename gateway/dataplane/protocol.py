@@ -191,14 +191,21 @@ def _check_header(header: dict[str, Any]) -> None:
         if not isinstance(outputs, list):
             raise BadRequest(f"'outputs' must be a list of objects, got {type_name(outputs)}")
         for i, output in enumerate(outputs):
-            if not isinstance(output, dict):
-                raise BadRequest(f"outputs[{i}] must be an object, got {type_name(output)}")
-            name = output.get("name")
-            if not isinstance(name, str) or not name:
-                raise BadRequest(f"outputs[{i}].name must be a non-empty string")
+            _tensor_name(output, "outputs", i)
             if "parameters" in output and output["parameters"] is not None:
                 _check_parameters(output["parameters"], f"outputs[{i}].parameters",
                                   _OUTPUT_PARAMETERS)
+
+
+def _tensor_name(entry: Any, key: str, i: int) -> str:
+    """The name of `key[i]` (an input or a requested output): an object with a non-empty
+    string `name`, which is how errors, routing and the log refer to it."""
+    if not isinstance(entry, dict):
+        raise BadRequest(f"{key}[{i}] must be an object, got {type_name(entry)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"{key}[{i}].name must be a non-empty string")
+    return name
 
 
 def _is_uint(value: Any) -> bool:
@@ -314,11 +321,7 @@ def _check_inputs(request: InferRequest) -> None:
     byte_tensors: list[tuple[str, int, int, int]] = []  # name, offset, size, count
     seen: set[str] = set()
     for i, tensor in enumerate(inputs):
-        if not isinstance(tensor, dict):
-            raise BadRequest(f"inputs[{i}] must be an object, got {type_name(tensor)}")
-        name = tensor.get("name")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"inputs[{i}].name must be a non-empty string")
+        name = _tensor_name(tensor, "inputs", i)
         if name in seen:
             raise BadRequest(f"input '{name}' is given twice")
         seen.add(name)

@@ -27,11 +27,13 @@ import yarl
 from gateway.dataplane.protocol import HEADER_LENGTH
 from gateway.errors import (
     GatewayError,
-    NotFound,
     UpstreamBadGateway,
     UpstreamClientError,
     UpstreamTimeout,
     UpstreamUnavailable,
+    unknown_model,
+    upstream_timeout,
+    upstream_unreachable,
 )
 from gateway.upstream.grpc_client import GrpcServer
 from gateway.upstream.keepalive import KeepAlivePool, MalformedResponse
@@ -183,13 +185,9 @@ class TritonUpstream:
                     _model_path(model, version) + "/infer", body, content_type, extra
                 )
         except TimeoutError:
-            limit_ms = (timeout_s or self.timeout_s) * 1000
-            message = f"model '{model}' did not answer within {limit_ms:.0f} ms"
-            raise UpstreamTimeout(message) from None
+            raise upstream_timeout(f"model '{model}'", timeout_s or self.timeout_s) from None
         except OSError as exc:  # refused, reset, closed mid-answer (ConnectionClosed)
-            raise UpstreamUnavailable(
-                f"Triton unreachable for model '{model}' at {self.server_url(model)}: {exc}"
-            ) from None
+            raise upstream_unreachable(f"model '{model}'", self.server_url(model), exc) from None
         except MalformedResponse as exc:
             raise UpstreamBadGateway(f"model '{model}': {exc}") from None
         status = raw.status
@@ -238,8 +236,7 @@ class TritonUpstream:
             return await grpc_server.model_json(what, model, version, self.timeout_s)
         status, body = await self._get(_model_path(model, version) + suffix, model)
         if status in (400, 404):
-            raise NotFound(f"model '{model}' {('version ' + version + ' ') if version else ''}"
-                           f"is not known to Triton: {_error_message(body, 'not found')}")
+            raise unknown_model(model, version, _error_message(body, "not found"))
         if status != 200:
             raise UpstreamBadGateway(f"{what} for '{model}': HTTP {status}")
         parsed = orjson.loads(body)

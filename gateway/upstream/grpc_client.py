@@ -28,11 +28,11 @@ from gateway.dataplane.protocol import NUMPY_DTYPES, flatten
 from gateway.errors import (
     BadRequest,
     GatewayError,
-    NotFound,
     UpstreamBadGateway,
     UpstreamClientError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
+    unknown_model,
+    upstream_timeout,
+    upstream_unreachable,
 )
 from gateway.rpc.codec import encode_tensor, parameter_value, set_parameter
 
@@ -198,11 +198,10 @@ class GrpcServer:
         if code in _CLIENT_STATUS:
             return UpstreamClientError(detail, _CLIENT_STATUS[code])
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return UpstreamTimeout(f"{what} did not answer within {timeout_s * 1000:.0f} ms")
+            return upstream_timeout(what, timeout_s)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                     grpc.StatusCode.CANCELLED):
-            return UpstreamUnavailable(f"Triton unreachable for {what} at {self.target}: "
-                                       f"{detail}")
+            return upstream_unreachable(what, self.target, detail)
         return UpstreamBadGateway(f"{what} failed: {detail}")
 
     async def infer(self, model: str, version: str, body: bytes, header_length: int | None,
@@ -247,8 +246,7 @@ class GrpcServer:
                 message = await self._unary("ModelStatistics", service_pb2.ModelStatisticsRequest(
                     name=model, version=version), f"model '{model}'", timeout_s)
         except UpstreamClientError as exc:
-            raise NotFound(f"model '{model}' {('version ' + version + ' ') if version else ''}"
-                           f"is not known to Triton: {exc.message}") from None
+            raise unknown_model(model, version, exc.message) from None
         return protobuf_json(message)
 
     async def model_ready(self, model: str, version: str, timeout_s: float) -> bool:

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.dataplane.protocol import HEADER_LENGTH, decode_response
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, NotFound
 from gateway.rest.inference import UPSTREAM
 from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
 
@@ -180,6 +180,9 @@ async def test_grpc_upstream_timeouts_and_failures_map_as_over_http(
     for protocol, gw in via.items():
         status, answer, _ = await _post(gw, "slow", body, json_headers)
         assert status == 504, answer  # Triton's DEADLINE_EXCEEDED -> 504, as a timed-out HTTP call
+        # ... worded alike (gateway/errors.py): the client cannot tell which protocol timed out
+        assert orjson.loads(answer)["error"] == \
+            "model 'fraud_sleepy' did not answer within 300 ms", protocol
         statuses[protocol] = (await _post(gw, "faulty", body, json_headers))[0]
     assert statuses["grpc"] == statuses["http"] >= 500
     # Metadata and config through the same protocol answer exactly what the HTTP upstream does.
@@ -192,6 +195,10 @@ async def test_grpc_upstream_timeouts_and_failures_map_as_over_http(
             assert resp.status == 200
             config = await resp.json()
         answers[protocol] = (meta, config)  # config: every field, dims as numbers
+        upstream = gw.app[UPSTREAM]
+        for version, named in (("", "model 'fraud_v99'"), ("7", "model 'fraud_v3' version 7")):
+            with pytest.raises(NotFound, match=f"^{named} is not known to Triton: "):
+                await upstream.metadata(named.split("'")[1], version)
     assert answers["grpc"] == answers["http"]
 
 
