@@ -116,7 +116,8 @@ def binary_body(row: Any, input_name: str = "features", output_name: str = "scor
     import numpy as np
     import tritonclient.http as httpclient
 
-    x = np.asarray(row, dtype=np.float32).reshape(1, -1)
+    x = np.asarray(row, dtype=np.float32)
+    x = x.reshape(1, -1) if x.ndim == 1 else x  # one row, or a batch of rows [n, d]
     tensor = httpclient.InferInput(input_name, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x, binary_data=True)
     out = httpclient.InferRequestedOutput(output_name, binary_data=True)

@@ -1,7 +1,7 @@
 """Profile the gateway under load with py-spy and list its hot spots.
 
     python loadtests/profile_gateway.py [--seconds 20] [--shadows 1] [--sink file]
-                                        [--out var/bench/profile]
+                                        [--binary] [--rows 1] [--out var/bench/profile]
 
 Starts Triton and one gateway worker (champion fraud_v3 + N shadows, 100% logging), drives it
 with wrk at capacity (16 connections, JSON body) and samples the gateway with
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shadows", type=int, default=1, choices=(0, 1, 2))
     parser.add_argument("--sink", choices=("file", "kafka"), default="file")
     parser.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
+    parser.add_argument("--rows", type=int, default=1, help="rows per request (batch size)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "profile")
     parser.add_argument("--root", type=Path, default=common.ROOT,
@@ -152,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    x, _ = common.fraud_rows(1)
-    body = common.binary_body(x[0]) if args.binary else common.json_body(x[0])
+    x, _ = common.fraud_rows(args.rows)
+    rows = x[0] if args.rows == 1 else x
+    body = common.binary_body(rows) if args.binary else common.json_body(rows)
     body_file = common.write_body(body, work / ("body.bin" if args.binary else "body.json"))
     shadows = ["fraud_v4", "fraud_v5"][: args.shadows]
     routes = {"fraud": {"champion": {"model": "fraud_v3"},

@@ -67,9 +67,13 @@ started any.
 from __future__ import annotations
 
 import re
-from typing import Any, Final, Literal, NotRequired, TypedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final, Literal, NotRequired, TypedDict
 
 from understudy.vocabulary import Mode, OutcomeStatus, Role, Task, Transport
+
+if TYPE_CHECKING:
+    import orjson
 
 SCHEMA_VERSION: Final = 1
 
@@ -128,6 +132,15 @@ class Tensor(TypedDict):
     data: list[Any]
 
 
+class TensorText(TypedDict):
+    """A tensor whose `data` is already the JSON text of its element list: how the gateway writes
+    a large binary input without making Python objects of it. It reads back as a `Tensor`."""
+
+    datatype: str
+    shape: list[int]
+    data: orjson.Fragment
+
+
 class ModelOutcome(TypedDict):
     role: Role
     mode: Mode
@@ -158,7 +171,7 @@ class InferenceRecord(TypedDict):
     propensity: float
     arms: dict[str, float]
     key: str | None
-    inputs: dict[str, Tensor]
+    inputs: Mapping[str, Tensor | TensorText]
     outputs: dict[str, ModelOutcome]
     status: int
     gateway_latency_ms: float

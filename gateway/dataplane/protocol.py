@@ -3,8 +3,8 @@
 The gateway forwards the client's body bytes to Triton unchanged (no re-encoding on the hot
 path); it parses only what it needs to route and validate: the JSON header (all of a JSON
 request, or the first `Inference-Header-Content-Length` bytes of a binary one). Turning tensors
-into lists for the log happens later, off the client's critical path (`decode_inputs`,
-`decode_outputs`).
+into lists for the log happens later, off the client's critical path (`log_inputs`,
+`decode_response`).
 
 Validation is complete before any upstream call: whatever `parse_request` accepts, Triton can
 refuse only for model-specific reasons (a 4xx it passes through), never with a 500 for a malformed
@@ -33,6 +33,7 @@ from understudy.records import (
     JSON_TYPE_NAMES,
     MAX_ID_LENGTH,
     Tensor,
+    TensorText,
     request_id_problem,
     type_name,
 )
@@ -438,13 +439,43 @@ def flatten(data: Any) -> list[Any]:
     return data if isinstance(data, list) else [data]
 
 
+def _binary_list(chunk: bytes, datatype: str, count: int) -> list[Any]:
+    """A binary tensor's elements as Python values (BF16: its raw 16-bit patterns, as numpy
+    has no bfloat16)."""
+    if datatype == "BYTES":
+        return _decode_bytes(chunk, count)
+    values: list[Any] = np.frombuffer(chunk, dtype=NUMPY_DTYPES.get(datatype, "<u2")).tolist()
+    return values
+
+
+# A binary input of at least this many elements is logged as the JSON text of its elements
+# written straight from its bytes (`orjson.Fragment`), never as Python objects: the very text
+# `_binary_list` + orjson would give, for about half the CPU at 512 FP32 elements and a quarter
+# of it for integers; below ~64 elements the list is cheaper (loadtests/bench_recorder.py).
+LOG_TEXT_MIN_ELEMENTS = 64
+
+
+def _binary_log_data(chunk: bytes, datatype: str, count: int) -> list[Any] | orjson.Fragment:
+    """A binary tensor's elements as the log writes them: the list, or its JSON text."""
+    if datatype == "BYTES" or count < LOG_TEXT_MIN_ELEMENTS:
+        return _binary_list(chunk, datatype, count)
+    array = np.frombuffer(chunk, dtype=NUMPY_DTYPES.get(datatype, "<u2"))
+    if array.dtype.kind == "f" and array.dtype.itemsize < 8:
+        # orjson writes a float32's shortest text, not its double's (what the list holds)
+        array = array.astype("<f8")
+    # NaN and infinities become null, as they do from the list
+    return orjson.Fragment(orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
 def _decode_tensors(
     tensors: Sequence[Mapping[str, Any]], binary: bytes, what: str,
     flat: Mapping[str, list[Any]] | None = None,
-) -> dict[str, Tensor]:
-    """Named flat tensors. Binary floats that are NaN or infinite become null in the JSON log
-    (JSON has no such numbers); `flat`: JSON data already flattened by validation."""
-    out: dict[str, Tensor] = {}
+    binary_data: Callable[[bytes, str, int], list[Any] | orjson.Fragment] = _binary_list,
+) -> dict[str, Any]:
+    """Named flat tensors (`binary_data` turns binary chunks into their data). Binary floats
+    that are NaN or infinite become null in the JSON log (JSON has no such numbers); `flat`:
+    JSON data already flattened by validation."""
+    out: dict[str, Any] = {}
     offset = 0
     for t in tensors:
         shape = [int(d) for d in t.get("shape", [])]
@@ -455,12 +486,7 @@ def _decode_tensors(
             offset += size
             if len(chunk) != size:
                 raise UpstreamBadGateway(f"{what}: binary data for '{t.get('name')}' truncated")
-            if datatype == "BYTES":
-                data: list[Any] = _decode_bytes(chunk, math.prod(shape))
-            elif datatype in NUMPY_DTYPES:
-                data = np.frombuffer(chunk, dtype=NUMPY_DTYPES[datatype]).tolist()
-            else:  # BF16 has no numpy dtype: keep the raw 16-bit patterns
-                data = np.frombuffer(chunk, dtype="<u2").tolist()
+            data: list[Any] | orjson.Fragment = binary_data(chunk, datatype, math.prod(shape))
         elif flat is not None and t.get("name") in flat:
             data = flat[t["name"]]
         else:
@@ -469,10 +495,21 @@ def _decode_tensors(
     return out
 
 
+def _request_binary(request: InferRequest) -> bytes:
+    return request.body[request.header_length :] if request.header_length is not None else b""
+
+
 def decode_inputs(request: InferRequest) -> dict[str, Tensor]:
-    """Inputs as named flat tensors, for the log (runs in the background record task)."""
-    binary = request.body[request.header_length :] if request.header_length is not None else b""
-    return _decode_tensors(request.inputs, binary, "request", request.flat)
+    """Inputs as named flat tensors of Python values."""
+    return _decode_tensors(request.inputs, _request_binary(request), "request", request.flat)
+
+
+def log_inputs(request: InferRequest) -> dict[str, Tensor | TensorText]:
+    """Inputs as the log record holds them (runs in the background record task): large binary
+    tensors as their elements' JSON text, never decoded to Python objects (nothing in the
+    gateway reads a logged input), the others as `decode_inputs` gives them."""
+    return _decode_tensors(request.inputs, _request_binary(request), "request", request.flat,
+                           _binary_log_data)
 
 
 def _response_json(raw: bytes) -> Any:

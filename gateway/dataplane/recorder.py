@@ -18,7 +18,7 @@ import orjson
 
 from gateway import metrics
 from gateway.backends import LogSink
-from gateway.dataplane.protocol import InferRequest, decode_inputs, decode_response
+from gateway.dataplane.protocol import InferRequest, decode_response, log_inputs
 from gateway.dataplane.routes import RouteRuntime
 from gateway.explore.policies import Decision, sticky_uniform
 from gateway.mirror.shadow import ShadowResult
@@ -244,7 +244,7 @@ class Recorder:
             "propensity": ctx.decision.propensity,
             "arms": dict(ctx.decision.probabilities),
             "key": ctx.key,
-            "inputs": decode_inputs(ctx.request) if ctx.request is not None else {},
+            "inputs": log_inputs(ctx.request) if ctx.request is not None else {},
             "outputs": outputs,
             "status": ctx.status,
             "gateway_latency_ms": round(ctx.gateway_latency_s * 1000, 3),

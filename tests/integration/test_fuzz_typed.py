@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.dataplane.protocol import INT_RANGES
+from gateway.dataplane.protocol import INT_RANGES, LOG_TEXT_MIN_ELEMENTS
 from tests.support.fuzz import (
     FUZZ,
     JSON_SCALARS,
@@ -108,8 +108,9 @@ def typed_json(draw: st.DrawFn) -> tuple[bytes, bool]:
 
 @st.composite
 def typed_binary(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
-    """A valid binary request: any bit patterns for numbers, any bytes for strings."""
-    n = draw(st.integers(1, 4))
+    """A valid binary request: any bit patterns for numbers, any bytes for strings; small
+    tensors, or ones the log writes as text straight from their bytes (`log_inputs`)."""
+    n = draw(st.integers(1, 4) | st.integers(LOG_TEXT_MIN_ELEMENTS, LOG_TEXT_MIN_ELEMENTS + 4))
     inputs, chunks = [], []
     for name, datatype in INPUTS.items():
         if datatype == "BYTES":

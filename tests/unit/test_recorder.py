@@ -1,18 +1,33 @@
 """The recorder's scheduling: records wait for their copies, are built in time slices that yield
-to the event loop, and nothing pending is lost at drain (cancelled copies included)."""
+to the event loop, and nothing pending is lost at drain (cancelled copies included). And its
+bytes: large binary inputs written as text from their bytes are the record of their lists."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
 
+import numpy as np
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import parse_route
+from gateway.dataplane.protocol import (
+    DATATYPE_SIZES,
+    LOG_TEXT_MIN_ELEMENTS,
+    InferRequest,
+    decode_inputs,
+    parse_request,
+)
 from gateway.dataplane.recorder import Recorder, RequestContext
 from gateway.dataplane.routes import RouteRuntime, RouteTable
 from gateway.explore.policies import Decision
 from gateway.mirror.shadow import ShadowResult
-from gateway.upstream.client import TritonUpstream
+from gateway.upstream.client import TritonUpstream, UpstreamResponse
+from understudy.reader import Inference, read_record
+from understudy.record_schema import record_problems
 
 
 class ListSink:
@@ -132,3 +147,72 @@ async def test_a_backlog_is_recorded_without_yielding_until_under_the_limit() ->
     assert later.index("record r5") < later.index("record r6") < later.index("record r7")
     assert "loop" in later[later.index("record r5"):later.index("record r7")]
     await upstream.close()
+
+
+# -- the record's bytes: large binary inputs written as text straight from their bytes ---------
+
+_FIXED = sorted(DATATYPE_SIZES)
+
+
+@st.composite
+def _binary_request(draw: st.DrawFn) -> InferRequest:
+    """A valid binary request: tensors of any fixed-size datatype (any bit patterns: NaN,
+    infinities, -0.0, subnormals, any nonzero BOOL byte) below and above the size the log
+    writes as text, a BYTES tensor, and a JSON `data` tensor beside them."""
+    inputs: list[dict[str, object]] = []
+    chunks: list[bytes] = []
+    for i in range(draw(st.integers(1, 3))):
+        datatype = draw(st.sampled_from(_FIXED))
+        count = draw(st.integers(0, 8) | st.integers(LOG_TEXT_MIN_ELEMENTS - 2,
+                                                     LOG_TEXT_MIN_ELEMENTS + 70))
+        chunk = draw(st.binary(min_size=count * DATATYPE_SIZES[datatype],
+                               max_size=count * DATATYPE_SIZES[datatype]))
+        inputs.append({"name": f"t{i}", "datatype": datatype, "shape": [count],
+                       "parameters": {"binary_data_size": len(chunk)}})
+        chunks.append(chunk)
+    words = draw(st.lists(st.binary(max_size=6), max_size=4))
+    chunks.append(b"".join(struct.pack("<I", len(w)) + w for w in words))
+    inputs.append({"name": "s", "datatype": "BYTES", "shape": [len(words)],
+                   "parameters": {"binary_data_size": len(chunks[-1])}})
+    inputs.append({"name": "j", "datatype": "FP64", "shape": [2],
+                   "data": draw(st.lists(st.floats(allow_nan=False, allow_infinity=False),
+                                         min_size=2, max_size=2))})
+    header = orjson.dumps({"inputs": inputs})
+    return parse_request(header + b"".join(chunks), str(len(header)))
+
+
+@st.composite
+def _answer(draw: st.DrawFn) -> UpstreamResponse:
+    """Triton's answer: FP32 scores as JSON `data` or as binary output bytes."""
+    count = draw(st.integers(1, 80))
+    scores = draw(st.binary(min_size=4 * count, max_size=4 * count))
+    output: dict[str, object] = {"name": "score", "datatype": "FP32", "shape": [count]}
+    if draw(st.booleans()):
+        output["parameters"] = {"binary_data_size": len(scores)}
+        header = orjson.dumps({"model_name": "a", "model_version": "1", "outputs": [output]})
+        return UpstreamResponse(200, header + scores, "application/octet-stream",
+                                str(len(header)), 0.001)
+    output["data"] = np.frombuffer(scores, "<f4").tolist()
+    body = orjson.dumps({"model_name": "a", "model_version": "1", "outputs": [output]})
+    return UpstreamResponse(200, body, "application/json", None, 0.001)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(request=_binary_request(), served=_answer(), copy=_answer())
+def test_a_record_with_inputs_as_text_is_the_record_of_their_lists(
+        request: InferRequest, served: UpstreamResponse, copy: UpstreamResponse) -> None:
+    """`log_inputs` writes exactly what the inputs decoded to Python values would: the same
+    bytes, so the same record for the evaluator, NaN and infinities as null included."""
+    runtime = RouteTable(TritonUpstream("http://127.0.0.1:9", timeout_ms=1000,
+                                        max_connections=4)).apply(
+        parse_route("fraud", {"champion": "a", "challengers": [{"model": "b"}]}))
+    ctx = RequestContext(runtime, "r0", 1.7e9, None, request, Decision("a", 1.0, {"a": 1.0}),
+                         "a", ShadowResult("ok", 0.001, served), 200, 0.002)
+    record = Recorder(ListSink()).build(ctx, {"b": ShadowResult("ok", 0.002, copy)})
+    line = orjson.dumps(record)
+    as_lists = orjson.dumps({**record, "inputs": decode_inputs(request)})
+    assert line == as_lists
+    assert orjson.loads(line) == orjson.loads(as_lists)
+    read = read_record(line, time.time)  # the evaluator's reader takes it as written
+    assert isinstance(read, Inference) and read.to_record() == orjson.loads(line)
+    assert record_problems(orjson.loads(line)) == []
