@@ -450,8 +450,8 @@ def _binary_list(chunk: bytes, datatype: str, count: int) -> list[Any]:
 
 # A binary input of at least this many elements is logged as the JSON text of its elements
 # written straight from its bytes (`orjson.Fragment`), never as Python objects: the very text
-# `_binary_list` + orjson would give, for about half the CPU at 512 FP32 elements and a quarter
-# of it for integers; below ~64 elements the list is cheaper (loadtests/bench_recorder.py).
+# `_binary_list` + orjson would give, for about half the CPU at 512 FP32 elements and a third at
+# 512 integers; below ~64 elements the list is cheaper (loadtests/bench_recorder.py).
 LOG_TEXT_MIN_ELEMENTS = 64
 
 
