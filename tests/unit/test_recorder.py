@@ -19,6 +19,7 @@ from gateway.dataplane.protocol import (
     LOG_TEXT_MIN_ELEMENTS,
     InferRequest,
     decode_inputs,
+    log_inputs,
     parse_request,
 )
 from gateway.dataplane.recorder import Recorder, RequestContext
@@ -216,3 +217,25 @@ def test_a_record_with_inputs_as_text_is_the_record_of_their_lists(
     read = read_record(line, time.time)  # the evaluator's reader takes it as written
     assert isinstance(read, Inference) and read.to_record() == orjson.loads(line)
     assert record_problems(orjson.loads(line)) == []
+
+
+def test_non_finite_binary_floats_are_logged_as_null_without_a_warning() -> None:
+    """Signalling and quiet NaNs, infinities, -0.0 and subnormals in a tensor the log writes as
+    text: null where JSON has no number, the rest as the list gives them (a warning here would
+    fail the suite: filterwarnings = error)."""
+    specials = np.array([0x7F800001, 0x7FC00000, 0xFF800001, 0x7F800000, 0xFF800000,
+                         0x80000000, 0x00000001, 0x3DCCCCCD], dtype="<u4")
+    for datatype, values in (("FP32", specials.view("<f4")),
+                             ("FP16", (specials >> 16).astype("<u2").view("<f2")),
+                             ("FP64", np.array([0x7FF0000000000001, 0x7FF8000000000000,
+                                                0xFFF0000000000001, 0x7FF0000000000000,
+                                                0xFFF0000000000000, 0x8000000000000000, 1,
+                                                0x3FB999999999999A], dtype="<u8").view("<f8"))):
+        data = np.resize(values, LOG_TEXT_MIN_ELEMENTS).tobytes()
+        header = orjson.dumps({"inputs": [{"name": "x", "datatype": datatype,
+                                           "shape": [LOG_TEXT_MIN_ELEMENTS],
+                                           "parameters": {"binary_data_size": len(data)}}]})
+        request = parse_request(header + data, str(len(header)))
+        logged = orjson.loads(orjson.dumps(log_inputs(request)))
+        assert logged == orjson.loads(orjson.dumps(decode_inputs(request))), datatype
+        assert logged["x"]["data"][:5] == [None] * 5, datatype
