@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Literal, TypedDict
 
 from scipy import special
 
@@ -77,14 +77,14 @@ from evaluator.gates.summaries import (
     quantile_ranks,
     unmeasured,
 )
-from evaluator.stats.common import dataclass_dict
+from evaluator.stats.common import JsonFields
 from evaluator.stats.metrics import wilson_interval
 
 GuardrailStatus = Literal["pass", "fail", "insufficient"]
 
 
 @dataclass(frozen=True)
-class GuardrailLimits:
+class GuardrailLimits(JsonFields):
     """Configured limits; ``None`` disables a check."""
 
     max_latency_p99_ratio: float | None = 1.5  # challenger p99 / champion p99
@@ -94,12 +94,9 @@ class GuardrailLimits:
     max_error_rate: float | None = None  # absolute ceiling on the challenger's error rate
     min_requests: int = 100
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
 
 @dataclass(frozen=True)
-class GuardrailCheck:
+class GuardrailCheck(JsonFields):
     """One check. ``observed`` is the quantity compared with ``limit`` (ratio, ms, delta or rate)
     and ``interval`` its two-sided 1 - 2 alpha interval, whose low end is the bound judged.
     Latency checks also carry the p99 difference (ms) and its interval, judged against
@@ -120,9 +117,6 @@ class GuardrailCheck:
     difference: float | None = None  # latency checks: challenger p99 - champion p99 (ms)
     difference_interval: tuple[float | None, float | None] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
 
 class _CheckContext(TypedDict, total=False):
     """The fields every check of one kind shares (keyword arguments of GuardrailCheck)."""
@@ -134,31 +128,19 @@ class _CheckContext(TypedDict, total=False):
 
 
 @dataclass(frozen=True)
-class GuardrailResult:
+class GuardrailResult(JsonFields):
     champion: str
     challenger: str
     status: GuardrailStatus
+    alpha: float
     checks: list[GuardrailCheck]
     latency: dict[str, LatencySummary]
     outcomes: dict[str, OutcomeSummary]
     limits: GuardrailLimits = field(default_factory=GuardrailLimits)
-    alpha: float = 0.05
 
     @property
     def passed(self) -> bool:
         return self.status == "pass"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "champion": self.champion,
-            "challenger": self.challenger,
-            "status": self.status,
-            "alpha": self.alpha,
-            "checks": [c.to_dict() for c in self.checks],
-            "latency": {k: v.to_dict() for k, v in self.latency.items()},
-            "outcomes": {k: v.to_dict() for k, v in self.outcomes.items()},
-            "limits": self.limits.to_dict(),
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,8 +373,7 @@ def check_guardrails(
         status = "insufficient"
     else:
         status = "pass"
-    return GuardrailResult(champion.name, challenger.name, status, checks, lat, out, limits,
-                           alpha)
+    return GuardrailResult(champion.name, challenger.name, status, alpha, checks, lat, out, limits)
 
 
 # The summaries and bounds live in evaluator/gates/summaries.py; these names stay importable here.

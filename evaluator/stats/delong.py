@@ -6,12 +6,11 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from evaluator.dataset import Array
-from evaluator.stats.common import dataclass_dict, z_and_p, z_crit
+from evaluator.stats.common import NamedTest, z_and_p, z_crit
 
 
 def placements_sorted(s_sorted: Array, pos_sorted: Array) -> Array:
@@ -93,7 +92,7 @@ def delong_covariance(
 
 
 @dataclass(frozen=True)
-class DeLongResult:
+class DeLongResult(NamedTest):
     """Paired AUROC comparison: ``difference = auc_challenger - auc_champion``."""
 
     auc_champion: float | None
@@ -111,8 +110,7 @@ class DeLongResult:
     alpha: float
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"test": "delong", **dataclass_dict(self)}
+    TEST = "delong"
 
 
 def delong_test(

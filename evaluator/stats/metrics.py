@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from evaluator.stats.classification import (
     log_loss,
     precision_recall_f1,
 )
+from evaluator.stats.common import JsonFields
 from evaluator.stats.metric_core import (
     PROB_EPS,
     BinStrategy,
@@ -67,7 +68,6 @@ from evaluator.stats.metric_core import (
     probability_violations,
     wilson_interval,
 )
-from evaluator.stats.significance import _dataclass_dict, jsonable
 
 
 def _rmse(err: np.ndarray, alpha: float, excluded: dict[str, int]) -> MetricValue:
@@ -111,15 +111,12 @@ def regression_metrics(
 
 
 @dataclass(frozen=True)
-class RocCurve:
+class RocCurve(JsonFields):
     """ROC points at every distinct score threshold (descending), thinned for plotting."""
 
     fpr: np.ndarray
     tpr: np.ndarray
     thresholds: np.ndarray
-
-    def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray, max_points: int | None = None) -> RocCurve:
@@ -145,7 +142,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray, max_points: int | None = N
 
 
 @dataclass
-class ModelMetrics:
+class ModelMetrics(JsonFields):
     """All metrics for one model over the chosen rows of an EvalDataset."""
 
     model: str
@@ -157,19 +154,6 @@ class ModelMetrics:
     n_negative: int | None
     excluded: dict[str, int]
     metrics: dict[str, MetricValue]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "role": self.role,
-            "task": self.task,
-            "rows": self.rows,
-            "n": self.n,
-            "n_positive": self.n_positive,
-            "n_negative": self.n_negative,
-            "excluded": jsonable(self.excluded),
-            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
-        }
 
 
 def common_rows(dataset: EvalDataset) -> np.ndarray:

@@ -59,13 +59,13 @@ import numpy as np
 from scipy import special
 
 from evaluator.dataset import Array, EvalDataset
-from evaluator.stats.common import dataclass_dict, jsonable
+from evaluator.stats.common import JsonFields
 
 ESTIMATORS = ("ips", "snips", "dm", "dr")
 
 
 @dataclass(frozen=True)
-class PolicyEstimate:
+class PolicyEstimate(JsonFields):
     """One estimator's value of one target policy, with a normal confidence interval."""
 
     estimator: str
@@ -76,12 +76,9 @@ class PolicyEstimate:
     n: int
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
 
 @dataclass(frozen=True)
-class ArmValue:
+class ArmValue(JsonFields):
     """Estimates of the value of always serving ``arm``, with the diagnostics that qualify them."""
 
     arm: str
@@ -93,21 +90,9 @@ class ArmValue:
     reward_model: str
     estimates: dict[str, PolicyEstimate]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "arm": self.arm,
-            "n": self.n,
-            "n_served": self.n_served,
-            "unsupported": self.unsupported,
-            "effective_sample_size": jsonable(self.effective_sample_size),
-            "max_weight": jsonable(self.max_weight),
-            "reward_model": self.reward_model,
-            "estimates": {k: v.to_dict() for k, v in self.estimates.items()},
-        }
-
 
 @dataclass(frozen=True)
-class OffPolicyReport:
+class OffPolicyReport(JsonFields):
     n_total: int
     n: int
     excluded: dict[str, int]
@@ -116,18 +101,6 @@ class OffPolicyReport:
     arms: dict[str, ArmValue]
     alpha: float
     notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_total": self.n_total,
-            "n": self.n,
-            "excluded": jsonable(self.excluded),
-            "policy_types": jsonable(self.policy_types),
-            "logging_value": self.logging_value.to_dict(),
-            "arms": {k: v.to_dict() for k, v in self.arms.items()},
-            "alpha": self.alpha,
-            "notes": list(self.notes),
-        }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import special
 
 from evaluator.dataset import Array
 from evaluator.stats.common import (
-    dataclass_dict,
+    JsonFields,
+    NamedTest,
     finite_pairs,
     norm_ppf,
     norm_sf,
@@ -31,7 +31,7 @@ from evaluator.stats.common import (
 
 
 @dataclass(frozen=True)
-class McNemarResult:
+class McNemarResult(NamedTest):
     """McNemar's test; ``b`` = champion right & challenger wrong, ``c`` = the reverse."""
 
     b: int
@@ -49,8 +49,7 @@ class McNemarResult:
     alpha: float
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"test": "mcnemar", **dataclass_dict(self)}
+    TEST = "mcnemar"
 
 
 def mcnemar_test(
@@ -128,7 +127,7 @@ def mcnemar_test(
 
 
 @dataclass(frozen=True)
-class PairedTestResult:
+class PairedTestResult(JsonFields):
     """A paired test on per-request losses; ``difference`` = challenger - champion."""
 
     test: str
@@ -145,9 +144,6 @@ class PairedTestResult:
     ci_high: float | None
     alpha: float
     reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
 
 
 def _unestimated(test: str, n: int, excluded: int, alpha: float) -> PairedTestResult:
@@ -254,7 +250,7 @@ def wilcoxon_signed_rank(
 
 
 @dataclass(frozen=True)
-class DeltaRmseResult:
+class DeltaRmseResult(NamedTest):
     """RMSE comparison by the delta method; ``difference = rmse_challenger - rmse_champion``."""
 
     rmse_champion: float | None
@@ -270,8 +266,7 @@ class DeltaRmseResult:
     alpha: float
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"test": "delta_method_rmse", **dataclass_dict(self)}
+    TEST = "delta_method_rmse"
 
 
 def rmse_delta_moments(
@@ -331,7 +326,7 @@ def rmse_difference_test(
 
 
 @dataclass(frozen=True)
-class NonInferiorityResult:
+class NonInferiorityResult(JsonFields):
     """One-sided test of H0: improvement <= -margin against H1: improvement > -margin.
 
     ``improvement`` is positive when the challenger is better (for a loss: champion - challenger).
@@ -347,9 +342,6 @@ class NonInferiorityResult:
     passed: bool | None
     alpha: float
     reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
 
 
 def non_inferiority_test(
