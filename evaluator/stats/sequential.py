@@ -47,7 +47,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -302,6 +302,27 @@ def _msprt_at_looks(
     )
 
 
+def _msprt_on_prefixes(
+    columns: Sequence[Array],
+    ts: Array | None,
+    path: Callable[[list[Array], Array], tuple[Array, Array]],
+    method: str,
+    tau: float,
+    alpha: float,
+    looks: Looks,
+    max_looks: int,
+    burn_in: int,
+) -> SequentialResult:
+    """``msprt`` on a statistic of paired columns whose ``path`` (estimate and variance at each
+    look) comes from prefix sums: rows in time order, non-finite rows dropped, looks placed."""
+    cols, t_sorted = _time_ordered_finite(columns, ts)
+    if cols[0].size == 0:
+        return _empty_result(method, alpha, tau, burn_in, "no paired requests")
+    points = look_points(t_sorted, cols[0].size, looks, max_looks)
+    estimates, variances = path(cols, points)
+    return _msprt_at_looks(estimates, variances, points, t_sorted, tau, alpha, burn_in, method)
+
+
 def msprt_paired(
     improvements: Array,
     ts: Array | None = None,
@@ -318,11 +339,15 @@ def msprt_paired(
     overall mean first so the variance does not cancel catastrophically at a million rows.
     Non-finite improvements are dropped.
     """
-    (d,), t_sorted = _time_ordered_finite([improvements], ts)
-    method = "msprt-normal-mixture(paired mean)"
-    if d.size == 0:
-        return _empty_result(method, alpha, tau, burn_in, "no paired requests")
-    points = look_points(t_sorted, d.size, looks, max_looks)
+    return _msprt_on_prefixes(
+        [improvements], ts, _paired_mean_path, "msprt-normal-mixture(paired mean)",
+        tau, alpha, looks, max_looks, burn_in,
+    )
+
+
+def _paired_mean_path(columns: list[Array], points: Array) -> tuple[Array, Array]:
+    """Mean improvement and its variance at each look, from shifted cumulative sums."""
+    (d,) = columns
     shift = float(d.mean())
     x = d - shift
     s1 = np.cumsum(x)[points - 1]
@@ -331,7 +356,7 @@ def msprt_paired(
     mean = s1 / k + shift
     with np.errstate(divide="ignore", invalid="ignore"):
         var = np.where(k > 1, np.maximum(s2 - s1 * s1 / k, 0.0) / np.maximum(k - 1, 1), np.nan) / k
-    return _msprt_at_looks(mean, var, points, t_sorted, tau, alpha, burn_in, method)
+    return mean, var
 
 
 def msprt_rmse(
@@ -346,11 +371,15 @@ def msprt_rmse(
     burn_in: int = 100,
 ) -> SequentialResult:
     """mSPRT on the RMSE improvement (rmse_champion - rmse_challenger), delta-method variance."""
-    (ec, eh), t_sorted = _time_ordered_finite([err_champion, err_challenger], ts)
-    method = "msprt-normal-mixture(rmse delta method)"
-    if ec.size == 0:
-        return _empty_result(method, alpha, tau, burn_in, "no paired requests")
-    points = look_points(t_sorted, ec.size, looks, max_looks)
+    return _msprt_on_prefixes(
+        [err_champion, err_challenger], ts, _rmse_path, "msprt-normal-mixture(rmse delta method)",
+        tau, alpha, looks, max_looks, burn_in,
+    )
+
+
+def _rmse_path(columns: list[Array], points: Array) -> tuple[Array, Array]:
+    """RMSE improvement and its delta-method variance at each look (shifted cumulative sums)."""
+    ec, eh = columns
     a, b = ec**2, eh**2
     sa, sb = float(a.mean()), float(b.mean())
     xa, xb = a - sa, b - sb
@@ -370,7 +399,7 @@ def msprt_rmse(
         ga, gb = 1.0 / (2.0 * ra), -1.0 / (2.0 * rb)
         var = (ga * ga * vaa + gb * gb * vbb + 2 * ga * gb * vab) / k
         var = np.where((k > 1) & (ra > 0) & (rb > 0), var, np.nan)
-    return _msprt_at_looks(ra - rb, var, points, t_sorted, tau, alpha, burn_in, method)
+    return ra - rb, var
 
 
 def msprt_delong(
