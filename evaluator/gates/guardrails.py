@@ -223,58 +223,51 @@ def _latency_checks(
             f"p99 excess over the champion {cmp.difference:+.2f} ms, lower bound {d_lo:+.2f} ms "
             f"{'>' if margin_ok else '<='} {margin:g} ms margin"
         )
+    def unjudged(name: str, observed: float | None, limit: float) -> GuardrailCheck:
+        return GuardrailCheck(name, p99c, p99h, observed, limit, None,
+                              short or "insufficient data", **common)
+
+    def judged(name: str, limit: float, observed: float | None, interval: tuple[float, float],
+               what: str, unit: str, cmp: _LatencyCompare) -> GuardrailCheck:
+        """Failed only when the interval's low end is above ``limit`` and the p99 difference's
+        is beyond the margin."""
+        lo = interval[0]
+        fail = lo > limit and margin_ok
+        return GuardrailCheck(
+            name,
+            p99c,
+            p99h,
+            observed,
+            limit,
+            not fail,
+            f"{what}, {conf:.0%} lower bound {lo:.2f}{unit} {'>' if lo > limit else '<='} "
+            f"{limit:g}{unit}; " + margin_text,
+            interval,
+            difference=cmp.difference,
+            difference_interval=cmp.difference_interval,
+            **common,
+        )
+
     checks: list[GuardrailCheck] = []
     if limits.max_latency_p99_ratio is not None:
         limit = limits.max_latency_p99_ratio
         if short is not None or cmp is None:
-            checks.append(GuardrailCheck("latency_p99_ratio", p99c, p99h, None, limit, None,
-                                         short or "insufficient data", **common))
+            checks.append(unjudged("latency_p99_ratio", None, limit))
         else:
-            lo = cmp.ratio_interval[0]
-            fail = lo > limit and margin_ok
-            checks.append(
-                GuardrailCheck(
-                    "latency_p99_ratio",
-                    p99c,
-                    p99h,
-                    cmp.ratio,
-                    limit,
-                    not fail,
-                    f"p99 {p99h:.2f} ms vs champion {p99c:.2f} ms: ratio {cmp.ratio:.2f}, "
-                    f"{conf:.0%} lower bound {lo:.2f} {'>' if lo > limit else '<='} {limit:g}; "
-                    + margin_text,
-                    cmp.ratio_interval,
-                    difference=cmp.difference,
-                    difference_interval=cmp.difference_interval,
-                    **common,
-                )
-            )
+            checks.append(judged(
+                "latency_p99_ratio", limit, cmp.ratio, cmp.ratio_interval,
+                f"p99 {p99h:.2f} ms vs champion {p99c:.2f} ms: ratio {cmp.ratio:.2f}", "", cmp,
+            ))
     if limits.max_latency_p99_ms is not None:
         limit = limits.max_latency_p99_ms
         if short is not None or cmp is None:
-            checks.append(GuardrailCheck("latency_p99_ms", p99c, p99h, p99h, limit, None,
-                                         short or "insufficient data", **common))
+            checks.append(unjudged("latency_p99_ms", p99h, limit))
         else:
             r, s = quantile_ranks(nh, P99, alpha)
             lo = float(xh[r - 1]) if r is not None else -math.inf
             hi = float(xh[s - 1]) if s is not None else math.inf
-            fail = lo > limit and margin_ok
-            checks.append(
-                GuardrailCheck(
-                    "latency_p99_ms",
-                    p99c,
-                    p99h,
-                    p99h,
-                    limit,
-                    not fail,
-                    f"p99 {p99h:.2f} ms, {conf:.0%} lower bound {lo:.2f} ms "
-                    f"{'>' if lo > limit else '<='} {limit:g} ms; " + margin_text,
-                    (lo, hi),
-                    difference=cmp.difference,
-                    difference_interval=cmp.difference_interval,
-                    **common,
-                )
-            )
+            checks.append(judged("latency_p99_ms", limit, p99h, (lo, hi), f"p99 {p99h:.2f} ms",
+                                 " ms", cmp))
     return checks
 
 
