@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 from scipy import special
@@ -140,3 +140,29 @@ def z_and_p(estimate: float, se: float) -> tuple[float, float]:
     if estimate == 0:
         return 0.0, 1.0
     return math.copysign(math.inf, estimate), 0.0
+
+
+class ZInterval(TypedDict):
+    """The fields a z-test result shares: the difference, its SE, z, two-sided p, Wald CI."""
+
+    difference: float
+    se: float
+    z: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+
+
+def z_interval(difference: float, se: float, alpha: float) -> ZInterval:
+    """z, the two-sided p and the 1 - alpha Wald interval of ``difference`` (standard error
+    ``se``), as the keyword fields of a result."""
+    z, p = z_and_p(difference, se)
+    half = z_crit(alpha) * se
+    return {
+        "difference": difference,
+        "se": se,
+        "z": z,
+        "p_value": p,
+        "ci_low": difference - half,
+        "ci_high": difference + half,
+    }

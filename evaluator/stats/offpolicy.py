@@ -51,6 +51,7 @@ count of unsupported requests, on which they rest on the reward model alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,11 @@ class PolicyEstimate(JsonFields):
     ci_high: float | None
     n: int
     reason: str | None = None
+
+    @classmethod
+    def missing(cls, estimator: str, n: int, reason: str) -> PolicyEstimate:
+        """No value for ``estimator`` on these ``n`` requests, and why."""
+        return cls(estimator, None, None, None, None, n, reason)
 
 
 @dataclass(frozen=True)
@@ -292,7 +298,7 @@ def _normal(
 def _mean_estimate(name: str, terms: Array, alpha: float) -> PolicyEstimate:
     n = int(terms.size)
     if n < 2:
-        return PolicyEstimate(name, None, None, None, None, n, "fewer than 2 requests")
+        return PolicyEstimate.missing(name, n, "fewer than 2 requests")
     return _normal(name, float(terms.mean()), float(terms.std(ddof=1)) / math.sqrt(n), n, alpha)
 
 
@@ -326,14 +332,14 @@ def policy_value_estimates(
             f"target arm had logging probability 0 on {unsupported} of {n} requests: "
             "IPS/SNIPS would estimate a different population"
         )
-        out["ips"] = PolicyEstimate("ips", None, None, None, None, n, why)
-        out["snips"] = PolicyEstimate("snips", None, None, None, None, n, why)
+        out["ips"] = PolicyEstimate.missing("ips", n, why)
+        out["snips"] = PolicyEstimate.missing("snips", n, why)
     else:
         out["ips"] = _mean_estimate("ips", w * r, alpha)
         sw = float(w.sum())
         if sw <= 0 or n < 2:
-            out["snips"] = PolicyEstimate(
-                "snips", None, None, None, None, n, "no request was served by the target arm"
+            out["snips"] = PolicyEstimate.missing(
+                "snips", n, "no request was served by the target arm"
             )
         else:
             v = float((w * r).sum() / sw)
@@ -341,8 +347,8 @@ def policy_value_estimates(
             out["snips"] = _normal("snips", v, float(phi.std(ddof=1)) / math.sqrt(n), n, alpha)
     if n < 2 or not np.all(np.isfinite(dm_terms)):
         why = "reward model could not be fitted (target arm never served)"
-        out["dm"] = PolicyEstimate("dm", None, None, None, None, n, why)
-        out["dr"] = PolicyEstimate("dr", None, None, None, None, n, why)
+        out["dm"] = PolicyEstimate.missing("dm", n, why)
+        out["dr"] = PolicyEstimate.missing("dr", n, why)
         return out
     dm = float(dm_terms.mean())
     dm_se = math.sqrt(float(dm_terms.var(ddof=1)) / n + max(dm_model_var, 0.0))
@@ -354,7 +360,7 @@ def policy_value_estimates(
     out["dm"] = _normal("dm", dm, dm_se, n, alpha, note)
     dr_terms = dm_terms + w * (r - rhat_served)
     dr = _mean_estimate("dr", dr_terms, alpha)
-    out["dr"] = PolicyEstimate(dr.estimator, dr.value, dr.se, dr.ci_low, dr.ci_high, dr.n, note)
+    out["dr"] = dataclasses.replace(dr, reason=note)
     return out
 
 
@@ -404,7 +410,7 @@ def estimate_policy_values(
     logging_value = _mean_estimate("on_policy_mean", r, alpha)
     notes: list[str] = []
     if n == 0:
-        empty = PolicyEstimate("on_policy_mean", None, None, None, None, 0, "no rewarded requests")
+        empty = PolicyEstimate.missing("on_policy_mean", 0, "no rewarded requests")
         return OffPolicyReport(n_total, 0, excluded, policy_types, empty, {}, alpha, notes)
 
     scores = np.column_stack(
@@ -434,7 +440,7 @@ def estimate_policy_values(
         ess = float(w.sum() ** 2 / (w * w).sum()) if n_served else None
         if n_served == 0:
             why = f"{arm} was never served in these logs: its value is not identified"
-            estimates = {e: PolicyEstimate(e, None, None, None, None, n, why) for e in ESTIMATORS}
+            estimates = {e: PolicyEstimate.missing(e, n, why) for e in ESTIMATORS}
         else:
             estimates = policy_value_estimates(
                 r,
