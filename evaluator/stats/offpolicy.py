@@ -177,20 +177,30 @@ def _bin_stats(
     return means, var_mean
 
 
+@dataclass(frozen=True)
+class RewardLogs:
+    """What a reward model is fitted on: each request's reward, served arm (its column in
+    ``arms``) and every arm's logged score (n, K)."""
+
+    rewards: Array
+    served_idx: Array
+    scores: Array
+    arms: tuple[str, ...]
+
+    def take(self, rows: Array) -> RewardLogs:
+        """The same logs restricted to ``rows`` (a mask or indices)."""
+        return RewardLogs(self.rewards[rows], self.served_idx[rows], self.scores[rows], self.arms)
+
+
 def fit_binned_reward_model(
-    rewards: Array,
-    served_idx: Array,
-    scores: Array,
-    arms: tuple[str, ...],
-    n_bins: int = 10,
-    min_per_bin: int = 30,
+    logs: RewardLogs, n_bins: int = 10, min_per_bin: int = 30
 ) -> BinnedRewardModel:
     """Fit the per-arm binned reward model on these rows (see the module docstring for why)."""
-    r = np.asarray(rewards, dtype=np.float64)
+    r = np.asarray(logs.rewards, dtype=np.float64)
     fitted = []
-    for k in range(len(arms)):
-        s = scores[:, k]
-        served = served_idx == k
+    for k in range(len(logs.arms)):
+        s = logs.scores[:, k]
+        served = logs.served_idx == k
         have = np.isfinite(s)
         r_served = r[served]
         if r_served.size:
@@ -212,7 +222,7 @@ def fit_binned_reward_model(
         min_count[b] = min_per_bin
         means, var_mean = _bin_stats(ids, r_served, b + 1, arm_mean, arm_var, min_count)
         fitted.append(ArmBins(edges, means, var_mean))
-    return BinnedRewardModel(tuple(arms), tuple(fitted))
+    return BinnedRewardModel(tuple(logs.arms), tuple(fitted))
 
 
 @dataclass(frozen=True)
@@ -256,31 +266,21 @@ def fold_assignment(served_idx: Array, folds: int, seed: int) -> Array:
 
 
 def fit_cross_fitted_reward_model(
-    rewards: Array,
-    served_idx: Array,
-    scores: Array,
-    arms: tuple[str, ...],
-    n_bins: int = 10,
-    min_per_bin: int = 30,
-    folds: int = 5,
-    seed: int = 0,
+    logs: RewardLogs, n_bins: int = 10, min_per_bin: int = 30, folds: int = 5, seed: int = 0
 ) -> CrossFitRewardModel:
     """K-fold cross-fitting of ``fit_binned_reward_model`` (out-of-fold predictions)."""
     if folds < 2:
         raise ValueError("cross-fitting needs at least 2 folds")
-    r = np.asarray(rewards, dtype=np.float64)
-    fold = fold_assignment(served_idx, folds, seed)
-    pred = np.empty((r.size, len(arms)))
+    fold = fold_assignment(logs.served_idx, folds, seed)
+    pred = np.empty((fold.size, len(logs.arms)))
     models = []
     for f in range(folds):
         train, test = fold != f, fold == f
-        model = fit_binned_reward_model(
-            r[train], served_idx[train], scores[train], arms, n_bins, min_per_bin
-        )
+        model = fit_binned_reward_model(logs.take(train), n_bins, min_per_bin)
         if test.any():
-            pred[test] = model.predict(scores[test])
+            pred[test] = model.predict(logs.scores[test])
         models.append(model)
-    return CrossFitRewardModel(tuple(arms), fold, tuple(models), pred, n_bins)
+    return CrossFitRewardModel(tuple(logs.arms), fold, tuple(models), pred, n_bins)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def estimate_policy_values(
         ]
     )
     model = fit_cross_fitted_reward_model(
-        r, served_idx, scores, arm_tuple, n_bins, min_per_bin, folds, seed
+        RewardLogs(r, served_idx, scores, arm_tuple), n_bins, min_per_bin, folds, seed
     )
     reward_hat = model.predictions
     out: dict[str, ArmValue] = {}
@@ -482,6 +482,7 @@ __all__ = [
     "CrossFitRewardModel",
     "OffPolicyReport",
     "PolicyEstimate",
+    "RewardLogs",
     "estimate_policy_values",
     "fit_binned_reward_model",
     "fit_cross_fitted_reward_model",
