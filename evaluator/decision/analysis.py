@@ -16,7 +16,13 @@ from evaluator.decision.policy import METRICS, DecisionPolicy
 from evaluator.decision.result import DataHealth, HealthCheck, PrimaryResult
 from evaluator.gates.guardrails import GuardrailResult, check_guardrails
 from evaluator.stats.metrics import LossName, per_request_loss, probability_violations
-from evaluator.stats.sequential import SequentialResult, msprt_delong, msprt_paired, msprt_rmse
+from evaluator.stats.sequential import (
+    SequentialDesign,
+    SequentialResult,
+    msprt_delong,
+    msprt_paired,
+    msprt_rmse,
+)
 from evaluator.stats.significance import (
     DeLongResult,
     DeltaRmseResult,
@@ -242,13 +248,13 @@ def _sequential(
     threshold: float,
     orders: tuple[Array, Array] | None = None,
 ) -> SequentialResult:
-    common: dict[str, Any] = {
-        "tau": policy.tau,
-        "alpha": policy.alpha,
-        "looks": policy.sequential_looks,
-        "max_looks": policy.sequential_max_looks,
-        "burn_in": policy.sequential_burn_in,
-    }
+    design = SequentialDesign(
+        policy.tau,
+        policy.alpha,
+        policy.sequential_looks,
+        policy.sequential_max_looks,
+        policy.sequential_burn_in,
+    )
     if metric == "auroc":
         return msprt_delong(
             pair.y,
@@ -257,15 +263,17 @@ def _sequential(
             pair.ts,
             min_per_class=policy.min_per_class,
             orders=orders,
-            **common,
+            design=design,
         )
     if metric == "rmse":
-        return msprt_rmse(pair.champion - pair.y, pair.challenger - pair.y, pair.ts, **common)
+        return msprt_rmse(pair.champion - pair.y, pair.challenger - pair.y, pair.ts,
+                          design=design)
     loss = METRICS[metric].loss
     assert loss is not None
     lc = per_request_loss(loss, pair.y, pair.champion, threshold)
     lh = per_request_loss(loss, pair.y, pair.challenger, threshold)
-    return msprt_paired(lc - lh, pair.ts, **common)  # improvement: champion loss - challenger's
+    # improvement: champion loss - challenger's
+    return msprt_paired(lc - lh, pair.ts, design=design)
 
 
 def _power(primary: PrimaryResult, policy: DecisionPolicy, n_tests: int) -> PowerResult:
