@@ -9,8 +9,9 @@ import numpy as np
 
 from evaluator.stats.calibration import _ece
 from evaluator.stats.metric_core import (
-    BinStrategy,
+    DEFAULT_METRIC_OPTIONS,
     LossName,
+    MetricOptions,
     MetricValue,
     _mean_metric,
     _probability_guard,
@@ -174,19 +175,16 @@ def classification_metrics(
     scores: np.ndarray,
     *,
     threshold: float = 0.5,
-    alpha: float = 0.05,
-    ece_bins: int = 10,
-    ece_strategy: BinStrategy = "uniform",
-    n_boot: int = 1000,
-    seed: int = 0,
+    options: MetricOptions = DEFAULT_METRIC_OPTIONS,
 ) -> dict[str, MetricValue]:
     """Every classifier metric on one model's scores (rows cleaned once, exclusions shared)."""
     y, s, excluded = clean_classification(labels, scores)
+    alpha, n_boot, seed = options.alpha, options.n_boot, options.seed
     return {
         "auroc": _auroc(y, s, alpha, excluded),
         "log_loss": _probability_loss("log_loss", y, s, alpha, excluded),
         "brier": _probability_loss("brier", y, s, alpha, excluded),
         "accuracy": _accuracy(y, s, threshold, alpha, excluded),
         **_precision_recall_f1(y, s, threshold, alpha, n_boot, seed, excluded),
-        "ece": _ece(y, s, ece_bins, ece_strategy, alpha, n_boot, seed, excluded),
+        "ece": _ece(y, s, options.ece_bins, options.ece_strategy, alpha, n_boot, seed, excluded),
     }

@@ -21,6 +21,21 @@ BinStrategy = Literal["uniform", "quantile"]
 
 
 @dataclass(frozen=True)
+class MetricOptions:
+    """How the metrics' intervals are computed: the level, ECE's bins, and the bootstrap's
+    draws and seed (F1, ECE)."""
+
+    alpha: float = 0.05
+    ece_bins: int = 10
+    ece_strategy: BinStrategy = "uniform"
+    n_boot: int = 1000
+    seed: int = 0
+
+
+DEFAULT_METRIC_OPTIONS = MetricOptions()
+
+
+@dataclass(frozen=True)
 class MetricValue(JsonFields):
     """A metric with its confidence interval, sample size and exclusions, or why it is missing."""
 

@@ -56,9 +56,11 @@ from evaluator.stats.classification import (
 )
 from evaluator.stats.common import JsonFields
 from evaluator.stats.metric_core import (
+    DEFAULT_METRIC_OPTIONS,
     PROB_EPS,
     BinStrategy,
     LossName,
+    MetricOptions,
     MetricValue,
     _mean_metric,
     _zcrit,
@@ -169,11 +171,7 @@ def model_metrics(
     model: str,
     rows: np.ndarray | None = None,
     *,
-    alpha: float = 0.05,
-    ece_bins: int = 10,
-    ece_strategy: BinStrategy = "uniform",
-    n_boot: int = 1000,
-    seed: int = 0,
+    options: MetricOptions = DEFAULT_METRIC_OPTIONS,
     rows_label: str = "own",
 ) -> ModelMetrics:
     """Metrics for ``model`` on ``rows`` (default: every request it answered with status ok)."""
@@ -187,21 +185,12 @@ def model_metrics(
     y = dataset.labels[use]
     s = col.scores[use]
     if dataset.task == "classification":
-        metrics = classification_metrics(
-            y,
-            s,
-            threshold=dataset.threshold,
-            alpha=alpha,
-            ece_bins=ece_bins,
-            ece_strategy=ece_strategy,
-            n_boot=n_boot,
-            seed=seed,
-        )
+        metrics = classification_metrics(y, s, threshold=dataset.threshold, options=options)
         y_clean, _, clean_excluded = clean_classification(y, s)
         n_pos: int | None = int(np.count_nonzero(y_clean == 1))
         n_neg: int | None = int(y_clean.size - (n_pos or 0))
     else:
-        metrics = regression_metrics(y, s, alpha=alpha)
+        metrics = regression_metrics(y, s, alpha=options.alpha)
         y_clean, _, clean_excluded = clean_regression(y, s)
         n_pos = n_neg = None
     excluded.update(clean_excluded)
@@ -222,28 +211,14 @@ def evaluate_models(
     dataset: EvalDataset,
     *,
     rows: Literal["common", "own"] = "common",
-    alpha: float = 0.05,
-    ece_bins: int = 10,
-    ece_strategy: BinStrategy = "uniform",
-    n_boot: int = 1000,
-    seed: int = 0,
+    options: MetricOptions = DEFAULT_METRIC_OPTIONS,
 ) -> dict[str, ModelMetrics]:
     """Metrics for every model. ``common`` (default) uses only requests every model answered, so
     the numbers compare like with like; ``own`` uses each model's own ok requests (more data for
     the champion when a challenger is sampled or failing, but not comparable across models)."""
     mask = common_rows(dataset) if rows == "common" else None
     return {
-        name: model_metrics(
-            dataset,
-            name,
-            mask,
-            alpha=alpha,
-            ece_bins=ece_bins,
-            ece_strategy=ece_strategy,
-            n_boot=n_boot,
-            seed=seed,
-            rows_label=rows,
-        )
+        name: model_metrics(dataset, name, mask, options=options, rows_label=rows)
         for name in dataset.models
     }
 
@@ -254,6 +229,7 @@ __all__ = [
     "BinStrategy",
     "CalibrationTable",
     "LossName",
+    "MetricOptions",
     "MetricValue",
     "ModelMetrics",
     "RocCurve",
