@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from evaluator.stats.metrics import (
     common_rows,
     probability_violations,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("evaluator.report")
 
@@ -194,6 +197,16 @@ def _fig_calibration(
     )
 
 
+def _label_panels(fig: Figure, titles: list[str], xlabel: str, ylabel: str) -> None:
+    """A row of per-model panels labelled alike: each its title, the x label and small ticks;
+    the y label once, on the first."""
+    for ax, title in zip(fig.axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].set_ylabel(ylabel, fontsize=8)
+
+
 def _fig_scores(
     dataset: EvalDataset, rows: np.ndarray, colors: Mapping[str, str], payload: Mapping[str, Any]
 ) -> FigureImage | None:
@@ -210,11 +223,8 @@ def _fig_scores(
             part = s[(y == label) & np.isfinite(s)]
             if part.size:
                 ax.stairs(_hist(part, edges), edges, color=colors[name], ls=ls, lw=1.3, label=txt)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("score", fontsize=8)
-        ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    fig.axes[0].set_ylabel("density", fontsize=8)
+    _label_panels(fig, list(dataset.models), "score", "density")
     return FigureImage(
         "scores",
         "Score distributions",
@@ -240,11 +250,10 @@ def _fig_pred_actual(
     for ax, (name, col) in zip(fig.axes, dataset.models.items(), strict=True):
         ax.scatter(y, col.scores[idx], s=3, alpha=0.35, color=colors[name], linewidths=0)
         ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, ls="--")
-        ax.set_title(f"{name} (RMSE {_num(_metric_value(payload, name, 'rmse'))})", fontsize=9)
-        ax.set_xlabel("actual", fontsize=8)
-        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.axes[0].set_ylabel("predicted", fontsize=8)
+    titles = [f"{name} (RMSE {_num(_metric_value(payload, name, 'rmse'))})"
+              for name in dataset.models]
+    _label_panels(fig, titles, "actual", "predicted")
     return FigureImage(
         "predicted_vs_actual",
         "Predicted vs actual",
