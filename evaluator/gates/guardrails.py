@@ -223,12 +223,13 @@ def _latency_checks(
             f"p99 excess over the champion {cmp.difference:+.2f} ms, lower bound {d_lo:+.2f} ms "
             f"{'>' if margin_ok else '<='} {margin:g} ms margin"
         )
+
     def unjudged(name: str, observed: float | None, limit: float) -> GuardrailCheck:
         return GuardrailCheck(name, p99c, p99h, observed, limit, None,
                               short or "insufficient data", **common)
 
     def judged(name: str, limit: float, observed: float | None, interval: tuple[float, float],
-               what: str, unit: str, cmp: _LatencyCompare) -> GuardrailCheck:
+               what: str, unit: str, compared: _LatencyCompare) -> GuardrailCheck:
         """Failed only when the interval's low end is above ``limit`` and the p99 difference's
         is beyond the margin."""
         lo = interval[0]
@@ -243,8 +244,8 @@ def _latency_checks(
             f"{what}, {conf:.0%} lower bound {lo:.2f}{unit} {'>' if lo > limit else '<='} "
             f"{limit:g}{unit}; " + margin_text,
             interval,
-            difference=cmp.difference,
-            difference_interval=cmp.difference_interval,
+            difference=compared.difference,
+            difference_interval=compared.difference_interval,
             **common,
         )
 
