@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from evaluator.dataset import EvalDataset
+from evaluator.dataset import Array, EvalDataset
 from evaluator.report.document import FigureImage
 from evaluator.report.format import _int, _num
 from evaluator.report.plotting import (
@@ -102,8 +102,8 @@ def roc_points(
 class _Curve(NamedTuple):
     """One model's line on a unit-square chart: points, legend label, line style."""
 
-    x: np.ndarray
-    y: np.ndarray
+    x: Array
+    y: Array
     label: str
     style: dict[str, Any]
 
@@ -111,7 +111,7 @@ class _Curve(NamedTuple):
 def _unit_square(
     dataset: EvalDataset,
     colors: Mapping[str, str],
-    curve: Callable[[str, np.ndarray], _Curve | str | None],
+    curve: Callable[[str, Array], _Curve | str | None],
     *,
     key: str,
     what: str,
@@ -119,7 +119,7 @@ def _unit_square(
     empty_title: str,
     caption: str,
     axes: tuple[str, str],
-    legend_loc: str,
+    legend_loc: Literal["lower right", "upper left"],
     diagonal_label: str | None = None,
 ) -> FigureImage:
     """Every model's curve over a dashed diagonal on [0, 1]^2 (ROC, reliability diagram).
@@ -154,7 +154,7 @@ def _fig_roc(
 ) -> FigureImage | None:
     y = dataset.labels[rows]
 
-    def curve(name: str, scores: np.ndarray) -> _Curve | str:
+    def curve(name: str, scores: Array) -> _Curve | str:
         try:
             fpr, tpr = roc_points(y, scores[rows])
         except ValueError as exc:
@@ -176,7 +176,7 @@ def _fig_calibration(
 ) -> FigureImage | None:
     y = dataset.labels[rows]
 
-    def curve(name: str, scores: np.ndarray) -> _Curve | str | None:
+    def curve(name: str, scores: Array) -> _Curve | str | None:
         s = scores[rows]
         if probability_violations(s):
             return f"{name} (scores outside [0, 1])"

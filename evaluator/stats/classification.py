@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from evaluator.dataset import Array
 from evaluator.stats.calibration import _ece
 from evaluator.stats.metric_core import (
     DEFAULT_METRIC_OPTIONS,
@@ -69,7 +70,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray, alpha: float = 0.05) -> Metric
 
 
 def _probability_loss(
-    name: LossName, y: np.ndarray, s: np.ndarray, alpha: float, excluded: dict[str, int]
+    name: LossName, y: Array, s: Array, alpha: float, excluded: dict[str, int]
 ) -> MetricValue:
     """Mean per-request loss of probabilities (missing, with a reason, for scores outside
     [0, 1])."""
@@ -92,7 +93,7 @@ def brier(labels: np.ndarray, scores: np.ndarray, alpha: float = 0.05) -> Metric
 
 
 def _accuracy(
-    y: np.ndarray, s: np.ndarray, threshold: float, alpha: float, excluded: dict[str, int]
+    y: Array, s: Array, threshold: float, alpha: float, excluded: dict[str, int]
 ) -> MetricValue:
     correct = int(np.count_nonzero((s >= threshold) == (y == 1)))
     return _proportion_metric(
