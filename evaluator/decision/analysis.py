@@ -16,9 +16,19 @@ from evaluator.decision.policy import METRICS, DecisionPolicy
 from evaluator.decision.result import DataHealth, HealthCheck, PrimaryResult
 from evaluator.gates.guardrails import GuardrailResult, check_guardrails
 from evaluator.stats.metrics import LossName, per_request_loss, probability_violations
-from evaluator.stats.sequential import SequentialResult, msprt_delong, msprt_paired, msprt_rmse
+from evaluator.stats.sequential import (
+    SequentialDesign,
+    SequentialResult,
+    msprt_delong,
+    msprt_paired,
+    msprt_rmse,
+)
 from evaluator.stats.significance import (
+    DeLongResult,
+    DeltaRmseResult,
+    McNemarResult,
     NonInferiorityResult,
+    PairedTestResult,
     PowerResult,
     delong_test,
     mcnemar_test,
@@ -121,45 +131,44 @@ def _primary(
     return test(base, pair, threshold, alpha, orders)
 
 
-def _estimate(
+# What every primary test's result carries: difference (challenger - champion), se, p_value,
+# ci_low, ci_high and the reason when there is no estimate.
+_PairedTest = DeLongResult | McNemarResult | DeltaRmseResult | PairedTestResult
+
+
+def _from_test(
     base: PrimaryResult,
-    *,
+    test: _PairedTest,
     champion: float | None,
     challenger: float | None,
-    difference: float,
-    se: float,
     statistic: float | None,
-    p_value: float | None,
-    ci_low: float | None,
-    ci_high: float | None,
     df: float | None = None,
 ) -> PrimaryResult:
-    """A defined result: the improvement is the difference signed so that positive is better."""
+    """The test's result normalised: the improvement is the difference signed so that positive
+    is better; a test without an estimate passes on its reason."""
+    if test.reason is not None or test.difference is None or test.se is None:
+        return dataclasses.replace(base, reason=test.reason)
     sign = 1.0 if base.higher_is_better else -1.0
     return dataclasses.replace(
         base,
         champion=champion,
         challenger=challenger,
-        difference=difference,
-        improvement=sign * difference,
-        se=se,
+        difference=test.difference,
+        improvement=sign * test.difference,
+        se=test.se,
         statistic=statistic,
         df=df,
-        p_value=p_value,
-        ci_low=ci_low,
-        ci_high=ci_high,
-        sd_per_request=se * math.sqrt(base.n),
+        p_value=test.p_value,
+        ci_low=test.ci_low,
+        ci_high=test.ci_high,
+        sd_per_request=test.se * math.sqrt(base.n),
     )
 
 
 def _auroc(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
            orders: tuple[Array, Array] | None) -> PrimaryResult:
     r = delong_test(pair.y, pair.champion, pair.challenger, alpha, orders)
-    if r.reason is not None or r.difference is None or r.se is None:
-        return dataclasses.replace(base, reason=r.reason)
-    return _estimate(base, champion=r.auc_champion, challenger=r.auc_challenger,
-                     difference=r.difference, se=r.se, statistic=r.z, p_value=r.p_value,
-                     ci_low=r.ci_low, ci_high=r.ci_high)
+    return _from_test(base, r, r.auc_champion, r.auc_challenger, r.z)
 
 
 def _accuracy(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
@@ -167,21 +176,13 @@ def _accuracy(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
     correct_c = (pair.champion >= threshold) == (pair.y == 1)
     correct_h = (pair.challenger >= threshold) == (pair.y == 1)
     m = mcnemar_test(correct_c, correct_h, alpha)
-    if m.difference is None or m.se is None:
-        return dataclasses.replace(base, reason=m.reason)
-    return _estimate(base, champion=m.accuracy_champion, challenger=m.accuracy_challenger,
-                     difference=m.difference, se=m.se, statistic=m.statistic,
-                     p_value=m.p_value, ci_low=m.ci_low, ci_high=m.ci_high)
+    return _from_test(base, m, m.accuracy_champion, m.accuracy_challenger, m.statistic)
 
 
 def _rmse(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
           orders: tuple[Array, Array] | None) -> PrimaryResult:
     d = rmse_difference_test(pair.champion - pair.y, pair.challenger - pair.y, alpha)
-    if d.reason is not None or d.difference is None or d.se is None:
-        return dataclasses.replace(base, reason=d.reason)
-    return _estimate(base, champion=d.rmse_champion, challenger=d.rmse_challenger,
-                     difference=d.difference, se=d.se, statistic=d.z, p_value=d.p_value,
-                     ci_low=d.ci_low, ci_high=d.ci_high)
+    return _from_test(base, d, d.rmse_champion, d.rmse_challenger, d.z)
 
 
 def _mean_loss(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
@@ -192,11 +193,7 @@ def _mean_loss(base: PrimaryResult, pair: Pair, threshold: float, alpha: float,
     lc = per_request_loss(loss, pair.y, pair.champion, threshold)
     lh = per_request_loss(loss, pair.y, pair.challenger, threshold)
     t = paired_t_test(lc, lh, alpha)
-    if t.reason is not None or t.difference is None or t.se is None:
-        return dataclasses.replace(base, reason=t.reason)
-    return _estimate(base, champion=t.mean_champion, challenger=t.mean_challenger,
-                     difference=t.difference, se=t.se, statistic=t.statistic, df=t.df,
-                     p_value=t.p_value, ci_low=t.ci_low, ci_high=t.ci_high)
+    return _from_test(base, t, t.mean_champion, t.mean_challenger, t.statistic, t.df)
 
 
 _PRIMARY_TESTS: dict[str, Callable[[PrimaryResult, Pair, float, float,
@@ -251,13 +248,13 @@ def _sequential(
     threshold: float,
     orders: tuple[Array, Array] | None = None,
 ) -> SequentialResult:
-    common: dict[str, Any] = {
-        "tau": policy.tau,
-        "alpha": policy.alpha,
-        "looks": policy.sequential_looks,
-        "max_looks": policy.sequential_max_looks,
-        "burn_in": policy.sequential_burn_in,
-    }
+    design = SequentialDesign(
+        policy.tau,
+        policy.alpha,
+        policy.sequential_looks,
+        policy.sequential_max_looks,
+        policy.sequential_burn_in,
+    )
     if metric == "auroc":
         return msprt_delong(
             pair.y,
@@ -266,15 +263,17 @@ def _sequential(
             pair.ts,
             min_per_class=policy.min_per_class,
             orders=orders,
-            **common,
+            design=design,
         )
     if metric == "rmse":
-        return msprt_rmse(pair.champion - pair.y, pair.challenger - pair.y, pair.ts, **common)
+        return msprt_rmse(pair.champion - pair.y, pair.challenger - pair.y, pair.ts,
+                          design=design)
     loss = METRICS[metric].loss
     assert loss is not None
     lc = per_request_loss(loss, pair.y, pair.champion, threshold)
     lh = per_request_loss(loss, pair.y, pair.challenger, threshold)
-    return msprt_paired(lc - lh, pair.ts, **common)  # improvement: champion loss - challenger's
+    # improvement: champion loss - challenger's
+    return msprt_paired(lc - lh, pair.ts, design=design)
 
 
 def _power(primary: PrimaryResult, policy: DecisionPolicy, n_tests: int) -> PowerResult:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from evaluator.gates.guardrails import GuardrailLimits
+from evaluator.stats.common import JsonFields
 from evaluator.stats.metrics import LossName
-from evaluator.stats.significance import jsonable
 
 PrimaryMetric = Literal["auroc", "log_loss", "brier", "accuracy", "rmse", "mae"]
 Verdict = Literal["PROMOTE", "KEEP", "BLOCKED", "INCONCLUSIVE"]
@@ -47,7 +47,7 @@ _ALIASES = {
 
 
 @dataclass(frozen=True)
-class DecisionPolicy:
+class DecisionPolicy(JsonFields):
     """What counts as evidence for a promotion. Units of ``margin``/``min_effect``: the metric's."""
 
     primary_metric: PrimaryMetric = "auroc"
@@ -126,7 +126,4 @@ class DecisionPolicy:
                 raise ValueError(f"unknown decision policy key {key!r}")
             kwargs[name] = value
         return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -10,12 +9,13 @@ from typing import Any, Protocol
 from evaluator.dataset import ExperimentInfo
 from evaluator.decision.policy import DecisionPolicy, Verdict
 from evaluator.gates.guardrails import GuardrailResult
+from evaluator.stats.common import JsonFields
 from evaluator.stats.sequential import SequentialResult
 from evaluator.stats.significance import NonInferiorityResult, PowerResult, jsonable
 
 
 @dataclass(frozen=True)
-class PrimaryResult:
+class PrimaryResult(JsonFields):
     """The primary comparison, normalised across tests. ``difference`` = challenger - champion;
     ``improvement`` has the sign flipped for losses so that positive always means better."""
 
@@ -35,9 +35,6 @@ class PrimaryResult:
     ci_high: float | None = None
     sd_per_request: float | None = None  # what the power analysis scales
     reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 class DataHealth(Protocol):

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evaluator.drift.data import _iso
-from evaluator.stats.common import jsonable
+from evaluator.stats.common import JsonFields, jsonable
 
 
 @dataclass
-class Threshold:
+class Threshold(JsonFields):
     """A threshold and where it came from (`fixed` convention or `adaptive` from history).
 
     `null_center`/`null_scale`: median and robust SD (1.4826 MAD; on the square-root scale for
@@ -24,12 +24,9 @@ class Threshold:
     periods: int = 0
     excluded: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return jsonable(self.__dict__.copy())
-
 
 @dataclass
-class FeatureDrift:
+class FeatureDrift(JsonFields):
     """One feature's comparison. `status`: ok | warn | drift | insufficient | missing."""
 
     name: str
@@ -77,15 +74,9 @@ class FeatureDrift:
     dataset_qvalue: float | None = None
     dataset_counted: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["threshold"] = self.threshold.to_dict() if self.threshold else None
-        d["dataset_floor"] = self.dataset_floor.to_dict() if self.dataset_floor else None
-        return jsonable(d)
-
 
 @dataclass
-class PredictionDrift:
+class PredictionDrift(JsonFields):
     """One model's score distribution against the reference."""
 
     model: str
@@ -108,11 +99,6 @@ class PredictionDrift:
     min_detectable_shift_sd: float | None = None  # see min_detectable_shift
     detection_limit: str | None = None
     reasons: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["threshold"] = self.threshold.to_dict() if self.threshold else None
-        return jsonable(d)
 
 
 @dataclass

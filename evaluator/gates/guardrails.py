@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Literal, TypedDict
 
 from scipy import special
 
@@ -77,14 +77,14 @@ from evaluator.gates.summaries import (
     quantile_ranks,
     unmeasured,
 )
-from evaluator.stats.common import dataclass_dict
+from evaluator.stats.common import JsonFields
 from evaluator.stats.metrics import wilson_interval
 
 GuardrailStatus = Literal["pass", "fail", "insufficient"]
 
 
 @dataclass(frozen=True)
-class GuardrailLimits:
+class GuardrailLimits(JsonFields):
     """Configured limits; ``None`` disables a check."""
 
     max_latency_p99_ratio: float | None = 1.5  # challenger p99 / champion p99
@@ -94,12 +94,9 @@ class GuardrailLimits:
     max_error_rate: float | None = None  # absolute ceiling on the challenger's error rate
     min_requests: int = 100
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
 
 @dataclass(frozen=True)
-class GuardrailCheck:
+class GuardrailCheck(JsonFields):
     """One check. ``observed`` is the quantity compared with ``limit`` (ratio, ms, delta or rate)
     and ``interval`` its two-sided 1 - 2 alpha interval, whose low end is the bound judged.
     Latency checks also carry the p99 difference (ms) and its interval, judged against
@@ -120,9 +117,6 @@ class GuardrailCheck:
     difference: float | None = None  # latency checks: challenger p99 - champion p99 (ms)
     difference_interval: tuple[float | None, float | None] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
 
 class _CheckContext(TypedDict, total=False):
     """The fields every check of one kind shares (keyword arguments of GuardrailCheck)."""
@@ -134,31 +128,19 @@ class _CheckContext(TypedDict, total=False):
 
 
 @dataclass(frozen=True)
-class GuardrailResult:
+class GuardrailResult(JsonFields):
     champion: str
     challenger: str
     status: GuardrailStatus
+    alpha: float
     checks: list[GuardrailCheck]
     latency: dict[str, LatencySummary]
     outcomes: dict[str, OutcomeSummary]
     limits: GuardrailLimits = field(default_factory=GuardrailLimits)
-    alpha: float = 0.05
 
     @property
     def passed(self) -> bool:
         return self.status == "pass"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "champion": self.champion,
-            "challenger": self.challenger,
-            "status": self.status,
-            "alpha": self.alpha,
-            "checks": [c.to_dict() for c in self.checks],
-            "latency": {k: v.to_dict() for k, v in self.latency.items()},
-            "outcomes": {k: v.to_dict() for k, v in self.outcomes.items()},
-            "limits": self.limits.to_dict(),
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,58 +223,52 @@ def _latency_checks(
             f"p99 excess over the champion {cmp.difference:+.2f} ms, lower bound {d_lo:+.2f} ms "
             f"{'>' if margin_ok else '<='} {margin:g} ms margin"
         )
+
+    def unjudged(name: str, observed: float | None, limit: float) -> GuardrailCheck:
+        return GuardrailCheck(name, p99c, p99h, observed, limit, None,
+                              short or "insufficient data", **common)
+
+    def judged(name: str, limit: float, observed: float | None, interval: tuple[float, float],
+               what: str, unit: str, compared: _LatencyCompare) -> GuardrailCheck:
+        """Failed only when the interval's low end is above ``limit`` and the p99 difference's
+        is beyond the margin."""
+        lo = interval[0]
+        fail = lo > limit and margin_ok
+        return GuardrailCheck(
+            name,
+            p99c,
+            p99h,
+            observed,
+            limit,
+            not fail,
+            f"{what}, {conf:.0%} lower bound {lo:.2f}{unit} {'>' if lo > limit else '<='} "
+            f"{limit:g}{unit}; " + margin_text,
+            interval,
+            difference=compared.difference,
+            difference_interval=compared.difference_interval,
+            **common,
+        )
+
     checks: list[GuardrailCheck] = []
     if limits.max_latency_p99_ratio is not None:
         limit = limits.max_latency_p99_ratio
         if short is not None or cmp is None:
-            checks.append(GuardrailCheck("latency_p99_ratio", p99c, p99h, None, limit, None,
-                                         short or "insufficient data", **common))
+            checks.append(unjudged("latency_p99_ratio", None, limit))
         else:
-            lo = cmp.ratio_interval[0]
-            fail = lo > limit and margin_ok
-            checks.append(
-                GuardrailCheck(
-                    "latency_p99_ratio",
-                    p99c,
-                    p99h,
-                    cmp.ratio,
-                    limit,
-                    not fail,
-                    f"p99 {p99h:.2f} ms vs champion {p99c:.2f} ms: ratio {cmp.ratio:.2f}, "
-                    f"{conf:.0%} lower bound {lo:.2f} {'>' if lo > limit else '<='} {limit:g}; "
-                    + margin_text,
-                    cmp.ratio_interval,
-                    difference=cmp.difference,
-                    difference_interval=cmp.difference_interval,
-                    **common,
-                )
-            )
+            checks.append(judged(
+                "latency_p99_ratio", limit, cmp.ratio, cmp.ratio_interval,
+                f"p99 {p99h:.2f} ms vs champion {p99c:.2f} ms: ratio {cmp.ratio:.2f}", "", cmp,
+            ))
     if limits.max_latency_p99_ms is not None:
         limit = limits.max_latency_p99_ms
         if short is not None or cmp is None:
-            checks.append(GuardrailCheck("latency_p99_ms", p99c, p99h, p99h, limit, None,
-                                         short or "insufficient data", **common))
+            checks.append(unjudged("latency_p99_ms", p99h, limit))
         else:
             r, s = quantile_ranks(nh, P99, alpha)
             lo = float(xh[r - 1]) if r is not None else -math.inf
             hi = float(xh[s - 1]) if s is not None else math.inf
-            fail = lo > limit and margin_ok
-            checks.append(
-                GuardrailCheck(
-                    "latency_p99_ms",
-                    p99c,
-                    p99h,
-                    p99h,
-                    limit,
-                    not fail,
-                    f"p99 {p99h:.2f} ms, {conf:.0%} lower bound {lo:.2f} ms "
-                    f"{'>' if lo > limit else '<='} {limit:g} ms; " + margin_text,
-                    (lo, hi),
-                    difference=cmp.difference,
-                    difference_interval=cmp.difference_interval,
-                    **common,
-                )
-            )
+            checks.append(judged("latency_p99_ms", limit, p99h, (lo, hi), f"p99 {p99h:.2f} ms",
+                                 " ms", cmp))
     return checks
 
 
@@ -391,8 +367,7 @@ def check_guardrails(
         status = "insufficient"
     else:
         status = "pass"
-    return GuardrailResult(champion.name, challenger.name, status, checks, lat, out, limits,
-                           alpha)
+    return GuardrailResult(champion.name, challenger.name, status, alpha, checks, lat, out, limits)
 
 
 # The summaries and bounds live in evaluator/gates/summaries.py; these names stay importable here.

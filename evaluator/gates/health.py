@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from scipy import special, stats
 
 from evaluator.dataset import STATUS_CODES, Array, EvalDataset
-from evaluator.stats.common import dataclass_dict, jsonable
+from evaluator.stats.common import JsonFields
 
 HealthStatus = Literal["pass", "fail", "insufficient"]
 CheckStatus = Literal["pass", "fail", "insufficient", "skipped"]
@@ -57,7 +57,7 @@ _LOST = (STATUS_CODES["shed"], STATUS_CODES["timeout"], STATUS_CODES["error"])
 
 
 @dataclass(frozen=True)
-class HealthCheck:
+class HealthCheck(JsonFields):
     """One check. ``p_adjusted`` is Bonferroni over the checks with a p-value; fail below alpha."""
 
     name: str
@@ -70,34 +70,20 @@ class HealthCheck:
     observed: dict[str, float] = field(default_factory=dict)
     expected: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
 
 @dataclass(frozen=True)
-class DataHealthResult:
+class DataHealthResult(JsonFields):
     challenger: str
     status: HealthStatus
     alpha: float
+    n: int  # rows considered (the challenger's experiment)
+    experiment: str | None
     checks: list[HealthCheck]
     reasons: list[str]  # why it failed (or why it could not judge); empty on pass
-    n: int  # rows considered (the challenger's experiment)
-    experiment: str | None = None
 
     @property
     def passed(self) -> bool:
         return self.status == "pass"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "challenger": self.challenger,
-            "status": self.status,
-            "alpha": self.alpha,
-            "n": self.n,
-            "experiment": self.experiment,
-            "checks": [c.to_dict() for c in self.checks],
-            "reasons": jsonable(self.reasons),
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,8 +300,8 @@ def check_data_health(
         reasons = [f"{_TITLES[c.name]}: {c.detail}" for c in checks if c.status == "insufficient"]
     else:
         status = "pass"
-    return DataHealthResult(challenger, status, alpha, checks, reasons, int(rows.sum()),
-                            experiment)
+    return DataHealthResult(challenger, status, alpha, int(rows.sum()), experiment, checks,
+                            reasons)
 
 
 _TITLES = {

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import special
 
 from evaluator.dataset import STATUS_CODES, Array, Bool, ModelColumn
-from evaluator.stats.common import dataclass_dict
+from evaluator.stats.common import JsonFields
 from evaluator.stats.metrics import wilson_interval
 
 P99 = 0.99
@@ -27,7 +26,7 @@ _ATTEMPTED = (STATUS_CODES["ok"], STATUS_CODES["error"], STATUS_CODES["timeout"]
 
 
 @dataclass(frozen=True)
-class LatencySummary:
+class LatencySummary(JsonFields):
     n: int
     mean_ms: float | None
     p50_ms: float | None
@@ -35,12 +34,9 @@ class LatencySummary:
     p99_ci_low_ms: float | None  # exact order-statistic interval (None: no order statistic
     p99_ci_high_ms: float | None  # is far enough out for this n)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
 
 @dataclass(frozen=True)
-class OutcomeSummary:
+class OutcomeSummary(JsonFields):
     total: int
     attempted: int
     ok: int
@@ -51,9 +47,6 @@ class OutcomeSummary:
     error_rate: float | None  # (error + timeout) / attempted
     error_rate_ci_low: float | None  # Wilson interval
     error_rate_ci_high: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
 
 
 # ----------------------------------------------------------------------------------------------

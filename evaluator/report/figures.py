@@ -4,12 +4,12 @@ residuals), and `make_figures`, which draws every plot of a report."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from evaluator.dataset import EvalDataset
+from evaluator.dataset import Array, EvalDataset
 from evaluator.report.document import FigureImage
 from evaluator.report.format import _int, _num
 from evaluator.report.plotting import (
@@ -30,6 +30,9 @@ from evaluator.stats.metrics import (
     common_rows,
     probability_violations,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("evaluator.report")
 
@@ -96,35 +99,75 @@ def roc_points(
     return fpr, tpr
 
 
+class _Curve(NamedTuple):
+    """One model's line on a unit-square chart: points, legend label, line style."""
+
+    x: Array
+    y: Array
+    label: str
+    style: dict[str, Any]
+
+
+def _unit_square(
+    dataset: EvalDataset,
+    colors: Mapping[str, str],
+    curve: Callable[[str, Array], _Curve | str | None],
+    *,
+    key: str,
+    what: str,
+    title: str,
+    empty_title: str,
+    caption: str,
+    axes: tuple[str, str],
+    legend_loc: Literal["lower right", "upper left"],
+    diagonal_label: str | None = None,
+) -> FigureImage:
+    """Every model's curve over a dashed diagonal on [0, 1]^2 (ROC, reliability diagram).
+
+    ``curve`` gives a model's line from its scores, a note on why it is skipped, or None to leave
+    it out silently; with no line drawn the figure is only a note.
+    """
+    fig = _new_figure(5.4, 4.6)
+    ax = fig.axes[0]
+    ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--", label=diagonal_label)
+    skipped = []
+    drawn = 0
+    for name, col in dataset.models.items():
+        line = curve(name, col.scores)
+        if isinstance(line, str):
+            skipped.append(line)
+        elif line is not None:
+            ax.plot(line.x, line.y, color=colors[name], label=line.label, **line.style)
+            drawn += 1
+    if not drawn:
+        return FigureImage(key, empty_title, "", "",
+                           f"{what} not drawn: " + ("; ".join(skipped) or "no data"))
+    ax.set(xlabel=axes[0], ylabel=axes[1], xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc=legend_loc, fontsize=8)
+    ax.grid(alpha=0.3)
+    return FigureImage(key, title, caption, _png(fig),
+                       f"{what} skipped for " + "; ".join(skipped) if skipped else None)
+
+
 def _fig_roc(
     dataset: EvalDataset, rows: np.ndarray, colors: Mapping[str, str], payload: Mapping[str, Any]
 ) -> FigureImage | None:
     y = dataset.labels[rows]
-    fig = _new_figure(5.4, 4.6)
-    ax = fig.axes[0]
-    ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--")
-    skipped = []
-    for name, col in dataset.models.items():
+
+    def curve(name: str, scores: Array) -> _Curve | str:
         try:
-            fpr, tpr = roc_points(y, col.scores[rows])
+            fpr, tpr = roc_points(y, scores[rows])
         except ValueError as exc:
-            skipped.append(f"{name}: {exc}")
-            continue
+            return f"{name}: {exc}"
         value = _metric_value(payload, name, "auroc")
-        ax.plot(fpr, tpr, color=colors[name], lw=1.6,
-                label=f"{name} (AUROC {_num(value, '.3f')})")
-    if skipped and len(skipped) == len(dataset.models):
-        return FigureImage("roc", "ROC curves", "", "", "ROC not drawn: " + "; ".join(skipped))
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    return FigureImage(
-        "roc",
-        "ROC curves",
-        f"All models on the same {_int(int(rows.sum()))} requests, at up to {ROC_POINTS} "
+        return _Curve(fpr, tpr, f"{name} (AUROC {_num(value, '.3f')})", {"lw": 1.6})
+
+    return _unit_square(
+        dataset, colors, curve, key="roc", what="ROC", title="ROC curves",
+        empty_title="ROC curves",
+        caption=f"All models on the same {_int(int(rows.sum()))} requests, at up to {ROC_POINTS} "
         "thresholds each; AUROC with DeLong CIs is in the metrics table.",
-        _png(fig),
-        "ROC skipped for " + "; ".join(skipped) if skipped else None,
+        axes=("false positive rate", "true positive rate"), legend_loc="lower right",
     )
 
 
@@ -132,38 +175,36 @@ def _fig_calibration(
     dataset: EvalDataset, rows: np.ndarray, colors: Mapping[str, str], payload: Mapping[str, Any]
 ) -> FigureImage | None:
     y = dataset.labels[rows]
-    fig = _new_figure(5.4, 4.6)
-    ax = fig.axes[0]
-    ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--", label="perfectly calibrated")
-    skipped = []
-    drawn = 0
-    for name, col in dataset.models.items():
-        s = col.scores[rows]
+
+    def curve(name: str, scores: Array) -> _Curve | str | None:
+        s = scores[rows]
         if probability_violations(s):
-            skipped.append(f"{name} (scores outside [0, 1])")
-            continue
+            return f"{name} (scores outside [0, 1])"
         table = calibration_curve(y, s, n_bins=CALIBRATION_BINS, strategy="uniform")
         if table.counts.size == 0:
-            continue
+            return None
         ece = _metric_value(payload, name, "ece")
-        ax.plot(table.mean_predicted, table.observed_rate, marker="o", ms=3.5, lw=1.4,
-                color=colors[name], label=f"{name} (ECE {_num(ece, '.3f')})")
-        drawn += 1
-    if not drawn:
-        return FigureImage("calibration", "Calibration", "", "",
-                           "Calibration not drawn: " + ("; ".join(skipped) or "no data"))
-    ax.set(xlabel="mean predicted probability (bin)", ylabel="observed positive rate",
-           xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    return FigureImage(
-        "calibration",
-        "Calibration (reliability diagram)",
-        f"{CALIBRATION_BINS} equal-width bins, empty bins dropped; on the diagonal a predicted "
-        "probability means what it says.",
-        _png(fig),
-        "Calibration skipped for " + "; ".join(skipped) if skipped else None,
+        return _Curve(table.mean_predicted, table.observed_rate, f"{name} (ECE {_num(ece, '.3f')})",
+                      {"marker": "o", "ms": 3.5, "lw": 1.4})
+
+    return _unit_square(
+        dataset, colors, curve, key="calibration", what="Calibration",
+        title="Calibration (reliability diagram)", empty_title="Calibration",
+        caption=f"{CALIBRATION_BINS} equal-width bins, empty bins dropped; on the diagonal a "
+        "predicted probability means what it says.",
+        axes=("mean predicted probability (bin)", "observed positive rate"),
+        legend_loc="upper left", diagonal_label="perfectly calibrated",
     )
+
+
+def _label_panels(fig: Figure, titles: list[str], xlabel: str, ylabel: str) -> None:
+    """A row of per-model panels labelled alike: each its title, the x label and small ticks;
+    the y label once, on the first."""
+    for ax, title in zip(fig.axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].set_ylabel(ylabel, fontsize=8)
 
 
 def _fig_scores(
@@ -182,11 +223,8 @@ def _fig_scores(
             part = s[(y == label) & np.isfinite(s)]
             if part.size:
                 ax.stairs(_hist(part, edges), edges, color=colors[name], ls=ls, lw=1.3, label=txt)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("score", fontsize=8)
-        ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    fig.axes[0].set_ylabel("density", fontsize=8)
+    _label_panels(fig, list(dataset.models), "score", "density")
     return FigureImage(
         "scores",
         "Score distributions",
@@ -212,11 +250,10 @@ def _fig_pred_actual(
     for ax, (name, col) in zip(fig.axes, dataset.models.items(), strict=True):
         ax.scatter(y, col.scores[idx], s=3, alpha=0.35, color=colors[name], linewidths=0)
         ax.plot([lo, hi], [lo, hi], color="#888888", lw=1, ls="--")
-        ax.set_title(f"{name} (RMSE {_num(_metric_value(payload, name, 'rmse'))})", fontsize=9)
-        ax.set_xlabel("actual", fontsize=8)
-        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.axes[0].set_ylabel("predicted", fontsize=8)
+    titles = [f"{name} (RMSE {_num(_metric_value(payload, name, 'rmse'))})"
+              for name in dataset.models]
+    _label_panels(fig, titles, "actual", "predicted")
     return FigureImage(
         "predicted_vs_actual",
         "Predicted vs actual",

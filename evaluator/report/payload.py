@@ -16,6 +16,7 @@ from evaluator.report.disagreement import disagreement
 from evaluator.report.format import VERDICTS, _iso
 from evaluator.report.notes import _notes, headline
 from evaluator.stats.metrics import (
+    MetricOptions,
     common_rows,
     evaluate_models,
 )
@@ -206,7 +207,7 @@ def build_report(
     t = time.perf_counter()
     common = common_rows(dataset) if dataset.models else np.zeros(n, dtype=bool)
     n_common = int(np.count_nonzero(common))
-    metrics = evaluate_models(dataset, alpha=alpha) if dataset.models else {}
+    metrics = evaluate_models(dataset, options=MetricOptions(alpha=alpha)) if dataset.models else {}
     timings["metrics"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     exploration = _exploration(dataset)

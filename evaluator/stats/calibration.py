@@ -4,10 +4,10 @@ interval."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from evaluator.stats.common import JsonFields
 from evaluator.stats.metric_core import (
     BinStrategy,
     MetricValue,
@@ -15,13 +15,12 @@ from evaluator.stats.metric_core import (
     clean_classification,
     probability_violations,
 )
-from evaluator.stats.significance import _dataclass_dict
 
 ECE_ROW_BOOTSTRAP_MAX_N = 5000
 
 
 @dataclass(frozen=True)
-class CalibrationTable:
+class CalibrationTable(JsonFields):
     """Reliability-diagram data: per non-empty bin, mean score and observed positive rate."""
 
     strategy: str
@@ -29,9 +28,6 @@ class CalibrationTable:
     mean_predicted: np.ndarray
     observed_rate: np.ndarray
     counts: np.ndarray
-
-    def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
 
 
 def _bin_ids(s: np.ndarray, n_bins: int, strategy: BinStrategy) -> tuple[np.ndarray, np.ndarray]:

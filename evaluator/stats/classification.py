@@ -7,10 +7,12 @@ import math
 
 import numpy as np
 
+from evaluator.dataset import Array
 from evaluator.stats.calibration import _ece
 from evaluator.stats.metric_core import (
-    BinStrategy,
+    DEFAULT_METRIC_OPTIONS,
     LossName,
+    MetricOptions,
     MetricValue,
     _mean_metric,
     _probability_guard,
@@ -67,22 +69,36 @@ def auroc(labels: np.ndarray, scores: np.ndarray, alpha: float = 0.05) -> Metric
     return _auroc(y, s, alpha, excluded)
 
 
+def _probability_loss(
+    name: LossName, y: Array, s: Array, alpha: float, excluded: dict[str, int]
+) -> MetricValue:
+    """Mean per-request loss of probabilities (missing, with a reason, for scores outside
+    [0, 1])."""
+    guard = _probability_guard(name, s, int(y.size), excluded)
+    if guard is not None:
+        return guard
+    return _mean_metric(name, per_request_loss(name, y, s), alpha, excluded)
+
+
 def log_loss(labels: np.ndarray, scores: np.ndarray, alpha: float = 0.05) -> MetricValue:
     """Mean binary cross-entropy (nats) with probabilities clipped to [eps, 1 - eps]."""
     y, s, excluded = clean_classification(labels, scores)
-    guard = _probability_guard("log_loss", s, int(y.size), excluded)
-    if guard is not None:
-        return guard
-    return _mean_metric("log_loss", per_request_loss("log_loss", y, s), alpha, excluded)
+    return _probability_loss("log_loss", y, s, alpha, excluded)
 
 
 def brier(labels: np.ndarray, scores: np.ndarray, alpha: float = 0.05) -> MetricValue:
     """Brier score: mean squared difference between the probability and the 0/1 outcome."""
     y, s, excluded = clean_classification(labels, scores)
-    guard = _probability_guard("brier", s, int(y.size), excluded)
-    if guard is not None:
-        return guard
-    return _mean_metric("brier", (s - y) ** 2, alpha, excluded)
+    return _probability_loss("brier", y, s, alpha, excluded)
+
+
+def _accuracy(
+    y: Array, s: Array, threshold: float, alpha: float, excluded: dict[str, int]
+) -> MetricValue:
+    correct = int(np.count_nonzero((s >= threshold) == (y == 1)))
+    return _proportion_metric(
+        "accuracy", correct, int(y.size), alpha, excluded, "no labelled requests"
+    )
 
 
 def accuracy(
@@ -90,10 +106,7 @@ def accuracy(
 ) -> MetricValue:
     """Share of requests where (score >= threshold) matches the label; Wilson CI."""
     y, s, excluded = clean_classification(labels, scores)
-    correct = int(np.count_nonzero((s >= threshold) == (y == 1)))
-    return _proportion_metric(
-        "accuracy", correct, int(y.size), alpha, excluded, "no labelled requests"
-    )
+    return _accuracy(y, s, threshold, alpha, excluded)
 
 
 def precision_recall_f1(
@@ -163,26 +176,16 @@ def classification_metrics(
     scores: np.ndarray,
     *,
     threshold: float = 0.5,
-    alpha: float = 0.05,
-    ece_bins: int = 10,
-    ece_strategy: BinStrategy = "uniform",
-    n_boot: int = 1000,
-    seed: int = 0,
+    options: MetricOptions = DEFAULT_METRIC_OPTIONS,
 ) -> dict[str, MetricValue]:
     """Every classifier metric on one model's scores (rows cleaned once, exclusions shared)."""
     y, s, excluded = clean_classification(labels, scores)
-    n = int(y.size)
-    out: dict[str, MetricValue] = {"auroc": _auroc(y, s, alpha, excluded)}
-    for name in ("log_loss", "brier"):
-        guard = _probability_guard(name, s, n, excluded)
-        if guard is None:
-            loss: LossName = "log_loss" if name == "log_loss" else "brier"
-            guard = _mean_metric(name, per_request_loss(loss, y, s), alpha, excluded)
-        out[name] = guard
-    correct = int(np.count_nonzero((s >= threshold) == (y == 1)))
-    out["accuracy"] = _proportion_metric(
-        "accuracy", correct, n, alpha, excluded, "no labelled requests"
-    )
-    out.update(_precision_recall_f1(y, s, threshold, alpha, n_boot, seed, excluded))
-    out["ece"] = _ece(y, s, ece_bins, ece_strategy, alpha, n_boot, seed, excluded)
-    return out
+    alpha, n_boot, seed = options.alpha, options.n_boot, options.seed
+    return {
+        "auroc": _auroc(y, s, alpha, excluded),
+        "log_loss": _probability_loss("log_loss", y, s, alpha, excluded),
+        "brier": _probability_loss("brier", y, s, alpha, excluded),
+        "accuracy": _accuracy(y, s, threshold, alpha, excluded),
+        **_precision_recall_f1(y, s, threshold, alpha, n_boot, seed, excluded),
+        "ece": _ece(y, s, options.ece_bins, options.ece_strategy, alpha, n_boot, seed, excluded),
+    }

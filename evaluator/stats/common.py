@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 from scipy import special
@@ -48,6 +48,23 @@ def jsonable(obj: Any) -> Any:
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+class JsonFields:
+    """Base of a result dataclass whose JSON is its fields, in declaration order, made strict
+    (``jsonable``): one ``to_dict`` for all of them instead of one written out per class."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+class NamedTest(JsonFields):
+    """A test's result whose JSON leads with the test's name (``TEST``), then its fields."""
+
+    TEST: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"test": self.TEST, **dataclass_dict(self)}
 
 
 # scipy.special directly: the scipy.stats distribution objects cost ~1 ms per call in argument
@@ -123,3 +140,29 @@ def z_and_p(estimate: float, se: float) -> tuple[float, float]:
     if estimate == 0:
         return 0.0, 1.0
     return math.copysign(math.inf, estimate), 0.0
+
+
+class ZInterval(TypedDict):
+    """The fields a z-test result shares: the difference, its SE, z, two-sided p, Wald CI."""
+
+    difference: float
+    se: float
+    z: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+
+
+def z_interval(difference: float, se: float, alpha: float) -> ZInterval:
+    """z, the two-sided p and the 1 - alpha Wald interval of ``difference`` (standard error
+    ``se``), as the keyword fields of a result."""
+    z, p = z_and_p(difference, se)
+    half = z_crit(alpha) * se
+    return {
+        "difference": difference,
+        "se": se,
+        "z": z,
+        "p_value": p,
+        "ci_low": difference - half,
+        "ci_high": difference + half,
+    }

@@ -6,12 +6,11 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from evaluator.dataset import Array
-from evaluator.stats.common import dataclass_dict, z_and_p, z_crit
+from evaluator.stats.common import NamedTest, z_interval
 
 
 def placements_sorted(s_sorted: Array, pos_sorted: Array) -> Array:
@@ -92,27 +91,26 @@ def delong_covariance(
     return aucs, s10 / n_pos + s01 / n_neg
 
 
-@dataclass(frozen=True)
-class DeLongResult:
+@dataclass(frozen=True, kw_only=True)
+class DeLongResult(NamedTest):
     """Paired AUROC comparison: ``difference = auc_challenger - auc_champion``."""
 
-    auc_champion: float | None
-    auc_challenger: float | None
-    difference: float | None
-    se: float | None
-    z: float | None
-    p_value: float | None
-    ci_low: float | None
-    ci_high: float | None
-    correlation: float | None  # correlation of the two AUROC estimates (why pairing pays)
+    auc_champion: float | None = None
+    auc_challenger: float | None = None
+    difference: float | None = None
+    se: float | None = None
+    z: float | None = None
+    p_value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    correlation: float | None = None  # correlation of the two AUROC estimates (why pairing pays)
     n_positive: int
     n_negative: int
     n_excluded: int
     alpha: float
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"test": "delong", **dataclass_dict(self)}
+    TEST = "delong"
 
 
 def delong_test(
@@ -141,9 +139,7 @@ def delong_test(
         orders = None  # they index the unfiltered rows
     n_pos = int(np.count_nonzero(y == 1))
     n_neg = int(y.size - n_pos)
-    empty = DeLongResult(
-        None, None, None, None, None, None, None, None, None, n_pos, n_neg, excluded, alpha
-    )
+    empty = DeLongResult(n_positive=n_pos, n_negative=n_neg, n_excluded=excluded, alpha=alpha)
     if n_pos < 2 or n_neg < 2:
         return dataclasses.replace(empty, reason=_auroc_undefined_reason(n_pos, n_neg))
     aucs, cov = delong_covariance(y, np.vstack([s1, s2]), orders)
@@ -171,21 +167,13 @@ def _delong_from_cov(
     se = math.sqrt(var)
     denom = math.sqrt(max(cov[0, 0], 0.0) * max(cov[1, 1], 0.0))
     corr = float(cov[0, 1] / denom) if denom > 0 else None
-    z, p = z_and_p(diff, se)
-    half = z_crit(alpha) * se
     return DeLongResult(
         auc_champion=float(aucs[0]),
         auc_challenger=float(aucs[1]),
-        difference=diff,
-        se=se,
-        z=z,
-        p_value=p,
-        ci_low=diff - half,
-        ci_high=diff + half,
+        **z_interval(diff, se, alpha),
         correlation=corr,
         n_positive=n_pos,
         n_negative=n_neg,
         n_excluded=excluded,
         alpha=alpha,
     )
-

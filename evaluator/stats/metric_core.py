@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from scipy import special
 
 from evaluator.dataset import Array
-from evaluator.stats.significance import _dataclass_dict
+from evaluator.stats.common import JsonFields
 
 PROB_EPS = float(np.finfo(np.float64).eps)
 
@@ -21,7 +21,22 @@ BinStrategy = Literal["uniform", "quantile"]
 
 
 @dataclass(frozen=True)
-class MetricValue:
+class MetricOptions:
+    """How the metrics' intervals are computed: the level, ECE's bins, and the bootstrap's
+    draws and seed (F1, ECE)."""
+
+    alpha: float = 0.05
+    ece_bins: int = 10
+    ece_strategy: BinStrategy = "uniform"
+    n_boot: int = 1000
+    seed: int = 0
+
+
+DEFAULT_METRIC_OPTIONS = MetricOptions()
+
+
+@dataclass(frozen=True)
+class MetricValue(JsonFields):
     """A metric with its confidence interval, sample size and exclusions, or why it is missing."""
 
     name: str
@@ -36,9 +51,6 @@ class MetricValue:
     @property
     def defined(self) -> bool:
         return self.value is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
 
 
 # ----------------------------------------------------------------------------------------------

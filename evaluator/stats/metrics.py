@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -54,10 +54,13 @@ from evaluator.stats.classification import (
     log_loss,
     precision_recall_f1,
 )
+from evaluator.stats.common import JsonFields
 from evaluator.stats.metric_core import (
+    DEFAULT_METRIC_OPTIONS,
     PROB_EPS,
     BinStrategy,
     LossName,
+    MetricOptions,
     MetricValue,
     _mean_metric,
     _zcrit,
@@ -67,7 +70,6 @@ from evaluator.stats.metric_core import (
     probability_violations,
     wilson_interval,
 )
-from evaluator.stats.significance import _dataclass_dict, jsonable
 
 
 def _rmse(err: np.ndarray, alpha: float, excluded: dict[str, int]) -> MetricValue:
@@ -111,15 +113,12 @@ def regression_metrics(
 
 
 @dataclass(frozen=True)
-class RocCurve:
+class RocCurve(JsonFields):
     """ROC points at every distinct score threshold (descending), thinned for plotting."""
 
     fpr: np.ndarray
     tpr: np.ndarray
     thresholds: np.ndarray
-
-    def to_dict(self) -> dict[str, Any]:
-        return _dataclass_dict(self)
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray, max_points: int | None = None) -> RocCurve:
@@ -145,7 +144,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray, max_points: int | None = N
 
 
 @dataclass
-class ModelMetrics:
+class ModelMetrics(JsonFields):
     """All metrics for one model over the chosen rows of an EvalDataset."""
 
     model: str
@@ -157,19 +156,6 @@ class ModelMetrics:
     n_negative: int | None
     excluded: dict[str, int]
     metrics: dict[str, MetricValue]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "role": self.role,
-            "task": self.task,
-            "rows": self.rows,
-            "n": self.n,
-            "n_positive": self.n_positive,
-            "n_negative": self.n_negative,
-            "excluded": jsonable(self.excluded),
-            "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
-        }
 
 
 def common_rows(dataset: EvalDataset) -> np.ndarray:
@@ -185,11 +171,7 @@ def model_metrics(
     model: str,
     rows: np.ndarray | None = None,
     *,
-    alpha: float = 0.05,
-    ece_bins: int = 10,
-    ece_strategy: BinStrategy = "uniform",
-    n_boot: int = 1000,
-    seed: int = 0,
+    options: MetricOptions = DEFAULT_METRIC_OPTIONS,
     rows_label: str = "own",
 ) -> ModelMetrics:
     """Metrics for ``model`` on ``rows`` (default: every request it answered with status ok)."""
@@ -203,21 +185,12 @@ def model_metrics(
     y = dataset.labels[use]
     s = col.scores[use]
     if dataset.task == "classification":
-        metrics = classification_metrics(
-            y,
-            s,
-            threshold=dataset.threshold,
-            alpha=alpha,
-            ece_bins=ece_bins,
-            ece_strategy=ece_strategy,
-            n_boot=n_boot,
-            seed=seed,
-        )
+        metrics = classification_metrics(y, s, threshold=dataset.threshold, options=options)
         y_clean, _, clean_excluded = clean_classification(y, s)
         n_pos: int | None = int(np.count_nonzero(y_clean == 1))
         n_neg: int | None = int(y_clean.size - (n_pos or 0))
     else:
-        metrics = regression_metrics(y, s, alpha=alpha)
+        metrics = regression_metrics(y, s, alpha=options.alpha)
         y_clean, _, clean_excluded = clean_regression(y, s)
         n_pos = n_neg = None
     excluded.update(clean_excluded)
@@ -238,28 +211,14 @@ def evaluate_models(
     dataset: EvalDataset,
     *,
     rows: Literal["common", "own"] = "common",
-    alpha: float = 0.05,
-    ece_bins: int = 10,
-    ece_strategy: BinStrategy = "uniform",
-    n_boot: int = 1000,
-    seed: int = 0,
+    options: MetricOptions = DEFAULT_METRIC_OPTIONS,
 ) -> dict[str, ModelMetrics]:
     """Metrics for every model. ``common`` (default) uses only requests every model answered, so
     the numbers compare like with like; ``own`` uses each model's own ok requests (more data for
     the champion when a challenger is sampled or failing, but not comparable across models)."""
     mask = common_rows(dataset) if rows == "common" else None
     return {
-        name: model_metrics(
-            dataset,
-            name,
-            mask,
-            alpha=alpha,
-            ece_bins=ece_bins,
-            ece_strategy=ece_strategy,
-            n_boot=n_boot,
-            seed=seed,
-            rows_label=rows,
-        )
+        name: model_metrics(dataset, name, mask, options=options, rows_label=rows)
         for name in dataset.models
     }
 
@@ -270,6 +229,7 @@ __all__ = [
     "BinStrategy",
     "CalibrationTable",
     "LossName",
+    "MetricOptions",
     "MetricValue",
     "ModelMetrics",
     "RocCurve",

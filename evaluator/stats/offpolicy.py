@@ -51,6 +51,7 @@ count of unsupported requests, on which they rest on the reward model alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,13 +60,13 @@ import numpy as np
 from scipy import special
 
 from evaluator.dataset import Array, EvalDataset
-from evaluator.stats.common import dataclass_dict, jsonable
+from evaluator.stats.common import JsonFields
 
 ESTIMATORS = ("ips", "snips", "dm", "dr")
 
 
 @dataclass(frozen=True)
-class PolicyEstimate:
+class PolicyEstimate(JsonFields):
     """One estimator's value of one target policy, with a normal confidence interval."""
 
     estimator: str
@@ -76,12 +77,14 @@ class PolicyEstimate:
     n: int
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
+    @classmethod
+    def missing(cls, estimator: str, n: int, reason: str) -> PolicyEstimate:
+        """No value for ``estimator`` on these ``n`` requests, and why."""
+        return cls(estimator, None, None, None, None, n, reason)
 
 
 @dataclass(frozen=True)
-class ArmValue:
+class ArmValue(JsonFields):
     """Estimates of the value of always serving ``arm``, with the diagnostics that qualify them."""
 
     arm: str
@@ -93,21 +96,9 @@ class ArmValue:
     reward_model: str
     estimates: dict[str, PolicyEstimate]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "arm": self.arm,
-            "n": self.n,
-            "n_served": self.n_served,
-            "unsupported": self.unsupported,
-            "effective_sample_size": jsonable(self.effective_sample_size),
-            "max_weight": jsonable(self.max_weight),
-            "reward_model": self.reward_model,
-            "estimates": {k: v.to_dict() for k, v in self.estimates.items()},
-        }
-
 
 @dataclass(frozen=True)
-class OffPolicyReport:
+class OffPolicyReport(JsonFields):
     n_total: int
     n: int
     excluded: dict[str, int]
@@ -116,18 +107,6 @@ class OffPolicyReport:
     arms: dict[str, ArmValue]
     alpha: float
     notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_total": self.n_total,
-            "n": self.n,
-            "excluded": jsonable(self.excluded),
-            "policy_types": jsonable(self.policy_types),
-            "logging_value": self.logging_value.to_dict(),
-            "arms": {k: v.to_dict() for k, v in self.arms.items()},
-            "alpha": self.alpha,
-            "notes": list(self.notes),
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,20 +177,30 @@ def _bin_stats(
     return means, var_mean
 
 
+@dataclass(frozen=True)
+class RewardLogs:
+    """What a reward model is fitted on: each request's reward, served arm (its column in
+    ``arms``) and every arm's logged score (n, K)."""
+
+    rewards: Array
+    served_idx: Array
+    scores: Array
+    arms: tuple[str, ...]
+
+    def take(self, rows: Array) -> RewardLogs:
+        """The same logs restricted to ``rows`` (a mask or indices)."""
+        return RewardLogs(self.rewards[rows], self.served_idx[rows], self.scores[rows], self.arms)
+
+
 def fit_binned_reward_model(
-    rewards: Array,
-    served_idx: Array,
-    scores: Array,
-    arms: tuple[str, ...],
-    n_bins: int = 10,
-    min_per_bin: int = 30,
+    logs: RewardLogs, n_bins: int = 10, min_per_bin: int = 30
 ) -> BinnedRewardModel:
     """Fit the per-arm binned reward model on these rows (see the module docstring for why)."""
-    r = np.asarray(rewards, dtype=np.float64)
+    r = np.asarray(logs.rewards, dtype=np.float64)
     fitted = []
-    for k in range(len(arms)):
-        s = scores[:, k]
-        served = served_idx == k
+    for k in range(len(logs.arms)):
+        s = logs.scores[:, k]
+        served = logs.served_idx == k
         have = np.isfinite(s)
         r_served = r[served]
         if r_served.size:
@@ -233,7 +222,7 @@ def fit_binned_reward_model(
         min_count[b] = min_per_bin
         means, var_mean = _bin_stats(ids, r_served, b + 1, arm_mean, arm_var, min_count)
         fitted.append(ArmBins(edges, means, var_mean))
-    return BinnedRewardModel(tuple(arms), tuple(fitted))
+    return BinnedRewardModel(tuple(logs.arms), tuple(fitted))
 
 
 @dataclass(frozen=True)
@@ -277,31 +266,21 @@ def fold_assignment(served_idx: Array, folds: int, seed: int) -> Array:
 
 
 def fit_cross_fitted_reward_model(
-    rewards: Array,
-    served_idx: Array,
-    scores: Array,
-    arms: tuple[str, ...],
-    n_bins: int = 10,
-    min_per_bin: int = 30,
-    folds: int = 5,
-    seed: int = 0,
+    logs: RewardLogs, n_bins: int = 10, min_per_bin: int = 30, folds: int = 5, seed: int = 0
 ) -> CrossFitRewardModel:
     """K-fold cross-fitting of ``fit_binned_reward_model`` (out-of-fold predictions)."""
     if folds < 2:
         raise ValueError("cross-fitting needs at least 2 folds")
-    r = np.asarray(rewards, dtype=np.float64)
-    fold = fold_assignment(served_idx, folds, seed)
-    pred = np.empty((r.size, len(arms)))
+    fold = fold_assignment(logs.served_idx, folds, seed)
+    pred = np.empty((fold.size, len(logs.arms)))
     models = []
     for f in range(folds):
         train, test = fold != f, fold == f
-        model = fit_binned_reward_model(
-            r[train], served_idx[train], scores[train], arms, n_bins, min_per_bin
-        )
+        model = fit_binned_reward_model(logs.take(train), n_bins, min_per_bin)
         if test.any():
-            pred[test] = model.predict(scores[test])
+            pred[test] = model.predict(logs.scores[test])
         models.append(model)
-    return CrossFitRewardModel(tuple(arms), fold, tuple(models), pred, n_bins)
+    return CrossFitRewardModel(tuple(logs.arms), fold, tuple(models), pred, n_bins)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +298,7 @@ def _normal(
 def _mean_estimate(name: str, terms: Array, alpha: float) -> PolicyEstimate:
     n = int(terms.size)
     if n < 2:
-        return PolicyEstimate(name, None, None, None, None, n, "fewer than 2 requests")
+        return PolicyEstimate.missing(name, n, "fewer than 2 requests")
     return _normal(name, float(terms.mean()), float(terms.std(ddof=1)) / math.sqrt(n), n, alpha)
 
 
@@ -353,14 +332,14 @@ def policy_value_estimates(
             f"target arm had logging probability 0 on {unsupported} of {n} requests: "
             "IPS/SNIPS would estimate a different population"
         )
-        out["ips"] = PolicyEstimate("ips", None, None, None, None, n, why)
-        out["snips"] = PolicyEstimate("snips", None, None, None, None, n, why)
+        out["ips"] = PolicyEstimate.missing("ips", n, why)
+        out["snips"] = PolicyEstimate.missing("snips", n, why)
     else:
         out["ips"] = _mean_estimate("ips", w * r, alpha)
         sw = float(w.sum())
         if sw <= 0 or n < 2:
-            out["snips"] = PolicyEstimate(
-                "snips", None, None, None, None, n, "no request was served by the target arm"
+            out["snips"] = PolicyEstimate.missing(
+                "snips", n, "no request was served by the target arm"
             )
         else:
             v = float((w * r).sum() / sw)
@@ -368,8 +347,8 @@ def policy_value_estimates(
             out["snips"] = _normal("snips", v, float(phi.std(ddof=1)) / math.sqrt(n), n, alpha)
     if n < 2 or not np.all(np.isfinite(dm_terms)):
         why = "reward model could not be fitted (target arm never served)"
-        out["dm"] = PolicyEstimate("dm", None, None, None, None, n, why)
-        out["dr"] = PolicyEstimate("dr", None, None, None, None, n, why)
+        out["dm"] = PolicyEstimate.missing("dm", n, why)
+        out["dr"] = PolicyEstimate.missing("dr", n, why)
         return out
     dm = float(dm_terms.mean())
     dm_se = math.sqrt(float(dm_terms.var(ddof=1)) / n + max(dm_model_var, 0.0))
@@ -381,7 +360,7 @@ def policy_value_estimates(
     out["dm"] = _normal("dm", dm, dm_se, n, alpha, note)
     dr_terms = dm_terms + w * (r - rhat_served)
     dr = _mean_estimate("dr", dr_terms, alpha)
-    out["dr"] = PolicyEstimate(dr.estimator, dr.value, dr.se, dr.ci_low, dr.ci_high, dr.n, note)
+    out["dr"] = dataclasses.replace(dr, reason=note)
     return out
 
 
@@ -431,7 +410,7 @@ def estimate_policy_values(
     logging_value = _mean_estimate("on_policy_mean", r, alpha)
     notes: list[str] = []
     if n == 0:
-        empty = PolicyEstimate("on_policy_mean", None, None, None, None, 0, "no rewarded requests")
+        empty = PolicyEstimate.missing("on_policy_mean", 0, "no rewarded requests")
         return OffPolicyReport(n_total, 0, excluded, policy_types, empty, {}, alpha, notes)
 
     scores = np.column_stack(
@@ -441,7 +420,7 @@ def estimate_policy_values(
         ]
     )
     model = fit_cross_fitted_reward_model(
-        r, served_idx, scores, arm_tuple, n_bins, min_per_bin, folds, seed
+        RewardLogs(r, served_idx, scores, arm_tuple), n_bins, min_per_bin, folds, seed
     )
     reward_hat = model.predictions
     out: dict[str, ArmValue] = {}
@@ -461,7 +440,7 @@ def estimate_policy_values(
         ess = float(w.sum() ** 2 / (w * w).sum()) if n_served else None
         if n_served == 0:
             why = f"{arm} was never served in these logs: its value is not identified"
-            estimates = {e: PolicyEstimate(e, None, None, None, None, n, why) for e in ESTIMATORS}
+            estimates = {e: PolicyEstimate.missing(e, n, why) for e in ESTIMATORS}
         else:
             estimates = policy_value_estimates(
                 r,
@@ -503,6 +482,7 @@ __all__ = [
     "CrossFitRewardModel",
     "OffPolicyReport",
     "PolicyEstimate",
+    "RewardLogs",
     "estimate_policy_values",
     "fit_binned_reward_model",
     "fit_cross_fitted_reward_model",

@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import special
 
 from evaluator.dataset import Array
 from evaluator.stats.common import (
-    dataclass_dict,
+    JsonFields,
+    NamedTest,
     finite_pairs,
     norm_ppf,
     norm_sf,
@@ -23,6 +23,7 @@ from evaluator.stats.common import (
     two_sided_normal_p,
     z_and_p,
     z_crit,
+    z_interval,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -30,8 +31,8 @@ from evaluator.stats.common import (
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class McNemarResult:
+@dataclass(frozen=True, kw_only=True)
+class McNemarResult(NamedTest):
     """McNemar's test; ``b`` = champion right & challenger wrong, ``c`` = the reverse."""
 
     b: int
@@ -40,17 +41,16 @@ class McNemarResult:
     method: str  # "exact" (binomial) or "asymptotic" (chi-squared, continuity-corrected)
     statistic: float
     p_value: float
-    accuracy_champion: float | None
-    accuracy_challenger: float | None
-    difference: float | None  # accuracy_challenger - accuracy_champion = (c - b) / n
-    se: float | None
-    ci_low: float | None
-    ci_high: float | None
+    accuracy_champion: float | None = None
+    accuracy_challenger: float | None = None
+    difference: float | None = None  # accuracy_challenger - accuracy_champion = (c - b) / n
+    se: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
     alpha: float
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"test": "mcnemar", **dataclass_dict(self)}
+    TEST = "mcnemar"
 
 
 def mcnemar_test(
@@ -87,19 +87,13 @@ def mcnemar_test(
         p = float(special.chdtrc(1, statistic))
     if n == 0:
         return McNemarResult(
-            b,
-            c,
-            0,
-            "exact" if use_exact else "asymptotic",
-            statistic,
-            p,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            alpha,
+            b=b,
+            c=c,
+            n=0,
+            method="exact" if use_exact else "asymptotic",
+            statistic=statistic,
+            p_value=p,
+            alpha=alpha,
             reason="no paired requests",
         )
     diff = (c - b) / n
@@ -127,34 +121,24 @@ def mcnemar_test(
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PairedTestResult:
+@dataclass(frozen=True, kw_only=True)
+class PairedTestResult(JsonFields):
     """A paired test on per-request losses; ``difference`` = challenger - champion."""
 
     test: str
     n: int
     n_excluded: int
-    mean_champion: float | None
-    mean_challenger: float | None
-    difference: float | None  # paired t: mean difference; Wilcoxon: median difference
-    se: float | None
-    statistic: float | None
-    df: float | None
-    p_value: float | None
-    ci_low: float | None
-    ci_high: float | None
+    mean_champion: float | None = None
+    mean_challenger: float | None = None
+    difference: float | None = None  # paired t: mean difference; Wilcoxon: median difference
+    se: float | None = None
+    statistic: float | None = None
+    df: float | None = None
+    p_value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
     alpha: float
     reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
-
-def _unestimated(test: str, n: int, excluded: int, alpha: float) -> PairedTestResult:
-    """A paired test's result with its counts and nothing estimated yet."""
-    return PairedTestResult(
-        test, n, excluded, None, None, None, None, None, None, None, None, None, alpha
-    )
 
 
 def paired_t_test(
@@ -168,7 +152,7 @@ def paired_t_test(
     """
     c, h, excluded = finite_pairs(loss_champion, loss_challenger)
     n = int(c.size)
-    base = _unestimated("paired_t", n, excluded, alpha)
+    base = PairedTestResult(test="paired_t", n=n, n_excluded=excluded, alpha=alpha)
     if n < 2:
         return dataclasses.replace(base, reason=f"paired t-test needs >= 2 pairs, got {n}")
     d = h - c
@@ -210,7 +194,7 @@ def wilcoxon_signed_rank(
     """
     c, h, excluded = finite_pairs(loss_champion, loss_challenger)
     d = h - c
-    base = _unestimated("wilcoxon", int(d.size), excluded, alpha)
+    base = PairedTestResult(test="wilcoxon", n=int(d.size), n_excluded=excluded, alpha=alpha)
     nonzero = d[d != 0]
     n = int(nonzero.size)
     if d.size == 0:
@@ -253,25 +237,24 @@ def wilcoxon_signed_rank(
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DeltaRmseResult:
+@dataclass(frozen=True, kw_only=True)
+class DeltaRmseResult(NamedTest):
     """RMSE comparison by the delta method; ``difference = rmse_challenger - rmse_champion``."""
 
-    rmse_champion: float | None
-    rmse_challenger: float | None
-    difference: float | None
-    se: float | None
-    z: float | None
-    p_value: float | None
-    ci_low: float | None
-    ci_high: float | None
+    rmse_champion: float | None = None
+    rmse_challenger: float | None = None
+    difference: float | None = None
+    se: float | None = None
+    z: float | None = None
+    p_value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
     n: int
     n_excluded: int
     alpha: float
     reason: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"test": "delta_method_rmse", **dataclass_dict(self)}
+    TEST = "delta_method_rmse"
 
 
 def rmse_delta_moments(
@@ -306,7 +289,7 @@ def rmse_difference_test(
     """
     ec, eh, excluded = finite_pairs(err_champion, err_challenger)
     n = int(ec.size)
-    base = DeltaRmseResult(None, None, None, None, None, None, None, None, n, excluded, alpha)
+    base = DeltaRmseResult(n=n, n_excluded=excluded, alpha=alpha)
     if n < 2:
         return dataclasses.replace(base, reason=f"RMSE comparison needs >= 2 pairs, got {n}")
     ra, rb, var = rmse_delta_moments(ec**2, eh**2)
@@ -318,11 +301,10 @@ def rmse_difference_test(
             difference=rb - ra,
             reason="a model has zero error on every request: delta-method variance undefined",
         )
-    diff = rb - ra
     se = math.sqrt(max(var, 0.0))
-    z, p = z_and_p(diff, se)
-    half = z_crit(alpha) * se
-    return DeltaRmseResult(ra, rb, diff, se, z, p, diff - half, diff + half, n, excluded, alpha)
+    return dataclasses.replace(
+        base, rmse_champion=ra, rmse_challenger=rb, **z_interval(rb - ra, se, alpha)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,8 +312,8 @@ def rmse_difference_test(
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NonInferiorityResult:
+@dataclass(frozen=True, kw_only=True)
+class NonInferiorityResult(JsonFields):
     """One-sided test of H0: improvement <= -margin against H1: improvement > -margin.
 
     ``improvement`` is positive when the challenger is better (for a loss: champion - challenger).
@@ -340,16 +322,14 @@ class NonInferiorityResult:
     margin: float
     improvement: float | None
     se: float | None
-    statistic: float | None
+    statistic: float | None = None
     df: float | None
-    p_value: float | None
-    lower_bound: float | None  # one-sided (1 - alpha) lower confidence bound on the improvement
-    passed: bool | None
+    p_value: float | None = None
+    # one-sided (1 - alpha) lower confidence bound on the improvement
+    lower_bound: float | None = None
+    passed: bool | None = None
     alpha: float
     reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
 
 
 def non_inferiority_test(
@@ -370,15 +350,11 @@ def non_inferiority_test(
         raise ValueError("non-inferiority margin must be >= 0")
     if improvement is None or se is None or not math.isfinite(improvement) or se < 0:
         return NonInferiorityResult(
-            margin,
-            improvement,
-            se,
-            None,
-            df,
-            None,
-            None,
-            None,
-            alpha,
+            margin=margin,
+            improvement=improvement,
+            se=se,
+            df=df,
+            alpha=alpha,
             reason="no estimate of the difference to test",
         )
     if se > 0:

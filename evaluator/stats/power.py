@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import special
 from statsmodels.stats.multitest import multipletests
 
-from evaluator.stats.common import dataclass_dict, norm_ppf, norm_sf, t_ppf, z_crit
+from evaluator.stats.common import JsonFields, norm_ppf, norm_sf, t_ppf, z_crit
 
 # ----------------------------------------------------------------------------------------------
 # Multiple challengers
@@ -154,7 +153,7 @@ def sample_size_paired_t(
 
 
 @dataclass(frozen=True)
-class PowerResult:
+class PowerResult(JsonFields):
     """How many labelled requests a fixed-horizon test needs to detect the configured effect."""
 
     method: str
@@ -166,6 +165,3 @@ class PowerResult:
     achieved_power: float | None  # power at the current n for an effect of size mde
     sd_per_request: float | None  # pilot per-request standard deviation behind the estimate
     reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)

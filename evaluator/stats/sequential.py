@@ -47,7 +47,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,6 +59,18 @@ from evaluator.stats.significance import jsonable, placements_sorted
 SECONDS_PER_DAY = 86_400.0
 CsState = Literal["above", "below", "contains", "empty", "not_started"]
 Looks = Literal["daily", "each"] | int | Sequence[int]
+
+
+@dataclass(frozen=True)
+class SequentialDesign:
+    """How a sequential test runs: the mixture scale ``tau`` (in the estimate's units), the
+    level, the look schedule (``look_points``) and the burn-in (the module docstring says why)."""
+
+    tau: float
+    alpha: float = 0.05
+    looks: Looks = "daily"
+    max_looks: int = 30
+    burn_in: int = 100
 
 
 @dataclass(frozen=True)
@@ -112,12 +124,11 @@ class SequentialResult:
         }
 
 
-def _empty_result(
-    method: str, alpha: float, tau: float, burn_in: int, reason: str
-) -> SequentialResult:
+def _empty_result(method: str, design: SequentialDesign, reason: str) -> SequentialResult:
     e = np.empty(0)
     return SequentialResult(
-        method, alpha, tau, burn_in, np.empty(0, dtype=np.int64), e, e, e, e, e, e, e, reason
+        method, design.alpha, design.tau, design.burn_in, np.empty(0, dtype=np.int64),
+        e, e, e, e, e, e, e, reason,
     )
 
 
@@ -282,9 +293,7 @@ def _msprt_at_looks(
     variances: Array,
     points: Array,
     ts_sorted: Array | None,
-    tau: float,
-    alpha: float,
-    burn_in: int,
+    design: SequentialDesign,
     method: str,
     valid: Array | None = None,
 ) -> SequentialResult:
@@ -293,24 +302,34 @@ def _msprt_at_looks(
         estimates,
         variances,
         points,
-        tau=tau,
-        alpha=alpha,
+        tau=design.tau,
+        alpha=design.alpha,
         ts=_look_times(ts_sorted, points),
-        burn_in=burn_in,
+        burn_in=design.burn_in,
         valid=valid,
         method=method,
     )
 
 
+def _msprt_on_prefixes(
+    columns: Sequence[Array],
+    ts: Array | None,
+    path: Callable[[list[Array], Array], tuple[Array, Array]],
+    method: str,
+    design: SequentialDesign,
+) -> SequentialResult:
+    """``msprt`` on a statistic of paired columns whose ``path`` (estimate and variance at each
+    look) comes from prefix sums: rows in time order, non-finite rows dropped, looks placed."""
+    cols, t_sorted = _time_ordered_finite(columns, ts)
+    if cols[0].size == 0:
+        return _empty_result(method, design, "no paired requests")
+    points = look_points(t_sorted, cols[0].size, design.looks, design.max_looks)
+    estimates, variances = path(cols, points)
+    return _msprt_at_looks(estimates, variances, points, t_sorted, design, method)
+
+
 def msprt_paired(
-    improvements: Array,
-    ts: Array | None = None,
-    *,
-    tau: float,
-    alpha: float = 0.05,
-    looks: Looks = "daily",
-    max_looks: int = 30,
-    burn_in: int = 100,
+    improvements: Array, ts: Array | None = None, *, design: SequentialDesign
 ) -> SequentialResult:
     """mSPRT on i.i.d. per-request improvements (e.g. loss_champion - loss_challenger).
 
@@ -318,11 +337,14 @@ def msprt_paired(
     overall mean first so the variance does not cancel catastrophically at a million rows.
     Non-finite improvements are dropped.
     """
-    (d,), t_sorted = _time_ordered_finite([improvements], ts)
-    method = "msprt-normal-mixture(paired mean)"
-    if d.size == 0:
-        return _empty_result(method, alpha, tau, burn_in, "no paired requests")
-    points = look_points(t_sorted, d.size, looks, max_looks)
+    return _msprt_on_prefixes(
+        [improvements], ts, _paired_mean_path, "msprt-normal-mixture(paired mean)", design
+    )
+
+
+def _paired_mean_path(columns: list[Array], points: Array) -> tuple[Array, Array]:
+    """Mean improvement and its variance at each look, from shifted cumulative sums."""
+    (d,) = columns
     shift = float(d.mean())
     x = d - shift
     s1 = np.cumsum(x)[points - 1]
@@ -331,7 +353,7 @@ def msprt_paired(
     mean = s1 / k + shift
     with np.errstate(divide="ignore", invalid="ignore"):
         var = np.where(k > 1, np.maximum(s2 - s1 * s1 / k, 0.0) / np.maximum(k - 1, 1), np.nan) / k
-    return _msprt_at_looks(mean, var, points, t_sorted, tau, alpha, burn_in, method)
+    return mean, var
 
 
 def msprt_rmse(
@@ -339,18 +361,18 @@ def msprt_rmse(
     err_challenger: Array,
     ts: Array | None = None,
     *,
-    tau: float,
-    alpha: float = 0.05,
-    looks: Looks = "daily",
-    max_looks: int = 30,
-    burn_in: int = 100,
+    design: SequentialDesign,
 ) -> SequentialResult:
     """mSPRT on the RMSE improvement (rmse_champion - rmse_challenger), delta-method variance."""
-    (ec, eh), t_sorted = _time_ordered_finite([err_champion, err_challenger], ts)
-    method = "msprt-normal-mixture(rmse delta method)"
-    if ec.size == 0:
-        return _empty_result(method, alpha, tau, burn_in, "no paired requests")
-    points = look_points(t_sorted, ec.size, looks, max_looks)
+    return _msprt_on_prefixes(
+        [err_champion, err_challenger], ts, _rmse_path, "msprt-normal-mixture(rmse delta method)",
+        design,
+    )
+
+
+def _rmse_path(columns: list[Array], points: Array) -> tuple[Array, Array]:
+    """RMSE improvement and its delta-method variance at each look (shifted cumulative sums)."""
+    ec, eh = columns
     a, b = ec**2, eh**2
     sa, sb = float(a.mean()), float(b.mean())
     xa, xb = a - sa, b - sb
@@ -370,7 +392,7 @@ def msprt_rmse(
         ga, gb = 1.0 / (2.0 * ra), -1.0 / (2.0 * rb)
         var = (ga * ga * vaa + gb * gb * vbb + 2 * ga * gb * vab) / k
         var = np.where((k > 1) & (ra > 0) & (rb > 0), var, np.nan)
-    return _msprt_at_looks(ra - rb, var, points, t_sorted, tau, alpha, burn_in, method)
+    return ra - rb, var
 
 
 def msprt_delong(
@@ -379,11 +401,7 @@ def msprt_delong(
     scores_challenger: Array,
     ts: Array | None = None,
     *,
-    tau: float,
-    alpha: float = 0.05,
-    looks: Looks = "daily",
-    max_looks: int = 30,
-    burn_in: int = 100,
+    design: SequentialDesign,
     min_per_class: int = 10,
     orders: tuple[Array, Array] | None = None,
 ) -> SequentialResult:
@@ -410,8 +428,8 @@ def msprt_delong(
             t_sorted = t_sorted[keep]
     method = "msprt-normal-mixture(delong auroc)"
     if y.size == 0:
-        return _empty_result(method, alpha, tau, burn_in, "no paired labelled requests")
-    points = look_points(t_sorted, y.size, looks, max_looks)
+        return _empty_result(method, design, "no paired labelled requests")
+    points = look_points(t_sorted, y.size, design.looks, design.max_looks)
     positive = y == 1
     cum_pos = np.cumsum(positive)
     if orders is None or reordered or not keep.all():
@@ -426,7 +444,7 @@ def msprt_delong(
     placed_h = np.empty(y.size)
     for j, k in enumerate(points):
         n_pos = int(cum_pos[k - 1])
-        if min(n_pos, int(k) - n_pos) < max(min_per_class, 2) or k < burn_in:
+        if min(n_pos, int(k) - n_pos) < max(min_per_class, 2) or k < design.burn_in:
             continue
         for out, (o, s_sorted, p_sorted) in ((placed_c, sorted_c), (placed_h, sorted_h)):
             inside = o < k
@@ -437,7 +455,7 @@ def msprt_delong(
         est[j] = float(d10.mean())
         var[j] = float(d10.var(ddof=1)) / d10.size + float(d01.var(ddof=1)) / d01.size
         valid[j] = True
-    return _msprt_at_looks(est, var, points, t_sorted, tau, alpha, burn_in, method, valid)
+    return _msprt_at_looks(est, var, points, t_sorted, design, method, valid)
 
 
 # ----------------------------------------------------------------------------------------------

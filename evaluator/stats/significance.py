@@ -51,9 +51,6 @@ from evaluator.stats.power import (
     sample_size_paired_t,
 )
 
-# The name evaluator/stats/metrics.py imports (`dataclass_dict` in evaluator.stats.common).
-_dataclass_dict = dataclass_dict
-
 __all__ = [
     "DeLongResult",
     "DeltaRmseResult",
@@ -61,7 +58,6 @@ __all__ = [
     "NonInferiorityResult",
     "PairedTestResult",
     "PowerResult",
-    "_dataclass_dict",
     "adjust_pvalues",
     "corrected_levels",
     "dataclass_dict",

@@ -74,7 +74,8 @@ def test_log_loss_clips_like_sklearn() -> None:
 
 def test_threshold_metrics_match_sklearn() -> None:
     y, p = _data(4)
-    out = M.classification_metrics(y, p, threshold=0.4, n_boot=500, seed=7)
+    boot = M.MetricOptions(n_boot=500, seed=7)
+    out = M.classification_metrics(y, p, threshold=0.4, options=boot)
     pred = (p >= 0.4).astype(int)
     assert out["accuracy"].value == pytest.approx(skm.accuracy_score(y, pred))
     assert out["precision"].value == pytest.approx(skm.precision_score(y, pred))
@@ -87,7 +88,7 @@ def test_threshold_metrics_match_sklearn() -> None:
     assert f1.ci_low is not None
     assert f1.ci_high is not None
     assert f1.ci_low < f1.value < f1.ci_high  # type: ignore[operator]
-    again = M.classification_metrics(y, p, threshold=0.4, n_boot=500, seed=7)["f1"]
+    again = M.classification_metrics(y, p, threshold=0.4, options=boot)["f1"]
     assert (again.ci_low, again.ci_high) == (f1.ci_low, f1.ci_high)  # seeded
 
 
@@ -274,11 +275,11 @@ def _dataset() -> EvalDataset:
 
 def test_dataset_metrics_common_and_own_rows_are_json() -> None:
     ds = _dataset()
-    common = M.evaluate_models(ds, n_boot=200)
+    common = M.evaluate_models(ds, options=M.MetricOptions(n_boot=200))
     assert common["a"].n == common["b"].n == 280
     assert common["a"].excluded["not_in_common_rows"] == 20
     assert common["b"].excluded["status_not_ok"] == 20
-    own = M.evaluate_models(ds, rows="own", n_boot=200)
+    own = M.evaluate_models(ds, rows="own", options=M.MetricOptions(n_boot=200))
     assert own["a"].n == 300
     assert own["a"].metrics["auroc"].value == pytest.approx(
         skm.roc_auc_score(ds.labels, ds.models["a"].scores)

@@ -12,6 +12,7 @@ from scipy.special import expit
 from devtools.simulate.bandits import offpolicy_study
 from evaluator.dataset import EvalDataset, ModelColumn
 from evaluator.stats.offpolicy import (
+    RewardLogs,
     estimate_policy_values,
     fit_cross_fitted_reward_model,
     policy_value_estimates,
@@ -169,7 +170,9 @@ def test_dr_is_not_dm_under_constant_propensities() -> None:
     arms = ARMS
     served_idx = np.array([arms.index(s) for s in ds.served])
     scores = np.column_stack([ds.models[a].scores for a in arms])
-    model = fit_cross_fitted_reward_model(ds.rewards, served_idx, scores, arms, folds=5, seed=3)
+    model = fit_cross_fitted_reward_model(
+        RewardLogs(ds.rewards, served_idx, scores, arms), folds=5, seed=3
+    )
     for k, a in enumerate(arms):
         est = report.arms[a].estimates
         assert est["dr"].value != pytest.approx(est["dm"].value, abs=1e-6)
@@ -184,11 +187,13 @@ def test_cross_fitted_predictions_never_see_their_own_rewards() -> None:
     ds = bandit_logs(22, 1500)
     served_idx = np.array([ARMS.index(s) for s in ds.served])
     scores = np.column_stack([ds.models[a].scores for a in ARMS])
-    first = fit_cross_fitted_reward_model(ds.rewards, served_idx, scores, ARMS, folds=3, seed=1)
+    first = fit_cross_fitted_reward_model(RewardLogs(ds.rewards, served_idx, scores, ARMS),
+                                          folds=3, seed=1)
     fold0 = first.fold == 0
     assert 0.25 < fold0.mean() < 0.42  # stratified folds of about a third
     flipped = np.where(fold0, 1.0 - ds.rewards, ds.rewards)  # change only fold 0's rewards
-    second = fit_cross_fitted_reward_model(flipped, served_idx, scores, ARMS, folds=3, seed=1)
+    second = fit_cross_fitted_reward_model(RewardLogs(flipped, served_idx, scores, ARMS),
+                                           folds=3, seed=1)
     assert np.array_equal(first.predictions[fold0], second.predictions[fold0])
     assert not np.array_equal(first.predictions[~fold0], second.predictions[~fold0])
 

@@ -31,7 +31,7 @@ def test_paired_path_matches_prefix_statistics() -> None:
     n = 3000
     d = rng.normal(0.05, 1.0, n)
     ts = np.sort(rng.uniform(0, 10 * DAY, n))
-    res = Q.msprt_paired(d, ts, tau=0.05, burn_in=50)
+    res = Q.msprt_paired(d, ts, design=Q.SequentialDesign(tau=0.05, burn_in=50))
     ends = np.searchsorted(ts, (np.arange(10) + 1) * DAY)
     np.testing.assert_array_equal(res.n, ends)
     for j, k in enumerate(res.n):
@@ -71,15 +71,15 @@ def test_look_points() -> None:
 
 
 def test_burn_in_and_empty() -> None:
-    res = Q.msprt_paired(np.ones(30) * 0.5, tau=0.1, burn_in=100)
+    res = Q.msprt_paired(np.ones(30) * 0.5, design=Q.SequentialDesign(tau=0.1, burn_in=100))
     assert res.p_value == 1.0
     assert res.reason
-    empty = Q.msprt_paired(np.array([]), tau=0.1)
+    empty = Q.msprt_paired(np.array([]), design=Q.SequentialDesign(tau=0.1))
     assert empty.p_value == 1.0
     assert empty.reason == "no paired requests"
     json.dumps(empty.to_dict(), allow_nan=False)
     with pytest.raises(ValueError, match="tau"):
-        Q.msprt_paired(np.ones(5), tau=0.0)
+        Q.msprt_paired(np.ones(5), design=Q.SequentialDesign(tau=0.0))
 
 
 def test_always_valid_under_continuous_peeking_but_fixed_test_is_not() -> None:
@@ -91,7 +91,8 @@ def test_always_valid_under_continuous_peeking_but_fixed_test_is_not() -> None:
     looks = np.linspace(100, n, 20).astype(int)
     for _ in range(reps):
         d = rng.standard_t(4, n) * 0.5  # heavy-tailed per-request loss differences
-        seq_hits += Q.msprt_paired(d, tau=0.05, looks="each").p_value <= alpha
+        each = Q.SequentialDesign(tau=0.05, looks="each")
+        seq_hits += Q.msprt_paired(d, design=each).p_value <= alpha
         cs, cs2 = np.cumsum(d), np.cumsum(d * d)
         k = looks.astype(float)
         mean = cs[looks - 1] / k
@@ -106,7 +107,7 @@ def test_always_valid_under_continuous_peeking_but_fixed_test_is_not() -> None:
 def test_detects_a_real_effect() -> None:
     rng = np.random.default_rng(2)
     d = rng.normal(0.1, 1.0, 5000)
-    res = Q.msprt_paired(d, tau=0.1, looks=25)
+    res = Q.msprt_paired(d, design=Q.SequentialDesign(tau=0.1, looks=25))
     assert res.p_value < 1e-4
     assert res.cs_low[-1] > 0
 
@@ -119,7 +120,7 @@ def test_delong_path_final_look_equals_delong_test() -> None:
     sc = np.round(base + y + rng.normal(size=n), 2)
     sh = np.round(base + 1.2 * y + rng.normal(size=n), 2)
     ts = rng.uniform(0, 7 * DAY, n)  # unsorted on purpose
-    res = Q.msprt_delong(y, sc, sh, ts, tau=0.02)
+    res = Q.msprt_delong(y, sc, sh, ts, design=Q.SequentialDesign(tau=0.02))
     fixed = S.delong_test(y, sc, sh)
     assert res.n[-1] == n
     assert res.estimate[-1] == pytest.approx(fixed.difference, abs=1e-12)
@@ -135,7 +136,8 @@ def test_delong_path_skips_looks_without_both_classes() -> None:
     y = np.r_[np.zeros(300), (np.arange(700) % 3 == 0).astype(float)]
     rng = np.random.default_rng(4)
     s1, s2 = rng.normal(size=1000) + y, rng.normal(size=1000) + y
-    res = Q.msprt_delong(y, s1, s2, tau=0.02, looks=10, burn_in=50, min_per_class=10)
+    design = Q.SequentialDesign(tau=0.02, looks=10, burn_in=50)
+    res = Q.msprt_delong(y, s1, s2, min_per_class=10, design=design)
     assert np.isnan(res.se[:3]).all()  # first 300 rows: negatives only
     assert np.isfinite(res.se[-1])
 
@@ -144,7 +146,7 @@ def test_rmse_path_final_look_equals_delta_test() -> None:
     rng = np.random.default_rng(5)
     ec = rng.normal(0, 1.0, 2000)
     eh = 0.8 * ec + rng.normal(0, 0.5, 2000)
-    res = Q.msprt_rmse(ec, eh, tau=0.05, looks=5)
+    res = Q.msprt_rmse(ec, eh, design=Q.SequentialDesign(tau=0.05, looks=5))
     fixed = S.rmse_difference_test(ec, eh)
     assert res.estimate[-1] == pytest.approx(-fixed.difference)  # improvement = -difference
     assert res.se[-1] == pytest.approx(fixed.se, rel=1e-6)
@@ -153,7 +155,7 @@ def test_rmse_path_final_look_equals_delta_test() -> None:
 def test_confidence_sequence_at_another_level_and_its_state() -> None:
     rng = np.random.default_rng(21)
     d = rng.normal(0.05, 1.0, 5000)
-    res = Q.msprt_paired(d, looks=20, tau=0.05, alpha=0.05)
+    res = Q.msprt_paired(d, design=Q.SequentialDesign(looks=20, tau=0.05, alpha=0.05))
     low, high = Q.confidence_sequence(res, 0.05)
     assert np.allclose(low, res.cs_low)
     assert np.allclose(high, res.cs_high)
