@@ -31,7 +31,7 @@ OK = STATUS_CODES["ok"]
 NAN = math.nan
 
 
-def _score(value: Any) -> float:
+def score_of(value: Any) -> float:
     """A model output element as a score; NaN/inf/non-numbers become NaN (never an error)."""
     if type(value) is float:  # the common case first: x - x is 0.0 unless x is NaN or inf
         return value if value - value == 0.0 else NAN
@@ -44,11 +44,12 @@ def _score(value: Any) -> float:
     return NAN if f is None else f
 
 
-def _pack(values: list[Any]) -> bytes:
+def pack_floats(values: list[Any]) -> bytes:
+    """A numeric tensor row as float64 little-endian bytes; unusable elements become NaN."""
     try:
         return struct.pack(f"<{len(values)}d", *values)
     except (struct.error, TypeError, OverflowError):
-        return struct.pack(f"<{len(values)}d", *(_score(v) for v in values))
+        return struct.pack(f"<{len(values)}d", *(score_of(v) for v in values))
 
 
 def _batch_rows(inputs: Mapping[str, Any]) -> int:
@@ -84,12 +85,12 @@ def _scores(outputs: Mapping[str, Any] | None, name: str | None, rows: int) -> l
     tensor = outputs.get(name) if name else next(iter(outputs.values()))
     if rows == 1:  # what _row_slices gives one row, without building the slices
         data = tensor.get("data") if isinstance(tensor, dict) else None
-        return [_score(data[0])] if isinstance(data, list) and data else [NAN]
+        return [score_of(data[0])] if isinstance(data, list) and data else [NAN]
     sliced = _row_slices(tensor, rows)
     if sliced is None:
         return [NAN] * rows
     per_row, _ = sliced
-    return [_score(r[0]) if r else NAN for r in per_row]
+    return [score_of(r[0]) if r else NAN for r in per_row]
 
 
 class RecordParser:
@@ -171,7 +172,8 @@ class RecordParser:
                 features.append((str(name), datatype, width,
                                  [(None, orjson.dumps(r).decode()) for r in per_row]))
             else:
-                features.append((str(name), datatype, width, [(_pack(r), None) for r in per_row]))
+                features.append((str(name), datatype, width,
+                                 [(pack_floats(r), None) for r in per_row]))
 
         b.start_record(rid)
         propensity = NAN if rec.propensity is None else rec.propensity
