@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,9 @@ from evaluator.lake.columns import LakeBatch
 from evaluator.lake.storage import Lake
 from evaluator.store import Batch, Store
 from loadtests.bench_store import CHALLENGERS, CHAMPION, N_FEATURES, ROUTE, synthetic_chunks
+
+if TYPE_CHECKING:
+    from evaluator.lake.fastparse import FastParser
 
 CHUNK = 500_000
 
@@ -106,7 +110,7 @@ class _LakeRun:
         self.lake = Lake(str(root))
         self.lake.ensure()
         self.parser = parser
-        self.fast = None
+        self.fast: FastParser | None = None
         if fast:  # imported here: `--paths per-record` also runs on a checkout without it
             from evaluator.lake.fastparse import FastParser
 

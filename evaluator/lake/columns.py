@@ -103,10 +103,8 @@ class LakeBatch(Batch):
         out: list[tuple[str, pa.Table]] = []
         if self.request_id:
             inf = self._inference_table()
-            routes = np.asarray(self.route, dtype=object)
-            dates = _dates(np.asarray(self.ts, dtype=np.float64))
-            out += [(layout.partition_dir(layout.INFERENCES, d, r), inf.take(ix))
-                    for (r, d), ix in _groups(routes, dates)]
+            out += [(layout.partition_dir(layout.INFERENCES, date, route), _rows(inf, ix))
+                    for route, date, ix in _partitions(self.ts, self.route)]
         if self.l_request_id:
             lab = pa.table({
                 "request_id": self.l_request_id, "row_ix": self.l_row_ix, "label": self.l_label,
@@ -114,9 +112,8 @@ class LakeBatch(Batch):
                 "event_time": self.l_event_time, "received_ts": self.l_received_ts,
                 "src": self.l_src, "pos": self.l_pos,
             }, schema=layout.LABEL_SCHEMA)
-            dates = _dates(np.asarray(self.l_received_ts, dtype=np.float64))
-            out += [(layout.partition_dir(layout.LABELS, d), lab.take(ix))
-                    for (_, d), ix in _groups(None, dates)]
+            out += [(layout.partition_dir(layout.LABELS, date), _rows(lab, ix))
+                    for _, date, ix in _partitions(self.l_received_ts)]
         if self.r_reason:
             rej = pa.table({"reason": self.r_reason, "src": self.r_src, "pos": self.r_pos},
                            schema=layout.REJECT_SCHEMA)
@@ -156,23 +153,32 @@ def _lists(n: int, owner: list[int], struct: pa.StructType, children: list[list[
                                     type=pa.list_(struct))
 
 
-def _dates(ts: Array) -> Array:
-    """UTC dates (YYYY-MM-DD) of unix seconds, vectorised."""
-    days = np.floor(ts / 86400.0).astype("int64").astype("datetime64[D]")
-    text: Array = np.datetime_as_string(days, unit="D")
-    return text.astype(object)
-
-
-def _groups(routes: Array | None, dates: Array
-            ) -> list[tuple[tuple[str | None, str], pa.Array]]:
-    """Row indices per distinct (route, date), in first-seen order."""
-    keys = dates if routes is None else routes + "\0" + dates
-    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+def _partitions(ts: list[float], routes: list[str] | None = None
+                ) -> list[tuple[str | None, str, Array | None]]:
+    """(route, UTC date YYYY-MM-DD, row indices) per distinct (route, date of `ts`), in
+    first-seen order; indices None when every row is in the one partition (no copy then).
+    Grouped by integer codes: only each partition's date is formatted."""
+    days = np.floor(np.asarray(ts, dtype=np.float64) / 86400.0).astype("int64")
+    day_values, key = np.unique(days, return_inverse=True)
+    names: list[str | None] = [None]
+    if routes is not None:
+        encoded = pa.array(routes, pa.string()).dictionary_encode()
+        names = encoded.dictionary.to_pylist()
+        key = encoded.indices.to_numpy().astype(np.int64) * len(day_values) + key
+    uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    dates = np.datetime_as_string(day_values.astype("datetime64[D]"), unit="D")
+    if len(uniq) == 1:
+        k = int(uniq[0])
+        return [(names[k // len(day_values)], str(dates[k % len(day_values)]), None)]
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-    out = []
-    for k in np.argsort(first):
-        ix = pa.array(order[bounds[k]:bounds[k + 1]])
-        route = None if routes is None else str(routes[first[k]])
-        out.append(((route, str(dates[first[k]])), ix))
+    out: list[tuple[str | None, str, Array | None]] = []
+    for g in np.argsort(first):
+        k = int(uniq[g])
+        out.append((names[k // len(day_values)], str(dates[k % len(day_values)]),
+                    order[bounds[g]:bounds[g + 1]]))
     return out
+
+
+def _rows(table: pa.Table, ix: Array | None) -> pa.Table:
+    return table if ix is None else table.take(pa.array(ix))

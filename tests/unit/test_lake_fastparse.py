@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +56,11 @@ def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(strategy, strategy, strategy, strategy, json_values, st.just(...))
 
 
+def usually(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A required field: good far more often, so most records reach the fast path."""
+    return st.one_of(*[strategy] * 8, json_values, st.just(...))
+
+
 def record(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not ...}
 
@@ -83,15 +89,15 @@ inferences = st.builds(
         schema_version=1, kind="inference", request_id=rid, ts=ts, route=route, policy=policy,
         served=served, propensity=prop, arms=arms, key=key, inputs=inputs, outputs=outputs,
         status=status, gateway_latency_ms=lat, registry_version=rv, **extra),
-    maybe(st.sampled_from(["r1", "r2", "ré-3"])),
-    maybe(st.floats(1.6e9, 1.9e9)),
-    maybe(st.sampled_from(["fraud", "price", "rüte"])),
+    usually(st.sampled_from(["r1", "r2", "ré-3"])),
+    usually(st.floats(1.6e9, 1.9e9)),
+    usually(st.sampled_from(["fraud", "price", "rüte"])),
     maybe(st.fixed_dictionaries({"type": st.sampled_from(["champion", "thompson"])})),
     maybe(st.fixed_dictionaries({"model": names, "version": st.just("1")})),
     maybe(st.floats(0.01, 1.0)), maybe(st.dictionaries(names, numbers, max_size=3)),
     maybe(st.one_of(st.none(), st.text(max_size=5))),
     maybe(st.dictionaries(names, tensors, max_size=3)),
-    maybe(st.dictionaries(names, outcomes, min_size=1, max_size=3)),
+    usually(st.dictionaries(names, outcomes, min_size=1, max_size=3)),
     maybe(st.sampled_from([200, 500, True])), maybe(numbers), maybe(st.integers(-1, 2**70)),
     st.dictionaries(st.sampled_from(["task", "error", "fallback", "protocol", "zz"]),
                     json_values, max_size=2))
@@ -99,7 +105,7 @@ labels = st.builds(
     lambda rid, value, reward, index, event, received: record(
         schema_version=1, kind="label", request_id=rid, label=value, reward=reward,
         index=index, event_time=event, received_ts=received),
-    maybe(st.sampled_from(["r1", "r2", "ré-3"])),
+    usually(st.sampled_from(["r1", "r2", "ré-3"])),
     maybe(st.one_of(st.none(), numbers)), maybe(st.one_of(st.none(), numbers)),
     maybe(st.one_of(st.integers(-1, 3), st.booleans())),
     maybe(st.floats(1.6e9, 1.9e9)), maybe(st.floats(1.6e9, 1.9e9)))
@@ -165,7 +171,8 @@ def ipc(table: pa.Table) -> bytes:
 
 
 def assert_same(a: LakeBatch, b: LakeBatch) -> None:
-    ta, tb = a.tables(TODAY), b.tables(TODAY)
+    with np.errstate(invalid="ignore"):  # a time past year 2.9e11 (a big int): date=NaT
+        ta, tb = a.tables(TODAY), b.tables(TODAY)
     assert [rel for rel, _ in ta] == [rel for rel, _ in tb]
     for (rel, x), (_, y) in zip(ta, tb, strict=True):
         assert x.schema == y.schema, rel
@@ -230,10 +237,11 @@ def test_edge_cases_and_bad_records_read_and_rejected_the_same(
         got = fast(raws, parser(), chunk=len(raws))
         assert [r.getMessage() for r in caplog.records] == expected
     assert_same(reference, got)
-    assert reference.bad == {"malformed_json": 3, "not_an_object": 1, "invalid_label": 4,
+    assert reference.bad == {"malformed_json": 1, "not_an_object": 1, "invalid_label": 4,
                              "unsupported_schema_version": 1, "empty_message": 1,
-                             "invalid_inference": 1}
-    assert any("named: NaN" in m or "NaN" in m for m in expected)
+                             "invalid_inference": 2}
+    assert any("nan: ts must be unix seconds" in m for m in expected)
+    assert any("outputs['zz'] is not an object" in m for m in expected)
     assert sorted(set(got.request_id)) == ["b0", "big", "deep", "dup2", "int-ts", "ü-1"]
 
 
