@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 OK = STATUS_CODES["ok"]
 NAN = math.nan
+# The integer columns' ranges (evaluator/lake/layout.py): a value past them is unknown, or
+# (a label's row) a bad record, never a batch that cannot be written.
+INT32 = range(-(2**31), 2**31)
+INT64 = range(-(2**63), 2**63)
 
 
 def score_of(value: Any) -> float:
@@ -178,10 +182,12 @@ class RecordParser:
         b.start_record(rid)
         propensity = NAN if rec.propensity is None else rec.propensity
         latency = NAN if rec.gateway_latency_ms is None else rec.gateway_latency_ms
-        registry_version = -1 if rec.registry_version is None else rec.registry_version
+        version = rec.registry_version
+        registry_version = version if version is not None and version in INT64 else -1
+        status = rec.status if rec.status in INT32 else 0  # past int32: no HTTP status
         for r in range(rows):
             pos = b.add_row(rid, r, rec.route, rec.ts, rec.policy_type, rec.served_model,
-                            propensity, rec.key, rec.status, latency, registry_version)
+                            propensity, rec.key, status, latency, registry_version)
             for model, role, mode, version, code, scores, lat, exp, rate in outcomes:
                 b.add_outcome(pos, model, role, mode, version, code, scores[r], lat, exp, rate)
             for model, prob in rec.arms.items():
@@ -191,5 +197,8 @@ class RecordParser:
                 b.add_input(pos, name, datatype, width, num, cat)
 
     def _label(self, b: Batch, rec: Label) -> None:
+        if rec.index not in INT32:  # no request has that many rows; the column is int32
+            raise RecordError("invalid_label", f"{rec.request_id}: index {rec.index} is out "
+                              "of range")
         b.add_label(rec.request_id, rec.index, rec.label, rec.reward, rec.event_time,
                     rec.received_ts)

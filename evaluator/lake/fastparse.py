@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from evaluator.ingest.parse import RecordParser, pack_floats, score_of
+from evaluator.ingest.parse import INT32, INT64, RecordParser, pack_floats, score_of
 from evaluator.lake.columns import LakeBatch
 from understudy.labels import LabelError, finite_number, label_values
 from understudy.records import SCHEMA_VERSION
@@ -199,11 +199,10 @@ class FastParser:
                     propensity_(propensity if type(propensity) is float
                                 and propensity - propensity == 0.0 else _number(propensity))
                     sticky_(key if type(key) is str else None)
-                    status_(status if type(status) is int
-                            else int(status) if isinstance(status, int) else 0)
+                    status_(int(status) if isinstance(status, int) and status in INT32 else 0)
                     latency_(latency if type(latency) is float and latency - latency == 0.0
                              else _number(latency))
-                    version_(version if type(version) is int else -1)
+                    version_(version if type(version) is int and version in INT64 else -1)
                     src_(src)
                     pos_(pos)
                     if ts > watermark:
@@ -233,6 +232,8 @@ class FastParser:
             value, reward, index = label_values(label, get("reward"), get("index", 0))
         except LabelError:
             raise _Slow from None
+        if index not in INT32:
+            raise _Slow  # RecordParser's invalid_label
         received = finite_number(get("received_ts"))
         event = finite_number(get("event_time"))
         if received is None:

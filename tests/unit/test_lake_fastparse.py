@@ -98,7 +98,8 @@ inferences = st.builds(
     maybe(st.one_of(st.none(), st.text(max_size=5))),
     maybe(st.dictionaries(names, tensors, max_size=3)),
     usually(st.dictionaries(names, outcomes, min_size=1, max_size=3)),
-    maybe(st.sampled_from([200, 500, True])), maybe(numbers), maybe(st.integers(-1, 2**70)),
+    maybe(st.sampled_from([200, 500, True, 2**31, -(2**31) - 1, 2**40])), maybe(numbers),
+    maybe(st.one_of(st.integers(-1, 3), st.integers(-(2**64), 2**64))),
     st.dictionaries(st.sampled_from(["task", "error", "fallback", "protocol", "zz"]),
                     json_values, max_size=2))
 labels = st.builds(
@@ -107,7 +108,7 @@ labels = st.builds(
         index=index, event_time=event, received_ts=received),
     usually(st.sampled_from(["r1", "r2", "ré-3"])),
     maybe(st.one_of(st.none(), numbers)), maybe(st.one_of(st.none(), numbers)),
-    maybe(st.one_of(st.integers(-1, 3), st.booleans())),
+    maybe(st.one_of(st.integers(-1, 3), st.booleans(), st.sampled_from([2**31 - 1, 2**31]))),
     maybe(st.floats(1.6e9, 1.9e9)), maybe(st.floats(1.6e9, 1.9e9)))
 others = st.one_of(
     st.builds(lambda kind, version: {"schema_version": version, "kind": kind, "x": 1},
@@ -213,6 +214,10 @@ def _edge_cases() -> list[bytes | None]:
         orjson.dumps(inference("ü-1", T0, route="rüte", extra_field={"x": [1]})),
         orjson.dumps(inference("ü-1", T0, route="rüte", extra_field={"x": [1]})),  # re-delivered
         orjson.dumps(inference("int-ts", int(T0), key="user-✓")),
+        # integers past the int32/int64 columns: unknown, or a bad label; never a failed flush
+        json.dumps(inference("huge", T0, status=2**40, registry_version=2**63)).encode(),
+        orjson.dumps(inference("neg", T0, status=-(2**31), registry_version=-(2**63))),
+        orjson.dumps(label("huge", 1, T0, index=2**31)),
         json.dumps(big).encode(), nan_ts, orjson.dumps(batched), orjson.dumps(bad_outcome),
         orjson.dumps(deep),
         b'{"schema_version":1,"kind":"inference","request_id":"dup","request_id":"dup2",'
@@ -237,12 +242,17 @@ def test_edge_cases_and_bad_records_read_and_rejected_the_same(
         got = fast(raws, parser(), chunk=len(raws))
         assert [r.getMessage() for r in caplog.records] == expected
     assert_same(reference, got)
-    assert reference.bad == {"malformed_json": 1, "not_an_object": 1, "invalid_label": 4,
+    assert reference.bad == {"malformed_json": 1, "not_an_object": 1, "invalid_label": 5,
                              "unsupported_schema_version": 1, "empty_message": 1,
                              "invalid_inference": 2}
     assert any("nan: ts must be unix seconds" in m for m in expected)
     assert any("outputs['zz'] is not an object" in m for m in expected)
-    assert sorted(set(got.request_id)) == ["b0", "big", "deep", "dup2", "int-ts", "ü-1"]
+    assert sorted(set(got.request_id)) == ["b0", "big", "deep", "dup2", "huge", "int-ts", "neg",
+                                           "ü-1"]
+    huge, neg = got.request_id.index("huge"), got.request_id.index("neg")
+    assert (got.status[huge], got.registry_version[huge]) == (0, -1)
+    assert (got.status[neg], got.registry_version[neg]) == (-(2**31), -(2**63))
+    assert any("huge: index 2147483648 is out of range" in m for m in expected)
 
 
 def test_a_bad_record_mid_batch_leaves_its_neighbours_on_the_fast_path() -> None:
