@@ -51,9 +51,16 @@ def score_of(value: Any) -> float:
 def pack_floats(values: list[Any]) -> bytes:
     """A numeric tensor row as float64 little-endian bytes; unusable elements become NaN."""
     try:
-        return struct.pack(f"<{len(values)}d", *values)
+        pack = _PACKERS[len(values)]
+    except KeyError:  # one per row width (at most max_feature_elements of them)
+        pack = _PACKERS[len(values)] = struct.Struct(f"<{len(values)}d").pack
+    try:
+        return pack(*values)
     except (struct.error, TypeError, OverflowError):
-        return struct.pack(f"<{len(values)}d", *(score_of(v) for v in values))
+        return pack(*(score_of(v) for v in values))
+
+
+_PACKERS: dict[int, Callable[..., bytes]] = {}
 
 
 def _batch_rows(inputs: Mapping[str, Any]) -> int:
@@ -182,8 +189,8 @@ class RecordParser:
         b.start_record(rid)
         propensity = NAN if rec.propensity is None else rec.propensity
         latency = NAN if rec.gateway_latency_ms is None else rec.gateway_latency_ms
-        version = rec.registry_version
-        registry_version = version if version is not None and version in INT64 else -1
+        known = rec.registry_version
+        registry_version = known if known is not None and known in INT64 else -1
         status = rec.status if rec.status in INT32 else 0  # past int32: no HTTP status
         for r in range(rows):
             pos = b.add_row(rid, r, rec.route, rec.ts, rec.policy_type, rec.served_model,

@@ -143,8 +143,10 @@ class FastParser:
                             lat = oget("latency_ms") if oget("batch_rows") is None else NAN
                             if type(lat) is not float or lat - lat != 0.0:
                                 lat = _number(lat)
-                            rate = oget("sample_rate")
-                            if type(rate) is not float or rate - rate != 0.0:
+                            rate = oget("sample_rate")  # None on the champion's outcome
+                            if rate is None:
+                                rate = NAN
+                            elif type(rate) is not float or rate - rate != 0.0:
                                 rate = _number(rate)
                             o_pos(row)
                             o_model(model)
