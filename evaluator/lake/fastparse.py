@@ -5,13 +5,14 @@ reader (understudy/reader.py: a dataclass per record and per outcome) and then a
 through the batch's methods — about 12 µs an inference record, most of it building objects the
 lake throws away. `FastParser.parse_many` reads the decoded JSON object once, appends to the
 column lists directly, and handles only the shapes it can prove give the reader's values: an
-unbatched request with float `ts`, outcomes that are objects, a label whose values are the
-plain kinds. Anything else — malformed JSON, a bad or unusual record, a batched request, a
+unbatched request with float `ts`, outcomes that are objects, a label `label_values` accepts
+that carries a time. Anything else — malformed JSON, a bad or unusual record, a batched request, a
 label without times — goes to `RecordParser.parse`, which rejects it with the same reason and
 log line as before or reads it the same way. The columns, and so the Parquet files, are the
 same as the per-record path's (tests/unit/test_lake_fastparse.py checks them array for array
-on generated records). pyarrow's JSON reader and msgspec were measured against this and lost
-on these dynamically keyed records (docs/LAKE.md, "Ingest speed").
+on generated records). Other decoders were measured (docs/LAKE.md, "Ingest speed"): pyarrow's
+JSON reader is slower on these dynamically keyed records, and msgspec's typed decode saves too
+little to keep a second schema of the record in step with the reader.
 """
 
 from __future__ import annotations
