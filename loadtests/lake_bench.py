@@ -2,12 +2,15 @@
 
 Two parts, both reporting CPU seconds (robust on a busy shared machine) next to wall time:
 
-- `--ingest N`: N synthetic requests (loadtests/bench_store.py's generator: champion + two
-  shadow challengers, 8 features, 1% re-delivered inferences, labels two chunks late with 2%
-  duplicates) through the current path (RecordParser -> Batch -> DuckDB `Store.ingest`) and the
-  landing zone's (RecordParser -> LakeBatch -> Arrow -> Parquet files), as records/s per core
-  (records = inference + label lines). For comparison, the parse alone with orjson and with
-  pyarrow's JSON reader (raw Arrow, before any conversion to the layout).
+- `--ingest N [--paths per-record,fast,store]`: N synthetic requests (loadtests/bench_store.py's
+  generator: champion + two shadow challengers, 8 features, 1% re-delivered inferences, labels
+  two chunks late with 2% duplicates), 20k-record polls, through each path: `per-record`
+  (`RecordParser.parse` per record -> LakeBatch -> Arrow -> Parquet, the lake's path before
+  the fast path), `fast` (`FastParser.parse_many` -> the same LakeBatch, what a member runs
+  now) and `store` (RecordParser -> Batch -> DuckDB `Store.ingest`), as records/s per core
+  (records = inference + label lines, over this process's CPU seconds). Run one path per
+  process to compare them (no shared heap, so no shared garbage collection). `--parsers`
+  adds the parse alone with orjson and with pyarrow's JSON reader (raw Arrow, no layout).
 - `--report 1000000,10000000`: a lake of N requests written directly as Arrow (same shape,
   1% duplicate inferences, 2% duplicate labels, one replayed file), then in a fresh process per
   N: `LakeReader.load_experiments` (what `evaluator report` loads) — wall, CPU, peak RSS.
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +41,9 @@ from evaluator.lake.storage import Lake
 from evaluator.store import Batch, Store
 from loadtests.bench_store import CHALLENGERS, CHAMPION, N_FEATURES, ROUTE, synthetic_chunks
 
+if TYPE_CHECKING:
+    from evaluator.lake.fastparse import FastParser
+
 CHUNK = 500_000
 
 
@@ -44,53 +51,89 @@ def _cpu() -> float:
     return time.process_time()
 
 
-def bench_ingest(n: int, workdir: Path, batch_records: int = 20_000) -> dict[str, float]:
+PATHS = ("store", "per-record", "fast")
+
+
+def bench_ingest(n: int, workdir: Path, paths: tuple[str, ...] = ("per-record", "fast"),
+                 batch_records: int = 20_000, file_records: int = 200_000,
+                 parsers: bool = False) -> dict[str, float]:
+    """CPU and wall seconds of each ingest path over the same records (see the docstring)."""
     parser = RecordParser()
-    store = Store(workdir / "store.duckdb")
-    lake = Lake(str(workdir / "lake"))
-    lake.ensure()
-    out = {"records": 0.0, "store_cpu": 0.0, "store_wall": 0.0, "lake_cpu": 0.0,
-           "lake_wall": 0.0, "orjson_parse_cpu": 0.0, "pyarrow_json_cpu": 0.0}
-    pending = LakeBatch()
-    pos = 0
+    out: dict[str, float] = {"records": 0.0, "inference_lines": 0.0}
+    for path in paths:
+        out[f"{path}_cpu"] = out[f"{path}_wall"] = 0.0
+    store = Store(workdir / "store.duckdb") if "store" in paths else None
+    lakes = {path: _LakeRun(workdir / f"lake-{path}", parser, path == "fast", file_records)
+             for path in paths if path != "store"}
     for inf_lines, label_lines in synthetic_chunks(n):
         lines = inf_lines + label_lines
         out["records"] += len(lines)
-        c0, w0 = _cpu(), time.perf_counter()  # before: parse + store, 20k records a batch
-        for start in range(0, len(lines), batch_records):
-            batch = Batch()
-            for line in lines[start:start + batch_records]:
-                parser.parse(batch, line)
-            store.ingest(batch)
+        out["inference_lines"] += len(inf_lines)
+        for path in paths:
+            c0, w0 = _cpu(), time.perf_counter()
+            if store is not None and path == "store":  # parse + store, 20k records a batch
+                for start in range(0, len(lines), batch_records):
+                    batch = Batch()
+                    for line in lines[start:start + batch_records]:
+                        parser.parse(batch, line)
+                    store.ingest(batch)
+            else:  # parse + Arrow + Parquet, `file_records` a flush
+                for start in range(0, len(lines), batch_records):
+                    lakes[path].add(lines[start:start + batch_records])
+            out[f"{path}_cpu"] += _cpu() - c0
+            out[f"{path}_wall"] += time.perf_counter() - w0
+        if parsers and inf_lines:
+            out["orjson_parse_cpu"] = out.get("orjson_parse_cpu", 0.0) + _parse_orjson(inf_lines)
+            out["pyarrow_json_cpu"] = out.get("pyarrow_json_cpu", 0.0) + \
+                _parse_pyarrow(inf_lines)
+        print(f"  {out['records']:,.0f} records; " + ", ".join(
+            f"{path} {out[f'{path}_cpu']:.1f}s cpu" for path in paths),
+            file=sys.stderr, flush=True)
+    for path, run in lakes.items():
+        c0, w0 = _cpu(), time.perf_counter()
+        run.flush()
+        out[f"{path}_cpu"] += _cpu() - c0
+        out[f"{path}_wall"] += time.perf_counter() - w0
+    if store is not None:
+        c0, w0 = _cpu(), time.perf_counter()
+        store.close()  # the checkpoint is part of the store's ingest cost
         out["store_cpu"] += _cpu() - c0
         out["store_wall"] += time.perf_counter() - w0
-        c0, w0 = _cpu(), time.perf_counter()  # after: parse + Arrow + Parquet, 200k a file
-        for line in lines:
-            pending.at("kafka:bench:0", pos)
-            parser.parse(pending, line)
-            pos += 1
-            if len(pending) >= 200_000:
-                for rel, table in pending.tables(layout.utc_date(time.time())):
-                    lake.write(rel, table, "bench")
-                pending = LakeBatch()
-        out["lake_cpu"] += _cpu() - c0
-        out["lake_wall"] += time.perf_counter() - w0
-        if inf_lines:
-            out["orjson_parse_cpu"] += _parse_orjson(inf_lines)
-            out["pyarrow_json_cpu"] += _parse_pyarrow(inf_lines)
-            out["inference_lines"] = out.get("inference_lines", 0) + len(inf_lines)
-        print(f"  {out['records']:,.0f} records; store {out['store_cpu']:.1f}s cpu, lake "
-              f"{out['lake_cpu']:.1f}s cpu", file=sys.stderr, flush=True)
-    c0, w0 = _cpu(), time.perf_counter()
-    for rel, table in pending.tables(layout.utc_date(time.time())):
-        lake.write(rel, table, "bench")
-    out["lake_cpu"] += _cpu() - c0
-    out["lake_wall"] += time.perf_counter() - w0
-    c0, w0 = _cpu(), time.perf_counter()
-    store.close()  # the checkpoint is part of the store's ingest cost
-    out["store_cpu"] += _cpu() - c0
-    out["store_wall"] += time.perf_counter() - w0
     return out
+
+
+class _LakeRun:
+    """One lake ingest path as a member runs it: poll-sized batches in, a flush every
+    `file_records` records (Arrow tables, Parquet files written durably)."""
+
+    def __init__(self, root: Path, parser: RecordParser, fast: bool, file_records: int) -> None:
+        self.lake = Lake(str(root))
+        self.lake.ensure()
+        self.parser = parser
+        self.fast: FastParser | None = None
+        if fast:  # imported here: `--paths per-record` also runs on a checkout without it
+            from evaluator.lake.fastparse import FastParser
+
+            self.fast = FastParser(parser)
+        self.file_records = file_records
+        self.batch = LakeBatch()
+        self.pos = 0
+
+    def add(self, lines: list[bytes]) -> None:
+        first, self.pos = self.pos, self.pos + len(lines)
+        if self.fast is not None:
+            self.fast.parse_many(self.batch, "kafka:bench:0", range(first, self.pos), lines)
+        else:  # the per-record path (what every record took before the fast path)
+            for pos, line in enumerate(lines, first):
+                self.batch.at("kafka:bench:0", pos)
+                self.parser.parse(self.batch, line)
+        if len(self.batch) >= self.file_records:
+            self.flush()
+
+    def flush(self) -> None:
+        for rel, table in self.batch.tables(layout.utc_date(time.time())):
+            self.lake.write(rel, table, "bench")
+        self.batch = LakeBatch()
 
 
 def _parse_orjson(lines: list[bytes]) -> float:
@@ -249,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.lake_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ingest", type=int, default=0, help="requests for the ingest comparison")
+    ap.add_argument("--paths", default="per-record,fast",
+                    help=f"ingest paths to measure, comma-separated, of {', '.join(PATHS)}")
+    ap.add_argument("--parsers", action="store_true",
+                    help="also time the JSON parse alone (orjson, pyarrow's JSON reader)")
     ap.add_argument("--report", default="", help="comma-separated lake sizes (requests)")
     ap.add_argument("--memory-limit", default="", help="DuckDB memory_limit for the report")
     ap.add_argument("--threads", type=int, default=0, help="DuckDB threads (0: all cores)")
@@ -262,15 +309,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         if args.ingest:
-            r = bench_ingest(args.ingest, workdir)
+            paths = tuple(p for p in args.paths.split(",") if p)
+            unknown = set(paths) - set(PATHS)
+            if unknown:
+                ap.error(f"--paths: unknown {sorted(unknown)} (known: {', '.join(PATHS)})")
+            r = bench_ingest(args.ingest, workdir, paths, parsers=args.parsers)
             n = r["records"]
             print(json.dumps(r))
             print(f"ingest, {n:,.0f} records ({args.ingest:,} requests), records/s per core "
-                  f"(CPU): store {n / r['store_cpu']:,.0f} ({r['store_cpu']:.1f}s cpu, "
-                  f"{r['store_wall']:.1f}s wall); lake {n / r['lake_cpu']:,.0f} "
-                  f"({r['lake_cpu']:.1f}s cpu, {r['lake_wall']:.1f}s wall). Inference lines "
-                  f"parsed only: orjson {r['inference_lines'] / r['orjson_parse_cpu']:,.0f}/s, "
-                  f"pyarrow.json {r['inference_lines'] / r['pyarrow_json_cpu']:,.0f}/s")
+                  "(CPU): " + "; ".join(
+                      f"{path} {n / r[f'{path}_cpu']:,.0f} ({r[f'{path}_cpu']:.1f}s cpu, "
+                      f"{r[f'{path}_wall']:.1f}s wall)" for path in paths))
+            if args.parsers:
+                lines = r["inference_lines"]
+                print(f"inference lines parsed only: orjson "
+                      f"{lines / r['orjson_parse_cpu']:,.0f}/s, pyarrow.json "
+                      f"{lines / r['pyarrow_json_cpu']:,.0f}/s")
         if args.report:
             sizes = [int(float(s)) for s in args.report.split(",") if s.strip()]
             for res in bench_report(sizes, workdir, args.memory_limit, args.threads):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from evaluator.config import EvaluatorConfig
@@ -45,29 +46,45 @@ from evaluator.ingest.parse import RecordParser
 from evaluator.store import Store
 
 __all__ = ["HANDOFF_S", "FileIngestor", "FilePosition", "FileRead", "FileSource",
-           "KafkaIngestor", "Progress", "RecordParser", "run", "run_until_stopped"]
+           "KafkaIngestor", "Progress", "RecordParser", "run", "run_source", "run_until_stopped"]
 
 
 def run(config: EvaluatorConfig, *, once: bool = False, store: Store | None = None,
         stop: threading.Event | None = None) -> Progress:
     """Run the configured ingest loop until stopped (or, with once, until drained)."""
-    own = store is None
-    store = store or Store.open(config.store)
+    opened = store or Store.open(config.store)
     try:
-        if config.source.type == "kafka":
-            ingestor_k = KafkaIngestor(config, store)
-            asyncio.run(run_until_stopped(ingestor_k, once, stop))
-            return ingestor_k.progress
-        ingestor_f = FileIngestor(config, store)
-        ingestor_f.run(once=once, stop=stop)
-        return ingestor_f.progress
+        return run_source(config, lambda: KafkaIngestor(config, opened),
+                          lambda: FileIngestor(config, opened), once=once, stop=stop)
     finally:
-        if own:
-            store.close()
+        if store is None:
+            opened.close()
 
 
 class _AsyncRunner(Protocol):
+    progress: Progress
+
     async def run(self, once: bool = False, stop: asyncio.Event | None = None) -> None: ...
+
+
+class _Runner(Protocol):
+    progress: Progress
+
+    def run(self, once: bool = False, stop: threading.Event | None = None) -> None: ...
+
+
+def run_source(config: EvaluatorConfig, kafka: Callable[[], _AsyncRunner],
+               files: Callable[[], _Runner], *, once: bool,
+               stop: threading.Event | None) -> Progress:
+    """The configured source's loop (`kafka()` or `files()` builds it) until stopped; the
+    Kafka one on its own event loop. Shared by the store's ingest and the lake's members."""
+    if config.source.type == "kafka":
+        consumer = kafka()
+        asyncio.run(run_until_stopped(consumer, once, stop))
+        return consumer.progress
+    reader = files()
+    reader.run(once=once, stop=stop)
+    return reader.progress
 
 
 async def run_until_stopped(runner: _AsyncRunner, once: bool,

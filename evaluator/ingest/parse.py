@@ -29,9 +29,13 @@ log = logging.getLogger(__name__)
 
 OK = STATUS_CODES["ok"]
 NAN = math.nan
+# The integer columns' ranges (evaluator/lake/layout.py): a value past them is unknown, or
+# (a label's row) a bad record, never a batch that cannot be written.
+INT32 = range(-(2**31), 2**31)
+INT64 = range(-(2**63), 2**63)
 
 
-def _score(value: Any) -> float:
+def score_of(value: Any) -> float:
     """A model output element as a score; NaN/inf/non-numbers become NaN (never an error)."""
     if type(value) is float:  # the common case first: x - x is 0.0 unless x is NaN or inf
         return value if value - value == 0.0 else NAN
@@ -44,11 +48,19 @@ def _score(value: Any) -> float:
     return NAN if f is None else f
 
 
-def _pack(values: list[Any]) -> bytes:
+def pack_floats(values: list[Any]) -> bytes:
+    """A numeric tensor row as float64 little-endian bytes; unusable elements become NaN."""
     try:
-        return struct.pack(f"<{len(values)}d", *values)
+        pack = _PACKERS[len(values)]
+    except KeyError:  # one per row width (at most max_feature_elements of them)
+        pack = _PACKERS[len(values)] = struct.Struct(f"<{len(values)}d").pack
+    try:
+        return pack(*values)
     except (struct.error, TypeError, OverflowError):
-        return struct.pack(f"<{len(values)}d", *(_score(v) for v in values))
+        return pack(*(score_of(v) for v in values))
+
+
+_PACKERS: dict[int, Callable[..., bytes]] = {}
 
 
 def _batch_rows(inputs: Mapping[str, Any]) -> int:
@@ -84,12 +96,12 @@ def _scores(outputs: Mapping[str, Any] | None, name: str | None, rows: int) -> l
     tensor = outputs.get(name) if name else next(iter(outputs.values()))
     if rows == 1:  # what _row_slices gives one row, without building the slices
         data = tensor.get("data") if isinstance(tensor, dict) else None
-        return [_score(data[0])] if isinstance(data, list) and data else [NAN]
+        return [score_of(data[0])] if isinstance(data, list) and data else [NAN]
     sliced = _row_slices(tensor, rows)
     if sliced is None:
         return [NAN] * rows
     per_row, _ = sliced
-    return [_score(r[0]) if r else NAN for r in per_row]
+    return [score_of(r[0]) if r else NAN for r in per_row]
 
 
 class RecordParser:
@@ -171,15 +183,18 @@ class RecordParser:
                 features.append((str(name), datatype, width,
                                  [(None, orjson.dumps(r).decode()) for r in per_row]))
             else:
-                features.append((str(name), datatype, width, [(_pack(r), None) for r in per_row]))
+                features.append((str(name), datatype, width,
+                                 [(pack_floats(r), None) for r in per_row]))
 
         b.start_record(rid)
         propensity = NAN if rec.propensity is None else rec.propensity
         latency = NAN if rec.gateway_latency_ms is None else rec.gateway_latency_ms
-        registry_version = -1 if rec.registry_version is None else rec.registry_version
+        known = rec.registry_version
+        registry_version = known if known is not None and known in INT64 else -1
+        status = rec.status if rec.status in INT32 else 0  # past int32: no HTTP status
         for r in range(rows):
             pos = b.add_row(rid, r, rec.route, rec.ts, rec.policy_type, rec.served_model,
-                            propensity, rec.key, rec.status, latency, registry_version)
+                            propensity, rec.key, status, latency, registry_version)
             for model, role, mode, version, code, scores, lat, exp, rate in outcomes:
                 b.add_outcome(pos, model, role, mode, version, code, scores[r], lat, exp, rate)
             for model, prob in rec.arms.items():
@@ -189,5 +204,8 @@ class RecordParser:
                 b.add_input(pos, name, datatype, width, num, cat)
 
     def _label(self, b: Batch, rec: Label) -> None:
+        if rec.index not in INT32:  # no request has that many rows; the column is int32
+            raise RecordError("invalid_label", f"{rec.request_id}: index {rec.index} is out "
+                              "of range")
         b.add_label(rec.request_id, rec.index, rec.label, rec.reward, rec.event_time,
                     rec.received_ts)

@@ -1,16 +1,19 @@
 """Parsed records as Arrow tables in the landing zone's layout, one table per partition.
 
-`LakeBatch` is the store's columnar `Batch` filled by the very same `RecordParser` (same
-validation, scores and bad-record reasons), with three differences the lake needs: every row
+`LakeBatch` is the store's columnar `Batch` with three differences the lake needs: every row
 carries its source position (`src`, `pos`), nothing is de-duplicated (the read rules in
 layout.py do that, so a replay is recognisable), and every label and rejected record is a row.
-`tables()` turns it into Arrow tables split by partition, with numpy doing the per-row work.
+It is filled by fastparse.py's `FastParser`, which hands every record it does not handle to the
+store's very `RecordParser` (same validation, scores and bad-record reasons, same columns).
+`tables()` turns it into Arrow tables split by partition, each column converted by its type in
+the layout's schemas, with numpy doing the per-row work.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -100,94 +103,82 @@ class LakeBatch(Batch):
         out: list[tuple[str, pa.Table]] = []
         if self.request_id:
             inf = self._inference_table()
-            routes = np.asarray(self.route, dtype=object)
-            dates = _dates(np.asarray(self.ts, dtype=np.float64))
-            out += [(layout.partition_dir(layout.INFERENCES, d, r), inf.take(ix))
-                    for (r, d), ix in _groups(routes, dates)]
+            out += [(layout.partition_dir(layout.INFERENCES, date, route), _rows(inf, ix))
+                    for route, date, ix in _partitions(self.ts, self.route)]
         if self.l_request_id:
             lab = pa.table({
-                "request_id": pa.array(self.l_request_id, pa.string()),
-                "row_ix": pa.array(self.l_row_ix, pa.int32()),
-                "label": pa.array(self.l_label, pa.float64()),
-                "reward": pa.array(self.l_reward, pa.float64()),
-                "has_label": pa.array(self.l_has_label, pa.bool_()),
-                "event_time": pa.array(self.l_event_time, pa.float64()),
-                "received_ts": pa.array(self.l_received_ts, pa.float64()),
-                "src": pa.array(self.l_src, pa.string()),
-                "pos": pa.array(self.l_pos, pa.int64()),
+                "request_id": self.l_request_id, "row_ix": self.l_row_ix, "label": self.l_label,
+                "reward": self.l_reward, "has_label": self.l_has_label,
+                "event_time": self.l_event_time, "received_ts": self.l_received_ts,
+                "src": self.l_src, "pos": self.l_pos,
             }, schema=layout.LABEL_SCHEMA)
-            dates = _dates(np.asarray(self.l_received_ts, dtype=np.float64))
-            out += [(layout.partition_dir(layout.LABELS, d), lab.take(ix))
-                    for (_, d), ix in _groups(None, dates)]
+            out += [(layout.partition_dir(layout.LABELS, date), _rows(lab, ix))
+                    for _, date, ix in _partitions(self.l_received_ts)]
         if self.r_reason:
-            rej = pa.table({"reason": pa.array(self.r_reason, pa.string()),
-                            "src": pa.array(self.r_src, pa.string()),
-                            "pos": pa.array(self.r_pos, pa.int64())},
+            rej = pa.table({"reason": self.r_reason, "src": self.r_src, "pos": self.r_pos},
                            schema=layout.REJECT_SCHEMA)
             out.append((layout.partition_dir(layout.REJECTS, today), rej))
         return out
 
     def _inference_table(self) -> pa.Table:
         n = len(self.request_id)
-        sticky = pa.array(self.sticky_key, pa.string())
         outcomes = _lists(n, self.o_pos, layout.OUTCOME, [
-            pa.array(self.o_model, pa.string()), pa.array(self.o_role, pa.int8()),
-            pa.array(self.o_mode, pa.int8()), pa.array(self.o_version, pa.string()),
-            pa.array(self.o_status, pa.int8()), pa.array(self.o_score, pa.float64()),
-            pa.array(self.o_latency, pa.float64()), pa.array(self.o_experiment, pa.string()),
-            pa.array(self.o_sample_rate, pa.float64()),
-        ])
-        arms = _lists(n, self.a_pos, layout.ARM, [pa.array(self.a_model, pa.string()),
-                                                  pa.array(self.a_prob, pa.float64())])
+            self.o_model, self.o_role, self.o_mode, self.o_version, self.o_status, self.o_score,
+            self.o_latency, self.o_experiment, self.o_sample_rate])
+        arms = _lists(n, self.a_pos, layout.ARM, [self.a_model, self.a_prob])
         inputs = _lists(n, self.x_pos, layout.INPUT, [
-            pa.array(self.x_name, pa.string()), pa.array(self.x_dtype, pa.string()),
-            pa.array(self.x_width, pa.int32()), pa.array(self.x_num, pa.binary()),
-            pa.array(self.x_cat, pa.string()),
-        ])
+            self.x_name, self.x_dtype, self.x_width, self.x_num, self.x_cat])
         return pa.table({
-            "request_id": pa.array(self.request_id, pa.string()),
-            "row_ix": pa.array(self.row_ix, pa.int32()),
-            "ts": pa.array(self.ts, pa.float64()),
-            "policy": pa.array(self.policy, pa.string()),
-            "served": pa.array(self.served, pa.string()),
-            "propensity": pa.array(self.propensity, pa.float64()),
-            "sticky_key": sticky,
-            "status": pa.array(self.status, pa.int32()),
-            "gateway_latency_ms": pa.array(self.gateway_latency_ms, pa.float64()),
-            "registry_version": pa.array(self.registry_version, pa.int64()),
+            "request_id": self.request_id, "row_ix": self.row_ix, "ts": self.ts,
+            "policy": self.policy, "served": self.served, "propensity": self.propensity,
+            "sticky_key": self.sticky_key, "status": self.status,
+            "gateway_latency_ms": self.gateway_latency_ms,
+            "registry_version": self.registry_version,
             "outcomes": outcomes, "arms": arms, "inputs": inputs,
-            "src": pa.array(self.src, pa.string()),
-            "pos": pa.array(self.pos, pa.int64()),
+            "src": self.src, "pos": self.pos,
         }, schema=layout.INFERENCE_SCHEMA)
 
 
-def _lists(n: int, owner: list[int], struct: pa.StructType, children: list[pa.Array]
+def _lists(n: int, owner: list[int], struct: pa.StructType, children: list[list[Any]]
            ) -> pa.ListArray:
-    """Child rows (in owner order, as the parser appends them) as a list per parent row."""
+    """Child rows (in owner order, as the parser appends them) as a list per parent row;
+    `children` holds the struct's columns, in its field order."""
     owners = np.asarray(owner, dtype=np.int64)
     offsets = np.searchsorted(owners, np.arange(n + 1), side="left").astype(np.int32)
-    values = pa.StructArray.from_arrays(children, fields=list(struct))
+    fields = list(struct)
+    values = pa.StructArray.from_arrays(
+        [pa.array(column, f.type) for column, f in zip(children, fields, strict=True)],
+        fields=fields)
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values,
                                     type=pa.list_(struct))
 
 
-def _dates(ts: Array) -> Array:
-    """UTC dates (YYYY-MM-DD) of unix seconds, vectorised."""
-    days = np.floor(ts / 86400.0).astype("int64").astype("datetime64[D]")
-    text: Array = np.datetime_as_string(days, unit="D")
-    return text.astype(object)
-
-
-def _groups(routes: Array | None, dates: Array
-            ) -> list[tuple[tuple[str | None, str], pa.Array]]:
-    """Row indices per distinct (route, date), in first-seen order."""
-    keys = dates if routes is None else routes + "\0" + dates
-    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+def _partitions(ts: list[float], routes: list[str] | None = None
+                ) -> list[tuple[str | None, str, Array | None]]:
+    """(route, UTC date YYYY-MM-DD, row indices) per distinct (route, date of `ts`), in
+    first-seen order; indices None when every row is in the one partition (no copy then).
+    Grouped by integer codes: only each partition's date is formatted."""
+    days = np.floor(np.asarray(ts, dtype=np.float64) / 86400.0).astype("int64")
+    day_values, key = np.unique(days, return_inverse=True)
+    names: list[str | None] = [None]
+    if routes is not None:
+        encoded = pa.array(routes, pa.string()).dictionary_encode()
+        names = encoded.dictionary.to_pylist()
+        key = encoded.indices.to_numpy().astype(np.int64) * len(day_values) + key
+    uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    dates = np.datetime_as_string(day_values.astype("datetime64[D]"), unit="D")
+    if len(uniq) == 1:
+        k = int(uniq[0])
+        return [(names[k // len(day_values)], str(dates[k % len(day_values)]), None)]
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-    out = []
-    for k in np.argsort(first):
-        ix = pa.array(order[bounds[k]:bounds[k + 1]])
-        route = None if routes is None else str(routes[first[k]])
-        out.append(((route, str(dates[first[k]])), ix))
+    out: list[tuple[str | None, str, Array | None]] = []
+    for g in np.argsort(first):
+        k = int(uniq[g])
+        out.append((names[k // len(day_values)], str(dates[k % len(day_values)]),
+                    order[bounds[g]:bounds[g + 1]]))
     return out
+
+
+def _rows(table: pa.Table, ix: Array | None) -> pa.Table:
+    return table if ix is None else table.take(pa.array(ix))

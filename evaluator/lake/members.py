@@ -26,6 +26,7 @@ argument: a crash between the two re-reads lines whose rows are already there, w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -33,20 +34,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from evaluator.config import EvaluatorConfig
-from evaluator.ingest import (
-    FilePosition,
-    FileSource,
-    Progress,
-    RecordParser,
-    run_until_stopped,
-)
+from evaluator.ingest import FilePosition, FileSource, Progress, RecordParser, run_source
 from evaluator.lake import layout
 from evaluator.lake.columns import LakeBatch
+from evaluator.lake.fastparse import FastParser
 from evaluator.lake.storage import Lake
 from evaluator.store import IngestResult
 
@@ -70,21 +66,17 @@ class LakeWriter:
                  progress: Progress) -> None:
         self.lake = lake
         self.member = member
-        self.parser = parser
         self.progress = progress
+        self.fast = FastParser(parser)
         self.batch = LakeBatch()
         self.started = math.inf  # monotonic time of the first buffered record
         self.files_written = 0
 
-    def add(self, src: str, pos: int, raw: bytes | None) -> None:
-        batch = self.batch
-        batch.at(src, pos)
-        if not len(batch):
+    def add(self, src: str, positions: Sequence[int], raws: Sequence[bytes | None]) -> None:
+        """Parse records read at `src` (record i at `positions[i]`) into the buffer."""
+        if raws and not len(self.batch):
             self.started = time.monotonic()
-        if raw is None:
-            self.parser.count_bad(batch, "empty_message", f"offset {pos}", src)
-        else:
-            self.parser.parse(batch, raw, f"{src}@{pos}")
+        self.fast.parse_many(self.batch, src, positions, raws)
 
     def reject(self, src: str, pos: int, reason: str) -> None:
         self.batch.at(src, pos)
@@ -112,22 +104,29 @@ class LakeWriter:
         return paths
 
 
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-
-class FileMember:
-    """The file source into the lake: positions in `_offsets/<member>.json` after the data."""
+class _Member:
+    """What both sources' members are: a named writer into the lake with a progress line."""
 
     def __init__(self, config: EvaluatorConfig, lake: Lake, member: str | None = None) -> None:
         self.config = config
         self.lake = lake
         self.member = member or member_name(config)
-        self.source = FileSource(config.source.path)
         self.progress = Progress(config.source.progress_interval_s)
         self.writer = LakeWriter(lake, self.member, RecordParser.from_config(config),
                                  self.progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+class FileMember(_Member):
+    """The file source into the lake: positions in `_offsets/<member>.json` after the data."""
+
+    def __init__(self, config: EvaluatorConfig, lake: Lake, member: str | None = None) -> None:
+        super().__init__(config, lake, member)
+        self.source = FileSource(config.source.path)
         self.offsets_path = lake.path("_offsets", f"{self.member}.json")
         raw = lake.read_bytes(self.offsets_path)
         self.positions: dict[str, str] = json.loads(raw) if raw else {}
@@ -155,8 +154,10 @@ class FileMember:
         if read.position is None or read.position == start:
             return 0
         prefix = f"{key}/"
-        for line, segment, at in read.lines:
-            self.writer.add(prefix + segment, at, line)
+        for segment, run in itertools.groupby(read.lines, key=lambda line: line[1]):
+            lines = list(run)
+            self.writer.add(prefix + segment, [at for _, _, at in lines],
+                            [line for line, _, _ in lines])
         for segment, at in read.partial:
             self.writer.reject(prefix + segment, at, "partial_line")
         self.pending[key] = read.position.encode()
@@ -189,16 +190,11 @@ class FileMember:
 # --------------------------------------------------------------------------------------------
 
 
-class KafkaMember:
+class KafkaMember(_Member):
     """One member of the ingest consumer group (see the module docstring for the contract)."""
 
     def __init__(self, config: EvaluatorConfig, lake: Lake, member: str | None = None) -> None:
-        self.config = config
-        self.lake = lake
-        self.member = member or member_name(config)
-        self.progress = Progress(config.source.progress_interval_s)
-        self.writer = LakeWriter(lake, self.member, RecordParser.from_config(config),
-                                 self.progress)
+        super().__init__(config, lake, member)
         self.uncommitted: dict[Any, int] = {}  # TopicPartition -> next offset, once written
         self._flush_lock = asyncio.Lock()
         self.consumer: Any = None
@@ -274,8 +270,8 @@ class KafkaMember:
                                                    max_records=cfg.source.batch_records)
                 for tp, messages in data.items():
                     src = f"kafka:{tp.topic}:{tp.partition}"
-                    for m in messages:
-                        self.writer.add(src, m.offset, m.value)
+                    self.writer.add(src, [m.offset for m in messages],
+                                    [m.value for m in messages])
                     if messages:
                         self.uncommitted[tp] = messages[-1].offset + 1
                 if self.writer.due(cfg.lake.file_records, cfg.lake.flush_interval_s) or \
@@ -293,10 +289,5 @@ def run(config: EvaluatorConfig, *, once: bool = False,
         stop: threading.Event | None = None) -> Progress:
     """Run this process's ingest member until stopped (or, with once, until drained)."""
     lake = open_lake(config)
-    if config.source.type == "kafka":
-        member = KafkaMember(config, lake)
-        asyncio.run(run_until_stopped(member, once, stop))
-        return member.progress
-    files = FileMember(config, lake)
-    files.run(once=once, stop=stop)
-    return files.progress
+    return run_source(config, lambda: KafkaMember(config, lake), lambda: FileMember(config, lake),
+                      once=once, stop=stop)

@@ -1,0 +1,269 @@
+"""The ingest fast path: raw records straight into a `LakeBatch`'s columns, many at a time.
+
+`RecordParser.parse` (evaluator/ingest/parse.py) reads one record through the contract's typed
+reader (understudy/reader.py: a dataclass per record and per outcome) and then adds its rows
+through the batch's methods — about 12 µs an inference record, most of it building objects the
+lake throws away. `FastParser.parse_many` reads the decoded JSON object once, appends to the
+column lists directly, and handles only the shapes it can prove give the reader's values: an
+unbatched request with float `ts`, outcomes that are objects, a label `label_values` accepts
+that carries a time. Anything else — malformed JSON, a bad or unusual record, a batched request, a
+label without times — goes to `RecordParser.parse`, which rejects it with the same reason and
+log line as before or reads it the same way. The columns, and so the Parquet files, are the
+same as the per-record path's (tests/unit/test_lake_fastparse.py checks them array for array
+on generated records). Other decoders were measured (docs/LAKE.md, "Ingest speed"): pyarrow's
+JSON reader is slower on these dynamically keyed records, and msgspec's typed decode saves too
+little to keep a second schema of the record in step with the reader.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import orjson
+
+from evaluator.ingest.parse import INT32, INT64, RecordParser, pack_floats, score_of
+from evaluator.lake.columns import LakeBatch
+from understudy.labels import LabelError, finite_number, label_values
+from understudy.records import SCHEMA_VERSION
+from understudy.vocabulary import MODE_CODES, ROLE_CODES, STATUS_CODES, UNKNOWN_MODE
+
+NAN = math.nan
+OK = STATUS_CODES["ok"]
+ERROR = STATUS_CODES["error"]  # what the reader makes of a status it does not know
+CHALLENGER = ROLE_CODES["challenger"]  # ... and of a role
+
+
+class _Slow(Exception):
+    """This record is not one the fast path handles: the per-record path reads it."""
+
+
+def _number(value: object) -> float:
+    """`finite_number` with NaN for unknown, plain finite floats first (most values are)."""
+    if type(value) is float and value - value == 0.0:
+        return value
+    f = finite_number(value)
+    return NAN if f is None else f
+
+
+class FastParser:
+    """Raw records -> rows of a `LakeBatch`, falling back to `parser` record by record."""
+
+    def __init__(self, parser: RecordParser) -> None:
+        self.parser = parser
+        self._score_names: dict[str, str | None] = {}
+
+    def parse_many(self, b: LakeBatch, src: str, positions: Sequence[int],
+                   raws: Sequence[bytes | None]) -> None:
+        """Parse `raws` read at `src` (record i at `positions[i]`) into `b`, in order.
+
+        One loop with the columns' `append`s looked up once: this runs for every record, and
+        attribute look-ups were a third of the time (read_inference + RecordParser._inference
+        for an unbatched request, fused; labels in `_label`).
+        """
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        score_names, label, limit = self._score_names, self._label, self.parser.max_feature_elements
+        request_id, row_ix, route_, ts_ = (b.request_id.append, b.row_ix.append,
+                                           b.route.append, b.ts.append)
+        policy_, served_, propensity_, sticky_ = (b.policy.append, b.served.append,
+                                                  b.propensity.append, b.sticky_key.append)
+        status_, latency_, version_ = (b.status.append, b.gateway_latency_ms.append,
+                                       b.registry_version.append)
+        src_, pos_ = b.src.append, b.pos.append
+        o_pos, o_model, o_role, o_mode, o_version = (b.o_pos.append, b.o_model.append,
+                                                     b.o_role.append, b.o_mode.append,
+                                                     b.o_version.append)
+        o_status, o_score, o_latency, o_experiment, o_rate = (
+            b.o_status.append, b.o_score.append, b.o_latency.append, b.o_experiment.append,
+            b.o_sample_rate.append)
+        a_pos, a_model, a_prob = b.a_pos.append, b.a_model.append, b.a_prob.append
+        x_pos, x_name, x_dtype, x_width, x_num, x_cat = (
+            b.x_pos.append, b.x_name.append, b.x_dtype.append, b.x_width.append,
+            b.x_num.append, b.x_cat.append)
+        records, watermark = 0, -math.inf
+        try:
+            for pos, raw in zip(positions, raws, strict=True):
+                try:
+                    if raw is None:
+                        raise _Slow
+                    obj = loads(raw)
+                    if type(obj) is not dict or obj.get("schema_version") != SCHEMA_VERSION:
+                        raise _Slow
+                    get = obj.get
+                    kind = get("kind")
+                    if kind == "label":
+                        label(b, obj, src, pos)
+                        continue
+                    if kind != "inference":
+                        raise _Slow
+                    rid, ts, route = get("request_id"), get("ts"), get("route")
+                    if (type(rid) is not str or not rid or type(ts) is not float
+                            or ts - ts != 0.0 or type(route) is not str or not route):
+                        raise _Slow
+                    outputs = get("outputs")
+                    inputs = get("inputs") or {}
+                    if type(outputs) is not dict or type(inputs) is not dict:
+                        raise _Slow
+                    for tensor in inputs.values():  # rows: the first input's leading dim
+                        if type(tensor) is dict:
+                            shape = tensor.get("shape")
+                            if (type(shape) is list and len(shape) >= 2
+                                    and isinstance(shape[0], int) and shape[0] > 1):
+                                raise _Slow  # a batched request: the per-record path
+                        break
+                    try:
+                        score_name = score_names[route]
+                    except KeyError:
+                        score_name = score_names[route] = self.parser.score_output(route)
+
+                    row = len(b.request_id)
+                    starts = len(b.o_pos), len(b.a_pos), len(b.x_pos)
+                    try:  # children first: a failure here undoes them, nothing else is added
+                        for model, oc in outputs.items():
+                            if type(oc) is not dict:
+                                raise _Slow  # the reader's invalid_inference
+                            oget = oc.get
+                            status = oget("status")
+                            code = STATUS_CODES.get(status, ERROR) if type(status) is str \
+                                else ERROR
+                            score = NAN
+                            if code == OK:
+                                tensors = oget("outputs")
+                                if type(tensors) is dict and tensors:
+                                    tensor = tensors.get(score_name) if score_name \
+                                        else next(iter(tensors.values()))
+                                    data = tensor.get("data") if isinstance(tensor, dict) \
+                                        else None
+                                    if isinstance(data, list) and data:
+                                        score = data[0]
+                                        if type(score) is not float or score - score != 0.0:
+                                            score = score_of(score)
+                            role, mode, version = oget("role"), oget("mode"), oget("version")
+                            experiment = oget("experiment")
+                            # a shared (micro-batched) call's latency is not one request's
+                            lat = oget("latency_ms") if oget("batch_rows") is None else NAN
+                            if type(lat) is not float or lat - lat != 0.0:
+                                lat = _number(lat)
+                            rate = oget("sample_rate")  # None on the champion's outcome
+                            if rate is None:
+                                rate = NAN
+                            elif type(rate) is not float or rate - rate != 0.0:
+                                rate = _number(rate)
+                            o_pos(row)
+                            o_model(model)
+                            o_role(ROLE_CODES.get(role, CHALLENGER) if type(role) is str
+                                   else CHALLENGER)
+                            o_mode(MODE_CODES.get(mode, UNKNOWN_MODE) if type(mode) is str
+                                   else UNKNOWN_MODE)
+                            o_version(version if type(version) is str
+                                      else str(version or ""))
+                            o_status(code)
+                            o_score(score)
+                            o_latency(lat)
+                            o_experiment(experiment if type(experiment) is str and experiment
+                                         else None)
+                            o_rate(rate)
+                        arms = get("arms")
+                        if type(arms) is dict:
+                            for model, prob in arms.items():
+                                a_pos(row)
+                                a_model(model)
+                                a_prob(prob if type(prob) is float and prob - prob == 0.0
+                                       else _number(prob))
+                        for name, tensor in inputs.items():
+                            data = tensor.get("data") if type(tensor) is dict else None
+                            if type(data) is not list or not data or len(data) > limit:
+                                continue
+                            datatype = str(tensor.get("datatype") or "")
+                            x_pos(row)
+                            x_name(name)
+                            x_dtype(datatype)
+                            x_width(len(data))
+                            if datatype == "BYTES":
+                                x_num(None)
+                                x_cat(orjson.dumps(data).decode())
+                            else:
+                                x_num(pack_floats(data))
+                                x_cat(None)
+                    except Exception:  # a bad outcome, or a value the reader would refuse
+                        _truncate(b, *starts)
+                        raise _Slow from None
+
+                    policy, served = get("policy"), get("served")
+                    propensity, latency = get("propensity"), get("gateway_latency_ms")
+                    key, status, version = get("key"), get("status"), get("registry_version")
+                    records += 1
+                    request_id(rid)
+                    row_ix(0)
+                    route_(route)
+                    ts_(ts)
+                    policy_(str(policy.get("type") or "") if type(policy) is dict else "")
+                    served_(str(served.get("model") or "") if type(served) is dict else "")
+                    propensity_(propensity if type(propensity) is float
+                                and propensity - propensity == 0.0 else _number(propensity))
+                    sticky_(key if type(key) is str else None)
+                    status_(int(status) if isinstance(status, int) and status in INT32 else 0)
+                    latency_(latency if type(latency) is float and latency - latency == 0.0
+                             else _number(latency))
+                    version_(version if type(version) is int and version in INT64 else -1)
+                    src_(src)
+                    pos_(pos)
+                    if ts > watermark:
+                        watermark = ts
+                except (_Slow, decode_error):
+                    self.parse_one(b, src, pos, raw)
+        finally:
+            b.records += records
+            if watermark > b.watermark:
+                b.watermark = watermark
+
+    def parse_one(self, batch: LakeBatch, src: str, pos: int, raw: bytes | None) -> None:
+        """The per-record path (the reference): rejects with the reader's reason and log line."""
+        batch.at(src, pos)
+        if raw is None:
+            self.parser.count_bad(batch, "empty_message", f"offset {pos}", src)
+        else:
+            self.parser.parse(batch, raw, f"{src}@{pos}")
+
+    def _label(self, b: LakeBatch, obj: dict[str, object], src: str, pos: int) -> None:
+        """`read_label` + `LakeBatch.add_label` for a valid label that carries a time."""
+        get = obj.get
+        rid, label = get("request_id"), get("label")
+        if type(rid) is not str or not rid:
+            raise _Slow
+        try:  # the contract's one label validator, as the reader calls it
+            value, reward, index = label_values(label, get("reward"), get("index", 0))
+        except LabelError:
+            raise _Slow from None
+        if index not in INT32:
+            raise _Slow  # RecordParser's invalid_label
+        received = finite_number(get("received_ts"))
+        event = finite_number(get("event_time"))
+        if received is None:
+            if event is None:
+                raise _Slow  # dated by the parser's clock
+            received = event
+        b.l_request_id.append(rid)
+        b.l_row_ix.append(index)
+        b.l_label.append(NAN if value is None else value)
+        b.l_reward.append(NAN if reward is None else reward)
+        b.l_has_label.append(value is not None)
+        b.l_event_time.append(received if event is None else event)
+        b.l_received_ts.append(received)
+        b.l_src.append(src)
+        b.l_pos.append(pos)
+        if received > b.watermark:
+            b.watermark = received
+
+
+def _truncate(b: LakeBatch, outcomes: int, arms: int, inputs: int) -> None:
+    """Drop the child rows added after these lengths (a record the fast path gave up on)."""
+    for column, start in ((b.o_pos, outcomes), (b.o_model, outcomes), (b.o_role, outcomes),
+                          (b.o_mode, outcomes), (b.o_version, outcomes),
+                          (b.o_status, outcomes), (b.o_score, outcomes),
+                          (b.o_latency, outcomes), (b.o_experiment, outcomes),
+                          (b.o_sample_rate, outcomes), (b.a_pos, arms), (b.a_model, arms),
+                          (b.a_prob, arms), (b.x_pos, inputs), (b.x_name, inputs),
+                          (b.x_dtype, inputs), (b.x_width, inputs), (b.x_num, inputs),
+                          (b.x_cat, inputs)):
+        del column[start:]
