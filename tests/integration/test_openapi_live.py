@@ -1,0 +1,119 @@
+"""Schemathesis against the live gateway (real Triton, real HTTP), from its own `/openapi.json`.
+
+Every documented operation (admin with the write token, feedback, the V2 data plane) gets
+requests generated from the document, valid and invalid ones: never a 5xx, and every answer
+has a documented status, content type and body shape. Derandomized with a fixed number of
+examples, so a run is reproducible and bounded; per-status counts are printed like the other
+fuzz suites'.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+from openapi_spec_validator import validate
+from schemathesis.checks import (  # registered checks, looked up by name
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.conftest import fraud_body
+from tests.support.fuzz import FuzzGateway, fuzz_gateway, written_records
+
+pytestmark = pytest.mark.triton
+
+TOKEN = secrets.token_urlsafe(24)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ROUTE = {"champion": {"model": "fraud_v3"}, "challengers": [{"model": "fraud_v4"}]}
+ROUTES = {"live": ROUTE}
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
+          response_schema_conformance]
+EXAMPLES = 25  # per operation and generation mode: ~1,500 requests in all
+
+
+@pytest.fixture(scope="module")
+def gateway(triton: Any, tmp_path_factory: pytest.TempPathFactory,
+            pytestconfig: pytest.Config) -> Iterator[FuzzGateway]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNDERSTUDY_ADMIN_TOKEN", TOKEN)
+        with fuzz_gateway(triton.url, ROUTES, tmp_path_factory.mktemp("openapi"),
+                          pytestconfig) as gw:
+            yield gw
+
+
+def base_url(gw: FuzzGateway) -> str:
+    return f"http://{gw.host}:{gw.port}"
+
+
+@pytest.fixture(scope="module")
+def live_schema(gateway: FuzzGateway) -> Any:
+    schema = schemathesis.openapi.from_url(base_url(gateway) + "/openapi.json")
+    schema.config.generation.update(modes=list(schemathesis.GenerationMode))
+    return schema
+
+
+def test_the_served_document_is_valid_and_the_docs_page_lists_it(gateway: FuzzGateway) -> None:
+    answer = requests.get(base_url(gateway) + "/openapi.json", timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("application/json")
+    doc = answer.json()
+    validate(doc)
+    assert doc["paths"]["/v2/feedback"]["post"]["requestBody"]["content"]
+    page = requests.get(base_url(gateway) + "/docs", timeout=10)
+    assert page.status_code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert 'fetch("openapi.json")' in page.text
+
+
+schema = schemathesis.pytest.from_fixture("live_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=list(HealthCheck), print_blob=False)
+def test_schemathesis_against_the_live_gateway(case: Any, gateway: FuzzGateway) -> None:
+    response = case.call(headers=AUTH, timeout=30)
+    gateway.counts[(f"{case.method} {case.path}", response.status_code)] += 1
+    case.validate_response(response, checks=CHECKS)
+    if case.method == "DELETE" and case.path == "/admin/routes/{route}" \
+            and response.status_code == 200:
+        # Put the route back, so the data-plane operations keep a route to serve.
+        restored = requests.put(base_url(gateway) + "/admin/routes/live", json=ROUTE,
+                                headers=AUTH, timeout=30)
+        assert restored.status_code in (200, 201), restored.text
+
+
+def test_a_served_inference_conforms(gateway: FuzzGateway, live_schema: Any) -> None:
+    """The generated requests rarely fit the model's inputs: one that does, through the same
+    checks (the 200 answer's schema included)."""
+    requests.put(base_url(gateway) + "/admin/routes/live", json=ROUTE, headers=AUTH,
+                 timeout=30)
+    operation = live_schema["/v2/models/{route}/infer"]["POST"]
+    case = operation.Case(path_parameters={"route": "live"},
+                          body=fraud_body([[0.5] * 8], request_id="openapi-live-1"),
+                          media_type="application/json")
+    response = case.call(timeout=30)
+    case.validate_response(response, checks=CHECKS)
+    assert response.status_code == 200, response.text
+    assert orjson.loads(response.content)["model_name"] == "fraud_v3"
+
+
+def test_no_5xx_and_the_records_are_schema_v1(gateway: FuzzGateway) -> None:
+    """Runs last: the counts cover every operation, none was a 5xx, the gateway still serves
+    and everything it logged is schema v1."""
+    operations = {kind for kind, _ in gateway.counts}
+    assert len(operations) >= 28, sorted(operations)
+    assert sum(gateway.counts.values()) >= 500
+    assert [k for k in gateway.counts if k[1] >= 500] == []
+    ready = requests.get(base_url(gateway) + "/v2/health/ready", timeout=10)
+    assert ready.status_code == 200
+    written_records(gateway)
