@@ -10,7 +10,8 @@ and one it refuses is one the evaluator counts as bad: the two programs cannot d
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from understudy.record_schema import LABEL_RECORD
@@ -43,6 +44,7 @@ FEEDBACK_ITEM_SCHEMA: Final[dict[str, Any]] = {
               for key in ("label", "reward")],
 }
 FEEDBACK_FIELDS: Final = frozenset(FEEDBACK_ITEM_SCHEMA["properties"])
+_LEAP_SECOND: Final = re.compile(r"(?P<head>.*[T ]\d\d:\d\d:)60(?P<tail>(?:\.\d+)?[+-].*)")
 
 
 class LabelError(ValueError):
@@ -94,8 +96,17 @@ def event_time(value: object, now: float) -> float:
         if seconds is not None:
             return seconds
     if isinstance(value, str):
+        # RFC 3339 (the OpenAPI `date-time` the feedback schema names) also allows a lower-case
+        # t and z and a leap second, which Python's ISO reader does not: a leap second is read
+        # as the start of the next second.
+        text = value.upper().replace("Z", "+00:00")
+        leap = _LEAP_SECOND.fullmatch(text)
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if leap is not None:
+                parsed = datetime.fromisoformat(leap.expand(r"\g<head>59\g<tail>")) \
+                    + timedelta(seconds=1)
+            else:
+                parsed = datetime.fromisoformat(text)
         except ValueError:
             raise LabelError(f"event_time {value!r} is not ISO 8601 or unix seconds") from None
         if parsed.tzinfo is None:

@@ -324,6 +324,7 @@ def test_feedback_without_label_or_reward_is_refused() -> None:
 
 
 def test_event_times_in_the_documented_format_are_read() -> None:
+    """RFC 3339 (`date-time`), lower-case t/z and leap seconds included."""
     assert COMPONENTS["FeedbackItem"]["properties"]["event_time"]["anyOf"][0][
         "format"] == "date-time"
     when = datetime(2026, 12, 3, 2, 30, tzinfo=UTC)
@@ -331,3 +332,6 @@ def test_event_times_in_the_documented_format_are_read() -> None:
                  "2026-12-03t02:30:00z", "2026-12-03T02:30:00.000000001Z"):
         got = label_from_feedback({"request_id": "r", "label": 1, "event_time": text}, 0.0)
         assert math.isclose(got["event_time"], when.timestamp()), text
+    leap = label_from_feedback({"request_id": "r", "label": 1,
+                                "event_time": "2016-12-31T23:59:60Z"}, 0.0)
+    assert leap["event_time"] == datetime(2017, 1, 1, tzinfo=UTC).timestamp()
