@@ -574,7 +574,8 @@ def document(app: web.Application, routes: list[str] | None = None) -> Schema:
         "info": {"title": "Understudy gateway", "version": __version__,
                  "description": "Champion/challenger gateway in front of Triton: the KServe V2 "
                                 "data plane, ground-truth feedback and the admin API. Errors "
-                                "are `{\"error\": \"...\"}`."},
+                                "are `{\"error\": \"...\"}`. Integers are written without a "
+                                "fraction (1, not 1.0)."},
         "paths": paths,
         "components": {"schemas": schemas(), "securitySchemes": SECURITY_SCHEMES},
         "tags": [{"name": t} for t in ("inference", "feedback", "admin", "health",
