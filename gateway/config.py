@@ -47,6 +47,10 @@ DEFAULT_BATCH_MAX_WAIT_MS = 2.0
 # evaluator's 100 latency samples per challenger arrive within ~1,000 copies, at the price of 10%
 # of copies unbatched. (`make demo` turns batching off: every copy is a sample there.)
 DEFAULT_LATENCY_PROBE_EVERY = 10
+# The most calls one lane may keep in flight: far above any real lane (the default is 4, the
+# champion's lane 64), and low enough that raising a live lane's limit stays cheap (its pool
+# grows one slot at a time: an admin PATCH of 9e18 used to hang the event loop).
+MAX_LANE_CONCURRENCY = 4096
 # Triton model names as they may appear in an upstream URL path segment: letters, digits, `_`,
 # `-`, `.`, not starting with `.` and without `..` (no `/`, `?`, `#`, whitespace, traversal).
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
@@ -230,7 +234,7 @@ class ChallengerConfig:
     timeout_ms: int = bounded(1000, gt=0)
     # Calls in flight (a call carries a batch of copies when batching); 4 keeps a slow model's
     # answers from arriving in bursts big enough to delay champion requests (BENCHMARKS.md).
-    max_concurrency: int = bounded(4, gt=0)
+    max_concurrency: int = bounded(4, gt=0, le=MAX_LANE_CONCURRENCY)
     max_queue: int = bounded(64, ge=0)
     batch_max_rows: int = bounded(DEFAULT_BATCH_MAX_ROWS, ge=1, note="(1 disables batching)")
     # Also below timeout_ms (checked by parse_challenger).

@@ -473,7 +473,7 @@ def registered_routes(app: web.Application) -> Iterator[tuple[str, str]]:
             yield route.method, route.resource.canonical
 
 
-def _parameters(path: str, routes: list[str]) -> list[Schema]:
+def _parameters(path: str, routes: list[str], models: list[str]) -> list[Schema]:
     params: list[Schema] = []
     if "{route}" in path:
         schema: Schema = {"type": "string"}
@@ -483,15 +483,18 @@ def _parameters(path: str, routes: list[str]) -> list[Schema]:
             schema["examples"] = routes
         params.append({"name": "route", "in": "path", "required": True, "schema": schema})
     if "{model}" in path:
-        params.append({"name": "model", "in": "path", "required": True,
-                       "schema": MODEL_NAME_SCHEMA})
+        schema = dict(MODEL_NAME_SCHEMA)
+        if models:
+            schema["examples"] = models
+        params.append({"name": "model", "in": "path", "required": True, "schema": schema})
     if "{version}" in path:
         params.append({"name": "version", "in": "path", "required": True,
                        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"}})
     return params
 
 
-def _operation(method: str, path: str, op: Operation, routes: list[str]) -> Schema:
+def _operation(method: str, path: str, op: Operation, routes: list[str], models: list[str]
+               ) -> Schema:
     ok: Schema = {"description": op.description or "OK"}
     if op.ok_content == "application/json":
         ok["content"] = {"application/json": {"schema": op.ok_schema or _OBJECT}}
@@ -510,7 +513,7 @@ def _operation(method: str, path: str, op: Operation, routes: list[str]) -> Sche
                    "responses": responses}
     if op.description:
         out["description"] = op.description
-    params = _parameters(path, routes)
+    params = _parameters(path, routes, models)
     if op.security == "admin":
         if required_scope(method) == "write":
             out["security"] = [{"adminWrite": []}]
@@ -558,14 +561,17 @@ SECURITY_SCHEMES: dict[str, Schema] = {
 }
 
 
-def document(app: web.Application, routes: list[str] | None = None) -> Schema:
-    """The OpenAPI document for `app`'s routes; `routes`: route names to offer as examples.
+def document(app: web.Application, routes: list[str] | None = None,
+             models: list[str] | None = None) -> Schema:
+    """The OpenAPI document for `app`'s routes; `routes` and `models`: the route and model
+    names to offer as examples of the path parameters.
 
     Raises KeyError for a registered route without an entry in `OPERATIONS`."""
     paths: dict[str, dict[str, Schema]] = {}
     for method, path in sorted(set(registered_routes(app))):
         op = OPERATIONS[(method, path)]
-        paths.setdefault(path, {})[method.lower()] = _operation(method, path, op, routes or [])
+        paths.setdefault(path, {})[method.lower()] = _operation(method, path, op, routes or [],
+                                                                models or [])
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "Understudy gateway", "version": __version__,
@@ -583,9 +589,12 @@ def document(app: web.Application, routes: list[str] | None = None) -> Schema:
 # -- handlers -------------------------------------------------------------------------------
 
 async def openapi_json(request: web.Request) -> web.Response:
-    """Built per request: the route names offered as examples are the live ones."""
-    names = sorted(runtime.name for runtime in request.app[ROUTES])
-    return web.Response(body=orjson.dumps(document(request.app, names)),
+    """Built per request: the route and model names offered as examples are the live ones."""
+    configs = [runtime.config for runtime in request.app[ROUTES]]
+    names = sorted(c.name for c in configs)
+    models = sorted({m for c in configs for m in (c.champion.model,
+                                                   *(ch.model for ch in c.challengers))})
+    return web.Response(body=orjson.dumps(document(request.app, names, models)),
                         content_type="application/json")
 
 

@@ -58,6 +58,14 @@ def base_url(gw: FuzzGateway) -> str:
     return f"http://{gw.host}:{gw.port}"
 
 
+def restore(gw: FuzzGateway) -> None:
+    """The live route as configured: a rollout a case started is aborted, the route put back."""
+    url = base_url(gw) + "/admin/routes/live"
+    requests.delete(url + "/rollout", headers=AUTH, timeout=30)  # 404/409: none running
+    answer = requests.put(url, json=ROUTE, headers=AUTH, timeout=30)
+    assert answer.status_code in (200, 201), answer.text
+
+
 @pytest.fixture(scope="module")
 def live_schema(gateway: FuzzGateway) -> Any:
     return schemathesis.openapi.from_url(base_url(gateway) + "/openapi.json")
@@ -98,9 +106,9 @@ def test_schemathesis_against_the_live_gateway(gateway: FuzzGateway, live_schema
                                                mode: schemathesis.GenerationMode) -> None:
     operation = live_schema[path][method]
     strategy = operation.as_strategy(generation_mode=mode)
-    if "{route}" in path:  # half the cases on the live route, so bodies get past the 404
-        strategy |= operation.as_strategy(generation_mode=mode,
-                                          path_parameters={"route": "live"})
+    if "{route}" in path:  # half the cases on the live route (and challenger), past the 404s
+        live = {"route": "live", **({"model": "fraud_v4"} if "{model}" in path else {})}
+        strategy |= operation.as_strategy(generation_mode=mode, path_parameters=live)
 
     @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck), print_blob=False)
@@ -109,12 +117,9 @@ def test_schemathesis_against_the_live_gateway(gateway: FuzzGateway, live_schema
         response = case.call(headers=AUTH, timeout=30)
         gateway.counts[(f"{method} {path}", response.status_code)] += 1
         case.validate_response(response, checks=CHECKS)
-        if method == "DELETE" and path == "/admin/routes/{route}" \
-                and response.status_code == 200:
-            # Put the route back, so the data-plane operations keep a route to serve.
-            restored = requests.put(base_url(gateway) + "/admin/routes/live", json=ROUTE,
-                                    headers=AUTH, timeout=30)
-            assert restored.status_code in (200, 201), restored.text
+        if method != "GET" and path.startswith("/admin/routes/{route}") \
+                and case.path_parameters.get("route") == "live" and response.status_code < 300:
+            restore(gateway)  # the next case starts from the configured route again
 
     fuzz()
 
@@ -122,8 +127,7 @@ def test_schemathesis_against_the_live_gateway(gateway: FuzzGateway, live_schema
 def test_a_served_inference_conforms(gateway: FuzzGateway, live_schema: Any) -> None:
     """The generated requests rarely fit the model's inputs: one that does, through the same
     checks (the 200 answer's schema included)."""
-    requests.put(base_url(gateway) + "/admin/routes/live", json=ROUTE, headers=AUTH,
-                 timeout=30)
+    restore(gateway)
     operation = live_schema["/v2/models/{route}/infer"]["POST"]
     case = operation.Case(path_parameters={"route": "live"},
                           body=fraud_body([[0.5] * 8], request_id="openapi-live-1"),
@@ -148,8 +152,7 @@ def test_schemathesis_cli_boundaries(gateway: FuzzGateway, tmp_path: Path) -> No
          "--seed", "1", "--request-timeout", "30", "--workers", "1", "--no-color"],
         capture_output=True, text=True, timeout=600, check=False,
         cwd=tmp_path)  # its cache directory goes there
-    requests.put(base_url(gateway) + "/admin/routes/live", json=ROUTE, headers=AUTH,
-                 timeout=30)  # the coverage phase may have deleted it
+    restore(gateway)  # the CLI run may have changed or deleted it
     tail = run.stdout[-4000:]
     assert run.returncode == 0, tail + run.stderr[-2000:]
     assert "No issues found" in run.stdout or " passed" in run.stdout, tail
