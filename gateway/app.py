@@ -33,6 +33,7 @@ from gateway.rest.inference import (
     add_routes,
     error_middleware,
 )
+from gateway.rest.openapi import add_openapi_routes
 from gateway.rest.rollout import add_rollout_endpoints, install_rollout
 from gateway.upstream.client import TritonUpstream
 
@@ -104,4 +105,5 @@ def create_app(
     app.cleanup_ctx.extend([upstream_ctx, sink_ctx, registry_ctx, learner_ctx, rollout_ctx,
                             recorder_ctx])
     add_routes(app)
+    add_openapi_routes(app)  # documents the routes above (gateway/rest/openapi.py)
     return app

@@ -8,6 +8,7 @@ Loading, overrides and errors are the shared loader's (understudy/settings.py); 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -46,11 +47,70 @@ DEFAULT_BATCH_MAX_WAIT_MS = 2.0
 # evaluator's 100 latency samples per challenger arrive within ~1,000 copies, at the price of 10%
 # of copies unbatched. (`make demo` turns batching off: every copy is a sample there.)
 DEFAULT_LATENCY_PROBE_EVERY = 10
+# The most calls one lane may keep in flight: far above any real lane (the default is 4, the
+# champion's lane 64), and low enough that raising a live lane's limit stays cheap (its pool
+# grows one slot at a time: an admin PATCH of 9e18 used to hang the event loop).
+MAX_LANE_CONCURRENCY = 4096
 # Triton model names as they may appear in an upstream URL path segment: letters, digits, `_`,
 # `-`, `.`, not starting with `.` and without `..` (no `/`, `?`, `#`, whitespace, traversal).
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 MODEL_VERSION = re.compile(r"[0-9]{1,19}")
 SOURCES_OF_TRUTH: tuple[str, ...] = ("registry", "config")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric field's allowed range, declared once on the field (`bounded`): the parser checks
+    it (`check_bounds`) and the admin API's OpenAPI document states it (gateway/rest/openapi.py),
+    so a changed bound changes both. `note` is appended to the error message."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        return (math.isfinite(value)
+                and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        """The error message's rule: 'must be in [0, 1]', 'must be positive', 'must be >= 1'."""
+        low = (f"[{self.ge:g}" if self.ge is not None
+               else f"({self.gt:g}" if self.gt is not None else None)
+        high = (f"{self.le:g}]" if self.le is not None
+                else f"{self.lt:g})" if self.lt is not None else None)
+        if low is not None and high is not None:
+            rule = f"must be in {low}, {high}"
+        elif self.gt == 0 and high is None:
+            rule = "must be positive"
+        else:
+            rule = " and ".join(
+                f"must be {op} {limit:g}" for op, limit in
+                ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                if limit is not None)
+        return f"{rule} {self.note}" if self.note else rule
+
+
+def bounded(default: float, **bound: Any) -> Any:
+    """A dataclass field with a `Bound` (keyword arguments as `Bound`'s)."""
+    return field(default=default, metadata={"bound": Bound(**bound)})
+
+
+def field_bound(cls: type, name: str) -> Bound | None:
+    """The `Bound` declared on field `name` of dataclass `cls`, if any."""
+    bound = next(f for f in fields(cls) if f.name == name).metadata.get("bound")
+    return bound if isinstance(bound, Bound) else None
+
+
+def check_bounds(section: Any, where: str) -> None:
+    """Every bounded field of a built dataclass within its `Bound`; ConfigError naming it."""
+    for f in fields(section):
+        bound = f.metadata.get("bound")
+        if isinstance(bound, Bound):
+            value = getattr(section, f.name)
+            check(bound.holds(value), f"{where}.{f.name}: {bound.describe()}")
 
 
 @dataclass(frozen=True)
@@ -170,15 +230,17 @@ class ChallengerConfig:
     model: str
     version: str = ""
     mode: ChallengerMode = "shadow"
-    sample_rate: float = 1.0
-    timeout_ms: int = 1000
+    sample_rate: float = bounded(1.0, ge=0.0, le=1.0)
+    timeout_ms: int = bounded(1000, gt=0)
     # Calls in flight (a call carries a batch of copies when batching); 4 keeps a slow model's
     # answers from arriving in bursts big enough to delay champion requests (BENCHMARKS.md).
-    max_concurrency: int = 4
-    max_queue: int = 64
-    batch_max_rows: int = DEFAULT_BATCH_MAX_ROWS  # 1 disables batching
-    batch_max_wait_ms: float = DEFAULT_BATCH_MAX_WAIT_MS
-    latency_probe_every: int = DEFAULT_LATENCY_PROBE_EVERY  # 0: every copy may be batched
+    max_concurrency: int = bounded(4, gt=0, le=MAX_LANE_CONCURRENCY)
+    max_queue: int = bounded(64, ge=0)
+    batch_max_rows: int = bounded(DEFAULT_BATCH_MAX_ROWS, ge=1, note="(1 disables batching)")
+    # Also below timeout_ms (checked by parse_challenger).
+    batch_max_wait_ms: float = bounded(DEFAULT_BATCH_MAX_WAIT_MS, ge=0.0)
+    # 0: every copy may be batched
+    latency_probe_every: int = bounded(DEFAULT_LATENCY_PROBE_EVERY, ge=0, note="(0: off)")
 
     @property
     def ref(self) -> ModelRef:
@@ -188,9 +250,9 @@ class ChallengerConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     type: PolicyType = "champion"
-    epsilon: float = 0.1
-    prior_alpha: float = 1.0
-    prior_beta: float = 1.0
+    epsilon: float = bounded(0.1, ge=0.0, le=1.0)
+    prior_alpha: float = bounded(1.0, gt=0.0)
+    prior_beta: float = bounded(1.0, gt=0.0)
     sticky_header: str | None = None
     reward: RewardSource = "correct"
     # type "rollout" only (set by the rollout controller, gateway/control/rollout.py): the
@@ -205,7 +267,7 @@ class RouteConfig:
     champion: ModelRef
     challengers: tuple[ChallengerConfig, ...] = ()
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    log_sample_rate: float = 1.0
+    log_sample_rate: float = bounded(1.0, ge=MIN_LOG_SAMPLE_RATE, le=1.0)
     sample_key_header: str | None = None
     fallback: str | None = None
     threshold: float = 0.5
@@ -279,24 +341,18 @@ def parse_challenger(raw: Any, where: str) -> ChallengerConfig:
     check_model_name(ch.model, f"{where}.model")
     check_model_version(ch.version, f"{where}.version")
     check(ch.mode in CHALLENGER_MODES, f"{where}.mode: must be one of {CHALLENGER_MODES}")
-    check(0.0 <= ch.sample_rate <= 1.0, f"{where}.sample_rate: must be in [0, 1]")
-    check(ch.timeout_ms > 0, f"{where}.timeout_ms: must be positive")
-    check(ch.max_concurrency > 0, f"{where}.max_concurrency: must be positive")
-    check(ch.max_queue >= 0, f"{where}.max_queue: must be >= 0")
-    check(ch.batch_max_rows >= 1, f"{where}.batch_max_rows: must be >= 1 (1 disables batching)")
+    check_bounds(ch, where)
     check(
-        0.0 <= ch.batch_max_wait_ms < ch.timeout_ms,
+        ch.batch_max_wait_ms < ch.timeout_ms,
         f"{where}.batch_max_wait_ms: must be >= 0 and below timeout_ms ({ch.timeout_ms})",
     )
-    check(ch.latency_probe_every >= 0, f"{where}.latency_probe_every: must be >= 0 (0: off)")
     return replace(ch, model=str(ch.model), version=str(ch.version or ""))
 
 
 def parse_policy(raw: Any, where: str) -> PolicyConfig:
     policy = build(PolicyConfig, raw, where)
     check(policy.type in POLICY_TYPES, f"{where}.type: must be one of {POLICY_TYPES}")
-    check(0.0 <= policy.epsilon <= 1.0, f"{where}.epsilon: must be in [0, 1]")
-    check(policy.prior_alpha > 0 and policy.prior_beta > 0, f"{where}: priors must be > 0")
+    check_bounds(policy, where)
     check(policy.reward in REWARD_SOURCES, f"{where}.reward: correct|label|reward")
     check(policy.type != "rollout" or (bool(policy.target) and 0.0 < policy.fraction < 1.0),
           f"{where}: a rollout policy needs a target and a fraction in (0, 1)")
@@ -311,35 +367,31 @@ def parse_route(name: str, raw: Any) -> RouteConfig:
     check(not unknown, f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
     check("champion" in raw, f"{where}.champion: required")
     champion = parse_model_ref(raw["champion"], f"{where}.champion")
+    listed = raw.get("challengers") or []
+    check(isinstance(listed, list | tuple), f"{where}.challengers: expected a list")
     challengers = tuple(
-        parse_challenger(c, f"{where}.challengers[{i}]")
-        for i, c in enumerate(raw.get("challengers") or [])
+        parse_challenger(c, f"{where}.challengers[{i}]") for i, c in enumerate(listed)
     )
     models = [champion.model, *(c.model for c in challengers)]
     dupes = sorted({m for m in models if models.count(m) > 1})
     check(not dupes, f"{where}: model(s) listed twice: {', '.join(dupes)}")
-    rate = float(raw.get("log_sample_rate", 1.0))
-    check(
-        MIN_LOG_SAMPLE_RATE <= rate <= 1.0,
-        f"{where}.log_sample_rate: must be in [{MIN_LOG_SAMPLE_RATE}, 1]",
-    )
     fallback = raw.get("fallback")
     check(
         fallback is None or fallback in models[1:],
         f"{where}.fallback: {fallback!r} is not one of the route's challengers",
     )
-    route = RouteConfig(
-        name=name,
-        champion=champion,
-        challengers=challengers,
-        policy=parse_policy(raw.get("policy"), f"{where}.policy"),
-        log_sample_rate=rate,
-        sample_key_header=raw.get("sample_key_header"),
-        fallback=fallback,
-        threshold=float(raw.get("threshold", 0.5)),
-        task=_task(raw.get("task", "classification"), where),
-        rollout=parse_plan(raw.get("rollout"), f"{where}.rollout"),
-    )
+    # The scalars (log_sample_rate, threshold, sample_key_header, task) as `build` coerces them:
+    # a value of the wrong type is a ConfigError naming it, never a TypeError.
+    route = build(RouteConfig, raw, where, nested={
+        "name": name,
+        "champion": champion,
+        "challengers": challengers,
+        "policy": parse_policy(raw.get("policy"), f"{where}.policy"),
+        "fallback": fallback,
+        "rollout": parse_plan(raw.get("rollout"), f"{where}.rollout"),
+    })
+    check_bounds(route, where)
+    _task(route.task, where)
     problem = rollout_problem(route)
     check(problem is None, f"{where}.rollout: {problem}")
     return route

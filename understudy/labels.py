@@ -10,12 +10,41 @@ and one it refuses is one the evaluator counts as bad: the two programs cannot d
 from __future__ import annotations
 
 import math
-from datetime import datetime
-from typing import Final
+import re
+from datetime import datetime, timedelta
+from typing import Any, Final
 
+from understudy.record_schema import LABEL_RECORD
 from understudy.records import SCHEMA_VERSION, LabelRecord, request_id_problem
 
-FEEDBACK_FIELDS: Final = frozenset({"request_id", "label", "reward", "event_time", "index"})
+# One posted feedback item as JSON Schema (draft 2020-12): what `label_from_feedback` accepts,
+# stated once. The gateway's OpenAPI document (gateway/rest/openapi.py) serves it, the fields it
+# lists are the only ones the validator lets through, and a test generates items from it and
+# checks the validator agrees (tests/unit/test_openapi.py).
+FEEDBACK_ITEM_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["request_id"],
+    "additionalProperties": False,
+    "properties": {
+        # The same rule as the inference ids the label joins (and as the stored record's).
+        "request_id": LABEL_RECORD["properties"]["request_id"],
+        "label": {"type": ["number", "boolean", "null"],
+                  "description": "The ground truth (a boolean counts as 0/1)."},
+        "reward": {"type": ["number", "null"]},
+        "event_time": {
+            "anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"},
+                      {"type": "null"}],
+            "description": "ISO 8601 with a timezone, or unix seconds; default: now.",
+        },
+        "index": {"type": "integer", "minimum": 0, "default": 0,
+                  "description": "The row of a batched request (0: the first or only)."},
+    },
+    # At least one of label and reward is a number.
+    "anyOf": [{"required": [key], "properties": {key: {"not": {"type": "null"}}}}
+              for key in ("label", "reward")],
+}
+FEEDBACK_FIELDS: Final = frozenset(FEEDBACK_ITEM_SCHEMA["properties"])
+_LEAP_SECOND: Final = re.compile(r"(?P<head>.*[T ]\d\d:\d\d:)60(?P<tail>(?:\.\d+)?[+-].*)")
 
 
 class LabelError(ValueError):
@@ -67,8 +96,17 @@ def event_time(value: object, now: float) -> float:
         if seconds is not None:
             return seconds
     if isinstance(value, str):
+        # RFC 3339 (the OpenAPI `date-time` the feedback schema names) also allows a lower-case
+        # t and z and a leap second, which Python's ISO reader does not: a leap second is read
+        # as the start of the next second.
+        text = value.upper().replace("Z", "+00:00")
+        leap = _LEAP_SECOND.fullmatch(text)
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if leap is not None:
+                parsed = datetime.fromisoformat(leap.expand(r"\g<head>59\g<tail>")) \
+                    + timedelta(seconds=1)
+            else:
+                parsed = datetime.fromisoformat(text)
         except ValueError:
             raise LabelError(f"event_time {value!r} is not ISO 8601 or unix seconds") from None
         if parsed.tzinfo is None:

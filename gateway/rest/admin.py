@@ -200,9 +200,15 @@ class AdminAuth:
 AUTH = web.AppKey("admin_auth", AdminAuth)
 
 
+def required_scope(method: str) -> Scope:
+    """The scope an `/admin` request needs: reading is read, anything else write (the OpenAPI
+    document states the same from here, gateway/rest/openapi.py)."""
+    return "read" if method in ("GET", "HEAD", "OPTIONS") else "write"
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    need: Scope = "read" if request.method in ("GET", "HEAD", "OPTIONS") else "write"
+    need = required_scope(request.method)
     request[ACTOR] = request.config_dict[AUTH].authenticate(
         request.headers.get("Authorization"), need
     )
@@ -308,12 +314,16 @@ async def set_policy(request: web.Request) -> web.Response:
     return _json(view)
 
 
+# The promote body's fields (the OpenAPI document lists these).
+PROMOTE_FIELDS = ("model", "experiment", "expected_version")
+
+
 async def promote(request: web.Request) -> web.Response:
     body = await _body(request)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("the body must name the challenger to promote: {\"model\": \"...\"}")
-    unknown = sorted(set(body) - {"model", "expected_version", "experiment"})
+    unknown = sorted(set(body) - set(PROMOTE_FIELDS))
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(unknown)}")
     experiment = body.get("experiment")
