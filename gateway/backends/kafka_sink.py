@@ -487,14 +487,13 @@ class KafkaSink(GuardedSink):
                     outcomes[i] = error
         finally:
             flight.window = None
-        futures = {f for i in indices if (f := flight.futures[i]) is not None}
-        pending = set(futures)
+        pending = {f for i in indices if (f := flight.futures[i]) is not None}  # batches: once
         while pending:
             done, pending = await asyncio.wait(pending, timeout=self._delivery_timeout)
             if not done:
                 break
-        for fut in pending:
-            fut.add_done_callback(_retrieve)
+        for late in pending:
+            late.add_done_callback(_retrieve)
         for i in indices:
             fut = flight.futures[i]
             if fut is None:

@@ -42,7 +42,7 @@ class StandInProducer:
             available_partitions_for_topic=lambda _topic: set(PARTITIONS)))
 
     def create_batch(self) -> BatchBuilder:
-        return BatchBuilder(self.batch_bytes, None)
+        return BatchBuilder(self.batch_bytes, 0)  # 0: no compression
 
     async def partitions_for(self, _topic: str) -> set[int]:
         return set(PARTITIONS)
