@@ -15,9 +15,11 @@ everything the gateway would pay for its log), the mean cost of one `emit()` cal
 event-loop stall seen by a 1 ms ticker during the run (what a client request would have waited
 behind the sink).
 
-`--compare TREE` A/Bs the sink of another checkout (e.g. `--compare ../main`) against this one:
-one broker, `--rounds` rounds alternating the order, each run a fresh process importing
-`gateway` from its tree (`--sink-tree`), then the medians.
+`--rate N` emits N records/s instead of as fast as the sink takes them: CPU per record at a
+load both sides sustain (small flights: what the linger is for). `--compare TREE` A/Bs the sink
+of another checkout (e.g. `--compare ../main`) against this one: one broker, `--rounds` rounds
+alternating the order, each run a fresh process importing `gateway` from its tree
+(`--sink-tree`), then the medians.
 
 `--raw` measures the clients alone instead, in alternating rounds: aiokafka's `send()` per
 record (a key hash, partitioner and accumulator append per record) against
@@ -110,11 +112,15 @@ async def bench(bootstrap: str, args: argparse.Namespace) -> None:
         emit_seconds = 0.0
         began, cpu0 = time.perf_counter(), time.process_time()
         with LoopLag() as lag:
-            for start in range(0, args.records, args.chunk):
+            # --rate: chunks of rate/100 every 10 ms (a gateway's steady trickle of records)
+            chunk = max(1, args.rate // 100) if args.rate else args.chunk
+            for n, start in enumerate(range(0, args.records, chunk)):
                 t0 = time.perf_counter()
-                for i in range(start, min(start + args.chunk, args.records)):
+                for i in range(start, min(start + chunk, args.records)):
                     sink.emit("inferences", f"bench-{i:08d}", templates[i % 1000])
                 emit_seconds += time.perf_counter() - t0
+                if args.rate:
+                    await asyncio.sleep(max(0.0, began + (n + 1) * 0.01 - time.perf_counter()))
                 await asyncio.sleep(0)
                 for _ in range(60_000):  # back off (at most a minute) while the sink is deep
                     if sink.queued <= args.max_queue:
@@ -234,7 +240,8 @@ def compare(bootstrap: str, args: argparse.Namespace) -> None:
     trees = {"before": Path(args.compare).resolve(), "after": ROOT}
     common = ["--bootstrap", bootstrap, "--records", str(args.records), "--size", str(args.size),
               "--compression", args.compression, "--linger-ms", str(args.linger_ms),
-              "--chunk", str(args.chunk), "--max-queue", str(args.max_queue), "--json"]
+              "--chunk", str(args.chunk), "--max-queue", str(args.max_queue),
+              "--rate", str(args.rate), "--json"]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for round_no in range(args.rounds):
         order = list(trees) if round_no % 2 == 0 else list(trees)[::-1]
@@ -262,6 +269,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=500, help="records emitted per loop turn")
     parser.add_argument("--max-queue", type=int, default=20_000,
                         help="back off while the sink holds more than this in memory")
+    parser.add_argument("--rate", type=int, default=0,
+                        help="emit at this many records/s (default: as fast as the sink takes)")
     parser.add_argument("--raw", action="store_true",
                         help="the clients alone: send() per record vs create_batch/send_batch "
                              "(and confluent-kafka when installed)")
