@@ -115,6 +115,7 @@ class KafkaSink(GuardedSink):
     """LogSink that produces to Kafka with a durable local spill; see the module docstring."""
 
     _turn: int = 0  # batches sent so far: the round-robin partition cursor
+    _last_flight: float = 0.0  # monotonic time the last queue flight was settled
 
     # ------------------------------------------------------------------ LogSink
 
@@ -284,16 +285,19 @@ class KafkaSink(GuardedSink):
                 await self._pause(self._backoff.next())
 
     async def _linger(self) -> None:
-        """Let a queue smaller than one batch fill until its oldest record is `linger_ms` old.
+        """Let a queue smaller than one batch fill for `linger_ms`, counted from its oldest
+        record or from the last flight's end, whichever is later.
 
         Batches are sent closed, so aiokafka does not linger on them: without this every flight
         would go out as soon as the last one was acknowledged, many small requests instead of
-        a few full ones. flush() and close() cut the wait short (they set `_wake`).
+        a few full ones (under load: twice the flights, +18% gateway CPU per request). Counting
+        from the last flight keeps the cycle aiokafka's linger gave, `linger_ms` + a round
+        trip. flush() and close() cut the wait short (they set `_wake`).
         """
         if self._closing or not self._queue:
             return
         linger = min(self.config.linger_ms / 1000, self._spill_after / 4)
-        wait = self._queue[0][4] + linger - time.monotonic()
+        wait = max(self._queue[0][4], self._last_flight) + linger - time.monotonic()
         if (wait <= 0 or len(self._queue) >= self.flight_records
                 or self._queue_bytes >= self._producer_kwargs["max_batch_size"]):
             return
@@ -346,6 +350,7 @@ class KafkaSink(GuardedSink):
             if delivered:
                 self._set_up()
         self._flight = None
+        self._last_flight = time.monotonic()
         self._buffered_gauge.set(len(self._queue))
         self._progress.set()
         return first_error is None
