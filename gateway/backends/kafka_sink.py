@@ -22,8 +22,8 @@ them are acknowledged, or fail, together; the per-record outcomes the spill, the
 oversized-record isolation work on are read from it unchanged. `labels` and `audit` (their
 readers rely on the order per key) keep `producer.send()` with key partitioning. Batches go out
 closed, i.e. at once, so aiokafka's `linger_ms` no longer applies to them: the pump lingers
-instead, taking a queue smaller than one batch only once its oldest record is `linger_ms` old
-(or at once for `flush()` / `close()`).
+instead, taking a queue smaller than one batch only `linger_ms` after its oldest record or the
+previous flight's end, whichever is later (at once for `flush()` / `close()`).
 
 The sink is built in layers, one module each: the state and what it holds unacknowledged (queue,
 flight, spill, oversized records, outage logs: gateway/backends/kafka_buffer.py), the producer's

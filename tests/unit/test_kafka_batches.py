@@ -190,3 +190,24 @@ async def test_a_retriable_batch_error_is_counted_per_record(sink: KafkaSink) ->
                                       {"error": "NotLeaderForPartitionError"})
     assert after == errors + 10  # one batch, ten records: counted per record, as documented
     assert [r.key for r in sink.spill.peek(100, 1 << 30).records] == [q[2] for q in chunk]
+
+
+async def test_the_pump_lingers_on_a_small_queue_until_woken_never_on_a_full_batch(
+    tmp_path: Path,
+) -> None:
+    """Batches go out closed (no aiokafka linger), so the pump waits for a small queue to fill;
+    flush()/close() wake it (`_wake`), and a queue holding a full batch is taken at once."""
+    sink = KafkaSink(KafkaConfig(bootstrap="127.0.0.1:1", linger_ms=60_000,
+                                 max_unspilled_ms=600_000), tmp_path / "spill")
+    for record in queued(3):
+        sink._enqueue(record)
+    sink._wake.clear()
+    lingering = asyncio.ensure_future(sink._linger())
+    await asyncio.sleep(0.05)
+    assert not lingering.done()  # a 60 s linger: still waiting
+    sink._wake.set()  # what flush() and close() do
+    await asyncio.wait_for(lingering, timeout=30)
+
+    big = b"x" * sink._producer_kwargs["max_batch_size"]
+    sink._enqueue((99, "inferences", "big", big, time.monotonic()))
+    await asyncio.wait_for(sink._linger(), timeout=30)  # a full batch: no wait at all
