@@ -1,7 +1,7 @@
 """Producer throughput of KafkaSink against a real broker (a measurement, not a test).
 
     .venv/bin/python loadtests/kafka_producer_bench.py [--bootstrap HOST:PORT] [--records 100000]
-        [--size 1024] [--compression gzip] [--linger-ms 5]
+        [--size 1024] [--compression gzip] [--linger-ms 5] [--compare TREE [--rounds 3]]
 
 Without --bootstrap it starts a throwaway broker with devtools/kafka_broker.py on free ports and
 stops it afterwards. Records are ~`--size` bytes of inference-log-like JSON (random floats, so
@@ -10,20 +10,34 @@ gateway's record task: it emits in chunks and yields to the event loop between t
 off only while the sink's memory queue is deep, so the number is the sink's sustained rate
 (emit -> acknowledged by Kafka with acks=all, idempotent), not how fast a list can be appended.
 
-Also printed: the mean cost of one `emit()` call, and the worst event-loop stall seen by a 1 ms
-ticker during the run (what a client request would have waited behind the sink).
+Also printed: the CPU of this process per record (emit, the sink's pump, aiokafka, compression:
+everything the gateway would pay for its log), the mean cost of one `emit()` call, and the worst
+event-loop stall seen by a 1 ms ticker during the run (what a client request would have waited
+behind the sink).
 
-`--raw` measures aiokafka alone instead, in alternating rounds: `send()` per record (what
-KafkaSink does: a key hash, partitioner and accumulator append per record) against
-`create_batch()`/`append()`/`send_batch()` (one partition choice per batch), as CPU µs per
-record and records/s, acks=all and idempotent both: the evidence for batching the sink.
+`--rate N` emits N records/s instead of as fast as the sink takes them: CPU per record at a
+load both sides sustain (small flights: what the linger is for). `--compare TREE` A/Bs the sink
+of another checkout (e.g. `--compare ../main`) against this one: one broker, `--rounds` rounds
+alternating the order, each run a fresh process importing `gateway` from its tree
+(`--sink-tree`), then the medians.
+
+`--raw` measures the clients alone instead, in alternating rounds: aiokafka's `send()` per
+record (a key hash, partitioner and accumulator append per record) against
+`create_batch()`/`append()`/`send_batch()` (one partition choice per batch: what KafkaSink does
+for the inferences stream), and, when the confluent-kafka package is importable, librdkafka's
+`produce()` per record (its own threads; their CPU is this process's too), as CPU µs per record
+and records/s, acks=all and idempotent all: the evidence for batching, and for or against a
+C-backed client.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +46,10 @@ from pathlib import Path
 import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gateway.backends.kafka_sink import KafkaSink  # noqa: E402
-from gateway.config import KafkaConfig  # noqa: E402
 
 
 def load_broker():
+    sys.path.insert(0, str(ROOT))
     from devtools import kafka_broker
 
     return kafka_broker
@@ -82,9 +93,14 @@ class LoopLag:
 
 
 async def bench(bootstrap: str, args: argparse.Namespace) -> None:
+    # The sink of --sink-tree (another checkout, for --compare) or of this one.
+    sys.path.insert(0, args.sink_tree or str(ROOT))
+    from gateway.backends.kafka_sink import KafkaSink
+    from gateway.config import KafkaConfig
+
     rng = random.Random(7)
     templates = [make_value(i, args.size, rng) for i in range(1000)]
-    topic = f"understudy.bench.{int(time.time())}"
+    topic = f"understudy.bench.{time.time_ns()}"
     config = KafkaConfig(bootstrap=bootstrap, topic=topic, linger_ms=args.linger_ms,
                          compression=args.compression)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,13 +110,17 @@ async def bench(bootstrap: str, args: argparse.Namespace) -> None:
         await sink.flush()
 
         emit_seconds = 0.0
-        began = time.perf_counter()
+        began, cpu0 = time.perf_counter(), time.process_time()
         with LoopLag() as lag:
-            for start in range(0, args.records, args.chunk):
+            # --rate: chunks of rate/100 every 10 ms (a gateway's steady trickle of records)
+            chunk = max(1, args.rate // 100) if args.rate else args.chunk
+            for n, start in enumerate(range(0, args.records, chunk)):
                 t0 = time.perf_counter()
-                for i in range(start, min(start + args.chunk, args.records)):
+                for i in range(start, min(start + chunk, args.records)):
                     sink.emit("inferences", f"bench-{i:08d}", templates[i % 1000])
                 emit_seconds += time.perf_counter() - t0
+                if args.rate:
+                    await asyncio.sleep(max(0.0, began + (n + 1) * 0.01 - time.perf_counter()))
                 await asyncio.sleep(0)
                 for _ in range(60_000):  # back off (at most a minute) while the sink is deep
                     if sink.queued <= args.max_queue:
@@ -111,14 +131,20 @@ async def bench(bootstrap: str, args: argparse.Namespace) -> None:
             # flush() means "on disk": wait for Kafka's acks (the spill has no event to await).
             while not sink.spill.is_empty():  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        elapsed = time.perf_counter() - began
+        elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu0
         await sink.close()
 
     mb = args.records * len(templates[0]) / 1e6
+    if args.json:
+        print(json.dumps({"records_s": args.records / elapsed,
+                          "cpu_us": cpu / args.records * 1e6,
+                          "emit_us": emit_seconds / args.records * 1e6,
+                          "stall_ms": lag.worst * 1000, "spilled_b": spilled}), flush=True)
+        return
     print(f"records={args.records} size={len(templates[0])}B compression={args.compression} "
           f"linger_ms={args.linger_ms}")
     print(f"throughput: {args.records / elapsed:,.0f} records/s, {mb / elapsed:.1f} MB/s "
-          f"({elapsed:.2f} s, emit -> acknowledged)")
+          f"({elapsed:.2f} s, emit -> acknowledged); CPU {cpu / args.records * 1e6:.1f} us/record")
     print(f"emit(): {emit_seconds / args.records * 1e6:.2f} us/call; "
           f"worst event-loop stall: {lag.worst * 1000:.1f} ms; "
           f"spill backlog at flush: {spilled} B (replayed before the clock stopped)")
@@ -130,8 +156,17 @@ async def raw_producer(bootstrap: str, args: argparse.Namespace) -> None:
     rng = random.Random(7)
     templates = [make_value(i, args.size, rng) for i in range(1000)]
     keys = [f"bench-{i:08d}".encode() for i in range(args.records)]
-    for mode in ("send", "batch") * args.rounds:
+    modes = ["send", "batch"]
+    try:
+        import confluent_kafka  # noqa: F401
+        modes.append("confluent")
+    except ImportError:
+        print("confluent-kafka not installed: its rounds are skipped", flush=True)
+    for mode in modes * args.rounds:
         topic = f"understudy.rawbench.{mode}.{time.time_ns()}"
+        if mode == "confluent":
+            await asyncio.to_thread(confluent_producer, bootstrap, topic, templates, keys, args)
+            continue
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
                                     enable_idempotence=True, linger_ms=args.linger_ms,
                                     compression_type=None if args.compression == "none"
@@ -167,6 +202,63 @@ async def raw_producer(bootstrap: str, args: argparse.Namespace) -> None:
               f"{cpu / args.records * 1e6:.1f} us CPU/record (this process)", flush=True)
 
 
+def confluent_producer(bootstrap: str, topic: str, templates: list[bytes], keys: list[bytes],
+                       args: argparse.Namespace) -> None:
+    """librdkafka's producer on the same records: produce() per record, key-partitioned."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                         "enable.idempotence": True, "linger.ms": args.linger_ms,
+                         "compression.type": args.compression, "batch.size": 256 * 1024})
+    failed: list[object] = []
+
+    def delivered(err: object, _msg: object) -> None:
+        if err is not None:
+            failed.append(err)
+
+    producer.produce(topic, b"warm-up", key=b"w", on_delivery=delivered)
+    producer.flush(30)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for i in range(args.records):
+        while True:
+            try:
+                producer.produce(topic, templates[i % 1000], key=keys[i], on_delivery=delivered)
+                break
+            except BufferError:  # its local queue is full: serve callbacks, then retry
+                producer.poll(0.001)
+        if i % args.chunk == args.chunk - 1:
+            producer.poll(0)
+    producer.flush(120)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    print(f"confluent: {args.records / wall:,.0f} records/s, "
+          f"{cpu / args.records * 1e6:.1f} us CPU/record (this process, librdkafka's threads "
+          f"included){f'; {len(failed)} FAILED' if failed else ''}", flush=True)
+
+
+def compare(bootstrap: str, args: argparse.Namespace) -> None:
+    """Run the sink bench for --compare's tree and this one, alternating, one process each."""
+    trees = {"before": Path(args.compare).resolve(), "after": ROOT}
+    common = ["--bootstrap", bootstrap, "--records", str(args.records), "--size", str(args.size),
+              "--compression", args.compression, "--linger-ms", str(args.linger_ms),
+              "--chunk", str(args.chunk), "--max-queue", str(args.max_queue),
+              "--rate", str(args.rate), "--json"]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    for round_no in range(args.rounds):
+        order = list(trees) if round_no % 2 == 0 else list(trees)[::-1]
+        for name in order:
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *common,
+                                  "--sink-tree", str(trees[name])], check=True,
+                                 capture_output=True, text=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            runs[name].append(result)
+            print(f"round {round_no} {name:6} {json.dumps(result)}", flush=True)
+    for name, results in runs.items():
+        med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        print(f"median {name:6} ({trees[name]}): {med['records_s']:,.0f} records/s, "
+              f"{med['cpu_us']:.1f} us CPU/record, emit {med['emit_us']:.2f} us, "
+              f"worst stall {med['stall_ms']:.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", help="an existing broker; default: start a throwaway one")
@@ -177,13 +269,27 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=500, help="records emitted per loop turn")
     parser.add_argument("--max-queue", type=int, default=20_000,
                         help="back off while the sink holds more than this in memory")
+    parser.add_argument("--rate", type=int, default=0,
+                        help="emit at this many records/s (default: as fast as the sink takes)")
     parser.add_argument("--raw", action="store_true",
-                        help="aiokafka alone: send() per record vs create_batch/send_batch")
-    parser.add_argument("--rounds", type=int, default=2, help="--raw: rounds of each mode")
+                        help="the clients alone: send() per record vs create_batch/send_batch "
+                             "(and confluent-kafka when installed)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--raw / --compare: rounds of each mode / tree")
+    parser.add_argument("--compare", metavar="TREE",
+                        help="A/B the sink of another checkout against this one")
+    parser.add_argument("--sink-tree", metavar="TREE", help="import the sink from this checkout")
+    parser.add_argument("--json", action="store_true", help="one JSON line (used by --compare)")
     args = parser.parse_args()
-    run = raw_producer if args.raw else bench
+
+    def run(bootstrap: str) -> None:
+        if args.compare:
+            compare(bootstrap, args)
+        else:
+            asyncio.run((raw_producer if args.raw else bench)(bootstrap, args))
+
     if args.bootstrap:
-        asyncio.run(run(args.bootstrap, args))
+        run(args.bootstrap)
         return
     broker = load_broker()
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,7 +298,7 @@ def main() -> None:
         print(f"started kafka {state.version} at {state.bootstrap} "
               f"in {time.monotonic() - began:.1f}s")
         try:
-            asyncio.run(run(state.bootstrap, args))
+            run(state.bootstrap)
         finally:
             broker.stop(Path(tmp) / "kafka")
 

@@ -1,20 +1,22 @@
 """A/B the gateway's HTTP servers (and any gateway trees) in one run, alternating rounds.
 
     python loadtests/server_ab.py [--rounds 4] [--duration 6] [--rate 800] [--shadows 1]
-                                  [--variant NAME=server[@TREE]] ...
+                                  [--variant NAME=server[@TREE]] ... [--sink kafka]
 
 Starts Triton once and one gateway per variant (default `aiohttp=aiohttp` and `lean=lean`,
 both from this tree; `@TREE` runs another checkout, e.g. `before=@../main`, where an empty
 server name sets no `listen.server`). Each has champion fraud_v3, N shadows and the file sink
-at 100% logging. Then, for --rounds rounds in ABBA order: a closed-loop capacity run (wrk
--c16) and a fixed-rate run (--rate req/s, Poisson) per variant, recording throughput, p50/p99
-and the gateway's CPU ms per request (schedstat of its process tree). Prints per-variant
-medians and the ratios to the first variant (docs/BENCHMARKS.md, "Lean data plane").
+(or, with `--sink kafka`, the Kafka sink on a throwaway local broker) at 100% logging. Then,
+for --rounds rounds in ABBA order: a closed-loop capacity run (wrk -c16) and a fixed-rate run
+(--rate req/s, Poisson) per variant, recording throughput, p50/p99 and the gateway's CPU ms per
+request (schedstat of its process tree). Prints per-variant medians and the ratios to the first
+variant (docs/BENCHMARKS.md, "Lean data plane").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shadows", type=int, default=1, choices=(0, 1, 2))
     parser.add_argument("--variant", action="append", default=[])
     parser.add_argument("--load-cpus", default="1")
+    parser.add_argument("--sink", choices=("file", "kafka"), default="file")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "server_ab")
     args = parser.parse_args(argv)
     variants = _variants(args.variant or ["aiohttp=aiohttp", "lean=lean"])
@@ -72,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     body_file = common.write_body(body, work / "body.json")
     results: dict[str, dict[str, list[dict[str, float]]]] = {
         name: {"capacity": [], "rate": []} for name, _, _ in variants}
-    with common.triton_server(work) as triton:
+    with contextlib.ExitStack() as stack:
+        triton = stack.enter_context(common.triton_server(work))
+        kafka = (stack.enter_context(common.KafkaBroker(work / "kafka"))
+                 if args.sink == "kafka" else None)
         gateways = []
         try:
             for name, server, tree in variants:
-                config = common.gateway_config(triton.url, work, name, routes)
+                config = common.gateway_config(
+                    triton.url, work, name, routes, sink=args.sink,
+                    kafka_bootstrap=kafka.bootstrap if kafka else None)
                 if server:  # none: a tree from before `listen.server` existed
                     text = config.read_text().replace("listen:\n",
                                                       f"listen:\n  server: {server}\n")

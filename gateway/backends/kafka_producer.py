@@ -113,7 +113,17 @@ class ProducerSink(BufferedSink):
 
 
 def fail_pending(producer: AIOKafkaProducer, error: KafkaError | None = None) -> None:
-    """Fail every batch the producer holds (aiokafka has no public call for this)."""
+    """Fail every batch the producer holds (aiokafka has no public call for this).
+
+    A batch failed before the sender took it also fails its drain waiter, which only a send
+    queued behind it would read: marked read here, or asyncio logs "never retrieved" for it.
+    """
     accumulator = getattr(producer, "_message_accumulator", None)
-    if accumulator is not None:
-        accumulator.fail_all(error or KafkaTimeoutError("kafka sink abandoned this producer"))
+    if accumulator is None:
+        return
+    accumulator.fail_all(error or KafkaTimeoutError("kafka sink abandoned this producer"))
+    for batches in list(accumulator._batches.values()):
+        for batch in batches:
+            waiter = batch._drain_waiter
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()
