@@ -17,6 +17,10 @@ from typing import Any, Final
 from understudy.record_schema import LABEL_RECORD
 from understudy.records import SCHEMA_VERSION, LabelRecord, request_id_problem
 
+# The largest row index a label may name: the evaluator stores it in an int32 column, and no
+# request carries that many rows.
+MAX_ROW_INDEX: Final = 2**31 - 1
+
 # One posted feedback item as JSON Schema (draft 2020-12): what `label_from_feedback` accepts,
 # stated once. The gateway's OpenAPI document (gateway/rest/openapi.py) serves it, the fields it
 # lists are the only ones the validator lets through, and a test generates items from it and
@@ -36,7 +40,7 @@ FEEDBACK_ITEM_SCHEMA: Final[dict[str, Any]] = {
                       {"type": "null"}],
             "description": "ISO 8601 with a timezone, or unix seconds; default: now.",
         },
-        "index": {"type": "integer", "minimum": 0, "default": 0,
+        "index": {"type": "integer", "minimum": 0, "maximum": MAX_ROW_INDEX, "default": 0,
                   "description": "The row of a batched request (0: the first or only)."},
     },
     # At least one of label and reward is a number.
@@ -82,8 +86,9 @@ def label_values(label: object, reward: object,
     reward_value = None if reward is None else finite_number(reward)
     if reward is not None and reward_value is None:
         raise LabelError(f"'reward' must be a finite number, got {reward!r}")
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise LabelError("'index' must be a non-negative integer (row of a batched request)")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= MAX_ROW_INDEX:
+        raise LabelError(f"'index' must be a non-negative integer up to {MAX_ROW_INDEX} (row of a "
+                         "batched request)")
     return label_value, reward_value, index
 
 

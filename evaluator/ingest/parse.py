@@ -204,8 +204,5 @@ class RecordParser:
                 b.add_input(pos, name, datatype, width, num, cat)
 
     def _label(self, b: Batch, rec: Label) -> None:
-        if rec.index not in INT32:  # no request has that many rows; the column is int32
-            raise RecordError("invalid_label", f"{rec.request_id}: index {rec.index} is out "
-                              "of range")
         b.add_label(rec.request_id, rec.index, rec.label, rec.reward, rec.event_time,
                     rec.received_ts)

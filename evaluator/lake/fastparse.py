@@ -235,8 +235,6 @@ class FastParser:
             value, reward, index = label_values(label, get("reward"), get("index", 0))
         except LabelError:
             raise _Slow from None
-        if index not in INT32:
-            raise _Slow  # RecordParser's invalid_label
         received = finite_number(get("received_ts"))
         event = finite_number(get("event_time"))
         if received is None:
