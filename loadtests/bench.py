@@ -102,6 +102,10 @@ class Row:
     light: common.LoadResult | None = None
     warmup: common.LoadResult | None = None
     cpu_ms_per_req: float | None = None
+    # CPU ms/req during the fixed-rate runs: the issue-15 target is CPU at a moderate rate,
+    # where fewer requests share each wake-up and write than at capacity
+    moderate_cpu_ms: float | None = None
+    light_cpu_ms: float | None = None
     busy_pct: float | None = None   # CPU time of the gateway (or nginx) / wall time, capacity run
     starved_pct: float | None = None  # its run-queue wait / wall time (CPU taken by others)
     triton_cpu_ms_per_req: float | None = None
@@ -177,7 +181,7 @@ class Bench:
                 row.busy_pct = 100 * (cpu1 - cpu0) / row.capacity.seconds
                 row.starved_pct = 100 * (wait1 - wait0) / row.capacity.seconds
             row.triton_cpu_ms_per_req = 1000 * (tcpu1 - tcpu0) / row.capacity.requests
-        self.fixed_rates(row, url, body, body_file)
+        self.fixed_rates(row, url, body, body_file, cpu_pids=pids)
         self.log(f"{row.label}: capacity {row.capacity.rps:,.0f} req/s "
                  f"(p50 {row.capacity.p50:.2f} ms, p99 {row.capacity.p99:.2f} ms)"
                  + "".join(f"; at {r.target_rps:,.0f} req/s p50 {r.p50:.2f} p99 {r.p99:.2f} ms"
@@ -185,15 +189,20 @@ class Bench:
                  + (f"; CPU {row.cpu_ms_per_req:.3f} ms/req" if row.cpu_ms_per_req else ""))
         return row
 
-    def fixed_rates(self, row: Row, url: str, body: common.Body, body_file: Path) -> None:
+    def fixed_rates(self, row: Row, url: str, body: common.Body, body_file: Path,
+                    cpu_pids: list[int] | None = None) -> None:
         a = self.args
         for attr, rate in (("moderate", self.rate), ("light", self.light_rate)):
             if rate:
                 time.sleep(1)
-                setattr(row, attr, common.wrk_rate(url, body_file, body, rate=rate,
-                                                   duration=a.rate_duration,
-                                                   connections=a.rate_connections,
-                                                   cpus=self.load_cpus))
+                cpu0 = common.schedstat(cpu_pids)[0] if cpu_pids else 0.0
+                result = common.wrk_rate(url, body_file, body, rate=rate,
+                                         duration=a.rate_duration,
+                                         connections=a.rate_connections, cpus=self.load_cpus)
+                setattr(row, attr, result)
+                if cpu_pids and result.requests:
+                    cpu_ms = 1000 * (common.schedstat(cpu_pids)[0] - cpu0) / result.requests
+                    setattr(row, f"{attr}_cpu_ms", cpu_ms)
 
     def run_row(self, row: Row, fn: Callable[[Row], None]) -> Row:
         self.rows.append(row)
@@ -383,9 +392,12 @@ class Bench:
     def slow_challenger(self) -> dict[str, Any]:
         a = self.args
         # A: champion only; B: + the slow shadow; C: + a normal-speed shadow (fraud_v4), the
-        # control that separates "a slow challenger hurts" from "any shadow costs loop time".
+        # control that separates "a slow challenger hurts" from "any shadow costs loop time";
+        # A2: a second, identical champion-only gateway: A2 vs A, computed exactly like B vs A,
+        # is the noise floor the B-vs-A shift is judged against (an A/A test).
         routes = {"A": fraud_route(), "B": fraud_route(("fraud_slow",)),
-                  "C": fraud_route(("fraud_v4",))}
+                  "C": fraud_route(("fraud_v4",)), "A2": fraud_route()}
+        order = ["A", "B", "C", "A2"]
         rate = self.light_rate if a.slow_at == "light" and self.light_rate else self.rate
         champion = _find(self, "champion-file-w1")
         if champion and champion.capacity:
@@ -405,7 +417,7 @@ class Bench:
                                     duration=max(a.warmup, 2), connections=a.rate_connections,
                                     cpus=self.load_cpus)
                 for i in range(a.slow_rounds):
-                    for which in "ABC" if i % 2 == 0 else "CBA":
+                    for which in order if i % 2 == 0 else order[::-1]:
                         url, pids = urls[which], gws[which].pids
                         cpu0 = common.schedstat(pids)[0]
                         r = common.wrk_rate(url, self.body_file, self.body, rate=rate,
@@ -422,28 +434,31 @@ class Bench:
             result["error"] = f"{type(exc).__name__}: {exc}"
             self.log(f"slow challenger FAILED: {result['error']}")
             return result
-        p99 = {w: [r["p99"] for r in result["runs"] if r["config"] == w] for w in "ABC"}
-        p50 = {w: [r["p50"] for r in result["runs"] if r["config"] == w] for w in "ABC"}
+        p99 = {w: [r["p99"] for r in result["runs"] if r["config"] == w] for w in order}
+        p50 = {w: [r["p50"] for r in result["runs"] if r["config"] == w] for w in order}
         cpu = {w: [r["cpu_ms_per_req"] for r in result["runs"] if r["config"] == w]
-               for w in "ABC"}
-        for w in "abc":
-            result[f"p99_{w}"] = statistics.median(p99[w.upper()])
-            result[f"p50_{w}"] = statistics.median(p50[w.upper()])
-            result[f"cpu_{w}"] = statistics.median(cpu[w.upper()])
+               for w in order}
+        for w in order:
+            result[f"p99_{w.lower()}"] = statistics.median(p99[w])
+            result[f"p50_{w.lower()}"] = statistics.median(p50[w])
+            result[f"cpu_{w.lower()}"] = statistics.median(cpu[w])
         result["p99_change_pct"] = 100 * (result["p99_b"] / result["p99_a"] - 1)
         result["p50_change_pct"] = 100 * (result["p50_b"] / result["p50_a"] - 1)
         result["p99_vs_fast_pct"] = 100 * (result["p99_b"] / result["p99_c"] - 1)
         result["p50_vs_fast_pct"] = 100 * (result["p50_b"] / result["p50_c"] - 1)
-        # run-to-run noise of the unchanged config, to judge the change against
+        # the A/A test: the same statistic between two identical gateways
+        result["p99_aa_pct"] = 100 * (result["p99_a2"] / result["p99_a"] - 1)
+        result["p50_aa_pct"] = 100 * (result["p50_a2"] / result["p50_a"] - 1)
+        # and the older, harsher yardstick: max/min of A's p99 over its rounds
         result["p99_noise_pct"] = 100 * (max(p99["A"]) / min(p99["A"]) - 1) if len(
             p99["A"]) > 1 else None
-        result["p99_a_runs"], result["p99_b_runs"] = p99["A"], p99["B"]
-        result["p99_c_runs"] = p99["C"]
+        for w in order:
+            result[f"p99_{w.lower()}_runs"] = p99[w]
         self.log(f"slow challenger: champion p99 {result['p99_a']:.2f} (A) -> "
                  f"{result['p99_b']:.2f} ms (B, {result['p99_change_pct']:+.1f}%); with a "
                  f"normal-speed shadow {result['p99_c']:.2f} ms (C; B vs C "
-                 f"{result['p99_vs_fast_pct']:+.1f}%), A-vs-A noise "
-                 f"{result['p99_noise_pct'] or 0:.1f}%")
+                 f"{result['p99_vs_fast_pct']:+.1f}%), A/A (A2 vs A) "
+                 f"{result['p99_aa_pct']:+.1f}%, A's max/min {result['p99_noise_pct'] or 0:.1f}%")
         return result
 
     def overload(self) -> dict[str, Any]:
@@ -602,9 +617,10 @@ def capacity_table(bench: Bench) -> str:
 def latency_table(bench: Bench) -> str:
     direct, nginx = _find(bench, "direct"), _find(bench, "nginx-mirror")
     lines = [f"| setup | p50 / p90 / p99 at {bench.rate:,.0f} req/s (ms) | added p50 / p99 "
-             f"| p99 × nginx mirror | p50 / p90 / p99 at {bench.light_rate:,.0f} req/s (ms) "
-             "| added p50 / p99 | p99 × nginx mirror |",
-             "|" + "---|" * 7]
+             "| p99 × nginx mirror | CPU ms/req (× nginx mirror) "
+             f"| p50 / p90 / p99 at {bench.light_rate:,.0f} req/s (ms) "
+             "| added p50 / p99 | p99 × nginx mirror | CPU ms/req (× nginx mirror) |",
+             "|" + "---|" * 9]
     for r in bench.rows:
         if r.error:
             continue
@@ -614,7 +630,7 @@ def latency_table(bench: Bench) -> str:
             base = getattr(direct, attr) if direct else None
             peer = getattr(nginx, attr) if nginx else None
             if res is None:
-                cells += ["-", "-", "-"]
+                cells += ["-", "-", "-", "-"]
                 continue
             text = f"{res.p50:.2f} / {res.p90:.2f} / {res.p99:.2f}"
             if res.target_rps and res.rps < 0.95 * res.target_rps:
@@ -623,7 +639,11 @@ def latency_table(bench: Bench) -> str:
                 text += f", {res.errors} errors"
             added = "-" if base is None or r.key == "direct" else \
                 f"{res.p50 - base.p50:+.2f} / {res.p99 - base.p99:+.2f}"
-            cells += [text, added, ratio(res.p99, peer.p99 if peer else None)]
+            cpu: float | None = getattr(r, f"{attr}_cpu_ms")
+            peer_cpu: float | None = getattr(nginx, f"{attr}_cpu_ms") if nginx else None
+            cpu_cell = "-" if cpu is None else f"{cpu:.3f}" + (
+                f" (×{cpu / peer_cpu:.2f})" if peer_cpu else "")
+            cells += [text, added, ratio(res.p99, peer.p99 if peer else None), cpu_cell]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -675,7 +695,9 @@ def render(bench: Bench, argv: list[str]) -> str:
         "",
         capacity_table(bench),
         "",
-        "Latency at fixed offered rates (added = minus direct Triton at the same rate):",
+        "Latency at fixed offered rates (added = minus direct Triton at the same rate; CPU "
+        "ms/req = the gateway's (or nginx's) CPU time during that fixed-rate run / its "
+        "requests):",
         "",
         latency_table(bench),
         "",
@@ -693,8 +715,9 @@ def render(bench: Bench, argv: list[str]) -> str:
                 f"p50 of {bench.extra.get('champion_p50_ms', 0):.2f} ms), at "
                 f"{slow['rate']:,.0f} req/s (the light rate, capped at "
                 f"{a.slow_max_load:.0%} of the gateway's champion-only capacity), "
-                "and, as the control, champion + shadow `fraud_v4` at its normal speed (C); "
-                f"{a.slow_rounds} rounds in ABC / CBA order, "
+                "and, as the control, champion + shadow `fraud_v4` at its normal speed (C), and "
+                "a second champion-only gateway (A2) for an A/A test of the same statistic; "
+                f"{a.slow_rounds} rounds in A B C A2 / A2 C B A order, "
                 f"{a.slow_duration:g} s each (medians):",
                 "",
                 "| | p50 (ms) | p99 (ms) | gateway CPU ms/req |",
@@ -705,15 +728,19 @@ def render(bench: Bench, argv: list[str]) -> str:
                 f"| {slow['cpu_b']:.3f} |",
                 f"| C + normal-speed shadow | {slow['p50_c']:.2f} | {slow['p99_c']:.2f} "
                 f"| {slow['cpu_c']:.3f} |",
+                f"| A2 champion only, again | {slow['p50_a2']:.2f} | {slow['p99_a2']:.2f} "
+                f"| {slow['cpu_a2']:.3f} |",
                 f"| B vs A | {slow['p50_change_pct']:+.1f}% | **{slow['p99_change_pct']:+.1f}%** "
                 "| |",
                 f"| B vs C | {slow['p50_vs_fast_pct']:+.1f}% | **{slow['p99_vs_fast_pct']:+.1f}%** "
                 "| |",
+                f"| A2 vs A (A/A: the noise floor) | {slow['p50_aa_pct']:+.1f}% "
+                f"| {slow['p99_aa_pct']:+.1f}% | |",
                 "",
-                "p99 per round: A " + ", ".join(f"{v:.2f}" for v in slow["p99_a_runs"])
-                + "; B " + ", ".join(f"{v:.2f}" for v in slow["p99_b_runs"])
-                + "; C " + ", ".join(f"{v:.2f}" for v in slow["p99_c_runs"])
-                + f" ms. A-vs-A spread of p99 (noise): {slow['p99_noise_pct'] or 0:.1f}%. "
+                "p99 per round: " + "; ".join(
+                    f"{w} " + ", ".join(f"{v:.2f}" for v in slow[f"p99_{w.lower()}_runs"])
+                    for w in ("A", "B", "C", "A2"))
+                + f" ms. Max/min of A's p99 over its rounds: {slow['p99_noise_pct'] or 0:.1f}%. "
                 "Slow lane copies: "
                 + ", ".join(f"{k} {int(v):,}" for k, v in sorted(sh.items())) + ".",
                 "",

@@ -107,7 +107,11 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert row["capacity"]["requests"] > 0
         if row["logged"] is not None:
             assert row["logged"] >= row["served"], row  # warm-up requests are logged too
-    assert "error" not in results["extra"]["slow"]
+    for key in ("nginx-mirror", "champion-file-w1", "shadow1-file-w1"):
+        assert rows[key]["moderate_cpu_ms"] > 0, rows[key]  # CPU at the fixed rate, measured
+    slow = results["extra"]["slow"]
+    assert "error" not in slow
+    assert {"p99_a", "p99_b", "p99_c", "p99_a2", "p99_aa_pct"} <= slow.keys()  # the A/A test
     assert "error" not in results["extra"]["overload"]
 
 
