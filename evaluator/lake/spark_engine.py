@@ -93,13 +93,15 @@ def spark_session(master: str = DEFAULT_MASTER, conf: Mapping[str, str] | None =
     if active is not None:
         return active
     settings = {**BASE_CONF, **_local_conf(master), **(conf or {})}
+    settings = {**_result_size_conf(settings), **settings}
     builder = SparkSession.builder.appName(APP_NAME)
     if "PYSPARK_GATEWAY_PORT" in os.environ:
         from pyspark import SparkConf
 
         submitted = SparkConf()  # what spark-submit passed to the JVM it started
         master = submitted.get("spark.master", master) or master
-        settings = {k: v for k, v in BASE_CONF.items() if not submitted.contains(k)}
+        defaults = {**BASE_CONF, **_result_size_conf(dict(submitted.getAll()))}
+        settings = {k: v for k, v in defaults.items() if not submitted.contains(k)}
     else:
         builder = builder.master(master)
     for key, value in settings.items():
@@ -113,6 +115,14 @@ def spark_session(master: str = DEFAULT_MASTER, conf: Mapping[str, str] | None =
     log.info("Spark %s session on %s started in %.1fs", session.version, master,
              time.monotonic() - started)
     return session
+
+
+def _result_size_conf(settings: Mapping[str, str]) -> dict[str, str]:
+    """The report collects the experiment's joined rows into the driver by design, so the cap
+    on collected results is the driver's heap, not Spark's 1g default (which a 10M-request
+    report exceeds: 1.6 GB of joined rows)."""
+    memory = settings.get("spark.driver.memory")
+    return {"spark.driver.maxResultSize": memory} if memory else {}
 
 
 def _local_conf(master: str) -> dict[str, str]:
@@ -292,9 +302,17 @@ class SparkLakeReader(DatasetReads):
         stats = JoinStats(inferences=int(n_inf), duplicate_inferences=int(dups or 0), **orphans)
         if labels is None:
             return _EMPTY, stats
-        table = (won.where(window).join(labels, ["request_id", "row_ix"])
-                 .select(*_ROW_COLUMNS, "has_label", "n", "outcomes", "arms")
-                 .toArrow())
+        try:
+            table = (won.where(window).join(labels, ["request_id", "row_ix"])
+                     .select(*_ROW_COLUMNS, "has_label", "n", "outcomes", "arms")
+                     .toArrow())
+        except Exception as exc:
+            if "maxResultSize" not in str(exc):
+                raise
+            raise SparkEngineError(
+                f"route {route}: the joined rows are larger than spark.driver.maxResultSize "
+                "(it defaults to spark.driver_memory): raise spark.driver_memory, or narrow "
+                "the report's window (--window)") from None
         n = np.asarray(table["n"].to_numpy(), dtype=np.int64)
         has = np.asarray(table["has_label"].to_numpy(zero_copy_only=False), dtype=bool)
         stats.labels, stats.duplicate_labels = int(n.sum()), int((n - 1).sum())

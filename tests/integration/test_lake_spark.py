@@ -21,7 +21,7 @@ from evaluator.cli.report import open_reader
 from evaluator.config import ConfigError, parse_config
 from evaluator.lake.members import FileMember
 from evaluator.lake.reader import LakeReader
-from evaluator.lake.spark_engine import SparkLakeReader, spark_session
+from evaluator.lake.spark_engine import SparkLakeReader, _result_size_conf, spark_session
 from evaluator.store import EmptyDatasetError, Store
 from tests.support.lake import dataset_differences, experiment_log
 from tests.unit.test_eval_store import T0, LogDir, inference, label
@@ -37,6 +37,15 @@ def spark() -> Iterator[Any]:
                                          "spark.driver.memory": "1g"})
     yield session
     session.stop()
+
+
+def test_collected_results_are_capped_by_the_driver_heap(spark: Any) -> None:
+    """The report collects its joined rows by design: Spark's 1g default cap failed a
+    10M-request report (1.6 GB of rows); the cap follows spark.driver.memory instead."""
+    assert spark.sparkContext.getConf().get("spark.driver.maxResultSize") == "1g"
+    assert _result_size_conf({"spark.driver.memory": "6g"}) == {
+        "spark.driver.maxResultSize": "6g"}
+    assert _result_size_conf({}) == {}
 
 
 def test_spark_reads_the_lake_as_duckdb_and_the_store_do(tmp_path: Path, spark: Any) -> None:
