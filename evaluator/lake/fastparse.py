@@ -18,7 +18,7 @@ little to keep a second schema of the record in step with the reader.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -132,9 +132,17 @@ class TypedLabel(Struct, gc=False, tag_field="kind", tag="label"):
 
 _decode_typed = msgspec.json.Decoder(TypedInference | TypedLabel).decode
 # The codes of the words the structs admit, and of a missing word (as the reader codes it).
-_ROLE_CODES: dict[str | None, int] = {**ROLE_CODES, None: ROLE_CODES["challenger"]}
-_MODE_CODES: dict[str | None, int] = {**MODE_CODES, None: UNKNOWN_MODE}
-_STATUS_CODES: dict[str | None, int] = {**STATUS_CODES, None: STATUS_CODES["error"]}
+
+
+def _codes(words: Mapping[str, int], missing: int) -> dict[str | None, int]:
+    codes: dict[str | None, int] = {None: missing}
+    codes.update(words)
+    return codes
+
+
+_ROLE_CODES = _codes(ROLE_CODES, ROLE_CODES["challenger"])
+_MODE_CODES = _codes(MODE_CODES, UNKNOWN_MODE)
+_STATUS_CODES = _codes(STATUS_CODES, STATUS_CODES["error"])
 
 
 class _Slow(Exception):
