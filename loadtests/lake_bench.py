@@ -2,12 +2,14 @@
 
 Two parts, both reporting CPU seconds (robust on a busy shared machine) next to wall time:
 
-- `--ingest N [--paths per-record,fast,store]`: N synthetic requests (loadtests/bench_store.py's
-  generator: champion + two shadow challengers, 8 features, 1% re-delivered inferences, labels
-  two chunks late with 2% duplicates), 20k-record polls, through each path: `per-record`
-  (`RecordParser.parse` per record -> LakeBatch -> Arrow -> Parquet, the lake's path before
-  the fast path), `fast` (`FastParser.parse_many` -> the same LakeBatch, what a member runs
-  now) and `store` (RecordParser -> Batch -> DuckDB `Store.ingest`), as records/s per core
+- `--ingest N [--paths per-record,json,fast,store]`: N synthetic requests
+  (loadtests/bench_store.py's generator: champion + two shadow challengers, 8 features, 1%
+  re-delivered inferences, labels two chunks late with 2% duplicates), 20k-record polls,
+  through each path: `per-record` (`RecordParser.parse` per record -> LakeBatch -> Arrow ->
+  Parquet, the lake's path before the fast path), `json` (`FastParser.parse_json`, orjson:
+  the fast path before its typed tier), `fast` (`FastParser.parse_many`, msgspec's typed
+  decode first -> the same LakeBatch, what a member runs now) and `store` (RecordParser ->
+  Batch -> DuckDB `Store.ingest`), as records/s per core
   (records = inference + label lines, over this process's CPU seconds). Run one path per
   process to compare them (no shared heap, so no shared garbage collection). `--parsers`
   adds the parse alone with orjson and with pyarrow's JSON reader (raw Arrow, no layout).

@@ -3,16 +3,24 @@
 `RecordParser.parse` (evaluator/ingest/parse.py) reads one record through the contract's typed
 reader (understudy/reader.py: a dataclass per record and per outcome) and then adds its rows
 through the batch's methods — about 12 µs an inference record, most of it building objects the
-lake throws away. `FastParser.parse_many` reads the decoded JSON object once, appends to the
-column lists directly, and handles only the shapes it can prove give the reader's values: an
-unbatched request with float `ts`, outcomes that are objects, a label `label_values` accepts
-that carries a time. Anything else — malformed JSON, a bad or unusual record, a batched request, a
-label without times — goes to `RecordParser.parse`, which rejects it with the same reason and
-log line as before or reads it the same way. The columns, and so the Parquet files, are the
-same as the per-record path's (tests/unit/test_lake_fastparse.py checks them array for array
-on generated records). Other decoders were measured (docs/LAKE.md, "Ingest speed"): pyarrow's
-JSON reader is slower on these dynamically keyed records, and msgspec's typed decode saves too
-little to keep a second schema of the record in step with the reader.
+lake throws away. `FastParser.parse_many` has three tiers, each handing what it cannot prove
+it reads as the reader does to the next, record by record and in its place:
+
+1. typed (`parse_many`): msgspec decodes the line into the structs below (`TypedInference`,
+   `TypedLabel`: one C step that decodes and checks the types) and the fields are appended to
+   the columns — the shapes the gateway writes: an unbatched request, known words, finite
+   numbers, integers within their columns, no BYTES inputs; a label with a value and a time;
+2. JSON (`parse_json`, the fast path before the typed tier): orjson's objects, type checks in
+   Python, the same appends; it also takes unknown words, booleans and numbers in text that
+   the reader reads as numbers, and labels that `label_values` accepts and that carry a time;
+3. per record (`parse_one`, `RecordParser.parse`): everything else — malformed JSON, a bad or
+   unusual record, a batched request, a label without times — rejected with the same reason
+   and log line as before, or read the same way.
+
+The columns, and so the Parquet files, are the per-record path's (tests/unit/
+test_lake_fastparse.py checks them array for array on generated records, the typed tier on
+its own too). Other decoders were measured (docs/LAKE.md, "Ingest speed"): pyarrow's JSON
+reader is slower on these dynamically keyed records.
 """
 
 from __future__ import annotations
