@@ -26,7 +26,7 @@ reader is slower on these dynamically keyed records.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -186,23 +186,10 @@ class FastParser:
         """
         decode, typed_errors = _decode_typed, (msgspec.DecodeError, RecursionError)
         score_names, limit = self._score_names, self.parser.max_feature_elements
-        request_id, row_ix, route_, ts_ = (b.request_id.append, b.row_ix.append,
-                                           b.route.append, b.ts.append)
-        policy_, served_, propensity_, sticky_ = (b.policy.append, b.served.append,
-                                                  b.propensity.append, b.sticky_key.append)
-        status_, latency_, version_ = (b.status.append, b.gateway_latency_ms.append,
-                                       b.registry_version.append)
-        src_, pos_ = b.src.append, b.pos.append
-        o_pos, o_model, o_role, o_mode, o_version = (b.o_pos.append, b.o_model.append,
-                                                     b.o_role.append, b.o_mode.append,
-                                                     b.o_version.append)
-        o_status, o_score, o_latency, o_experiment, o_rate = (
-            b.o_status.append, b.o_score.append, b.o_latency.append, b.o_experiment.append,
-            b.o_sample_rate.append)
-        a_pos, a_model, a_prob = b.a_pos.append, b.a_model.append, b.a_prob.append
-        x_pos, x_name, x_dtype, x_width, x_num, x_cat = (
-            b.x_pos.append, b.x_name.append, b.x_dtype.append, b.x_width.append,
-            b.x_num.append, b.x_cat.append)
+        (request_id, row_ix, route_, ts_, policy_, served_, propensity_, sticky_, status_,
+         latency_, version_, src_, pos_, o_pos, o_model, o_role, o_mode, o_version, o_status,
+         o_score, o_latency, o_experiment, o_rate, a_pos, a_model, a_prob, x_pos, x_name,
+         x_dtype, x_width, x_num, x_cat) = _row_appends(b)
         l_rid, l_row, l_label, l_reward, l_has, l_event, l_received, l_src, l_pos = (
             b.l_request_id.append, b.l_row_ix.append, b.l_label.append, b.l_reward.append,
             b.l_has_label.append, b.l_event_time.append, b.l_received_ts.append,
@@ -330,23 +317,10 @@ class FastParser:
         """
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
         score_names, label, limit = self._score_names, self._label, self.parser.max_feature_elements
-        request_id, row_ix, route_, ts_ = (b.request_id.append, b.row_ix.append,
-                                           b.route.append, b.ts.append)
-        policy_, served_, propensity_, sticky_ = (b.policy.append, b.served.append,
-                                                  b.propensity.append, b.sticky_key.append)
-        status_, latency_, version_ = (b.status.append, b.gateway_latency_ms.append,
-                                       b.registry_version.append)
-        src_, pos_ = b.src.append, b.pos.append
-        o_pos, o_model, o_role, o_mode, o_version = (b.o_pos.append, b.o_model.append,
-                                                     b.o_role.append, b.o_mode.append,
-                                                     b.o_version.append)
-        o_status, o_score, o_latency, o_experiment, o_rate = (
-            b.o_status.append, b.o_score.append, b.o_latency.append, b.o_experiment.append,
-            b.o_sample_rate.append)
-        a_pos, a_model, a_prob = b.a_pos.append, b.a_model.append, b.a_prob.append
-        x_pos, x_name, x_dtype, x_width, x_num, x_cat = (
-            b.x_pos.append, b.x_name.append, b.x_dtype.append, b.x_width.append,
-            b.x_num.append, b.x_cat.append)
+        (request_id, row_ix, route_, ts_, policy_, served_, propensity_, sticky_, status_,
+         latency_, version_, src_, pos_, o_pos, o_model, o_role, o_mode, o_version, o_status,
+         o_score, o_latency, o_experiment, o_rate, a_pos, a_model, a_prob, x_pos, x_name,
+         x_dtype, x_width, x_num, x_cat) = _row_appends(b)
         records, watermark = 0, -math.inf
         try:
             for pos, raw in zip(positions, raws, strict=True):
@@ -519,6 +493,19 @@ class FastParser:
         b.l_pos.append(pos)
         if received > b.watermark:
             b.watermark = received
+
+
+def _row_appends(b: LakeBatch) -> tuple[Callable[[Any], None], ...]:
+    """The `append`s of `b`'s row, outcome, arm and input columns, in the order the two
+    tiers unpack them: looked up once a poll (per record, look-ups were a third of the time)."""
+    return (b.request_id.append, b.row_ix.append, b.route.append, b.ts.append,
+            b.policy.append, b.served.append, b.propensity.append, b.sticky_key.append,
+            b.status.append, b.gateway_latency_ms.append, b.registry_version.append,
+            b.src.append, b.pos.append, b.o_pos.append, b.o_model.append, b.o_role.append,
+            b.o_mode.append, b.o_version.append, b.o_status.append, b.o_score.append,
+            b.o_latency.append, b.o_experiment.append, b.o_sample_rate.append, b.a_pos.append,
+            b.a_model.append, b.a_prob.append, b.x_pos.append, b.x_name.append,
+            b.x_dtype.append, b.x_width.append, b.x_num.append, b.x_cat.append)
 
 
 def _utf8(raw: bytes) -> bool:

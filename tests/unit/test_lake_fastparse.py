@@ -75,6 +75,16 @@ def record(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not ...}
 
 
+def inference_record(rid: Any, ts: Any, route: Any, policy: Any, served: Any, prop: Any,
+                     arms: Any, key: Any, inputs: Any, outputs: Any, status: Any, lat: Any,
+                     rv: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """An inference record from generated fields (`...`: the field is missing)."""
+    return record(
+        schema_version=1, kind="inference", request_id=rid, ts=ts, route=route, policy=policy,
+        served=served, propensity=prop, arms=arms, key=key, inputs=inputs, outputs=outputs,
+        status=status, gateway_latency_ms=lat, registry_version=rv, **extra)
+
+
 numbers = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.floats(0.0, 1.0),
                     st.integers(-10, 10), st.booleans(), st.integers(2**64, 2**70),
                     st.text(max_size=3))
@@ -94,11 +104,7 @@ outcomes = st.builds(
     maybe(st.none()), st.one_of(st.just(...), st.just(...), st.integers(1, 4), json_values),
     maybe(st.text(max_size=4)), maybe(numbers))
 inferences = st.builds(
-    lambda rid, ts, route, policy, served, prop, arms, key, inputs, outputs, status, lat, rv,
-    extra: record(
-        schema_version=1, kind="inference", request_id=rid, ts=ts, route=route, policy=policy,
-        served=served, propensity=prop, arms=arms, key=key, inputs=inputs, outputs=outputs,
-        status=status, gateway_latency_ms=lat, registry_version=rv, **extra),
+    inference_record,
     usually(st.sampled_from(["r1", "r2", "ré-3"])),
     usually(st.floats(1.6e9, 1.9e9)),
     usually(st.sampled_from(["fraud", "price", "rüte"])),
@@ -398,11 +404,7 @@ typed_tensors = st.builds(
                         st.tuples(st.integers(-1, 1), st.integers(1, 9)).map(list))),
     sometimes(st.lists(finite, max_size=6)))
 gateway_inferences = st.builds(
-    lambda rid, ts, route, policy, served, prop, arms, key, inputs, outputs, status, lat, rv,
-    extra: record(
-        schema_version=1, kind="inference", request_id=rid, ts=ts, route=route, policy=policy,
-        served=served, propensity=prop, arms=arms, key=key, inputs=inputs, outputs=outputs,
-        status=status, gateway_latency_ms=lat, registry_version=rv, **extra),
+    inference_record,
     st.text(min_size=1, max_size=6), st.one_of(st.floats(1.6e9, 1.9e9), st.integers(0, 2**40)),
     st.sampled_from(["fraud", "price", "rüte"]),
     sometimes(st.fixed_dictionaries({}, optional={"type": st.sampled_from(["champion", ""])})),
