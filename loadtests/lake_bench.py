@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.lake_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ingest", type=int, default=0, help="requests for the ingest comparison")
-    ap.add_argument("--paths", default="per-record,fast",
+    ap.add_argument("--paths", default="per-record,json,fast",
                     help=f"ingest paths to measure, comma-separated, of {', '.join(PATHS)}")
     ap.add_argument("--parsers", action="store_true",
                     help="also time the JSON parse alone (orjson, pyarrow's JSON reader)")
