@@ -148,9 +148,9 @@ def _codes(words: Mapping[str, int], missing: int) -> dict[str | None, int]:
     return codes
 
 
-_ROLE_CODES = _codes(ROLE_CODES, ROLE_CODES["challenger"])
+_ROLE_CODES = _codes(ROLE_CODES, CHALLENGER)
 _MODE_CODES = _codes(MODE_CODES, UNKNOWN_MODE)
-_STATUS_CODES = _codes(STATUS_CODES, STATUS_CODES["error"])
+_STATUS_CODES = _codes(STATUS_CODES, ERROR)
 
 
 class _Slow(Exception):
@@ -182,7 +182,8 @@ class FastParser:
         request, a label without a value or without a time — goes, in its place, to
         `parse_json`, and from there, if need be, to the per-record path. The values are
         `parse_json`'s for the same record: unknown words as its codes, missing values as NaN,
-        -1, 0, "" or None as it reads them; every field is read before anything is appended.
+        -1, 0, "" or None as it reads them. Nothing can fail once a record's appends begin: its
+        values have the structs' types, so no half-added record needs undoing here.
         """
         decode, typed_errors = _decode_typed, (msgspec.DecodeError, RecursionError)
         score_names, limit = self._score_names, self.parser.max_feature_elements
