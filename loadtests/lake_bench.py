@@ -2,12 +2,14 @@
 
 Two parts, both reporting CPU seconds (robust on a busy shared machine) next to wall time:
 
-- `--ingest N [--paths per-record,fast,store]`: N synthetic requests (loadtests/bench_store.py's
-  generator: champion + two shadow challengers, 8 features, 1% re-delivered inferences, labels
-  two chunks late with 2% duplicates), 20k-record polls, through each path: `per-record`
-  (`RecordParser.parse` per record -> LakeBatch -> Arrow -> Parquet, the lake's path before
-  the fast path), `fast` (`FastParser.parse_many` -> the same LakeBatch, what a member runs
-  now) and `store` (RecordParser -> Batch -> DuckDB `Store.ingest`), as records/s per core
+- `--ingest N [--paths per-record,json,fast,store]`: N synthetic requests
+  (loadtests/bench_store.py's generator: champion + two shadow challengers, 8 features, 1%
+  re-delivered inferences, labels two chunks late with 2% duplicates), 20k-record polls,
+  through each path: `per-record` (`RecordParser.parse` per record -> LakeBatch -> Arrow ->
+  Parquet, the lake's path before the fast path), `json` (`FastParser.parse_json`, orjson:
+  the fast path before its typed tier), `fast` (`FastParser.parse_many`, msgspec's typed
+  decode first -> the same LakeBatch, what a member runs now) and `store` (RecordParser ->
+  Batch -> DuckDB `Store.ingest`), as records/s per core
   (records = inference + label lines, over this process's CPU seconds). Run one path per
   process to compare them (no shared heap, so no shared garbage collection). `--parsers`
   adds the parse alone with orjson and with pyarrow's JSON reader (raw Arrow, no layout).
@@ -28,8 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -41,9 +43,6 @@ from evaluator.lake.storage import Lake
 from evaluator.store import Batch, Store
 from loadtests.bench_store import CHALLENGERS, CHAMPION, N_FEATURES, ROUTE, synthetic_chunks
 
-if TYPE_CHECKING:
-    from evaluator.lake.fastparse import FastParser
-
 CHUNK = 500_000
 
 
@@ -51,7 +50,7 @@ def _cpu() -> float:
     return time.process_time()
 
 
-PATHS = ("store", "per-record", "fast")
+PATHS = ("store", "per-record", "json", "fast")
 
 
 def bench_ingest(n: int, workdir: Path, paths: tuple[str, ...] = ("per-record", "fast"),
@@ -63,7 +62,7 @@ def bench_ingest(n: int, workdir: Path, paths: tuple[str, ...] = ("per-record", 
     for path in paths:
         out[f"{path}_cpu"] = out[f"{path}_wall"] = 0.0
     store = Store(workdir / "store.duckdb") if "store" in paths else None
-    lakes = {path: _LakeRun(workdir / f"lake-{path}", parser, path == "fast", file_records)
+    lakes = {path: _LakeRun(workdir / f"lake-{path}", parser, path, file_records)
              for path in paths if path != "store"}
     for inf_lines, label_lines in synthetic_chunks(n):
         lines = inf_lines + label_lines
@@ -106,15 +105,17 @@ class _LakeRun:
     """One lake ingest path as a member runs it: poll-sized batches in, a flush every
     `file_records` records (Arrow tables, Parquet files written durably)."""
 
-    def __init__(self, root: Path, parser: RecordParser, fast: bool, file_records: int) -> None:
+    def __init__(self, root: Path, parser: RecordParser, path: str, file_records: int) -> None:
         self.lake = Lake(str(root))
         self.lake.ensure()
         self.parser = parser
-        self.fast: FastParser | None = None
-        if fast:  # imported here: `--paths per-record` also runs on a checkout without it
+        self.fast: Callable[[LakeBatch, str, Sequence[int], Sequence[bytes | None]], None] | None
+        self.fast = None
+        if path != "per-record":  # imported here: `per-record` also runs on a checkout without it
             from evaluator.lake.fastparse import FastParser
 
-            self.fast = FastParser(parser)
+            fast = FastParser(parser)
+            self.fast = fast.parse_json if path == "json" else fast.parse_many
         self.file_records = file_records
         self.batch = LakeBatch()
         self.pos = 0
@@ -122,7 +123,7 @@ class _LakeRun:
     def add(self, lines: list[bytes]) -> None:
         first, self.pos = self.pos, self.pos + len(lines)
         if self.fast is not None:
-            self.fast.parse_many(self.batch, "kafka:bench:0", range(first, self.pos), lines)
+            self.fast(self.batch, "kafka:bench:0", range(first, self.pos), lines)
         else:  # the per-record path (what every record took before the fast path)
             for pos, line in enumerate(lines, first):
                 self.batch.at("kafka:bench:0", pos)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.lake_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ingest", type=int, default=0, help="requests for the ingest comparison")
-    ap.add_argument("--paths", default="per-record,fast",
+    ap.add_argument("--paths", default="per-record,json,fast",
                     help=f"ingest paths to measure, comma-separated, of {', '.join(PATHS)}")
     ap.add_argument("--parsers", action="store_true",
                     help="also time the JSON parse alone (orjson, pyarrow's JSON reader)")

@@ -3,35 +3,154 @@
 `RecordParser.parse` (evaluator/ingest/parse.py) reads one record through the contract's typed
 reader (understudy/reader.py: a dataclass per record and per outcome) and then adds its rows
 through the batch's methods — about 12 µs an inference record, most of it building objects the
-lake throws away. `FastParser.parse_many` reads the decoded JSON object once, appends to the
-column lists directly, and handles only the shapes it can prove give the reader's values: an
-unbatched request with float `ts`, outcomes that are objects, a label `label_values` accepts
-that carries a time. Anything else — malformed JSON, a bad or unusual record, a batched request, a
-label without times — goes to `RecordParser.parse`, which rejects it with the same reason and
-log line as before or reads it the same way. The columns, and so the Parquet files, are the
-same as the per-record path's (tests/unit/test_lake_fastparse.py checks them array for array
-on generated records). Other decoders were measured (docs/LAKE.md, "Ingest speed"): pyarrow's
-JSON reader is slower on these dynamically keyed records, and msgspec's typed decode saves too
-little to keep a second schema of the record in step with the reader.
+lake throws away. `FastParser.parse_many` has three tiers, each handing what it cannot prove
+it reads as the reader does to the next, record by record and in its place:
+
+1. typed (`parse_many`): msgspec decodes the line into the structs below (`TypedInference`,
+   `TypedLabel`: one C step that decodes and checks the types) and the fields are appended to
+   the columns — the shapes the gateway writes: an unbatched request, known words, finite
+   numbers, integers within their columns, no BYTES inputs; a label with a value and a time;
+2. JSON (`parse_json`, the fast path before the typed tier): orjson's objects, type checks in
+   Python, the same appends; it also takes unknown words, booleans and numbers in text that
+   the reader reads as numbers, and labels that `label_values` accepts and that carry a time;
+3. per record (`parse_one`, `RecordParser.parse`): everything else — malformed JSON, a bad or
+   unusual record, a batched request, a label without times — rejected with the same reason
+   and log line as before, or read the same way.
+
+The columns, and so the Parquet files, are the per-record path's (tests/unit/
+test_lake_fastparse.py checks them array for array on generated records, the typed tier on
+its own too). Other decoders were measured (docs/LAKE.md, "Ingest speed"): pyarrow's JSON
+reader is slower on these dynamically keyed records.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
+from msgspec import Meta, Struct
 
 from evaluator.ingest.parse import INT32, INT64, RecordParser, pack_floats, score_of
 from evaluator.lake.columns import LakeBatch
-from understudy.labels import LabelError, finite_number, label_values
+from understudy.labels import MAX_ROW_INDEX, LabelError, finite_number, label_values
 from understudy.records import SCHEMA_VERSION
-from understudy.vocabulary import MODE_CODES, ROLE_CODES, STATUS_CODES, UNKNOWN_MODE
+from understudy.vocabulary import (
+    MODE_CODES,
+    ROLE_CODES,
+    STATUS_CODES,
+    UNKNOWN_MODE,
+    Mode,
+    OutcomeStatus,
+    Role,
+)
 
 NAN = math.nan
 OK = STATUS_CODES["ok"]
 ERROR = STATUS_CODES["error"]  # what the reader makes of a status it does not know
 CHALLENGER = ROLE_CODES["challenger"]  # ... and of a role
+
+
+# -- the typed tier: the shapes a record has when the gateway wrote it ---------------------------
+# msgspec decodes a line straight into these (C, no dict per object); a line that does not fit
+# them exactly raises, and goes to the orjson tier below, which reads it as before. So a field
+# is typed as narrowly as the tiers' equality can be proven: finite floats (msgspec refuses
+# 1e999 and NaN literals; an integer is read as float(int), as `finite_number` does), integers
+# within the column's range (orjson reads a larger one as a float), no booleans where the
+# reader would count one as a number, strings as strings. Unknown fields are skipped, as the
+# reader skips them; a duplicated key keeps its last value in both decoders.
+
+NonEmpty = Annotated[str, Meta(min_length=1)]
+Int32 = Annotated[int, Meta(ge=INT32.start, le=INT32.stop - 1)]
+Int64 = Annotated[int, Meta(ge=INT64.start, le=INT64.stop - 1)]
+RowIndex = Annotated[int, Meta(ge=0, le=MAX_ROW_INDEX)]
+# understudy.records.DATATYPES but BYTES, whose data the lake keeps as its JSON text (tested)
+NumericType = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
+                      "INT64", "FP16", "BF16", "FP32", "FP64"]
+
+
+class TypedTensor(Struct, gc=False):
+    """An input tensor with numbers only (a BYTES one goes to the tier below)."""
+
+    datatype: NumericType | None = None
+    shape: list[int] | None = None
+    data: list[float] | None = None
+
+
+class TypedOutput(Struct, gc=False):
+    """An output tensor: only its data is read (the score is its first element)."""
+
+    data: list[float] | None = None
+
+
+class TypedOutcome(Struct, gc=False):
+    """One entry of `outputs` (understudy.reader.read_outcome's fields the lake keeps)."""
+
+    role: Role | None = None  # an unknown word: the tier below (which reads it as its code)
+    mode: Mode | None = None
+    version: str | None = None
+    status: OutcomeStatus | None = None
+    latency_ms: float | None = None
+    outputs: dict[str, TypedOutput] | None = None
+    batch_rows: Any = None  # set (any value): a shared call, latency not comparable
+    experiment: str | None = None
+    sample_rate: float | None = None
+
+
+class TypedPolicy(Struct, gc=False):
+    type: str | None = None
+
+
+class TypedServed(Struct, gc=False):
+    model: str | None = None
+
+
+class TypedInference(Struct, gc=False, tag_field="kind", tag="inference"):
+    """An inference record (understudy.reader.read_inference's fields the lake keeps)."""
+
+    schema_version: Literal[1]
+    request_id: NonEmpty
+    ts: float
+    route: NonEmpty
+    outputs: dict[str, TypedOutcome]
+    inputs: dict[str, TypedTensor] | None = None
+    policy: TypedPolicy | None = None
+    served: TypedServed | None = None
+    propensity: float | None = None
+    arms: dict[str, float | None] | None = None
+    key: str | None = None
+    status: Int32 | None = None
+    gateway_latency_ms: float | None = None
+    registry_version: Int64 | None = None
+
+
+class TypedLabel(Struct, gc=False, tag_field="kind", tag="label"):
+    """A label record; one without a value or without a time goes to the tier below."""
+
+    schema_version: Literal[1]
+    request_id: NonEmpty
+    label: float | None = None
+    reward: float | None = None
+    index: RowIndex = 0
+    event_time: float | None = None
+    received_ts: float | None = None
+
+
+_decode_typed = msgspec.json.Decoder(TypedInference | TypedLabel).decode
+# The codes of the words the structs admit, and of a missing word (as the reader codes it).
+
+
+def _codes(words: Mapping[str, int], missing: int) -> dict[str | None, int]:
+    codes: dict[str | None, int] = {None: missing}
+    codes.update(words)
+    return codes
+
+
+_ROLE_CODES = _codes(ROLE_CODES, CHALLENGER)
+_MODE_CODES = _codes(MODE_CODES, UNKNOWN_MODE)
+_STATUS_CODES = _codes(STATUS_CODES, ERROR)
 
 
 class _Slow(Exception):
@@ -57,29 +176,152 @@ class FastParser:
                    raws: Sequence[bytes | None]) -> None:
         """Parse `raws` read at `src` (record i at `positions[i]`) into `b`, in order.
 
+        Each line is decoded into the typed structs and its values appended to the columns
+        at once (the record is still in the cache; holding a poll's records to add them
+        column by column measured slower). A line that does not fit them — or a batched
+        request, a label without a value or without a time — goes, in its place, to
+        `parse_json`, and from there, if need be, to the per-record path. The values are
+        `parse_json`'s for the same record: unknown words as its codes, missing values as NaN,
+        -1, 0, "" or None as it reads them. Nothing can fail once a record's appends begin: its
+        values have the structs' types, so no half-added record needs undoing here.
+        """
+        decode, typed_errors = _decode_typed, (msgspec.DecodeError, RecursionError)
+        score_names, limit = self._score_names, self.parser.max_feature_elements
+        (request_id, row_ix, route_, ts_, policy_, served_, propensity_, sticky_, status_,
+         latency_, version_, src_, pos_, o_pos, o_model, o_role, o_mode, o_version, o_status,
+         o_score, o_latency, o_experiment, o_rate, a_pos, a_model, a_prob, x_pos, x_name,
+         x_dtype, x_width, x_num, x_cat) = _row_appends(b)
+        l_rid, l_row, l_label, l_reward, l_has, l_event, l_received, l_src, l_pos = (
+            b.l_request_id.append, b.l_row_ix.append, b.l_label.append, b.l_reward.append,
+            b.l_has_label.append, b.l_event_time.append, b.l_received_ts.append,
+            b.l_src.append, b.l_pos.append)
+        role_codes, mode_codes, status_codes = _ROLE_CODES, _MODE_CODES, _STATUS_CODES
+        records, watermark = 0, -math.inf
+        try:
+            for pos, raw in zip(positions, raws, strict=True):
+                rec: TypedInference | TypedLabel | None = None
+                # msgspec skips an unknown field without checking its UTF-8, which the
+                # reader refuses: only valid UTF-8 is decoded here (ASCII, the usual, is).
+                if raw is not None and (raw.isascii() or _utf8(raw)):
+                    try:
+                        rec = decode(raw)
+                    except typed_errors:
+                        rec = None
+                if type(rec) is TypedLabel:
+                    label, reward = rec.label, rec.reward
+                    event, received = rec.event_time, rec.received_ts
+                    if received is None:
+                        received = event
+                    if (label is not None or reward is not None) and received is not None:
+                        l_rid(rec.request_id)
+                        l_row(rec.index)
+                        l_label(NAN if label is None else label)
+                        l_reward(NAN if reward is None else reward)
+                        l_has(label is not None)
+                        l_event(received if event is None else event)
+                        l_received(received)
+                        l_src(src)
+                        l_pos(pos)
+                        if received > watermark:
+                            watermark = received
+                        continue
+                elif type(rec) is TypedInference:
+                    inputs = rec.inputs
+                    batched = False
+                    if inputs:
+                        for tensor in inputs.values():
+                            shape = tensor.shape
+                            batched = shape is not None and len(shape) >= 2 and shape[0] > 1
+                            break
+                    if not batched:
+                        route = rec.route
+                        try:
+                            score_name = score_names[route]
+                        except KeyError:
+                            score_name = score_names[route] = self.parser.score_output(route)
+                        row = len(b.request_id)
+                        for model, oc in rec.outputs.items():
+                            code = status_codes[oc.status]
+                            score = NAN
+                            if code == OK:
+                                tensors = oc.outputs
+                                if tensors:
+                                    out = tensors.get(score_name) if score_name \
+                                        else next(iter(tensors.values()))
+                                    if out is not None:
+                                        data = out.data
+                                        if data:
+                                            score = data[0]
+                            lat, rate, experiment = oc.latency_ms, oc.sample_rate, oc.experiment
+                            o_pos(row)
+                            o_model(model)
+                            o_role(role_codes[oc.role])
+                            o_mode(mode_codes[oc.mode])
+                            o_version(oc.version or "")
+                            o_status(code)
+                            o_score(score)
+                            o_latency(NAN if lat is None or oc.batch_rows is not None else lat)
+                            o_experiment(experiment or None)
+                            o_rate(NAN if rate is None else rate)
+                        arms = rec.arms
+                        if arms:
+                            for model, prob in arms.items():
+                                a_pos(row)
+                                a_model(model)
+                                a_prob(NAN if prob is None else prob)
+                        if inputs:
+                            for name, tensor in inputs.items():
+                                data = tensor.data
+                                if not data or len(data) > limit:
+                                    continue
+                                x_pos(row)
+                                x_name(name)
+                                x_dtype(tensor.datatype or "")
+                                x_width(len(data))
+                                x_num(pack_floats(data))
+                                x_cat(None)
+                        policy, served = rec.policy, rec.served
+                        prop, lat, status, version = (rec.propensity, rec.gateway_latency_ms,
+                                                      rec.status, rec.registry_version)
+                        ts = rec.ts
+                        records += 1
+                        request_id(rec.request_id)
+                        row_ix(0)
+                        route_(route)
+                        ts_(ts)
+                        policy_("" if policy is None else policy.type or "")
+                        served_("" if served is None else served.model or "")
+                        propensity_(NAN if prop is None else prop)
+                        sticky_(rec.key)
+                        status_(0 if status is None else status)
+                        latency_(NAN if lat is None else lat)
+                        version_(-1 if version is None else version)
+                        src_(src)
+                        pos_(pos)
+                        if ts > watermark:
+                            watermark = ts
+                        continue
+                self.parse_json(b, src, (pos,), (raw,))
+        finally:
+            b.records += records
+            if watermark > b.watermark:
+                b.watermark = watermark
+
+    def parse_json(self, b: LakeBatch, src: str, positions: Sequence[int],
+                   raws: Sequence[bytes | None]) -> None:
+        """Parse `raws` read at `src` (record i at `positions[i]`) into `b`, in order, from
+        orjson's objects: the tier below the typed one (`parse_many`).
+
         One loop with the columns' `append`s looked up once: this runs for every record, and
         attribute look-ups were a third of the time (read_inference + RecordParser._inference
         for an unbatched request, fused; labels in `_label`).
         """
         loads, decode_error = orjson.loads, orjson.JSONDecodeError
         score_names, label, limit = self._score_names, self._label, self.parser.max_feature_elements
-        request_id, row_ix, route_, ts_ = (b.request_id.append, b.row_ix.append,
-                                           b.route.append, b.ts.append)
-        policy_, served_, propensity_, sticky_ = (b.policy.append, b.served.append,
-                                                  b.propensity.append, b.sticky_key.append)
-        status_, latency_, version_ = (b.status.append, b.gateway_latency_ms.append,
-                                       b.registry_version.append)
-        src_, pos_ = b.src.append, b.pos.append
-        o_pos, o_model, o_role, o_mode, o_version = (b.o_pos.append, b.o_model.append,
-                                                     b.o_role.append, b.o_mode.append,
-                                                     b.o_version.append)
-        o_status, o_score, o_latency, o_experiment, o_rate = (
-            b.o_status.append, b.o_score.append, b.o_latency.append, b.o_experiment.append,
-            b.o_sample_rate.append)
-        a_pos, a_model, a_prob = b.a_pos.append, b.a_model.append, b.a_prob.append
-        x_pos, x_name, x_dtype, x_width, x_num, x_cat = (
-            b.x_pos.append, b.x_name.append, b.x_dtype.append, b.x_width.append,
-            b.x_num.append, b.x_cat.append)
+        (request_id, row_ix, route_, ts_, policy_, served_, propensity_, sticky_, status_,
+         latency_, version_, src_, pos_, o_pos, o_model, o_role, o_mode, o_version, o_status,
+         o_score, o_latency, o_experiment, o_rate, a_pos, a_model, a_prob, x_pos, x_name,
+         x_dtype, x_width, x_num, x_cat) = _row_appends(b)
         records, watermark = 0, -math.inf
         try:
             for pos, raw in zip(positions, raws, strict=True):
@@ -252,6 +494,28 @@ class FastParser:
         b.l_pos.append(pos)
         if received > b.watermark:
             b.watermark = received
+
+
+def _row_appends(b: LakeBatch) -> tuple[Callable[[Any], None], ...]:
+    """The `append`s of `b`'s row, outcome, arm and input columns, in the order the two
+    tiers unpack them: looked up once a poll (per record, look-ups were a third of the time)."""
+    return (b.request_id.append, b.row_ix.append, b.route.append, b.ts.append,
+            b.policy.append, b.served.append, b.propensity.append, b.sticky_key.append,
+            b.status.append, b.gateway_latency_ms.append, b.registry_version.append,
+            b.src.append, b.pos.append, b.o_pos.append, b.o_model.append, b.o_role.append,
+            b.o_mode.append, b.o_version.append, b.o_status.append, b.o_score.append,
+            b.o_latency.append, b.o_experiment.append, b.o_sample_rate.append, b.a_pos.append,
+            b.a_model.append, b.a_prob.append, b.x_pos.append, b.x_name.append,
+            b.x_dtype.append, b.x_width.append, b.x_num.append, b.x_cat.append)
+
+
+def _utf8(raw: bytes) -> bool:
+    """Whether `raw` is valid UTF-8 (what orjson and the reader require of a line)."""
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _truncate(b: LakeBatch, outcomes: int, arms: int, inputs: int) -> None:

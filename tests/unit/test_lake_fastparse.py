@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,17 @@ from evaluator.lake.fastparse import FastParser
 from evaluator.lake.members import FileMember, LakeWriter
 from evaluator.lake.reader import LakeReader
 from evaluator.lake.storage import Lake
-from tests.support.lake import dataset_differences
-from tests.unit.test_eval_store import CHAL, CHAMP, T0, LogDir, inference, label, tensor
+from tests.support.lake import dataset_differences, experiment_log
+from tests.unit.test_eval_store import (
+    CHAL,
+    CHAMP,
+    T0,
+    LogDir,
+    inference,
+    label,
+    outcome,
+    tensor,
+)
 from understudy.records import DATATYPES
 from understudy.vocabulary import MODES, OUTCOME_STATUSES, ROLES
 
@@ -65,6 +75,16 @@ def record(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not ...}
 
 
+def inference_record(rid: Any, ts: Any, route: Any, policy: Any, served: Any, prop: Any,
+                     arms: Any, key: Any, inputs: Any, outputs: Any, status: Any, lat: Any,
+                     rv: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """An inference record from generated fields (`...`: the field is missing)."""
+    return record(
+        schema_version=1, kind="inference", request_id=rid, ts=ts, route=route, policy=policy,
+        served=served, propensity=prop, arms=arms, key=key, inputs=inputs, outputs=outputs,
+        status=status, gateway_latency_ms=lat, registry_version=rv, **extra)
+
+
 numbers = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.floats(0.0, 1.0),
                     st.integers(-10, 10), st.booleans(), st.integers(2**64, 2**70),
                     st.text(max_size=3))
@@ -84,11 +104,7 @@ outcomes = st.builds(
     maybe(st.none()), st.one_of(st.just(...), st.just(...), st.integers(1, 4), json_values),
     maybe(st.text(max_size=4)), maybe(numbers))
 inferences = st.builds(
-    lambda rid, ts, route, policy, served, prop, arms, key, inputs, outputs, status, lat, rv,
-    extra: record(
-        schema_version=1, kind="inference", request_id=rid, ts=ts, route=route, policy=policy,
-        served=served, propensity=prop, arms=arms, key=key, inputs=inputs, outputs=outputs,
-        status=status, gateway_latency_ms=lat, registry_version=rv, **extra),
+    inference_record,
     usually(st.sampled_from(["r1", "r2", "ré-3"])),
     usually(st.floats(1.6e9, 1.9e9)),
     usually(st.sampled_from(["fraud", "price", "rüte"])),
@@ -323,3 +339,256 @@ def test_file_member_reads_segment_runs_in_order(tmp_path: Path) -> None:
     ds = LakeReader(lake).load_dataset("fraud")
     assert sorted(ds.request_ids) == [f"r{i}" for i in range(6)]
     assert member.progress.totals["bad"] == 1
+
+
+# -- the typed tier (msgspec structs) ----------------------------------------------------------
+
+
+class Tiers(FastParser):
+    """Records `parse_json` (the tier below the typed one) was handed, by position."""
+
+    def __init__(self, parser: RecordParser) -> None:
+        super().__init__(parser)
+        self.below: list[int] = []
+
+    def parse_json(self, b: LakeBatch, src: str, positions: Sequence[int],
+                   raws: Sequence[bytes | None]) -> None:
+        self.below += positions
+        super().parse_json(b, src, positions, raws)
+
+
+def tiered(raws: list[bytes | None], chunk: int = 7) -> tuple[LakeBatch, list[int]]:
+    fp = Tiers(parser())
+    batch = LakeBatch()
+    for first in range(0, len(raws), chunk):
+        part = raws[first:first + chunk]
+        fp.parse_many(batch, SRC, range(first, first + len(part)), part)
+    return batch, fp.below
+
+
+def json_tier(raws: list[bytes | None]) -> LakeBatch:
+    batch = LakeBatch()
+    FastParser(parser()).parse_json(batch, SRC, range(len(raws)), raws)
+    return batch
+
+
+finite = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.floats(0.0, 1.0),
+                   st.integers(-(2**53), 2**53), st.integers(2**64, 2**80))
+optional = st.one_of(st.just(...), st.none())  # missing, or null: both read as unknown
+
+
+def sometimes(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(strategy, strategy, optional)
+
+
+names_ok = st.one_of(st.sampled_from([CHAMP, CHAL, "score", "ünï", "", "✓-m"]),
+                     st.text(max_size=5))
+typed_outcomes = st.builds(
+    lambda role, mode, version, status, latency, outputs, batch_rows, exp, rate, extra: record(
+        role=role, mode=mode, version=version, status=status, latency_ms=latency,
+        outputs=outputs, batch_rows=batch_rows, experiment=exp, sample_rate=rate, **extra),
+    sometimes(st.sampled_from(ROLES)), sometimes(st.sampled_from(MODES)),
+    sometimes(st.sampled_from(["1", "2", "", "vé"])),
+    sometimes(st.sampled_from(OUTCOME_STATUSES)), sometimes(finite),
+    sometimes(st.dictionaries(names_ok, st.builds(
+        lambda data, dt: record(data=data, datatype=dt),
+        sometimes(st.lists(finite, max_size=3)), st.sampled_from(["FP32", "BYTES", ...])),
+        max_size=2)),
+    st.one_of(st.just(...), st.just(...), st.integers(1, 4), json_values),
+    sometimes(st.text(max_size=4)), sometimes(finite),
+    st.dictionaries(st.sampled_from(["error", "zz"]), json_values, max_size=1))
+typed_tensors = st.builds(
+    lambda datatype, shape, data: record(datatype=datatype, shape=shape, data=data),
+    sometimes(st.sampled_from(sorted(DATATYPES - {"BYTES"}))),
+    sometimes(st.one_of(st.just([1, 1]), st.lists(st.integers(-1, 1), max_size=3),
+                        st.tuples(st.integers(-1, 1), st.integers(1, 9)).map(list))),
+    sometimes(st.lists(finite, max_size=6)))
+gateway_inferences = st.builds(
+    inference_record,
+    st.text(min_size=1, max_size=6), st.one_of(st.floats(1.6e9, 1.9e9), st.integers(0, 2**40)),
+    st.sampled_from(["fraud", "price", "rüte"]),
+    sometimes(st.fixed_dictionaries({}, optional={"type": st.sampled_from(["champion", ""])})),
+    sometimes(st.fixed_dictionaries({}, optional={"model": names_ok,
+                                                  "version": st.just("1")})),
+    sometimes(finite), sometimes(st.dictionaries(names_ok, st.one_of(finite, st.none()),
+                                                 max_size=3)),
+    sometimes(st.text(max_size=5)), sometimes(st.dictionaries(names_ok, typed_tensors,
+                                                              max_size=3)),
+    st.dictionaries(names_ok, typed_outcomes, max_size=3),
+    sometimes(st.one_of(st.sampled_from([200, 503]), st.integers(-(2**31), 2**31 - 1))),
+    sometimes(finite), sometimes(st.integers(-(2**63), 2**63 - 1)),
+    st.dictionaries(st.sampled_from(["task", "error", "fallback", "protocol", "zz"]),
+                    json_values, max_size=2))
+gateway_labels = st.builds(
+    lambda rid, value, reward, index, times, extra: record(
+        schema_version=1, kind="label", request_id=rid, label=value, reward=reward,
+        index=index, **times, **extra),
+    st.text(min_size=1, max_size=6), st.one_of(finite, st.none()), sometimes(finite),
+    st.one_of(st.just(...), st.integers(0, 2**31 - 1)),
+    st.fixed_dictionaries({}, optional={"event_time": st.floats(1.6e9, 1.9e9),
+                                        "received_ts": st.one_of(st.floats(1.6e9, 1.9e9),
+                                                                 st.none())}),
+    st.dictionaries(st.sampled_from(["zz", "note"]), json_values, max_size=1))
+
+
+def typed_tier_takes(value: dict[str, Any]) -> bool:
+    """What the typed tier is meant to take of a gateway-shaped record (else: the tier below)."""
+    if value["kind"] == "label":
+        return (value.get("label") is not None or value.get("reward") is not None) and (
+            value.get("received_ts") is not None or value.get("event_time") is not None)
+    for first in (value.get("inputs") or {}).values():
+        shape = first.get("shape")
+        if isinstance(shape, list) and len(shape) >= 2 and shape[0] > 1:
+            return False  # a batched request
+        break
+    return not any(t.get("datatype") == "BYTES" for t in (value.get("inputs") or {}).values())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(gateway_inferences, gateway_labels), max_size=10))
+def test_typed_tier_takes_gateway_records_and_gives_the_per_record_columns(
+        values: list[dict[str, Any]]) -> None:
+    """Records as the gateway writes them (optional fields missing or null, integers where
+    floats go, unicode, extra fields): decoded by the typed tier alone, same columns."""
+    raws: list[bytes | None] = [encode(v, "orjson") for v in values]
+    got, below = tiered(raws)
+    assert below == [i for i, v in enumerate(values) if not typed_tier_takes(v)]
+    assert_same(per_record(raws, parser()), got)
+
+
+# A gateway-shaped record changed in one place: what the typed structs must not take as is.
+mutations = st.one_of(
+    st.sampled_from([True, False, 2**31, -(2**31) - 1, 2**63, -(2**63) - 1, 2**64, 2**70,
+                     "", "1.5", "x", "judge", "BYTES", None, [], {}, [1, 2], {"a": 1}, 1e308,
+                     -0.0, 0, 1]),
+    json_values)
+paths = st.sampled_from([
+    ("schema_version",), ("kind",), ("request_id",), ("ts",), ("route",), ("policy",),
+    ("policy", "type"), ("served",), ("served", "model"), ("propensity",), ("arms",),
+    ("arms", CHAMP), ("key",), ("status",), ("gateway_latency_ms",), ("registry_version",),
+    ("inputs",), ("inputs", "features"), ("inputs", "features", "datatype"),
+    ("inputs", "features", "shape"), ("inputs", "features", "data"), ("outputs",),
+    ("outputs", CHAMP), ("outputs", CHAL, "role"), ("outputs", CHAL, "mode"),
+    ("outputs", CHAL, "version"), ("outputs", CHAL, "status"), ("outputs", CHAL, "latency_ms"),
+    ("outputs", CHAL, "batch_rows"), ("outputs", CHAL, "experiment"),
+    ("outputs", CHAL, "sample_rate"), ("outputs", CHAL, "outputs"),
+    ("outputs", CHAL, "outputs", "score"), ("outputs", CHAL, "outputs", "score", "data"),
+    ("label",), ("reward",), ("index",), ("event_time",), ("received_ts",)])
+
+
+def mutate(value: dict[str, Any], path: tuple[str, ...], new: Any) -> dict[str, Any]:
+    """`value` with the field at `path` set to `new` (`...`: removed), where the path exists."""
+    out = json.loads(json.dumps(value))
+    node = out
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        if new is ...:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = new
+    return out
+
+
+def spliced(raw: bytes, how: str, field: str, value: bytes) -> bytes:
+    """Text changes no encoder makes: a duplicated key (before or after), a non-finite or
+    NaN literal, an unknown key that is not UTF-8."""
+    if how == "dup-first":
+        return b'{"' + field.encode() + b'":' + value + b"," + raw[1:]
+    if how == "dup-last":
+        return raw[:-1] + b',"' + field.encode() + b'":' + value + b"}"
+    if how == "not-utf8-key":
+        return raw[:-1] + b',"z\xff":1}'
+    return raw
+
+
+base_records = st.one_of(
+    st.builds(lambda i, f: inference(f"r{i}", T0 + i, features=f), st.integers(0, 5),
+              st.lists(st.floats(-1, 1), min_size=1, max_size=3)),
+    st.builds(lambda i, v: label(f"r{i}", v, T0 + 100 + i), st.integers(0, 5),
+              st.sampled_from([0, 1, 0.5])),
+    gateway_inferences, gateway_labels)
+edited = st.one_of(
+    st.builds(lambda v, path, new, how: encode(mutate(v, path, new), how), base_records,
+              paths, st.one_of(mutations, st.just(...)),
+              st.sampled_from(["orjson", "orjson", "python", "nan"])),
+    st.builds(lambda v, how, field, value: spliced(encode(v, "orjson") or b"{}", how, field,
+                                                   value),
+              base_records,
+              st.sampled_from(["dup-first", "dup-last", "not-utf8-key"]),
+              st.sampled_from(["request_id", "ts", "kind", "schema_version", "label",
+                               "outputs", "status", "zz"]),
+              st.sampled_from([b"1e999", b"NaN", b"-Infinity", b'"x"', b"null", b"1",
+                               b"1.5", b"true", b"99999999999999999999999", b'"r9"',
+                               b'"label"', b"{}", b"[]", b'"\\u00e9\\ud83d\\ude00"'])))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(edited, edited, base_records.map(lambda v: encode(v, "orjson"))),
+                max_size=8))
+def test_typed_tier_on_malformed_records_reads_and_rejects_as_the_per_record_path(
+        raws: list[bytes | None]) -> None:
+    """Wrong types, missing fields, huge integers, non-finite numbers, unicode, duplicated
+    keys, extra fields: whatever the typed tier takes is read as the per-record path reads it;
+    everything the per-record path rejects went to the tier below and gets the same reason,
+    and both tiers agree with the reference."""
+    reference = per_record(raws, parser())
+    got, below = tiered(raws)
+    assert_same(reference, got)
+    assert set(reference.r_pos) <= set(below)
+    assert_same(reference, json_tier(raws))
+
+
+def test_edge_records_typed_or_not(caplog: pytest.LogCaptureFixture) -> None:
+    """Hand-picked lines for the typed tier: which it takes, which it leaves, same outcome."""
+    good = orjson.dumps(inference("ok", T0))
+    raws: list[bytes | None] = [
+        good,                                                                    # 0 typed
+        orjson.dumps(inference("int-ts", int(T0), propensity=1)),                # 1 typed
+        orjson.dumps(inference("dup", T0)).replace(b"{", b'{"request_id":"first",', 1),  # 2 typed
+        good[:-1] + b',"request_id":"last"}',                                    # 3 typed
+        good[:-1] + b',"kind":"inference"}',                                     # 4 typed
+        good[:-1] + b',"z\xff":1}',                                              # 5 not UTF-8
+        good[:-1] + b',"zz":1e999}',                                             # 6 typed
+        good[:-1] + b',"ts":1e999}',                                             # 7 bad ts
+        good[:-1] + b',"status":true}',                                          # 8 bool
+        good[:-1] + b',"registry_version":9223372036854775808}',                 # 9 > int64
+        good[:-1] + b',"zz":' + b"[" * 900 + b"]" * 900 + b"}",                 # 10 typed
+        orjson.dumps(inference("bytes", T0, inputs={"w": tensor(["a", 1], datatype="BYTES")})),
+        orjson.dumps(inference("judge", T0, outputs={CHAMP: outcome(0.5, role="judge")})),
+        orjson.dumps(label("l1", 1, T0 + 1)),                                    # 13 typed
+        orjson.dumps(label("l2", True, T0 + 1)),                                 # 14 bool
+        orjson.dumps(label("l3", None, T0 + 1)),                                 # 15 bad
+        orjson.dumps(label("l4", 1, T0 + 1, index=2**31)),                       # 16 bad
+        orjson.dumps(label("ü-5", 0.5, T0 + 1, received_ts=None)),               # 17 typed
+        orjson.dumps({"schema_version": 1, "kind": "label", "request_id": "l6", "label": 1}),
+        None, b"", b"[]",
+    ]
+    with caplog.at_level(logging.WARNING, logger="evaluator.ingest.parse"):
+        reference = per_record(raws, parser())
+        expected = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        got, below = tiered(raws, chunk=len(raws))
+        assert [r.getMessage() for r in caplog.records] == expected
+    assert_same(reference, got)
+    assert below == [5, 7, 8, 9, 11, 12, 14, 15, 16, 18, 19, 20, 21]
+    assert got.request_id[:5] == ["ok", "int-ts", "dup", "last", "ok"]
+    assert reference.bad == {"invalid_inference": 1, "invalid_label": 2, "malformed_json": 2,
+                             "empty_message": 1, "not_an_object": 1}
+
+
+def test_numeric_datatypes_are_the_contracts_but_bytes() -> None:
+    from typing import get_args
+
+    from evaluator.lake.fastparse import NumericType
+
+    assert set(get_args(NumericType)) == DATATYPES - {"BYTES"}
+
+
+def test_the_kafka_tests_log_takes_the_typed_tier() -> None:
+    """tests/integration/test_lake_kafka.py's members parse through the typed tier: all but
+    its few bad records (and labels without a time) are decoded there."""
+    raws: list[bytes | None] = [value for _, _, value in experiment_log(600)]
+    got, below = tiered(raws, chunk=200)
+    assert len(below) < 0.02 * len(raws)
+    assert_same(per_record(raws, parser()), got)
