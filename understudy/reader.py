@@ -167,7 +167,7 @@ def decode(raw: bytes) -> dict[str, Any]:
         # Other producers (Python's json) may write NaN/Infinity literals orjson refuses.
         try:
             obj = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nested deeper than the stack allows
             raise RecordError("malformed_json", f"not JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")

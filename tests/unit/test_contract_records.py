@@ -163,6 +163,8 @@ async def test_gateway_record_lands_in_the_store_as_written(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("raw", "reason"), [
     (b"{not json", "malformed_json"),
+    # deeper than orjson's limit and Python's stack: the stdlib fallback must not crash ingest
+    (b'{"schema_version": 1, "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "malformed_json"),
     (b"[1]", "not_an_object"),
     (b'{"schema_version": 2, "kind": "inference"}', "unsupported_schema_version"),
     (b'{"schema_version": 1, "kind": "mystery"}', "unknown_kind"),
