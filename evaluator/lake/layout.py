@@ -93,6 +93,7 @@ import pyarrow as pa
 
 LAKE_FORMAT = 1
 MARKER = "_lake.json"
+SPARK_STAGING = "_spark"  # rows the Spark engine hands the report, removed once read
 INFERENCES = "inferences"
 LABELS = "labels"
 REJECTS = "rejects"

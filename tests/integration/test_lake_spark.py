@@ -78,6 +78,9 @@ def test_spark_reads_the_lake_as_duckdb_and_the_store_do(tmp_path: Path, spark: 
         assert "b0#1" in set(ds.request_ids)
         with pytest.raises(EmptyDatasetError, match="no inferences"):
             sparky.load_dataset("fraud", since=T0 + 10_000)
+    # the rows Spark handed over through the lake's staging directory are gone once read
+    staged = Path(lake_cfg.lake.path) / "_spark"
+    assert staged.is_dir() and list(staged.iterdir()) == []
 
 
 def test_spark_orphans_expire_by_the_lake_watermark(tmp_path: Path, spark: Any) -> None:
