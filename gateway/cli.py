@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -47,6 +48,7 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         path = worker_dir(Path(config.log.path), worker)  # the layout the evaluator reads
         config = replace(config, log=replace(config.log, path=str(path)))
     app = create_app(config)
+    app.on_startup.append(freeze_heap)
     if started is not None:
 
         async def mark_started(_: web.Application) -> None:
@@ -57,6 +59,15 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         install_grpc(app, host, config.listen.grpc_port, config.listen.max_body_bytes)
     run(app, config.listen.server, host, port, reuse_port=worker is not None or None,
         shutdown_timeout=30)
+
+
+async def freeze_heap(_: object) -> None:
+    """Move everything alive after start-up (numpy, scipy, aiohttp, the app) out of the
+    collector's reach: a full collection would otherwise walk all of it, a pause of several
+    ms in the request path's tail (measured: docs/BENCHMARKS.md). What is frozen is
+    never freed, which is what start-up state is for anyway."""
+    gc.collect()
+    gc.freeze()
 
 
 DEFAULT_CONFIG_PATH = "configs/gateway.yaml"
