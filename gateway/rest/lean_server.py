@@ -532,13 +532,14 @@ class LeanProtocol(asyncio.Protocol):
 
 
 class _InferDone:
-    """The completion callback of one callback-driven inference request: called once."""
+    """The completion callback of one callback-driven inference request; only its first call
+    counts (a bug raising after the answer must not answer twice)."""
 
     __slots__ = ("conn", "keep_alive", "slot", "url", "version")
 
     def __init__(self, conn: LeanProtocol, slot: _Slot, version: bytes, keep_alive: bool,
                  url: bytes) -> None:
-        self.conn = conn
+        self.conn: LeanProtocol | None = conn
         self.slot = slot
         self.version = version
         self.keep_alive = keep_alive
@@ -546,6 +547,9 @@ class _InferDone:
 
     def __call__(self, outcome: InferResult | Exception) -> None:
         conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
         conn.server.pending -= 1
         conn.infer_answer(self.slot, self.version, self.keep_alive, self.url, outcome)
 

@@ -182,18 +182,10 @@ class TritonUpstream:
             model, version, body, content_type, header_length, on_done, pool=pool,
             timeout_s=timeout_s))
 
-    def infer_cb(
-        self,
-        model: str,
-        version: str,
-        body: bytes,
-        content_type: str,
-        header_length: int | None,
-        on_done: Callable[[UpstreamResponse | Exception], None],
-        *,
-        pool: str | None = None,
-        timeout_s: float | None = None,
-    ) -> Cancellable:
+    def infer_cb(self, model: str, version: str, body: bytes, content_type: str,
+                 header_length: int | None,
+                 on_done: Callable[[UpstreamResponse | Exception], None], *,
+                 pool: str | None = None, timeout_s: float | None = None) -> Cancellable:
         """Start one inference call; `on_done` gets the answer or its `GatewayError`. Over
         HTTP no Task or Future is made (gateway/upstream/keepalive.py); a gRPC call runs as
         `infer` in a Task."""

@@ -478,7 +478,6 @@ async def test_queued_calls_start_in_order_as_slots_free(server_factory: ServerF
 
     server = await server_factory(gated)
     pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
-    loop = asyncio.get_running_loop()
     results: list[tuple[bytes, object]] = []
 
     def collect(name: bytes) -> Callable[[object], None]:
@@ -503,16 +502,16 @@ async def test_queued_calls_start_in_order_as_slots_free(server_factory: ServerF
     assert [body for _, body in server.requests] == [b"a", b"b", b"d"]  # c never sent
     assert [n for n, _ in results] == [b"c", b"a", b"b", b"d"]
     assert server.max_in_flight == 1 and server.connections == 1
-    assert loop.is_running()
     pool.close()
 
 
 async def test_close_fails_queued_callback_calls(server_factory: ServerFactory) -> None:
-    async def never(_: bytes, __: int) -> bytes:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+    hold = asyncio.Event()
 
-    server = await server_factory(never)
+    async def held(_: bytes, __: int) -> None:
+        await hold.wait()  # until the end of the test, then hang up
+
+    server = await server_factory(held)
     pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
     loop = asyncio.get_running_loop()
     outcomes: list[asyncio.Future[object]] = [loop.create_future() for _ in range(2)]
@@ -523,12 +522,15 @@ async def test_close_fails_queued_callback_calls(server_factory: ServerFactory) 
     pool.close()
     for outcome in outcomes:  # the call in flight and the queued one alike
         assert isinstance(await outcome, ConnectionClosed)
+    hold.set()
+    await asyncio.sleep(0.02)
 
 
 async def test_upstream_callback_timeout_is_a_504(server_factory: ServerFactory) -> None:
-    async def slow(body: bytes, _: int) -> bytes:
-        await asyncio.sleep(0.5)
-        return ok(body)
+    hold = asyncio.Event()
+
+    async def slow(_: bytes, __: int) -> None:
+        await hold.wait()  # past the deadline, then hang up
 
     server = await server_factory(slow)
     upstream = TritonUpstream(f"http://127.0.0.1:{server.port}", timeout_ms=50,
@@ -540,3 +542,5 @@ async def test_upstream_callback_timeout_is_a_504(server_factory: ServerFactory)
     assert "did not answer within 50 ms" in error.message
     assert upstream.pool("m").idle == 0  # aborted, not kept
     await upstream.close()
+    hold.set()
+    await asyncio.sleep(0.02)
