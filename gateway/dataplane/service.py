@@ -174,6 +174,7 @@ class InferenceService:
     def _answered(self, call: _Call, outcome: UpstreamResponse | Exception) -> None:
         """The served call's outcome: the answer, the route's fallback, or the failure."""
         result: InferResult | Exception
+        call.upstream_call = None  # done: no cycle back through the call's callback
         try:
             if isinstance(outcome, UpstreamResponse):
                 result = self._served(call, outcome)

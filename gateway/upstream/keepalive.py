@@ -158,6 +158,10 @@ class _Connection(asyncio.Protocol):
 OnDone = Callable[[RawResponse | Exception], None]
 
 
+def _ended(_: RawResponse | Exception) -> None:
+    """The callback of a call that has ended: nothing to tell anyone."""
+
+
 class PoolCall:
     """One call through a pool: queued for a slot, connecting, or on a connection. It ends
     exactly once: answered, failed, timed out (`TimeoutError`) or cancelled (no callback)."""
@@ -202,6 +206,7 @@ class KeepAlivePool:
         self._heads: dict[tuple[str, str], bytes] = {}
         self._host_header = f"{host}:{port}"
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of its connections
 
     def raise_limit(self, limit: int) -> None:
         """Allow more calls in flight (a reconfigured lane); a lower limit is the caller's own
@@ -242,7 +247,8 @@ class KeepAlivePool:
         ))
         call = PoolCall(self, message, on_done)
         if timeout_s is not None:
-            loop = asyncio.get_running_loop()
+            # The loop is looked up once: `get_running_loop` costs a getpid syscall per call.
+            loop = self._loop or self._bind_loop()
             call.timer = loop.call_at(loop.time() + timeout_s, call.expire)
         if self._active < self.limit:
             self._active += 1
@@ -251,6 +257,10 @@ class KeepAlivePool:
         else:
             self._waiting.append(call)
         return call
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _start(self, call: PoolCall) -> None:
         if self._closed:
@@ -313,6 +323,7 @@ class KeepAlivePool:
         call.ended = True
         if call.timer is not None:
             call.timer.cancel()
+            call.timer = None
         conn = call.conn
         if conn is not None:  # abandoned mid-call: the stream is unusable
             call.conn = None
@@ -322,9 +333,12 @@ class KeepAlivePool:
             call.holding = False
             self._active -= 1
             self._start_waiting()
+        # Dropping the callback breaks the call <-> caller cycle (a caller keeps its call to
+        # cancel it): freed by reference counting, not left for the garbage collector.
+        on_done, call.on_done = call.on_done, _ended
         if outcome is not None:
             try:
-                call.on_done(outcome)
+                on_done(outcome)
             except Exception:  # the caller's bug must not be read as a broken connection
                 log.exception("pool call callback failed")
 
