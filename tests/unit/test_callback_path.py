@@ -45,30 +45,32 @@ class Upstream:
     paths: list[bytes] = field(default_factory=list)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                await reader.readexactly(length)
-                path = head.split(b" ", 2)[1]
-                self.paths.append(path)
-                champion = path.startswith(b"/v2/models/m/")
-                mode = self.mode
-                if mode == "hangup":
-                    break
-                if mode == "slow":
-                    await asyncio.sleep(0.3)
-                if mode == "garbage":
-                    writer.write(b"NOT HTTP\r\n\r\n")
-                elif mode == "client400":
-                    writer.write(_answer(400, b'{"error":"unexpected shape"}'))
-                elif mode == "both500" or (mode == "champion500" and champion):
-                    writer.write(_answer(500, b'{"error":"model crashed"}'))
-                else:
-                    writer.write(_answer(200, ANSWER))
-                await writer.drain()
-        writer.close()
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:"))
+                    await reader.readexactly(length)
+                    path = head.split(b" ", 2)[1]
+                    self.paths.append(path)
+                    champion = path.startswith(b"/v2/models/m/")
+                    mode = self.mode
+                    if mode == "hangup":
+                        break
+                    if mode == "slow":
+                        await asyncio.sleep(0.3)
+                    if mode == "garbage":
+                        writer.write(b"NOT HTTP\r\n\r\n")
+                    elif mode == "client400":
+                        writer.write(_answer(400, b'{"error":"unexpected shape"}'))
+                    elif mode == "both500" or (mode == "champion500" and champion):
+                        writer.write(_answer(500, b'{"error":"model crashed"}'))
+                    else:
+                        writer.write(_answer(200, ANSWER))
+                    await writer.drain()
+        finally:
+            writer.close()
 
 
 def _answer(status: int, body: bytes) -> bytes:
