@@ -11,10 +11,13 @@ keep their exact behaviour because aiohttp still produces them.
 One connection (`LeanProtocol`): httptools (llhttp, the parser aiohttp uses too) calls back per
 request. At its headers each request takes a slot in the connection's answer queue; answers
 are written in request order however they complete, so pipelined requests are served
-concurrently and answered in order. A request for another path is re-framed (request line,
-the headers as received, the body as it arrives) and fed to an aiohttp `RequestHandler` bound
-to a `_Bridge` transport; its answer bytes fill that request's slot, and aiohttp's access-log
-hook (`AnswerDone`, called after each answer is fully written) closes the slot.
+concurrently and answered in order. An inference request runs without a Task: the data plane's
+callback path (`InferenceService.start`) calls back with the answer, which fills its slot; only
+a route whose champion signature is not cached yet takes a Task (`InferenceService.infer`).
+A request for another path is re-framed (request line, the headers as received, the body as
+it arrives) and fed to an aiohttp `RequestHandler` bound to a `_Bridge` transport; its answer
+bytes fill that request's slot, and aiohttp's access-log hook (`AnswerDone`, called after each
+answer is fully written) closes the slot.
 
 Limits as aiohttp's: a request line or header field over 8190 bytes, or more than 128 header
 fields, gets 431 (414 for the URL) and the connection closes; a body over
@@ -361,6 +364,8 @@ class LeanProtocol(asyncio.Protocol):
         try:
             started = server.service.start(route, body, headers, done)
         except Exception as exc:  # an unknown route (404), or a bug (500)
+            if done.conn is None:  # answered already: a bug after the answer, logged only
+                log.exception("Error after answering a request")
             done(exc)
             return
         if not started:
