@@ -62,10 +62,13 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
 
 
 async def freeze_heap(_: object) -> None:
-    """Move everything alive after start-up (numpy, scipy, aiohttp, the app) out of the
-    collector's reach: a full collection would otherwise walk all of it, a pause of several
-    ms in the request path's tail (measured: docs/BENCHMARKS.md). What is frozen is
-    never freed, which is what start-up state is for anyway."""
+    """Move everything alive after start-up (numpy, scipy, aiohttp, the app: ~66k tracked
+    objects) out of the collector's reach. A full (gen-2) collection walks all of it: 20-30 ms
+    in a started gateway, and 55-120 ms measured under load on a busy 2-CPU machine, stalling
+    every request in flight; with the heap frozen the same collection took 2.5 ms. Frozen
+    objects are never freed, which is what start-up state is for anyway. (The collector's
+    thresholds stay as they are: the request path leaves no reference cycles, so collections
+    are rare.)"""
     gc.collect()
     gc.freeze()
 

@@ -158,7 +158,7 @@ class InferenceService:
                     decision.propensity
                 )
         except GatewayError as exc:
-            done(self._failed(call, exc))
+            call.finish(self._failed(call, exc))
             return call
         self._call_model(call, call.served_model)
         return call
@@ -191,7 +191,7 @@ class InferenceService:
                 result = outcome
         except Exception as exc:  # a bug: the caller answers 500 and logs it
             result = exc
-        call.done(result)
+        call.finish(result)
 
     def _served(self, call: _Call, response: UpstreamResponse) -> InferResult:
         """Record, count and answer a served request."""
@@ -283,7 +283,7 @@ class InferenceService:
 
 
 def _unset(_: InferResult | Exception) -> None:
-    raise AssertionError("a call answered before it was started")  # pragma: no cover
+    raise AssertionError("a call answered before it started or twice")  # pragma: no cover
 
 
 class _Call:
@@ -312,6 +312,12 @@ class _Call:
 
     def answered(self, outcome: UpstreamResponse | Exception) -> None:
         self.service._answered(self, outcome)
+
+    def finish(self, result: InferResult | Exception) -> None:
+        """Hand the result over, once. The callback is dropped first: an error's traceback
+        holds the awaiting frame, which holds this call, and must not cycle back to it."""
+        done, self.done = self.done, _unset
+        done(result)
 
     def cancel(self) -> None:
         """The waiter gave up: abandon the upstream call (nothing is recorded, as before)."""

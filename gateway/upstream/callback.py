@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
@@ -33,12 +34,17 @@ async def wait_for(start: Callable[[Callable[[T | Exception], None]], Cancellabl
     receives its result or its exception (raised here). Cancelling the waiter cancels the call.
     """
     future: asyncio.Future[T | Exception] = asyncio.get_running_loop().create_future()
-    call = start(lambda outcome: settle(future, outcome))
+    call = start(partial(settle, future))
     try:
         outcome = await future
     except BaseException:
         call.cancel()
         raise
+    finally:
+        del future  # an error's traceback holds this frame: no cycle back to the error
     if isinstance(outcome, Exception):
-        raise outcome
+        try:
+            raise outcome
+        finally:
+            del outcome
     return outcome
