@@ -48,7 +48,6 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         path = worker_dir(Path(config.log.path), worker)  # the layout the evaluator reads
         config = replace(config, log=replace(config.log, path=str(path)))
     app = create_app(config)
-    app.on_startup.append(freeze_heap)
     if started is not None:
 
         async def mark_started(_: web.Application) -> None:
@@ -57,6 +56,7 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         app.on_startup.append(mark_started)
     if config.listen.grpc_port:
         install_grpc(app, host, config.listen.grpc_port, config.listen.max_body_bytes)
+    app.on_startup.append(freeze_heap)  # last: what the other hooks set up is frozen too
     run(app, config.listen.server, host, port, reuse_port=worker is not None or None,
         shutdown_timeout=30)
 
