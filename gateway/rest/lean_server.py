@@ -11,10 +11,13 @@ keep their exact behaviour because aiohttp still produces them.
 One connection (`LeanProtocol`): httptools (llhttp, the parser aiohttp uses too) calls back per
 request. At its headers each request takes a slot in the connection's answer queue; answers
 are written in request order however they complete, so pipelined requests are served
-concurrently and answered in order. A request for another path is re-framed (request line,
-the headers as received, the body as it arrives) and fed to an aiohttp `RequestHandler` bound
-to a `_Bridge` transport; its answer bytes fill that request's slot, and aiohttp's access-log
-hook (`AnswerDone`, called after each answer is fully written) closes the slot.
+concurrently and answered in order. An inference request runs without a Task: the data plane's
+callback path (`InferenceService.start`) calls back with the answer, which fills its slot; only
+a route whose champion signature is not cached yet takes a Task (`InferenceService.infer`).
+A request for another path is re-framed (request line, the headers as received, the body as
+it arrives) and fed to an aiohttp `RequestHandler` bound to a `_Bridge` transport; its answer
+bytes fill that request's slot, and aiohttp's access-log hook (`AnswerDone`, called after each
+answer is fully written) closes the slot.
 
 Limits as aiohttp's: a request line or header field over 8190 bytes, or more than 128 header
 fields, gets 431 (414 for the URL) and the connection closes; a body over
@@ -44,6 +47,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import SERVER_SOFTWARE
 
 from gateway.dataplane.protocol import error_body
+from gateway.dataplane.service import InferResult
 from gateway.errors import GatewayError
 from gateway.rest.inference import (
     CATALOG,
@@ -116,6 +120,7 @@ class LeanServer:
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[LeanProtocol] = set()
         self.inflight: set[asyncio.Task[None]] = set()
+        self.pending = 0  # callback-driven requests in flight (no Task to wait for)
         self.draining = False
         self._date_at = 0
         self._date = b""
@@ -150,7 +155,8 @@ class LeanServer:
         for conn in list(self.connections):
             conn.finish()
         deadline = time.monotonic() + within_s
-        while (self.connections or self.inflight) and time.monotonic() < deadline:
+        while ((self.connections or self.inflight or self.pending)
+               and time.monotonic() < deadline):
             if self.inflight:
                 await asyncio.wait(list(self.inflight), timeout=deadline - time.monotonic())
             else:
@@ -330,7 +336,7 @@ class LeanProtocol(asyncio.Protocol):
         if kind == _INFER:
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []
-            self._spawn(self._infer(slot, self._route, body, self._headers, version, keep_alive))
+            self._start_infer(slot, self._route, body, self._headers, version, keep_alive)
         elif kind == _READY_PROBE:
             self._spawn(self._ready(slot, version, keep_alive))
         elif kind == _LIVE_PROBE:
@@ -346,20 +352,53 @@ class LeanProtocol(asyncio.Protocol):
         self.server.inflight.add(task)
         task.add_done_callback(self.server.inflight.discard)
 
-    async def _infer(self, slot: _Slot, route: str, body: bytes, headers: Headers,
+    def _start_infer(self, slot: _Slot, route: str, body: bytes, headers: Headers,
                      version: bytes, keep_alive: bool) -> None:
+        """Serve an inference request by callbacks (`InferenceService.start`): no Task; the
+        answer is written from the completion callback. A request `start` declines (the
+        champion's signature not cached yet) runs `InferenceService.infer` in a Task."""
+        server = self.server
+        url = self._url
+        server.pending += 1
+        done = _InferDone(self, slot, version, keep_alive, url)
         try:
-            result = await self.server.service.infer(route, body, headers)
-            data = render(version, result.status, result.headers, result.body, keep_alive,
-                          self.server.date())
-        except GatewayError as exc:
-            data = self._error(exc, version, keep_alive, headers)
-        except Exception:
-            log.exception("Error handling request")
+            started = server.service.start(route, body, headers, done)
+        except Exception as exc:  # an unknown route (404), or a bug (500)
+            if done.conn is None:  # answered already: a bug after the answer, logged only
+                log.exception("Error after answering a request")
+            done(exc)
+            return
+        if not started:
+            server.pending -= 1
+            self._spawn(self._infer(slot, route, body, headers, version, keep_alive, url))
+
+    async def _infer(self, slot: _Slot, route: str, body: bytes, headers: Headers,
+                     version: bytes, keep_alive: bool, url: bytes) -> None:
+        outcome: InferResult | Exception
+        try:
+            outcome = await self.server.service.infer(route, body, headers)
+        except Exception as exc:
+            outcome = exc
+        self.infer_answer(slot, version, keep_alive, url, outcome)
+
+    def infer_answer(self, slot: _Slot, version: bytes, keep_alive: bool, url: bytes,
+                     outcome: InferResult | Exception) -> None:
+        """Write an inference request's answer (either path): the result, its `GatewayError`
+        mapped by `error_reply`, or a bug's 500 (logged) and a close."""
+        date = self.server.date()
+        if isinstance(outcome, InferResult):
+            data = render(version, outcome.status, outcome.headers, outcome.body, keep_alive,
+                          date)
+        elif isinstance(outcome, GatewayError):
+            body, extra = error_reply(outcome, "POST", url.decode("latin-1"))
+            data = render(version, outcome.status, {"Content-Type": "application/json", **extra},
+                          body, keep_alive, date)
+        else:
+            log.error("Error handling request", exc_info=outcome)
             keep_alive = False
             data = render(version, 500, {"Content-Type": "text/plain; charset=utf-8"},
-                          b"500 Internal Server Error\n\nServer got itself in trouble",
-                          False, self.server.date())
+                          b"500 Internal Server Error\n\nServer got itself in trouble", False,
+                          date)
         self._answer(slot, data, not keep_alive)
 
     async def _ready(self, slot: _Slot, version: bytes, keep_alive: bool) -> None:
@@ -369,12 +408,6 @@ class LeanProtocol(asyncio.Protocol):
             data = render(version, 503, {"Content-Type": "application/json"},
                           error_body(TRITON_NOT_READY), keep_alive, self.server.date())
         self._answer(slot, data, not keep_alive)
-
-    def _error(self, exc: GatewayError, version: bytes, keep_alive: bool,
-               headers: Headers) -> bytes:
-        body, extra = error_reply(exc, "POST", self._url.decode("latin-1"))
-        return render(version, exc.status, {"Content-Type": "application/json", **extra}, body,
-                      keep_alive, self.server.date())
 
     def _too_large(self, slot: _Slot) -> None:
         """413 at once; the rest of the body is read and dropped, the connection stays up."""
@@ -501,6 +534,29 @@ class LeanProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.finish()
             self._flush()
+
+
+class _InferDone:
+    """The completion callback of one callback-driven inference request; only its first call
+    counts (a bug raising after the answer must not answer twice)."""
+
+    __slots__ = ("conn", "keep_alive", "slot", "url", "version")
+
+    def __init__(self, conn: LeanProtocol, slot: _Slot, version: bytes, keep_alive: bool,
+                 url: bytes) -> None:
+        self.conn: LeanProtocol | None = conn
+        self.slot = slot
+        self.version = version
+        self.keep_alive = keep_alive
+        self.url = url
+
+    def __call__(self, outcome: InferResult | Exception) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        conn.server.pending -= 1
+        conn.infer_answer(self.slot, self.version, self.keep_alive, self.url, outcome)
 
 
 class _Bridge(asyncio.Transport):

@@ -15,7 +15,7 @@ bodies in and out, same error types, so the rest of the gateway does not know th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -35,8 +35,9 @@ from gateway.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
+from gateway.upstream.callback import Cancellable, wait_for
 from gateway.upstream.grpc_client import GrpcServer
-from gateway.upstream.keepalive import KeepAlivePool, MalformedResponse
+from gateway.upstream.keepalive import KeepAlivePool, MalformedResponse, RawResponse
 
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
 
@@ -139,6 +140,7 @@ class TritonUpstream:
         # Checked first on every call, so an all-HTTP gateway pays one attribute read for gRPC.
         self._any_grpc = any(server.grpc is not None for server in self._servers)
         self._pools: dict[str, KeepAlivePool] = {}
+        self._tasks: set[asyncio.Task[UpstreamResponse]] = set()  # gRPC calls started by infer_cb
 
     def server_url(self, model: str) -> str:
         """The base URL of the Triton server that serves `model`."""
@@ -171,36 +173,74 @@ class TritonUpstream:
         pool: str | None = None,
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
+        """One inference call; raises the call's `GatewayError` (503, 504, 502, a 4xx)."""
         if self._any_grpc and (server := self._server(model)).grpc is not None:
             out, out_type, out_length, latency = await server.grpc.infer(
                 model, version, body, header_length, timeout_s or self.timeout_s)
             return UpstreamResponse(200, out, out_type, out_length, latency)
+        return await wait_for(lambda on_done: self.infer_cb(
+            model, version, body, content_type, header_length, on_done, pool=pool,
+            timeout_s=timeout_s))
+
+    def infer_cb(self, model: str, version: str, body: bytes, content_type: str,
+                 header_length: int | None,
+                 on_done: Callable[[UpstreamResponse | Exception], None], *,
+                 pool: str | None = None, timeout_s: float | None = None) -> Cancellable:
+        """Start one inference call; `on_done` gets the answer or its `GatewayError`. Over
+        HTTP no Task or Future is made (gateway/upstream/keepalive.py); a gRPC call runs as
+        `infer` in a Task."""
+        timeout = timeout_s or self.timeout_s
+        if self._any_grpc and self._server(model).grpc is not None:
+            task = asyncio.get_running_loop().create_task(self.infer(
+                model, version, body, content_type, header_length, pool=pool,
+                timeout_s=timeout))
+            self._tasks.add(task)
+            task.add_done_callback(lambda t: self._grpc_done(t, on_done))
+            return task
         # Never ask Triton to compress (no Accept-Encoding): bodies pass through as they are.
         extra = b"" if header_length is None else b"%s: %d\r\n" % (
             HEADER_LENGTH.encode(), header_length
         )
-        try:
-            async with asyncio.timeout(timeout_s or self.timeout_s):
-                raw = await self.pool(pool or model, model=model).post(
-                    _model_path(model, version) + "/infer", body, content_type, extra
-                )
-        except TimeoutError:
-            raise upstream_timeout(f"model '{model}'", timeout_s or self.timeout_s) from None
-        except OSError as exc:  # refused, reset, closed mid-answer (ConnectionClosed)
-            raise upstream_unreachable(f"model '{model}'", self.server_url(model), exc) from None
-        except MalformedResponse as exc:
-            raise UpstreamBadGateway(f"model '{model}': {exc}") from None
-        status = raw.status
+        return self.pool(pool or model, model=model).post_cb(
+            _model_path(model, version) + "/infer", body, content_type, extra,
+            lambda outcome: on_done(self._answer(model, timeout, outcome)), timeout,
+        )
+
+    def _grpc_done(self, task: asyncio.Task[UpstreamResponse],
+                   on_done: Callable[[UpstreamResponse | Exception], None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            on_done(task.result())
+        elif isinstance(exc, Exception):
+            on_done(exc)
+
+    def _answer(self, model: str, timeout_s: float, outcome: RawResponse | Exception
+                ) -> UpstreamResponse | Exception:
+        """A pool call's outcome as the gateway sees it: the answer, or its `GatewayError`
+        (the one place upstream HTTP failures are mapped)."""
+        if isinstance(outcome, TimeoutError):  # before OSError: TimeoutError is one
+            return upstream_timeout(f"model '{model}'", timeout_s)
+        if isinstance(outcome, OSError):  # refused, reset, closed mid-answer (ConnectionClosed)
+            return upstream_unreachable(f"model '{model}'", self.server_url(model), outcome)
+        if isinstance(outcome, MalformedResponse):
+            return UpstreamBadGateway(f"model '{model}': {outcome}")
+        if isinstance(outcome, Exception):
+            return outcome
+        status = outcome.status
         if status != 200:
-            message = _error_message(raw.body, f"HTTP {status}")
+            message = _error_message(outcome.body, f"HTTP {status}")
             if 400 <= status < 500:
-                raise UpstreamClientError(message, status)
-            raise UpstreamBadGateway(f"model '{model}' failed: {message}")
-        resp_type = raw.headers.get(b"content-type", b"application/json").decode("latin-1")
-        resp_length = raw.headers.get(_HEADER_LENGTH_KEY)
+                return UpstreamClientError(message, status)
+            return UpstreamBadGateway(f"model '{model}' failed: {message}")
+        resp_type = outcome.headers.get(b"content-type", b"application/json").decode("latin-1")
+        resp_length = outcome.headers.get(_HEADER_LENGTH_KEY)
         return UpstreamResponse(
-            status, raw.body, resp_type,
-            resp_length.decode("latin-1") if resp_length is not None else None, raw.latency_s,
+            status, outcome.body, resp_type,
+            resp_length.decode("latin-1") if resp_length is not None else None,
+            outcome.latency_s,
         )
 
     async def _get(self, path: str, model: str | None = None) -> tuple[int, bytes]:

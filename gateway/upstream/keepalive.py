@@ -8,20 +8,33 @@ parses the answer with `httptools` (llhttp, the parser uvicorn uses), so HTTP fr
 (Content-Length, chunked, keep-alive) is handled by a maintained parser, not by hand. It is for
 inference only; metadata and health stay on aiohttp.
 
-Per pool: at most `limit` calls in flight (the per-model isolation the gateway relies on), idle
-connections reused LIFO, one retry on a fresh connection when a reused one turns out to be
-closed before any byte of the answer arrived (the server dropped an idle keep-alive), and a
-connection whose call was cancelled or timed out is aborted, never reused.
+Per pool: at most `limit` calls in flight (the per-model isolation the gateway relies on; a
+counter and a FIFO queue of waiting calls), idle connections reused LIFO, one retry on a fresh
+connection when a reused one turns out to be closed before any byte of the answer arrived (the
+server dropped an idle keep-alive), and a connection whose call was cancelled or timed out is
+aborted, never reused.
+
+Calls are callback-driven (`post_cb`): no Task or Future per call on the common path (an idle
+connection is free), the per-call timeout is one `loop.call_at` timer cancelled on completion.
+Only opening a connection runs as a Task (`create_connection` is a coroutine). `post` is the
+same call awaited (gateway/upstream/callback.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
 
 import httptools
+
+from gateway.upstream.callback import wait_for
+
+log = logging.getLogger(__name__)
 
 
 class ConnectionClosed(ConnectionError):
@@ -49,7 +62,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser = httptools.HttpResponseParser(self)
-        self._waiter: asyncio.Future[RawResponse] | None = None
+        self._on_done: Callable[[RawResponse | Exception], None] | None = None
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
         self._headers_done = False
@@ -73,7 +86,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if exc is None and self._headers_done and self._waiter is not None and not (
+        if exc is None and self._headers_done and self._on_done is not None and not (
             b"content-length" in self._headers or b"transfer-encoding" in self._headers
         ):
             self._complete()  # a body delimited by the end of the connection ends here
@@ -108,23 +121,28 @@ class _Connection(asyncio.Protocol):
             perf_counter() - self._sent,
         )
         self._headers, self._body, self._headers_done = {}, [], False
-        waiter, self._waiter = self._waiter, None
-        if waiter is None or waiter.done():
+        on_done, self._on_done = self._on_done, None
+        if on_done is None:
             # Nobody asked (or the asker gave up): this stream is out of step, never reuse it,
             # or the next call would read this answer as its own.
             self.abort()
             return
-        waiter.set_result(response)
+        on_done(response)
 
     # -- calls --
-    def send(self, message: bytes) -> asyncio.Future[RawResponse]:
+    def send(self, message: bytes, on_done: Callable[[RawResponse | Exception], None]) -> None:
+        """Write one request; `on_done` gets its answer or the error that ended it."""
         assert self.transport is not None
-        assert self._waiter is None
+        assert self._on_done is None
         self.received = False
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._on_done = on_done
         self._sent = perf_counter()
         self.transport.write(message)
-        return self._waiter
+
+    def abandon(self) -> None:
+        """The caller gave up mid-call (timeout, cancel): drop the stream, never reuse it."""
+        self._on_done = None
+        self.abort()
 
     def abort(self) -> None:
         self.closed = True
@@ -132,9 +150,45 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _fail(self, exc: Exception) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(exc)
+
+
+OnDone = Callable[[RawResponse | Exception], None]
+
+
+def _ended(_: RawResponse | Exception) -> None:
+    """The callback of a call that has ended: nothing to tell anyone."""
+
+
+class PoolCall:
+    """One call through a pool: queued for a slot, connecting, or on a connection. It ends
+    exactly once: answered, failed, timed out (`TimeoutError`) or cancelled (no callback)."""
+
+    __slots__ = ("attempt", "conn", "ended", "holding", "message", "on_done", "pool", "reused",
+                 "timer")
+
+    def __init__(self, pool: KeepAlivePool, message: bytes, on_done: OnDone) -> None:
+        self.pool = pool
+        self.message = message
+        self.on_done = on_done
+        self.timer: asyncio.TimerHandle | None = None
+        self.conn: _Connection | None = None
+        self.attempt = 0
+        self.reused = False
+        self.holding = False  # holds one of the pool's `limit` slots
+        self.ended = False
+
+    def cancel(self) -> None:
+        """Abandon the call: its connection (if any) is aborted, `on_done` is never called."""
+        self.pool._end(self, None)
+
+    def expire(self) -> None:
+        self.pool._end(self, TimeoutError())
+
+    def answered(self, outcome: RawResponse | Exception) -> None:
+        self.pool._answered(self, outcome)
 
 
 class KeepAlivePool:
@@ -144,19 +198,21 @@ class KeepAlivePool:
         self.host = host
         self.port = port
         self.limit = limit
-        self._slots = asyncio.Semaphore(limit)
+        self._active = 0  # calls holding a slot
+        self._waiting: deque[PoolCall] = deque()  # calls waiting for a slot, in arrival order
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
         self._heads: dict[tuple[str, str], bytes] = {}
         self._host_header = f"{host}:{port}"
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of its connections
 
     def raise_limit(self, limit: int) -> None:
         """Allow more calls in flight (a reconfigured lane); a lower limit is the caller's own
         semaphore's job, so the pool never shrinks under calls in flight."""
-        for _ in range(limit - self.limit):
-            self._slots.release()
         self.limit = max(self.limit, limit)
+        self._start_waiting()
 
     def _head(self, path: str, content_type: str) -> bytes:
         """The fixed part of a request head, rendered once per (path, content type)."""
@@ -171,40 +227,130 @@ class KeepAlivePool:
         return head
 
     async def post(
-        self, path: str, body: bytes, content_type: str, extra_headers: bytes = b""
+        self, path: str, body: bytes, content_type: str, extra_headers: bytes = b"",
+        timeout_s: float | None = None,
     ) -> RawResponse:
-        """POST and read the whole answer (`extra_headers`: whole `Name: value\\r\\n` lines)."""
+        """POST and read the whole answer: `post_cb`, awaited."""
+        return await wait_for(lambda on_done: self.post_cb(
+            path, body, content_type, extra_headers, on_done, timeout_s))
+
+    def post_cb(
+        self, path: str, body: bytes, content_type: str, extra_headers: bytes, on_done: OnDone,
+        timeout_s: float | None = None,
+    ) -> PoolCall:
+        """Start a POST; `on_done` gets the answer or the exception that ended the call
+        (`TimeoutError` after `timeout_s`, counted from now: slot wait and connecting
+        included). `extra_headers`: whole `Name: value\\r\\n` lines."""
         message = b"".join((
             self._head(path, content_type), extra_headers,
             b"Content-Length: %d\r\n\r\n" % len(body), body,
         ))
-        async with self._slots:
-            for attempt in range(2):
-                # The retry always opens a fresh connection: other idle ones may be stale too.
-                conn = self._take_idle() if attempt == 0 else None
-                reused = conn is not None
-                if conn is None:
-                    conn = await self._connect()
-                if self._closed:
-                    conn.abort()
-                    raise ConnectionClosed("connection pool closed")
-                self._busy.add(conn)
-                try:
-                    response = await conn.send(message)
-                except ConnectionClosed:
-                    conn.abort()
-                    if reused and not conn.received and attempt == 0 and not self._closed:
-                        continue  # an idle connection the server had dropped: once, fresh
-                    raise
-                except BaseException:
-                    conn.abort()  # cancelled or timed out mid-call: the stream is unusable
-                    raise
-                finally:
-                    self._busy.discard(conn)
-                if not conn.closed and not self._closed:
-                    self._idle.append(conn)
-                return response
-        raise AssertionError("unreachable")  # pragma: no cover
+        call = PoolCall(self, message, on_done)
+        if timeout_s is not None:
+            # The loop is looked up once: `get_running_loop` costs a getpid syscall per call.
+            loop = self._loop or self._bind_loop()
+            call.timer = loop.call_at(loop.time() + timeout_s, call.expire)
+        if self._active < self.limit:
+            self._active += 1
+            call.holding = True
+            self._start(call)
+        else:
+            self._waiting.append(call)
+        return call
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _start(self, call: PoolCall) -> None:
+        if self._closed:
+            self._end(call, ConnectionClosed("connection pool closed"))
+            return
+        # The retry always opens a fresh connection: other idle ones may be stale too.
+        conn = self._take_idle() if call.attempt == 0 else None
+        if conn is None:
+            task = asyncio.get_running_loop().create_task(self._connect_for(call))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+            return
+        call.reused = True
+        self._send(call, conn)
+
+    async def _connect_for(self, call: PoolCall) -> None:
+        try:
+            conn = await self._connect()
+        except Exception as exc:  # refused, unresolvable, ...: the call's error
+            self._end(call, exc)
+            return
+        if self._closed:
+            conn.abort()
+            self._end(call, ConnectionClosed("connection pool closed"))
+        elif call.ended:  # timed out or cancelled while connecting: a fresh connection, kept
+            self._idle.append(conn)
+        else:
+            self._send(call, conn)
+
+    def _send(self, call: PoolCall, conn: _Connection) -> None:
+        call.conn = conn
+        self._busy.add(conn)
+        if conn.closed:  # lost between connecting and this call (its loss had nobody to tell)
+            self._answered(call, ConnectionClosed("connection closed by Triton (EOF)"))
+        else:
+            conn.send(call.message, call.answered)
+
+    def _answered(self, call: PoolCall, outcome: RawResponse | Exception) -> None:
+        conn = call.conn
+        assert conn is not None
+        call.conn = None
+        self._busy.discard(conn)
+        if isinstance(outcome, RawResponse):
+            if not conn.closed and not self._closed:
+                self._idle.append(conn)
+        else:
+            conn.abort()
+            if (isinstance(outcome, ConnectionClosed) and call.reused and not conn.received
+                    and call.attempt == 0 and not self._closed):
+                call.attempt, call.reused = 1, False  # an idle connection the server dropped
+                self._start(call)
+                return
+        self._end(call, outcome)
+
+    def _end(self, call: PoolCall, outcome: RawResponse | Exception | None) -> None:
+        """Finish `call` once: stop its timer, free its slot for the next waiting call, and
+        report `outcome` (None: cancelled, nobody to tell)."""
+        if call.ended:
+            return
+        call.ended = True
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        conn = call.conn
+        if conn is not None:  # abandoned mid-call: the stream is unusable
+            call.conn = None
+            self._busy.discard(conn)
+            conn.abandon()
+        if call.holding:
+            call.holding = False
+            self._active -= 1
+            self._start_waiting()
+        # Dropping the callback breaks the call <-> caller cycle (a caller keeps its call to
+        # cancel it): freed by reference counting, not left for the garbage collector.
+        on_done, call.on_done = call.on_done, _ended
+        if outcome is not None:
+            try:
+                on_done(outcome)
+            except Exception:  # the caller's bug must not be read as a broken connection
+                log.exception("pool call callback failed")
+
+    def _start_waiting(self) -> None:
+        waiting = self._waiting
+        while waiting and self._active < self.limit:
+            call = waiting.popleft()
+            if call.ended:
+                continue  # timed out or cancelled while waiting
+            self._active += 1
+            call.holding = True
+            self._start(call)
 
     def _take_idle(self) -> _Connection | None:
         while self._idle:
@@ -222,9 +368,22 @@ class KeepAlivePool:
     def idle(self) -> int:
         return sum(1 for c in self._idle if not c.closed)
 
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot (on a connection or connecting)."""
+        return self._active
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for c in self._waiting if not c.ended)
+
     def close(self) -> None:
-        """Close idle connections and abort calls in flight (their callers get an error)."""
+        """Close idle connections, abort calls in flight and fail waiting ones (their callers
+        get `ConnectionClosed`)."""
         self._closed = True
         for conn in [*self._idle, *self._busy]:
             conn.abort()
         self._idle.clear()
+        while self._waiting:
+            call = self._waiting.popleft()
+            self._end(call, ConnectionClosed("connection pool closed"))

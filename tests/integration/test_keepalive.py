@@ -428,3 +428,119 @@ async def test_latency_is_the_calls_own_service_time_not_its_wait_for_a_slot(
     assert waited >= hold * 0.5  # the second call did wait for the slot...
     assert second.latency_s < waited - hold * 0.4  # ...and that wait is not in its latency
     pool.close()
+
+
+async def test_callback_timeout_aborts_the_connection_never_reused(
+    server_factory: ServerFactory,
+) -> None:
+    """`post_cb`'s timer (no Task, no Future): the caller gets TimeoutError at its deadline,
+    the connection it was on is aborted (the server sees it close), and the next call opens a
+    new one, so the late answer is never read as the next call's."""
+    release = asyncio.Event()
+
+    async def first_slow(body: bytes, n: int) -> bytes:
+        if n == 1:
+            await release.wait()
+        return ok(body)
+
+    server = await server_factory(first_slow)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=2)
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[object] = loop.create_future()
+    call = pool.post_cb("/p", b"1", "application/json", b"", outcome.set_result, 0.05)
+    assert isinstance(await outcome, TimeoutError)
+    assert call.ended and pool.in_flight == 0 and pool.idle == 0
+    reader_side = server.writers[0]
+    release.set()
+    await asyncio.sleep(0.05)
+    assert reader_side.is_closing()  # the server saw the abort
+    response = await pool.post("/p", b"2", "application/json")
+    assert response.body == b"2"
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_queued_calls_start_in_order_as_slots_free(server_factory: ServerFactory) -> None:
+    """The slot limit is a counter and a FIFO queue: with one slot, calls reach the server in
+    the order they were made, each as the previous one completes; a queued call that times out
+    is never sent and does not hold up the ones behind it."""
+    gates: dict[bytes, asyncio.Event] = {}
+    arrived: dict[bytes, asyncio.Event] = {}
+    all_done = asyncio.Event()
+
+    def event(events: dict[bytes, asyncio.Event], name: bytes) -> asyncio.Event:
+        return events.setdefault(name, asyncio.Event())
+
+    async def gated(body: bytes, _: int) -> bytes:
+        event(arrived, body).set()
+        await event(gates, body).wait()
+        return ok(body)
+
+    server = await server_factory(gated)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    results: list[tuple[bytes, object]] = []
+
+    def collect(name: bytes) -> Callable[[object], None]:
+        def done(outcome: object) -> None:
+            results.append((name, outcome))
+            if len(results) == 4:
+                all_done.set()
+        return done
+
+    names = [b"a", b"b", b"c", b"d"]
+    for name in names:
+        timeout = 0.05 if name == b"c" else None  # c times out while waiting for the slot
+        pool.post_cb("/p", name, "application/json", b"", collect(name), timeout)
+    assert pool.in_flight == 1 and pool.queued == 3
+    await asyncio.sleep(0.1)
+    assert [n for n, _ in results] == [b"c"] and isinstance(results[0][1], TimeoutError)
+    for name in (b"a", b"b", b"d"):
+        await event(arrived, name).wait()
+        assert [body for _, body in server.requests][-1] == name
+        event(gates, name).set()
+    await all_done.wait()
+    assert [body for _, body in server.requests] == [b"a", b"b", b"d"]  # c never sent
+    assert [n for n, _ in results] == [b"c", b"a", b"b", b"d"]
+    assert server.max_in_flight == 1 and server.connections == 1
+    pool.close()
+
+
+async def test_close_fails_queued_callback_calls(server_factory: ServerFactory) -> None:
+    hold = asyncio.Event()
+
+    async def held(_: bytes, __: int) -> None:
+        await hold.wait()  # until the end of the test, then hang up
+
+    server = await server_factory(held)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=1)
+    loop = asyncio.get_running_loop()
+    outcomes: list[asyncio.Future[object]] = [loop.create_future() for _ in range(2)]
+    for body, outcome in zip((b"1", b"2"), outcomes, strict=True):
+        pool.post_cb("/p", body, "application/json", b"", outcome.set_result)
+    await asyncio.sleep(0.05)
+    assert (pool.in_flight, pool.queued) == (1, 1)
+    pool.close()
+    for outcome in outcomes:  # the call in flight and the queued one alike
+        assert isinstance(await outcome, ConnectionClosed)
+    hold.set()
+    await asyncio.sleep(0.02)
+
+
+async def test_upstream_callback_timeout_is_a_504(server_factory: ServerFactory) -> None:
+    hold = asyncio.Event()
+
+    async def slow(_: bytes, __: int) -> None:
+        await hold.wait()  # past the deadline, then hang up
+
+    server = await server_factory(slow)
+    upstream = TritonUpstream(f"http://127.0.0.1:{server.port}", timeout_ms=50,
+                              max_connections=4)
+    outcome: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    upstream.infer_cb("m", "", b"{}", "application/json", None, outcome.set_result)
+    error = await outcome
+    assert isinstance(error, UpstreamTimeout) and error.status == 504
+    assert "did not answer within 50 ms" in error.message
+    assert upstream.pool("m").idle == 0  # aborted, not kept
+    await upstream.close()
+    hold.set()
+    await asyncio.sleep(0.02)

@@ -13,7 +13,11 @@ import httptools
 import orjson
 import pytest
 
-from tests.conftest import GatewayFactory, fraud_body
+from gateway.rest.inference import ROUTES as ROUTE_TABLE
+from gateway.rest.inference import UPSTREAM
+from gateway.rest.lean_server import LeanServer
+from gateway.rest.serving import LeanSite
+from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
 
 pytestmark = pytest.mark.triton
 
@@ -262,3 +266,74 @@ async def test_shutdown_drains_requests_in_flight(make_gateway: GatewayFactory) 
     idle_answers, idle_closed = await idle
     assert idle_answers == [] and idle_closed
     assert sorted(r["request_id"] for r in gw.records()) == ["drained", "uploading"]
+
+
+async def _primed(gw: GatewayHandle, *routes: str) -> LeanServer:
+    """Cache the routes' champion signatures (as a first request does), so requests take the
+    callback path; returns the site's lean server, to watch requests in flight."""
+    table = gw.app[ROUTE_TABLE]
+    for route in routes:
+        await table.champion_inputs(table.get(route))
+    site = gw.server.site
+    assert isinstance(site, LeanSite) and site._lean is not None
+    return site._lean
+
+
+async def test_callback_path_answers_in_order_when_completions_are_out_of_order(
+    make_gateway: GatewayFactory,
+) -> None:
+    """Pipelined: a slow champion call, then a fast one. The fast call completes (and is
+    logged) first, from its completion callback with no Task; its answer still waits for the
+    slow one's, and both go out in request order on the kept-alive connection."""
+    gw = await make_gateway({**ROUTES, "slow": {"champion": {"model": "fraud_sleepy"}}},
+                            triton={"timeout_ms": 10_000})
+    lean = await _primed(gw, "fraud", "slow")
+    raw = post("/v2/models/slow/infer", body("late")) + post("/v2/models/fraud/infer",
+                                                              body("early"))
+    pending = asyncio.ensure_future(exchange(gw.url, raw, 2))
+    await asyncio.sleep(0.5)
+    assert (lean.pending, len(lean.inflight)) == (1, 0)  # the fast one is done, no Task
+    answers, closed = await pending
+    assert [a.headers["x-request-id"] for a in answers] == ["late", "early"]
+    assert [a.status for a in answers] == [200, 200] and not closed
+    assert answers[0].headers["x-served-model"] == "fraud_sleepy"
+    await gw.stop()
+    assert [r["request_id"] for r in gw.records()] == ["early", "late"]  # completion order
+
+
+async def test_drain_waits_for_callback_requests(make_gateway: GatewayFactory) -> None:
+    """SIGTERM's drain while a callback-driven request (no Task to wait for) is in flight: it
+    is answered and logged before the gateway stops."""
+    gw = await make_gateway({"slow": {"champion": {"model": "fraud_sleepy"}}},
+                            triton={"timeout_ms": 10_000})
+    lean = await _primed(gw, "slow")
+    pending = asyncio.ensure_future(exchange(
+        gw.url, post("/v2/models/slow/infer", body("cb-drained")), 1))
+    await asyncio.sleep(0.3)
+    assert (lean.pending, len(lean.inflight)) == (1, 0)
+    await gw.stop()
+    answers, closed = await pending
+    assert [a.status for a in answers] == [200] and closed
+    assert lean.pending == 0
+    assert [r["request_id"] for r in gw.records()] == ["cb-drained"]
+
+
+async def test_callback_timeout_is_a_504_and_logged(make_gateway: GatewayFactory) -> None:
+    """A champion slower than triton.timeout_ms on the callback path: the timer answers 504
+    with the usual body and headers, the connection to Triton is aborted (never reused), the
+    client's connection stays usable, and the failure is logged as a timeout."""
+    gw = await make_gateway({"slow": {"champion": {"model": "fraud_sleepy"}}, **ROUTES},
+                            triton={"timeout_ms": 300})
+    await _primed(gw, "slow", "fraud")
+    raw = post("/v2/models/slow/infer", body("too-slow")) + post("/v2/models/fraud/infer",
+                                                                  body("after"))
+    answers, closed = await exchange(gw.url, raw, 2)
+    assert [a.status for a in answers] == [504, 200] and not closed
+    assert "did not answer within 300 ms" in orjson.loads(answers[0].body)["error"]
+    assert answers[0].headers["x-request-id"] == "too-slow"
+    assert answers[0].headers["x-served-model"] == "fraud_sleepy"
+    assert gw.app[UPSTREAM].pool("fraud_sleepy").idle == 0  # aborted, not kept alive
+    await gw.stop()
+    status = {r["request_id"]: (r["status"], r["outputs"]["fraud_sleepy"]["status"])
+              for r in gw.records() if r["request_id"] == "too-slow"}
+    assert status == {"too-slow": (504, "timeout")}
