@@ -327,12 +327,13 @@ class ShadowLane:
         expiring = self._expiring
         while expiring:
             copy = expiring[0]
-            if not copy.finished:
-                if copy.deadline > due:
-                    self._expiry = loop.call_at(copy.deadline, self._expire_due)
-                    return
-                self._expire(copy)
-            expiring.popleft()
+            if copy.finished:
+                expiring.popleft()
+            elif copy.deadline > due:
+                self._expiry = loop.call_at(copy.deadline, self._expire_due)
+                return
+            else:
+                self._expire(copy)  # finished: the next turn (or `_finish`) drops it
 
     def _unqueue_rows(self, copy: ShadowCopy) -> None:
         left = self._queued_rows[copy.key] - copy.rows
