@@ -215,7 +215,7 @@ LOG_RECORDS = Counter(
     "Kafka), written (file sink), spilled, replayed, dropped, oversized.",
     ["stream", "outcome"],
 )
-LOG_BUFFERED = Gauge(
+LOG_BUFFERED = LiveGauge(
     "understudy_log_buffered_records",
     "Records accepted by the log sink but not yet durable.",
     ["sink"],

@@ -196,19 +196,23 @@ class Recorder:
         try:
             while self._ready:
                 deadline = time.perf_counter() + self.slice_s
+                accepted = 0
                 while True:
-                    self._record(*self._ready.popleft())
+                    accepted += self._record(*self._ready.popleft())
                     if not self._ready or (
                         time.perf_counter() >= deadline and len(self._ready) <= self.backlog
                     ):
                         break
+                if accepted:
+                    self._accepted.inc(accepted)  # once per slice, not per record
                 await asyncio.sleep(0)
         finally:
             self._worker = None
 
     def _record(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
-    ) -> None:
+    ) -> bool:
+        """Build, observe and (if sampled in) emit one record; True if the sink took it."""
         try:
             self.seen.add(ctx.request_id)
             record = self.build(ctx, {model: _result(f) for model, f in copies.items()})
@@ -226,10 +230,11 @@ class Recorder:
                 f"log:{ctx.runtime.name}", ctx.key or ctx.request_id
             ) < ctx.runtime.config.log_sample_rate:
                 self.sink.emit(INFERENCES, ctx.request_id, orjson.dumps(record))
-                self._accepted.inc()
+                return True
         except Exception:
             log.exception("failed to record request %s", ctx.request_id)
             self._dropped.inc()
+        return False
 
     def build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult]) -> InferenceRecord:
         """The request's record, typed as the contract writes it (serialised once by `_record`).
