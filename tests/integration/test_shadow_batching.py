@@ -695,9 +695,9 @@ async def test_one_lane_timer_times_out_each_copy_at_its_own_deadline() -> None:
     hung = watch("hung", lane.submit(row(1), "shadow"))  # its call does not answer in time
     await upstream.started.wait()
     await asyncio.sleep(0.05)
+    upstream.started.clear()
     later = watch("later", lane.submit(row(2), "shadow"))  # the second slot, 50 ms later
-    while len(upstream.calls) < 2:
-        await asyncio.sleep(0)
+    await upstream.started.wait()
     assert isinstance(hung, ShadowCopy) and isinstance(later, ShadowCopy)
     assert (await hung).status == "timeout"
     assert "later" not in resolved  # its own deadline has not come yet
