@@ -26,7 +26,6 @@ one resolved future per lane; outcomes are counted per batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -349,12 +348,16 @@ class ShadowLane:
         try:
             while self._queue:
                 limit = self.batch_limit
-                wait = self._queue[0].enqueued + self.batch_wait_s - loop.time()
-                if wait > 0 and max(self._queued_rows.values(), default=0) < limit:
+                due = self._queue[0].enqueued + self.batch_wait_s
+                if due > loop.time() and max(self._queued_rows.values(), default=0) < limit:
+                    # Woken by a full batch or the window's end; a timer, not asyncio.timeout:
+                    # most windows end unfilled, and a timeout ends in a raised exception.
                     self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await self._wakeup.wait()
+                    timer = loop.call_at(due, self._wakeup.set)
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        timer.cancel()
                     continue  # the oldest copy may have expired meanwhile: look again
                 await self._slots.acquire()  # queued copies keep joining while all slots busy
                 batch = self._take(limit)
