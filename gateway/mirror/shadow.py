@@ -58,7 +58,6 @@ _CALL_EWMA = 0.2  # weight of the newest call in the smoothed service time
 # The deadline timer may run this early (event loops round timers to their clock resolution);
 # a copy whose deadline is this close is due, as its own timer would have fired now.
 _TIMER_SLACK = 0.001
-_SHED_FULL = "challenger lane full; copy shed"
 
 
 class CallTime:
@@ -207,16 +206,15 @@ class ShadowLane:
         task.add_done_callback(self._calls.discard)
         return copy
 
-    def _done(self, status_or_error: str) -> asyncio.Future[ShadowResult]:
-        """The lane's one resolved future for skipped (or shed-at-admission) copies: its holders
-        only read it, so one per lane replaces a future per copy. Re-made if the loop changed."""
+    def _done(self, result: ShadowResult) -> asyncio.Future[ShadowResult]:
+        """The lane's one resolved future for `result` (skipped, or shed at admission): its
+        holders only read it, so one per lane replaces a future per copy. Re-made if the loop
+        changed."""
         loop = asyncio.get_running_loop()
-        done = self._resolved.get(status_or_error)
+        done = self._resolved.get(result.status)
         if done is None or done.get_loop() is not loop:
-            done = loop.create_future()
-            done.set_result(ShadowResult("skipped") if status_or_error == "skipped"
-                            else ShadowResult("shed", error=status_or_error))
-            self._resolved[status_or_error] = done
+            done = self._resolved[result.status] = loop.create_future()
+            done.set_result(result)
         return done
 
     def _count(self, result: ShadowResult, mode: str) -> None:
@@ -556,7 +554,13 @@ class ShadowLane:
     def skipped(self) -> asyncio.Future[ShadowResult]:
         """A copy not sent (sampled out, or the request was rejected before dispatch)."""
         self._counters["skipped"].inc()
-        return self._done("skipped")
+        return self._done(_SKIPPED)
+
+
+# What every skipped copy, and every copy shed because its lane was full, resolves to: shared
+# (nothing mutates a result once made).
+_SKIPPED = ShadowResult("skipped")
+_SHED_FULL = ShadowResult("shed", error="challenger lane full; copy shed")
 
 
 def _since(called: float | None, started: float) -> float:
