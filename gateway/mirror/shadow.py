@@ -300,12 +300,10 @@ class ShadowLane:
     def _enqueue(
         self, request: InferRequest, mode: str, key: Hashable, rows: int, limit: int
     ) -> ShadowCopy:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        copy = ShadowCopy(loop, request, mode, key, rows, now, now + self.timeout_s)
+        copy = self._new_copy(request, mode, key, rows)
         self._expiring.append(copy)
         if self._expiry is None:
-            self._expiry = loop.call_at(copy.deadline, self._expire_due)
+            self._expiry = asyncio.get_running_loop().call_at(copy.deadline, self._expire_due)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
         if queued >= limit:
