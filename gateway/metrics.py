@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from bisect import bisect_left
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.samples import Sample
 
 Family = TypeVar("Family", bound=MetricWrapperBase)
 
@@ -91,6 +93,34 @@ class BatchedHistogram(Histogram):
         return super()._child_samples()
 
 
+class GaugeSource(Protocol):
+    """An object whose current contribution to a LiveGauge is `gauge_value()`."""
+
+    def gauge_value(self) -> float: ...
+
+
+class LiveGauge(Gauge):
+    """A Gauge whose value is the sum of its tracked sources' `gauge_value()`, read when the
+    registry is read.
+
+    Why: a gauge counted up and down per shadow copy takes prometheus_client's lock twice per
+    copy; the lanes already hold the number. Sources are held weakly, so a lane replaced by a
+    route change still counts while its copies finish and drops out once it is gone. `inc` /
+    `dec` / `set` still add to the sum.
+    """
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def track(self, source: GaugeSource) -> None:
+        self._sources.add(source)
+
+    def _child_samples(self) -> Any:
+        live = sum(s.gauge_value() for s in list(self._sources))
+        return (Sample("", {}, self._value.get() + live, None, None),)
+
+
 # Latency buckets in seconds: dense below 10 ms where the gateway's overhead lives.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -131,7 +161,7 @@ SHADOW_COPIES = BatchedCounter(
     "Copies of requests for challengers by outcome: sent, ok, error, timeout, shed, skipped.",
     ["route", "model", "outcome"],
 )
-SHADOW_INFLIGHT = Gauge(
+SHADOW_INFLIGHT = LiveGauge(
     "understudy_shadow_inflight",
     "Shadow copies in flight or queued per challenger (bounded by its limits).",
     ["route", "model"],
@@ -185,7 +215,7 @@ LOG_RECORDS = Counter(
     "Kafka), written (file sink), spilled, replayed, dropped, oversized.",
     ["stream", "outcome"],
 )
-LOG_BUFFERED = Gauge(
+LOG_BUFFERED = LiveGauge(
     "understudy_log_buffered_records",
     "Records accepted by the log sink but not yet durable.",
     ["sink"],

@@ -126,7 +126,7 @@ class FileSink:
         self.flush_interval = flush_interval_ms / 1000
         self._pending: dict[str, list[bytes]] = {s: [] for s in STREAMS}
         self._buffered = 0  # records in _pending
-        self._buffered_gauge = metrics.LOG_BUFFERED.labels("file")
+        metrics.LOG_BUFFERED.labels("file").track(self)  # reads `_buffered` at scrape
         self._writers: dict[str, _SegmentWriter] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -144,6 +144,10 @@ class FileSink:
             self._writers[stream] = writer
         return writer
 
+    def gauge_value(self) -> float:
+        """Records emitted and not yet handed to the writer: `understudy_log_buffered_records`."""
+        return self._buffered
+
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self._task = asyncio.create_task(self._run(), name="file-sink-writer")
@@ -154,7 +158,6 @@ class FileSink:
         pending = self._pending.setdefault(stream, [])
         pending.append(value)
         self._buffered += 1
-        self._buffered_gauge.set(self._buffered)
         if self._buffered >= self.max_buffered:
             # The writer fell behind: write on the caller's thread rather than grow without bound.
             self._write_batches(self._take())
@@ -165,7 +168,6 @@ class FileSink:
         batches = {s: lines for s, lines in self._pending.items() if lines}
         self._pending = {s: [] for s in self._pending}
         self._buffered = 0
-        self._buffered_gauge.set(0)
         return batches
 
     def _write_batches(self, batches: dict[str, list[bytes]], force_sync: bool = False) -> None:

@@ -11,17 +11,18 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
 
 from gateway import metrics
 from gateway.backends import LogSink
+from gateway.config import ChallengerConfig
 from gateway.dataplane.protocol import InferRequest, decode_response, log_inputs
 from gateway.dataplane.routes import RouteRuntime
 from gateway.explore.policies import Decision, sticky_uniform
-from gateway.mirror.shadow import ShadowResult
+from gateway.mirror.shadow import ShadowCopy, ShadowResult
 from understudy.records import (
     INFERENCES,
     SCHEMA_VERSION,
@@ -93,7 +94,10 @@ def first_score(outputs: Mapping[str, Tensor] | None) -> float | None:
 
 
 class _Waiting:
-    """A request whose record waits for its shadow copies; ready when the last one resolves."""
+    """A request whose record waits for its shadow copies; ready when the last one resolves.
+
+    `copy_done` is a lane copy's `listener` (called by the lane as it resolves the copy), or a
+    done-callback for any other future."""
 
     __slots__ = ("copies", "ctx", "recorder", "remaining")
 
@@ -104,11 +108,10 @@ class _Waiting:
         self.copies = copies
         self.remaining = remaining
 
-    def copy_done(self, _: asyncio.Future[ShadowResult]) -> None:
+    def copy_done(self, _: object = None) -> None:
         self.remaining -= 1
         if self.remaining == 0:
-            self.recorder._waiting -= 1
-            self.recorder._push(self.ctx, self.copies)
+            self.recorder._settle(self.ctx, self.copies)
 
 
 class Recorder:
@@ -133,12 +136,13 @@ class Recorder:
             deque()
         )
         self._waiting = 0  # requests whose copies are still running
-        self._copies_in_flight: set[asyncio.Future[ShadowResult]] = set()
+        self._settled: asyncio.Future[None] | None = None  # drain(): set when _waiting is 0
         self._worker: asyncio.Task[None] | None = None
         self.seen = RecentIds()
         # Called with every record built (sampled out of the log or not), e.g. by the rollout
         # controller's guards; off the request path like the rest of the recorder.
         self.observers: list[Callable[[InferenceRecord], None]] = []
+        self._families: dict[tuple[str, str], _ModelMetrics] = {}  # see _observe
         self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
         self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
@@ -149,6 +153,8 @@ class Recorder:
     def submit(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
     ) -> None:
+        """Record `ctx` once every copy has resolved. Lane copies (`ShadowCopy`) call back
+        directly as their lane resolves them; skipped copies are already done."""
         running = [f for f in copies.values() if not f.done()]
         if not running:
             self._push(ctx, copies)
@@ -156,17 +162,28 @@ class Recorder:
         self._waiting += 1
         waiting = _Waiting(self, ctx, copies, len(running))
         for future in running:
-            self._copies_in_flight.add(future)
-            future.add_done_callback(self._copies_in_flight.discard)
-            future.add_done_callback(waiting.copy_done)
+            if type(future) is ShadowCopy and future.listener is None:
+                future.listener = waiting.copy_done
+            else:
+                future.add_done_callback(waiting.copy_done)
 
     async def drain(self) -> None:
         """Wait for every pending record (shutdown: shadows finish or time out first)."""
-        while self._copies_in_flight or self._worker is not None:
-            if self._copies_in_flight:
-                await asyncio.wait(list(self._copies_in_flight))
+        while self._waiting or self._worker is not None:
+            if self._waiting:
+                self._settled = asyncio.get_running_loop().create_future()
+                await self._settled
             if self._worker is not None:
                 await asyncio.wait([self._worker])
+
+    def _settle(
+        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
+    ) -> None:
+        """The last copy of a waiting request resolved: its record is ready."""
+        self._waiting -= 1
+        self._push(ctx, copies)
+        if not self._waiting and self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
 
     def _push(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
@@ -179,19 +196,23 @@ class Recorder:
         try:
             while self._ready:
                 deadline = time.perf_counter() + self.slice_s
+                accepted = 0
                 while True:
-                    self._record(*self._ready.popleft())
+                    accepted += self._record(*self._ready.popleft())
                     if not self._ready or (
                         time.perf_counter() >= deadline and len(self._ready) <= self.backlog
                     ):
                         break
+                if accepted:
+                    self._accepted.inc(accepted)  # once per slice, not per record
                 await asyncio.sleep(0)
         finally:
             self._worker = None
 
     def _record(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
-    ) -> None:
+    ) -> bool:
+        """Build, observe and (if sampled in) emit one record; True if the sink took it."""
         try:
             self.seen.add(ctx.request_id)
             record = self.build(ctx, {model: _result(f) for model, f in copies.items()})
@@ -209,27 +230,38 @@ class Recorder:
                 f"log:{ctx.runtime.name}", ctx.key or ctx.request_id
             ) < ctx.runtime.config.log_sample_rate:
                 self.sink.emit(INFERENCES, ctx.request_id, orjson.dumps(record))
-                self._accepted.inc()
+                return True
         except Exception:
             log.exception("failed to record request %s", ctx.request_id)
             self._dropped.inc()
+        return False
 
     def build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult]) -> InferenceRecord:
-        """The request's record, typed as the contract writes it (serialised once by `_record`)."""
-        config = ctx.runtime.config
-        outputs: dict[str, ModelOutcome] = {}
-        role_of: dict[str, Role] = {config.champion.model: "champion"}
-        mode_of: dict[str, Mode] = {c.model: c.mode for c in config.challengers}
-        experiments = ctx.runtime.experiments
-        for model, result in {ctx.served_model: ctx.served, **copies}.items():
+        """The request's record, typed as the contract writes it (serialised once by `_record`).
+
+        The served model's outcome comes first, then the copies' in their order (a copy under
+        the served model's name, which service.py never makes, would take its place)."""
+        runtime = ctx.runtime
+        config = runtime.config
+        served_model = ctx.served_model
+        champion = config.champion.model
+        version_of = runtime.version_of
+        experiments = runtime.experiments
+        served = copies.get(served_model, ctx.served) if copies else ctx.served
+        outcome = _outcome(served, role="champion" if served_model == champion else "challenger",
+                           mode="served", version=version_of.get(served_model, ""))
+        experiment = experiments.get(served_model)
+        if experiment is not None:  # challengers only: the champion has no experiment
+            outcome["experiment"], outcome["sample_rate"] = experiment
+        outputs: dict[str, ModelOutcome] = {served_model: outcome}
+        for model, result in copies.items():
+            if model == served_model:
+                continue
             outputs[model] = outcome = _outcome(
-                result,
-                role=role_of.get(model, "challenger"),
-                mode="served" if model == ctx.served_model else mode_of.get(model, "shadow"),
-                version=ctx.runtime.version_of.get(model, ""),
-            )
+                result, role="champion" if model == champion else "challenger",
+                mode=_mode_of(config.challengers, model), version=version_of.get(model, ""))
             experiment = experiments.get(model)
-            if experiment is not None:  # challengers only: the champion has no experiment
+            if experiment is not None:
                 outcome["experiment"], outcome["sample_rate"] = experiment
         record: InferenceRecord = {
             "schema_version": SCHEMA_VERSION,
@@ -237,10 +269,9 @@ class Recorder:
             "request_id": ctx.request_id,
             "ts": ctx.ts,
             "route": config.name,
-            "registry_version": ctx.runtime.registry_version,
-            "policy": ctx.runtime.policy.describe(),
-            "served": {"model": ctx.served_model,
-                       "version": outputs[ctx.served_model]["version"]},
+            "registry_version": runtime.registry_version,
+            "policy": runtime.policy.describe(),
+            "served": {"model": served_model, "version": outputs[served_model]["version"]},
             "propensity": ctx.decision.propensity,
             "arms": dict(ctx.decision.probabilities),
             "key": ctx.key,
@@ -258,22 +289,66 @@ class Recorder:
         return record
 
     def _observe(self, ctx: RequestContext, record: InferenceRecord) -> None:
+        """Prediction metrics: each model's score, and (classification) its predicted class and
+        agreement with the served model. Each score is read once; metric children are cached
+        per (route, model) on the recorder."""
         config = ctx.runtime.config
-        served_score = first_score(record["outputs"][ctx.served_model]["outputs"])
-        for model, outcome in record["outputs"].items():
-            score = first_score(outcome["outputs"])
+        outputs = record["outputs"]
+        served_model = ctx.served_model
+        served_score = first_score(outputs[served_model]["outputs"])
+        classify = config.task == "classification"
+        threshold = config.threshold
+        served_class = None if served_score is None else int(served_score >= threshold)
+        for model, outcome in outputs.items():
+            score = served_score if model == served_model else first_score(outcome["outputs"])
             if score is None:
                 continue
-            metrics.child(metrics.SCORE, config.name, model).observe(score)
-            if config.task != "classification":
+            family = self._families.get((config.name, model))
+            if family is None:
+                family = self._families[(config.name, model)] = _ModelMetrics(config.name, model)
+            family.score.observe(score)
+            if not classify:
                 continue
-            predicted = int(score >= config.threshold)
-            metrics.child(metrics.PREDICTED_CLASS, config.name, model, str(predicted)).inc()
-            if model != ctx.served_model and served_score is not None:
-                agree = predicted == int(served_score >= config.threshold)
-                metrics.child(
-                    metrics.AGREEMENT, config.name, model, "agree" if agree else "disagree"
-                ).inc()
+            predicted = int(score >= threshold)
+            family.predicted(predicted).inc()
+            if model != served_model and served_class is not None:
+                family.agreement(predicted == served_class).inc()
+
+
+class _ModelMetrics:
+    """One (route, model)'s prediction metric children, made on first use (a child that exists
+    is exported, so none is made before it has a value)."""
+
+    __slots__ = ("_agreement", "_classes", "model", "route", "score")
+
+    def __init__(self, route: str, model: str) -> None:
+        self.route = route
+        self.model = model
+        self.score = metrics.child(metrics.SCORE, route, model)
+        self._classes: dict[int, metrics.BatchedCounter] = {}
+        self._agreement: dict[bool, metrics.BatchedCounter] = {}
+
+    def predicted(self, predicted: int) -> metrics.BatchedCounter:
+        counter = self._classes.get(predicted)
+        if counter is None:
+            counter = self._classes[predicted] = metrics.child(
+                metrics.PREDICTED_CLASS, self.route, self.model, str(predicted))
+        return counter
+
+    def agreement(self, agree: bool) -> metrics.BatchedCounter:
+        counter = self._agreement.get(agree)
+        if counter is None:
+            counter = self._agreement[agree] = metrics.child(
+                metrics.AGREEMENT, self.route, self.model, "agree" if agree else "disagree")
+        return counter
+
+
+def _mode_of(challengers: Sequence[ChallengerConfig], model: str) -> Mode:
+    """A copy's mode: its challenger's, or "shadow" (the champion scored under exploration)."""
+    for challenger in challengers:
+        if challenger.model == model:
+            return challenger.mode
+    return "shadow"
 
 
 def _result(future: asyncio.Future[ShadowResult]) -> ShadowResult:

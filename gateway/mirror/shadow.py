@@ -12,19 +12,25 @@ admitted copies queue in the lane and one batcher task sends up to `batch_max_ro
 rows as one Triton request (gateway/mirror/batching.py), waiting at most `batch_max_wait_ms` after
 the
 oldest queued copy; each batch is one of the `max_concurrency` calls. Every copy keeps its own
-deadline timer, so it resolves within the lane's timeout whatever its batch does. A batch that
-Triton rejects is re-sent copy by copy, so one bad row never fails the others.
+deadline, so it resolves within the lane's timeout whatever its batch does: one timer per lane
+(copies share the lane's timeout, so deadlines come in admission order) fires at the oldest
+live copy's deadline. A batch that Triton rejects is re-sent copy by copy, so one bad row never
+fails the others.
+
+Per-copy cost is kept low on purpose (every request pays it): a copy is one object, the future
+its owner holds (`ShadowCopy`); the recorder hears of it through `listener` when the lane
+resolves it, not through a done-callback scheduled on the loop; skipped and shed copies share
+one resolved future per lane; outcomes are counted per batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 from gateway import metrics
 from gateway.dataplane.protocol import InferRequest, decode_response
@@ -49,6 +55,9 @@ SLOW_VS_SERVED = 20
 SLOW_LANE_ROWS = 4
 RESOLVE_SLICE = 4
 _CALL_EWMA = 0.2  # weight of the newest call in the smoothed service time
+# The deadline timer may run this early (event loops round timers to their clock resolution);
+# a copy whose deadline is this close is due, as its own timer would have fired now.
+_TIMER_SLACK = 0.001
 
 
 class CallTime:
@@ -80,20 +89,30 @@ class ShadowResult:
     model_version: str | None = None  # Triton's model_version from that call, with `outputs`
 
 
-@dataclass(slots=True, eq=False)
-class _Copy:
-    """A queued (or batched) copy: identity-compared so it can be removed from the queue."""
+class ShadowCopy(asyncio.Future[ShadowResult]):
+    """An admitted copy: the future its owner holds and the lane's bookkeeping in one object.
 
-    request: InferRequest
-    mode: str
-    key: Hashable
-    rows: int
-    future: asyncio.Future[ShadowResult]
-    enqueued: float  # loop time
-    deadline: float  # loop time
-    timer: asyncio.TimerHandle | None = None
-    called: float | None = None  # perf_counter when its call started; None while queued
-    finished: bool = field(default=False)
+    `listener`, when set (the recorder sets it), is called synchronously once the lane has
+    resolved the copy, instead of a done-callback the loop would schedule per copy. A copy
+    cancelled by its owner is still resolved by the lane (queued: dropped as shed; in a call:
+    when the call ends or its deadline comes), so the listener always runs.
+    """
+
+    __slots__ = ("called", "deadline", "enqueued", "finished", "key", "listener", "mode",
+                 "request", "rows")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
+                 key: Hashable, rows: int, now: float, deadline: float) -> None:
+        super().__init__(loop=loop)
+        self.request = request
+        self.mode = mode
+        self.key = key
+        self.rows = rows
+        self.enqueued = now  # loop time
+        self.deadline = deadline  # loop time
+        self.called: float | None = None  # perf_counter when its call started; None: queued
+        self.finished = False
+        self.listener: Callable[[], None] | None = None
 
 
 class ShadowLane:
@@ -137,35 +156,41 @@ class ShadowLane:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._admitted = 0
         upstream.pool(self.pool_name, limit=max_concurrency, model=model)
-        self._inflight_gauge = metrics.SHADOW_INFLIGHT.labels(route, model)
+        metrics.SHADOW_INFLIGHT.labels(route, model).track(self)  # reads `_admitted`
         self._counters = {
             outcome: metrics.SHADOW_COPIES.labels(route, model, outcome)
             for outcome in ("sent", "ok", "error", "timeout", "shed", "skipped")
         }
+        self._latency: dict[str, metrics.BatchedHistogram] = {}  # per mode
+        self._resolved: dict[str, asyncio.Future[ShadowResult]] = {}  # skipped / shed
         self._batch_rows = metrics.SHADOW_BATCH_ROWS.labels(route, model)
         # Batching state: the model's max_batch_size (None until Triton's config is known).
         self._max_batch_size: int | None = None
         self._config_fetch: asyncio.Task[None] | None = None
         self._config_retry_at = 0.0
-        self._queue: deque[_Copy] = deque()
+        self._queue: deque[ShadowCopy] = deque()
         self._queued_rows: dict[Hashable, int] = {}  # rows waiting per compatibility key
         self._wakeup = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        # Batched copies in admission (= deadline) order, and the one timer for the oldest.
+        self._expiring: deque[ShadowCopy] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
 
     @property
     def admitted(self) -> int:
+        return self._admitted
+
+    def gauge_value(self) -> float:
+        """Copies admitted and not finished: `understudy_shadow_inflight`, read at scrape."""
         return self._admitted
 
     def submit(self, request: InferRequest, mode: str) -> asyncio.Future[ShadowResult]:
         """Start a copy now; the returned future always resolves within the lane's timeout."""
         if self._admitted >= self.capacity:
             self._counters["shed"].inc()
-            done: asyncio.Future[ShadowResult] = asyncio.get_running_loop().create_future()
-            done.set_result(ShadowResult("shed", error="challenger lane full; copy shed"))
-            return done
+            return self._done(_SHED_FULL)
         self._admitted += 1
-        self._inflight_gauge.inc()
         self._counters["sent"].inc()
         limit = self.batch_limit
         if limit > 1 and not self._is_latency_probe():
@@ -179,16 +204,29 @@ class ShadowLane:
         task = asyncio.create_task(self._single(copy))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
-        return copy.future
+        return copy
+
+    def _done(self, result: ShadowResult) -> asyncio.Future[ShadowResult]:
+        """The lane's one resolved future for `result` (skipped, or shed at admission): its
+        holders only read it, so one per lane replaces a future per copy. Re-made if the loop
+        changed."""
+        loop = asyncio.get_running_loop()
+        done = self._resolved.get(result.status)
+        if done is None or done.get_loop() is not loop:
+            done = self._resolved[result.status] = loop.create_future()
+            done.set_result(result)
+        return done
 
     def _count(self, result: ShadowResult, mode: str) -> None:
         self._counters[result.status].inc()
         # A copy that shared its call (split `outputs`) carries the whole batch's time: left out,
         # as the evaluator leaves it out, so the histogram and the report agree.
         if result.latency_s is not None and result.outputs is None:
-            metrics.child(metrics.MODEL_LATENCY, self.route, self.model, self.role, mode).observe(
-                result.latency_s
-            )
+            histogram = self._latency.get(mode)
+            if histogram is None:
+                histogram = self._latency[mode] = metrics.child(
+                    metrics.MODEL_LATENCY, self.route, self.model, self.role, mode)
+            histogram.observe(result.latency_s)
 
     # -- micro-batching -------------------------------------------------------------------
 
@@ -253,25 +291,46 @@ class ShadowLane:
         finally:
             self._config_fetch = None
 
-    def _new_copy(self, request: InferRequest, mode: str, key: Hashable, rows: int) -> _Copy:
+    def _new_copy(self, request: InferRequest, mode: str, key: Hashable, rows: int
+                  ) -> ShadowCopy:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        return _Copy(request, mode, key, rows, loop.create_future(), now, now + self.timeout_s)
+        return ShadowCopy(loop, request, mode, key, rows, now, now + self.timeout_s)
 
     def _enqueue(
         self, request: InferRequest, mode: str, key: Hashable, rows: int, limit: int
-    ) -> asyncio.Future[ShadowResult]:
+    ) -> ShadowCopy:
         copy = self._new_copy(request, mode, key, rows)
-        copy.timer = asyncio.get_running_loop().call_at(copy.deadline, self._expire, copy)
+        self._expiring.append(copy)
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_at(copy.deadline, self._expire_due)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
         if queued >= limit:
             self._wakeup.set()
         if self._batcher is None:
             self._batcher = asyncio.create_task(self._batch_loop())
-        return copy.future
+        return copy
 
-    def _unqueue_rows(self, copy: _Copy) -> None:
+    def _expire_due(self) -> None:
+        """The lane's deadline timer: every batched copy whose deadline has come is resolved
+        (`_expire`), then the timer is set for the oldest copy still unresolved. Copies resolved
+        earlier are dropped from the front as it passes them, so no timer is cancelled per copy."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        due = loop.time() + _TIMER_SLACK
+        expiring = self._expiring
+        while expiring:
+            copy = expiring[0]
+            if copy.finished:
+                expiring.popleft()
+            elif copy.deadline > due:
+                self._expiry = loop.call_at(copy.deadline, self._expire_due)
+                return
+            else:
+                self._expire(copy)  # finished: the next turn (or `_finish`) drops it
+
+    def _unqueue_rows(self, copy: ShadowCopy) -> None:
         left = self._queued_rows[copy.key] - copy.rows
         if left > 0:
             self._queued_rows[copy.key] = left
@@ -285,12 +344,16 @@ class ShadowLane:
         try:
             while self._queue:
                 limit = self.batch_limit
-                wait = self._queue[0].enqueued + self.batch_wait_s - loop.time()
-                if wait > 0 and max(self._queued_rows.values(), default=0) < limit:
+                due = self._queue[0].enqueued + self.batch_wait_s
+                if due > loop.time() and max(self._queued_rows.values(), default=0) < limit:
+                    # Woken by a full batch or the window's end; a timer, not asyncio.timeout:
+                    # most windows end unfilled, and a timeout ends in a raised exception.
                     self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await self._wakeup.wait()
+                    timer = loop.call_at(due, self._wakeup.set)
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        timer.cancel()
                     continue  # the oldest copy may have expired meanwhile: look again
                 await self._slots.acquire()  # queued copies keep joining while all slots busy
                 batch = self._take(limit)
@@ -303,15 +366,15 @@ class ShadowLane:
         finally:
             self._batcher = None
 
-    def _take(self, limit: int) -> list[_Copy]:
+    def _take(self, limit: int) -> list[ShadowCopy]:
         """The oldest live copy plus every later compatible one that fits, in queue order."""
-        batch: list[_Copy] = []
+        batch: list[ShadowCopy] = []
         rows = 0
-        kept: deque[_Copy] = deque()
+        kept: deque[ShadowCopy] = deque()
         now = time.perf_counter()
         while self._queue and rows < limit:
             copy = self._queue.popleft()
-            if copy.future.done():  # cancelled by its owner: nothing to send
+            if copy.done():  # cancelled by its owner: nothing to send
                 self._unqueue_rows(copy)
                 self._resolve(copy, ShadowResult("shed", error="copy cancelled while queued"))
             elif not batch or (copy.key == batch[0].key and rows + copy.rows <= limit):
@@ -325,7 +388,7 @@ class ShadowLane:
         self._queue = kept
         return batch
 
-    async def _send(self, batch: list[_Copy]) -> None:
+    async def _send(self, batch: list[ShadowCopy]) -> None:
         """One Triton call for the batch (its slot is held on entry and released here)."""
         loop = asyncio.get_running_loop()
         rows = sum(c.rows for c in batch)
@@ -377,7 +440,7 @@ class ShadowLane:
             await asyncio.gather(*(self._single(c, from_batch=True) for c in batch
                                    if not c.finished))
 
-    def _deliver(self, batch: list[_Copy], resp: UpstreamResponse, rows: int) -> bool:
+    def _deliver(self, batch: list[ShadowCopy], resp: UpstreamResponse, rows: int) -> bool:
         """Hand every copy its rows of the batch answer; False if the answer cannot be split."""
         try:
             decoded = decode_response(resp.body, resp.header_length)
@@ -394,15 +457,20 @@ class ShadowLane:
         self._resolve_slices(results)
         return True
 
-    def _resolve_slices(self, results: list[tuple[_Copy, ShadowResult]]) -> None:
+    def _resolve_slices(self, results: list[tuple[ShadowCopy, ShadowResult]]) -> None:
         """Resolve RESOLVE_SLICE copies now and the rest on later loop iterations, so a batch
-        answer's records never arrive as one burst ahead of the champion requests waiting."""
+        answer's records never arrive as one burst ahead of the champion requests waiting.
+        Every result here is an "ok" split from a shared call: counted once per slice, and no
+        latency observed (see `_count`)."""
+        finished = 0
         for copy, result in results[:RESOLVE_SLICE]:
-            self._resolve(copy, result)
+            finished += self._finish(copy, result)
+        if finished:
+            self._counters["ok"].inc(finished)
         if len(results) > RESOLVE_SLICE:
             asyncio.get_running_loop().call_soon(self._resolve_slices, results[RESOLVE_SLICE:])
 
-    async def _single(self, copy: _Copy, *, from_batch: bool = False) -> None:
+    async def _single(self, copy: ShadowCopy, *, from_batch: bool = False) -> None:
         """This copy alone, within its own deadline: a copy that is not batched, or the
         fallback after its batch failed (`from_batch`). Latency is the call's service time
         (request written -> answer read), so the latency guardrail never blames a challenger for
@@ -439,14 +507,14 @@ class ShadowLane:
             raise
         self._resolve(copy, result)
 
-    def _timed_out(self, copy: _Copy) -> ShadowResult:
+    def _timed_out(self, copy: ShadowCopy) -> ShadowResult:
         if copy.called is None:
             return ShadowResult("shed", error=f"queued in the lane for the whole "
                                               f"{self.timeout_s * 1000:.0f} ms timeout")
         return ShadowResult("timeout", time.perf_counter() - copy.called,
                             error=f"no answer within {self.timeout_s * 1000:.0f} ms")
 
-    def _expire(self, copy: _Copy) -> None:
+    def _expire(self, copy: ShadowCopy) -> None:
         """The copy's deadline: still queued → shed, in a call → timeout (the call may go on
         for the batch's other copies)."""
         if copy.finished:
@@ -454,28 +522,43 @@ class ShadowLane:
         if copy.called is None:
             self._queue.remove(copy)
             self._unqueue_rows(copy)
-        copy.timer = None
         self._resolve(copy, self._timed_out(copy))
 
-    def _resolve(self, copy: _Copy, result: ShadowResult) -> None:
-        """Finish a copy exactly once: release its admission, count it, answer its future."""
+    def _resolve(self, copy: ShadowCopy, result: ShadowResult) -> None:
+        """Finish a copy exactly once and count it."""
+        if self._finish(copy, result):
+            self._count(result, copy.mode)
+
+    def _finish(self, copy: ShadowCopy, result: ShadowResult) -> bool:
+        """Release the copy's admission, answer it and tell its listener; False if it was
+        already finished. The caller counts it (per copy, or per batch)."""
         if copy.finished:
-            return
+            return False
         copy.finished = True
-        if copy.timer is not None:
-            copy.timer.cancel()
         self._admitted -= 1
-        self._inflight_gauge.dec()
-        self._count(result, copy.mode)
-        if not copy.future.done():
-            copy.future.set_result(result)
+        expiring = self._expiring
+        # Batches finish about in admission order: drop finished copies from the front now, so
+        # they (and the answers they hold) are freed by refcount, not kept for the timer.
+        while expiring and expiring[0].finished:
+            expiring.popleft()
+        if not copy.done():
+            copy.set_result(result)
+        listener = copy.listener
+        if listener is not None:
+            copy.listener = None
+            listener()
+        return True
 
     def skipped(self) -> asyncio.Future[ShadowResult]:
         """A copy not sent (sampled out, or the request was rejected before dispatch)."""
         self._counters["skipped"].inc()
-        done: asyncio.Future[ShadowResult] = asyncio.get_running_loop().create_future()
-        done.set_result(ShadowResult("skipped"))
-        return done
+        return self._done(_SKIPPED)
+
+
+# What every skipped copy, and every copy shed because its lane was full, resolves to: shared
+# (nothing mutates a result once made).
+_SKIPPED = ShadowResult("skipped")
+_SHED_FULL = ShadowResult("shed", error="challenger lane full; copy shed")
 
 
 def _since(called: float | None, started: float) -> float:

@@ -16,15 +16,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from evaluator.ingest import RecordParser
 from evaluator.store import Batch
-from gateway.config import parse_config
+from gateway.config import parse_config, parse_route
 from gateway.dataplane.protocol import InferRequest, decode_inputs, decode_response, parse_request
-from gateway.dataplane.recorder import _outcome
+from gateway.dataplane.recorder import Recorder, RequestContext, _outcome
+from gateway.dataplane.routes import RouteTable
 from gateway.errors import ConfigError, UpstreamClientError
+from gateway.explore.policies import Decision
 from gateway.mirror.batching import IncompatibleBatch, batch_signature, combine, split_outputs
 from gateway.mirror.shadow import (
     RESOLVE_SLICE,
     SLOW_LANE_ROWS,
     CallTime,
+    ShadowCopy,
     ShadowLane,
     ShadowResult,
 )
@@ -572,3 +575,155 @@ async def test_every_nth_copy_goes_alone_as_a_latency_probe() -> None:
     assert sorted(upstream.calls) == [1, 1, 4]
     assert [_outcome(r, role="challenger", mode="shadow", version="").get("batch_rows")
             for r in results] == [4, 4, None, 4, 4, None]
+
+
+# -- the lean per-copy path: one object per copy, the recorder told directly, one timer per lane
+
+
+class _Records:
+    """A sink keeping the records it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        return None
+
+    def emit(self, stream: str, key: str, value: bytes) -> None:
+        self.records.append(orjson.loads(value))
+
+    async def flush(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _recorded_route(upstream: FakeUpstream, route: str, **challenger: Any) -> Any:
+    table = RouteTable(upstream)
+    return table.apply(parse_route(route, {
+        "champion": "a", "challengers": [{"model": "m", "max_concurrency": 1, **challenger}]}))
+
+
+def _ctx(runtime: Any, request_id: str, request: InferRequest | None) -> RequestContext:
+    return RequestContext(runtime, request_id, 0.0, None, request, Decision("a", 1.0, {"a": 1.0}),
+                          "a", ShadowResult("ok", 0.001), 200, 0.002)
+
+
+async def test_a_batch_answer_reaches_each_record_with_its_own_row_in_one_pass() -> None:
+    """Every copy of a batch is a ShadowCopy the recorder listens to directly (no done-callback
+    per copy): each record gets its own row of the batch answer and the batch's size."""
+    upstream = FakeUpstream()
+    runtime = _recorded_route(upstream, "lane-listen", batch_max_rows=8, batch_max_wait_ms=0.0,
+                              latency_probe_every=0)
+    lane = runtime.lanes["m"]
+    assert await lane.load_batching_config() == 8
+    sink = _Records()
+    recorder = Recorder(sink)
+    upstream.gate = asyncio.Event()
+    first = lane.submit(row(100, 0), "shadow")  # holds the only slot: the rest queue up
+    recorder.submit(_ctx(runtime, "first", None), {"m": first})
+    await upstream.started.wait()
+    copies = [lane.submit(row(i, 10), "shadow") for i in range(6)]
+    for i, copy in enumerate(copies):
+        recorder.submit(_ctx(runtime, f"r{i}", None), {"m": copy})
+    assert all(isinstance(c, ShadowCopy) and c.listener is not None for c in copies)
+    assert all(not c._callbacks for c in copies)  # type: ignore[attr-defined]
+    assert recorder.pending == 7
+    upstream.gate.set()
+    await recorder.drain()
+    assert upstream.calls == [1, 6]
+    by_id = {r["request_id"]: r["outputs"]["m"] for r in sink.records}
+    assert by_id["first"]["outputs"]["y"]["data"] == [100.0]
+    for i in range(6):
+        shadow = by_id[f"r{i}"]
+        assert shadow["status"] == "ok" and shadow["batch_rows"] == 6
+        assert shadow["outputs"]["y"] == {"datatype": "FP64", "shape": [1, 1],
+                                          "data": [float(i + 10)]}
+        assert shadow["version"] == "7"
+    assert lane.admitted == 0 and recorder.pending == 0
+    assert not lane._expiring  # resolved copies are not held for the deadline timer
+    assert REGISTRY.get_sample_value("understudy_shadow_copies_total", {
+        "route": "lane-listen", "model": "m", "outcome": "ok"}) == 7
+
+
+async def test_skipped_and_shed_copies_share_one_resolved_future_and_are_logged() -> None:
+    upstream = FakeUpstream()
+    runtime = _recorded_route(upstream, "lane-skip", max_queue=0, batch_max_rows=1)
+    lane = runtime.lanes["m"]
+    sink = _Records()
+    recorder = Recorder(sink)
+    skipped = [lane.skipped() for _ in range(3)]
+    assert skipped[0] is skipped[1] is skipped[2] and skipped[0].done()
+    upstream.gate = asyncio.Event()
+    running = lane.submit(row(1), "shadow")  # the lane's one slot, no queue: the next is shed
+    shed = [lane.submit(row(2), "shadow") for _ in range(2)]
+    assert shed[0] is shed[1] and shed[0].result().status == "shed"
+    assert "lane full" in (shed[0].result().error or "")
+    for i, copy in enumerate([*skipped, *shed, running]):
+        recorder.submit(_ctx(runtime, f"r{i}", row(1)), {"m": copy})
+    upstream.gate.set()
+    await recorder.drain()
+    statuses = {r["request_id"]: r["outputs"]["m"]["status"] for r in sink.records}
+    assert statuses == {"r0": "skipped", "r1": "skipped", "r2": "skipped", "r3": "shed",
+                        "r4": "shed", "r5": "ok"}
+    assert all(r["outputs"]["m"]["error"] is None for r in sink.records[:3])
+
+    def count(outcome: str) -> float | None:
+        return REGISTRY.get_sample_value("understudy_shadow_copies_total", {
+            "route": "lane-skip", "model": "m", "outcome": outcome})
+
+    assert (count("skipped"), count("shed"), count("sent"), count("ok")) == (3, 2, 1, 1)
+
+
+async def test_one_lane_timer_times_out_each_copy_at_its_own_deadline() -> None:
+    """Copies admitted at different times into a hung lane: the lane's single deadline timer
+    resolves each at its own deadline, not all at the first one; the lane then serves copies
+    admitted later as usual."""
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-timer", timeout_ms=150, max_concurrency=2,
+                    batch_max_rows=2, latency_probe_every=0)
+    assert await lane.load_batching_config() == 2
+    loop = asyncio.get_running_loop()
+    resolved: dict[str, float] = {}
+
+    def watch(name: str, copy: asyncio.Future[ShadowResult]) -> asyncio.Future[ShadowResult]:
+        copy.add_done_callback(lambda _: resolved.setdefault(name, loop.time()))
+        return copy
+
+    upstream.gate = asyncio.Event()
+    hung = watch("hung", lane.submit(row(1), "shadow"))  # its call does not answer in time
+    await upstream.started.wait()
+    await asyncio.sleep(0.05)
+    upstream.started.clear()
+    later = watch("later", lane.submit(row(2), "shadow"))  # the second slot, 50 ms later
+    await upstream.started.wait()
+    assert isinstance(hung, ShadowCopy) and isinstance(later, ShadowCopy)
+    assert (await hung).status == "timeout"
+    assert "later" not in resolved  # its own deadline has not come yet
+    assert (await later).status == "timeout"
+    assert resolved["hung"] >= hung.deadline - 0.002
+    assert resolved["later"] >= later.deadline - 0.002
+    # Copies admitted after those deadlines wait behind the two hung calls, then are answered.
+    fresh = [watch(f"fresh{i}", lane.submit(row(3), "shadow")) for i in range(2)]
+    upstream.gate.set()
+    assert [r.status for r in await asyncio.gather(*fresh)] == ["ok", "ok"]
+    assert lane.admitted == 0 and not lane._expiring
+
+
+async def test_inflight_gauge_reads_the_lanes_admitted_copies() -> None:
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-gauge", latency_probe_every=0)
+    assert await lane.load_batching_config() == 4
+    upstream.gate = asyncio.Event()
+    copies = [lane.submit(row(i), "shadow") for i in range(3)]
+    await upstream.started.wait()
+
+    def inflight() -> float | None:
+        return REGISTRY.get_sample_value("understudy_shadow_inflight",
+                                         {"route": "lane-gauge", "model": "m"})
+
+    assert inflight() == lane.admitted == 3
+    upstream.gate.set()
+    await asyncio.gather(*copies)
+    assert inflight() == 0

@@ -5,6 +5,7 @@ bytes: large binary inputs written as text from their bytes are the record of th
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import time
 
@@ -239,3 +240,142 @@ def test_non_finite_binary_floats_are_logged_as_null_without_a_warning() -> None
         logged = orjson.loads(orjson.dumps(log_inputs(request)))
         assert logged == orjson.loads(orjson.dumps(decode_inputs(request))), datatype
         assert logged["x"]["data"][:5] == [None] * 5, datatype
+
+
+# -- records are the same bytes as before the lean path ---------------------------------------
+
+# What the recorder wrote before the lean build (main at ce71a36) for tests/unit/
+# test_contract_records.py's `_built()`: a served challenger, the champion scored as a copy,
+# a micro-batched copy, experiments.
+_GOLDEN = (
+    b'{"schema_version":1,"kind":"inference","request_id":"req-1","ts":1700000000.0,'
+    b'"route":"fraud","registry_version":7,"policy":{"type":"epsilon_greedy","epsilon":0.2},'
+    b'"served":{"model":"explorer","version":"3"},"propensity":0.1,'
+    b'"arms":{"champ":0.8,"explorer":0.2},"key":"user-9","inputs":{"features":'
+    b'{"datatype":"FP32","shape":[2,3],"data":[0.1,0.2,0.3,0.4,0.5,0.6]},"country":'
+    b'{"datatype":"BYTES","shape":[2,1],"data":["DE","FR"]}},"outputs":{"explorer":'
+    b'{"role":"challenger","mode":"served","version":"3","status":"ok","latency_ms":4.0,'
+    b'"outputs":{"score":{"datatype":"FP32","shape":[2,1],"data":[0.75,0.25]}},"error":null,'
+    b'"experiment":"explorer:1700000001.0","sample_rate":1.0},"champ":{"role":"champion",'
+    b'"mode":"shadow","version":"3","status":"ok","latency_ms":2.0,"outputs":{"score":'
+    b'{"datatype":"FP32","shape":[2,1],"data":[0.25,0.75]}},"error":null},"shadowy":'
+    b'{"role":"challenger","mode":"shadow","version":"2","status":"ok","latency_ms":9.0,'
+    b'"outputs":{"score":{"datatype":"FP32","shape":[2,1],"data":[0.5,0.6]}},"error":null,'
+    b'"batch_rows":8,"experiment":"shadowy:1700000000.0","sample_rate":0.5}},"status":200,'
+    b'"gateway_latency_ms":6.1,"task":"classification","protocol":"grpc"}'
+)
+
+
+async def test_the_record_is_byte_for_byte_what_it_was() -> None:
+    from tests.unit.test_contract_records import _built
+
+    _, line = await _built()
+    assert line == _GOLDEN
+
+
+_MODELS = ("champ", "shadowy", "explorer")
+_VERSIONS = {"champ": "4", "shadowy": "", "explorer": "2"}
+
+
+@st.composite
+def _result(draw: st.DrawFn) -> ShadowResult:
+    """Any outcome a lane (or the served call) gives: an answer of its own, rows split from a
+    batch, an undecodable answer, or a failure."""
+    kind = draw(st.sampled_from(("own", "split", "garbled", "error", "timeout", "shed",
+                                 "skipped")))
+    latency = draw(st.none() | st.floats(0, 5, allow_nan=False))
+    scores = draw(st.lists(st.floats(-1e6, 1e6, allow_nan=False) | st.integers(-5, 5),
+                           max_size=3))
+    tensor = {"datatype": "FP64", "shape": [len(scores)], "data": scores}
+    if kind == "own":
+        body = orjson.dumps({"model_name": "m", "model_version": draw(st.sampled_from(
+            ("", "7"))), "outputs": [{"name": "y", **tensor}]})
+        return ShadowResult("ok", latency, UpstreamResponse(200, body, "application/json",
+                                                            None, latency or 0.0))
+    if kind == "split":
+        return ShadowResult("ok", latency, outputs={"y": tensor},
+                            batch_rows=draw(st.none() | st.integers(1, 16)),
+                            model_version=draw(st.none() | st.just("9")))
+    if kind == "garbled":
+        return ShadowResult("ok", latency, UpstreamResponse(200, b"{not json", "text/plain",
+                                                            None, 0.0))
+    return ShadowResult(kind, latency if kind != "skipped" else None,
+                        error=None if kind == "skipped" else f"{kind} happened")
+
+
+def _expected_outcome(result: ShadowResult, role: str, mode: str, version: str,
+                      experiment: tuple[str, float] | None) -> dict[str, object]:
+    """The contract's outcome (understudy/records.py, ModelOutcome), key by key."""
+    status, error, outputs = result.status, result.error, None
+    if result.outputs is not None:
+        outputs, version = result.outputs, result.model_version or version
+    elif result.response is not None:
+        try:  # Triton's NaN/Infinity are not JSON: what orjson refuses, the stdlib reads
+            answer = json.loads(result.response.body.decode("utf-8", "replace"))
+        except ValueError as exc:
+            status = "error"
+            error = f"undecodable response: {exc!r}"
+        else:
+            outputs = {t["name"]: {k: t[k] for k in ("datatype", "shape", "data")}
+                       for t in answer["outputs"]}
+            version = str(answer.get("model_version") or version)
+    latency = None if result.latency_s is None else round(result.latency_s * 1000, 3)
+    expected: dict[str, object] = {"role": role, "mode": mode, "version": version,
+                                   "status": status, "latency_ms": latency,
+                                   "outputs": outputs, "error": error}
+    if result.outputs is not None and result.batch_rows is not None:
+        expected["batch_rows"] = result.batch_rows
+    if experiment is not None:
+        expected["experiment"], expected["sample_rate"] = experiment
+    return expected
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(served_model=st.sampled_from(_MODELS), served=_result(),
+       copies=st.dictionaries(st.sampled_from(_MODELS), _result(), max_size=3),
+       error=st.none() | st.just("bad"), fallback=st.booleans(),
+       experiments=st.dictionaries(st.sampled_from(_MODELS[1:]),
+                                   st.tuples(st.text(max_size=4), st.floats(0, 1)), max_size=2))
+def test_records_follow_the_contract_for_any_outcomes(
+        served_model: str, served: ShadowResult, copies: dict[str, ShadowResult],
+        error: str | None, fallback: bool, experiments: dict[str, tuple[str, float]]) -> None:
+    """The lean `build` against the contract spelled out field by field (what the recorder
+    wrote before it): the served model first, then each copy in order; its role, mode,
+    version, status, outputs, batch rows and experiment; the same bytes."""
+    upstream = TritonUpstream("http://127.0.0.1:9", timeout_ms=1000, max_connections=4)
+    runtime = RouteTable(upstream).apply(parse_route("fraud", {
+        "champion": "champ",
+        "challengers": [{"model": "shadowy"}, {"model": "explorer", "mode": "explore"}],
+        "policy": {"type": "epsilon_greedy", "epsilon": 0.1}}))
+    runtime.experiments = experiments
+    runtime.version_of = dict(_VERSIONS)
+    request = parse_request(orjson.dumps({"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.5, 2.5]}]}), None)
+    decision = Decision(served_model, 0.5, {"champ": 0.5, "explorer": 0.5})
+    ctx = RequestContext(runtime, "rid", 1.7e9, "k", request, decision, served_model, served,
+                         200 if error is None else 502, 0.0123, error=error, fallback=fallback)
+    line = orjson.dumps(Recorder(ListSink()).build(ctx, copies))
+
+    results = {served_model: served, **copies}
+    outputs = {
+        model: _expected_outcome(
+            result, "champion" if model == "champ" else "challenger",
+            "served" if model == served_model else (
+                "explore" if model == "explorer" else "shadow"),
+            _VERSIONS[model], experiments.get(model))
+        for model, result in results.items()}
+    expected: dict[str, object] = {
+        "schema_version": 1, "kind": "inference", "request_id": "rid", "ts": 1.7e9,
+        "route": "fraud", "registry_version": runtime.registry_version,
+        "policy": {"type": "epsilon_greedy", "epsilon": 0.1},
+        "served": {"model": served_model, "version": outputs[served_model]["version"]},
+        "propensity": 0.5, "arms": {"champ": 0.5, "explorer": 0.5}, "key": "k",
+        "inputs": {"x": {"datatype": "FP32", "shape": [1, 2], "data": [1.5, 2.5]}},
+        "outputs": outputs, "status": ctx.status, "gateway_latency_ms": 12.3,
+        "task": "classification"}
+    if error is not None:
+        expected["error"] = error
+    if fallback:
+        expected["fallback"] = True
+    expected["protocol"] = "http"
+    assert line == orjson.dumps(expected)
