@@ -1,10 +1,12 @@
 """Profile the gateway under load with py-spy and list its hot spots.
 
     python loadtests/profile_gateway.py [--seconds 20] [--shadows 1] [--sink file]
-                                        [--binary] [--rows 1] [--out var/bench/profile]
+                                        [--binary] [--rows 1] [--rate R] [--out var/bench/profile]
 
 Starts Triton and one gateway worker (champion fraud_v3 + N shadows, 100% logging), drives it
-with wrk at capacity (16 connections, JSON body) and samples the gateway with
+with wrk at capacity (16 connections, JSON body), or with `--rate R` at R requests/s (Poisson
+arrivals, as bench.py's fixed rates: where fewer requests share a wake-up, and where the CPU
+target is defined), and samples the gateway with
 `py-spy record --nonblocking --format raw` (collapsed stacks; idle time excluded, so the shares
 are shares of the gateway's CPU time). Writes the raw stacks, a speedscope-free text report
 (`hotspots.txt`: top functions by self time and by inclusive time, and the gateway's own
@@ -115,15 +117,21 @@ def record(pid: int, seconds: float, out: Path, rate: int = 250) -> Path:
 
 def profile_gateway(gateway: common.Gateway, url: str, body_file: Path, body: common.Body, *,
                     seconds: float, out: Path, connections: int = 16,
-                    cpus: str | None = None) -> tuple[dict[str, Any], common.LoadResult]:
-    """Drive `url` with wrk while py-spy samples the gateway's (single) process."""
+                    cpus: str | None = None, rate: float = 0.0,
+                    ) -> tuple[dict[str, Any], common.LoadResult]:
+    """Drive `url` with wrk (closed loop, or `rate` req/s when set) while py-spy samples the
+    gateway's (single) process."""
     out.mkdir(parents=True, exist_ok=True)
     assert gateway.proc is not None
     result: dict[str, common.LoadResult] = {}
 
     def load() -> None:
-        result["wrk"] = common.wrk(url, body_file, body, duration=seconds + 2,
-                                   connections=connections, cpus=cpus)
+        if rate:
+            result["wrk"] = common.wrk_rate(url, body_file, body, rate=rate,
+                                            duration=seconds + 2, connections=32, cpus=cpus)
+        else:
+            result["wrk"] = common.wrk(url, body_file, body, duration=seconds + 2,
+                                       connections=connections, cpus=cpus)
 
     thread = threading.Thread(target=load)
     thread.start()
@@ -144,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
     parser.add_argument("--rows", type=int, default=1, help="rows per request (batch size)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="offered req/s (Poisson); default: capacity (closed loop)")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "profile")
     parser.add_argument("--root", type=Path, default=common.ROOT,
                         help="run the gateway of a copy of the tree (to profile a prototype)")
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.wrk(url, body_file, body, duration=3, cpus=args.load_cpus or None)
                 summary, load = profile_gateway(gateway, url, body_file, body,
                                                 seconds=args.seconds, out=out,
-                                                cpus=args.load_cpus or None)
+                                                cpus=args.load_cpus or None, rate=args.rate)
     finally:
         if broker is not None:
             broker.stop()
