@@ -19,9 +19,9 @@ Labels carry no route (record schema v1), so they are partitioned by date only. 
 
 Files: `<millis>-<member>-<uuid>.parquet` (`c-...` for compaction output), zstd, one row group
 per ~128k rows. A file becomes visible atomically: on a local filesystem it is written as
-`.<name>.tmp` (ignored by `*.parquet` globs and by Spark, which skips `.`/`_` names), fsynced
-and renamed; on object storage the PUT of the final name is atomic. Anything not ending in
-`.parquet` or starting with `.`/`_` is not data.
+`.<name>.<writer>.tmp` (ignored by `*.parquet` globs and by Spark, which skips `.`/`_`
+names), fsynced and renamed; on object storage the PUT of the final name is atomic. Anything
+not ending in `.parquet` or starting with `.`/`_` is not data.
 
 Tables (Arrow/Parquet types; NaN, never NULL, marks an unknown float; NULL an unknown string):
 

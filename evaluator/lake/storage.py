@@ -4,8 +4,8 @@ A file becomes visible only when complete (layout.py): locally it is written und
 temporary name, fsynced, renamed, and its directory fsynced, so after `write` returns the file
 survives a crash and no reader ever sees half of it; on object storage (any other fsspec
 filesystem) the upload of the final name is itself atomic. A writer killed mid-file leaves a
-`.<name>.tmp` that no reader looks at; `compact` removes such leftovers once they are older than
-`stale_tmp_s`.
+`.<name>.<writer>.tmp` that no reader looks at; `compact` removes such leftovers once they are
+older than `stale_tmp_s`.
 
 Compaction merges a partition's small files into one (`c-` prefix) — write the merged file,
 then delete the inputs. A reader listing files in between sees some rows twice, which read
@@ -20,6 +20,7 @@ import logging
 import os
 import posixpath
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +111,9 @@ class Lake:
                 body(fh)
             return
         created = _makedirs(directory)
-        tmp = posixpath.join(directory, f".{name}.tmp")
+        # A name of its own per writer: members starting together all create the marker, and
+        # a shared temporary name let one member's rename pull the file from under another's.
+        tmp = posixpath.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         with open(tmp, "wb") as fh:
             body(fh)
             fh.flush()

@@ -183,6 +183,8 @@ async def three_members_one_killed(kafka: Any, tmp_path: Path, n: int,
         for name in ("m1", "m2"):
             if procs[name].poll() is None:
                 procs[name].send_signal(signal.SIGTERM)
+        if procs["m0"].poll() is None:  # an earlier failure: let it, not the wait, be reported
+            procs["m0"].send_signal(signal.SIGKILL)
         for proc in procs.values():
             proc.wait(timeout=60)
     assert procs["m1"].returncode == 0

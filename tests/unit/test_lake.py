@@ -221,6 +221,34 @@ def test_empty_lake_and_format_check(tmp_path: Path) -> None:
         _lake(lake_cfg)
 
 
+def test_members_starting_together_all_open_an_empty_lake(tmp_path: Path) -> None:
+    """Every member creates the format marker on an empty lake; with one shared temporary
+    name a member's rename took the file from under another's (FileNotFoundError at start)."""
+    import threading
+
+    for attempt in range(30):
+        root = tmp_path / f"lake{attempt}"
+        start = threading.Barrier(6)
+        errors: list[BaseException] = []
+
+        def member(root: Path = root, start: threading.Barrier = start,
+                   errors: list[BaseException] = errors) -> None:
+            start.wait()
+            try:
+                Lake(str(root)).ensure()
+            except BaseException as exc:  # what the member would have died of
+                errors.append(exc)
+
+        threads = [threading.Thread(target=member) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert Lake(str(root)).exists()
+        assert [p.name for p in root.iterdir()] == [layout.MARKER]  # no temporary left over
+
+
 def test_lake_batch_keeps_every_copy_with_its_position() -> None:
     from evaluator.ingest import RecordParser
 
