@@ -13,6 +13,7 @@ live window is the last few seconds before the newest inference, the reference e
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from evaluator.cli import read_decision
 from tests.conftest import PushCapture
 from tests.integration.test_deploy import DEPLOY, ROOT
 
@@ -84,7 +86,7 @@ def test_readme_drift_walkthrough_runs_on_the_demos_store(demo_root: Path) -> No
 async def test_report_job_pushes_what_the_report_alerts_read(
         demo_root: Path, pushgateway: PushCapture) -> None:
     """push_report.py after a real report: POSTed to the job/route group the alerts aggregate
-    by, as Prometheus text with the exit code, the success time and the PROMOTE decision."""
+    by, as Prometheus text with the exit code, the success time and each challenger's decision."""
     out = demo_root / "report-job" / "fraud"
     report = run_python(["-m", "evaluator", "report", "--store",
                          str(demo_root / "var" / "demo" / "evaluator.db"),
@@ -102,6 +104,12 @@ async def test_report_job_pushes_what_the_report_alerts_read(
                for s in family.samples}
     assert samples[("understudy_report_last_exit_code", ())] == 0
     assert samples[("understudy_report_last_success_timestamp_seconds", ())] > 0
-    # The demo's better challenger: the series UnderstudyChallengerPromotable fires on.
-    assert samples[("understudy_report_decision",
-                    (("model", "fraud_v4"), ("verdict", "PROMOTE")))] == 1
+    # The route's decision as `read_decision` takes it from report.json, the one series the
+    # alerts (UnderstudyChallengerPromotable / ...Blocked) fire on. Which verdict the demo earns
+    # is not this test's business: on a busy machine fraud_v4's measured p99 can trip its latency
+    # guardrail, and the report then says BLOCKED, correctly from what it measured.
+    verdict, model, _ = read_decision(json.loads((out / "report.json").read_text()))
+    assert verdict and model in {"fraud_v4", "fraud_v5"}, (verdict, model)
+    pushed = {labels: value for (name, labels), value in samples.items()
+              if name == "understudy_report_decision"}
+    assert pushed == {(("model", model), ("verdict", verdict)): 1}, pushed
