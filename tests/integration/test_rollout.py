@@ -142,7 +142,13 @@ async def test_a_rollout_to_fraud_v4_walks_its_steps_and_promotes(
                                      limit=4000)
     assert view["status"] == "completed", view
     print(f"\ncompleted after {sent} requests: served {served}")
-    route = (await call(gw, "GET", "/routes/fraud", write))[1]
+    # Completion and promotion are two audited changes (the promotion goes through the
+    # registry's ordinary promote path), so a read between them sees "completed" first.
+    for _ in range(100):
+        route = (await call(gw, "GET", "/routes/fraud", write))[1]
+        if route["champion"]["model"] == "fraud_v4":
+            break
+        await asyncio.sleep(0.05)
     assert route["champion"]["model"] == "fraud_v4"
     assert route["policy"]["type"] == "champion"
     assert [c["model"] for c in route["challengers"]] == ["fraud_v3"]
