@@ -117,10 +117,11 @@ class _Waiting:
 class Recorder:
     """Turns finished requests into records on the sink and prediction metrics.
 
-    Records are built by one worker task in time slices of `slice_s`, yielding to the event loop
-    between slices. A batch of shadow answers arriving together (a challenger's dynamic batcher
-    answers many copies at once) therefore never holds the loop, and the champion requests
-    behind it, for longer than one slice; and no task is created per request. Past `backlog`
+    Records are built in time slices of `slice_s`, each a plain loop callback that schedules the
+    next while records are ready (no Task: at a moderate rate nearly every request would start
+    one). A batch of shadow answers arriving together (a challenger's dynamic batcher answers
+    many copies at once) therefore never holds the loop, and the champion requests behind it,
+    for longer than one slice. Past `backlog`
     ready records the worker stops yielding until it is back under it: under overload a loop
     iteration can accept more requests than one slice records, and the records (each holding
     its request and answers) must not pile up in memory.
@@ -137,7 +138,9 @@ class Recorder:
         )
         self._waiting = 0  # requests whose copies are still running
         self._settled: asyncio.Future[None] | None = None  # drain(): set when _waiting is 0
-        self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once (see _push)
+        self._slice: asyncio.Handle | None = None  # the next slice, when records are ready
+        self._idle: asyncio.Future[None] | None = None  # drain(): set when _ready empties
         self.seen = RecentIds()
         # Called with every record built (sampled out of the log or not), e.g. by the rollout
         # controller's guards; off the request path like the rest of the recorder.
@@ -169,12 +172,13 @@ class Recorder:
 
     async def drain(self) -> None:
         """Wait for every pending record (shutdown: shadows finish or time out first)."""
-        while self._waiting or self._worker is not None:
+        while self._waiting or self._slice is not None:
             if self._waiting:
                 self._settled = asyncio.get_running_loop().create_future()
                 await self._settled
-            if self._worker is not None:
-                await asyncio.wait([self._worker])
+            if self._slice is not None:
+                self._idle = asyncio.get_running_loop().create_future()
+                await self._idle
 
     def _settle(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
@@ -189,25 +193,32 @@ class Recorder:
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
     ) -> None:
         self._ready.append((ctx, copies))
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._work())
+        if self._slice is None:
+            # `get_running_loop` costs a getpid syscall per call: the loop is looked up once
+            # (again only if the recorder outlives its loop, as in tests).
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                loop = self._loop = asyncio.get_running_loop()
+            self._slice = loop.call_soon(self._work)
 
-    async def _work(self) -> None:
-        try:
-            while self._ready:
-                deadline = time.perf_counter() + self.slice_s
-                accepted = 0
-                while True:
-                    accepted += self._record(*self._ready.popleft())
-                    if not self._ready or (
-                        time.perf_counter() >= deadline and len(self._ready) <= self.backlog
-                    ):
-                        break
-                if accepted:
-                    self._accepted.inc(accepted)  # once per slice, not per record
-                await asyncio.sleep(0)
-        finally:
-            self._worker = None
+    def _work(self) -> None:
+        """Record for one slice; schedule the next slice if records are still ready."""
+        ready = self._ready
+        deadline = time.perf_counter() + self.slice_s
+        accepted = 0
+        while ready:
+            accepted += self._record(*ready.popleft())
+            if time.perf_counter() >= deadline and len(ready) <= self.backlog:
+                break
+        if accepted:
+            self._accepted.inc(accepted)  # once per slice, not per record
+        if ready:
+            assert self._loop is not None
+            self._slice = self._loop.call_soon(self._work)
+            return
+        self._slice = None
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     def _record(
         self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]

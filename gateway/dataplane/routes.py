@@ -20,7 +20,7 @@ from gateway.config import (
 )
 from gateway.dataplane.protocol import TensorSpec, parse_metadata_inputs
 from gateway.errors import NotFound
-from gateway.explore.policies import Policy, build_policy
+from gateway.explore.policies import Decision, Policy, build_policy
 from gateway.mirror.shadow import CallTime, ShadowLane
 from gateway.upstream.client import TritonUpstream
 
@@ -42,6 +42,13 @@ class RouteRuntime:
     # The served calls' smoothed service time (noted by the data plane): the lanes compare theirs
     # with it to tell a slow challenger from a busy machine (gateway/mirror/shadow.py).
     served_call: CallTime = field(default_factory=CallTime)
+    # The decision of a request the champion serves without exploring: one shared, immutable
+    # object rather than one per request.
+    champion_decision: Decision = field(init=False)
+
+    def __post_init__(self) -> None:
+        champion = self.config.champion.model
+        self.champion_decision = Decision(champion, 1.0, {champion: 1.0})
 
     @property
     def name(self) -> str:

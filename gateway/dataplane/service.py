@@ -33,7 +33,6 @@ from gateway.dataplane.protocol import (
 from gateway.dataplane.recorder import Recorder, RequestContext
 from gateway.dataplane.routes import RouteRuntime, RouteTable
 from gateway.errors import GatewayError, UpstreamClientError
-from gateway.explore.policies import Decision
 from gateway.mirror.shadow import ShadowResult
 from gateway.upstream.callback import Cancellable, wait_for
 from gateway.upstream.client import TritonUpstream, UpstreamResponse, passthrough_headers
@@ -300,9 +299,8 @@ class _Call:
         self.ts = time.time()
         self.runtime = runtime
         self.protocol = protocol
-        champion = runtime.config.champion.model
-        self.served_model = champion
-        self.decision = Decision(champion, 1.0, {champion: 1.0})
+        self.served_model = runtime.config.champion.model
+        self.decision = runtime.champion_decision
         self.key: str | None = None
         self.request_id = ""
         self.request: InferRequest | None = None
