@@ -11,8 +11,14 @@ the recorder) and, every `tick_s`:
   serving, the champion serves 100% again;
 - advances to the next step once the current one has `min_requests` requests served by the
   challenger, has lasted `min_seconds`, and no guard breached;
-- after the last step, ends the rollout and promotes the challenger (the registry's ordinary
-  promote path).
+- after the last step, ends the rollout and promotes the challenger in one registry change
+  (`rollout_complete`: the route's pre-rollout policy back, then the ordinary promote edit on
+  it). One change, so no reader ever sees `completed` with the old champion, and a process that
+  dies mid-way leaves either the running last step (the next tick completes it) or the promoted
+  route, never a completed-but-unpromoted one. If that change is refused on its merits (e.g.
+  Triton says the challenger is no longer ready: a 4xx), the rollout ends `rolled_back` with
+  the refusal as its reason; a 409 (another replica acted) or a 5xx (store or Triton
+  unreachable) leaves it running, and the next tick judges it again.
 
 Every transition is one registry change made by actor `rollout`, compare-and-set on the route's
 version: when replicas race, exactly one change applies per step and the others are refused
@@ -42,6 +48,7 @@ import numpy as np
 
 from gateway import metrics
 from gateway.config import PolicyConfig, RouteConfig, parse_policy, parse_route
+from gateway.control import edits
 from gateway.control.audit import Actor
 from gateway.control.edits import Built
 from gateway.control.guard import GuardResult, harm_test
@@ -66,6 +73,8 @@ ROLLOUT_ACTOR = Actor("rollout")  # who made a change: the rollout controller
 LATENCY_WARMUP = 100  # champion latencies that fix the step's p99 threshold
 LATENCY_QUANTILE = 0.99
 WEBHOOK_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 15.0  # how long `close` lets a tick in flight finish its registry change
+COMPLETED_REASON = "every step passed its guards"
 START_FIELDS = frozenset({"model", "steps", "min_requests", "min_seconds", "alpha"})
 
 
@@ -201,6 +210,7 @@ class RolloutController:
         self.tick_s = tick_s
         self._evidence: dict[str, StepEvidence] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._notifications: set[asyncio.Task[None]] = set()
 
@@ -221,10 +231,16 @@ class RolloutController:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def close(self) -> None:
+        """Stop ticking. A tick in flight finishes first: cancelled between its store commit and
+        its audit entry, a transition would be applied everywhere but missing from the audit
+        stream (bounded by CLOSE_TIMEOUT_S, after which it is cancelled)."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            _, pending = await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S)
+            if pending:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         if self._notifications:
             await asyncio.wait(list(self._notifications), timeout=WEBHOOK_TIMEOUT_S)
         if self._session is not None:
@@ -232,7 +248,9 @@ class RolloutController:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.tick_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.tick_s)
+                return  # closing
             try:
                 await self.tick()
             except Exception:  # one bad tick must not stop the guards
@@ -304,6 +322,9 @@ class RolloutController:
             except Conflict as exc:
                 log.info("rollout: route '%s' changed under the controller (%s); another "
                          "replica acted", state.name, exc.message)
+            except GatewayError as exc:  # store or Triton unreachable: the next tick retries
+                log.warning("rollout: route '%s': transition failed (%d: %s); retrying at the "
+                            "next tick", state.name, exc.status, exc.message)
 
     async def _step(self, state: RouteState, now: float) -> None:
         config = state.config
@@ -319,22 +340,22 @@ class RolloutController:
                       f"{worst.challenger_events:g} of {worst.events:g} bad events from "
                       f"{plan.target} (expected share {worst.share_null:.3f}); rate ratio >= "
                       f"{worst.ratio_lower:.2f} at alpha {plan.alpha:g}")
-            await self._finish(state, plan, "rolled_back", reason, evidence, now)
+            await self._roll_back(state, plan, reason, evidence, now)
             return
         enough = ev.served["challenger"] >= plan.min_requests and ev.threshold_ms is not None
         if not enough or now - plan.step_started_at < plan.min_seconds:
             return
         if plan.last_step:
-            await self._finish(state, plan, "completed", "every step passed its guards",
-                               evidence, now)
+            await self._complete(state, plan, evidence, now)
             return
         await self._advance(state, plan, evidence, now)
 
     async def _transition(self, state: RouteState, action: str,
-                          make: Callable[[RouteConfig, RolloutPlan], RouteConfig],
+                          make: Callable[[RouteState, RouteConfig, RolloutPlan], Built],
                           request: Mapping[str, Any]) -> RouteState:
         """One controller change, compare-and-set on the version the decision was made at,
-        and only while the rollout is still at the step that was judged."""
+        and only while the rollout is still at the step that was judged. `make` gets the
+        freshest stored state, its config and the (running) plan."""
         assert state.config is not None
         assert state.config.rollout is not None
         plan = state.config.rollout
@@ -344,17 +365,17 @@ class RolloutController:
             if (current.id, current.step) != (plan.id, plan.step):
                 raise Conflict(f"rollout of route '{state.name}' already left step {plan.step}")
             assert base is not None
-            return _valid(make(config, plan)), base.history
+            return make(base, config, plan)
 
         return await self.registry.change(ROLLOUT_ACTOR, action, state.name, build,
                                           state.version, request)
 
     async def _advance(self, state: RouteState, plan: RolloutPlan,
                        evidence: Mapping[str, Any], now: float) -> None:
-        def make(config: RouteConfig, plan: RolloutPlan) -> RouteConfig:
+        def make(base: RouteState, config: RouteConfig, plan: RolloutPlan) -> Built:
             nxt = replace(plan, step=plan.step + 1, step_started_at=now, evidence=dict(evidence))
-            return replace(config, policy=replace(config.policy, fraction=nxt.fraction),
-                           rollout=nxt)
+            return _valid(replace(config, policy=replace(config.policy, fraction=nxt.fraction),
+                                  rollout=nxt)), base.history
 
         percent = plan.guarded_steps[plan.step + 1]
         new = await self._transition(state, "rollout_step", make,
@@ -364,36 +385,63 @@ class RolloutController:
         log.info("rollout: route '%s' advanced %s to %g%% (version %d)", state.name,
                  plan.target, percent, new.version)
 
-    async def _finish(self, state: RouteState, plan: RolloutPlan, status: str, reason: str,
-                      evidence: Mapping[str, Any], now: float) -> None:
-        """Roll back or complete: restore the route (one CAS change), then, on completion,
-        promote through the registry's ordinary promote path."""
-        action = "rollout_rollback" if status == "rolled_back" else "rollout_complete"
-        new = await self._transition(
-            state, action, lambda config, plan: _ended(config, plan, status, reason, evidence,
-                                                       now),
-            {"model": plan.target, "reason": reason})
+    async def _complete(self, state: RouteState, plan: RolloutPlan,
+                        evidence: Mapping[str, Any], now: float) -> None:
+        """End the rollout and promote the challenger as one change (module docstring): the
+        route's pre-rollout policy and challenger mode back, then the ordinary promote edit on
+        that route, so the old champion stays on as the challenger one `rollback` needs."""
+
+        def make(base: RouteState, config: RouteConfig, plan: RolloutPlan) -> Built:
+            ended = _ended(config, plan, "completed", COMPLETED_REASON, evidence, now)
+            return edits.promote(replace(base, config=_valid(ended)), state.name, plan.target,
+                                 None)
+
+        try:
+            new = await self._transition(state, "rollout_complete", make,
+                                         {"model": plan.target, "reason": COMPLETED_REASON,
+                                          "promote": plan.target})
+        except Conflict:
+            raise  # another replica acted, or the route moved on: judged again at the next tick
+        except GatewayError as exc:
+            if exc.status >= 500:
+                raise  # the store or Triton is unreachable: the next tick tries again
+            log.error("rollout: route '%s' passed every step but promoting %s was refused "
+                      "(%d: %s); rolling back", state.name, plan.target, exc.status, exc.message)
+            await self._roll_back(state, plan, f"passed every step, but promoting {plan.target} "
+                                  f"was refused: {exc.message}", evidence, now)
+            return
+        await self._ended_by_us(new, plan, "completed", COMPLETED_REASON, evidence, now)
+
+    async def _roll_back(self, state: RouteState, plan: RolloutPlan, reason: str,
+                         evidence: Mapping[str, Any], now: float) -> None:
+        """Restore the route's pre-rollout policy and challenger mode (one CAS change)."""
+
+        def make(base: RouteState, config: RouteConfig, plan: RolloutPlan) -> Built:
+            return (_valid(_ended(config, plan, "rolled_back", reason, evidence, now)),
+                    base.history)
+
+        new = await self._transition(state, "rollout_rollback", make,
+                                     {"model": plan.target, "reason": reason})
+        await self._ended_by_us(new, plan, "rolled_back", reason, evidence, now)
+
+    async def _ended_by_us(self, new: RouteState, plan: RolloutPlan, status: str, reason: str,
+                           evidence: Mapping[str, Any], now: float) -> None:
+        """The side effects of a rollout's end (metrics, log, webhook), by the replica whose
+        change landed last only."""
         if not await self._won(new):
             return
-        metrics.child(metrics.ROLLOUT_TRANSITIONS, state.name, status).inc()
-        metrics.child(metrics.ROLLOUT_FRACTION, state.name).set(0.0)
-        (log.warning if status == "rolled_back" else log.info)(
-            "rollout: route '%s' %s %s: %s", state.name,
-            "rolled back" if status == "rolled_back" else "completed", plan.target, reason)
-        promoted: str | None = None
-        if status == "completed":
-            try:
-                # No expected version: a racing replica's identical completion may have landed
-                # after ours (Kafka store); promote refuses a second promotion by itself.
-                await self.registry.promote(ROLLOUT_ACTOR, state.name, plan.target)
-                promoted = plan.target
-            except GatewayError as exc:
-                log.error("rollout: route '%s' passed every step but promoting %s was refused "
-                          "(%s); promote it by hand", state.name, plan.target, exc.message)
+        metrics.child(metrics.ROLLOUT_TRANSITIONS, new.name, status).inc()
+        metrics.child(metrics.ROLLOUT_FRACTION, new.name).set(0.0)
+        completed = status == "completed"
+        (log.info if completed else log.warning)(
+            "rollout: route '%s' %s %s (version %d): %s", new.name,
+            "completed, promoted" if completed else "rolled back", plan.target, new.version,
+            reason)
         self._notify({
-            "event": f"rollout.{status}", "route": state.name, "model": plan.target,
+            "event": f"rollout.{status}", "route": new.name, "model": plan.target,
             "rollout": plan.id, "step": plan.step, "percent": plan.guarded_steps[plan.step],
-            "reason": reason, "evidence": dict(evidence), "promoted": promoted, "at": now,
+            "reason": reason, "evidence": dict(evidence),
+            "promoted": plan.target if completed else None, "at": now,
             "replica": self.registry.replica,
         })
 
@@ -401,7 +449,8 @@ class RolloutController:
         """Whether our transition is the route's latest. The file store's compare-and-set lets
         one writer through per version; the Kafka store's is last-writer-wins within the
         window of a write, so a replica whose transition was overtaken leaves the side effects
-        (promotion, webhook) to the one that landed last."""
+        (metrics, webhook) to the one that landed last. (Two identical completions that both
+        land promote once: each one's promotion is built on the same pre-completion state.)"""
         latest = await self.registry.store.latest(mine.name)
         if latest is not None and latest.change_id != mine.change_id:
             log.info("rollout: route '%s': another replica's change landed after ours (version "

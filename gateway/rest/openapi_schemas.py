@@ -56,7 +56,13 @@ FIELD_SCHEMAS: dict[tuple[type, str], Schema] = {
     (ModelRef, "version"): MODEL_VERSION_SCHEMA,
     (ChallengerConfig, "model"): MODEL_NAME_SCHEMA,
     (ChallengerConfig, "version"): MODEL_VERSION_SCHEMA,
-    (RolloutPlan, "status"): {"enum": list(STATUSES)},
+    (RolloutPlan, "status"): {
+        "enum": list(STATUSES),
+        "description": "running; completed: passed every step, and the target was promoted in "
+                       "the same change (the route's champion is already the target); "
+                       "rolled_back: a guard breached, or the promotion was refused (see "
+                       "`reason`); aborted: stopped by hand, no promotion.",
+    },
 }
 _SCALARS: dict[type, str] = {str: "string", bool: "boolean", int: "integer", float: "number"}
 
