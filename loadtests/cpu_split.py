@@ -1,0 +1,179 @@
+"""Where a proxy's CPU per request goes, user vs kernel, at fixed offered rates: gateway vs nginx.
+
+    python loadtests/cpu_split.py [--rates 250,1000,2000] [--shadows 1] [--rounds 2]
+                                  [--tree NAME=PATH] ... [--seconds 5]
+
+Starts Triton once, nginx with `mirror` (the peer of docs/BENCHMARKS.md) and one gateway per
+`--tree` (default: this checkout) with champion fraud_v3, N shadows and the file log. For each
+round, for each rate, for each proxy in turn (alternating order between rounds), it offers that
+rate (wrk, Poisson arrivals) and reads, over the middle `--seconds` of the run, from /proc of
+every thread of the proxy's processes:
+
+- CPU ms per request (schedstat, exact), split into user and kernel (utime/stime: tick-sampled,
+  so read the split as shares, not to the microsecond);
+- context switches per request (voluntary + involuntary: each voluntary one is a sleep in
+  epoll or a lock, i.e. one wake-up).
+
+Why: bench.py reports the gateway's CPU per request against nginx's. This says which side of
+the system-call boundary the difference is on, and how both move with the rate (fewer requests
+per wake-up at a low rate make every request dearer for both). Medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import common
+
+TICK_MS = 1000 / 100  # utime/stime are in clock ticks (USER_HZ, 100 on Linux)
+
+
+@dataclass
+class Counters:
+    """Cumulative counters of every thread of some processes."""
+
+    cpu_ms: float = 0.0
+    user_ms: float = 0.0
+    sys_ms: float = 0.0
+    switches: int = 0
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(self.cpu_ms - other.cpu_ms, self.user_ms - other.user_ms,
+                        self.sys_ms - other.sys_ms, self.switches - other.switches)
+
+
+def read_counters(pids: Sequence[int]) -> Counters:
+    total = Counters()
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                run = int((task / "schedstat").read_text().split()[0])
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                status = (task / "status").read_text()
+            except (OSError, ValueError, IndexError):
+                continue
+            total.cpu_ms += run / 1e6
+            total.user_ms += int(fields[11]) * TICK_MS
+            total.sys_ms += int(fields[12]) * TICK_MS
+            for line in status.splitlines():
+                if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                    total.switches += int(line.split()[1])
+    return total
+
+
+def measure(url: str, pids: Sequence[int], body_file: Path, body: common.Body, rate: float,
+            seconds: float, load_cpus: str | None) -> dict[str, float]:
+    """Offer `rate` for seconds + 4 s; count the middle `seconds` (wrk's ramp-up and tail out)."""
+    result: dict[str, common.LoadResult] = {}
+
+    def load() -> None:
+        result["wrk"] = common.wrk_rate(url, body_file, body, rate=rate, duration=seconds + 4,
+                                        cpus=load_cpus)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    time.sleep(2)
+    before = read_counters(pids)
+    started = time.monotonic()
+    time.sleep(seconds)
+    delta = read_counters(pids) - before
+    elapsed = time.monotonic() - started
+    thread.join()
+    served = result["wrk"].rps * elapsed
+    return {
+        "rate": rate,
+        "rps": result["wrk"].rps,
+        "cpu_ms": delta.cpu_ms / served,
+        "user_ms": delta.user_ms / served,
+        "sys_ms": delta.sys_ms / served,
+        "switches": delta.switches / served,
+        "errors": result["wrk"].errors,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="250,1000,2000")
+    parser.add_argument("--shadows", type=int, default=1, choices=(0, 1, 2))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--tree", action="append", default=[],
+                        help="NAME=PATH: a gateway checkout to measure (repeatable)")
+    parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
+    parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "cpu_split")
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    trees = [(n, Path(p).resolve()) for n, _, p in (t.partition("=") for t in args.tree)] or [
+        ("gateway", common.ROOT)]
+    out: Path = args.out.resolve()
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    x, _ = common.fraud_rows(1)
+    body = common.json_body(x[0])
+    body_file = common.write_body(body, work / "body.json")
+    shadows = ["fraud_v4", "fraud_v5"][: args.shadows]
+    routes = {"fraud": {"champion": {"model": "fraud_v3"},
+                        "challengers": [{"model": m, "mode": "shadow"} for m in shadows]}}
+    load_cpus = args.load_cpus or None
+    rows: list[dict[str, Any]] = []
+    with common.triton_server(work) as triton:
+        upstream = triton.url.split("//", 1)[1]
+        proxies: list[tuple[str, str, list[int]]] = []
+        with common.Nginx(work / "nginx", upstream) as nginx:
+            gateways = []
+            try:
+                for name, tree in trees:
+                    config = common.gateway_config(triton.url, work, name, routes)
+                    gw = common.Gateway(config, log_file=work / f"{name}.log", root=tree).start()
+                    gateways.append(gw)
+                    gw.warm("fraud", body, 50)
+                    proxies.append((name, gw.url + "/v2/models/fraud/infer", gw.pids))
+                proxies.insert(0, ("nginx mirror", nginx.url + "/v2/models/fraud/infer",
+                                   common.process_tree(nginx.proc.pid) if nginx.proc else []))
+                for _name, url, _ in proxies:  # warm every path before measuring
+                    common.wrk(url, body_file, body, duration=2, cpus=load_cpus)
+                for rnd in range(args.rounds):
+                    order = proxies if rnd % 2 == 0 else proxies[::-1]
+                    for rate in rates:
+                        for name, url, pids in order:
+                            row = {"round": rnd, "proxy": name,
+                                   **measure(url, pids, body_file, body, rate, args.seconds,
+                                             load_cpus)}
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+            finally:
+                for gw in gateways:
+                    gw.stop()
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    print("\nmedians over rounds (ms of CPU per request served; switches per request):")
+    print("| proxy | offered req/s | served req/s | CPU ms/req | user | kernel | switches/req |")
+    print("|---|---|---|---|---|---|---|")
+    for rate in rates:
+        for name, _, _ in proxies:
+            mine = [r for r in rows if r["proxy"] == name and r["rate"] == rate]
+
+            def med(key: str, mine: list[dict[str, Any]] = mine) -> float:
+                return statistics.median(r[key] for r in mine)
+
+            print(f"| {name} | {rate:,.0f} | {med('rps'):,.0f} | {med('cpu_ms'):.3f} | "
+                  f"{med('user_ms'):.3f} | {med('sys_ms'):.3f} | {med('switches'):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
