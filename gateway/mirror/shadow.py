@@ -29,8 +29,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway import metrics
 from gateway.dataplane.protocol import InferRequest, decode_response
@@ -201,9 +202,7 @@ class ShadowLane:
         elif self.batch_max_rows > 1 and self._max_batch_size is None:
             self._ensure_config()
         copy = self._new_copy(request, mode, None, 1)
-        task = asyncio.create_task(self._single(copy))
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
+        self._spawn(self._single(copy))
         return copy
 
     def _done(self, result: ShadowResult) -> asyncio.Future[ShadowResult]:
@@ -360,9 +359,7 @@ class ShadowLane:
                 if not batch:
                     self._slots.release()
                     continue
-                task = asyncio.create_task(self._send(batch))
-                self._calls.add(task)
-                task.add_done_callback(self._calls.discard)
+                self._send(batch)
         finally:
             self._batcher = None
 
@@ -388,11 +385,11 @@ class ShadowLane:
         self._queue = kept
         return batch
 
-    async def _send(self, batch: list[ShadowCopy]) -> None:
-        """One Triton call for the batch (its slot is held on entry and released here)."""
-        loop = asyncio.get_running_loop()
+    def _send(self, batch: list[ShadowCopy]) -> None:
+        """One Triton call for the batch (its slot is held on entry and released when the call
+        ends). Callback-driven, like the served call: no Task and no Future per batch, which
+        every copy of a busy lane would otherwise share the cost of."""
         rows = sum(c.rows for c in batch)
-        fallback = False
         called = time.perf_counter()
         try:
             if len(batch) == 1:
@@ -410,35 +407,60 @@ class ShadowLane:
             called = time.perf_counter()
             for copy in batch:
                 copy.called = called
-            resp = await self.upstream.infer(
+            timeout_s = max(max(c.deadline for c in batch) - self._loop_time(), 0.001)
+            self.upstream.infer_cb(
                 self.model, self.version, body, content_type, header_length,
-                pool=self.pool_name,
-                timeout_s=max(max(c.deadline for c in batch) - loop.time(), 0.001),
+                lambda outcome: self._answered(batch, rows, called, outcome),
+                pool=self.pool_name, timeout_s=timeout_s,
             )
-        except (TimeoutError, UpstreamTimeout):
-            self._note_call(time.perf_counter() - called)  # a lower bound: it is slow
-            for copy in batch:
-                self._resolve(copy, self._timed_out(copy))
-        except Exception as exc:
-            if len(batch) > 1:
-                fallback = True
+        except Exception as exc:  # the batch could not even be sent
+            self._answered(batch, rows, called, exc)
+
+    def _answered(self, batch: list[ShadowCopy], rows: int, called: float,
+                  outcome: UpstreamResponse | Exception) -> None:
+        """A batch call's outcome: every copy resolved, or (a failed batch of several) the
+        copies re-sent singly, so one bad row never fails the others."""
+        self._slots.release()
+        try:
+            if isinstance(outcome, UpstreamResponse):
+                self._note_call(outcome.latency_s)
+                if len(batch) == 1:
+                    self._resolve(batch[0], ShadowResult("ok", outcome.latency_s, outcome,
+                                                         batch_rows=rows))
+                    return
+                if self._deliver(batch, outcome, rows):
+                    return
+            elif isinstance(outcome, TimeoutError | UpstreamTimeout):
+                self._note_call(time.perf_counter() - called)  # a lower bound: it is slow
+                for copy in batch:
+                    self._resolve(copy, self._timed_out(copy))
+                return
+            elif len(batch) == 1:
+                message = outcome.message if isinstance(outcome, GatewayError) else repr(outcome)
+                self._resolve(batch[0], ShadowResult("error", _since(batch[0].called, called),
+                                                     error=message))
+                return
+            else:
                 log.debug("lane %s/%s: batch of %d rows failed (%s); re-sending singly",
-                          self.route, self.model, rows, exc)
-            else:
-                message = exc.message if isinstance(exc, GatewayError) else repr(exc)
-                self._resolve(batch[0], ShadowResult(
-                    "error", _since(batch[0].called, time.perf_counter()), error=message))
-        else:
-            self._note_call(resp.latency_s)
-            if len(batch) == 1:
-                self._resolve(batch[0], ShadowResult("ok", resp.latency_s, resp, batch_rows=rows))
-            else:
-                fallback = not self._deliver(batch, resp, rows)
-        finally:
-            self._slots.release()
-        if fallback:
-            await asyncio.gather(*(self._single(c, from_batch=True) for c in batch
-                                   if not c.finished))
+                          self.route, self.model, rows, outcome)
+        except Exception:  # a bug here must not reach the connection that called back
+            log.exception("lane %s/%s: batch answer handling failed", self.route, self.model)
+            for copy in batch:
+                self._resolve(copy, ShadowResult("error", error="batch answer handling failed"))
+            return
+        self._spawn(self._resend_singly(batch))
+
+    async def _resend_singly(self, batch: list[ShadowCopy]) -> None:
+        await asyncio.gather(*(self._single(c, from_batch=True) for c in batch
+                               if not c.finished))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    def _loop_time(self) -> float:
+        return asyncio.get_running_loop().time()
 
     def _deliver(self, batch: list[ShadowCopy], resp: UpstreamResponse, rows: int) -> bool:
         """Hand every copy its rows of the batch answer; False if the answer cannot be split."""

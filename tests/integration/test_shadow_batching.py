@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -32,6 +33,7 @@ from gateway.mirror.shadow import (
     ShadowResult,
 )
 from gateway.rest.inference import ROUTES
+from gateway.upstream.callback import Cancellable
 from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from tests.conftest import GatewayFactory, fraud_body
 from tests.unit.test_eval_store import CHAL, CHAMP, T0, inference
@@ -267,6 +269,7 @@ class FakeUpstream(TritonUpstream):
         self.started = asyncio.Event()
         self.gate: asyncio.Event | None = None
         self.latency_s = 0.001  # the service time each answer reports
+        self._calls: set[asyncio.Task[UpstreamResponse]] = set()
 
     def pool(self, name: str, limit: int | None = None, *, model: str | None = None) -> Any:
         return None  # no sockets: infer is faked
@@ -291,6 +294,25 @@ class FakeUpstream(TritonUpstream):
              "data": x.sum(axis=1).tolist()}]}
         return UpstreamResponse(200, orjson.dumps(answer), "application/json", None,
                                 self.latency_s)
+
+    def infer_cb(self, model: str, version: str, body: bytes, content_type: str,
+                 header_length: int | None,
+                 on_done: Callable[[UpstreamResponse | Exception], None], *,
+                 pool: str | None = None, timeout_s: float | None = None) -> Cancellable:
+        """The callback form (batched copies use it), keeping the real contract: `on_done`
+        gets the answer or the call's exception, once."""
+        task = asyncio.get_running_loop().create_task(self.infer(
+            model, version, body, content_type, header_length, pool=pool, timeout_s=timeout_s))
+        self._calls.add(task)
+
+        def done(finished: asyncio.Task[UpstreamResponse]) -> None:
+            self._calls.discard(finished)
+            if not finished.cancelled():
+                exc = finished.exception()
+                on_done(finished.result() if exc is None else exc)  # type: ignore[arg-type]
+
+        task.add_done_callback(done)
+        return task
 
 
 def lane_for(upstream: FakeUpstream, route: str, **kwargs: Any) -> ShadowLane:
