@@ -6,6 +6,16 @@ processes never lose each other's update. Replicas on the same machine (e.g. `se
 N`, or several gateways sharing a volume with working flock) converge by polling the file's
 stat signature every `poll_interval_s` (0.5 s). The same file format is the Kafka store's
 local cache (gateway/backends/kafka_store.py).
+
+The state file holds only each route's latest state, so a replica polling it misses a change
+that another one superseded between two polls. Every commit therefore also appends the change's
+audit entry to a journal next to it (`<state file>.audit.jsonl`, one JSON line per applied
+change, in commit order, under the same lock): `changes()` reads what was appended since the
+last call, and the registry serves `GET /admin/audit` from it, so every replica lists every
+applied change (gateway/control/audit.py). The journal is trimmed to its newer half once it
+passes `journal_max_bytes`. A writer killed between replacing the state file and appending
+leaves that one change out of the journal (the state file's `change` still has it until the
+next change of the route).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -28,7 +39,12 @@ from gateway.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FILE_FORMAT = "understudy.registry/1"
+JOURNAL_MAX_BYTES = 16 * 1024 * 1024
 
+
+def journal_path(path: Path) -> Path:
+    """Where the audit journal of the state file at `path` lives (same directory)."""
+    return path.with_name(path.name + ".audit.jsonl")
 
 
 def read_states(path: Path) -> dict[str, RouteState]:
@@ -47,11 +63,15 @@ def read_states(path: Path) -> dict[str, RouteState]:
 
 
 def write_states(path: Path, states: dict[str, RouteState]) -> None:
-    """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
-    payload = orjson.dumps(
+    """Atomic replace of the state file (`replace_file`)."""
+    replace_file(path, orjson.dumps(
         {"format": FILE_FORMAT, "routes": {n: s.to_json() for n, s in sorted(states.items())}},
         option=orjson.OPT_INDENT_2,
-    )
+    ))
+
+
+def replace_file(path: Path, payload: bytes) -> None:
+    """Atomic replace: temp file in the same directory, fsync, rename, fsync the directory."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -70,6 +90,33 @@ def write_states(path: Path, states: dict[str, RouteState]) -> None:
         os.close(dir_fd)
 
 
+def append_journal(path: Path, entry: dict[str, Any], max_bytes: int) -> None:
+    """Append one audit entry as a line (the caller holds the store's lock); past `max_bytes`,
+    first keep only the newer half of the lines, replaced atomically (a reader sees the new
+    inode and reads the file again from its start)."""
+    line = orjson.dumps(entry) + b"\n"
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size + len(line) > max_bytes:
+            data = path.read_bytes()
+            cut = data.find(b"\n", len(data) - max_bytes // 2) + 1
+            replace_file(path, data[cut:] if cut > 0 else b"")
+    with open(path, "ab") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def parse_journal(data: bytes) -> list[dict[str, Any]]:
+    """The audit entries among journal lines (a line that does not parse is skipped)."""
+    entries: list[dict[str, Any]] = []
+    for line in data.splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            entry = orjson.loads(line)
+            if isinstance(entry, dict):
+                entries.append(entry)
+    return entries
+
+
 def _signature(path: Path) -> tuple[int, int, int] | None:
     """What changes whenever the file is replaced (a rename gives a new inode)."""
     try:
@@ -82,10 +129,15 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 class FileStore:
     """The embedded default: a JSON state file shared by the replicas of one machine."""
 
-    def __init__(self, path: str | Path, *, poll_interval_s: float = 0.5) -> None:
+    def __init__(self, path: str | Path, *, poll_interval_s: float = 0.5,
+                 journal_max_bytes: int = JOURNAL_MAX_BYTES) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.journal_path = journal_path(self.path)
+        self.journal_max_bytes = journal_max_bytes
         self.poll_interval_s = poll_interval_s
+        self._journal_at: tuple[int, int] = (-1, 0)  # (inode, offset) read up to
+        self._journal_lock = asyncio.Lock()
         self._on_change: OnChange | None = None
         self._delivered: dict[str, int] = {}  # route -> version last handed to on_change
         self._signature: tuple[int, int, int] | None = None
@@ -149,6 +201,8 @@ class FileStore:
                 raise StaleWrite(state.name, expected_version, actual)
             states[state.name] = state
             write_states(self.path, states)
+            if state.change:
+                append_journal(self.journal_path, dict(state.change), self.journal_max_bytes)
             return states
 
     async def commit(self, state: RouteState, expected_version: int) -> RouteState:
@@ -158,6 +212,29 @@ class FileStore:
             # Deliver everything read under the lock: other routes may have changed too.
             self._deliver(states)
         return state
+
+    def _read_journal(self) -> list[dict[str, Any]]:
+        """Complete lines appended since the last read (from the start after a trim)."""
+        try:
+            fh = open(self.journal_path, "rb")  # noqa: SIM115 - closed just below
+        except FileNotFoundError:
+            return []
+        with fh:
+            st = os.fstat(fh.fileno())
+            inode, offset = self._journal_at
+            if st.st_ino != inode or st.st_size < offset:
+                offset = 0
+            fh.seek(offset)
+            data = fh.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._journal_at = (st.st_ino, offset + len(complete))
+        return parse_journal(complete)
+
+    async def changes(self) -> list[dict[str, Any]]:
+        """Audit entries of the changes any replica committed since the last call (all of
+        them on the first), in commit order, read from the journal."""
+        async with self._journal_lock:
+            return await asyncio.to_thread(self._read_journal)
 
     async def close(self) -> None:
         if self._task is not None:
