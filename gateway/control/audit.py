@@ -16,12 +16,17 @@ What `GET /admin/audit` lists, on any replica:
 - every change this replica *refused*, and those other replicas refused only as far as they
   are in the durable stream read at start (one Kafka topic for all replicas; with files, this
   replica's segment files and its `serve --workers` siblings');
-- the changes before this replica started (`load_history`, the durable stream read back, plus
-  the state file's journal).
+- the changes before this replica started: `load_history` reads the durable stream back at
+  start, and the first catch-up reads the state file's journal from its start.
 
 Each entry is listed once (entries are keyed by their id), newest first, and one route's
 entries are in the order of the route version they produced (a refusal right after the version
 it was refused against); routes interleave by time.
+
+Limits: only the newest `capacity` entries are kept; a writer killed between replacing the
+state file and appending to the journal leaves that one change out of the journal; a store that
+cannot catch up (Kafka unreachable) fails the request (503) rather than answer with a list that
+may miss changes.
 
 Identities are a scope plus a short fingerprint of the token, never the token: the fingerprint
 is a slow salted hash (PBKDF2), so even a weak token cannot be recovered from the audit stream,
