@@ -14,8 +14,9 @@ change, in commit order, under the same lock): `changes()` reads what was append
 last call, and the registry serves `GET /admin/audit` from it, so every replica lists every
 applied change (gateway/control/audit.py). The journal is trimmed to its newer half once it
 passes `journal_max_bytes`. A writer killed between replacing the state file and appending
-leaves that one change out of the journal (the state file's `change` still has it until the
-next change of the route).
+leaves that change out of the journal until the next commit: the state file names the route
+its last commit changed (`last`), and a commit that finds the journal not ending with that
+route's change appends it first.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import fcntl
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,25 +50,33 @@ def journal_path(path: Path) -> Path:
 
 def read_states(path: Path) -> dict[str, RouteState]:
     """Parse the state file; a missing file is an empty store. Raises ConfigError if corrupt."""
+    return _read_file(path)[0]
+
+
+def _read_file(path: Path) -> tuple[dict[str, RouteState], str | None]:
+    """The states, and the route the last commit changed (`last`; None in older files)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return {}
+        return {}, None
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{path}: registry state file is not valid JSON: {exc}") from None
     if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
         raise ConfigError(f"{path}: not an understudy registry state file")
-    return {name: RouteState.from_json(s) for name, s in (raw.get("routes") or {}).items()}
+    states = {name: RouteState.from_json(s) for name, s in (raw.get("routes") or {}).items()}
+    last = raw.get("last")
+    return states, last if isinstance(last, str) else None
 
 
-def write_states(path: Path, states: dict[str, RouteState]) -> None:
-    """Atomic replace of the state file (`replace_file`)."""
-    replace_file(path, orjson.dumps(
-        {"format": FILE_FORMAT, "routes": {n: s.to_json() for n, s in sorted(states.items())}},
-        option=orjson.OPT_INDENT_2,
-    ))
+def write_states(path: Path, states: dict[str, RouteState], last: str | None = None) -> None:
+    """Atomic replace of the state file (`replace_file`); `last`: the route just changed."""
+    document: dict[str, Any] = {
+        "format": FILE_FORMAT, "routes": {n: s.to_json() for n, s in sorted(states.items())}}
+    if last is not None:
+        document["last"] = last
+    replace_file(path, orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
 def replace_file(path: Path, payload: bytes) -> None:
@@ -100,10 +109,35 @@ def append_journal(path: Path, entry: dict[str, Any], max_bytes: int) -> None:
             data = path.read_bytes()
             cut = data.find(b"\n", len(data) - max_bytes // 2) + 1
             replace_file(path, data[cut:] if cut > 0 else b"")
-    with open(path, "ab") as fh:
+    with open(path, "a+b") as fh:
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                line = b"\n" + line  # a writer died mid-line: end it, so this line parses
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def last_line(path: Path, chunk: int = 1 << 16) -> bytes:
+    """The journal's last complete line (empty if none), read from the end."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed just below
+    except FileNotFoundError:
+        return b""
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        start = size
+        while start > 0:
+            start = max(0, start - chunk)
+            fh.seek(start)
+            data = fh.read(size - start)
+            data = data[: data.rfind(b"\n") + 1]
+            begin = data.rfind(b"\n", 0, len(data) - 1)
+            if begin >= 0 or start == 0:
+                return data[begin + 1:]
+            chunk *= 2
+    return b""
 
 
 def parse_journal(data: bytes) -> list[dict[str, Any]]:
@@ -194,16 +228,30 @@ class FileStore:
 
     def _commit_sync(self, state: RouteState, expected_version: int) -> dict[str, RouteState]:
         with self._locked():
-            states = read_states(self.path)
+            states, last = _read_file(self.path)
             current = states.get(state.name)
             actual = current.version if current is not None else 0
             if actual != expected_version:
                 raise StaleWrite(state.name, expected_version, actual)
+            if last is not None and (previous := states.get(last)) is not None:
+                self._journal_if_missing(previous.change)
             states[state.name] = state
-            write_states(self.path, states)
+            write_states(self.path, states, last=state.name)
             if state.change:
                 append_journal(self.journal_path, dict(state.change), self.journal_max_bytes)
             return states
+
+    def _journal_if_missing(self, change: Mapping[str, Any]) -> None:
+        """The previous commit's entry, if its writer died before journaling it (it is the
+        one the journal must end with)."""
+        if not change:
+            return
+        tail = parse_journal(last_line(self.journal_path))
+        if not tail or tail[-1].get("id") != change.get("id"):
+            log.warning("registry: the journal lacks change %s of route '%s' (its writer "
+                        "stopped before journaling it); appending it", change.get("id"),
+                        change.get("route"))
+            append_journal(self.journal_path, dict(change), self.journal_max_bytes)
 
     async def commit(self, state: RouteState, expected_version: int) -> RouteState:
         async with self._lock:

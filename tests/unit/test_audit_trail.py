@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.backends.file_store import FileStore, journal_path
+from gateway.backends.file_store import FileStore, journal_path, last_line, write_states
 from gateway.backends.registry_store import StaleWrite
 from gateway.config import ModelRef, RouteConfig
 from gateway.control.audit import AuditLog, newest_first
@@ -119,3 +119,28 @@ async def test_a_trimmed_journal_is_read_again_from_its_start(tmp_path: Path) ->
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_a_change_its_writer_did_not_journal_is_journaled_by_the_next_commit(
+        tmp_path: Path) -> None:
+    """A writer killed after replacing the state file and before appending to the journal (or
+    in the middle of the line): the next commit, on any route, appends that change first, on a
+    line of its own."""
+    path = tmp_path / "registry.json"
+    store = FileStore(path, poll_interval_s=60)
+    await store.start(lambda _: None)
+    try:
+        await store.commit(_state("r", 1, "fraud_v3"), 0)
+        # What a writer killed between the two writes of v2 leaves: the state, no journal line
+        # (and here even half a line).
+        write_states(path, {"r": _state("r", 2, "fraud_v4")}, last="r")
+        with open(journal_path(path), "ab") as fh:
+            fh.write(b'{"kind": "audit", "id": "r-v')
+        await store.commit(_state("q", 1, "price_v1"), 0)
+        ids = [e["id"] for e in await store.changes()]
+        assert ids == ["r-v1", "r-v2", "q-v1"]
+        await store.commit(_state("q", 2, "price_v2"), 1)  # nothing missing: nothing repeated
+        assert [e["id"] for e in await store.changes()] == ["q-v2"]
+        assert last_line(journal_path(path), chunk=8).startswith(b'{"kind":"audit","id":"q-v2"')
+    finally:
+        await store.close()
