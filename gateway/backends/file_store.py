@@ -234,24 +234,30 @@ class FileStore:
             if actual != expected_version:
                 raise StaleWrite(state.name, expected_version, actual)
             if last is not None and (previous := states.get(last)) is not None:
-                self._journal_if_missing(previous.change)
+                self._journal(previous.change, only_if_missing=True)
             states[state.name] = state
             write_states(self.path, states, last=state.name)
-            if state.change:
-                append_journal(self.journal_path, dict(state.change), self.journal_max_bytes)
+            self._journal(state.change)
             return states
 
-    def _journal_if_missing(self, change: Mapping[str, Any]) -> None:
-        """The previous commit's entry, if its writer died before journaling it (it is the
-        one the journal must end with)."""
+    def _journal(self, change: Mapping[str, Any], *, only_if_missing: bool = False) -> None:
+        """Append a committed change's entry. `only_if_missing`: the previous commit's, which
+        the journal must end with unless its writer died before journaling it. A failed write
+        is logged, not raised: the state is committed already, and the next commit retries."""
         if not change:
             return
-        tail = parse_journal(last_line(self.journal_path))
-        if not tail or tail[-1].get("id") != change.get("id"):
-            log.warning("registry: the journal lacks change %s of route '%s' (its writer "
-                        "stopped before journaling it); appending it", change.get("id"),
-                        change.get("route"))
+        try:
+            if only_if_missing:
+                tail = parse_journal(last_line(self.journal_path))
+                if tail and tail[-1].get("id") == change.get("id"):
+                    return
+                log.warning("registry: the journal lacks change %s of route '%s' (its writer "
+                            "stopped before journaling it); appending it", change.get("id"),
+                            change.get("route"))
             append_journal(self.journal_path, dict(change), self.journal_max_bytes)
+        except OSError as exc:
+            log.error("registry: cannot append change %s to the journal %s (%s); the next "
+                      "commit retries", change.get("id"), self.journal_path, exc)
 
     async def commit(self, state: RouteState, expected_version: int) -> RouteState:
         async with self._lock:

@@ -144,3 +144,21 @@ async def test_a_change_its_writer_did_not_journal_is_journaled_by_the_next_comm
         assert last_line(journal_path(path), chunk=8).startswith(b'{"kind":"audit","id":"q-v2"')
     finally:
         await store.close()
+
+
+async def test_a_journal_that_cannot_be_written_does_not_fail_the_commit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The state is committed before the journal is written, so a failed append is logged and
+    the commit stands; the next commit appends the missing entry first."""
+    path = tmp_path / "registry.json"
+    store = FileStore(path, poll_interval_s=60)
+    await store.start(lambda _: None)
+    try:
+        journal_path(path).mkdir()  # not writable as a file
+        await store.commit(_state("r", 1, "fraud_v3"), 0)
+        assert "cannot append change r-v1" in caplog.text
+        journal_path(path).rmdir()
+        await store.commit(_state("r", 2, "fraud_v4"), 1)
+        assert [e["id"] for e in await store.changes()] == ["r-v1", "r-v2"]
+    finally:
+        await store.close()
