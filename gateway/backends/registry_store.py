@@ -20,7 +20,8 @@ the committed state has been delivered, so the replica that made a change serves
 A state carries the audit entry of the change that produced it, but a replica is not
 guaranteed to see every state: the file store's poll sees only the latest one. `changes()` is
 how a replica's audit view becomes complete: once it returns, every change any replica applied
-before the call is either among the entries it returned or was delivered with its state.
+before the call is among the entries this or an earlier call returned, or was delivered to
+`on_change` with its state.
 """
 
 from __future__ import annotations

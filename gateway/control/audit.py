@@ -24,9 +24,9 @@ entries are in the order of the route version they produced (a refusal right aft
 it was refused against); routes interleave by time.
 
 Limits: only the newest `capacity` entries are kept; a writer killed between replacing the
-state file and appending to the journal leaves that one change out of the journal; a store that
-cannot catch up (Kafka unreachable) fails the request (503) rather than answer with a list that
-may miss changes.
+state file and appending to the journal leaves that change out of the journal until the next
+commit (which appends it first); a store that cannot catch up (Kafka unreachable) fails the
+request (503) rather than answer with a list that may miss changes.
 
 Identities are a scope plus a short fingerprint of the token, never the token: the fingerprint
 is a slow salted hash (PBKDF2), so even a weak token cannot be recovered from the audit stream,
