@@ -256,12 +256,23 @@ class KafkaStore:
                     lambda: all(self._positions.get(tp, 0) >= end for tp, end in targets.items())
                 )
 
-    async def latest(self, route: str) -> RouteState | None:
+    async def _read_to_end(self) -> None:
+        """`_catch_up`, a timeout being the topic's unavailability (503)."""
         try:
             await self._catch_up()
         except TimeoutError:
             raise UpstreamUnavailable(f"registry topic {self.topic}: catch-up timed out") from None
+
+    async def latest(self, route: str) -> RouteState | None:
+        await self._read_to_end()
         return self._states.get(route)
+
+    async def changes(self) -> list[dict[str, Any]]:
+        """Every record is applied in offset order (none is skipped, unlike the file store's
+        poll), so each applied change reaches `on_change` with its state: catching up with the
+        topic's end is enough, and there is nothing more to return."""
+        await self._read_to_end()
+        return []
 
     async def commit(self, state: RouteState, expected_version: int) -> RouteState:
         async with self._write_lock:  # one write at a time per replica: no self-races

@@ -16,12 +16,18 @@ lost), and answers 409 when the client pinned a version (`expected_version` / `I
 
 Both stores deliver states to one `on_change` callback, in order; `commit` returns only after
 the committed state has been delivered, so the replica that made a change serves it at once.
+
+A state carries the audit entry of the change that produced it, but a replica is not
+guaranteed to see every state: the file store's poll sees only the latest one. `changes()` is
+how a replica's audit view becomes complete: once it returns, every change any replica applied
+before the call is among the entries this or an earlier call returned, or was delivered to
+`on_change` with its state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.control.state import RouteState
 
@@ -51,6 +57,11 @@ class RegistryStore(Protocol):
     async def commit(self, state: RouteState, expected_version: int) -> RouteState:
         """Store `state` if the route is still at `expected_version` (0: absent), else raise
         StaleWrite. Returns once `on_change` has seen the state."""
+
+    async def changes(self) -> list[dict[str, Any]]:
+        """Catch up with every change committed so far, by any replica: the audit entries of
+        those not yet returned that `on_change` may not have carried (any order; the audit log
+        orders and deduplicates). Raises UpstreamUnavailable when the store cannot tell."""
 
     async def close(self) -> None:
         """Stop following; release files and connections."""

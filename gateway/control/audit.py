@@ -1,14 +1,32 @@
 """The control plane's audit trail: who changed which route, when, from what to what.
 
-Every change the admin API accepts *or refuses* becomes one entry: on the log sink's "audit"
-stream (Kafka topic `understudy.audit`, or the local segment files: the durable record) and in
-a bounded in-memory list served by `GET /admin/audit`. Changes made on another replica arrive
-with the route state they produced and are added to the in-memory list too (but not emitted
-again: the replica that made the change already did), so any replica answers for all of them.
+Every change the admin API accepts *or refuses* becomes one entry on the log sink's "audit"
+stream (Kafka topic `understudy.audit`, or this replica's local segment files: the durable
+record) and in a bounded in-memory list (the newest `capacity`, 1000) served by
+`GET /admin/audit`.
 
-At start the in-memory list is rebuilt from the durable stream (`load_history`, reading it back
-through the configured backend: the segment files, every worker's, or the Kafka topic's last
-`capacity` records), so `GET /admin/audit` answers for changes made before a restart too.
+What `GET /admin/audit` lists, on any replica:
+
+- every change *applied* by any replica sharing the registry, up to the moment of the request:
+  before answering, the registry catches up with its store (`RegistryStore.changes`). With the
+  state file, other replicas' changes are read from the store's audit journal next to the
+  state file, which every commit appends to (gateway/backends/file_store.py); polling the
+  state file alone would skip a change superseded between two polls. With Kafka, catching up
+  with the registry topic applies every record, each carrying its change's entry;
+- every change this replica *refused*, and those other replicas refused only as far as they
+  are in the durable stream read at start (one Kafka topic for all replicas; with files, this
+  replica's segment files and its `serve --workers` siblings');
+- the changes before this replica started: `load_history` reads the durable stream back at
+  start, and the first catch-up reads the state file's journal from its start.
+
+Each entry is listed once (entries are keyed by their id), newest first, and one route's
+entries are in the order of the route version they produced (a refusal right after the version
+it was refused against); routes interleave by time.
+
+Limits: only the newest `capacity` entries are kept; a writer killed between replacing the
+state file and appending to the journal leaves that change out of the journal until the next
+commit (which appends it first); a store that cannot catch up (Kafka unreachable) fails the
+request (503) rather than answer with a list that may miss changes.
 
 Identities are a scope plus a short fingerprint of the token, never the token: the fingerprint
 is a slow salted hash (PBKDF2), so even a weak token cannot be recovered from the audit stream,
@@ -132,10 +150,31 @@ class AuditLog:
         self.sink.emit(AUDIT, str(entry.get("route", "")), orjson.dumps(entry))
 
     def recent(self, limit: int = 100, route: str | None = None) -> list[dict[str, Any]]:
-        """Newest first."""
+        """Newest first (`newest_first`)."""
         entries = [e for e in self._entries.values() if route is None or e.get("route") == route]
-        entries.sort(key=lambda e: float(e.get("ts") or 0.0), reverse=True)
-        return entries[: max(limit, 0)]
+        return newest_first(entries)[: max(limit, 0)]
+
+
+def _version_order(entry: Mapping[str, Any]) -> tuple[int, int, float]:
+    """Within a route: by the version an applied change produced, a refusal after the version
+    it was refused against (its `version`), then by time."""
+    version = entry.get("version")
+    return (version if isinstance(version, int) else 0, entry.get("outcome") != "applied",
+            float(entry.get("ts") or 0.0))
+
+
+def newest_first(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Entries newest first: each route's in (reverse) version order, even when the replicas'
+    clocks disagree, and the routes interleaved by time (each route keeps the places its
+    entries have in time order)."""
+    by_time = sorted((dict(e) for e in entries), key=lambda e: float(e.get("ts") or 0.0))
+    per_route: dict[str, list[dict[str, Any]]] = {}
+    for entry in by_time:
+        per_route.setdefault(str(entry.get("route", "")), []).append(entry)
+    in_order = {r: iter(sorted(es, key=_version_order)) for r, es in per_route.items()}
+    ordered = [next(in_order[str(e.get("route", ""))]) for e in by_time]
+    ordered.reverse()
+    return ordered
 
 
 def history_entries(records: Iterable[bytes], capacity: int) -> list[dict[str, Any]]:

@@ -215,6 +215,12 @@ class Registry:
     def states(self) -> list[RouteState]:
         return list(self._states.values())
 
+    async def audit_trail(self, limit: int = 100, route: str | None = None) -> list[dict[str, Any]]:
+        """`GET /admin/audit`: the newest entries, once every change any replica applied up to
+        now is among them (the store's `changes`; see gateway/control/audit.py)."""
+        self.audit.load(await self.store.changes())
+        return self.audit.recent(limit, route)
+
     def list_routes(self) -> list[dict[str, Any]]:
         return [route_view(s) for _, s in sorted(self._states.items()) if s.config is not None]
 

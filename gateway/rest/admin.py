@@ -52,7 +52,6 @@ REALM = "understudy-admin"
 MIN_TOKEN_LENGTH = 16
 
 REGISTRY = web.AppKey("registry", Registry)
-AUDIT = web.AppKey("audit", AuditLog)
 ACTOR = web.RequestKey("admin_actor", Actor)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -349,7 +348,7 @@ async def audit(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
         raise BadRequest("limit must be an integer") from None
-    entries = request.config_dict[AUDIT].recent(
+    entries = await _registry(request).audit_trail(
         min(max(limit, 0), 1000), request.query.get("route")
     )
     return _json({"entries": entries})
@@ -363,7 +362,6 @@ def build_admin_app(registry: Registry, auth: AdminAuth) -> web.Application:
     """The `/admin` sub-application; mount with `app.add_subapp("/admin", ...)`."""
     admin = web.Application(middlewares=[auth_middleware])
     admin[REGISTRY] = registry
-    admin[AUDIT] = registry.audit
     admin[AUTH] = auth
     admin.router.add_get("/routes", list_routes)
     admin.router.add_get("/routes/{route}", get_route)

@@ -126,7 +126,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Recent admin changes, newest first", "admin",
         ok_schema={"type": "object", "required": ["entries"],
                    "properties": {"entries": {"type": "array", "items": _OBJECT}}},
-        errors=(400, 401, 403), security="admin"),
+        errors=(400, 401, 403, 503), security="admin"),
     ("GET", "/admin/whoami"): Operation(
         "The caller's scope and token fingerprint", "admin",
         ok_schema={"type": "object", "required": ["scope"],

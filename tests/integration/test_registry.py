@@ -19,6 +19,7 @@ from gateway.backends.registry_store import StaleWrite
 from gateway.config import ChallengerConfig, ModelRef, RouteConfig
 from gateway.control.audit import CONFIG_ACTOR, new_entry
 from gateway.control.state import Experiment, Promotion, RouteState, route_to_raw
+from gateway.rest.admin import REGISTRY
 from tests.conftest import GatewayFactory, GatewayHandle, fraud_body
 from tests.support.kafka import unique_topic
 
@@ -222,6 +223,58 @@ async def test_concurrent_writers_lose_no_update(
         await eventually(has_both, timeout_s=30)  # liveness bound, not a speed target
 
 
+async def _changes_back_to_back(writer: GatewayHandle, token: str) -> list[int]:
+    """Four changes on `writer`, each sent as soon as the previous one answered; their
+    versions."""
+    versions = []
+    for body in ({"sample_rate": 0.5}, {"sample_rate": 0.6}, {"sample_rate": 0.7}):
+        status, view = await admin(writer, "PATCH", "/routes/fraud/challengers/fraud_v4", token,
+                                   body)
+        assert status == 200, view
+        versions.append(view["version"])
+    status, view = await admin(writer, "PUT", "/routes/fraud/policy", token,
+                               {"type": "champion", "sticky_header": "x-user"})
+    assert status == 200, view
+    return [*versions, view["version"]]
+
+
+async def _assert_lists_every_change(reader: GatewayHandle, writer: GatewayHandle, token: str,
+                                     made: list[int]) -> None:
+    """`reader`'s audit lists each of `writer`'s changes once, in version order, and at once
+    (it catches up with the store before answering: no waiting); `limit` still applies."""
+    writer_id = writer.app[REGISTRY].replica
+    status, audit = await admin(reader, "GET", "/audit?route=fraud", token)
+    assert status == 200, audit
+    entries = audit["entries"]
+    assert len({e["id"] for e in entries}) == len(entries)  # each once
+    applied = [(e["version"], e["action"], e["replica"]) for e in entries
+               if e["outcome"] == "applied"]
+    assert applied == [(v, a, writer_id) for v, a in zip(
+        made[::-1], ["set_policy", "update_challenger", "update_challenger",
+                     "update_challenger"], strict=True)] + [(1, "seed", applied[-1][2])]
+    assert made == list(range(2, 6))
+    _, newest = await admin(reader, "GET", "/audit?route=fraud&limit=2", token)
+    assert [e["version"] for e in newest["entries"]] == [5, 4]
+
+
+@pytest.mark.triton
+async def test_a_replica_lists_every_change_another_made_between_two_of_its_polls(
+    make_gateway: GatewayFactory, tmp_path: Path, token: str,
+) -> None:
+    """The state file holds only each route's latest state and A polls it every 0.5 s, so B's
+    changes made back to back are superseded before A's poll can see them. A's audit lists
+    every one all the same: each commit is in the journal next to the state file."""
+    shared = {"state_path": str(tmp_path / "shared" / "registry.json")}
+    a = await make_gateway(FRAUD, admin=shared)
+    b = await make_gateway(FRAUD, admin=shared)
+    made = await _changes_back_to_back(b, token)
+    await _assert_lists_every_change(a, b, token, made)
+    # And after a restart, from the journal (A's own audit stream never had B's changes).
+    await a.stop()
+    a2 = await make_gateway(FRAUD, admin=shared)
+    await _assert_lists_every_change(a2, b, token, made)
+
+
 # -- the compacted Kafka topic ------------------------------------------------------------
 
 
@@ -379,3 +432,17 @@ def test_signature_mismatches_name_every_difference() -> None:
         "input 'features' datatype FP64 does not match champion fraud_v3's FP32",
         "input 'features' shape [-1, 9] does not match champion fraud_v3's [-1, 8]",
     ]
+
+
+@pytest.mark.kafka
+@pytest.mark.triton
+async def test_kafka_replica_lists_every_change_another_made_back_to_back(
+    make_gateway: GatewayFactory, kafka: Any, token: str,
+) -> None:
+    """The Kafka store applies every record of the registry topic (none is skipped), and the
+    audit catches up with the topic's end before answering: A lists each of B's changes."""
+    sections = _kafka_sections(kafka, unique_topic("registry"))
+    a = await make_gateway(FRAUD, **sections)
+    b = await make_gateway(FRAUD, **sections)
+    made = await _changes_back_to_back(b, token)
+    await _assert_lists_every_change(a, b, token, made)
