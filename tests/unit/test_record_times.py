@@ -1,5 +1,6 @@
 """Record times outside the contract's range: a counted reject naming the field, never a
-`date=NaT` (or five-digit-year, or negative-year) partition, in every reader.
+`date=NaT` (or five-digit-year, or negative-year) partition, in every reader (the lake's two
+fast tiers and its per-record path, the store, the gateway's feedback, drift references).
 
 Every record time (an inference's `ts`, a label's `received_ts` and `event_time`) is unix
 seconds in MIN_TIME <= t < MAX_TIME (understudy/records.py), checked in one place
@@ -27,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evaluator import cli
+from evaluator.drift import FeatureTypeError, load_reference
 from evaluator.lake import layout
 from evaluator.lake.columns import LakeBatch
 from evaluator.lake.fastparse import FastParser
@@ -269,3 +271,21 @@ def test_feedback_refuses_date_times_outside_the_range(text: str) -> None:
                                 "event_time": "9999-12-31T23:59:59Z"}, CLOCK)
     assert edge["event_time"] == MAX_TIME - 1
     assert time.gmtime(edge["event_time"]).tm_year == 9999
+
+
+# -- drift references: the same range, a clear error instead of OverflowError -------------------
+
+
+@pytest.mark.parametrize(("cell", "shown"), [
+    ("1e300", "got 1e+300"), ("1.7e15", "got 1700000000000000.0"), ("-5", "got -5.0"),
+    ("10000-01-01", "not a timestamp"), ("9" * 400, "got inf")])
+def test_drift_reference_times_outside_the_range_are_refused(tmp_path: Path, cell: str,
+                                                             shown: str) -> None:
+    """1e300 made `describe()` raise OverflowError; 1.7e15 named year 53871874."""
+    path = tmp_path / "ref.csv"
+    path.write_text(f"ts,amount\n1700000000,1.0\n{cell},2.0\n")
+    with pytest.raises(FeatureTypeError, match=r"column 'ts' row 2: .*" + shown.replace(
+            "+", r"\+").replace(".", r"\.")):
+        load_reference(path)
+    path.write_text("ts,amount\n1700000000,1.0\n1700000060,2.0\n")
+    assert load_reference(path).describe()["until_iso"] == "2023-11-14T22:14:20Z"
