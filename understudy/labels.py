@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from understudy.record_schema import LABEL_RECORD
-from understudy.records import SCHEMA_VERSION, LabelRecord, request_id_problem
+from understudy.records import MAX_TIME, MIN_TIME, SCHEMA_VERSION, LabelRecord, request_id_problem
 
 # The largest row index a label may name: the evaluator stores it in an int32 column, and no
 # request carries that many rows.
@@ -36,9 +36,11 @@ FEEDBACK_ITEM_SCHEMA: Final[dict[str, Any]] = {
                   "description": "The ground truth (a boolean counts as 0/1)."},
         "reward": {"type": ["number", "null"]},
         "event_time": {
-            "anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"},
+            "anyOf": [{"type": "string", "format": "date-time"},
+                      {"type": "number", "minimum": MIN_TIME, "exclusiveMaximum": MAX_TIME},
                       {"type": "null"}],
-            "description": "ISO 8601 with a timezone, or unix seconds; default: now.",
+            "description": "ISO 8601 with a timezone, or unix seconds; from 1970-01-01 up to "
+                           "the end of 9999 UTC; default: now.",
         },
         "index": {"type": "integer", "minimum": 0, "maximum": MAX_ROW_INDEX, "default": 0,
                   "description": "The row of a batched request (0: the first or only)."},
@@ -55,6 +57,10 @@ class LabelError(ValueError):
     """A label that cannot be used; the message names the field and the problem."""
 
 
+class TimeRangeError(ValueError):
+    """A record time that is a number but no date the evaluator can file it under."""
+
+
 def finite_number(value: object) -> float | None:
     """A JSON number or boolean as a finite float, else None (NaN, infinities, huge ints, text).
 
@@ -68,6 +74,26 @@ def finite_number(value: object) -> float | None:
         except OverflowError:
             return None
         return number if math.isfinite(number) else None
+    return None
+
+
+def unix_seconds(field: str, value: object) -> float | None:
+    """A record's time (`ts`, `event_time`, `received_ts`) as unix seconds, checked: the one
+    range check every reader of record times goes through (records.py, MIN_TIME).
+
+    None when the value is absent or not a number (text, a list, a boolean: a reader takes it
+    as unknown, and an inference record without a usable `ts` is bad). A number outside
+    MIN_TIME <= t < MAX_TIME — NaN, an infinity, before 1970, from year 10000 on, an integer
+    no float holds — raises TimeRangeError naming the field and the value: such a time is a
+    producer's bug, and no partition, watermark or join window can use it.
+    """
+    if type(value) is float or (isinstance(value, int) and type(value) is not bool):
+        if MIN_TIME <= value < MAX_TIME:  # False for NaN
+            return float(value)
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:24]}... " \
+            f"({len(str(value))} characters)"
+        raise TimeRangeError(f"{field} must be unix seconds from 1970-01-01 up to the end of "
+                             f"9999 UTC ({MIN_TIME} <= {field} < {MAX_TIME}), got {shown}")
     return None
 
 
@@ -93,31 +119,49 @@ def label_values(label: object, reward: object,
 
 
 def event_time(value: object, now: float) -> float:
-    """A posted event time (ISO 8601 with a timezone, or unix seconds) as unix seconds."""
+    """A posted event time (ISO 8601 with a timezone, or unix seconds) as unix seconds, in
+    the range every record time is in (`unix_seconds`): what the gateway logs, the evaluator
+    reads."""
     if value is None:
         return now
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = finite_number(value)
-        if seconds is not None:
-            return seconds
-    if isinstance(value, str):
-        # RFC 3339 (the OpenAPI `date-time` the feedback schema names) also allows a lower-case
-        # t and z and a leap second, which Python's ISO reader does not: a leap second is read
-        # as the start of the next second.
-        text = value.upper().replace("Z", "+00:00")
-        leap = _LEAP_SECOND.fullmatch(text)
-        try:
-            if leap is not None:
-                parsed = datetime.fromisoformat(leap.expand(r"\g<head>59\g<tail>")) \
-                    + timedelta(seconds=1)
-            else:
-                parsed = datetime.fromisoformat(text)
-        except ValueError:
-            raise LabelError(f"event_time {value!r} is not ISO 8601 or unix seconds") from None
-        if parsed.tzinfo is None:
-            raise LabelError(f"event_time {value!r} has no timezone")
-        return parsed.timestamp()
-    raise LabelError(f"event_time must be ISO 8601 or unix seconds, got {type(value).__name__}")
+        seconds: float | None = value
+    elif isinstance(value, str):
+        seconds = _iso_seconds(value)
+    else:
+        raise LabelError("event_time must be ISO 8601 or unix seconds, got "
+                         f"{type(value).__name__}")
+    try:
+        checked = unix_seconds("event_time", seconds)
+    except TimeRangeError as exc:
+        raise LabelError(f"{exc}" if seconds is value else f"{exc} (from {value!r})") from None
+    assert checked is not None  # a number: in range, or it raised
+    return checked
+
+
+def _iso_seconds(value: str) -> float:
+    """An ISO 8601 time with a timezone as unix seconds (inf past 9999); LabelError if it is
+    not one.
+
+    RFC 3339 (the OpenAPI `date-time` the feedback schema names) also allows a lower-case t and
+    z and a leap second, which Python's ISO reader does not: a leap second is read as the start
+    of the next second.
+    """
+    text = value.upper().replace("Z", "+00:00")
+    leap = _LEAP_SECOND.fullmatch(text)
+    try:
+        if leap is not None:
+            parsed = datetime.fromisoformat(leap.expand(r"\g<head>59\g<tail>")) \
+                + timedelta(seconds=1)
+        else:
+            parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise LabelError(f"event_time {value!r} is not ISO 8601 or unix seconds") from None
+    except OverflowError:  # a leap second at the end of 9999: past the last date there is
+        return math.inf
+    if parsed.tzinfo is None:
+        raise LabelError(f"event_time {value!r} has no timezone")
+    return parsed.timestamp()
 
 
 def label_from_feedback(item: object, now: float) -> LabelRecord:

@@ -5,9 +5,12 @@ the same vocabulary (understudy/vocabulary.py), strictly where a record would be
 without a field and leniently where the schema grew over time:
 
 - Required (a record without them is bad, `RecordError` with a counted reason): a JSON object,
-  schema_version 1, a known kind; for inferences a non-empty `request_id`, finite `ts`, a
+  schema_version 1, a known kind; for inferences a non-empty `request_id`, a `ts`, a
   non-empty `route`, `outputs` an object of objects (and `inputs` an object when present); for
   labels a non-empty `request_id` and the values `understudy.labels.label_values` accepts.
+  Every time a record carries as a number (`ts`, `event_time`, `received_ts`) is unix seconds
+  within the contract's range (`understudy.labels.unix_seconds`): the evaluator files records
+  by the UTC date of their time, so one outside it is bad, never a bogus partition.
 - Everything else is read as unknown when missing or malformed, never as a bad record: older
   records lack the v1 additions (`registry_version`, `experiment`, `sample_rate`, `reward`,
   `received_ts`, `protocol`), and a malformed optional value must not cost the whole record.
@@ -25,8 +28,15 @@ from typing import Any, Final, cast
 
 import orjson
 
-from understudy.labels import LabelError, finite_number, label_values
-from understudy.records import SCHEMA_VERSION, InferenceRecord, LabelRecord, ModelOutcome, Tensor
+from understudy.labels import LabelError, TimeRangeError, finite_number, label_values, unix_seconds
+from understudy.records import (
+    SCHEMA_VERSION,
+    InferenceRecord,
+    LabelRecord,
+    ModelOutcome,
+    Tensor,
+    type_name,
+)
 from understudy.vocabulary import (
     MODES,
     OUTCOME_STATUSES,
@@ -223,9 +233,13 @@ def read_inference(obj: Mapping[str, Any]) -> Inference:
     rid = get("request_id")
     if type(rid) is not str or not rid:
         raise RecordError("invalid_inference", "request_id must be a non-empty string")
-    ts = finite_number(get("ts"))
+    try:
+        ts = unix_seconds("ts", get("ts"))
+    except TimeRangeError as exc:
+        raise RecordError("invalid_inference", f"{rid}: {exc}") from None
     if ts is None:
-        raise RecordError("invalid_inference", f"{rid}: ts must be unix seconds")
+        raise RecordError("invalid_inference",
+                          f"{rid}: ts must be unix seconds, got {type_name(get('ts'))}")
     route = get("route")
     if type(route) is not str or not route:
         raise RecordError("invalid_inference", f"{rid}: route must be a non-empty string")
@@ -276,8 +290,11 @@ def read_label(obj: Mapping[str, Any], clock: Callable[[], float]) -> Label:
                                             obj.get("index", 0))
     except LabelError as exc:
         raise RecordError("invalid_label", f"{rid}: {exc}") from None
-    received = finite_number(obj.get("received_ts"))
-    event = finite_number(obj.get("event_time"))
+    try:
+        received = unix_seconds("received_ts", obj.get("received_ts"))
+        event = unix_seconds("event_time", obj.get("event_time"))
+    except TimeRangeError as exc:
+        raise RecordError("invalid_label", f"{rid}: {exc}") from None
     if received is None:
         received = event if event is not None else clock()
     return Label(rid, label, reward, received if event is None else event, received, index)

@@ -25,13 +25,21 @@ from typing import Any
 
 import orjson
 
-from understudy.records import DATATYPES, INT_RANGES, MAX_ID_LENGTH, SCHEMA_VERSION
+from understudy.records import (
+    DATATYPES,
+    INT_RANGES,
+    MAX_ID_LENGTH,
+    MAX_TIME,
+    MIN_TIME,
+    SCHEMA_VERSION,
+)
 from understudy.vocabulary import MODES, OUTCOME_STATUSES, POLICY_TYPES, ROLES, TASKS, TRANSPORTS
 
 _ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH,
        "pattern": "^[!-~]([ -~]*[!-~])?$"}
 _NUMBER = {"type": "number"}
 _NULLABLE_NUMBER = {"type": ["number", "null"]}
+_TIME = {"type": "number", "minimum": MIN_TIME, "exclusiveMaximum": MAX_TIME}  # unix seconds
 
 
 def _element_rules() -> list[dict[str, Any]]:
@@ -115,7 +123,7 @@ INFERENCE_RECORD: dict[str, Any] = _record(
     ["ts", "route", "policy", "served", "propensity", "arms", "key", "inputs", "outputs",
      "status", "gateway_latency_ms"],
     {
-        "ts": _NUMBER,
+        "ts": _TIME,
         "route": {"type": "string", "minLength": 1},
         "policy": {"type": "object", "required": ["type"],
                    "properties": {"type": {"enum": list(POLICY_TYPES)}}},
@@ -148,8 +156,8 @@ LABEL_RECORD: dict[str, Any] = _record(
     {
         "label": _NULLABLE_NUMBER,
         "reward": _NULLABLE_NUMBER,
-        "event_time": _NUMBER,
-        "received_ts": _NUMBER,
+        "event_time": _TIME,
+        "received_ts": _TIME,
         "index": {"type": "integer", "minimum": 1},
     },
     {"anyOf": [{"properties": {"label": _NUMBER}}, {"properties": {"reward": _NUMBER}}]},

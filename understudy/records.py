@@ -9,7 +9,9 @@ evaluator reads them back through understudy/reader.py into the same vocabulary
     schema_version   1
     kind             "inference"
     request_id       str, the client's `id`, its X-Request-Id header, or a generated 32-hex id
-    ts               float, unix seconds when the gateway received the request
+    ts               float, unix seconds when the gateway received the request; every record
+                     time (`ts`, a label's `event_time` and `received_ts`) is within
+                     MIN_TIME <= t < MAX_TIME (1970-01-01 up to the end of 9999, UTC)
     route            str, the logical endpoint the client called
     registry_version int, the route's registry version whose config served the request
                      (optional: absent in records written before it existed)
@@ -86,9 +88,9 @@ STREAMS: Final = (INFERENCES, LABELS, AUDIT)
 DEFAULT_TOPICS: Final[dict[str, str]] = {stream: f"understudy.{stream}" for stream in STREAMS}
 
 __all__ = ["AUDIT", "DATATYPES", "DEFAULT_TOPICS", "INFERENCES", "INT_RANGES", "JSON_TYPE_NAMES",
-           "LABELS", "MAX_ID_LENGTH", "SCHEMA_VERSION", "STREAMS", "InferenceRecord",
-           "LabelRecord", "ModelOutcome", "OutcomeStatus", "ServedModel", "Tensor", "Transport",
-           "request_id_problem", "type_name"]
+           "LABELS", "MAX_ID_LENGTH", "MAX_TIME", "MIN_TIME", "SCHEMA_VERSION", "STREAMS",
+           "InferenceRecord", "LabelRecord", "ModelOutcome", "OutcomeStatus", "ServedModel",
+           "Tensor", "Transport", "request_id_problem", "type_name"]
 
 # Tensor element types (KServe V2 / Triton names) a record may carry.
 DATATYPES: Final = frozenset(["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
@@ -103,6 +105,14 @@ INT_RANGES: Final[dict[str, tuple[int, int]]] = {
 # control characters) and is the Kafka key.
 MAX_ID_LENGTH: Final = 256
 _ID_PATTERN = re.compile(r"[!-~](?:[ -~]*[!-~])?")
+# Record times are unix seconds from the epoch up to the end of year 9999 UTC. The evaluator
+# files each record under the UTC date of its time (the lake's `date=YYYY-MM-DD` partitions:
+# four-digit years, which retention compares as text) and a watermark made of them ages labels
+# out, so one absurd time (milliseconds for seconds, an unset clock) would land in a partition
+# that cannot be named or expired and expire every pending label. Outside the range: refused
+# by the gateway's feedback, a bad record to the evaluator (understudy.labels.unix_seconds).
+MIN_TIME: Final = 0
+MAX_TIME: Final = 253_402_300_800  # 10000-01-01T00:00:00Z, excluded
 JSON_TYPE_NAMES: Final[dict[type, str]] = {
     int: "integer", float: "number", bool: "boolean", str: "string", list: "list",
     dict: "object", type(None): "null",

@@ -37,6 +37,9 @@ def cmd_lake(args: argparse.Namespace) -> int:
     done = lake.expire(cutoff)
     print(f"lake: deleted {done.partitions} partition(s) ({done.files_in} file(s)) dated "
           f"before {cutoff}")
+    if done.skipped:
+        print(f"lake: kept {len(done.skipped)} partition(s) whose name is not a date: "
+              f"{', '.join(done.skipped)}")
     return ExitCode.OK
 
 

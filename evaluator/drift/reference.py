@@ -21,6 +21,7 @@ from evaluator.drift.data import (
     _obj,
 )
 from evaluator.drift.errors import EmptyReferenceError, FeatureTypeError, ReferenceFormatError
+from understudy.labels import TimeRangeError, unix_seconds
 
 
 def load_reference(path: str | Path, *, categorical: Iterable[str] = (),
@@ -218,27 +219,42 @@ def _category(v: Any) -> str:
 
 
 def _parse_ts(values: list[Any], source: str, name: str) -> np.ndarray:
+    """Unix seconds per row, each within the record times' range (NaN: a missing time)."""
     out = np.empty(len(values))
     for i, v in enumerate(values):
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            out[i] = float(v)
-            continue
-        if isinstance(v, str):
+        seconds = _seconds(v)
+        if seconds is None:
+            raise FeatureTypeError(f"{source}: column {name!r} row {i + 1}: {v!r} is not a "
+                                   f"timestamp (unix seconds or ISO 8601)", name)
+        if seconds == seconds:  # the shared check: a time no date can name is refused here
             try:
-                out[i] = float(v)
-                continue
-            except ValueError:
-                pass
-            try:
-                from datetime import datetime, timezone
-
-                dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
-                if dt.tzinfo is None:
-                    dt = dt.replace(tzinfo=timezone.utc)  # noqa: UP017 - explicit for readers
-                out[i] = dt.timestamp()
-                continue
-            except ValueError:
-                pass
-        raise FeatureTypeError(f"{source}: column {name!r} row {i + 1}: {v!r} is not a "
-                               f"timestamp (unix seconds or ISO 8601)", name)
+                unix_seconds(name, seconds)
+            except TimeRangeError as exc:
+                raise FeatureTypeError(f"{source}: column {name!r} row {i + 1}: {exc}",
+                                       name) from None
+        out[i] = seconds
     return out
+
+
+def _seconds(v: Any) -> float | None:
+    """A timestamp cell (number, numeric text or ISO 8601) as unix seconds; None if none."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        try:
+            return float(v)
+        except OverflowError:  # an integer no float holds: out of range below
+            return math.inf
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+        try:
+            from datetime import datetime, timezone
+
+            dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)  # noqa: UP017 - explicit for readers
+            return dt.timestamp()
+        except ValueError:
+            pass
+    return None

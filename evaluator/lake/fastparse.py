@@ -35,8 +35,15 @@ from msgspec import Meta, Struct
 
 from evaluator.ingest.parse import INT32, INT64, RecordParser, pack_floats, score_of
 from evaluator.lake.columns import LakeBatch
-from understudy.labels import MAX_ROW_INDEX, LabelError, finite_number, label_values
-from understudy.records import SCHEMA_VERSION
+from understudy.labels import (
+    MAX_ROW_INDEX,
+    LabelError,
+    TimeRangeError,
+    finite_number,
+    label_values,
+    unix_seconds,
+)
+from understudy.records import MAX_TIME, MIN_TIME, SCHEMA_VERSION
 from understudy.vocabulary import (
     MODE_CODES,
     ROLE_CODES,
@@ -59,13 +66,15 @@ CHALLENGER = ROLE_CODES["challenger"]  # ... and of a role
 # is typed as narrowly as the tiers' equality can be proven: finite floats (msgspec refuses
 # 1e999 and NaN literals; an integer is read as float(int), as `finite_number` does), integers
 # within the column's range (orjson reads a larger one as a float), no booleans where the
-# reader would count one as a number, strings as strings. Unknown fields are skipped, as the
+# reader would count one as a number, strings as strings, times within the contract's range
+# (`unix_seconds`: one outside is a bad record). Unknown fields are skipped, as the
 # reader skips them; a duplicated key keeps its last value in both decoders.
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
 Int32 = Annotated[int, Meta(ge=INT32.start, le=INT32.stop - 1)]
 Int64 = Annotated[int, Meta(ge=INT64.start, le=INT64.stop - 1)]
 RowIndex = Annotated[int, Meta(ge=0, le=MAX_ROW_INDEX)]
+Time = Annotated[float, Meta(ge=MIN_TIME, lt=MAX_TIME)]  # understudy.labels.unix_seconds
 # understudy.records.DATATYPES but BYTES, whose data the lake keeps as its JSON text (tested)
 NumericType = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
                       "INT64", "FP16", "BF16", "FP32", "FP64"]
@@ -112,7 +121,7 @@ class TypedInference(Struct, gc=False, tag_field="kind", tag="inference"):
 
     schema_version: Literal[1]
     request_id: NonEmpty
-    ts: float
+    ts: Time
     route: NonEmpty
     outputs: dict[str, TypedOutcome]
     inputs: dict[str, TypedTensor] | None = None
@@ -134,8 +143,8 @@ class TypedLabel(Struct, gc=False, tag_field="kind", tag="label"):
     label: float | None = None
     reward: float | None = None
     index: RowIndex = 0
-    event_time: float | None = None
-    received_ts: float | None = None
+    event_time: Time | None = None
+    received_ts: Time | None = None
 
 
 _decode_typed = msgspec.json.Decoder(TypedInference | TypedLabel).decode
@@ -339,8 +348,10 @@ class FastParser:
                     if kind != "inference":
                         raise _Slow
                     rid, ts, route = get("request_id"), get("ts"), get("route")
+                    # a time outside the contract's range (or NaN): the reader's bad record
                     if (type(rid) is not str or not rid or type(ts) is not float
-                            or ts - ts != 0.0 or type(route) is not str or not route):
+                            or not MIN_TIME <= ts < MAX_TIME or type(route) is not str
+                            or not route):
                         raise _Slow
                     outputs = get("outputs")
                     inputs = get("inputs") or {}
@@ -477,8 +488,11 @@ class FastParser:
             value, reward, index = label_values(label, get("reward"), get("index", 0))
         except LabelError:
             raise _Slow from None
-        received = finite_number(get("received_ts"))
-        event = finite_number(get("event_time"))
+        try:  # and its one time check
+            received = unix_seconds("received_ts", get("received_ts"))
+            event = unix_seconds("event_time", get("event_time"))
+        except TimeRangeError:
+            raise _Slow from None  # a bad record: the reader's reason and log line
         if received is None:
             if event is None:
                 raise _Slow  # dated by the parser's clock

@@ -12,7 +12,12 @@ Layout (`root` is a local directory or any fsspec URL, e.g. `s3://bucket/underst
     <root>/labels/date=<YYYY-MM-DD>/<file>.parquet                     date of received_ts
     <root>/rejects/date=<YYYY-MM-DD>/<file>.parquet                    date the member read it
 
-Labels carry no route (record schema v1), so they are partitioned by date only. Dates are UTC.
+Labels carry no route (record schema v1), so they are partitioned by date only. Dates are UTC,
+four-digit years: every record time is within 1970 to 9999 (understudy/records.py MIN_TIME,
+MAX_TIME; a record outside is a reject), so `YYYY-MM-DD` names every partition and sorts as
+the dates do. A `date=` value that is not one (a lake written before times were checked may
+hold `date=NaT` or a five-digit year) is not a partition date: `partition_date` says None and
+retention leaves it alone, reporting it.
 `route` and `date` live only in the directory names (hive partitioning: DuckDB
 `hive_partitioning=true`, Spark's partition discovery); a route that is not a plain name
 (`[A-Za-z0-9][A-Za-z0-9_.-]*`, what the gateway's registry allows) is percent-encoded.
@@ -84,6 +89,7 @@ meanwhile makes it fail, and a retry reads the merged file instead.
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 import urllib.parse
@@ -137,6 +143,7 @@ REJECT_SCHEMA = pa.schema([pa.field("reason", pa.string(), nullable=False), *SOU
 SCHEMAS: dict[str, pa.Schema] = {INFERENCES: INFERENCE_SCHEMA, LABELS: LABEL_SCHEMA,
                                  REJECTS: REJECT_SCHEMA}
 
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _PLAIN_ROUTE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MEMBER = re.compile(r"[^A-Za-z0-9_.]+")
 
@@ -153,6 +160,17 @@ def decode_route(value: str) -> str:
 def utc_date(ts: float) -> str:
     """YYYY-MM-DD (UTC) of unix seconds: the `date=` partition value."""
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def partition_date(name: str) -> datetime.date | None:
+    """The date of a `date=YYYY-MM-DD` partition directory name; None for any other name."""
+    key, _, value = name.partition("=")
+    if key != DATE_KEY or not _DATE.fullmatch(value):
+        return None
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:  # 2026-13-45
+        return None
 
 
 def partition_dir(table: str, date: str, route: str | None = None) -> str:

@@ -10,7 +10,9 @@ older than `stale_tmp_s`.
 Compaction merges a partition's small files into one (`c-` prefix) — write the merged file,
 then delete the inputs. A reader listing files in between sees some rows twice, which read
 rule 1 (same source position = one record) already absorbs; it also drops replayed rows
-physically. Retention deletes whole `date=` partitions older than a cutoff, in every table.
+physically. Retention deletes whole `date=` partitions older than a cutoff, in every table,
+comparing dates: a directory whose name is not a partition date (layout.partition_date) is left
+alone and reported, never taken for an old one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class MaintenanceResult:
     files_out: int = 0
     rows_dropped: int = 0  # replayed rows compaction removed
     tmp_removed: int = 0
+    skipped: tuple[str, ...] = ()  # expire: partitions (relative to the root) with no date
 
 
 class Lake:
@@ -186,17 +189,30 @@ class Lake:
         return MaintenanceResult(parts, files_in, files_out, dropped, tmp_removed)
 
     def expire(self, before_date: str) -> MaintenanceResult:
-        """Delete every `date=` partition (all tables) dated before `before_date` (YYYY-MM-DD)."""
-        gone = 0
-        files = 0
+        """Delete every `date=` partition (all tables) dated before `before_date` (YYYY-MM-DD).
+
+        A leaf directory whose name is no date (`date=NaT`, a five-digit year, written before
+        record times were checked) is kept and listed in `skipped`: retention cannot tell
+        how old its rows are, and removing data it cannot date would lose it silently.
+        """
+        cutoff = layout.partition_date(f"{layout.DATE_KEY}={before_date}")
+        if cutoff is None:
+            raise LakeError(f"expire: {before_date!r} is not a date (YYYY-MM-DD)")
+        gone = files = 0
+        skipped: list[str] = []
         for table in layout.TABLES:
             for part in self.partitions(table):
-                date = posixpath.basename(part).partition("=")[2]
-                if date < before_date:
+                date = layout.partition_date(posixpath.basename(part))
+                if date is None:
+                    skipped.append(posixpath.relpath(part, self.root))
+                elif date < cutoff:
                     files += len(self.fs.ls(part, detail=False))
                     self.fs.rm(part, recursive=True)
                     gone += 1
-        return MaintenanceResult(partitions=gone, files_in=files)
+        if skipped:
+            log.warning("lake expire: kept %d partition(s) whose name is not a date, for an "
+                        "operator to inspect: %s", len(skipped), ", ".join(skipped))
+        return MaintenanceResult(partitions=gone, files_in=files, skipped=tuple(skipped))
 
     def _read_table(self, path: str, schema: pa.Schema) -> pa.Table:
         with self.fs.open(path, "rb") as fh:

@@ -193,7 +193,15 @@ def test_generated_feedback_is_accepted(body: Any) -> None:
         for key in ("label", "reward", "event_time"):  # JSON numbers a float can hold
             if isinstance(item.get(key), int) and not isinstance(item[key], bool):
                 assume(abs(item[key]) < 2**1000)
-        label_from_feedback(item, 0.0)
+        try:
+            label_from_feedback(item, 0.0)
+        except LabelError as exc:
+            refusal = str(exc)
+        else:
+            continue
+        # the one refusal: a date-time before 1970 (or past 9999) UTC, stated in the description
+        assert isinstance(item.get("event_time"), str), refusal
+        assert refusal.startswith("event_time must be unix seconds from 1970-01-01"), refusal
 
 
 # The inference request's cross-field rules (the element count follows the shape; a binary
