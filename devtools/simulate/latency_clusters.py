@@ -30,19 +30,17 @@ slowdown; the fail rate is the power).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from devtools.simulate.guardrails import block_main
 from devtools.simulate.tests import Rate, _run
 from evaluator.dataset import F64, STATUS_CODES, ModelColumn
 from evaluator.gates.guardrails import GuardrailLimits, check_guardrails
-from loadtests.docblock import write_marked_block
 
 RESULTS_BEGIN = "<!-- simulate_latency_clusters:begin -->"
 RESULTS_END = "<!-- simulate_latency_clusters:end -->"
@@ -140,15 +138,7 @@ def run_all(quick: bool, workers: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="400 replications instead of 2000")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--write", type=Path, help="update the results block of this file")
-    args = parser.parse_args(argv)
-    block = run_all(args.quick, args.workers)
-    print(block)
-    if args.write:
-        write_marked_block(args.write, block, RESULTS_BEGIN, RESULTS_END)
+    block_main(__doc__ or "", run_all, RESULTS_BEGIN, RESULTS_END, argv)
 
 
 __all__ = ["PROCESSES", "SCENARIOS", "latency_pair", "main", "replicate", "run_all", "stalls",

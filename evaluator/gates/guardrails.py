@@ -33,14 +33,37 @@ one-sided 1 - alpha bound):
   correlated if anything (a large request is slow for both), which only makes this conservative.
   No resampling, no density estimate, any latency distribution. STATISTICS.md has the size and
   power by simulation.
-* ``latency_p99_ms`` (absolute ceiling, off by default) FAILS only when the challenger's exact
+* **Slow calls that cluster in time** (a cold start: the first calls after Triton loads a model;
+  a stall: one model's Python stub starved by machine load for a hundred consecutive calls) are
+  not independent observations, and the binomial count behind the order-statistic interval then
+  understates the p99's variance — in CI one stall made an equally fast challenger look 2.8x
+  slower with a tight bound. So each model's latencies are put in time order (``ts``) and the
+  variance of the count of exceedances of its p99 is estimated by non-overlapping batch means
+  over 25 contiguous time blocks (``latency_time_blocks``; blocks of n/25 calls are longer than
+  the stalls seen, and 24 degrees of freedom keep the estimate usable); its ratio to the binomial
+  variance, floored at 1, is the variance inflation ``vif`` (summaries.tail_vif). A p99's
+  variance is that count's variance over the density squared, so its standard errors (both
+  scales) are multiplied by sqrt(vif): the effective sample size is n / vif. An estimated vif
+  carries 24 degrees of freedom, so the bounds use Student's t with the Welch-Satterthwaite
+  degrees of freedom of the two models' variances (z when neither was inflated). The bound is
+  never narrower than the independent one, so a check can only move from fail towards pass or
+  insufficient. Every latency check reports ``vif``, ``n_effective`` (and the champion's) and the
+  detail says how much clustering widened the bounds.
+* ``latency_p99_ms`` (absolute ceiling, off by default) FAILS only when the challenger's
   one-sided order-statistic lower bound for its p99 is above ``max_latency_p99_ms`` AND the same
   difference bound as above exceeds the margin: a ceiling the champion breaks just as much is not
-  a reason to keep the champion.
+  a reason to keep the champion. The bound is exact for independent latencies; with vif > 1 its
+  rank is that of the effective sample (n / vif, at the t tail) carried back to the full one
+  (summaries.p99_bounds).
 * A latency check is **insufficient** (``passed=None``), never a failure, while either model has
   fewer than ``min_requests`` measured latencies or fewer than 368 (the smallest sample whose
   largest value is a 97.5% upper bound for a p99: below it no distribution-free statement about
-  a p99's upper side exists).
+  a p99's upper side exists), and also when a model's slow calls cluster beyond chance (its vif
+  above the 95% point of its independent-data distribution, chi2(24) / 24) and leave it fewer
+  than that many effective latencies: its tail then rests on a few episodes — often one stall —
+  and no sample of that size says what the model's p99 is, whichever way it points. Beyond
+  chance, so that a p99 resting on four tail values, two of which happen to share a block, is
+  judged (with the widened bound) rather than called thin.
 * ``error_rate_delta`` FAILS only when the lower end of the Newcombe hybrid-score interval for
   challenger rate - champion rate (Newcombe 1998, method 10: Wilson intervals of each rate
   combined) is above ``max_error_rate_delta``. The two rates are treated as independent; pairing

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
-from evaluator.dataset import STATUS_CODES, Array, Bool, ModelColumn
+from evaluator.dataset import F64, STATUS_CODES, Array, Bool, ModelColumn
 from evaluator.stats.common import JsonFields
 from evaluator.stats.metrics import wilson_interval
 
@@ -245,12 +245,14 @@ def measured_latencies(latency_ms: Array, status: Array) -> Array:
 def measured_in_time_order(latency_ms: Array, status: Array, ts: Array | None = None) -> Array:
     """The measured latencies (as ``measured_latencies``) in the order the requests were made:
     by ``ts`` (stable, unknown times last), or in row order when no times are given."""
-    lat = np.asarray(latency_ms, dtype=np.float64)
+    lat: F64 = np.asarray(latency_ms, dtype=np.float64)
     keep = attempted_mask(status) & np.isfinite(lat)
+    measured: F64 = lat[keep]
     if ts is None:
-        return lat[keep]
+        return measured
     t = np.asarray(ts, dtype=np.float64)[keep]
-    return lat[keep][np.argsort(np.where(np.isfinite(t), t, np.inf), kind="stable")]
+    ordered: F64 = measured[np.argsort(np.where(np.isfinite(t), t, np.inf), kind="stable")]
+    return ordered
 
 
 def latency_summary(

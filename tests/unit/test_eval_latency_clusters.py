@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from evaluator.dataset import EvalDataset
 from evaluator.decision import ChallengerDecision, decide
 from evaluator.gates.guardrails import GuardrailCheck, GuardrailLimits, check_guardrails
 from evaluator.gates.summaries import TIME_BLOCKS, p99_bounds, p99_estimate, tail_vif
+from evaluator.report import write_report
 
 ALPHA = 0.05
 
@@ -141,6 +144,19 @@ def test_cold_start_and_one_stall_do_not_block_an_equally_fast_challenger() -> N
     assert _ratio(former.checks).observed > 2
 
 
+def test_report_says_why_the_latency_bound_is_wide(tmp_path: Path) -> None:
+    ds = _ci_route(_cold_start_and_stall)
+    paths = write_report(ds, decide(ds), tmp_path, generated_at=1_767_300_000.0)
+    report = json.loads(paths["json"].read_text())
+    check = next(c for c in report["decisions"][0]["guardrails"]["checks"]
+                 if c["name"] == "latency_p99_ratio")
+    assert check["vif"] > 10 and check["n_effective"] < 600
+    assert check["n_effective_champion"] > 5000 and check["df"] is None  # not judged
+    md = paths["markdown"].read_text()
+    assert re.search(r"slow calls clustered in time: effective n [\d,]+ challenger, "
+                     r"[\d,]+ champion", md)
+
+
 def test_a_challenger_slower_throughout_is_still_blocked() -> None:
     d = _decide(_ci_route(lambda lat: _cold_start(lat * 3.0)))
     check = _ratio(d.guardrails.checks)
@@ -158,6 +174,17 @@ def test_latency_ceiling_also_uses_the_clustered_bound() -> None:
     now = check_guardrails(champ, chall, limits, ts=ds.ts)
     assert former.checks[0].passed is False  # exact iid bound above 20 ms
     assert now.checks[0].passed is not False
+
+
+@pytest.mark.parametrize(("n", "insufficient"), [(1000, True), (3000, False)])
+def test_a_cold_start_alone_is_absorbed_by_a_few_thousand_requests(n: int,
+                                                                   insufficient: bool) -> None:
+    for seed in range(20):
+        champ, chall, ts = latency_pair(seed, n, "iid", "identical")
+        cold = replace(chall, latency_ms=_cold_start(chall.latency_ms))
+        check = _ratio(check_guardrails(champ, cold, ts=ts).checks)
+        assert (check.passed is None) == insufficient, check.detail
+        assert check.passed is not False
 
 
 # -- fast versions of the simulations (STATISTICS.md has the full runs) -------------------------
