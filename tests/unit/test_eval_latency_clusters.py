@@ -49,7 +49,7 @@ def test_evenly_spread_exceedances_are_not_widened() -> None:
 
 def test_vif_is_about_one_for_independent_latencies() -> None:
     rng = np.random.default_rng(11)
-    raw = []
+    raw, clustered = [], 0
     for _ in range(300):
         x = rng.lognormal(0.0, 0.5, 5000)
         q = np.quantile(x, 0.99)
@@ -58,7 +58,9 @@ def test_vif_is_about_one_for_independent_latencies() -> None:
         p = above.mean()
         raw.append(counts.var(ddof=1) / (200 * p * (1 - p)))
         assert tail_vif(x, q) == pytest.approx(max(1.0, raw[-1]))
+        clustered += p99_estimate(np.sort(x), x).clustered
     assert np.mean(raw) == pytest.approx(1.0, abs=0.06)
+    assert _at_most(clustered / 300, 0.05, 300)  # "beyond chance" at 95%
 
 
 def test_clustered_estimate_widens_the_standard_error_and_the_exact_bounds() -> None:
