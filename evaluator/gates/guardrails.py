@@ -63,7 +63,10 @@ one-sided 1 - alpha bound):
   than that many effective latencies: its tail then rests on a few episodes — often one stall —
   and no sample of that size says what the model's p99 is, whichever way it points. Beyond
   chance, so that a p99 resting on four tail values, two of which happen to share a block, is
-  judged (with the widened bound) rather than called thin.
+  judged (with the widened bound) rather than called thin. The same question is also asked over
+  10 blocks (chi2(9) / 9): an episode longer than a 25th of the run (a stall spread over a
+  lagging lane's backlog, interleaved with fast calls) spans several of the 25 blocks and looks
+  only mildly clustered there.
 * ``error_rate_delta`` FAILS only when the lower end of the Newcombe hybrid-score interval for
   challenger rate - champion rate (Newcombe 1998, method 10: Wilson intervals of each rate
   combined) is above ``max_error_rate_delta``. The two rates are treated as independent; pairing
@@ -241,13 +244,12 @@ def _latency_shortfall(qc: QuantileEstimate | None, qh: QuantileEstimate | None,
             f"insufficient data: {nh:,} measured challenger latencies and {nc:,} champion "
             f"(need {need:,} each for a distribution-free bound on a p99)"
         )
-    elif (qc is not None and qh is not None
-          and any(q.clustered and q.n_effective < need for q in (qc, qh))):
+    elif qc is not None and qh is not None and (qc.thin(need) or qh.thin(need)):
+        eh, ec = qh.thin(need) or qh.n_effective, qc.thin(need) or qc.n_effective
         short = (
-            "insufficient data: slow calls clustered in time leave an effective "
-            f"{qh.n_effective:,.0f} of {nh:,} challenger latencies (variance inflation "
-            f"{qh.vif:.1f}) and {qc.n_effective:,.0f} of {nc:,} champion ({qc.vif:.1f}); "
-            f"need {need:,} each for a bound on a p99"
+            f"insufficient data: slow calls clustered in time leave an effective {eh:,.0f} of "
+            f"{nh:,} challenger latencies (variance inflation {nh / eh:.1f}) and {ec:,.0f} of "
+            f"{nc:,} champion ({nc / ec:.1f}); need {need:,} each for a bound on a p99"
         )
     elif not compared:
         short = "insufficient data: a p99 bound is not positive (zero latencies)"

@@ -25,6 +25,9 @@ _SPREAD_TAIL = 0.025
 # Contiguous time blocks for the batch-means variance inflation of a p99 (guardrails.py says why
 # 25: blocks long enough to hold a burst of slow calls, enough of them for a usable estimate).
 TIME_BLOCKS = 25
+# A second, coarser look used only to call a tail too thin to judge: an episode of slow calls
+# longer than a block (a stall spread over a lagging lane's backlog) is only partly seen at 25.
+COARSE_BLOCKS = 10
 # Confidence that the clustering is real before a p99 is called too thin to judge.
 _CLUSTER_CONFIDENCE = 0.95
 
@@ -107,6 +110,8 @@ class QuantileEstimate:
     se_log: float | None  # None also when a bound is not positive
     vif: float = 1.0  # variance inflation from time-clustering (1: as if independent)
     df: float = math.inf  # degrees of freedom of the variance estimate (inf: not estimated)
+    vif_coarse: float = 1.0  # the same over COARSE_BLOCKS blocks (only for ``thin``)
+    df_coarse: float = math.inf
 
     @property
     def n_effective(self) -> float:
@@ -119,9 +124,24 @@ class QuantileEstimate:
         of freedom (chi-squared), so under independence vif exceeds chi2_{0.95}(df) / df only 5%
         of the time. A chance pair of tail values in one block, which the point estimate reads
         as clustering when a p99 rests on a handful of them, does not reach it."""
-        if math.isinf(self.df):
-            return False
-        return self.vif * self.df > float(special.chdtri(self.df, 1 - _CLUSTER_CONFIDENCE))
+        return _beyond_chance(self.vif, self.df)
+
+    def thin(self, need: int) -> float | None:
+        """The effective sample size that makes this p99 too thin to judge: n / vif at the first
+        time scale (25 blocks, then 10) whose clustering is beyond chance and leaves fewer than
+        ``need`` effective observations; None when neither does."""
+        for vif, df in ((self.vif, self.df), (self.vif_coarse, self.df_coarse)):
+            if _beyond_chance(vif, df) and self.n / vif < need:
+                return self.n / vif
+        return None
+
+
+def _beyond_chance(vif: float, df: float) -> bool:
+    """A batch-means vif with ``df`` degrees of freedom above the 95% point of its distribution
+    for independent data (chi-squared(df) / df)."""
+    if math.isinf(df):
+        return False
+    return vif * df > float(special.chdtri(df, 1 - _CLUSTER_CONFIDENCE))
 
 
 def min_latency_samples() -> int:
@@ -163,24 +183,28 @@ def p99_estimate(x_sorted: Array, x_in_time_order: Array | None = None,
     The interval [X_(r), X_(s)] (97.5% one-sided each side) has exact coverage c; dividing its
     width by 2 z_{(1+c)/2} gives the standard error a normal interval of that coverage would have.
     With the same latencies in time order, that standard error is widened by sqrt(tail_vif) (the
-    variance estimate then has ``blocks - 1`` degrees of freedom); without them, or with
-    ``blocks`` 0, the observations are taken as independent.
+    variance estimate then has ``blocks - 1`` degrees of freedom), and the coarser estimate over
+    COARSE_BLOCKS is kept for ``thin``; without them, or with ``blocks`` 0, the observations are
+    taken as independent.
     """
     n = int(x_sorted.size)
     value = float(np.quantile(x_sorted, P99))
-    vif, df = 1.0, math.inf
+    vif, df, vif_c, df_c = 1.0, math.inf, 1.0, math.inf
     if x_in_time_order is not None and blocks >= 2:
         vif = tail_vif(x_in_time_order, value, blocks)
         df = math.inf if vif == 1.0 else float(min(blocks, n) - 1)
+        coarse = min(blocks, COARSE_BLOCKS)
+        vif_c = tail_vif(x_in_time_order, value, coarse)
+        df_c = math.inf if vif_c == 1.0 else float(min(coarse, n) - 1)
     r, s = quantile_ranks(n, P99, _SPREAD_TAIL)
     if r is None or s is None:
-        return QuantileEstimate(n, value, None, None, vif, df)
+        return QuantileEstimate(n, value, None, None, vif, df, vif_c, df_c)
     coverage = _bdtr(s - 1, n, P99) - _bdtr(r - 1, n, P99)
     z = float(special.ndtri(0.5 + coverage / 2))
     lo, hi = float(x_sorted[r - 1]), float(x_sorted[s - 1])
     widen = math.sqrt(vif) / (2 * z)
     se_log = (math.log(hi) - math.log(lo)) * widen if lo > 0 and value > 0 else None
-    return QuantileEstimate(n, value, (hi - lo) * widen, se_log, vif, df)
+    return QuantileEstimate(n, value, (hi - lo) * widen, se_log, vif, df, vif_c, df_c)
 
 
 def p99_bounds(q: QuantileEstimate, x_sorted: Array, tail: float) -> tuple[float, float]:
