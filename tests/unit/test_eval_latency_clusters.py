@@ -42,7 +42,7 @@ def test_all_exceedances_in_one_block_inflate_by_their_count() -> None:
 
 def test_evenly_spread_exceedances_are_not_widened() -> None:
     x = np.zeros(5000)
-    x[100::200] = 1.0  # one per block: less spread than chance, floored at 1
+    x[100::200] = 1.0  # one per block: more even than chance, floored at 1
     assert tail_vif(x, 0.5) == 1.0
     assert tail_vif(np.ones(10), 0.5) == 1.0 and tail_vif(np.zeros(10), 0.5) == 1.0
 
