@@ -32,7 +32,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -211,8 +211,9 @@ def run_all(quick: bool, workers: int) -> str:
         f"#### Guardrails, default limits, alpha 0.05 ({reps_g} routes per cell)",
         "",
         "BLOCKED = any check failed. The latency columns are the p99 check alone (its",
-        "'insufficient' share in brackets: below 368 measured latencies per model no",
-        "distribution-free p99 bound exists). 'former rule' = point estimates vs the limits.",
+        "'insufficient' share in brackets: below 368 measured, or effective, latencies per",
+        "model no distribution-free p99 bound exists). 'former rule' = point estimates vs the",
+        "limits.",
         "",
         "| latency | scenario | requests | BLOCKED | latency check fails (insufficient) "
         "| error check fails | former rule BLOCKED |",
@@ -247,22 +248,30 @@ def run_all(quick: bool, workers: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def block_main(doc: str, run: Callable[[bool, int], str], begin: str, end: str,
+               argv: Sequence[str] | None = None) -> None:
+    """The command line of a simulation that prints its results block and, with --write,
+    replaces it in a document (this module's and devtools.simulate.latency_clusters')."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="400 replications instead of 2000")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--write", type=Path, help="update the results block of this file")
     args = parser.parse_args(argv)
-    block = run_all(args.quick, args.workers)
+    block = run(args.quick, args.workers)
     print(block)
     if args.write:
-        write_marked_block(args.write, block, RESULTS_BEGIN, RESULTS_END)
+        write_marked_block(args.write, block, begin, end)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    block_main(__doc__, run_all, RESULTS_BEGIN, RESULTS_END, argv)
 
 
 __all__ = [
     "FAULTS",
     "LATENCIES",
     "SCENARIOS",
+    "block_main",
     "guardrail_pair",
     "guardrail_study",
     "health_dataset",

@@ -361,6 +361,7 @@ def analyse(
             dataset.models[challenger],
             policy.guardrail_limits,
             policy.alpha,
+            dataset.ts,
         ),
         health,
         dataset.experiments.get(challenger),

@@ -33,14 +33,40 @@ one-sided 1 - alpha bound):
   correlated if anything (a large request is slow for both), which only makes this conservative.
   No resampling, no density estimate, any latency distribution. STATISTICS.md has the size and
   power by simulation.
-* ``latency_p99_ms`` (absolute ceiling, off by default) FAILS only when the challenger's exact
+* **Slow calls that cluster in time** (a cold start: the first calls after Triton loads a model;
+  a stall: one model's Python stub starved by machine load for a hundred consecutive calls) are
+  not independent observations, and the binomial count behind the order-statistic interval then
+  understates the p99's variance — in CI one stall made an equally fast challenger look 2.8x
+  slower with a tight bound. So each model's latencies are put in time order (``ts``) and the
+  variance of the count of exceedances of its p99 is estimated by non-overlapping batch means
+  over 25 contiguous time blocks (``latency_time_blocks``; blocks of n/25 calls are longer than
+  the stalls seen, and 24 degrees of freedom keep the estimate usable); its ratio to the binomial
+  variance, floored at 1, is the variance inflation ``vif`` (summaries.tail_vif). A p99's
+  variance is that count's variance over the density squared, so its standard errors (both
+  scales) are multiplied by sqrt(vif): the effective sample size is n / vif. An estimated vif
+  carries 24 degrees of freedom, so the bounds use Student's t with the Welch-Satterthwaite
+  degrees of freedom of the two models' variances (z when neither was inflated). The bound is
+  never narrower than the independent one, so a check can only move from fail towards pass or
+  insufficient. Every latency check reports ``vif``, ``n_effective`` (and the champion's) and the
+  detail says how much clustering widened the bounds.
+* ``latency_p99_ms`` (absolute ceiling, off by default) FAILS only when the challenger's
   one-sided order-statistic lower bound for its p99 is above ``max_latency_p99_ms`` AND the same
   difference bound as above exceeds the margin: a ceiling the champion breaks just as much is not
-  a reason to keep the champion.
+  a reason to keep the champion. The bound is exact for independent latencies; with vif > 1 its
+  rank is that of the effective sample (n / vif, at the t tail) carried back to the full one
+  (summaries.p99_bounds).
 * A latency check is **insufficient** (``passed=None``), never a failure, while either model has
   fewer than ``min_requests`` measured latencies or fewer than 368 (the smallest sample whose
   largest value is a 97.5% upper bound for a p99: below it no distribution-free statement about
-  a p99's upper side exists).
+  a p99's upper side exists), and also when a model's slow calls cluster beyond chance (its vif
+  above the 95% point of its independent-data distribution, chi2(24) / 24) and leave it fewer
+  than that many effective latencies: its tail then rests on a few episodes — often one stall —
+  and no sample of that size says what the model's p99 is, whichever way it points. Beyond
+  chance, so that a p99 resting on four tail values, two of which happen to share a block, is
+  judged (with the widened bound) rather than called thin. The same question is also asked over
+  10 blocks (chi2(9) / 9): an episode longer than a 25th of the run (a stall spread over a
+  lagging lane's backlog, interleaved with fast calls) spans several of the 25 blocks and looks
+  only mildly clustered there.
 * ``error_rate_delta`` FAILS only when the lower end of the Newcombe hybrid-score interval for
   challenger rate - champion rate (Newcombe 1998, method 10: Wilson intervals of each rate
   combined) is above ``max_error_rate_delta``. The two rates are treated as independent; pairing
@@ -60,21 +86,25 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
+import numpy as np
 from scipy import special
 
-from evaluator.dataset import ModelColumn
+from evaluator.dataset import Array, ModelColumn
 from evaluator.gates.summaries import (
-    P99,
+    TIME_BLOCKS,
     LatencySummary,
     OutcomeSummary,
     QuantileEstimate,
     latency_summary,
+    measured_in_time_order,
     measured_latencies,
     min_latency_samples,
     newcombe_interval,
     outcome_summary,
+    p99_bounds,
     p99_estimate,
     quantile_ranks,
+    tail_vif,
     unmeasured,
 )
 from evaluator.stats.common import JsonFields
@@ -93,6 +123,9 @@ class GuardrailLimits(JsonFields):
     max_error_rate_delta: float | None = 0.01  # challenger rate - champion rate (absolute)
     max_error_rate: float | None = None  # absolute ceiling on the challenger's error rate
     min_requests: int = 100
+    # Contiguous time blocks for the latency checks' clustering estimate; 0 takes the measured
+    # latencies as independent (the former rule, kept so simulations can compare the two).
+    latency_time_blocks: int = TIME_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -100,7 +133,9 @@ class GuardrailCheck(JsonFields):
     """One check. ``observed`` is the quantity compared with ``limit`` (ratio, ms, delta or rate)
     and ``interval`` its two-sided 1 - 2 alpha interval, whose low end is the bound judged.
     Latency checks also carry the p99 difference (ms) and its interval, judged against
-    ``margin``."""
+    ``margin``, and each model's effective sample size: its measured latencies divided by
+    ``vif``, the variance inflation of its p99 from slow calls clustered in time (1 when they
+    look independent); a large vif is why a bound is wide."""
 
     name: str
     champion: float | None
@@ -116,6 +151,11 @@ class GuardrailCheck(JsonFields):
     margin: float | None = None
     difference: float | None = None  # latency checks: challenger p99 - champion p99 (ms)
     difference_interval: tuple[float | None, float | None] | None = None
+    n_effective: float | None = None  # latency checks: n / vif, the challenger's
+    n_effective_champion: float | None = None
+    vif: float | None = None  # latency checks: the challenger's p99 variance inflation
+    vif_champion: float | None = None
+    df: float | None = None  # latency checks: t degrees of freedom of the ratio bound (None: z)
 
 
 class _CheckContext(TypedDict, total=False):
@@ -125,6 +165,10 @@ class _CheckContext(TypedDict, total=False):
     n_champion: int | None
     confidence: float | None
     margin: float | None
+    n_effective: float | None
+    n_effective_champion: float | None
+    vif: float | None
+    vif_champion: float | None
 
 
 @dataclass(frozen=True)
@@ -156,36 +200,61 @@ class _LatencyCompare:
     ratio_interval: tuple[float, float]
     difference: float
     difference_interval: tuple[float, float]
+    df: float  # Welch-Satterthwaite degrees of freedom of the log-ratio's variance (inf: z)
+
+
+def _critical(alpha: float, parts: tuple[tuple[float, float], ...]) -> tuple[float, float]:
+    """One-sided 1 - alpha critical value of a sum of variances (v, df), with its degrees of
+    freedom by Welch-Satterthwaite: z when no part was estimated (df inf), else Student's t."""
+    total = sum(v for v, _ in parts)
+    denom = sum(v * v / df for v, df in parts if math.isfinite(df))
+    df = total * total / denom if denom > 0 else math.inf
+    if math.isinf(df):
+        return float(special.ndtri(1 - alpha)), df
+    return float(special.stdtrit(df, 1 - alpha)), df
 
 
 def _compare_p99(
-    champ: QuantileEstimate, chall: QuantileEstimate, z: float
+    champ: QuantileEstimate, chall: QuantileEstimate, alpha: float
 ) -> _LatencyCompare | None:
     if champ.se_log is None or chall.se_log is None or champ.se_ms is None or chall.se_ms is None:
         return None
     log_ratio = math.log(chall.value) - math.log(champ.value)
     se_log = math.hypot(champ.se_log, chall.se_log)
+    t_log, df = _critical(alpha, ((champ.se_log ** 2, champ.df), (chall.se_log ** 2, chall.df)))
     diff = chall.value - champ.value
     se_ms = math.hypot(champ.se_ms, chall.se_ms)
+    t_ms, _ = _critical(alpha, ((champ.se_ms ** 2, champ.df), (chall.se_ms ** 2, chall.df)))
     return _LatencyCompare(
         math.exp(log_ratio),
-        (math.exp(log_ratio - z * se_log), math.exp(log_ratio + z * se_log)),
+        (math.exp(log_ratio - t_log * se_log), math.exp(log_ratio + t_log * se_log)),
         diff,
-        (diff - z * se_ms, diff + z * se_ms),
+        (diff - t_ms * se_ms, diff + t_ms * se_ms),
+        df,
     )
 
 
-def _latency_shortfall(nc: int, nh: int, need: int, compared: bool,
-                       challenger: ModelColumn) -> str | None:
+def _latency_shortfall(qc: QuantileEstimate | None, qh: QuantileEstimate | None, need: int,
+                       compared: bool, challenger: ModelColumn) -> str | None:
     """Why the latency checks cannot judge (None when they can)."""
-    if nc >= need and nh >= need and compared:
-        return None
-    short = (
-        f"insufficient data: {nh:,} measured challenger latencies and {nc:,} champion "
-        f"(need {need:,} each for a distribution-free bound on a p99)"
-    )
-    if not compared and nc >= need and nh >= need:
+    nc = qc.n if qc is not None else 0
+    nh = qh.n if qh is not None else 0
+    if nc < need or nh < need:
+        short = (
+            f"insufficient data: {nh:,} measured challenger latencies and {nc:,} champion "
+            f"(need {need:,} each for a distribution-free bound on a p99)"
+        )
+    elif qc is not None and qh is not None and (qc.thin(need) or qh.thin(need)):
+        eh, ec = qh.thin(need) or qh.n_effective, qc.thin(need) or qc.n_effective
+        short = (
+            f"insufficient data: slow calls clustered in time leave an effective {eh:,.0f} of "
+            f"{nh:,} challenger latencies (variance inflation {nh / eh:.1f}) and {ec:,.0f} of "
+            f"{nc:,} champion ({nc / ec:.1f}); need {need:,} each for a bound on a p99"
+        )
+    elif not compared:
         short = "insufficient data: a p99 bound is not positive (zero latencies)"
+    else:
+        return None
     n_unmeasured = unmeasured(challenger) if nh < need else 0
     if n_unmeasured:
         short += (f"; {n_unmeasured:,} of the challenger's copies shared a batched "
@@ -199,21 +268,29 @@ def _latency_checks(
     challenger: ModelColumn,
     limits: GuardrailLimits,
     alpha: float,
+    ts: Array | None,
 ) -> list[GuardrailCheck]:
-    xc = measured_latencies(champion.latency_ms, champion.status)
-    xh = measured_latencies(challenger.latency_ms, challenger.status)
+    tc = measured_in_time_order(champion.latency_ms, champion.status, ts)
+    th = measured_in_time_order(challenger.latency_ms, challenger.status, ts)
+    xc, xh = np.sort(tc), np.sort(th)
     nc, nh = int(xc.size), int(xh.size)
     need = max(limits.min_requests, min_latency_samples())
     conf = 1 - alpha
-    z = float(special.ndtri(conf))
     margin = limits.max_latency_p99_margin_ms
-    qc = p99_estimate(xc) if nc else None
-    qh = p99_estimate(xh) if nh else None
-    cmp = _compare_p99(qc, qh, z) if qc is not None and qh is not None else None
-    short = _latency_shortfall(nc, nh, need, cmp is not None, challenger)
+    blocks = limits.latency_time_blocks
+    qc = p99_estimate(xc, tc, blocks) if nc else None
+    qh = p99_estimate(xh, th, blocks) if nh else None
+    cmp = _compare_p99(qc, qh, alpha) if qc is not None and qh is not None else None
+    short = _latency_shortfall(qc, qh, need, cmp is not None, challenger)
     p99c = qc.value if qc is not None else None
     p99h = qh.value if qh is not None else None
-    common: _CheckContext = {"n": nh, "n_champion": nc, "confidence": conf, "margin": margin}
+    common: _CheckContext = {
+        "n": nh, "n_champion": nc, "confidence": conf, "margin": margin,
+        "n_effective": qh.n_effective if qh is not None else None,
+        "n_effective_champion": qc.n_effective if qc is not None else None,
+        "vif": qh.vif if qh is not None else None,
+        "vif_champion": qc.vif if qc is not None else None,
+    }
     margin_text = ""
     margin_ok = False
     if cmp is not None:
@@ -223,13 +300,20 @@ def _latency_checks(
             f"p99 excess over the champion {cmp.difference:+.2f} ms, lower bound {d_lo:+.2f} ms "
             f"{'>' if margin_ok else '<='} {margin:g} ms margin"
         )
+        if qc is not None and qh is not None and max(qc.vif, qh.vif) > 1.0:
+            margin_text += (
+                f"; slow calls clustered in time widen the bounds: effective n "
+                f"{qh.n_effective:,.0f} of {nh:,} challenger latencies (variance inflation "
+                f"{qh.vif:.2f}), {qc.n_effective:,.0f} of {nc:,} champion ({qc.vif:.2f}), "
+                f"t with {cmp.df:.0f} df"
+            )
 
     def unjudged(name: str, observed: float | None, limit: float) -> GuardrailCheck:
         return GuardrailCheck(name, p99c, p99h, observed, limit, None,
                               short or "insufficient data", **common)
 
     def judged(name: str, limit: float, observed: float | None, interval: tuple[float, float],
-               what: str, unit: str, compared: _LatencyCompare) -> GuardrailCheck:
+               what: str, unit: str, compared: _LatencyCompare, df: float) -> GuardrailCheck:
         """Failed only when the interval's low end is above ``limit`` and the p99 difference's
         is beyond the margin."""
         lo = interval[0]
@@ -246,6 +330,7 @@ def _latency_checks(
             interval,
             difference=compared.difference,
             difference_interval=compared.difference_interval,
+            df=df if math.isfinite(df) else None,
             **common,
         )
 
@@ -258,17 +343,15 @@ def _latency_checks(
             checks.append(judged(
                 "latency_p99_ratio", limit, cmp.ratio, cmp.ratio_interval,
                 f"p99 {p99h:.2f} ms vs champion {p99c:.2f} ms: ratio {cmp.ratio:.2f}", "", cmp,
+                cmp.df,
             ))
     if limits.max_latency_p99_ms is not None:
         limit = limits.max_latency_p99_ms
-        if short is not None or cmp is None:
+        if short is not None or cmp is None or qh is None:
             checks.append(unjudged("latency_p99_ms", p99h, limit))
         else:
-            r, s = quantile_ranks(nh, P99, alpha)
-            lo = float(xh[r - 1]) if r is not None else -math.inf
-            hi = float(xh[s - 1]) if s is not None else math.inf
-            checks.append(judged("latency_p99_ms", limit, p99h, (lo, hi), f"p99 {p99h:.2f} ms",
-                                 " ms", cmp))
+            checks.append(judged("latency_p99_ms", limit, p99h, p99_bounds(qh, xh, alpha),
+                                 f"p99 {p99h:.2f} ms", " ms", cmp, qh.df))
     return checks
 
 
@@ -342,11 +425,14 @@ def check_guardrails(
     challenger: ModelColumn,
     limits: GuardrailLimits | None = None,
     alpha: float = 0.05,
+    ts: Array | None = None,
 ) -> GuardrailResult:
     """Compare the challenger's p99 latency and error rate with the champion's on the same rows.
 
     ``alpha`` is each check's one-sided level: a challenger exactly at a limit fails it with
-    probability at most alpha (see the module docstring for the tests).
+    probability at most alpha (see the module docstring for the tests). ``ts`` (the dataset's
+    request times, row for row) orders the latencies in time for the clustering estimate; without
+    it the rows are taken to be in time order (the store builds them so).
     """
     limits = limits or GuardrailLimits()
     if not 0 < alpha < 0.5:
@@ -359,7 +445,7 @@ def check_guardrails(
         champion.name: outcome_summary(champion.status, alpha),
         challenger.name: outcome_summary(challenger.status, alpha),
     }
-    checks = _latency_checks(champion, challenger, limits, alpha)
+    checks = _latency_checks(champion, challenger, limits, alpha, ts)
     checks += _error_checks(out[champion.name], out[challenger.name], limits, alpha)
     if any(c.passed is False for c in checks):
         status: GuardrailStatus = "fail"
@@ -384,5 +470,6 @@ __all__ = [
     "outcome_summary",
     "p99_estimate",
     "quantile_ranks",
+    "tail_vif",
 ]
 

@@ -36,6 +36,11 @@ def _guardrail_blocks(payload: Mapping[str, Any]) -> list[Block]:
                     margin = (f"; p99 difference {_diff(c.get('difference'))} ms "
                               f"[{_num(diff[0])}, {_num(diff[1])}] vs margin "
                               f"{_num(c['margin'])} ms")
+                vifs = (c.get("vif"), c.get("vif_champion"))
+                if any(_finite(v) and v > 1 for v in vifs):  # why the bounds are wide
+                    margin += (f"; slow calls clustered in time: effective n "
+                               f"{_int(c.get('n_effective'))} challenger, "
+                               f"{_int(c.get('n_effective_champion'))} champion")
                 cells = [
                     f"{_num(c.get('champion'))} ms",
                     f"{_num(c.get('challenger'))} ms",
