@@ -151,3 +151,35 @@ def test_upstream_protocol_bench_runs(tmp_path: Path) -> None:
     assert sorted((r["case"], r["protocol"]) for r in rows) == sorted(
         (case, p) for case in ("champion only", "champion + 1 shadow") for p in ("http", "grpc"))
     assert all(r["requests"] > 0 and r["gateway_cpu_us_per_req"] > 0 for r in rows)
+
+
+def test_bench_lane_runs() -> None:
+    """loadtests/bench_lane.py (no sockets, seconds): every copy resolves ok through the lane
+    (the script raises otherwise) and a CPU cost per copy is printed."""
+    proc = subprocess.run(
+        [sys.executable, "loadtests/bench_lane.py", "--copies", "400", "--repeat", "1"],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "us CPU per copy" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cpu_split_runs(tmp_path: Path) -> None:
+    """loadtests/cpu_split.py end to end (short): nginx and the gateway measured at one rate,
+    every request answered, CPU per request from schedstat."""
+    out = tmp_path / "cpu-split"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/cpu_split.py", "--rates", "100", "--rounds", "1",
+         "--seconds", "1", "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=500, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["proxy"] for r in rows] == ["nginx mirror", "gateway"]
+    # user/kernel come from clock ticks (10 ms): at this short run only their sign is stable
+    assert all(r["errors"] == 0 and r["cpu_ms"] > 0 and min(r["user_ms"], r["sys_ms"]) >= 0
+               for r in rows), rows
