@@ -195,19 +195,24 @@ def schedstat(pids: Sequence[int]) -> tuple[float, float]:
     shows how much a process was starved of CPU (0 on an idle machine).
     """
     cpu = wait = 0
+    for task in threads(pids):
+        try:
+            run, queued, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue
+        cpu += int(run)
+        wait += int(queued)
+    return cpu / 1e9, wait / 1e9
+
+
+def threads(pids: Sequence[int]) -> Iterator[Path]:
+    """The /proc directory of every thread of the given processes (gone ones skipped)."""
     for pid in pids:
         try:
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
             continue
-        for task in tasks:
-            try:
-                run, queued, _ = (task / "schedstat").read_text().split()
-            except (OSError, ValueError):
-                continue
-            cpu += int(run)
-            wait += int(queued)
-    return cpu / 1e9, wait / 1e9
+        yield from tasks
 
 
 def pin(cpus: str | None) -> list[str]:

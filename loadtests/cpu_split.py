@@ -55,24 +55,19 @@ class Counters:
 
 def read_counters(pids: Sequence[int]) -> Counters:
     total = Counters()
-    for pid in pids:
+    for task in common.threads(pids):
         try:
-            tasks = list(Path(f"/proc/{pid}/task").iterdir())
-        except OSError:
+            run = int((task / "schedstat").read_text().split()[0])
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text()
+        except (OSError, ValueError, IndexError):
             continue
-        for task in tasks:
-            try:
-                run = int((task / "schedstat").read_text().split()[0])
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                status = (task / "status").read_text()
-            except (OSError, ValueError, IndexError):
-                continue
-            total.cpu_ms += run / 1e6
-            total.user_ms += int(fields[11]) * TICK_MS
-            total.sys_ms += int(fields[12]) * TICK_MS
-            for line in status.splitlines():
-                if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
-                    total.switches += int(line.split()[1])
+        total.cpu_ms += run / 1e6
+        total.user_ms += int(fields[11]) * TICK_MS
+        total.sys_ms += int(fields[12]) * TICK_MS
+        for line in status.splitlines():
+            if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
+                total.switches += int(line.split()[1])
     return total
 
 

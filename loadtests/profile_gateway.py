@@ -1,7 +1,8 @@
 """Profile the gateway under load with py-spy and list its hot spots.
 
     python loadtests/profile_gateway.py [--seconds 20] [--shadows 1] [--sink file]
-                                        [--binary] [--rows 1] [--rate R] [--out var/bench/profile]
+                                        [--binary] [--rows 1] [--rate R] [--connections N]
+                                        [--out var/bench/profile]
 
 Starts Triton and one gateway worker (champion fraud_v3 + N shadows, 100% logging), drives it
 with wrk at capacity (16 connections, JSON body), or with `--rate R` at R requests/s (Poisson
@@ -128,7 +129,8 @@ def profile_gateway(gateway: common.Gateway, url: str, body_file: Path, body: co
     def load() -> None:
         if rate:
             result["wrk"] = common.wrk_rate(url, body_file, body, rate=rate,
-                                            duration=seconds + 2, connections=32, cpus=cpus)
+                                            duration=seconds + 2, connections=connections,
+                                            cpus=cpus)
         else:
             result["wrk"] = common.wrk(url, body_file, body, duration=seconds + 2,
                                        connections=connections, cpus=cpus)
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="offered req/s (Poisson); default: capacity (closed loop)")
+    parser.add_argument("--connections", type=int, default=None,
+                        help="wrk connections (default: 16 at capacity, 32 with --rate)")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "profile")
     parser.add_argument("--root", type=Path, default=common.ROOT,
                         help="run the gateway of a copy of the tree (to profile a prototype)")
@@ -184,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 gateway.warm("fraud", body, 50)
                 url = gateway.url + "/v2/models/fraud/infer"
                 common.wrk(url, body_file, body, duration=3, cpus=args.load_cpus or None)
+                connections = args.connections or (32 if args.rate else 16)
                 summary, load = profile_gateway(gateway, url, body_file, body,
                                                 seconds=args.seconds, out=out,
+                                                connections=connections,
                                                 cpus=args.load_cpus or None, rate=args.rate)
     finally:
         if broker is not None:

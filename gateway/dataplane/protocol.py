@@ -313,6 +313,15 @@ def _check_bytes_payload(chunk: memoryview, count: int, name: str) -> None:
                          f"length-prefixed elements in {size} bytes")
 
 
+def check_datatype(name: str, datatype: object) -> str:
+    """An input's KServe V2 datatype, or the 400 naming the input and the accepted ones (the
+    HTTP and gRPC front ends refuse alike)."""
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise BadRequest(f"input '{name}': 'datatype' must be one of "
+                         f"{', '.join(sorted(DATATYPES))}, got {datatype!r:.40}")
+    return datatype
+
+
 def _check_inputs(request: InferRequest) -> None:
     inputs = request.header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -326,10 +335,7 @@ def _check_inputs(request: InferRequest) -> None:
         if name in seen:
             raise BadRequest(f"input '{name}' is given twice")
         seen.add(name)
-        datatype = tensor.get("datatype")
-        if not isinstance(datatype, str) or datatype not in DATATYPES:
-            raise BadRequest(f"input '{name}': 'datatype' must be one of "
-                             f"{', '.join(sorted(DATATYPES))}, got {datatype!r:.40}")
+        datatype = check_datatype(name, tensor.get("datatype"))
         shape: Any = tensor.get("shape")
         count = _check_shape(shape, name)
         params = tensor.get("parameters")

@@ -23,9 +23,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from gateway.dataplane.protocol import HEADER_LENGTH, NUMPY_DTYPES, flatten
+from gateway.dataplane.protocol import HEADER_LENGTH, NUMPY_DTYPES, check_datatype, flatten
 from gateway.errors import BadRequest, UpstreamBadGateway
-from understudy.records import DATATYPES, INT_RANGES
+from understudy.records import INT_RANGES
 
 # The typed `contents` field each datatype travels in (FP16/BF16 have none: raw only).
 CONTENTS_FIELD: dict[str, str] = {
@@ -86,9 +86,7 @@ def _input_bytes(tensor: service_pb2.ModelInferRequest.InferInputTensor,
             raise BadRequest(f"input '{name}' has typed contents but the request also has "
                              "raw_input_contents; use one or the other")
         return raw
-    if datatype not in DATATYPES:
-        raise BadRequest(f"input '{name}': 'datatype' must be one of "
-                         f"{', '.join(sorted(DATATYPES))}, got {datatype!r:.40}")
+    check_datatype(name, datatype)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise BadRequest(f"input '{name}': {datatype} has no typed contents field; send it in "
