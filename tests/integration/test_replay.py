@@ -48,8 +48,29 @@ def test_replay_of_the_demo_traffic_gives_the_live_verdict(
     assert cli.main(args) == 0
     live = verdicts(demo / "reports")["fraud/fraud_v4"]
     report = json.loads((out / "report.json").read_text())
-    replayed = {d["challenger"]: d["decision"] for d in report["decisions"]}
-    assert replayed == {"fraud_v4": live}, (replayed, live)
+    assert [d["challenger"] for d in report["decisions"]] == ["fraud_v4"]
+    replayed = report["decisions"][0]
+    live_report = json.loads((demo / "reports" / "fraud" / "report.json").read_text())
+    (live_decision,) = [d for d in live_report["decisions"] if d["challenger"] == "fraud_v4"]
+    assert live_decision["decision"] == live
+    # The evidence on the labels (same requests, same model, same labels) must match exactly;
+    # only the confidence sequence's level differs (the live report corrects it for its two
+    # challengers). The latency guardrail measures this machine's service times in each run: a
+    # stall in one run leaves that run's tail too clustered to judge
+    # (tests/integration/test_latency_stall.py), and that run then says INCONCLUSIVE, never a
+    # different verdict on the evidence.
+    def evidence(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d["checks"].items() if k not in ("guardrails", "cs_level")}
+
+    assert evidence(replayed) == evidence(live_decision)
+    statuses = (replayed["checks"]["guardrails"], live_decision["checks"]["guardrails"])
+    if statuses[0] == statuses[1]:
+        assert replayed["decision"] == live, (replayed["decision"], live)
+    else:
+        for d in (replayed, live_decision):
+            assert d["checks"]["guardrails"] in ("pass", "insufficient"), d["guardrails"]
+            assert d["decision"] == (
+                "PROMOTE" if d["checks"]["guardrails"] == "pass" else "INCONCLUSIVE"), d
     assert report["replay"] == ["fraud_v4"]
     assert report["summary"][0]["headline"].startswith("[replay] ")
     assert "**Replay**" in (out / "report.md").read_text()
