@@ -32,7 +32,7 @@ def _records(directory: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("demo")
-    assert demo_main(["--work", str(work), "--requests", "4000", "--price-requests", "200"]) == 0
+    assert demo_main(["--work", str(work), "--requests", "8000", "--price-requests", "200"]) == 0
     return work
 
 

@@ -46,7 +46,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory whose var/demo holds a finished demo run (log, store, reports)."""
     root = tmp_path_factory.mktemp("demo")
     demo = run_python(["-m", "understudy_demo.run", "--work", str(root / "var" / "demo"),
-                       "--requests", "4000", "--price-requests", "600"], ROOT)
+                       "--requests", "8000", "--price-requests", "600"], ROOT)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     # The README's commands run in a checkout: its configs/ (feature names, routes) are there.
     (root / "configs").symlink_to(ROOT / "configs")
