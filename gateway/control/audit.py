@@ -129,6 +129,8 @@ class AuditLog:
         the newest `capacity` by time; returns how many new ones were kept."""
         merged = {str(e.get("id", "")): dict(e) for e in entries}
         merged.pop("", None)
+        if not merged:  # the usual catch-up of `GET /admin/audit`: nothing new, nothing to sort
+            return 0
         before = set(self._entries)
         merged.update(self._entries)
         newest = sorted(merged.items(), key=lambda kv: float(kv[1].get("ts") or 0.0))

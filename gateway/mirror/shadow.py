@@ -407,7 +407,8 @@ class ShadowLane:
             called = time.perf_counter()
             for copy in batch:
                 copy.called = called
-            timeout_s = max(max(c.deadline for c in batch) - self._loop_time(), 0.001)
+            timeout_s = max(max(c.deadline for c in batch)
+                            - asyncio.get_running_loop().time(), 0.001)
             self.upstream.infer_cb(
                 self.model, self.version, body, content_type, header_length,
                 lambda outcome: self._answered(batch, rows, called, outcome),
@@ -458,9 +459,6 @@ class ShadowLane:
         task = asyncio.get_running_loop().create_task(coro)
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
-
-    def _loop_time(self) -> float:
-        return asyncio.get_running_loop().time()
 
     def _deliver(self, batch: list[ShadowCopy], resp: UpstreamResponse, rows: int) -> bool:
         """Hand every copy its rows of the batch answer; False if the answer cannot be split."""
