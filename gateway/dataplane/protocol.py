@@ -488,24 +488,33 @@ def _decode_tensors(
 ) -> dict[str, Any]:
     """Named flat tensors (`binary_data` turns binary chunks into their data). Binary floats
     that are NaN or infinite become null in the JSON log (JSON has no such numbers); `flat`:
-    JSON data already flattened by validation."""
+    JSON data already flattened by validation.
+
+    Runs for every record (its inputs and each answer it decodes), so the common cases cost no
+    calls beyond the lookups: `map` rather than a comprehension (a function call in Python
+    3.11), and JSON data that is already flat (what Triton writes) is taken as it is."""
     out: dict[str, Any] = {}
     offset = 0
     for t in tensors:
-        shape = [int(d) for d in t.get("shape", [])]
+        name: Any = t.get("name")
+        shape = list(map(int, t.get("shape", [])))
         datatype = str(t.get("datatype"))
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        params = t.get("parameters")
+        size = params.get("binary_data_size") if params else None
         if size is not None:
             chunk = binary[offset : offset + size]
             offset += size
             if len(chunk) != size:
-                raise UpstreamBadGateway(f"{what}: binary data for '{t.get('name')}' truncated")
+                raise UpstreamBadGateway(f"{what}: binary data for '{name}' truncated")
             data: list[Any] | orjson.Fragment = binary_data(chunk, datatype, math.prod(shape))
-        elif flat is not None and t.get("name") in flat:
-            data = flat[t["name"]]
+        elif flat is not None and name in flat:
+            data = flat[name]
         else:
-            data = flatten(t.get("data", []))
-        out[str(t.get("name"))] = {"datatype": datatype, "shape": shape, "data": data}
+            data = t.get("data", [])
+            # JSON parsers give exact lists: only nested (or scalar) data needs `flatten`
+            if type(data) is not list or (data and type(data[0]) is list):
+                data = flatten(data)
+        out[str(name)] = {"datatype": datatype, "shape": shape, "data": data}
     return out
 
 
@@ -522,32 +531,25 @@ def log_inputs(request: InferRequest) -> dict[str, Tensor | TensorText]:
     """Inputs as the log record holds them (runs in the background record task): large binary
     tensors as their elements' JSON text, never decoded to Python objects (nothing in the
     gateway reads a logged input), the others as `decode_inputs` gives them."""
-    return _decode_tensors(request.inputs, _request_binary(request), "request", request.flat,
-                           _binary_log_data)
-
-
-def _response_json(raw: bytes) -> Any:
-    """Triton's JSON answer, as the log can hold it. Triton writes non-finite floats as
-    NaN/Infinity (not JSON, but what tritonclient's rapidjson accepts) and BYTES outputs as raw
-    bytes (not always UTF-8); orjson refuses both, so fall back to the stdlib parser on the text
-    with undecodable bytes replaced (as binary BYTES tensors are), and float('nan') becomes
-    null in the log."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw.decode("utf-8", "replace"))
+    return _decode_tensors(request.header["inputs"], _request_binary(request), "request",
+                           request.flat, _binary_log_data)
 
 
 def decode_response(body: bytes, header_length: str | None) -> dict[str, Any]:
-    """Split a Triton response into its JSON header and decoded outputs."""
-    if header_length is not None:
-        length = int(header_length)
-        header: dict[str, Any] = _response_json(body[:length])
-        binary = body[length:]
-    else:
-        header = _response_json(body)
-        binary = b""
-    header["outputs"] = _decode_tensors(header.get("outputs") or [], binary, "response")
+    """Split a Triton response into its JSON header and decoded outputs.
+
+    Triton writes non-finite floats as NaN/Infinity (not JSON, but what tritonclient's
+    rapidjson accepts) and BYTES outputs as raw bytes (not always UTF-8); orjson refuses both,
+    so the header falls back to the stdlib parser on the text with undecodable bytes replaced
+    (as binary BYTES tensors are), and float('nan') becomes null in the log."""
+    length = None if header_length is None else int(header_length)
+    raw = body if length is None else body[:length]
+    try:
+        header: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        header = json.loads(raw.decode("utf-8", "replace"))
+    header["outputs"] = _decode_tensors(header.get("outputs") or [],
+                                        b"" if length is None else body[length:], "response")
     return header
 
 

@@ -84,13 +84,18 @@ class RequestContext:
 
 def first_score(outputs: Mapping[str, Tensor] | None) -> float | None:
     """The first element of the first output: the score the prediction metrics look at."""
-    if not outputs:
-        return None
-    data = next(iter(outputs.values()))["data"]
-    if not data:
-        return None
-    value = data[0]
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if outputs:
+        for tensor in outputs.values():  # only the first
+            data = tensor["data"]
+            if not data:
+                return None
+            value = data[0]
+            if type(value) is float:  # nearly always: no isinstance calls
+                return value
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            return None
+    return None
 
 
 class _Waiting:
@@ -145,7 +150,8 @@ class Recorder:
         # Called with every record built (sampled out of the log or not), e.g. by the rollout
         # controller's guards; off the request path like the rest of the recorder.
         self.observers: list[Callable[[InferenceRecord], None]] = []
-        self._families: dict[tuple[str, str], _ModelMetrics] = {}  # see _observe
+        self._families: dict[tuple[str, str], _ModelMetrics] = {}  # see _family
+        self._plans: dict[str, _RoutePlan] = {}  # by route name, see _plan
         self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
         self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
@@ -226,20 +232,21 @@ class Recorder:
         """Build, observe and (if sampled in) emit one record; True if the sink took it."""
         try:
             self.seen.add(ctx.request_id)
-            record = self.build(ctx, {model: _result(f) for model, f in copies.items()})
-            self._observe(ctx, record)
+            plan = self._plan(ctx.runtime)
+            results: dict[str, ShadowResult] = {}
+            for model, future in copies.items():
+                # a copy cancelled at shutdown still gets its line in the record
+                results[model] = _CANCELLED if future.cancelled() else future.result()
+            record = self._build(ctx, results, plan)
+            served_score = self._observe(ctx, record, plan)
             for observe in self.observers:
                 observe(record)
-            if self.on_explored is not None and ctx.status == 200 and (
-                ctx.runtime.config.policy.type != "champion"
-            ):
-                served = record["outputs"][ctx.served_model]["outputs"]
-                self.on_explored(ctx.runtime.name, ctx.request_id, ctx.served_model,
-                                 first_score(served))
+            if self.on_explored is not None and ctx.status == 200 and plan.explores:
+                self.on_explored(plan.route, ctx.request_id, ctx.served_model, served_score)
             # Sampling below 100% is hash-stable: the same key is always in, or always out.
-            if ctx.runtime.config.log_sample_rate >= 1.0 or sticky_uniform(
-                f"log:{ctx.runtime.name}", ctx.key or ctx.request_id
-            ) < ctx.runtime.config.log_sample_rate:
+            if plan.sample_rate >= 1.0 or sticky_uniform(
+                plan.sample_salt, ctx.key or ctx.request_id
+            ) < plan.sample_rate:
                 self.sink.emit(INFERENCES, ctx.request_id, orjson.dumps(record))
                 return True
         except Exception:
@@ -247,50 +254,61 @@ class Recorder:
             self._dropped.inc()
         return False
 
+    def _plan(self, runtime: RouteRuntime) -> _RoutePlan:
+        """The record parts `runtime` fixes, built on its first record and again whenever the
+        registry gives it a new version or experiments (gateway/control/registry.py sets them
+        on the runtime after `RouteTable.apply`). One per route: while a route change is in
+        flight, records of its old and new runtimes may alternate, each rebuilding the plan."""
+        plan = self._plans.get(runtime.config.name)
+        if (plan is None or plan.runtime is not runtime
+                or plan.registry_version != runtime.registry_version
+                or plan.experiments is not runtime.experiments
+                or plan.version_of is not runtime.version_of):
+            plan = self._plans[runtime.config.name] = _RoutePlan(runtime)
+        return plan
+
     def build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult]) -> InferenceRecord:
         """The request's record, typed as the contract writes it (serialised once by `_record`).
 
         The served model's outcome comes first, then the copies' in their order (a copy under
         the served model's name, which service.py never makes, would take its place)."""
-        runtime = ctx.runtime
-        config = runtime.config
+        return self._build(ctx, copies, self._plan(ctx.runtime))
+
+    def _build(self, ctx: RequestContext, copies: Mapping[str, ShadowResult],
+               plan: _RoutePlan) -> InferenceRecord:
         served_model = ctx.served_model
-        champion = config.champion.model
-        version_of = runtime.version_of
-        experiments = runtime.experiments
+        models = plan.models
         served = copies.get(served_model, ctx.served) if copies else ctx.served
-        outcome = _outcome(served, role="champion" if served_model == champion else "challenger",
-                           mode="served", version=version_of.get(served_model, ""))
-        experiment = experiments.get(served_model)
-        if experiment is not None:  # challengers only: the champion has no experiment
-            outcome["experiment"], outcome["sample_rate"] = experiment
-        outputs: dict[str, ModelOutcome] = {served_model: outcome}
+        model_plan = models.get(served_model) or plan.add(served_model)
+        served_outcome = _outcome(served, model_plan.role, "served", model_plan.version,
+                                  model_plan.experiment)
+        outputs: dict[str, ModelOutcome] = {served_model: served_outcome}
         for model, result in copies.items():
             if model == served_model:
                 continue
-            outputs[model] = outcome = _outcome(
-                result, role="champion" if model == champion else "challenger",
-                mode=_mode_of(config.challengers, model), version=version_of.get(model, ""))
-            experiment = experiments.get(model)
-            if experiment is not None:
-                outcome["experiment"], outcome["sample_rate"] = experiment
+            model_plan = models.get(model) or plan.add(model)
+            outputs[model] = _outcome(result, model_plan.role, model_plan.mode,
+                                      model_plan.version, model_plan.experiment)
+        decision = ctx.decision
         record: InferenceRecord = {
             "schema_version": SCHEMA_VERSION,
             "kind": "inference",
             "request_id": ctx.request_id,
             "ts": ctx.ts,
-            "route": config.name,
-            "registry_version": runtime.registry_version,
-            "policy": runtime.policy.describe(),
-            "served": {"model": served_model, "version": outputs[served_model]["version"]},
-            "propensity": ctx.decision.propensity,
-            "arms": dict(ctx.decision.probabilities),
+            "route": plan.route,
+            "registry_version": plan.registry_version,
+            "policy": plan.policy,  # shared by the route's records: never mutated
+            "served": {"model": served_model, "version": served_outcome["version"]},
+            "propensity": decision.propensity,
+            # The decision's own dict, not a copy: `Policy.decide` makes one per decision and
+            # the champion's shared decision (RouteRuntime.champion_decision) never changes.
+            "arms": decision.probabilities,
             "key": ctx.key,
             "inputs": log_inputs(ctx.request) if ctx.request is not None else {},
             "outputs": outputs,
             "status": ctx.status,
             "gateway_latency_ms": round(ctx.gateway_latency_s * 1000, 3),
-            "task": config.task,
+            "task": plan.task,
         }
         if ctx.error is not None:
             record["error"] = ctx.error
@@ -299,58 +317,126 @@ class Recorder:
         record["protocol"] = ctx.protocol
         return record
 
-    def _observe(self, ctx: RequestContext, record: InferenceRecord) -> None:
+    def _observe(self, ctx: RequestContext, record: InferenceRecord, plan: _RoutePlan
+                 ) -> float | None:
         """Prediction metrics: each model's score, and (classification) its predicted class and
-        agreement with the served model. Each score is read once; metric children are cached
-        per (route, model) on the recorder."""
-        config = ctx.runtime.config
+        agreement with the served model. Each score is read once (the served one is returned
+        for exploration); metric children are held by the route plan's models."""
         outputs = record["outputs"]
         served_model = ctx.served_model
         served_score = first_score(outputs[served_model]["outputs"])
-        classify = config.task == "classification"
-        threshold = config.threshold
-        served_class = None if served_score is None else int(served_score >= threshold)
+        classify = plan.classify
+        threshold = plan.threshold
+        served_class = None if served_score is None else served_score >= threshold
+        models = plan.models
         for model, outcome in outputs.items():
             score = served_score if model == served_model else first_score(outcome["outputs"])
             if score is None:
                 continue
-            family = self._families.get((config.name, model))
+            model_plan = models[model]  # `_build` added every model of the record
+            family = model_plan.family
             if family is None:
-                family = self._families[(config.name, model)] = _ModelMetrics(config.name, model)
+                family = model_plan.family = self._family(plan.route, model)
             family.score.observe(score)
             if not classify:
                 continue
-            predicted = int(score >= threshold)
-            family.predicted(predicted).inc()
-            if model != served_model and served_class is not None:
-                family.agreement(predicted == served_class).inc()
+            predicted = score >= threshold
+            counter = family.classes[predicted]
+            if counter is None:
+                counter = family.predicted(predicted)
+            counter.inc()
+            if served_class is not None and model != served_model:
+                counter = family.agreements[predicted == served_class]
+                if counter is None:
+                    counter = family.agreement(predicted == served_class)
+                counter.inc()
+        return served_score
+
+    def _family(self, route: str, model: str) -> _ModelMetrics:
+        """(route, model)'s metric children: one object for the recorder's life, whichever route
+        runtimes come and go."""
+        family = self._families.get((route, model))
+        if family is None:
+            family = self._families[(route, model)] = _ModelMetrics(route, model)
+        return family
+
+
+class _ModelPlan:
+    """What a model's outcome in a route's records takes from the runtime: its role, its mode
+    as a copy, its configured version, its experiment (challengers) and metric children."""
+
+    __slots__ = ("experiment", "family", "mode", "role", "version")
+
+    def __init__(self, role: Role, mode: Mode, version: str,
+                 experiment: tuple[str, float] | None) -> None:
+        self.role = role
+        self.mode = mode
+        self.version = version
+        self.experiment = experiment
+        self.family: _ModelMetrics | None = None  # set by the model's first score
+
+
+class _RoutePlan:
+    """The parts of a route's records that only change with its runtime, worked out once rather
+    than per record: the policy's description, the models' roles, modes, versions and
+    experiments, and the sampling and scoring settings. The records share `policy` (nothing
+    mutates a built record)."""
+
+    __slots__ = ("classify", "experiments", "explores", "models", "policy", "registry_version",
+                 "route", "runtime", "sample_rate", "sample_salt", "task", "threshold",
+                 "version_of")
+
+    def __init__(self, runtime: RouteRuntime) -> None:
+        config = runtime.config
+        # what `Recorder._plan` checks the runtime against
+        self.runtime = runtime
+        self.registry_version = runtime.registry_version
+        self.experiments = runtime.experiments
+        self.version_of = runtime.version_of
+        self.route = config.name
+        self.policy = runtime.policy.describe()  # the policy's configuration: fixed per runtime
+        self.task = config.task
+        self.classify = config.task == "classification"
+        self.threshold = config.threshold
+        self.explores = config.policy.type != "champion"
+        self.sample_rate = config.log_sample_rate
+        self.sample_salt = f"log:{config.name}"
+        self.models: dict[str, _ModelPlan] = {}
+
+    def add(self, model: str) -> _ModelPlan:
+        """`model`'s plan, on its first record under this runtime."""
+        config = self.runtime.config
+        plan = self.models[model] = _ModelPlan(
+            "champion" if model == config.champion.model else "challenger",
+            _mode_of(config.challengers, model), self.version_of.get(model, ""),
+            self.experiments.get(model))
+        return plan
 
 
 class _ModelMetrics:
     """One (route, model)'s prediction metric children, made on first use (a child that exists
-    is exported, so none is made before it has a value)."""
+    is exported, so none is made before it has a value). `classes` and `agreements` are indexed
+    by the predicted class and by agreement (False/True as 0/1), None until made."""
 
-    __slots__ = ("_agreement", "_classes", "model", "route", "score")
+    __slots__ = ("agreements", "classes", "model", "route", "score")
 
     def __init__(self, route: str, model: str) -> None:
         self.route = route
         self.model = model
         self.score = metrics.child(metrics.SCORE, route, model)
-        self._classes: dict[int, metrics.BatchedCounter] = {}
-        self._agreement: dict[bool, metrics.BatchedCounter] = {}
+        self.classes: list[metrics.BatchedCounter | None] = [None, None]
+        self.agreements: list[metrics.BatchedCounter | None] = [None, None]
 
-    def predicted(self, predicted: int) -> metrics.BatchedCounter:
-        counter = self._classes.get(predicted)
-        if counter is None:
-            counter = self._classes[predicted] = metrics.child(
-                metrics.PREDICTED_CLASS, self.route, self.model, str(predicted))
+    def predicted(self, predicted: bool) -> metrics.BatchedCounter:
+        counter: metrics.BatchedCounter = metrics.child(
+            metrics.PREDICTED_CLASS, self.route, self.model, str(int(predicted)))
+        self.classes[predicted] = counter
         return counter
 
     def agreement(self, agree: bool) -> metrics.BatchedCounter:
-        counter = self._agreement.get(agree)
-        if counter is None:
-            counter = self._agreement[agree] = metrics.child(
-                metrics.AGREEMENT, self.route, self.model, "agree" if agree else "disagree")
+        counter: metrics.BatchedCounter = metrics.child(
+            metrics.AGREEMENT, self.route, self.model, "agree" if agree else "disagree")
+        self.agreements[agree] = counter
         return counter
 
 
@@ -362,13 +448,13 @@ def _mode_of(challengers: Sequence[ChallengerConfig], model: str) -> Mode:
     return "shadow"
 
 
-def _result(future: asyncio.Future[ShadowResult]) -> ShadowResult:
-    if future.cancelled():  # a copy cancelled at shutdown still gets its line in the record
-        return ShadowResult("error", error="copy cancelled (gateway shutting down)")
-    return future.result()
+# A copy cancelled at shutdown: the result its record gets.
+_CANCELLED = ShadowResult("error", error="copy cancelled (gateway shutting down)")
 
 
-def _outcome(result: ShadowResult, *, role: Role, mode: Mode, version: str) -> ModelOutcome:
+def _outcome(result: ShadowResult, role: Role, mode: Mode, version: str,
+             experiment: tuple[str, float] | None = None) -> ModelOutcome:
+    """One model's outcome; `version` is the configured one, unless its answer names one."""
     outputs: dict[str, Tensor] | None = None
     error = result.error
     # ShadowResult speaks the vocabulary's statuses (typed as str there): no per-record check.
@@ -394,4 +480,6 @@ def _outcome(result: ShadowResult, *, role: Role, mode: Mode, version: str) -> M
     }
     if result.outputs is not None and result.batch_rows is not None:
         outcome["batch_rows"] = result.batch_rows  # shared its call: latency not comparable
+    if experiment is not None:  # challengers only: the champion has no experiment
+        outcome["experiment"], outcome["sample_rate"] = experiment
     return outcome
