@@ -155,7 +155,10 @@ class FileSink:
     def emit(self, stream: str, key: str, value: bytes) -> None:
         if self._closed:
             raise RuntimeError("FileSink is closed")
-        pending = self._pending.setdefault(stream, [])
+        try:  # a stream keeps a list once it has one (`_take` gives each a fresh one)
+            pending = self._pending[stream]
+        except KeyError:
+            pending = self._pending[stream] = []
         pending.append(value)
         self._buffered += 1
         if self._buffered >= self.max_buffered:

@@ -268,7 +268,9 @@ class RolloutController:
     def observe(self, record: Mapping[str, Any]) -> None:
         """Recorder observer: count a record of a running rollout's current step."""
         policy = record.get("policy")
-        if not isinstance(policy, Mapping) or policy.get("type") != "rollout":
+        # Called for every record: a plain dict (what the recorder builds) skips the ABC check.
+        if (type(policy) is not dict and not isinstance(policy, Mapping)) \
+                or policy.get("type") != "rollout":
             return
         state = self.registry.state(str(record.get("route")))
         plan = state.config.rollout if state is not None and state.config is not None else None
