@@ -8,6 +8,7 @@ Each wait is bounded by the lane's timeout, so pending records cannot pile up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -164,17 +165,22 @@ class Recorder:
     ) -> None:
         """Record `ctx` once every copy has resolved. Lane copies (`ShadowCopy`) call back
         directly as their lane resolves them; skipped copies are already done."""
-        running = [f for f in copies.values() if not f.done()]
+        running: list[asyncio.Future[ShadowResult]] = []
+        for future in copies.values():
+            if not future.done():
+                running.append(future)
         if not running:
             self._push(ctx, copies)
             return
         self._waiting += 1
-        waiting = _Waiting(self, ctx, copies, len(running))
+        # One running copy (the usual case) settles the record itself; several count down.
+        settle = (functools.partial(self._settle, ctx, copies) if len(running) == 1
+                  else _Waiting(self, ctx, copies, len(running)).copy_done)
         for future in running:
             if type(future) is ShadowCopy and future.listener is None:
-                future.listener = waiting.copy_done
+                future.listener = settle
             else:
-                future.add_done_callback(waiting.copy_done)
+                future.add_done_callback(settle)
 
     async def drain(self) -> None:
         """Wait for every pending record (shutdown: shadows finish or time out first)."""
@@ -187,9 +193,11 @@ class Recorder:
                 await self._idle
 
     def _settle(
-        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]]
+        self, ctx: RequestContext, copies: Mapping[str, asyncio.Future[ShadowResult]],
+        _: object = None,
     ) -> None:
-        """The last copy of a waiting request resolved: its record is ready."""
+        """The last copy of a waiting request resolved: its record is ready (the third
+        argument: the future, when called back as a done-callback)."""
         self._waiting -= 1
         self._push(ctx, copies)
         if not self._waiting and self._settled is not None and not self._settled.done():
