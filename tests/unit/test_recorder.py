@@ -11,8 +11,10 @@ import time
 
 import numpy as np
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from gateway.config import parse_route
 from gateway.dataplane.protocol import (
@@ -330,6 +332,59 @@ def _expected_outcome(result: ShadowResult, role: str, mode: str, version: str,
     return expected
 
 
+def _spec_runtime(upstream: TritonUpstream, route: str = "fraud") -> RouteRuntime:
+    """The route of the spec tests: a champion, a shadow and an explore challenger."""
+    runtime = RouteTable(upstream).apply(parse_route(route, {
+        "champion": "champ",
+        "challengers": [{"model": "shadowy"}, {"model": "explorer", "mode": "explore"}],
+        "policy": {"type": "epsilon_greedy", "epsilon": 0.1}}))
+    runtime.version_of = dict(_VERSIONS)
+    return runtime
+
+
+def _expected_record(ctx: RequestContext, copies: dict[str, ShadowResult]) -> dict[str, object]:
+    """The contract's record (understudy/records.py) for `ctx` on `_spec_runtime`, key by key."""
+    runtime = ctx.runtime
+    results = {ctx.served_model: ctx.served, **copies}
+    outputs = {
+        model: _expected_outcome(
+            result, "champion" if model == "champ" else "challenger",
+            "served" if model == ctx.served_model else (
+                "explore" if model == "explorer" else "shadow"),
+            runtime.version_of.get(model, ""), runtime.experiments.get(model))
+        for model, result in results.items()}
+    expected: dict[str, object] = {
+        "schema_version": 1, "kind": "inference", "request_id": ctx.request_id, "ts": ctx.ts,
+        "route": runtime.config.name, "registry_version": runtime.registry_version,
+        "policy": {"type": "epsilon_greedy", "epsilon": 0.1},
+        "served": {"model": ctx.served_model,
+                   "version": outputs[ctx.served_model]["version"]},
+        "propensity": ctx.decision.propensity, "arms": dict(ctx.decision.probabilities),
+        "key": ctx.key,
+        "inputs": {"x": {"datatype": "FP32", "shape": [1, 2], "data": [1.5, 2.5]}},
+        "outputs": outputs, "status": ctx.status,
+        "gateway_latency_ms": round(ctx.gateway_latency_s * 1000, 3),
+        "task": "classification"}
+    if ctx.error is not None:
+        expected["error"] = ctx.error
+    if ctx.fallback:
+        expected["fallback"] = True
+    expected["protocol"] = ctx.protocol
+    return expected
+
+
+_SPEC_REQUEST = orjson.dumps({"inputs": [
+    {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.5, 2.5]}]})
+
+
+def _spec_ctx(runtime: RouteRuntime, request_id: str, served_model: str, served: ShadowResult,
+              error: str | None = None, fallback: bool = False) -> RequestContext:
+    decision = Decision(served_model, 0.5, {"champ": 0.5, "explorer": 0.5})
+    return RequestContext(runtime, request_id, 1.7e9, "k", parse_request(_SPEC_REQUEST, None),
+                          decision, served_model, served, 200 if error is None else 502,
+                          0.0123, error=error, fallback=fallback)
+
+
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(served_model=st.sampled_from(_MODELS), served=_result(),
        copies=st.dictionaries(st.sampled_from(_MODELS), _result(), max_size=3),
@@ -343,39 +398,181 @@ def test_records_follow_the_contract_for_any_outcomes(
     wrote before it): the served model first, then each copy in order; its role, mode,
     version, status, outputs, batch rows and experiment; the same bytes."""
     upstream = TritonUpstream("http://127.0.0.1:9", timeout_ms=1000, max_connections=4)
-    runtime = RouteTable(upstream).apply(parse_route("fraud", {
-        "champion": "champ",
-        "challengers": [{"model": "shadowy"}, {"model": "explorer", "mode": "explore"}],
-        "policy": {"type": "epsilon_greedy", "epsilon": 0.1}}))
+    runtime = _spec_runtime(upstream)
     runtime.experiments = experiments
-    runtime.version_of = dict(_VERSIONS)
-    request = parse_request(orjson.dumps({"inputs": [
-        {"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.5, 2.5]}]}), None)
-    decision = Decision(served_model, 0.5, {"champ": 0.5, "explorer": 0.5})
-    ctx = RequestContext(runtime, "rid", 1.7e9, "k", request, decision, served_model, served,
-                         200 if error is None else 502, 0.0123, error=error, fallback=fallback)
+    ctx = _spec_ctx(runtime, "rid", served_model, served, error, fallback)
     line = orjson.dumps(Recorder(ListSink()).build(ctx, copies))
+    assert line == orjson.dumps(_expected_record(ctx, copies))
 
-    results = {served_model: served, **copies}
-    outputs = {
-        model: _expected_outcome(
-            result, "champion" if model == "champ" else "challenger",
-            "served" if model == served_model else (
-                "explore" if model == "explorer" else "shadow"),
-            _VERSIONS[model], experiments.get(model))
-        for model, result in results.items()}
-    expected: dict[str, object] = {
-        "schema_version": 1, "kind": "inference", "request_id": "rid", "ts": 1.7e9,
-        "route": "fraud", "registry_version": runtime.registry_version,
-        "policy": {"type": "epsilon_greedy", "epsilon": 0.1},
-        "served": {"model": served_model, "version": outputs[served_model]["version"]},
-        "propensity": 0.5, "arms": {"champ": 0.5, "explorer": 0.5}, "key": "k",
-        "inputs": {"x": {"datatype": "FP32", "shape": [1, 2], "data": [1.5, 2.5]}},
-        "outputs": outputs, "status": ctx.status, "gateway_latency_ms": 12.3,
-        "task": "classification"}
-    if error is not None:
-        expected["error"] = error
-    if fallback:
-        expected["fallback"] = True
-    expected["protocol"] = "http"
-    assert line == orjson.dumps(expected)
+
+# -- whole records through the worker: bytes, prediction metrics, observers, exploration -------
+
+def _reference_score(outputs: dict[str, dict[str, object]] | None) -> float | None:
+    """The score the prediction metrics take, as the recorder read it before the lean path."""
+    if not outputs:
+        return None
+    data = next(iter(outputs.values()))["data"]
+    if not data:
+        return None
+    value = data[0]  # type: ignore[index]
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+_METRICS_ROUTE = "recorded"
+
+
+_METRIC_KEYS = {"understudy_prediction_score_count": "count", "understudy_prediction_score_sum":
+                "sum", "understudy_predicted_class_total": "class",
+                "understudy_agreement_total": "agreement"}
+
+
+def _metric_values() -> dict[tuple[str, ...], float]:
+    """This module's route's prediction metric samples, by (what, model)."""
+    values: dict[tuple[str, ...], float] = {}
+    for family in REGISTRY.collect():  # one pass: get_sample_value collects everything per call
+        for sample in family.samples:
+            what = _METRIC_KEYS.get(sample.name)
+            if what is not None and sample.labels.get("route") == _METRICS_ROUTE:
+                detail = sample.labels.get("predicted_class") or sample.labels.get("result")
+                values[(what, detail or "", sample.labels["model"])] = sample.value
+    return values
+
+
+_REQUESTS = st.lists(st.tuples(
+    st.sampled_from(_MODELS), _result(),
+    st.dictionaries(st.sampled_from(_MODELS), _result(), max_size=3),
+    st.none() | st.just("bad"), st.booleans(), st.booleans()), min_size=1, max_size=4)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(requests=_REQUESTS,
+       experiments=st.dictionaries(st.sampled_from(_MODELS[1:]),
+                                   st.tuples(st.text(max_size=4), st.floats(0, 1)), max_size=2))
+def test_records_through_the_worker_log_and_count_what_the_contract_says(
+        requests: list[tuple[str, ShadowResult, dict[str, ShadowResult], str | None, bool, bool]],
+        experiments: dict[str, tuple[str, float]]) -> None:
+    """A run of requests on one recorder and route (copies answered before or after the request
+    is submitted): every logged line is the contract's record, byte for byte; observers get
+    that very record; exploration hears each answered request's served score; the prediction
+    metrics move by each record's scores, classes and agreements."""
+
+    async def run() -> None:
+        upstream = TritonUpstream("http://127.0.0.1:9", timeout_ms=1000, max_connections=4)
+        runtime = _spec_runtime(upstream, _METRICS_ROUTE)
+        runtime.experiments = experiments
+        lines: list[bytes] = []
+        observed: list[bytes] = []
+        explored: list[tuple[str, str, str, float | None]] = []
+
+        class Sink(ListSink):
+            def emit(self, stream: str, key: str, value: bytes) -> None:
+                lines.append(value)
+
+        recorder = Recorder(Sink(), lambda *args: explored.append(args))
+        recorder.observers.append(lambda record: observed.append(orjson.dumps(record)))
+        before = _metric_values()
+        expected_lines, expected_explored = [], []
+        expected_metrics = dict(before)
+        loop = asyncio.get_running_loop()
+        late: list[tuple[asyncio.Future[ShadowResult], ShadowResult]] = []
+        for i, (served_model, served, copies, error, fallback, answered) in enumerate(requests):
+            ctx = _spec_ctx(runtime, f"r{i}", served_model, served, error, fallback)
+            futures = {}
+            for model, result in copies.items():
+                futures[model] = future = loop.create_future()
+                if answered:
+                    future.set_result(result)
+                else:
+                    late.append((future, result))
+            recorder.submit(ctx, futures)
+            record = _expected_record(ctx, copies)
+            expected_lines.append(orjson.dumps(record))
+            outputs = record["outputs"]
+            assert isinstance(outputs, dict)
+            served_score = _reference_score(outputs[served_model]["outputs"])
+            if ctx.status == 200:
+                expected_explored.append((_METRICS_ROUTE, f"r{i}", served_model, served_score))
+            for model, outcome in outputs.items():
+                score = _reference_score(outcome["outputs"])
+                if score is None:
+                    continue
+                for key, amount in (
+                        (("count", "", model), 1.0), (("sum", "", model), score),
+                        (("class", str(int(score >= 0.5)), model), 1.0)):
+                    expected_metrics[key] = expected_metrics.get(key, 0.0) + amount
+                if model != served_model and served_score is not None:
+                    agree = (score >= 0.5) == (served_score >= 0.5)
+                    key = ("agreement", "agree" if agree else "disagree", model)
+                    expected_metrics[key] = expected_metrics.get(key, 0.0) + 1
+        for future, result in late:
+            future.set_result(result)
+        await recorder.drain()
+        await upstream.close()
+        # in the order their copies answered: the answered requests' first
+        assert sorted(lines) == sorted(expected_lines)
+        assert observed == lines
+        assert sorted(explored, key=str) == sorted(expected_explored, key=str)
+        after = _metric_values()
+        assert after.keys() == expected_metrics.keys()  # no child made before it has a value
+        for key, value in expected_metrics.items():
+            if key[0] == "sum":
+                assert after[key] == pytest.approx(value, rel=1e-9, abs=1e-6), key
+            else:
+                assert after[key] == value, key
+
+    asyncio.run(run())
+
+
+async def test_the_next_record_has_the_registrys_new_version_experiments_and_policy() -> None:
+    """The recorder keeps what a route runtime fixes in its records between records; the
+    registry's changes (set on the runtime in place, or a new runtime) reach the next one,
+    and records of an old runtime still in flight keep the old runtime's values."""
+    upstream = TritonUpstream("http://127.0.0.1:9", timeout_ms=1000, max_connections=4)
+    table = RouteTable(upstream)
+    route = {"champion": "a", "challengers": [{"model": "b"}]}
+    old = table.apply(parse_route("fraud", route))
+    recorder = Recorder(ListSink())
+    copies = {"b": ShadowResult("ok", 0.002)}
+
+    def record(runtime: RouteRuntime) -> dict[str, object]:
+        return orjson.loads(orjson.dumps(recorder.build(_ctx(runtime, "r"), copies)))
+
+    first = record(old)
+    assert first["registry_version"] == 0 and "experiment" not in first["outputs"]["b"]
+    old.registry_version = 3
+    old.experiments = {"b": ("b:1", 0.25)}
+    old.version_of = {"a": "1", "b": "2"}
+    changed = record(old)
+    assert changed["registry_version"] == 3
+    assert changed["outputs"]["b"]["experiment"] == "b:1"
+    assert changed["outputs"]["b"]["sample_rate"] == 0.25
+    assert changed["served"] == {"model": "a", "version": "1"}
+    assert changed["outputs"]["b"]["version"] == "2"
+    new = table.apply(parse_route("fraud", {**route, "policy": {
+        "type": "epsilon_greedy", "epsilon": 0.3}, "challengers": [
+        {"model": "b", "mode": "explore"}]}))
+    assert record(new)["policy"] == {"type": "epsilon_greedy", "epsilon": 0.3}
+    assert record(new)["outputs"]["b"]["mode"] == "explore"
+    in_flight = record(old)  # a request that started before the change
+    assert in_flight["policy"] == {"type": "champion"}
+    assert in_flight["outputs"]["b"]["mode"] == "shadow"
+    assert in_flight["registry_version"] == 3
+    await upstream.close()
+
+
+async def test_a_record_waits_for_all_of_its_running_copies() -> None:
+    runtime, upstream = _runtime()
+    sink = ListSink()
+    recorder = Recorder(sink)
+    loop = asyncio.get_running_loop()
+    first, second = loop.create_future(), loop.create_future()
+    recorder.submit(_ctx(runtime, "r0"), {"b": first, "c": second})
+    first.set_result(ShadowResult("ok", 0.001))
+    await asyncio.sleep(0)
+    assert sink.records == [] and recorder.pending == 1
+    second.set_result(ShadowResult("ok", 0.003))
+    await recorder.drain()
+    (record,) = sink.records
+    assert list(record["outputs"]) == ["a", "b", "c"]
+    assert record["outputs"]["c"]["latency_ms"] == 3.0
+    await upstream.close()
