@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 import time
 
@@ -25,7 +26,7 @@ from gateway.dataplane.protocol import (
     log_inputs,
     parse_request,
 )
-from gateway.dataplane.recorder import Recorder, RequestContext
+from gateway.dataplane.recorder import Recorder, RequestContext, _ms
 from gateway.dataplane.routes import RouteRuntime, RouteTable
 from gateway.explore.policies import Decision
 from gateway.mirror.shadow import ShadowResult
@@ -576,3 +577,28 @@ async def test_a_record_waits_for_all_of_its_running_copies() -> None:
     assert list(record["outputs"]) == ["a", "b", "c"]
     assert record["outputs"]["c"]["latency_ms"] == 3.0
     await upstream.close()
+
+
+_NEAR_TIES = st.integers(0, 2**30).flatmap(lambda k: st.sampled_from([
+    (k + 0.5) / 1e6, math.nextafter((k + 0.5) / 1e6, 0), math.nextafter((k + 0.5) / 1e6, 1),
+    k / 1e6, math.nextafter(k / 1e6, 0), math.nextafter(k / 1e6, 1)]))
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+@given(seconds=st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1, 3600) | _NEAR_TIES
+       | st.floats(0, 0.1) | st.sampled_from([0.0, -0.0, 2**30 / 1e6, 1e-9, 5e-10, 4.9995e-4]))
+def test_milliseconds_are_rounded_as_round_does(seconds: float) -> None:
+    """The records' latencies: `_ms` is `round(seconds * 1000, 3)` to the bit, so the JSON
+    text is the same."""
+    assert orjson.dumps(_ms(seconds)) == orjson.dumps(round(seconds * 1000, 3))
+
+
+def test_milliseconds_are_rounded_as_round_does_on_a_dense_sweep() -> None:
+    """Every 7th microsecond up to 2 s (where latencies live), the half-way points after them
+    and their neighbours, and random values across the fast path's whole range."""
+    rng = np.random.default_rng(5)
+    ticks = np.arange(0, 2_000_000, 7) / 1e6
+    for values in (ticks, ticks + 5e-7, np.nextafter(ticks + 5e-7, 0), rng.random(200_000),
+                   rng.random(200_000) * 1073.741824):
+        for seconds in values.tolist():
+            assert _ms(seconds) == round(seconds * 1000, 3), seconds
