@@ -264,9 +264,9 @@ class Recorder:
 
     def _plan(self, runtime: RouteRuntime) -> _RoutePlan:
         """The record parts `runtime` fixes, built on its first record and again whenever the
-        registry gives it a new version or experiments (gateway/control/registry.py sets them
-        on the runtime after `RouteTable.apply`). One per route: while a route change is in
-        flight, records of its old and new runtimes may alternate, each rebuilding the plan."""
+        registry gives it a new version, experiments or versions (gateway/control/registry.py
+        sets them on the runtime after `RouteTable.apply`). One per route: while a route change
+        is in flight, records of its old and new runtimes may alternate, each rebuilding it."""
         plan = self._plans.get(runtime.config.name)
         if (plan is None or plan.runtime is not runtime
                 or plan.registry_version != runtime.registry_version
