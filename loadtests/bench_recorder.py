@@ -5,11 +5,14 @@ worker does for every request, off the client's path), without Triton or a sink.
 
 Three requests as the gateway sees them, each with its champion answer and one shadow copy's
 (the profile's setup, loadtests/profile_gateway.py): a 1-row JSON request, a 64-row JSON request,
-and a 64-row binary-tensor request answered with binary outputs. Prints the best-of-`repeat`
+and a 64-row binary-tensor request answered with binary outputs; and the 1-row request whose copy
+was micro-batched (its rows already split from the batch answer). Prints the best-of-`repeat`
 process CPU time per record (µs) and the record's size, as the recorder builds it and, in
 alternating runs, with the inputs decoded to Python lists first (how records were built before
-large binary inputs were written as text, `log_inputs`). To compare other changes, run it
-against two trees by PYTHONPATH (e.g. main and a branch), alternating.
+large binary inputs were written as text, `log_inputs`); then the whole of `Recorder._record`
+(build, prediction metrics, the rollout controller's observer, serialisation, a sink that drops
+the line). To compare other changes, run it against two trees by PYTHONPATH (e.g. main and a
+branch), alternating several times: on a shared machine the best of several runs is the number.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import orjson
 
 from gateway.config import parse_route
+from gateway.control.rollout import RolloutController
 from gateway.dataplane import recorder as recorder_module
 from gateway.dataplane.protocol import decode_inputs, log_inputs, parse_request
 from gateway.dataplane.recorder import Recorder, RequestContext
@@ -69,18 +73,33 @@ def answer(n: int, binary: bool, seed: int) -> UpstreamResponse:
                             str(len(header)), 0.0021)
 
 
-CASES: dict[str, tuple[int, bool]] = {"json-1row": (1, False), "json-64rows": (64, False),
-                                      "binary-64rows": (64, True)}
+# name: (rows, binary, the copy micro-batched)
+CASES: dict[str, tuple[int, bool, bool]] = {
+    "json-1row": (1, False, False), "json-64rows": (64, False, False),
+    "binary-64rows": (64, True, False), "json-1row-batched": (1, False, True)}
 
 
-def case(runtime: Any, rows: int, binary: bool
+def case(runtime: Any, rows: int, binary: bool, batched: bool = False
          ) -> tuple[RequestContext, dict[str, ShadowResult]]:
     body, header_length = binary_request(rows) if binary else json_request(rows)
     request = parse_request(body, header_length)
     ctx = RequestContext(runtime, "0123456789abcdef0123456789abcdef", 1.7e9, None, request,
                          Decision("fraud_v3", 1.0, {"fraud_v3": 1.0}), "fraud_v3",
-                         ShadowResult("ok", 0.002, answer(rows, binary, 1)), 200, 0.003)
-    return ctx, {"fraud_v4": ShadowResult("ok", 0.004, answer(rows, binary, 2))}
+                         ShadowResult("ok", 0.00213, answer(rows, binary, 1)), 200, 0.00317)
+    if batched:
+        scores = np.random.default_rng(2).random(rows).tolist()
+        return ctx, {"fraud_v4": ShadowResult(
+            "ok", 0.00422, outputs={"score": {"datatype": "FP32", "shape": [rows, 1],
+                                              "data": scores}},
+            batch_rows=4, model_version="1")}
+    return ctx, {"fraud_v4": ShadowResult("ok", 0.00422, answer(rows, binary, 2))}
+
+
+class _Drop:
+    """A sink that drops every line: the record side alone, not the file sink's writes."""
+
+    def emit(self, stream: str, key: str, value: bytes) -> None:
+        return None
 
 
 def best_us(fn: Callable[[], object], loops: int, repeat: int) -> float:
@@ -101,8 +120,15 @@ async def run(loops: int, repeat: int) -> None:
                                       "challengers": [{"model": "fraud_v4", "mode": "shadow"}]})
         runtime = RouteTable(upstream).apply(route)
         recorder = Recorder(None)  # type: ignore[arg-type]  # build() never touches the sink
-        for name, (rows, binary) in CASES.items():
-            ctx, copies = case(runtime, rows, binary)
+        whole = Recorder(_Drop())  # type: ignore[arg-type]
+        controller = RolloutController(None, RouteTable(upstream))  # type: ignore[arg-type]
+        whole.observers.append(controller.observe)
+        loop = asyncio.get_running_loop()
+        for name, (rows, binary, batched) in CASES.items():
+            ctx, copies = case(runtime, rows, binary, batched)
+            futures = {model: loop.create_future() for model in copies}
+            for model, future in futures.items():
+                future.set_result(copies[model])
             line = orjson.dumps(recorder.build(ctx, copies))
             us = {"as logged": float("inf"), "inputs as lists": float("inf")}
             for _ in range(repeat):  # alternating, so both see the same machine
@@ -113,8 +139,11 @@ async def run(loops: int, repeat: int) -> None:
                         lambda ctx=ctx, copies=copies: orjson.dumps(recorder.build(ctx, copies)),
                         loops, 1))
                     recorder_module.log_inputs = log_inputs
-            print(f"{name:14s} {us['as logged']:8.2f} µs/record; with inputs decoded to lists "
-                  f"(before orjson.Fragment) {us['inputs as lists']:8.2f}  ({len(line)} bytes)")
+            recorded = best_us(lambda ctx=ctx, futures=futures: whole._record(ctx, futures),
+                               loops, repeat)
+            print(f"{name:17s} {us['as logged']:8.2f} µs/record; with inputs decoded to lists "
+                  f"(before orjson.Fragment) {us['inputs as lists']:8.2f}  ({len(line)} bytes); "
+                  f"whole _record {recorded:8.2f} µs")
     finally:
         await upstream.close()
 
