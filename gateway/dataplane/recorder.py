@@ -153,6 +153,7 @@ class Recorder:
         self.observers: list[Callable[[InferenceRecord], None]] = []
         self._families: dict[tuple[str, str], _ModelMetrics] = {}  # see _family
         self._plans: dict[str, _RoutePlan] = {}  # by route name, see _plan
+        self._counted: list[_ModelMetrics] = []  # families with counts to apply this slice
         self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
         self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
@@ -226,6 +227,10 @@ class Recorder:
                 break
         if accepted:
             self._accepted.inc(accepted)  # once per slice, not per record
+        if self._counted:  # the slice's class and agreement counts (see _ModelMetrics)
+            for family in self._counted:
+                family.apply()
+            self._counted.clear()
         if ready:
             assert self._loop is not None
             self._slice = self._loop.call_soon(self._work)
@@ -349,15 +354,13 @@ class Recorder:
             if not classify:
                 continue
             predicted = score >= threshold
-            counter = family.classes[predicted]
-            if counter is None:
-                counter = family.predicted(predicted)
-            counter.inc()
+            counts = family.counts  # applied at the slice's end (see _ModelMetrics)
+            counts[predicted] += 1
             if served_class is not None and model != served_model:
-                counter = family.agreements[predicted == served_class]
-                if counter is None:
-                    counter = family.agreement(predicted == served_class)
-                counter.inc()
+                counts[AGREE if predicted == served_class else DISAGREE] += 1
+            if not family.counted:
+                family.counted = True
+                self._counted.append(family)
         return served_score
 
     def _family(self, route: str, model: str) -> _ModelMetrics:
@@ -421,31 +424,47 @@ class _RoutePlan:
         return plan
 
 
+# `_ModelMetrics.counts`: class 0 and class 1 (indexed by the predicted class as a bool), then
+# the copies' agreement with the served model.
+DISAGREE, AGREE = 2, 3
+
+
 class _ModelMetrics:
     """One (route, model)'s prediction metric children, made on first use (a child that exists
-    is exported, so none is made before it has a value). `classes` and `agreements` are indexed
-    by the predicted class and by agreement (False/True as 0/1), None until made."""
+    is exported, so none is made before it has a value).
 
-    __slots__ = ("agreements", "classes", "model", "route", "score")
+    Scores are observed per record; class and agreement counts are added up in `counts` over a
+    worker slice and applied by `apply` at its end (`Recorder._work`), one `inc` per counter
+    per slice rather than up to three per record. Nothing reads the metrics during a slice (a
+    scrape runs on the same loop), so every reader sees the same totals."""
+
+    __slots__ = ("_counters", "counted", "counts", "model", "route", "score")
 
     def __init__(self, route: str, model: str) -> None:
         self.route = route
         self.model = model
         self.score = metrics.child(metrics.SCORE, route, model)
-        self.classes: list[metrics.BatchedCounter | None] = [None, None]
-        self.agreements: list[metrics.BatchedCounter | None] = [None, None]
+        self.counts = [0, 0, 0, 0]
+        self.counted = False  # in the recorder's list of families to apply
+        self._counters: list[metrics.BatchedCounter | None] = [None, None, None, None]
 
-    def predicted(self, predicted: bool) -> metrics.BatchedCounter:
-        counter: metrics.BatchedCounter = metrics.child(
-            metrics.PREDICTED_CLASS, self.route, self.model, str(int(predicted)))
-        self.classes[predicted] = counter
-        return counter
-
-    def agreement(self, agree: bool) -> metrics.BatchedCounter:
-        counter: metrics.BatchedCounter = metrics.child(
-            metrics.AGREEMENT, self.route, self.model, "agree" if agree else "disagree")
-        self.agreements[agree] = counter
-        return counter
+    def apply(self) -> None:
+        """Add this slice's counts to the metrics."""
+        counts = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                counter = self._counters[i]
+                if counter is None:
+                    if i < DISAGREE:
+                        counter = metrics.child(metrics.PREDICTED_CLASS, self.route,
+                                                self.model, str(i))
+                    else:
+                        counter = metrics.child(metrics.AGREEMENT, self.route, self.model,
+                                                "agree" if i == AGREE else "disagree")
+                    self._counters[i] = counter
+                counter.inc(n)
+                counts[i] = 0
+        self.counted = False
 
 
 def _mode_of(challengers: Sequence[ChallengerConfig], model: str) -> Mode:
