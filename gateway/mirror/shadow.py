@@ -103,14 +103,14 @@ class ShadowCopy(asyncio.Future[ShadowResult]):
                  "request", "rows")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
-                 key: Hashable, rows: int, now: float, deadline: float) -> None:
+                 key: Hashable, rows: int, timeout_s: float) -> None:
         super().__init__(loop=loop)
         self.request = request
         self.mode = mode
         self.key = key
         self.rows = rows
-        self.enqueued = now  # loop time
-        self.deadline = deadline  # loop time
+        self.enqueued = now = loop.time()  # loop time
+        self.deadline = now + timeout_s  # loop time
         self.called: float | None = None  # perf_counter when its call started; None: queued
         self.finished = False
         self.listener: Callable[[], None] | None = None
@@ -149,6 +149,8 @@ class ShadowLane:
         self.pool_name = f"shadow:{route}:{model}"
         self.batch_max_rows = batch_max_rows
         self.batch_wait_s = batch_max_wait_ms / 1000
+        # A call this long or longer is slow (with the route's served calls far faster).
+        self._slow_call_s = SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
         self.latency_probe_every = latency_probe_every
         self._batchable_copies = 0
         # Slow-lane isolation: this lane's smoothed call time, and the route's served calls'.
@@ -165,13 +167,19 @@ class ShadowLane:
         self._latency: dict[str, metrics.BatchedHistogram] = {}  # per mode
         self._resolved: dict[str, asyncio.Future[ShadowResult]] = {}  # skipped / shed
         self._batch_rows = metrics.SHADOW_BATCH_ROWS.labels(route, model)
-        # Batching state: the model's max_batch_size (None until Triton's config is known).
+        # Batching state: the model's max_batch_size (None until Triton's config is known),
+        # and the rows per call it allows (0: no batching), set with it.
         self._max_batch_size: int | None = None
+        self._call_rows = 0
+        # The loop the lane runs on, looked up once (`get_running_loop` costs a getpid syscall
+        # per call); a lane is bound to one loop anyway (its semaphore is).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._config_fetch: asyncio.Task[None] | None = None
         self._config_retry_at = 0.0
         self._queue: deque[ShadowCopy] = deque()
         self._queued_rows: dict[Hashable, int] = {}  # rows waiting per compatibility key
-        self._wakeup = asyncio.Event()
+        # Set while the batcher waits for a batching window to fill; resolved to wake it.
+        self._wakeup: asyncio.Future[None] | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
         # Batched copies in admission (= deadline) order, and the one timer for the oldest.
@@ -193,17 +201,22 @@ class ShadowLane:
             return self._done(_SHED_FULL)
         self._admitted += 1
         self._counters["sent"].inc()
+        loop = self._loop or self._bind_loop()
         limit = self.batch_limit
-        if limit > 1 and not self._is_latency_probe():
+        if limit and not self._is_latency_probe():
             signature = batch_signature(request)
             # A copy that fills a batch by itself (or cannot be stacked) goes alone, as today.
             if signature is not None and signature[1] < limit:
-                return self._enqueue(request, mode, signature[0], signature[1], limit)
+                return self._enqueue(loop, request, mode, signature[0], signature[1], limit)
         elif self.batch_max_rows > 1 and self._max_batch_size is None:
             self._ensure_config()
-        copy = self._new_copy(request, mode, None, 1)
+        copy = ShadowCopy(loop, request, mode, None, 1, self.timeout_s)
         self._spawn(self._single(copy))
         return copy
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _done(self, result: ShadowResult) -> asyncio.Future[ShadowResult]:
         """The lane's one resolved future for `result` (skipped, or shed at admission): its
@@ -239,21 +252,19 @@ class ShadowLane:
     @property
     def batch_limit(self) -> int:
         """Rows per Triton call; 0 while batching is off (disabled, config unknown, or the
-        model has no batch dimension)."""
-        if self.batch_max_rows <= 1 or not self._max_batch_size:
-            return 0
-        limit = min(self.batch_max_rows, self._max_batch_size)
-        if self.slow:
-            limit = min(limit, SLOW_LANE_ROWS)
-        return limit if limit > 1 else 0
+        model has no batch dimension). Read for every copy: only `slow` can change between
+        config fetches, and it matters only above SLOW_LANE_ROWS."""
+        limit = self._call_rows
+        if limit > SLOW_LANE_ROWS and self.slow:
+            return SLOW_LANE_ROWS
+        return limit
 
     @property
     def slow(self) -> bool:
         """Calls take far longer than the batching window and the route's served calls (see
         SLOW_CALL_WINDOWS)."""
         mine = self.calls.seconds
-        return (mine > SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
-                and mine > SLOW_VS_SERVED * self.served.seconds)
+        return mine > self._slow_call_s and mine > SLOW_VS_SERVED * self.served.seconds
 
     def _note_call(self, seconds: float) -> None:
         """Smooth the lane's call time; entering or leaving "slow" resizes its admission."""
@@ -282,6 +293,8 @@ class ShadowLane:
             config = await self.upstream.model_config(self.model, self.version)
             size = config.get("max_batch_size", 0)
             self._max_batch_size = size if isinstance(size, int) and size > 0 else 0
+            rows = min(self.batch_max_rows, self._max_batch_size)
+            self._call_rows = rows if rows > 1 else 0
             self.capacity = self.max_concurrency * max(self.batch_limit, 1) + self.max_queue
         except Exception as exc:  # copies simply keep going singly
             log.warning("lane %s/%s: no model config, shadow copies not batched: %s",
@@ -290,26 +303,24 @@ class ShadowLane:
         finally:
             self._config_fetch = None
 
-    def _new_copy(self, request: InferRequest, mode: str, key: Hashable, rows: int
-                  ) -> ShadowCopy:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        return ShadowCopy(loop, request, mode, key, rows, now, now + self.timeout_s)
-
-    def _enqueue(
-        self, request: InferRequest, mode: str, key: Hashable, rows: int, limit: int
-    ) -> ShadowCopy:
-        copy = self._new_copy(request, mode, key, rows)
+    def _enqueue(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
+                 key: Hashable, rows: int, limit: int) -> ShadowCopy:
+        copy = ShadowCopy(loop, request, mode, key, rows, self.timeout_s)
         self._expiring.append(copy)
         if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().call_at(copy.deadline, self._expire_due)
+            self._expiry = loop.call_at(copy.deadline, self._expire_due)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
         if queued >= limit:
-            self._wakeup.set()
+            self._wake_batcher()  # a full batch: no need to wait for the window's end
         if self._batcher is None:
-            self._batcher = asyncio.create_task(self._batch_loop())
+            self._batcher = loop.create_task(self._batch_loop())
         return copy
+
+    def _wake_batcher(self) -> None:
+        waiter, self._wakeup = self._wakeup, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _expire_due(self) -> None:
         """The lane's deadline timer: every batched copy whose deadline has come is resolved
@@ -329,12 +340,12 @@ class ShadowLane:
             else:
                 self._expire(copy)  # finished: the next turn (or `_finish`) drops it
 
-    def _unqueue_rows(self, copy: ShadowCopy) -> None:
-        left = self._queued_rows[copy.key] - copy.rows
+    def _unqueue_rows(self, key: Hashable, rows: int) -> None:
+        left = self._queued_rows[key] - rows
         if left > 0:
-            self._queued_rows[copy.key] = left
+            self._queued_rows[key] = left
         else:
-            del self._queued_rows[copy.key]
+            del self._queued_rows[key]
 
     async def _batch_loop(self) -> None:
         """Form batches while copies are queued; exits when the queue is empty (the next copy
@@ -346,25 +357,28 @@ class ShadowLane:
                 due = self._queue[0].enqueued + self.batch_wait_s
                 if due > loop.time() and max(self._queued_rows.values(), default=0) < limit:
                     # Woken by a full batch or the window's end; a timer, not asyncio.timeout:
-                    # most windows end unfilled, and a timeout ends in a raised exception.
-                    self._wakeup.clear()
-                    timer = loop.call_at(due, self._wakeup.set)
+                    # most windows end unfilled, and a timeout ends in a raised exception. Only
+                    # a batcher waiting here is woken: a copy queued meanwhile does nothing.
+                    waiter = self._wakeup = loop.create_future()
+                    timer = loop.call_at(due, self._wake_batcher)
                     try:
-                        await self._wakeup.wait()
+                        await waiter
                     finally:
                         timer.cancel()
+                        self._wakeup = None
                     continue  # the oldest copy may have expired meanwhile: look again
                 await self._slots.acquire()  # queued copies keep joining while all slots busy
-                batch = self._take(limit)
+                batch, rows = self._take(limit)
                 if not batch:
                     self._slots.release()
                     continue
-                self._send(batch)
+                self._send(batch, rows)
         finally:
             self._batcher = None
 
-    def _take(self, limit: int) -> list[ShadowCopy]:
-        """The oldest live copy plus every later compatible one that fits, in queue order."""
+    def _take(self, limit: int) -> tuple[list[ShadowCopy], int]:
+        """The oldest live copy plus every later compatible one that fits, in queue order,
+        and their rows."""
         batch: list[ShadowCopy] = []
         rows = 0
         kept: deque[ShadowCopy] = deque()
@@ -372,24 +386,24 @@ class ShadowLane:
         while self._queue and rows < limit:
             copy = self._queue.popleft()
             if copy.done():  # cancelled by its owner: nothing to send
-                self._unqueue_rows(copy)
+                self._unqueue_rows(copy.key, copy.rows)
                 self._resolve(copy, ShadowResult("shed", error="copy cancelled while queued"))
             elif not batch or (copy.key == batch[0].key and rows + copy.rows <= limit):
-                self._unqueue_rows(copy)
                 copy.called = now
                 batch.append(copy)
                 rows += copy.rows
             else:
                 kept.append(copy)
+        if batch:  # one key: its queued rows go down once for the whole batch
+            self._unqueue_rows(batch[0].key, rows)
         kept.extend(self._queue)
         self._queue = kept
-        return batch
+        return batch, rows
 
-    def _send(self, batch: list[ShadowCopy]) -> None:
+    def _send(self, batch: list[ShadowCopy], rows: int) -> None:
         """One Triton call for the batch (its slot is held on entry and released when the call
         ends). Callback-driven, like the served call: no Task and no Future per batch, which
         every copy of a busy lane would otherwise share the cost of."""
-        rows = sum(c.rows for c in batch)
         called = time.perf_counter()
         try:
             if len(batch) == 1:
@@ -407,8 +421,9 @@ class ShadowLane:
             called = time.perf_counter()
             for copy in batch:
                 copy.called = called
-            timeout_s = max(max(c.deadline for c in batch)
-                            - asyncio.get_running_loop().time(), 0.001)
+            # Copies queue in admission order and share the lane's timeout: the last one's
+            # deadline is the batch's latest.
+            timeout_s = max(batch[-1].deadline - asyncio.get_running_loop().time(), 0.001)
             self.upstream.infer_cb(
                 self.model, self.version, body, content_type, header_length,
                 lambda outcome: self._answered(batch, rows, called, outcome),
@@ -470,10 +485,11 @@ class ShadowLane:
                         self.route, self.model, exc)
             return False
         version = decoded.get("model_version")
-        results = [(copy, ShadowResult(
-            "ok", resp.latency_s, outputs=outputs, batch_rows=rows,
-            model_version=str(version) if version not in (None, "") else None,
-        )) for copy, outputs in zip(batch, parts, strict=True)]
+        model_version = str(version) if version not in (None, "") else None
+        latency_s = resp.latency_s
+        results = [(copy, ShadowResult("ok", latency_s, outputs=outputs, batch_rows=rows,
+                                       model_version=model_version))
+                   for copy, outputs in zip(batch, parts, strict=True)]
         self._resolve_slices(results)
         return True
 
@@ -541,7 +557,7 @@ class ShadowLane:
             return
         if copy.called is None:
             self._queue.remove(copy)
-            self._unqueue_rows(copy)
+            self._unqueue_rows(copy.key, copy.rows)
         self._resolve(copy, self._timed_out(copy))
 
     def _resolve(self, copy: ShadowCopy, result: ShadowResult) -> None:
