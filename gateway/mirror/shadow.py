@@ -116,6 +116,19 @@ class ShadowCopy(asyncio.Future[ShadowResult]):
         self.listener: Callable[[], None] | None = None
 
 
+class _Slots(asyncio.Semaphore):
+    """A lane's `max_concurrency` call slots. A copy that goes alone takes a free one at once
+    (`take_now`), so its call needs no Task, timeout context or Future (a probe, or every copy
+    of a lane that does not batch); only a copy that must wait for a slot runs as a Task."""
+
+    def take_now(self) -> bool:
+        """Take a slot exactly as `acquire` does when it need not wait; False if it would."""
+        if self.locked():
+            return False
+        self._value -= 1
+        return True
+
+
 class ShadowLane:
     """Admission control and dispatch for one challenger of one route."""
 
@@ -156,7 +169,7 @@ class ShadowLane:
         # Slow-lane isolation: this lane's smoothed call time, and the route's served calls'.
         self.calls = CallTime()
         self.served = served or CallTime()
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = _Slots(max_concurrency)
         self._admitted = 0
         upstream.pool(self.pool_name, limit=max_concurrency, model=model)
         metrics.SHADOW_INFLIGHT.labels(route, model).track(self)  # reads `_admitted`
@@ -203,15 +216,23 @@ class ShadowLane:
         self._counters["sent"].inc()
         loop = self._loop or self._bind_loop()
         limit = self.batch_limit
-        if limit and not self._is_latency_probe():
-            signature = batch_signature(request)
-            # A copy that fills a batch by itself (or cannot be stacked) goes alone, as today.
-            if signature is not None and signature[1] < limit:
-                return self._enqueue(loop, request, mode, signature[0], signature[1], limit)
+        if limit:
+            # Every Nth batchable copy goes alone (a latency probe): its latency is comparable
+            # with a single served request.
+            self._batchable_copies += 1
+            probe_every = self.latency_probe_every
+            if not probe_every or self._batchable_copies % probe_every:
+                signature = batch_signature(request)
+                # A copy that fills a batch by itself (or cannot be stacked) goes alone.
+                if signature is not None and signature[1] < limit:
+                    return self._enqueue(loop, request, mode, signature[0], signature[1], limit)
         elif self.batch_max_rows > 1 and self._max_batch_size is None:
             self._ensure_config()
         copy = ShadowCopy(loop, request, mode, None, 1, self.timeout_s)
-        self._spawn(self._single(copy))
+        if self._slots.take_now():
+            self._send([copy], 1, alone=True)
+        else:
+            self._spawn(self._single(copy))
         return copy
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
@@ -241,13 +262,6 @@ class ShadowLane:
             histogram.observe(result.latency_s)
 
     # -- micro-batching -------------------------------------------------------------------
-
-    def _is_latency_probe(self) -> bool:
-        """Every Nth copy goes alone: its latency is comparable with a single served request."""
-        if not self.latency_probe_every:
-            return False
-        self._batchable_copies += 1
-        return self._batchable_copies % self.latency_probe_every == 0
 
     @property
     def batch_limit(self) -> int:
@@ -311,7 +325,7 @@ class ShadowLane:
             self._expiry = loop.call_at(copy.deadline, self._expire_due)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
-        if queued >= limit:
+        if queued >= limit and self._wakeup is not None:
             self._wake_batcher()  # a full batch: no need to wait for the window's end
         if self._batcher is None:
             self._batcher = loop.create_task(self._batch_loop())
@@ -400,10 +414,12 @@ class ShadowLane:
         self._queue = kept
         return batch, rows
 
-    def _send(self, batch: list[ShadowCopy], rows: int) -> None:
+    def _send(self, batch: list[ShadowCopy], rows: int, *, alone: bool = False) -> None:
         """One Triton call for the batch (its slot is held on entry and released when the call
         ends). Callback-driven, like the served call: no Task and no Future per batch, which
-        every copy of a busy lane would otherwise share the cost of."""
+        every copy of a busy lane would otherwise share the cost of. `alone`: a copy that was
+        never batched (a probe, or a lane that does not batch), sent as `_single` would send it:
+        no rows counted in understudy_shadow_batch_rows, no `batch_rows` in its result."""
         called = time.perf_counter()
         try:
             if len(batch) == 1:
@@ -417,22 +433,24 @@ class ShadowLane:
                 body, content_type, header_length = (
                     combined.body, combined.content_type, combined.header_length
                 )
-            self._batch_rows.observe(rows)
+            if not alone:
+                self._batch_rows.observe(rows)
             called = time.perf_counter()
             for copy in batch:
                 copy.called = called
             # Copies queue in admission order and share the lane's timeout: the last one's
             # deadline is the batch's latest.
-            timeout_s = max(batch[-1].deadline - asyncio.get_running_loop().time(), 0.001)
+            loop = self._loop or self._bind_loop()
+            timeout_s = max(batch[-1].deadline - loop.time(), 0.001)
             self.upstream.infer_cb(
                 self.model, self.version, body, content_type, header_length,
-                lambda outcome: self._answered(batch, rows, called, outcome),
+                lambda outcome: self._answered(batch, rows, alone, called, outcome),
                 pool=self.pool_name, timeout_s=timeout_s,
             )
         except Exception as exc:  # the batch could not even be sent
-            self._answered(batch, rows, called, exc)
+            self._answered(batch, rows, alone, called, exc)
 
-    def _answered(self, batch: list[ShadowCopy], rows: int, called: float,
+    def _answered(self, batch: list[ShadowCopy], rows: int, alone: bool, called: float,
                   outcome: UpstreamResponse | Exception) -> None:
         """A batch call's outcome: every copy resolved, or (a failed batch of several) the
         copies re-sent singly, so one bad row never fails the others."""
@@ -442,7 +460,7 @@ class ShadowLane:
                 self._note_call(outcome.latency_s)
                 if len(batch) == 1:
                     self._resolve(batch[0], ShadowResult("ok", outcome.latency_s, outcome,
-                                                         batch_rows=rows))
+                                                         batch_rows=None if alone else rows))
                     return
                 if self._deliver(batch, outcome, rows):
                     return
@@ -507,8 +525,9 @@ class ShadowLane:
             asyncio.get_running_loop().call_soon(self._resolve_slices, results[RESOLVE_SLICE:])
 
     async def _single(self, copy: ShadowCopy, *, from_batch: bool = False) -> None:
-        """This copy alone, within its own deadline: a copy that is not batched, or the
-        fallback after its batch failed (`from_batch`). Latency is the call's service time
+        """This copy alone, within its own deadline: a copy that goes alone but found every
+        slot busy (with a free slot `_send` calls it at once), or the fallback after its batch
+        failed (`from_batch`). Latency is the call's service time
         (request written -> answer read), so the latency guardrail never blames a challenger for
         the gateway's queueing; a copy whose time ran out while still queued is shed, not timed
         out.
