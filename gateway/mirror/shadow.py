@@ -20,7 +20,9 @@ fails the others.
 Per-copy cost is kept low on purpose (every request pays it): a copy is one object, the future
 its owner holds (`ShadowCopy`); the recorder hears of it through `listener` when the lane
 resolves it, not through a done-callback scheduled on the loop; skipped and shed copies share
-one resolved future per lane; outcomes are counted per batch.
+one resolved future per lane; outcomes are counted per batch; a copy that goes alone (a latency
+probe, a lane that does not batch) and finds a free slot is called at once, like a batch, on the
+lane's deadline timer: no Task (only a copy that must wait for a slot runs as one).
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ class ShadowLane:
         self._wakeup: asyncio.Future[None] | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
-        # Batched copies in admission (= deadline) order, and the one timer for the oldest.
+        # Copies on the lane's timer (batched, or sent alone at once) in admission (= deadline)
+        # order, and the one timer for the oldest.
         self._expiring: deque[ShadowCopy] = deque()
         self._expiry: asyncio.TimerHandle | None = None
 
@@ -230,6 +233,7 @@ class ShadowLane:
             self._ensure_config()
         copy = ShadowCopy(loop, request, mode, None, 1, self.timeout_s)
         if self._slots.take_now():
+            self._watch(loop, copy)  # resolved at its deadline whatever its call does
             self._send([copy], 1, alone=True)
         else:
             self._spawn(self._single(copy))
@@ -320,9 +324,7 @@ class ShadowLane:
     def _enqueue(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
                  key: Hashable, rows: int, limit: int) -> ShadowCopy:
         copy = ShadowCopy(loop, request, mode, key, rows, self.timeout_s)
-        self._expiring.append(copy)
-        if self._expiry is None:
-            self._expiry = loop.call_at(copy.deadline, self._expire_due)
+        self._watch(loop, copy)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
         if queued >= limit and self._wakeup is not None:
@@ -331,17 +333,25 @@ class ShadowLane:
             self._batcher = loop.create_task(self._batch_loop())
         return copy
 
+    def _watch(self, loop: asyncio.AbstractEventLoop, copy: ShadowCopy) -> None:
+        """Resolve `copy` at its deadline (`_expire_due`). Copies share the lane's timeout, so
+        deadlines come in admission order and one timer, set for the oldest, serves them all."""
+        self._expiring.append(copy)
+        if self._expiry is None:
+            self._expiry = loop.call_at(copy.deadline, self._expire_due)
+
     def _wake_batcher(self) -> None:
         waiter, self._wakeup = self._wakeup, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _expire_due(self) -> None:
-        """The lane's deadline timer: every batched copy whose deadline has come is resolved
+        """The lane's deadline timer: every watched copy whose deadline has come is resolved
         (`_expire`), then the timer is set for the oldest copy still unresolved. Copies resolved
-        earlier are dropped from the front as it passes them, so no timer is cancelled per copy."""
-        self._expiry = None
-        loop = asyncio.get_running_loop()
+        earlier are dropped from the front as it passes them, so no timer is cancelled per copy.
+        `_expiry` stays set meanwhile, so a copy admitted by a listener does not set a second
+        timer."""
+        loop = self._loop or self._bind_loop()
         due = loop.time() + _TIMER_SLACK
         expiring = self._expiring
         while expiring:
@@ -353,6 +363,7 @@ class ShadowLane:
                 return
             else:
                 self._expire(copy)  # finished: the next turn (or `_finish`) drops it
+        self._expiry = None
 
     def _unqueue_rows(self, key: Hashable, rows: int) -> None:
         left = self._queued_rows[key] - rows

@@ -212,6 +212,7 @@ class TritonUpstream:
 
     def _target(self, pool: str | None, model: str, version: str
                 ) -> tuple[KeepAlivePool, str]:
+        """The pool and inference path of a (pool name, model, version), on its first call."""
         target = self._targets[(pool, model, version)] = (
             self.pool(pool or model, model=model), _model_path(model, version) + "/infer"
         )

@@ -453,6 +453,30 @@ async def test_model_max_batch_size_caps_rows_and_zero_disables_batching() -> No
     assert all(r.status == "ok" and r.batch_rows is None for r in results)
 
 
+async def test_a_copy_alone_with_a_free_slot_is_called_at_once_on_the_lane_deadline() -> None:
+    """A copy that goes alone takes a free slot in `submit` (no Task of the lane's); one that
+    finds the slot busy waits as a Task. Both resolve at their deadline even though the server
+    hangs past the call's timeout: the first timed out in its call, the second shed."""
+    upstream = FakeUpstream(max_batch_size=0)
+    lane = lane_for(upstream, "lane-alone", timeout_ms=50)
+    assert await lane.load_batching_config() == 0
+    upstream.gate = asyncio.Event()  # a hung server that ignores the call's timeout
+    first = lane.submit(row(1), "shadow")
+    assert not lane._calls  # called at once: no Task
+    second = lane.submit(row(2), "shadow")
+    assert len(lane._calls) == 1  # the only slot is busy: it waits as a Task
+    timed_out, shed = await first, await second
+    assert (timed_out.status, shed.status) == ("timeout", "shed")
+    assert timed_out.latency_s is not None and timed_out.latency_s >= 0.04
+    assert upstream.calls == [1]  # the waiting copy was never sent
+    upstream.gate.set()
+    await asyncio.sleep(0.01)  # the hung call ends: its copy is already resolved, once
+    assert lane.admitted == 0 and not lane._expiring and not lane._slots.locked()
+    results = await asyncio.gather(*(lane.submit(row(i), "shadow") for i in range(3)))
+    assert [(r.status, r.batch_rows, score(r)) for r in results] == [
+        ("ok", None, [0.0]), ("ok", None, [1.0]), ("ok", None, [2.0])]
+
+
 async def test_copies_go_singly_until_the_model_config_is_known() -> None:
     upstream = FakeUpstream()
     lane = lane_for(upstream, "lane-cold", max_concurrency=4)
