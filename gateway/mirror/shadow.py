@@ -500,7 +500,7 @@ class ShadowLane:
                                if not c.finished))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self._loop or self._bind_loop()).create_task(coro)
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -533,7 +533,8 @@ class ShadowLane:
         if finished:
             self._counters["ok"].inc(finished)
         if len(results) > RESOLVE_SLICE:
-            asyncio.get_running_loop().call_soon(self._resolve_slices, results[RESOLVE_SLICE:])
+            loop = self._loop or self._bind_loop()
+            loop.call_soon(self._resolve_slices, results[RESOLVE_SLICE:])
 
     async def _single(self, copy: ShadowCopy, *, from_batch: bool = False) -> None:
         """This copy alone, within its own deadline: a copy that goes alone but found every
