@@ -422,7 +422,7 @@ class KeepAlivePool:
         """Close idle connections, abort calls in flight and fail waiting ones (their callers
         get `ConnectionClosed`)."""
         self._closed = True
-        for conn in self._conns:
+        for conn in [*self._conns]:
             conn.abort()
         self._conns.clear()
         self._idle.clear()
