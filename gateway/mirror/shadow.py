@@ -39,6 +39,7 @@ from gateway import metrics
 from gateway.dataplane.protocol import InferRequest, decode_response
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.mirror.batching import batch_signature, combine, split_outputs
+from gateway.upstream.callback import DeadlineWatch
 from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from understudy.records import Tensor
 
@@ -58,9 +59,6 @@ SLOW_VS_SERVED = 20
 SLOW_LANE_ROWS = 4
 RESOLVE_SLICE = 4
 _CALL_EWMA = 0.2  # weight of the newest call in the smoothed service time
-# The deadline timer may run this early (event loops round timers to their clock resolution);
-# a copy whose deadline is this close is due, as its own timer would have fired now.
-_TIMER_SLACK = 0.001
 
 
 class CallTime:
@@ -101,7 +99,7 @@ class ShadowCopy(asyncio.Future[ShadowResult]):
     when the call ends or its deadline comes), so the listener always runs.
     """
 
-    __slots__ = ("called", "deadline", "enqueued", "finished", "key", "listener", "mode",
+    __slots__ = ("called", "deadline", "ended", "enqueued", "key", "listener", "mode",
                  "request", "rows")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
@@ -114,7 +112,7 @@ class ShadowCopy(asyncio.Future[ShadowResult]):
         self.enqueued = now = loop.time()  # loop time
         self.deadline = now + timeout_s  # loop time
         self.called: float | None = None  # perf_counter when its call started; None: queued
-        self.finished = False
+        self.ended = False  # resolved by the lane
         self.listener: Callable[[], None] | None = None
 
 
@@ -197,10 +195,8 @@ class ShadowLane:
         self._wakeup: asyncio.Future[None] | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
-        # Copies on the lane's timer (batched, or sent alone at once) in admission (= deadline)
-        # order, and the one timer for the oldest.
-        self._expiring: deque[ShadowCopy] = deque()
-        self._expiry: asyncio.TimerHandle | None = None
+        # Copies on the lane's deadline timer (batched, or sent alone at once).
+        self._deadlines: DeadlineWatch[ShadowCopy] = DeadlineWatch(self._expire)
 
     @property
     def admitted(self) -> int:
@@ -334,36 +330,15 @@ class ShadowLane:
         return copy
 
     def _watch(self, loop: asyncio.AbstractEventLoop, copy: ShadowCopy) -> None:
-        """Resolve `copy` at its deadline (`_expire_due`). Copies share the lane's timeout, so
-        deadlines come in admission order and one timer, set for the oldest, serves them all."""
-        self._expiring.append(copy)
-        if self._expiry is None:
-            self._expiry = loop.call_at(copy.deadline, self._expire_due)
+        """Resolve `copy` at its deadline (`_expire`) whatever its call does. Copies share the
+        lane's timeout, so deadlines come in admission order and one timer serves them all."""
+        if not self._deadlines.watch(loop, copy):  # only if the loop's clock went back
+            loop.call_at(copy.deadline, self._expire, copy)
 
     def _wake_batcher(self) -> None:
         waiter, self._wakeup = self._wakeup, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def _expire_due(self) -> None:
-        """The lane's deadline timer: every watched copy whose deadline has come is resolved
-        (`_expire`), then the timer is set for the oldest copy still unresolved. Copies resolved
-        earlier are dropped from the front as it passes them, so no timer is cancelled per copy.
-        `_expiry` stays set meanwhile, so a copy admitted by a listener does not set a second
-        timer."""
-        loop = self._loop or self._bind_loop()
-        due = loop.time() + _TIMER_SLACK
-        expiring = self._expiring
-        while expiring:
-            copy = expiring[0]
-            if copy.finished:
-                expiring.popleft()
-            elif copy.deadline > due:
-                self._expiry = loop.call_at(copy.deadline, self._expire_due)
-                return
-            else:
-                self._expire(copy)  # finished: the next turn (or `_finish`) drops it
-        self._expiry = None
 
     def _unqueue_rows(self, key: Hashable, rows: int) -> None:
         left = self._queued_rows[key] - rows
@@ -497,7 +472,7 @@ class ShadowLane:
 
     async def _resend_singly(self, batch: list[ShadowCopy]) -> None:
         await asyncio.gather(*(self._single(c, from_batch=True) for c in batch
-                               if not c.finished))
+                               if not c.ended))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = (self._loop or self._bind_loop()).create_task(coro)
@@ -584,7 +559,7 @@ class ShadowLane:
     def _expire(self, copy: ShadowCopy) -> None:
         """The copy's deadline: still queued → shed, in a call → timeout (the call may go on
         for the batch's other copies)."""
-        if copy.finished:
+        if copy.ended:
             return
         if copy.called is None:
             self._queue.remove(copy)
@@ -599,14 +574,14 @@ class ShadowLane:
     def _finish(self, copy: ShadowCopy, result: ShadowResult) -> bool:
         """Release the copy's admission, answer it and tell its listener; False if it was
         already finished. The caller counts it (per copy, or per batch)."""
-        if copy.finished:
+        if copy.ended:
             return False
-        copy.finished = True
+        copy.ended = True
         self._admitted -= 1
-        expiring = self._expiring
+        expiring = self._deadlines.items
         # Batches finish about in admission order: drop finished copies from the front now, so
         # they (and the answers they hold) are freed by refcount, not kept for the timer.
-        while expiring and expiring[0].finished:
+        while expiring and expiring[0].ended:
             expiring.popleft()
         if not copy.done():
             copy.set_result(result)

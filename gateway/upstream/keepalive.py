@@ -34,7 +34,7 @@ from time import perf_counter
 
 import httptools
 
-from gateway.upstream.callback import wait_for
+from gateway.upstream.callback import DeadlineWatch, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,6 @@ class _Connection(asyncio.Protocol):
 OnDone = Callable[[RawResponse | Exception], None]
 
 
-# The deadline timer may run this early (event loops round timers to their clock resolution);
-# a call whose deadline is this close is due, as its own timer would have fired now.
-_TIMER_SLACK = 0.001
-
-
 def _ended(_: RawResponse | Exception) -> None:
     """The callback of a call that has ended: nothing to tell anyone."""
 
@@ -181,7 +176,7 @@ class PoolCall:
         self.message = message
         self.on_done = on_done
         self.deadline = 0.0  # loop time; only read for a call with a timeout
-        self.timer: asyncio.TimerHandle | None = None  # its own timer (see `post_cb`)
+        self.timer: asyncio.TimerHandle | None = None  # its own timer, if not the pool's
         self.conn: _Connection | None = None
         self.attempt = 0
         self.reused = False
@@ -214,11 +209,8 @@ class KeepAlivePool:
         self._host_header = f"{host}:{port}"
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of its connections
-        # Calls with a timeout, in deadline order, and the one timer for the earliest (see
-        # `post_cb`); ended calls are dropped from the front as they pass.
-        self._deadlines: deque[PoolCall] = deque()
-        self._watched_until = 0.0  # the latest deadline watched (the last one appended)
-        self._expiry: asyncio.TimerHandle | None = None  # None: no call watched
+        # Calls with a timeout: those whose deadlines come in order share one timer.
+        self._deadlines: DeadlineWatch[PoolCall] = DeadlineWatch(PoolCall.expire)
 
     def raise_limit(self, limit: int) -> None:
         """Allow more calls in flight (a reconfigured lane); a lower limit is the caller's own
@@ -255,18 +247,11 @@ class KeepAlivePool:
         if timeout_s is not None:
             # The loop is looked up once: `get_running_loop` costs a getpid syscall per call.
             loop = self._loop or self._bind_loop()
-            call.deadline = deadline = loop.time() + timeout_s
-            # A timer per call costs more than the rest of the call's bookkeeping: calls whose
-            # deadlines come in order (a pool's calls mostly share one timeout) are watched by
-            # one timer, set for the earliest (`_expire_due`); a call due before the last one
-            # watched (a shorter timeout) gets a timer of its own.
-            if self._expiry is not None and deadline < self._watched_until:
-                call.timer = loop.call_at(deadline, call.expire)
-            else:
-                self._deadlines.append(call)
-                self._watched_until = deadline
-                if self._expiry is None:
-                    self._expiry = loop.call_at(deadline, self._expire_due)
+            call.deadline = loop.time() + timeout_s
+            # A pool's calls mostly share one timeout, so their deadlines come in order and
+            # one timer serves them; a call due before those watched gets its own.
+            if not self._deadlines.watch(loop, call):
+                call.timer = loop.call_at(call.deadline, call.expire)
         if self._active < self.limit:
             self._active += 1
             call.holding = True
@@ -278,25 +263,6 @@ class KeepAlivePool:
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
         return self._loop
-
-    def _expire_due(self) -> None:
-        """The shared deadline timer: every call whose deadline has come times out, then the
-        timer is set for the earliest call left. `_expiry` stays set meanwhile, so a call
-        started by a timed-out caller's callback does not set a second timer."""
-        loop = self._loop
-        assert loop is not None
-        due = loop.time() + _TIMER_SLACK
-        deadlines = self._deadlines
-        while deadlines:
-            call = deadlines[0]
-            if call.ended:
-                deadlines.popleft()
-            elif call.deadline > due:
-                self._expiry = loop.call_at(call.deadline, self._expire_due)
-                return
-            else:
-                self._end(call, TimeoutError())  # ended: the next turn drops it
-        self._expiry = None
 
     def _start(self, call: PoolCall) -> None:
         if self._closed:
@@ -367,9 +333,9 @@ class KeepAlivePool:
             call.timer = None
         # Calls end about in deadline order: drop ended ones from the front now, so they (and
         # their messages) are freed by refcount, not held until the shared timer passes.
-        deadlines = self._deadlines
-        while deadlines and deadlines[0].ended:
-            deadlines.popleft()
+        watched = self._deadlines.items
+        while watched and watched[0].ended:
+            watched.popleft()
         conn = call.conn
         if conn is not None:  # abandoned mid-call: the stream is unusable
             call.conn = None

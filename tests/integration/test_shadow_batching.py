@@ -471,7 +471,7 @@ async def test_a_copy_alone_with_a_free_slot_is_called_at_once_on_the_lane_deadl
     assert upstream.calls == [1]  # the waiting copy was never sent
     upstream.gate.set()
     await asyncio.sleep(0.01)  # the hung call ends: its copy is already resolved, once
-    assert lane.admitted == 0 and not lane._expiring and not lane._slots.locked()
+    assert lane.admitted == 0 and not lane._deadlines.items and not lane._slots.locked()
     results = await asyncio.gather(*(lane.submit(row(i), "shadow") for i in range(3)))
     assert [(r.status, r.batch_rows, score(r)) for r in results] == [
         ("ok", None, [0.0]), ("ok", None, [1.0]), ("ok", None, [2.0])]
@@ -688,7 +688,7 @@ async def test_a_batch_answer_reaches_each_record_with_its_own_row_in_one_pass()
                                           "data": [float(i + 10)]}
         assert shadow["version"] == "7"
     assert lane.admitted == 0 and recorder.pending == 0
-    assert not lane._expiring  # resolved copies are not held for the deadline timer
+    assert not lane._deadlines.items  # resolved copies are not held for the deadline timer
     assert REGISTRY.get_sample_value("understudy_shadow_copies_total", {
         "route": "lane-listen", "model": "m", "outcome": "ok"}) == 7
 
@@ -754,7 +754,7 @@ async def test_one_lane_timer_times_out_each_copy_at_its_own_deadline() -> None:
     fresh = [watch(f"fresh{i}", lane.submit(row(3), "shadow")) for i in range(2)]
     upstream.gate.set()
     assert [r.status for r in await asyncio.gather(*fresh)] == ["ok", "ok"]
-    assert lane.admitted == 0 and not lane._expiring
+    assert lane.admitted == 0 and not lane._deadlines.items
 
 
 async def test_inflight_gauge_reads_the_lanes_admitted_copies() -> None:
