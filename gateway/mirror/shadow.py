@@ -229,7 +229,7 @@ class ShadowLane:
             self._ensure_config()
         copy = ShadowCopy(loop, request, mode, None, 1, self.timeout_s)
         if self._slots.take_now():
-            self._watch(loop, copy)  # resolved at its deadline whatever its call does
+            self._deadlines.watch(loop, copy)  # resolved at its deadline whatever its call does
             self._send([copy], 1, alone=True)
         else:
             self._spawn(self._single(copy))
@@ -320,7 +320,9 @@ class ShadowLane:
     def _enqueue(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
                  key: Hashable, rows: int, limit: int) -> ShadowCopy:
         copy = ShadowCopy(loop, request, mode, key, rows, self.timeout_s)
-        self._watch(loop, copy)
+        # Resolved at its deadline (`_expire`) whatever its batch does. Copies share the lane's
+        # timeout: deadlines come in admission order, one timer serves them all.
+        self._deadlines.watch(loop, copy)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
         if queued >= limit and self._wakeup is not None:
@@ -328,12 +330,6 @@ class ShadowLane:
         if self._batcher is None:
             self._batcher = loop.create_task(self._batch_loop())
         return copy
-
-    def _watch(self, loop: asyncio.AbstractEventLoop, copy: ShadowCopy) -> None:
-        """Resolve `copy` at its deadline (`_expire`) whatever its call does. Copies share the
-        lane's timeout, so deadlines come in admission order and one timer serves them all."""
-        if not self._deadlines.watch(loop, copy):  # only if the loop's clock went back
-            loop.call_at(copy.deadline, self._expire, copy)
 
     def _wake_batcher(self) -> None:
         waiter, self._wakeup = self._wakeup, None
