@@ -10,12 +10,15 @@ styles cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # A deadline timer may run this early (event loops round timers to their clock resolution); an
 # item whose deadline is this close is due, as its own timer would have fired now.
@@ -70,10 +73,10 @@ class DeadlineWatch(Generic[E]):
     timer set for the earliest instead of a timer each: with uvloop a timer made and cancelled
     per call cost ~2.5 µs, as much as the rest of the call's bookkeeping.
 
-    `expire(item)` is called for each item whose deadline has come and must end it. Items that
-    end earlier stay in `items` until they reach the front: their owner drops them there as
-    they end (`while items and items[0].ended: items.popleft()`), so they are freed by
-    refcount, not held until the timer passes, and no timer is cancelled per item.
+    `expire(item)` is called once for each item whose deadline has come. Items that end earlier
+    stay in `items` until they reach the front: their owner drops them there as they end
+    (`while items and items[0].ended: items.popleft()`), so they are freed by refcount, not
+    held until the timer passes, and no timer is cancelled per item.
     """
 
     __slots__ = ("_expire", "_latest", "_loop", "_timer", "items")
@@ -108,11 +111,13 @@ class DeadlineWatch(Generic[E]):
         items = self.items
         while items:
             item = items[0]
-            if item.ended:
-                items.popleft()
-            elif item.deadline > due:
+            if item.deadline > due and not item.ended:
                 self._timer = loop.call_at(item.deadline, self._fire)
                 return
-            else:
-                self._expire(item)  # ended: the next turn drops it
+            items.popleft()
+            if not item.ended:
+                try:
+                    self._expire(item)
+                except Exception:  # one item's bug must not leave the others unwatched
+                    log.exception("deadline expiry failed")
         self._timer = None

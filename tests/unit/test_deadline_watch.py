@@ -43,3 +43,23 @@ async def test_items_expire_in_order_and_ended_ones_are_skipped() -> None:
     assert not watch.items
     # Nothing is watched any more: the next item, however early, starts the timer again.
     assert watch.watch(loop, Item("next", loop.time() + 10))
+
+
+async def test_an_expiry_that_fails_leaves_the_other_items_watched() -> None:
+    loop = asyncio.get_running_loop()
+    expired: list[str] = []
+    done = asyncio.Event()
+
+    def expire(item: Item) -> None:
+        if item.name == "buggy":
+            raise RuntimeError("a bug in one owner's timeout handling")
+        item.ended = True
+        expired.append(item.name)
+        done.set()
+
+    watch: DeadlineWatch[Item] = DeadlineWatch(expire)
+    now = loop.time()
+    assert watch.watch(loop, Item("buggy", now + 0.01))
+    assert watch.watch(loop, Item("next", now + 0.03))
+    await asyncio.wait_for(done.wait(), 5)
+    assert expired == ["next"] and not watch.items
