@@ -347,8 +347,11 @@ class KeepAlivePool:
             if self._waiting:
                 self._start_waiting()
         # Dropping the callback breaks the call <-> caller cycle (a caller keeps its call to
-        # cancel it): freed by reference counting, not left for the garbage collector.
+        # cancel it): freed by reference counting, not left for the garbage collector. The
+        # request is dropped too: an ended call may wait in the deadline watch for the calls
+        # before it (see `DeadlineWatch`), and must not hold its body meanwhile.
         on_done, call.on_done = call.on_done, _ended
+        call.message = b""
         if outcome is not None:
             try:
                 on_done(outcome)

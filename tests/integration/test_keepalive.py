@@ -576,12 +576,15 @@ async def test_calls_sharing_the_deadline_timer_each_time_out_at_their_own_deadl
         return done
 
     started = loop.time()
-    pool.post_cb("/p", b"a", "application/json", b"", collect(b"a"), 0.1)  # before the 30 s
-    pool.post_cb("/p", b"b", "application/json", b"", collect(b"b"), 0.3)  # in order: shared
-    pool.post_cb("/p", b"c", "application/json", b"", collect(b"c"), 0.3)
-    pool.post_cb("/p", b"d", "application/json", b"", collect(b"d"), 0.05)  # shorter: its own
+    calls = [
+        pool.post_cb("/p", b"a", "application/json", b"", collect(b"a"), 0.1),  # before the 30 s
+        pool.post_cb("/p", b"b", "application/json", b"", collect(b"b"), 0.3),  # in order: shared
+        pool.post_cb("/p", b"c", "application/json", b"", collect(b"c"), 0.3),
+        pool.post_cb("/p", b"d", "application/json", b"", collect(b"d"), 0.05),  # shorter: own
+    ]
     await asyncio.wait_for(all_ended.wait(), 10)  # not at the answered call's 30 s deadline
     assert list(ended) == [b"d", b"a", b"b", b"c"]  # each at its own deadline, in that order
+    assert all(call.ended and not call.message for call in calls)  # no request body kept
     assert ended[b"a"] - started >= 0.1 - 0.002  # not early (timers round to ~1 ms)
     assert pool.in_flight == 0 and pool.idle == 0  # the timed-out calls' connections aborted
     pool.close()
