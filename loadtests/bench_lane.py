@@ -1,15 +1,17 @@
 """Micro-benchmark: a shadow lane's own CPU per copy, no sockets (Triton faked in-process).
 
     PYTHONPATH=. python loadtests/bench_lane.py [--copies 20000] [--repeat 5] [--burst 8]
+                                                [--unbatched]
 
 Submits `--copies` one-row JSON copies (8 FP32 features) to one `ShadowLane` with the default
 batching (16 rows, 2 ms window, every 10th copy sent alone as a latency probe), `--burst`
-copies per event-loop turn, and lets every copy resolve. The fake upstream answers each call
-on the next loop turn with a canned answer of the right row count, through whichever entry
-point the lane uses (`infer` or `infer_cb`), so what is timed is the lane: admission, the
-batching window, combining rows, the call's bookkeeping, splitting the answer and resolving the
-copies. Prints the best-of-`--repeat` process CPU µs per copy. Run it with PYTHONPATH set to
-two trees to compare them (alternate, best of several runs).
+copies per event-loop turn, and lets every copy resolve (`--unbatched`: a lane that does not
+batch, every copy sent alone). The fake upstream answers each call on the next loop turn with a
+canned answer of the right row count, through whichever entry point the lane uses (`infer` or
+`infer_cb`), so what is timed is the lane: admission, the batching window, combining rows, the
+call's bookkeeping, splitting the answer and resolving the copies. Prints the best-of-`--repeat`
+process CPU µs per copy. Run it with PYTHONPATH set to two trees to compare them (alternate,
+best of several runs).
 """
 
 from __future__ import annotations
@@ -74,11 +76,11 @@ def copy_request() -> InferRequest:
     return parse_request(body, None)
 
 
-async def run(copies: int, burst: int) -> float:
+async def run(copies: int, burst: int, unbatched: bool = False) -> float:
     """CPU seconds per copy for one pass."""
     lane = ShadowLane(FakeTriton(), "bench", "m", "", max_concurrency=4, max_queue=copies,
-                      timeout_ms=5000, batch_max_rows=16, batch_max_wait_ms=2.0,
-                      latency_probe_every=10)
+                      timeout_ms=5000, batch_max_rows=1 if unbatched else 16,
+                      batch_max_wait_ms=2.0, latency_probe_every=10)
     await lane.load_batching_config()
     request = copy_request()
     pending = []
@@ -99,14 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--burst", type=int, default=8, help="copies per loop turn")
+    parser.add_argument("--unbatched", action="store_true", help="batch_max_rows 1")
     args = parser.parse_args(argv)
     try:
         import uvloop
         runner: Callable[..., Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
-    best = min(runner(run(args.copies, args.burst)) for _ in range(args.repeat))
-    print(f"shadow lane: {best * 1e6:.2f} us CPU per copy (best of {args.repeat}, "
+    best = min(runner(run(args.copies, args.burst, args.unbatched)) for _ in range(args.repeat))
+    kind = "unbatched" if args.unbatched else "batching"
+    print(f"shadow lane ({kind}): {best * 1e6:.2f} us CPU per copy (best of {args.repeat}, "
           f"{args.copies} copies, {args.burst} per loop turn)")
     return 0
 

@@ -55,9 +55,13 @@ def batch_signature(request: InferRequest) -> tuple[Hashable, int] | None:
 
     Two requests may share a batch exactly when their keys are equal; rows is dim 0.
     """
+    # Every shadow copy is looked at here: the common request (no parameters, JSON or binary
+    # inputs) takes the fewest steps.
+    header = request.header
     binary = request.header_length is not None
-    parameters = request.header.get("parameters") or {}
-    if not isinstance(parameters, dict) or _STATEFUL_PARAMETERS & parameters.keys():
+    parameters = header.get("parameters")
+    if parameters and (not isinstance(parameters, dict)
+                       or not _STATEFUL_PARAMETERS.isdisjoint(parameters)):
         return None
     rows: int | None = None
     inputs: list[tuple[str, str, tuple[int, ...]]] = []
@@ -66,14 +70,19 @@ def batch_signature(request: InferRequest) -> tuple[Hashable, int] | None:
         if not shape or shape[0] < 1 or (rows is not None and shape[0] != rows):
             return None  # no batch dim, or inputs that disagree on it
         rows = shape[0]
-        extra = dict(tensor.get("parameters") or {})
-        has_binary = extra.pop("binary_data_size", None) is not None
-        if extra or has_binary != binary or (not binary and "data" not in tensor):
-            return None  # shared memory or other per-tensor options; mixed JSON/binary inputs
+        extra = tensor.get("parameters")
+        if extra:  # binary_data_size is the one per-tensor parameter that stacks
+            if len(extra) > 1 or "binary_data_size" not in extra:
+                return None  # shared memory or other per-tensor options
+            has_binary = extra["binary_data_size"] is not None
+        else:
+            has_binary = False
+        if has_binary != binary or (not binary and "data" not in tensor):
+            return None  # mixed JSON/binary inputs
         inputs.append((tensor["name"], tensor["datatype"], tuple(shape[1:])))
     if rows is None:
         return None
-    outputs = request.header.get("outputs")
+    outputs = header.get("outputs")
     key = (binary, tuple(inputs), _canonical(outputs) if outputs is not None else b"",
            _canonical(parameters) if parameters else b"")
     return key, rows
@@ -108,10 +117,13 @@ def combine(
         raise IncompatibleBatch("nothing to combine")
     if signatures is None:
         signatures = [batch_signature(r) for r in requests]
-    first = signatures[0]
-    if first is None or any(s is None or s[0] != first[0] for s in signatures):
-        raise IncompatibleBatch("requests differ in format, inputs, outputs or parameters")
-    rows = tuple(s[1] for s in signatures if s is not None)
+    key = signatures[0][0] if signatures[0] is not None else None
+    rows_of: list[int] = []
+    for signature in signatures:
+        if signature is None or signature[0] != key:
+            raise IncompatibleBatch("requests differ in format, inputs, outputs or parameters")
+        rows_of.append(signature[1])
+    rows = tuple(rows_of)
     total = sum(rows)
     if max_rows is not None and total > max_rows:
         raise IncompatibleBatch(f"{total} rows exceed the limit of {max_rows}")

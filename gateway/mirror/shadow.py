@@ -20,7 +20,9 @@ fails the others.
 Per-copy cost is kept low on purpose (every request pays it): a copy is one object, the future
 its owner holds (`ShadowCopy`); the recorder hears of it through `listener` when the lane
 resolves it, not through a done-callback scheduled on the loop; skipped and shed copies share
-one resolved future per lane; outcomes are counted per batch.
+one resolved future per lane; outcomes are counted per batch; a copy that goes alone (a latency
+probe, a lane that does not batch) and finds a free slot is called at once, like a batch, on the
+lane's deadline timer: no Task (only a copy that must wait for a slot runs as one).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gateway import metrics
 from gateway.dataplane.protocol import InferRequest, decode_response
 from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.mirror.batching import batch_signature, combine, split_outputs
+from gateway.upstream.callback import DeadlineWatch
 from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from understudy.records import Tensor
 
@@ -56,9 +59,6 @@ SLOW_VS_SERVED = 20
 SLOW_LANE_ROWS = 4
 RESOLVE_SLICE = 4
 _CALL_EWMA = 0.2  # weight of the newest call in the smoothed service time
-# The deadline timer may run this early (event loops round timers to their clock resolution);
-# a copy whose deadline is this close is due, as its own timer would have fired now.
-_TIMER_SLACK = 0.001
 
 
 class CallTime:
@@ -99,21 +99,34 @@ class ShadowCopy(asyncio.Future[ShadowResult]):
     when the call ends or its deadline comes), so the listener always runs.
     """
 
-    __slots__ = ("called", "deadline", "enqueued", "finished", "key", "listener", "mode",
+    __slots__ = ("called", "deadline", "ended", "enqueued", "key", "listener", "mode",
                  "request", "rows")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
-                 key: Hashable, rows: int, now: float, deadline: float) -> None:
+                 key: Hashable, rows: int, timeout_s: float) -> None:
         super().__init__(loop=loop)
         self.request = request
         self.mode = mode
         self.key = key
         self.rows = rows
-        self.enqueued = now  # loop time
-        self.deadline = deadline  # loop time
+        self.enqueued = now = loop.time()  # loop time
+        self.deadline = now + timeout_s  # loop time
         self.called: float | None = None  # perf_counter when its call started; None: queued
-        self.finished = False
+        self.ended = False  # resolved by the lane
         self.listener: Callable[[], None] | None = None
+
+
+class _Slots(asyncio.Semaphore):
+    """A lane's `max_concurrency` call slots. A copy that goes alone takes a free one at once
+    (`take_now`), so its call needs no Task, timeout context or Future (a probe, or every copy
+    of a lane that does not batch); only a copy that must wait for a slot runs as a Task."""
+
+    def take_now(self) -> bool:
+        """Take a slot exactly as `acquire` does when it need not wait; False if it would."""
+        if self.locked():
+            return False
+        self._value -= 1
+        return True
 
 
 class ShadowLane:
@@ -149,12 +162,14 @@ class ShadowLane:
         self.pool_name = f"shadow:{route}:{model}"
         self.batch_max_rows = batch_max_rows
         self.batch_wait_s = batch_max_wait_ms / 1000
+        # A call this long or longer is slow (with the route's served calls far faster).
+        self._slow_call_s = SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
         self.latency_probe_every = latency_probe_every
         self._batchable_copies = 0
         # Slow-lane isolation: this lane's smoothed call time, and the route's served calls'.
         self.calls = CallTime()
         self.served = served or CallTime()
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = _Slots(max_concurrency)
         self._admitted = 0
         upstream.pool(self.pool_name, limit=max_concurrency, model=model)
         metrics.SHADOW_INFLIGHT.labels(route, model).track(self)  # reads `_admitted`
@@ -165,18 +180,23 @@ class ShadowLane:
         self._latency: dict[str, metrics.BatchedHistogram] = {}  # per mode
         self._resolved: dict[str, asyncio.Future[ShadowResult]] = {}  # skipped / shed
         self._batch_rows = metrics.SHADOW_BATCH_ROWS.labels(route, model)
-        # Batching state: the model's max_batch_size (None until Triton's config is known).
+        # Batching state: the model's max_batch_size (None until Triton's config is known),
+        # and the rows per call it allows (0: no batching), set with it.
         self._max_batch_size: int | None = None
+        self._call_rows = 0
+        # The loop the lane runs on, looked up once (`get_running_loop` costs a getpid syscall
+        # per call); a lane is bound to one loop anyway (its semaphore is).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._config_fetch: asyncio.Task[None] | None = None
         self._config_retry_at = 0.0
         self._queue: deque[ShadowCopy] = deque()
         self._queued_rows: dict[Hashable, int] = {}  # rows waiting per compatibility key
-        self._wakeup = asyncio.Event()
+        # Set while the batcher waits for a batching window to fill; resolved to wake it.
+        self._wakeup: asyncio.Future[None] | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[None]] = set()
-        # Batched copies in admission (= deadline) order, and the one timer for the oldest.
-        self._expiring: deque[ShadowCopy] = deque()
-        self._expiry: asyncio.TimerHandle | None = None
+        # Copies on the lane's deadline timer (batched, or sent alone at once).
+        self._deadlines: DeadlineWatch[ShadowCopy] = DeadlineWatch(self._expire)
 
     @property
     def admitted(self) -> int:
@@ -193,17 +213,31 @@ class ShadowLane:
             return self._done(_SHED_FULL)
         self._admitted += 1
         self._counters["sent"].inc()
+        loop = self._loop or self._bind_loop()
         limit = self.batch_limit
-        if limit > 1 and not self._is_latency_probe():
-            signature = batch_signature(request)
-            # A copy that fills a batch by itself (or cannot be stacked) goes alone, as today.
-            if signature is not None and signature[1] < limit:
-                return self._enqueue(request, mode, signature[0], signature[1], limit)
+        if limit:
+            # Every Nth batchable copy goes alone (a latency probe): its latency is comparable
+            # with a single served request.
+            self._batchable_copies += 1
+            probe_every = self.latency_probe_every
+            if not probe_every or self._batchable_copies % probe_every:
+                signature = batch_signature(request)
+                # A copy that fills a batch by itself (or cannot be stacked) goes alone.
+                if signature is not None and signature[1] < limit:
+                    return self._enqueue(loop, request, mode, signature[0], signature[1], limit)
         elif self.batch_max_rows > 1 and self._max_batch_size is None:
             self._ensure_config()
-        copy = self._new_copy(request, mode, None, 1)
-        self._spawn(self._single(copy))
+        copy = ShadowCopy(loop, request, mode, None, 1, self.timeout_s)
+        if self._slots.take_now():
+            self._deadlines.watch(loop, copy)  # resolved at its deadline whatever its call does
+            self._send([copy], 1, alone=True)
+        else:
+            self._spawn(self._single(copy))
         return copy
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _done(self, result: ShadowResult) -> asyncio.Future[ShadowResult]:
         """The lane's one resolved future for `result` (skipped, or shed at admission): its
@@ -229,31 +263,22 @@ class ShadowLane:
 
     # -- micro-batching -------------------------------------------------------------------
 
-    def _is_latency_probe(self) -> bool:
-        """Every Nth copy goes alone: its latency is comparable with a single served request."""
-        if not self.latency_probe_every:
-            return False
-        self._batchable_copies += 1
-        return self._batchable_copies % self.latency_probe_every == 0
-
     @property
     def batch_limit(self) -> int:
         """Rows per Triton call; 0 while batching is off (disabled, config unknown, or the
-        model has no batch dimension)."""
-        if self.batch_max_rows <= 1 or not self._max_batch_size:
-            return 0
-        limit = min(self.batch_max_rows, self._max_batch_size)
-        if self.slow:
-            limit = min(limit, SLOW_LANE_ROWS)
-        return limit if limit > 1 else 0
+        model has no batch dimension). Read for every copy: only `slow` can change between
+        config fetches, and it matters only above SLOW_LANE_ROWS."""
+        limit = self._call_rows
+        if limit > SLOW_LANE_ROWS and self.slow:
+            return SLOW_LANE_ROWS
+        return limit
 
     @property
     def slow(self) -> bool:
         """Calls take far longer than the batching window and the route's served calls (see
         SLOW_CALL_WINDOWS)."""
         mine = self.calls.seconds
-        return (mine > SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
-                and mine > SLOW_VS_SERVED * self.served.seconds)
+        return mine > self._slow_call_s and mine > SLOW_VS_SERVED * self.served.seconds
 
     def _note_call(self, seconds: float) -> None:
         """Smooth the lane's call time; entering or leaving "slow" resizes its admission."""
@@ -282,6 +307,8 @@ class ShadowLane:
             config = await self.upstream.model_config(self.model, self.version)
             size = config.get("max_batch_size", 0)
             self._max_batch_size = size if isinstance(size, int) and size > 0 else 0
+            rows = min(self.batch_max_rows, self._max_batch_size)
+            self._call_rows = rows if rows > 1 else 0
             self.capacity = self.max_concurrency * max(self.batch_limit, 1) + self.max_queue
         except Exception as exc:  # copies simply keep going singly
             log.warning("lane %s/%s: no model config, shadow copies not batched: %s",
@@ -290,51 +317,31 @@ class ShadowLane:
         finally:
             self._config_fetch = None
 
-    def _new_copy(self, request: InferRequest, mode: str, key: Hashable, rows: int
-                  ) -> ShadowCopy:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        return ShadowCopy(loop, request, mode, key, rows, now, now + self.timeout_s)
-
-    def _enqueue(
-        self, request: InferRequest, mode: str, key: Hashable, rows: int, limit: int
-    ) -> ShadowCopy:
-        copy = self._new_copy(request, mode, key, rows)
-        self._expiring.append(copy)
-        if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().call_at(copy.deadline, self._expire_due)
+    def _enqueue(self, loop: asyncio.AbstractEventLoop, request: InferRequest, mode: str,
+                 key: Hashable, rows: int, limit: int) -> ShadowCopy:
+        copy = ShadowCopy(loop, request, mode, key, rows, self.timeout_s)
+        # Resolved at its deadline (`_expire`) whatever its batch does. Copies share the lane's
+        # timeout: deadlines come in admission order, one timer serves them all.
+        self._deadlines.watch(loop, copy)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
-        if queued >= limit:
-            self._wakeup.set()
+        if queued >= limit and self._wakeup is not None:
+            self._wake_batcher()  # a full batch: no need to wait for the window's end
         if self._batcher is None:
-            self._batcher = asyncio.create_task(self._batch_loop())
+            self._batcher = loop.create_task(self._batch_loop())
         return copy
 
-    def _expire_due(self) -> None:
-        """The lane's deadline timer: every batched copy whose deadline has come is resolved
-        (`_expire`), then the timer is set for the oldest copy still unresolved. Copies resolved
-        earlier are dropped from the front as it passes them, so no timer is cancelled per copy."""
-        self._expiry = None
-        loop = asyncio.get_running_loop()
-        due = loop.time() + _TIMER_SLACK
-        expiring = self._expiring
-        while expiring:
-            copy = expiring[0]
-            if copy.finished:
-                expiring.popleft()
-            elif copy.deadline > due:
-                self._expiry = loop.call_at(copy.deadline, self._expire_due)
-                return
-            else:
-                self._expire(copy)  # finished: the next turn (or `_finish`) drops it
+    def _wake_batcher(self) -> None:
+        waiter, self._wakeup = self._wakeup, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    def _unqueue_rows(self, copy: ShadowCopy) -> None:
-        left = self._queued_rows[copy.key] - copy.rows
+    def _unqueue_rows(self, key: Hashable, rows: int) -> None:
+        left = self._queued_rows[key] - rows
         if left > 0:
-            self._queued_rows[copy.key] = left
+            self._queued_rows[key] = left
         else:
-            del self._queued_rows[copy.key]
+            del self._queued_rows[key]
 
     async def _batch_loop(self) -> None:
         """Form batches while copies are queued; exits when the queue is empty (the next copy
@@ -346,25 +353,28 @@ class ShadowLane:
                 due = self._queue[0].enqueued + self.batch_wait_s
                 if due > loop.time() and max(self._queued_rows.values(), default=0) < limit:
                     # Woken by a full batch or the window's end; a timer, not asyncio.timeout:
-                    # most windows end unfilled, and a timeout ends in a raised exception.
-                    self._wakeup.clear()
-                    timer = loop.call_at(due, self._wakeup.set)
+                    # most windows end unfilled, and a timeout ends in a raised exception. Only
+                    # a batcher waiting here is woken: a copy queued meanwhile does nothing.
+                    waiter = self._wakeup = loop.create_future()
+                    timer = loop.call_at(due, self._wake_batcher)
                     try:
-                        await self._wakeup.wait()
+                        await waiter
                     finally:
                         timer.cancel()
+                        self._wakeup = None
                     continue  # the oldest copy may have expired meanwhile: look again
                 await self._slots.acquire()  # queued copies keep joining while all slots busy
-                batch = self._take(limit)
+                batch, rows = self._take(limit)
                 if not batch:
                     self._slots.release()
                     continue
-                self._send(batch)
+                self._send(batch, rows)
         finally:
             self._batcher = None
 
-    def _take(self, limit: int) -> list[ShadowCopy]:
-        """The oldest live copy plus every later compatible one that fits, in queue order."""
+    def _take(self, limit: int) -> tuple[list[ShadowCopy], int]:
+        """The oldest live copy plus every later compatible one that fits, in queue order,
+        and their rows."""
         batch: list[ShadowCopy] = []
         rows = 0
         kept: deque[ShadowCopy] = deque()
@@ -372,24 +382,26 @@ class ShadowLane:
         while self._queue and rows < limit:
             copy = self._queue.popleft()
             if copy.done():  # cancelled by its owner: nothing to send
-                self._unqueue_rows(copy)
+                self._unqueue_rows(copy.key, copy.rows)
                 self._resolve(copy, ShadowResult("shed", error="copy cancelled while queued"))
             elif not batch or (copy.key == batch[0].key and rows + copy.rows <= limit):
-                self._unqueue_rows(copy)
                 copy.called = now
                 batch.append(copy)
                 rows += copy.rows
             else:
                 kept.append(copy)
+        if batch:  # one key: its queued rows go down once for the whole batch
+            self._unqueue_rows(batch[0].key, rows)
         kept.extend(self._queue)
         self._queue = kept
-        return batch
+        return batch, rows
 
-    def _send(self, batch: list[ShadowCopy]) -> None:
+    def _send(self, batch: list[ShadowCopy], rows: int, *, alone: bool = False) -> None:
         """One Triton call for the batch (its slot is held on entry and released when the call
         ends). Callback-driven, like the served call: no Task and no Future per batch, which
-        every copy of a busy lane would otherwise share the cost of."""
-        rows = sum(c.rows for c in batch)
+        every copy of a busy lane would otherwise share the cost of. `alone`: a copy that was
+        never batched (a probe, or a lane that does not batch), sent as `_single` would send it:
+        no rows counted in understudy_shadow_batch_rows, no `batch_rows` in its result."""
         called = time.perf_counter()
         try:
             if len(batch) == 1:
@@ -403,21 +415,24 @@ class ShadowLane:
                 body, content_type, header_length = (
                     combined.body, combined.content_type, combined.header_length
                 )
-            self._batch_rows.observe(rows)
+            if not alone:
+                self._batch_rows.observe(rows)
             called = time.perf_counter()
             for copy in batch:
                 copy.called = called
-            timeout_s = max(max(c.deadline for c in batch)
-                            - asyncio.get_running_loop().time(), 0.001)
+            # Copies queue in admission order and share the lane's timeout: the last one's
+            # deadline is the batch's latest.
+            loop = self._loop or self._bind_loop()
+            timeout_s = max(batch[-1].deadline - loop.time(), 0.001)
             self.upstream.infer_cb(
                 self.model, self.version, body, content_type, header_length,
-                lambda outcome: self._answered(batch, rows, called, outcome),
+                lambda outcome: self._answered(batch, rows, alone, called, outcome),
                 pool=self.pool_name, timeout_s=timeout_s,
             )
         except Exception as exc:  # the batch could not even be sent
-            self._answered(batch, rows, called, exc)
+            self._answered(batch, rows, alone, called, exc)
 
-    def _answered(self, batch: list[ShadowCopy], rows: int, called: float,
+    def _answered(self, batch: list[ShadowCopy], rows: int, alone: bool, called: float,
                   outcome: UpstreamResponse | Exception) -> None:
         """A batch call's outcome: every copy resolved, or (a failed batch of several) the
         copies re-sent singly, so one bad row never fails the others."""
@@ -427,7 +442,7 @@ class ShadowLane:
                 self._note_call(outcome.latency_s)
                 if len(batch) == 1:
                     self._resolve(batch[0], ShadowResult("ok", outcome.latency_s, outcome,
-                                                         batch_rows=rows))
+                                                         batch_rows=None if alone else rows))
                     return
                 if self._deliver(batch, outcome, rows):
                     return
@@ -453,10 +468,10 @@ class ShadowLane:
 
     async def _resend_singly(self, batch: list[ShadowCopy]) -> None:
         await asyncio.gather(*(self._single(c, from_batch=True) for c in batch
-                               if not c.finished))
+                               if not c.ended))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self._loop or self._bind_loop()).create_task(coro)
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -470,10 +485,11 @@ class ShadowLane:
                         self.route, self.model, exc)
             return False
         version = decoded.get("model_version")
-        results = [(copy, ShadowResult(
-            "ok", resp.latency_s, outputs=outputs, batch_rows=rows,
-            model_version=str(version) if version not in (None, "") else None,
-        )) for copy, outputs in zip(batch, parts, strict=True)]
+        model_version = str(version) if version not in (None, "") else None
+        latency_s = resp.latency_s
+        results = [(copy, ShadowResult("ok", latency_s, outputs=outputs, batch_rows=rows,
+                                       model_version=model_version))
+                   for copy, outputs in zip(batch, parts, strict=True)]
         self._resolve_slices(results)
         return True
 
@@ -488,11 +504,13 @@ class ShadowLane:
         if finished:
             self._counters["ok"].inc(finished)
         if len(results) > RESOLVE_SLICE:
-            asyncio.get_running_loop().call_soon(self._resolve_slices, results[RESOLVE_SLICE:])
+            loop = self._loop or self._bind_loop()
+            loop.call_soon(self._resolve_slices, results[RESOLVE_SLICE:])
 
     async def _single(self, copy: ShadowCopy, *, from_batch: bool = False) -> None:
-        """This copy alone, within its own deadline: a copy that is not batched, or the
-        fallback after its batch failed (`from_batch`). Latency is the call's service time
+        """This copy alone, within its own deadline: a copy that goes alone but found every
+        slot busy (with a free slot `_send` calls it at once), or the fallback after its batch
+        failed (`from_batch`). Latency is the call's service time
         (request written -> answer read), so the latency guardrail never blames a challenger for
         the gateway's queueing; a copy whose time ran out while still queued is shed, not timed
         out.
@@ -537,11 +555,11 @@ class ShadowLane:
     def _expire(self, copy: ShadowCopy) -> None:
         """The copy's deadline: still queued → shed, in a call → timeout (the call may go on
         for the batch's other copies)."""
-        if copy.finished:
+        if copy.ended:
             return
         if copy.called is None:
             self._queue.remove(copy)
-            self._unqueue_rows(copy)
+            self._unqueue_rows(copy.key, copy.rows)
         self._resolve(copy, self._timed_out(copy))
 
     def _resolve(self, copy: ShadowCopy, result: ShadowResult) -> None:
@@ -552,14 +570,14 @@ class ShadowLane:
     def _finish(self, copy: ShadowCopy, result: ShadowResult) -> bool:
         """Release the copy's admission, answer it and tell its listener; False if it was
         already finished. The caller counts it (per copy, or per batch)."""
-        if copy.finished:
+        if copy.ended:
             return False
-        copy.finished = True
+        copy.ended = True
         self._admitted -= 1
-        expiring = self._expiring
+        expiring = self._deadlines.items
         # Batches finish about in admission order: drop finished copies from the front now, so
         # they (and the answers they hold) are freed by refcount, not kept for the timer.
-        while expiring and expiring[0].finished:
+        while expiring and expiring[0].ended:
             expiring.popleft()
         if not copy.done():
             copy.set_result(result)

@@ -10,11 +10,19 @@ styles cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# A deadline timer may run this early (event loops round timers to their clock resolution); an
+# item whose deadline is this close is due, as its own timer would have fired now.
+TIMER_SLACK = 0.001
 
 
 class Cancellable(Protocol):
@@ -48,3 +56,68 @@ async def wait_for(start: Callable[[Callable[[T | Exception], None]], Cancellabl
         finally:
             del outcome
     return outcome
+
+
+class Expiring(Protocol):
+    """What `DeadlineWatch` watches: a deadline in loop time, and whether it has ended."""
+
+    deadline: float
+    ended: bool
+
+
+E = TypeVar("E", bound=Expiring)
+
+
+class DeadlineWatch(Generic[E]):
+    """Items (pool calls, shadow copies) whose deadlines come in order, watched by one loop
+    timer set for the earliest instead of a timer each: with uvloop a timer made and cancelled
+    per call cost ~2.5 µs, as much as the rest of the call's bookkeeping.
+
+    `expire(item)` is called once for each item whose deadline has come. Items that end earlier
+    stay in `items` until they reach the front: their owner drops them there as they end
+    (`while items and items[0].ended: items.popleft()`), so they are freed by refcount, not
+    held until the timer passes, and no timer is cancelled per item.
+    """
+
+    __slots__ = ("_expire", "_latest", "_loop", "_timer", "items")
+
+    def __init__(self, expire: Callable[[E], object]) -> None:
+        self._expire = expire
+        self.items: deque[E] = deque()  # in deadline order
+        self._latest = 0.0  # the deadline of the last item watched
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None  # None: nothing watched
+
+    def watch(self, loop: asyncio.AbstractEventLoop, item: E) -> bool:
+        """Watch `item`; False if it is due before items already watched (or before the timer
+        still set for them): the caller then gives it a timer of its own."""
+        deadline = item.deadline
+        if self._timer is not None and deadline < self._latest:
+            return False
+        self.items.append(item)
+        self._latest = deadline
+        if self._timer is None:
+            self._loop = loop
+            self._timer = loop.call_at(deadline, self._fire)
+        return True
+
+    def _fire(self) -> None:
+        """Expire every item whose deadline has come, then set the timer for the earliest
+        left. `_timer` stays set meanwhile, so an item watched by an `expire` callback (a
+        caller starting its next call) does not set a second timer."""
+        loop = self._loop
+        assert loop is not None
+        due = loop.time() + TIMER_SLACK
+        items = self.items
+        while items:
+            item = items[0]
+            if item.deadline > due and not item.ended:
+                self._timer = loop.call_at(item.deadline, self._fire)
+                return
+            items.popleft()
+            if not item.ended:
+                try:
+                    self._expire(item)
+                except Exception:  # one item's bug must not leave the others unwatched
+                    log.exception("deadline expiry failed")
+        self._timer = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -40,6 +41,7 @@ from gateway.upstream.grpc_client import GrpcServer
 from gateway.upstream.keepalive import KeepAlivePool, MalformedResponse, RawResponse
 
 _HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
+_HEADER_LENGTH_LINE = HEADER_LENGTH.encode() + b": %d\r\n"  # one request's header line
 
 
 @dataclass(slots=True)
@@ -140,6 +142,9 @@ class TritonUpstream:
         # Checked first on every call, so an all-HTTP gateway pays one attribute read for gRPC.
         self._any_grpc = any(server.grpc is not None for server in self._servers)
         self._pools: dict[str, KeepAlivePool] = {}
+        # (pool name, model, version) -> its pool and inference path: looked up once, not
+        # quoted and found again on every call.
+        self._targets: dict[tuple[str | None, str, str], tuple[KeepAlivePool, str]] = {}
         self._tasks: set[asyncio.Task[UpstreamResponse]] = set()  # gRPC calls started by infer_cb
 
     def server_url(self, model: str) -> str:
@@ -197,14 +202,21 @@ class TritonUpstream:
             self._tasks.add(task)
             task.add_done_callback(lambda t: self._grpc_done(t, on_done))
             return task
+        target = self._targets.get((pool, model, version)) or self._target(pool, model, version)
         # Never ask Triton to compress (no Accept-Encoding): bodies pass through as they are.
-        extra = b"" if header_length is None else b"%s: %d\r\n" % (
-            HEADER_LENGTH.encode(), header_length
+        extra = b"" if header_length is None else _HEADER_LENGTH_LINE % header_length
+        return target[0].post_cb(
+            target[1], body, content_type, extra,
+            partial(self._answered, on_done, model, timeout), timeout,
         )
-        return self.pool(pool or model, model=model).post_cb(
-            _model_path(model, version) + "/infer", body, content_type, extra,
-            lambda outcome: on_done(self._answer(model, timeout, outcome)), timeout,
+
+    def _target(self, pool: str | None, model: str, version: str
+                ) -> tuple[KeepAlivePool, str]:
+        """The pool and inference path of a (pool name, model, version), on its first call."""
+        target = self._targets[(pool, model, version)] = (
+            self.pool(pool or model, model=model), _model_path(model, version) + "/infer"
         )
+        return target
 
     def _grpc_done(self, task: asyncio.Task[UpstreamResponse],
                    on_done: Callable[[UpstreamResponse | Exception], None]) -> None:
@@ -217,10 +229,26 @@ class TritonUpstream:
         elif isinstance(exc, Exception):
             on_done(exc)
 
-    def _answer(self, model: str, timeout_s: float, outcome: RawResponse | Exception
-                ) -> UpstreamResponse | Exception:
-        """A pool call's outcome as the gateway sees it: the answer, or its `GatewayError`
-        (the one place upstream HTTP failures are mapped)."""
+    def _answered(self, on_done: Callable[[UpstreamResponse | Exception], None], model: str,
+                  timeout_s: float, outcome: RawResponse | Exception) -> None:
+        """Hand a pool call's outcome to `on_done` as the gateway sees it: the answer, or its
+        `GatewayError` (`_failure`)."""
+        if isinstance(outcome, RawResponse) and outcome.status == 200:
+            headers = outcome.headers
+            resp_length = headers.get(_HEADER_LENGTH_KEY)
+            on_done(UpstreamResponse(
+                200, outcome.body,
+                headers.get(b"content-type", b"application/json").decode("latin-1"),
+                resp_length.decode("latin-1") if resp_length is not None else None,
+                outcome.latency_s,
+            ))
+        else:
+            on_done(self._failure(model, timeout_s, outcome))
+
+    def _failure(self, model: str, timeout_s: float, outcome: RawResponse | Exception
+                 ) -> Exception:
+        """A failed pool call's `GatewayError` (the one place upstream HTTP failures are
+        mapped): timed out, unreachable, malformed, or a status other than 200."""
         if isinstance(outcome, TimeoutError):  # before OSError: TimeoutError is one
             return upstream_timeout(f"model '{model}'", timeout_s)
         if isinstance(outcome, OSError):  # refused, reset, closed mid-answer (ConnectionClosed)
@@ -230,18 +258,10 @@ class TritonUpstream:
         if isinstance(outcome, Exception):
             return outcome
         status = outcome.status
-        if status != 200:
-            message = _error_message(outcome.body, f"HTTP {status}")
-            if 400 <= status < 500:
-                return UpstreamClientError(message, status)
-            return UpstreamBadGateway(f"model '{model}' failed: {message}")
-        resp_type = outcome.headers.get(b"content-type", b"application/json").decode("latin-1")
-        resp_length = outcome.headers.get(_HEADER_LENGTH_KEY)
-        return UpstreamResponse(
-            status, outcome.body, resp_type,
-            resp_length.decode("latin-1") if resp_length is not None else None,
-            outcome.latency_s,
-        )
+        message = _error_message(outcome.body, f"HTTP {status}")
+        if 400 <= status < 500:
+            return UpstreamClientError(message, status)
+        return UpstreamBadGateway(f"model '{model}' failed: {message}")
 
     async def _get(self, path: str, model: str | None = None) -> tuple[int, bytes]:
         return await self._get_on(self._server(model), path, model)
@@ -316,6 +336,7 @@ class TritonUpstream:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        self._targets.clear()
         for server in self._servers:
             await server.close()
 

@@ -544,3 +544,49 @@ async def test_upstream_callback_timeout_is_a_504(server_factory: ServerFactory)
     await upstream.close()
     hold.set()
     await asyncio.sleep(0.02)
+
+
+async def test_calls_sharing_the_deadline_timer_each_time_out_at_their_own_deadline(
+    server_factory: ServerFactory,
+) -> None:
+    """Calls whose deadlines come in order share the pool's one timer; a call with a shorter
+    timeout than those already watched (or than the timer still set for an answered call) is
+    not held to their deadline."""
+    hold = asyncio.Event()
+
+    async def hang_unless_quick(body: bytes, _: int) -> bytes:
+        if body != b"quick":
+            await hold.wait()
+        return ok(body)
+
+    server = await server_factory(hang_unless_quick)
+    pool = KeepAlivePool("127.0.0.1", server.port, limit=8)
+    loop = asyncio.get_running_loop()
+    # Answered at once: the shared timer stays set for its 30 s deadline.
+    assert (await pool.post("/p", b"quick", "application/json", timeout_s=30)).status == 200
+    ended: dict[bytes, float] = {}
+    all_ended = asyncio.Event()
+
+    def collect(name: bytes) -> Callable[[object], None]:
+        def done(outcome: object) -> None:
+            assert isinstance(outcome, TimeoutError), outcome
+            ended[name] = loop.time()
+            if len(ended) == 4:
+                all_ended.set()
+        return done
+
+    started = loop.time()
+    calls = [
+        pool.post_cb("/p", b"a", "application/json", b"", collect(b"a"), 0.1),  # before the 30 s
+        pool.post_cb("/p", b"b", "application/json", b"", collect(b"b"), 0.3),  # in order: shared
+        pool.post_cb("/p", b"c", "application/json", b"", collect(b"c"), 0.3),
+        pool.post_cb("/p", b"d", "application/json", b"", collect(b"d"), 0.05),  # shorter: own
+    ]
+    await asyncio.wait_for(all_ended.wait(), 10)  # not at the answered call's 30 s deadline
+    assert list(ended) == [b"d", b"a", b"b", b"c"]  # each at its own deadline, in that order
+    assert all(call.ended and not call.message for call in calls)  # no request body kept
+    assert ended[b"a"] - started >= 0.1 - 0.002  # not early (timers round to ~1 ms)
+    assert pool.in_flight == 0 and pool.idle == 0  # the timed-out calls' connections aborted
+    pool.close()
+    hold.set()
+    await asyncio.sleep(0.02)

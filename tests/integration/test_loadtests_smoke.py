@@ -153,16 +153,31 @@ def test_upstream_protocol_bench_runs(tmp_path: Path) -> None:
     assert all(r["requests"] > 0 and r["gateway_cpu_us_per_req"] > 0 for r in rows)
 
 
-def test_bench_lane_runs() -> None:
+@pytest.mark.parametrize("extra", [[], ["--unbatched", "--burst", "1"]])
+def test_bench_lane_runs(extra: list[str]) -> None:
     """loadtests/bench_lane.py (no sockets, seconds): every copy resolves ok through the lane
     (the script raises otherwise) and a CPU cost per copy is printed."""
     proc = subprocess.run(
-        [sys.executable, "loadtests/bench_lane.py", "--copies", "400", "--repeat", "1"],
+        [sys.executable, "loadtests/bench_lane.py", "--copies", "400", "--repeat", "1", *extra],
         cwd=common.ROOT, capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "PYTHONPATH": str(common.ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "us CPU per copy" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--binary"]])
+def test_bench_upstream_call_runs(extra: list[str]) -> None:
+    """loadtests/bench_upstream_call.py (no sockets, seconds): every call through the real
+    client and pool is answered (the script raises otherwise) and a CPU cost is printed."""
+    proc = subprocess.run(
+        [sys.executable, "loadtests/bench_upstream_call.py", "--calls", "400", "--repeat", "1",
+         *extra],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "us CPU per call" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow

@@ -453,6 +453,30 @@ async def test_model_max_batch_size_caps_rows_and_zero_disables_batching() -> No
     assert all(r.status == "ok" and r.batch_rows is None for r in results)
 
 
+async def test_a_copy_alone_with_a_free_slot_is_called_at_once_on_the_lane_deadline() -> None:
+    """A copy that goes alone takes a free slot in `submit` (no Task of the lane's); one that
+    finds the slot busy waits as a Task. Both resolve at their deadline even though the server
+    hangs past the call's timeout: the first timed out in its call, the second shed."""
+    upstream = FakeUpstream(max_batch_size=0)
+    lane = lane_for(upstream, "lane-alone", timeout_ms=50)
+    assert await lane.load_batching_config() == 0
+    upstream.gate = asyncio.Event()  # a hung server that ignores the call's timeout
+    first = lane.submit(row(1), "shadow")
+    assert not lane._calls  # called at once: no Task
+    second = lane.submit(row(2), "shadow")
+    assert len(lane._calls) == 1  # the only slot is busy: it waits as a Task
+    timed_out, shed = await first, await second
+    assert (timed_out.status, shed.status) == ("timeout", "shed")
+    assert timed_out.latency_s is not None and timed_out.latency_s >= 0.04
+    assert upstream.calls == [1]  # the waiting copy was never sent
+    upstream.gate.set()
+    await asyncio.sleep(0.01)  # the hung call ends: its copy is already resolved, once
+    assert lane.admitted == 0 and not lane._deadlines.items and not lane._slots.locked()
+    results = await asyncio.gather(*(lane.submit(row(i), "shadow") for i in range(3)))
+    assert [(r.status, r.batch_rows, score(r)) for r in results] == [
+        ("ok", None, [0.0]), ("ok", None, [1.0]), ("ok", None, [2.0])]
+
+
 async def test_copies_go_singly_until_the_model_config_is_known() -> None:
     upstream = FakeUpstream()
     lane = lane_for(upstream, "lane-cold", max_concurrency=4)
@@ -664,7 +688,7 @@ async def test_a_batch_answer_reaches_each_record_with_its_own_row_in_one_pass()
                                           "data": [float(i + 10)]}
         assert shadow["version"] == "7"
     assert lane.admitted == 0 and recorder.pending == 0
-    assert not lane._expiring  # resolved copies are not held for the deadline timer
+    assert not lane._deadlines.items  # resolved copies are not held for the deadline timer
     assert REGISTRY.get_sample_value("understudy_shadow_copies_total", {
         "route": "lane-listen", "model": "m", "outcome": "ok"}) == 7
 
@@ -730,7 +754,7 @@ async def test_one_lane_timer_times_out_each_copy_at_its_own_deadline() -> None:
     fresh = [watch(f"fresh{i}", lane.submit(row(3), "shadow")) for i in range(2)]
     upstream.gate.set()
     assert [r.status for r in await asyncio.gather(*fresh)] == ["ok", "ok"]
-    assert lane.admitted == 0 and not lane._expiring
+    assert lane.admitted == 0 and not lane._deadlines.items
 
 
 async def test_inflight_gauge_reads_the_lanes_admitted_copies() -> None:
