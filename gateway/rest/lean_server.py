@@ -139,6 +139,27 @@ class _Slot:
         self.close = False
 
 
+class _InferSlot(_Slot):
+    """An inference request's slot, with what its answer needs (set when its body is complete).
+    It is also the completion callback `InferenceService.start` calls: only the first call
+    counts (a bug raising after the answer must not answer twice)."""
+
+    __slots__ = ("conn", "keep_alive", "url", "version")
+
+    conn: LeanProtocol | None
+    keep_alive: bool
+    url: bytes
+    version: str
+
+    def __call__(self, outcome: InferResult | Exception) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        conn.server.pending -= 1
+        conn.infer_answer(self, outcome)
+
+
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -331,10 +352,6 @@ class LeanProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        slot = self._slot = _Slot()
-        self.slots.append(slot)
-        if len(self.slots) >= MAX_PIPELINE:
-            self._pause("pipeline")
         method = self.parser.get_method()
         path = self._url.split(b"?", 1)[0]
         # Lower-cased names; the first of repeated ones wins (the reversed walk writes it last).
@@ -345,6 +362,10 @@ class LeanProtocol(asyncio.Protocol):
             "utf-8", "surrogateescape").lower()
         plain = b"expect" not in raw and not self.parser.should_upgrade()
         match = _INFER_PATH.fullmatch(path) if method == b"POST" and plain else None
+        slot = self._slot = _InferSlot() if match is not None else _Slot()
+        self.slots.append(slot)
+        if len(self.slots) >= MAX_PIPELINE:
+            self._pause("pipeline")
         if match is not None:
             self._route = match[1].decode()
             self._body = []
@@ -386,9 +407,14 @@ class LeanProtocol(asyncio.Protocol):
             return  # aiohttp answers, and closes its side if the request asked for it
         version = self.parser.get_http_version()
         if kind == _INFER:
+            assert isinstance(slot, _InferSlot)
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []
-            self._start_infer(slot, self._route, body, self._headers, version, keep_alive)
+            slot.conn = self
+            slot.version = version
+            slot.keep_alive = keep_alive
+            slot.url = self._url
+            self._start_infer(slot, self._route, body, self._headers)
         elif kind == _READY_PROBE:
             self._spawn(self._ready(slot, version, keep_alive))
         elif kind == _LIVE_PROBE:
@@ -404,45 +430,43 @@ class LeanProtocol(asyncio.Protocol):
         self.server.inflight.add(task)
         task.add_done_callback(self.server.inflight.discard)
 
-    def _start_infer(self, slot: _Slot, route: str, body: bytes, headers: Headers,
-                     version: str, keep_alive: bool) -> None:
+    def _start_infer(self, slot: _InferSlot, route: str, body: bytes, headers: Headers) -> None:
         """Serve an inference request by callbacks (`InferenceService.start`): no Task; the
-        answer is written from the completion callback. A request `start` declines (the
-        champion's signature not cached yet) runs `InferenceService.infer` in a Task."""
+        answer is written from the completion callback, the slot itself. A request `start`
+        declines (the champion's signature not cached yet) runs `InferenceService.infer` in a
+        Task."""
         server = self.server
-        url = self._url
         server.pending += 1
-        done = _InferDone(self, slot, version, keep_alive, url)
         try:
-            started = server.service.start(route, body, headers, done)
+            started = server.service.start(route, body, headers, slot)
         except Exception as exc:  # an unknown route (404), or a bug (500)
-            if done.conn is None:  # answered already: a bug after the answer, logged only
+            if slot.conn is None:  # answered already: a bug after the answer, logged only
                 log.exception("Error after answering a request")
-            done(exc)
+            slot(exc)
             return
         if not started:
             server.pending -= 1
-            self._spawn(self._infer(slot, route, body, headers, version, keep_alive, url))
+            self._spawn(self._infer(slot, route, body, headers))
 
-    async def _infer(self, slot: _Slot, route: str, body: bytes, headers: Headers,
-                     version: str, keep_alive: bool, url: bytes) -> None:
+    async def _infer(self, slot: _InferSlot, route: str, body: bytes, headers: Headers) -> None:
         outcome: InferResult | Exception
         try:
             outcome = await self.server.service.infer(route, body, headers)
         except Exception as exc:
             outcome = exc
-        self.infer_answer(slot, version, keep_alive, url, outcome)
+        self.infer_answer(slot, outcome)
 
-    def infer_answer(self, slot: _Slot, version: str, keep_alive: bool, url: bytes,
-                     outcome: InferResult | Exception) -> None:
+    def infer_answer(self, slot: _InferSlot, outcome: InferResult | Exception) -> None:
         """Write an inference request's answer (either path): the result, its `GatewayError`
         mapped by `error_reply`, or a bug's 500 (logged) and a close."""
         date = self.server.date()
+        version = slot.version
+        keep_alive = slot.keep_alive
         if isinstance(outcome, InferResult):
             data = render(version, outcome.status, outcome.headers, outcome.body, keep_alive,
                           date)
         elif isinstance(outcome, GatewayError):
-            body, extra = error_reply(outcome, "POST", url.decode("latin-1"))
+            body, extra = error_reply(outcome, "POST", slot.url.decode("latin-1"))
             data = render(version, outcome.status, {"Content-Type": "application/json", **extra},
                           body, keep_alive, date)
         else:
@@ -586,29 +610,6 @@ class LeanProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.finish()
             self._flush()
-
-
-class _InferDone:
-    """The completion callback of one callback-driven inference request; only its first call
-    counts (a bug raising after the answer must not answer twice)."""
-
-    __slots__ = ("conn", "keep_alive", "slot", "url", "version")
-
-    def __init__(self, conn: LeanProtocol, slot: _Slot, version: str, keep_alive: bool,
-                 url: bytes) -> None:
-        self.conn: LeanProtocol | None = conn
-        self.slot = slot
-        self.version = version
-        self.keep_alive = keep_alive
-        self.url = url
-
-    def __call__(self, outcome: InferResult | Exception) -> None:
-        conn = self.conn
-        if conn is None:
-            return
-        self.conn = None
-        conn.server.pending -= 1
-        conn.infer_answer(self.slot, self.version, self.keep_alive, self.url, outcome)
 
 
 class _Bridge(asyncio.Transport):
