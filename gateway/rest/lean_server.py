@@ -446,6 +446,7 @@ class LeanProtocol(asyncio.Protocol):
             return
         if not started:
             server.pending -= 1
+            slot.conn = None  # the Task answers it (and the slot holds no cycle back to us)
             self._spawn(self._infer(slot, route, body, headers))
 
     async def _infer(self, slot: _InferSlot, route: str, body: bytes, headers: Headers) -> None:
