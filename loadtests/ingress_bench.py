@@ -9,6 +9,12 @@ upstream call (answered at once, the way the event loop would call back), the re
 the shadow lanes (`loadtests/bench_recorder.py`, `loadtests/bench_lane.py`). Prints the
 best-of-`repeat` process-CPU microseconds per request. Run it on two trees (PYTHONPATH=main
 vs PYTHONPATH=branch), alternating, and compare the best of several runs.
+
+On a busy machine the CPU time wanders by 10-30%; instructions do not. Without hardware
+counters, count them with valgrind at two sizes and divide the difference (startup cancels):
+
+    PYTHONHASHSEED=0 PYTHONPATH=TREE valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python loadtests/ingress_bench.py --repeat 1 --number N   # N=1000 and N=5000: "Collected"
 """
 
 from __future__ import annotations
