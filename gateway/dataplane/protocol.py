@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,14 +240,18 @@ def _check_parameters(params: Any, what: str, typed: Mapping[str, str]) -> None:
 
 def _check_shape(shape: Any, name: str) -> int:
     """The element count of a valid shape (non-negative int64 dims, bounded rank)."""
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
-        type(d) is int and 0 <= d <= MAX_DIM for d in shape
-    ):
+    valid = isinstance(shape, list) and len(shape) <= MAX_RANK
+    if valid:
+        for d in shape:  # a loop, not all(<generator>): shapes are short, and this is per input
+            if type(d) is not int or not 0 <= d <= MAX_DIM:
+                valid = False
+                break
+    if not valid:
         raise BadRequest(
             f"input '{name}': 'shape' must be a list of at most {MAX_RANK} integers in "
             f"[0, 2^63-1], got {shape!r:.80}"
         )
-    count = math.prod(shape)
+    count: int = math.prod(shape)
     if count > MAX_DIM:
         raise BadRequest(f"input '{name}': shape {shape} has more than 2^63-1 elements")
     return count
@@ -389,31 +393,51 @@ def validate_against(request: InferRequest, model: str, specs: Sequence[TensorSp
     Done in the gateway (not left to Triton) so that a bad request is never mirrored to the
     challengers and the client gets one clear message.
     """
-    by_name = {s.name: s for s in specs}
-    given = {t["name"] for t in request.inputs}
-    unknown = sorted(given - by_name.keys())
-    if unknown:
-        raise BadRequest(
-            f"unexpected input(s) {', '.join(map(repr, unknown))} for model '{model}'; "
-            f"expected {', '.join(map(repr, by_name))}"
-        )
-    missing = sorted(by_name.keys() - given)
-    if missing:
-        raise BadRequest(f"missing input(s) {', '.join(map(repr, missing))} for model '{model}'")
-    for tensor in request.inputs:
-        spec = by_name[tensor["name"]]
+    inputs = request.inputs
+    # The common case, checked without building sets: the request names the model's inputs in
+    # the model's order (names are unique, `_check_inputs` saw to it), so none is unknown or
+    # missing and each tensor's spec is the one beside it.
+    in_order = len(inputs) == len(specs)
+    if in_order:
+        for tensor, spec in zip(inputs, specs, strict=True):
+            if tensor["name"] != spec.name:
+                in_order = False
+                break
+    pairs: Iterable[tuple[dict[str, Any], TensorSpec]]
+    if in_order:
+        pairs = zip(inputs, specs, strict=True)
+    else:
+        by_name = {s.name: s for s in specs}
+        given = {t["name"] for t in inputs}
+        unknown = sorted(given - by_name.keys())
+        if unknown:
+            raise BadRequest(
+                f"unexpected input(s) {', '.join(map(repr, unknown))} for model '{model}'; "
+                f"expected {', '.join(map(repr, by_name))}"
+            )
+        missing = sorted(by_name.keys() - given)
+        if missing:
+            raise BadRequest(
+                f"missing input(s) {', '.join(map(repr, missing))} for model '{model}'")
+        pairs = [(tensor, by_name[tensor["name"]]) for tensor in inputs]
+    for tensor, spec in pairs:
         if tensor["datatype"] != spec.datatype:
             raise BadRequest(
                 f"input '{spec.name}': datatype {tensor['datatype']} does not match "
                 f"model '{model}' which expects {spec.datatype}"
             )
         shape = tensor["shape"]
-        if len(shape) != len(spec.shape) or any(
-            want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
-        ):
+        want = spec.shape
+        fits = len(shape) == len(want)
+        if fits:
+            for got, dim in zip(shape, want, strict=True):
+                if dim != -1 and got != dim:
+                    fits = False
+                    break
+        if not fits:
             raise BadRequest(
                 f"input '{spec.name}': shape {list(shape)} does not match model '{model}' "
-                f"which expects {list(spec.shape)} (-1 = any)"
+                f"which expects {list(want)} (-1 = any)"
             )
 
 

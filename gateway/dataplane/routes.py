@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from gateway import metrics
 from gateway.config import (
     DEFAULT_BATCH_MAX_ROWS,
     DEFAULT_BATCH_MAX_WAIT_MS,
@@ -25,6 +26,17 @@ from gateway.mirror.shadow import CallTime, ShadowLane
 from gateway.upstream.client import TritonUpstream
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedMetrics:
+    """The metric children a request served by one model over one transport updates: resolved
+    once per (route version, model, transport) rather than four cached lookups per request."""
+
+    requests: metrics.BatchedCounter
+    request_latency: metrics.BatchedHistogram
+    model_latency: metrics.BatchedHistogram
+    overhead: metrics.BatchedHistogram
 
 
 @dataclass
@@ -45,10 +57,28 @@ class RouteRuntime:
     # The decision of a request the champion serves without exploring: one shared, immutable
     # object rather than one per request.
     champion_decision: Decision = field(init=False)
+    # The header carrying a request's sticky/sampling key, if the route names one.
+    key_header: str | None = field(init=False)
+    # ServedMetrics by (served model, transport), filled as they are first needed.
+    served_metrics: dict[tuple[str, str], ServedMetrics] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        champion = self.config.champion.model
+        config = self.config
+        champion = config.champion.model
         self.champion_decision = Decision(champion, 1.0, {champion: 1.0})
+        self.key_header = config.policy.sticky_header or config.sample_key_header or None
+
+    def add_served_metrics(self, model: str, protocol: str) -> ServedMetrics:
+        """Resolve (and keep) the children `served_metrics` lacks for `model` and `protocol`."""
+        name = self.config.name
+        role = "champion" if model == self.config.champion.model else "challenger"
+        children = self.served_metrics[model, protocol] = ServedMetrics(
+            metrics.child(metrics.REQUESTS, name, model, "200", protocol),
+            metrics.child(metrics.REQUEST_LATENCY, name),
+            metrics.child(metrics.MODEL_LATENCY, name, model, role, "served"),
+            metrics.child(metrics.OVERHEAD, name),
+        )
+        return children
 
     @property
     def name(self) -> str:

@@ -35,7 +35,7 @@ from gateway.dataplane.routes import RouteRuntime, RouteTable
 from gateway.errors import GatewayError, UpstreamClientError
 from gateway.mirror.shadow import ShadowResult
 from gateway.upstream.callback import Cancellable, wait_for
-from gateway.upstream.client import TritonUpstream, UpstreamResponse, passthrough_headers
+from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from understudy.records import Transport
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -116,10 +116,9 @@ class InferenceService:
     def _admit(self, call: _Call, body: bytes | BodyEncoder, headers: Mapping[str, str]
                ) -> None:
         """Check the request's ids and sticky key, parse its body: the steps needing no model."""
-        config = call.runtime.config
-        key_header = config.policy.sticky_header or config.sample_key_header
-        raw_key = headers.get(key_header) if key_header else None
-        header_id = headers.get(REQUEST_ID_HEADER) or ""
+        key_header = call.runtime.key_header
+        raw_key = headers.get(key_header) if key_header is not None else None
+        header_id = headers.get(REQUEST_ID_HEADER)
         if header_id:
             call.request_id = check_request_id(header_id, f"{REQUEST_ID_HEADER} header")
         if raw_key is not None:
@@ -195,12 +194,11 @@ class InferenceService:
     def _served(self, call: _Call, response: UpstreamResponse) -> InferResult:
         """Record, count and answer a served request."""
         runtime = call.runtime
-        config = runtime.config
-        route_name = runtime.name
         served_model = call.fallback or call.served_model
-        runtime.served_call.note(response.latency_s)  # the yardstick of slow shadow lanes
+        latency = response.latency_s
+        runtime.served_call.note(latency)  # the yardstick of slow shadow lanes
         elapsed = time.perf_counter() - call.started
-        served = ShadowResult("ok", response.latency_s, response)
+        served = ShadowResult("ok", latency, response)
         copies = self._dispatch_copies(runtime, call.request, served_model)
         self.recorder.submit(
             RequestContext(runtime, call.request_id, call.ts, call.key, call.request,
@@ -208,20 +206,21 @@ class InferenceService:
                            fallback=call.fallback is not None, protocol=call.protocol),
             copies,
         )
-        role = "champion" if served_model == config.champion.model else "challenger"
-        metrics.child(metrics.REQUESTS, route_name, served_model, "200", call.protocol).inc()
-        metrics.child(metrics.REQUEST_LATENCY, route_name).observe(elapsed)
-        metrics.child(metrics.MODEL_LATENCY, route_name, served_model, role, "served").observe(
-            response.latency_s
-        )
-        metrics.child(metrics.OVERHEAD, route_name).observe(
-            max(elapsed - response.latency_s, 0.0)
-        )
-        out_headers = dict(passthrough_headers(response))
-        out_headers[REQUEST_ID_HEADER] = call.request_id
-        out_headers["X-Served-Model"] = served_model
-        out_headers["X-Route-Policy"] = config.policy.type
-        return InferResult(200, response.body, out_headers)
+        counted = (runtime.served_metrics.get((served_model, call.protocol))
+                   or runtime.add_served_metrics(served_model, call.protocol))
+        counted.requests.inc()
+        counted.request_latency.observe(elapsed)
+        counted.model_latency.observe(latency)
+        overhead = elapsed - latency
+        counted.overhead.observe(0.0 if overhead < 0.0 else overhead)  # max(overhead, 0.0)
+        # Triton's content headers (the body passes through as it is), then the gateway's.
+        headers = {"Content-Type": response.content_type}
+        if response.header_length is not None:
+            headers[HEADER_LENGTH] = response.header_length
+        headers[REQUEST_ID_HEADER] = call.request_id
+        headers["X-Served-Model"] = served_model
+        headers["X-Route-Policy"] = runtime.config.policy.type
+        return InferResult(200, response.body, headers)
 
     def _dispatch_copies(
         self, runtime: RouteRuntime, request: InferRequest | None, served_model: str

@@ -36,7 +36,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -84,14 +84,48 @@ class _Stop(Exception):
     """Raised from a parser callback: parse nothing further on this connection."""
 
 
-class Headers(dict[str, str]):
-    """Request headers by lower-cased name (the first of repeated ones, as aiohttp's `get`);
-    `get` is case-insensitive, which is all the data plane asks of a header mapping."""
+class Headers(Mapping[str, str]):
+    """Request headers by case-insensitive name (the first of repeated ones, as aiohttp's `get`).
 
-    __slots__ = ()
+    Why not a dict of decoded names and values: the data plane reads a handful of names, so
+    decoding and lower-casing every header of every request was most of the header work. This
+    keeps the raw values by lower-cased raw name (`raw`, which the server reads directly) and
+    decodes a value only when it is asked for: UTF-8 with undecodable bytes as lone surrogates,
+    as aiohttp does. Header names are ASCII tokens (llhttp refuses anything else).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[bytes, bytes]) -> None:
+        self.raw = raw
 
     def get(self, key: str, default: Any = None) -> Any:
-        return dict.get(self, key.lower(), default)
+        value = self.raw.get(_NAME_KEYS.get(key) or _name_key(key))
+        return default if value is None else value.decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return str(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name in self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+# The raw-header key of each name the data plane has looked up (a few constants and the routes'
+# key headers), so a lookup costs one dict probe rather than lower() and encode().
+_NAME_KEYS: dict[str, bytes] = {}
+
+
+def _name_key(name: str) -> bytes:
+    """`name` as a lower-cased raw header name. A character outside latin-1 cannot be in a
+    header name, so it becomes "?", which matches nothing."""
+    key = _NAME_KEYS[name] = name.lower().encode("latin-1", "replace")
+    return key
 
 
 class _Slot:
@@ -103,6 +137,27 @@ class _Slot:
         self.chunks: list[bytes] = []
         self.done = False
         self.close = False
+
+
+class _InferSlot(_Slot):
+    """An inference request's slot, with what its answer needs (set when its body is complete).
+    It is also the completion callback `InferenceService.start` calls: only the first call
+    counts (a bug raising after the answer must not answer twice)."""
+
+    __slots__ = ("conn", "keep_alive", "url", "version")
+
+    conn: LeanProtocol | None
+    keep_alive: bool
+    url: bytes
+    version: str
+
+    def __call__(self, outcome: InferResult | Exception) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        conn.server.pending -= 1
+        conn.infer_answer(self, outcome)
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -165,17 +220,27 @@ class LeanServer:
             conn.abort()
 
 
-def render(version: bytes, status: int, headers: Mapping[str, str], body: bytes,
+def render(version: str, status: int, headers: Mapping[str, str], body: bytes,
            keep_alive: bool, date: bytes) -> bytes:
-    """One complete HTTP/1.x answer, with the headers aiohttp would add."""
-    head = [f"HTTP/{version.decode()} {status} {_REASONS.get(status, '')}\r\n"]
-    head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    head.append(f"Content-Length: {len(body)}\r\n")
+    """One complete HTTP/1.x answer, with the headers aiohttp would add. (Appending to one
+    string is what CPython does fastest here: it grows the string in place.)"""
+    head = _STATUS_LINES.get((version, status)) or _status_line(version, status)
+    for name, value in headers.items():
+        head += f"{name}: {value}\r\n"
+    head += f"Content-Length: {len(body)}\r\n"
     if not keep_alive:
-        head.append("Connection: close\r\n")
-    elif version == b"1.0":
-        head.append("Connection: keep-alive\r\n")
-    return b"".join((("".join(head)).encode(), date, _SERVER, body))
+        head += "Connection: close\r\n"
+    elif version == "1.0":
+        head += "Connection: keep-alive\r\n"
+    return b"".join((head.encode(), date, _SERVER, body))
+
+
+def _status_line(version: str, status: int) -> str:
+    return f"HTTP/{version} {status} {_REASONS.get(status, '')}\r\n"
+
+
+_STATUS_LINES = {(version, status): _status_line(version, status)
+                 for version in ("1.0", "1.1") for status in _REASONS}
 
 
 _SERVER = b"Server: %s\r\n\r\n" % SERVER_SOFTWARE.encode()
@@ -199,10 +264,11 @@ class LeanProtocol(asyncio.Protocol):
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._in_head = False
+        self._fields_fit = True  # no header field in the bytes being parsed can be too long
         self._kind = _INFER
         self._slot: _Slot | None = None
         self._route = ""
-        self._headers = Headers()
+        self._headers = Headers({})
         self._body: list[bytes] = []
         self._body_size = 0
         self._chunked = False
@@ -234,6 +300,10 @@ class LeanProtocol(asyncio.Protocol):
         if self._closing and self._slot is None:
             return  # no request in progress, and no new one is read
         self.last_active = time.monotonic()
+        # A header field finished while parsing `data` is made of this head's earlier bytes
+        # (at most `_head_bytes`) and `data`: if they fit in MAX_LINE, so does every field, and
+        # on_header need not measure each one.
+        self._fields_fit = (self._head_bytes if self._in_head else 0) + len(data) <= MAX_LINE
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -271,33 +341,36 @@ class LeanProtocol(asyncio.Protocol):
             raise _Reject(414, f"request URL is longer than {MAX_LINE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > MAX_LINE:
-            raise _Reject(431, f"header field {name[:100].decode('latin-1')!r} is longer "
-                               f"than {MAX_LINE} bytes")
-        if len(self._raw_headers) >= MAX_HEADERS:
+        raw = self._raw_headers
+        if len(raw) >= MAX_HEADERS or not (self._fields_fit
+                                            or len(name) + len(value) <= MAX_LINE):
+            if len(name) + len(value) > MAX_LINE:  # this limit is named first, as aiohttp does
+                raise _Reject(431, f"header field {name[:100].decode('latin-1')!r} is longer "
+                                   f"than {MAX_LINE} bytes")
             raise _Reject(431, f"more than {MAX_HEADERS} header fields")
-        self._raw_headers.append((name, value))
+        raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        slot = self._slot = _Slot()
+        method = self.parser.get_method()
+        path = self._url.split(b"?", 1)[0]
+        # Lower-cased names; the first of repeated ones wins (the reversed walk writes it last).
+        raw = {name.lower(): value for name, value in reversed(self._raw_headers)}
+        self._headers = Headers(raw)
+        encoding = raw.get(b"transfer-encoding")
+        self._chunked = encoding is not None and "chunked" in encoding.decode(
+            "utf-8", "surrogateescape").lower()
+        plain = b"expect" not in raw and not self.parser.should_upgrade()
+        match = _INFER_PATH.fullmatch(path) if method == b"POST" and plain else None
+        slot = self._slot = _InferSlot() if match is not None else _Slot()
         self.slots.append(slot)
         if len(self.slots) >= MAX_PIPELINE:
             self._pause("pipeline")
-        method = self.parser.get_method()
-        path = self._url.split(b"?", 1)[0]
-        headers = self._headers = Headers()
-        for name, value in self._raw_headers:
-            headers.setdefault(name.decode("latin-1").lower(),
-                               value.decode("utf-8", "surrogateescape"))
-        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        plain = "expect" not in headers and not self.parser.should_upgrade()
-        match = _INFER_PATH.fullmatch(path) if method == b"POST" and plain else None
         if match is not None:
             self._route = match[1].decode()
             self._body = []
             self._body_size = 0
-            length = headers.get("content-length")
+            length = raw.get(b"content-length")  # digits: llhttp refuses anything else
             if length is not None and int(length) > self.server.max_body:
                 self._too_large(slot)
             else:
@@ -332,11 +405,16 @@ class LeanProtocol(asyncio.Protocol):
             if self._chunked and self._bridge is not None:
                 self._bridge.feed(b"0\r\n\r\n")
             return  # aiohttp answers, and closes its side if the request asked for it
-        version = self.parser.get_http_version().encode()
+        version = self.parser.get_http_version()
         if kind == _INFER:
+            assert isinstance(slot, _InferSlot)
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []
-            self._start_infer(slot, self._route, body, self._headers, version, keep_alive)
+            slot.conn = self
+            slot.version = version
+            slot.keep_alive = keep_alive
+            slot.url = self._url
+            self._start_infer(slot, self._route, body, self._headers)
         elif kind == _READY_PROBE:
             self._spawn(self._ready(slot, version, keep_alive))
         elif kind == _LIVE_PROBE:
@@ -352,45 +430,44 @@ class LeanProtocol(asyncio.Protocol):
         self.server.inflight.add(task)
         task.add_done_callback(self.server.inflight.discard)
 
-    def _start_infer(self, slot: _Slot, route: str, body: bytes, headers: Headers,
-                     version: bytes, keep_alive: bool) -> None:
+    def _start_infer(self, slot: _InferSlot, route: str, body: bytes, headers: Headers) -> None:
         """Serve an inference request by callbacks (`InferenceService.start`): no Task; the
-        answer is written from the completion callback. A request `start` declines (the
-        champion's signature not cached yet) runs `InferenceService.infer` in a Task."""
+        answer is written from the completion callback, the slot itself. A request `start`
+        declines (the champion's signature not cached yet) runs `InferenceService.infer` in a
+        Task."""
         server = self.server
-        url = self._url
         server.pending += 1
-        done = _InferDone(self, slot, version, keep_alive, url)
         try:
-            started = server.service.start(route, body, headers, done)
+            started = server.service.start(route, body, headers, slot)
         except Exception as exc:  # an unknown route (404), or a bug (500)
-            if done.conn is None:  # answered already: a bug after the answer, logged only
+            if slot.conn is None:  # answered already: a bug after the answer, logged only
                 log.exception("Error after answering a request")
-            done(exc)
+            slot(exc)
             return
         if not started:
             server.pending -= 1
-            self._spawn(self._infer(slot, route, body, headers, version, keep_alive, url))
+            slot.conn = None  # the Task answers it (and the slot holds no cycle back to us)
+            self._spawn(self._infer(slot, route, body, headers))
 
-    async def _infer(self, slot: _Slot, route: str, body: bytes, headers: Headers,
-                     version: bytes, keep_alive: bool, url: bytes) -> None:
+    async def _infer(self, slot: _InferSlot, route: str, body: bytes, headers: Headers) -> None:
         outcome: InferResult | Exception
         try:
             outcome = await self.server.service.infer(route, body, headers)
         except Exception as exc:
             outcome = exc
-        self.infer_answer(slot, version, keep_alive, url, outcome)
+        self.infer_answer(slot, outcome)
 
-    def infer_answer(self, slot: _Slot, version: bytes, keep_alive: bool, url: bytes,
-                     outcome: InferResult | Exception) -> None:
+    def infer_answer(self, slot: _InferSlot, outcome: InferResult | Exception) -> None:
         """Write an inference request's answer (either path): the result, its `GatewayError`
         mapped by `error_reply`, or a bug's 500 (logged) and a close."""
         date = self.server.date()
+        version = slot.version
+        keep_alive = slot.keep_alive
         if isinstance(outcome, InferResult):
             data = render(version, outcome.status, outcome.headers, outcome.body, keep_alive,
                           date)
         elif isinstance(outcome, GatewayError):
-            body, extra = error_reply(outcome, "POST", url.decode("latin-1"))
+            body, extra = error_reply(outcome, "POST", slot.url.decode("latin-1"))
             data = render(version, outcome.status, {"Content-Type": "application/json", **extra},
                           body, keep_alive, date)
         else:
@@ -401,7 +478,7 @@ class LeanProtocol(asyncio.Protocol):
                           date)
         self._answer(slot, data, not keep_alive)
 
-    async def _ready(self, slot: _Slot, version: bytes, keep_alive: bool) -> None:
+    async def _ready(self, slot: _Slot, version: str, keep_alive: bool) -> None:
         if await self.server.catalog.server_ready():
             data = render(version, 200, {}, b"", keep_alive, self.server.date())
         else:
@@ -414,7 +491,7 @@ class LeanProtocol(asyncio.Protocol):
         self._kind = _DISCARD
         self._body = []
         exc = body_too_large(self.server.max_body)
-        slot.chunks.append(render(self.parser.get_http_version().encode(), exc.status,
+        slot.chunks.append(render(self.parser.get_http_version(), exc.status,
                                   {"Content-Type": "application/json"}, error_body(exc.message),
                                   True, self.server.date()))
         slot.done = True
@@ -458,7 +535,7 @@ class LeanProtocol(asyncio.Protocol):
             self._forwarding.remove(slot)
             slot.done = True
         else:
-            slot.chunks.append(render(b"1.1", status, {"Content-Type": content_type}, body,
+            slot.chunks.append(render("1.1", status, {"Content-Type": content_type}, body,
                                       False, self.server.date()))
             slot.done = True
         slot.close = True
@@ -534,29 +611,6 @@ class LeanProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.finish()
             self._flush()
-
-
-class _InferDone:
-    """The completion callback of one callback-driven inference request; only its first call
-    counts (a bug raising after the answer must not answer twice)."""
-
-    __slots__ = ("conn", "keep_alive", "slot", "url", "version")
-
-    def __init__(self, conn: LeanProtocol, slot: _Slot, version: bytes, keep_alive: bool,
-                 url: bytes) -> None:
-        self.conn: LeanProtocol | None = conn
-        self.slot = slot
-        self.version = version
-        self.keep_alive = keep_alive
-        self.url = url
-
-    def __call__(self, outcome: InferResult | Exception) -> None:
-        conn = self.conn
-        if conn is None:
-            return
-        self.conn = None
-        conn.server.pending -= 1
-        conn.infer_answer(self.slot, self.version, self.keep_alive, self.url, outcome)
 
 
 class _Bridge(asyncio.Transport):

@@ -340,9 +340,3 @@ class TritonUpstream:
         for server in self._servers:
             await server.close()
 
-
-def passthrough_headers(resp: UpstreamResponse) -> Mapping[str, str]:
-    headers = {"Content-Type": resp.content_type}
-    if resp.header_length is not None:
-        headers[HEADER_LENGTH] = resp.header_length
-    return headers

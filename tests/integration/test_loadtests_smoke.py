@@ -180,6 +180,20 @@ def test_bench_upstream_call_runs(extra: list[str]) -> None:
     assert "us CPU per call" in proc.stdout, proc.stdout
 
 
+def test_ingress_bench_runs() -> None:
+    """loadtests/ingress_bench.py (no sockets, seconds): every request is answered 200 through
+    the lean server and the data plane (the script raises otherwise), JSON and binary."""
+    for extra in ([], ["--binary"]):
+        proc = subprocess.run(
+            [sys.executable, "loadtests/ingress_bench.py", "--number", "300", "--repeat", "1",
+             *extra],
+            cwd=common.ROOT, capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "us CPU per request" in proc.stdout, proc.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cpu_split_runs(tmp_path: Path) -> None:
