@@ -212,3 +212,19 @@ def test_cpu_split_runs(tmp_path: Path) -> None:
     # user/kernel come from clock ticks (10 ms): at this short run only their sign is stable
     assert all(r["errors"] == 0 and r["cpu_ms"] > 0 and min(r["user_ms"], r["sys_ms"]) >= 0
                for r in rows), rows
+
+
+def test_calls_per_request_runs(tmp_path: Path) -> None:
+    """loadtests/calls_per_request.py end to end (short): the gateway runs under cProfile
+    behind real Triton, every request is answered (the script raises otherwise), and the
+    count covers the request path (the lean server's parser callbacks are in it)."""
+    proc = subprocess.run(
+        [sys.executable, "loadtests/calls_per_request.py", "--rate", "200", "--seconds", "2",
+         "--top", "200", "--out", str(tmp_path / "calls")],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    total = float(proc.stdout.split("calls per request: ")[1].split()[0])
+    assert total > 50, proc.stdout[:2000]
+    assert "lean_server.py" in proc.stdout and "on_headers_complete" in proc.stdout, proc.stdout
