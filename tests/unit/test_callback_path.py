@@ -32,6 +32,10 @@ from tests.integration.test_fuzz_dataplane import mutated_request, valid_request
 
 T = TypeVar("T")
 MODES = ("ok", "champion500", "both500", "client400", "hangup", "garbage", "slow")
+# The client's per-call timeout, and how long a "slow" answer takes. The timeout is generous so
+# that an "ok" answer on a busy machine never times out in one path and not the other.
+TIMEOUT_MS = 500
+SLOW_S = 1.5
 ANSWER = b'{"model_name":"m","outputs":[{"name":"score","datatype":"FP32","shape":[1,1],' \
          b'"data":[0.5]}]}'
 
@@ -58,8 +62,8 @@ class Upstream:
                     mode = self.mode
                     if mode == "hangup":
                         break
-                    if mode == "slow":
-                        await asyncio.sleep(0.3)
+                    if mode == "slow":  # well past the client's timeout, whatever the load
+                        await asyncio.sleep(SLOW_S)
                     if mode == "garbage":
                         writer.write(b"NOT HTTP\r\n\r\n")
                     elif mode == "client400":
@@ -110,7 +114,7 @@ class Harness:
         server = await asyncio.start_server(self.upstream.handle, "127.0.0.1", 0)
         self.upstream.port = server.sockets[0].getsockname()[1]
         self.server = server
-        triton = TritonUpstream(f"http://127.0.0.1:{self.upstream.port}", timeout_ms=100,
+        triton = TritonUpstream(f"http://127.0.0.1:{self.upstream.port}", timeout_ms=TIMEOUT_MS,
                                 max_connections=4)
         routes = RouteTable(triton)
         runtime = routes.apply(parse_route("r", {
