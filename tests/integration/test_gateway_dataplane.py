@@ -85,7 +85,10 @@ async def test_slow_or_failing_challenger_never_touches_the_champion(
         "champion": {"model": "fraud_v3"},
         # One copy per call (batching off), so the lane admits exactly 2 + 2 copies; batched
         # capacity is tested in test_shadow_batching.py.
-        "challengers": [{"model": challenger, "timeout_ms": 600, "max_concurrency": 2,
+        # The copies' timeout is well under fraud_sleepy's 2 s sleep (they must time out) and
+        # long enough that no admitted copy ends while the 8 requests are still being sent,
+        # however busy the machine (a freed slot would admit a 5th copy: shed would not be 4).
+        "challengers": [{"model": challenger, "timeout_ms": 1500, "max_concurrency": 2,
                          "max_queue": 2 if challenger == "fraud_sleepy" else 8,
                          "batch_max_rows": 1}],
     }})
@@ -99,7 +102,7 @@ async def test_slow_or_failing_challenger_never_touches_the_champion(
         bodies.append(orjson.loads(await resp.read()))
         if i == 0 and challenger == "fraud_sleepy":
             # Causal, not a stopwatch: the client holds its answer while the record still
-            # waits for the copy (fraud_sleepy sleeps 2 s; the copy times out after 600 ms).
+            # waits for the copy (fraud_sleepy sleeps 2 s; the copy times out after 1.5 s).
             assert recorder.pending == 1
     got = np.array([b["outputs"][0]["data"][0] for b in bodies], dtype=np.float32)
     np.testing.assert_allclose(got, expected.ravel(), rtol=1e-6)
