@@ -153,7 +153,6 @@ class Recorder:
         self.observers: list[Callable[[InferenceRecord], None]] = []
         self._families: dict[tuple[str, str], _ModelMetrics] = {}  # see _family
         self._plans: dict[str, _RoutePlan] = {}  # by route name, see _plan
-        self._counted: list[_ModelMetrics] = []  # families with counts to apply this slice
         self._accepted = metrics.child(metrics.LOG_RECORDS, INFERENCES, "accepted")
         self._dropped = metrics.child(metrics.LOG_RECORDS, INFERENCES, "dropped")
 
@@ -227,10 +226,6 @@ class Recorder:
                 break
         if accepted:
             self._accepted.inc(accepted)  # once per slice, not per record
-        if self._counted:  # the slice's class and agreement counts (see _ModelMetrics)
-            for family in self._counted:
-                family.apply()
-            self._counted.clear()
         if ready:
             assert self._loop is not None
             self._slice = self._loop.call_soon(self._work)
@@ -354,13 +349,9 @@ class Recorder:
             if not classify:
                 continue
             predicted = score >= threshold
-            counts = family.counts  # applied at the slice's end (see _ModelMetrics)
-            counts[predicted] += 1
+            family.count(int(predicted))
             if served_class is not None and model != served_model:
-                counts[AGREE if predicted == served_class else DISAGREE] += 1
-            if not family.counted:
-                family.counted = True
-                self._counted.append(family)
+                family.count(AGREE if predicted == served_class else DISAGREE)
         return served_score
 
     def _family(self, route: str, model: str) -> _ModelMetrics:
@@ -424,47 +415,35 @@ class _RoutePlan:
         return plan
 
 
-# `_ModelMetrics.counts`: class 0 and class 1 (indexed by the predicted class as a bool), then
-# the copies' agreement with the served model.
+# `_ModelMetrics.count`'s counters: class 0 and class 1 (by the predicted class), then the
+# copies' agreement with the served model.
 DISAGREE, AGREE = 2, 3
 
 
 class _ModelMetrics:
     """One (route, model)'s prediction metric children, made on first use (a child that exists
-    is exported, so none is made before it has a value).
+    is exported, so none is made before it has a value). They are `BatchedCounter`s, so a count
+    is a plain addition."""
 
-    Scores are observed per record; class and agreement counts are added up in `counts` over a
-    worker slice and applied by `apply` at its end (`Recorder._work`), one `inc` per counter
-    per slice rather than up to three per record. Nothing reads the metrics during a slice (a
-    scrape runs on the same loop), so every reader sees the same totals."""
-
-    __slots__ = ("_counters", "counted", "counts", "model", "route", "score")
+    __slots__ = ("_counters", "model", "route", "score")
 
     def __init__(self, route: str, model: str) -> None:
         self.route = route
         self.model = model
         self.score = metrics.child(metrics.SCORE, route, model)
-        self.counts = [0, 0, 0, 0]
-        self.counted = False  # in the recorder's list of families to apply
         self._counters: list[metrics.BatchedCounter | None] = [None, None, None, None]
 
-    def apply(self) -> None:
-        """Add this slice's counts to the metrics."""
-        counts = self.counts
-        for i, n in enumerate(counts):
-            if n:
-                counter = self._counters[i]
-                if counter is None:
-                    if i < DISAGREE:
-                        counter = metrics.child(metrics.PREDICTED_CLASS, self.route,
-                                                self.model, str(i))
-                    else:
-                        counter = metrics.child(metrics.AGREEMENT, self.route, self.model,
-                                                "agree" if i == AGREE else "disagree")
-                    self._counters[i] = counter
-                counter.inc(n)
-                counts[i] = 0
-        self.counted = False
+    def count(self, i: int) -> None:
+        """Count one prediction of class `i` (0, 1), or one agreement (AGREE, DISAGREE)."""
+        counter = self._counters[i]
+        if counter is None:
+            if i < DISAGREE:
+                counter = metrics.child(metrics.PREDICTED_CLASS, self.route, self.model, str(i))
+            else:
+                counter = metrics.child(metrics.AGREEMENT, self.route, self.model,
+                                        "agree" if i == AGREE else "disagree")
+            self._counters[i] = counter
+        counter.inc()
 
 
 def _mode_of(challengers: Sequence[ChallengerConfig], model: str) -> Mode:
