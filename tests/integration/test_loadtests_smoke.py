@@ -153,45 +153,33 @@ def test_upstream_protocol_bench_runs(tmp_path: Path) -> None:
     assert all(r["requests"] > 0 and r["gateway_cpu_us_per_req"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("extra", [[], ["--unbatched", "--burst", "1"]])
-def test_bench_lane_runs(extra: list[str]) -> None:
-    """loadtests/bench_lane.py (no sockets, seconds): every copy resolves ok through the lane
-    (the script raises otherwise) and a CPU cost per copy is printed."""
+# The in-process microbenchmarks (no sockets, seconds each): the script raises unless every
+# copy, call or request it drives is answered ok, and prints a CPU cost per unit.
+MICROBENCHES = [
+    # lane: every copy resolves ok through the lane, batched and one copy per call
+    (["loadtests/bench_lane.py", "--copies", "400", "--repeat", "1"], "us CPU per copy"),
+    (["loadtests/bench_lane.py", "--copies", "400", "--repeat", "1", "--unbatched", "--burst",
+      "1"], "us CPU per copy"),
+    # upstream call: every call through the real client and pool is answered
+    (["loadtests/bench_upstream_call.py", "--calls", "400", "--repeat", "1"], "us CPU per call"),
+    (["loadtests/bench_upstream_call.py", "--calls", "400", "--repeat", "1", "--binary"],
+     "us CPU per call"),
+    # ingress: every request is answered 200 through the lean server and the data plane
+    (["loadtests/ingress_bench.py", "--number", "300", "--repeat", "1"], "us CPU per request"),
+    (["loadtests/ingress_bench.py", "--number", "300", "--repeat", "1", "--binary"],
+     "us CPU per request"),
+]
+
+
+@pytest.mark.parametrize(("command", "printed"), MICROBENCHES,
+                         ids=[" ".join(c[0][0].split("/")[-1:] + c[0][5:]) for c in MICROBENCHES])
+def test_microbenchmark_runs(command: list[str], printed: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "loadtests/bench_lane.py", "--copies", "400", "--repeat", "1", *extra],
-        cwd=common.ROOT, capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+        [sys.executable, *command], cwd=common.ROOT, capture_output=True, text=True,
+        timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(common.ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "us CPU per copy" in proc.stdout, proc.stdout
-
-
-@pytest.mark.parametrize("extra", [[], ["--binary"]])
-def test_bench_upstream_call_runs(extra: list[str]) -> None:
-    """loadtests/bench_upstream_call.py (no sockets, seconds): every call through the real
-    client and pool is answered (the script raises otherwise) and a CPU cost is printed."""
-    proc = subprocess.run(
-        [sys.executable, "loadtests/bench_upstream_call.py", "--calls", "400", "--repeat", "1",
-         *extra],
-        cwd=common.ROOT, capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "us CPU per call" in proc.stdout, proc.stdout
-
-
-def test_ingress_bench_runs() -> None:
-    """loadtests/ingress_bench.py (no sockets, seconds): every request is answered 200 through
-    the lean server and the data plane (the script raises otherwise), JSON and binary."""
-    for extra in ([], ["--binary"]):
-        proc = subprocess.run(
-            [sys.executable, "loadtests/ingress_bench.py", "--number", "300", "--repeat", "1",
-             *extra],
-            cwd=common.ROOT, capture_output=True, text=True, timeout=120, check=False,
-            env={**os.environ, "PYTHONPATH": str(common.ROOT)},
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "us CPU per request" in proc.stdout, proc.stdout
+    assert printed in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
