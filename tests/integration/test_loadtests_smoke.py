@@ -11,7 +11,9 @@ its quick mode. No test asserts on timings: the benchmark reports those.
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -109,10 +111,51 @@ def test_bench_quick(tmp_path: Path) -> None:
             assert row["logged"] >= row["served"], row  # warm-up requests are logged too
     for key in ("nginx-mirror", "champion-file-w1", "shadow1-file-w1"):
         assert rows[key]["moderate_cpu_ms"] > 0, rows[key]  # CPU at the fixed rate, measured
-    slow = results["extra"]["slow"]
-    assert "error" not in slow
-    assert {"p99_a", "p99_b", "p99_c", "p99_a2", "p99_aa_pct"} <= slow.keys()  # the A/A test
+    _check_slow(results["extra"]["slow"], rounds=2)
     assert "error" not in results["extra"]["overload"]
+
+
+def _check_slow(slow: dict[str, Any], rounds: int) -> None:
+    """Every comparison ran in every round, the carrier alternating, with its interval."""
+    assert "error" not in slow, slow
+    runs = slow["runs"]
+    assert len(runs) == 3 * rounds
+    for kind in ("B", "C", "AA"):
+        mine = [r for r in runs if r["kind"] == kind]
+        assert [r["carrier"] for r in mine] == ["P", "Q"] * (rounds // 2)
+        for r in mine:
+            assert r["carrier_run"]["errors"] == r["other_run"]["errors"] == 0, r
+            assert r["p99_ratio"] == r["carrier_run"]["p99"] / r["other_run"]["p99"]
+        low, high = slow[kind]["p99_change_ci_pct"]
+        assert low <= slow[kind]["p99_change_pct"] <= high or len(mine) < 3
+    assert slow["shadow"]["fraud_slow"]["sent"] > 0  # the slow shadow really was on
+
+
+def test_slow_challenger_comparison_runs_paired(tmp_path: Path) -> None:
+    """bench.py's slow-challenger phase alone, short: two gateways at once, the shadow under
+    test added and removed through the real admin API each round, both sides answered."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/bench.py", "--quick", "--no-md", "--no-kafka",
+         "--phases", "slow", "--slow-rate", "100", "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    _check_slow(results["extra"]["slow"], rounds=2)
+
+
+def test_ratio_interval_is_a_t_interval_of_the_log_ratios() -> None:
+    from scipy import stats
+
+    from loadtests.bench import ratio_interval
+
+    ratios = [0.9, 1.2, 1.05, 0.97, 1.31]
+    logs = [math.log(r) for r in ratios]
+    low, high = stats.t.interval(0.95, len(logs) - 1, loc=statistics.fmean(logs),
+                                 scale=stats.sem(logs))
+    assert ratio_interval(ratios) == pytest.approx((math.exp(low), math.exp(high)))
 
 
 @pytest.mark.slow
