@@ -1,7 +1,7 @@
 """Where a proxy's CPU per request goes, user vs kernel, at fixed offered rates: gateway vs nginx.
 
     python loadtests/cpu_split.py [--rates 250,1000,2000] [--shadows 1] [--rounds 2]
-                                  [--tree NAME=PATH] ... [--seconds 5]
+                                  [--tree NAME=PATH] ... [--seconds 5] [--together] [--no-nginx]
 
 Starts Triton once, nginx with `mirror` (the peer of docs/BENCHMARKS.md) and one gateway per
 `--tree` (default: this checkout) with champion fraud_v3, N shadows and the file log. For each
@@ -16,7 +16,14 @@ every thread of the proxy's processes:
 
 Why: bench.py reports the gateway's CPU per request against nginx's. This says which side of
 the system-call boundary the difference is on, and how both move with the rate (fewer requests
-per wake-up at a low rate make every request dearer for both). Medians over the rounds.
+per wake-up at a low rate make every request dearer for both). Medians over the rounds, and
+each proxy's ratio to the first one (nginx, or with --no-nginx the first tree) round by round.
+
+`--together` offers the rate to every proxy at once (one wrk each) so that all of them are
+measured over the same window: on a shared VM, CPU per request of one proxy moves 5-10% between
+adjacent windows, which hides a change of that size; measured together, what slows the machine
+slows all of them alike. Use it to A/B two trees (`--no-nginx --tree a=... --tree b=...`); the
+machine then carries every proxy's load at once, so keep rate x proxies well below capacity.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import common
+from loadtests.bench import ratio_interval
 
 TICK_MS = 1000 / 100  # utime/stime are in clock ticks (USER_HZ, 100 on Linux)
 
@@ -89,15 +97,46 @@ def measure(url: str, pids: Sequence[int], body_file: Path, body: common.Body, r
     delta = read_counters(pids) - before
     elapsed = time.monotonic() - started
     thread.join()
-    served = result["wrk"].rps * elapsed
+    return _per_request(rate, result["wrk"], delta, elapsed)
+
+
+def measure_together(proxies: Sequence[tuple[str, str, Sequence[int]]], body_file: Path,
+                     body: common.Body, rate: float, seconds: float, load_cpus: str | None
+                     ) -> list[dict[str, float]]:
+    """`measure` for every proxy at once, each with its own wrk at `rate`, over the same
+    window: what slows the machine down then slows all of them alike."""
+    results: dict[int, common.LoadResult] = {}
+
+    def load(i: int, url: str) -> None:
+        results[i] = common.wrk_rate(url, body_file, body, rate=rate, duration=seconds + 4,
+                                     cpus=load_cpus)
+
+    threads = [threading.Thread(target=load, args=(i, url))
+               for i, (_, url, _) in enumerate(proxies)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    before = [read_counters(pids) for _, _, pids in proxies]
+    started = time.monotonic()
+    time.sleep(seconds)
+    deltas = [read_counters(pids) - b for (_, _, pids), b in zip(proxies, before, strict=True)]
+    elapsed = time.monotonic() - started
+    for t in threads:
+        t.join()
+    return [_per_request(rate, results[i], delta, elapsed) for i, delta in enumerate(deltas)]
+
+
+def _per_request(rate: float, load: common.LoadResult, delta: Counters, elapsed: float
+                 ) -> dict[str, float]:
+    served = load.rps * elapsed
     return {
         "rate": rate,
-        "rps": result["wrk"].rps,
+        "rps": load.rps,
         "cpu_ms": delta.cpu_ms / served,
         "user_ms": delta.user_ms / served,
         "sys_ms": delta.sys_ms / served,
         "switches": delta.switches / served,
-        "errors": result["wrk"].errors,
+        "errors": load.errors,
     }
 
 
@@ -110,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", action="append", default=[],
                         help="NAME=PATH: a gateway checkout to measure (repeatable)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
+    parser.add_argument("--together", action="store_true",
+                        help="offer the rate to every proxy at the same time (one wrk each) and "
+                             "compare them per round: ratios to the first proxy, with their "
+                             "spread; mind that the machine carries all of them at once")
+    parser.add_argument("--no-nginx", action="store_true", help="gateways only")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "cpu_split")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -138,17 +182,23 @@ def main(argv: list[str] | None = None) -> int:
                     gateways.append(gw)
                     gw.warm("fraud", body, 50)
                     proxies.append((name, gw.url + "/v2/models/fraud/infer", gw.pids))
-                proxies.insert(0, ("nginx mirror", nginx.url + "/v2/models/fraud/infer",
-                                   common.process_tree(nginx.proc.pid) if nginx.proc else []))
+                if not args.no_nginx:
+                    proxies.insert(0, ("nginx mirror", nginx.url + "/v2/models/fraud/infer",
+                                       common.process_tree(nginx.proc.pid) if nginx.proc
+                                       else []))
                 for _name, url, _ in proxies:  # warm every path before measuring
                     common.wrk(url, body_file, body, duration=2, cpus=load_cpus)
                 for rnd in range(args.rounds):
                     order = proxies if rnd % 2 == 0 else proxies[::-1]
                     for rate in rates:
-                        for name, url, pids in order:
-                            row = {"round": rnd, "proxy": name,
-                                   **measure(url, pids, body_file, body, rate, args.seconds,
-                                             load_cpus)}
+                        if args.together:
+                            measured = measure_together(order, body_file, body, rate,
+                                                        args.seconds, load_cpus)
+                        else:
+                            measured = [measure(url, pids, body_file, body, rate, args.seconds,
+                                                load_cpus) for _, url, pids in order]
+                        for (name, _, _), values in zip(order, measured, strict=True):
+                            row = {"round": rnd, "proxy": name, **values}
                             rows.append(row)
                             print(json.dumps(row), flush=True)
             finally:
@@ -167,7 +217,29 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"| {name} | {rate:,.0f} | {med('rps'):,.0f} | {med('cpu_ms'):.3f} | "
                   f"{med('user_ms'):.3f} | {med('sys_ms'):.3f} | {med('switches'):.2f} |")
+    print_ratios(rows, rates, [name for name, _, _ in proxies])
     return 0
+
+
+def print_ratios(rows: list[dict[str, Any]], rates: list[float], names: list[str]) -> None:
+    """Each proxy's CPU ms/req over the first proxy's, per round (the two measured in the same
+    round: in adjacent windows, or at once with --together), with a 95% interval."""
+    base = names[0]
+    print(f"\nCPU ms/req ratio to {base}, per round (median; 95% interval of the geometric mean):")
+    for rate in rates:
+        for name in names[1:]:
+            ratios = []
+            for rnd in sorted({r["round"] for r in rows}):
+                mine = {r["proxy"]: r["cpu_ms"] for r in rows
+                        if r["round"] == rnd and r["rate"] == rate}
+                if name in mine and mine.get(base):
+                    ratios.append(mine[name] / mine[base])
+            if not ratios:
+                continue
+            low, high = ratio_interval(ratios)
+            print(f"  {name} at {rate:,.0f} req/s: x{statistics.median(ratios):.3f} "
+                  f"({low:.3f}-{high:.3f}); rounds "
+                  + ", ".join(f"{r:.3f}" for r in ratios))
 
 
 if __name__ == "__main__":
