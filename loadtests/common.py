@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTESTS = ROOT / "loadtests"
@@ -633,3 +636,15 @@ def versions() -> dict[str, str]:
     out["wrk"] = wrk_v.split(" [", 1)[0].removeprefix("wrk ").removeprefix("debian/")
     out["nginx"] = tool_version(["nginx", "-v"]).replace("nginx version: ", "")
     return out
+
+
+def ratio_interval(ratios: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A `level` t-interval of the geometric mean of per-round ratios (log scale): how far
+    the median-of-rounds statistic can be trusted, from the rounds' own spread."""
+    logs = [math.log(r) for r in ratios]
+    if len(logs) < 2:
+        return ratios[0], ratios[0]
+    half = (stats.t.ppf(0.5 + level / 2, len(logs) - 1) * statistics.stdev(logs)
+            / math.sqrt(len(logs)))
+    mean = statistics.fmean(logs)
+    return math.exp(mean - half), math.exp(mean + half)

@@ -42,7 +42,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import common
-from loadtests.bench import ratio_interval
 
 TICK_MS = 1000 / 100  # utime/stime are in clock ticks (USER_HZ, 100 on Linux)
 
@@ -236,7 +235,7 @@ def print_ratios(rows: list[dict[str, Any]], rates: list[float], names: list[str
                     ratios.append(mine[name] / mine[base])
             if not ratios:
                 continue
-            low, high = ratio_interval(ratios)
+            low, high = common.ratio_interval(ratios)
             print(f"  {name} at {rate:,.0f} req/s: x{statistics.median(ratios):.3f} "
                   f"({low:.3f}-{high:.3f}); rounds "
                   + ", ".join(f"{r:.3f}" for r in ratios))

@@ -112,7 +112,36 @@ def test_bench_quick(tmp_path: Path) -> None:
     for key in ("nginx-mirror", "champion-file-w1", "shadow1-file-w1"):
         assert rows[key]["moderate_cpu_ms"] > 0, rows[key]  # CPU at the fixed rate, measured
     _check_slow(results["extra"]["slow"], rounds=2)
+    _check_paired(results["extra"]["paired_cpu"], rounds=2)
     assert "error" not in results["extra"]["overload"]
+
+
+def _check_paired(paired: dict[str, Any], rounds: int) -> None:
+    """Both proxies measured in every round at every rate, the ratio being theirs."""
+    assert "error" not in paired, paired
+    assert len(paired["rounds"]) == rounds * len(paired["rates"])
+    for r in paired["rounds"]:
+        assert r["gateway"]["cpu_ms"] > 0 and r["nginx"]["cpu_ms"] > 0, r
+        assert r["gateway"]["errors"] == r["nginx"]["errors"] == 0, r
+        assert r["ratio"] == r["gateway"]["cpu_ms"] / r["nginx"]["cpu_ms"]
+    for summary in paired["by_rate"].values():
+        assert min(summary["ratios"]) <= summary["ratio"] <= max(summary["ratios"])
+
+
+def test_paired_cpu_comparison_runs_side_by_side(tmp_path: Path) -> None:
+    """bench.py's side-by-side CPU phase alone, short: nginx's mirror and the gateway (+1
+    shadow) loaded at once, each measured from /proc over the same window."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/bench.py", "--quick", "--no-kafka", "--phases", "paired",
+         "--paired-rates", "300", "--out", str(out), "--md", str(tmp_path / "BENCH.md")],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    _check_paired(results["extra"]["paired_cpu"], rounds=2)
+    assert "gateway + 1 shadow vs the nginx mirror" in (tmp_path / "BENCH.md").read_text()
 
 
 def _check_slow(slow: dict[str, Any], rounds: int) -> None:
@@ -149,13 +178,11 @@ def test_slow_challenger_comparison_runs_paired(tmp_path: Path) -> None:
 def test_ratio_interval_is_a_t_interval_of_the_log_ratios() -> None:
     from scipy import stats
 
-    from loadtests.bench import ratio_interval
-
     ratios = [0.9, 1.2, 1.05, 0.97, 1.31]
     logs = [math.log(r) for r in ratios]
     low, high = stats.t.interval(0.95, len(logs) - 1, loc=statistics.fmean(logs),
                                  scale=stats.sem(logs))
-    assert ratio_interval(ratios) == pytest.approx((math.exp(low), math.exp(high)))
+    assert common.ratio_interval(ratios) == pytest.approx((math.exp(low), math.exp(high)))
 
 
 @pytest.mark.slow
