@@ -8,6 +8,9 @@ KAFKA_DIR=${UNDERSTUDY_TEST_KAFKA_DIR:-var/test-kafka}
 KAFKA_PORT=${UNDERSTUDY_TEST_KAFKA_PORT:-$($PY -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')}
 
 $PY -m devtools.kafka_broker fetch
+# wrk and nginx: the load-test kit's smoke tests drive them (no-op when installed).
+source loadtests/tools.sh
+ensure_tools
 # helm for the chart tests (tests/integration/test_helm.py): built from its Go module once,
 # cached in ~/.cache/understudy (minutes on a fresh machine; docs/DEPLOY.md, "Helm").
 $PY -m devtools.helm build
