@@ -970,9 +970,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-at", choices=("light", "moderate"), default="light",
                    help="offered rate of the slow-challenger comparison")
     p.add_argument("--slow-factor", type=float, default=100)
-    p.add_argument("--slow-rounds", type=int, default=4)
+    p.add_argument("--slow-rounds", type=int, default=6)
     p.add_argument("--slow-duration", type=float, default=10)
-    p.add_argument("--slow-max-load", type=float, default=0.25,
+    p.add_argument("--slow-max-load", type=float, default=0.1,
                    help="cap the slow-challenger rate (offered to each of the two gateways at "
                         "once) at this share of the gateway's champion-only capacity")
     p.add_argument("--slow-rate", type=float, default=0,
