@@ -4,7 +4,8 @@
                               [--quick] [--no-kafka] [--no-profile] [--no-workers]
                               [--load-cpus 1] [--out var/bench] [--md docs/BENCHMARKS.md]
 
-`make bench` runs it with the defaults (~16 minutes; 14 with `--overload-seconds 30`); `--quick` takes ~4.
+`make bench` runs it with the defaults (~16 minutes; 14 with `--overload-seconds 30`);
+`--quick` takes ~4.
 
 What it measures (JSON request of one fraud row, route "fraud", champion fraud_v3):
 
