@@ -261,7 +261,12 @@ def gateway_config(triton_url: str, work: Path, name: str, routes: Mapping[str, 
                    sink: str = "file", kafka_bootstrap: str | None = None,
                    timeout_ms: int = 2000, extra_log: Mapping[str, Any] | None = None,
                    extra_triton: Mapping[str, Any] | None = None) -> Path:
-    """Write a gateway YAML config under `work` and return its path."""
+    """Write a gateway YAML config under `work` and return its path. The gateway's registry
+    state starts empty: a registry left by an earlier run under the same `work` and `name`
+    would override these routes (the registry is the source of truth for routes it knows),
+    e.g. another tree's defaults materialised into it."""
+    state = work / f"state-{name}"
+    shutil.rmtree(state, ignore_errors=True)
     log: dict[str, Any] = {"sink": sink, "path": str(work / f"log-{name}")}
     if kafka_bootstrap:
         # topics of their own per config: runs sharing a broker must not share state
@@ -275,7 +280,7 @@ def gateway_config(triton_url: str, work: Path, name: str, routes: Mapping[str, 
         "triton": {"url": triton_url, "timeout_ms": timeout_ms, **(extra_triton or {})},
         "listen": {"host": HOST, "grpc_port": 0},  # Gateway(grpc_port=...) turns gRPC on
         "log": log,
-        "admin": {"state_path": str(work / f"state-{name}" / "registry.json")},
+        "admin": {"state_path": str(state / "registry.json")},
         "routes": dict(routes),
     }
     path = work / f"gateway-{name}.yaml"
