@@ -419,12 +419,12 @@ class Bench:
                 proxies = [("nginx", nginx.url + f"/v2/models/{ROUTE}/infer", nginx_pids(nginx)),
                            ("gateway", gw.url + f"/v2/models/{ROUTE}/infer", gw.pids)]
                 # warm both paths (pools, the lane's batching config) outside the rounds
-                cpu_split.measure_together(proxies, self.body_file, self.body,
+                cpu_split.measure(proxies, self.body_file, self.body,
                                            max(result["rates"]), 1, self.load_cpus)
                 for i in range(a.paired_rounds):
                     order = proxies if i % 2 == 0 else proxies[::-1]
                     for rate in result["rates"]:
-                        measured = cpu_split.measure_together(order, self.body_file, self.body,
+                        measured = cpu_split.measure(order, self.body_file, self.body,
                                                               rate, a.paired_seconds,
                                                               self.load_cpus)
                         by = {name: m for (name, _, _), m in zip(order, measured, strict=True)}
@@ -560,26 +560,11 @@ class Bench:
     def paired_rates(self, urls: list[str], rate: float, duration: float
                      ) -> list[common.LoadResult]:
         """Offer `rate` to every url at the same time (one wrk each); their results in order."""
-        results: list[common.LoadResult | None] = [None] * len(urls)
-        errors: list[BaseException] = []
-
-        def run(i: int) -> None:
-            try:
-                results[i] = common.wrk_rate(urls[i], self.body_file, self.body, rate=rate,
-                                             duration=duration,
-                                             connections=self.args.rate_connections,
-                                             cpus=self.load_cpus)
-            except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(urls))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return [r for r in results if r is not None]
+        with common.wrk_rates_at_once(urls, self.body_file, self.body, rate=rate,
+                                      duration=duration, connections=self.args.rate_connections,
+                                      cpus=self.load_cpus) as results:
+            pass
+        return results
 
     def overload(self) -> dict[str, Any]:
         a = self.args

@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -586,6 +587,35 @@ def wrk_rate(url: str, body_file: Path, body: Body, *, rate: float, duration: fl
     return result
 
 
+@contextlib.contextmanager
+def wrk_rates_at_once(urls: Sequence[str], body_file: Path, body: Body, *, rate: float,
+                      duration: float, **options: Any) -> Iterator[list[LoadResult]]:
+    """`wrk_rate` on every url at the same time (a thread each): the with-block runs while
+    they load, and the list it gets holds their results, in url order, once it ends."""
+    results: list[LoadResult | None] = [None] * len(urls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = wrk_rate(urls[i], body_file, body, rate=rate, duration=duration,
+                                  **options)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(urls))]
+    for t in threads:
+        t.start()
+    done: list[LoadResult] = []
+    try:
+        yield done
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    done.extend(r for r in results if r is not None)
+
+
 def _run_wrk(cmd: list[str], duration: float) -> LoadResult:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          timeout=duration + 60).stdout
@@ -649,7 +679,6 @@ def ratio_interval(ratios: list[float], level: float = 0.95) -> tuple[float, flo
     logs = [math.log(r) for r in ratios]
     if len(logs) < 2:
         return ratios[0], ratios[0]
-    half = (stats.t.ppf(0.5 + level / 2, len(logs) - 1) * statistics.stdev(logs)
-            / math.sqrt(len(logs)))
-    mean = statistics.fmean(logs)
-    return math.exp(mean - half), math.exp(mean + half)
+    low, high = stats.t.interval(level, len(logs) - 1, loc=statistics.fmean(logs),
+                                 scale=stats.sem(logs))
+    return math.exp(low), math.exp(high)

@@ -32,7 +32,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,51 +77,24 @@ def read_counters(pids: Sequence[int]) -> Counters:
     return total
 
 
-def measure(url: str, pids: Sequence[int], body_file: Path, body: common.Body, rate: float,
-            seconds: float, load_cpus: str | None) -> dict[str, float]:
-    """Offer `rate` for seconds + 4 s; count the middle `seconds` (wrk's ramp-up and tail out)."""
-    result: dict[str, common.LoadResult] = {}
-
-    def load() -> None:
-        result["wrk"] = common.wrk_rate(url, body_file, body, rate=rate, duration=seconds + 4,
-                                        cpus=load_cpus)
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    time.sleep(2)
-    before = read_counters(pids)
-    started = time.monotonic()
-    time.sleep(seconds)
-    delta = read_counters(pids) - before
-    elapsed = time.monotonic() - started
-    thread.join()
-    return _per_request(rate, result["wrk"], delta, elapsed)
-
-
-def measure_together(proxies: Sequence[tuple[str, str, Sequence[int]]], body_file: Path,
-                     body: common.Body, rate: float, seconds: float, load_cpus: str | None
-                     ) -> list[dict[str, float]]:
-    """`measure` for every proxy at once, each with its own wrk at `rate`, over the same
-    window: what slows the machine down then slows all of them alike."""
-    results: dict[int, common.LoadResult] = {}
-
-    def load(i: int, url: str) -> None:
-        results[i] = common.wrk_rate(url, body_file, body, rate=rate, duration=seconds + 4,
-                                     cpus=load_cpus)
-
-    threads = [threading.Thread(target=load, args=(i, url))
-               for i, (_, url, _) in enumerate(proxies)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    before = [read_counters(pids) for _, _, pids in proxies]
-    started = time.monotonic()
-    time.sleep(seconds)
-    deltas = [read_counters(pids) - b for (_, _, pids), b in zip(proxies, before, strict=True)]
-    elapsed = time.monotonic() - started
-    for t in threads:
-        t.join()
-    return [_per_request(rate, results[i], delta, elapsed) for i, delta in enumerate(deltas)]
+def measure(proxies: Sequence[tuple[str, str, Sequence[int]]], body_file: Path,
+            body: common.Body, rate: float, seconds: float, load_cpus: str | None
+            ) -> list[dict[str, float]]:
+    """Offer `rate` to every proxy (name, url, pids) at once, one wrk each, for seconds + 4 s;
+    count the middle `seconds` (wrk's ramp-up and tail out), the same window for all of them:
+    what slows the machine down then slows them alike."""
+    urls = [url for _, url, _ in proxies]
+    with common.wrk_rates_at_once(urls, body_file, body, rate=rate, duration=seconds + 4,
+                                  cpus=load_cpus) as loads:
+        time.sleep(2)
+        before = [read_counters(pids) for _, _, pids in proxies]
+        started = time.monotonic()
+        time.sleep(seconds)
+        deltas = [read_counters(pids) - b
+                  for (_, _, pids), b in zip(proxies, before, strict=True)]
+        elapsed = time.monotonic() - started
+    return [_per_request(rate, load, delta, elapsed)
+            for load, delta in zip(loads, deltas, strict=True)]
 
 
 def _per_request(rate: float, load: common.LoadResult, delta: Counters, elapsed: float
@@ -191,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                     order = proxies if rnd % 2 == 0 else proxies[::-1]
                     for rate in rates:
                         if args.together:
-                            measured = measure_together(order, body_file, body, rate,
-                                                        args.seconds, load_cpus)
+                            measured = measure(order, body_file, body, rate, args.seconds,
+                                               load_cpus)
                         else:
-                            measured = [measure(url, pids, body_file, body, rate, args.seconds,
-                                                load_cpus) for _, url, pids in order]
+                            measured = [measure([proxy], body_file, body, rate, args.seconds,
+                                                load_cpus)[0] for proxy in order]
                         for (name, _, _), values in zip(order, measured, strict=True):
                             row = {"round": rnd, "proxy": name, **values}
                             rows.append(row)
