@@ -88,19 +88,25 @@ def test_locust_long_run_with_admin_changes(triton: Any, tmp_path: Path) -> None
     _check(stats, log_dir)
 
 
+def _run_bench(tmp_path: Path, *args: str, timeout: float = 600) -> dict[str, Any]:
+    """`bench.py --quick ARGS` in a subprocess; its results.json once it exits 0."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/bench.py", "--quick", *args, "--out", str(out)],
+        cwd=common.ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return results
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the quick benchmark alone takes 4-6 minutes
 def test_bench_quick(tmp_path: Path) -> None:
     """The whole benchmark in --quick mode: every scenario runs and nothing served is unlogged."""
-    out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "loadtests/bench.py", "--quick", "--no-md", "--no-profile",
-         "--overload-seconds", "10", "--out", str(out)],
-        cwd=common.ROOT, capture_output=True, text=True, timeout=1500, check=False,
-        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+    results = _run_bench(tmp_path, "--no-md", "--no-profile", "--overload-seconds", "10",
+                         timeout=1500)
     rows = {r["key"]: r for r in results["rows"]}
     assert {"direct", "nginx-mirror", "champion-file-w1", "shadow1-file-w1", "shadow2-file-w1",
             "explore-file-w1"} <= rows.keys()
@@ -131,15 +137,8 @@ def _check_paired(paired: dict[str, Any], rounds: int) -> None:
 def test_paired_cpu_comparison_runs_side_by_side(tmp_path: Path) -> None:
     """bench.py's side-by-side CPU phase alone, short: nginx's mirror and the gateway (+1
     shadow) loaded at once, each measured from /proc over the same window."""
-    out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "loadtests/bench.py", "--quick", "--no-kafka", "--phases", "paired",
-         "--paired-rates", "300", "--out", str(out), "--md", str(tmp_path / "BENCH.md")],
-        cwd=common.ROOT, capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+    results = _run_bench(tmp_path, "--no-kafka", "--phases", "paired", "--paired-rates", "300",
+                         "--md", str(tmp_path / "BENCH.md"))
     _check_paired(results["extra"]["paired_cpu"], rounds=2)
     assert "gateway + 1 shadow vs the nginx mirror" in (tmp_path / "BENCH.md").read_text()
 
@@ -163,25 +162,17 @@ def _check_slow(slow: dict[str, Any], rounds: int) -> None:
 def test_slow_challenger_comparison_runs_paired(tmp_path: Path) -> None:
     """bench.py's slow-challenger phase alone, short: two gateways at once, the shadow under
     test added and removed through the real admin API each round, both sides answered."""
-    out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "loadtests/bench.py", "--quick", "--no-md", "--no-kafka",
-         "--phases", "slow", "--slow-rate", "100", "--out", str(out)],
-        cwd=common.ROOT, capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(common.ROOT)},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+    results = _run_bench(tmp_path, "--no-md", "--no-kafka", "--phases", "slow",
+                         "--slow-rate", "100")
     _check_slow(results["extra"]["slow"], rounds=2)
 
 
 def test_ratio_interval_is_a_t_interval_of_the_log_ratios() -> None:
-    from scipy import stats
-
     ratios = [0.9, 1.2, 1.05, 0.97, 1.31]
     logs = [math.log(r) for r in ratios]
-    low, high = stats.t.interval(0.95, len(logs) - 1, loc=statistics.fmean(logs),
-                                 scale=stats.sem(logs))
+    # by hand: mean of the logs +- t(0.975, n - 1) * s / sqrt(n), t from a table (4 df)
+    half = 2.776445105 * statistics.stdev(logs) / math.sqrt(len(logs))
+    low, high = statistics.fmean(logs) - half, statistics.fmean(logs) + half
     assert common.ratio_interval(ratios) == pytest.approx((math.exp(low), math.exp(high)))
 
 
