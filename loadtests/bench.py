@@ -47,7 +47,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -248,7 +247,7 @@ class Bench:
                              body=self.body_bin if binary else None,
                              body_file=self.body_bin_file if binary else None,
                              cpu_pids=lambda: gw.pids)
-                row.shadow = shadow_counts(gw.url)
+                row.shadow = common.shadow_counts(gw.url)
                 row.served = WARM_REQUESTS + sum(
                     int(r.requests) for r in (row.warmup, row.capacity, row.moderate, row.light)
                     if r is not None)
@@ -420,13 +419,13 @@ class Bench:
                            ("gateway", gw.url + f"/v2/models/{ROUTE}/infer", gw.pids)]
                 # warm both paths (pools, the lane's batching config) outside the rounds
                 cpu_split.measure(proxies, self.body_file, self.body,
-                                           max(result["rates"]), 1, self.load_cpus)
+                                  max(result["rates"]), 1, self.load_cpus)
                 for i in range(a.paired_rounds):
                     order = proxies if i % 2 == 0 else proxies[::-1]
                     for rate in result["rates"]:
                         measured = cpu_split.measure(order, self.body_file, self.body,
-                                                              rate, a.paired_seconds,
-                                                              self.load_cpus)
+                                                     rate, a.paired_seconds, self.load_cpus,
+                                                     {"gateway": gw.url})
                         by = {name: m for (name, _, _), m in zip(order, measured, strict=True)}
                         ratio_ = by["gateway"]["cpu_ms"] / by["nginx"]["cpu_ms"]
                         result["rounds"].append({"round": i, "rate": rate, "ratio": ratio_, **by})
@@ -446,6 +445,7 @@ class Bench:
                 "ratio": statistics.median(ratios), "ci": [low, high], "ratios": ratios,
                 **{f"{who}_{key}": statistics.median(r[who][key] for r in mine)
                    for who in ("gateway", "nginx") for key in ("cpu_ms", "rps", "switches")},
+                "copies_lost_max": max(r["gateway"].get("copies_lost", 0.0) for r in mine),
             }
             self.log(f"paired CPU at {rate:,.0f} req/s: gateway + 1 shadow x"
                      f"{statistics.median(ratios):.2f} the nginx mirror ({low:.2f}-{high:.2f})")
@@ -513,7 +513,7 @@ class Bench:
                                for gw, c0, r in zip(pair, cpu0, runs, strict=True)]
                         if model:
                             if kind == "B":
-                                result["shadow"] = shadow_counts(pair[carrier].url)
+                                result["shadow"] = common.shadow_counts(pair[carrier].url)
                             admins[carrier].remove_challenger(ROUTE, model)
                         on, off = runs[carrier], runs[1 - carrier]
                         result["runs"].append({
@@ -616,7 +616,7 @@ class Bench:
                     (max(half) - min(half)) / 2**20 if half else None
                 )
                 result["samples"] = [(round(t, 1), round(b / 2**20, 2)) for t, b in samples]
-                result["shadow"] = shadow_counts(gw.url)
+                result["shadow"] = common.shadow_counts(gw.url)
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
             self.log(f"overload FAILED: {result['error']}")
@@ -650,32 +650,6 @@ class Bench:
 # --- measurements of the gateway -----------------------------------------------------------
 
 
-SHADOW_LINE = re.compile(
-    r'^understudy_shadow_copies_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+-]+)$'
-)
-
-
-def shadow_counts(url: str) -> dict[str, dict[str, float]]:
-    """understudy_shadow_copies_total by model and outcome (one worker's view)."""
-    try:
-        import urllib.request
-
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:  # noqa: S310
-            text = resp.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        m = SHADOW_LINE.match(line)
-        if not m:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
-        value = float(m["value"])
-        if value:
-            out.setdefault(labels.get("model", "?"), {})[labels.get("outcome", "?")] = value
-    return out
-
-
 def nginx_pids(nginx: common.Nginx) -> list[int]:
     return common.process_tree(nginx.proc.pid) if nginx.proc else []
 
@@ -705,16 +679,20 @@ def paired_section(paired: dict[str, Any], a: argparse.Namespace) -> list[str]:
         "for any trees):",
         "",
         "| offered req/s (each) | nginx mirror CPU ms/req | gateway + 1 shadow CPU ms/req "
-        "| × nginx mirror (median) | 95% interval | per round | switches/req nginx / gateway |",
-        "|---|---|---|---|---|---|---|",
+        "| × nginx mirror (median) | 95% interval | per round | switches/req nginx / gateway "
+        "| shadow copies not answered (worst round) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rate in paired["rates"]:
         r = paired["by_rate"][str(rate)]
         out.append(f"| {rate:,.0f} | {r['nginx_cpu_ms']:.3f} | {r['gateway_cpu_ms']:.3f} "
                    f"| **×{r['ratio']:.2f}** | {r['ci'][0]:.2f}–{r['ci'][1]:.2f} | "
                    + ", ".join(f"{x:.2f}" for x in r["ratios"])
-                   + f" | {r['nginx_switches']:.2f} / {r['gateway_switches']:.2f} |")
-    return [*out, ""]
+                   + f" | {r['nginx_switches']:.2f} / {r['gateway_switches']:.2f} "
+                   f"| {r.get('copies_lost_max', 0.0):.1%} |")
+    return [*out, "The ratio compares the same work only while the gateway answers every shadow "
+                  "copy (nginx's mirror sends every one): the last column says whether it did.",
+            ""]
 
 
 def slow_rate_source(a: argparse.Namespace) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -682,3 +683,27 @@ def ratio_interval(ratios: list[float], level: float = 0.95) -> tuple[float, flo
     low, high = stats.t.interval(level, len(logs) - 1, loc=statistics.fmean(logs),
                                  scale=stats.sem(logs))
     return math.exp(low), math.exp(high)
+
+
+SHADOW_LINE = re.compile(
+    r'^understudy_shadow_copies_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+-]+)$'
+)
+
+
+def shadow_counts(url: str) -> dict[str, dict[str, float]]:
+    """understudy_shadow_copies_total by model and outcome (one worker's view)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:  # noqa: S310
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = SHADOW_LINE.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
+        value = float(m["value"])
+        if value:
+            out.setdefault(labels.get("model", "?"), {})[labels.get("outcome", "?")] = value
+    return out

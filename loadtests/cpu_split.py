@@ -33,7 +33,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,23 +78,37 @@ def read_counters(pids: Sequence[int]) -> Counters:
 
 
 def measure(proxies: Sequence[tuple[str, str, Sequence[int]]], body_file: Path,
-            body: common.Body, rate: float, seconds: float, load_cpus: str | None
-            ) -> list[dict[str, float]]:
+            body: common.Body, rate: float, seconds: float, load_cpus: str | None,
+            gateways: Mapping[str, str] | None = None) -> list[dict[str, float]]:
     """Offer `rate` to every proxy (name, url, pids) at once, one wrk each, for seconds + 4 s;
     count the middle `seconds` (wrk's ramp-up and tail out), the same window for all of them:
-    what slows the machine down then slows them alike."""
+    what slows the machine down then slows them alike.
+
+    `gateways` (proxy name -> the gateway's base url): those proxies' rows also get
+    `copies_lost`, the share of shadow copies decided on in the window that were not answered
+    (shed, timed out, failed). CPU per request compares like with like only while it is ~0: a
+    gateway that sheds copies does less work per request."""
     urls = [url for _, url, _ in proxies]
+    names = {name for name, _, _ in proxies}
+    gateways = {name: url for name, url in (gateways or {}).items() if name in names}
     with common.wrk_rates_at_once(urls, body_file, body, rate=rate, duration=seconds + 4,
                                   cpus=load_cpus) as loads:
         time.sleep(2)
+        copies = {name: shadow_totals(url) for name, url in gateways.items()}
         before = [read_counters(pids) for _, _, pids in proxies]
         started = time.monotonic()
         time.sleep(seconds)
         deltas = [read_counters(pids) - b
                   for (_, _, pids), b in zip(proxies, before, strict=True)]
         elapsed = time.monotonic() - started
-    return [_per_request(rate, load, delta, elapsed)
+        lost = {name: lost_share(copies[name], shadow_totals(url))
+                for name, url in gateways.items()}
+    rows = [_per_request(rate, load, delta, elapsed)
             for load, delta in zip(loads, deltas, strict=True)]
+    for (name, _, _), row in zip(proxies, rows, strict=True):
+        if name in lost:
+            row["copies_lost"] = lost[name]
+    return rows
 
 
 def _per_request(rate: float, load: common.LoadResult, delta: Counters, elapsed: float
@@ -146,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         proxies: list[tuple[str, str, list[int]]] = []
         with common.Nginx(work / "nginx", upstream) as nginx:
             gateways = []
+            bases: dict[str, str] = {}  # gateway name -> its base url, for its shadow counts
             try:
                 for name, tree in trees:
                     config = common.gateway_config(triton.url, work, name, routes)
@@ -153,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     gateways.append(gw)
                     gw.warm("fraud", body, 50)
                     proxies.append((name, gw.url + "/v2/models/fraud/infer", gw.pids))
+                    bases[name] = gw.url
                 if not args.no_nginx:
                     proxies.insert(0, ("nginx mirror", nginx.url + "/v2/models/fraud/infer",
                                        common.process_tree(nginx.proc.pid) if nginx.proc
@@ -164,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                     for rate in rates:
                         if args.together:
                             measured = measure(order, body_file, body, rate, args.seconds,
-                                               load_cpus)
+                                               load_cpus, bases)
                         else:
                             measured = [measure([proxy], body_file, body, rate, args.seconds,
-                                                load_cpus)[0] for proxy in order]
+                                                load_cpus, bases)[0] for proxy in order]
                         for (name, _, _), values in zip(order, measured, strict=True):
                             row = {"round": rnd, "proxy": name, **values}
                             rows.append(row)
@@ -177,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                     gw.stop()
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print("\nmedians over rounds (ms of CPU per request served; switches per request):")
-    print("| proxy | offered req/s | served req/s | CPU ms/req | user | kernel | switches/req |")
-    print("|---|---|---|---|---|---|---|")
+    print("| proxy | offered req/s | served req/s | CPU ms/req | user | kernel | switches/req "
+          "| copies not answered |")
+    print("|---|---|---|---|---|---|---|---|")
     for rate in rates:
         for name, _, _ in proxies:
             mine = [r for r in rows if r["proxy"] == name and r["rate"] == rate]
@@ -187,9 +204,34 @@ def main(argv: list[str] | None = None) -> int:
                 return statistics.median(r[key] for r in mine)
 
             print(f"| {name} | {rate:,.0f} | {med('rps'):,.0f} | {med('cpu_ms'):.3f} | "
-                  f"{med('user_ms'):.3f} | {med('sys_ms'):.3f} | {med('switches'):.2f} |")
+                  f"{med('user_ms'):.3f} | {med('sys_ms'):.3f} | {med('switches'):.2f} | "
+                  f"{lost(mine)} |")
     print_ratios(rows, rates, [name for name, _, _ in proxies])
     return 0
+
+
+def shadow_totals(url: str) -> dict[str, float]:
+    """The gateway's shadow copies by outcome, summed over its challengers."""
+    totals: dict[str, float] = {}
+    for outcomes in common.shadow_counts(url).values():
+        for outcome, n in outcomes.items():
+            totals[outcome] = totals.get(outcome, 0.0) + n
+    return totals
+
+
+def lost_share(before: dict[str, float], after: dict[str, float]) -> float:
+    """Of the copies decided on between two readings, the share not answered (shed, timed
+    out, failed)."""
+    def delta(outcome: str) -> float:
+        return after.get(outcome, 0.0) - before.get(outcome, 0.0)
+
+    decided = sum(delta(o) for o in ("ok", "shed", "timeout", "error"))
+    return (decided - delta("ok")) / decided if decided else 0.0
+
+
+def lost(rows: list[dict[str, Any]]) -> str:
+    shares = [r["copies_lost"] for r in rows if "copies_lost" in r]
+    return f"{max(shares):.1%} (worst round)" if shares else "-"
 
 
 def print_ratios(rows: list[dict[str, Any]], rates: list[float], names: list[str]) -> None:
