@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -170,6 +171,25 @@ def test_slow_challenger_comparison_runs_paired(tmp_path: Path) -> None:
     results = _run_bench(tmp_path, "--no-md", "--no-kafka", "--phases", "slow",
                          "--slow-rate", "100")
     _check_slow(results["extra"]["slow"], rounds=2)
+
+
+def test_paired_rate_is_lowered_until_both_sides_do_the_same_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.py's phase paired measures only at a rate both proxies serve in full with every
+    shadow copy answered: here 1,000 req/s loses copies, 700 is not carried, 490 is."""
+    from loadtests import bench
+
+    def fake_measure(proxies: Any, body_file: Any, body: Any, rate: float, seconds: float,
+                     load_cpus: Any, gateways: Any) -> list[dict[str, float]]:
+        gateway = {"rps": rate, "copies_lost": 0.2 if rate > 900 else 0.0}
+        nginx = {"rps": rate * (0.9 if rate > 500 else 1.0)}
+        return [nginx, gateway]
+
+    monkeypatch.setattr(cpu_split, "measure", fake_measure)
+    logged: list[str] = []
+    fake_bench = SimpleNamespace(body_file=None, body=None, load_cpus=None, log=logged.append)
+    assert bench.Bench.carried_rate(fake_bench, [], 1000.0, "http://gw") == 490.0  # type: ignore[arg-type]
+    assert len(logged) == 2 and "20.0% of its shadow copies" in logged[0], logged
 
 
 def test_lost_share_counts_copies_decided_but_not_answered() -> None:
