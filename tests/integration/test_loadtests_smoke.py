@@ -135,6 +135,9 @@ def _check_paired(paired: dict[str, Any], rounds: int) -> None:
         assert "copies_lost" not in r["nginx"]
     for summary in paired["by_rate"].values():
         assert min(summary["ratios"]) <= summary["ratio"] <= max(summary["ratios"])
+        same = [x for x, same_work in summary["all_ratios"] if same_work]
+        assert summary["ratios"] == (same or [x for x, _ in summary["all_ratios"]])
+        assert summary["rounds_used"] == len(same)
 
 
 def test_paired_cpu_comparison_runs_side_by_side(tmp_path: Path) -> None:
@@ -187,9 +190,19 @@ def test_paired_rate_is_lowered_until_both_sides_do_the_same_work(
 
     monkeypatch.setattr(cpu_split, "measure", fake_measure)
     logged: list[str] = []
-    fake_bench = SimpleNamespace(body_file=None, body=None, load_cpus=None, log=logged.append)
+    fake_bench = SimpleNamespace(body_file=None, body=None, load_cpus=None, log=logged.append,
+                                 args=SimpleNamespace(paired_seconds=1))
     assert bench.Bench.carried_rate(fake_bench, [], 1000.0, "http://gw") == 490.0  # type: ignore[arg-type]
     assert len(logged) == 2 and "20.0% of its shadow copies" in logged[0], logged
+
+
+def test_same_work_needs_the_rate_served_and_the_copies_answered() -> None:
+    from loadtests import bench
+
+    nginx = {"rps": 990.0}
+    assert bench.same_work([{"rps": 1000.0, "copies_lost": 0.0}, nginx], 1000)
+    assert not bench.same_work([{"rps": 1000.0, "copies_lost": 0.02}, nginx], 1000)  # shed
+    assert not bench.same_work([{"rps": 1000.0, "copies_lost": 0.0}, {"rps": 900.0}], 1000)
 
 
 def test_lost_share_counts_copies_decided_but_not_answered() -> None:
