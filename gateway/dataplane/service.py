@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import random
 import time
@@ -37,6 +38,8 @@ from gateway.mirror.shadow import ShadowResult
 from gateway.upstream.callback import Cancellable, wait_for
 from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from understudy.records import Transport
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 BodyEncoder = Callable[[], tuple[bytes, int]]
@@ -172,10 +175,12 @@ class InferenceService:
     def _answered(self, call: _Call, outcome: UpstreamResponse | Exception) -> None:
         """The served call's outcome: the answer, the route's fallback, or the failure."""
         result: InferResult | Exception
+        served: UpstreamResponse | None = None
         call.upstream_call = None  # done: no cycle back through the call's callback
         try:
             if isinstance(outcome, UpstreamResponse):
-                result = self._served(call, outcome)
+                result = self._answer(call, outcome)
+                served = outcome
             elif isinstance(outcome, GatewayError):
                 # On a server-side failure try the route's fallback, if any (once).
                 fallback = call.runtime.config.fallback
@@ -189,15 +194,37 @@ class InferenceService:
                 result = outcome
         except Exception as exc:  # a bug: the caller answers 500 and logs it
             result = exc
+            served = None
         call.finish(result)
+        if served is not None:
+            # The client's answer went out first (the lean server writes it inside `finish`);
+            # the copies, the record and the metrics follow in this same callback.
+            try:
+                self._served(call, served)
+            except Exception:  # a bug: the client has its answer, so it is logged only
+                log.exception("route %s: recording a served request failed", call.runtime.name)
 
-    def _served(self, call: _Call, response: UpstreamResponse) -> InferResult:
-        """Record, count and answer a served request."""
+    def _answer(self, call: _Call, response: UpstreamResponse) -> InferResult:
+        """A served request's answer: Triton's body as it is, with the gateway's headers. The
+        gateway's latency is taken here, when the answer is ready."""
+        call.elapsed = time.perf_counter() - call.started
+        served_model = call.fallback or call.served_model
+        # Triton's content headers (the body passes through as it is), then the gateway's.
+        headers = {"Content-Type": response.content_type}
+        if response.header_length is not None:
+            headers[HEADER_LENGTH] = response.header_length
+        headers[REQUEST_ID_HEADER] = call.request_id
+        headers["X-Served-Model"] = served_model
+        headers["X-Route-Policy"] = call.runtime.config.policy.type
+        return InferResult(200, response.body, headers)
+
+    def _served(self, call: _Call, response: UpstreamResponse) -> None:
+        """After the answer: start the copies, record the request and count it."""
         runtime = call.runtime
         served_model = call.fallback or call.served_model
         latency = response.latency_s
         runtime.served_call.note(latency)  # the yardstick of slow shadow lanes
-        elapsed = time.perf_counter() - call.started
+        elapsed = call.elapsed
         served = ShadowResult("ok", latency, response)
         copies = self._dispatch_copies(runtime, call.request, served_model)
         self.recorder.submit(
@@ -213,14 +240,6 @@ class InferenceService:
         counted.model_latency.observe(latency)
         overhead = elapsed - latency
         counted.overhead.observe(0.0 if overhead < 0.0 else overhead)  # max(overhead, 0.0)
-        # Triton's content headers (the body passes through as it is), then the gateway's.
-        headers = {"Content-Type": response.content_type}
-        if response.header_length is not None:
-            headers[HEADER_LENGTH] = response.header_length
-        headers[REQUEST_ID_HEADER] = call.request_id
-        headers["X-Served-Model"] = served_model
-        headers["X-Route-Policy"] = runtime.config.policy.type
-        return InferResult(200, response.body, headers)
 
     def _dispatch_copies(
         self, runtime: RouteRuntime, request: InferRequest | None, served_model: str
@@ -288,13 +307,15 @@ class _Call:
     """One request between the steps of `InferenceService` (the same steps in both styles).
     `request_id` is only ever a validated id: it is echoed in a header and keys the log."""
 
-    __slots__ = ("decision", "done", "fallback", "key", "protocol", "request", "request_id",
-                 "runtime", "served_model", "service", "started", "ts", "upstream_call")
+    __slots__ = ("decision", "done", "elapsed", "fallback", "key", "protocol", "request",
+                 "request_id", "runtime", "served_model", "service", "started", "ts",
+                 "upstream_call")
 
     def __init__(self, service: InferenceService, runtime: RouteRuntime, protocol: Transport
                  ) -> None:
         self.service = service
         self.started = time.perf_counter()
+        self.elapsed = 0.0  # start to answer, once answered
         self.ts = time.time()
         self.runtime = runtime
         self.protocol = protocol
