@@ -220,3 +220,42 @@ def test_script_covers_every_outcome(harness: Harness) -> None:
     assert [seen[m][2] for m in ("both500", "client400", "hangup", "garbage", "slow")] == [
         502, 400, 503, 502, 504]
 
+
+
+def test_a_served_answer_goes_out_before_its_copies_and_record(harness: Harness) -> None:
+    """The client's answer is handed over first; the record (and the copies with it) follow
+    in the same callback, so the answer never waits for the gateway's bookkeeping."""
+    harness.upstream.mode = "ok"
+    harness.capture.records.clear()
+    recorded_at_answer: list[int] = []
+
+    async def serve() -> tuple[Any, ...]:
+        done: asyncio.Future[InferResult | Exception] = (
+            asyncio.get_running_loop().create_future())
+
+        def answered(result: InferResult | Exception) -> None:
+            recorded_at_answer.append(len(harness.capture.records))
+            done.set_result(result)
+
+        assert harness.service.start("r", orjson.dumps(valid_request()), {}, answered)
+        return _outcome(await done)
+
+    assert harness.run(serve())[:2] == ("result", 200)
+    assert recorded_at_answer == [0]  # nothing recorded yet when the answer was handed over
+    assert len(harness.capture.records) == 1  # and recorded right after it
+
+
+def test_a_bug_recording_a_served_request_is_logged_and_the_answer_stands(
+    harness: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    harness.upstream.mode = "ok"
+
+    def broken(ctx: RequestContext, copies: dict[str, Any]) -> None:
+        raise RuntimeError("recorder bug")
+
+    monkeypatch.setattr(harness.capture, "submit", broken)
+    with caplog.at_level("ERROR", logger="gateway.dataplane.service"):
+        answer = harness.run(_callback_path(harness.service, orjson.dumps(valid_request()), {}))
+    assert answer[:2] == ("result", 200)
+    assert any("recording a served request failed" in r.getMessage()
+               and r.exc_info and "recorder bug" in str(r.exc_info[1]) for r in caplog.records)
