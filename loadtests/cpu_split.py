@@ -12,7 +12,10 @@ every thread of the proxy's processes:
 - CPU ms per request (schedstat, exact), split into user and kernel (utime/stime: tick-sampled,
   so read the split as shares, not to the microsecond);
 - context switches per request (voluntary + involuntary: each voluntary one is a sleep in
-  epoll or a lock, i.e. one wake-up).
+  epoll or a lock, i.e. one wake-up);
+- for each gateway, the share of its shadow copies not answered over the same window (shed,
+  timed out, failed; from its /metrics): CPU per request compares like with like only while
+  that is ~0, since nginx's mirror sends every copy and a gateway that sheds does less work.
 
 Why: bench.py reports the gateway's CPU per request against nginx's. This says which side of
 the system-call boundary the difference is on, and how both move with the rate (fewer requests
