@@ -481,8 +481,7 @@ class Bench:
                                          {"gateway": gateway_url})
             if same_work(measured, rate):
                 return rate
-            served = min(m["rps"] for m in measured) / rate
-            lost = max(m.get("copies_lost", 0.0) for m in measured)
+            served, lost = shortfall(measured, rate)
             self.log(f"  paired CPU: at {rate:,.0f} req/s each the machine carried "
                      f"{served:.0%} of it and the gateway left {lost:.1%} of its shadow copies "
                      "unanswered; trying lower")
@@ -703,11 +702,18 @@ def ms3(v: float | None) -> str:
     return f"{v:.3f}" if v is not None else "-"
 
 
+def shortfall(measured: list[dict[str, float]], rate: float) -> tuple[float, float]:
+    """(the smallest share of `rate` a side served, the largest share of shadow copies a
+    gateway left unanswered) of one paired measurement."""
+    return (min(m["rps"] for m in measured) / rate,
+            max(m.get("copies_lost", 0.0) for m in measured))
+
+
 def same_work(measured: list[dict[str, float]], rate: float) -> bool:
     """Did both sides of a paired measurement do the same work: each served the offered rate
     (PAIRED_MIN_SERVED) and the gateway answered its shadow copies (PAIRED_MAX_LOST)?"""
-    return (min(m["rps"] for m in measured) >= PAIRED_MIN_SERVED * rate
-            and max(m.get("copies_lost", 0.0) for m in measured) <= PAIRED_MAX_LOST)
+    served, lost = shortfall(measured, rate)
+    return served >= PAIRED_MIN_SERVED and lost <= PAIRED_MAX_LOST
 
 
 def paired_section(paired: dict[str, Any], a: argparse.Namespace) -> list[str]:
@@ -716,7 +722,7 @@ def paired_section(paired: dict[str, Any], a: argparse.Namespace) -> list[str]:
         return [*out, f"Failed: {paired['error']}", ""]
     cap = (f", each rate capped at {a.paired_max_load:.0%} of the gateway's + 1 shadow capacity "
            f"({paired['cap_rps']:,.0f} req/s)") if paired.get("cap_rps") else ""
-    asked = paired.get("asked_rates", paired["rates"])
+    asked = paired["asked_rates"]
     if asked != paired["rates"]:
         cap += (" and lowered (x0.7 steps) from " + ", ".join(f"{r:,.0f}" for r in asked)
                 + f" req/s until, side by side, both served ≥ {PAIRED_MIN_SERVED:.0%} of it and "
@@ -736,15 +742,14 @@ def paired_section(paired: dict[str, Any], a: argparse.Namespace) -> list[str]:
     for rate in paired["rates"]:
         r = paired["by_rate"][str(rate)]
         ratio = f"**×{r['ratio']:.2f}**"
-        if r.get("rounds_used", r.get("rounds")) == 0:
+        if r["rounds_used"] == 0:
             ratio = f"×{r['ratio']:.2f} (no round did the same work: all rounds, for reference)"
         out.append(f"| {rate:,.0f} | {r['nginx_cpu_ms']:.3f} | {r['gateway_cpu_ms']:.3f} "
                    f"| {ratio} | {r['ci'][0]:.2f}–{r['ci'][1]:.2f} | "
                    + ", ".join(f"{x:.2f}" + ("" if same else "*")
-                               for x, same in r.get("all_ratios", [(x, True)
-                                                                   for x in r["ratios"]]))
+                               for x, same in r["all_ratios"])
                    + f" | {r['nginx_switches']:.2f} / {r['gateway_switches']:.2f} "
-                   f"| {r.get('copies_lost_max', 0.0):.1%} |")
+                   f"| {r['copies_lost_max']:.1%} |")
     return [*out, "The ratio compares the same work only while both serve the offered rate "
                   f"(≥ {PAIRED_MIN_SERVED:.0%}) and the gateway answers its shadow copies (≥ "
                   f"{1 - PAIRED_MAX_LOST:.1%}; nginx's mirror sends every one): the median and "

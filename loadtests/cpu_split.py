@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"| {name} | {rate:,.0f} | {med('rps'):,.0f} | {med('cpu_ms'):.3f} | "
                   f"{med('user_ms'):.3f} | {med('sys_ms'):.3f} | {med('switches'):.2f} | "
-                  f"{lost(mine)} |")
+                  f"{worst_lost(mine)} |")
     print_ratios(rows, rates, [name for name, _, _ in proxies])
     return 0
 
@@ -232,7 +232,7 @@ def lost_share(before: dict[str, float], after: dict[str, float]) -> float:
     return (decided - delta("ok")) / decided if decided else 0.0
 
 
-def lost(rows: list[dict[str, Any]]) -> str:
+def worst_lost(rows: list[dict[str, Any]]) -> str:
     shares = [r["copies_lost"] for r in rows if "copies_lost" in r]
     return f"{max(shares):.1%} (worst round)" if shares else "-"
 

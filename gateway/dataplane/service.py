@@ -194,7 +194,6 @@ class InferenceService:
                 result = outcome
         except Exception as exc:  # a bug: the caller answers 500 and logs it
             result = exc
-            served = None
         call.finish(result)
         if served is not None:
             # The client's answer went out first (the lean server writes it inside `finish`);
