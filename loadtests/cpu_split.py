@@ -32,7 +32,9 @@ machine then carries every proxy's load at once, so keep rate x proxies well bel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import statistics
 import sys
 import time
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                              "compare them per round: ratios to the first proxy, with their "
                              "spread; mind that the machine carries all of them at once")
     parser.add_argument("--no-nginx", action="store_true", help="gateways only")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure loadtests/floor_proxy.py (the least Python doing the "
+                             "same core work) as proxy 'floor'")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "cpu_split")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     with common.triton_server(work) as triton:
         upstream = triton.url.split("//", 1)[1]
         proxies: list[tuple[str, str, list[int]]] = []
-        with common.Nginx(work / "nginx", upstream) as nginx:
+        with common.Nginx(work / "nginx", upstream) as nginx, contextlib.ExitStack() as stack:
             gateways = []
             bases: dict[str, str] = {}  # gateway name -> its base url, for its shadow counts
             try:
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                     gw.warm("fraud", body, 50)
                     proxies.append((name, gw.url + "/v2/models/fraud/infer", gw.pids))
                     bases[name] = gw.url
+                if args.floor:
+                    floor = start_floor(work, upstream)
+                    stack.callback(common.stop_process, floor.proc)
+                    proxies.append(("floor", floor.url, common.process_tree(floor.proc.pid)))
                 if not args.no_nginx:
                     proxies.insert(0, ("nginx mirror", nginx.url + "/v2/models/fraud/infer",
                                        common.process_tree(nginx.proc.pid) if nginx.proc
@@ -211,6 +220,35 @@ def main(argv: list[str] | None = None) -> int:
                   f"{worst_lost(mine)} |")
     print_ratios(rows, rates, [name for name, _, _ in proxies])
     return 0
+
+
+@dataclass
+class Floor:
+    proc: subprocess.Popen[bytes]
+    url: str
+
+
+def start_floor(work: Path, upstream: str) -> Floor:
+    """loadtests/floor_proxy.py in front of Triton (`upstream`: host:port), logging under
+    `work`; its inference url once it answers."""
+    port = common.free_port()
+    log = work / "floor-log.jsonl"
+    log.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("floor_proxy.py")), "--port", str(port),
+         "--upstream", upstream, "--log", str(log)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=(work / "floor.err").open("wb"))
+    url = f"http://{common.HOST}:{port}/v2/models/fraud/infer"
+    x, _ = common.fraud_rows(1)
+    body = common.json_body(x[0])
+    deadline = time.monotonic() + 30
+    while common.http_status(url, body.data, body.headers, timeout=2.0) != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            common.stop_process(proc)
+            raise RuntimeError(f"floor proxy did not answer at {url}")
+        time.sleep(0.1)
+    return Floor(proc, url)
 
 
 def shadow_totals(url: str) -> dict[str, float]:
