@@ -34,8 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -234,11 +234,11 @@ def start_floor(work: Path, upstream: str) -> Floor:
     port = common.free_port()
     log = work / "floor-log.jsonl"
     log.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("floor_proxy.py")), "--port", str(port),
-         "--upstream", upstream, "--log", str(log)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=(work / "floor.err").open("wb"))
+    with (work / "floor.err").open("wb") as err:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("floor_proxy.py")), "--port",
+             str(port), "--upstream", upstream, "--log", str(log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://{common.HOST}:{port}/v2/models/fraud/infer"
     x, _ = common.fraud_rows(1)
     body = common.json_body(x[0])
@@ -246,7 +246,7 @@ def start_floor(work: Path, upstream: str) -> Floor:
     while common.http_status(url, body.data, body.headers, timeout=2.0) != 200:
         if proc.poll() is not None or time.monotonic() > deadline:
             common.stop_process(proc)
-            raise RuntimeError(f"floor proxy did not answer at {url}")
+            raise RuntimeError(f"floor proxy did not answer at {url}: see {work / 'floor.err'}")
         time.sleep(0.1)
     return Floor(proc, url)
 

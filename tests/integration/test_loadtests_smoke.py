@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -299,17 +300,51 @@ def test_cpu_split_runs(tmp_path: Path) -> None:
     out = tmp_path / "cpu-split"
     proc = subprocess.run(
         [sys.executable, "loadtests/cpu_split.py", "--rates", "100", "--rounds", "1",
-         "--seconds", "1", "--out", str(out)],
+         "--seconds", "1", "--floor", "--out", str(out)],
         cwd=common.ROOT, capture_output=True, text=True, timeout=500, check=False,
         env={**os.environ, "PYTHONPATH": str(common.ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
-    assert [r["proxy"] for r in rows] == ["nginx mirror", "gateway"]
+    assert [r["proxy"] for r in rows] == ["nginx mirror", "gateway", "floor"]
     assert rows[1]["copies_lost"] == 0.0 and "copies_lost" not in rows[0], rows
     # user/kernel come from clock ticks (10 ms): at this short run only their sign is stable
     assert all(r["errors"] == 0 and r["cpu_ms"] > 0 and min(r["user_ms"], r["sys_ms"]) >= 0
                for r in rows), rows
+
+
+def _model_inferences(triton_url: str, model: str) -> int:
+    status, stats = common.http_json(f"{triton_url}/v2/models/{model}/stats")
+    assert status == 200, stats
+    return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
+
+
+def test_floor_proxy_forwards_copies_and_records(triton: Any, tmp_path: Path) -> None:
+    """loadtests/floor_proxy.py, the yardstick beside the gateway: every request gets the
+    champion's own answer, the shadow gets a copy of each, and each request leaves one record
+    holding that answer (written on SIGTERM at the latest)."""
+    x, _ = common.fraud_rows(5)
+    bodies = [common.json_body(row) for row in x]
+    direct = [common.http_json(f"{triton.url}/v2/models/fraud_v3/infer", b.data, b.headers)[1]
+              for b in bodies]
+    shadow_before = _model_inferences(triton.url, "fraud_v4")
+    floor = cpu_split.start_floor(tmp_path, triton.url.split("//", 1)[1])
+    try:
+        answers = [common.http_json(floor.url, b.data, b.headers) for b in bodies]
+        # the shadow's copies are fire and forget: wait until Triton has answered all six
+        deadline = time.monotonic() + 10
+        while (_model_inferences(triton.url, "fraud_v4") - shadow_before < 1 + len(bodies)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+    finally:
+        common.stop_process(floor.proc)
+    assert floor.proc.returncode == 0
+    assert answers == [(200, answer) for answer in direct]
+    lines = [json.loads(line) for line in (tmp_path / "floor-log.jsonl").read_bytes().splitlines()]
+    assert len(lines) == 1 + len(bodies)
+    assert [line["champion"] for line in lines[1:]] == direct
+    assert len({line["request_id"] for line in lines}) == len(lines)
+    assert _model_inferences(triton.url, "fraud_v4") - shadow_before == len(lines)
 
 
 def test_calls_per_request_runs(tmp_path: Path) -> None:
