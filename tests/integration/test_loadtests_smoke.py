@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from loadtests import common, cpu_split
+from loadtests import ablate, common, cpu_split
 from loadtests.load import load_routes, run_locust
 from tests.conftest import read_stream
 
@@ -278,6 +278,8 @@ MICROBENCHES = [
     (["loadtests/ingress_bench.py", "--number", "300", "--repeat", "1"], "us CPU per request"),
     (["loadtests/ingress_bench.py", "--number", "300", "--repeat", "1", "--binary"],
      "us CPU per request"),
+    # the machine's wake-up tax: a row per sleep interval
+    (["loadtests/wake_cost.py", "--repeat", "20"], "| 10 |"),
 ]
 
 
@@ -345,6 +347,33 @@ def test_floor_proxy_forwards_copies_and_records(triton: Any, tmp_path: Path) ->
     assert [line["champion"] for line in lines[1:]] == direct
     assert len({line["request_id"] for line in lines}) == len(lines)
     assert _model_inferences(triton.url, "fraud_v4") - shadow_before == len(lines)
+
+
+# what each ablation replaces, and how to read it back in a started gateway's interpreter
+ABLATED = {
+    "norecord": "from gateway.dataplane.recorder import Recorder as o; f = o.submit",
+    "nocopies": "from gateway.dataplane.service import InferenceService as o; "
+                "f = o._dispatch_copies",
+    "novalidate": "from gateway.dataplane import service as o; f = o.validate_against",
+    "nometrics": "from prometheus_client.metrics import Histogram as o; f = o.observe",
+    "inlinesink": "from gateway.backends.file_sink import FileSink as o; f = o._drain",
+    "nogc": "import gc as o; f = o.freeze",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ablate.ABLATIONS))
+def test_an_ablated_tree_patches_its_gateway_at_start(name: str, tmp_path: Path) -> None:
+    """loadtests/ablate.py: the tree's gateway imports, and the named piece is replaced by the
+    patch (defined in the tree's sitecustomize), nothing else of the checkout."""
+    tree = ablate.make_tree(tmp_path, name)
+    probe = (f"import gateway.cli; {ABLATED[name]}; "
+             "print(f.__code__.co_filename if hasattr(f, '__code__') else 'builtin')")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tree, capture_output=True,
+                          text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(tree)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(tree / "sitecustomize.py"), proc.stdout
+    assert set(ABLATED) == set(ablate.ABLATIONS)
 
 
 def test_calls_per_request_runs(tmp_path: Path) -> None:

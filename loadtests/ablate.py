@@ -1,0 +1,104 @@
+"""Make gateway trees with one piece of per-request work switched off, to measure what it costs.
+
+    python loadtests/ablate.py --out var/bench/ablate norecord nocopies
+    python loadtests/cpu_split.py --rates 600 --rounds 4 --together --no-nginx \\
+        --tree main=. --tree norecord=var/bench/ablate/norecord ...
+
+Each tree is this checkout's packages (symlinked) plus a `sitecustomize.py` that patches one
+thing as the gateway starts (`cpu_split.py --tree` puts the tree first on PYTHONPATH). For
+measurement only: an ablated gateway is not correct (no records, no copies...). Ablations:
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import common
+
+# name -> (what it switches off, the body of `_patch()`)
+ABLATIONS: dict[str, tuple[str, str]] = {
+    "norecord": ("no inference record (Recorder.submit does nothing)",
+                 "from gateway.dataplane import recorder\n"
+                 "recorder.Recorder.submit = lambda self, ctx, copies: None\n"),
+    "nocopies": ("no shadow copies (the route keeps its challenger; none is dispatched)",
+                 "from gateway.dataplane import service\n"
+                 "service.InferenceService._dispatch_copies = lambda self, *args: {}\n"),
+    "novalidate": ("no validation of the request against the model's inputs",
+                   "from gateway.dataplane import service\n"
+                   "service.validate_against = lambda *args: None\n"),
+    "nometrics": ("no Prometheus updates (inc/observe/set are no-ops)",
+                  "import prometheus_client.metrics as m\n"
+                  "from gateway import metrics as gm\n"
+                  "for cls, names in ((m.Counter, ['inc']), (m.Histogram, ['observe']),\n"
+                  "                   (m.Gauge, ['set', 'inc', 'dec']),\n"
+                  "                   (gm.BatchedHistogram, ['observe'])):\n"
+                  "    for name in names:\n"
+                  "        setattr(cls, name, lambda self, *args, **kwargs: None)\n"),
+    "inlinesink": ("the file sink writes on the loop thread (no worker thread per flush)",
+                   "from gateway.backends import file_sink\n"
+                   "async def _drain(self, force_sync=False):\n"
+                   "    batches = self._take()\n"
+                   "    if batches or force_sync:\n"
+                   "        self._write_batches(batches, force_sync)\n"
+                   "file_sink.FileSink._drain = _drain\n"),
+    "nogc": ("no cyclic garbage collection",
+             "import gc\n"
+             "gc.set_threshold(0)\n"
+             "gc.freeze = lambda: None\n"
+             "gc.collect = lambda *args: 0\n"),
+}
+__doc__ += "".join(f"\n- {name}: {what}" for name, (what, _) in ABLATIONS.items()) + "\n"
+
+# The patch runs when `gateway.cli` is first imported: the packages exist, nothing started.
+SITECUSTOMIZE = '''"""Written by loadtests/ablate.py: {what}."""
+import importlib.abc
+import sys
+
+
+def _patch():
+{body}
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "gateway.cli":
+            sys.meta_path.remove(self)
+            _patch()
+        return None
+
+
+sys.meta_path.insert(0, _Hook())
+'''
+LINKED = ("gateway", "understudy", "evaluator", "configs", "pyproject.toml")
+
+
+def make_tree(out: Path, name: str) -> Path:
+    what, body = ABLATIONS[name]
+    tree = out / name
+    tree.mkdir(parents=True, exist_ok=True)
+    for entry in LINKED:
+        link = tree / entry
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(common.ROOT / entry)
+    indented = "".join(f"    {line}\n" for line in body.splitlines())
+    (tree / "sitecustomize.py").write_text(SITECUSTOMIZE.format(what=what, body=indented))
+    return tree
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ablations", nargs="+", choices=sorted(ABLATIONS))
+    parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "ablate")
+    args = parser.parse_args(argv)
+    trees = [f"--tree {name}={make_tree(args.out.resolve(), name)}" for name in args.ablations]
+    print("python loadtests/cpu_split.py --rates 600 --rounds 4 --together --no-nginx "
+          "--tree main=. " + " ".join(trees))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
