@@ -38,13 +38,6 @@ ABLATIONS: dict[str, tuple[str, str]] = {
                   "                   (gm.BatchedHistogram, ['observe'])):\n"
                   "    for name in names:\n"
                   "        setattr(cls, name, lambda self, *args, **kwargs: None)\n"),
-    "inlinesink": ("the file sink writes on the loop thread (no worker thread per flush)",
-                   "from gateway.backends import file_sink\n"
-                   "async def _drain(self, force_sync=False):\n"
-                   "    batches = self._take()\n"
-                   "    if batches or force_sync:\n"
-                   "        self._write_batches(batches, force_sync)\n"
-                   "file_sink.FileSink._drain = _drain\n"),
     "nogc": ("no cyclic garbage collection",
              "import gc\n"
              "gc.set_threshold(0)\n"

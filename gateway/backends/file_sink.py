@@ -14,9 +14,14 @@ fsync policy (`log.fsync`):
   window, a process crash loses nothing (data is in the page cache).
 - `never`: leave it to the OS.
 
-Writes happen on a worker thread so the event loop never waits on disk; `emit` only appends to
-an in-memory list. If the writer falls behind by more than `max_buffered` records, `emit`
-writes the backlog synchronously: backpressure instead of unbounded memory or dropped records.
+Writes happen on the sink's own writer thread so the event loop never waits on disk; `emit`
+only appends to an in-memory list (and, for the first record after a quiet spell, sets an
+event the writer sleeps on). The writer then waits `flush_interval_ms` to gather a batch,
+writes it, and sleeps again: the event loop is never woken by the sink, where a worker handing
+results back to the loop every flush cost the loop about half a wake-up per request at
+moderate rates (docs/BENCHMARKS.md). If the writer falls behind by more than `max_buffered`
+records, `emit` writes the backlog synchronously: backpressure instead of unbounded memory or
+dropped records.
 """
 
 from __future__ import annotations
@@ -128,14 +133,17 @@ class FileSink:
         self._buffered = 0  # records in _pending
         metrics.LOG_BUFFERED.labels("file").track(self)  # reads `_buffered` at scrape
         self._writers: dict[str, _SegmentWriter] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._write_lock = asyncio.Lock()
+        self._thread: threading.Thread | None = None
+        # `_pending` and `_buffered` change on the loop thread (emit) and the writer's (take).
+        self._pending_lock = threading.Lock()
+        # Taking a batch and writing it happen under `_io_lock` together, so batches reach the
+        # file in the order they were taken, whichever thread writes them.
+        self._io_lock = threading.Lock()
+        self._ready = threading.Event()  # set by emit when records wait and the writer may sleep
+        self._stop_requested = threading.Event()
         self._last_sync = 0.0
         self._closed = False
         self._stopping = False
-        self._io_lock = threading.Lock()
-        self._stop_requested = asyncio.Event()
 
     def _writer(self, stream: str) -> _SegmentWriter:
         writer = self._writers.get(stream)
@@ -150,33 +158,40 @@ class FileSink:
 
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._task = asyncio.create_task(self._run(), name="file-sink-writer")
+        self._thread = threading.Thread(target=self._write_loop, name="file-sink-writer",
+                                        daemon=True)
+        self._thread.start()
 
     def emit(self, stream: str, key: str, value: bytes) -> None:
         if self._closed:
             raise RuntimeError("FileSink is closed")
-        try:  # a stream keeps a list once it has one (`_take` gives each a fresh one)
-            pending = self._pending[stream]
-        except KeyError:
-            pending = self._pending[stream] = []
-        pending.append(value)
-        self._buffered += 1
-        if self._buffered >= self.max_buffered:
+        with self._pending_lock:
+            try:  # a stream keeps a list once it has one (`_take` gives each a fresh one)
+                pending = self._pending[stream]
+            except KeyError:
+                pending = self._pending[stream] = []
+            pending.append(value)
+            buffered = self._buffered = self._buffered + 1
+        if buffered >= self.max_buffered:
             # The writer fell behind: write on the caller's thread rather than grow without bound.
-            self._write_batches(self._take())
-        elif len(pending) == 1:
-            self._wake.set()
+            self._write_pending(force_sync=False)
+        elif buffered == 1:
+            self._ready.set()
 
     def _take(self) -> dict[str, list[bytes]]:
-        batches = {s: lines for s, lines in self._pending.items() if lines}
-        self._pending = {s: [] for s in self._pending}
-        self._buffered = 0
+        with self._pending_lock:
+            batches = {s: lines for s, lines in self._pending.items() if lines}
+            self._pending = {s: [] for s in self._pending}
+            self._buffered = 0
         return batches
 
-    def _write_batches(self, batches: dict[str, list[bytes]], force_sync: bool = False) -> None:
-        # The writer thread and a backpressured emit() on the loop thread may both get here.
+    def _write_pending(self, force_sync: bool) -> None:
+        """Take what is pending and write it (the writer thread, a backpressured emit on the
+        loop thread, and flush/close may all get here)."""
         with self._io_lock:
-            self._write_locked(batches, force_sync)
+            batches = self._take()
+            if batches or force_sync:
+                self._write_locked(batches, force_sync)
 
     def _write_locked(self, batches: dict[str, list[bytes]], force_sync: bool) -> None:
         for stream, lines in batches.items():
@@ -193,36 +208,30 @@ class FileSink:
             for writer in self._writers.values():
                 writer.file.flush()
 
-    async def _drain(self, force_sync: bool = False) -> None:
-        async with self._write_lock:
-            batches = self._take()
-            if batches or force_sync:
-                await asyncio.to_thread(self._write_batches, batches, force_sync)
-
-    async def _run(self) -> None:
-        # Never cancelled mid-write: a cancelled await would leave its worker thread writing
-        # while close() writes too. close() sets _stopping and waits for the loop to end.
+    def _write_loop(self) -> None:
+        """The writer thread: sleep until records wait, gather for `flush_interval`, write."""
         while not self._stopping:
-            await self._wake.wait()
-            self._wake.clear()
+            self._ready.wait()
+            if self._stopping:
+                break
+            # Cut short by close(); otherwise the records of the next flush_interval join in.
+            self._stop_requested.wait(self.flush_interval)
+            self._ready.clear()  # before taking: an emit after the take wakes the next round
             try:
-                await self._drain()
+                self._write_pending(force_sync=False)
             except OSError:
                 log.exception("file sink write failed; retrying")
-            if not self._stopping:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), self.flush_interval)
 
     async def flush(self) -> None:
-        await self._drain(force_sync=self.fsync != "never")
+        await asyncio.to_thread(self._write_pending, self.fsync != "never")
 
     async def close(self) -> None:
-        if self._task is not None:
+        if self._thread is not None:
             self._stopping = True
             self._stop_requested.set()
-            self._wake.set()
-            await self._task
-            self._task = None
+            self._ready.set()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         await self.flush()
         self._closed = True
         for writer in self._writers.values():

@@ -356,7 +356,6 @@ ABLATED = {
                 "f = o._dispatch_copies",
     "novalidate": "from gateway.dataplane import service as o; f = o.validate_against",
     "nometrics": "from prometheus_client.metrics import Histogram as o; f = o.observe",
-    "inlinesink": "from gateway.backends.file_sink import FileSink as o; f = o._drain",
     "nogc": "import gc as o; f = o.freeze",
 }
 
