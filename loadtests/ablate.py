@@ -38,6 +38,26 @@ ABLATIONS: dict[str, tuple[str, str]] = {
                   "                   (gm.BatchedHistogram, ['observe'])):\n"
                   "    for name in names:\n"
                   "        setattr(cls, name, lambda self, *args, **kwargs: None)\n"),
+    "nodecode": ("the record does not decode the models' answers (outputs left empty)",
+                 "from gateway.dataplane import recorder\n"
+                 "recorder.decode_response = lambda *args: {'outputs': {}}\n"),
+    "nobatch": ("no micro-batching of shadow copies (every copy its own call)",
+                "from gateway.mirror import shadow\n"
+                "_init = shadow.ShadowLane.__init__\n"
+                "def __init__(self, *args, **kwargs):\n"
+                "    kwargs['batch_max_rows'] = 1\n"
+                "    _init(self, *args, **kwargs)\n"
+                "shadow.ShadowLane.__init__ = __init__\n"),
+    "deferrecords": ("records built in bulk every 10 ms instead of as each becomes ready",
+                     "import asyncio\n"
+                     "from gateway.dataplane import recorder\n"
+                     "def _push(self, ctx, copies):\n"
+                     "    self._ready.append((ctx, copies))\n"
+                     "    if self._slice is None:\n"
+                     "        if self._loop is None or self._loop.is_closed():\n"
+                     "            self._loop = asyncio.get_running_loop()\n"
+                     "        self._slice = self._loop.call_later(0.010, self._work)\n"
+                     "recorder.Recorder._push = _push\n"),
     "nogc": ("no cyclic garbage collection",
              "import gc\n"
              "gc.set_threshold(0)\n"

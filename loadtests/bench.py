@@ -1008,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-seconds", type=float, default=15)
     p.add_argument("--load-cpus", default="1", help="taskset CPU list for wrk ('' = no pinning)")
     p.add_argument("--quick", action="store_true",
-                   help="short runs: 4 s capacity/rate, 1 slow round, 20 s overload")
+                   help="short runs: 4 s capacity/rate, 2 slow and 3 paired rounds, 20 s overload")
     p.add_argument("--no-kafka", action="store_true")
     p.add_argument("--no-workers", action="store_true", help="skip the --workers 2 rows")
     p.add_argument("--no-profile", action="store_true")
@@ -1030,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = min(args.duration, 4)
         args.rate_duration = min(args.rate_duration, 4)
         args.slow_rounds, args.slow_duration = 2, min(args.slow_duration, 4)
-        args.paired_rounds, args.paired_seconds = 2, min(args.paired_seconds, 2)
+        args.paired_rounds, args.paired_seconds = 3, min(args.paired_seconds, 2)
         args.overload_seconds = min(args.overload_seconds, 20)
         args.profile_seconds = min(args.profile_seconds, 5)
         args.warmup = 1

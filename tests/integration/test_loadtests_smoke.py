@@ -120,7 +120,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     for key in ("nginx-mirror", "champion-file-w1", "shadow1-file-w1"):
         assert rows[key]["moderate_cpu_ms"] > 0, rows[key]  # CPU at the fixed rate, measured
     _check_slow(results["extra"]["slow"], rounds=2)
-    _check_paired(results["extra"]["paired_cpu"], rounds=2)
+    _check_paired(results["extra"]["paired_cpu"], rounds=3)
     assert "error" not in results["extra"]["overload"]
 
 
@@ -147,9 +147,10 @@ def test_paired_cpu_comparison_runs_side_by_side(tmp_path: Path) -> None:
     results = _run_bench(tmp_path, "--no-kafka", "--phases", "paired", "--paired-rates", "300",
                          "--md", str(tmp_path / "BENCH.md"))
     paired = results["extra"]["paired_cpu"]
-    _check_paired(paired, rounds=2)
+    _check_paired(paired, rounds=3)
     # at 300 req/s the lane has room: copies answered, both sides did the same work (in at
-    # least one of the two rounds: a stall of the shared CI machine can fill the lane once)
+    # least one of the three rounds: a stall of the shared CI machine can fill the lane, or
+    # keep a proxy under 97% of the rate, in a round or two)
     assert any(r["gateway"]["copies_lost"] == 0.0 and r["same_work"]
                for r in paired["rounds"]), paired["rounds"]
     assert "gateway + 1 shadow vs the nginx mirror" in (tmp_path / "BENCH.md").read_text()
@@ -356,6 +357,9 @@ ABLATED = {
                 "f = o._dispatch_copies",
     "novalidate": "from gateway.dataplane import service as o; f = o.validate_against",
     "nometrics": "from prometheus_client.metrics import Histogram as o; f = o.observe",
+    "nodecode": "from gateway.dataplane import recorder as o; f = o.decode_response",
+    "nobatch": "from gateway.mirror.shadow import ShadowLane as o; f = o.__init__",
+    "deferrecords": "from gateway.dataplane.recorder import Recorder as o; f = o._push",
     "nogc": "import gc as o; f = o.freeze",
 }
 
