@@ -358,7 +358,7 @@ class Gateway:
 
 
 NGINX_CONF = """\
-worker_processes {workers};
+{user}worker_processes {workers};
 daemon off;
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
@@ -420,7 +420,11 @@ class Nginx:
         (self.work / "mirror-store").mkdir(exist_ok=True)
         conf = self.work / "nginx.conf"
         conf.write_text(NGINX_CONF.format(
-            workers=self.workers, work=self.work, upstream=self.upstream, host=HOST,
+            # Started as root, nginx's workers would run as nobody: they could not write under
+            # a work directory private to root (a pytest tmp dir is 0700), and the kept-alive
+            # mirror stores every answer there (proxy_store).
+            user="user root;\n" if os.geteuid() == 0 else "", workers=self.workers,
+            work=self.work, upstream=self.upstream, host=HOST,
             port=self.port, route=self.route, champion=self.champion, shadow=self.shadow,
         ))
         self.proc = subprocess.Popen([*pin(self.cpus), binary, "-p", str(self.work), "-c",

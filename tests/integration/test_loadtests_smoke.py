@@ -121,6 +121,7 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert rows[key]["moderate_cpu_ms"] > 0, rows[key]  # CPU at the fixed rate, measured
     _check_slow(results["extra"]["slow"], rounds=2)
     _check_paired(results["extra"]["paired_cpu"], rounds=3)
+    assert len(results["extra"]["capacity_rounds"]["rounds"]) == 2
     assert "error" not in results["extra"]["overload"]
 
 
@@ -154,6 +155,31 @@ def test_paired_cpu_comparison_runs_side_by_side(tmp_path: Path) -> None:
     assert any(r["gateway"]["copies_lost"] == 0.0 and r["same_work"]
                for r in paired["rounds"]), paired["rounds"]
     assert "gateway + 1 shadow vs the nginx mirror" in (tmp_path / "BENCH.md").read_text()
+
+
+@pytest.mark.kafka
+def test_capacity_rounds_alternate_gateways_and_mirrors(tmp_path: Path) -> None:
+    """bench.py's alternating capacity phase alone, short: both nginx mirrors and the gateway
+    + 1 shadow with the file and the Kafka log (a broker of its own) each run closed loop in
+    every round, the order reversed in the second; the ratios are the rounds' own."""
+    results = _run_bench(tmp_path, "--phases", "capacity", "--md", str(tmp_path / "BENCH.md"))
+    capacity = results["extra"]["capacity_rounds"]
+    assert "error" not in capacity, capacity
+    assert capacity["kafka"] == "used"
+    proxies = ["nginx-mirror", "nginx-kept", "gateway-file", "gateway-kafka"]
+    assert [r["round"] for r in capacity["rounds"]] == [0, 1]
+    for r in capacity["rounds"]:
+        assert all(r[name]["rps"] > 0 and r[name]["errors"] == 0 for name in proxies), r
+        assert all(0.0 <= r[name]["copies_lost"] <= 1.0 for name in proxies[2:]), r
+        assert "copies_lost" not in r["nginx-mirror"]
+    assert len(capacity["by_pair"]) == 4
+    for pair in capacity["by_pair"].values():
+        ratios = [r[pair["gateway"]]["rps"] / r[pair["nginx"]]["rps"]
+                  for r in capacity["rounds"]]
+        assert pair["ratios"] == ratios
+        assert pair["ratio"] == statistics.median(ratios)
+        assert pair["ci"][0] <= pair["ratio"] <= pair["ci"][1]
+    assert "Capacity in alternating rounds" in (tmp_path / "BENCH.md").read_text()
 
 
 def _check_slow(slow: dict[str, Any], rounds: int) -> None:
