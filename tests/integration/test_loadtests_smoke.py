@@ -179,6 +179,9 @@ def test_capacity_rounds_alternate_gateways_and_mirrors(tmp_path: Path) -> None:
         assert pair["ratios"] == ratios
         assert pair["ratio"] == statistics.median(ratios)
         assert pair["ci"][0] <= pair["ratio"] <= pair["ci"][1]
+        work = [x * (2 - r[pair["gateway"]]["copies_lost"]) / 2
+                for x, r in zip(ratios, capacity["rounds"], strict=True)]
+        assert pair["work_ratio"] == statistics.median(work) <= pair["ratio"]
     assert "Capacity in alternating rounds" in (tmp_path / "BENCH.md").read_text()
 
 
