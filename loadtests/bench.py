@@ -523,15 +523,15 @@ class Bench:
                 for i in range(a.capacity_rounds):
                     measured: dict[str, dict[str, float]] = {}
                     for name in names if i % 2 == 0 else names[::-1]:
-                        before = cpu_split.shadow_totals(gateways[name]) if name in gateways \
-                            else None
+                        base = gateways.get(name)
+                        before = cpu_split.shadow_totals(base) if base else {}
                         load = common.wrk(proxies[name], self.body_file, self.body,
                                           duration=a.capacity_seconds,
                                           connections=a.connections, cpus=self.load_cpus)
                         measured[name] = {"rps": load.rps, "errors": load.errors}
-                        if before is not None:
+                        if base:
                             measured[name]["copies_lost"] = cpu_split.lost_share(
-                                before, cpu_split.shadow_totals(gateways[name]))
+                                before, cpu_split.shadow_totals(base))
                     result["rounds"].append({"round": i, **measured})
                     self.log(f"  capacity round {i + 1}: " + ", ".join(
                         f"{name} {m['rps']:,.0f} req/s" for name, m in measured.items()))
