@@ -361,9 +361,7 @@ class Bench:
 
     def phase_kafka(self) -> None:
         """Every scenario with the Kafka sink (a real broker on this machine)."""
-        ok, why = common.kafka_available()
-        if self.args.no_kafka:
-            ok, why = False, "skipped (--no-kafka)"
+        ok, why = self.kafka_usable()
         self.extra["kafka"] = "used" if ok else why
         if not ok:
             self.log(f"Kafka rows skipped: {why}")
@@ -384,6 +382,12 @@ class Bench:
             if self.kafka:
                 self.kafka.stop()
                 self.kafka = None
+
+    def kafka_usable(self) -> tuple[bool, str]:
+        """Can this run start a broker, and if not, why (as the report says it)."""
+        if self.args.no_kafka:
+            return False, "skipped (--no-kafka)"
+        return common.kafka_available()
 
     def phase_workers(self) -> None:
         if self.args.no_workers:
@@ -504,13 +508,12 @@ class Bench:
                            "nginx-kept": nginx.url + f"/v2/models/{ROUTE}-kept/infer"}
                 gateways: dict[str, str] = {}
                 sinks = ["file"]
-                kafka_ok, why = common.kafka_available()
-                if kafka_ok and not a.no_kafka:
+                kafka_ok, why = self.kafka_usable()
+                if kafka_ok:
                     self.kafka = stack.enter_context(common.KafkaBroker(self.work / "kafka-cap"))
                     stack.callback(setattr, self, "kafka", None)
                     sinks.append("kafka")
-                result["kafka"] = "used" if "kafka" in sinks else (
-                    "skipped (--no-kafka)" if a.no_kafka else why)
+                result["kafka"] = "used" if kafka_ok else why
                 for sink in sinks:
                     gw = stack.enter_context(self.gateway(
                         f"capacity-shadow1-{sink}", GATEWAY_SCENARIOS["shadow1"][1], sink=sink))

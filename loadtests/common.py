@@ -74,10 +74,12 @@ def http_json(url: str, data: bytes | None = None, headers: Mapping[str, str] | 
 
 
 def wait_http(url: str, timeout: float = 60.0, ok: Sequence[int] = (200,),
-              proc: subprocess.Popen[bytes] | None = None) -> None:
+              proc: subprocess.Popen[bytes] | None = None, body: Body | None = None) -> None:
+    """Until `url` answers one of `ok` (a POST of `body` if given, else a GET)."""
+    data, headers = (body.data, body.headers) if body is not None else (None, None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if http_status(url, timeout=2.0) in ok:
+        if http_status(url, data, headers, timeout=2.0) in ok:
             return
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before {url} was ready")

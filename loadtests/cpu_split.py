@@ -241,13 +241,11 @@ def start_floor(work: Path, upstream: str) -> Floor:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://{common.HOST}:{port}/v2/models/fraud/infer"
     x, _ = common.fraud_rows(1)
-    body = common.json_body(x[0])
-    deadline = time.monotonic() + 30
-    while common.http_status(url, body.data, body.headers, timeout=2.0) != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            common.stop_process(proc)
-            raise RuntimeError(f"floor proxy did not answer at {url}: see {work / 'floor.err'}")
-        time.sleep(0.1)
+    try:
+        common.wait_http(url, 30, proc=proc, body=common.json_body(x[0]))
+    except BaseException:
+        common.stop_process(proc)
+        raise
     return Floor(proc, url)
 
 

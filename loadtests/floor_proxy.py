@@ -58,10 +58,10 @@ class Upstream(asyncio.Protocol):
         if answer is not None:
             answer(None)
 
-    def call(self, head: bytes, body: bytes, answer: Answer) -> None:
+    def call(self, body: bytes, answer: Answer) -> None:
         assert self.transport is not None
         self.answer = answer
-        self.transport.write(head + body)
+        self.transport.write(self.pool.head + b"%d\r\n\r\n" % len(body) + body)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
@@ -98,7 +98,7 @@ class Pool:
 
     def call(self, body: bytes, answer: Answer) -> None:
         if self.idle:
-            self.idle.pop().call(self.head + b"%d\r\n\r\n" % len(body), body, answer)
+            self.idle.pop().call(body, answer)
         elif self.limit is not None and len(self.waiting) >= self.limit:
             self.dropped += 1
         else:
@@ -107,7 +107,7 @@ class Pool:
     def release(self, conn: Upstream) -> None:
         if self.waiting:
             body, answer = self.waiting.popleft()
-            conn.call(self.head + b"%d\r\n\r\n" % len(body), body, answer)
+            conn.call(body, answer)
         else:
             self.idle.append(conn)
 

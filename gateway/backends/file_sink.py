@@ -143,7 +143,6 @@ class FileSink:
         self._stop_requested = threading.Event()
         self._last_sync = 0.0
         self._closed = False
-        self._stopping = False
 
     def _writer(self, stream: str) -> _SegmentWriter:
         writer = self._writers.get(stream)
@@ -210,12 +209,13 @@ class FileSink:
 
     def _write_loop(self) -> None:
         """The writer thread: sleep until records wait, gather for `flush_interval`, write."""
-        while not self._stopping:
+        stop = self._stop_requested
+        while not stop.is_set():
             self._ready.wait()
-            if self._stopping:
+            if stop.is_set():
                 break
             # Cut short by close(); otherwise the records of the next flush_interval join in.
-            self._stop_requested.wait(self.flush_interval)
+            stop.wait(self.flush_interval)
             self._ready.clear()  # before taking: an emit after the take wakes the next round
             try:
                 self._write_pending(force_sync=False)
@@ -227,7 +227,6 @@ class FileSink:
 
     async def close(self) -> None:
         if self._thread is not None:
-            self._stopping = True
             self._stop_requested.set()
             self._ready.set()
             await asyncio.to_thread(self._thread.join)
