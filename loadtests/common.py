@@ -683,12 +683,18 @@ def versions() -> dict[str, str]:
 def ratio_interval(ratios: list[float], level: float = 0.95) -> tuple[float, float]:
     """A `level` t-interval of the geometric mean of per-round ratios (log scale): how far
     the median-of-rounds statistic can be trusted, from the rounds' own spread."""
-    logs = [math.log(r) for r in ratios]
-    if len(logs) < 2:
-        return ratios[0], ratios[0]
-    low, high = stats.t.interval(level, len(logs) - 1, loc=statistics.fmean(logs),
-                                 scale=stats.sem(logs))
+    low, high = mean_interval([math.log(r) for r in ratios], level)
     return math.exp(low), math.exp(high)
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A `level` t-interval of the mean of per-round differences (e.g. added milliseconds),
+    from the rounds' own spread."""
+    if len(values) < 2:
+        return values[0], values[0]
+    low, high = stats.t.interval(level, len(values) - 1, loc=statistics.fmean(values),
+                                 scale=stats.sem(values))
+    return float(low), float(high)
 
 
 SHADOW_LINE = re.compile(

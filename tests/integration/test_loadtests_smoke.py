@@ -122,6 +122,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     _check_slow(results["extra"]["slow"], rounds=2)
     _check_paired(results["extra"]["paired_cpu"], rounds=3)
     assert len(results["extra"]["capacity_rounds"]["rounds"]) == 2
+    _check_added_latency(results["extra"]["added_latency"], rounds=2)
     assert "error" not in results["extra"]["overload"]
 
 
@@ -183,6 +184,37 @@ def test_capacity_rounds_alternate_gateways_and_mirrors(tmp_path: Path) -> None:
                 for x, r in zip(ratios, capacity["rounds"], strict=True)]
         assert pair["work_ratio"] == statistics.median(work) <= pair["ratio"]
     assert "Capacity in alternating rounds" in (tmp_path / "BENCH.md").read_text()
+
+
+def _check_added_latency(added: dict[str, Any], rounds: int) -> None:
+    """Every gateway and the A/A pair measured against direct Triton in every round, the
+    order alternating; each added number is the two sides' difference in that window."""
+    assert "error" not in added, added
+    kinds = ["champion", "shadow1", "AA"]
+    assert [r["kind"] for r in added["rounds"]] == (kinds + kinds[::-1]) * (rounds // 2)
+    for r in added["rounds"]:
+        assert r["direct"]["errors"] == r["other"]["errors"] == 0, r
+        assert r["direct"]["requests"] > 0 and r["other"]["requests"] > 0, r
+        assert r["added_p50"] == r["other"]["p50"] - r["direct"]["p50"]
+        assert r["added_p99"] == r["other"]["p99"] - r["direct"]["p99"]
+    for kind in kinds:
+        summary = added["by_kind"][kind]
+        for q in ("p50", "p99"):
+            mine = [r[f"added_{q}"] for r in added["rounds"] if r["kind"] == kind]
+            assert summary[f"{q}_rounds"] == mine
+            assert summary[q] == statistics.median(mine)
+            assert summary[f"{q}_ci"][0] <= statistics.fmean(mine) <= summary[f"{q}_ci"][1]
+
+
+def test_added_latency_is_measured_side_by_side_with_direct_triton(tmp_path: Path) -> None:
+    """bench.py's added-latency phase alone, short: each gateway (champion only, + 1 shadow)
+    and direct Triton loaded at once, and direct Triton against itself (A/A)."""
+    results = _run_bench(tmp_path, "--no-kafka", "--phases", "latency",
+                         "--md", str(tmp_path / "BENCH.md"))
+    _check_added_latency(results["extra"]["added_latency"], rounds=2)
+    assert results["extra"]["added_latency"]["rate"] == results["light_rate"]
+    text = (tmp_path / "BENCH.md").read_text()
+    assert "Added latency side by side" in text and "A/A: the noise floor" in text
 
 
 def _check_slow(slow: dict[str, Any], rounds: int) -> None:
@@ -253,6 +285,15 @@ def test_ratio_interval_is_a_t_interval_of_the_log_ratios() -> None:
     half = 2.776445105 * statistics.stdev(logs) / math.sqrt(len(logs))
     low, high = statistics.fmean(logs) - half, statistics.fmean(logs) + half
     assert common.ratio_interval(ratios) == pytest.approx((math.exp(low), math.exp(high)))
+
+
+def test_mean_interval_is_a_t_interval_of_the_differences() -> None:
+    added = [0.41, 0.38, 0.52, 0.45]
+    # by hand: mean +- t(0.975, 3) * s / sqrt(n), t from a table (3 df)
+    half = 3.182446305 * statistics.stdev(added) / math.sqrt(len(added))
+    mean = statistics.fmean(added)
+    assert common.mean_interval(added) == pytest.approx((mean - half, mean + half))
+    assert common.mean_interval([0.4]) == (0.4, 0.4)  # one round: no spread to go on
 
 
 @pytest.mark.slow
