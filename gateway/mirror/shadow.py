@@ -8,10 +8,14 @@ challenger is, and since every challenger has its own connection pool, it cannot
 connections from the champion.
 
 Micro-batching (`batch_max_rows` > 1, and the model's Triton config has `max_batch_size` > 0):
-admitted copies queue in the lane and one batcher task sends up to `batch_max_rows` compatible
-rows as one Triton request (gateway/mirror/batching.py), waiting at most `batch_max_wait_ms` after
-the
-oldest queued copy; each batch is one of the `max_concurrency` calls. Every copy keeps its own
+admitted copies queue in the lane and go up to `batch_max_rows` compatible rows per Triton
+request (gateway/mirror/batching.py), at most `batch_max_wait_ms` after the oldest queued copy;
+each batch is one of the `max_concurrency` calls. Batches are formed by callbacks, not by a
+batcher task: at moderate rates a window opens every few copies, and a Task with its steps and
+a Future per window were a large share of each copy's cost. A queued copy sets one lane timer
+for its window's end, a copy that fills a batch sends it at once, and with every slot busy the
+queued copies wait as one of the slots' waiters (no Task either) and go, with the copies that
+joined meanwhile, when a slot is handed over to them. Every copy keeps its own
 deadline, so it resolves within the lane's timeout whatever its batch does: one timer per lane
 (copies share the lane's timeout, so deadlines come in admission order) fires at the oldest
 live copy's deadline. A batch that Triton rejects is re-sent copy by copy, so one bad row never
@@ -33,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from gateway import metrics
@@ -59,6 +64,11 @@ SLOW_VS_SERVED = 20
 SLOW_LANE_ROWS = 4
 RESOLVE_SLICE = 4
 _CALL_EWMA = 0.2  # weight of the newest call in the smoothed service time
+# A batching window has ended when the loop's time is this close to its end. Loop times are
+# floats (uvloop's are whole milliseconds): when the window's timer fires, `enqueued +
+# batch_wait_s` can still exceed the loop's time by a rounding error, and the timer would be set
+# again with no delay, over and over until the next millisecond.
+_WINDOW_ROUNDING_S = 1e-6
 
 
 class CallTime:
@@ -119,7 +129,8 @@ class ShadowCopy(asyncio.Future[ShadowResult]):
 class _Slots(asyncio.Semaphore):
     """A lane's `max_concurrency` call slots. A copy that goes alone takes a free one at once
     (`take_now`), so its call needs no Task, timeout context or Future (a probe, or every copy
-    of a lane that does not batch); only a copy that must wait for a slot runs as a Task."""
+    of a lane that does not batch); only a copy that must wait for a slot runs as a Task. The
+    queued batch waits for one with `take_later`, no Task either."""
 
     def take_now(self) -> bool:
         """Take a slot exactly as `acquire` does when it need not wait; False if it would."""
@@ -127,6 +138,26 @@ class _Slots(asyncio.Semaphore):
             return False
         self._value -= 1
         return True
+
+    def take_later(self, loop: asyncio.AbstractEventLoop, granted: Callable[[], None]) -> None:
+        """Wait for a slot as `acquire` does, as a Future with a callback instead of a Task:
+        `granted()` runs holding the slot. The semaphore hands slots to its waiters in order
+        on every release (a call's end, a `_single` Task's exit, a waiter giving up), so this
+        waiter and the Tasks in `acquire` are served alike and no freed slot goes unseen."""
+        waiter = loop.create_future()
+        if self._waiters is None:
+            self._waiters = deque()
+        self._waiters.append(waiter)
+        waiter.add_done_callback(partial(self._handed, granted))
+
+    def _handed(self, granted: Callable[[], None], waiter: asyncio.Future[Any]) -> None:
+        """`take_later`'s slot was handed over: what `acquire` does after its wait, then
+        `granted`."""
+        assert self._waiters is not None
+        self._waiters.remove(waiter)
+        if self._value > 0:  # waiters that queued behind this one while a slot was free
+            self._wake_up_next()
+        granted()
 
 
 class ShadowLane:
@@ -191,9 +222,10 @@ class ShadowLane:
         self._config_retry_at = 0.0
         self._queue: deque[ShadowCopy] = deque()
         self._queued_rows: dict[Hashable, int] = {}  # rows waiting per compatibility key
-        # Set while the batcher waits for a batching window to fill; resolved to wake it.
-        self._wakeup: asyncio.Future[None] | None = None
-        self._batcher: asyncio.Task[None] | None = None
+        # The batching window's end (`_window_end`), set while copies wait for it; and whether
+        # queued copies wait for a call slot instead (`_slot_granted`). Neither: none queued.
+        self._window: asyncio.TimerHandle | None = None
+        self._awaiting_slot = False
         self._calls: set[asyncio.Task[None]] = set()
         # Copies on the lane's deadline timer (batched, or sent alone at once).
         self._deadlines: DeadlineWatch[ShadowCopy] = DeadlineWatch(self._expire)
@@ -325,16 +357,13 @@ class ShadowLane:
         self._deadlines.watch(loop, copy)
         self._queue.append(copy)
         queued = self._queued_rows[key] = self._queued_rows.get(key, 0) + rows
-        if queued >= limit and self._wakeup is not None:
-            self._wake_batcher()  # a full batch: no need to wait for the window's end
-        if self._batcher is None:
-            self._batcher = loop.create_task(self._batch_loop())
+        if queued >= limit:
+            self._pump()  # a full batch: no need to wait for the window's end
+        elif self._window is None and not self._awaiting_slot:
+            # The first copy queued: its window starts (even with no wait, the copies submitted
+            # in this loop iteration still join).
+            self._window = loop.call_at(copy.enqueued + self.batch_wait_s, self._window_end)
         return copy
-
-    def _wake_batcher(self) -> None:
-        waiter, self._wakeup = self._wakeup, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _unqueue_rows(self, key: Hashable, rows: int) -> None:
         left = self._queued_rows[key] - rows
@@ -343,34 +372,50 @@ class ShadowLane:
         else:
             del self._queued_rows[key]
 
-    async def _batch_loop(self) -> None:
-        """Form batches while copies are queued; exits when the queue is empty (the next copy
-        starts a new loop), so an idle lane holds no task."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                limit = self.batch_limit
-                due = self._queue[0].enqueued + self.batch_wait_s
-                if due > loop.time() and max(self._queued_rows.values(), default=0) < limit:
-                    # Woken by a full batch or the window's end; a timer, not asyncio.timeout:
-                    # most windows end unfilled, and a timeout ends in a raised exception. Only
-                    # a batcher waiting here is woken: a copy queued meanwhile does nothing.
-                    waiter = self._wakeup = loop.create_future()
-                    timer = loop.call_at(due, self._wake_batcher)
-                    try:
-                        await waiter
-                    finally:
-                        timer.cancel()
-                        self._wakeup = None
-                    continue  # the oldest copy may have expired meanwhile: look again
-                await self._slots.acquire()  # queued copies keep joining while all slots busy
-                batch, rows = self._take(limit)
-                if not batch:
-                    self._slots.release()
-                    continue
-                self._send(batch, rows)
-        finally:
-            self._batcher = None
+    def _window_end(self) -> None:
+        self._window = None
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send every batch that is due (its oldest copy's window ended, or a key has a full
+        batch) while a call slot is free; then wait for the next window's end, or for a slot
+        (`take_later`: copies queued meanwhile keep joining), or, with nothing queued, for
+        nothing: an idle lane holds no timer. The window's timer may fire early (its oldest
+        copy went, or expired): it then looks again and sets the next one."""
+        if self._awaiting_slot:
+            return  # the next slot freed goes to `_slot_granted`
+        loop = self._loop or self._bind_loop()
+        while self._queue:  # `_take` replaces the deque: read it anew each time
+            limit = self.batch_limit
+            due = self._queue[0].enqueued + self.batch_wait_s
+            if (due > loop.time() + _WINDOW_ROUNDING_S
+                    and max(self._queued_rows.values(), default=0) < limit):
+                if self._window is None:
+                    self._window = loop.call_at(due, self._window_end)
+                return
+            if not self._slots.take_now():
+                self._awaiting_slot = True
+                self._slots.take_later(loop, self._slot_granted)
+                break
+            self._send_next(limit)
+        if self._window is not None:  # nothing left to wait for before the next copy
+            self._window.cancel()
+            self._window = None
+
+    def _slot_granted(self) -> None:
+        """A slot was handed over to the queued copies: the oldest and those that joined it
+        go now (the window ended before the wait), then the rest are seen to."""
+        self._awaiting_slot = False
+        self._send_next(self.batch_limit)
+        self._pump()
+
+    def _send_next(self, limit: int) -> None:
+        """Send the next batch on the slot the caller took for it."""
+        batch, rows = self._take(limit)
+        if batch:
+            self._send(batch, rows)
+        else:  # every queued copy was cancelled or expired meanwhile
+            self._slots.release()
 
     def _take(self, limit: int) -> tuple[list[ShadowCopy], int]:
         """The oldest live copy plus every later compatible one that fits, in queue order,

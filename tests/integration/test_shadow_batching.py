@@ -12,6 +12,7 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+import uvloop
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,7 +34,7 @@ from gateway.mirror.shadow import (
     ShadowResult,
 )
 from gateway.rest.inference import ROUTES
-from gateway.upstream.callback import Cancellable
+from gateway.upstream.callback import TIMER_SLACK, Cancellable
 from gateway.upstream.client import TritonUpstream, UpstreamResponse
 from tests.conftest import GatewayFactory, fraud_body
 from tests.unit.test_eval_store import CHAL, CHAMP, T0, inference
@@ -451,6 +452,160 @@ async def test_model_max_batch_size_caps_rows_and_zero_disables_batching() -> No
     results = await asyncio.gather(*(lane.submit(row(i), "shadow") for i in range(4)))
     assert unbatched.calls == [1, 1, 1, 1]
     assert all(r.status == "ok" and r.batch_rows is None for r in results)
+
+
+# -- batches formed by callbacks: one lane timer per window, no Task --------------------------
+
+
+async def test_a_batch_waits_for_its_window_then_goes_as_one_call() -> None:
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-window", max_concurrency=4, batch_max_rows=8,
+                    batch_max_wait_ms=200.0, latency_probe_every=0)
+    assert await lane.load_batching_config() == 8
+    loop = asyncio.get_running_loop()
+    first = lane.submit(row(1), "shadow")
+    assert isinstance(first, ShadowCopy)
+    due = first.enqueued + lane.batch_wait_s
+    copies = [first]
+    for value in (2, 3):
+        await asyncio.sleep(0)  # later loop iterations, still within the window
+        copies.append(lane.submit(row(value), "shadow"))
+        assert lane._window is not None
+    for _ in range(3):
+        await asyncio.sleep(0)
+    if loop.time() < due:  # (a machine stalled past the window would have sent it by now)
+        assert upstream.calls == [] and len(lane._queue) == 3
+    await upstream.started.wait()
+    assert loop.time() >= due - TIMER_SLACK  # not before the window's end
+    results = await asyncio.gather(*copies)
+    assert upstream.calls == [3]
+    assert [(r.status, r.batch_rows, score(r)) for r in results] == [
+        ("ok", 3, [1.0]), ("ok", 3, [2.0]), ("ok", 3, [3.0])]
+    assert lane._window is None and not lane._awaiting_slot  # an idle lane holds no timer
+
+
+async def test_a_full_batch_goes_at_once_with_the_older_copies_before_it() -> None:
+    """The copy that fills a batch sends it in `submit` (the window, a minute here, is not
+    waited for); the older copy of another key, queued ahead of it, goes first, alone."""
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-full", max_concurrency=4, batch_max_wait_ms=60_000.0,
+                    timeout_ms=120_000, latency_probe_every=0)
+    assert await lane.load_batching_config() == 4
+    wide = lane.submit(json_request({"x": ("FP32", np.array([[5.0, 5.0, 5.0]], np.float32))}),
+                       "shadow")
+    copies = [lane.submit(row(i), "shadow") for i in range(4)]
+    assert not lane._queue and lane._window is None  # both batches left in the 4th submit
+    results = await asyncio.gather(wide, *copies)
+    assert upstream.calls == [1, 4]
+    assert [score(r) for r in results] == [[15.0], [0.0], [1.0], [2.0], [3.0]]
+    assert lane.admitted == 0 and not lane._slots.locked()
+
+
+async def test_queued_copies_take_their_turn_among_tasks_waiting_for_a_slot() -> None:
+    """With the only slot busy, the queued copies wait as one of the slot's waiters, in order
+    with a probe's Task waiting for it too: a slot freed by a batch call's end or by that
+    Task's exit goes to the next in line, and copies queued meanwhile join the batch."""
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-turns", latency_probe_every=2)
+    assert await lane.load_batching_config() == 4
+    upstream.gate = asyncio.Event()
+    queued = [lane.submit(row(1), "shadow")]  # batched: waits for its window (this iteration)
+    probe = lane.submit(row(10), "shadow")  # alone, the slot is free: called at once
+    queued.append(lane.submit(row(2), "shadow"))
+    waiting_probe = lane.submit(row(20), "shadow")  # alone, the slot is busy: a Task waits
+    assert len(lane._calls) == 1
+    await upstream.started.wait()
+    await asyncio.sleep(0)
+    assert lane._awaiting_slot and lane._window is None  # the window ended: waits for a slot
+    queued.append(lane.submit(row(3), "shadow"))  # joins the waiting batch
+    assert lane._window is None
+    upstream.gate.set()
+    results = await asyncio.gather(probe, waiting_probe, *queued)
+    # The probe's call ends: the waiting probe's Task (first in line) goes, and when it exits
+    # the batch goes with every copy queued meanwhile.
+    assert upstream.calls == [1, 1, 3]
+    assert [(r.status, r.batch_rows, score(r)) for r in results] == [
+        ("ok", None, [10.0]), ("ok", None, [20.0]), ("ok", 3, [1.0]), ("ok", 3, [2.0]),
+        ("ok", 3, [3.0])]
+    assert lane.admitted == 0 and not lane._slots.locked() and not lane._awaiting_slot
+
+
+async def test_a_copy_cancelled_while_queued_is_shed_and_not_sent() -> None:
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-cancel", latency_probe_every=0)
+    assert await lane.load_batching_config() == 4
+    statuses: list[str] = []
+    kept, cancelled = lane.submit(row(1), "shadow"), lane.submit(row(2), "shadow")
+    assert isinstance(cancelled, ShadowCopy)
+    cancelled.listener = lambda: statuses.append("resolved")
+    cancelled.cancel()
+    assert score(await kept) == [1.0] and kept.result().batch_rows == 1
+    assert upstream.calls == [1] and statuses == ["resolved"]
+    assert lane.admitted == 0 and lane._window is None
+    assert REGISTRY.get_sample_value("understudy_shadow_copies_total", {
+        "route": "lane-cancel", "model": "m", "outcome": "shed"}) == 1
+
+
+async def test_batches_are_formed_without_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows that end on time, full batches and waits for a busy slot: the lane starts no
+    Task for any of them (the fake upstream's calls are its own Tasks)."""
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-no-task", batch_max_wait_ms=1.0, latency_probe_every=0)
+    assert await lane.load_batching_config() == 4
+    loop = asyncio.get_running_loop()
+    started: list[str] = []
+    create_task = loop.create_task
+
+    def recording(coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(coro.__qualname__)
+        return create_task(coro, **kwargs)
+
+    monkeypatch.setattr(loop, "create_task", recording)
+    for _ in range(3):  # windows that end unfilled
+        assert score(await lane.submit(row(1), "shadow")) == [1.0]
+    assert score((await asyncio.gather(*(lane.submit(row(i), "shadow")
+                                         for i in range(4))))[3]) == [3.0]  # a full batch
+    upstream.gate = asyncio.Event()
+    copies = [lane.submit(row(i), "shadow") for i in range(6)]  # a full batch, then a wait
+    upstream.gate.set()
+    assert [score(r) for r in await asyncio.gather(*copies)] == [[float(i)] for i in range(6)]
+    assert upstream.calls == [1, 1, 1, 4, 4, 2]
+    assert started and set(started) == {"FakeUpstream.infer"}
+    assert lane._window is None and not lane._awaiting_slot and not lane._calls
+
+
+def test_a_window_ends_on_its_first_timer_on_uvloops_millisecond_clock() -> None:
+    """uvloop's clock counts whole milliseconds: the window's end must not be judged still to
+    come by a float rounding error when its timer fires (the timer would be set again and again
+    until the next millisecond: a busy loop)."""
+    upstream = FakeUpstream()
+    lane = lane_for(upstream, "lane-uvloop", batch_max_wait_ms=2.0, latency_probe_every=0)
+    ends = 0
+    window_end = lane._window_end
+
+    def counted() -> None:
+        nonlocal ends
+        ends += 1
+        window_end()
+
+    lane._window_end = counted  # type: ignore[method-assign]
+
+    async def windows() -> list[ShadowResult]:
+        assert await lane.load_batching_config() == 4
+        results = []
+        for i in range(20):
+            results.append(await lane.submit(row(i), "shadow"))
+            await asyncio.sleep(0.0003 * (i % 4))  # windows opening at any point of a ms
+        return results
+
+    loop = uvloop.new_event_loop()
+    try:
+        results = loop.run_until_complete(windows())
+    finally:
+        loop.close()
+    assert [score(r) for r in results] == [[float(i)] for i in range(20)]
+    assert upstream.calls == [1] * 20
+    assert ends == 20
 
 
 async def test_a_copy_alone_with_a_free_slot_is_called_at_once_on_the_lane_deadline() -> None:
