@@ -187,6 +187,12 @@ class Bench:
         elapsed = time.monotonic() - self.started
         print(f"[{elapsed:6.0f}s] {msg}", flush=True)
 
+    def failed(self, result: dict[str, Any], what: str, exc: Exception) -> dict[str, Any]:
+        """A phase that could not finish: its error in its result (the report says so)."""
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        self.log(f"{what} FAILED: {result['error']}")
+        return result
+
     def note_load(self, when: str) -> None:
         with contextlib.suppress(OSError):
             self.loadavg.append((when, " ".join(Path("/proc/loadavg").read_text().split()[:3])))
@@ -452,9 +458,7 @@ class Bench:
                                  f"{other.p50 - direct.p50:+.2f} / {other.p99 - direct.p99:+.2f}"
                                  f" ms (p50 / p99; direct {direct.p50:.2f} / {direct.p99:.2f})")
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            self.log(f"added latency FAILED: {result['error']}")
-            return result
+            return self.failed(result, "added latency", exc)
         result["by_kind"] = {}
         for kind in (*LATENCY_SCENARIOS, "AA"):
             mine = [r for r in result["rounds"] if r["kind"] == kind]
@@ -522,9 +526,7 @@ class Bench:
                                  f"{by['gateway']['cpu_ms']:.3f} vs nginx "
                                  f"{by['nginx']['cpu_ms']:.3f} ms/req (x{ratio_:.2f})")
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            self.log(f"paired CPU FAILED: {result['error']}")
-            return result
+            return self.failed(result, "paired CPU", exc)
         result["by_rate"] = {}
         for rate in result["rates"]:
             mine = [r for r in result["rounds"] if r["rate"] == rate]
@@ -604,9 +606,7 @@ class Bench:
                     self.log(f"  capacity round {i + 1}: " + ", ".join(
                         f"{name} {m['rps']:,.0f} req/s" for name, m in measured.items()))
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            self.log(f"capacity rounds FAILED: {result['error']}")
-            return result
+            return self.failed(result, "capacity rounds", exc)
         result["by_pair"] = {}
         for label, gateway, peer in CAPACITY_PAIRS:
             if gateway not in proxies:
@@ -727,9 +727,7 @@ class Bench:
                                  f"{cpu[1 - carrier]:.3f} ms/req")
                         time.sleep(1)  # a removed lane's last copies end before the next run
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            self.log(f"slow challenger FAILED: {result['error']}")
-            return result
+            return self.failed(result, "slow challenger", exc)
         for kind in kinds:
             mine = [r for r in result["runs"] if r["kind"] == kind]
             p99 = [r["p99_ratio"] for r in mine]
@@ -816,9 +814,7 @@ class Bench:
                 result["samples"] = [(round(t, 1), round(b / 2**20, 2)) for t, b in samples]
                 result["shadow"] = common.shadow_counts(gw.url)
         except Exception as exc:
-            result["error"] = f"{type(exc).__name__}: {exc}"
-            self.log(f"overload FAILED: {result['error']}")
-            return result
+            return self.failed(result, "overload", exc)
         self.log(f"overload: served {result['load']['rps']:,.0f} req/s, errors "
                  f"{result['load']['errors']}; RSS start {result['rss_start_mb']:.1f} / peak "
                  f"{result['rss_peak_mb']:.1f} / end {result['rss_end_mb']:.1f} / after "
