@@ -445,22 +445,21 @@ class Bench:
                     urls[key] = gw.url + f"/v2/models/{ROUTE}/infer"
                 self.paired_rates([direct_url, *urls.values()], rate, max(a.warmup, 2))
                 urls["AA"] = direct_url
-                kinds = [*LATENCY_SCENARIOS, "AA"]
+                kinds = list(urls)
                 for i in range(a.latency_rounds):
                     for kind in kinds if i % 2 == 0 else kinds[::-1]:
                         direct, other = self.paired_rates([direct_url, urls[kind]], rate,
                                                           a.latency_seconds)
-                        result["rounds"].append({
-                            "round": i, "kind": kind, "direct": direct.as_dict(),
-                            "other": other.as_dict(), "added_p50": other.p50 - direct.p50,
-                            "added_p99": other.p99 - direct.p99})
+                        run = {"round": i, "kind": kind, "direct": direct.as_dict(),
+                               "other": other.as_dict(), "added_p50": other.p50 - direct.p50,
+                               "added_p99": other.p99 - direct.p99}
+                        result["rounds"].append(run)
                         self.log(f"  added latency round {i + 1}, {kind}: "
-                                 f"{other.p50 - direct.p50:+.2f} / {other.p99 - direct.p99:+.2f}"
-                                 f" ms (p50 / p99; direct {direct.p50:.2f} / {direct.p99:.2f})")
+                                 f"{run['added_p50']:+.2f} / {run['added_p99']:+.2f} ms")
         except Exception as exc:
             return self.failed(result, "added latency", exc)
         result["by_kind"] = {}
-        for kind in (*LATENCY_SCENARIOS, "AA"):
+        for kind in kinds:
             mine = [r for r in result["rounds"] if r["kind"] == kind]
             summary: dict[str, Any] = {"rounds": len(mine), "errors": sum(
                 r["direct"]["errors"] + r["other"]["errors"] for r in mine)}
