@@ -48,6 +48,14 @@ ABLATIONS: dict[str, tuple[str, str]] = {
                 "    kwargs['batch_max_rows'] = 1\n"
                 "    _init(self, *args, **kwargs)\n"
                 "shadow.ShadowLane.__init__ = __init__\n"),
+    "nowait": ("copies batched without a window (batch_max_wait_ms 0: the copies of one loop "
+               "iteration share a call, and no timer wakes the loop for a window's end)",
+               "from gateway.mirror import shadow\n"
+               "_init = shadow.ShadowLane.__init__\n"
+               "def __init__(self, *args, **kwargs):\n"
+               "    kwargs['batch_max_wait_ms'] = 0.0\n"
+               "    _init(self, *args, **kwargs)\n"
+               "shadow.ShadowLane.__init__ = __init__\n"),
     "deferrecords": ("records built in bulk every 10 ms instead of as each becomes ready",
                      "import asyncio\n"
                      "from gateway.dataplane import recorder\n"

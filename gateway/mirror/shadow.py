@@ -52,14 +52,16 @@ log = logging.getLogger(__name__)
 
 # After a failed config fetch, copies go singly and the next copy retries after this long.
 CONFIG_RETRY_S = 30.0
-# Slow-lane isolation. A lane whose calls take SLOW_CALL_WINDOWS batching windows or more, and
-# SLOW_VS_SERVED times the route's served calls or more (smoothed service times: under machine
-# load both grow, so a normal lane does not turn "slow"), batches at most SLOW_LANE_ROWS rows per
+# Slow-lane isolation. A lane whose calls take SLOW_CALL_S or more, and SLOW_VS_SERVED times the
+# route's served calls or more (smoothed service times: under machine load both grow, so a normal
+# lane does not turn "slow"), batches at most SLOW_LANE_ROWS rows per
 # call: each answer then resolves a few copies, not a burst that holds the event loop while
 # champion requests wait behind it; a slow challenger gets fewer copies (the rest are shed, as
 # when a lane is full) instead of delaying the champion. A batch answer's copies are resolved
 # RESOLVE_SLICE per loop iteration.
-SLOW_CALL_WINDOWS = 20
+# 40 ms: 20 batching windows of the 2 ms default this was measured with (BENCHMARKS.md); an
+# absolute time, so that a longer window (the default is now 10 ms) does not hide a slow lane.
+SLOW_CALL_S = 0.040
 SLOW_VS_SERVED = 20
 SLOW_LANE_ROWS = 4
 RESOLVE_SLICE = 4
@@ -193,8 +195,6 @@ class ShadowLane:
         self.pool_name = f"shadow:{route}:{model}"
         self.batch_max_rows = batch_max_rows
         self.batch_wait_s = batch_max_wait_ms / 1000
-        # A call this long or longer is slow (with the route's served calls far faster).
-        self._slow_call_s = SLOW_CALL_WINDOWS * max(self.batch_wait_s, 0.001)
         self.latency_probe_every = latency_probe_every
         self._batchable_copies = 0
         # Slow-lane isolation: this lane's smoothed call time, and the route's served calls'.
@@ -307,10 +307,9 @@ class ShadowLane:
 
     @property
     def slow(self) -> bool:
-        """Calls take far longer than the batching window and the route's served calls (see
-        SLOW_CALL_WINDOWS)."""
+        """Calls take SLOW_CALL_S or more, and far longer than the route's served calls."""
         mine = self.calls.seconds
-        return mine > self._slow_call_s and mine > SLOW_VS_SERVED * self.served.seconds
+        return mine > SLOW_CALL_S and mine > SLOW_VS_SERVED * self.served.seconds
 
     def _note_call(self, seconds: float) -> None:
         """Smooth the lane's call time; entering or leaving "slow" resizes its admission."""

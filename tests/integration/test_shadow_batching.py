@@ -241,7 +241,7 @@ def test_batching_config_is_validated() -> None:
         return {"routes": {"r": {"champion": "a", "challengers": [{"model": "b", **challenger}]}}}
 
     ch = parse_config(route(), env={}).routes["r"].challengers[0]
-    assert (ch.batch_max_rows, ch.batch_max_wait_ms) == (16, 2.0)
+    assert (ch.batch_max_rows, ch.batch_max_wait_ms) == (16, 10.0)
     ch = parse_config(route(batch_max_rows=1, batch_max_wait_ms="0.5"), env={})
     assert ch.routes["r"].challengers[0].batch_max_wait_ms == 0.5
     for bad, message in (({"batch_max_rows": 0}, "batch_max_rows: must be >= 1"),
@@ -409,6 +409,14 @@ async def test_a_slow_lane_sends_few_rows_per_call_and_sheds_the_rest() -> None:
     assert not busy.slow
     busy.calls.seconds = 2.5
     assert busy.slow
+    # "Slow" is a call time (SLOW_CALL_S), not a number of batching windows: a lane with a long
+    # window still counts 0.5 s calls as slow, and 30 ms ones (under 40 ms) as not.
+    long_window = lane_for(upstream, "lane-long-window", batch_max_rows=16,
+                           batch_max_wait_ms=100.0)
+    long_window.calls.seconds = 0.5
+    assert long_window.slow
+    long_window.calls.seconds = 0.030
+    assert not long_window.slow
 
 
 async def test_a_batch_answer_resolves_its_copies_in_slices() -> None:
