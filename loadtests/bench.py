@@ -258,7 +258,8 @@ class Bench:
         config = common.gateway_config(self.triton.url, self.work, name, routes, sink=sink,
                                        kafka_bootstrap=bootstrap)
         gw = common.Gateway(config, workers=workers, log_file=self.work / f"gateway-{name}.log",
-                            root=root or common.ROOT, env=env or {})
+                            root=root or common.ROOT, env=env or {},
+                            python=self.args.gateway_python)
         with gw:
             gw.warm(ROUTE, self.body, WARM_REQUESTS)
             yield gw
@@ -1045,7 +1046,7 @@ def latency_table(bench: Bench) -> str:
 def render(bench: Bench, argv: list[str]) -> str:
     a = bench.args
     info = common.machine_info()
-    ver = common.versions()
+    ver = common.versions(a.gateway_python)
     ver["nginx"] = bench.extra.get("nginx_version", ver["nginx"])
     cmd = "python loadtests/bench.py " + " ".join(shlex.quote(x) for x in argv)
     out = [
@@ -1237,6 +1238,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="overload (RSS) run length; 0 skips it")
     p.add_argument("--overload-connections", type=int, default=512)
     p.add_argument("--profile-seconds", type=float, default=15)
+    p.add_argument("--gateway-python", default=sys.executable,
+                   help="the interpreter every gateway of the run runs on (its environment needs "
+                        "the gateway's dependencies; this checkout comes first on PYTHONPATH): "
+                        "bench.sh sets it from $GATEWAY_PYTHON")
     p.add_argument("--load-cpus", default="1", help="taskset CPU list for wrk ('' = no pinning)")
     p.add_argument("--quick", action="store_true",
                    help="short runs: 4 s capacity/rate, 2 slow, 2 latency and 3 paired rounds, "
@@ -1280,7 +1285,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {"argv": argv, "rate": bench.rate, "light_rate": bench.light_rate,
                    "rows": [r.as_dict() for r in bench.rows], "extra": bench.extra,
                    "machine": common.machine_info(),
-                   "versions": common.versions(), "loadavg": bench.loadavg}
+                   "versions": common.versions(args.gateway_python),
+                   "loadavg": bench.loadavg}
         (bench.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     section = render(bench, argv)
     print("\n" + section.replace(BEGIN, "").replace(END, "").strip() + "\n")

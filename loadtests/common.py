@@ -305,6 +305,7 @@ class Gateway:
     log_file: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     root: Path = ROOT  # a copy of the tree here runs that copy's gateway (for prototypes)
+    python: str = sys.executable  # the interpreter running it (see gateway_python())
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -313,7 +314,7 @@ class Gateway:
 
     def start(self, timeout: float = 60.0) -> Gateway:
         self.port = self.port or free_port()
-        cmd = [*pin(self.cpus), sys.executable, "-m", "gateway", "serve", "--config",
+        cmd = [*pin(self.cpus), self.python, "-m", "gateway", "serve", "--config",
                str(self.config), "--host", HOST, "--port", str(self.port),
                "--workers", str(self.workers)]
         if self.grpc_port:
@@ -665,10 +666,28 @@ def tool_version(cmd: Sequence[str]) -> str:
     return text[0] if text else "?"
 
 
-def versions() -> dict[str, str]:
+def interpreter(python: str) -> str:
+    """An interpreter's version, path and build, as far as it tells: configure's
+    `--enable-optimizations` (PGO) and `--with-lto` if recorded (a distribution may apply them
+    in its own build rules instead), and whether the running executable loaded libpython as a
+    shared library (every call into it then goes through the PLT). CPU per request depends on
+    the build as much as on the version."""
+    probe = ("import sys, sysconfig as s; a = s.get_config_var('CONFIG_ARGS') or ''; "
+             "maps = open('/proc/self/maps').read(); "
+             "print(sys.version.split()[0], sys.executable, "
+             "'(configure: ' + (' '.join(f for f in ('--enable-optimizations', '--with-lto') "
+             "if f in a) or 'neither PGO nor LTO flag') + '; libpython ' + "
+             "('shared' if 'libpython' in maps else 'in the executable') + ')')")
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def versions(gateway_python: str | None = None) -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0]}
+    if gateway_python is not None:
+        out["gateway's python"] = interpreter(gateway_python)
     for dist in ("aiohttp", "uvloop", "orjson", "aiokafka", "nvidia-pytriton", "locust"):
         try:
             out[dist] = md.version(dist)

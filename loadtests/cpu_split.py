@@ -1,7 +1,8 @@
 """Where a proxy's CPU per request goes, user vs kernel, at fixed offered rates: gateway vs nginx.
 
     python loadtests/cpu_split.py [--rates 250,1000,2000] [--shadows 1] [--rounds 2]
-                                  [--tree NAME=PATH] ... [--seconds 5] [--together] [--no-nginx]
+                                  [--tree NAME=PATH] ... [--python NAME=EXE] ... [--seconds 5]
+                                  [--together] [--no-nginx] [--floor]
 
 Starts Triton once, nginx with `mirror` (the peer of docs/BENCHMARKS.md) and one gateway per
 `--tree` (default: this checkout) with champion fraud_v3, N shadows and the file log. For each
@@ -27,6 +28,8 @@ measured over the same window: on a shared VM, CPU per request of one proxy move
 adjacent windows, which hides a change of that size; measured together, what slows the machine
 slows all of them alike. Use it to A/B two trees (`--no-nginx --tree a=... --tree b=...`); the
 machine then carries every proxy's load at once, so keep rate x proxies well below capacity.
+`--python` runs a tree's gateway on another interpreter (its environment needs the gateway's
+dependencies), e.g. one tree twice: `--tree venv=. --tree opt=. --python opt=<other python>`.
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--tree", action="append", default=[],
                         help="NAME=PATH: a gateway checkout to measure (repeatable)")
+    parser.add_argument("--python", action="append", default=[],
+                        help="NAME=EXE: the interpreter running tree NAME's gateway (default: "
+                             "this one); e.g. the same tree on two builds of Python")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
     parser.add_argument("--together", action="store_true",
                         help="offer the rate to every proxy at the same time (one wrk each) and "
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     trees = [(n, Path(p).resolve()) for n, _, p in (t.partition("=") for t in args.tree)] or [
         ("gateway", common.ROOT)]
+    pythons = dict(p.partition("=")[::2] for p in args.python)
     out: Path = args.out.resolve()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -172,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for name, tree in trees:
                     config = common.gateway_config(triton.url, work, name, routes)
-                    gw = common.Gateway(config, log_file=work / f"{name}.log", root=tree).start()
+                    gw = common.Gateway(config, log_file=work / f"{name}.log", root=tree,
+                                        python=pythons.get(name, sys.executable)).start()
                     gateways.append(gw)
                     gw.warm("fraud", body, 50)
                     proxies.append((name, gw.url + "/v2/models/fraud/infer", gw.pids))
