@@ -56,6 +56,28 @@ ABLATIONS: dict[str, tuple[str, str]] = {
                "    kwargs['batch_max_wait_ms'] = 0.0\n"
                "    _init(self, *args, **kwargs)\n"
                "shadow.ShadowLane.__init__ = __init__\n"),
+    "noprobe": ("no latency probes (latency_probe_every 0: every batchable copy is batched)",
+                "from gateway.mirror import shadow\n"
+                "_init = shadow.ShadowLane.__init__\n"
+                "def __init__(self, *args, **kwargs):\n"
+                "    kwargs['latency_probe_every'] = 0\n"
+                "    _init(self, *args, **kwargs)\n"
+                "shadow.ShadowLane.__init__ = __init__\n"),
+    "loopwrite": ("the file sink writes on the event loop (a timer per flush interval) "
+                  "instead of its writer thread",
+                  "import asyncio\n"
+                  "from gateway.backends import file_sink\n"
+                  "async def start(self):\n"
+                  "    self.root.mkdir(parents=True, exist_ok=True)\n"
+                  "    self._loop = asyncio.get_running_loop()\n"
+                  "file_sink.FileSink.start = start\n"
+                  "_emit = file_sink.FileSink.emit\n"
+                  "def emit(self, stream, key, value):\n"
+                  "    first = self._buffered == 0\n"
+                  "    _emit(self, stream, key, value)\n"
+                  "    if first:\n"
+                  "        self._loop.call_later(self.flush_interval, self._write_pending, False)\n"
+                  "file_sink.FileSink.emit = emit\n"),
     "deferrecords": ("records built in bulk every 10 ms instead of as each becomes ready",
                      "import asyncio\n"
                      "from gateway.dataplane import recorder\n"

@@ -314,7 +314,10 @@ class Gateway:
 
     def start(self, timeout: float = 60.0) -> Gateway:
         self.port = self.port or free_port()
-        cmd = [*pin(self.cpus), self.python, "-m", "gateway", "serve", "--config",
+        # A path is taken from here: the gateway runs in its tree (no realpath: a virtualenv's
+        # python is a symlink that must stay one to find its environment).
+        python = os.path.abspath(self.python) if os.sep in self.python else self.python
+        cmd = [*pin(self.cpus), python, "-m", "gateway", "serve", "--config",
                str(self.config), "--host", HOST, "--port", str(self.port),
                "--workers", str(self.workers)]
         if self.grpc_port:
