@@ -420,6 +420,33 @@ def test_floor_proxy_forwards_copies_and_records(triton: Any, tmp_path: Path) ->
     assert _model_inferences(triton.url, "fraud_v4") - shadow_before == len(lines)
 
 
+def test_a_gateway_runs_on_the_interpreter_it_is_given(triton: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench.py --gateway-python` / `cpu_split.py --python`: the gateway's process is the
+    interpreter named, a relative path read from the caller's directory (the gateway runs in
+    its tree's), the path kept as given (a virtualenv's python is a symlink that must stay one);
+    and the report's description of it is that interpreter's."""
+    python = Path(sys.executable)  # the virtualenv's: a symlink
+    monkeypatch.chdir(python.parent.parent)
+    config = common.gateway_config(triton.url, tmp_path, "py",
+                                   {"r": {"champion": {"model": "fraud_v3"}}})
+    x, _ = common.fraud_rows(1)
+    body = common.json_body(x[0])
+    relative = f"{python.parent.name}/{python.name}"
+    with common.Gateway(config, python=relative, log_file=tmp_path / "gw.log") as gw:
+        status, _ = common.http_json(f"{gw.url}/v2/models/r/infer", body.data, body.headers)
+        assert status == 200
+        assert gw.proc is not None
+        argv0 = Path(f"/proc/{gw.proc.pid}/cmdline").read_bytes().split(b"\0")[0]
+    assert argv0.decode() == str(python.parent.parent / relative)
+    described = common.interpreter(str(python))
+    assert described.startswith(f"{sys.version.split()[0]} {python} (configure: ")
+    libpython = "shared" if "libpython" in Path("/proc/self/maps").read_text() else \
+        "in the executable"
+    assert described.endswith(f"; libpython {libpython})")
+    assert common.versions(str(python))["gateway's python"] == described
+
+
 # what each ablation replaces, and how to read it back in a started gateway's interpreter
 ABLATED = {
     "norecord": "from gateway.dataplane.recorder import Recorder as o; f = o.submit",
@@ -429,6 +456,9 @@ ABLATED = {
     "nometrics": "from prometheus_client.metrics import Histogram as o; f = o.observe",
     "nodecode": "from gateway.dataplane import recorder as o; f = o.decode_response",
     "nobatch": "from gateway.mirror.shadow import ShadowLane as o; f = o.__init__",
+    "nowait": "from gateway.mirror.shadow import ShadowLane as o; f = o.__init__",
+    "noprobe": "from gateway.mirror.shadow import ShadowLane as o; f = o.__init__",
+    "loopwrite": "from gateway.backends.file_sink import FileSink as o; f = o.emit",
     "deferrecords": "from gateway.dataplane.recorder import Recorder as o; f = o._push",
     "nogc": "import gc as o; f = o.freeze",
 }
