@@ -19,6 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import common
 
+
+def _lane_setting(name: str, value: object) -> str:
+    """The body of a `_patch()` that makes every shadow lane start with `name=value`."""
+    return ("from gateway.mirror import shadow\n"
+            "_init = shadow.ShadowLane.__init__\n"
+            "def __init__(self, *args, **kwargs):\n"
+            f"    kwargs[{name!r}] = {value!r}\n"
+            "    _init(self, *args, **kwargs)\n"
+            "shadow.ShadowLane.__init__ = __init__\n")
+
+
 # name -> (what it switches off, the body of `_patch()`)
 ABLATIONS: dict[str, tuple[str, str]] = {
     "norecord": ("no inference record (Recorder.submit does nothing)",
@@ -42,27 +53,12 @@ ABLATIONS: dict[str, tuple[str, str]] = {
                  "from gateway.dataplane import recorder\n"
                  "recorder.decode_response = lambda *args: {'outputs': {}}\n"),
     "nobatch": ("no micro-batching of shadow copies (every copy its own call)",
-                "from gateway.mirror import shadow\n"
-                "_init = shadow.ShadowLane.__init__\n"
-                "def __init__(self, *args, **kwargs):\n"
-                "    kwargs['batch_max_rows'] = 1\n"
-                "    _init(self, *args, **kwargs)\n"
-                "shadow.ShadowLane.__init__ = __init__\n"),
+                _lane_setting("batch_max_rows", 1)),
     "nowait": ("copies batched without a window (batch_max_wait_ms 0: the copies of one loop "
                "iteration share a call, and no timer wakes the loop for a window's end)",
-               "from gateway.mirror import shadow\n"
-               "_init = shadow.ShadowLane.__init__\n"
-               "def __init__(self, *args, **kwargs):\n"
-               "    kwargs['batch_max_wait_ms'] = 0.0\n"
-               "    _init(self, *args, **kwargs)\n"
-               "shadow.ShadowLane.__init__ = __init__\n"),
+               _lane_setting("batch_max_wait_ms", 0.0)),
     "noprobe": ("no latency probes (latency_probe_every 0: every batchable copy is batched)",
-                "from gateway.mirror import shadow\n"
-                "_init = shadow.ShadowLane.__init__\n"
-                "def __init__(self, *args, **kwargs):\n"
-                "    kwargs['latency_probe_every'] = 0\n"
-                "    _init(self, *args, **kwargs)\n"
-                "shadow.ShadowLane.__init__ = __init__\n"),
+                _lane_setting("latency_probe_every", 0)),
     "loopwrite": ("the file sink writes on the event loop (a timer per flush interval) "
                   "instead of its writer thread",
                   "import asyncio\n"

@@ -305,7 +305,7 @@ class Gateway:
     log_file: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     root: Path = ROOT  # a copy of the tree here runs that copy's gateway (for prototypes)
-    python: str = sys.executable  # the interpreter running it (see gateway_python())
+    python: str = sys.executable  # the interpreter running it (`interpreter()` describes one)
     proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -54,11 +54,11 @@ log = logging.getLogger(__name__)
 CONFIG_RETRY_S = 30.0
 # Slow-lane isolation. A lane whose calls take SLOW_CALL_S or more, and SLOW_VS_SERVED times the
 # route's served calls or more (smoothed service times: under machine load both grow, so a normal
-# lane does not turn "slow"), batches at most SLOW_LANE_ROWS rows per
-# call: each answer then resolves a few copies, not a burst that holds the event loop while
-# champion requests wait behind it; a slow challenger gets fewer copies (the rest are shed, as
-# when a lane is full) instead of delaying the champion. A batch answer's copies are resolved
-# RESOLVE_SLICE per loop iteration.
+# lane does not turn "slow"), batches at most SLOW_LANE_ROWS rows per call: each answer then
+# resolves a few copies, not a burst that holds the event loop while champion requests wait
+# behind it; a slow challenger gets fewer copies (the rest are shed, as when a lane is full)
+# instead of delaying the champion. A batch answer's copies are resolved RESOLVE_SLICE per loop
+# iteration.
 # 40 ms: 20 batching windows of the 2 ms default this was measured with (BENCHMARKS.md); an
 # absolute time, so that a longer window (the default is now 10 ms) does not hide a slow lane.
 SLOW_CALL_S = 0.040
