@@ -1,12 +1,14 @@
 """Make gateway trees with one piece of per-request work switched off, to measure what it costs.
 
-    python loadtests/ablate.py --out var/bench/ablate norecord nocopies
+    python loadtests/ablate.py --out var/bench/ablate norecord nocopies norecord+nocopies
     python loadtests/cpu_split.py --rates 600 --rounds 4 --together --no-nginx \\
         --tree main=. --tree norecord=var/bench/ablate/norecord ...
 
 Each tree is this checkout's packages (symlinked) plus a `sitecustomize.py` that patches one
-thing as the gateway starts (`cpu_split.py --tree` puts the tree first on PYTHONPATH). For
-measurement only: an ablated gateway is not correct (no records, no copies...). Ablations:
+thing as the gateway starts (`cpu_split.py --tree` puts the tree first on PYTHONPATH); names
+joined by "+" patch all of them in one tree (what the pieces cost together, or what is left
+without them). For measurement only: an ablated gateway is not correct (no records, no
+copies...). Ablations:
 """
 
 from __future__ import annotations
@@ -115,7 +117,13 @@ LINKED = ("gateway", "understudy", "evaluator", "configs", "pyproject.toml")
 
 
 def make_tree(out: Path, name: str) -> Path:
-    what, body = ABLATIONS[name]
+    """`out/name`: the checkout with the ablation `name` (or "a+b+...": each of them)."""
+    parts = [ABLATIONS[part] for part in name.split("+")]
+    what = "; ".join(what for what, _ in parts)
+    # Each part in its own function scope: two parts may name the same thing (`_init`).
+    body = parts[0][1] if len(parts) == 1 else "".join(
+        "def _part():\n" + "".join(f"    {line}\n" for line in part.splitlines()) + "_part()\n"
+        for _, part in parts)
     tree = out / name
     tree.mkdir(parents=True, exist_ok=True)
     for entry in LINKED:
@@ -128,9 +136,18 @@ def make_tree(out: Path, name: str) -> Path:
     return tree
 
 
+def _ablation(name: str) -> str:
+    unknown = [part for part in name.split("+") if part not in ABLATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown ablation(s) {', '.join(unknown)}; "
+                                         f"choose from {', '.join(sorted(ABLATIONS))}")
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("ablations", nargs="+", choices=sorted(ABLATIONS))
+    parser.add_argument("ablations", nargs="+", type=_ablation,
+                        help=f"{', '.join(sorted(ABLATIONS))}, or several joined by '+'")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "ablate")
     args = parser.parse_args(argv)
     trees = [f"--tree {name}={make_tree(args.out.resolve(), name)}" for name in args.ablations]

@@ -14,6 +14,8 @@ every thread of the proxy's processes:
   so read the split as shares, not to the microsecond);
 - context switches per request (voluntary + involuntary: each voluntary one is a sleep in
   epoll or a lock, i.e. one wake-up);
+- the same for the processes' main threads alone (a gateway's event loop; the rest is its
+  helper threads, e.g. the file sink's writer);
 - for each gateway, the share of its shadow copies not answered over the same window (shed,
   timed out, failed; from its /metrics): CPU per request compares like with like only while
   that is ~0, since nginx's mirror sends every copy and a gateway that sheds does less work.
@@ -61,10 +63,13 @@ class Counters:
     user_ms: float = 0.0
     sys_ms: float = 0.0
     switches: int = 0
+    main_ms: float = 0.0  # the processes' main threads (a gateway's event loop) only
+    main_switches: int = 0
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(self.cpu_ms - other.cpu_ms, self.user_ms - other.user_ms,
-                        self.sys_ms - other.sys_ms, self.switches - other.switches)
+                        self.sys_ms - other.sys_ms, self.switches - other.switches,
+                        self.main_ms - other.main_ms, self.main_switches - other.main_switches)
 
 
 def read_counters(pids: Sequence[int]) -> Counters:
@@ -76,12 +81,15 @@ def read_counters(pids: Sequence[int]) -> Counters:
             status = (task / "status").read_text()
         except (OSError, ValueError, IndexError):
             continue
+        switches = sum(int(line.split()[1]) for line in status.splitlines()
+                       if "ctxt_switches:" in line)  # voluntary_ and nonvoluntary_
         total.cpu_ms += run / 1e6
         total.user_ms += int(fields[11]) * TICK_MS
         total.sys_ms += int(fields[12]) * TICK_MS
-        for line in status.splitlines():
-            if "ctxt_switches:" in line:  # voluntary_ and nonvoluntary_
-                total.switches += int(line.split()[1])
+        total.switches += switches
+        if task.name == task.parent.parent.name:  # /proc/PID/task/PID: the main thread
+            total.main_ms += run / 1e6
+            total.main_switches += switches
     return total
 
 
@@ -129,6 +137,8 @@ def _per_request(rate: float, load: common.LoadResult, delta: Counters, elapsed:
         "user_ms": delta.user_ms / served,
         "sys_ms": delta.sys_ms / served,
         "switches": delta.switches / served,
+        "main_ms": delta.main_ms / served,
+        "main_switches": delta.main_switches / served,
         "errors": load.errors,
     }
 
@@ -214,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print("\nmedians over rounds (ms of CPU per request served; switches per request):")
     print("| proxy | offered req/s | served req/s | CPU ms/req | user | kernel | switches/req "
-          "| copies not answered |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| main thread ms/req (switches) | other threads ms/req | copies not answered |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for rate in rates:
         for name, _, _ in proxies:
             mine = [r for r in rows if r["proxy"] == name and r["rate"] == rate]
@@ -225,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"| {name} | {rate:,.0f} | {med('rps'):,.0f} | {med('cpu_ms'):.3f} | "
                   f"{med('user_ms'):.3f} | {med('sys_ms'):.3f} | {med('switches'):.2f} | "
-                  f"{worst_lost(mine)} |")
+                  f"{med('main_ms'):.3f} ({med('main_switches'):.2f}) | "
+                  f"{med('cpu_ms') - med('main_ms'):.3f} | {worst_lost(mine)} |")
     print_ratios(rows, rates, [name for name, _, _ in proxies])
     return 0
 

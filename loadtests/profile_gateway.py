@@ -2,7 +2,7 @@
 
     python loadtests/profile_gateway.py [--seconds 20] [--shadows 1] [--sink file]
                                         [--binary] [--rows 1] [--rate R] [--connections N]
-                                        [--out var/bench/profile]
+                                        [--gateway-python EXE] [--out var/bench/profile]
 
 Starts Triton and one gateway worker (champion fraud_v3 + N shadows, 100% logging), drives it
 with wrk at capacity (16 connections, JSON body), or with `--rate R` at R requests/s (Poisson
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "profile")
     parser.add_argument("--root", type=Path, default=common.ROOT,
                         help="run the gateway of a copy of the tree (to profile a prototype)")
+    parser.add_argument("--gateway-python", default=None,
+                        help="the interpreter that runs the gateway (as bench.py's option)")
     args = parser.parse_args(argv)
     out: Path = args.out.resolve()
     work = out / "work"
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             config = common.gateway_config(triton.url, work, "profile", routes, sink=args.sink,
                                            kafka_bootstrap=bootstrap)
             with common.Gateway(config, log_file=work / "gateway.log",
-                                root=args.root.resolve()) as gateway:
+                                root=args.root.resolve(),
+                                python=args.gateway_python or sys.executable) as gateway:
                 gateway.warm("fraud", body, 50)
                 url = gateway.url + "/v2/models/fraud/infer"
                 common.wrk(url, body_file, body, duration=3, cpus=args.load_cpus or None)

@@ -479,6 +479,30 @@ def test_an_ablated_tree_patches_its_gateway_at_start(name: str, tmp_path: Path)
     assert set(ABLATED) == set(ablate.ABLATIONS)
 
 
+def test_ablations_joined_by_a_plus_patch_one_tree_with_each(tmp_path: Path) -> None:
+    """`ablate.py a+b`: one tree whose gateway has both pieces replaced (what they cost
+    together), and an unknown part is refused by name."""
+    tree = ablate.make_tree(tmp_path, "norecord+nowait+noprobe")
+    probe = ("import asyncio, gateway.cli; from gateway.dataplane.recorder import Recorder; "
+             "from gateway.mirror.shadow import ShadowLane; "
+             "print(Recorder.submit.__code__.co_filename); "
+             "print(ShadowLane.__init__.__code__.co_filename); "
+             "lane = ShadowLane.__new__(ShadowLane); "
+             "ShadowLane.__init__(lane, type('U', (), {'pool': lambda *a, **k: None})(), 'r', "
+             "'m', '1', max_concurrency=1, max_queue=1, timeout_ms=10, batch_max_wait_ms=5.0, "
+             "latency_probe_every=7); "
+             "print(lane.batch_wait_s, lane.latency_probe_every)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tree, capture_output=True,
+                          text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(tree)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines[:2] == [str(tree / "sitecustomize.py")] * 2, proc.stdout
+    assert lines[2] == "0.0 0", proc.stdout  # both lane settings overridden, in one tree
+    with pytest.raises(SystemExit):
+        ablate.main(["--out", str(tmp_path), "norecord+bogus"])
+
+
 def test_calls_per_request_runs(tmp_path: Path) -> None:
     """loadtests/calls_per_request.py end to end (short): the gateway runs under cProfile
     behind real Triton, every request is answered (the script raises otherwise), and the
