@@ -1043,10 +1043,10 @@ def latency_table(bench: Bench) -> str:
     return "\n".join(lines)
 
 
-def render(bench: Bench, argv: list[str]) -> str:
+def render(bench: Bench, argv: list[str], versions: dict[str, str]) -> str:
     a = bench.args
     info = common.machine_info()
-    ver = common.versions(a.gateway_python)
+    ver = dict(versions)
     ver["nginx"] = bench.extra.get("nginx_version", ver["nginx"])
     cmd = "python loadtests/bench.py " + " ".join(shlex.quote(x) for x in argv)
     out = [
@@ -1282,13 +1282,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.run()
     finally:
+        versions = common.versions(args.gateway_python)  # probes each tool and interpreter once
         results = {"argv": argv, "rate": bench.rate, "light_rate": bench.light_rate,
                    "rows": [r.as_dict() for r in bench.rows], "extra": bench.extra,
                    "machine": common.machine_info(),
-                   "versions": common.versions(args.gateway_python),
+                   "versions": versions,
                    "loadavg": bench.loadavg}
         (bench.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    section = render(bench, argv)
+    section = render(bench, argv, versions)
     print("\n" + section.replace(BEGIN, "").replace(END, "").strip() + "\n")
     if not args.no_md:
         write_marked_block(args.md, section, BEGIN, END)
