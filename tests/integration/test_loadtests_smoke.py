@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from loadtests import ablate, common, cpu_split
+from loadtests import ablate, callback_cpu, common, cpu_split
 from loadtests.load import load_routes, run_locust
 from tests.conftest import read_stream
 
@@ -501,6 +501,28 @@ def test_ablations_joined_by_a_plus_patch_one_tree_with_each(tmp_path: Path) -> 
     assert lines[2] == "0.0 0", proc.stdout  # both lane settings overridden, in one tree
     with pytest.raises(SystemExit):
         ablate.main(["--out", str(tmp_path), "norecord+bogus"])
+
+
+def test_callback_cpu_times_each_step_in_a_running_gateway(tmp_path: Path) -> None:
+    """loadtests/callback_cpu.py end to end (short), behind real Triton: every step was timed
+    in the gateway, each request came in and was answered and recorded once, and the steps
+    fit inside the event loop thread's CPU."""
+    result = callback_cpu.measure(common.ROOT, tmp_path, rate=200, seconds=2, shadows=1,
+                                  python=sys.executable)
+    steps = result["steps"]
+    assert result["requests"] > 200, result
+    assert set(steps) == {label for _, _, label, _ in callback_cpu.SPOTS}
+    for label in ("client bytes in: HTTP parse, admit, validate, champion call",
+                  "Triton bytes in: every answer (champion, batches, probes)"):
+        assert steps[label]["calls_per_request"] >= 1.0, steps[label]
+    for label in ("one record: build, observe, emit", "the client's answer: render and write",
+                  "lane admission (one copy)"):
+        assert 0.9 <= steps[label]["calls_per_request"] <= 1.1, (label, steps[label])
+    assert all(step["us_per_request"] > 0 for step in steps.values()), steps
+    top = sum(steps[label]["us_per_request"]
+              for _, _, label, depth in callback_cpu.SPOTS if depth == 0)
+    assert 0 < top <= result["loop_thread_us"] * 1.01, result
+    assert "| the event loop's thread, in all |" in callback_cpu.report(result)
 
 
 def test_calls_per_request_runs(tmp_path: Path) -> None:
