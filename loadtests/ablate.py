@@ -137,6 +137,7 @@ def make_tree(out: Path, name: str) -> Path:
 
 
 def _ablation(name: str) -> str:
+    """An ablation's name, or several joined by "+"; an unknown part is refused by name."""
     unknown = [part for part in name.split("+") if part not in ABLATIONS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown ablation(s) {', '.join(unknown)}; "

@@ -1,24 +1,26 @@
 """Where the event loop's CPU goes, step by step, measured in place under load.
 
     python loadtests/callback_cpu.py [--rate 900] [--seconds 10] [--shadows 1]
-                                     [--gateway-python EXE] [--tree PATH] [--out DIR]
+                                     [--gateway-python EXE] [--tree PATH] [--load-cpus 1]
+                                     [--out DIR]
 
 Starts Triton and one gateway (champion fraud_v3 + N shadows, 100% file logging) whose
 interpreter wraps the request path's callbacks and steps (`SPOTS`) in a timer of the thread's
 own CPU time (`time.thread_time_ns`, main thread only, a step nested in itself counted once),
 offers `--rate` req/s (wrk, Poisson arrivals) and reads the sums at the start and the end of a
-`--seconds` window (SIGUSR2 makes the gateway write them). Prints, per request answered in the
-window: each step's CPU µs (its callees included), calls and µs per call; the event loop
-thread's total; and what the top-level callbacks leave out (uvloop's own work: reading
-sockets, polling, timers).
+`--seconds` window (SIGUSR2 makes the gateway write them). Prints, per request started in the
+window (`InferenceService.start` calls): each step's CPU µs (its callees included), calls and
+µs per call; the event loop thread's total; and what the top-level callbacks leave out
+(uvloop's own work: reading sockets, polling, timers).
 
 Why: py-spy cannot tell idle from busy under uvloop (its samples pile up on `run_forever`), and
 cProfile's per-call cost swamps steps of a few µs. Hot microbenchmarks (bench_recorder.py,
 bench_lane.py) give a step's cost with warm caches; this gives it where it runs, after the
 wake-ups that make the same Python cost 2-4× more (wake_cost.py). Each timed call adds two
-CLOCK_THREAD_CPUTIME_ID reads (about 1 µs here), so a step's number includes the timers of the
-steps nested in it: read the nested ones as shares, and the top-level sum against the total.
-`--tree` must not carry a sitecustomize.py of its own (an ablate.py tree does).
+CLOCK_THREAD_CPUTIME_ID reads (about 2 µs per timed call here), so a step's number includes the
+timers of the steps nested in it: read the nested ones as shares, and the top-level sum against
+the total. `--tree` must not carry a sitecustomize.py of its own (an ablate.py tree does: it
+would be imported instead of this one, and is refused).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def _patch():
                        "spots": sums}, fh)
 
     signal.signal(signal.SIGUSR2, dump)
+    dump()  # written once at start-up: the runner checks the patch took before signalling
 
 
 class _Hook(importlib.abc.MetaPathFinder):
@@ -147,12 +150,16 @@ def snapshot(pid: int, out: Path, timeout_s: float = 10.0) -> dict[str, Any]:
 
 
 def measure(tree: Path, work: Path, rate: float, seconds: float, shadows: int,
-            python: str) -> dict[str, Any]:
+            python: str, cpus: str | None = "1") -> dict[str, Any]:
     """Run the load; the sums over the window, per request answered in it."""
+    if (tree / "sitecustomize.py").exists():
+        raise RuntimeError(f"{tree} has a sitecustomize.py of its own: it would be imported "
+                           "instead of the timing one")
     shim = work / "shim"
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
     sums_file = work / "sums.json"
+    sums_file.unlink(missing_ok=True)
     spots = [[m, p, label] for m, p, label, _ in SPOTS] + [[*REQUESTS, REQUESTS_LABEL]]
     x, _ = common.fraud_rows(1)
     body = common.json_body(x[0])
@@ -167,12 +174,21 @@ def measure(tree: Path, work: Path, rate: float, seconds: float, shadows: int,
                                  "UNDERSTUDY_CALLBACK_SPOTS": json.dumps(spots),
                                  "UNDERSTUDY_CALLBACK_OUT": str(sums_file)}) as gateway:
             assert gateway.proc is not None
+            if not sums_file.exists():  # SIGUSR2 would kill a gateway without the handler
+                raise RuntimeError(f"the timing patch did not run (see {work / 'gateway.log'})")
             gateway.warm("fraud", body, 50)
             url = gateway.url + "/v2/models/fraud/infer"
-            common.wrk(url, body_file, body, duration=2, cpus="1")  # pools, batching config
-            loads: dict[str, common.LoadResult] = {}
-            load = threading.Thread(target=lambda: loads.setdefault("wrk", common.wrk_rate(
-                url, body_file, body, rate=rate, duration=seconds + 4, cpus="1")))
+            common.wrk(url, body_file, body, duration=2, cpus=cpus)  # pools, batching config
+            loads: dict[str, common.LoadResult | BaseException] = {}
+
+            def offer() -> None:
+                try:
+                    loads["wrk"] = common.wrk_rate(url, body_file, body, rate=rate,
+                                                   duration=seconds + 4, cpus=cpus)
+                except BaseException as exc:  # re-raised below, on the caller's thread
+                    loads["wrk"] = exc
+
+            load = threading.Thread(target=offer)
             load.start()
             try:
                 time.sleep(2)  # wrk's ramp-up out of the window
@@ -181,8 +197,11 @@ def measure(tree: Path, work: Path, rate: float, seconds: float, shadows: int,
                 after = snapshot(gateway.proc.pid, sums_file)
             finally:
                 load.join()
-    if loads["wrk"].errors:
-        raise RuntimeError(f"{loads['wrk'].errors} requests failed: {loads['wrk']}")
+    done = loads["wrk"]
+    if isinstance(done, BaseException):
+        raise done
+    if done.errors:
+        raise RuntimeError(f"{done.errors} requests failed: {done}")
     return per_request(before, after)
 
 
@@ -232,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the gateway checkout to measure (default: this one)")
     parser.add_argument("--gateway-python", default=sys.executable,
                         help="the interpreter that runs the gateway (as bench.py's option)")
+    parser.add_argument("--load-cpus", default="1", help="taskset CPUs for wrk ('' = no pin)")
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "callback_cpu")
     args = parser.parse_args(argv)
     work = args.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     result = measure(args.tree.resolve(), work, args.rate, args.seconds, args.shadows,
-                     args.gateway_python)
+                     args.gateway_python, args.load_cpus or None)
     (work / "result.json").write_text(json.dumps(result, indent=1))
     print(report(result))
     return 0

@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -479,7 +480,8 @@ def test_an_ablated_tree_patches_its_gateway_at_start(name: str, tmp_path: Path)
     assert set(ABLATED) == set(ablate.ABLATIONS)
 
 
-def test_ablations_joined_by_a_plus_patch_one_tree_with_each(tmp_path: Path) -> None:
+def test_ablations_joined_by_a_plus_patch_one_tree_with_each(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`ablate.py a+b`: one tree whose gateway has both pieces replaced (what they cost
     together), and an unknown part is refused by name."""
     tree = ablate.make_tree(tmp_path, "norecord+nowait+noprobe")
@@ -501,6 +503,7 @@ def test_ablations_joined_by_a_plus_patch_one_tree_with_each(tmp_path: Path) -> 
     assert lines[2] == "0.0 0", proc.stdout  # both lane settings overridden, in one tree
     with pytest.raises(SystemExit):
         ablate.main(["--out", str(tmp_path), "norecord+bogus"])
+    assert "unknown ablation(s) bogus;" in capsys.readouterr().err
 
 
 def test_callback_cpu_times_each_step_in_a_running_gateway(tmp_path: Path) -> None:
@@ -514,7 +517,8 @@ def test_callback_cpu_times_each_step_in_a_running_gateway(tmp_path: Path) -> No
     assert set(steps) == {label for _, _, label, _ in callback_cpu.SPOTS}
     for label in ("client bytes in: HTTP parse, admit, validate, champion call",
                   "Triton bytes in: every answer (champion, batches, probes)"):
-        assert steps[label]["calls_per_request"] >= 1.0, steps[label]
+        # at least one call per request (a dump landing mid-request can leave one uncounted)
+        assert steps[label]["calls_per_request"] >= 0.98, steps[label]
     for label in ("one record: build, observe, emit", "the client's answer: render and write",
                   "lane admission (one copy)"):
         assert 0.9 <= steps[label]["calls_per_request"] <= 1.1, (label, steps[label])
@@ -523,6 +527,36 @@ def test_callback_cpu_times_each_step_in_a_running_gateway(tmp_path: Path) -> No
               for _, _, label, depth in callback_cpu.SPOTS if depth == 0)
     assert 0 < top <= result["loop_thread_us"] * 1.01, result
     assert "| the event loop's thread, in all |" in callback_cpu.report(result)
+
+
+def test_callback_cpu_refuses_a_tree_with_its_own_sitecustomize(tmp_path: Path) -> None:
+    """An ablate.py tree's sitecustomize would be imported instead of the timing one (and the
+    gateway would die of the first SIGUSR2): refused before anything starts."""
+    tree = ablate.make_tree(tmp_path / "trees", "nogc")
+    with pytest.raises(RuntimeError, match=r"sitecustomize\.py of its own"):
+        callback_cpu.measure(tree, tmp_path / "work", rate=100, seconds=1, shadows=1,
+                             python=sys.executable)
+
+
+def test_cpu_split_counts_the_main_thread_apart_from_helpers() -> None:
+    """cpu_split's counters: a busy helper thread's CPU is in the total, not the main thread's."""
+    spun, finish = threading.Event(), threading.Event()
+
+    def spin() -> None:  # 100 ms of this thread's own CPU, however busy the machine is
+        while time.thread_time() < 0.1:
+            sum(range(1000))
+        spun.set()
+        finish.wait()  # alive until read: a finished thread leaves /proc/PID/task
+
+    before = cpu_split.read_counters([os.getpid()])
+    helper = threading.Thread(target=spin)
+    helper.start()
+    spun.wait()  # the main thread sleeps meanwhile
+    delta = cpu_split.read_counters([os.getpid()]) - before
+    finish.set()
+    helper.join()
+    assert delta.cpu_ms - delta.main_ms >= 95, delta  # the helper's 100 ms
+    assert delta.main_ms < 50, delta
 
 
 def test_calls_per_request_runs(tmp_path: Path) -> None:
