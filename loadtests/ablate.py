@@ -102,17 +102,7 @@ import sys
 
 def _patch():
 {body}
-
-class _Hook(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "gateway.cli":
-            sys.meta_path.remove(self)
-            _patch()
-        return None
-
-
-sys.meta_path.insert(0, _Hook())
-'''
+''' + common.PATCH_AT_GATEWAY_IMPORT  # no braces: safe for str.format
 LINKED = ("gateway", "understudy", "evaluator", "configs", "pyproject.toml")
 
 

@@ -75,8 +75,7 @@ SPOTS: list[tuple[str, str, str, int]] = [
 ]
 REQUESTS = ("gateway.dataplane.service", "InferenceService.start")
 
-# Imported by the gateway's interpreter at start-up; patches once `gateway.cli` is imported
-# (the packages exist, nothing runs yet), from the main thread.
+# Imported by the gateway's interpreter at start-up (PATCH_AT_GATEWAY_IMPORT runs `_patch`).
 SITECUSTOMIZE = '''\
 import importlib, importlib.abc, json, os, signal, sys, threading, time
 
@@ -120,18 +119,7 @@ def _patch():
 
     signal.signal(signal.SIGUSR2, dump)
     dump()  # written once at start-up: the runner checks the patch took before signalling
-
-
-class _Hook(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "gateway.cli":
-            sys.meta_path.remove(self)
-            _patch()
-        return None
-
-
-sys.meta_path.insert(0, _Hook())
-'''
+''' + common.PATCH_AT_GATEWAY_IMPORT
 REQUESTS_LABEL = "requests"
 
 
@@ -164,9 +152,7 @@ def measure(tree: Path, work: Path, rate: float, seconds: float, shadows: int,
     x, _ = common.fraud_rows(1)
     body = common.json_body(x[0])
     body_file = common.write_body(body, work / "body.json")
-    routes = {"fraud": {"champion": {"model": "fraud_v3"},
-                        "challengers": [{"model": m, "mode": "shadow"}
-                                        for m in ["fraud_v4", "fraud_v5"][:shadows]]}}
+    routes = common.fraud_route(shadows)
     with common.triton_server(work) as triton:
         config = common.gateway_config(triton.url, work, "gateway", routes)
         with common.Gateway(config, log_file=work / "gateway.log", root=tree, python=python,

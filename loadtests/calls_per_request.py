@@ -55,9 +55,7 @@ def profile_gateway(tree: Path, work: Path, rate: float, seconds: float, shadows
     x, _ = common.fraud_rows(1)
     body = common.json_body(x[0])
     body_file = common.write_body(body, work / "body.json")
-    routes = {"fraud": {"champion": {"model": "fraud_v3"},
-                        "challengers": [{"model": m, "mode": "shadow"}
-                                        for m in ["fraud_v4", "fraud_v5"][:shadows]]}}
+    routes = common.fraud_route(shadows)
     warm = 50
     with common.triton_server(work) as triton:
         config = common.gateway_config(triton.url, work, "gateway", routes)

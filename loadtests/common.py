@@ -106,6 +106,30 @@ class Body:
         return headers
 
 
+def fraud_route(shadows: int) -> dict[str, Any]:
+    """The benchmarks' route: champion fraud_v3 and the first `shadows` of fraud_v4, fraud_v5
+    as shadow challengers."""
+    return {"fraud": {"champion": {"model": "fraud_v3"},
+                      "challengers": [{"model": m, "mode": "shadow"}
+                                      for m in ["fraud_v4", "fraud_v5"][:shadows]]}}
+
+
+# The end of a `sitecustomize.py` that patches the gateway (its `_patch()`) once `gateway.cli` is
+# imported: the packages exist, nothing runs yet, and it is the main thread (ablate.py,
+# callback_cpu.py).
+PATCH_AT_GATEWAY_IMPORT = '''
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "gateway.cli":
+            sys.meta_path.remove(self)
+            _patch()
+        return None
+
+
+sys.meta_path.insert(0, _Hook())
+'''
+
+
 def fraud_rows(n: int, seed: int = 7) -> tuple[Any, Any]:
     from understudy_demo.traffic import FraudTraffic
 
