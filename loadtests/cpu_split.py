@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     x, _ = common.fraud_rows(1)
     body = common.json_body(x[0])
     body_file = common.write_body(body, work / "body.json")
-    shadows = ["fraud_v4", "fraud_v5"][: args.shadows]
-    routes = {"fraud": {"champion": {"model": "fraud_v3"},
-                        "challengers": [{"model": m, "mode": "shadow"} for m in shadows]}}
+    routes = common.fraud_route(args.shadows)
     load_cpus = args.load_cpus or None
     rows: list[dict[str, Any]] = []
     with common.triton_server(work) as triton:

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=common.ROOT / "var" / "bench" / "profile")
     parser.add_argument("--root", type=Path, default=common.ROOT,
                         help="run the gateway of a copy of the tree (to profile a prototype)")
-    parser.add_argument("--gateway-python", default=None,
+    parser.add_argument("--gateway-python", default=sys.executable,
                         help="the interpreter that runs the gateway (as bench.py's option)")
     args = parser.parse_args(argv)
     out: Path = args.out.resolve()
@@ -173,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = x[0] if args.rows == 1 else x
     body = common.binary_body(rows) if args.binary else common.json_body(rows)
     body_file = common.write_body(body, work / ("body.bin" if args.binary else "body.json"))
-    shadows = ["fraud_v4", "fraud_v5"][: args.shadows]
-    routes = {"fraud": {"champion": {"model": "fraud_v3"},
-                        "challengers": [{"model": m, "mode": "shadow"} for m in shadows]}}
+    routes = common.fraud_route(args.shadows)
     broker = None
     try:
         bootstrap = None
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                            kafka_bootstrap=bootstrap)
             with common.Gateway(config, log_file=work / "gateway.log",
                                 root=args.root.resolve(),
-                                python=args.gateway_python or sys.executable) as gateway:
+                                python=args.gateway_python) as gateway:
                 gateway.warm("fraud", body, 50)
                 url = gateway.url + "/v2/models/fraud/infer"
                 common.wrk(url, body_file, body, duration=3, cpus=args.load_cpus or None)
